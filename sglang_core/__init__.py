@@ -1,0 +1,1 @@
+"""sglang-core: a small-core, plugin-based LLM serving engine."""

@@ -1,0 +1,86 @@
+"""Every engine setting, once: the same name is a keyword of ``Engine(...)``, a CLI flag
+(``--mem-fraction-static``) and an environment variable (``SGLANG_CORE_MEM_FRACTION_STATIC``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SGLANG_CORE_", extra="forbid", validate_default=True)
+
+    # Model and weights
+    model_path: str | None = Field(None, description="HF folder, .gguf file, or config folder for dummy weights; default: the embedded SmolLM2-135M-Instruct")
+    tokenizer_path: str | None = Field(None, description="tokenizer folder (default: the model's)")
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = Field("auto", description="how to read weights")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    context_length: int | None = Field(None, gt=0, description="max tokens per request (default: the model's)")
+    random_seed: int = Field(0, description="seed for dummy weights and unseeded sampling")
+
+    # Memory
+    mem_fraction_static: float = Field(0.85, gt=0, lt=1, description="CUDA: fraction of GPU memory for weights + KV pool")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV pool budget in GiB (CPU default: 2)")
+    max_total_tokens: int | None = Field(None, gt=0, description="KV pool size in tokens (overrides the memory budget)")
+    max_running_requests: int = Field(128, gt=0, description="most requests in the running batch")
+
+    # Scheduling
+    chunked_prefill_size: int = Field(2048, description="most prompt tokens per prefill step; <= 0 disables chunking")
+    max_prefill_tokens: int = Field(16384, gt=0, description="most prompt tokens admitted in one prefill batch")
+    schedule_policy: Literal["lpm", "fcfs"] = Field("lpm", description="lpm: longest cached prefix first; fcfs: arrival order")
+    schedule_aging_s: float = Field(5.0, ge=0, description="a request waiting longer than this is served in arrival order ahead of the policy")
+    new_token_ratio: float = Field(0.3, ge=0, le=1, description="share of max_new_tokens reserved per running request when admitting")
+    disable_radix_cache: bool = Field(False, description="switch the prefix cache off")
+
+    # Plugins and kernels
+    plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
+    attention_backend: str = Field("auto", description="attention backend name, or auto for the best available")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel size")
+
+    log_level: str = Field("warning", description="logging level")
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()] or None
+        return value
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One ``--flag`` per field; unset flags stay unset so env vars and defaults apply."""
+        for name, info in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            kind = _plain_type(info.annotation)
+            help_text = f"{info.description} (default: {info.default})"
+            if kind is bool:
+                parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+            elif get_origin(kind) is Literal:
+                parser.add_argument(flag, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
+            elif kind in (int, float):
+                parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+            else:
+                parser.add_argument(flag, type=str, default=argparse.SUPPRESS, help=help_text)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "EngineSettings":
+        given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+        given.update(overrides)
+        return cls(**given)
+
+    def public_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def _plain_type(annotation: Any) -> Any:
+    """``int | None`` -> int; ``list[str] | None`` -> list[str]."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation

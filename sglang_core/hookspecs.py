@@ -1,0 +1,88 @@
+"""Every extension point of sglang-core, in one place.
+
+A plugin is a module with a few ``@hookimpl`` functions, found through the entry-point group
+``sglang_core.plugins`` (see ``docs/plugins.md``). All hooks run at setup time, never per token:
+a ``register_*`` hook hands the core a name and a *target*, and the core later builds and calls
+that object directly. A target is either the object itself or a lazy ``"module:attr"`` string,
+so listing plugins imports no model code and touches no GPU.
+
+Each ``register`` callback takes ``register(name, target, **metadata)``. Registering a name that
+another plugin already registered is an error naming both plugins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "sglang_core"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register model classes by Hugging Face architecture name.
+
+    ``register("LlamaForCausalLM", "pkg.llama:LlamaForCausalLM")``. The class is built as
+    ``cls(config, model_context)`` (see ``sglang_core.model_executor.model_api``) and must provide
+    ``forward(input_ids, positions, forward_batch) -> hidden_states``, ``compute_logits(hidden)``
+    and ``load_weights(iterable of (hf_name, tensor))``.
+    """
+
+
+@hookspec
+def register_attention_backends(register: Register) -> None:
+    """Register attention backends (subclasses of ``sglang_core.layers.attention.AttentionBackend``).
+
+    ``register("triton", "pkg.triton_backend:TritonBackend", priority=50,
+    is_available="pkg.triton_backend:is_available")``. ``--attention-backend auto`` picks the
+    available backend with the highest priority; ``is_available(device) -> bool`` is optional.
+    """
+
+
+@hookspec
+def register_quant_methods(register: Register) -> None:
+    """Register quantization methods (subclasses of ``sglang_core.layers.quant.QuantMethod``),
+    keyed by the ``quant_method`` name found in a checkpoint's ``quantization_config``."""
+
+
+@hookspec
+def register_grammar_backends(register: Register) -> None:
+    """Register grammar backends for constrained decoding (regex / JSON Schema), by name as
+    chosen with ``--grammar-backend``."""
+
+
+@hookspec
+def register_logits_processors(register: Register) -> None:
+    """Register batched logits processors (subclasses of
+    ``sglang_core.sampling.logits_processor.LogitsProcessor``).
+
+    Every registered processor is built once per engine; each step the sampler calls, in
+    registration order, those whose ``wants(params)`` is true for some request of the batch.
+    The core's own penalties, logit bias and min_new_tokens run through this hook.
+    """
+
+
+@hookspec
+def register_api_backends(register: Register) -> None:
+    """Register API backends for the frontend language (``sgl.OpenAI``, ``sgl.RuntimeEndpoint``,
+    ...), by the name the language resolves them with."""
+
+
+@hookspec
+def register_frontends(register: Register) -> None:
+    """Register serving frontends (HTTP APIs mounted by ``sglang-core serve``), by name."""
+
+
+@hookspec
+def on_engine_start(engine: Any) -> None:
+    """Called once when an engine has loaded its model and is ready to take requests."""
+
+
+@hookspec
+def on_engine_shutdown(engine: Any) -> None:
+    """Called once when an engine shuts down, before its memory is released."""

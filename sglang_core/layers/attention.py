@@ -1,0 +1,73 @@
+"""The attention-backend interface and the attention layer models call.
+
+Models call ``Attention(q, k, v, forward_batch)`` and nothing else; the backend behind it is a
+plugin (hook ``register_attention_backends``). A backend plans its metadata once per batch in
+``plan`` and every layer reuses it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shapes a backend needs to size its work space (this rank's heads)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class AttentionBackend(abc.ABC):
+    """Computes attention over the paged KV pool for every layer of one model."""
+
+    def __init__(self, spec: AttentionSpec):
+        self.spec = spec
+
+    @abc.abstractmethod
+    def plan(self, batch: ForwardBatch) -> None:
+        """Prepare per-batch metadata (index tables, masks, kernel plans) shared by all layers."""
+
+    @abc.abstractmethod
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+                       batch: ForwardBatch) -> torch.Tensor:
+        """Causal attention of each request's new tokens over its prefix and themselves."""
+
+    @abc.abstractmethod
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+                       batch: ForwardBatch) -> torch.Tensor:
+        """One new token per request over its whole cached sequence."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+                batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, heads*head_dim], k/v: [T, kv_heads*head_dim] -> [T, heads*head_dim].
+        Writes the new K/V into the pool, then attends."""
+        if batch.mode is ForwardMode.DECODE:
+            return self.forward_decode(q, k, v, layer, batch)
+        return self.forward_extend(q, k, v, layer, batch)
+
+
+class Attention(nn.Module):
+    """One layer's attention: its shape and scale, delegating the work to the batch's backend."""
+
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scaling = scaling
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return batch.attn_backend.forward(q, k, v, self, batch)

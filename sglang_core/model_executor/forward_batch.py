@@ -1,0 +1,42 @@
+"""What one forward pass needs to know about its batch, built once per step by the model runner."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglang_core.layers.attention import AttentionBackend
+    from sglang_core.mem.kv_pool import TokenKVPool
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # new tokens appended to (possibly cached) prefixes: prefill and chunked prefill
+    DECODE = "decode"  # exactly one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [T] new tokens of all requests, concatenated
+    positions: torch.Tensor  # [T]
+    out_cache_loc: torch.Tensor  # [T] KV slot each new token's K/V is written to
+    req_pool_indices: torch.Tensor  # [B] request rows in req_to_token
+    seq_lens: torch.Tensor  # [B] tokens per request after this step (prefix + new)
+    prefix_lens: torch.Tensor  # [B] tokens already in the KV cache before this step
+    seq_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    req_to_token: torch.Tensor
+    kv_pool: "TokenKVPool"
+    attn_backend: "AttentionBackend"
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def extend_lens_cpu(self) -> list[int]:
+        return [s - p for s, p in zip(self.seq_lens_cpu, self.prefix_lens_cpu)]

@@ -1,0 +1,182 @@
+"""Builds the model, its KV pools and attention backend, and runs one forward pass per step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sglang_core.config import EngineSettings
+from sglang_core.layers.attention import AttentionBackend, AttentionSpec
+from sglang_core.layers.parallel import SINGLE
+from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang_core.model_executor.model_api import ModelContext
+from sglang_core.plugins import PluginError, PluginManager
+from sglang_core.weights.loader import ModelSource, init_dummy_weights, iter_safetensors, load_config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_BUDGET_GB = 2.0
+
+
+@dataclass
+class StepInput:
+    """One step's batch as the scheduler planned it (host lists; the runner makes tensors)."""
+
+    mode: ForwardMode
+    input_ids: list[int]
+    positions: list[int]
+    out_cache_loc: torch.Tensor
+    req_pool_indices: list[int]
+    seq_lens: list[int]
+    prefix_lens: list[int]
+    logit_index: list[int]  # which new tokens' hidden states become logits
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, settings: EngineSettings, source: ModelSource, plugins: PluginManager):
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.config = load_config(source.folder)
+        self.dtype = pick_dtype(settings.dtype, self.config, self.device)
+        if settings.tp_size != 1:
+            raise ValueError("tp_size > 1 is not supported yet (layers are tensor-parallel-ready; launching is not)")
+        self.model = self._build_model(plugins, source)
+        self.vocab_size = self.config.vocab_size
+        model_len = getattr(self.config, "max_position_embeddings", None) or 2048
+        self.context_len = settings.context_length or model_len
+        if self.context_len > model_len:
+            raise ValueError(f"context_length {self.context_len} exceeds the model's max_position_embeddings {model_len}")
+        self._init_pools()
+        self.attn_backend = self._build_attention_backend(plugins)
+
+    def _build_model(self, plugins: PluginManager, source: ModelSource) -> torch.nn.Module:
+        archs = getattr(self.config, "architectures", None) or []
+        models = plugins.registry("models")
+        arch = next((a for a in archs if a in models), None)
+        if arch is None:
+            raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
+        cls = models.get(arch).load()
+        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=self._quant_method_factory(plugins))
+        with torch.device(self.device):
+            model = cls(self.config, ctx)
+        if source.load_format == "dummy":
+            init_dummy_weights(model, self.settings.random_seed)
+        else:
+            model.load_weights(iter_safetensors(source.folder))
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+        return model.eval()
+
+    def _quant_method_factory(self, plugins: PluginManager):
+        quant = getattr(self.config, "quantization_config", None)
+        if not quant:
+            return lambda prefix: None
+        name = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        try:
+            cls = plugins.registry("quant_methods").get(str(name)).load()
+        except PluginError as exc:
+            raise ValueError(f"checkpoint is quantized with {name!r}, which no loaded plugin provides: {exc}") from exc
+        return lambda prefix: cls(quant, prefix)
+
+    def _init_pools(self) -> None:
+        cfg, s = self.config, self.settings
+        heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.num_heads = heads
+        layers = cfg.num_hidden_layers
+        per_token = TokenKVPool.bytes_per_token(layers, self.num_kv_heads, self.head_dim, self.dtype)
+        if s.max_total_tokens:
+            tokens = s.max_total_tokens
+        else:
+            tokens = int(self._kv_budget_bytes() // per_token)
+        tokens = min(tokens, s.max_running_requests * self.context_len)
+        if tokens < 16:
+            raise ValueError(f"the KV cache budget holds only {tokens} tokens; raise kv_cache_memory_gb or mem_fraction_static")
+        self.max_total_tokens = tokens
+        self.req_pool = ReqToTokenPool(s.max_running_requests, self.context_len + 1, self.device)
+        self.kv_pool = TokenKVPool(tokens, layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        logger.info("KV pool: %d tokens (%.2f GiB)", tokens, tokens * per_token / 2**30)
+
+    def _kv_budget_bytes(self) -> float:
+        s = self.settings
+        if s.kv_cache_memory_gb is not None:
+            return s.kv_cache_memory_gb * 2**30
+        if self.device.type != "cuda":
+            return CPU_KV_BUDGET_GB * 2**30
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return max(total * s.mem_fraction_static - used, 0)
+
+    def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
+        registry = plugins.registry("attention_backends")
+        name = self.settings.attention_backend
+        if name == "auto":
+            usable = [r for r in registry if _available(r, self.device)]
+            if not usable:
+                raise ValueError(f"no attention backend is available on {self.device}; registered: {registry.names()}")
+            entry = max(usable, key=lambda r: r.metadata.get("priority", 0))
+        else:
+            entry = registry.get(name)
+            if not _available(entry, self.device):
+                raise ValueError(f"attention backend {name!r} is not available on {self.device}")
+        logger.info("attention backend: %s (plugin %s)", entry.name, entry.plugin)
+        self.attention_backend_name = entry.name
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        return entry.load()(spec)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Run the model on one batch; return float32 logits of the tokens in ``logit_index``."""
+        dev = self.device
+        batch = ForwardBatch(
+            mode=step.mode,
+            input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
+            out_cache_loc=step.out_cache_loc.to(dev),
+            req_pool_indices=torch.tensor(step.req_pool_indices, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int64, device=dev),
+            prefix_lens=torch.tensor(step.prefix_lens, dtype=torch.int64, device=dev),
+            seq_lens_cpu=step.seq_lens,
+            prefix_lens_cpu=step.prefix_lens,
+            req_to_token=self.req_pool.req_to_token,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+        self.attn_backend.plan(batch)
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        index = torch.tensor(step.logit_index, dtype=torch.int64, device=dev)
+        return self.model.compute_logits(hidden[index])
+
+
+def _available(entry, device: torch.device) -> bool:
+    check = entry.metadata.get("is_available")
+    if check is None:
+        return True
+    from sglang_core.plugins import resolve_target
+
+    try:
+        return bool(resolve_target(check)(device))
+    except Exception as exc:  # a backend whose probe breaks is simply not available
+        logger.warning("attention backend %r availability check failed: %s", entry.name, exc)
+        return False

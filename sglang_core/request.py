@@ -1,0 +1,55 @@
+"""One generation request as the scheduler sees it, from arrival to finish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang_core.sampling.params import SamplingParams
+
+
+@dataclass
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    # First prompt position whose logprob is returned; -1 = none of the prompt.
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+
+    output_ids: list[int] = field(default_factory=list)
+    # {"type": "stop" | "length" | "abort", ...} once finished, SGLang's shape.
+    finished_reason: dict[str, Any] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+
+    # Memory, owned through the scheduler's request-memory helpers only.
+    req_pool_idx: int | None = None
+    prefix_len: int = 0  # leading tokens whose KV slots belong to the prefix cache (locked)
+    cache_handle: Any = None  # the prefix cache's lock handle for those tokens
+    kv_len: int = 0  # tokens of fill_ids whose KV is in the request's row
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (reported)
+    times_retracted: int = 0
+
+    # Logprobs gathered so far.
+    input_token_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token the model must have seen before sampling the next one."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and 0 <= self.logprob_start_len < len(self.origin_input_ids)

@@ -1,0 +1,122 @@
+"""The batched logits-processor interface and the per-step batch view processors read."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import torch
+
+from sglang_core.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from sglang_core.request import Req
+
+
+class LogitsProcessor(abc.ABC):
+    """Built once per engine (``cls(vocab_size=..., device=...)``); called each step on the rows that want it."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+
+    def wants(self, params: SamplingParams) -> bool:
+        """Whether a request with these parameters needs this processor (default: every request)."""
+        return True
+
+    @abc.abstractmethod
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
+        """Modify logits[rows] in place (logits is [B, V] float32; rows is an int64 index tensor)."""
+
+
+def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    out = np.full((len(seqs), max(map(len, seqs), default=0)), pad, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        out[i, : len(seq)] = seq
+    return torch.from_numpy(out).to(device)
+
+
+@dataclass(eq=False)
+class SamplingBatch:
+    """One decode step's requests, with their sampling parameters as row tensors.
+
+    ``vocab_size`` is the width of the logits. ``eos_token_ids`` are the model's end-of-sequence
+    ids (``min_new_tokens`` masks them). Token-id tensors are padded with ``vocab_size``, an id
+    no real token has, so a scatter into ``vocab_size + 1`` columns can drop the padding.
+    """
+
+    reqs: list[Req]
+    vocab_size: int
+    device: torch.device
+    eos_token_ids: frozenset[int]
+    temperatures: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64; -1 (off) becomes vocab_size
+    min_p: torch.Tensor  # [B] float32
+    greedy: torch.Tensor  # [B] bool
+    output_lens: torch.Tensor  # [B] int64
+
+    @classmethod
+    def build(
+        cls,
+        reqs: list[Req],
+        vocab_size: int,
+        device: torch.device | str,
+        eos_token_ids: Iterable[int] = (),
+    ) -> SamplingBatch:
+        device = torch.device(device)
+        params = [r.sampling_params for r in reqs]
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            reqs=list(reqs),
+            vocab_size=vocab_size,
+            device=device,
+            eos_token_ids=frozenset(eos_token_ids),
+            temperatures=column([p.temperature for p in params], torch.float32),
+            top_p=column([p.top_p for p in params], torch.float32),
+            top_k=column([vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], torch.int64),
+            min_p=column([p.min_p for p in params], torch.float32),
+            greedy=column([p.is_greedy for p in params], torch.bool),
+            output_lens=column([len(r.output_ids) for r in reqs], torch.int64),
+        )
+
+    @property
+    def params(self) -> list[SamplingParams]:
+        return [r.sampling_params for r in self.reqs]
+
+    def param_values(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """``sampling_params.<name>`` of the given rows, as a float32 [R] tensor."""
+        return torch.tensor(
+            [getattr(self.reqs[i].sampling_params, name) for i in rows.tolist()],
+            dtype=torch.float32,
+            device=self.device,
+        )
+
+    @cached_property
+    def output_ids(self) -> torch.Tensor:
+        """[B, max output len] int64, padded with ``vocab_size``."""
+        return _padded([r.output_ids for r in self.reqs], self.vocab_size, self.device)
+
+    @cached_property
+    def prompt_ids(self) -> torch.Tensor:
+        """[B, max prompt len] int64, padded with ``vocab_size``."""
+        return _padded([r.origin_input_ids for r in self.reqs], self.vocab_size, self.device)
+
+    def _counts(self, ids: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(ids.shape[0], self.vocab_size + 1, dtype=torch.float32, device=self.device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=self.device))
+        return counts[:, : self.vocab_size]
+
+    def output_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, V] float32: how often each token occurs in each row's output so far."""
+        return self._counts(self.output_ids[rows])
+
+    def seen_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, V] bool: tokens that occur in each row's prompt or output."""
+        return self._counts(torch.cat([self.prompt_ids[rows], self.output_ids[rows]], dim=1)) > 0

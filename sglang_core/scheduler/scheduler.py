@@ -1,0 +1,348 @@
+"""Continuous batching: decides each step's batch and applies its sampled tokens.
+
+The scheduler decides; the pools and prefix cache own memory (it only calls their methods); the
+model runner runs. Every way a request ends goes through ``_finish``, which gives back all of its
+memory in ``_release``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sglang_core.config import EngineSettings
+from sglang_core.mem.prefix_cache import NoPrefixCache, RadixCache
+from sglang_core.model_executor.forward_batch import ForwardMode
+from sglang_core.model_executor.runner import ModelRunner, StepInput
+from sglang_core.request import Req
+from sglang_core.sampling.logits_processor import SamplingBatch
+from sglang_core.sampling.sampler import Sampler, token_logprobs
+from sglang_core.sampling.stop import StopChecker
+from sglang_core.scheduler.policy import order_waiting
+
+
+@dataclass
+class _Chunk:
+    """One request's share of an extend step: its tokens ``fill_ids[start:end]``."""
+
+    req: Req
+    start: int
+    end: int
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, settings: EngineSettings, sampler: Sampler, tokenizer,
+                 eos_token_ids: set[int]):
+        self.runner = runner
+        self.settings = settings
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.req_pool = runner.req_pool
+        self.kv_pool = runner.kv_pool
+        self.cache = NoPrefixCache() if settings.disable_radix_cache else RadixCache(self.kv_pool)
+        self.chunk_size = settings.chunked_prefill_size if settings.chunked_prefill_size > 0 else None
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # the one request part-way through a chunked prefill
+        self._stop: dict[str, StopChecker] = {}
+        self.forward_steps = 0
+        self.retractions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, req: Req) -> None:
+        """Queue a validated request (prompt fits the context and the KV pool)."""
+        self._stop[req.rid] = StopChecker(self.tokenizer, req.sampling_params, self.eos_token_ids)
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> Req | None:
+        """End a request wherever it is; returns it (finished) or None if unknown."""
+        for req in self._all_requests():
+            if req.rid == rid:
+                self._finish(req, {"type": "abort", "message": "aborted"})
+                return req
+        return None
+
+    def fail_all(self, message: str) -> list[Req]:
+        """End every request after an internal error, caching none of their KV."""
+        reqs = list(self._all_requests())
+        for req in reqs:
+            self._finish(req, {"type": "abort", "message": message}, cache=False)
+        return reqs
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def _all_requests(self) -> list[Req]:
+        return self.waiting + self.running + ([self.chunked] if self.chunked else [])
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[Req]:
+        """Run one forward pass; return the requests that got a token or finished."""
+        chunks = self._schedule_extend()
+        if chunks:
+            return self._run_extend(chunks)
+        if self.running:
+            return self._run_decode()
+        return []
+
+    def _schedule_extend(self) -> list[_Chunk]:
+        """Pick this step's prefill work: the chunked request's next chunk, then waiting requests
+        in policy order while the token budget, request rows and KV memory last."""
+        budget = min(self.chunk_size or math.inf, self.settings.max_prefill_tokens)
+        chunks: list[_Chunk] = []
+        if self.chunked is not None:
+            req = self.chunked
+            n = int(min(len(req.fill_ids) - req.kv_len, budget))
+            if not self._grow(req, n):
+                return []  # decode steps will finish or retract requests and free memory
+            chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
+            budget -= n
+            if req.kv_len == len(req.fill_ids):
+                self.chunked = None
+        reserved = sum(self._decode_reserve(r) for r in self.running)
+        queue = order_waiting(self.waiting, self.settings.schedule_policy,
+                              lambda r: len(self.cache.match_prefix(self._prefix_key(r))[0]),
+                              self.settings.schedule_aging_s)
+        for req in queue:
+            if budget <= 0 or len(self.running) + len(chunks) >= self.settings.max_running_requests:
+                break
+            if self.req_pool.available_size() == 0:
+                break
+            prefix, handle = self.cache.match_prefix(self._prefix_key(req))
+            self.cache.lock(handle)
+            extend = len(req.fill_ids) - len(prefix)
+            if self.chunk_size:
+                n = int(min(extend, budget))
+            else:  # unchunked: a long prompt may exceed the budget only when it runs alone
+                n = extend if (extend <= budget or not chunks) else 0
+            partial = n < extend
+            fits = extend + self._decode_reserve(req) <= self._available() - reserved
+            if n == 0 or not fits or (partial and self.chunked is not None):
+                self.cache.unlock(handle)
+                break
+            self._admit(req, prefix, handle)
+            if not self._grow(req, n):
+                self._release(req, cache=False)
+                break
+            self.waiting.remove(req)
+            chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
+            budget -= n
+            reserved += self._decode_reserve(req)
+            if partial:
+                self.chunked = req
+        return chunks
+
+    def _run_extend(self, chunks: list[_Chunk]) -> list[Req]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logit_index: list[int] = []
+        prompt_rows: list[tuple[Req, int, int]] = []  # (req, first logit row, row count)
+        finals: list[Req] = []
+        final_rows: list[int] = []
+        for chunk in chunks:
+            req, a, b = chunk.req, chunk.start, chunk.end
+            offset = len(input_ids)
+            input_ids += req.fill_ids[a:b]
+            positions += range(a, b)
+            first, last = self._prompt_logprob_span(req, a, b)  # prompt tokens [first, last)
+            if last > first:
+                prompt_rows.append((req, len(logit_index), last - first))
+                logit_index += [offset + (p - 1 - a) for p in range(first, last)]
+            if b == len(req.fill_ids):  # the whole prompt is in: sample the next token
+                finals.append(req)
+                final_rows.append(len(logit_index))
+                logit_index.append(offset + b - a - 1)
+        logits = self._forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index)
+        for req, row, count in prompt_rows:
+            self._record_prompt_logprobs(req, logits[row : row + count])
+        self._sample_and_append(finals, logits[final_rows])
+        self.running += [req for req in finals if not req.finished]
+        return finals
+
+    def _run_decode(self) -> list[Req]:
+        self._make_room_for_decode()
+        reqs = list(self.running)
+        if not reqs:
+            return []
+        for req in reqs:
+            self._grow(req, 1)
+        input_ids = [req.fill_ids[req.kv_len - 1] for req in reqs]
+        positions = [req.kv_len - 1 for req in reqs]
+        chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
+        logits = self._forward(ForwardMode.DECODE, input_ids, positions, chunks, list(range(len(reqs))))
+        self._sample_and_append(reqs, logits)
+        return reqs
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _forward(self, mode: ForwardMode, input_ids: list[int], positions: list[int], chunks: list[_Chunk],
+                 logit_index: list[int]) -> torch.Tensor:
+        table = self.req_pool.req_to_token
+        out_cache_loc = torch.cat([table[c.req.req_pool_idx, c.start : c.end] for c in chunks])
+        step = StepInput(
+            mode=mode,
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=out_cache_loc,
+            req_pool_indices=[c.req.req_pool_idx for c in chunks],
+            seq_lens=[c.end for c in chunks],
+            prefix_lens=[c.start for c in chunks],
+            logit_index=logit_index,
+        )
+        self.forward_steps += 1
+        return self.runner.forward(step)
+
+    def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        if not reqs:
+            return
+        batch = SamplingBatch.build(reqs, self.runner.vocab_size, logits.device, self.eos_token_ids)
+        result = self.sampler(logits, batch)
+        next_ids = result.next_ids.tolist()
+        for i, req in enumerate(reqs):
+            req.output_ids.append(next_ids[i])
+            if req.return_logprob:
+                req.output_token_logprobs.append(float(result.logprobs[i]))
+                req.output_top_logprobs.append(result.top_logprobs[i])
+            reason = self._stop[req.rid].check(req.output_ids)
+            if reason is None and len(req.fill_ids) >= self.runner.context_len:
+                reason = {"type": "length", "length": len(req.output_ids)}
+            if reason is not None:
+                self._finish(req, reason)
+
+    def _prompt_logprob_span(self, req: Req, a: int, b: int) -> tuple[int, int]:
+        """Prompt tokens whose logprobs this chunk ``[a, b)`` can give (token p needs hidden p-1)."""
+        if not req.return_logprob or req.logprob_start_len < 0:
+            return 0, 0
+        prompt_len = len(req.origin_input_ids)
+        need_from = req.logprob_start_len + len(req.input_token_logprobs)
+        if need_from == 0:  # the first token has no logprob
+            req.input_token_logprobs.append(None)
+            req.input_top_logprobs.append(None)
+            need_from = 1
+        first, last = max(need_from, a + 1), min(b, prompt_len - 1) + 1
+        return (first, last) if need_from < prompt_len else (0, 0)
+
+    def _record_prompt_logprobs(self, req: Req, logits: torch.Tensor) -> None:
+        start = req.logprob_start_len + len(req.input_token_logprobs)
+        targets = torch.tensor(req.origin_input_ids[start : start + logits.shape[0]], device=logits.device)
+        values, top_vals, top_ids = token_logprobs(logits, targets, req.top_logprobs_num)
+        for i in range(logits.shape[0]):
+            req.input_token_logprobs.append(float(values[i]))
+            req.input_top_logprobs.append(list(zip(top_vals[i].tolist(), top_ids[i].tolist())))
+
+    def _prefix_key(self, req: Req) -> list[int]:
+        """Tokens that may come from the cache: never the last (its logits are needed), and none
+        from which prompt logprobs are still wanted."""
+        cap = len(req.fill_ids) - 1
+        if req.return_logprob and req.logprob_start_len >= 0:
+            need_from = req.logprob_start_len + len(req.input_token_logprobs)
+            if need_from < len(req.origin_input_ids):
+                cap = min(cap, max(need_from - 1, 0))
+        return req.fill_ids[:cap]
+
+    def _decode_reserve(self, req: Req) -> int:
+        left = req.sampling_params.max_new_tokens - len(req.output_ids)
+        return int(max(left, 0) * self.settings.new_token_ratio)
+
+    def _available(self) -> int:
+        return self.kv_pool.available_size() + self.cache.evictable_size()
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        short = n - self.kv_pool.available_size()
+        if short > 0:
+            self.cache.evict(short)
+        return self.kv_pool.alloc(n)
+
+    def _admit(self, req: Req, prefix: torch.Tensor, handle) -> None:
+        row = self.req_pool.alloc()
+        assert row is not None, "admission checked for a free request row"
+        req.req_pool_idx = row
+        req.prefix_len = req.kv_len = len(prefix)
+        req.cache_handle = handle
+        self.req_pool.req_to_token[row, : len(prefix)] = prefix
+        if req.times_retracted == 0:
+            req.cached_tokens = len(prefix)
+
+    def _grow(self, req: Req, n: int) -> bool:
+        """Give the request ``n`` more KV slots at the end of its row (evicting cache if needed)."""
+        slots = self._alloc(n)
+        if slots is None:
+            return False
+        self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots
+        req.kv_len += n
+        return True
+
+    def _make_room_for_decode(self) -> None:
+        """Retract the newest requests until every running one can take one more token."""
+        while self.running and self._available() < len(self.running):
+            victim = max(self.running, key=lambda r: r.arrival_time)
+            if len(self.running) == 1:
+                self._finish(victim, {"type": "abort", "message": "the KV cache cannot hold this request"})
+                return
+            self.running.remove(victim)
+            self._release(victim, cache=False)
+            victim.times_retracted += 1
+            self.retractions += 1
+            self.waiting.insert(0, victim)
+
+    def _finish(self, req: Req, reason: dict, cache: bool = True) -> None:
+        req.finished_reason = reason
+        for queue in (self.waiting, self.running):
+            if req in queue:
+                queue.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        self._release(req, cache)
+        self._stop.pop(req.rid, None)
+
+    def _release(self, req: Req, cache: bool) -> None:
+        """Give back every KV slot and the request row; cache the computed prefix if asked."""
+        if req.req_pool_idx is None:
+            return
+        slots = self.req_pool.req_to_token[req.req_pool_idx, : req.kv_len].clone()
+        if cache and req.kv_len > 0:
+            already = self.cache.insert(req.fill_ids[: req.kv_len], slots)
+            self.kv_pool.free(slots[req.prefix_len : already])
+        else:
+            self.kv_pool.free(slots[req.prefix_len :])
+        if req.cache_handle is not None:
+            self.cache.unlock(req.cache_handle)
+        self.req_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.cache_handle, req.prefix_len, req.kv_len = None, None, 0, 0
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; only when no request holds memory."""
+        if self.has_work():
+            return False
+        self.cache.reset()
+        self.kv_pool.clear()
+        self.req_pool.clear()
+        return True
+
+    def memory_report(self) -> dict[str, int]:
+        return {
+            "kv_pool_size": self.kv_pool.size,
+            "kv_free": self.kv_pool.available_size(),
+            "kv_cached": self.cache.total_size(),
+            "kv_cache_locked": self.cache.protected_size(),
+            "request_rows": self.req_pool.size,
+            "request_rows_free": self.req_pool.available_size(),
+            "waiting": len(self.waiting),
+            "running": len(self.running) + (1 if self.chunked else 0),
+        }
+
+    def check_memory(self) -> None:
+        """When idle: every slot is either free or owned by the cache, exactly once."""
+        assert not self.has_work(), "check_memory runs only when idle"
+        owned = torch.cat((self.kv_pool.free_slots(), self.cache.all_slots().to(self.kv_pool.device)))
+        expected = torch.arange(1, self.kv_pool.size + 1, device=owned.device)
+        assert owned.numel() == self.kv_pool.size and torch.equal(owned.sort().values, expected), "KV slots leaked"
+        assert self.cache.protected_size() == 0, "a finished request still locks the prefix cache"
+        assert self.req_pool.available_size() == self.req_pool.size, "request rows leaked"

@@ -230,6 +230,7 @@ class RadixCache(PrefixCache):
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._protected -= len(node.key)
+                self._evictable += len(node.key)
             node = node.parent
 
     # -- eviction ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.req_pool = runner.req_pool
         self.kv_pool = runner.kv_pool
-        self.cache = NoPrefixCache() if settings.disable_radix_cache else RadixCache(self.kv_pool)
+        self.cache = (NoPrefixCache if settings.disable_radix_cache else RadixCache)(self.kv_pool)
         self.chunk_size = settings.chunked_prefill_size if settings.chunked_prefill_size > 0 else None
         self.waiting: list[Req] = []
         self.running: list[Req] = []

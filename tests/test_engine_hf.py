@@ -1,0 +1,134 @@
+"""Greedy outputs token-for-token equal to Hugging Face transformers (float32, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import hf_greedy
+from sglang_core.engine import Engine
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def _prompts(seed: int, lengths: list[int], vocab: int, shared_prefix: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(shared_prefix)]
+    return [prefix + [rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+async def _staggered(engine: Engine, prompts: list[list[int]], max_new: list[int], gap: float) -> list[dict]:
+    """Submit requests ``gap`` seconds apart so they join a batch that is already running."""
+
+    async def one(i: int) -> dict:
+        await asyncio.sleep(gap * i)
+        return await engine.async_generate(input_ids=prompts[i], sampling_params={**GREEDY, "max_new_tokens": max_new[i]})
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **settings) -> Engine:
+    hf = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, max_new)]
+    engine = Engine(str(model_folder), **settings)
+    try:
+        results = asyncio.run(_staggered(engine, prompts, max_new, gap))
+        for i, (res, exp) in enumerate(zip(results, expected)):
+            assert res["output_ids"] == exp, f"request {i} (prompt {len(prompts[i])} tokens) differs from HF"
+            assert res["meta_info"]["completion_tokens"] == len(exp)
+        engine.check_memory()
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"chunked_prefill_size": 8},
+    {"disable_radix_cache": True, "chunked_prefill_size": 8},
+    {"schedule_policy": "fcfs"},
+], ids=["default", "chunked", "chunked-nocache", "fcfs"])
+def test_tiny_llama_matches_hf(tiny_llama, settings):
+    prompts = _prompts(1, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
+    max_new = [20, 7, 33, 12, 25, 16]
+    engine = _check_against_hf(tiny_llama, prompts, max_new, **settings)
+    engine.shutdown()
+
+
+def test_tiny_llama_under_retraction(tiny_llama):
+    """A KV pool too small for every running request forces retraction; outputs stay exact."""
+    prompts = _prompts(2, [20, 24, 18, 30, 22, 26], 259)
+    max_new = [40] * 6
+    engine = _check_against_hf(tiny_llama, prompts, max_new, gap=0.0, max_total_tokens=160, new_token_ratio=0.0,
+                               chunked_prefill_size=64)
+    try:
+        assert engine.stats()["retractions"] > 0, "the tiny pool should have forced a retraction"
+    finally:
+        engine.shutdown()
+
+
+def test_tiny_mistral_sliding_window(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import save_tiny_model
+
+    config = MistralConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                           sliding_window=8, eos_token_id=2, bos_token_id=1)
+    folder = save_tiny_model(tmp_path, config, MistralForCausalLM)
+    prompts = _prompts(3, [6, 19, 30], 259)
+    engine = _check_against_hf(folder, prompts, [14, 10, 6], chunked_prefill_size=8)
+    engine.shutdown()
+
+
+def test_prefix_cache_reports_cached_tokens(tiny_llama):
+    prompts = _prompts(4, [10, 12], 259, shared_prefix=48)
+    with Engine(str(tiny_llama)) as engine:
+        first = engine.generate(input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 4})
+        second = engine.generate(input_ids=prompts[1], sampling_params={**GREEDY, "max_new_tokens": 4})
+        assert first["meta_info"]["cached_tokens"] == 0
+        assert second["meta_info"]["cached_tokens"] == 48
+    with Engine(str(tiny_llama), disable_radix_cache=True) as engine:
+        engine.generate(input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 4})
+        again = engine.generate(input_ids=prompts[1], sampling_params={**GREEDY, "max_new_tokens": 4})
+        assert again["meta_info"]["cached_tokens"] == 0
+
+
+def test_logprobs_match_hf(tiny_llama):
+    prompt = _prompts(5, [30], 259)[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with Engine(str(tiny_llama), chunked_prefill_size=8) as engine:
+        res = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 5}, return_logprob=True,
+                              logprob_start_len=3, top_logprobs_num=3)
+    full = prompt + res["output_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([full])).logits[0].float(), -1)
+    meta = res["meta_info"]
+    inputs = meta["input_token_logprobs"]
+    assert [t for _, t, _ in inputs] == prompt[3:]
+    for i, (lp, tok, _) in enumerate(inputs):
+        assert lp == pytest.approx(logp[3 + i - 1, tok].item(), abs=1e-4)
+    for i, (lp, tok, _) in enumerate(meta["output_token_logprobs"]):
+        pos = len(prompt) + i - 1
+        assert lp == pytest.approx(logp[pos, tok].item(), abs=1e-4)
+        top = meta["output_top_logprobs"][i]
+        ref = torch.topk(logp[pos], 3)
+        assert [t for _, t, _ in top] == ref.indices.tolist()
+    assert meta["normalized_prompt_logprob"] == pytest.approx(sum(lp for lp, _, _ in inputs) / len(inputs))
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hf(default_model_folder):
+    """The embedded default model, with chunked prefill and a shared prefix."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_folder)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    engine = _check_against_hf(default_model_folder, prompts, [12, 12, 12], chunked_prefill_size=8)
+    engine.shutdown()

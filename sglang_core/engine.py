@@ -70,6 +70,8 @@ class _OutputBuilder:
         """Consume new tokens; return the newly visible text (held back near a stop string)."""
         self.detok.push(self.req.output_ids[self.seen : event.num_output])
         self.seen = event.num_output
+        # Replays the scheduler's stop check on the same ids, to learn where a stop string starts.
+        self.stop.check(self.req.output_ids[: self.seen])
         text = self.visible_text(event.finished_reason)
         if event.finished_reason is None:
             text = text[: self.stop.safe_prefix_len(text)]
@@ -239,8 +241,12 @@ class Engine:
                 raise ValueError("prompt: must not be empty")
             id_lists = [self.tokenizer(p)["input_ids"] for p in prompts]
         else:
-            single_input = bool(input_ids) and all(isinstance(t, int) for t in input_ids)
-            id_lists = [list(input_ids)] if single_input else [list(x) for x in input_ids]
+            if not isinstance(input_ids, list) or not input_ids:
+                raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
+            single_input = not isinstance(input_ids[0], list)
+            id_lists = [input_ids] if single_input else input_ids
+            if not all(isinstance(x, list) for x in id_lists):
+                raise ValueError("input_ids: must be a list of token ids or a list of such lists")
         if not id_lists:
             raise ValueError("prompt: the batch is empty")
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)

@@ -145,9 +145,9 @@ class ModelRunner:
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         return entry.load()(spec)
 
-    @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Run the model on one batch; return float32 logits of the tokens in ``logit_index``."""
+        """Run the model on one batch; return float32 logits of the tokens in ``logit_index``.
+        Call under ``torch.inference_mode()`` (the scheduler's step is)."""
         dev = self.device
         batch = ForwardBatch(
             mode=step.mode,

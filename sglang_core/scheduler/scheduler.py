@@ -81,6 +81,7 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[Req]:
         """Run one forward pass; return the requests that got a token or finished."""
         chunks = self._schedule_extend()

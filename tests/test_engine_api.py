@@ -1,0 +1,155 @@
+"""The Engine API: validation, stop conditions, streaming, n/seed, and that memory always comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from sglang_core.engine import Engine
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    with Engine(str(tiny_llama), chunked_prefill_size=16) as eng:
+        yield eng
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"no_such_field": 1}, "no_such_field"),
+    ({"stop_token_ids": [100000]}, "stop_token_ids"),
+    ({"logit_bias": {"999999": 1.0}}, "logit_bias"),
+])
+def test_bad_sampling_params_name_the_field(engine, params, field):
+    with pytest.raises(ValueError, match=field):
+        engine.generate(input_ids=[5, 6, 7], sampling_params=params)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"input_ids": []}, "input_ids"),
+    ({"input_ids": [5, 259]}, "input_ids"),
+    ({"input_ids": [5, -1]}, "input_ids"),
+    ({"input_ids": [5] * 2000}, "prompt"),
+    ({"prompt": "a", "input_ids": [5]}, "prompt"),
+    ({"input_ids": [5], "top_logprobs_num": -1}, "top_logprobs_num"),
+])
+def test_bad_inputs_name_the_field(engine, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        engine.generate(**kwargs)
+
+
+def test_bad_settings_name_the_field(tiny_llama):
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        Engine(str(tiny_llama), mem_fraction_static=3)
+    with pytest.raises(ValueError, match="bogus_setting"):
+        Engine(str(tiny_llama), bogus_setting=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        Engine("/no/such/model")
+
+
+def test_malformed_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config"):
+        Engine(str(tmp_path), load_format="dummy")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        Engine(str(empty))
+
+
+def test_stop_string_across_tokens(engine):
+    """Each byte is one token here, so a 3-character stop string always spans 3 tokens."""
+    plain = engine.generate(input_ids=[40, 41, 42], sampling_params={**GREEDY, "max_new_tokens": 40})
+    text = plain["text"]
+    # Random bytes are often invalid UTF-8; take a window of whole characters seen there first.
+    start = next(i for i in range(5, len(text) - 3)
+                 if "\ufffd" not in text[i : i + 3] and text[i : i + 3] not in text[: i + 2])
+    stop = text[start : start + 3]
+    res = engine.generate(input_ids=[40, 41, 42], sampling_params={**GREEDY, "max_new_tokens": 40, "stop": [stop]})
+    assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert res["text"] == text[: text.index(stop)]
+
+
+def test_stop_token_ids_and_min_new_tokens(engine):
+    plain = engine.generate(input_ids=[50, 60], sampling_params={**GREEDY, "max_new_tokens": 20})["output_ids"]
+    stop_id = plain[4]
+    first = plain.index(stop_id)
+    res = engine.generate(input_ids=[50, 60], sampling_params={**GREEDY, "max_new_tokens": 20, "stop_token_ids": [stop_id]})
+    assert res["output_ids"] == plain[: first + 1]
+    assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    held = engine.generate(input_ids=[50, 60], sampling_params={**GREEDY, "max_new_tokens": 20, "min_new_tokens": 12,
+                                                                "stop_token_ids": [stop_id]})
+    assert len(held["output_ids"]) >= 12 and stop_id not in held["output_ids"][:12]
+
+
+def test_streaming_concatenates_to_full_text(engine):
+    params = {**GREEDY, "max_new_tokens": 30}
+    full = engine.generate(input_ids=[70, 71, 72], sampling_params=params)
+    chunks = list(engine.generate(input_ids=[70, 71, 72], sampling_params=params, stream=True))
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 30}
+    assert len(chunks) > 1
+
+    async def collect() -> str:
+        stream = await engine.async_generate(input_ids=[70, 71, 72], sampling_params=params, stream=True)
+        return "".join([c["text"] async for c in stream])
+
+    assert asyncio.run(collect()) == full["text"]
+
+
+def test_n_and_seed(engine):
+    params = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True, "seed": 1234}
+    a = engine.generate(input_ids=[80, 81], sampling_params=params)
+    b = engine.generate(input_ids=[80, 81], sampling_params=params)
+    assert a["output_ids"] == b["output_ids"]
+    many = engine.generate(input_ids=[80, 81], sampling_params={**params, "n": 3})
+    assert len(many) == 3 and many[0]["output_ids"] == a["output_ids"]
+    assert len({tuple(r["output_ids"]) for r in many}) > 1
+
+
+def test_batch_with_per_prompt_params(engine):
+    res = engine.generate(input_ids=[[5, 6], [7, 8, 9]], sampling_params=[{**GREEDY, "max_new_tokens": 3},
+                                                                         {**GREEDY, "max_new_tokens": 5}])
+    assert [len(r["output_ids"]) for r in res] == [3, 5]
+
+
+def test_no_leaks_after_every_kind_of_ending(tiny_llama):
+    """Finished, stopped, aborted mid-stream, aborted while queued and retracted requests all give back
+    every KV slot and request row."""
+    with Engine(str(tiny_llama), max_total_tokens=200, chunked_prefill_size=16, new_token_ratio=0.0) as eng:
+
+        async def scenario():
+            long = {**GREEDY, "max_new_tokens": 60}
+            tasks = [asyncio.create_task(eng.async_generate(input_ids=[10 + i] * 20, sampling_params=long))
+                     for i in range(5)]
+            stopped = asyncio.create_task(eng.async_generate(
+                input_ids=[30, 31], sampling_params={"temperature": 1.0, "max_new_tokens": 50, "stop": ["e", "a", "o"]}))
+            stream = await eng.async_generate(input_ids=[40] * 10, sampling_params=long, stream=True)
+            async for _ in stream:
+                break  # client goes away mid-stream
+            await stream.aclose()
+            queued = asyncio.create_task(eng.async_generate(input_ids=[50] * 30, sampling_params=long, rid="gone"))
+            await asyncio.sleep(0)
+            eng.abort("gone")
+            results = await asyncio.gather(*tasks, stopped, queued)
+            return results
+
+        results = asyncio.run(scenario())
+        assert results[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert eng.stats()["retractions"] > 0
+        report = eng.memory_report()
+        assert report["running"] == 0 and report["waiting"] == 0
+        eng.check_memory()
+        assert eng.flush_cache()
+        assert eng.memory_report()["kv_free"] == report["kv_pool_size"]

@@ -153,3 +153,47 @@ def test_no_leaks_after_every_kind_of_ending(tiny_llama):
         eng.check_memory()
         assert eng.flush_cache()
         assert eng.memory_report()["kv_free"] == report["kv_pool_size"]
+
+
+def test_running_request_limit(site_with_recorder, tiny_llama):
+    """No step ever samples for more requests than max_running_requests, whatever is queued."""
+    sizes = site_with_recorder
+    with Engine(str(tiny_llama), max_running_requests=3,
+                plugins=["llama", "torch_native", "record"]) as eng:
+        res = eng.generate(input_ids=[[5 + i, 6, 7] for i in range(8)],
+                           sampling_params={**GREEDY, "max_new_tokens": 6})
+    assert all(len(r["output_ids"]) == 6 for r in res)
+    assert sizes and max(sizes) == 3
+
+
+RECORDER = """
+from sglang_core.hookspecs import hookimpl
+from sglang_core.sampling.logits_processor import LogitsProcessor
+
+SIZES = []
+
+
+class Record(LogitsProcessor):
+    def wants(self, params):
+        return True
+
+    def __call__(self, logits, batch, rows):
+        SIZES.append(len(batch.reqs))
+
+
+@hookimpl
+def register_logits_processors(register):
+    register("record_batch_sizes", Record)
+"""
+
+
+@pytest.fixture
+def site_with_recorder(tmp_path, monkeypatch):
+    from test_plugins import fake_distribution
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_distribution(tmp_path, "record-plugin", {"record": RECORDER})
+    import importlib
+
+    module = importlib.import_module("record_plugin_record")
+    return module.SIZES

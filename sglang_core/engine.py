@@ -68,7 +68,13 @@ class _OutputBuilder:
 
     def update(self, event: _Event) -> str:
         """Consume new tokens; return the newly visible text (held back near a stop string)."""
-        self.detok.push(self.req.output_ids[self.seen : event.num_output])
+        new_ids = self.req.output_ids[self.seen : event.num_output]
+        reason = event.finished_reason
+        if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
+            new_ids = new_ids[:-1]  # a matched stop token is not part of the text, as in SGLang
+        self.detok.push(new_ids)
+        if reason is not None:
+            self.detok.flush()  # the end: emit even a trailing incomplete character
         self.seen = event.num_output
         # Replays the scheduler's stop check on the same ids, to learn where a stop string starts.
         self.stop.check(self.req.output_ids[: self.seen])

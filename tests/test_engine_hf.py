@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_greedy
+from reference import hf_greedy
 from sglang_core.engine import Engine
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -75,7 +75,7 @@ def test_tiny_llama_under_retraction(tiny_llama):
 def test_tiny_mistral_sliding_window(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from conftest import save_tiny_model
+    from reference import save_tiny_model
 
     config = MistralConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,

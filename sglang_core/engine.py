@@ -1,128 +1,124 @@
 """The engine API: ``Engine(model_path=None, **settings).generate(...)``.
 
-The scheduler runs in a background thread that owns all engine state; callers talk to it only
-through an inbox, and each request's progress comes back through its own stream.
+The request side (this module: tokenize, validate, detokenize, build results) talks to the
+engine core (scheduler + model) only through ``GenerateRequest``/``TokenOutput`` messages. Here the
+core runs in a background thread that owns all of its state; the server runs the same core in a
+process of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from sglang_core.config import EngineSettings
-from sglang_core.model_executor.runner import ModelRunner
+from sglang_core.engine_core import EngineCore, ModelInfo
+from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.plugins import PluginManager
-from sglang_core.request import Req
 from sglang_core.sampling.params import SamplingParams
-from sglang_core.sampling.sampler import Sampler, make_generator
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
-from sglang_core.scheduler.scheduler import Scheduler
-from sglang_core.tokenizer import eos_token_ids, load_tokenizer
-from sglang_core.weights.loader import resolve_model_source
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Event:
-    """A request made progress: it has ``num_output`` tokens now, and maybe a finish reason."""
-
-    num_output: int
-    finished_reason: dict | None
-
-
 class _Stream:
-    """Delivers one request's events from the engine thread to a sync or async consumer."""
+    """Delivers one request's outputs from the engine thread to a sync or async consumer."""
 
-    def __init__(self, req: Req, loop: asyncio.AbstractEventLoop | None):
-        self.req = req
+    def __init__(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
         self.loop = loop
         self.queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self.finished = False
 
-    def push(self, event: _Event) -> None:
+    def push(self, out: TokenOutput) -> None:
         if self.loop is None:
-            self.queue.put(event)
+            self.queue.put(out)
         else:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
 
-class _OutputBuilder:
-    """Turns a request's tokens into SGLang-style results: text deltas while streaming, and
-    the final ``{"text", "output_ids", "meta_info"}``."""
+class OutputBuilder:
+    """Accumulates one request's ``TokenOutput`` messages into SGLang-style results: text deltas
+    while streaming, and the final ``{"text", "output_ids", "meta_info"}``."""
 
-    def __init__(self, engine: "Engine", req: Req, return_text_in_logprobs: bool):
-        self.engine, self.req = engine, req
-        params = req.sampling_params
-        self.detok = IncrementalDetokenizer(engine.tokenizer, params.skip_special_tokens,
-                                            params.spaces_between_special_tokens)
-        self.stop = StopChecker(engine.tokenizer, params, engine.eos_token_ids)
+    def __init__(self, tokenizer, eos_token_ids: set[int], request: GenerateRequest, params: SamplingParams,
+                 return_text_in_logprobs: bool = False):
+        self.tokenizer = tokenizer
+        self.request = request
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
+        self.stop = StopChecker(tokenizer, params, eos_token_ids)
         self.with_text = return_text_in_logprobs
-        self.seen = 0
+        self.output_ids: list[int] = []
+        self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list = []
+        self.input_logprobs: list = []
+        self.input_top_logprobs: list = []
+        self.cached_tokens = 0
+        self.finished_reason: dict | None = None
         self.sent = 0  # characters of visible text already streamed
 
-    def update(self, event: _Event) -> str:
-        """Consume new tokens; return the newly visible text (held back near a stop string)."""
-        new_ids = self.req.output_ids[self.seen : event.num_output]
-        reason = event.finished_reason
+    def update(self, out: TokenOutput) -> str:
+        """Consume one message; return the newly visible text (held back near a stop string)."""
+        self.output_ids += out.new_ids
+        self.output_logprobs += out.output_logprobs
+        self.output_top_logprobs += out.output_top_logprobs
+        if out.input_logprobs is not None:
+            self.input_logprobs, self.input_top_logprobs = out.input_logprobs, out.input_top_logprobs or []
+        self.cached_tokens = out.cached_tokens
+        self.finished_reason = reason = out.finished_reason
+        new_ids = out.new_ids
         if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
             new_ids = new_ids[:-1]  # a matched stop token is not part of the text, as in SGLang
         self.detok.push(new_ids)
         if reason is not None:
             self.detok.flush()  # the end: emit even a trailing incomplete character
-        self.seen = event.num_output
-        # Replays the scheduler's stop check on the same ids, to learn where a stop string starts.
-        self.stop.check(self.req.output_ids[: self.seen])
-        text = self.visible_text(event.finished_reason)
-        if event.finished_reason is None:
+        # Replays the core's stop check on the same ids, to learn where a stop string starts.
+        self.stop.check(self.output_ids)
+        text = self.text
+        if reason is None:
             text = text[: self.stop.safe_prefix_len(text)]
         delta, self.sent = text[self.sent :], max(self.sent, len(text))
         return delta
 
-    def visible_text(self, reason: dict | None) -> str:
-        text = self.detok.text
+    @property
+    def text(self) -> str:
+        reason = self.finished_reason
         if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
-            return self.stop.visible_text(text)
-        return text
+            return self.stop.visible_text(self.detok.text)
+        return self.detok.text
 
-    def result(self, reason: dict | None, text: str | None = None) -> dict:
-        req = self.req
+    def result(self, text: str | None = None) -> dict:
         meta: dict[str, Any] = {
-            "id": req.rid,
-            "prompt_tokens": len(req.origin_input_ids),
-            "completion_tokens": self.seen,
-            "cached_tokens": req.cached_tokens,
-            "finish_reason": reason,
+            "id": self.request.rid,
+            "prompt_tokens": len(self.request.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": self.finished_reason,
         }
-        if req.return_logprob:
+        if self.request.return_logprob:
             meta.update(self._logprobs())
-        return {
-            "text": self.visible_text(reason) if text is None else text,
-            "output_ids": list(req.output_ids[: self.seen]),
-            "meta_info": meta,
-        }
+        return {"text": self.text if text is None else text, "output_ids": list(self.output_ids), "meta_info": meta}
 
     def _logprobs(self) -> dict[str, Any]:
-        req, n = self.req, self.seen
-        start = max(req.logprob_start_len, 0)
-        prompt_ids = req.origin_input_ids[start:] if req.logprob_start_len >= 0 else []
-        input_lp = req.input_token_logprobs[: len(prompt_ids)]
-        known = [lp for lp in input_lp if lp is not None]
+        req = self.request
+        prompt_ids = req.input_ids[req.logprob_start_len :] if req.logprob_start_len >= 0 else []
+        known = [lp for lp in self.input_logprobs if lp is not None]
         return {
-            "input_token_logprobs": self._triples(input_lp, prompt_ids),
-            "input_top_logprobs": [self._top(t) for t in req.input_top_logprobs[: len(prompt_ids)]],
-            "output_token_logprobs": self._triples(req.output_token_logprobs[:n], req.output_ids[:n]),
-            "output_top_logprobs": [self._top(t) for t in req.output_top_logprobs[:n]],
+            "input_token_logprobs": self._triples(self.input_logprobs, prompt_ids),
+            "input_top_logprobs": [self._top(t) for t in self.input_top_logprobs],
+            "output_token_logprobs": self._triples(self.output_logprobs, self.output_ids),
+            "output_top_logprobs": [self._top(t) for t in self.output_top_logprobs],
             "normalized_prompt_logprob": sum(known) / len(known) if known else None,
         }
 
     def _text(self, token_id: int) -> str | None:
-        return self.engine.tokenizer.decode([token_id]) if self.with_text else None
+        return self.tokenizer.decode([token_id]) if self.with_text else None
 
     def _triples(self, logprobs: list, ids: list[int]) -> list:
         return [(lp, tid, self._text(tid)) for lp, tid in zip(logprobs, ids)]
@@ -138,15 +134,10 @@ class Engine:
         self.settings = EngineSettings(model_path=model_path, **settings)
         logging.getLogger("sglang_core").setLevel(self.settings.log_level.upper())
         self.plugins = PluginManager(self.settings.plugins)
-        source = resolve_model_source(self.settings.model_path, self.settings.load_format)
-        self.model_path = source.origin
-        self.runner = ModelRunner(self.settings, source, self.plugins)
-        self.tokenizer = load_tokenizer(self.settings.tokenizer_path or source.folder)
-        self.eos_token_ids = eos_token_ids(self.tokenizer, source.folder)
-        processors = [entry.load()(vocab_size=self.runner.vocab_size, device=self.runner.device)
-                      for entry in self.plugins.registry("logits_processors")]
-        self.scheduler = Scheduler(self.runner, self.settings, Sampler(processors), self.tokenizer,
-                                   self.eos_token_ids)
+        self.core = EngineCore(self.settings, self.plugins)
+        self.info: ModelInfo = self.core.info
+        self.tokenizer = self.core.tokenizer
+        self.eos_token_ids = set(self.info.eos_token_ids)
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -158,8 +149,8 @@ class Engine:
     # ---- public API ----------------------------------------------------------------------
 
     @property
-    def context_len(self) -> int:
-        return self.runner.context_len
+    def model_path(self) -> str:
+        return self.info.model_path
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
@@ -167,12 +158,12 @@ class Engine:
                  stream: bool = False, rid: str | None = None) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict back), a list (a list back, ``n`` results per prompt),
         or, with ``stream=True``, one prompt as an iterator of ``{"text": delta, ...}`` chunks."""
-        reqs, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
-                                   top_logprobs_num, rid)
+        requests, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
+                                       top_logprobs_num, rid)
         if stream:
-            self._require_single(reqs)
-            return self._stream_sync(reqs[0], return_text_in_logprobs)
-        streams = [self._submit(req, None) for req in reqs]
+            self._require_single(requests)
+            return self._stream_sync(self._submit(requests[0], None), return_text_in_logprobs)
+        streams = [self._submit(r, None) for r in requests]
         results = [self._wait_sync(s, return_text_in_logprobs) for s in streams]
         return results[0] if single else results
 
@@ -183,40 +174,40 @@ class Engine:
                              return_text_in_logprobs: bool = False, stream: bool = False,
                              rid: str | None = None) -> dict | list[dict] | AsyncIterator[dict]:
         """The asyncio twin of ``generate``; with ``stream=True`` returns an async iterator."""
-        reqs, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
-                                   top_logprobs_num, rid)
+        requests, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
+                                       top_logprobs_num, rid)
         loop = asyncio.get_running_loop()
         if stream:
-            self._require_single(reqs)
-            return self._stream_async(self._submit(reqs[0], loop), return_text_in_logprobs)
-        streams = [self._submit(req, loop) for req in reqs]
+            self._require_single(requests)
+            return self._stream_async(self._submit(requests[0], loop), return_text_in_logprobs)
+        streams = [self._submit(r, loop) for r in requests]
         try:
             results = [await self._wait_async(s, return_text_in_logprobs) for s in streams]
         except asyncio.CancelledError:
             for s in streams:
-                self.abort(s.req.rid)
+                self.abort(s.request.rid)
             raise
         return results[0] if single else results
 
     def abort(self, rid: str) -> None:
+        """End a request (and the copies of an ``n > 1`` request) wherever it is."""
         self._inbox.put(("abort", rid))
         self._wake.set()
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache (False while requests are in flight)."""
-        return self._call(self.scheduler.flush_cache)
+        return self._call("flush_cache")
 
     def memory_report(self) -> dict[str, int]:
         """KV slots and request rows in use, for monitoring and leak checks."""
-        return self._call(self.scheduler.memory_report)
+        return self._call("memory_report")
 
     def check_memory(self) -> None:
         """Raise AssertionError unless, with no request in flight, all memory is accounted for."""
-        self._call(self.scheduler.check_memory)
+        self._call("check_memory")
 
     def stats(self) -> dict[str, int]:
-        return self._call(lambda: {"forward_steps": self.scheduler.forward_steps,
-                                   "retractions": self.scheduler.retractions})
+        return self._call("stats")
 
     def shutdown(self) -> None:
         if self._stopped:
@@ -235,26 +226,8 @@ class Engine:
     # ---- building requests -----------------------------------------------------------------
 
     def _build(self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num,
-               rid) -> tuple[list[Req], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("prompt: give exactly one of prompt and input_ids")
-        if prompt is not None:
-            single_input = isinstance(prompt, str)
-            prompts = [prompt] if single_input else list(prompt)
-            if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompt: must be a string or a list of strings")
-            if any(p == "" for p in prompts):
-                raise ValueError("prompt: must not be empty")
-            id_lists = [self.tokenizer(p)["input_ids"] for p in prompts]
-        else:
-            if not isinstance(input_ids, list) or not input_ids:
-                raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
-            single_input = not isinstance(input_ids[0], list)
-            id_lists = [input_ids] if single_input else input_ids
-            if not all(isinstance(x, list) for x in id_lists):
-                raise ValueError("input_ids: must be a list of token ids or a list of such lists")
-        if not id_lists:
-            raise ValueError("prompt: the batch is empty")
+               rid) -> tuple[list[GenerateRequest], bool]:
+        id_lists, single_input = self._prompt_ids(prompt, input_ids)
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         if len(params_list) != len(id_lists):
             raise ValueError("sampling_params: a list must have one entry per prompt")
@@ -262,120 +235,128 @@ class Engine:
             raise ValueError("logprob_start_len: must be an integer >= -1")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
             raise ValueError("top_logprobs_num: must be a non-negative integer")
-        reqs: list[Req] = []
+        requests: list[GenerateRequest] = []
         batch_rid = rid or uuid.uuid4().hex
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
-            params.validate(self.runner.vocab_size)
+            params.validate(self.info.vocab_size)
             self._check_ids(ids)
-            params.max_new_tokens = min(params.max_new_tokens, self.context_len - len(ids))
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
             for j in range(params.n):
-                seed = None if params.seed is None else params.seed + j
-                reqs.append(Req(
+                copy = dataclasses.replace(
+                    params,
+                    n=1,
+                    max_new_tokens=min(params.max_new_tokens, self.info.context_len - len(ids)),
+                    seed=None if params.seed is None else params.seed + j,
+                )
+                requests.append(GenerateRequest(
                     rid=base if params.n == 1 else f"{base}-{j}",
-                    origin_input_ids=ids,
-                    sampling_params=params,
+                    input_ids=ids,
+                    sampling_params=dataclasses.asdict(copy),
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len,
                     top_logprobs_num=top_logprobs_num,
-                    generator=make_generator(seed, self.runner.device),
                 ))
-        return reqs, single_input and len(reqs) == 1
+        return requests, single_input and len(requests) == 1
+
+    def _prompt_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("prompt: give exactly one of prompt and input_ids")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt: must be a string or a non-empty list of strings")
+            if any(p == "" for p in prompts):
+                raise ValueError("prompt: must not be empty")
+            return [self.tokenizer(p)["input_ids"] for p in prompts], isinstance(prompt, str)
+        if not isinstance(input_ids, list) or not input_ids:
+            raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
+        single = not isinstance(input_ids[0], list)
+        id_lists = [input_ids] if single else input_ids
+        if not all(isinstance(x, list) for x in id_lists):
+            raise ValueError("input_ids: must be a list of token ids or a list of such lists")
+        return id_lists, single
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("input_ids: must not be empty")
-        vocab = self.runner.vocab_size
+        vocab = self.info.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"input_ids: every token id must be an integer in [0, {vocab})")
-        if len(ids) >= self.context_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room in the context length {self.context_len}")
-        if len(ids) + 1 > self.runner.max_total_tokens:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the KV cache ({self.runner.max_total_tokens} tokens)")
+        if len(ids) >= self.info.context_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room in the context length {self.info.context_len}")
+        if len(ids) + 1 > self.info.max_total_tokens:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the KV cache ({self.info.max_total_tokens} tokens)")
 
     @staticmethod
-    def _require_single(reqs: list[Req]) -> None:
-        if len(reqs) != 1:
+    def _require_single(requests: list[GenerateRequest]) -> None:
+        if len(requests) != 1:
             raise ValueError("stream: streaming takes a single prompt with n=1")
+
+    def _builder(self, stream: _Stream, with_text: bool) -> OutputBuilder:
+        params = SamplingParams(**stream.request.sampling_params)
+        return OutputBuilder(self.tokenizer, self.eos_token_ids, stream.request, params, with_text)
 
     # ---- talking to the engine thread ----------------------------------------------------
 
-    def _submit(self, req: Req, loop: asyncio.AbstractEventLoop | None) -> _Stream:
+    def _submit(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None) -> _Stream:
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
-        stream = _Stream(req, loop)
+        stream = _Stream(request, loop)
         self._inbox.put(("add", stream))
         self._wake.set()
         return stream
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the engine thread (which owns all engine state) and return its result."""
+    def _call(self, name: str) -> Any:
+        """Run a named core call on the engine thread (which owns all core state)."""
         future: Future = Future()
-        self._inbox.put(("call", (fn, future)))
+        self._inbox.put(("call", (name, future)))
         self._wake.set()
         return future.result()
 
     def _wait_sync(self, stream: _Stream, with_text: bool) -> dict:
-        out = _OutputBuilder(self, stream.req, with_text)
-        while True:
-            event = stream.queue.get()
-            out.update(event)
-            if event.finished_reason is not None:
-                return out.result(event.finished_reason)
+        out = self._builder(stream, with_text)
+        while out.finished_reason is None:
+            out.update(stream.queue.get())
+        return out.result()
 
     async def _wait_async(self, stream: _Stream, with_text: bool) -> dict:
-        out = _OutputBuilder(self, stream.req, with_text)
-        while True:
-            event = await stream.queue.get()
-            out.update(event)
-            if event.finished_reason is not None:
-                return out.result(event.finished_reason)
+        out = self._builder(stream, with_text)
+        while out.finished_reason is None:
+            out.update(await stream.queue.get())
+        return out.result()
 
-    def _stream_sync(self, req: Req, with_text: bool) -> Iterator[dict]:
-        stream = self._submit(req, None)
-        out = _OutputBuilder(self, req, with_text)
+    def _stream_sync(self, stream: _Stream, with_text: bool) -> Iterator[dict]:
+        out = self._builder(stream, with_text)
         try:
-            while True:
-                event = stream.queue.get()
-                yield out.result(event.finished_reason, out.update(event))
-                if event.finished_reason is not None:
-                    return
+            while out.finished_reason is None:
+                delta = out.update(stream.queue.get())
+                yield out.result(delta)
         finally:
-            if not req.finished:
-                self.abort(req.rid)
+            if out.finished_reason is None:
+                self.abort(stream.request.rid)
 
     async def _stream_async(self, stream: _Stream, with_text: bool) -> AsyncIterator[dict]:
-        out = _OutputBuilder(self, stream.req, with_text)
+        out = self._builder(stream, with_text)
         try:
-            while True:
-                event = await stream.queue.get()
-                yield out.result(event.finished_reason, out.update(event))
-                if event.finished_reason is not None:
-                    return
+            while out.finished_reason is None:
+                delta = out.update(await stream.queue.get())
+                yield out.result(delta)
         finally:
-            if not stream.req.finished:
-                self.abort(stream.req.rid)
+            if out.finished_reason is None:
+                self.abort(stream.request.rid)
 
     # ---- the engine thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopped:
-            if not self.scheduler.has_work() and self._inbox.empty():
+            if not self.core.has_work() and self._inbox.empty():
                 self._wake.wait(timeout=0.5)
             self._wake.clear()
             self._drain_inbox()
-            if not self.scheduler.has_work():
-                continue
-            try:
-                touched = self.scheduler.step()
-            except Exception as exc:  # fail the requests, keep serving
-                logger.exception("engine step failed")
-                touched = self.scheduler.fail_all(f"internal error: {type(exc).__name__}: {exc}")
-            for req in touched:
-                self._publish(req)
-        for req in self.scheduler.fail_all("the engine shut down"):
-            self._publish(req)
+            if self.core.has_work():
+                self._publish(self.core.step())
+        self._publish(self.core.fail_all("the engine shut down"))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -384,24 +365,22 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._streams[item.req.rid] = item
-                self.scheduler.add_request(item.req)
+                self._streams[item.request.rid] = item
+                self.core.add(item.request)
             elif kind == "abort":
-                for rid in [r for r in self._streams if r == item or r.startswith(f"{item}-")]:
-                    req = self.scheduler.abort(rid)
-                    if req is not None:
-                        self._publish(req)
+                self._publish(self.core.abort(item))
             else:
-                fn, future = item
+                name, future = item
                 try:
-                    future.set_result(fn())
+                    future.set_result(self.core.call(name))
                 except Exception as exc:
                     future.set_exception(exc)
 
-    def _publish(self, req: Req) -> None:
-        stream = self._streams.get(req.rid)
-        if stream is None:
-            return
-        stream.push(_Event(len(req.output_ids), req.finished_reason))
-        if req.finished:
-            del self._streams[req.rid]
+    def _publish(self, outputs: list[TokenOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.rid)
+            if stream is None:
+                continue
+            stream.push(out)
+            if out.finished_reason is not None:
+                del self._streams[out.rid]

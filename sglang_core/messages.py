@@ -1,0 +1,33 @@
+"""Typed messages between the request side (tokenize, validate, detokenize) and the engine core
+(scheduler + model). msgspec structs, so they cross a process boundary as msgpack, never pickle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class GenerateRequest(msgspec.Struct, frozen=True):
+    """A tokenized, validated request."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]  # a validated SamplingParams as a dict
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+
+
+class TokenOutput(msgspec.Struct):
+    """One request's progress since its previous TokenOutput."""
+
+    rid: str
+    new_ids: list[int]
+    finished_reason: dict[str, Any] | None
+    cached_tokens: int
+    output_logprobs: list[float] = []
+    output_top_logprobs: list[list[tuple[float, int]]] = []
+    # Sent once, with the first output, when prompt logprobs were asked for.
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None

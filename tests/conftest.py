@@ -14,12 +14,12 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    """Llama with GQA (4 heads, 2 kv heads) and Llama-3.1 rope scaling."""
+    """Llama with GQA (4 heads, 2 kv heads), a non-default rope base and Llama-3.1 rope scaling."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1,
+        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1, rope_theta=50000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64},
     )

@@ -84,3 +84,14 @@ class RotaryEmbedding(nn.Module):
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+def rope_from_config(config, head_dim: int) -> RotaryEmbedding:
+    """The rotary embedding a Hugging Face config describes, in either of its spellings:
+    ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    base = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
+    scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    return RotaryEmbedding(head_dim, config.max_position_embeddings, base, scaling, rotary_dim)
+

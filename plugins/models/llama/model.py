@@ -17,7 +17,7 @@ from sglang_core.layers.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from sglang_core.layers.rotary import RotaryEmbedding
+from sglang_core.layers.rotary import rope_from_config
 from sglang_core.model_executor.forward_batch import ForwardBatch
 from sglang_core.model_executor.model_api import ModelContext, load_by_name
 
@@ -51,8 +51,7 @@ class LlamaAttention(nn.Module):
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, getattr(config, "rope_theta", 10000.0),
-                                      getattr(config, "rope_scaling", None))
+        self.rotary = rope_from_config(config, head_dim)
         self.attn = Attention(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                               head_dim**-0.5, getattr(config, "sliding_window", None))
 

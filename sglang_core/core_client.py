@@ -8,11 +8,13 @@ process dies.
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -241,13 +243,9 @@ class ProcessCoreClient(CoreClient):
         self._calls: dict[int, Future] = {}
         self._next_call = 0
         self._stopped = False
-        spawn = multiprocessing.get_context("spawn")
-        self.process = spawn.Process(
-            target=engine_process_main,
-            args=(settings.model_dump_json(), plugins.loaded_names(), addr_in, addr_out, os.getpid()),
-            name="sglang-core-engine", daemon=True,
-        )
-        self.process.start()
+        # A fresh interpreter (not multiprocessing): nothing of the caller's __main__ is re-imported.
+        args = json.dumps([settings.model_dump_json(), plugins.loaded_names(), addr_in, addr_out, os.getpid()])
+        self.process = subprocess.Popen([sys.executable, "-m", "sglang_core.core_client", args])
         self.info = self._wait_ready(start_timeout_s)
         self.alive = True
         self._thread = threading.Thread(target=self._receive, name="sglang-core-receiver", daemon=True)
@@ -257,7 +255,7 @@ class ProcessCoreClient(CoreClient):
         waited = 0.0
         while not self._in.poll(500):
             waited += 0.5
-            if not self.process.is_alive() or waited > timeout_s:
+            if self.process.poll() is not None or waited > timeout_s:
                 self._close()
                 raise RuntimeError("the engine process failed to start (see its log above)")
         msg = self._decoder.decode(self._in.recv())
@@ -289,12 +287,13 @@ class ProcessCoreClient(CoreClient):
         if self._stopped:
             return
         self._stopped = True
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self._send(Shutdown())
-            self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=5)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
         self._thread.join(timeout=5)
         self.alive = False
         self._close()
@@ -319,13 +318,13 @@ class ProcessCoreClient(CoreClient):
                             _raise_reply(msg.error, msg.error_type)
                         except Exception as exc:
                             future.set_exception(exc)
-            elif not self.process.is_alive():
+            elif self.process.poll() is not None:
                 self.alive = False
                 for future in self._calls.values():
                     future.set_exception(RuntimeError("the engine process died"))
                 self._calls.clear()
                 if not self._stopped:
-                    logger.error("the engine process died (exit code %s)", self.process.exitcode)
+                    logger.error("the engine process died (exit code %s)", self.process.returncode)
                     self._on_death()
                 return
 
@@ -334,3 +333,7 @@ class ProcessCoreClient(CoreClient):
         self._in.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    engine_process_main(*json.loads(sys.argv[1]))

@@ -38,12 +38,14 @@ def test_engine_process_death_ends_requests(tiny_llama):
     engine = Engine(str(tiny_llama), engine_in_subprocess=True)
     try:
         async def run() -> dict:
-            task = asyncio.create_task(engine.async_generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 400}))
-            await asyncio.sleep(0.5)
+            stream = await engine.async_generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 1000},
+                                                 stream=True)
+            chunks = [await anext(stream)]  # the request is running now
             os.kill(engine.core.process.pid, signal.SIGKILL)
-            return await asyncio.wait_for(task, 10)
+            chunks += [c async for c in stream]
+            return chunks[-1]
 
-        result = asyncio.run(run())
+        result = asyncio.run(asyncio.wait_for(run(), 20))
         assert result["meta_info"]["finish_reason"]["type"] == "abort"
         assert not engine.alive
         with pytest.raises(RuntimeError):

@@ -54,15 +54,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sglang_core.server.serve import serve
+    from sglang_core.server.settings import ServerSettings
+
+    return serve(ServerSettings.from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str,
-                engine_flags: bool = True) -> argparse.ArgumentParser:
+                engine_flags: bool = True, settings: type[EngineSettings] = EngineSettings) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if engine_flags:
-            EngineSettings.add_arguments(p)
+            settings.add_arguments(p)
         p.set_defaults(func=fn)
         return p
 
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+    from sglang_core.server.settings import ServerSettings
+
+    command("serve", cmd_serve, "serve the HTTP APIs (native and OpenAI-compatible)", settings=ServerSettings)
 
     p = command("plugins", cmd_plugins, "list installed plugins, what they register and load errors", False)
     p.add_argument("--plugins", default=None, help="comma-separated plugins to load (default: all installed)")

@@ -1,0 +1,102 @@
+"""What a serving-frontend plugin gets: the engine, the settings, and helpers that every HTTP API
+needs (bounded admission, abort on client disconnect, metrics, OpenAI-style errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from starlette.requests import Request
+
+from sglang_core.engine import Engine
+from sglang_core.server.errors import error_response
+from sglang_core.server.metrics import ServerMetrics
+from sglang_core.server.settings import ServerSettings
+
+T = TypeVar("T")
+
+
+class Overloaded(Exception):
+    """Too many requests in flight: answered with 503."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+class ServerContext:
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: Engine | None = None  # set once the engine has started
+        self.in_flight = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or (self.engine.model_path if self.engine else "unknown")
+
+    error = staticmethod(error_response)
+
+    @contextlib.contextmanager
+    def admission(self):
+        """Count a request in flight; refuse it (503) past ``max_queued_requests``."""
+        if self.in_flight >= self.settings.max_queued_requests:
+            raise Overloaded(f"the server has {self.in_flight} requests in flight; try again later")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def stream(self, **generate_kwargs: Any) -> AsyncIterator[dict]:
+        """``engine.async_generate(stream=True)`` for one request, recording latency metrics.
+        Closing the iterator early (client gone) aborts the request and frees its memory."""
+        start = last = time.monotonic()
+        first = True
+        chunk: dict | None = None
+        stream = await self.engine.async_generate(stream=True, **generate_kwargs)
+        try:
+            async for chunk in stream:
+                now = time.monotonic()
+                (self.metrics.ttft if first else self.metrics.itl).observe(now - (start if first else last))
+                first, last = False, now
+                yield chunk
+        finally:
+            await stream.aclose()
+            if chunk is not None and chunk["meta_info"]["finish_reason"] is not None:
+                meta = chunk["meta_info"]
+                self.metrics.e2e.observe(time.monotonic() - start)
+                self.metrics.prompt_tokens.inc(meta["prompt_tokens"])
+                self.metrics.cached_tokens.inc(meta["cached_tokens"])
+                self.metrics.generation_tokens.inc(meta["completion_tokens"])
+
+    async def complete(self, **generate_kwargs: Any) -> dict:
+        """One request, non-streaming: the final result with the whole text."""
+        text, chunk = [], None
+        async for chunk in self.stream(**generate_kwargs):
+            text.append(chunk["text"])
+        return {**chunk, "text": "".join(text)}
+
+    async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
+        """Run ``work``; if the client disconnects first, cancel it (which aborts its requests)."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise ClientGone()
+        finally:
+            watcher.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

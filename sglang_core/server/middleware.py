@@ -1,0 +1,99 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so client disconnects reach the handlers):
+API-key auth, a request body size limit, and per-request metrics and logging."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from sglang_core.server.errors import error_body
+from sglang_core.server.metrics import ServerMetrics
+
+logger = logging.getLogger("sglang_core.server")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = {"/health"}
+
+
+async def send_error(send: Send, status: int, message: str) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ServerMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, metrics: ServerMetrics, log: bool):
+        self.app = app
+        self.api_key = api_key
+        self.max_body = max_body
+        self.metrics = metrics
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        status = {"code": 500}
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and scope["path"].rstrip("/") not in OPEN_PATHS and not self._authorized(scope):
+                return await send_error(tracked_send, 401, "invalid or missing API key")
+            receive = await self._limited_body(scope, receive, tracked_send)
+            if receive is not None:
+                await self.app(scope, receive, tracked_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+            if self.log:
+                logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status["code"],
+                            1000 * (time.monotonic() - start))
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        token = given[7:] if given.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
+
+    async def _limited_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Read the whole body (bounded) up front, then replay it; later receives (the disconnect)
+        go to the server as usual. Returns None when a 413 was sent."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await send_error(send, 413, f"request body exceeds {self.max_body} bytes")
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive  # the client left; let the app see it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                await send_error(send, 413, f"request body exceeds {self.max_body} bytes")
+                return None
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return replay

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugins", default=None, help="comma-separated plugins to load (default: all installed)")
     p.add_argument("--json", action="store_true")
 
+    from sglang_core.bench_serving import add_arguments as add_serving_arguments, cmd_bench_serving
+
+    add_serving_arguments(command("bench-serving", cmd_bench_serving, "load a running server: throughput, TTFT, TPOT, ITL",
+                                  engine_flags=False))
+
     from sglang_core.bench import add_bench_commands
 
     add_bench_commands(command)

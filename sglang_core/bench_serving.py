@@ -1,0 +1,265 @@
+"""``sglang-core bench-serving``: load a running server and report throughput and latencies.
+
+Datasets: random token prompts (lengths with a range ratio), ShareGPT-format JSON from a local
+file, or generated shared-prefix groups (a long system prompt shared by each group's questions).
+Arrivals follow a Poisson process at ``--request-rate`` (``inf``: all at once), optionally capped
+by ``--max-concurrency``. Backends: our native ``/generate`` or any OpenAI-compatible
+``/v1/completions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+
+@dataclass
+class BenchRequest:
+    prompt: str
+    input_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    input_len: int
+    output_len: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+def _random_ids(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def random_dataset(tokenizer, num: int, input_len: int, output_len: int, range_ratio: float,
+                   seed: int) -> list[BenchRequest]:
+    """Lengths uniform in ``[len * range_ratio, len]``; prompts are random token ids."""
+    rng = random.Random(seed)
+    vocab = tokenizer.vocab_size
+    out = []
+    for _ in range(num):
+        ids = _random_ids(rng, vocab, rng.randint(max(1, int(input_len * range_ratio)), input_len))
+        out.append(BenchRequest(tokenizer.decode(ids), ids, rng.randint(max(1, int(output_len * range_ratio)), output_len)))
+    return out
+
+
+def sharegpt_dataset(tokenizer, path: str, num: int, seed: int, max_len: int = 4096) -> list[BenchRequest]:
+    """First human turn as the prompt; the following reply's token count as the output length."""
+    with open(path) as f:
+        conversations = json.load(f)
+    rng = random.Random(seed)
+    rng.shuffle(conversations)
+    out = []
+    for conv in conversations:
+        turns = conv.get("conversations") or conv.get("conversation") or []
+        if len(turns) < 2:
+            continue
+        ids = tokenizer(turns[0]["value"])["input_ids"]
+        reply = len(tokenizer(turns[1]["value"])["input_ids"])
+        if 4 <= len(ids) <= max_len and 4 <= reply <= max_len and len(ids) + reply <= max_len:
+            out.append(BenchRequest(turns[0]["value"], ids, reply))
+        if len(out) == num:
+            break
+    if not out:
+        raise ValueError(f"dataset-path: no usable ShareGPT conversations in {path}")
+    return out
+
+
+def shared_prefix_dataset(tokenizer, groups: int, per_group: int, system_len: int, question_len: int,
+                          output_len: int, seed: int) -> list[BenchRequest]:
+    """``groups`` system prompts of ``system_len`` tokens, each followed by ``per_group`` questions;
+    requests are shuffled so groups interleave, as real traffic does."""
+    rng = random.Random(seed)
+    vocab = tokenizer.vocab_size
+    out = []
+    for _ in range(groups):
+        system = _random_ids(rng, vocab, system_len)
+        for _ in range(per_group):
+            ids = system + _random_ids(rng, vocab, question_len)
+            out.append(BenchRequest(tokenizer.decode(ids), ids, output_len))
+    rng.shuffle(out)
+    return out
+
+
+# ---- backends -------------------------------------------------------------------------------
+
+async def _sse(client: httpx.AsyncClient, url: str, body: dict, headers: dict):
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+async def send_native(client, base_url, req: BenchRequest, headers) -> RequestResult:
+    body = {"input_ids": req.input_ids, "stream": True,
+            "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": True, "temperature": 0}}
+    return await _timed(_sse(client, f"{base_url}/generate", body, headers), req,
+                        tokens=lambda chunk: chunk["meta_info"]["completion_tokens"])
+
+
+async def send_openai(client, base_url, req: BenchRequest, headers, model: str) -> RequestResult:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req,
+                        tokens=lambda chunk: (chunk.get("usage") or {}).get("completion_tokens"))
+
+
+async def _timed(chunks, req: BenchRequest, tokens) -> RequestResult:
+    result = RequestResult(ok=False, input_len=len(req.input_ids))
+    start = last = time.perf_counter()
+    try:
+        async for chunk in chunks:
+            now = time.perf_counter()
+            if result.ttft == 0.0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+            count = tokens(chunk)
+            if count is not None:
+                result.output_len = count
+        result.e2e = time.perf_counter() - start
+        result.ok = True
+    except Exception as exc:  # one failed request is reported, not fatal
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+async def run(requests: list[BenchRequest], send, request_rate: float, max_concurrency: int | None,
+              warmup: int, seed: int, progress: bool = True) -> tuple[list[RequestResult], float]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        for req in requests[:warmup]:
+            await send(client, req)
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        bar = tqdm(total=len(requests), desc="requests", disable=not progress)
+
+        async def one(req: BenchRequest) -> RequestResult:
+            if gate is None:
+                result = await send(client, req)
+            else:
+                async with gate:
+                    result = await send(client, req)
+            bar.update(1)
+            return result
+
+        rng = random.Random(seed)
+        tasks = []
+        start = time.perf_counter()
+        for req in requests:
+            tasks.append(asyncio.create_task(one(req)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+    return results, duration
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+
+    def stats(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"mean_ms": 0.0, "median_ms": 0.0, "p99_ms": 0.0}
+        ordered = sorted(values)
+        return {"mean_ms": 1000 * statistics.fmean(ordered), "median_ms": 1000 * statistics.median(ordered),
+                "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+    tpot = [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "input_throughput": sum(r.input_len for r in ok) / duration,
+        "output_throughput": sum(r.output_len for r in ok) / duration,
+        "ttft": stats([r.ttft for r in ok]),
+        "tpot": stats(tpot),
+        "itl": stats([x for r in ok for x in r.itl]),
+        "e2e": stats([r.e2e for r in ok]),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:30000")
+    p.add_argument("--backend", choices=["native", "openai"], default="native")
+    p.add_argument("--model", default=None, help="model name for the OpenAI API (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded default model's)")
+    p.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
+    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--random-input-len", type=int, default=256)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--sp-groups", type=int, default=8, help="shared-prefix: number of groups")
+    p.add_argument("--sp-prompts-per-group", type=int, default=8)
+    p.add_argument("--sp-system-len", type=int, default=512)
+    p.add_argument("--sp-question-len", type=int, default=64)
+    p.add_argument("--sp-output-len", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--warmup-requests", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-file", default=None, help="append the JSON result as one line")
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    from sglang_core.tokenizer import load_tokenizer
+
+    if args.tokenizer is None:
+        from sglang_core.weights.default_model import default_model_path
+
+        args.tokenizer = str(default_model_path())
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.dataset == "random":
+        requests = random_dataset(tokenizer, args.num_prompts, args.random_input_len, args.random_output_len,
+                                  args.random_range_ratio, args.seed)
+    elif args.dataset == "sharegpt":
+        if not args.dataset_path:
+            raise ValueError("dataset-path: required for the sharegpt dataset")
+        requests = sharegpt_dataset(tokenizer, args.dataset_path, args.num_prompts, args.seed)
+    else:
+        requests = shared_prefix_dataset(tokenizer, args.sp_groups, args.sp_prompts_per_group, args.sp_system_len,
+                                         args.sp_question_len, args.sp_output_len, args.seed)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = args.base_url.rstrip("/")
+    if args.backend == "native":
+        async def send(client, req):
+            return await send_native(client, base, req, headers)
+    else:
+        model = args.model or httpx.get(f"{base}/v1/models", headers=headers).json()["data"][0]["id"]
+
+        async def send(client, req):
+            return await send_openai(client, base, req, headers, model)
+
+    results, duration = asyncio.run(run(requests, send, args.request_rate, args.max_concurrency,
+                                        args.warmup_requests, args.seed))
+    summary = summarize(results, duration)
+    record = {"config": {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}, **summary}
+    print(json.dumps(summary, indent=2))
+    if args.result_file:
+        with open(args.result_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 0 if summary["failed"] == 0 else 1

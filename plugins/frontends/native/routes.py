@@ -1,0 +1,102 @@
+"""The native API's routes: ``mount(app, ctx)`` adds them to the server's FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from sglang_core.server.context import ServerContext
+
+from sglang_plugins.frontends.native.protocol import Job, parse_generate, prompt_errors_named, response_item
+from sglang_plugins.frontends.native.streaming import GenerateStream, GenerateStreamResponse
+
+HEALTH_TIMEOUT_S = 20.0
+
+
+def mount(app: FastAPI, ctx: ServerContext) -> None:
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request) -> Response:
+        parsed = parse_generate(await _json_body(request), ctx.engine.info.vocab_size)
+        with prompt_errors_named(parsed.prompt_field):
+            if parsed.stream:
+                stream = GenerateStream(ctx, parsed.jobs)
+                try:
+                    await ctx.until_disconnect(request, stream.start())
+                except BaseException:
+                    await stream.close()
+                    raise
+                return GenerateStreamResponse(stream)
+            with ctx.admission():
+                results = await ctx.until_disconnect(request, _complete_all(ctx, parsed.jobs))
+        items = [response_item(r, job.prefill_only) for r, job in zip(results, parsed.jobs)]
+        return JSONResponse(items[0] if parsed.single else items)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        """200 once the engine has generated a token; 503 if it is dead or wedged."""
+        if not ctx.engine.alive:
+            return ctx.error(503, "the engine is not running")
+        with ctx.admission():
+            try:
+                result = await asyncio.wait_for(
+                    ctx.complete(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0}),
+                    HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return ctx.error(503, f"the engine generated no token within {HEALTH_TIMEOUT_S:g} s")
+            except Exception as exc:
+                return ctx.error(503, f"the engine failed to generate: {exc}")
+        if result["meta_info"]["finish_reason"]["type"] == "abort":
+            return ctx.error(503, f"the generation was aborted: {result['meta_info']['finish_reason']}")
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict:
+        info = ctx.engine.info
+        return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True}
+
+    @app.get("/get_server_args")
+    async def get_server_args() -> dict:
+        return ctx.settings.public_dict()
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict:
+        """The settings, with what the engine resolved ("auto" device, dtype, backend, pool size)
+        in place of what was configured, plus its memory report."""
+        report = await asyncio.to_thread(ctx.engine.memory_report)
+        return {**ctx.settings.public_dict(), **dataclasses.asdict(ctx.engine.info), "memory": report}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        if not await asyncio.to_thread(ctx.engine.flush_cache):
+            return ctx.error(400, "cache not flushed: requests are in flight; retry when the server is idle")
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        body = await _json_body(request)
+        rid = body.get("rid") if isinstance(body, dict) else None
+        if not isinstance(rid, str) or not rid:
+            raise ValueError("rid: expected the id of a request, a non-empty string")
+        ctx.engine.abort(rid)
+        return Response(status_code=200)
+
+
+async def _json_body(request: Request) -> Any:
+    return json.loads(await request.body())
+
+
+async def _complete_all(ctx: ServerContext, jobs: list[Job]) -> list[dict]:
+    """Run every job at once; if one fails (or this is cancelled), cancel the rest."""
+    tasks = [asyncio.ensure_future(ctx.complete(**job.kwargs)) for job in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,149 @@
+"""OpenAI request bodies as Pydantic models.
+
+Unknown fields are accepted and ignored, as OpenAI does; known fields are checked strictly (a
+string where a number belongs is a 400 naming the field, never silently coerced).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+# What Pydantic puts in an error's location for the member of a union; not part of the field path.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Body):
+    """Fields chat and completions share, plus the SGLang sampling extensions clients send."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # SGLang extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def check_supported(self) -> None:
+        """Raise ``ValueError("<field>: ...")`` for a feature this server does not have yet."""
+        for name in ("regex", "json_schema", "ebnf"):
+            if (self.model_extra or {}).get(name) is not None:
+                raise ValueError(f"{name}: constrained decoding is not supported yet")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # null: as many as the context leaves
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise ValueError("suffix: is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of: only best_of == n is supported, got best_of={self.best_of}, n={self.n}")
+
+
+class ContentPart(_Body):
+    type: str
+    text: str = ""
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates expect it: text content as one string."""
+        content = self.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise ValueError(f"messages.{index}.content.{j}: {part.type!r} content is not supported "
+                                     "(text only)")
+            content = "\n".join(part.text for part in content)
+        message = self.model_dump(exclude_none=True)
+        # Templates know "system"; "developer" is OpenAI's newer name for it.
+        message.update(role="system" if self.role == "developer" else self.role, content=content or "")
+        return message
+
+
+class ResponseFormat(_Body):
+    type: str
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+
+    @property
+    def max_tokens_field(self) -> tuple[str, int | None]:
+        """Which of the two length fields the client used, and its value."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported yet")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice: tool calling is not supported yet")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format: {self.response_format.type!r} is not supported yet (only 'text'; "
+                             "structured output comes later)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON body; errors become ``ValueError("<field path>: <why>")`` (a 400)."""
+    try:
+        body = model.model_validate_json(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            raise ValueError(f"malformed JSON body: {error['msg']}") from None
+        path = ".".join(str(p) for p in error["loc"] if p not in _TYPE_TAGS and "[" not in str(p))
+        raise ValueError(f"{path or 'body'}: {error['msg']}") from None
+    body.check_supported()
+    return body

@@ -1,0 +1,200 @@
+"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+A request becomes one engine request per choice (``n`` per prompt, run concurrently); the
+responses, streamed or not, are built from the same per-choice accumulators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import jinja2
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sglang_core.server.chat_templates import resolve_chat_template
+from sglang_core.server.context import ServerContext
+from sglang_core.server.errors import error_body, param_of
+
+from sglang_plugins.frontends.openai.generation import (
+    Choice, RequestAborted, check_prompt, merged, sampling_params, usage,
+)
+from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest, parse_body
+from sglang_plugins.frontends.openai.shapes import ChatShape, CompletionShape
+
+logger = logging.getLogger("sglang_core.server.openai")
+
+CHAT, COMPLETION = ChatShape(), CompletionShape()
+
+
+@dataclass
+class Plan:
+    """A validated request: its choices and, for each, the engine request that fills it."""
+
+    choices: list[Choice]
+    jobs: list[dict[str, Any]]
+    n: int
+
+
+def mount(app: FastAPI, ctx: ServerContext) -> None:
+    template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
+    created = int(time.time())
+
+    def model_card() -> dict[str, Any]:
+        return {"id": ctx.model_name, "object": "model", "created": created, "owned_by": "sglang-core",
+                "root": ctx.engine.model_path, "max_model_len": ctx.engine.info.context_len}
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        if model_id != ctx.model_name:
+            return ctx.error(404, f"model {model_id!r} not found; this server serves {ctx.model_name!r}", "model")
+        return JSONResponse(model_card())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        return await respond(ctx, request, req, COMPLETION, completion_plan(ctx, req), "cmpl")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_body(ChatRequest, await request.body())
+        return await respond(ctx, request, req, CHAT, chat_plan(ctx, req, template), "chatcmpl")
+
+
+# ---- requests -> plans ------------------------------------------------------------------------
+
+def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
+    tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
+    prompts = [req.prompt] if isinstance(req.prompt, str) or _is_token_list(req.prompt) else req.prompt
+    if not prompts:
+        raise ValueError("prompt: must not be empty")
+    plan = Plan([], [], req.n)
+    for prompt in prompts:
+        ids = prompt
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt)["input_ids"] if prompt else []  # "" is an empty prompt, not just a BOS
+        max_new = check_prompt(ids, info, "prompt", req.max_tokens, "max_tokens")
+        echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if req.echo else ""
+        _add_choices(plan, req, ids, sampling_params(req, max_new, info.vocab_size), req.logprobs, echo)
+    return plan
+
+
+def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None) -> Plan:
+    tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
+    messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    if template is None and not tokenizer.chat_template:
+        raise ValueError("messages: the model's tokenizer has no chat template; start the server with "
+                         "--chat-template (a Jinja file, or chatml or llama-3)")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=req.add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"messages: the chat template rejected them: {exc}") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+    max_field, max_tokens = req.max_tokens_field
+    max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
+    plan = Plan([], [], req.n)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    _add_choices(plan, req, ids, sampling_params(req, max_new, info.vocab_size), top)
+    return plan
+
+
+def _is_token_list(prompt: list) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+def _add_choices(plan: Plan, req: SamplingRequest, ids: list[int], params: dict[str, Any],
+                 top_logprobs: int | None, echo: str = "") -> None:
+    """Add ``n`` choices for one prompt; ``top_logprobs`` None means no logprobs at all."""
+    logprobs = top_logprobs is not None
+    for j in range(req.n):
+        index = len(plan.choices)
+        plan.choices.append(Choice(index, logprobs=logprobs, echo=echo, echo_logprobs=bool(echo) and logprobs))
+        # The sampler seeds with the value mod 2**64 anyway; reducing it here keeps any JSON int sendable.
+        seed = None if req.seed is None else (req.seed + j) % 2**64
+        plan.jobs.append({
+            "input_ids": ids, "sampling_params": {**params, "seed": seed}, "return_logprob": logprobs,
+            "logprob_start_len": 0 if echo and logprobs else -1, "top_logprobs_num": top_logprobs or 0,
+            "return_text_in_logprobs": logprobs,
+        })
+
+
+# ---- plans -> responses -----------------------------------------------------------------------
+
+async def respond(ctx: ServerContext, request: Request, req: SamplingRequest, shape: ChatShape | CompletionShape,
+                  plan: Plan, id_prefix: str) -> Response:
+    head = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
+            "model": ctx.model_name}
+    for i, job in enumerate(plan.jobs):
+        job["rid"] = f"{head['id']}-{i}"  # names the engine request in logs and aborts
+    if req.stream:
+        events = event_stream(ctx, shape, head, plan, req.include_usage)
+        await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
+        return StreamingResponse(events, media_type="text/event-stream")
+    with ctx.admission():
+        try:
+            await ctx.until_disconnect(request, _run(ctx, plan))
+        except RequestAborted as exc:
+            return ctx.error(500, f"the request was aborted: {exc}")
+    return JSONResponse({**head, "choices": [shape.choice(c) for c in plan.choices],
+                         "usage": usage(plan.choices, plan.n)})
+
+
+async def _run(ctx: ServerContext, plan: Plan) -> None:
+    async with contextlib.aclosing(merged(ctx, plan.jobs)) as chunks:
+        async for index, chunk in chunks:
+            plan.choices[index].update(chunk)
+
+
+async def event_stream(ctx: ServerContext, shape: ChatShape | CompletionShape, head: dict[str, Any], plan: Plan,
+                       include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shapes, ending with ``[DONE]``. The first (empty)
+    item is taken by ``respond``; closing the stream early ends the engine requests."""
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse({**head, "object": shape.chunk_object, "choices": choices, **extra})
+
+    with ctx.admission():
+        yield ""
+        try:
+            for choice in plan.choices:
+                if (opening := shape.opening(choice)) is not None:
+                    yield event([opening])
+            async with contextlib.aclosing(merged(ctx, plan.jobs)) as chunks:
+                async for index, chunk in chunks:
+                    choice = plan.choices[index]
+                    delta = choice.update(chunk)
+                    if delta.text or delta.logprobs:
+                        yield event([shape.delta(choice, delta.text, delta.logprobs)])
+                    if delta.finish_reason is not None:
+                        yield event([shape.delta(choice, None, [], delta.finish_reason)])
+            if include_usage:
+                yield event([], usage=usage(plan.choices, plan.n))
+        except Exception as exc:  # the 200 is out: report the error in the stream
+            yield _sse(_stream_error(exc))
+        yield "data: [DONE]\n\n"
+
+
+def _stream_error(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ValueError):
+        return error_body(400, str(exc), param_of(str(exc)))
+    if isinstance(exc, RequestAborted):
+        return error_body(500, f"the request was aborted: {exc}")
+    logger.exception("streamed request failed")
+    return error_body(500, f"internal error: {exc}")
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,369 @@
+"""The OpenAI-compatible frontend, driven by the real ``openai`` client against a real server
+running the embedded default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from sglang_core.server.chat_templates import resolve_chat_template
+from sglang_plugins.frontends.openai.generation import Choice
+from sglang_plugins.frontends.openai.routes import CHAT as CHAT_SHAPE, Plan, event_stream
+
+from server_util import running_server
+
+MAX = 12  # generated tokens per request: keeps the file fast on CPU
+CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Busy-waiting OpenMP workers in the engine process slow CPU decoding ~4x on a loaded machine.
+    with running_server("--max-running-requests", "32", env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_folder))
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_model_folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()
+
+
+def greedy_reference(hf_model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation by Hugging Face, and log_softmax at every position of the result."""
+    ids, threads = list(ids), torch.get_num_threads()
+    # One thread: two busy-waiting OpenMP threads on a loaded 2-core machine run ~10x slower.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+            logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    finally:
+        torch.set_num_threads(threads)
+    return ids, logprobs
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def running_requests(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("sglang_num_running_reqs "):
+            return float(line.split()[1])
+    raise AssertionError("no running-requests gauge in /metrics")
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+def test_models(client, model):
+    models = client.models.list().data
+    assert [m.id for m in models] == [model] and models[0].object == "model"
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+def test_chat(client, model, tokenizer):
+    resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX, temperature=0)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    (choice,) = resp.choices
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
+    usage = resp.usage
+    assert usage.prompt_tokens == len(chat_prompt_ids(tokenizer, CHAT))
+    assert 0 < usage.completion_tokens <= MAX
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+def test_chat_content_parts_and_roles(client, model):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "text", "text": "Name a color."}]},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another one?"}]
+    resp = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=4, temperature=0)
+    assert resp.choices[0].message.content and resp.usage.completion_tokens <= 4
+
+
+def test_chat_logprobs_match_reference(client, model, tokenizer, hf_model):
+    resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert content and "".join(t.token for t in content) == resp.choices[0].message.content
+    prompt = chat_prompt_ids(tokenizer, CHAT)
+    ids, ref = greedy_reference(hf_model, prompt, len(content))
+    for i, entry in enumerate(content):
+        pos, token_id = len(prompt) + i - 1, ids[len(prompt) + i]
+        assert entry.token == tokenizer.decode([token_id])
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(float(ref[pos, token_id]), abs=1e-3)
+        top_values, top_ids = ref[pos].topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in top_ids.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_values.tolist(), abs=1e-3)
+
+
+def test_chat_n_and_seed(client, model):
+    kwargs = dict(model=model, messages=CHAT, max_tokens=8, temperature=1.0, seed=1234)
+    first = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    again = client.chat.completions.create(n=3, **kwargs)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
+
+
+# ---- completions ----------------------------------------------------------------------------
+
+def test_completion(client, model, tokenizer):
+    resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0)
+    assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
+    (choice,) = resp.choices
+    assert choice.index == 0 and choice.text and choice.finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_completion_default_max_tokens_is_16(client, model):
+    resp = client.completions.create(model=model, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 16 and resp.choices[0].finish_reason == "length"
+
+
+def test_completion_prompt_forms(client, model, tokenizer):
+    ids = tokenizer(PROMPT)["input_ids"]
+    by_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    batch = client.completions.create(model=model, prompt=[ids, ids[:2]], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.usage.prompt_tokens == len(ids) + 2  # each prompt counts once, whatever n
+    strings = client.completions.create(model=model, prompt=[PROMPT, "Hello"], max_tokens=4, temperature=0)
+    assert len(strings.choices) == 2
+
+
+def test_completion_echo_and_logprobs_match_reference(client, model, tokenizer, hf_model):
+    resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, echo=True, logprobs=2)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    prompt = tokenizer(PROMPT)["input_ids"]
+    ids, ref = greedy_reference(hf_model, prompt, len(lp.tokens) - len(prompt))
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-3)
+        top_values, top_ids = ref[i - 1].topk(2)
+        expected = {tokenizer.decode([t]): v for t, v in zip(top_ids.tolist(), top_values.tolist())}
+        expected[lp.tokens[i]] = float(ref[i - 1, ids[i]])  # the token itself is always listed
+        assert lp.top_logprobs[i] == pytest.approx(expected, abs=1e-3)
+
+
+def test_completion_stop(client, model):
+    free = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[len(free) // 2 :][:3]
+    assert stop.strip(), free
+    stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0,
+                                        stop=[stop, "never-appears"]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free[: free.index(stop)]
+
+
+def test_completion_seed(client, model):
+    kwargs = dict(model=model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=42)
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+# ---- streaming ------------------------------------------------------------------------------
+
+def test_chat_stream_matches_non_stream(client, model):
+    kwargs = dict(model=model, messages=CHAT, max_tokens=MAX, temperature=0, logprobs=True)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in body if c.choices[0].finish_reason] == [whole.choices[0].finish_reason]
+    streamed = [(t.token, t.logprob) for c in body if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == [(t.token, t.logprob) for t in whole.choices[0].logprobs.content]
+
+
+def test_completion_stream_matches_non_stream(client, model):
+    kwargs = dict(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0, echo=True)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    *body, last = chunks
+    assert last.choices == [] and last.usage.total_tokens == whole.usage.total_tokens
+    assert "".join(c.choices[0].text for c in body) == whole.choices[0].text
+    assert body[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stream_n_interleaves_indices(client, model):
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=1.0, n=3, seed=3,
+                                       stream=True)
+    texts, finished = {}, []
+    for chunk in stream:
+        (c,) = chunk.choices
+        texts[c.index] = texts.get(c.index, "") + c.text
+        if c.finish_reason:
+            finished.append(c.index)
+    assert sorted(texts) == sorted(finished) == [0, 1, 2]
+
+
+def test_async_client_concurrent(server, model):
+    async def run() -> None:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:
+            chats = [aclient.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0)
+                     for _ in range(3)]
+            completion = aclient.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
+            results = await asyncio.gather(*chats, completion)
+            assert all(r.choices[0].message.content for r in results[:3]) and results[3].choices[0].text
+            stream = await aclient.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0,
+                                                           stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream])
+            assert text == results[0].choices[0].message.content  # same greedy text, batched or not
+
+    asyncio.run(run())
+
+
+def test_client_disconnect_aborts(server, client, model):
+    """A client that leaves mid-stream or mid-request frees its engine request at once."""
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=4000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for _, _ in zip(stream, range(3)):
+        pass
+    stream.close()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=1.0,
+                   json={"model": model, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True})
+    deadline = time.monotonic() + 15
+    while running_requests(server) != 0:
+        assert time.monotonic() < deadline, "the abandoned requests are still running"
+        time.sleep(0.2)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+    ({"extra_body": {"regex": "a+"}}, "regex"),
+])
+def test_chat_errors(client, model, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**{"model": model, "messages": CHAT, "max_tokens": 4, **kwargs})
+    assert err.value.param == param and err.value.body["type"] == "invalid_request_error"
+    assert err.value.body["message"].startswith(param)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1, 10**9]}, "prompt"),
+    ({"prompt": "hi " * 9000}, "prompt"),
+    ({"suffix": "the end"}, "suffix"),
+    ({"best_of": 3}, "best_of"),
+    ({"n": 0}, "n"),
+])
+def test_completion_errors(client, model, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**{"model": model, "prompt": PROMPT, "max_tokens": 4, **kwargs})
+    assert err.value.param == param
+
+
+def test_malformed_json_then_server_still_works(server, client, model):
+    resp = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [', timeout=10,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "malformed JSON" in resp.json()["error"]["message"]
+    resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
+    assert resp.choices[0].message.content
+
+
+# ---- without a server ---------------------------------------------------------------------
+
+def test_chat_templates(tokenizer, tmp_path):
+    hi = [{"role": "user", "content": "hi"}]
+
+    def render(name: str) -> str:
+        return tokenizer.apply_chat_template(hi, chat_template=resolve_chat_template(name), tokenize=False,
+                                             add_generation_prompt=True)
+
+    assert render("chatml") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render("llama-3").endswith("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert render(str(tmp_path / "t.jinja")) == "hi!"
+    assert resolve_chat_template(None) is None
+    with pytest.raises(ValueError, match="chat_template: 'nope' is neither a file nor a built-in.*chatml"):
+        resolve_chat_template("nope")
+
+
+class _AbortingContext:
+    """Just enough of ServerContext: one engine request that streams a token, then is aborted."""
+
+    model_name = "m"
+    closed = False
+
+    def admission(self):
+        return contextlib.nullcontext()
+
+    async def stream(self, **kwargs):
+        meta = {"prompt_tokens": 3, "completion_tokens": 1, "cached_tokens": 0, "finish_reason": None}
+        try:
+            yield {"text": "Hi", "output_ids": [7], "meta_info": meta}
+            reason = {"type": "abort", "message": "the KV cache cannot hold this request"}
+            yield {"text": "", "output_ids": [7], "meta_info": {**meta, "finish_reason": reason}}
+        finally:
+            self.closed = True
+
+
+def test_stream_reports_abort_as_error_event_then_done():
+    ctx = _AbortingContext()
+
+    async def run() -> list[str]:
+        head = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m"}
+        return [e async for e in event_stream(ctx, CHAT_SHAPE, head, Plan([Choice(0)], [{}], 1), False)]
+
+    events = [e for e in asyncio.run(run()) if e]
+    assert [json.loads(e[6:])["choices"][0]["delta"] for e in events[:2]] == [
+        {"role": "assistant", "content": ""}, {"content": "Hi"}]
+    error = json.loads(events[2][6:])["error"]
+    assert error["code"] == "500" and "KV cache" in error["message"]
+    assert events[3] == "data: [DONE]\n\n" and ctx.closed

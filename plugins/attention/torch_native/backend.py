@@ -1,82 +1,150 @@
-"""Attention with ``torch.nn.functional.scaled_dot_product_attention`` over the paged pool.
+"""Attention with ``torch.nn.functional.scaled_dot_product_attention`` over the paged KV pool.
 
-``plan`` builds, once per batch, a padded ``[batch, max_len]`` table of each request's KV slots
-and the boolean mask (causal offset by the cached prefix, padding, sliding window); each layer
-then gathers its K/V through that table and runs one batched SDPA call.
+``plan`` splits the batch into groups once per step and, for each group, builds a padded
+``[group, max_len]`` table of KV slots and the boolean mask (causal offset by the cached prefix,
+padding, sliding window). Each layer gathers its K/V through the table and runs one SDPA per group.
+
+Why groups and a work space: on CPU the gather, not the attention math, is the cost. A decode
+batch is sorted by length and cut into a few groups so short requests are not padded to the
+longest one, and gathers land in a reused buffer because a fresh multi-MB tensor per layer costs
+more in page faults than the copy itself.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from sglang_core.layers.attention import Attention, AttentionBackend
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
+# A decode group is never smaller than this, so small batches stay one SDPA call.
+MIN_DECODE_GROUP = 16
+MAX_DECODE_GROUPS = 4
 
-class TorchNativeBackend(AttentionBackend):
-    def plan(self, batch: ForwardBatch) -> None:
-        device = batch.seq_lens.device
-        max_len = max(batch.seq_lens_cpu)
-        self.kv_index = batch.req_to_token[batch.req_pool_indices, :max_len]
-        key_pos = torch.arange(max_len, device=device)
-        if batch.mode is ForwardMode.DECODE:
-            self.max_q = 1
-            self.q_pos = (batch.seq_lens - 1).unsqueeze(1)  # [B, 1]
-            self.q_index = None
-        else:
-            extend_lens = batch.seq_lens - batch.prefix_lens
-            self.max_q = max(batch.extend_lens_cpu)
-            offsets = torch.arange(self.max_q, device=device)
-            self.q_pos = batch.prefix_lens.unsqueeze(1) + offsets  # [B, max_q]
-            q_real = offsets.unsqueeze(0) < extend_lens.unsqueeze(1)
-            # Position of each ragged new token inside the padded [B * max_q] layout.
-            self.q_index = q_real.flatten().nonzero().squeeze(1)
-        self.key_pos = key_pos
-        self.mask = self._mask(None, batch)
-        self.window_masks: dict[int, torch.Tensor] = {}
 
-    def _mask(self, window: int | None, batch: ForwardBatch) -> torch.Tensor:
-        q_pos = self.q_pos.unsqueeze(2)  # [B, max_q, 1]
-        k_pos = self.key_pos.view(1, 1, -1)
-        mask = (k_pos <= q_pos) & (k_pos < batch.seq_lens.view(-1, 1, 1))
+@dataclass
+class _Group:
+    rows: torch.Tensor | None  # positions in the batch, or None for the whole batch in order
+    kv_index: torch.Tensor  # [b, max_len] KV slot of each key position (slot 0 pads)
+    q_pos: torch.Tensor  # [b, max_q] position of each query
+    seq_lens: torch.Tensor  # [b]
+    uniform: bool  # every row has the same length and one query: no mask needed
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # by sliding window
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        if window not in self.masks:
+            self.masks[window] = None if (self.uniform and window is None) else self._build(window)
+        return self.masks[window]
+
+    def _build(self, window: int | None) -> torch.Tensor:
+        q_pos = self.q_pos.unsqueeze(2)  # [b, max_q, 1]
+        k_pos = torch.arange(self.kv_index.shape[1], device=q_pos.device).view(1, 1, -1)
+        mask = (k_pos <= q_pos) & (k_pos < self.seq_lens.view(-1, 1, 1))
         if window is not None:
             mask &= k_pos > q_pos - window
         # A padded query row must see at least one key, or SDPA returns NaN for it.
         mask[..., 0] |= ~mask.any(-1)
-        return mask.unsqueeze(1)  # [B, 1, max_q, max_len]
+        return mask.unsqueeze(1)  # [b, 1, max_q, max_len]
 
-    def _layer_mask(self, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
-        if layer.sliding_window is None:
-            return self.mask
-        if layer.sliding_window not in self.window_masks:
-            self.window_masks[layer.sliding_window] = self._mask(layer.sliding_window, batch)
-        return self.window_masks[layer.sliding_window]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
-                batch: ForwardBatch) -> torch.Tensor:
-        pool = batch.kv_pool
-        n_tokens = q.shape[0]
-        pool.store(layer.layer_id, batch.out_cache_loc,
-                   k.view(n_tokens, layer.num_kv_heads, layer.head_dim),
-                   v.view(n_tokens, layer.num_kv_heads, layer.head_dim))
-        keys = pool.k_buffers[layer.layer_id][self.kv_index].transpose(1, 2)  # [B, kv_heads, L, D]
-        values = pool.v_buffers[layer.layer_id][self.kv_index].transpose(1, 2)
-        bsz = batch.batch_size
-        q = q.view(n_tokens, layer.num_heads, layer.head_dim)
-        if self.q_index is None:
-            padded = q.unsqueeze(1)
+class TorchNativeBackend(AttentionBackend):
+    def __init__(self, spec: AttentionSpec):
+        super().__init__(spec)
+        empty = torch.empty(0, device=spec.device, dtype=spec.dtype)
+        self._workspace = (empty, empty)
+
+    def plan(self, batch: ForwardBatch) -> None:
+        rows_of_batch = batch.req_to_token[batch.req_pool_indices]
+        if batch.mode is ForwardMode.DECODE:
+            self.q_index = None
+            self.max_q = 1
+            self.groups = [self._decode_group(batch, rows, rows_of_batch) for rows in self._split(batch)]
         else:
-            padded = q.new_zeros(bsz * self.max_q, layer.num_heads, layer.head_dim)
-            padded[self.q_index] = q
-            padded = padded.view(bsz, self.max_q, layer.num_heads, layer.head_dim)
-        out = F.scaled_dot_product_attention(
-            padded.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
-            attn_mask=self._layer_mask(layer, batch), scale=layer.scaling,
-            enable_gqa=layer.num_heads != layer.num_kv_heads,
-        )
-        out = out.transpose(1, 2).reshape(bsz * self.max_q, layer.num_heads * layer.head_dim)
-        return out if self.q_index is None else out[self.q_index]
+            extend_lens = batch.seq_lens - batch.prefix_lens
+            self.max_q = max(batch.extend_lens_cpu)
+            offsets = torch.arange(self.max_q, device=batch.seq_lens.device)
+            q_real = offsets.unsqueeze(0) < extend_lens.unsqueeze(1)
+            # Position of each ragged new token inside the padded [B * max_q] layout.
+            self.q_index = q_real.flatten().nonzero().squeeze(1)
+            max_len = max(batch.seq_lens_cpu)
+            self.groups = [_Group(None, rows_of_batch[:, :max_len], batch.prefix_lens.unsqueeze(1) + offsets,
+                                  batch.seq_lens, uniform=False)]
+        largest = max(g.kv_index.numel() for g in self.groups)
+        pool_dtype = batch.kv_pool.dtype
+        if self._workspace[0].shape[0] < largest or self._workspace[0].dtype != pool_dtype:
+            feat = self.spec.num_kv_heads * self.spec.head_dim
+            self._workspace = tuple(torch.empty(largest, feat, dtype=pool_dtype, device=self.spec.device)
+                                    for _ in range(2))
 
-    forward_extend = _attend
-    forward_decode = _attend
+    @staticmethod
+    def _split(batch: ForwardBatch) -> list[list[int] | None]:
+        """Batch positions of each decode group, shortest requests first; [None] for one group."""
+        size = batch.batch_size
+        count = min(MAX_DECODE_GROUPS, size // MIN_DECODE_GROUP)
+        if count <= 1:
+            return [None]
+        order = sorted(range(size), key=batch.seq_lens_cpu.__getitem__)
+        step = -(-size // count)
+        return [order[i:i + step] for i in range(0, size, step)]
+
+    @staticmethod
+    def _decode_group(batch: ForwardBatch, rows: list[int] | None, rows_of_batch: torch.Tensor) -> _Group:
+        lens = batch.seq_lens_cpu if rows is None else [batch.seq_lens_cpu[r] for r in rows]
+        index = None if rows is None else torch.tensor(rows, device=batch.seq_lens.device)
+        seq_lens = batch.seq_lens if index is None else batch.seq_lens[index]
+        table = rows_of_batch if index is None else rows_of_batch[index]
+        return _Group(index, table[:, :max(lens)], (seq_lens - 1).unsqueeze(1), seq_lens,
+                      uniform=min(lens) == max(lens))
+
+    def _gather(self, layer: Attention, batch: ForwardBatch, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the group's requests, [b, kv_heads, max_len, head_dim], in the work space."""
+        pool = batch.kv_pool
+        b, max_len = group.kv_index.shape
+        flat = group.kv_index.reshape(-1)
+        kvh, d = layer.num_kv_heads, layer.head_dim
+        out = []
+        for buffers, space in zip((pool.k_buffers, pool.v_buffers), self._workspace):
+            gathered = torch.index_select(buffers[layer.layer_id].view(-1, kvh * d), 0, flat, out=space[:flat.numel()])
+            # .to: the pool may store K/V narrower than the compute dtype.
+            out.append(gathered.view(b, max_len, kvh, d).transpose(1, 2).to(self.spec.dtype))
+        return out[0], out[1]
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
+        n_tokens = k.shape[0]
+        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc,
+                            k.view(n_tokens, layer.num_kv_heads, layer.head_dim),
+                            v.view(n_tokens, layer.num_kv_heads, layer.head_dim))
+
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                       batch: ForwardBatch) -> torch.Tensor:
+        self._store(k, v, layer, batch)
+        kvh, group_size, d = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim
+        out = torch.empty_like(q)
+        for group in self.groups:
+            q_group = q if group.rows is None else q[group.rows]
+            keys, values = self._gather(layer, batch, group)
+            # One query per request: the query heads sharing a KV head become that head's query rows,
+            # which is plain SDPA (no enable_gqa broadcast).
+            result = F.scaled_dot_product_attention(
+                q_group.view(-1, kvh, group_size, d), keys, values, attn_mask=group.mask(layer.sliding_window),
+                scale=layer.scaling).reshape(q_group.shape)
+            if group.rows is None:
+                return result
+            out[group.rows] = result
+        return out
+
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                       batch: ForwardBatch) -> torch.Tensor:
+        self._store(k, v, layer, batch)
+        group = self.groups[0]
+        keys, values = self._gather(layer, batch, group)
+        bsz, heads, d = batch.batch_size, layer.num_heads, layer.head_dim
+        padded = q.new_zeros(bsz * self.max_q, heads, d)
+        padded[self.q_index] = q.view(-1, heads, d)
+        out = F.scaled_dot_product_attention(
+            padded.view(bsz, self.max_q, heads, d).transpose(1, 2), keys, values,
+            attn_mask=group.mask(layer.sliding_window), scale=layer.scaling, enable_gqa=heads != layer.num_kv_heads)
+        return out.transpose(1, 2).reshape(bsz * self.max_q, heads * d)[self.q_index]

@@ -1,0 +1,93 @@
+"""The torch_native backend against plain per-request attention written out in float64.
+
+Batches are large enough that decode is split into several length groups, slots are scattered over
+the pool, and some layers use a sliding window.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from sglang_core.layers.attention import Attention, AttentionSpec
+from sglang_core.mem.kv_pool import TokenKVPool
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
+
+HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: list[int],
+              window: int | None, scale: float) -> torch.Tensor:
+    """q: [n, heads, d] at ``positions``; keys/values: [seq, kv_heads, d] of the whole sequence."""
+    group = HEADS // KV_HEADS
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i, pos in enumerate(positions):
+        lo = 0 if window is None else max(0, pos - window + 1)
+        for h in range(HEADS):
+            k = keys[lo:pos + 1, h // group].double()
+            weights = torch.softmax(k @ q[i, h].double() * scale, dim=0)
+            out[i, h] = weights @ values[lo:pos + 1, h // group].double()
+    return out
+
+
+def run(prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    total = sum(seq_lens)
+    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    slots = list(range(1, total + 51))
+    rng.shuffle(slots)  # each request's tokens scattered over the pool
+    req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
+    rows = rng.sample(range(req_to_token.shape[0]), len(seq_lens))
+    keys, values, new_slots = [], [], []
+    for row, n, p in zip(rows, seq_lens, prefix_lens):
+        own = torch.tensor(slots[:n])
+        del slots[:n]
+        req_to_token[row, :n] = own
+        keys.append(torch.randn(n, KV_HEADS, HEAD_DIM))
+        values.append(torch.randn(n, KV_HEADS, HEAD_DIM))
+        pool.store(0, own[:p], keys[-1][:p], values[-1][:p])  # the cached prefix
+        new_slots.append(own[p:])
+    mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
+    backend = TorchNativeBackend(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")))
+    batch = ForwardBatch(
+        mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
+        positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
+        out_cache_loc=torch.cat(new_slots), req_pool_indices=torch.tensor(rows),
+        seq_lens=torch.tensor(seq_lens), prefix_lens=torch.tensor(prefix_lens),
+        seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token, kv_pool=pool,
+        attn_backend=backend)
+    backend.plan(batch)
+    layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window)
+    q = [torch.randn(e, HEADS, HEAD_DIM) for e in extend_lens]
+    out = layer(torch.cat(q).view(-1, HEADS * HEAD_DIM),
+                torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM),
+                torch.cat([v[p:] for v, p in zip(values, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM), batch)
+    expected = torch.cat([reference(qi, k, v, list(range(p, s)), window, layer.scaling)
+                          for qi, k, v, p, s in zip(q, keys, values, prefix_lens, seq_lens)])
+    torch.testing.assert_close(out.view(-1, HEADS, HEAD_DIM).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("batch_size", [1, 5, 40, 97])
+def test_decode_matches_reference(batch_size: int, window: int | None) -> None:
+    rng = random.Random(batch_size)
+    prefix = [rng.randint(1, 60) for _ in range(batch_size)]
+    run(prefix, [1] * batch_size, window, seed=batch_size)
+
+
+def test_decode_equal_lengths_needs_no_mask() -> None:
+    run([23] * 35, [1] * 35, None, seed=3)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_extend_with_cached_prefixes_matches_reference(window: int | None) -> None:
+    rng = random.Random(11)
+    prefix = [0, 0, 9, 30, 1, 17]
+    extend = [rng.randint(1, 25) for _ in prefix]
+    run(prefix, extend, window, seed=11)

@@ -166,8 +166,8 @@ class Engine:
                                        top_logprobs_num, rid)
         if stream:
             self._require_single(requests)
-            return self._stream_sync(self._submit(requests[0], None), return_text_in_logprobs)
-        streams = [self._submit(r, None) for r in requests]
+            return self._stream_sync(self._submit(requests, None)[0], return_text_in_logprobs)
+        streams = self._submit(requests, None)
         results = [self._wait_sync(s, return_text_in_logprobs) for s in streams]
         return results[0] if single else results
 
@@ -183,8 +183,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         if stream:
             self._require_single(requests)
-            return self._stream_async(self._submit(requests[0], loop), return_text_in_logprobs)
-        streams = [self._submit(r, loop) for r in requests]
+            return self._stream_async(self._submit(requests, loop)[0], return_text_in_logprobs)
+        streams = self._submit(requests, loop)
         try:
             results = [await self._wait_async(s, return_text_in_logprobs) for s in streams]
         except asyncio.CancelledError:
@@ -306,14 +306,21 @@ class Engine:
 
     # ---- talking to the core -------------------------------------------------------------
 
-    def _submit(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None) -> _Stream:
+    def _submit(self, requests: list[GenerateRequest], loop: asyncio.AbstractEventLoop | None) -> list[_Stream]:
+        """Register every request's output stream, then hand them all to the core; a rid already in
+        flight (or repeated within the call) rejects the whole call before anything starts."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        stream = _Stream(request, loop)
+        streams = [_Stream(r, loop) for r in requests]
         with self._lock:
-            self._streams[request.rid] = stream
-        self.core.add(request)
-        return stream
+            rids = [r.rid for r in requests]
+            clash = next((rid for i, rid in enumerate(rids) if rid in self._streams or rid in rids[:i]), None)
+            if clash is not None:
+                raise ValueError(f"rid: {clash!r} is already in use by a request in flight")
+            self._streams.update(zip(rids, streams))
+        for request in requests:
+            self.core.add(request)
+        return streams
 
     def _wait_sync(self, stream: _Stream, with_text: bool) -> dict:
         out = self._builder(stream, with_text)

@@ -75,7 +75,13 @@ def register_api_backends(register: Register) -> None:
 
 @hookspec
 def register_frontends(register: Register) -> None:
-    """Register serving frontends (HTTP APIs mounted by ``sglang-core serve``), by name."""
+    """Register serving frontends: HTTP APIs that ``sglang-core serve`` mounts on its FastAPI app.
+
+    ``register(name, "pkg.module:mount")`` where ``mount(app: FastAPI, ctx: ServerContext) -> None``
+    adds routes. ``ctx`` (``sglang_core.server.context``) gives the engine and the helpers every
+    API needs: admission control, abort on client disconnect, latency metrics, error bodies.
+    ``--frontends a,b`` mounts only those. Built in: ``native`` (SGLang's ``/generate``) and
+    ``openai`` (``/v1/...``)."""
 
 
 @hookspec

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: spinning idle workers would starve the engine and server processes
+# the tests start on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from reference import save_tiny_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from reference import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -29,6 +29,8 @@ def engine(tiny_llama):
     ({"no_such_field": 1}, "no_such_field"),
     ({"stop_token_ids": [100000]}, "stop_token_ids"),
     ({"logit_bias": {"999999": 1.0}}, "logit_bias"),
+    ({"top_k": 10**23}, "top_k"),
+    ({"seed": -(2**70)}, "seed"),
 ])
 def test_bad_sampling_params_name_the_field(engine, params, field):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +49,36 @@ def test_bad_sampling_params_name_the_field(engine, params, field):
 def test_bad_inputs_name_the_field(engine, kwargs, field):
     with pytest.raises(ValueError, match=field):
         engine.generate(**kwargs)
+
+
+def test_rid_in_flight_is_rejected(engine):
+    async def scenario():
+        first = await engine.async_generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 30},
+                                            rid="twice", stream=True)
+        async for _ in first:
+            break  # "twice" is now running
+        with pytest.raises(ValueError, match="rid"):
+            await engine.async_generate(input_ids=[7, 8], rid="twice")
+        await first.aclose()
+        # Once it has ended, the rid is free again.
+        again = await engine.async_generate(input_ids=[7, 8], sampling_params={**GREEDY, "max_new_tokens": 2},
+                                            rid="twice")
+        assert again["meta_info"]["id"] == "twice"
+
+    asyncio.run(scenario())
+    assert engine.memory_report()["running"] == 0
+
+
+def test_prefill_only_caches_the_prompt_and_samples_nothing(engine):
+    prompt = list(range(20, 60))
+    out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                          logprob_start_len=0)
+    meta = out["meta_info"]
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert meta["completion_tokens"] == 0 and meta["finish_reason"] == {"type": "length", "length": 0}
+    assert meta["output_token_logprobs"] == [] and len(meta["input_token_logprobs"]) == len(prompt)
+    again = engine.generate(input_ids=prompt + [7], sampling_params={**GREEDY, "max_new_tokens": 1})
+    assert again["meta_info"]["cached_tokens"] >= len(prompt) - 1
 
 
 def test_bad_settings_name_the_field(tiny_llama):

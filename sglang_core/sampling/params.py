@@ -14,10 +14,16 @@ GREEDY_TEMPERATURE = 1e-6
 _TOKEN_ID_KEY = re.compile(r"-?\d+")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _int(name: str, value: Any) -> int:
     # bool is an int subclass; `"top_k": true` is a client bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
+    # Every integer crosses to the engine process and into tensors as int64.
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name}: {value} is outside the 64-bit integer range")
     return int(value)
 
 

@@ -145,6 +145,7 @@ class Scheduler:
         prompt_rows: list[tuple[Req, int, int]] = []  # (req, first logit row, row count)
         finals: list[Req] = []
         final_rows: list[int] = []
+        prefilled: list[Req] = []
         for chunk in chunks:
             req, a, b = chunk.req, chunk.start, chunk.end
             offset = len(input_ids)
@@ -154,7 +155,9 @@ class Scheduler:
             if last > first:
                 prompt_rows.append((req, len(logit_index), last - first))
                 logit_index += [offset + (p - 1 - a) for p in range(first, last)]
-            if b == len(req.fill_ids):  # the whole prompt is in: sample the next token
+            if b == len(req.fill_ids) and req.sampling_params.max_new_tokens == 0:
+                prefilled.append(req)  # prefill only: the prompt is cached, nothing is sampled
+            elif b == len(req.fill_ids):  # the whole prompt is in: sample the next token
                 finals.append(req)
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
@@ -163,7 +166,9 @@ class Scheduler:
             self._record_prompt_logprobs(req, logits[row : row + count])
         self._sample_and_append(finals, logits[final_rows])
         self.running += [req for req in finals if not req.finished]
-        return finals
+        for req in prefilled:
+            self._finish(req, {"type": "length", "length": 0})
+        return finals + prefilled
 
     def _run_decode(self) -> list[Req]:
         self._make_room_for_decode()

@@ -38,7 +38,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        ctx.engine = await asyncio.to_thread(lambda: Engine(**{**engine_fields, "engine_in_subprocess": True}))
+        ctx.engine = await asyncio.to_thread(lambda: Engine(**{**engine_fields, "engine_in_subprocess": settings.engine_in_subprocess}))
         try:
             yield
         finally:
@@ -106,6 +106,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             return error_response(503, f"the engine is not running: {exc}")
         logger.exception("request failed")
         return error_response(500, f"internal error: {exc}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours still answers in the envelope, never as a bare text 500.
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def ctx_engine_dead(request: Request) -> bool:

@@ -75,8 +75,10 @@ class ServerContext:
     async def complete(self, **generate_kwargs: Any) -> dict:
         """One request, non-streaming: the final result with the whole text."""
         text, chunk = [], None
-        async for chunk in self.stream(**generate_kwargs):
-            text.append(chunk["text"])
+        # aclosing: a cancelled caller closes the stream at once, which aborts the request.
+        async with contextlib.aclosing(self.stream(**generate_kwargs)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk["text"])
         return {**chunk, "text": "".join(text)}
 
     async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:

@@ -18,6 +18,8 @@ class ServerSettings(EngineSettings):
     max_queued_requests: int = Field(1024, gt=0, description="requests in flight before new ones get 503")
     max_request_bytes: int = Field(16 * 2**20, gt=0, description="largest accepted request body")
     enable_request_log: bool = Field(False, description="log every request's method, path, status and latency")
+    # The server's own default: the event loop must never wait on a forward pass.
+    engine_in_subprocess: bool = Field(True, description="run the scheduler and model in a process of their own")
 
     @field_validator("frontends", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ def resolve_model_source(model_path: str | None, load_format: str) -> ModelSourc
     if model_path is None:
         from sglang_core.weights.default_model import default_model_path
 
-        return ModelSource(default_model_path(), _weights_format(load_format), "SmolLM2-135M-Instruct (embedded default)")
+        return ModelSource(default_model_path(), _weights_format(load_format), "SmolLM2-135M-Instruct")
     path = Path(model_path).expanduser()
     if not path.exists():
         raise ValueError(f"model_path {model_path!r} does not exist (expected a Hugging Face folder or a .gguf file; "

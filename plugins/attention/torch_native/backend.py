@@ -1,17 +1,22 @@
 """Attention with ``torch.nn.functional.scaled_dot_product_attention`` over the paged KV pool.
 
 ``plan`` splits the batch into groups once per step and, for each group, builds a padded
-``[group, max_len]`` table of KV slots and the boolean mask (causal offset by the cached prefix,
-padding, sliding window). Each layer gathers its K/V through the table and runs one SDPA per group.
+``[group, max_len]`` table of KV slots and, where needed, a boolean mask (causal offset by the
+cached prefix, padding, sliding window). Each layer runs one SDPA per group.
 
-Why groups and a work space: on CPU the gather, not the attention math, is the cost. A decode
-batch is sorted by length and cut into a few groups so short requests are not padded to the
-longest one, and gathers land in a reused buffer because a fresh multi-MB tensor per layer costs
-more in page faults than the copy itself.
+- Extend: one group per request, so no request is padded to another's length. A request with no
+  cached prefix attends over its own new K/V with SDPA's causal kernel (no gather, no mask, the
+  upper triangle skipped); one with a prefix gathers its keys from the pool and uses a mask.
+- Decode: the batch is sorted by length and cut into a few groups, so short requests are not
+  padded to the longest. The query heads sharing a KV head become that head's query rows.
+
+On CPU the gather, not the attention math, is the decode cost; gathers land in a reused work
+space because a fresh multi-MB tensor per layer costs more in page faults than the copy itself.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +33,11 @@ MAX_DECODE_GROUPS = 4
 @dataclass
 class _Group:
     rows: torch.Tensor | None  # positions in the batch, or None for the whole batch in order
-    kv_index: torch.Tensor  # [b, max_len] KV slot of each key position (slot 0 pads)
+    kv_index: torch.Tensor | None  # [b, max_len] KV slot of each key position (slot 0 pads); None: own K/V
     q_pos: torch.Tensor  # [b, max_q] position of each query
     seq_lens: torch.Tensor  # [b]
     uniform: bool  # every row has the same length and one query: no mask needed
+    new_tokens: tuple[int, int] = (0, 0)  # extend: (first row in the batch's new tokens, count)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # by sliding window
 
     def mask(self, window: int | None) -> torch.Tensor | None:
@@ -41,7 +47,8 @@ class _Group:
 
     def _build(self, window: int | None) -> torch.Tensor:
         q_pos = self.q_pos.unsqueeze(2)  # [b, max_q, 1]
-        k_pos = torch.arange(self.kv_index.shape[1], device=q_pos.device).view(1, 1, -1)
+        key_len = self.kv_index.shape[1] if self.kv_index is not None else int(self.seq_lens.max())
+        k_pos = torch.arange(key_len, device=q_pos.device).view(1, 1, -1)
         mask = (k_pos <= q_pos) & (k_pos < self.seq_lens.view(-1, 1, 1))
         if window is not None:
             mask &= k_pos > q_pos - window
@@ -63,16 +70,9 @@ class TorchNativeBackend(AttentionBackend):
             self.max_q = 1
             self.groups = [self._decode_group(batch, rows, rows_of_batch) for rows in self._split(batch)]
         else:
-            extend_lens = batch.seq_lens - batch.prefix_lens
-            self.max_q = max(batch.extend_lens_cpu)
-            offsets = torch.arange(self.max_q, device=batch.seq_lens.device)
-            q_real = offsets.unsqueeze(0) < extend_lens.unsqueeze(1)
-            # Position of each ragged new token inside the padded [B * max_q] layout.
-            self.q_index = q_real.flatten().nonzero().squeeze(1)
-            max_len = max(batch.seq_lens_cpu)
-            self.groups = [_Group(None, rows_of_batch[:, :max_len], batch.prefix_lens.unsqueeze(1) + offsets,
-                                  batch.seq_lens, uniform=False)]
-        largest = max(g.kv_index.numel() for g in self.groups)
+            firsts = [0, *itertools.accumulate(batch.extend_lens_cpu)]
+            self.groups = [self._extend_group(batch, i, firsts[i], rows_of_batch) for i in range(batch.batch_size)]
+        largest = max((g.kv_index.numel() for g in self.groups if g.kv_index is not None), default=0)
         pool_dtype = batch.kv_pool.dtype
         if self._workspace[0].shape[0] < largest or self._workspace[0].dtype != pool_dtype:
             feat = self.spec.num_kv_heads * self.spec.head_dim
@@ -98,6 +98,16 @@ class TorchNativeBackend(AttentionBackend):
         table = rows_of_batch if index is None else rows_of_batch[index]
         return _Group(index, table[:, :max(lens)], (seq_lens - 1).unsqueeze(1), seq_lens,
                       uniform=min(lens) == max(lens))
+
+    @staticmethod
+    def _extend_group(batch: ForwardBatch, i: int, first: int, rows_of_batch: torch.Tensor) -> _Group:
+        """One request of an extend batch. Without a cached prefix its keys are its own new tokens
+        (no gather, and SDPA's causal kernel skips the masked half)."""
+        start, end = batch.prefix_lens_cpu[i], batch.seq_lens_cpu[i]
+        device = batch.seq_lens.device
+        table = rows_of_batch[i:i + 1, :end] if start else None
+        q_pos = torch.arange(start, end, device=device).unsqueeze(0)
+        return _Group(None, table, q_pos, batch.seq_lens[i:i + 1], uniform=False, new_tokens=(first, end - start))
 
     def _gather(self, layer: Attention, batch: ForwardBatch, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the group's requests, [b, kv_heads, max_len, head_dim], in the work space."""
@@ -126,8 +136,7 @@ class TorchNativeBackend(AttentionBackend):
         for group in self.groups:
             q_group = q if group.rows is None else q[group.rows]
             keys, values = self._gather(layer, batch, group)
-            # One query per request: the query heads sharing a KV head become that head's query rows,
-            # which is plain SDPA (no enable_gqa broadcast).
+            # One query per request: plain SDPA with the query heads of each KV head as its rows.
             result = F.scaled_dot_product_attention(
                 q_group.view(-1, kvh, group_size, d), keys, values, attn_mask=group.mask(layer.sliding_window),
                 scale=layer.scaling).reshape(q_group.shape)
@@ -139,12 +148,21 @@ class TorchNativeBackend(AttentionBackend):
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         self._store(k, v, layer, batch)
-        group = self.groups[0]
-        keys, values = self._gather(layer, batch, group)
-        bsz, heads, d = batch.batch_size, layer.num_heads, layer.head_dim
-        padded = q.new_zeros(bsz * self.max_q, heads, d)
-        padded[self.q_index] = q.view(-1, heads, d)
-        out = F.scaled_dot_product_attention(
-            padded.view(bsz, self.max_q, heads, d).transpose(1, 2), keys, values,
-            attn_mask=group.mask(layer.sliding_window), scale=layer.scaling, enable_gqa=heads != layer.num_kv_heads)
-        return out.transpose(1, 2).reshape(bsz * self.max_q, heads * d)[self.q_index]
+        heads, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        out = torch.empty_like(q)
+        for group in self.groups:
+            first, count = group.new_tokens
+            q_req = q[first:first + count].view(count, heads, d).transpose(0, 1).unsqueeze(0)
+            mask = None
+            if group.kv_index is None:  # no cached prefix: attend over its own new K/V
+                keys = k[first:first + count].view(1, count, kvh, d).transpose(1, 2)
+                values = v[first:first + count].view(1, count, kvh, d).transpose(1, 2)
+                mask = group.mask(layer.sliding_window) if layer.sliding_window is not None else None
+            else:
+                keys, values = self._gather(layer, batch, group)
+                mask = group.mask(layer.sliding_window)
+            result = F.scaled_dot_product_attention(
+                q_req, keys, values, attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
+                enable_gqa=heads != kvh)
+            out[first:first + count] = result[0].transpose(0, 1).reshape(count, heads * d)
+        return out

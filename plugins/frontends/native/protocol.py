@@ -18,7 +18,6 @@ class Job:
     """One output sequence: the keyword arguments of ``ctx.stream`` for it."""
 
     kwargs: dict[str, Any]
-    prefill_only: bool  # max_new_tokens == 0: cache the prompt, generate nothing
 
 
 @dataclasses.dataclass
@@ -59,8 +58,7 @@ def parse_generate(body: Any, vocab_size: int) -> GenerateInput:
             rid = rids[i] if sampling.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
             jobs.append(Job({engine_field: prompt, "sampling_params": copy, "return_logprob": logprob[i],
                              "logprob_start_len": start[i], "top_logprobs_num": top[i],
-                             "return_text_in_logprobs": with_text, "rid": rid},
-                            prefill_only=sampling.max_new_tokens == 0))
+                             "return_text_in_logprobs": with_text, "rid": rid}))
     return GenerateInput(jobs, single_prompt and len(jobs) == 1, stream, prompt_field)
 
 
@@ -76,18 +74,9 @@ def prompt_errors_named(field: str) -> Iterator[None]:
         raise
 
 
-def response_item(result: dict, prefill_only: bool) -> dict:
+def response_item(result: dict) -> dict:
     """An engine result (``text`` is the whole text so far) as SGLang's ``{"text", "meta_info"}``."""
-    meta = dict(result["meta_info"])
-    text = result["text"]
-    if prefill_only:  # the engine samples (and stop-checks) one token even at max_new_tokens=0: drop it
-        text = ""
-        meta["completion_tokens"] = 0
-        if meta["finish_reason"] is not None and meta["finish_reason"]["type"] != "abort":
-            meta["finish_reason"] = {"type": "length", "length": 0}
-        if "output_token_logprobs" in meta:
-            meta["output_token_logprobs"], meta["output_top_logprobs"] = [], []
-    return {"text": text, "meta_info": meta}
+    return {"text": result["text"], "meta_info": result["meta_info"]}
 
 
 def _prompts(text: Any, input_ids: Any) -> tuple[str, list, bool]:

@@ -34,7 +34,7 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
                 return GenerateStreamResponse(stream)
             with ctx.admission():
                 results = await ctx.until_disconnect(request, _complete_all(ctx, parsed.jobs))
-        items = [response_item(r, job.prefill_only) for r, job in zip(results, parsed.jobs)]
+        items = [response_item(r) for r in results]
         return JSONResponse(items[0] if parsed.single else items)
 
     @app.get("/health_generate")

@@ -77,7 +77,7 @@ class GenerateStream:
                 texts[index] += event["text"]
                 if event["meta_info"]["finish_reason"] is not None:
                     active.discard(index)
-                item = response_item({**event, "text": texts[index]}, self.jobs[index].prefill_only)
+                item = response_item({**event, "text": texts[index]})
                 yield sse({**item, "index": index})
             yield "data: [DONE]\n\n"
         finally:

@@ -60,6 +60,7 @@ def test_rid_in_flight_is_rejected(engine):
         with pytest.raises(ValueError, match="rid"):
             await engine.async_generate(input_ids=[7, 8], rid="twice")
         await first.aclose()
+        await asyncio.to_thread(engine.memory_report)  # served after the abort, so the abort is done
         # Once it has ended, the rid is free again.
         again = await engine.async_generate(input_ids=[7, 8], sampling_params={**GREEDY, "max_new_tokens": 2},
                                             rid="twice")

@@ -127,6 +127,29 @@ class OutputBuilder:
         return None if top is None else [(lp, tid, self._text(tid)) for lp, tid in top]
 
 
+def split_prompts(text: Any, input_ids: Any, text_field: str = "prompt") -> tuple[str, list, bool]:
+    """Check a prompt given as text or as token ids, one or a batch (a list of them).
+
+    Returns (the field used: ``text_field`` or ``"input_ids"``, one item per prompt, whether a
+    single prompt was given). A ``ValueError`` names the field at fault."""
+    if (text is None) == (input_ids is None):
+        raise ValueError(f"{text_field}: give exactly one of {text_field} and input_ids")
+    if text is not None:
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{text_field}: must be a string or a non-empty list of strings")
+        if any(t == "" for t in texts):
+            raise ValueError(f"{text_field}: must not be empty")
+        return text_field, texts, isinstance(text, str)
+    if not isinstance(input_ids, list) or not input_ids:
+        raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
+    single = not isinstance(input_ids[0], list)
+    id_lists = [input_ids] if single else input_ids
+    if not all(isinstance(ids, list) for ids in id_lists):
+        raise ValueError("input_ids: must be a list of token ids or a list of such lists, not a mix")
+    return "input_ids", id_lists, single
+
+
 class Engine:
     """A model and its scheduler, running in a background thread or process."""
 
@@ -267,22 +290,10 @@ class Engine:
         return requests, single_input and len(requests) == 1
 
     def _prompt_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("prompt: give exactly one of prompt and input_ids")
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompt: must be a string or a non-empty list of strings")
-            if any(p == "" for p in prompts):
-                raise ValueError("prompt: must not be empty")
-            return [self.tokenizer(p)["input_ids"] for p in prompts], isinstance(prompt, str)
-        if not isinstance(input_ids, list) or not input_ids:
-            raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
-        single = not isinstance(input_ids[0], list)
-        id_lists = [input_ids] if single else input_ids
-        if not all(isinstance(x, list) for x in id_lists):
-            raise ValueError("input_ids: must be a list of token ids or a list of such lists")
-        return id_lists, single
+        field, items, single = split_prompts(prompt, input_ids)
+        if field == "prompt":
+            items = [self.tokenizer(p)["input_ids"] for p in items]
+        return items, single
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from typing import Any, Iterator
 
+from sglang_core.engine import split_prompts
 from sglang_core.sampling.params import SamplingParams
 
 FIELDS = frozenset({"text", "input_ids", "image_data", "sampling_params", "rid", "return_logprob",
@@ -38,7 +39,7 @@ def parse_generate(body: Any, vocab_size: int) -> GenerateInput:
         raise ValueError(f"{unknown[0]}: unknown field")
     if body.get("image_data") is not None:
         raise ValueError("image_data: images are not supported")
-    prompt_field, prompts, single_prompt = _prompts(body.get("text"), body.get("input_ids"))
+    prompt_field, prompts, single_prompt = split_prompts(body.get("text"), body.get("input_ids"), "text")
     count = len(prompts)
     stream = _bool("stream", body.get("stream"))
     with_text = _bool("return_text_in_logprobs", body.get("return_text_in_logprobs"))
@@ -77,26 +78,6 @@ def prompt_errors_named(field: str) -> Iterator[None]:
 def response_item(result: dict) -> dict:
     """An engine result (``text`` is the whole text so far) as SGLang's ``{"text", "meta_info"}``."""
     return {"text": result["text"], "meta_info": result["meta_info"]}
-
-
-def _prompts(text: Any, input_ids: Any) -> tuple[str, list, bool]:
-    """(field, one prompt per batch item, whether the request was a single prompt)."""
-    if (text is None) == (input_ids is None):
-        raise ValueError("text: give exactly one of text and input_ids")
-    if text is not None:
-        texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text: expected a string or a non-empty list of strings")
-        if any(t == "" for t in texts):
-            raise ValueError("text: must not be empty")
-        return "text", texts, isinstance(text, str)
-    if not isinstance(input_ids, list) or not input_ids:
-        raise ValueError("input_ids: expected a non-empty list of token ids or a list of such lists")
-    single = not isinstance(input_ids[0], list)
-    id_lists = [input_ids] if single else input_ids
-    if not all(isinstance(ids, list) for ids in id_lists):
-        raise ValueError("input_ids: expected a list of token ids or a list of such lists, not a mix")
-    return "input_ids", id_lists, single
 
 
 def _per_item(name: str, value: Any, count: int, default: Any) -> list:

@@ -10,6 +10,8 @@
    offline engine in this process, all submitted at once: the throughput ceiling with no HTTP.
 4. Baseline B (``--hf-serve``): ``transformers serve <model folder>`` on another port, loaded
    with the same ``bench-serving`` command through its OpenAI ``/v1/completions`` route.
+   HF's server rejects ``ignore_eos``, so requests may stop at EOS there: our server is also
+   run with ``--disable-ignore-eos`` at each rate (step 2), so that pair sees the same work.
 
 Every run's JSON lands in ``--result-dir``; the table printed at the end is what
 docs/benchmarks.md records.
@@ -83,16 +85,18 @@ def offline_baseline(args: argparse.Namespace) -> dict:
                              for r in requests])
         duration = time.perf_counter() - start
     output = sum(r["meta_info"]["completion_tokens"] for r in results)
-    return {"duration_s": duration, "request_throughput": len(requests) / duration,
+    return {"duration_s": duration, "output_tokens": output, "request_throughput": len(requests) / duration,
             "input_throughput": sum(len(r.input_ids) for r in requests) / duration,
             "output_throughput": output / duration}
 
 
 def row(name: str, rate: str, r: dict) -> str:
+    tokens = f"{r['output_tokens']}"
     if "ttft" not in r:
-        return (f"| {name} | {rate} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | - | - | - | - |")
+        return (f"| {name} | {rate} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {tokens} "
+                f"| - | - | - | - |")
     ttft, tpot, e2e = r["ttft"], r["tpot"], r["e2e"]
-    return (f"| {name} | {rate} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+    return (f"| {name} | {rate} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {tokens} | "
             f"{ttft['mean_ms']:.0f} / {ttft['median_ms']:.0f} / {ttft['p99_ms']:.0f} | "
             f"{tpot['mean_ms']:.0f} / {tpot['median_ms']:.0f} | "
             f"{e2e['mean_ms'] / 1000:.1f} / {e2e['p99_ms'] / 1000:.1f} | {r['completed']}/{r['completed'] + r['failed']} |")
@@ -123,6 +127,10 @@ def main() -> int:
         for rate in rates:
             rows.append(row("sglang-core serve", f"{rate:g}", bench(args, url, "native", rate,
                                                                    results_dir / f"ours_{rate:g}.jsonl")))
+        if args.hf_serve:
+            for rate in rates:
+                rows.append(row("sglang-core serve, stop at EOS", f"{rate:g}", bench(
+                    args, url, "openai", rate, results_dir / f"ours_eos_{rate:g}.jsonl", ["--disable-ignore-eos"])))
     finally:
         stop(server)
     print("server exit code", server.returncode, flush=True)
@@ -134,19 +142,19 @@ def main() -> int:
 
         folder = str(default_model_path())
         hf_port = args.port + 1
-        hf = subprocess.Popen(["transformers", "serve", folder, "--port", str(hf_port)])
+        hf = subprocess.Popen(["transformers", "serve", folder, "--port", str(hf_port), "--device", "cpu"])
         try:
             wait_healthy(f"http://127.0.0.1:{hf_port}/health", hf, 300)
             for rate in rates:
                 rows.append(row("transformers serve", f"{rate:g}", bench(
                     args, f"http://127.0.0.1:{hf_port}", "openai", rate, results_dir / f"hf_{rate:g}.jsonl",
-                    ["--model", folder])))
+                    ["--model", folder, "--disable-ignore-eos"])))
         finally:
             stop(hf)
 
-    print("\n| server | rate (req/s) | req/s | output tok/s | TTFT ms mean / median / p99 | TPOT ms mean / median "
+    print("\n| server | rate (req/s) | req/s | output tok/s | output tokens | TTFT ms mean / median / p99 | TPOT ms mean / median "
           "| E2E s mean / p99 | completed |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
     return 0
 

@@ -107,16 +107,19 @@ async def _sse(client: httpx.AsyncClient, url: str, body: dict, headers: dict):
                 yield json.loads(line[6:])
 
 
-async def send_native(client, base_url, req: BenchRequest, headers) -> RequestResult:
+async def send_native(client, base_url, req: BenchRequest, headers, ignore_eos: bool = True) -> RequestResult:
     body = {"input_ids": req.input_ids, "stream": True,
-            "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": True, "temperature": 0}}
+            "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "temperature": 0}}
     return await _timed(_sse(client, f"{base_url}/generate", body, headers), req,
                         tokens=lambda chunk: chunk["meta_info"]["completion_tokens"])
 
 
-async def send_openai(client, base_url, req: BenchRequest, headers, model: str) -> RequestResult:
+async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
+                      ignore_eos: bool = True) -> RequestResult:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}}
+    if ignore_eos:  # an extension (ours, SGLang's, vLLM's); servers that reject unknown fields need it left out
+        body["ignore_eos"] = True
     return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req,
                         tokens=lambda chunk: (chunk.get("usage") or {}).get("completion_tokens"))
 
@@ -194,6 +197,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "request_throughput": len(ok) / duration,
         "input_throughput": sum(r.input_len for r in ok) / duration,
         "output_throughput": sum(r.output_len for r in ok) / duration,
+        "output_tokens": sum(r.output_len for r in ok),
         "ttft": stats([r.ttft for r in ok]),
         "tpot": stats(tpot),
         "itl": stats([x for r in ok for x in r.itl]),
@@ -222,6 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup-requests", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disable-ignore-eos", action="store_true",
+                   help="let requests stop at EOS (for servers that reject `ignore_eos`)")
     p.add_argument("--result-file", default=None, help="append the JSON result as one line")
 
 
@@ -247,12 +253,12 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     base = args.base_url.rstrip("/")
     if args.backend == "native":
         async def send(client, req):
-            return await send_native(client, base, req, headers)
+            return await send_native(client, base, req, headers, not args.disable_ignore_eos)
     else:
         model = args.model or httpx.get(f"{base}/v1/models", headers=headers).json()["data"][0]["id"]
 
         async def send(client, req):
-            return await send_openai(client, base, req, headers, model)
+            return await send_openai(client, base, req, headers, model, not args.disable_ignore_eos)
 
     results, duration = asyncio.run(run(requests, send, args.request_rate, args.max_concurrency,
                                         args.warmup_requests, args.seed))

@@ -100,6 +100,9 @@ class ThreadCoreClient(CoreClient):
     def __init__(self, settings: EngineSettings, plugins: PluginManager, deliver: Deliver):
         self.core = EngineCore(settings, plugins)
         self.info = self.core.info
+        # The core thread must get the GIL back quickly to launch the next GPU step while the
+        # caller's thread detokenizes; CPython's default 5 ms switch interval is a whole step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.alive = True
         self._deliver = deliver
         self._inbox: queue.Queue = queue.Queue()

@@ -28,19 +28,32 @@ logger = logging.getLogger(__name__)
 
 
 class _Stream:
-    """Delivers one request's outputs from the engine thread to a sync or async consumer."""
+    """Delivers one request's outputs from the engine thread to a sync or async consumer.
 
-    def __init__(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None):
+    Items on the queue are lists of ``TokenOutput``. A streaming consumer gets one per step; a
+    waiting one gets a single list when the request ends: waking a coroutine per request per
+    token costs the host more than a large batch's whole decode step.
+    """
+
+    def __init__(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None, every_token: bool):
         self.request = request
         self.loop = loop
+        self.every_token = every_token
         self.queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
-        self.finished = False
+        self._held: list[TokenOutput] = []
 
-    def push(self, out: TokenOutput) -> None:
-        if self.loop is None:
-            self.queue.put(out)
-        else:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+    def take(self, out: TokenOutput) -> list[TokenOutput] | None:
+        """Accept one output; return what should reach the consumer now, if anything."""
+        self._held.append(out)
+        if not self.every_token and out.finished_reason is None:
+            return None
+        items, self._held = self._held, []
+        return items
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue, list[TokenOutput]]]) -> None:
+    for target, items in deliveries:
+        target.put_nowait(items)
 
 
 class OutputBuilder:
@@ -62,9 +75,13 @@ class OutputBuilder:
         self.cached_tokens = 0
         self.finished_reason: dict | None = None
         self.sent = 0  # characters of visible text already streamed
+        self._undecoded: list[int] = []  # ids not yet given to the detokenizer
 
-    def update(self, out: TokenOutput) -> str:
-        """Consume one message; return the newly visible text (held back near a stop string)."""
+    def update(self, out: TokenOutput, want_text: bool = True) -> str:
+        """Consume one message; return the newly visible text (held back near a stop string).
+        ``want_text=False`` (a caller that only needs the final result) defers all decoding to
+        the last message: per-token detokenization of a large batch costs more host time than
+        the GPU step it waits for."""
         self.output_ids += out.new_ids
         self.output_logprobs += out.output_logprobs
         self.output_top_logprobs += out.output_top_logprobs
@@ -75,7 +92,11 @@ class OutputBuilder:
         new_ids = out.new_ids
         if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
             new_ids = new_ids[:-1]  # a matched stop token is not part of the text, as in SGLang
-        self.detok.push(new_ids)
+        self._undecoded += new_ids
+        if not want_text and reason is None:
+            return ""
+        self.detok.push(self._undecoded)
+        self._undecoded = []
         if reason is not None:
             self.detok.flush()  # the end: emit even a trailing incomplete character
         # Replays the core's stop check on the same ids, to learn where a stop string starts.
@@ -189,7 +210,7 @@ class Engine:
                                        top_logprobs_num, rid)
         if stream:
             self._require_single(requests)
-            return self._stream_sync(self._submit(requests, None)[0], return_text_in_logprobs)
+            return self._stream_sync(self._submit(requests, None, every_token=True)[0], return_text_in_logprobs)
         streams = self._submit(requests, None)
         results = [self._wait_sync(s, return_text_in_logprobs) for s in streams]
         return results[0] if single else results
@@ -206,7 +227,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         if stream:
             self._require_single(requests)
-            return self._stream_async(self._submit(requests, loop)[0], return_text_in_logprobs)
+            return self._stream_async(self._submit(requests, loop, every_token=True)[0], return_text_in_logprobs)
         streams = self._submit(requests, loop)
         try:
             results = [await self._wait_async(s, return_text_in_logprobs) for s in streams]
@@ -317,12 +338,13 @@ class Engine:
 
     # ---- talking to the core -------------------------------------------------------------
 
-    def _submit(self, requests: list[GenerateRequest], loop: asyncio.AbstractEventLoop | None) -> list[_Stream]:
+    def _submit(self, requests: list[GenerateRequest], loop: asyncio.AbstractEventLoop | None,
+                every_token: bool = False) -> list[_Stream]:
         """Register every request's output stream, then hand them all to the core; a rid already in
         flight (or repeated within the call) rejects the whole call before anything starts."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        streams = [_Stream(r, loop) for r in requests]
+        streams = [_Stream(r, loop, every_token) for r in requests]
         with self._lock:
             rids = [r.rid for r in requests]
             clash = next((rid for i, rid in enumerate(rids) if rid in self._streams or rid in rids[:i]), None)
@@ -336,20 +358,22 @@ class Engine:
     def _wait_sync(self, stream: _Stream, with_text: bool) -> dict:
         out = self._builder(stream, with_text)
         while out.finished_reason is None:
-            out.update(stream.queue.get())
+            for item in stream.queue.get():
+                out.update(item, want_text=False)
         return out.result()
 
     async def _wait_async(self, stream: _Stream, with_text: bool) -> dict:
         out = self._builder(stream, with_text)
         while out.finished_reason is None:
-            out.update(await stream.queue.get())
+            for item in await stream.queue.get():
+                out.update(item, want_text=False)
         return out.result()
 
     def _stream_sync(self, stream: _Stream, with_text: bool) -> Iterator[dict]:
         out = self._builder(stream, with_text)
         try:
             while out.finished_reason is None:
-                delta = out.update(stream.queue.get())
+                delta = "".join(out.update(item) for item in stream.queue.get())
                 yield out.result(delta)
         finally:
             if out.finished_reason is None:
@@ -359,22 +383,35 @@ class Engine:
         out = self._builder(stream, with_text)
         try:
             while out.finished_reason is None:
-                delta = out.update(await stream.queue.get())
+                delta = "".join(out.update(item) for item in await stream.queue.get())
                 yield out.result(delta)
         finally:
             if out.finished_reason is None:
                 self.abort(stream.request.rid)
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
-        """Called from the core's thread: route each output to its request's stream."""
+        """Called from the core's thread: route each output to its request's stream, waking each
+        event loop once per step however many of its requests progressed."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[TokenOutput]]]] = {}
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.rid)
                 if stream is None:
                     continue
-                stream.push(out)
                 if out.finished_reason is not None:
                     del self._streams[out.rid]
+                items = stream.take(out)
+                if items is None:
+                    continue
+                if stream.loop is None:
+                    stream.queue.put(items)
+                else:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, items))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # that caller's event loop has closed: nobody is waiting
+                pass
 
     def _on_core_death(self) -> None:
         """The engine process died: every in-flight request ends with an error, none hangs."""

@@ -18,7 +18,7 @@ from sglang_core.request import Req
 from sglang_core.sampling.params import SamplingParams
 from sglang_core.sampling.sampler import Sampler, make_generator
 from sglang_core.scheduler.scheduler import Scheduler
-from sglang_core.tokenizer import eos_token_ids, load_tokenizer
+from sglang_core.tokenizer import eos_token_ids, has_tokenizer, load_tokenizer, placeholder_tokenizer
 from sglang_core.weights.loader import resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class EngineCore:
         source = resolve_model_source(settings.model_path, settings.load_format)
         self.runner = ModelRunner(settings, source, plugins)
         tokenizer_path = settings.tokenizer_path or str(source.folder)
+        if settings.tokenizer_path is None and source.load_format == "dummy" and not has_tokenizer(source.folder):
+            cfg = self.runner.config
+            eos = getattr(cfg, "eos_token_id", None)
+            tokenizer_path = str(placeholder_tokenizer(self.runner.vocab_size, eos[0] if isinstance(eos, list) else eos))
         tokenizer = load_tokenizer(tokenizer_path)
         eos = eos_token_ids(tokenizer, source.folder)
         processors = [entry.load()(vocab_size=self.runner.vocab_size, device=self.runner.device)

@@ -8,6 +8,9 @@ from pathlib import Path
 # Before torch loads OpenMP: spinning idle workers would starve the engine and server processes
 # the tests start on a 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Without a GPU, Triton kernels run in Triton's interpreter (set before anything imports triton).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

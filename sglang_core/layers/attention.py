@@ -25,10 +25,16 @@ class AttentionSpec:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
 
 
 class AttentionBackend(abc.ABC):
     """Computes attention over the paged KV pool for every layer of one model."""
+
+    # True when ``plan`` + ``forward_decode`` read the batch only through its device tensors and
+    # its batch size (never ``seq_lens_cpu`` or other host values): then a decode step can be
+    # captured once per batch size as a CUDA graph and replayed for any sequence lengths.
+    cuda_graph_decode: bool = False
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec

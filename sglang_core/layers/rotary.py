@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sglang_core.kernels import use_fused
+
 
 def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
@@ -73,7 +75,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin() * attention_factor, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On CUDA, rotated in place."""
+        if use_fused(q) and q.stride(2) == 1 and k.stride(2) == 1:
+            from sglang_core.kernels.fused import rotary_inplace
+
+            half = self.rotary_dim // 2
+            both = _adjacent_heads(q, k)
+            for x in [both] if both is not None else [q, k]:
+                rotary_inplace(x, positions, self.cos_cache[:, :half], self.sin_cache[:, :half], self.rotary_dim)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -84,6 +94,16 @@ class RotaryEmbedding(nn.Module):
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q and k as one [T, heads + kv_heads, head_dim] view when k's heads follow q's in memory
+    (views of one fused QKV projection), so one kernel launch rotates both; else None."""
+    tokens, heads, dim = q.shape
+    same_layout = q.stride() == k.stride() and q.stride(1) == dim and k.shape[2] == dim and k.shape[0] == tokens
+    if same_layout and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size():
+        return q.as_strided((tokens, heads + k.shape[1], dim), q.stride())
+    return None
 
 
 def rope_from_config(config, head_dim: int) -> RotaryEmbedding:

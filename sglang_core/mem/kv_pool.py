@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang_core.kernels import use_fused
+
 
 class ReqToTokenPool:
     """Request rows: ``req_to_token[row, i]`` is the KV slot of the row's i-th token."""
@@ -84,5 +86,11 @@ class TokenKVPool:
         return self._free.clone()
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the K/V ([T, kv_heads, head_dim]) of T tokens into their slots."""
+        if use_fused(k):
+            from sglang_core.kernels.fused import store_kv
+
+            store_kv(k, v, self.k_buffers[layer_id], self.v_buffers[layer_id], slots)
+            return
         self.k_buffers[layer_id][slots] = k.to(self.dtype)
         self.v_buffers[layer_id][slots] = v.to(self.dtype)

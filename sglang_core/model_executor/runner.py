@@ -11,6 +11,7 @@ from sglang_core.config import EngineSettings
 from sglang_core.layers.attention import AttentionBackend, AttentionSpec
 from sglang_core.layers.parallel import SINGLE
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
+from sglang_core.model_executor.cuda_graph import CudaGraphRunner
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.plugins import PluginError, PluginManager
@@ -27,7 +28,7 @@ class StepInput:
     """One step's batch as the scheduler planned it (host lists; the runner makes tensors)."""
 
     mode: ForwardMode
-    input_ids: list[int]
+    input_ids: list[int] | torch.Tensor  # a tensor: already on the device (overlapped decode)
     positions: list[int]
     out_cache_loc: torch.Tensor
     req_pool_indices: list[int]
@@ -66,6 +67,7 @@ class ModelRunner:
             raise ValueError(f"context_length {self.context_len} exceeds the model's max_position_embeddings {model_len}")
         self._init_pools()
         self.attn_backend = self._build_attention_backend(plugins)
+        self.cuda_graphs = self._capture_cuda_graphs()
 
     def _build_model(self, plugins: PluginManager, source: ModelSource) -> torch.nn.Module:
         archs = getattr(self.config, "architectures", None) or []
@@ -142,16 +144,42 @@ class ModelRunner:
                 raise ValueError(f"attention backend {name!r} is not available on {self.device}")
         logger.info("attention backend: %s (plugin %s)", entry.name, entry.plugin)
         self.attention_backend_name = entry.name
-        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                             self.settings.max_running_requests)
         return entry.load()(spec)
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        s = self.settings
+        if self.device.type != "cuda" or s.disable_cuda_graph:
+            return None
+        if not self.attn_backend.cuda_graph_decode:
+            logger.info("attention backend %s cannot be captured; decode runs eagerly", self.attention_backend_name)
+            return None
+        if s.enable_torch_compile:
+            self.model.forward = torch.compile(self.model.forward, dynamic=False)
+        with torch.inference_mode():
+            return CudaGraphRunner(self._decode_logits, self._make_batch, min(s.cuda_graph_max_bs, s.max_running_requests),
+                                   self.device)
+
+    def _make_batch(self, **fields) -> ForwardBatch:
+        return ForwardBatch(req_to_token=self.req_pool.req_to_token, kv_pool=self.kv_pool,
+                            attn_backend=self.attn_backend, **fields)
+
+    def _decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits of every token of a decode batch (what a captured graph computes)."""
+        return self.model.compute_logits(self.model(batch.input_ids, batch.positions, batch))
 
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the model on one batch; return float32 logits of the tokens in ``logit_index``.
         Call under ``torch.inference_mode()`` (the scheduler's step is)."""
+        graphs = self.cuda_graphs
+        if step.mode is ForwardMode.DECODE and graphs is not None and len(step.input_ids) <= graphs.max_bs:
+            return graphs.replay(step.input_ids, step.positions, step.out_cache_loc, step.req_pool_indices,
+                                 step.seq_lens)
         dev = self.device
-        batch = ForwardBatch(
+        batch = self._make_batch(
             mode=step.mode,
-            input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=dev),
+            input_ids=torch.as_tensor(step.input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
             out_cache_loc=step.out_cache_loc.to(dev),
             req_pool_indices=torch.tensor(step.req_pool_indices, dtype=torch.int64, device=dev),
@@ -159,9 +187,6 @@ class ModelRunner:
             prefix_lens=torch.tensor(step.prefix_lens, dtype=torch.int64, device=dev),
             seq_lens_cpu=step.seq_lens,
             prefix_lens_cpu=step.prefix_lens,
-            req_to_token=self.req_pool.req_to_token,
-            kv_pool=self.kv_pool,
-            attn_backend=self.attn_backend,
         )
         self.attn_backend.plan(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)

@@ -46,18 +46,13 @@ class SamplingBatch:
     ``vocab_size`` is the width of the logits. ``eos_token_ids`` are the model's end-of-sequence
     ids (``min_new_tokens`` masks them). Token-id tensors are padded with ``vocab_size``, an id
     no real token has, so a scatter into ``vocab_size + 1`` columns can drop the padding.
+    Every tensor is built on first use: a greedy batch with no processors builds none.
     """
 
     reqs: list[Req]
     vocab_size: int
     device: torch.device
     eos_token_ids: frozenset[int]
-    temperatures: torch.Tensor  # [B] float32
-    top_p: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64; -1 (off) becomes vocab_size
-    min_p: torch.Tensor  # [B] float32
-    greedy: torch.Tensor  # [B] bool
-    output_lens: torch.Tensor  # [B] int64
 
     @classmethod
     def build(
@@ -67,24 +62,41 @@ class SamplingBatch:
         device: torch.device | str,
         eos_token_ids: Iterable[int] = (),
     ) -> SamplingBatch:
-        device = torch.device(device)
-        params = [r.sampling_params for r in reqs]
+        return cls(list(reqs), vocab_size, torch.device(device), frozenset(eos_token_ids))
 
-        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+    def _column(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
-        return cls(
-            reqs=list(reqs),
-            vocab_size=vocab_size,
-            device=device,
-            eos_token_ids=frozenset(eos_token_ids),
-            temperatures=column([p.temperature for p in params], torch.float32),
-            top_p=column([p.top_p for p in params], torch.float32),
-            top_k=column([vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], torch.int64),
-            min_p=column([p.min_p for p in params], torch.float32),
-            greedy=column([p.is_greedy for p in params], torch.bool),
-            output_lens=column([len(r.output_ids) for r in reqs], torch.int64),
-        )
+    @cached_property
+    def temperatures(self) -> torch.Tensor:
+        """[B] float32."""
+        return self._column([p.temperature for p in self.params], torch.float32)
+
+    @cached_property
+    def top_p(self) -> torch.Tensor:
+        """[B] float32."""
+        return self._column([p.top_p for p in self.params], torch.float32)
+
+    @cached_property
+    def top_k(self) -> torch.Tensor:
+        """[B] int64; -1 (off) becomes vocab_size."""
+        v = self.vocab_size
+        return self._column([v if p.top_k == -1 else min(p.top_k, v) for p in self.params], torch.int64)
+
+    @cached_property
+    def min_p(self) -> torch.Tensor:
+        """[B] float32."""
+        return self._column([p.min_p for p in self.params], torch.float32)
+
+    @cached_property
+    def greedy(self) -> torch.Tensor:
+        """[B] bool."""
+        return self._column([p.is_greedy for p in self.params], torch.bool)
+
+    @cached_property
+    def output_lens(self) -> torch.Tensor:
+        """[B] int64: tokens generated so far."""
+        return self._column([len(r.output_ids) for r in self.reqs], torch.int64)
 
     @property
     def params(self) -> list[SamplingParams]:

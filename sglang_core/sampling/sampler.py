@@ -76,9 +76,11 @@ class Sampler:
                 processor(logits, batch, torch.tensor(rows, dtype=torch.int64, device=logits.device))
 
         next_ids = logits.argmax(dim=-1)
-        sampled = (~batch.greedy).nonzero().squeeze(1)
-        if sampled.numel():
-            next_ids[sampled] = self._draw(logits[sampled], batch, sampled)
+        # Rows chosen on the host: a device-side nonzero() would wait for the GPU every step.
+        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        if sampled:
+            rows = torch.tensor(sampled, dtype=torch.int64, device=logits.device)
+            next_ids[rows] = self._draw(logits[rows], batch, rows, sampled)
 
         if raw is None:
             return SampleResult(next_ids)
@@ -92,16 +94,17 @@ class Sampler:
         return SampleResult(next_ids, chosen, top_logprobs)
 
     @staticmethod
-    def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> torch.Tensor:
+    def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, row_list: list[int]) -> torch.Tensor:
         probs = torch.softmax(logits / batch.temperatures[rows, None], dim=-1)
-        top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]
-        if bool((top_k < probs.shape[1]).any() or (top_p < 1).any() or (min_p > 0).any()):
-            probs = _filter(probs, top_k, top_p, min_p)
+        vocab = probs.shape[1]
+        params = [batch.reqs[i].sampling_params for i in row_list]  # decided on the host: no GPU sync
+        if any(0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0 for p in params):
+            probs = _filter(probs, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
         # Exponential race: argmax(p / Exp(1)) picks token i with probability p_i / sum(p). Each
         # seeded row draws its noise from its own generator, so its tokens don't depend on the
         # rest of the batch; the other rows share torch's default RNG.
         noise = torch.empty_like(probs).exponential_()
-        for j, i in enumerate(rows.tolist()):
+        for j, i in enumerate(row_list):
             req = batch.reqs[i]
             if req.generator is None and req.sampling_params.seed is not None:
                 req.generator = make_generator(req.sampling_params.seed, probs.device)

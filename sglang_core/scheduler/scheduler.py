@@ -3,6 +3,11 @@
 The scheduler decides; the pools and prefix cache own memory (it only calls their methods); the
 model runner runs. Every way a request ends goes through ``_finish``, which gives back all of its
 memory in ``_release``.
+
+Overlapped decode (CUDA graphs only): while the running batch stays the same, decode step N+1 is
+launched with step N's sampled ids still on the GPU, and only then are N's ids read back and
+applied on the host. The host's bookkeeping runs while the GPU computes, instead of between
+steps. A request that N finishes gets one wasted token from N+1, dropped when N+1 is read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import ModelRunner, StepInput
 from sglang_core.request import Req
 from sglang_core.sampling.logits_processor import SamplingBatch
-from sglang_core.sampling.sampler import Sampler, token_logprobs
+from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
 from sglang_core.scheduler.policy import order_waiting
 
@@ -30,6 +35,16 @@ class _Chunk:
     req: Req
     start: int
     end: int
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched but not yet read back."""
+
+    reqs: list[Req]
+    next_ids: torch.Tensor  # [B] sampled ids, on the device
+    host_ids: torch.Tensor  # [B] pinned host copy, valid once ``ready`` has fired
+    ready: torch.cuda.Event
 
 
 class Scheduler:
@@ -50,13 +65,22 @@ class Scheduler:
         self._stop: dict[str, StopChecker] = {}
         self.forward_steps = 0
         self.retractions = 0
+        self.overlap = runner.cuda_graphs is not None and not settings.disable_overlap_schedule
+        self._in_flight: _InFlight | None = None
+        self._plain: dict[str, bool] = {}  # rid -> sampled without history or logprobs (may overlap)
+        # Set when waiting requests could not be admitted; cleared by anything that may change
+        # that (an arrival, a finish). While set, waiting requests do not stop overlapped decode.
+        self._admission_blocked = False
 
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, req: Req) -> None:
         """Queue a validated request (prompt fits the context and the KV pool)."""
         self._stop[req.rid] = StopChecker(self.tokenizer, req.sampling_params, self.eos_token_ids)
+        self._plain[req.rid] = not req.return_logprob and not any(
+            p.wants(req.sampling_params) for p in self.sampler.processors)
         self.waiting.append(req)
+        self._admission_blocked = False
 
     def abort(self, rid: str) -> Req | None:
         """End a request wherever it is; returns it (finished) or None if unknown."""
@@ -68,13 +92,14 @@ class Scheduler:
 
     def fail_all(self, message: str) -> list[Req]:
         """End every request after an internal error, caching none of their KV."""
+        self._in_flight = None
         reqs = list(self._all_requests())
         for req in reqs:
             self._finish(req, {"type": "abort", "message": message}, cache=False)
         return reqs
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self._in_flight)
 
     def _all_requests(self) -> list[Req]:
         return self.waiting + self.running + ([self.chunked] if self.chunked else [])
@@ -84,12 +109,60 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[Req]:
         """Run one forward pass; return the requests that got a token or finished."""
+        if self._in_flight is not None:
+            return self._step_overlapped()
         chunks = self._schedule_extend()
         if chunks:
             return self._run_extend(chunks)
+        self._admission_blocked = bool(self.waiting)
+        if self.running and self._can_launch_ahead():
+            self._in_flight = self._launch_decode(None)
+            return []
         if self.running:
             return self._run_decode()
         return []
+
+    def _step_overlapped(self) -> list[Req]:
+        """Launch the next decode from the in-flight one's ids (when nothing else must run
+        first), then read the in-flight step back and apply it."""
+        done, self._in_flight = self._in_flight, None
+        members = set(map(id, done.reqs))
+        if ((not self.waiting or self._admission_blocked) and not self.chunked and self.running
+                and all(id(r) in members for r in self.running) and self._can_launch_ahead()):
+            self._in_flight = self._launch_decode(done)
+        done.ready.synchronize()
+        live = [(i, req) for i, req in enumerate(done.reqs) if not req.finished]
+        next_ids = done.host_ids.tolist()
+        self._append_tokens([req for _, req in live], [next_ids[i] for i, _ in live])
+        return [req for _, req in live]
+
+    def _can_launch_ahead(self) -> bool:
+        """A decode may run without its ids on the host: graphs, memory without retraction,
+        sampling that needs no token history or logprobs."""
+        return (self.overlap and len(self.running) <= self.runner.cuda_graphs.max_bs
+                and self._available() >= len(self.running) and all(self._plain[r.rid] for r in self.running))
+
+    def _launch_decode(self, previous: _InFlight | None) -> _InFlight:
+        """Run one decode step of ``running`` up to its sampled ids, without reading them back.
+        Input ids come from ``previous`` (on the device) or, without one, from the host."""
+        reqs = list(self.running)
+        if previous is None:
+            input_ids: list[int] | torch.Tensor = [req.fill_ids[-1] for req in reqs]
+        else:
+            row = {id(req): i for i, req in enumerate(previous.reqs)}
+            index = torch.tensor([row[id(req)] for req in reqs], dtype=torch.int64)
+            input_ids = previous.next_ids[index.to(previous.next_ids.device, non_blocking=True)]
+        slots = self._append_slots(reqs)
+        chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
+        logits = self._forward(ForwardMode.DECODE, input_ids, [req.kv_len - 1 for req in reqs], chunks,
+                               list(range(len(reqs))), slots)
+        next_ids = self.sampler(logits, SamplingBatch.build(reqs, self.runner.vocab_size, logits.device,
+                                                            self.eos_token_ids)).next_ids
+        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host_ids.copy_(next_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(reqs, next_ids, host_ids, ready)
 
     def _schedule_extend(self) -> list[_Chunk]:
         """Pick this step's prefill work: the chunked request's next chunk, then waiting requests
@@ -175,21 +248,33 @@ class Scheduler:
         reqs = list(self.running)
         if not reqs:
             return []
-        for req in reqs:
-            self._grow(req, 1)
+        slots = self._append_slots(reqs)
         input_ids = [req.fill_ids[req.kv_len - 1] for req in reqs]
         positions = [req.kv_len - 1 for req in reqs]
         chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
-        logits = self._forward(ForwardMode.DECODE, input_ids, positions, chunks, list(range(len(reqs))))
+        logits = self._forward(ForwardMode.DECODE, input_ids, positions, chunks, list(range(len(reqs))), slots)
         self._sample_and_append(reqs, logits)
         return reqs
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _forward(self, mode: ForwardMode, input_ids: list[int], positions: list[int], chunks: list[_Chunk],
-                 logit_index: list[int]) -> torch.Tensor:
-        table = self.req_pool.req_to_token
-        out_cache_loc = torch.cat([table[c.req.req_pool_idx, c.start : c.end] for c in chunks])
+    def _append_slots(self, reqs: list[Req]) -> torch.Tensor:
+        """One more KV slot per request, written into the request rows with one scatter."""
+        slots = self._alloc(len(reqs))
+        assert slots is not None, "the caller checked that a slot is free for every request"
+        device = self.req_pool.req_to_token.device
+        rows = torch.tensor([req.req_pool_idx for req in reqs], dtype=torch.int64)
+        columns = torch.tensor([req.kv_len for req in reqs], dtype=torch.int64)
+        self.req_pool.req_to_token[rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)] = slots
+        for req in reqs:
+            req.kv_len += 1
+        return slots
+
+    def _forward(self, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int], chunks: list[_Chunk],
+                 logit_index: list[int], out_cache_loc: torch.Tensor | None = None) -> torch.Tensor:
+        if out_cache_loc is None:
+            table = self.req_pool.req_to_token
+            out_cache_loc = torch.cat([table[c.req.req_pool_idx, c.start : c.end] for c in chunks])
         step = StepInput(
             mode=mode,
             input_ids=input_ids,
@@ -208,7 +293,10 @@ class Scheduler:
             return
         batch = SamplingBatch.build(reqs, self.runner.vocab_size, logits.device, self.eos_token_ids)
         result = self.sampler(logits, batch)
-        next_ids = result.next_ids.tolist()
+        self._append_tokens(reqs, result.next_ids.tolist(), result)
+
+    def _append_tokens(self, reqs: list[Req], next_ids: list[int], result: SampleResult | None = None) -> None:
+        """Give each request its sampled token (and logprobs), then finish those that stop."""
         for i, req in enumerate(reqs):
             req.output_ids.append(next_ids[i])
             if req.return_logprob:
@@ -298,6 +386,7 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: dict, cache: bool = True) -> None:
         req.finished_reason = reason
+        self._admission_blocked = False
         for queue in (self.waiting, self.running):
             if req in queue:
                 queue.remove(req)
@@ -305,15 +394,19 @@ class Scheduler:
             self.chunked = None
         self._release(req, cache)
         self._stop.pop(req.rid, None)
+        self._plain.pop(req.rid, None)
 
     def _release(self, req: Req, cache: bool) -> None:
         """Give back every KV slot and the request row; cache the computed prefix if asked."""
         if req.req_pool_idx is None:
             return
         slots = self.req_pool.req_to_token[req.req_pool_idx, : req.kv_len].clone()
-        if cache and req.kv_len > 0:
-            already = self.cache.insert(req.fill_ids[: req.kv_len], slots)
+        # An in-flight decode may hold a slot for a token not yet read back: freed, not cached.
+        known = min(req.kv_len, len(req.fill_ids))
+        if cache and known > 0:
+            already = self.cache.insert(req.fill_ids[:known], slots[:known])
             self.kv_pool.free(slots[req.prefix_len : already])
+            self.kv_pool.free(slots[known:])
         else:
             self.kv_pool.free(slots[req.prefix_len :])
         if req.cache_handle is not None:

@@ -1,7 +1,9 @@
-"""The torch_native backend against plain per-request attention written out in float64.
+"""Attention backends against plain per-request attention written out in float64.
 
-Batches are large enough that decode is split into several length groups, slots are scattered over
-the pool, and some layers use a sliding window.
+Batches are large enough that torch_native splits decode into several length groups and Triton
+uses from one to sixteen key splits; slots are scattered over the pool (request rows with holes),
+some layers use a sliding window, GQA ratios vary. The Triton kernels run on CPU under
+``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU).
 """
 
 from __future__ import annotations
@@ -17,29 +19,49 @@ from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
 
-HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
+
+def triton_backend():
+    pytest.importorskip("triton")  # in the test extra; absent only outside CI
+    from sglang_plugins.attention.triton.backend import TritonBackend
+
+    return TritonBackend
+
+
+BACKENDS = {"torch_native": lambda: TorchNativeBackend, "triton": triton_backend}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(6, 2, 8), (4, 4, 64), (12, 4, 80)]  # (heads, kv_heads, head_dim): GQA 3, MHA, head_dim not 2^k
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: list[int],
               window: int | None, scale: float) -> torch.Tensor:
     """q: [n, heads, d] at ``positions``; keys/values: [seq, kv_heads, d] of the whole sequence."""
-    group = HEADS // KV_HEADS
-    out = torch.empty(q.shape, dtype=torch.float64)
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    group = heads // kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for i, pos in enumerate(positions):
         lo = 0 if window is None else max(0, pos - window + 1)
-        for h in range(HEADS):
+        for h in range(heads):
             k = keys[lo:pos + 1, h // group].double()
             weights = torch.softmax(k @ q[i, h].double() * scale, dim=0)
             out[i, h] = weights @ values[lo:pos + 1, h // group].double()
     return out
 
 
-def run(prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int) -> None:
+def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
+        shape: tuple[int, int, int] = SHAPES[0]) -> None:
+    with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
+        _run(backend_name, prefix_lens, extend_lens, window, seed, shape)
+
+
+def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
+         shape: tuple[int, int, int]) -> None:
+    HEADS, KV_HEADS, HEAD_DIM = shape
+    backend_cls = BACKENDS[backend_name]()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     total = sum(seq_lens)
-    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, torch.float32, DEVICE)
     slots = list(range(1, total + 51))
     rng.shuffle(slots)  # each request's tokens scattered over the pool
     req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
@@ -54,7 +76,7 @@ def run(prefix_lens: list[int], extend_lens: list[int], window: int | None, seed
         pool.store(0, own[:p], keys[-1][:p], values[-1][:p])  # the cached prefix
         new_slots.append(own[p:])
     mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
-    backend = TorchNativeBackend(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu")))
+    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device(DEVICE)))
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
@@ -73,21 +95,36 @@ def run(prefix_lens: list[int], extend_lens: list[int], window: int | None, seed
     torch.testing.assert_close(out.view(-1, HEADS, HEAD_DIM).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("batch_size", [1, 5, 40, 97])
-def test_decode_matches_reference(batch_size: int, window: int | None) -> None:
+def test_decode_matches_reference(backend: str, batch_size: int, window: int | None) -> None:
     rng = random.Random(batch_size)
     prefix = [rng.randint(1, 60) for _ in range(batch_size)]
-    run(prefix, [1] * batch_size, window, seed=batch_size)
+    run(backend, prefix, [1] * batch_size, window, seed=batch_size)
 
 
 def test_decode_equal_lengths_needs_no_mask() -> None:
-    run([23] * 35, [1] * 35, None, seed=3)
+    run("torch_native", [23] * 35, [1] * 35, None, seed=3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [None, 5])
-def test_extend_with_cached_prefixes_matches_reference(window: int | None) -> None:
+def test_extend_with_cached_prefixes_matches_reference(backend: str, window: int | None) -> None:
     rng = random.Random(11)
     prefix = [0, 0, 9, 30, 1, 17]
     extend = [rng.randint(1, 25) for _ in prefix]
-    run(prefix, extend, window, seed=11)
+    run(backend, prefix, extend, window, seed=11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_shapes(backend: str, shape: tuple[int, int, int], seed: int) -> None:
+    """Ragged batches of random prefix and new-token lengths; decode, then extend, per seed."""
+    rng = random.Random(100 + seed)
+    size = rng.randint(1, 9)
+    window = rng.choice([None, 3, 50])
+    run(backend, [rng.randint(1, 150) for _ in range(size)], [1] * size, window, seed, shape)
+    prefix = [rng.choice([0, rng.randint(1, 100)]) for _ in range(size)]
+    run(backend, prefix, [rng.randint(1, 90) for _ in range(size)], window, seed, shape)

@@ -1,0 +1,154 @@
+"""Llama-3.1-8B shape, dummy bf16 weights, one GPU: the figures of docs/benchmarks.md's GPU table,
+each beside its baseline measured in the same run.
+
+    python benchmarks/gpu_llama8b.py                                   # everything
+    python benchmarks/gpu_llama8b.py --runs decode1,batch64 --backends triton,torch_native
+
+Runs (``--runs``):
+- ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``).
+- ``batch64``: static batch 64, input 512, output 256, decode ms/step.
+- ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored.
+- ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
+  config and dtype (random weights; greedy; EOS ignored).
+- ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
+  question, 256 output; with the radix cache and with ``--disable-radix-cache``.
+Each figure is end to end through the engine (scheduler, sampling, detokenization included).
+Results go to ``--out`` as JSON lines; a markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sglang_core.bench import measure_latency, measure_offline, offline_workload, random_prompts
+from sglang_core.engine import Engine
+
+CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
+
+
+def with_engine(backend: str, measure: Callable[[Engine], dict], **settings) -> dict:
+    """Build an engine, measure, and free its GPU memory before the next one is built."""
+    engine = Engine(model_path=str(CONFIG), load_format="dummy", dtype="bfloat16", device="cuda",
+                    attention_backend=backend, **settings)
+    try:
+        return measure(engine)
+    finally:
+        engine.shutdown()
+        del engine
+        release()
+
+
+def release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_decode1(backend: str) -> list[dict]:
+    return [{"run": "decode1", "backend": backend, "cuda_graph": graphs,
+             **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256), disable_cuda_graph=not graphs)}
+            for graphs in ((True, False) if backend != "torch_native" else (False,))]  # torch_native: no graphs
+
+
+def run_batch64(backend: str) -> list[dict]:
+    return [{"run": "batch64", "backend": backend, **with_engine(backend, lambda e: measure_latency(e, 64, 512, 256))}]
+
+
+def run_offline(backend: str) -> list[dict]:
+    def measure(e: Engine) -> dict:
+        prompts, output_lens = offline_workload(e.info.vocab_size, 500, (1, 4096), (1, 2048), seed=0)
+        return measure_offline(e, prompts, output_lens)
+
+    return [{"run": "offline", "backend": backend, **with_engine(backend, measure, max_running_requests=256)}]
+
+
+def shared_prefix_workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for group in range(64):
+        system = random_prompts(vocab, [2048], seed * 1000 + group)[0]
+        prompts += [system + [rng.randrange(vocab) for _ in range(128)] for _ in range(16)]
+    rng.shuffle(prompts)  # arrival order mixes the groups; the scheduler's policy has to find them
+    return prompts, [256] * len(prompts)
+
+
+def run_shared_prefix(backend: str) -> list[dict]:
+    def measure(e: Engine) -> dict:
+        return measure_offline(e, *shared_prefix_workload(e.info.vocab_size))
+
+    return [{"run": "shared_prefix", "backend": backend, "radix_cache": radix,
+             **with_engine(backend, measure, max_running_requests=256, disable_radix_cache=not radix)}
+            for radix in (True, False)]
+
+
+def run_hf256(backend: str) -> list[dict]:
+    ours = with_engine(backend, lambda e: measure_latency(e, 256, 512, 256), max_running_requests=256)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(CONFIG))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    prompts = torch.tensor(random_prompts(config.vocab_size, [512] * 256, seed=0), device="cuda")
+
+    def generate(new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] == 512 + new_tokens
+        return time.perf_counter() - start
+
+    generate(4)  # warm-up
+    hf_s = generate(256)
+    del model
+    release()
+    hf = {"total_s": hf_s, "output_tok_per_s": 256 * 256 / hf_s}
+    return [{"run": "hf256", "backend": backend, **ours},
+            {"run": "hf256", "backend": "hf-transformers generate", **hf}]
+
+
+RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "hf256": run_hf256,
+        "shared_prefix": run_shared_prefix}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--backends", default="triton")
+    parser.add_argument("--out", default="bench_results/gpu_llama8b.jsonl")
+    args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name()
+    print("card:", card, "torch", torch.__version__, flush=True)
+    rows = []
+    for name in args.runs.split(","):
+        for backend in args.backends.split(","):
+            if name == "hf256" and backend != args.backends.split(",")[0]:
+                continue  # HF's figure does not depend on our backend
+            for row in RUNS[name](backend):
+                row["card"] = card
+                print(json.dumps(row), flush=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+    print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    for r in rows:
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache") if k in r)
+        step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
+        print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

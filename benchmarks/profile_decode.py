@@ -1,0 +1,106 @@
+"""Where a decode step's time goes: the GPU's share (a bare CUDA-graph replay) against a whole
+scheduler step (``EngineCore.step``: batch building, graph replay, sampling, stop checks), and a
+cProfile of the host side. Llama-3.1-8B shape, dummy bf16 weights.
+
+    python benchmarks/profile_decode.py --batch-sizes 1,64 --backend triton
+    python benchmarks/profile_decode.py --kernels      # also a per-kernel GPU time table (eager step)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sglang_core.config import EngineSettings
+from sglang_core.engine_core import EngineCore
+from sglang_core.messages import GenerateRequest
+from sglang_core.plugins import PluginManager
+
+CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
+
+
+def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50) -> float:
+    graphs = core.runner.cuda_graphs
+    graph = graphs.graphs[next(s for s in graphs.sizes if s >= bs)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def kernel_table(core: EngineCore, steps: int = 5) -> None:
+    """GPU time per kernel over a few eager decode steps (the same kernels a graph replays)."""
+    while core.scheduler._in_flight is not None:  # drain an overlapped step first
+        core.step()
+    graphs, core.runner.cuda_graphs = core.runner.cuda_graphs, None
+    overlap, core.scheduler.overlap = core.scheduler.overlap, False
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    core.runner.cuda_graphs, core.scheduler.overlap = graphs, overlap
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--kernels", action="store_true", help="print a per-kernel GPU time table")
+    parser.add_argument("--decode-programs", type=int, default=None,
+                        help="experiment: override the Triton backend's TARGET_PROGRAMS")
+    args = parser.parse_args()
+    if args.decode_programs:
+        from sglang_plugins.attention.triton import backend
+
+        backend.TARGET_PROGRAMS = args.decode_programs
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    settings = EngineSettings(model_path=str(CONFIG), load_format="dummy", dtype="bfloat16", device="cuda",
+                              attention_backend=args.backend, max_running_requests=max(sizes + [128]))
+    core = EngineCore(settings, PluginManager(settings.plugins))
+    rng = random.Random(0)
+    for bs in sizes:
+        for i in range(bs):
+            ids = [rng.randrange(core.info.vocab_size) for _ in range(args.input_len)]
+            core.add(GenerateRequest(rid=f"{bs}-{i}", input_ids=ids, sampling_params={
+                "max_new_tokens": args.steps + 20, "temperature": 0.0, "ignore_eos": True}))
+        while core.scheduler.waiting or core.scheduler.chunked:  # prefill
+            core.step()
+        for _ in range(10):
+            core.step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps // 2):
+            core.step()
+        step_ms = (time.perf_counter() - start) / (args.steps // 2) * 1000
+        profile = cProfile.Profile()  # separately: the profiler slows the host side down
+        profile.enable()
+        for _ in range(args.steps // 2):
+            core.step()
+        profile.disable()
+        gpu_ms = gpu_replay_ms(core, bs) if core.runner.cuda_graphs else float("nan")
+        print(f"\n== batch {bs}: whole step {step_ms:.3f} ms, graph replay alone {gpu_ms:.3f} ms "
+              f"(host overhead not hidden: {step_ms - gpu_ms:.3f} ms) on {torch.cuda.get_device_name()}")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(8)
+        if args.kernels:
+            kernel_table(core)
+        for req in list(core.scheduler.running):
+            core.abort(req.rid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Triton attention kernels over the token-granular KV pool.
+
+Both kernels find a request's keys through its row of ``req_to_token`` (slot of every cached
+token, in order), so a request's KV may sit anywhere in the pool: no paging, no copies.
+
+- ``decode_attention``: one query token per request, split-KV ("flash decoding"). Stage one
+  gives each (request, KV head, split) a slice of the keys and all the query heads sharing that
+  KV head, so a KV row is read once for the whole GQA group; stage two merges the splits by
+  their log-sum-exp. The slice size is computed in the kernel from ``seq_lens``, so the launch
+  depends only on the batch size: a CUDA graph replays it for any lengths.
+- ``extend_attention``: the new tokens of each request over its cached prefix and themselves
+  (causal), flash-attention style, tiles of queries against tiles of keys.
+
+Both support a sliding window (``window`` > 0: a query at position p sees keys > p - window;
+a compile-time constant, so models without one pay nothing for it).
+They run on CPU under ``TRITON_INTERPRET=1``, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, MidO, MidLse,
+    scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    row = tl.load(ReqPoolIdx + b)
+    first = 0
+    if WINDOW > 0:  # a constexpr: resolved at compile time
+        first = tl.maximum(seq_len - WINDOW, 0)
+    span = seq_len - first
+    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        slots = tl.load(ReqToToken + row * stride_r2t + keys, mask=key_ok, other=0)
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp(qk - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    # An empty split (short sequence) reports lse = -inf and is ignored when merging.
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + dims[None, :], out,
+             mask=head_ok[:, None] & dim_ok[None, :])
+    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MidO, MidLse, Out,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_mlb + head * stride_mlh + splits, mask=split_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weights = tl.exp(lse - top)  # empty splits: exp(-inf) = 0
+    parts = tl.load(MidO + b * stride_mob + head * stride_moh + splits[:, None] * stride_mos + dims[None, :],
+                    mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(Out + b * stride_ob + head * stride_oh + dims, out.to(Out.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def _extend_kernel(
+    Q, K, V, Out, ReqToToken, ReqPoolIdx, SeqLens, PrefixLens, ExtendStart,
+    scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
+    WINDOW: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    m_block = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    prefix = tl.load(PrefixLens + b)
+    extend_len = seq_len - prefix
+    if m_block * BLOCK_M >= extend_len:
+        return
+    row = tl.load(ReqPoolIdx + b)
+    first_token = tl.load(ExtendStart + b)
+    kv_head = head // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = offs_m < extend_len
+    q_pos = prefix + offs_m
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + (first_token + offs_m)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=q_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    last_pos = tl.minimum(prefix + (m_block + 1) * BLOCK_M, seq_len)  # causal: no key past the last query
+    start = 0
+    if WINDOW > 0:
+        start = tl.maximum(prefix + m_block * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, last_pos, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < last_pos
+        slots = tl.load(ReqToToken + row * stride_r2t + keys, mask=key_ok, other=0)
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible &= keys[None, :] > q_pos[:, None] - WINDOW
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no visible key yet keeps m = -inf; exp(-inf - -inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + (first_token + offs_m)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(Out.dtype.element_ty), mask=q_ok[:, None] & dim_ok[None, :])
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 inputs get full-precision dots (TF32 would drift from the reference); others as is."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, window: int, num_splits: int, mid_o: torch.Tensor,
+                     mid_lse: torch.Tensor) -> None:
+    """q/out: [B, heads, head_dim]; k/v_buffer: [slots, kv_heads, head_dim];
+    mid_o: [>=B, heads, num_splits, head_dim] float32, mid_lse: [>=B, heads, num_splits] float32."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_buffer.shape[1]
+    group = heads // kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        scale,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        WINDOW=window, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=32, NUM_SPLITS=num_splits, PRECISION=_precision(q), num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(batch, heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, num_splits), num_warps=2,
+    )
+
+
+def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     prefix_lens: torch.Tensor, extend_start: torch.Tensor, max_extend_len: int,
+                     scale: float, window: int) -> None:
+    """q/out: [T, heads, head_dim] new tokens of all requests, request b's from ``extend_start[b]``.
+    The new tokens' K/V must already be in the pool."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    group = heads // k_buffer.shape[1]
+    block_m = 64 if max_extend_len > 32 else 16
+    block_n = 64 if head_dim <= 128 else 32
+    grid = (seq_lens.shape[0], heads, triton.cdiv(max_extend_len, block_m))
+    _extend_kernel[grid](
+        q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_start,
+        scale,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1), req_to_token.stride(0),
+        WINDOW=window, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=2,
+    )

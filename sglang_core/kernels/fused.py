@@ -1,0 +1,132 @@
+"""Fused Triton kernels for the per-token work between matmuls: RMSNorm (with the residual add),
+SiLU-and-mul, rotary embedding and the KV-cache write. Each replaces several small PyTorch kernels with one launch,
+which is most of what a decode step at small batch spends outside the matmuls.
+
+Each matches the PyTorch path of its layer (``sglang_core/layers``) in rounding: float32
+inside, rounded to the input dtype where the PyTorch code rounds. The layers call these on CUDA
+tensors when Triton is installed; tests run them on CPU with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hidden, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < hidden
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(X.dtype.element_ty)  # as torch rounds x + r
+        tl.store(Residual + row * stride_r + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    normed = (xf * rstd).to(X.dtype.element_ty)
+    w = tl.load(Weight + cols, mask=ok, other=0.0)
+    tl.store(Out + row * stride_o + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(Out.dtype.element_ty),
+             mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
+    hidden = x2.shape[1]
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, x2.stride(0), res2.stride(0), out.stride(0), hidden,
+                                     eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                     num_warps=min(max(block // 256, 1), 8))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + width + cols, mask=ok, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(Out + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(Out.dtype.element_ty),
+             mask=ok)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :w]) * x[..., w:]`` with ``w`` half the last dimension."""
+    x2 = x.reshape(-1, x.shape[-1])
+    width = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(width, block))](x2, out, x2.stride(0), out.stride(0), width,
+                                                                   BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], width)
+
+
+@triton.jit
+def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    token = tl.program_id(0)
+    pos = tl.load(Positions + token)
+    heads = tl.arange(0, BLOCK_H)
+    half = tl.arange(0, BLOCK_HALF)
+    ok = (heads[:, None] < num_heads) & (half[None, :] < HALF)
+    cos = tl.load(Cos + pos * stride_c + half, mask=half < HALF, other=0.0)
+    sin = tl.load(Sin + pos * stride_c + half, mask=half < HALF, other=0.0)
+    base = X + token * stride_xt + heads[:, None] * stride_xh + half[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    # "rotate half": [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (cos/sin repeat across halves)
+    tl.store(base, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=ok)
+    tl.store(base + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
+
+
+def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   rotary_dim: int) -> None:
+    """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place.
+    ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32 (the first half of the tables)."""
+    tokens, heads, _ = x.shape
+    if tokens == 0:
+        return
+    if x.stride(2) != 1:
+        raise ValueError("rotary_inplace: the head dimension must be contiguous")
+    half = rotary_dim // 2
+    _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
+                            HALF=half, BLOCK_H=triton.next_power_of_2(heads),
+                            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+
+
+@triton.jit
+def _store_kv_kernel(K, V, KBuf, VBuf, Slots, stride_k, stride_v, stride_kb, stride_vb, width,
+                     BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    slot = tl.load(Slots + token)
+    k = tl.load(K + token * stride_k + cols, mask=ok)
+    v = tl.load(V + token * stride_v + cols, mask=ok)
+    tl.store(KBuf + slot * stride_kb + cols, k.to(KBuf.dtype.element_ty), mask=ok)
+    tl.store(VBuf + slot * stride_vb + cols, v.to(VBuf.dtype.element_ty), mask=ok)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """``k_buffer[slots] = k; v_buffer[slots] = v`` in one launch. k/v: [T, kv_heads, head_dim]
+    (any token stride); buffers: [slots, kv_heads, head_dim] contiguous."""
+    tokens = k.shape[0]
+    if tokens == 0:
+        return
+    k2, v2 = k.reshape(tokens, -1), v.reshape(tokens, -1)
+    width = k2.shape[1]
+    block = min(triton.next_power_of_2(width), 1024)
+    _store_kv_kernel[(tokens, triton.cdiv(width, block))](
+        k2, v2, k_buffer, v_buffer, slots, k2.stride(0), v2.stride(0), k_buffer.stride(0), v_buffer.stride(0),
+        width, BLOCK=block, num_warps=4)

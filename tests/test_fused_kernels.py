@@ -1,0 +1,114 @@
+"""The fused Triton kernels against the PyTorch code of the layers they replace.
+
+On CPU they run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py); with a GPU
+the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_core.layers.activation import SiluAndMul
+from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.rotary import RotaryEmbedding
+
+pytest.importorskip("triton")  # in the test extra; absent only outside CI
+from sglang_core.kernels import fused  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bfloat16 in the interpreter goes through numpy float32 with rounding; one bf16 ulp of slack.
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+
+
+def torch_path(module: torch.nn.Module, *args):
+    """The layer's PyTorch code (what runs on CPU), whatever device the tensors are on."""
+    from unittest import mock
+
+    with mock.patch(f"{type(module).__module__}.use_fused", return_value=False):
+        return module(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 96, 576])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-5, dtype).to(DEVICE)
+    norm.weight.data = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    x = torch.randn(7, hidden, dtype=dtype, device=DEVICE) * 3
+    residual = torch.randn(7, hidden, dtype=dtype, device=DEVICE) if with_residual else None
+    if residual is None:
+        expected = torch_path(norm, x)
+        got = fused.rms_norm(x, norm.weight, norm.eps)
+    else:
+        expected, expected_residual = torch_path(norm, x, residual.clone())
+        got = fused.rms_norm(x, norm.weight, norm.eps, residual)
+        torch.testing.assert_close(residual, expected_residual, **TOLERANCE[dtype])
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 1536, 1100])
+def test_silu_and_mul(dtype: torch.dtype, width: int) -> None:
+    torch.manual_seed(width)
+    x = torch.randn(5, 2 * width, dtype=dtype, device=DEVICE) * 4
+    torch.testing.assert_close(fused.silu_and_mul(x), torch_path(SiluAndMul(), x), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, None), (128, None), (80, 40)])
+def test_rotary(dtype: torch.dtype, head_dim: int, rotary_dim: int | None) -> None:
+    torch.manual_seed(head_dim)
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                      "original_max_position_embeddings": 1024},
+                           rotary_dim).to(DEVICE)
+    tokens, heads, kv_heads = 9, 6, 2
+    # q and k as views of one fused projection output, as the model passes them.
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 1, 2, 17, 300, 1023, 1024, 2048, 4095], device=DEVICE)
+    expected_q, expected_k = torch_path(rope, positions, q.clone(), k.clone())
+    half = rope.rotary_dim // 2
+    for x in (q, k):
+        fused.rotary_inplace(x, positions, rope.cos_cache[:, :half], rope.sin_cache[:, :half], rope.rotary_dim)
+    torch.testing.assert_close(q, expected_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(k, expected_k, **TOLERANCE[dtype])
+
+
+def test_rotary_of_fused_qkv_views_in_one_launch() -> None:
+    """q and k sliced from one QKV output are rotated as one tensor (one launch), same result."""
+    from sglang_core.layers.rotary import _adjacent_heads
+
+    rope = RotaryEmbedding(64, 512, 10000.0).to(DEVICE)
+    tokens, heads, kv_heads = 5, 4, 2
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * 64, device=DEVICE)
+    q, k, v = qkv.split([heads * 64, kv_heads * 64, kv_heads * 64], dim=-1)
+    q, k = q.view(tokens, heads, 64), k.view(tokens, kv_heads, 64)
+    assert _adjacent_heads(k, q) is None  # k does not precede q
+    both = _adjacent_heads(q, k)
+    assert both is not None and both.shape == (tokens, heads + kv_heads, 64)
+    positions = torch.tensor([3, 0, 511, 7, 100], device=DEVICE)
+    expected_q, expected_k = torch_path(rope, positions, q.clone(), k.clone())
+    v_before = v.clone()
+    fused.rotary_inplace(both, positions, rope.cos_cache[:, :32], rope.sin_cache[:, :32], 64)
+    torch.testing.assert_close(q, expected_q, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(k, expected_k, **TOLERANCE[torch.float32])
+    assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    tokens, kv_heads, head_dim = 6, 2, 80
+    k_buf = torch.zeros(30, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_buf = torch.zeros_like(k_buf)
+    qkv = torch.randn(tokens, 3 * kv_heads * head_dim, dtype=dtype, device=DEVICE)
+    _, k, v = qkv.split(kv_heads * head_dim, dim=-1)  # strided views, as the model passes them
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(29, device=DEVICE)[:tokens] + 1
+    fused.store_kv(k, v, k_buf, v_buf, slots)
+    expected_k, expected_v = torch.zeros_like(k_buf), torch.zeros_like(v_buf)
+    expected_k[slots], expected_v[slots] = k, v
+    assert torch.equal(k_buf, expected_k) and torch.equal(v_buf, expected_v)

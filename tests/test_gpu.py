@@ -1,0 +1,143 @@
+"""On a CUDA GPU: each attention backend, with and without CUDA graphs, gives the greedy tokens of
+HF transformers on the same weights (float32 on the GPU), and graph replay equals eager decode.
+
+Skipped without a GPU (the kernels themselves are also checked on CPU by
+test_attention_backends.py and test_fused_kernels.py under Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from sglang_core.engine import Engine
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def hf_greedy_cuda(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(seed: int, count: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, vocab) for _ in range(11)]
+    ps = [shared + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 70))] for _ in range(count)]
+    return ps, [rng.randint(1, 30) for _ in range(count)]
+
+
+async def staggered(engine: Engine, ps: list[list[int]], ns: list[int]) -> list[dict]:
+    """Requests arrive while others decode, so decode batch sizes change (and hit graph padding)."""
+
+    async def one(i: int) -> dict:
+        await asyncio.sleep(0.01 * i)
+        return await engine.async_generate(input_ids=ps[i], sampling_params={**GREEDY, "max_new_tokens": ns[i]},
+                                           return_logprob=True)
+
+    return await asyncio.gather(*(one(i) for i in range(len(ps))))
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda().eval()
+    ps, ns = prompts(0, 13, 259)
+    return ps, ns, [hf_greedy_cuda(model, p, n) for p, n in zip(ps, ns)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch_native"])
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_greedy_matches_hf_on_gpu(tiny_llama, hf_reference, backend: str, cuda_graph: bool) -> None:
+    ps, ns, expected = hf_reference
+    with Engine(str(tiny_llama), device="cuda", dtype="float32", attention_backend=backend,
+                disable_cuda_graph=not cuda_graph, cuda_graph_max_bs=16) as engine:
+        results = asyncio.run(staggered(engine, ps, ns))
+        engine.check_memory()
+    for i, (res, exp) in enumerate(zip(results, expected)):
+        assert res["output_ids"] == exp, f"request {i} differs from HF"
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.9, "top_k": 50}],
+                         ids=["greedy", "seeded-sampling"])
+def test_graph_replay_and_overlap_equal_eager(tiny_llama, sampling: dict) -> None:
+    """Graphs with the overlapped schedule, graphs without it, and eager decode: the same tokens
+    (seeded sampling included: each request draws from its own generator) and logprobs."""
+    ps, ns = prompts(1, 13, 259)
+    runs = {}
+    variants = {"overlap": {}, "graphs": {"disable_overlap_schedule": True}, "eager": {"disable_cuda_graph": True}}
+    for name, settings in variants.items():
+        with Engine(str(tiny_llama), device="cuda", dtype="float32", attention_backend="triton",
+                    cuda_graph_max_bs=16, **settings) as engine:
+
+            async def one(i: int) -> dict:
+                await asyncio.sleep(0.01 * i)
+                params = {**GREEDY, **sampling, "max_new_tokens": ns[i], "seed": i}
+                return await engine.async_generate(input_ids=ps[i], sampling_params=params, return_logprob=True)
+
+            async def all_requests() -> list[dict]:
+                return await asyncio.gather(*(one(i) for i in range(len(ps))))
+
+            runs[name] = asyncio.run(all_requests())
+            engine.check_memory()
+    for name in ("graphs", "eager"):
+        for got, want in zip(runs["overlap"], runs[name]):
+            assert got["output_ids"] == want["output_ids"], name
+            assert [x[0] for x in got["meta_info"]["output_token_logprobs"]] == pytest.approx(
+                [x[0] for x in want["meta_info"]["output_token_logprobs"]], abs=1e-4)
+
+
+def test_overlap_with_stops_and_aborts_returns_all_memory(tiny_llama) -> None:
+    """Stop tokens, max_new_tokens and aborts land while a decode step is in flight; afterwards
+    every KV slot and request row is free or cached exactly once."""
+    ps, ns = prompts(2, 20, 259)
+    with Engine(str(tiny_llama), device="cuda", dtype="float32", attention_backend="triton",
+                cuda_graph_max_bs=32) as engine:
+
+        async def one(i: int) -> dict | None:
+            params = {"temperature": 1.0, "seed": i, "max_new_tokens": 5 + 3 * i, "stop_token_ids": [7, 11, 13]}
+            if i % 4 == 3:  # abandoned mid-generation
+                task = asyncio.ensure_future(engine.async_generate(input_ids=ps[i], sampling_params=params))
+                await asyncio.sleep(0.02)
+                task.cancel()
+                return None
+            return await engine.async_generate(input_ids=ps[i], sampling_params=params)
+
+        async def all_requests() -> list:
+            return await asyncio.gather(*(one(i) for i in range(len(ps))), return_exceptions=True)
+
+        results = asyncio.run(all_requests())
+        import time
+
+        deadline = time.monotonic() + 10
+        while engine.memory_report()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.check_memory()
+    for i, res in enumerate(results):
+        if i % 4 != 3:
+            out = res["output_ids"]
+            assert len(out) <= 5 + 3 * i and all(t not in (7, 11, 13) for t in out[:-1])
+
+
+def test_bf16_dummy_llama8b_shape_runs(tmp_path) -> None:
+    """The benchmark's configuration end to end: config folder only, dummy weights, placeholder
+    tokenizer, bf16, graphs: every request produces its tokens and the pool comes back whole."""
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "benchmarks" / "configs" / "llama-3.1-8b"
+    with Engine(str(config), load_format="dummy", device="cuda", dtype="bfloat16", cuda_graph_max_bs=8,
+                max_running_requests=8, context_length=4096) as engine:
+        outs = engine.generate(input_ids=[[1, 2, 3], list(range(100, 400))],
+                               sampling_params={**GREEDY, "max_new_tokens": 5})
+        assert [o["meta_info"]["completion_tokens"] for o in outs] == [5, 5]
+        engine.check_memory()

@@ -164,6 +164,11 @@ def _extend_kernel(
              out.to(Out.dtype.element_ty), mask=q_ok[:, None] & dim_ok[None, :])
 
 
+# Launch settings, picked on an H100 with benchmarks/tune_triton_attention.py.
+DECODE_LAUNCH = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+EXTEND_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
 def _precision(q: torch.Tensor) -> str:
     """float32 inputs get full-precision dots (TF32 would drift from the reference); others as is."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
@@ -186,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         WINDOW=window, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=32, NUM_SPLITS=num_splits, PRECISION=_precision(q), num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PRECISION=_precision(q), **DECODE_LAUNCH,
     )
     _decode_merge_kernel[(batch, heads)](
         mid_o, mid_lse, out,
@@ -204,14 +209,15 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     The new tokens' K/V must already be in the pool."""
     heads, head_dim = q.shape[1], q.shape[2]
     group = heads // k_buffer.shape[1]
-    block_m = 64 if max_extend_len > 32 else 16
-    block_n = 64 if head_dim <= 128 else 32
-    grid = (seq_lens.shape[0], heads, triton.cdiv(max_extend_len, block_m))
+    launch = dict(EXTEND_LAUNCH)
+    if max_extend_len <= 32:  # short extends: small query tiles waste less
+        launch["BLOCK_M"] = 16
+    grid = (seq_lens.shape[0], heads, triton.cdiv(max_extend_len, launch["BLOCK_M"]))
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_start,
         scale,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         WINDOW=window, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4, num_stages=2,
+        PRECISION=_precision(q), **launch,
     )

@@ -48,31 +48,26 @@ class TritonBackend(AttentionBackend):
             starts = list(itertools.accumulate(lens, initial=0))[:-1]
             self.extend_start = torch.tensor(starts, dtype=torch.int64, device=batch.seq_lens.device)
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
-        n = k.shape[0]
-        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc, k.view(n, layer.num_kv_heads, layer.head_dim),
-                            v.view(n, layer.num_kv_heads, layer.head_dim))
+    @staticmethod
+    def _begin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch):
+        """Write the new K/V into the pool; return q as [T, heads, dim], the output, K and V buffers."""
+        n, heads, kv_heads, dim = q.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+        pool = batch.kv_pool
+        pool.store(layer.layer_id, batch.out_cache_loc, k.view(n, kv_heads, dim), v.view(n, kv_heads, dim))
+        out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
+        return q.view(n, heads, dim), out, pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self._store(k, v, layer, batch)
-        n = q.shape[0]
-        q3 = q.view(n, layer.num_heads, layer.head_dim)
-        out = torch.empty_like(q3)
-        pool = batch.kv_pool
-        decode_attention(q3, pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id], out,
-                         batch.req_to_token, batch.req_pool_indices, batch.seq_lens, layer.scaling,
-                         layer.sliding_window or 0, self.num_splits, *self._partials[self.num_splits])
-        return out.view(n, -1)
+        q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
+        decode_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                         layer.scaling, layer.sliding_window or 0, self.num_splits, *self._partials[self.num_splits])
+        return out.view(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self._store(k, v, layer, batch)
-        n = q.shape[0]
-        q3 = q.view(n, layer.num_heads, layer.head_dim)
-        out = torch.empty_like(q3)
-        pool = batch.kv_pool
-        extend_attention(q3, pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id], out,
-                         batch.req_to_token, batch.req_pool_indices, batch.seq_lens, batch.prefix_lens,
-                         self.extend_start, self.max_extend_len, layer.scaling, layer.sliding_window or 0)
-        return out.view(n, -1)
+        q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
+        extend_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                         batch.prefix_lens, self.extend_start, self.max_extend_len, layer.scaling,
+                         layer.sliding_window or 0)
+        return out.view(q.shape[0], -1)

@@ -41,6 +41,9 @@ class EngineSettings(BaseSettings):
     # Plugins and kernels
     plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
     attention_backend: str = Field("auto", description="attention backend name, or auto for the best available")
+    grammar_backend: str = Field("outlines", description="grammar backend for regex / json_schema constraints")
+    disable_jump_forward: bool = Field(False, description="decode text a constraint forces token by token instead of appending it at once")
+    grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request")
     tp_size: int = Field(1, ge=1, description="tensor-parallel size")
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")

@@ -56,6 +56,9 @@ def _put_all(deliveries: list[tuple[asyncio.Queue, list[TokenOutput]]]) -> None:
         target.put_nowait(items)
 
 
+CHOICE_METHODS = ("token_length_normalized", "greedy_token_selection")
+
+
 class OutputBuilder:
     """Accumulates one request's ``TokenOutput`` messages into SGLang-style results: text deltas
     while streaming, and the final ``{"text", "output_ids", "meta_info"}``."""
@@ -73,6 +76,8 @@ class OutputBuilder:
         self.input_logprobs: list = []
         self.input_top_logprobs: list = []
         self.cached_tokens = 0
+        self.forced_tokens = 0
+        self.constrained = params.constraint is not None
         self.finished_reason: dict | None = None
         self.sent = 0  # characters of visible text already streamed
         self._undecoded: list[int] = []  # ids not yet given to the detokenizer
@@ -88,6 +93,7 @@ class OutputBuilder:
         if out.input_logprobs is not None:
             self.input_logprobs, self.input_top_logprobs = out.input_logprobs, out.input_top_logprobs or []
         self.cached_tokens = out.cached_tokens
+        self.forced_tokens = out.forced_tokens
         self.finished_reason = reason = out.finished_reason
         new_ids = out.new_ids
         if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
@@ -122,6 +128,9 @@ class OutputBuilder:
             "cached_tokens": self.cached_tokens,
             "finish_reason": self.finished_reason,
         }
+        if self.constrained:  # how much of the output jump-forward appended vs the model sampled
+            meta["forced_tokens"] = self.forced_tokens
+            meta["sampled_tokens"] = len(self.output_ids) - self.forced_tokens
         if self.request.return_logprob:
             meta.update(self._logprobs())
         return {"text": self.text if text is None else text, "output_ids": list(self.output_ids), "meta_info": meta}
@@ -181,6 +190,7 @@ class Engine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopped = False
+        self._grammar_backend = None  # built on the first constrained request (False: none loaded)
         self.core: CoreClient
         if self.settings.engine_in_subprocess:
             self.core = ProcessCoreClient(self.settings, self.plugins, self._deliver, self._on_core_death)
@@ -246,6 +256,40 @@ class Engine:
         """End a request (and the copies of an ``n > 1`` request) wherever it is."""
         self.core.abort(rid)
 
+    def select(self, prompt: str, choices: list[str], method: str = "token_length_normalized") -> dict:
+        """Pick the continuation of ``prompt`` among ``choices`` by the model's logprobs of each
+        choice's tokens after the prompt (one prefill per choice, nothing sampled; the shared
+        prompt is computed once thanks to the prefix cache).
+
+        ``method``: ``token_length_normalized`` (mean logprob per token, SGLang's default) or
+        ``greedy_token_selection`` (highest first-token logprob, ties broken by the next tokens).
+        Returns ``{"choice", "index", "scores", "token_logprobs"}``."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt: must be a non-empty string")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError("choices: must be a non-empty list of non-empty strings")
+        if method not in CHOICE_METHODS:
+            raise ValueError(f"method: must be one of {', '.join(CHOICE_METHODS)}")
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        streams = []
+        for choice in choices:
+            ids = self.tokenizer(prompt + choice)["input_ids"]
+            # The choice's tokens: where the joint tokenization leaves the prompt's (they may merge
+            # at the boundary), never before the first token, which has no logprob.
+            start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+            start = max(1, min(start, len(ids) - 1))
+            requests, _ = self._build(None, ids, {"max_new_tokens": 0}, True, start, 0, None)
+            streams += self._submit(requests, None)
+        logprobs = [[lp for lp, _, _ in self._wait_sync(s, False)["meta_info"]["input_token_logprobs"]]
+                    for s in streams]
+        if method == "token_length_normalized":
+            scores = [sum(lps) / len(lps) for lps in logprobs]
+            best = max(range(len(choices)), key=scores.__getitem__)
+        else:
+            scores = [lps[0] for lps in logprobs]
+            best = max(range(len(choices)), key=lambda i: logprobs[i])  # lexicographic: first token, then next
+        return {"choice": choices[best], "index": best, "scores": scores, "token_logprobs": logprobs}
+
     def flush_cache(self) -> bool:
         """Drop the prefix cache (False while requests are in flight)."""
         return self.core.call("flush_cache")
@@ -291,6 +335,8 @@ class Engine:
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
+            if params.constraint is not None:
+                self._check_constraint(*params.constraint)
             self._check_ids(ids)
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
             for j in range(params.n):
@@ -326,6 +372,19 @@ class Engine:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room in the context length {self.info.context_len}")
         if len(ids) + 1 > self.info.max_total_tokens:
             raise ValueError(f"prompt: {len(ids)} tokens exceed the KV cache ({self.info.max_total_tokens} tokens)")
+
+    def _check_constraint(self, kind: str, spec: str) -> None:
+        """The grammar backend's cheap checks, here, so a bad constraint is a ValueError (HTTP 400)
+        before anything is queued; the engine compiles it later, off its critical path."""
+        if self._grammar_backend is None:
+            from sglang_core.constrained.compiler import make_grammar_backend
+
+            self._grammar_backend = make_grammar_backend(self.plugins, self.settings.grammar_backend,
+                                                         self.tokenizer, self.info.vocab_size) or False
+        if not self._grammar_backend:
+            raise ValueError(f"{kind}: constrained decoding needs the grammar backend "
+                             f"{self.settings.grammar_backend!r}, which no loaded plugin provides")
+        self._grammar_backend.validate(kind, spec)
 
     @staticmethod
     def _require_single(requests: list[GenerateRequest]) -> None:

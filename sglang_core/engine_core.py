@@ -18,6 +18,7 @@ from sglang_core.request import Req
 from sglang_core.sampling.params import SamplingParams
 from sglang_core.sampling.sampler import Sampler, make_generator
 from sglang_core.scheduler.scheduler import Scheduler
+from sglang_core.constrained.compiler import GrammarCompiler, make_grammar_backend
 from sglang_core.tokenizer import eos_token_ids, has_tokenizer, load_tokenizer, placeholder_tokenizer
 from sglang_core.weights.loader import resolve_model_source
 
@@ -53,7 +54,8 @@ class EngineCore:
         eos = eos_token_ids(tokenizer, source.folder)
         processors = [entry.load()(vocab_size=self.runner.vocab_size, device=self.runner.device)
                       for entry in plugins.registry("logits_processors")]
-        self.scheduler = Scheduler(self.runner, settings, Sampler(processors), tokenizer, eos)
+        self.grammars = self._grammar_compiler(settings, plugins, tokenizer)
+        self.scheduler = Scheduler(self.runner, settings, Sampler(processors), tokenizer, eos, self.grammars)
         self.info = ModelInfo(
             model_path=source.origin,
             tokenizer_path=tokenizer_path,
@@ -67,6 +69,10 @@ class EngineCore:
         )
         self.tokenizer = tokenizer
         self._sent: dict[str, int] = {}  # rid -> output tokens already reported
+
+    def _grammar_compiler(self, settings: EngineSettings, plugins: PluginManager, tokenizer) -> GrammarCompiler | None:
+        backend = make_grammar_backend(plugins, settings.grammar_backend, tokenizer, self.runner.vocab_size)
+        return GrammarCompiler(backend) if backend is not None else None
 
     def add(self, msg: GenerateRequest) -> None:
         params = SamplingParams(**msg.sampling_params)
@@ -96,6 +102,9 @@ class EngineCore:
         except Exception as exc:
             logger.exception("engine step failed")
             reqs = self.scheduler.fail_all(f"internal error: {type(exc).__name__}: {exc}")
+            # Requests the step finished before it failed are reported too, or their callers would wait forever.
+            failed = {id(r) for r in reqs}
+            reqs += [r for r in self.scheduler.finished_in_step if id(r) not in failed]
         return [self._output(req) for req in reqs]
 
     def fail_all(self, message: str) -> list[TokenOutput]:
@@ -122,6 +131,7 @@ class EngineCore:
             new_ids=req.output_ids[start:end],
             finished_reason=req.finished_reason,
             cached_tokens=req.cached_tokens,
+            forced_tokens=req.forced_tokens,
         )
         if req.return_logprob:
             out.output_logprobs = req.output_token_logprobs[start:end]

@@ -53,7 +53,15 @@ def register_quant_methods(register: Register) -> None:
 @hookspec
 def register_grammar_backends(register: Register) -> None:
     """Register grammar backends for constrained decoding (regex / JSON Schema), by name as
-    chosen with ``--grammar-backend``."""
+    chosen with ``--grammar-backend`` (default ``outlines``, the built-in outlines-core one).
+
+    ``register("mygrammar", "pkg.grammar:MyBackend")``: a subclass of
+    ``sglang_core.constrained.grammar.GrammarBackend``, built as
+    ``cls(tokenizer, vocab_size, eos_token_id)``. ``validate(kind, spec)`` runs on the request
+    side (cheap; a ``ValueError`` naming the field becomes HTTP 400); ``compile(kind, spec)``
+    runs in a worker thread and returns a ``Grammar`` whose ``new_state()`` walks one request:
+    ``fill_bitmask``, ``advance``, ``is_finished``.
+    """
 
 
 @hookspec

@@ -26,6 +26,7 @@ class TokenOutput(msgspec.Struct):
     new_ids: list[int]
     finished_reason: dict[str, Any] | None
     cached_tokens: int
+    forced_tokens: int = 0  # so far: output tokens appended by jump-forward, not sampled
     output_logprobs: list[float] = []
     output_top_logprobs: list[list[tuple[float, int]]] = []
     # Sent once, with the first output, when prompt logprobs were asked for.

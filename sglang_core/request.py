@@ -26,6 +26,10 @@ class Req:
     finished_reason: dict[str, Any] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    # Constrained decoding: the compiled grammar (a Future until ready) and this request's state in it.
+    grammar_future: Any = None
+    grammar: Any = None
+    forced_tokens: int = 0  # output tokens jump-forward appended without sampling
 
     # Memory, owned through the scheduler's request-memory helpers only.
     req_pool_idx: int | None = None
@@ -45,6 +49,10 @@ class Req:
     def fill_ids(self) -> list[int]:
         """Every token the model must have seen before sampling the next one."""
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def awaiting_grammar(self) -> bool:
+        return self.grammar_future is not None and self.grammar is None
 
     @property
     def finished(self) -> bool:

@@ -283,9 +283,13 @@ def test_client_disconnect_aborts(server, client, model):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"regex": "a+"}}, "response_format"),
     ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-    ({"extra_body": {"regex": "a+"}}, "regex"),
+    ({"extra_body": {"regex": "(a"}}, "regex"),
+    ({"extra_body": {"json_schema": {"type": "nonsense"}}}, "json_schema"),
+    ({"extra_body": {"ebnf": "root ::= 'a'"}}, "ebnf"),
 ])
 def test_chat_errors(client, model, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:

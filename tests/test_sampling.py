@@ -96,7 +96,8 @@ def test_core_processors_register_in_order():
     assert CORE_PLUGINS["core-sampling"] == processors.__name__
     names = []
     processors.register_logits_processors(lambda name, cls: names.append((name, cls)))
-    assert [n for n, _ in names] == ["repetition_penalty", "frequency_presence_penalty", "logit_bias", "min_new_tokens"]
+    assert [n for n, _ in names] == ["repetition_penalty", "frequency_presence_penalty", "logit_bias", "min_new_tokens",
+                                     "grammar_mask"]
     assert all(issubclass(cls, LogitsProcessor) for _, cls in names)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -81,6 +82,18 @@ def _param(default: Any, coerce: Callable[[str, Any], Any]) -> Any:
     return field(default=default, metadata={"coerce": coerce})
 
 
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _schema_text(name: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return _text(name, value)
+
+
 @dataclass
 class SamplingParams:
     """What to sample and when to stop. Types are checked (and coerced) at construction."""
@@ -106,6 +119,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = _param(None, _optional(_logit_bias))
     # Free-form settings for third-party logits processors.
     custom_params: dict[str, Any] | None = _param(None, _optional(_dict))
+    # Constrained decoding: the output must match this regex, or this JSON Schema (a JSON string;
+    # an object is accepted and serialised). At most one.
+    regex: str | None = _param(None, _optional(_text))
+    json_schema: str | None = _param(None, _optional(_schema_text))
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -158,6 +175,23 @@ class SamplingParams:
         bias = self.logit_bias or {}
         require(all(0 <= t < vocab_size for t in bias), "logit_bias", in_vocab)
         require(all(math.isfinite(v) for v in bias.values()), "logit_bias", "biases must be finite")
+        require(self.regex is None or self.json_schema is None, "regex", "give at most one of regex and json_schema")
+        require(self.regex != "", "regex", "must not be empty")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as exc:
+                raise ValueError(f"json_schema: not valid JSON ({exc})") from None
+            require(isinstance(schema, dict), "json_schema", "must be a JSON object")
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``("regex", pattern)`` or ``("json_schema", schema)``, or None when unconstrained."""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        return None
 
     @property
     def is_greedy(self) -> bool:

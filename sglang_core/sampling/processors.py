@@ -1,4 +1,5 @@
-"""The core's own logits processors: penalties, logit bias and min_new_tokens.
+"""The core's own logits processors: penalties, logit bias and min_new_tokens (and the grammar
+mask of constrained decoding, ``sglang_core/constrained/mask.py``).
 
 They register through ``register_logits_processors`` exactly as a plugin's processors do.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sglang_core.constrained.mask import GrammarMask
 from sglang_core.hookspecs import Register, hookimpl
 from sglang_core.sampling.logits_processor import LogitsProcessor, SamplingBatch
 from sglang_core.sampling.params import SamplingParams
@@ -82,3 +84,5 @@ def register_logits_processors(register: Register) -> None:
     register("frequency_presence_penalty", FrequencyPresencePenalty)
     register("logit_bias", LogitBias)
     register("min_new_tokens", MinNewTokens)
+    # Last: constraints apply to what the other processors left.
+    register("grammar_mask", GrammarMask)

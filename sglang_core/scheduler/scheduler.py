@@ -13,11 +13,15 @@ steps. A request that N finishes gets one wasted token from N+1, dropped when N+
 from __future__ import annotations
 
 import math
+import time
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from sglang_core.config import EngineSettings
+from sglang_core.constrained.compiler import GrammarCompiler
 from sglang_core.mem.prefix_cache import NoPrefixCache, RadixCache
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import ModelRunner, StepInput
@@ -49,12 +53,13 @@ class _InFlight:
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, settings: EngineSettings, sampler: Sampler, tokenizer,
-                 eos_token_ids: set[int]):
+                 eos_token_ids: set[int], grammars: GrammarCompiler | None = None):
         self.runner = runner
         self.settings = settings
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        self.grammars = grammars
         self.req_pool = runner.req_pool
         self.kv_pool = runner.kv_pool
         self.cache = (NoPrefixCache if settings.disable_radix_cache else RadixCache)(self.kv_pool)
@@ -71,6 +76,7 @@ class Scheduler:
         # Set when waiting requests could not be admitted; cleared by anything that may change
         # that (an arrival, a finish). While set, waiting requests do not stop overlapped decode.
         self._admission_blocked = False
+        self.finished_in_step: list[Req] = []  # so a step that fails part-way loses no finished request
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -79,6 +85,13 @@ class Scheduler:
         self._stop[req.rid] = StopChecker(self.tokenizer, req.sampling_params, self.eos_token_ids)
         self._plain[req.rid] = not req.return_logprob and not any(
             p.wants(req.sampling_params) for p in self.sampler.processors)
+        constraint = req.sampling_params.constraint
+        if constraint is not None:  # compiled off this thread; the request waits until it is ready
+            if self.grammars is None:
+                req.grammar_future = Future()
+                req.grammar_future.set_exception(ValueError(f"{constraint[0]}: no grammar backend is loaded"))
+            else:
+                req.grammar_future = self.grammars.get(*constraint)
         self.waiting.append(req)
         self._admission_blocked = False
 
@@ -109,8 +122,36 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[Req]:
         """Run one forward pass; return the requests that got a token or finished."""
+        self.finished_in_step = []
+        return self._resolve_grammars() + self._step()
+
+    def _resolve_grammars(self) -> list[Req]:
+        """Start the walkers of waiting requests whose grammar has compiled; fail those whose
+        grammar could not be compiled (returned, finished)."""
+        failed = []
+        for req in [r for r in self.waiting if r.awaiting_grammar]:
+            if not req.grammar_future.done():
+                if time.monotonic() - req.arrival_time > self.settings.grammar_compile_timeout_s:
+                    kind = req.sampling_params.constraint[0]
+                    self._finish(req, {"type": "abort", "message": f"{kind}: compiling took longer than "
+                                       f"{self.settings.grammar_compile_timeout_s:g} s"}, cache=False)
+                    failed.append(req)
+                continue
+            try:
+                req.grammar = req.grammar_future.result().new_state()
+            except Exception as exc:  # the backend's error names the field; it ends this request only
+                self._finish(req, {"type": "abort", "message": str(exc)}, cache=False)
+                failed.append(req)
+                continue
+            self._admission_blocked = False
+        return failed
+
+    def _step(self) -> list[Req]:
         if self._in_flight is not None:
             return self._step_overlapped()
+        jumped = [r for r in self.running if len(r.fill_ids) - r.kv_len > 1]
+        if jumped and (done := self._run_jumped(jumped)):
+            return done
         chunks = self._schedule_extend()
         if chunks:
             return self._run_extend(chunks)
@@ -120,6 +161,9 @@ class Scheduler:
             return []
         if self.running:
             return self._run_decode()
+        compiling = [r.grammar_future for r in self.waiting if r.awaiting_grammar]
+        if compiling:  # nothing else to do: wait a little for a grammar rather than spin
+            futures.wait(compiling, timeout=0.01, return_when=futures.FIRST_COMPLETED)
         return []
 
     def _step_overlapped(self) -> list[Req]:
@@ -179,7 +223,7 @@ class Scheduler:
             if req.kv_len == len(req.fill_ids):
                 self.chunked = None
         reserved = sum(self._decode_reserve(r) for r in self.running)
-        queue = order_waiting(self.waiting, self.settings.schedule_policy,
+        queue = order_waiting([r for r in self.waiting if not r.awaiting_grammar], self.settings.schedule_policy,
                               lambda r: len(self.cache.match_prefix(self._prefix_key(r))[0]),
                               self.settings.schedule_aging_s)
         for req in queue:
@@ -238,14 +282,25 @@ class Scheduler:
         for req, row, count in prompt_rows:
             self._record_prompt_logprobs(req, logits[row : row + count])
         self._sample_and_append(finals, logits[final_rows])
-        self.running += [req for req in finals if not req.finished]
+        present = set(map(id, self.running))  # jump-forward extends requests already running
+        self.running += [req for req in finals if not req.finished and id(req) not in present]
         for req in prefilled:
             self._finish(req, {"type": "length", "length": 0})
         return finals + prefilled
 
+    def _run_jumped(self, reqs: list[Req]) -> list[Req]:
+        """Extend requests that jump-forward gave several new tokens: their forced tokens go
+        through the model in one pass (the cached prefix is reused) and the next is sampled."""
+        chunks = []
+        for req in reqs:
+            n = len(req.fill_ids) - req.kv_len
+            if self._grow(req, n):  # short of memory: it waits, and decode steps free some
+                chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
+        return self._run_extend(chunks) if chunks else []
+
     def _run_decode(self) -> list[Req]:
         self._make_room_for_decode()
-        reqs = list(self.running)
+        reqs = [r for r in self.running if len(r.fill_ids) - r.kv_len == 1]  # not those awaiting a jump
         if not reqs:
             return []
         slots = self._append_slots(reqs)
@@ -299,14 +354,41 @@ class Scheduler:
         """Give each request its sampled token (and logprobs), then finish those that stop."""
         for i, req in enumerate(reqs):
             req.output_ids.append(next_ids[i])
+            if req.grammar is not None:
+                try:
+                    req.grammar.advance(next_ids[i])
+                except Exception as exc:  # a grammar backend's failure ends its own request only
+                    self._finish(req, {"type": "abort", "message": f"grammar backend error: {exc}"})
+                    continue
             if req.return_logprob:
                 req.output_token_logprobs.append(float(result.logprobs[i]))
                 req.output_top_logprobs.append(result.top_logprobs[i])
             reason = self._stop[req.rid].check(req.output_ids)
+            if reason is None and req.grammar is not None:
+                reason = self._jump_forward(req)
             if reason is None and len(req.fill_ids) >= self.runner.context_len:
                 reason = {"type": "length", "length": len(req.output_ids)}
             if reason is not None:
                 self._finish(req, reason)
+
+    def _jump_forward(self, req: Req) -> dict | None:
+        """Append the text the request's grammar forces from here (no forward pass per token: the
+        next step extends it in one); return a finish reason if that completes the request."""
+        if req.grammar.is_finished():
+            return {"type": "stop", "matched": None}  # the constraint is complete: only EOS could follow
+        if self.settings.disable_jump_forward or req.return_logprob:  # logprobs need a forward per token
+            return None
+        room = min(req.sampling_params.max_new_tokens - len(req.output_ids),
+                   self.runner.context_len - len(req.fill_ids))
+        forced = req.grammar.forced_tokens(room) if room > 0 else []
+        if not forced:
+            return None
+        req.output_ids += forced
+        req.forced_tokens += len(forced)
+        reason = self._stop[req.rid].check(req.output_ids)
+        if reason is None and req.grammar.is_finished():
+            reason = {"type": "stop", "matched": None}
+        return reason
 
     def _prompt_logprob_span(self, req: Req, a: int, b: int) -> tuple[int, int]:
         """Prompt tokens whose logprobs this chunk ``[a, b)`` can give (token p needs hidden p-1)."""
@@ -386,6 +468,7 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: dict, cache: bool = True) -> None:
         req.finished_reason = reason
+        self.finished_in_step.append(req)
         self._admission_blocked = False
         for queue in (self.waiting, self.running):
             if req in queue:

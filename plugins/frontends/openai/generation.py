@@ -49,7 +49,7 @@ def sampling_params(req: SamplingRequest, max_new_tokens: int, vocab_size: int) 
         "stop_token_ids": req.stop_token_ids, "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
         "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens, "seed": req.seed,
-        "logit_bias": req.logit_bias,
+        "logit_bias": req.logit_bias, **req.constraint(),
     }
     params = {k: v for k, v in params.items() if v is not None}
     try:

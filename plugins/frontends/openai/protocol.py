@@ -6,6 +6,7 @@ string where a number belongs is a 400 naming the field, never silently coerced)
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +23,18 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingRequest(_Body):
@@ -47,16 +60,41 @@ class SamplingRequest(_Body):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
+    def constraint(self) -> dict[str, str]:
+        """The output constraint as sampling params: SGLang's ``regex`` / ``json_schema``, or
+        OpenAI's ``response_format`` (``json_object``: any JSON object)."""
+        fmt = self.response_format
+        given = [name for name, value in (("regex", self.regex), ("json_schema", self.json_schema),
+                                          ("response_format", fmt if fmt and fmt.type != "text" else None))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give only one of regex, json_schema and response_format")
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.json_schema is not None:
+            schema = self.json_schema
+            return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
+        if fmt is None or fmt.type == "text":
+            return {}
+        if fmt.type == "json_object":
+            return {"json_schema": json.dumps({"type": "object"})}
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ValueError("response_format.json_schema.schema: required for type 'json_schema'")
+        return {"json_schema": json.dumps(fmt.json_schema.schema_)}
+
     def check_supported(self) -> None:
         """Raise ``ValueError("<field>: ...")`` for a feature this server does not have yet."""
-        for name in ("regex", "json_schema", "ebnf"):
-            if (self.model_extra or {}).get(name) is not None:
-                raise ValueError(f"{name}: constrained decoding is not supported yet")
+        if (self.model_extra or {}).get("ebnf") is not None:
+            raise ValueError("ebnf: grammar constraints are not supported yet (regex and json_schema are)")
+        self.constraint()
 
 
 class CompletionRequest(SamplingRequest):
@@ -100,17 +138,12 @@ class ChatMessage(_Body):
         return message
 
 
-class ResponseFormat(_Body):
-    type: str
-
-
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
@@ -128,9 +161,6 @@ class ChatRequest(SamplingRequest):
             raise ValueError("tools: tool calling is not supported yet")
         if self.tool_choice not in (None, "none"):
             raise ValueError("tool_choice: tool calling is not supported yet")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format: {self.response_format.type!r} is not supported yet (only 'text'; "
-                             "structured output comes later)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
 

@@ -1,0 +1,161 @@
+"""Regex and JSON Schema constraints with outlines-core.
+
+A JSON Schema becomes a regex (``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
+an ``Index``: for each automaton state, the tokens that keep the text on a path to a match. The
+vocabulary is read from our own tokenizer (``sglang_core.constrained.vocab``), never a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
+from sglang_core.constrained.vocab import token_bytes
+
+
+# outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
+MAX_ENUM_RANGE = 1000
+
+
+def _bounded_integers(schema: Any) -> Any:
+    """The schema with each bounded ``integer`` of a small range turned into the enum of its
+    values, which outlines-core does enforce."""
+    if isinstance(schema, list):
+        return [_bounded_integers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_integers(v) for k, v in schema.items()}
+    if out.get("type") == "integer":
+        low = out.get("minimum", out["exclusiveMinimum"] + 1 if "exclusiveMinimum" in out else None)
+        high = out.get("maximum", out["exclusiveMaximum"] - 1 if "exclusiveMaximum" in out else None)
+        if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_ENUM_RANGE:
+            return {"enum": list(range(low, high + 1))}
+    return out
+
+
+# A state with more allowed tokens than this is a free choice, not the start of forced text.
+MAX_FORCED_BRANCHING = 64
+MAX_FORCED_STEPS = 200
+
+
+class OutlinesState(GrammarState):
+    def __init__(self, guide, eos_token_id: int, grammar: "OutlinesGrammar"):
+        self.guide = guide
+        self.eos_token_id = eos_token_id
+        self.grammar = grammar
+
+    def fill_bitmask(self, out: torch.Tensor) -> None:
+        self.guide.write_mask_into(out.data_ptr(), out.numel(), 4)
+
+    def advance(self, token_id: int) -> None:
+        if token_id != self.eos_token_id:  # EOS ends the output; outlines has no state after it
+            self.guide.advance(token_id, return_tokens=False)
+
+    def is_finished(self) -> bool:
+        return self.guide.is_finished() and self.guide.get_tokens() == [self.eos_token_id]
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Walk the text every path agrees on (the longest common prefix of the allowed tokens'
+        bytes, step by step), then re-tokenize it the way the tokenizer would, so the model sees
+        canonical tokens; fall back to the walked tokens where those do not fit the grammar."""
+        walked = self._walk_forced()
+        if not walked:
+            return []
+        self.guide.rollback_state(len(walked))
+        text = b"".join(self.grammar.token_bytes[t] for t in walked)
+        try:
+            canonical = self.grammar.tokenizer.encode(text.decode("utf-8"), add_special_tokens=False)
+        except UnicodeDecodeError:  # forced text ends inside a character: keep the walked tokens
+            canonical = walked
+        for tokens in (canonical, walked):
+            done = 0
+            try:
+                for token in tokens[:limit]:
+                    self.guide.advance(token, return_tokens=False)
+                    done += 1
+                return tokens[:limit]
+            except ValueError:
+                self.guide.rollback_state(done)
+        return []
+
+    def _walk_forced(self) -> list[int]:
+        walked: list[int] = []
+        data = self.grammar.token_bytes
+        while len(walked) < MAX_FORCED_STEPS:
+            allowed = self.guide.get_tokens()
+            if self.eos_token_id in allowed or not allowed or len(allowed) > MAX_FORCED_BRANCHING:
+                break  # may end here, or a real choice
+            common = os.path.commonprefix([data[t] for t in allowed])
+            steps = [t for t in allowed if common.startswith(data[t])]
+            if not common or not steps:
+                break
+            token = max(steps, key=lambda t: len(data[t]))
+            self.guide.advance(token, return_tokens=False)
+            walked.append(token)
+        return walked
+
+
+class OutlinesGrammar(Grammar):
+    def __init__(self, index, eos_token_id: int, tokenizer, token_bytes: list[bytes]):
+        self.index = index
+        self.eos_token_id = eos_token_id
+        self.tokenizer = tokenizer
+        self.token_bytes = token_bytes
+
+    def new_state(self) -> OutlinesState:
+        from outlines_core import Guide
+
+        return OutlinesState(Guide(self.index, max_rollback=MAX_FORCED_STEPS), self.eos_token_id, self)
+
+
+class OutlinesBackend(GrammarBackend):
+    def validate(self, kind: str, spec: str) -> None:
+        regex = self._regex(kind, spec)
+        try:  # outlines' syntax is close to Python's; what only outlines rejects fails at compile
+            re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"{kind}: invalid regular expression ({exc})") from None
+
+    def compile(self, kind: str, spec: str) -> OutlinesGrammar:
+        from outlines_core import Index
+
+        try:
+            index = Index(self._regex(kind, spec), self._vocabulary)
+        except ValueError:
+            raise
+        except Exception as exc:  # outlines reports bad patterns with its own exception types
+            raise ValueError(f"{kind}: cannot be compiled ({exc})") from None
+        return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
+
+    @staticmethod
+    def _regex(kind: str, spec: str) -> str:
+        if kind == "regex":
+            return spec
+        from outlines_core.json_schema import build_regex_from_schema
+
+        try:
+            # Compact JSON (no optional whitespace): fixed keys and punctuation become forced
+            # text that jump-forward can append without decoding it.
+            return build_regex_from_schema(json.dumps(_bounded_integers(json.loads(spec))), "")
+        except Exception as exc:
+            raise ValueError(f"json_schema: unsupported or invalid schema ({exc})") from None
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
+
+    @cached_property
+    def _vocabulary(self):
+        from outlines_core import Vocabulary
+
+        by_bytes: dict[bytes, list[int]] = {}
+        for token_id, data in enumerate(self._token_bytes):
+            if data and token_id != self.eos_token_id:
+                by_bytes.setdefault(data, []).append(token_id)
+        return Vocabulary(self.eos_token_id, by_bytes)

@@ -1,0 +1,46 @@
+"""Compiles constraints in a worker thread, once per distinct constraint, so building an index
+never stalls the scheduler: a constrained request waits in the queue until its grammar is ready
+while the others run."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sglang_core.constrained.grammar import Grammar, GrammarBackend
+from sglang_core.plugins import PluginManager
+
+CACHE_SIZE = 256
+
+
+class GrammarCompiler:
+    def __init__(self, backend: GrammarBackend):
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-core-grammar")
+        self._cache: OrderedDict[tuple[str, str], Future[Grammar]] = OrderedDict()
+
+    def get(self, kind: str, spec: str) -> Future[Grammar]:
+        """The compiled grammar for ``(kind, spec)``: cached, or compiling (a failure is a
+        ``ValueError`` from ``result()``, and is not cached)."""
+        key = (kind, spec)
+        future = self._cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._pool.submit(self.backend.compile, kind, spec)
+            self._cache[key] = future
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return future
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_grammar_backend(plugins: PluginManager, name: str, tokenizer, vocab_size: int) -> GrammarBackend | None:
+    """The backend registered as ``name``, or None when no loaded plugin provides it (constrained
+    requests are then refused by name)."""
+    registry = plugins.registry("grammar_backends")
+    if name not in registry.names():
+        return None
+    eos = tokenizer.eos_token_id
+    return registry.get(name).load()(tokenizer, vocab_size, eos if eos is not None else vocab_size - 1)

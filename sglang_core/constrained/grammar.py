@@ -1,0 +1,58 @@
+"""The interface a grammar backend plugin implements (hook ``register_grammar_backends``).
+
+A backend is built once per engine as ``cls(tokenizer, vocab_size, eos_token_id)`` and turns a
+constraint (``"regex"`` or ``"json_schema"``, and its text) into a ``Grammar``: compiled once,
+shared by every request with the same constraint. Each request walks it with its own
+``GrammarState``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class GrammarState(abc.ABC):
+    """One request's position in a compiled grammar."""
+
+    @abc.abstractmethod
+    def fill_bitmask(self, out: torch.Tensor) -> None:
+        """Write the allowed next tokens into ``out``, an int32 CPU tensor of ``ceil(vocab / 32)``
+        words: bit ``t % 32`` of word ``t // 32`` set means token ``t`` is allowed."""
+
+    @abc.abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Consume the sampled token."""
+
+    @abc.abstractmethod
+    def is_finished(self) -> bool:
+        """True once the output is complete: only end-of-sequence may follow."""
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Jump-forward: the tokens of the text the grammar forces from here (at most ``limit``),
+        already consumed by this state; [] when the next token is a real choice. The default
+        forces nothing."""
+        return []
+
+
+class Grammar(abc.ABC):
+    @abc.abstractmethod
+    def new_state(self) -> GrammarState:
+        """A fresh walker at the start of the grammar."""
+
+
+class GrammarBackend(abc.ABC):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+
+    def validate(self, kind: str, spec: str) -> None:
+        """Cheap checks on the request side (before anything is queued); raise ``ValueError``
+        naming the field (``"regex: ..."``, ``"json_schema: ..."``). The default checks nothing."""
+
+    @abc.abstractmethod
+    def compile(self, kind: str, spec: str) -> Grammar:
+        """Compile a constraint; may take seconds (it runs in a worker thread). Raise
+        ``ValueError`` naming the field when it cannot be compiled."""

@@ -6,7 +6,7 @@ of a constraint, and jump-forward's speedup, each beside its baseline in the sam
 1. Index build: the vocabulary (once per tokenizer), then a typical JSON Schema's index cold,
    then the same schema again through the engine's compile cache.
 2. Per-token cost: greedy decode of 64 tokens at batch 1 and batch 32, unconstrained vs
-   constrained by a regex that leaves every step a free choice (``[a-z ]{64}``: no jump-forward,
+   constrained by a regex that leaves every step a free choice (``[a-z ]*``: no jump-forward,
    every token masked). Decode ms/token = (t_64 - t_1) / 63.
 3. Jump-forward: a schema with long fixed keys, greedy, batch 1, output tokens/s with
    jump-forward on vs off (``--disable-jump-forward``), and the forward passes each needed.
@@ -67,7 +67,7 @@ def decode_ms_per_token(engine: Engine, batch: int, extra: dict) -> float:
 def per_token_cost(engine: Engine) -> None:
     for batch in (1, 32):
         free = decode_ms_per_token(engine, batch, {})
-        constrained = decode_ms_per_token(engine, batch, {"regex": "[a-z ]{64}"})
+        constrained = decode_ms_per_token(engine, batch, {"regex": "[a-z ]*"})
         print(f"| decode ms/step, batch {batch} | unconstrained {free:.1f} | constrained {constrained:.1f} | "
               f"{(constrained / free - 1) * 100:+.1f}% |", flush=True)
 

@@ -58,7 +58,7 @@ class OutlinesState(GrammarState):
             self.guide.advance(token_id, return_tokens=False)
 
     def is_finished(self) -> bool:
-        return self.guide.is_finished() and self.guide.get_tokens() == [self.eos_token_id]
+        return self.guide.is_finished() and self.grammar.branching(self.guide) == 0
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Walk the text every path agrees on (the longest common prefix of the allowed tokens'
@@ -88,9 +88,9 @@ class OutlinesState(GrammarState):
         walked: list[int] = []
         data = self.grammar.token_bytes
         while len(walked) < MAX_FORCED_STEPS:
-            allowed = self.guide.get_tokens()
-            if self.eos_token_id in allowed or not allowed or len(allowed) > MAX_FORCED_BRANCHING:
+            if self.guide.is_finished() or not 0 < self.grammar.branching(self.guide) <= MAX_FORCED_BRANCHING:
                 break  # may end here, or a real choice
+            allowed = self.guide.get_tokens()
             common = os.path.commonprefix([data[t] for t in allowed])
             steps = [t for t in allowed if common.startswith(data[t])]
             if not common or not steps:
@@ -107,6 +107,17 @@ class OutlinesGrammar(Grammar):
         self.eos_token_id = eos_token_id
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes
+        self._branching: dict[int, int] = {}
+
+    def branching(self, guide) -> int:
+        """How many tokens other than EOS the guide's state allows, cached by state: listing a
+        free state's tokens costs about a millisecond, and decoding revisits the same states."""
+        state = guide.get_state()
+        count = self._branching.get(state)
+        if count is None:
+            allowed = guide.get_tokens()
+            count = self._branching[state] = len(allowed) - (self.eos_token_id in allowed)
+        return count
 
     def new_state(self) -> OutlinesState:
         from outlines_core import Guide

@@ -91,6 +91,19 @@ def test_native_api_regex_and_json_schema(server):
     jsonschema.validate(json.loads(point["text"]), schema)
 
 
+def test_native_api_every_schema_and_regex(server):
+    """All the cases as one batch each through /generate (greedy)."""
+    cases = [("json_schema", json.dumps(s), 200) for s in SCHEMAS] + [("regex", r, 64) for r in REGEXES]
+    body = {"text": [prompt_for(spec) for _, spec, _ in cases],
+            "sampling_params": [{"max_new_tokens": n, kind: spec, "temperature": 0} for kind, spec, n in cases]}
+    outs = httpx.post(f"{server.url}/generate", json=body, timeout=600).json()
+    for (kind, spec, _), out in zip(cases, outs):
+        if kind == "json_schema":
+            jsonschema.validate(json.loads(out["text"]), json.loads(spec))
+        else:
+            assert re.fullmatch(spec, out["text"]), (spec, out["text"])
+
+
 def test_native_api_bad_constraint_is_400(server):
     resp = httpx.post(f"{server.url}/generate", json={"text": "x", "sampling_params": {"regex": "(a"}}, timeout=60)
     assert resp.status_code == 400 and "regex" in resp.text
@@ -112,6 +125,23 @@ def test_openai_response_format_json_schema(client, schema):
         response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}})
     jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
     assert chat.choices[0].finish_reason == "stop"
+
+
+def test_openai_response_format_every_schema(client):
+    """Every schema through the openai client's response_format, sampled (temperature 1, seeded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> str:
+        chat = client.chat.completions.create(
+            model="default", max_tokens=200, temperature=1.0, seed=i,
+            messages=[{"role": "user", "content": f"Give JSON for: {json.dumps(SCHEMAS[i])}"}],
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i]}})
+        return chat.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, range(len(SCHEMAS))))
+    for schema, text in zip(SCHEMAS, texts):
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_openai_response_format_json_object_and_completions(client):

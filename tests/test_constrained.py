@@ -190,3 +190,42 @@ def test_jump_forward_on_and_off():
                 assert meta["forced_tokens"] == 0
     assert runs[False][1]["meta_info"]["forced_tokens"] >= 6  # '{"', 'first', '":"', ...
     assert runs[False][2] < runs[True][2]
+
+
+class _FixedState:
+    """A grammar state allowing a fixed token set, written in the documented bit layout."""
+
+    def __init__(self, allowed: set[int]):
+        self.allowed = allowed
+
+    def fill_bitmask(self, out) -> None:
+        for t in self.allowed:
+            value = int(out[t // 32]) & 0xFFFFFFFF | (1 << (t % 32))
+            out[t // 32] = value - (1 << 32) if value >= 1 << 31 else value  # as int32
+
+
+@pytest.mark.parametrize("constrained_rows", [[0, 1, 2], [1]], ids=["all-rows", "some-rows"])
+def test_grammar_mask_layout(constrained_rows):
+    """The mask keeps exactly the allowed tokens (bit t % 32 of word t // 32, bit 31 included),
+    leaves unconstrained rows alone, and a state allowing nothing falls back to EOS."""
+    import torch
+    from types import SimpleNamespace
+
+    from sglang_core.constrained.mask import GrammarMask
+    from sglang_core.sampling.logits_processor import SamplingBatch
+
+    vocab = 100
+    allowed = [{0, 31, 32, 63, 99}, {5, 64}, set()]
+    reqs = [SimpleNamespace(grammar=_FixedState(a)) for a in allowed]
+    batch = SamplingBatch(reqs, vocab, torch.device("cpu"), frozenset({7, 9}))
+    logits = torch.randn(3, vocab)
+    before = logits.clone()
+    GrammarMask(vocab_size=vocab)(logits, batch, torch.tensor(constrained_rows))
+    for row in range(3):
+        if row not in constrained_rows:
+            assert torch.equal(logits[row], before[row])
+            continue
+        expected = allowed[row] or {7}  # nothing allowed: the smallest EOS id
+        finite = set(torch.isfinite(logits[row]).nonzero().flatten().tolist())
+        assert finite == expected
+        assert torch.equal(logits[row, sorted(expected)], before[row, sorted(expected)])

@@ -17,19 +17,24 @@ class GrammarMask(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         vocab = logits.shape[1]
-        words = -(-vocab // 32)
         row_list = rows.tolist()
-        masks = torch.zeros(len(row_list), words, dtype=torch.int32)
+        masks = np.zeros((len(row_list), -(-vocab // 32)), dtype=np.uint32)
+        words = torch.from_numpy(masks.view(np.int32))
         for j, i in enumerate(row_list):
-            batch.reqs[i].grammar.fill_bitmask(masks[j])
+            batch.reqs[i].grammar.fill_bitmask(words[j])
+        # A grammar that allows nothing (cannot happen with a sound backend) ends with EOS, not
+        # NaN; decided here on the host, so the GPU is never waited for.
+        stuck = ~masks.any(axis=1)
+        if stuck.any() and batch.eos_token_ids:
+            eos = min(batch.eos_token_ids)
+            masks[stuck, eos // 32] |= np.uint32(1 << (eos % 32))
         if logits.device.type == "cpu":  # numpy's bit unpacking is a single C loop
-            bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-            allowed = torch.from_numpy(bits.view(np.bool_))
+            allowed = torch.from_numpy(np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+                                       .view(np.bool_))
         else:  # one copy to the device, unpacked there
             shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            allowed = ((masks.to(logits.device)[:, :, None] >> shifts) & 1).bool().view(len(row_list), -1)[:, :vocab]
-        # A grammar that allows nothing (cannot happen with a sound backend) ends with EOS, not NaN.
-        stuck = ~allowed.any(dim=1)
-        if bool(stuck.any()) and batch.eos_token_ids:
-            allowed[stuck, min(batch.eos_token_ids)] = True
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+            allowed = ((words.to(logits.device)[:, :, None] >> shifts) & 1).bool().view(len(row_list), -1)[:, :vocab]
+        if len(row_list) == logits.shape[0] and row_list == list(range(len(row_list))):
+            logits.masked_fill_(~allowed, float("-inf"))  # every row constrained: in place
+        else:
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

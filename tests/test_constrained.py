@@ -64,6 +64,10 @@ def test_constraint_with_other_sampling_features(engine):
     ({"json_schema": "{not json"}, "json_schema"),
     ({"json_schema": "[1, 2]"}, "json_schema"),
     ({"json_schema": {"type": "no-such-type"}}, "json_schema"),
+    # Bounds the backend could not enforce are refused rather than silently broken.
+    ({"json_schema": {"type": "number", "minimum": 0, "maximum": 1}}, "json_schema"),
+    ({"json_schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}, "json_schema"),
+    ({"json_schema": {"type": "integer", "minimum": 0, "maximum": 10**6}}, "json_schema"),
     ({"regex": "a", "json_schema": "{}"}, "regex"),
     ({"regex": 5}, "regex"),
 ])

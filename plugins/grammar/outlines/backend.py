@@ -21,22 +21,33 @@ from sglang_core.constrained.vocab import token_bytes
 
 # outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
 MAX_ENUM_RANGE = 1000
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions")
 
 
 def _bounded_integers(schema: Any) -> Any:
     """The schema with each bounded ``integer`` of a small range turned into the enum of its
-    values, which outlines-core does enforce."""
+    values, which outlines-core does enforce. Bounds it could not enforce are refused, so an
+    output never silently breaks its schema."""
     if isinstance(schema, list):
         return [_bounded_integers(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _bounded_integers(v) for k, v in schema.items()}
+    out = {}
+    for key, value in schema.items():
+        if key in NAMED_SCHEMAS and isinstance(value, dict):  # names map to schemas ("minimum" may be a name)
+            out[key] = {name: _bounded_integers(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in BOUNDS else _bounded_integers(value)
+    if not any(b in out for b in BOUNDS):
+        return out
     if out.get("type") == "integer":
         low = out.get("minimum", out["exclusiveMinimum"] + 1 if "exclusiveMinimum" in out else None)
         high = out.get("maximum", out["exclusiveMaximum"] - 1 if "exclusiveMaximum" in out else None)
         if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_ENUM_RANGE:
             return {"enum": list(range(low, high + 1))}
-    return out
+        raise ValueError(f"integer bounds are enforced only as a closed range of fewer than {MAX_ENUM_RANGE} values")
+    raise ValueError("minimum/maximum are supported only on integers (as a closed range)")
 
 
 # A state with more allowed tokens than this is a free choice, not the start of forced text.

@@ -161,6 +161,7 @@ class ThreadCoreClient(CoreClient):
             if outputs:
                 self._deliver(outputs)
         self._deliver(core.fail_all("the engine shut down"))
+        core.close()
 
 
 def engine_process_main(settings_json: str, plugin_names: list[str], addr_in: str, addr_out: str,
@@ -201,6 +202,7 @@ def engine_process_main(settings_json: str, plugin_names: list[str], addr_in: st
                     outbox.send(encoder.encode(Reply(msg.call_id, result, error, error_type)))
                 else:
                     outbox.send(encoder.encode(Outputs(core.fail_all("the engine shut down"))))
+                    core.close()
                     return
         if core.has_work():
             outputs += core.step()

@@ -54,7 +54,8 @@ class EngineCore:
         eos = eos_token_ids(tokenizer, source.folder)
         processors = [entry.load()(vocab_size=self.runner.vocab_size, device=self.runner.device)
                       for entry in plugins.registry("logits_processors")]
-        self.grammars = self._grammar_compiler(settings, plugins, tokenizer)
+        backend = make_grammar_backend(plugins, settings.grammar_backend, tokenizer, self.runner.vocab_size)
+        self.grammars = GrammarCompiler(backend) if backend is not None else None
         self.scheduler = Scheduler(self.runner, settings, Sampler(processors), tokenizer, eos, self.grammars)
         self.info = ModelInfo(
             model_path=source.origin,
@@ -69,10 +70,6 @@ class EngineCore:
         )
         self.tokenizer = tokenizer
         self._sent: dict[str, int] = {}  # rid -> output tokens already reported
-
-    def _grammar_compiler(self, settings: EngineSettings, plugins: PluginManager, tokenizer) -> GrammarCompiler | None:
-        backend = make_grammar_backend(plugins, settings.grammar_backend, tokenizer, self.runner.vocab_size)
-        return GrammarCompiler(backend) if backend is not None else None
 
     def add(self, msg: GenerateRequest) -> None:
         params = SamplingParams(**msg.sampling_params)
@@ -106,6 +103,11 @@ class EngineCore:
             failed = {id(r) for r in reqs}
             reqs += [r for r in self.scheduler.finished_in_step if id(r) not in failed]
         return [self._output(req) for req in reqs]
+
+    def close(self) -> None:
+        """Stop the grammar compiler's worker thread (the engine is shutting down)."""
+        if self.grammars is not None:
+            self.grammars.shutdown()
 
     def fail_all(self, message: str) -> list[TokenOutput]:
         return [self._output(req) for req in self.scheduler.fail_all(message)]

@@ -3,13 +3,17 @@
 Batches are large enough that torch_native splits decode into several length groups and Triton
 uses from one to sixteen key splits; slots are scattered over the pool (request rows with holes),
 some layers use a sliding window, GQA ratios vary. The Triton kernels run on CPU under
-``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU).
+``TRITON_INTERPRET=1`` (set by conftest.py when there is no GPU); FlashInfer runs on a GPU only,
+in bfloat16, its slot-list gather kernel (Triton) on CPU too.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -27,9 +31,30 @@ def triton_backend():
     return TritonBackend
 
 
-BACKENDS = {"torch_native": lambda: TorchNativeBackend, "triton": triton_backend}
+def flashinfer_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("FlashInfer runs on CUDA GPUs only")
+    pytest.importorskip("flashinfer")  # an optional extra
+    from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
+
+    return FlashInferBackend
+
+
+@dataclass(frozen=True)
+class Case:
+    factory: Callable[[], type]
+    dtype: torch.dtype = torch.float32
+    shapes: tuple = ((6, 2, 8), (4, 4, 64), (12, 4, 80))  # (heads, kv_heads, head_dim): GQA 3, MHA, odd dim
+    tolerance: float = 1e-5
+
+
+BACKENDS = {
+    "torch_native": Case(lambda: TorchNativeBackend),
+    "triton": Case(triton_backend),
+    # FlashInfer computes in 16 bits and compiles head sizes 64, 128 and 256 only.
+    "flashinfer": Case(flashinfer_backend, torch.bfloat16, ((8, 2, 128), (4, 4, 64), (12, 4, 128)), 2e-2),
+}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(6, 2, 8), (4, 4, 64), (12, 4, 80)]  # (heads, kv_heads, head_dim): GQA 3, MHA, head_dim not 2^k
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: list[int],
@@ -48,20 +73,22 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
 
 
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-        shape: tuple[int, int, int] = SHAPES[0]) -> None:
+        shape: tuple[int, int, int] | None = None) -> None:
     with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
         _run(backend_name, prefix_lens, extend_lens, window, seed, shape)
 
 
 def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
          shape: tuple[int, int, int]) -> None:
-    HEADS, KV_HEADS, HEAD_DIM = shape
-    backend_cls = BACKENDS[backend_name]()
+    case = BACKENDS[backend_name]
+    HEADS, KV_HEADS, HEAD_DIM = shape or case.shapes[0]
+    backend_cls = case.factory()
+    dtype = case.dtype
     rng = random.Random(seed)
     torch.manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     total = sum(seq_lens)
-    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, torch.float32, DEVICE)
+    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, dtype, DEVICE)
     slots = list(range(1, total + 51))
     rng.shuffle(slots)  # each request's tokens scattered over the pool
     req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
@@ -71,12 +98,12 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
         own = torch.tensor(slots[:n])
         del slots[:n]
         req_to_token[row, :n] = own
-        keys.append(torch.randn(n, KV_HEADS, HEAD_DIM))
-        values.append(torch.randn(n, KV_HEADS, HEAD_DIM))
+        keys.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
+        values.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
         pool.store(0, own[:p], keys[-1][:p], values[-1][:p])  # the cached prefix
         new_slots.append(own[p:])
     mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
-    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, torch.float32, torch.device(DEVICE)))
+    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, dtype, torch.device(DEVICE)))
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
@@ -86,13 +113,14 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
         attn_backend=backend)
     backend.plan(batch)
     layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window)
-    q = [torch.randn(e, HEADS, HEAD_DIM) for e in extend_lens]
+    q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) for e in extend_lens]
     out = layer(torch.cat(q).view(-1, HEADS * HEAD_DIM),
                 torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM),
                 torch.cat([v[p:] for v, p in zip(values, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM), batch)
     expected = torch.cat([reference(qi, k, v, list(range(p, s)), window, layer.scaling)
                           for qi, k, v, p, s in zip(q, keys, values, prefix_lens, seq_lens)])
-    torch.testing.assert_close(out.view(-1, HEADS, HEAD_DIM).double(), expected, atol=1e-5, rtol=1e-5)
+    tol = case.tolerance
+    torch.testing.assert_close(out.view(-1, HEADS, HEAD_DIM).double(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,7 +146,13 @@ def test_extend_with_cached_prefixes_matches_reference(backend: str, window: int
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_extend_without_prefix_matches_reference(backend: str) -> None:
+    """Fresh prompts only: FlashInfer takes its ragged path (no gather from the pool)."""
+    run(backend, [0, 0, 0, 0], [1, 33, 7, 64], None, seed=12)
+    run(backend, [0, 0], [40, 9], 6, seed=13)
+
+
+@pytest.mark.parametrize(("backend", "shape"), [(b, s) for b, case in BACKENDS.items() for s in case.shapes[1:]])
 @pytest.mark.parametrize("seed", range(3))
 def test_random_shapes(backend: str, shape: tuple[int, int, int], seed: int) -> None:
     """Ragged batches of random prefix and new-token lengths; decode, then extend, per seed."""
@@ -128,3 +162,22 @@ def test_random_shapes(backend: str, shape: tuple[int, int, int], seed: int) -> 
     run(backend, [rng.randint(1, 150) for _ in range(size)], [1] * size, window, seed, shape)
     prefix = [rng.choice([0, rng.randint(1, 100)]) for _ in range(size)]
     run(backend, prefix, [rng.randint(1, 90) for _ in range(size)], window, seed, shape)
+
+
+def test_flashinfer_slot_list_gather_matches_torch() -> None:
+    """The slot list FlashInfer plans from: each request's row prefix of the request table, in
+    batch order, rows out of order and lengths across the kernel's 512-slot blocks."""
+    pytest.importorskip("triton")
+    from sglang_plugins.attention.flashinfer.kv_indices import gather_kv_indices
+
+    rng = random.Random(5)
+    with torch.device(DEVICE):
+        table = torch.randint(1, 10_000, (9, 1300), dtype=torch.int64)
+        rows = rng.sample(range(9), 6)
+        lens = [1, 512, 513, 1300, 7, 1024]
+        indptr = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        out = torch.full((sum(lens) + 3,), -1, dtype=torch.int32)
+        gather_kv_indices(table, torch.tensor(rows), indptr, torch.tensor(lens), out)
+        expected = torch.cat([table[r, :n] for r, n in zip(rows, lens)]).to(torch.int32)
+    assert out[:sum(lens)].tolist() == expected.tolist()
+    assert out[sum(lens):].tolist() == [-1, -1, -1]  # nothing written past the list

@@ -31,10 +31,14 @@ class AttentionSpec:
 class AttentionBackend(abc.ABC):
     """Computes attention over the paged KV pool for every layer of one model."""
 
-    # True when ``plan`` + ``forward_decode`` read the batch only through its device tensors and
-    # its batch size (never ``seq_lens_cpu`` or other host values): then a decode step can be
-    # captured once per batch size as a CUDA graph and replayed for any sequence lengths.
+    # True when a decode step can be captured once per batch size as a CUDA graph and replayed for
+    # any sequence lengths: ``forward_decode`` reads the batch only through its device tensors and
+    # its batch size, and so does ``plan`` unless ``plan_before_replay`` is set.
     cuda_graph_decode: bool = False
+    # True when ``plan`` must run on the host before each replay of a captured decode step (it
+    # reads host-side lengths and refills fixed device buffers the graph reads); the graph runner
+    # then calls it with the step's batch, padded to the captured size.
+    plan_before_replay: bool = False
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec

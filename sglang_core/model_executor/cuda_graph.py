@@ -5,7 +5,8 @@ the launches cost more than the kernels. Captured once per batch size (a batch i
 next captured size) the whole step, logits included, is one graph launch.
 
 Capture needs the attention backend's decode to read the batch only through device tensors
-(``AttentionBackend.cuda_graph_decode``). Padding rows decode token 0 at position 0 of request
+(``AttentionBackend.cuda_graph_decode``); a backend whose plan reads host-side lengths (FlashInfer)
+is planned again before each replay (``plan_before_replay``). Padding rows decode token 0 at position 0 of request
 row 0, write their K/V into slot 0 (the pool's padding slot) and their logits are dropped.
 """
 
@@ -52,14 +53,16 @@ class CudaGraphRunner:
     def max_bs(self) -> int:
         return self.sizes[-1]
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
         ids, pos, loc, rows, lens = self.inputs[:, :bs]
+        seq_lens_cpu = seq_lens_cpu or [1] * bs
         return self.make_batch(mode=ForwardMode.DECODE, input_ids=ids, positions=pos, out_cache_loc=loc,
                                req_pool_indices=rows, seq_lens=lens, prefix_lens=lens - 1,
-                               seq_lens_cpu=[1] * bs, prefix_lens_cpu=[0] * bs)
+                               seq_lens_cpu=seq_lens_cpu, prefix_lens_cpu=[n - 1 for n in seq_lens_cpu])
 
     def _capture(self, bs: int) -> None:
         batch = self._batch(bs)
+        self.attn_backend = batch.attn_backend
         batch.attn_backend.plan(batch)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -90,5 +93,7 @@ class CudaGraphRunner:
         if not on_host:
             self.inputs[0, :bs].copy_(input_ids)
         self.inputs[2, :bs].copy_(out_cache_loc)
+        if self.attn_backend.plan_before_replay:
+            self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs)))
         self.graphs[size].replay()
         return self.outputs[size][:bs]

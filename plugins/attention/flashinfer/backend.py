@@ -1,0 +1,169 @@
+"""Attention on FlashInfer's kernels over our token-granular KV pool, which FlashInfer sees as a
+paged cache with pages of one token.
+
+``plan`` builds the batch's index arrays once (prefix sums on the host, the slot list gathered on
+the device) and plans the FlashInfer wrapper each kind of layer needs; layers then only run.
+Layers differ only by softmax scale and sliding window: a wrapper is planned per such variant,
+learnt the first time a layer of it runs and planned eagerly from then on.
+
+- Decode: a paged decode wrapper per batch size, on fixed buffers so that its kernels can be
+  captured in a CUDA graph; FlashInfer's plan reads sequence lengths on the host, so the graph
+  runner calls ``plan`` before each replay (``plan_before_replay``).
+- Extend with no cached prefix: ragged prefill over the new K/V directly (no gather).
+- Extend over cached prefixes: paged prefill over the pool, after the new K/V are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+from .kv_indices import gather_kv_indices
+
+# FlashInfer's recommended float work space: the split-KV partials of the largest batch fit.
+WORKSPACE_BYTES = 128 << 20
+# Query heads per KV head from which the tensor-core (prefill) kernel beats the CUDA-core decode
+# kernel: the group's rows fill an MMA tile.
+TENSOR_CORE_MIN_GROUP = 4
+
+Variant = tuple[float, "int | None"]  # (softmax scale, sliding window) of a layer
+
+
+@dataclass
+class _BatchIndex:
+    """Host and device index arrays of the batch being planned."""
+
+    mode: ForwardMode
+    batch_size: int
+    kv_indptr: torch.Tensor  # [B + 1] int32, host: running sum of sequence lengths
+    qo_indptr: torch.Tensor | None  # [B + 1] int32, host: running sum of new tokens (extend)
+    kv_indices: torch.Tensor | None  # [kv_indptr[-1]] int32, device: every request's slots in order
+    ragged: bool  # extend with no cached prefix: attend over the new K/V, not the pool
+
+
+class FlashInferBackend(AttentionBackend):
+    cuda_graph_decode = True
+    plan_before_replay = True
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__(spec)
+        try:
+            import flashinfer
+        except ImportError as exc:
+            raise ImportError("the flashinfer attention backend needs FlashInfer: "
+                              "pip install 'sglang-core[flashinfer]'") from exc
+        self._fi = flashinfer
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
+        # Fixed decode buffers (CUDA graphs keep their addresses); slices serve every batch size.
+        self._decode_indptr = torch.zeros(spec.max_batch_size + 1, dtype=torch.int32, device=spec.device)
+        self._decode_last_page_len = torch.ones(spec.max_batch_size, dtype=torch.int32, device=spec.device)
+        self._decode_indices: torch.Tensor | None = None  # sized by the request table at first decode
+        self._decode: dict[tuple[int, Variant], object] = {}
+        self._ragged: dict[Variant, object] = {}
+        self._paged: dict[Variant, object] = {}
+        self._variants: list[Variant] = []
+        self._planned: dict[Variant, object] = {}
+        self._index: _BatchIndex | None = None
+        self._tensor_cores = spec.num_heads // spec.num_kv_heads >= TENSOR_CORE_MIN_GROUP
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def plan(self, batch: ForwardBatch) -> None:
+        bs = batch.batch_size
+        kv_indptr = _running_sum(batch.seq_lens_cpu)
+        qo_indptr = None if batch.mode is ForwardMode.DECODE else _running_sum(batch.extend_lens_cpu)
+        ragged = batch.mode is ForwardMode.EXTEND and not any(batch.prefix_lens_cpu)
+        kv_indices = None
+        if not ragged:
+            kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=self.spec.device)
+            gather_kv_indices(batch.req_to_token, batch.req_pool_indices,
+                              kv_indptr.to(self.spec.device, non_blocking=True), batch.seq_lens, kv_indices)
+            if batch.mode is ForwardMode.DECODE and self._decode_indices is None:
+                # The most slots a batch can name: every request row full (shared prefixes repeat).
+                self._decode_indices = torch.empty(batch.req_to_token.numel(), dtype=torch.int32,
+                                                   device=self.spec.device)
+        self._index = _BatchIndex(batch.mode, bs, kv_indptr, qo_indptr, kv_indices, ragged)
+        self._planned = {}
+        for variant in self._variants:
+            self._plan_variant(variant)
+
+    def _plan_variant(self, variant: Variant) -> None:
+        index, s = self._index, self.spec
+        scale, window = variant
+        common = dict(window_left=-1 if window is None else window - 1, sm_scale=scale,
+                      q_data_type=s.dtype, kv_data_type=s.dtype)
+        ones = torch.ones(index.batch_size, dtype=torch.int32)  # last page length: pages hold one token
+        if index.mode is ForwardMode.DECODE:
+            wrapper = self._decode_wrapper(index.batch_size, variant)
+            wrapper.plan(index.kv_indptr, index.kv_indices, ones, s.num_heads, s.num_kv_heads, s.head_dim, 1,
+                         **common)
+        elif index.ragged:
+            wrapper = self._ragged.get(variant) or self._ragged.setdefault(
+                variant, self._fi.BatchPrefillWithRaggedKVCacheWrapper(self._workspace, "NHD"))
+            wrapper.plan(index.qo_indptr, index.qo_indptr, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
+                         **common)
+        else:
+            wrapper = self._paged.get(variant) or self._paged.setdefault(
+                variant, self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD"))
+            wrapper.plan(index.qo_indptr, index.kv_indptr, index.kv_indices, ones, s.num_heads, s.num_kv_heads,
+                         s.head_dim, 1, causal=True, **common)
+        self._planned[variant] = wrapper
+
+    def _decode_wrapper(self, bs: int, variant: Variant):
+        key = (bs, variant)
+        if key not in self._decode:
+            self._decode[key] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self._tensor_cores,
+                paged_kv_indptr_buffer=self._decode_indptr[:bs + 1],
+                paged_kv_indices_buffer=self._decode_indices,
+                paged_kv_last_page_len_buffer=self._decode_last_page_len[:bs])
+        return self._decode[key]
+
+    def _wrapper(self, layer: Attention):
+        variant = (layer.scaling, layer.sliding_window)
+        if variant not in self._planned:  # a kind of layer not met before: plan it now
+            if variant not in self._variants:
+                self._variants.append(variant)
+            self._plan_variant(variant)
+        return self._planned[variant]
+
+    # ---- running -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _store(k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> tuple:
+        """Write the new K/V into the pool; return them as [T, kv_heads, dim]."""
+        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
+        k3, v3 = k.view(shape), v.view(shape)
+        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
+        return k3, v3
+
+    @staticmethod
+    def _paged_cache(layer: Attention, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = batch.kv_pool  # [slots, kv_heads, dim] is NHD with pages of one token
+        return pool.k_buffers[layer.layer_id].unsqueeze(1), pool.v_buffers[layer.layer_id].unsqueeze(1)
+
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                       batch: ForwardBatch) -> torch.Tensor:
+        self._store(k, v, layer, batch)
+        q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
+        return self._wrapper(layer).run(q3, self._paged_cache(layer, batch)).view(q.shape[0], -1)
+
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                       batch: ForwardBatch) -> torch.Tensor:
+        k3, v3 = self._store(k, v, layer, batch)
+        q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
+        wrapper = self._wrapper(layer)
+        out = wrapper.run(q3, k3, v3) if self._index.ragged else wrapper.run(q3, self._paged_cache(layer, batch))
+        return out.view(q.shape[0], -1)
+
+
+def _running_sum(lengths: list[int]) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int32 in pinned host memory (FlashInfer plans from the host copy;
+    pinned, so its copies to the device do not wait for the GPU)."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=True)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
+    return out

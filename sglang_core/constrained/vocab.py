@@ -33,9 +33,16 @@ def _is_byte_level(tokenizer) -> bool:
     return "ByteLevel" in kinds
 
 
+def _special_token_ids(tokenizer) -> set[int]:
+    """The ids of special tokens: the named ones (EOS, BOS, ...) and every added token marked
+    special. Detokenizing skips them, so a grammar must never take them for text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     """The bytes each token id stands for; None for special tokens and ids the tokenizer lacks."""
-    special = set(tokenizer.all_special_ids)
+    special = _special_token_ids(tokenizer)
     byte_level = _is_byte_level(tokenizer)
     decoder = _byte_level_decoder()
     out: list[bytes | None] = []

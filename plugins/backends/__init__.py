@@ -1,0 +1,1 @@
+"""Built-in API backends of the frontend language (``sgl.RuntimeEndpoint``, ...)."""

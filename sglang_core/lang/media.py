@@ -1,0 +1,74 @@
+"""Images and video frames for ``sgl.image`` / ``sgl.video``: loaded into :class:`Image` (bytes +
+MIME type) only when the program runs, on a backend that takes images."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+from sglang_core.lang.backend import Image
+
+# Leading bytes of the image formats chat APIs accept.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+               (b"GIF89a", "image/gif"))
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The MIME type of image bytes by their signature, or None if not a known image format."""
+    for signature, mime in _SIGNATURES:
+        if data.startswith(signature):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def load_image(source: str | bytes) -> Image:
+    """An image from raw bytes, an ``http(s)://`` URL or a file path."""
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif source.startswith(("http://", "https://")):
+        import httpx
+
+        response = httpx.get(source, follow_redirects=True, timeout=30)
+        response.raise_for_status()
+        data = response.content
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"image: no such file {source!r}")
+        data = path.read_bytes()
+    mime = sniff_mime(data)
+    if mime is None and isinstance(source, str):
+        guessed = mimetypes.guess_type(source)[0]
+        mime = guessed if guessed and guessed.startswith("image/") else None
+    if mime is None:
+        raise ValueError("image: not a PNG, JPEG, GIF or WebP image")
+    return Image(data, mime)
+
+
+def load_video_frames(path: str, num_frames: int) -> list[Image]:
+    """``num_frames`` frames spread evenly over the video, as JPEG images. Needs OpenCV
+    (``pip install opencv-python-headless``); without it, an ``ImportError`` saying so."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("video: decoding frames needs OpenCV; pip install opencv-python-headless") from None
+    if not Path(path).expanduser().is_file():
+        raise ValueError(f"video: no such file {path!r}")
+    capture = cv2.VideoCapture(str(Path(path).expanduser()))
+    try:
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0:
+            raise ValueError(f"video: no frames could be read from {path!r}")
+        frames = []
+        for k in range(min(num_frames, total)):
+            capture.set(cv2.CAP_PROP_POS_FRAMES, k * total // min(num_frames, total))
+            ok, frame = capture.read()
+            if not ok:
+                raise ValueError(f"video: frame {k} of {path!r} could not be decoded")
+            ok, encoded = cv2.imencode(".jpg", frame)
+            frames.append(Image(encoded.tobytes(), "image/jpeg"))
+        return frames
+    finally:
+        capture.release()

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-__all__ = ["Engine", "EngineSettings"]
+__all__ = ["Engine", "EngineSettings"]  # plus the frontend language's names (sglang_core.lang.__all__)
 
 
 def __getattr__(name: str) -> Any:
@@ -15,4 +15,10 @@ def __getattr__(name: str) -> Any:
         from sglang_core.config import EngineSettings
 
         return EngineSettings
+    # The frontend language, `import sglang_core as sgl; sgl.gen(...)`: torch-free, so also lazy
+    # only to keep plain `import sglang_core` minimal.
+    import sglang_core.lang
+
+    if name in sglang_core.lang.__all__:
+        return getattr(sglang_core.lang, name)
     raise AttributeError(name)

@@ -16,6 +16,7 @@ import threading
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator
 
+from sglang_core.choices import check_select_args, choice_spans, pick_choice
 from sglang_core.config import EngineSettings
 from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
 from sglang_core.engine_core import ModelInfo
@@ -54,9 +55,6 @@ class _Stream:
 def _put_all(deliveries: list[tuple[asyncio.Queue, list[TokenOutput]]]) -> None:
     for target, items in deliveries:
         target.put_nowait(items)
-
-
-CHOICE_METHODS = ("token_length_normalized", "greedy_token_selection")
 
 
 class OutputBuilder:
@@ -261,34 +259,30 @@ class Engine:
         choice's tokens after the prompt (one prefill per choice, nothing sampled; the shared
         prompt is computed once thanks to the prefix cache).
 
-        ``method``: ``token_length_normalized`` (mean logprob per token, SGLang's default) or
-        ``greedy_token_selection`` (highest first-token logprob, ties broken by the next tokens).
-        Returns ``{"choice", "index", "scores", "token_logprobs"}``."""
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt: must be a non-empty string")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-            raise ValueError("choices: must be a non-empty list of non-empty strings")
-        if method not in CHOICE_METHODS:
-            raise ValueError(f"method: must be one of {', '.join(CHOICE_METHODS)}")
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        ``method``: one of ``sglang_core.choices.CHOICE_METHODS``, scored by
+        ``sglang_core.choices.pick_choice`` (``unconditional_likelihood_normalized`` also scores
+        each choice's tokens alone). Returns ``{"choice", "index", "scores", "token_logprobs"}``
+        (plus ``"unconditional_logprobs"`` for that method)."""
+        check_select_args(prompt, choices, method)
+        spans = choice_spans(self.tokenizer, prompt, choices)
         streams = []
-        for choice in choices:
-            ids = self.tokenizer(prompt + choice)["input_ids"]
-            # The choice's tokens: where the joint tokenization leaves the prompt's (they may merge
-            # at the boundary), never before the first token, which has no logprob.
-            start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
-            start = max(1, min(start, len(ids) - 1))
-            requests, _ = self._build(None, ids, {"max_new_tokens": 0}, True, start, 0, None)
+        for span in spans:
+            requests, _ = self._build(None, span.ids, {"max_new_tokens": 0}, True, span.start, 0, None)
             streams += self._submit(requests, None)
+        with_unconditional = method == "unconditional_likelihood_normalized"
+        if with_unconditional:
+            for span in spans:
+                requests, _ = self._build(None, span.choice_ids, {"max_new_tokens": 0}, True, 0, 0, None)
+                streams += self._submit(requests, None)
         logprobs = [[lp for lp, _, _ in self._wait_sync(s, False)["meta_info"]["input_token_logprobs"]]
                     for s in streams]
-        if method == "token_length_normalized":
-            scores = [sum(lps) / len(lps) for lps in logprobs]
-            best = max(range(len(choices)), key=scores.__getitem__)
-        else:
-            scores = [lps[0] for lps in logprobs]
-            best = max(range(len(choices)), key=lambda i: logprobs[i])  # lexicographic: first token, then next
-        return {"choice": choices[best], "index": best, "scores": scores, "token_logprobs": logprobs}
+        conditional, unconditional = logprobs[:len(spans)], logprobs[len(spans):] or None
+        decision = pick_choice(method, conditional, unconditional)
+        result = {"choice": choices[decision.index], "index": decision.index, "scores": decision.scores,
+                  "token_logprobs": conditional}
+        if with_unconditional:
+            result["unconditional_logprobs"] = unconditional
+        return result
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache (False while requests are in flight)."""

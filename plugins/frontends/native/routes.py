@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from sglang_core.server.chat_templates import resolve_chat_template, role_markers
 from sglang_core.server.context import ServerContext
 
 from sglang_plugins.frontends.native.protocol import Job, parse_generate, prompt_errors_named, response_item
@@ -57,8 +58,12 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
+        """The model, plus its chat template as text around each role (``role_markers``), or
+        null, for clients such as the frontend language's ``RuntimeEndpoint``."""
         info = ctx.engine.info
-        return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True}
+        template = role_markers(ctx.engine.tokenizer, resolve_chat_template(ctx.settings.chat_template))
+        return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True,
+                "chat_template": template}
 
     @app.get("/get_server_args")
     async def get_server_args() -> dict:
@@ -69,7 +74,13 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         """The settings, with what the engine resolved ("auto" device, dtype, backend, pool size)
         in place of what was configured, plus its memory report."""
         report = await asyncio.to_thread(ctx.engine.memory_report)
-        return {**ctx.settings.public_dict(), **dataclasses.asdict(ctx.engine.info), "memory": report}
+        return {**ctx.settings.public_dict(), **dataclasses.asdict(ctx.engine.info), "memory": report,
+                "requests_in_flight": ctx.in_flight, "peak_requests_in_flight": ctx.peak_in_flight}
+
+    @app.post("/reset_peak_requests_in_flight")
+    async def reset_peak_requests_in_flight() -> dict:
+        """Start measuring ``peak_requests_in_flight`` afresh (it proves requests overlapped)."""
+        return {"peak_requests_in_flight": ctx.reset_peak()}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:

@@ -32,6 +32,7 @@ class ServerContext:
         self.metrics = metrics
         self.engine: Engine | None = None  # set once the engine has started
         self.in_flight = 0
+        self.peak_in_flight = 0  # the most requests in flight at once since the last reset_peak()
 
     @property
     def model_name(self) -> str:
@@ -45,10 +46,16 @@ class ServerContext:
         if self.in_flight >= self.settings.max_queued_requests:
             raise Overloaded(f"the server has {self.in_flight} requests in flight; try again later")
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             yield
         finally:
             self.in_flight -= 1
+
+    def reset_peak(self) -> int:
+        """Start a new peak measurement from the requests in flight now; return the old peak."""
+        peak, self.peak_in_flight = self.peak_in_flight, self.in_flight
+        return peak
 
     async def stream(self, **generate_kwargs: Any) -> AsyncIterator[dict]:
         """``engine.async_generate(stream=True)`` for one request, recording latency metrics.

@@ -96,7 +96,7 @@ class FlashInferBackend(AttentionBackend):
         scale, window = variant
         common = dict(window_left=-1 if window is None else window - 1, sm_scale=scale,
                       q_data_type=s.dtype, kv_data_type=s.dtype)
-        ones = torch.ones(index.batch_size, dtype=torch.int32)  # last page length: pages hold one token
+        ones = torch.ones(index.batch_size, dtype=torch.int32, device="cpu")  # last page length: one token
         if index.mode is ForwardMode.DECODE:
             wrapper = self._decode_wrapper(index.batch_size, variant)
             wrapper.plan(index.kv_indptr, index.kv_indices, ones, s.num_heads, s.num_kv_heads, s.head_dim, 1,
@@ -164,6 +164,6 @@ class FlashInferBackend(AttentionBackend):
 def _running_sum(lengths: list[int]) -> torch.Tensor:
     """[0, l0, l0 + l1, ...] as int32 in pinned host memory (FlashInfer plans from the host copy;
     pinned, so its copies to the device do not wait for the GPU)."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=True)
-    torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cpu", pin_memory=True)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int32, device="cpu"), 0, out=out[1:])
     return out

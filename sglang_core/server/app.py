@@ -46,7 +46,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="sglang-core", lifespan=lifespan)
     app.state.ctx = ctx
-    _install_error_handlers(app)
+    _install_error_handlers(app, ctx)
 
     @app.get("/health")
     async def health() -> Response:
@@ -66,35 +66,39 @@ def build_app(settings: ServerSettings) -> FastAPI:
         frontends.get(name).load()(app, ctx)
 
     app.add_middleware(ServerMiddleware, api_key=settings.api_key, max_body=settings.max_request_bytes,
-                       metrics=metrics, log=settings.enable_request_log)
+                       metrics=metrics, log=settings.enable_request_log, error_body=ctx.error_body_for)
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in OpenAI's envelope; bad input is a 4xx naming the field."""
+def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
+    """Every error leaves in the envelope of the API its path belongs to (OpenAI's unless a
+    frontend set another in ``ctx.error_shapes``); bad input is a 4xx naming the field."""
+
+    def error_reply(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status)
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
-        return error_response(400, str(exc), param_of(str(exc)))
+        return error_reply(request, 400, str(exc), param_of(str(exc)))
 
     @app.exception_handler(json.JSONDecodeError)
     async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"malformed JSON body: {exc}")
+        return error_reply(request, 400, f"malformed JSON body: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
+        return error_reply(request, 400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_reply(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return error_response(503, str(exc))
+        return error_reply(request, 503, str(exc))
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, exc: ClientGone) -> Response:
@@ -103,14 +107,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RuntimeError)
     async def engine_down(request: Request, exc: RuntimeError) -> JSONResponse:
         if ctx_engine_dead(request):
-            return error_response(503, f"the engine is not running: {exc}")
+            return error_reply(request, 503, f"the engine is not running: {exc}")
         logger.exception("request failed")
-        return error_response(500, f"internal error: {exc}")
+        return error_reply(request, 500, f"internal error: {exc}")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug of ours still answers in the envelope, never as a bare text 500.
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_reply(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def ctx_engine_dead(request: Request) -> bool:

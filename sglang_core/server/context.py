@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from starlette.requests import Request
 
 from sglang_core.engine import Engine
-from sglang_core.server.errors import error_response
+from sglang_core.server.errors import ErrorShape, error_body, error_response
 from sglang_core.server.metrics import ServerMetrics
 from sglang_core.server.settings import ServerSettings
 
@@ -33,12 +33,23 @@ class ServerContext:
         self.engine: Engine | None = None  # set once the engine has started
         self.in_flight = 0
         self.peak_in_flight = 0  # the most requests in flight at once since the last reset_peak()
+        # Path prefix -> the error envelope its clients expect; OpenAI's everywhere else.
+        self.error_shapes: dict[str, ErrorShape] = {}
 
     @property
     def model_name(self) -> str:
         return self.settings.served_model_name or (self.engine.model_path if self.engine else "unknown")
 
     error = staticmethod(error_response)
+
+    def error_body_for(self, path: str, status: int, message: str, param: str | None = None) -> dict:
+        """An error body in the envelope of the API that owns ``path`` (see ``error_shapes``), so
+        errors raised before a route runs (auth, body size, validation) reach clients in the
+        shape they parse."""
+        for prefix, shape in self.error_shapes.items():
+            if path.rstrip("/") == prefix or path.startswith(prefix + "/"):
+                return shape(status, message, param)
+        return error_body(status, message, param)
 
     @contextlib.contextmanager
     def admission(self):

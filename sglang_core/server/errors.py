@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from starlette.responses import JSONResponse
+
+# (status, message, param) -> the JSON body of an error, in some API's envelope.
+ErrorShape = Callable[[int, str, "str | None"], dict]
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",

@@ -9,7 +9,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from sglang_core.server.errors import error_body
 from sglang_core.server.metrics import ServerMetrics
 
 logger = logging.getLogger("sglang_core.server")
@@ -22,16 +21,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPEN_PATHS = {"/health"}
 
 
-async def send_error(send: Send, status: int, message: str) -> None:
-    body = json.dumps(error_body(status, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 class ServerMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, metrics: ServerMetrics, log: bool):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int, metrics: ServerMetrics, log: bool,
+                 error_body: Callable[[str, int, str], dict]):
         self.app = app
+        self.error_body = error_body  # (path, status, message) -> the body, in the envelope of the path's API
         self.api_key = api_key
         self.max_body = max_body
         self.metrics = metrics
@@ -50,7 +44,7 @@ class ServerMiddleware:
 
         try:
             if self.api_key is not None and scope["path"].rstrip("/") not in OPEN_PATHS and not self._authorized(scope):
-                return await send_error(tracked_send, 401, "invalid or missing API key")
+                return await self._send_error(scope, tracked_send, 401, "invalid or missing API key")
             receive = await self._limited_body(scope, receive, tracked_send)
             if receive is not None:
                 await self.app(scope, receive, tracked_send)
@@ -61,6 +55,12 @@ class ServerMiddleware:
             if self.log:
                 logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status["code"],
                             1000 * (time.monotonic() - start))
+
+    async def _send_error(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        body = json.dumps(self.error_body(scope["path"], status, message)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
@@ -73,7 +73,7 @@ class ServerMiddleware:
         go to the server as usual. Returns None when a 413 was sent."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await send_error(send, 413, f"request body exceeds {self.max_body} bytes")
+            await self._send_error(scope, send, 413, f"request body exceeds {self.max_body} bytes")
             return None
         chunks, size = [], 0
         while True:
@@ -83,7 +83,7 @@ class ServerMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                await send_error(send, 413, f"request body exceeds {self.max_body} bytes")
+                await self._send_error(scope, send, 413, f"request body exceeds {self.max_body} bytes")
                 return None
             if not message.get("more_body", False):
                 break

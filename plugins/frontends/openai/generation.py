@@ -8,36 +8,13 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from sglang_core.engine_core import ModelInfo
-from sglang_core.sampling.params import SamplingParams
 from sglang_core.server.context import ServerContext
+from sglang_core.server.generation import finish_reason, validated_params
 
 from sglang_plugins.frontends.openai.protocol import SamplingRequest
 
 # SGLang names in the engine's error messages -> the OpenAI fields the client sent.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-
-
-class RequestAborted(Exception):
-    """The engine ended a request early (aborted, out of memory, engine died)."""
-
-
-def check_prompt(ids: list[int], info: ModelInfo, prompt_field: str, max_tokens: int | None,
-                 max_tokens_field: str) -> int:
-    """Validate a tokenized prompt against the model; return the max_new_tokens to ask for."""
-    if not ids:
-        raise ValueError(f"{prompt_field}: must not be empty")
-    if any(not 0 <= t < info.vocab_size for t in ids):
-        raise ValueError(f"{prompt_field}: token ids must be in [0, {info.vocab_size})")
-    room = info.context_len - len(ids)
-    if room <= 0:
-        raise ValueError(f"{prompt_field}: {len(ids)} tokens leave no room in the context length {info.context_len}")
-    if max_tokens is None:
-        return room
-    if max_tokens > room:
-        raise ValueError(f"{max_tokens_field}: {len(ids)} prompt tokens + {max_tokens_field}={max_tokens} exceed "
-                         f"the context length {info.context_len}")
-    return max_tokens
 
 
 def sampling_params(req: SamplingRequest, max_new_tokens: int, vocab_size: int) -> dict[str, Any]:
@@ -51,15 +28,7 @@ def sampling_params(req: SamplingRequest, max_new_tokens: int, vocab_size: int) 
         "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens, "seed": req.seed,
         "logit_bias": req.logit_bias, **req.constraint(),
     }
-    params = {k: v for k, v in params.items() if v is not None}
-    try:
-        SamplingParams.from_dict(params).validate(vocab_size)
-    except ValueError as exc:
-        message = str(exc)
-        for ours, theirs in _OPENAI_NAMES.items():
-            message = message.replace(ours, theirs)
-        raise ValueError(message) from None
-    return params
+    return validated_params(params, vocab_size, _OPENAI_NAMES)
 
 
 @dataclass
@@ -100,9 +69,7 @@ class Choice:
 
     def update(self, chunk: dict) -> Delta:
         meta = chunk["meta_info"]
-        reason = meta["finish_reason"]
-        if reason is not None and reason["type"] == "abort":
-            raise RequestAborted(reason.get("message") or "aborted")
+        reason = finish_reason(chunk)
         text, entries = chunk["text"], []
         if not self._started:
             self._started = True

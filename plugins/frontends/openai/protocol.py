@@ -1,24 +1,14 @@
-"""OpenAI request bodies as Pydantic models.
-
-Unknown fields are accepted and ignored, as OpenAI does; known fields are checked strictly (a
-string where a number belongs is a 400 naming the field, never silently coerced).
-"""
+"""OpenAI request bodies as Pydantic models (strict, unknown fields ignored: see
+``sglang_core.server.bodies``)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-M = TypeVar("M", bound=BaseModel)
-
-# What Pydantic puts in an error's location for the member of a union; not part of the field path.
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+from sglang_core.server.bodies import StrictBody as _Body
 
 
 class StreamOptions(_Body):
@@ -164,16 +154,3 @@ class ChatRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
 
-
-def parse_body(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body; errors become ``ValueError("<field path>: <why>")`` (a 400)."""
-    try:
-        body = model.model_validate_json(raw)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        if error["type"] == "json_invalid":
-            raise ValueError(f"malformed JSON body: {error['msg']}") from None
-        path = ".".join(str(p) for p in error["loc"] if p not in _TYPE_TAGS and "[" not in str(p))
-        raise ValueError(f"{path or 'body'}: {error['msg']}") from None
-    body.check_supported()
-    return body

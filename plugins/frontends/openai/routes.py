@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import jinja2
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
@@ -23,11 +22,11 @@ from starlette.responses import JSONResponse, Response
 from sglang_core.server.chat_templates import resolve_chat_template
 from sglang_core.server.context import ServerContext
 from sglang_core.server.errors import error_body, param_of
+from sglang_core.server.bodies import parse_body
+from sglang_core.server.generation import RequestAborted, chat_prompt_ids, check_prompt
 
-from sglang_plugins.frontends.openai.generation import (
-    Choice, RequestAborted, check_prompt, merged, sampling_params, usage,
-)
-from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest, parse_body
+from sglang_plugins.frontends.openai.generation import Choice, merged, sampling_params, usage
+from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest
 from sglang_plugins.frontends.openai.shapes import ChatShape, CompletionShape
 
 logger = logging.getLogger("sglang_core.server.openai")
@@ -94,15 +93,7 @@ def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
 def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None) -> Plan:
     tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
     messages = [m.for_template(i) for i, m in enumerate(req.messages)]
-    if template is None and not tokenizer.chat_template:
-        raise ValueError("messages: the model's tokenizer has no chat template; start the server with "
-                         "--chat-template (a Jinja file, or chatml or llama-3)")
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=req.add_generation_prompt)
-    except jinja2.TemplateError as exc:
-        raise ValueError(f"messages: the chat template rejected them: {exc}") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt)
     max_field, max_tokens = req.max_tokens_field
     max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
     plan = Plan([], [], req.n)

@@ -1,0 +1,181 @@
+"""``sgl.Anthropic(model, base_url=None, api_key=None, ...)``: the frontend language on Anthropic's
+Messages API (or any server that speaks it, such as this one's ``/v1/messages``).
+
+A chat backend: it reads ``Prompt.messages``. System turns become the ``system`` parameter, images
+base64 image blocks, and a final assistant turn with text a prefill the model continues.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Iterator
+
+from sglang_core.lang.backend import (
+    GenParams, GenResult, LangBackend, MissingExtraError, Prompt, SelectResult, UnsupportedError,
+)
+
+# The Messages API requires max_tokens; a gen without one gets the engine's own default.
+DEFAULT_MAX_TOKENS = 128
+
+
+class AnthropicBackend(LangBackend):
+    """Anthropic's Messages API through the official SDK.
+
+    ``model``: the model name sent with every request. ``base_url`` / ``api_key``: as the SDK takes
+    them (default: Anthropic's API and ``ANTHROPIC_API_KEY``). ``default_max_tokens``: for a gen
+    without ``max_tokens``. Further keywords (``timeout``, ``max_retries``, ``default_headers``,
+    ...) go to ``anthropic.Anthropic``.
+
+    Supported: ``max_tokens``, ``stop``, ``temperature``, ``top_p``, ``top_k``, images, streaming,
+    and ``GenParams.extra`` passed through to ``messages.create``. Anything else a gen asks for
+    (constraints, logprobs, penalties, token ids) raises :class:`UnsupportedError` naming it, and
+    so does ``select``: the API returns no logprobs to score choices with.
+    """
+
+    name = "anthropic"
+    supports_images = True
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, **client_kwargs: Any):
+        try:
+            import anthropic
+        except ImportError:
+            raise MissingExtraError("anthropic", "anthropic", "anthropic") from None
+        self.model = model
+        self.default_max_tokens = default_max_tokens
+        self.client = anthropic.Anthropic(base_url=base_url, api_key=api_key, **client_kwargs)
+
+    def generate(self, prompt: Prompt, params: GenParams) -> GenResult:
+        request, trim = self._request(prompt, params)
+        message = self.client.messages.create(**request)
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return GenResult(trim.feed(text) + trim.finish(), _meta_info(message))
+
+    def generate_stream(self, prompt: Prompt, params: GenParams) -> Iterator[str | GenResult]:
+        request, trim = self._request(prompt, params)
+        pieces = []
+        # Leaving the block (also when the caller stops early) closes the HTTP stream.
+        with self.client.messages.stream(**request) as stream:
+            for text in stream.text_stream:
+                if piece := trim.feed(text):
+                    pieces.append(piece)
+                    yield piece
+            message = stream.get_final_message()
+        if piece := trim.finish():
+            pieces.append(piece)
+            yield piece
+        yield GenResult("".join(pieces), _meta_info(message))
+
+    def select(self, prompt: Prompt, choices: list[str], temperature: float,
+               method: str = "token_length_normalized") -> SelectResult:
+        raise UnsupportedError("select: Anthropic's Messages API returns no logprobs, so the anthropic backend "
+                               "cannot score choices; use gen() and match its text, or a backend with logprobs")
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+    def _request(self, prompt: Prompt, params: GenParams) -> tuple[dict[str, Any], _LeadTrim]:
+        """The ``messages.create`` keywords for one gen, and the trim its reply needs."""
+        _check_supported(params)
+        system, messages = [], []
+        turns = prompt.messages or ({"role": "user", "content": prompt.text},)  # a program without roles
+        for turn in turns:
+            blocks = _blocks(turn["content"])
+            if turn["role"] == "system":
+                system += blocks
+            elif blocks:  # the API refuses empty turns; an empty one adds nothing anyway
+                messages.append({"role": turn["role"], "content": blocks})
+        trim = _LeadTrim("")
+        if messages and messages[-1]["role"] == "assistant":
+            last = messages[-1]["content"][-1]
+            # The API refuses a prefill ending in whitespace: send it stripped, and drop that
+            # whitespace from the reply when the model writes it again, as it is already in the text.
+            if last["type"] == "text" and last["text"] != last["text"].rstrip():
+                stripped = last["text"].rstrip()
+                trim = _LeadTrim(last["text"][len(stripped):])
+                if stripped:
+                    last["text"] = stripped
+                else:
+                    messages[-1]["content"].pop()
+                    if not messages[-1]["content"]:
+                        messages.pop()
+        request: dict[str, Any] = {
+            "model": self.model, "messages": messages,
+            "max_tokens": self.default_max_tokens if params.max_tokens is None else params.max_tokens,
+        }
+        if system:
+            request["system"] = system
+        if params.stop:
+            request["stop_sequences"] = list(params.stop)
+        for name in ("temperature", "top_p"):
+            if getattr(params, name) is not None:
+                request[name] = getattr(params, name)
+        if params.top_k is not None and params.top_k != -1:  # -1: the whole vocabulary, the API's default
+            request["top_k"] = params.top_k
+        return {**request, **params.extra}, trim
+
+
+class _LeadTrim:
+    """Removes ``whitespace`` from the start of a reply (streamed piece by piece) when the reply
+    begins with it; a reply that is a mere prefix of it becomes empty."""
+
+    def __init__(self, whitespace: str):
+        self.whitespace = whitespace
+        self.held = ""
+        self.decided = not whitespace
+
+    def feed(self, piece: str) -> str:
+        if self.decided:
+            return piece
+        self.held += piece
+        if len(self.held) < len(self.whitespace) and self.whitespace.startswith(self.held):
+            return ""  # too short to tell yet
+        self.decided = True
+        held, self.held = self.held, ""
+        return held[len(self.whitespace):] if held.startswith(self.whitespace) else held
+
+    def finish(self) -> str:
+        """What is still held at the end: nothing, as it can only be a prefix of ``whitespace``."""
+        self.decided, self.held = True, ""
+        return ""
+
+
+def _check_supported(params: GenParams) -> None:
+    unsupported = {
+        "regex": params.regex is not None, "json_schema": params.json_schema is not None,
+        "stop_token_ids": bool(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+        "min_p": bool(params.min_p), "frequency_penalty": bool(params.frequency_penalty),
+        "presence_penalty": bool(params.presence_penalty), "return_logprob": params.return_logprob,
+        "top_logprobs_num": bool(params.top_logprobs_num),
+    }
+    for name, asked in unsupported.items():
+        if asked:
+            raise UnsupportedError(f"{name}: not supported by the anthropic backend (Anthropic's Messages API "
+                                   "has no such parameter)")
+
+
+def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A turn's content as Anthropic content blocks (empty text left out)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content:
+        if part["type"] == "image":
+            image = part["image"]
+            blocks.append({"type": "image", "source": {"type": "base64", "media_type": image.mime_type,
+                                                        "data": base64.b64encode(image.data).decode()}})
+        elif part["text"]:
+            blocks.append({"type": "text", "text": part["text"]})
+    return blocks
+
+
+def _meta_info(message: Any) -> dict[str, Any]:
+    """Usage and finish in the engine's terms (``finish_reason`` as ``/generate`` reports it), plus
+    Anthropic's own ``stop_reason`` and the message id."""
+    if message.stop_reason == "max_tokens":
+        finish = {"type": "length", "length": message.usage.output_tokens}
+    else:
+        finish = {"type": "stop", "matched": message.stop_sequence}
+    return {"id": message.id, "prompt_tokens": message.usage.input_tokens,
+            "completion_tokens": message.usage.output_tokens, "finish_reason": finish,
+            "stop_reason": message.stop_reason}

@@ -1,0 +1,96 @@
+"""Anthropic Messages request bodies as Pydantic models, and their conversion to chat-template
+messages (strict types, unknown fields ignored: see ``sglang_core.server.bodies``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from sglang_core.server.bodies import StrictBody
+
+
+class ContentBlock(StrictBody):
+    """One block of a message's (or the system prompt's) content. Only ``text`` can be served;
+    the rest are parsed so that the error names them."""
+
+    type: str
+    text: str | None = None
+
+
+class Message(StrictBody):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class Conversation(StrictBody):
+    """What ``/v1/messages/count_tokens`` reads: the model's input, without generation settings."""
+
+    model: str
+    messages: list[Message]
+    system: str | list[ContentBlock] | None = None
+    tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if self.tools:
+            raise ValueError("tools: tool use is not supported")
+        if self.tool_choice is not None and self.tool_choice.get("type") not in ("auto", "none"):
+            raise ValueError("tool_choice: tool use is not supported")
+        if self.thinking is not None and self.thinking.get("type") != "disabled":
+            raise ValueError("thinking: extended thinking is not supported")
+
+    def chat(self) -> tuple[list[dict[str, str]], str]:
+        """The conversation as chat-template messages, and the assistant prefill: the text of a
+        final assistant turn, which the model continues (``""`` when the last turn is the user's).
+        Consecutive turns of one role are joined into one, as Anthropic does."""
+        if not self.messages:
+            raise ValueError("messages: at least one message is required")
+        turns: list[dict[str, str]] = []
+        if self.system:
+            turns.append({"role": "system", "content": _text(self.system, "system")})
+        for i, message in enumerate(self.messages):
+            text = _text(message.content, f"messages.{i}.content")
+            last = i == len(self.messages) - 1
+            if not text and not (last and message.role == "assistant"):
+                raise ValueError(f"messages.{i}: all messages must have non-empty content except for the "
+                                 "optional final assistant message")
+            if turns and turns[-1]["role"] == message.role:
+                turns[-1]["content"] += "\n" + text
+            else:
+                turns.append({"role": message.role, "content": text})
+        if turns[-1]["role"] != "assistant":
+            return turns, ""
+        prefill = turns.pop()["content"]
+        # Anthropic's rule: the model continues the text as is, and a trailing space would be a
+        # token boundary the model rarely produces itself.
+        if prefill != prefill.rstrip():
+            raise ValueError("messages: final assistant content cannot end with trailing whitespace")
+        return turns, prefill
+
+
+def _text(content: str | list[ContentBlock], where: str) -> str:
+    """A content string, or its text blocks joined by newlines; any other block is a 400 naming it."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, block in enumerate(content):
+        if block.type == "image":
+            raise ValueError(f"{where}.{j}: image content is not supported: this server's model reads text only")
+        if block.type != "text":
+            raise ValueError(f"{where}.{j}: {block.type!r} content blocks are not supported (text only)")
+        if block.text is None:
+            raise ValueError(f"{where}.{j}.text: Field required")
+        texts.append(block.text)
+    return "\n".join(texts)
+
+
+class MessagesRequest(Conversation):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None  # accepted and ignored: it only tags requests at Anthropic

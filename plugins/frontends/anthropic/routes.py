@@ -1,0 +1,134 @@
+"""Anthropic's Messages API: ``POST /v1/messages`` (whole or streamed as Anthropic's server-sent
+events) and ``POST /v1/messages/count_tokens``, with errors in Anthropic's envelope.
+
+A request is one engine request: the conversation goes through the same chat template as
+OpenAI's chat completions (``sglang_core.server.generation``), a final assistant turn is a
+prefill the model continues, and the engine's finish reason becomes Anthropic's ``stop_reason``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sglang_core.server.bodies import parse_body
+from sglang_core.server.chat_templates import resolve_chat_template
+from sglang_core.server.context import ServerContext
+from sglang_core.server.generation import (
+    RequestAborted, chat_prompt_ids, check_prompt, finish_reason, validated_params,
+)
+
+from sglang_plugins.frontends.anthropic.protocol import Conversation, MessagesRequest
+
+logger = logging.getLogger("sglang_core.server.anthropic")
+
+PATH = "/v1/messages"
+
+# HTTP status -> Anthropic's error type (https://docs.anthropic.com/en/api/errors).
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               503: "overloaded_error", 529: "overloaded_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """Anthropic's error envelope; ``param`` has no place in it (the message names the field)."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def mount(app: FastAPI, ctx: ServerContext) -> None:
+    template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
+    ctx.error_shapes[PATH] = error_body
+
+    @app.post(PATH)
+    async def create_message(request: Request) -> Response:
+        req = parse_body(MessagesRequest, await request.body())
+        ids = prompt_ids(ctx, req, template)
+        max_new = check_prompt(ids, ctx.engine.info, "messages", req.max_tokens, "max_tokens")
+        params = validated_params({"max_new_tokens": max_new, "temperature": req.temperature, "top_p": req.top_p,
+                                   "top_k": req.top_k, "stop": req.stop_sequences},
+                                  ctx.engine.info.vocab_size, {"max_new_tokens": "max_tokens"})
+        head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
+        job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
+        if req.stream:
+            events = event_stream(ctx, head, job)
+            await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
+            return StreamingResponse(events, media_type="text/event-stream")
+        with ctx.admission():
+            result = await ctx.until_disconnect(request, ctx.complete(**job))
+        try:
+            stop = stop_fields(finish_reason(result))
+        except RequestAborted as exc:
+            return JSONResponse(error_body(500, f"the request was aborted: {exc}"), status_code=500)
+        return JSONResponse({**head, "content": [{"type": "text", "text": result["text"]}], **stop,
+                             "usage": usage(len(ids), result["meta_info"]["completion_tokens"])})
+
+    @app.post(PATH + "/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        req = parse_body(Conversation, await request.body())
+        return JSONResponse({"input_tokens": len(prompt_ids(ctx, req, template))})
+
+
+def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> list[int]:
+    """The conversation through the chat template, then the assistant prefill, as token ids."""
+    messages, prefill = req.chat()
+    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill)
+
+
+def stop_fields(reason: dict) -> dict[str, Any]:
+    """The engine's finish reason as Anthropic's ``stop_reason`` and ``stop_sequence``: a matched
+    stop string is a ``stop_sequence``, EOS (or a finished constraint) ``end_turn``."""
+    if reason["type"] == "length":
+        return {"stop_reason": "max_tokens", "stop_sequence": None}
+    matched = reason.get("matched")
+    if isinstance(matched, str):
+        return {"stop_reason": "stop_sequence", "stop_sequence": matched}
+    return {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    # input_tokens is the whole prompt: our automatic prefix cache is not Anthropic's opt-in
+    # prompt caching, whose cache_* counts would be subtracted from it.
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens}
+
+
+async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, Any]) -> AsyncIterator[str]:
+    """Anthropic's streaming events for one text block: ``message_start``, ``content_block_start``,
+    ``ping``, ``content_block_delta``..., ``content_block_stop``, ``message_delta`` (stop reason,
+    output tokens), ``message_stop``; an ``error`` event if it fails once the 200 is out. The first
+    (empty) item is taken by the route; closing the stream early aborts the engine request."""
+    with ctx.admission():
+        yield ""
+        try:
+            start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
+                     "usage": usage(len(job["input_ids"]), 0)}
+            yield _event({"type": "message_start", "message": start})
+            yield _event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            yield _event({"type": "ping"})
+            async with contextlib.aclosing(ctx.stream(**job)) as chunks:
+                async for chunk in chunks:
+                    reason = finish_reason(chunk)
+                    if chunk["text"]:
+                        yield _event({"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta", "text": chunk["text"]}})
+            yield _event({"type": "content_block_stop", "index": 0})
+            yield _event({"type": "message_delta", "delta": stop_fields(reason),
+                          "usage": {"output_tokens": chunk["meta_info"]["completion_tokens"]}})
+            yield _event({"type": "message_stop"})
+        except RequestAborted as exc:
+            yield _event(error_body(500, f"the request was aborted: {exc}"))
+        except Exception as exc:  # the 200 is out: report the error in the stream
+            logger.exception("streamed message failed")
+            yield _event(error_body(500, f"internal error: {exc}"))
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -39,3 +39,13 @@ def default_model_folder() -> Path:
     from sglang_core.weights.default_model import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def lang_server():
+    """One `sglang-core serve` of the default model for the frontend-language tests
+    (tests/test_lang.py and tests/test_lang_examples.py share it)."""
+    from server_util import running_server
+
+    with running_server() as server:
+        yield server

@@ -46,3 +46,34 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+def hf_choice_logprobs(hf, tokenizer, prompt: str, choice: str) -> tuple[list[float], list[float]]:
+    """Logprobs of ``choice``'s tokens after ``prompt`` (where the joint tokenization leaves the
+    prompt's own, never at position 0) and of the same tokens alone, without the prompt (the
+    first has none: 0.0, as SGLang's unconditional_likelihood_normalized counts it)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + choice)["input_ids"]
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    start = max(1, min(start, len(ids) - 1))
+
+    def logprobs(seq: list[int], first: int) -> list[float]:
+        with torch.no_grad():
+            table = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), dim=-1)
+        return [float(table[p - 1, seq[p]]) for p in range(first, len(seq))]
+
+    return logprobs(ids, start), [0.0] + logprobs(ids[start:], 1)
+
+
+def expected_choice(method: str, conditional: list[list[float]], unconditional: list[list[float]]) -> int:
+    """The index SGLang's choices method picks, computed directly from the logprobs."""
+    mean = [sum(lps) / len(lps) for lps in conditional]
+    if method == "token_length_normalized":
+        scores = mean
+    elif method == "unconditional_likelihood_normalized":
+        scores = [sum(c - u for c, u in zip(cs, us)) / len(cs) for cs, us in zip(conditional, unconditional)]
+    else:  # greedy_token_selection: first token, ties to the next; a shorter choice goes on at its mean
+        width = max(map(len, conditional))
+        rows = [lps + [m] * (width - len(lps)) for lps, m in zip(conditional, mean)]
+        return max(range(len(rows)), key=lambda i: (rows[i], -i))
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))

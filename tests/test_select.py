@@ -1,4 +1,4 @@
-"""``Engine.select`` picks what an independent computation of the normalised logprobs picks:
+"""``Engine.select`` picks what an independent computation of each choices method picks:
 HF transformers (float32, CPU) on the same weights and the same token ids."""
 
 from __future__ import annotations
@@ -7,12 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from reference import expected_choice, hf_choice_logprobs
+from sglang_core.choices import CHOICE_METHODS
 from sglang_core.engine import Engine
 
 CASES = [
     ("The capital of France is", [" Paris", " London", " a small village in Peru"]),
     ("2 + 2 =", [" 4", " 5", " twenty-two"]),
     ("My favourite colour is", [" blue", " green", " the colour of the sky at noon", " red"]),
+    ("The capital of France is", [" Paris", " Antidisestablishmentarianism"]),
 ]
 
 
@@ -27,29 +30,19 @@ def hf(default_model_folder):
     return AutoModelForCausalLM.from_pretrained(default_model_folder, dtype=torch.float32).eval()
 
 
-def hf_choice_logprobs(hf, tokenizer, prompt: str, choice: str) -> list[float]:
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + choice)["input_ids"]
-    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
-    start = max(1, min(start, len(ids) - 1))
-    with torch.no_grad():
-        logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
-    return [float(logprobs[p - 1, ids[p]]) for p in range(start, len(ids))]
-
-
 @pytest.mark.parametrize("prompt, choices", CASES)
-@pytest.mark.parametrize("method", ["token_length_normalized", "greedy_token_selection"])
+@pytest.mark.parametrize("method", CHOICE_METHODS)
 def test_select_matches_hf(engine, hf, prompt, choices, method):
     expected = [hf_choice_logprobs(hf, engine.tokenizer, prompt, c) for c in choices]
-    if method == "token_length_normalized":
-        scores = [sum(lps) / len(lps) for lps in expected]
-        best = max(range(len(choices)), key=scores.__getitem__)
-    else:
-        best = max(range(len(choices)), key=lambda i: expected[i])
+    conditional, unconditional = [e[0] for e in expected], [e[1] for e in expected]
+    best = expected_choice(method, conditional, unconditional)
     result = engine.select(prompt, choices, method=method)
     assert result["index"] == best and result["choice"] == choices[best]
-    for got, want in zip(result["token_logprobs"], expected):
+    for got, want in zip(result["token_logprobs"], conditional):
         assert got == pytest.approx(want, abs=2e-3)
+    if method == "unconditional_likelihood_normalized":
+        for got, want in zip(result["unconditional_logprobs"], unconditional):
+            assert [0.0 if g is None else g for g in got] == pytest.approx(want, abs=2e-3)
 
 
 @pytest.mark.parametrize("args, field", [(("", ["a"]), "prompt"), (("x", []), "choices"), (("x", ["a", ""]), "choices"),

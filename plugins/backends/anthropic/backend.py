@@ -26,10 +26,13 @@ class AnthropicBackend(LangBackend):
     without ``max_tokens``. Further keywords (``timeout``, ``max_retries``, ``default_headers``,
     ...) go to ``anthropic.Anthropic``.
 
-    Supported: ``max_tokens``, ``stop``, ``temperature``, ``top_p``, ``top_k``, images, streaming,
-    and ``GenParams.extra`` passed through to ``messages.create``. Anything else a gen asks for
-    (constraints, logprobs, penalties, token ids) raises :class:`UnsupportedError` naming it, and
-    so does ``select``: the API returns no logprobs to score choices with.
+    Supported: ``max_tokens``, ``stop``, images, streaming, and ``GenParams.extra`` passed through
+    to ``messages.create``. ``temperature``, ``top_p`` and ``top_k`` are sent in the request body
+    (``extra_body``): the SDK's current API version dropped them and Anthropic refuses them there
+    (a 400), while servers that take them (older API versions, sglang-core's ``/v1/messages``)
+    honour them. Anything else a gen asks for (constraints, logprobs, penalties, token ids) raises
+    :class:`UnsupportedError` naming it, and so does ``select``: the API returns no logprobs to
+    score choices with.
     """
 
     name = "anthropic"
@@ -107,12 +110,16 @@ class AnthropicBackend(LangBackend):
             request["system"] = system
         if params.stop:
             request["stop_sequences"] = list(params.stop)
-        for name in ("temperature", "top_p"):
-            if getattr(params, name) is not None:
-                request[name] = getattr(params, name)
-        if params.top_k is not None and params.top_k != -1:  # -1: the whole vocabulary, the API's default
-            request["top_k"] = params.top_k
-        return {**request, **params.extra}, trim
+        # Sampling settings travel in the body: the SDK's API version has no such parameters.
+        sampling = {name: getattr(params, name) for name in ("temperature", "top_p", "top_k")
+                    if getattr(params, name) is not None}
+        if sampling.get("top_k") == -1:  # the whole vocabulary: the API's default
+            del sampling["top_k"]
+        extra = dict(params.extra)
+        body = {**sampling, **extra.pop("extra_body", {})}
+        if body:
+            request["extra_body"] = body
+        return {**request, **extra}, trim
 
 
 class _LeadTrim:

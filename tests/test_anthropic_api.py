@@ -1,0 +1,347 @@
+"""Anthropic's Messages API on our server, driven by the official ``anthropic`` client against a
+real server running the embedded default model (SmolLM2-135M-Instruct); and the frontend
+language's Anthropic backend against the same server.
+
+References are independent of the code under test: token counts come from the tokenizer and its
+chat template, greedy text from our OpenAI endpoints (another route, another request parser).
+The current SDK pins an API version without sampling parameters, so ``temperature`` travels in
+``extra_body``, as it does for any client of a server that still takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from sglang_core.lang.backend import GenParams, GenResult, Image, MissingExtraError, Prompt, UnsupportedError
+
+from server_util import running_server
+
+KEY = "anthropic-test-key"
+MAX = 12  # generated tokens per request: keeps the file fast on CPU
+GREEDY = {"temperature": 0}
+USER = [{"role": "user", "content": "Write a short poem about the sea."}]
+# A prefill the model continues for thousands of tokens: a request that only an abort ends early.
+COUNTING = [{"role": "user", "content": "Count upwards from 1, separated by commas."},
+            {"role": "assistant", "content": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # The API key guards every route; the clients below send it (x-api-key, or Bearer).
+    with running_server("--max-running-requests", "16", "--api-key", KEY,
+                        env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_folder))
+
+
+def template_ids(tokenizer, messages, prefill: str = "") -> list[int]:
+    """The prompt ids by the tokenizer's own chat template (the reference for input_tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+
+def create(client, messages, max_tokens=MAX, **kwargs):
+    return client.messages.create(model="any", max_tokens=max_tokens, messages=messages, extra_body=GREEDY, **kwargs)
+
+
+def text_of(message) -> str:
+    (block,) = message.content
+    assert block.type == "text"
+    return block.text
+
+
+def memory(server) -> dict:
+    info = httpx.get(f"{server.url}/get_server_info", headers={"x-api-key": KEY}, timeout=30).json()
+    return info["memory"]
+
+
+def wait_all_memory_free(server, wait_s: float = 15) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        mem = memory(server)
+        if mem["running"] == 0 and mem["waiting"] == 0 and mem["kv_cache_locked"] == 0 \
+                and mem["kv_free"] + mem["kv_cached"] == mem["kv_pool_size"] \
+                and mem["request_rows_free"] == mem["request_rows"]:
+            return
+        assert time.monotonic() < deadline, f"memory not given back: {mem}"
+        time.sleep(0.2)
+
+
+# ---- the frontend: /v1/messages ---------------------------------------------------------------
+
+def test_create(client, tokenizer):
+    msg = create(client, USER)
+    assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
+    assert text_of(msg) and msg.model == "SmolLM2-135M-Instruct"
+    assert msg.stop_reason in ("end_turn", "max_tokens") and msg.stop_sequence is None
+    assert msg.usage.input_tokens == len(template_ids(tokenizer, USER))
+    assert 0 < msg.usage.output_tokens <= MAX
+
+
+def test_max_tokens(client, tokenizer):
+    msg = create(client, COUNTING, max_tokens=7)
+    assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 7
+    assert len(tokenizer(text_of(msg), add_special_tokens=False)["input_ids"]) == 7
+
+
+def test_greedy_equals_openai_chat(client, oai, tokenizer):
+    """System prompt and several turns: the same text and prompt size as our OpenAI chat route."""
+    turns = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
+             {"role": "user", "content": "Name another one, and say why you like it."}]
+    system = "You are a terse assistant."
+    msg = create(client, turns, system=system)
+    ref = oai.chat.completions.create(model="any", max_tokens=MAX, temperature=0,
+                                      messages=[{"role": "system", "content": system}, *turns])
+    assert text_of(msg) == ref.choices[0].message.content
+    assert msg.usage.input_tokens == ref.usage.prompt_tokens == \
+        len(template_ids(tokenizer, [{"role": "system", "content": system}, *turns]))
+    assert msg.usage.output_tokens == ref.usage.completion_tokens
+    assert msg.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[ref.choices[0].finish_reason]
+    # The system prompt as text blocks is the same prompt.
+    blocks = create(client, turns, system=[{"type": "text", "text": system}])
+    assert text_of(blocks) == text_of(msg) and blocks.usage.input_tokens == msg.usage.input_tokens
+
+
+def test_assistant_prefill_is_continued(client, oai, tokenizer):
+    prefill = "The capital of France is"
+    msg = create(client, [{"role": "user", "content": "What is the capital of France?"},
+                          {"role": "assistant", "content": prefill}])
+    ids = template_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}], prefill)
+    assert msg.usage.input_tokens == len(ids)
+    # The continuation of exactly those ids, through the completions route.
+    ref = oai.completions.create(model="any", prompt=ids, max_tokens=MAX, temperature=0)
+    assert text_of(msg) == ref.choices[0].text
+
+
+def test_stop_sequences(client):
+    free = text_of(create(client, USER))
+    stop = free[len(free) // 2:][:3]
+    assert stop.strip(), free
+    msg = create(client, USER, stop_sequences=[stop, "never-appears"])
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
+    assert text_of(msg) == free[: free.index(stop)]
+
+
+def test_count_tokens(client, tokenizer):
+    system = "Be brief."
+    count = client.messages.count_tokens(model="any", messages=USER, system=system)
+    assert count.input_tokens == len(template_ids(tokenizer, [{"role": "system", "content": system}, *USER]))
+
+
+def test_stream(client, tokenizer):
+    whole = create(client, USER)
+    with client.messages.stream(model="any", max_tokens=MAX, messages=USER, extra_body=GREEDY) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) >= 2 and "".join(pieces) == text_of(final) == text_of(whole)
+    assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == len(template_ids(tokenizer, USER))
+
+
+def test_stream_events_as_anthropic_sends_them(client, server):
+    """The documented order, each event as ``event: <type>`` + ``data: <json with that type>``."""
+    order = r"message_start content_block_start (content_block_delta )+content_block_stop message_delta message_stop"
+    events = client.messages.create(model="any", max_tokens=MAX, messages=USER, extra_body=GREEDY, stream=True)
+    kinds = [event.type for event in events]  # the SDK drops pings
+    assert re.fullmatch(order, " ".join(kinds)), kinds
+    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+                     json={"model": "any", "max_tokens": 3, "stream": True, "messages": USER})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    blocks = raw.text.split("\n\n")
+    assert blocks[-1] == ""
+    events = []
+    for block in blocks[:-1]:
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: ")
+        events.append(json.loads(data[len("data: "):]))
+        assert events[-1]["type"] == name[len("event: "):]
+    kinds = [event["type"] for event in events]
+    assert re.fullmatch(order.replace("start (", "start ping ("), " ".join(kinds)), kinds
+    assert events[0]["message"]["usage"]["output_tokens"] == 0 and events[0]["message"]["content"] == []
+    delta = events[-2]
+    assert delta["delta"]["stop_reason"] in ("end_turn", "max_tokens") and 0 < delta["usage"]["output_tokens"] <= 3
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": None}, "max_tokens: Field required"),
+    ({"max_tokens": "12"}, "max_tokens: Input should be a valid integer"),
+    ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+    ({"max_tokens": 100_000}, "max_tokens: "),
+    ({"messages": [{"role": "system", "content": "hi"}]}, "messages.0.role: "),
+    ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content: "),
+    ({"messages": []}, "messages: at least one message is required"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
+     "messages.0.content.1: image content is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]},
+     "messages.0.content.0: 'tool_result' content blocks are not supported"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]}, "messages.0: "),
+    ({"messages": [*USER, {"role": "assistant", "content": "Sure. "}]},
+     "messages: final assistant content cannot end with trailing whitespace"),
+    ({"system": [{"type": "image", "source": {}}]}, "system.0: image content is not supported"),
+    ({"temperature": "hot"}, "temperature: Input should be a valid number"),
+    ({"temperature": 1.5}, "temperature: Input should be less than or equal to 1"),
+    ({"top_k": 0}, "top_k: "),
+    ({"stop_sequences": "END"}, "stop_sequences: Input should be a valid array"),
+    ({"stop_sequences": [""]}, "stop_sequences.0: "),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools: tool use is not supported"),
+    ({"model": None}, "model: Field required"),
+])
+def test_bad_input_is_400_in_anthropic_envelope(client, body, message):
+    request = {"model": "any", "max_tokens": 4, "messages": USER, **body}
+    request = {k: v for k, v in request.items() if v is not None}  # None: leave the field out
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.post("/v1/messages", body=request, cast_to=object)
+    assert err.value.status_code == 400
+    error = err.value.body
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"].startswith(message), error
+
+
+def test_server_serves_after_bad_input(client, server):
+    resp = httpx.post(f"{server.url}/v1/messages", content=b'{"messages": [', timeout=10,
+                      headers={"x-api-key": KEY, "content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("malformed JSON body")
+    assert text_of(create(client, USER, max_tokens=3))
+
+
+def test_auth_and_route_errors_in_anthropic_envelope(server):
+    wrong = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        wrong.messages.create(model="any", max_tokens=3, messages=USER)
+    assert err.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                         "message": "invalid or missing API key"}}
+    bearer = anthropic.Anthropic(base_url=server.url, auth_token=KEY, max_retries=0)  # Authorization: Bearer
+    assert bearer.messages.count_tokens(model="any", messages=USER).input_tokens > 0
+    resp = httpx.get(f"{server.url}/v1/messages", headers={"x-api-key": KEY})
+    assert resp.status_code == 405 and resp.json()["type"] == "error"
+    # Other APIs keep their own envelope.
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json={}, headers={"x-api-key": KEY})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+
+
+def test_client_disconnect_aborts_and_frees_kv(client, server):
+    """A client that leaves mid-stream or mid-request frees its engine request and KV at once
+    (the counting continues for thousands of tokens: only an abort ends it within the wait)."""
+    with client.messages.stream(model="any", max_tokens=4000, messages=COUNTING, extra_body=GREEDY) as stream:
+        for _, _ in zip(stream.text_stream, range(3)):
+            pass
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=1.0,
+                   json={"model": "any", "max_tokens": 4000, "messages": COUNTING, **GREEDY})
+    wait_all_memory_free(server)
+
+
+# ---- the frontend language's backend -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backend(server):
+    from sglang_core.lang.backends import load_backend
+
+    backend = load_backend("anthropic", "any", base_url=server.url, api_key=KEY, max_retries=0)
+    yield backend
+    backend.shutdown()
+
+
+def chat_prompt(*messages: dict) -> Prompt:
+    """A snapshot inside an open assistant turn, as the interpreter hands it over."""
+    return Prompt(text="", messages=(*messages, {"role": "assistant", "content": ""}), open_role="assistant")
+
+
+def test_backend_generate_matches_the_api(backend, client):
+    from sglang_plugins.backends.anthropic.backend import AnthropicBackend
+
+    assert isinstance(backend, AnthropicBackend) and backend.supports_images
+    prompt = chat_prompt({"role": "system", "content": "You are a poet."}, *USER)
+    result = backend.generate(prompt, GenParams(max_tokens=MAX, temperature=0))
+    ref = create(client, USER, system="You are a poet.")
+    assert result.text == text_of(ref)
+    assert result.meta_info["prompt_tokens"] == ref.usage.input_tokens
+    assert result.meta_info["completion_tokens"] == ref.usage.output_tokens
+    assert result.meta_info["stop_reason"] == ref.stop_reason
+
+
+def test_backend_stream_stop_and_max_tokens(backend, client):
+    prompt = chat_prompt(*USER)
+    whole = backend.generate(prompt, GenParams(max_tokens=MAX, temperature=0))
+    *pieces, final = backend.generate_stream(prompt, GenParams(max_tokens=MAX, temperature=0))
+    assert len(pieces) >= 2 and all(isinstance(p, str) for p in pieces) and isinstance(final, GenResult)
+    assert "".join(pieces) == final.text == whole.text
+
+    stop = whole.text[len(whole.text) // 2:][:3]
+    stopped = backend.generate(prompt, GenParams(max_tokens=MAX, temperature=0, stop=(stop,)))
+    assert stopped.text == whole.text[: whole.text.index(stop)]
+    assert stopped.meta_info["finish_reason"] == {"type": "stop", "matched": stop}
+
+    short = backend.generate(Prompt(text="", messages=tuple(COUNTING)), GenParams(max_tokens=5, temperature=0))
+    assert short.meta_info["finish_reason"]["type"] == "length" and short.meta_info["completion_tokens"] == 5
+
+
+def test_backend_prefill_with_trailing_space(backend, client):
+    """The API refuses a prefill ending in whitespace: the backend sends it stripped and drops the
+    space the model writes again, streamed or not."""
+    question = {"role": "user", "content": "What is the capital of France?"}
+    ref = text_of(create(client, [question, {"role": "assistant", "content": "The capital of France is"}]))
+    assert ref.startswith(" ")
+    prompt = Prompt(text="", messages=(question, {"role": "assistant", "content": "The capital of France is "}),
+                    open_role="assistant")
+    params = GenParams(max_tokens=MAX, temperature=0)
+    assert backend.generate(prompt, params).text == ref[1:]
+    *pieces, final = backend.generate_stream(prompt, params)
+    assert "".join(pieces) == final.text == ref[1:]
+
+
+def test_backend_sends_images_as_base64_blocks(backend):
+    """Our text-only server names the image block it was sent (messages.0.content.1)."""
+    prompt = chat_prompt({"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image", "image": Image(b"\x89PNG\r\n", "image/png")}]})
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\.0\.content\.1: image content is not supported"):
+        backend.generate(prompt, GenParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("params, field", [
+    (GenParams(regex="[a-z]+"), "regex"), (GenParams(json_schema='{"type": "object"}'), "json_schema"),
+    (GenParams(return_logprob=True), "return_logprob"), (GenParams(stop_token_ids=(2,)), "stop_token_ids"),
+    (GenParams(frequency_penalty=0.5), "frequency_penalty"),
+])
+def test_backend_refuses_what_the_api_cannot_do(backend, params, field):
+    with pytest.raises(UnsupportedError, match=f"^{field}: "):
+        backend.generate(chat_prompt(*USER), params)
+
+
+def test_backend_select_is_unsupported(backend):
+    with pytest.raises(UnsupportedError, match="^select: .*no logprobs"):
+        backend.select(chat_prompt(*USER), ["yes", "no"], temperature=0.0)
+
+
+def test_backend_without_the_sdk(monkeypatch):
+    from sglang_plugins.backends.anthropic.backend import AnthropicBackend
+
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # `import anthropic` now raises ImportError
+    with pytest.raises(MissingExtraError, match=re.escape("pip install 'sglang-core[anthropic]'")):
+        AnthropicBackend("any")

@@ -1,0 +1,269 @@
+"""What the hosted-API backends (OpenAI, LiteLLM, Vertex AI) share: checking what a backend can
+do, chat turns from a :class:`Prompt`, GenParams in OpenAI's request fields, accumulating a
+response (whole or streamed) into a :class:`GenResult`, and the constrained chat ``select``.
+
+Only the standard library and ``sglang_core`` are imported here; each SDK is imported by the
+backend that needs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from sglang_core.choices import check_select_args
+from sglang_core.lang.backend import GenParams, GenResult, LangBackend, Prompt, SelectResult, UnsupportedError
+
+# The only method the chat paths accept: they pick by constrained generation, not by prompt
+# logprobs, so no other normalisation can be honoured (see docs/plugins.md).
+CHAT_SELECT_METHOD = "token_length_normalized"
+
+
+def unsupported(backend: str, field_name: str, why: str) -> UnsupportedError:
+    """An :class:`UnsupportedError` naming the field, as every backend words it."""
+    return UnsupportedError(f"{field_name}: the {backend} backend {why}")
+
+
+def parse_schema(params: GenParams) -> dict[str, Any] | None:
+    """``params.json_schema`` (JSON text) as an object, or None."""
+    if params.json_schema is None:
+        return None
+    try:
+        schema = json.loads(params.json_schema)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"json_schema: not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ValueError("json_schema: must be a JSON object")
+    return schema
+
+
+def check_choices(backend: str, prompt: Prompt, choices: list[str], method: str, chat: bool) -> None:
+    """``ValueError`` for a bad select call; ``UnsupportedError`` for a method a chat path cannot do."""
+    # A chat path sends the conversation, which chat_turns checks, so its text is not checked here.
+    check_select_args(prompt.text if not chat else "(conversation)", choices, method)
+    if chat and method != CHAT_SELECT_METHOD:
+        raise unsupported(backend, "method", f"picks a choice by constrained generation on chat models, so it "
+                                             f"cannot score {method!r} (that needs prompt logprobs; use a "
+                                             f"completion model or sgl.RuntimeEndpoint)")
+
+
+def chat_turns(backend: str, prompt: Prompt) -> list[dict[str, Any]]:
+    """The conversation a chat API continues: ``prompt.messages`` without the open (empty)
+    assistant turn the program is generating into.
+
+    Chat APIs write a new assistant turn; they cannot continue a partial one or write as another
+    role, so those programs get an :class:`UnsupportedError`.
+    """
+    messages = list(prompt.messages)
+    if prompt.open_role != "assistant" or not messages or messages[-1]["role"] != "assistant":
+        raise unsupported(backend, "role", "generates only as the assistant of a chat: put gen/select inside "
+                                           "`with s.assistant():` (or sgl.assistant(...))")
+    partial = messages.pop()["content"]
+    if (partial if isinstance(partial, str) else "".join(p.get("text", "") for p in partial)).strip():
+        raise unsupported(backend, "role", "cannot continue a partly written assistant turn; gen must come "
+                                           "first in the assistant turn")
+    if not messages:
+        raise ValueError("messages: the conversation is empty; write a user turn before generating")
+    return messages
+
+
+def openai_messages(backend: str, prompt: Prompt) -> list[dict[str, Any]]:
+    """Chat turns in OpenAI's message format; images become ``image_url`` parts (data URLs)."""
+    out = []
+    for message in chat_turns(backend, prompt):
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [{"type": "text", "text": part["text"]} if part["type"] == "text" else
+                       {"type": "image_url", "image_url": {"url": data_url(part["image"].data,
+                                                                           part["image"].mime_type)}}
+                       for part in content]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def data_url(data: bytes, mime_type: str) -> str:
+    return f"data:{mime_type};base64,{base64.b64encode(data).decode()}"
+
+
+def openai_sampling(backend: str, params: GenParams, extensions: bool, chat: bool = True) -> dict[str, Any]:
+    """GenParams -> keyword arguments of OpenAI's ``chat.completions.create`` (LiteLLM takes the
+    same) or, with ``chat=False``, ``completions.create``.
+
+    ``extensions``: the server takes SGLang's extra fields (``regex``, ``top_k``, ``min_p``,
+    ``ignore_eos``, ``stop_token_ids``, and ``json_schema`` on completions, which have no
+    ``response_format``), sent in ``extra_body``; without them those fields are an
+    :class:`UnsupportedError` rather than silently dropped.
+    """
+    kwargs: dict[str, Any] = {name: value for name, value in (
+        ("max_tokens", params.max_tokens), ("stop", list(params.stop) or None),
+        ("temperature", params.temperature), ("top_p", params.top_p),
+        ("frequency_penalty", params.frequency_penalty), ("presence_penalty", params.presence_penalty),
+    ) if value is not None}
+    schema = parse_schema(params)
+    if schema is not None and chat:
+        # OpenAI's structured outputs; our server maps response_format onto its json_schema.
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    extra = {name: value for name, value in (
+        ("regex", params.regex), ("json_schema", None if chat else params.json_schema), ("top_k", params.top_k), ("min_p", params.min_p),
+        ("ignore_eos", params.ignore_eos or None), ("stop_token_ids", list(params.stop_token_ids) or None),
+    ) if value is not None}
+    if extra and not extensions:
+        raise unsupported(backend, next(iter(extra)), "was not told the server takes SGLang's extra sampling "
+                                                      "fields (pass sglang_extensions=True for an sglang-core "
+                                                      "or SGLang server)")
+    extra.update(params.extra)
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
+
+
+def choice_regex(choices: list[str]) -> str:
+    """A regex that matches exactly one of ``choices``."""
+    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+def choice_schema(choices: list[str]) -> dict[str, Any]:
+    """A JSON Schema whose instances are ``{"choice": <one of choices>}``."""
+    return {"type": "object", "properties": {"choice": {"type": "string", "enum": list(choices)}},
+            "required": ["choice"], "additionalProperties": False}
+
+
+@dataclass
+class Collector:
+    """Accumulates a response, whole or chunk by chunk, into a :class:`GenResult`.
+
+    Logprobs are kept as ``(logprob, None, token_text)``, the native API's triples without the
+    token id, which hosted APIs do not report.
+    """
+
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, text: str | None, finish_reason: str | None = None,
+            logprobs: list[tuple[float, None, str]] | None = None,
+            top_logprobs: list[list[tuple[float, None, str]]] | None = None) -> str:
+        """Add one piece; returns its text ("" for none)."""
+        self.text += text or ""
+        if finish_reason is not None:
+            self.meta["finish_reason"] = finish_reason
+        if logprobs:
+            self.meta.setdefault("output_token_logprobs", []).extend(logprobs)
+        if top_logprobs:
+            self.meta.setdefault("output_top_logprobs", []).extend(top_logprobs)
+        return text or ""
+
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None) -> None:
+        for key, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens),
+                           ("cached_tokens", cached_tokens)):
+            if value is not None:
+                self.meta[key] = value
+
+    def result(self) -> GenResult:
+        return GenResult(self.text, dict(self.meta))
+
+
+def add_openai_usage(collector: Collector, usage: Any) -> None:
+    """OpenAI's ``usage`` object (LiteLLM's has the same fields), if the response has one."""
+    if usage is None:
+        return
+    details = getattr(usage, "prompt_tokens_details", None)
+    collector.usage(usage.prompt_tokens, usage.completion_tokens, getattr(details, "cached_tokens", None))
+
+
+def add_chat_choice(collector: Collector, choice: Any, streamed: bool) -> str:
+    """One chat choice (a whole ``message`` or a streamed ``delta``) into ``collector``."""
+    body = choice.delta if streamed else choice.message
+    entries = (getattr(choice, "logprobs", None) and choice.logprobs.content) or []
+    return collector.add(
+        getattr(body, "content", None), choice.finish_reason,
+        [(e.logprob, None, e.token) for e in entries],
+        [[(t.logprob, None, t.token) for t in e.top_logprobs or ()] for e in entries if e.top_logprobs],
+    )
+
+
+def chat_logprob_kwargs(params: GenParams) -> dict[str, Any]:
+    """Chat APIs' logprob fields for ``return_logprob`` / ``top_logprobs_num``."""
+    if not params.return_logprob:
+        return {}
+    return {"logprobs": True, **({"top_logprobs": params.top_logprobs_num} if params.top_logprobs_num else {})}
+
+
+class ChatCompletionsBackend(LangBackend):
+    """A backend over an OpenAI-format chat API: subclasses provide :meth:`_create`.
+
+    ``select`` is constrained generation: with ``sglang_extensions`` the output is constrained
+    to a regex alternation of the choices (the model writes one of them verbatim), otherwise to
+    the JSON ``{"choice": <enum>}`` through ``response_format`` (OpenAI's structured outputs).
+    """
+
+    supports_images = True
+
+    def __init__(self, model: str, sglang_extensions: bool):
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model: must be a non-empty string, got {model!r}")
+        if not isinstance(sglang_extensions, bool):
+            raise ValueError(f"sglang_extensions: must be True or False, got {sglang_extensions!r}")
+        self.model = model
+        self.sglang_extensions = sglang_extensions
+
+    def _create(self, messages: list[dict[str, Any]], stream: bool, **kwargs: Any) -> Any:
+        """Send one chat request; an OpenAI-shaped response, or an iterator of chunks."""
+        raise NotImplementedError
+
+    def _chat_kwargs(self, params: GenParams) -> dict[str, Any]:
+        return {**openai_sampling(self.name, params, self.sglang_extensions), **chat_logprob_kwargs(params)}
+
+    def generate(self, prompt: Prompt, params: GenParams) -> GenResult:
+        response = self._create(openai_messages(self.name, prompt), False, **self._chat_kwargs(params))
+        collector = Collector()
+        add_chat_choice(collector, response.choices[0], streamed=False)
+        add_openai_usage(collector, response.usage)
+        return collector.result()
+
+    def generate_stream(self, prompt: Prompt, params: GenParams) -> Iterator[str | GenResult]:
+        chunks = self._create(openai_messages(self.name, prompt), True, stream_options={"include_usage": True},
+                              **self._chat_kwargs(params))
+        collector = Collector()
+        for chunk in chunks:
+            if chunk.choices and (text := add_chat_choice(collector, chunk.choices[0], streamed=True)):
+                yield text
+            add_openai_usage(collector, getattr(chunk, "usage", None))
+        yield collector.result()
+
+    def select(self, prompt: Prompt, choices: list[str], temperature: float,
+               method: str = CHAT_SELECT_METHOD) -> SelectResult:
+        check_choices(self.name, prompt, choices, method, chat=True)
+        # Enough tokens for the longest choice (a token holds at least one byte), plus JSON framing.
+        budget = max(len(c.encode()) for c in choices) + (1 if self.sglang_extensions else 16)
+        if self.sglang_extensions:
+            kwargs: dict[str, Any] = {"extra_body": {"regex": choice_regex(choices)}}
+        else:
+            kwargs = {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "choice", "schema": choice_schema(choices), "strict": True}}}
+        response = self._create(openai_messages(self.name, prompt), False, max_tokens=budget,
+                                temperature=temperature, **kwargs)
+        text = response.choices[0].message.content or ""
+        return picked(self.name, choices, text if self.sglang_extensions else _json_choice(text),
+                      "regex" if self.sglang_extensions else "json_schema")
+
+
+def _json_choice(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value.get("choice", text) if isinstance(value, dict) else text
+
+
+def picked(backend: str, choices: list[str], answer: str, strategy: str) -> SelectResult:
+    """The :class:`SelectResult` for a choice the model generated under a constraint; scores are
+    1 for the pick and 0 for the others (no logprobs are involved)."""
+    if answer not in choices:
+        raise RuntimeError(f"select: the {backend} backend constrained the answer to the choices ({strategy}) but "
+                           f"the API returned {answer!r}; the server does not enforce the constraint")
+    index = choices.index(answer)
+    return SelectResult(answer, index, [float(i == index) for i in range(len(choices))],
+                        {"strategy": f"constrained generation ({strategy})"})

@@ -19,6 +19,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sglang_core.lang.backend import GenParams, GenResult, Image, MissingExtraError, Prompt, UnsupportedError
 
@@ -194,6 +196,7 @@ def test_stream_events_as_anthropic_sends_them(client, server):
     ({"messages": [{"role": "system", "content": "hi"}]}, "messages.0.role: "),
     ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content: "),
     ({"messages": []}, "messages: at least one message is required"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages.0.role: the first message must use the user"),
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
@@ -221,6 +224,35 @@ def test_bad_input_is_400_in_anthropic_envelope(client, body, message):
     error = err.value.body
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert error["error"]["message"].startswith(message), error
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+BLOCK = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", 3]),
+                                         "text": st.one_of(st.text(max_size=12), JSON_LEAF)}), JSON_VALUE)
+CONTENT = st.one_of(st.text(max_size=16), st.lists(BLOCK, max_size=2), JSON_LEAF)
+FIELDS = {"model": JSON_LEAF, "system": CONTENT, "stream": JSON_LEAF, "metadata": JSON_VALUE,
+          "max_tokens": st.one_of(st.integers(-2, 4), JSON_LEAF), "stop_sequences": JSON_VALUE,
+          "temperature": JSON_LEAF, "top_p": JSON_LEAF, "top_k": st.one_of(st.integers(-2, 4), JSON_LEAF),
+          "tools": JSON_VALUE, "thinking": JSON_VALUE}
+MESSAGE_BODIES = st.fixed_dictionaries({"messages": st.one_of(
+    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", 1]), "content": CONTENT}),
+             max_size=3), JSON_VALUE)}, optional=FIELDS)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=st.one_of(MESSAGE_BODIES.map(lambda b: json.dumps(b, allow_nan=True).encode()),
+                      st.binary(max_size=48)))
+def test_fuzz_never_5xx(server, body):
+    resp = httpx.post(f"{server.url}/v1/messages", content=body, timeout=60,
+                      headers={"x-api-key": KEY, "content-type": "application/json"})
+    assert resp.status_code < 500, f"{body[:200]!r} -> {resp.status_code} {resp.text[:300]}"
+    if resp.status_code >= 400:
+        error = resp.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
+        assert error["error"]["message"]
 
 
 def test_server_serves_after_bad_input(client, server):

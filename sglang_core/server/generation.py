@@ -35,7 +35,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template: st
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, ValueError) as exc:  # ValueError: transformers' own checks (no messages, ...)
         raise ValueError(f"messages: the chat template rejected them: {exc}") from None
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
 

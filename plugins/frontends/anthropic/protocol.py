@@ -47,6 +47,8 @@ class Conversation(StrictBody):
         Consecutive turns of one role are joined into one, as Anthropic does."""
         if not self.messages:
             raise ValueError("messages: at least one message is required")
+        if self.messages[0].role != "user":  # chat templates expect the conversation to open with the user
+            raise ValueError("messages.0.role: the first message must use the user role")
         turns: list[dict[str, str]] = []
         if self.system:
             turns.append({"role": "system", "content": _text(self.system, "system")})

@@ -242,7 +242,7 @@ MESSAGE_BODIES = st.fixed_dictionaries({"messages": st.one_of(
              max_size=3), JSON_VALUE)}, optional=FIELDS)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=st.one_of(MESSAGE_BODIES.map(lambda b: json.dumps(b, allow_nan=True).encode()),
                       st.binary(max_size=48)))
 def test_fuzz_never_5xx(server, body):

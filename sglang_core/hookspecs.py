@@ -77,8 +77,15 @@ def register_logits_processors(register: Register) -> None:
 
 @hookspec
 def register_api_backends(register: Register) -> None:
-    """Register API backends for the frontend language (``sgl.OpenAI``, ``sgl.RuntimeEndpoint``,
-    ...), by the name the language resolves them with."""
+    """Register API backends for the frontend language, by the name the language resolves them
+    with: ``runtime_endpoint``, ``openai``, ``anthropic``, ``litellm``, ``vertexai`` (``sgl.OpenAI(...)``
+    looks up ``openai`` and builds ``cls(*args, **kwargs)``).
+
+    ``register("openai", "pkg.backend:OpenAIBackend")``: a subclass of
+    ``sglang_core.lang.backend.LangBackend`` (``generate``; optionally ``generate_stream``,
+    ``select``, ``cache_prefix``), which receives ``Prompt`` snapshots of the program state. A
+    backend whose SDK is missing raises ``MissingExtraError`` from ``__init__``.
+    """
 
 
 @hookspec

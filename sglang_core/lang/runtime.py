@@ -26,21 +26,25 @@ def _shutdown_all() -> None:
         runtime.shutdown()
 
 
-def _flag_args(flags: dict[str, Any]) -> list[str]:
-    """``{"chunked_prefill_size": 512, "disable_cuda_graph": True}`` ->
-    ``["--chunked-prefill-size", "512", "--disable-cuda-graph"]`` (False and None: left out)."""
-    args = []
+def _server_args(flags: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """Server settings as flags, and the env vars for those a flag cannot say:
+    ``{"chunked_prefill_size": 512, "enable_request_log": True, "engine_in_subprocess": False}`` ->
+    ``["--chunked-prefill-size", "512", "--enable-request-log"]``, ``{"SGLANG_CORE_ENGINE_IN_SUBPROCESS":
+    "false"}`` (a boolean flag only switches on). None is left out."""
+    args, env = [], {}
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
         if value is True:
             args.append(flag)
-        elif value is None or value is False:
-            continue
+        elif value is False:
+            env["SGLANG_CORE_" + name.upper()] = "false"
         elif isinstance(value, (list, tuple)):
             args += [flag, ",".join(str(v) for v in value)]
         else:
             args += [flag, str(value)]
-    return args
+    return args, env
 
 
 class Runtime:
@@ -57,12 +61,13 @@ class Runtime:
         self.url = f"http://127.0.0.1:{port}"
         self.api_key: str | None = flags.get("api_key")
         args = [sys.executable, "-m", "sglang_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        args += _flag_args({"model_path": model_path, **flags})
+        flag_args, flag_env = _server_args({"model_path": model_path, **flags})
+        args += flag_args
         self._endpoint: LangBackend | None = None
         self._log = tempfile.NamedTemporaryFile("w+", prefix="sglang-core-runtime-", suffix=".log", delete=False)
         # Passive OpenMP waits unless told otherwise: spinning idle threads would starve the
         # program's own process on a small machine.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **flag_env}
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         _live.add(self)
         try:

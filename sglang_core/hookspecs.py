@@ -95,8 +95,8 @@ def register_frontends(register: Register) -> None:
     ``register(name, "pkg.module:mount")`` where ``mount(app: FastAPI, ctx: ServerContext) -> None``
     adds routes. ``ctx`` (``sglang_core.server.context``) gives the engine and the helpers every
     API needs: admission control, abort on client disconnect, latency metrics, error bodies.
-    ``--frontends a,b`` mounts only those. Built in: ``native`` (SGLang's ``/generate``) and
-    ``openai`` (``/v1/...``)."""
+    ``--frontends a,b`` mounts only those. Built in: ``native`` (SGLang's ``/generate``),
+    ``openai`` (``/v1/chat/completions``, ...) and ``anthropic`` (``/v1/messages``)."""
 
 
 @hookspec

@@ -10,7 +10,7 @@ from sglang_core.config import EngineSettings
 class ServerSettings(EngineSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(30000, ge=0, le=65535, description="port to listen on")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on every route but /health")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' or 'x-api-key: <key>' on every route but /health")
     frontends: list[str] | None = Field(None, description="serving frontends to mount, comma-separated (default: all registered)")
     chat_template: str | None = Field(None, description="chat template: a Jinja file or a built-in name (default: the tokenizer's)")
     served_model_name: str | None = Field(None, description="model name reported by /v1/models (default: the model path)")

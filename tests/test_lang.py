@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM
 import sglang_core as sgl
 from reference import expected_choice, hf_choice_logprobs
 from sglang_core.choices import CHOICE_METHODS
-from sglang_core.lang.media import load_video_frames
+from sglang_core.lang.api import INT_REGEX
+from sglang_core.lang.backend import GenResult, Image
+from sglang_core.lang.media import load_image, load_video_frames
 from sglang_core.tokenizer import load_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
@@ -135,7 +137,7 @@ def test_regex_int_and_json_schema(backend):
     state = constrained.run(backend=backend, temperature=0)
     assert re.fullmatch(ip, state["ip"])
     assert isinstance(state["days"], int)
-    assert re.fullmatch(sgl.lang.api.INT_REGEX, str(state["days"]))
+    assert re.fullmatch(INT_REGEX, str(state["days"]))
     jsonschema.validate(json.loads(state["person"]), schema)
 
 
@@ -190,7 +192,7 @@ def test_fork_branches_run_concurrently_at_the_server_and_reuse_the_cached_prefi
         for i, f in enumerate(forks):
             f += f"Tip {i + 1}:"
             f += sgl.gen("tip", max_tokens=12, ignore_eos=True)
-        captured["forks"] = forks.join()
+        captured["forks"] = s.join(forks)
         s += forks[0]["tip"]
 
     httpx.post(f"{lang_server.url}/reset_peak_requests_in_flight").raise_for_status()
@@ -275,6 +277,41 @@ def test_images_on_a_text_only_backend_are_unsupported(backend, expr):
 
     with pytest.raises(sgl.UnsupportedError, match="runtime_endpoint backend does not take images"):
         look.run(backend=backend)
+
+
+class ImageRecorder(sgl.LangBackend):
+    """A backend that takes images and records what the interpreter hands it."""
+
+    name = "recorder"
+    supports_images = True
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompt, params):
+        self.prompts.append(prompt)
+        return GenResult("a cat")
+
+
+def test_images_reach_a_backend_that_takes_them(tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(PNG)
+
+    @sgl.function
+    def look(s):
+        s += sgl.user(sgl.image(str(path)) + "What is this?")
+        s += sgl.assistant(sgl.gen("answer"))
+
+    recorder = ImageRecorder()
+    state = look.run(backend=recorder)
+    assert state["answer"] == "a cat"
+    (prompt,) = recorder.prompts
+    assert prompt.images == (Image(PNG, "image/png"),) and prompt.open_role == "assistant"
+    assert prompt.messages == ({"role": "user", "content": [{"type": "image", "image": Image(PNG, "image/png")},
+                                                           {"type": "text", "text": "What is this?"}]},
+                               {"role": "assistant", "content": ""})
+    with pytest.raises(ValueError, match="^image: not a PNG, JPEG, GIF or WebP image"):
+        load_image(b"plain text")
 
 
 def test_video_without_a_decoder_is_a_clear_error(monkeypatch):

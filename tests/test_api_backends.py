@@ -9,27 +9,24 @@ are built with the ``google-genai`` SDK's own types and checked, and sent throug
 
 from __future__ import annotations
 
+import base64
 import json
-import os
 import re
 import sys
 
-# LiteLLM fetches a price list from GitHub when imported unless told to use its bundled copy.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+import httpx
+import jsonschema
+import pytest
+import torch
 
-import httpx  # noqa: E402
-import jsonschema  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from sglang_core.lang.backend import GenParams, Image, MissingExtraError, Prompt, UnsupportedError
+from sglang_core.plugins import PluginManager
+from sglang_plugins.backends.api_common import openai_messages
+from sglang_plugins.backends.litellm.backend import LiteLLMBackend
+from sglang_plugins.backends.openai.backend import OpenAIBackend, is_chat_model_name
+from sglang_plugins.backends.vertexai.backend import VertexAIBackend
 
-from sglang_core.lang.backend import GenParams, Image, MissingExtraError, Prompt, UnsupportedError  # noqa: E402
-from sglang_core.plugins import PluginManager  # noqa: E402
-from sglang_plugins.backends.api_common import openai_messages  # noqa: E402
-from sglang_plugins.backends.litellm.backend import LiteLLMBackend  # noqa: E402
-from sglang_plugins.backends.openai.backend import OpenAIBackend, is_chat_model_name  # noqa: E402
-from sglang_plugins.backends.vertexai.backend import VertexAIBackend  # noqa: E402
-
-from server_util import running_server  # noqa: E402
+from server_util import running_server
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
@@ -245,12 +242,14 @@ def test_images_and_roles():
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image", "image": Image(PNG, "image/png")}]},
         {"role": "assistant", "content": ""}), images=(Image(PNG, "image/png"),), open_role="assistant")
-    import base64
-
+    image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}
     assert openai_messages("openai", prompt) == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}]}]
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image_part]}]
+    # A program without roles: its text (and images) as one user turn.
+    assert openai_messages("openai", Prompt(text="What is this?", images=prompt.images)) == [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image_part]}]
+    assert openai_messages("openai", Prompt(text="Hi")) == [{"role": "user", "content": "Hi"}]
     with pytest.raises(UnsupportedError, match="^image: "):
         OpenAIBackend("davinci-002", api_key="x").generate(Prompt(text="x", images=prompt.images), GenParams())
     user_open = Prompt(text="", messages=({"role": "user", "content": "Hi"},), open_role="user")

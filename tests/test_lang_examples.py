@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import jsonschema
 import pytest
 
@@ -21,12 +22,29 @@ import sglang_core as sgl
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "lang"
 
+SERVED_MODEL = "SmolLM2-135M-Instruct"  # the default model's name on /v1
+
 # name -> factory(server_url) -> backend
 BACKEND_FACTORIES: dict[str, Callable[[str], Any]] = {
     "runtime_endpoint": lambda url: sgl.RuntimeEndpoint(url),
     # Our Anthropic Messages frontend (/v1/messages); the server needs no key, the SDK wants one.
     "anthropic": lambda url: sgl.Anthropic("default", base_url=url, api_key="unused", max_retries=0),
+    # Our OpenAI-compatible /v1: chat.completions, and completions (a completion model, its roles
+    # written in the model's own markers, select by echoed logprobs); LiteLLM through its openai/ route.
+    "openai_chat": lambda url: sgl.OpenAI(SERVED_MODEL, base_url=url + "/v1", max_retries=0),
+    "openai_completion": lambda url: _openai_completion(url),
+    "litellm": lambda url: sgl.LiteLLM("openai/" + SERVED_MODEL, api_base=url + "/v1", api_key="unused",
+                                       sglang_extensions=True),
 }
+
+
+def _openai_completion(url: str) -> Any:
+    from sglang_core.lang.backend import ChatTemplate
+
+    markers = httpx.get(url + "/get_model_info").json()["chat_template"]
+    return sgl.OpenAI(SERVED_MODEL, base_url=url + "/v1", is_chat_model=False, max_retries=0,
+                      chat_template=ChatTemplate(markers["role_prefix"], markers["role_suffix"], tuple(markers["stop"])))
+
 
 # (example, backend) -> the field that backend must refuse with UnsupportedError, because its API
 # cannot do what the example needs (constraints, scoring choices).

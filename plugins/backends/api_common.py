@@ -52,11 +52,17 @@ def check_choices(backend: str, prompt: Prompt, choices: list[str], method: str,
 
 def chat_turns(backend: str, prompt: Prompt) -> list[dict[str, Any]]:
     """The conversation a chat API continues: ``prompt.messages`` without the open (empty)
-    assistant turn the program is generating into.
+    assistant turn the program is generating into; for a program without roles, its text (and
+    images) as one user turn, which the model answers.
 
     Chat APIs write a new assistant turn; they cannot continue a partial one or write as another
     role, so those programs get an :class:`UnsupportedError`.
     """
+    if not prompt.messages and prompt.open_role is None:
+        if not prompt.text.strip():
+            raise ValueError("prompt: the program has written nothing for the model to answer")
+        images = [{"type": "image", "image": image} for image in prompt.images]
+        return [{"role": "user", "content": [{"type": "text", "text": prompt.text}, *images] if images else prompt.text}]
     messages = list(prompt.messages)
     if prompt.open_role != "assistant" or not messages or messages[-1]["role"] != "assistant":
         raise unsupported(backend, "role", "generates only as the assistant of a chat: put gen/select inside "

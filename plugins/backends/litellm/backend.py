@@ -3,6 +3,7 @@ messages (LiteLLM speaks OpenAI's request and response shapes for every provider
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sglang_core.lang.backend import MissingExtraError
@@ -28,6 +29,9 @@ class LiteLLMBackend(ChatCompletionsBackend):
 
     def __init__(self, model: str, api_base: str | None = None, api_key: str | None = None,
                  sglang_extensions: bool = False, **completion_kwargs: Any):
+        # LiteLLM downloads its model price list from GitHub on import unless told to use the copy
+        # it ships; the backend uses no prices, and must not stall on a network without GitHub.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         try:
             import litellm
         except ImportError:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from sglang_core.choices import pick_choice
-from sglang_core.lang.backend import GenParams, GenResult, MissingExtraError, Prompt, SelectResult
+from sglang_core.lang.backend import ChatTemplate, GenParams, GenResult, MissingExtraError, Prompt, SelectResult
 
 from sglang_plugins.backends.api_common import (
     ChatCompletionsBackend, Collector, add_openai_usage, check_choices, openai_sampling, unsupported,
@@ -42,13 +42,16 @@ class OpenAIBackend(ChatCompletionsBackend):
     - ``sglang_extensions``: the server takes SGLang's ``regex``, ``top_k``, ``min_p``,
       ``ignore_eos`` and ``stop_token_ids``; None means "``base_url`` is given and is not
       api.openai.com".
+    - ``chat_template``: how a completion model's prompt text writes the program's roles (the
+      model's own markers, e.g. ChatML's); None keeps the plain default. Chat models ignore it.
     - ``client_kwargs``: passed to ``openai.OpenAI`` (``timeout``, ``max_retries``, ...).
     """
 
     name = "openai"
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
-                 is_chat_model: bool | None = None, sglang_extensions: bool | None = None, **client_kwargs: Any):
+                 is_chat_model: bool | None = None, sglang_extensions: bool | None = None,
+                 chat_template: ChatTemplate | None = None, **client_kwargs: Any):
         try:
             import openai
         except ImportError:
@@ -62,6 +65,10 @@ class OpenAIBackend(ChatCompletionsBackend):
         super().__init__(model, sglang_extensions)
         self.is_chat_model = is_chat_model_name(model) if is_chat_model is None else is_chat_model
         self.supports_images = self.is_chat_model  # completions take text only
+        if chat_template is not None:
+            if not isinstance(chat_template, ChatTemplate):
+                raise ValueError(f"chat_template: must be a sglang_core.lang.backend.ChatTemplate, got {chat_template!r}")
+            self.chat_template = chat_template
         if api_key is None and base_url is not None and not os.environ.get("OPENAI_API_KEY"):
             api_key = "none"
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, **client_kwargs)

@@ -35,7 +35,8 @@ CHAT = Prompt(text=f"{QUESTION}\n", messages=({"role": "user", "content": QUESTI
 TEXT = Prompt(text="The capital of France is")
 GREEDY = GenParams(max_tokens=12, temperature=0.0)
 PHONE = r"[0-9]{3}-[0-9]{4}"
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "is_capital": {"type": "boolean"}},
+SCHEMA = {"type": "object",
+          "properties": {"city": {"type": "string", "maxLength": 12}, "is_capital": {"type": "boolean"}},
           "required": ["city", "is_capital"], "additionalProperties": False}
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(16))
 
@@ -112,7 +113,7 @@ def test_chat_model_detection():
 def test_generate_and_stream_agree(kind, backend):
     whole = backend.generate(prompt_for(kind), GREEDY)
     assert whole.text and whole.meta_info["completion_tokens"] <= 12
-    assert whole.meta_info["prompt_tokens"] > 0 and whole.meta_info["finish_reason"] in ("stop", "length")
+    assert whole.meta_info["prompt_tokens"] > 0 and whole.meta_info["finish_reason"]["type"] in ("stop", "length")
     *pieces, final = list(backend.generate_stream(prompt_for(kind), GREEDY))
     assert len(pieces) >= 2 and all(isinstance(p, str) for p in pieces)
     assert "".join(pieces) == final.text == whole.text
@@ -123,9 +124,9 @@ def test_stop_and_max_tokens(kind, backend):
     full = backend.generate(prompt_for(kind), GREEDY).text
     word = full.split()[2]  # a word the unstopped output reaches
     stopped = backend.generate(prompt_for(kind), GenParams(max_tokens=12, temperature=0.0, stop=(word,)))
-    assert stopped.text == full[:full.index(word)] and stopped.meta_info["finish_reason"] == "stop"
+    assert stopped.text == full[:full.index(word)] and stopped.meta_info["finish_reason"] == {"type": "stop"}
     short = backend.generate(prompt_for(kind), GenParams(max_tokens=3, temperature=0.0))
-    assert short.meta_info["completion_tokens"] == 3 and short.meta_info["finish_reason"] == "length"
+    assert short.meta_info["completion_tokens"] == 3 and short.meta_info["finish_reason"] == {"type": "length"}
     assert full.startswith(short.text)
 
 
@@ -346,7 +347,8 @@ def test_vertex_request_from_sdk_types(vertex):
 def test_vertex_generate_through_sdk_transport(vertex):
     result = vertex.generate(CHAT, GenParams(max_tokens=5, temperature=0.0, stop=("\n",)))
     assert result.text == "Paris"
-    assert result.meta_info == {"finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 1, "cached_tokens": 4}
+    assert result.meta_info == {"finish_reason": {"type": "stop"}, "prompt_tokens": 9, "completion_tokens": 1,
+                                "cached_tokens": 4}
     (request,) = vertex.sent
     assert request.url.path.endswith("/projects/proj/locations/us-central1/publishers/google/models/"
                                      "gemini-2.5-flash:generateContent")
@@ -361,7 +363,8 @@ def test_vertex_stream_and_select(vertex):
                                             "finishReason": "MAX_TOKENS"}],
                             "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 2}}]
     *pieces, final = list(vertex.generate_stream(CHAT, GenParams(max_tokens=2)))
-    assert pieces == ["Par", "is"] and final.text == "Paris" and final.meta_info["finish_reason"] == "length"
+    assert pieces == ["Par", "is"] and final.text == "Paris"
+    assert final.meta_info["finish_reason"] == {"type": "length"}
     result = vertex.select(CHAT, ["London", "Paris"], 0.0)
     assert (result.choice, result.index) == ("Paris", 1)
     config = json.loads(vertex.sent[-1].content)["generationConfig"]

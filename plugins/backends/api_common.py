@@ -62,7 +62,8 @@ def chat_turns(backend: str, prompt: Prompt) -> list[dict[str, Any]]:
         if not prompt.text.strip():
             raise ValueError("prompt: the program has written nothing for the model to answer")
         images = [{"type": "image", "image": image} for image in prompt.images]
-        return [{"role": "user", "content": [{"type": "text", "text": prompt.text}, *images] if images else prompt.text}]
+        content = [{"type": "text", "text": prompt.text}, *images] if images else prompt.text
+        return [{"role": "user", "content": content}]
     messages = list(prompt.messages)
     if prompt.open_role != "assistant" or not messages or messages[-1]["role"] != "assistant":
         raise unsupported(backend, "role", "generates only as the assistant of a chat: put gen/select inside "
@@ -113,7 +114,8 @@ def openai_sampling(backend: str, params: GenParams, extensions: bool, chat: boo
         # OpenAI's structured outputs; our server maps response_format onto its json_schema.
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     extra = {name: value for name, value in (
-        ("regex", params.regex), ("json_schema", None if chat else params.json_schema), ("top_k", params.top_k), ("min_p", params.min_p),
+        ("regex", params.regex), ("json_schema", None if chat else params.json_schema),
+        ("top_k", params.top_k), ("min_p", params.min_p),
         ("ignore_eos", params.ignore_eos or None), ("stop_token_ids", list(params.stop_token_ids) or None),
     ) if value is not None}
     if extra and not extensions:
@@ -141,8 +143,9 @@ def choice_schema(choices: list[str]) -> dict[str, Any]:
 class Collector:
     """Accumulates a response, whole or chunk by chunk, into a :class:`GenResult`.
 
-    Logprobs are kept as ``(logprob, None, token_text)``, the native API's triples without the
-    token id, which hosted APIs do not report.
+    ``finish_reason`` is ``{"type": "stop" | "length" | <the API's other reasons>}``. Logprobs
+    are kept as ``(logprob, None, token_text)``, the native API's triples without the token id,
+    which hosted APIs do not report.
     """
 
     text: str = ""
@@ -154,7 +157,8 @@ class Collector:
         """Add one piece; returns its text ("" for none)."""
         self.text += text or ""
         if finish_reason is not None:
-            self.meta["finish_reason"] = finish_reason
+            # The engine's form, as every backend reports it; the API does not say which stop matched.
+            self.meta["finish_reason"] = {"type": finish_reason}
         if logprobs:
             self.meta.setdefault("output_token_logprobs", []).extend(logprobs)
         if top_logprobs:

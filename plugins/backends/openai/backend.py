@@ -56,7 +56,8 @@ class OpenAIBackend(ChatCompletionsBackend):
             import openai
         except ImportError:
             raise MissingExtraError("openai", "openai", "openai") from None
-        if base_url is not None and (not isinstance(base_url, str) or urlparse(base_url).scheme not in ("http", "https")):
+        if base_url is not None and (not isinstance(base_url, str)
+                                     or urlparse(base_url).scheme not in ("http", "https")):
             raise ValueError(f"base_url: must be an http(s) URL, got {base_url!r}")
         if is_chat_model is not None and not isinstance(is_chat_model, bool):
             raise ValueError(f"is_chat_model: must be True, False or None, got {is_chat_model!r}")
@@ -67,7 +68,8 @@ class OpenAIBackend(ChatCompletionsBackend):
         self.supports_images = self.is_chat_model  # completions take text only
         if chat_template is not None:
             if not isinstance(chat_template, ChatTemplate):
-                raise ValueError(f"chat_template: must be a sglang_core.lang.backend.ChatTemplate, got {chat_template!r}")
+                raise ValueError(f"chat_template: must be a sglang_core.lang.backend.ChatTemplate, "
+                                 f"got {chat_template!r}")
             self.chat_template = chat_template
         if api_key is None and base_url is not None and not os.environ.get("OPENAI_API_KEY"):
             api_key = "none"

@@ -97,3 +97,25 @@ REGEXES = [
     r"x{1,5}y?",
     r"[aeiou]{3}",
 ]
+
+# Number ranges (floats; integers open or too wide to list): llguidance enforces them, outlines
+# refuses them rather than ignoring them. A float's fraction is bounded like every string here:
+# by a ``multipleOf`` that is a binary fraction (exact in floating point, so ``jsonschema``
+# checks it exactly), since a small model left free keeps writing digits ("1.0000...").
+RANGE_SCHEMAS = [
+    {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.125},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}, "required": ["n"]},
+    {"type": "integer", "minimum": 0, "maximum": 10**6},
+    {"type": "object", "properties": {"t": {"type": "number", "exclusiveMinimum": -1.5, "exclusiveMaximum": 2.25,
+                                            "multipleOf": 0.25}}, "required": ["t"]},
+    {"type": "object", "properties": {"p": {"type": "number", "minimum": 0.0625, "maximum": 0.5,
+                                            "multipleOf": 0.0625}}, "required": ["p"]},
+    {"type": "object", "properties": {"big": {"type": "integer", "exclusiveMinimum": 100000, "maximum": 2000000}},
+     "required": ["big"]},
+    {"type": "object", "properties": {"neg": {"type": "integer", "maximum": -10}}, "required": ["neg"]},
+    {"type": "array", "items": {"type": "number", "minimum": -1, "exclusiveMaximum": 1, "multipleOf": 0.5},
+     "minItems": 2, "maxItems": 3},
+    {"type": "object", "properties": {"price": {"type": "number", "exclusiveMinimum": 0, "multipleOf": 0.25},
+                                      "qty": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000}},
+     "required": ["price", "qty"]},
+]

@@ -1,28 +1,34 @@
 """Constrained decoding on the default model: every output matches its constraint, checked by
 independent tools (``jsonschema``, ``re.fullmatch``), greedy and at temperature 1.0 with several
-seeds, through the Engine API, the native ``/generate`` API and the ``openai`` client's
-``response_format``; bad constraints are clear 400s and the server keeps serving."""
+seeds, through the Engine API (with each grammar backend: outlines and llguidance), the native
+``/generate`` API and the ``openai`` client's ``response_format``; bad constraints are clear 400s
+and the server keeps serving."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import importlib
+import sys
+
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from constraint_cases import REGEXES, SCHEMAS
+from constraint_cases import RANGE_SCHEMAS, REGEXES, SCHEMAS
 from server_util import running_server
 from sglang_core.engine import Engine
 
 SAMPLINGS = [{"temperature": 0.0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}]
+BACKENDS = ["outlines", "llguidance"]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    with Engine(device="cpu", max_running_requests=64) as engine:
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request):
+    """One engine per grammar backend; every Engine-API test below runs against each."""
+    with Engine(device="cpu", max_running_requests=64, grammar_backend=request.param) as engine:
         yield engine
 
 
@@ -64,10 +70,8 @@ def test_constraint_with_other_sampling_features(engine):
     ({"json_schema": "{not json"}, "json_schema"),
     ({"json_schema": "[1, 2]"}, "json_schema"),
     ({"json_schema": {"type": "no-such-type"}}, "json_schema"),
-    # Bounds the backend could not enforce are refused rather than silently broken.
-    ({"json_schema": {"type": "number", "minimum": 0, "maximum": 1}}, "json_schema"),
-    ({"json_schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}, "json_schema"),
-    ({"json_schema": {"type": "integer", "minimum": 0, "maximum": 10**6}}, "json_schema"),
+    ({"json_schema": {"type": "string", "pattern": "(unclosed"}}, "json_schema"),
+    ({"json_schema": {"type": "integer", "minimum": 5, "maximum": 1}}, "json_schema"),
     ({"regex": "a", "json_schema": "{}"}, "regex"),
     ({"regex": 5}, "regex"),
 ])
@@ -75,6 +79,22 @@ def test_bad_constraints_are_value_errors(engine, params, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         engine.generate("x", sampling_params={"max_new_tokens": 4, **params})
     assert engine.generate("x", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "t1-seed1", "t1-seed2"])
+def test_number_ranges(engine, sampling):
+    """Float ranges and open or wide integer ranges: llguidance enforces them (every output
+    validates); outlines cannot, and refuses them by name rather than ignoring them."""
+    if engine.settings.grammar_backend == "outlines":
+        for schema in RANGE_SCHEMAS:
+            with pytest.raises(ValueError, match="^json_schema:"):
+                engine.generate("x", sampling_params={"max_new_tokens": 4, "json_schema": schema})
+        return
+    outs = engine.generate([prompt_for(json.dumps(s)) for s in RANGE_SCHEMAS], sampling_params=[
+        {"max_new_tokens": 100, "json_schema": json.dumps(s), **sampling} for s in RANGE_SCHEMAS])
+    for schema, out in zip(RANGE_SCHEMAS, outs):
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", (schema, out["text"])
+        jsonschema.validate(json.loads(out["text"]), schema)
 
 
 # ---- over HTTP ---------------------------------------------------------------------------------
@@ -174,17 +194,23 @@ def test_slow_compile_fails_only_that_request():
         engine.check_memory()
 
 
-def test_jump_forward_on_and_off():
-    """Both valid on every schema; with it on, fixed keys are appended without decoding them,
-    so fewer forward passes run (counted by the engine) and meta_info reports forced tokens."""
+def test_jump_forward_on_and_off(engine):
+    """Both valid on every schema; with it on (the module's engine), fixed keys are appended
+    without decoding them, so fewer forward passes run (counted by the engine) than on an engine
+    with it off, and meta_info reports forced tokens."""
     prompts = [prompt_for(json.dumps(s)) for s in SCHEMAS]
     params = [{"max_new_tokens": 200, "json_schema": json.dumps(s), "temperature": 0} for s in SCHEMAS]
     runs = {}
-    for disabled in (False, True):
-        with Engine(device="cpu", max_running_requests=64, disable_jump_forward=disabled) as engine:
-            outs = engine.generate(prompts, sampling_params=params)
-            single = engine.generate(prompt_for("a person"), sampling_params=params[20])  # fixed keys
-            runs[disabled] = (outs, single, engine.stats()["forward_steps"])
+    with Engine(device="cpu", max_running_requests=64, disable_jump_forward=True,
+                grammar_backend=engine.settings.grammar_backend) as engine_off:
+        for disabled, eng in ((False, engine), (True, engine_off)):
+            assert eng.flush_cache()  # both runs start from an empty prefix cache
+            start = eng.stats()["forward_steps"]
+            outs = eng.generate(prompts, sampling_params=params)
+            middle = eng.stats()["forward_steps"]
+            single = eng.generate(prompt_for("a person"), sampling_params=params[20])  # fixed keys
+            end = eng.stats()["forward_steps"]
+            runs[disabled] = (outs, single, (end - start, end - middle))
     for disabled, (outs, single, _) in runs.items():
         for schema, out in zip(SCHEMAS + [SCHEMAS[20]], outs + [single]):
             jsonschema.validate(json.loads(out["text"]), schema)
@@ -193,7 +219,7 @@ def test_jump_forward_on_and_off():
             if disabled:
                 assert meta["forced_tokens"] == 0
     assert runs[False][1]["meta_info"]["forced_tokens"] >= 6  # '{"', 'first', '":"', ...
-    assert runs[False][2] < runs[True][2]
+    assert runs[False][2][0] < runs[True][2][0] and runs[False][2][1] < runs[True][2][1]  # (all, fixed keys)
 
 
 class _FixedState:
@@ -233,3 +259,105 @@ def test_grammar_mask_layout(constrained_rows):
         finite = set(torch.isfinite(logits[row]).nonzero().flatten().tolist())
         assert finite == expected
         assert torch.equal(logits[row, sorted(expected)], before[row, sorted(expected)])
+
+
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    from sglang_core.tokenizer import load_tokenizer
+    from sglang_core.weights.default_model import default_model_path
+
+    return load_tokenizer(default_model_path())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_mask_is_the_tokens_that_start_a_match(backend, default_tokenizer):
+    """A backend's first mask for ``(yes|no)!`` is exactly the tokens whose text is a prefix of
+    ``yes!`` or ``no!`` (worked out here from the tokenizer's own vocabulary): the bit layout is
+    right, and special tokens (EOS, ``<repo_name>``, ...) are never taken for text."""
+    import torch
+
+    from sglang_core.constrained.compiler import make_grammar_backend
+    from sglang_core.plugins import PluginManager
+
+    vocab = len(default_tokenizer)
+    grammar = make_grammar_backend(PluginManager(), backend, default_tokenizer, vocab).compile("regex", "(yes|no)!")
+    words = torch.zeros(-(-vocab // 32), dtype=torch.int32)
+    grammar.new_state().fill_bitmask(words)
+    allowed = {t for t in range(vocab) if (int(words[t // 32]) >> (t % 32)) & 1}
+    special = {i for i, tok in default_tokenizer.added_tokens_decoder.items() if tok.special}
+    expected = {t for t in range(vocab) if t not in special and (text := default_tokenizer.decode([t]))
+                and ("yes!".startswith(text) or "no!".startswith(text))}
+    assert allowed == expected and len(expected) >= 4  # y, ye, yes, n, no, ...
+
+
+def test_llguidance_missing_is_a_clear_error(monkeypatch):
+    """Without the llguidance package, selecting its backend names the extra to install."""
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now fails
+    monkeypatch.delitem(sys.modules, "sglang_plugins.grammar.llguidance.backend", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'sglang-core\[llguidance\]'"):
+        importlib.import_module("sglang_plugins.grammar.llguidance.backend")
+
+
+@pytest.fixture(scope="module")
+def llguidance_backend(default_tokenizer):
+    from sglang_core.constrained.compiler import make_grammar_backend
+    from sglang_core.plugins import PluginManager
+
+    return make_grammar_backend(PluginManager(), "llguidance", default_tokenizer, len(default_tokenizer))
+
+
+def test_llguidance_states_walk_a_schema_and_jump_forward(llguidance_backend, default_tokenizer):
+    """An llguidance state on a fixed-key schema: the forced tokens are the tokenizer's own
+    tokens for the fixed text, an out-of-grammar token is an error, and the state finishes once
+    the object closes."""
+    grammar = llguidance_backend.compile("json_schema", json.dumps({"type": "object", "properties": {
+        "answer": {"type": "integer", "minimum": 10, "maximum": 12}}, "required": ["answer"]}))
+    state = grammar.new_state()
+    forced = state.forced_tokens(100)
+    assert default_tokenizer.decode(forced) == '{"answer":1'  # every number in range starts with 1
+    assert forced == default_tokenizer.encode('{"answer":1', add_special_tokens=False)[:len(forced)]
+    assert not state.is_finished()
+    (three,) = default_tokenizer.encode("3", add_special_tokens=False)
+    with pytest.raises(ValueError):
+        grammar.new_state().advance(three)  # a fresh state: "3" cannot start an object
+    (one,) = default_tokenizer.encode("1", add_special_tokens=False)
+    state.advance(one)  # 11
+    assert state.forced_tokens(100) == default_tokenizer.encode("}", add_special_tokens=False)
+    assert state.is_finished()
+
+
+NUMBERS = ["-1000000001", "-6", "-5", "-2", "-1.51", "-1.5", "-1.49", "-1", "0", "0.0005", "0.001", "0.0099", "0.01",
+           "0.011", "1", "2.249", "2.25", "2.251", "3", "100", "101", "999999999", "1000000000", "1000000001"]
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "number", "exclusiveMinimum": -1.5, "exclusiveMaximum": 2.25},
+    {"type": "number", "minimum": 0.001, "maximum": 0.01},
+    {"type": "number", "minimum": -5},
+    {"type": "integer", "minimum": -5, "maximum": 10**9},
+    {"type": "integer", "exclusiveMinimum": 100},
+    {"type": "integer", "exclusiveMaximum": -1000000000},
+], ids=["float-exclusive", "float-closed", "float-open", "int-wide", "int-open-above", "int-open-below"])
+def test_llguidance_number_bounds_match_jsonschema(llguidance_backend, default_tokenizer, schema):
+    """Plain decimals near the bounds: the llguidance backend lets a number end exactly where
+    ``jsonschema`` calls it valid (a float's fraction is unbounded here: no model runs)."""
+    import torch
+
+    grammar = llguidance_backend.compile("json_schema", json.dumps(schema))
+    eos = default_tokenizer.eos_token_id
+    words = torch.zeros(-(-len(default_tokenizer) // 32), dtype=torch.int32)
+
+    def accepted(text: str) -> bool:
+        state = grammar.new_state()
+        try:
+            for token in default_tokenizer.encode(text, add_special_tokens=False):
+                state.advance(token)
+        except ValueError:  # the grammar refused a token on the way
+            return False
+        state.fill_bitmask(words)
+        return bool((int(words[eos // 32]) >> (eos % 32)) & 1)  # may the output end here?
+
+    validator = jsonschema.Draft202012Validator(schema)
+    verdicts = {text: (accepted(text), validator.is_valid(json.loads(text))) for text in NUMBERS}
+    assert all(ours == reference for ours, reference in verdicts.values()), verdicts
+    assert any(reference for _, reference in verdicts.values()) and not all(r for _, r in verdicts.values())

@@ -37,22 +37,31 @@ SCHEMA_VALUES = ("items", "additionalProperties", "contains", "not", "if", "then
                  "unevaluatedItems", "unevaluatedProperties")
 
 
-def _closed_objects(schema: Any) -> Any:
-    """The schema with ``"additionalProperties": false`` on each object that lists properties and
-    says nothing about others, as the outlines backend does: outputs stay valid for the original
-    schema, and a small model cannot keep inventing keys past ``max_new_tokens``."""
+# llguidance's time formats need a UTC offset after any number of fraction digits; a small model
+# that will not write the offset keeps writing digits. These lengths leave 9 fraction digits
+# (nanoseconds) with a "+hh:mm" offset: "23:59:60.123456789+23:59".
+TIME_MAX_LENGTH = {"time": 24, "date-time": 35}
+
+
+def _bounded(schema: Any) -> Any:
+    """The schema narrowed where llguidance would let a small model write forever (outputs stay
+    valid for the original schema): an object listing properties and saying nothing of others
+    gets ``"additionalProperties": false``, as in the outlines backend, and a time string without
+    ``maxLength`` gets one."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key, value in schema.items():
         if key in SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: _closed_objects(sub) for name, sub in value.items()}
+            out[key] = {name: _bounded(sub) for name, sub in value.items()}
         elif key in SCHEMA_LISTS and isinstance(value, list):
-            out[key] = [_closed_objects(sub) for sub in value]
+            out[key] = [_bounded(sub) for sub in value]
         elif key in SCHEMA_VALUES:
-            out[key] = _closed_objects(value)
+            out[key] = _bounded(value)
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    if out.get("format") in TIME_MAX_LENGTH and "maxLength" not in out:
+        out["maxLength"] = TIME_MAX_LENGTH[out["format"]]
     return out
 
 
@@ -144,7 +153,7 @@ class LLGuidanceBackend(GrammarBackend):
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec)
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(_closed_objects(json.loads(spec)),
+            return llguidance.LLMatcher.grammar_from_json_schema(_bounded(json.loads(spec)),
                                                                  overrides=COMPACT_JSON)
         except ValueError as exc:  # not JSON, or not a JSON object
             raise ValueError(f"json_schema: {exc}") from None

@@ -7,7 +7,8 @@ each beside its baseline measured in the same run.
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step.
-- ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored.
+- ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
+  ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps).
 - ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
   config and dtype (random weights; greedy; EOS ignored).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
@@ -62,12 +63,17 @@ def run_batch64(backend: str) -> list[dict]:
     return [{"run": "batch64", "backend": backend, **with_engine(backend, lambda e: measure_latency(e, 64, 512, 256))}]
 
 
-def run_offline(backend: str) -> list[dict]:
+def run_offline(backend: str, mixed: bool = False) -> list[dict]:
     def measure(e: Engine) -> dict:
         prompts, output_lens = offline_workload(e.info.vocab_size, 500, (1, 4096), (1, 2048), seed=0)
         return measure_offline(e, prompts, output_lens)
 
-    return [{"run": "offline", "backend": backend, **with_engine(backend, measure, max_running_requests=256)}]
+    return [{"run": "offline", "backend": backend, "mixed_chunk": mixed,
+             **with_engine(backend, measure, max_running_requests=256, enable_mixed_chunk=mixed)}]
+
+
+def run_offline_mixed(backend: str) -> list[dict]:
+    return run_offline(backend, mixed=True)
 
 
 def shared_prefix_workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -117,8 +123,8 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "hf256": run_hf256,
-        "shared_prefix": run_shared_prefix}
+RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+        "hf256": run_hf256, "shared_prefix": run_shared_prefix}
 
 
 def main() -> int:
@@ -144,7 +150,7 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache") if k in r)
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "mixed_chunk") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0

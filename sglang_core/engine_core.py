@@ -119,7 +119,8 @@ class EngineCore:
             "memory_report": self.scheduler.memory_report,
             "check_memory": self.scheduler.check_memory,
             "stats": lambda: {"forward_steps": self.scheduler.forward_steps,
-                              "retractions": self.scheduler.retractions},
+                              "retractions": self.scheduler.retractions,
+                              "mixed_decode_tokens": self.scheduler.mixed_decode_tokens},
         }
         if name not in calls:
             raise ValueError(f"unknown engine call {name!r}")

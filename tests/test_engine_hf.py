@@ -52,20 +52,26 @@ def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **setti
     {"chunked_prefill_size": 8},
     {"disable_radix_cache": True, "chunked_prefill_size": 8},
     {"schedule_policy": "fcfs"},
-], ids=["default", "chunked", "chunked-nocache", "fcfs"])
+    {"enable_mixed_chunk": True, "chunked_prefill_size": 8},
+], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed"])
 def test_tiny_llama_matches_hf(tiny_llama, settings):
     prompts = _prompts(1, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
     max_new = [20, 7, 33, 12, 25, 16]
     engine = _check_against_hf(tiny_llama, prompts, max_new, **settings)
-    engine.shutdown()
+    try:
+        if settings.get("enable_mixed_chunk"):  # decodes really rode along with prefill chunks
+            assert engine.stats()["mixed_decode_tokens"] > 0
+    finally:
+        engine.shutdown()
 
 
-def test_tiny_llama_under_retraction(tiny_llama):
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed"])
+def test_tiny_llama_under_retraction(tiny_llama, mixed: bool):
     """A KV pool too small for every running request forces retraction; outputs stay exact."""
     prompts = _prompts(2, [20, 24, 18, 30, 22, 26], 259)
     max_new = [40] * 6
     engine = _check_against_hf(tiny_llama, prompts, max_new, gap=0.0, max_total_tokens=160, new_token_ratio=0.0,
-                               chunked_prefill_size=64)
+                               chunked_prefill_size=64, enable_mixed_chunk=mixed)
     try:
         assert engine.stats()["retractions"] > 0, "the tiny pool should have forced a retraction"
     finally:

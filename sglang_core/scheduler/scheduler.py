@@ -70,6 +70,7 @@ class Scheduler:
         self._stop: dict[str, StopChecker] = {}
         self.forward_steps = 0
         self.retractions = 0
+        self.mixed_decode_tokens = 0  # decode tokens computed inside prefill steps (--enable-mixed-chunk)
         self.overlap = runner.cuda_graphs is not None and not settings.disable_overlap_schedule
         self._in_flight: _InFlight | None = None
         self._plain: dict[str, bool] = {}  # rid -> sampled without history or logprobs (may overlap)
@@ -154,7 +155,7 @@ class Scheduler:
             return done
         chunks = self._schedule_extend()
         if chunks:
-            return self._run_extend(chunks)
+            return self._run_extend(chunks + self._riding_decodes() if self.settings.enable_mixed_chunk else chunks)
         self._admission_blocked = bool(self.waiting)
         if self.running and self._can_launch_ahead():
             self._in_flight = self._launch_decode(None)
@@ -287,6 +288,17 @@ class Scheduler:
         for req in prefilled:
             self._finish(req, {"type": "length", "length": 0})
         return finals + prefilled
+
+    def _riding_decodes(self) -> list[_Chunk]:
+        """Mixed steps: each running request's next token as a one-token extend in the prefill
+        step, so a long prompt does not stall every decode behind it. Requests the memory cannot
+        grow now simply wait for the next decode step."""
+        chunks = []
+        for req in self.running:
+            if len(req.fill_ids) - req.kv_len == 1 and self._grow(req, 1):
+                chunks.append(_Chunk(req, req.kv_len - 1, req.kv_len))
+        self.mixed_decode_tokens += len(chunks)
+        return chunks
 
     def _run_jumped(self, reqs: list[Req]) -> list[Req]:
         """Extend requests that jump-forward gave several new tokens: their forced tokens go

@@ -1,8 +1,11 @@
-"""Constrained decoding on CPU with the embedded default model: index build time, per-token cost
-of a constraint, and jump-forward's speedup, each beside its baseline in the same run, for each
-grammar backend named (default: outlines, then llguidance).
+"""Constrained decoding: index build time, per-token cost of a constraint, and jump-forward's
+speedup, each beside its baseline in the same run, for each grammar backend named (default:
+outlines, then llguidance). CPU with the embedded default model by default; any engine settings
+for the GPU run (a real tokenizer is needed, since grammars are built from the token texts):
 
-    python benchmarks/constrained_cpu.py [--grammar-backend outlines llguidance]
+    python benchmarks/constrained.py [--grammar-backend outlines llguidance]
+    python benchmarks/constrained.py --device cuda --model-path benchmarks/configs/llama-3.1-8b \
+        --load-format dummy --tokenizer-path <folder with tokenizer.json>
 
 1. Index build: a typical JSON Schema's first compile (which also reads the vocabulary, once per
    tokenizer), a variant of it compiled cold with the vocabulary ready, the first mask of that
@@ -83,10 +86,10 @@ def per_token_cost(engine: Engine, backend_name: str) -> None:
               f"{(constrained / free - 1) * 100:+.1f}% |", flush=True)
 
 
-def jump_forward(backend_name: str) -> None:
+def jump_forward(backend_name: str, settings: dict) -> None:
     rows = {}
     for disabled in (False, True):
-        with Engine(device="cpu", disable_jump_forward=disabled, grammar_backend=backend_name) as engine:
+        with Engine(disable_jump_forward=disabled, grammar_backend=backend_name, **settings) as engine:
             params = {"max_new_tokens": 300, "temperature": 0, "json_schema": json.dumps(LONG_KEYS)}
             engine.generate("Fill in the record:", sampling_params=params)  # warm-up, compile
             steps = engine.stats()["forward_steps"]
@@ -106,11 +109,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grammar-backend", nargs="+", default=["outlines", "llguidance"],
                         help="grammar backends to measure, one after the other")
-    for name in parser.parse_args().grammar_backend:
-        with Engine(device="cpu", grammar_backend=name) as engine:
+    parser.add_argument("--device", default="cpu")
+    for option in ("--model-path", "--tokenizer-path", "--load-format", "--dtype"):
+        parser.add_argument(option, default=None)
+    args = parser.parse_args()
+    settings = {k: v for k, v in vars(args).items() if k != "grammar_backend" and v is not None}
+    print(f"settings: {settings}", flush=True)
+    for name in args.grammar_backend:
+        with Engine(grammar_backend=name, **settings) as engine:
             index_build(engine, name)
             per_token_cost(engine, name)
-        jump_forward(name)
+        jump_forward(name, settings)
     return 0
 
 

@@ -3,7 +3,8 @@ real server running the embedded default model (SmolLM2-135M-Instruct); and the 
 language's Anthropic backend against the same server.
 
 References are independent of the code under test: token counts come from the tokenizer and its
-chat template, greedy text from our OpenAI endpoints (another route, another request parser).
+chat template, greedy text from our OpenAI endpoints (another route, another request parser),
+constrained output is checked with ``re.fullmatch`` and ``jsonschema``.
 The current SDK pins an API version without sampling parameters, so ``temperature`` travels in
 ``extra_body``, as it does for any client of a server that still takes it.
 """
@@ -17,6 +18,7 @@ import time
 
 import anthropic
 import httpx
+import jsonschema
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +33,11 @@ MAX = 12  # generated tokens per request: keeps the file fast on CPU
 GREEDY = {"temperature": 0}
 USER = [{"role": "user", "content": "Write a short poem about the sea."}]
 # A prefill the model continues for thousands of tokens: a request that only an abort ends early.
+PHONE = r"[0-9]{3}-[0-9]{4}"
+SCHEMA = {"type": "object",
+          "properties": {"city": {"type": "string", "maxLength": 12}, "is_capital": {"type": "boolean"}},
+          "required": ["city", "is_capital"], "additionalProperties": False}
+CITY = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
 COUNTING = [{"role": "user", "content": "Count upwards from 1, separated by commas."},
             {"role": "assistant", "content": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"}]
 
@@ -66,8 +73,10 @@ def template_ids(tokenizer, messages, prefill: str = "") -> list[int]:
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
 
 
-def create(client, messages, max_tokens=MAX, **kwargs):
-    return client.messages.create(model="any", max_tokens=max_tokens, messages=messages, extra_body=GREEDY, **kwargs)
+def create(client, messages, max_tokens=MAX, extra: dict | None = None, **kwargs):
+    """Greedy unless ``extra`` (body fields the SDK has no parameter for) says otherwise."""
+    return client.messages.create(model="any", max_tokens=max_tokens, messages=messages,
+                                  extra_body={**GREEDY, **(extra or {})}, **kwargs)
 
 
 def text_of(message) -> str:
@@ -188,6 +197,61 @@ def test_stream_events_as_anthropic_sends_them(client, server):
     assert delta["delta"]["stop_reason"] in ("end_turn", "max_tokens") and 0 < delta["usage"]["output_tokens"] <= 3
 
 
+# ---- SGLang's extension fields on /v1/messages ---------------------------------------------------
+
+def test_regex_extension(client, oai):
+    msg = create(client, USER, max_tokens=16, extra={"regex": PHONE})
+    assert re.fullmatch(PHONE, text_of(msg)), text_of(msg)
+    assert msg.stop_reason == "end_turn"  # the constraint finished, not the token budget
+    # The same constrained greedy text as our OpenAI chat route, and streamed.
+    ref = oai.chat.completions.create(model="any", messages=USER, max_tokens=16, temperature=0,
+                                      extra_body={"regex": PHONE})
+    assert text_of(msg) == ref.choices[0].message.content
+    with client.messages.stream(model="any", max_tokens=16, messages=USER,
+                                extra_body={**GREEDY, "regex": PHONE}) as stream:
+        assert "".join(stream.text_stream) == text_of(msg)
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, json.dumps(SCHEMA)], ids=["object", "string"])
+def test_json_schema_extension(client, schema):
+    msg = create(client, CITY, max_tokens=60, extra={"json_schema": schema})
+    jsonschema.validate(json.loads(text_of(msg)), SCHEMA)
+
+
+def test_sampling_extensions(client, oai, tokenizer):
+    free = create(client, USER)
+    # top_k=1 and min_p=1 each leave only the most likely token: sampling at temperature 1 is greedy.
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        assert text_of(create(client, USER, extra={"temperature": 1, **extra})) == text_of(free)
+    # A stop token id ends the reply before that token (not part of the text), as end_turn.
+    ids = tokenizer(text_of(free), add_special_tokens=False)["input_ids"]
+    stopped = create(client, USER, extra={"stop_token_ids": [ids[3]]})
+    assert stopped.stop_reason == "end_turn" and stopped.usage.output_tokens == 4
+    assert text_of(stopped) == text_of(free)[:len(tokenizer.decode(ids[:3]))]
+    # ignore_eos: the model runs to max_tokens past where it would end its turn.
+    short = create(client, [{"role": "user", "content": "Say only: yes"}], max_tokens=60)
+    assert short.stop_reason == "end_turn" and short.usage.output_tokens < 60
+    long = create(client, [{"role": "user", "content": "Say only: yes"}], max_tokens=short.usage.output_tokens + 5,
+                  extra={"ignore_eos": True})
+    assert long.stop_reason == "max_tokens" and long.usage.output_tokens == short.usage.output_tokens + 5
+    # Penalties: the same text as our OpenAI route given the same ones.
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
+    penalised = create(client, USER, max_tokens=24, extra={**penalties})
+    ref = oai.chat.completions.create(model="any", messages=USER, max_tokens=24, temperature=0, **penalties)
+    assert text_of(penalised) == ref.choices[0].message.content
+
+
+def test_bad_regex_in_a_stream_is_an_invalid_request_event(server, client):
+    """A regex the engine cannot compile, found once the stream's 200 is out: an error event of
+    the client's kind, and the server serves on."""
+    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+                     json={"model": "any", "max_tokens": 4, "stream": True, "messages": USER, "regex": "(a"})
+    last = json.loads(raw.text.strip().split("\n")[-1][len("data: "):])
+    assert last["type"] == "error" and last["error"]["type"] == "invalid_request_error"
+    assert last["error"]["message"].startswith("regex: "), last
+    assert re.fullmatch(PHONE, text_of(create(client, USER, max_tokens=16, extra={"regex": PHONE})))
+
+
 @pytest.mark.parametrize("body, message", [
     ({"max_tokens": None}, "max_tokens: Field required"),
     ({"max_tokens": "12"}, "max_tokens: Input should be a valid integer"),
@@ -214,6 +278,19 @@ def test_stream_events_as_anthropic_sends_them(client, server):
     ({"stop_sequences": [""]}, "stop_sequences.0: "),
     ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools: tool use is not supported"),
     ({"model": None}, "model: Field required"),
+    # SGLang's extensions, checked as our OpenAI frontend checks them.
+    ({"regex": "(a"}, "regex: "),
+    ({"regex": 7}, "regex: Input should be a valid string"),
+    ({"regex": ""}, "regex: must not be empty"),
+    ({"json_schema": {"type": "nonsense"}}, "json_schema: "),
+    ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
+    ({"json_schema": "[1]"}, "json_schema: must be a JSON object"),
+    ({"json_schema": {"type": "object"}, "regex": "a+"}, "json_schema: give only one of regex and json_schema"),
+    ({"min_p": 2}, "min_p: must be in [0, 1]"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids: token ids must be in"),
+    ({"ignore_eos": "yes"}, "ignore_eos: Input should be a valid boolean"),
+    ({"min_tokens": 9}, "min_tokens: must be in [0, max_tokens]"),
+    ({"frequency_penalty": 5}, "frequency_penalty: must be in [-2, 2]"),
 ])
 def test_bad_input_is_400_in_anthropic_envelope(client, body, message):
     request = {"model": "any", "max_tokens": 4, "messages": USER, **body}
@@ -236,7 +313,10 @@ CONTENT = st.one_of(st.text(max_size=16), st.lists(BLOCK, max_size=2), JSON_LEAF
 FIELDS = {"model": JSON_LEAF, "system": CONTENT, "stream": JSON_LEAF, "metadata": JSON_VALUE,
           "max_tokens": st.one_of(st.integers(-2, 4), JSON_LEAF), "stop_sequences": JSON_VALUE,
           "temperature": JSON_LEAF, "top_p": JSON_LEAF, "top_k": st.one_of(st.integers(-2, 4), JSON_LEAF),
-          "tools": JSON_VALUE, "thinking": JSON_VALUE}
+          "tools": JSON_VALUE, "thinking": JSON_VALUE,
+          "regex": st.one_of(st.text(alphabet="ab()[]*+?|.{}0-9\\", max_size=8), JSON_LEAF),
+          "json_schema": st.one_of(JSON_VALUE, st.text(max_size=12)), "stop_token_ids": JSON_VALUE,
+          "min_p": JSON_LEAF, "ignore_eos": JSON_LEAF}
 MESSAGE_BODIES = st.fixed_dictionaries({"messages": st.one_of(
     st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", 1]), "content": CONTENT}),
              max_size=3), JSON_VALUE)}, optional=FIELDS)
@@ -260,6 +340,10 @@ def test_server_serves_after_bad_input(client, server):
                       headers={"x-api-key": KEY, "content-type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("malformed JSON body")
     assert text_of(create(client, USER, max_tokens=3))
+    for bad in ({"regex": "(a"}, {"json_schema": {"type": "nonsense"}}):
+        with pytest.raises(anthropic.BadRequestError):
+            create(client, USER, max_tokens=3, extra={**bad})
+    assert re.fullmatch(PHONE, text_of(create(client, USER, max_tokens=16, extra={"regex": PHONE})))
 
 
 def test_auth_and_route_errors_in_anthropic_envelope(server):
@@ -356,19 +440,98 @@ def test_backend_sends_images_as_base64_blocks(backend):
         backend.generate(prompt, GenParams(max_tokens=4))
 
 
+@pytest.fixture(scope="module")
+def plain_backend(server):
+    """As on Anthropic's own API: no SGLang extensions."""
+    from sglang_core.lang.backends import load_backend
+
+    backend = load_backend("anthropic", "any", base_url=server.url, api_key=KEY, max_retries=0,
+                           sglang_extensions=False)
+    yield backend
+    backend.shutdown()
+
+
+def test_backend_extensions_switch(backend, plain_backend):
+    from sglang_plugins.backends.anthropic.backend import AnthropicBackend
+
+    assert backend.sglang_extensions and not plain_backend.sglang_extensions  # None: on for our base_url
+    assert not AnthropicBackend("any", api_key="x").sglang_extensions
+    assert not AnthropicBackend("any", base_url="https://api.anthropic.com", api_key="x").sglang_extensions
+    assert AnthropicBackend("any", base_url="https://api.anthropic.com", api_key="x",
+                            sglang_extensions=True).sglang_extensions
+    with pytest.raises(ValueError, match="^sglang_extensions: "):
+        AnthropicBackend("any", api_key="x", sglang_extensions="yes")
+
+
+def test_backend_regex_and_json_schema(backend, client):
+    prompt, params = chat_prompt(*USER), GenParams(max_tokens=16, temperature=0, regex=PHONE)
+    out = backend.generate(prompt, params)
+    assert re.fullmatch(PHONE, out.text), out.text
+    assert out.text == text_of(create(client, USER, max_tokens=16, extra={"regex": PHONE}))
+    *pieces, final = backend.generate_stream(prompt, params)
+    assert "".join(pieces) == final.text == out.text
+    out = backend.generate(chat_prompt(*CITY), GenParams(max_tokens=60, temperature=0, json_schema=json.dumps(SCHEMA)))
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    # A program without roles is one user turn, constrained the same way.
+    out = backend.generate(Prompt(text="My phone number is "), params)
+    assert re.fullmatch(PHONE, out.text), out.text
+
+
+def test_backend_sampling_extras_reach_the_server(backend, client):
+    prompt = Prompt(text="", messages=({"role": "user", "content": "Say only: yes"},))
+    short = backend.generate(prompt, GenParams(max_tokens=60, temperature=0))
+    assert short.meta_info["stop_reason"] == "end_turn"
+    n = short.meta_info["completion_tokens"] + 5
+    long = backend.generate(prompt, GenParams(max_tokens=n, temperature=0, ignore_eos=True))
+    assert long.meta_info["finish_reason"]["type"] == "length" and long.meta_info["completion_tokens"] == n
+    greedy = backend.generate(chat_prompt(*USER), GenParams(max_tokens=MAX, temperature=0))
+    assert backend.generate(chat_prompt(*USER), GenParams(max_tokens=MAX, temperature=1.0, min_p=1.0)).text \
+        == greedy.text
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
+    ref = create(client, USER, max_tokens=MAX, extra={**penalties})
+    assert backend.generate(chat_prompt(*USER), GenParams(max_tokens=MAX, temperature=0, **penalties)).text \
+        == text_of(ref)
+
+
+def test_backend_select_by_regex(backend, oai):
+    """The pick is the regex-constrained greedy reply our OpenAI chat route gives (another
+    route; that route's select is checked against Hugging Face in test_api_backends)."""
+    question = {"role": "user", "content": "What is the capital of France?"}
+    choices = ["London", "Paris", "Berlin", "Rome or Paris"]
+    result = backend.select(chat_prompt(question), choices, temperature=0.0)
+    regex = "(" + "|".join(re.escape(c) for c in choices) + ")"
+    ref = oai.chat.completions.create(model="any", messages=[question], max_tokens=20, temperature=0,
+                                      extra_body={"regex": regex}).choices[0].message.content
+    assert result.choice == ref and result.index == choices.index(ref)
+    assert result.scores == [float(c == ref) for c in choices]
+    assert result.meta_info["strategy"] == "constrained generation (regex)"
+    with pytest.raises(UnsupportedError, match="^method: "):
+        backend.select(chat_prompt(question), choices, 0.0, "greedy_token_selection")
+    with pytest.raises(ValueError, match="^choices: "):
+        backend.select(chat_prompt(question), [], 0.0)
+
+
 @pytest.mark.parametrize("params, field", [
     (GenParams(regex="[a-z]+"), "regex"), (GenParams(json_schema='{"type": "object"}'), "json_schema"),
-    (GenParams(return_logprob=True), "return_logprob"), (GenParams(stop_token_ids=(2,)), "stop_token_ids"),
-    (GenParams(frequency_penalty=0.5), "frequency_penalty"),
+    (GenParams(stop_token_ids=(2,)), "stop_token_ids"), (GenParams(frequency_penalty=0.5), "frequency_penalty"),
+    (GenParams(min_p=0.1), "min_p"), (GenParams(ignore_eos=True), "ignore_eos"),
+    (GenParams(return_logprob=True), "return_logprob"),
 ])
-def test_backend_refuses_what_the_api_cannot_do(backend, params, field):
+def test_backend_without_extensions_refuses_what_the_api_cannot_do(plain_backend, params, field):
     with pytest.raises(UnsupportedError, match=f"^{field}: "):
-        backend.generate(chat_prompt(*USER), params)
+        plain_backend.generate(chat_prompt(*USER), params)
 
 
-def test_backend_select_is_unsupported(backend):
+def test_backend_refuses_logprobs_even_with_extensions(backend):
+    for params, field in ((GenParams(return_logprob=True), "return_logprob"),
+                          (GenParams(top_logprobs_num=2), "top_logprobs_num")):
+        with pytest.raises(UnsupportedError, match=f"^{field}: .*no place for them"):
+            backend.generate(chat_prompt(*USER), params)
+
+
+def test_backend_select_is_unsupported_without_extensions(plain_backend):
     with pytest.raises(UnsupportedError, match="^select: .*no logprobs"):
-        backend.select(chat_prompt(*USER), ["yes", "no"], temperature=0.0)
+        plain_backend.select(chat_prompt(*USER), ["yes", "no"], temperature=0.0)
 
 
 def test_backend_without_the_sdk(monkeypatch):

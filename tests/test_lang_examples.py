@@ -27,7 +27,8 @@ SERVED_MODEL = "SmolLM2-135M-Instruct"  # the default model's name on /v1
 # name -> factory(server_url) -> backend
 BACKEND_FACTORIES: dict[str, Callable[[str], Any]] = {
     "runtime_endpoint": lambda url: sgl.RuntimeEndpoint(url),
-    # Our Anthropic Messages frontend (/v1/messages); the server needs no key, the SDK wants one.
+    # Our Anthropic Messages frontend (/v1/messages); the server needs no key, the SDK wants one. A
+    # base_url that is not Anthropic's turns on SGLang's extensions (regex, json_schema, select).
     "anthropic": lambda url: sgl.Anthropic("default", base_url=url, api_key="unused", max_retries=0),
     # Our OpenAI-compatible /v1: chat.completions, and completions (a completion model, its roles
     # written in the model's own markers, select by echoed logprobs); LiteLLM through its openai/ route.
@@ -44,14 +45,6 @@ def _openai_completion(url: str) -> Any:
     markers = httpx.get(url + "/get_model_info").json()["chat_template"]
     return sgl.OpenAI(SERVED_MODEL, base_url=url + "/v1", is_chat_model=False, max_retries=0,
                       chat_template=ChatTemplate(markers["role_prefix"], markers["role_suffix"], tuple(markers["stop"])))
-
-
-# (example, backend) -> the field that backend must refuse with UnsupportedError, because its API
-# cannot do what the example needs (constraints, scoring choices).
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("json_character", "anthropic"): "json_schema", ("regex_ip", "anthropic"): "regex",
-    ("tool_use", "anthropic"): "select",
-}
 
 
 def _load(name: str):
@@ -126,10 +119,6 @@ def test_example(lang_server, example, backend_name):
     module = _load(example)
     backend = BACKEND_FACTORIES[backend_name](lang_server.url)
     try:
-        if (example, backend_name) in UNSUPPORTED:
-            with pytest.raises(sgl.UnsupportedError, match=f"^{UNSUPPORTED[example, backend_name]}: "):
-                module.main(backend)
-            return
         out = module.main(backend)
     finally:
         backend.shutdown()

@@ -1,6 +1,7 @@
-"""What the hosted-API backends (OpenAI, LiteLLM, Vertex AI) share: checking what a backend can
-do, chat turns from a :class:`Prompt`, GenParams in OpenAI's request fields, accumulating a
-response (whole or streamed) into a :class:`GenResult`, and the constrained chat ``select``.
+"""What the hosted-API backends (OpenAI, LiteLLM, Anthropic, Vertex AI) share: checking what a
+backend can do, when a server takes SGLang's extension fields and which GenParams they carry,
+chat turns from a :class:`Prompt`, GenParams in OpenAI's request fields, accumulating a response
+(whole or streamed) into a :class:`GenResult`, and the constrained chat ``select``.
 
 Only the standard library and ``sglang_core`` are imported here; each SDK is imported by the
 backend that needs it.
@@ -12,7 +13,8 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 from sglang_core.choices import check_select_args
 from sglang_core.lang.backend import GenParams, GenResult, LangBackend, Prompt, SelectResult, UnsupportedError
@@ -25,6 +27,39 @@ CHAT_SELECT_METHOD = "token_length_normalized"
 def unsupported(backend: str, field_name: str, why: str) -> UnsupportedError:
     """An :class:`UnsupportedError` naming the field, as every backend words it."""
     return UnsupportedError(f"{field_name}: the {backend} backend {why}")
+
+
+def resolve_sglang_extensions(value: bool | None, base_url: str | None, vendor_host: str) -> bool:
+    """``sglang_extensions`` as given, or for None: on when ``base_url`` names a server other than
+    the vendor's own API (``vendor_host``), which never takes SGLang's fields."""
+    if value is None:
+        return base_url is not None and urlparse(base_url).hostname != vendor_host
+    if not isinstance(value, bool):
+        raise ValueError(f"sglang_extensions: must be True, False or None, got {value!r}")
+    return value
+
+
+# GenParams fields our servers take as SGLang request fields, as sent. None: not asked for; a
+# value that is the server's default (min_p or a penalty of 0, ignore_eos False) asks for nothing.
+_SGLANG_FIELDS: dict[str, Callable[[GenParams], Any]] = {
+    "regex": lambda p: p.regex, "json_schema": lambda p: p.json_schema, "top_k": lambda p: p.top_k,
+    "min_p": lambda p: p.min_p or None, "ignore_eos": lambda p: p.ignore_eos or None,
+    "stop_token_ids": lambda p: list(p.stop_token_ids) or None,
+    "frequency_penalty": lambda p: p.frequency_penalty or None,
+    "presence_penalty": lambda p: p.presence_penalty or None,
+}
+
+
+def sglang_fields(backend: str, params: GenParams, extensions: bool, names: Iterable[str]) -> dict[str, Any]:
+    """The set GenParams among ``names`` (keys of ``_SGLANG_FIELDS``) as request-body fields for
+    ``extra_body``. Without ``extensions`` a set one is an :class:`UnsupportedError` naming it,
+    rather than silently dropped."""
+    extra = {name: value for name in names if (value := _SGLANG_FIELDS[name](params)) is not None}
+    if extra and not extensions:
+        raise unsupported(backend, next(iter(extra)), "was not told the server takes SGLang's extra sampling "
+                                                      "fields (pass sglang_extensions=True for an sglang-core "
+                                                      "or SGLang server)")
+    return extra
 
 
 def parse_schema(params: GenParams) -> dict[str, Any] | None:
@@ -113,15 +148,8 @@ def openai_sampling(backend: str, params: GenParams, extensions: bool, chat: boo
     if schema is not None and chat:
         # OpenAI's structured outputs; our server maps response_format onto its json_schema.
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
-    extra = {name: value for name, value in (
-        ("regex", params.regex), ("json_schema", None if chat else params.json_schema),
-        ("top_k", params.top_k), ("min_p", params.min_p),
-        ("ignore_eos", params.ignore_eos or None), ("stop_token_ids", list(params.stop_token_ids) or None),
-    ) if value is not None}
-    if extra and not extensions:
-        raise unsupported(backend, next(iter(extra)), "was not told the server takes SGLang's extra sampling "
-                                                      "fields (pass sglang_extensions=True for an sglang-core "
-                                                      "or SGLang server)")
+    names = ("regex", *(() if chat else ("json_schema",)), "top_k", "min_p", "ignore_eos", "stop_token_ids")
+    extra = sglang_fields(backend, params, extensions, names)
     extra.update(params.extra)
     if extra:
         kwargs["extra_body"] = extra
@@ -131,6 +159,18 @@ def openai_sampling(backend: str, params: GenParams, extensions: bool, chat: boo
 def choice_regex(choices: list[str]) -> str:
     """A regex that matches exactly one of ``choices``."""
     return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+def regex_select(backend: LangBackend, prompt: Prompt, choices: list[str], temperature: float,
+                 method: str) -> SelectResult:
+    """``select`` on a chat path whose server takes SGLang's ``regex``: one ``generate`` constrained
+    to the alternation of the choices, so the model writes one of them verbatim."""
+    check_choices(backend.name, prompt, choices, method, chat=True)
+    # Enough tokens for the longest choice: a token holds at least one byte.
+    budget = max(len(c.encode()) for c in choices) + 1
+    result = backend.generate(prompt, GenParams(max_tokens=budget, temperature=temperature,
+                                                regex=choice_regex(choices)))
+    return picked(backend.name, choices, result.text, "regex")
 
 
 def choice_schema(choices: list[str]) -> dict[str, Any]:
@@ -245,19 +285,15 @@ class ChatCompletionsBackend(LangBackend):
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
                method: str = CHAT_SELECT_METHOD) -> SelectResult:
+        if self.sglang_extensions:
+            return regex_select(self, prompt, choices, temperature, method)
         check_choices(self.name, prompt, choices, method, chat=True)
         # Enough tokens for the longest choice (a token holds at least one byte), plus JSON framing.
-        budget = max(len(c.encode()) for c in choices) + (1 if self.sglang_extensions else 16)
-        if self.sglang_extensions:
-            kwargs: dict[str, Any] = {"extra_body": {"regex": choice_regex(choices)}}
-        else:
-            kwargs = {"response_format": {"type": "json_schema", "json_schema": {
-                "name": "choice", "schema": choice_schema(choices), "strict": True}}}
-        response = self._create(openai_messages(self.name, prompt), False, max_tokens=budget,
-                                temperature=temperature, **kwargs)
-        text = response.choices[0].message.content or ""
-        return picked(self.name, choices, text if self.sglang_extensions else _json_choice(text),
-                      "regex" if self.sglang_extensions else "json_schema")
+        budget = max(len(c.encode()) for c in choices) + 16
+        response = self._create(openai_messages(self.name, prompt), False, max_tokens=budget, temperature=temperature,
+                                response_format={"type": "json_schema", "json_schema": {
+                                    "name": "choice", "schema": choice_schema(choices), "strict": True}})
+        return picked(self.name, choices, _json_choice(response.choices[0].message.content or ""), "json_schema")
 
 
 def _json_choice(text: str) -> str:

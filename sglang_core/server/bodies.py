@@ -7,7 +7,8 @@ coerced).
 
 from __future__ import annotations
 
-from typing import TypeVar
+import json
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,6 +24,41 @@ class StrictBody(BaseModel):
 
     def check_supported(self) -> None:
         pass
+
+
+class SGLangSampling(StrictBody):
+    """SGLang's sampling extensions, which our OpenAI and Anthropic frontends both take in the
+    request body (the vendors' APIs have no such fields; clients send them in ``extra_body``)."""
+
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None  # an object is serialised for the engine
+
+    # Engine param names in its error messages -> these fields' names.
+    API_NAMES: ClassVar[dict[str, str]] = {"min_new_tokens": "min_tokens"}
+
+    def constraint(self) -> dict[str, str]:
+        """The output constraint as sampling params (``regex`` or ``json_schema`` text), or {}."""
+        if self.regex is not None and self.json_schema is not None:
+            raise ValueError("json_schema: give only one of regex and json_schema")
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.json_schema is not None:
+            schema = self.json_schema
+            return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
+        return {}
+
+    def sglang_params(self) -> dict[str, Any]:
+        """These fields as engine sampling params (None: unset), checked by ``validated_params``
+        with the rest of the request."""
+        return {"min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
+                "min_new_tokens": self.min_tokens, "stop_token_ids": self.stop_token_ids,
+                "skip_special_tokens": self.skip_special_tokens, **self.constraint()}
 
 
 M = TypeVar("M", bound=StrictBody)

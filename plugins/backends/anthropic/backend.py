@@ -2,7 +2,9 @@
 Messages API (or any server that speaks it, such as this one's ``/v1/messages``).
 
 A chat backend: it reads ``Prompt.messages``. System turns become the ``system`` parameter, images
-base64 image blocks, and a final assistant turn with text a prefill the model continues.
+base64 image blocks, and a final assistant turn with text a prefill the model continues. On a
+server that takes SGLang's extension fields (ours), constraints and the sampling extras travel in
+the request body and ``select`` is constrained generation, as on the OpenAI chat backend.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import base64
 from typing import Any, Iterator
 
-from sglang_core.lang.backend import (
-    GenParams, GenResult, LangBackend, MissingExtraError, Prompt, SelectResult, UnsupportedError,
+from sglang_core.lang.backend import GenParams, GenResult, LangBackend, MissingExtraError, Prompt, SelectResult
+
+from sglang_plugins.backends.api_common import (
+    CHAT_SELECT_METHOD, regex_select, resolve_sglang_extensions, sglang_fields, unsupported,
 )
 
 # The Messages API requires max_tokens; a gen without one gets the engine's own default.
@@ -30,20 +34,28 @@ class AnthropicBackend(LangBackend):
     to ``messages.create``. ``temperature``, ``top_p`` and ``top_k`` are sent in the request body
     (``extra_body``): the SDK's current API version dropped them and Anthropic refuses them there
     (a 400), while servers that take them (older API versions, sglang-core's ``/v1/messages``)
-    honour them. Anything else a gen asks for (constraints, logprobs, penalties, token ids) raises
-    :class:`UnsupportedError` naming it, and so does ``select``: the API returns no logprobs to
-    score choices with.
+    honour them.
+
+    ``sglang_extensions``: the server takes SGLang's ``regex``, ``json_schema``, ``min_p``,
+    ``ignore_eos``, ``stop_token_ids`` and the penalties in the body (sglang-core's
+    ``/v1/messages`` does); None means "``base_url`` is given and is not api.anthropic.com". With
+    them, ``select`` constrains the reply to a regex alternation of the choices. Without them
+    those fields and ``select`` raise :class:`UnsupportedError` naming them (Anthropic's API has
+    neither constraints nor logprobs). Logprobs are refused either way: Anthropic's response has
+    no place for them.
     """
 
     name = "anthropic"
     supports_images = True
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, **client_kwargs: Any):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, sglang_extensions: bool | None = None,
+                 **client_kwargs: Any):
         try:
             import anthropic
         except ImportError:
             raise MissingExtraError("anthropic", "anthropic", "anthropic") from None
+        self.sglang_extensions = resolve_sglang_extensions(sglang_extensions, base_url, "api.anthropic.com")
         self.model = model
         self.default_max_tokens = default_max_tokens
         self.client = anthropic.Anthropic(base_url=base_url, api_key=api_key, **client_kwargs)
@@ -70,16 +82,25 @@ class AnthropicBackend(LangBackend):
         yield GenResult("".join(pieces), _meta_info(message))
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
-               method: str = "token_length_normalized") -> SelectResult:
-        raise UnsupportedError("select: Anthropic's Messages API returns no logprobs, so the anthropic backend "
-                               "cannot score choices; use gen() and match its text, or a backend with logprobs")
+               method: str = CHAT_SELECT_METHOD) -> SelectResult:
+        if not self.sglang_extensions:
+            raise unsupported(self.name, "select", "cannot score choices: Anthropic's Messages API returns no "
+                                                   "logprobs and has no constraints (pass sglang_extensions=True "
+                                                   "for sglang-core's /v1/messages; or use gen() and match its text)")
+        return regex_select(self, prompt, choices, temperature, method)
 
     def shutdown(self) -> None:
         self.client.close()
 
     def _request(self, prompt: Prompt, params: GenParams) -> tuple[dict[str, Any], _LeadTrim]:
         """The ``messages.create`` keywords for one gen, and the trim its reply needs."""
-        _check_supported(params)
+        for name, asked in (("return_logprob", params.return_logprob), ("top_logprobs_num", params.top_logprobs_num)):
+            if asked:
+                raise unsupported(self.name, name, "gets no logprobs: Anthropic's response has no place for them")
+        # Checked before anything is built: without extensions, the first set one is refused.
+        extensions = sglang_fields(self.name, params, self.sglang_extensions,
+                                   ("regex", "json_schema", "min_p", "ignore_eos", "stop_token_ids",
+                                    "frequency_penalty", "presence_penalty"))
         system, messages = [], []
         turns = prompt.messages or ({"role": "user", "content": prompt.text},)  # a program without roles
         for turn in turns:
@@ -116,7 +137,7 @@ class AnthropicBackend(LangBackend):
         if sampling.get("top_k") == -1:  # the whole vocabulary: the API's default
             del sampling["top_k"]
         extra = dict(params.extra)
-        body = {**sampling, **extra.pop("extra_body", {})}
+        body = {**sampling, **extensions, **extra.pop("extra_body", {})}
         if body:
             request["extra_body"] = body
         return {**request, **extra}, trim
@@ -145,20 +166,6 @@ class _LeadTrim:
         """What is still held at the end: nothing, as it can only be a prefix of ``whitespace``."""
         self.decided, self.held = True, ""
         return ""
-
-
-def _check_supported(params: GenParams) -> None:
-    unsupported = {
-        "regex": params.regex is not None, "json_schema": params.json_schema is not None,
-        "stop_token_ids": bool(params.stop_token_ids), "ignore_eos": params.ignore_eos,
-        "min_p": bool(params.min_p), "frequency_penalty": bool(params.frequency_penalty),
-        "presence_penalty": bool(params.presence_penalty), "return_logprob": params.return_logprob,
-        "top_logprobs_num": bool(params.top_logprobs_num),
-    }
-    for name, asked in unsupported.items():
-        if asked:
-            raise UnsupportedError(f"{name}: not supported by the anthropic backend (Anthropic's Messages API "
-                                   "has no such parameter)")
 
 
 def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ from sglang_core.choices import pick_choice
 from sglang_core.lang.backend import ChatTemplate, GenParams, GenResult, MissingExtraError, Prompt, SelectResult
 
 from sglang_plugins.backends.api_common import (
-    ChatCompletionsBackend, Collector, add_openai_usage, check_choices, openai_sampling, unsupported,
+    ChatCompletionsBackend, Collector, add_openai_usage, check_choices, openai_sampling, resolve_sglang_extensions,
+    unsupported,
 )
 
 # OpenAI's completion-only model families; every other name is taken to be a chat model.
@@ -61,9 +62,7 @@ class OpenAIBackend(ChatCompletionsBackend):
             raise ValueError(f"base_url: must be an http(s) URL, got {base_url!r}")
         if is_chat_model is not None and not isinstance(is_chat_model, bool):
             raise ValueError(f"is_chat_model: must be True, False or None, got {is_chat_model!r}")
-        if sglang_extensions is None:
-            sglang_extensions = base_url is not None and urlparse(base_url).hostname != "api.openai.com"
-        super().__init__(model, sglang_extensions)
+        super().__init__(model, resolve_sglang_extensions(sglang_extensions, base_url, "api.openai.com"))
         self.is_chat_model = is_chat_model_name(model) if is_chat_model is None else is_chat_model
         self.supports_images = self.is_chat_model  # completions take text only
         if chat_template is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from sglang_core.server.bodies import StrictBody
+from sglang_core.server.bodies import SGLangSampling, StrictBody
 
 
 class ContentBlock(StrictBody):
@@ -88,11 +88,28 @@ def _text(content: str | list[ContentBlock], where: str) -> str:
     return "\n".join(texts)
 
 
-class MessagesRequest(Conversation):
+class MessagesRequest(Conversation, SGLangSampling):
+    """A ``/v1/messages`` body: Anthropic's fields, plus SGLang's extensions (``regex``,
+    ``json_schema``, ``min_p``, ``ignore_eos``, ``stop_token_ids``, ... as our OpenAI frontend
+    takes them) and the penalties, which Anthropic's API lacks; a request without them is served
+    as Anthropic does."""
+
     max_tokens: int = Field(ge=1)
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=1)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None  # accepted and ignored: it only tags requests at Anthropic
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        self.constraint()  # two constraints are a 400 before the prompt is built
+
+    def sampling_params(self, max_new_tokens: int) -> dict[str, Any]:
+        """The engine's sampling params (None: unset), before ``validated_params``."""
+        return {"max_new_tokens": max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "stop": self.stop_sequences, "frequency_penalty": self.frequency_penalty,
+                "presence_penalty": self.presence_penalty, **self.sglang_params()}

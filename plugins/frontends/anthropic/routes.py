@@ -53,9 +53,8 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         req = parse_body(MessagesRequest, await request.body())
         ids = prompt_ids(ctx, req, template)
         max_new = check_prompt(ids, ctx.engine.info, "messages", req.max_tokens, "max_tokens")
-        params = validated_params({"max_new_tokens": max_new, "temperature": req.temperature, "top_p": req.top_p,
-                                   "top_k": req.top_k, "stop": req.stop_sequences},
-                                  ctx.engine.info.vocab_size, {"max_new_tokens": "max_tokens"})
+        params = validated_params(req.sampling_params(max_new), ctx.engine.info.vocab_size,
+                                  {"max_new_tokens": "max_tokens", **req.API_NAMES})
         head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
         job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
         if req.stream:
@@ -125,6 +124,8 @@ async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, 
             yield _event({"type": "message_stop"})
         except RequestAborted as exc:
             yield _event(error_body(500, f"the request was aborted: {exc}"))
+        except ValueError as exc:  # bad input the engine found (a regex it cannot compile): the client's fault
+            yield _event(error_body(400, str(exc)))
         except Exception as exc:  # the 200 is out: report the error in the stream
             logger.exception("streamed message failed")
             yield _event(error_body(500, f"internal error: {exc}"))

@@ -14,19 +14,16 @@ from sglang_core.server.generation import finish_reason, validated_params
 from sglang_plugins.frontends.openai.protocol import SamplingRequest
 
 # SGLang names in the engine's error messages -> the OpenAI fields the client sent.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", **SamplingRequest.API_NAMES}
 
 
 def sampling_params(req: SamplingRequest, max_new_tokens: int, vocab_size: int) -> dict[str, Any]:
     """OpenAI fields -> SGLang sampling params, validated by the engine's own rules now, so a bad
     value is a 400 before any response (streamed or not) has begun."""
     params = {
-        "max_new_tokens": max_new_tokens, "min_new_tokens": req.min_tokens, "temperature": req.temperature,
-        "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p, "stop": req.stop,
-        "stop_token_ids": req.stop_token_ids, "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
-        "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens, "seed": req.seed,
-        "logit_bias": req.logit_bias, **req.constraint(),
+        "max_new_tokens": max_new_tokens, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+        "stop": req.stop, "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "seed": req.seed, "logit_bias": req.logit_bias, **req.sglang_params(),
     }
     return validated_params(params, vocab_size, _OPENAI_NAMES)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from sglang_core.server.bodies import StrictBody as _Body
+from sglang_core.server.bodies import SGLangSampling, StrictBody as _Body
 
 
 class StreamOptions(_Body):
@@ -27,7 +27,7 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingRequest(_Body):
+class SamplingRequest(SGLangSampling):
     """Fields chat and completions share, plus the SGLang sampling extensions clients send."""
 
     model: str | None = None
@@ -42,16 +42,7 @@ class SamplingRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # SGLang extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    regex: str | None = None
-    json_schema: str | dict[str, Any] | None = None
+    top_k: int | None = None  # an SGLang extension; the others come from SGLangSampling
     response_format: ResponseFormat | None = None
 
     @property
@@ -67,13 +58,8 @@ class SamplingRequest(_Body):
                  if value is not None]
         if len(given) > 1:
             raise ValueError(f"{given[1]}: give only one of regex, json_schema and response_format")
-        if self.regex is not None:
-            return {"regex": self.regex}
-        if self.json_schema is not None:
-            schema = self.json_schema
-            return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
         if fmt is None or fmt.type == "text":
-            return {}
+            return super().constraint()
         if fmt.type == "json_object":
             return {"json_schema": json.dumps({"type": "object"})}
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:

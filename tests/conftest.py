@@ -49,3 +49,19 @@ def lang_server():
 
     with running_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(default_model_folder: Path):
+    """The default model's tokenizer through transformers: an independent reference for counts."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_folder))
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_folder: Path):
+    """The default model in HF transformers, float32: the reference for outputs and logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()

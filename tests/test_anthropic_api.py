@@ -60,17 +60,10 @@ def oai(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(default_model_folder))
-
-
-def template_ids(tokenizer, messages, prefill: str = "") -> list[int]:
+def template_ids(hf_tokenizer, messages, prefill: str = "") -> list[int]:
     """The prompt ids by the tokenizer's own chat template (the reference for input_tokens)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return hf_tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
 
 
 def create(client, messages, max_tokens=MAX, extra: dict | None = None, **kwargs):
@@ -104,22 +97,22 @@ def wait_all_memory_free(server, wait_s: float = 15) -> None:
 
 # ---- the frontend: /v1/messages ---------------------------------------------------------------
 
-def test_create(client, tokenizer):
+def test_create(client, hf_tokenizer):
     msg = create(client, USER)
     assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
     assert text_of(msg) and msg.model == "SmolLM2-135M-Instruct"
     assert msg.stop_reason in ("end_turn", "max_tokens") and msg.stop_sequence is None
-    assert msg.usage.input_tokens == len(template_ids(tokenizer, USER))
+    assert msg.usage.input_tokens == len(template_ids(hf_tokenizer, USER))
     assert 0 < msg.usage.output_tokens <= MAX
 
 
-def test_max_tokens(client, tokenizer):
+def test_max_tokens(client, hf_tokenizer):
     msg = create(client, COUNTING, max_tokens=7)
     assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 7
-    assert len(tokenizer(text_of(msg), add_special_tokens=False)["input_ids"]) == 7
+    assert len(hf_tokenizer(text_of(msg), add_special_tokens=False)["input_ids"]) == 7
 
 
-def test_greedy_equals_openai_chat(client, oai, tokenizer):
+def test_greedy_equals_openai_chat(client, oai, hf_tokenizer):
     """System prompt and several turns: the same text and prompt size as our OpenAI chat route."""
     turns = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
              {"role": "user", "content": "Name another one, and say why you like it."}]
@@ -129,7 +122,7 @@ def test_greedy_equals_openai_chat(client, oai, tokenizer):
                                       messages=[{"role": "system", "content": system}, *turns])
     assert text_of(msg) == ref.choices[0].message.content
     assert msg.usage.input_tokens == ref.usage.prompt_tokens == \
-        len(template_ids(tokenizer, [{"role": "system", "content": system}, *turns]))
+        len(template_ids(hf_tokenizer, [{"role": "system", "content": system}, *turns]))
     assert msg.usage.output_tokens == ref.usage.completion_tokens
     assert msg.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[ref.choices[0].finish_reason]
     # The system prompt as text blocks is the same prompt.
@@ -137,11 +130,11 @@ def test_greedy_equals_openai_chat(client, oai, tokenizer):
     assert text_of(blocks) == text_of(msg) and blocks.usage.input_tokens == msg.usage.input_tokens
 
 
-def test_assistant_prefill_is_continued(client, oai, tokenizer):
+def test_assistant_prefill_is_continued(client, oai, hf_tokenizer):
     prefill = "The capital of France is"
     msg = create(client, [{"role": "user", "content": "What is the capital of France?"},
                           {"role": "assistant", "content": prefill}])
-    ids = template_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}], prefill)
+    ids = template_ids(hf_tokenizer, [{"role": "user", "content": "What is the capital of France?"}], prefill)
     assert msg.usage.input_tokens == len(ids)
     # The continuation of exactly those ids, through the completions route.
     ref = oai.completions.create(model="any", prompt=ids, max_tokens=MAX, temperature=0)
@@ -157,20 +150,20 @@ def test_stop_sequences(client):
     assert text_of(msg) == free[: free.index(stop)]
 
 
-def test_count_tokens(client, tokenizer):
+def test_count_tokens(client, hf_tokenizer):
     system = "Be brief."
     count = client.messages.count_tokens(model="any", messages=USER, system=system)
-    assert count.input_tokens == len(template_ids(tokenizer, [{"role": "system", "content": system}, *USER]))
+    assert count.input_tokens == len(template_ids(hf_tokenizer, [{"role": "system", "content": system}, *USER]))
 
 
-def test_stream(client, tokenizer):
+def test_stream(client, hf_tokenizer):
     whole = create(client, USER)
     with client.messages.stream(model="any", max_tokens=MAX, messages=USER, extra_body=GREEDY) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert len(pieces) >= 2 and "".join(pieces) == text_of(final) == text_of(whole)
     assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
-    assert final.usage.input_tokens == len(template_ids(tokenizer, USER))
+    assert final.usage.input_tokens == len(template_ids(hf_tokenizer, USER))
 
 
 def test_stream_events_as_anthropic_sends_them(client, server):
@@ -218,16 +211,16 @@ def test_json_schema_extension(client, schema):
     jsonschema.validate(json.loads(text_of(msg)), SCHEMA)
 
 
-def test_sampling_extensions(client, oai, tokenizer):
+def test_sampling_extensions(client, oai, hf_tokenizer):
     free = create(client, USER)
     # top_k=1 and min_p=1 each leave only the most likely token: sampling at temperature 1 is greedy.
     for extra in ({"top_k": 1}, {"min_p": 1.0}):
         assert text_of(create(client, USER, extra={"temperature": 1, **extra})) == text_of(free)
     # A stop token id ends the reply before that token (not part of the text), as end_turn.
-    ids = tokenizer(text_of(free), add_special_tokens=False)["input_ids"]
+    ids = hf_tokenizer(text_of(free), add_special_tokens=False)["input_ids"]
     stopped = create(client, USER, extra={"stop_token_ids": [ids[3]]})
     assert stopped.stop_reason == "end_turn" and stopped.usage.output_tokens == 4
-    assert text_of(stopped) == text_of(free)[:len(tokenizer.decode(ids[:3]))]
+    assert text_of(stopped) == text_of(free)[:len(hf_tokenizer.decode(ids[:3]))]
     # ignore_eos: the model runs to max_tokens past where it would end its turn.
     short = create(client, [{"role": "user", "content": "Say only: yes"}], max_tokens=60)
     assert short.stop_reason == "end_turn" and short.usage.output_tokens < 60

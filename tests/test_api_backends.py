@@ -72,20 +72,6 @@ def prompt_for(kind: str) -> Prompt:
     return TEXT if kind == "openai_completion" else CHAT
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(default_model_folder))
-
-
-@pytest.fixture(scope="module")
-def hf_model(default_model_folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()
-
-
 def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), dim=-1)
@@ -166,10 +152,10 @@ SELECT_CASES = [
 ]
 
 
-def hf_choice_logprobs(hf_model, tokenizer, prompt: str, choice: str) -> tuple[list[float], list[float]]:
+def hf_choice_logprobs(hf_model, hf_tokenizer, prompt: str, choice: str) -> tuple[list[float], list[float]]:
     """Each choice token's logprob after the prompt, and the same tokens' logprobs alone (the
     first of them has none and counts 0)."""
-    prompt_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(prompt + choice)["input_ids"]
+    prompt_ids, ids = hf_tokenizer(prompt)["input_ids"], hf_tokenizer(prompt + choice)["input_ids"]
     start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
     start = max(1, min(start, len(ids) - 1))
     joint = hf_logprobs(hf_model, ids)
@@ -182,9 +168,9 @@ def hf_choice_logprobs(hf_model, tokenizer, prompt: str, choice: str) -> tuple[l
 @pytest.mark.parametrize("prompt, choices", SELECT_CASES)
 @pytest.mark.parametrize("method", ["token_length_normalized", "greedy_token_selection",
                                     "unconditional_likelihood_normalized"])
-def test_completion_select_matches_hf(server, hf_model, tokenizer, prompt, choices, method):
+def test_completion_select_matches_hf(server, hf_model, hf_tokenizer, prompt, choices, method):
     backend = make_backend("openai_completion", server.url)
-    reference = [hf_choice_logprobs(hf_model, tokenizer, prompt, c) for c in choices]
+    reference = [hf_choice_logprobs(hf_model, hf_tokenizer, prompt, c) for c in choices]
     if method == "token_length_normalized":
         key = [sum(cond) / len(cond) for cond, _ in reference]
     elif method == "greedy_token_selection":
@@ -202,15 +188,15 @@ def test_completion_select_matches_hf(server, hf_model, tokenizer, prompt, choic
 
 
 @pytest.mark.parametrize("kind_", ["openai_chat", "litellm"])
-def test_chat_select_by_regex_matches_hf(server, hf_model, tokenizer, kind_):
+def test_chat_select_by_regex_matches_hf(server, hf_model, hf_tokenizer, kind_):
     choices = ["London", "Paris", "Berlin"]  # distinct first characters: the first token decides
     backend = make_backend(kind_, server.url)
     result = backend.select(CHAT, choices, 0.0)
     # Greedy under the constraint: the best token that starts some choice picks that choice.
-    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
                                          add_generation_prompt=True)
-    last = hf_logprobs(hf_model, tokenizer(text, add_special_tokens=False)["input_ids"])[-1]
-    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    last = hf_logprobs(hf_model, hf_tokenizer(text, add_special_tokens=False)["input_ids"])[-1]
+    pieces = hf_tokenizer.batch_decode([[i] for i in range(len(hf_tokenizer))])
     allowed = [i for i, p in enumerate(pieces) if p and any(c.startswith(p) for c in choices)]
     best = pieces[max(allowed, key=lambda i: float(last[i]))]
     assert result.choice == next(c for c in choices if c.startswith(best))

@@ -41,20 +41,6 @@ def model(client) -> str:
     return client.models.list().data[0].id
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(default_model_folder))
-
-
-@pytest.fixture(scope="module")
-def hf_model(default_model_folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()
-
-
 def greedy_reference(hf_model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy continuation by Hugging Face, and log_softmax at every position of the result."""
     ids, threads = list(ids), torch.get_num_threads()
@@ -70,9 +56,9 @@ def greedy_reference(hf_model, ids: list[int], steps: int) -> tuple[list[int], t
     return ids, logprobs
 
 
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def chat_prompt_ids(hf_tokenizer, messages) -> list[int]:
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def running_requests(server) -> float:
@@ -94,14 +80,14 @@ def test_models(client, model):
 
 # ---- chat -----------------------------------------------------------------------------------
 
-def test_chat(client, model, tokenizer):
+def test_chat(client, model, hf_tokenizer):
     resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX, temperature=0)
     assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
     (choice,) = resp.choices
     assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
     usage = resp.usage
-    assert usage.prompt_tokens == len(chat_prompt_ids(tokenizer, CHAT))
+    assert usage.prompt_tokens == len(chat_prompt_ids(hf_tokenizer, CHAT))
     assert 0 < usage.completion_tokens <= MAX
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
@@ -116,20 +102,20 @@ def test_chat_content_parts_and_roles(client, model):
     assert resp.choices[0].message.content and resp.usage.completion_tokens <= 4
 
 
-def test_chat_logprobs_match_reference(client, model, tokenizer, hf_model):
+def test_chat_logprobs_match_reference(client, model, hf_tokenizer, hf_model):
     resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
                                           logprobs=True, top_logprobs=3)
     content = resp.choices[0].logprobs.content
     assert content and "".join(t.token for t in content) == resp.choices[0].message.content
-    prompt = chat_prompt_ids(tokenizer, CHAT)
+    prompt = chat_prompt_ids(hf_tokenizer, CHAT)
     ids, ref = greedy_reference(hf_model, prompt, len(content))
     for i, entry in enumerate(content):
         pos, token_id = len(prompt) + i - 1, ids[len(prompt) + i]
-        assert entry.token == tokenizer.decode([token_id])
+        assert entry.token == hf_tokenizer.decode([token_id])
         assert entry.bytes == list(entry.token.encode())
         assert entry.logprob == pytest.approx(float(ref[pos, token_id]), abs=1e-3)
         top_values, top_ids = ref[pos].topk(3)
-        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in top_ids.tolist()]
+        assert [t.token for t in entry.top_logprobs] == [hf_tokenizer.decode([t]) for t in top_ids.tolist()]
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_values.tolist(), abs=1e-3)
 
 
@@ -143,12 +129,12 @@ def test_chat_n_and_seed(client, model):
 
 # ---- completions ----------------------------------------------------------------------------
 
-def test_completion(client, model, tokenizer):
+def test_completion(client, model, hf_tokenizer):
     resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0)
     assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
     (choice,) = resp.choices
     assert choice.index == 0 and choice.text and choice.finish_reason in ("stop", "length")
-    assert resp.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert resp.usage.prompt_tokens == len(hf_tokenizer(PROMPT)["input_ids"])
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
@@ -157,8 +143,8 @@ def test_completion_default_max_tokens_is_16(client, model):
     assert resp.usage.completion_tokens == 16 and resp.choices[0].finish_reason == "length"
 
 
-def test_completion_prompt_forms(client, model, tokenizer):
-    ids = tokenizer(PROMPT)["input_ids"]
+def test_completion_prompt_forms(client, model, hf_tokenizer):
+    ids = hf_tokenizer(PROMPT)["input_ids"]
     by_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
     by_ids = client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
@@ -169,20 +155,20 @@ def test_completion_prompt_forms(client, model, tokenizer):
     assert len(strings.choices) == 2
 
 
-def test_completion_echo_and_logprobs_match_reference(client, model, tokenizer, hf_model):
+def test_completion_echo_and_logprobs_match_reference(client, model, hf_tokenizer, hf_model):
     resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, echo=True, logprobs=2)
     choice = resp.choices[0]
     lp = choice.logprobs
     assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    prompt = tokenizer(PROMPT)["input_ids"]
+    prompt = hf_tokenizer(PROMPT)["input_ids"]
     ids, ref = greedy_reference(hf_model, prompt, len(lp.tokens) - len(prompt))
-    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.tokens == [hf_tokenizer.decode([t]) for t in ids]
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     for i in range(1, len(ids)):
         assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-3)
         top_values, top_ids = ref[i - 1].topk(2)
-        expected = {tokenizer.decode([t]): v for t, v in zip(top_ids.tolist(), top_values.tolist())}
+        expected = {hf_tokenizer.decode([t]): v for t, v in zip(top_ids.tolist(), top_values.tolist())}
         expected[lp.tokens[i]] = float(ref[i - 1, ids[i]])  # the token itself is always listed
         assert lp.top_logprobs[i] == pytest.approx(expected, abs=1e-3)
 
@@ -322,11 +308,11 @@ def test_malformed_json_then_server_still_works(server, client, model):
 
 # ---- without a server ---------------------------------------------------------------------
 
-def test_chat_templates(tokenizer, tmp_path):
+def test_chat_templates(hf_tokenizer, tmp_path):
     hi = [{"role": "user", "content": "hi"}]
 
     def render(name: str) -> str:
-        return tokenizer.apply_chat_template(hi, chat_template=resolve_chat_template(name), tokenize=False,
+        return hf_tokenizer.apply_chat_template(hi, chat_template=resolve_chat_template(name), tokenize=False,
                                              add_generation_prompt=True)
 
     assert render("chatml") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

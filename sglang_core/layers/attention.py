@@ -8,6 +8,7 @@ plugin (hook ``register_attention_backends``). A backend plans its metadata once
 from __future__ import annotations
 
 import abc
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,11 @@ class AttentionSpec:
     dtype: torch.dtype
     device: torch.device
     max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
+
+
+def available_on_cuda(device: torch.device, module: str) -> bool:
+    """``is_available`` of a CUDA-only backend whose kernels come from ``module``."""
+    return device.type == "cuda" and importlib.util.find_spec(module) is not None
 
 
 class AttentionBackend(abc.ABC):

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from sglang_core.hookspecs import hookimpl
+from sglang_core.layers.attention import available_on_cuda
 
 
 def is_available(device: torch.device) -> bool:
-    return device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
+    return available_on_cuda(device, "flashinfer")
 
 
 @hookimpl

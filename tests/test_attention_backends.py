@@ -51,8 +51,9 @@ class Case:
 BACKENDS = {
     "torch_native": Case(lambda: TorchNativeBackend),
     "triton": Case(triton_backend),
-    # FlashInfer computes in 16 bits and compiles head sizes 64, 128 and 256 only.
-    "flashinfer": Case(flashinfer_backend, torch.bfloat16, ((8, 2, 128), (4, 4, 64), (12, 4, 128)), 2e-2),
+    # FlashInfer computes in 16 bits and compiles head sizes 64, 128 and 256 only; one head size
+    # keeps its just-in-time compiles (a minute each on a fresh machine) to a few.
+    "flashinfer": Case(flashinfer_backend, torch.bfloat16, ((8, 2, 128), (4, 4, 128), (12, 4, 128)), 2e-2),
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -141,6 +141,20 @@ def test_regex_int_and_json_schema(backend):
     jsonschema.validate(json.loads(state["person"]), schema)
 
 
+def test_gen_int_and_gen_string(backend):
+    """The typed shorthands: an int, and a double-quoted string without newlines, each kept in
+    the text as generated."""
+
+    @sgl.function
+    def typed(s):
+        s += "The number of legs of a spider: " + sgl.gen_int("legs", max_tokens=4) + "\n"
+        s += "The capital of France, quoted: " + sgl.gen_string("city", max_tokens=12)
+
+    state = typed.run(backend=backend, temperature=0)
+    assert isinstance(state["legs"], int) and f"spider: {state['legs']}\n" in state.text()
+    assert re.fullmatch(r'"[^"\n]*"', state["city"]) and state.text().endswith(state["city"])
+
+
 # ---- select: the same scores as HF transformers -------------------------------------------------
 
 @pytest.fixture(scope="module")

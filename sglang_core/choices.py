@@ -9,7 +9,7 @@ neither torch nor the engine, so a client process can use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sglang_core.lang.backend import CHOICE_METHODS
 
@@ -44,17 +44,19 @@ def check_select_args(prompt: Any, choices: Any, method: Any) -> None:
         raise ValueError(f"method: must be one of {', '.join(CHOICE_METHODS)}")
 
 
-def choice_spans(tokenizer: Any, prompt: str, choices: Sequence[str]) -> list[ChoiceSpan]:
+def choice_spans(encode: Callable[[list[str]], list[list[int]]], prompt: str,
+                 choices: Sequence[str]) -> list[ChoiceSpan]:
     """Tokenize ``prompt + choice`` for each choice and find where the choice's tokens begin.
 
-    The choice starts where the joint tokenization leaves the prompt's own (the last prompt token
-    may merge with the choice's first characters, and then it is scored as part of the choice),
-    never at position 0, which has no logprob, and never past the last token.
+    ``encode`` maps texts to the token ids the engine would give each as a prompt (a local
+    tokenizer, or a server's ``/tokenize``); it is called once, with the prompt first. The choice
+    starts where the joint tokenization leaves the prompt's own (the last prompt token may merge
+    with the choice's first characters, and then it is scored as part of the choice), never at
+    position 0, which has no logprob, and never past the last token.
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids, *joint = encode([prompt] + [prompt + choice for choice in choices])
     spans = []
-    for choice in choices:
-        ids = tokenizer(prompt + choice)["input_ids"]
+    for ids in joint:
         start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
         spans.append(ChoiceSpan(ids, max(1, min(start, len(ids) - 1))))
     return spans

@@ -264,7 +264,7 @@ class Engine:
         each choice's tokens alone). Returns ``{"choice", "index", "scores", "token_logprobs"}``
         (plus ``"unconditional_logprobs"`` for that method)."""
         check_select_args(prompt, choices, method)
-        spans = choice_spans(self.tokenizer, prompt, choices)
+        spans = choice_spans(lambda texts: [self.tokenizer(t)["input_ids"] for t in texts], prompt, choices)
         streams = []
         for span in spans:
             requests, _ = self._build(None, span.ids, {"max_new_tokens": 0}, True, span.start, 0, None)

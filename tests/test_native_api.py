@@ -220,6 +220,17 @@ def test_flush_cache_refused_while_busy_and_client_leaving_aborts(client):
 
 # ---- server routes ------------------------------------------------------------------------------
 
+def test_tokenize_matches_the_hf_tokenizer(client, hf_tokenizer):
+    texts = ["Hello world", "The capital of France is Paris.", " leading space and ünïcödé"]
+    assert client.post("/tokenize", json={"text": texts[1]}).json()["input_ids"] == hf_tokenizer(texts[1])["input_ids"]
+    assert client.post("/tokenize", json={"text": texts}).json()["input_ids"] == [
+        hf_tokenizer(t)["input_ids"] for t in texts]
+    for body in ({"text": []}, {"text": [1]}, {"text": None}, {"prompt": "x"}, {"text": "x", "extra": 1}):
+        resp = client.post("/tokenize", json=body)
+        assert resp.status_code == 400, body
+        assert resp.json()["error"]["message"].startswith(("text:", "body:"))
+
+
 def test_model_and_server_info_hide_the_api_key(client):
     info = client.get("/get_model_info").json()
     assert info["is_generation"] is True and info["model_path"] and info["tokenizer_path"]

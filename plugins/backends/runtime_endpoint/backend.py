@@ -8,7 +8,6 @@ prefill-only requests, exactly as ``Engine.select`` does (``sglang_core.choices`
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any, Iterator
 
 import httpx
@@ -49,8 +48,6 @@ class RuntimeEndpoint(LangBackend):
         if template:
             self.chat_template = ChatTemplate(template["role_prefix"], template["role_suffix"],
                                               tuple(template.get("stop", ())))
-        self._tokenizer: Any = None
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers refuse concurrent use ("Already borrowed")
 
     # ---- the contract ------------------------------------------------------------------------
 
@@ -88,12 +85,12 @@ class RuntimeEndpoint(LangBackend):
         choice's tokens (and, for ``unconditional_likelihood_normalized``, of the choice alone).
 
         Token ids are sent rather than text so the server scores exactly the tokens the shared
-        split (``choice_spans``) chose; that needs the server's tokenizer on this machine."""
+        split (``choice_spans``) chose, from the server's own ``/tokenize``."""
         check_select_args(prompt.text, choices, method)
         if temperature > 0:
             raise UnsupportedError("temperature: select on runtime_endpoint picks the best choice; use 0")
-        with self._tokenizer_lock:
-            spans = choice_spans(self._load_tokenizer(), prompt.text, choices)
+        spans = choice_spans(lambda texts: self._request("POST", "/tokenize", json={"text": texts})["input_ids"],
+                             prompt.text, choices)
         ids, starts = [s.ids for s in spans], [s.start for s in spans]
         if method == "unconditional_likelihood_normalized":
             ids += [s.choice_ids for s in spans]
@@ -155,15 +152,3 @@ class RuntimeEndpoint(LangBackend):
         if 400 <= response.status_code < 500:
             raise ValueError(message)  # the server's messages start with the field at fault
         raise ServerError(f"the server answered {response.status_code}: {message}")
-
-    def _load_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from sglang_core.tokenizer import load_tokenizer
-
-            path = self.model_info["tokenizer_path"]
-            try:
-                self._tokenizer = load_tokenizer(path)
-            except ValueError as exc:
-                raise UnsupportedError(f"select: needs the server's tokenizer, which is not readable on this "
-                                       f"machine at {path!r} ({exc})") from None
-        return self._tokenizer

@@ -65,6 +65,20 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True,
                 "chat_template": template}
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """Token ids of ``text`` (a string, or a list of strings) as the engine tokenizes a prompt,
+        so a client can split text exactly as the server does (``RuntimeEndpoint.select``)."""
+        body = await _json_body(request)
+        if not isinstance(body, dict) or set(body) != {"text"}:
+            raise ValueError("body: expected an object with exactly one field, text")
+        text = body["text"]
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text: expected a string or a non-empty list of strings")
+        ids = [ctx.engine.tokenizer(t)["input_ids"] for t in texts]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
     @app.get("/get_server_args")
     async def get_server_args() -> dict:
         return ctx.settings.public_dict()

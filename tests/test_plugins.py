@@ -68,6 +68,24 @@ def register_modelz(register):
     pass
 """
 
+PICKY_BACKEND = """
+from sglang_core.hookspecs import hookimpl
+from sglang_core.layers.attention import UnsupportedSpecError
+from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
+
+
+class Picky(TorchNativeBackend):
+    def __init__(self, spec):
+        if spec.head_dim != 4096:
+            raise UnsupportedSpecError(f"no kernels for head size {spec.head_dim}")
+        super().__init__(spec)
+
+
+@hookimpl
+def register_attention_backends(register):
+    register("picky", Picky, priority=1000)
+"""
+
 
 @pytest.fixture
 def site(tmp_path, monkeypatch) -> Path:
@@ -161,3 +179,17 @@ def test_cli_lists_plugins_and_errors(site):
     bad = subprocess.run([sys.executable, "-m", "sglang_core.cli", "plugins", "--plugins", "nope"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "nope" in bad.stderr and "llama" in bad.stderr
+
+
+def test_auto_attention_skips_a_backend_that_refuses_the_model(site, tiny_llama):
+    """The highest-priority backend refuses this head size: auto takes the next one; naming it
+    explicitly is an error that says why."""
+    from sglang_core.engine import Engine
+
+    fake_distribution(site, "picky-plugin", {"picky": PICKY_BACKEND})
+    plugins = ["llama", "torch_native", "picky"]
+    with Engine(str(tiny_llama), plugins=plugins) as engine:
+        assert engine.info.attention_backend == "torch_native"
+        assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    with pytest.raises(ValueError, match="no kernels for head size"):
+        Engine(str(tiny_llama), plugins=plugins, attention_backend="picky")

@@ -29,6 +29,11 @@ class AttentionSpec:
     max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
 
 
+class UnsupportedSpecError(ValueError):
+    """Raised by a backend's ``__init__`` for shapes or dtypes it has no kernels for; ``auto``
+    then takes the next backend by priority, an explicit choice reports it."""
+
+
 def available_on_cuda(device: torch.device, module: str) -> bool:
     """``is_available`` of a CUDA-only backend whose kernels come from ``module``."""
     return device.type == "cuda" and importlib.util.find_spec(module) is not None

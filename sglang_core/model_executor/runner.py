@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_core.config import EngineSettings
-from sglang_core.layers.attention import AttentionBackend, AttentionSpec
+from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError
 from sglang_core.layers.parallel import SINGLE
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.model_executor.cuda_graph import CudaGraphRunner
@@ -133,20 +133,30 @@ class ModelRunner:
     def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
-        if name == "auto":
-            usable = [r for r in registry if _available(r, self.device)]
-            if not usable:
-                raise ValueError(f"no attention backend is available on {self.device}; registered: {registry.names()}")
-            entry = max(usable, key=lambda r: r.metadata.get("priority", 0))
-        else:
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                             self.settings.max_running_requests)
+        if name != "auto":
             entry = registry.get(name)
             if not _available(entry, self.device):
                 raise ValueError(f"attention backend {name!r} is not available on {self.device}")
+            return self._attention_backend(entry, spec)
+        usable = sorted((r for r in registry if _available(r, self.device)),
+                        key=lambda r: r.metadata.get("priority", 0), reverse=True)
+        refusals = []
+        for entry in usable:  # best first; a backend refuses shapes or dtypes it has no kernels for
+            try:
+                return self._attention_backend(entry, spec)
+            except UnsupportedSpecError as exc:
+                logger.info("attention backend %s skipped: %s", entry.name, exc)
+                refusals.append(f"{entry.name}: {exc}")
+        raise ValueError(f"no attention backend is available on {self.device} for this model; registered: "
+                         f"{registry.names()}" + "".join(f"; {r}" for r in refusals))
+
+    def _attention_backend(self, entry, spec: AttentionSpec) -> AttentionBackend:
+        backend = entry.load()(spec)
         logger.info("attention backend: %s (plugin %s)", entry.name, entry.plugin)
         self.attention_backend_name = entry.name
-        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                             self.settings.max_running_requests)
-        return entry.load()(spec)
+        return backend
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         s = self.settings

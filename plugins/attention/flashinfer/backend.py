@@ -19,11 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec, UnsupportedSpecError
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 from .kv_indices import gather_kv_indices
 
+# What FlashInfer's kernels are built for.
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float16)
 # FlashInfer's recommended float work space: the split-KV partials of the largest batch fit.
 WORKSPACE_BYTES = 128 << 20
 # Query heads per KV head from which the tensor-core (prefill) kernel beats the CUDA-core decode
@@ -51,6 +54,9 @@ class FlashInferBackend(AttentionBackend):
 
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
+        if spec.head_dim not in HEAD_DIMS or spec.dtype not in DTYPES:
+            raise UnsupportedSpecError(f"FlashInfer runs head sizes {HEAD_DIMS} in bfloat16/float16, not head size "
+                                       f"{spec.head_dim} in {spec.dtype}")
         try:
             import flashinfer
         except ImportError as exc:

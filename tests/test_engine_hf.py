@@ -105,6 +105,32 @@ def test_prefix_cache_reports_cached_tokens(tiny_llama):
         assert again["meta_info"]["cached_tokens"] == 0
 
 
+def test_running_requests_prompt_is_shared_while_it_decodes(tiny_llama):
+    """A prompt enters the radix tree once prefilled, not when its request ends: a request that
+    arrives while the first still decodes reuses the shared part. Outputs stay HF's, and all
+    memory comes back."""
+    prompts = _prompts(6, [7, 9, 11], 259, shared_prefix=40)
+    max_new = [900, 5, 5]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with Engine(str(tiny_llama)) as engine:
+
+        async def staggered() -> list[dict]:
+            first = asyncio.ensure_future(engine.async_generate(
+                input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": max_new[0]}))
+            await asyncio.sleep(0.1)  # the first is decoding now
+            rest = [await engine.async_generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": n})
+                    for p, n in zip(prompts[1:], max_new[1:])]
+            assert not first.done(), "the first request should still be decoding"
+            return [await first, *rest]
+
+        results = asyncio.run(staggered())
+        engine.check_memory()
+    assert results[0]["meta_info"]["cached_tokens"] == 0
+    assert results[1]["meta_info"]["cached_tokens"] == 40
+    for res, p, n in zip(results, prompts, max_new):
+        assert res["output_ids"] == hf_greedy(hf, p, n)
+
+
 def test_logprobs_match_hf(tiny_llama):
     prompt = _prompts(5, [30], 259)[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

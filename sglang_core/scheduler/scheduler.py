@@ -280,10 +280,13 @@ class Scheduler:
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
         logits = self._forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index)
+        present = set(map(id, self.running))  # jump-forward and mixed steps extend running requests
+        for req in finals:
+            if id(req) not in present:
+                self._cache_prompt(req)
         for req, row, count in prompt_rows:
             self._record_prompt_logprobs(req, logits[row : row + count])
         self._sample_and_append(finals, logits[final_rows])
-        present = set(map(id, self.running))  # jump-forward extends requests already running
         self.running += [req for req in finals if not req.finished and id(req) not in present]
         for req in prefilled:
             self._finish(req, {"type": "length", "length": 0})
@@ -490,6 +493,23 @@ class Scheduler:
         self._release(req, cache)
         self._stop.pop(req.rid, None)
         self._plain.pop(req.rid, None)
+
+    def _cache_prompt(self, req: Req) -> None:
+        """Put a just-prefilled prompt into the radix tree now rather than when the request ends,
+        so requests admitted while it decodes (the rest of a batch sharing a system prompt) reuse
+        it. The request then holds the tree's slots for it under a lock, like a matched prefix."""
+        if self.settings.disable_radix_cache or req.kv_len <= req.prefix_len:
+            return
+        row, n = req.req_pool_idx, req.kv_len
+        slots = self.req_pool.req_to_token[row, :n].clone()
+        already = self.cache.insert(req.fill_ids[:n], slots)
+        cached, handle = self.cache.match_prefix(req.fill_ids[:n])
+        self.cache.lock(handle)
+        self.cache.unlock(req.cache_handle)
+        # Tokens another request cached meanwhile: ours are duplicates; use the tree's.
+        self.kv_pool.free(slots[req.prefix_len : already])
+        self.req_pool.req_to_token[row, :n] = cached
+        req.cache_handle, req.prefix_len = handle, n
 
     def _release(self, req: Req, cache: bool) -> None:
         """Give back every KV slot and the request row; cache the computed prefix if asked."""

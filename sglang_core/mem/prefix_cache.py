@@ -92,6 +92,23 @@ class PrefixCache(abc.ABC):
         """Every slot the cache owns (for leak checks)."""
 
 
+def _common_length(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (``b`` no longer than ``a``; their first
+    tokens are equal). Slice comparisons run in C: a shared system prompt of thousands of tokens
+    is matched for every waiting request at every admission, so a per-token loop would cost ms."""
+    n = len(b)
+    if a[:n] == b:
+        return n
+    lo, hi = 1, n  # a[:lo] == b[:lo]; the first difference lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class _Node:
     """A radix tree node: a run of tokens, their KV slots, and bookkeeping."""
 
@@ -180,10 +197,8 @@ class RadixCache(PrefixCache):
             child = node.children.get(key[matched])
             if child is None:
                 break
-            common = 1  # the first token matches by construction of the children dict
             limit = min(len(child.key), len(key) - matched)
-            while common < limit and child.key[common] == key[matched + common]:
-                common += 1
+            common = _common_length(child.key, key[matched:matched + limit])
             if common < len(child.key):
                 child = self._split(child, common)
             child.last_access = now

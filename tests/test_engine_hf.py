@@ -131,6 +131,21 @@ def test_running_requests_prompt_is_shared_while_it_decodes(tiny_llama):
         assert res["output_ids"] == hf_greedy(hf, p, n)
 
 
+@pytest.mark.parametrize("chunked_prefill_size", [2048, 16])
+def test_requests_sharing_a_prompt_prefix_compute_it_once(tiny_llama, chunked_prefill_size: int):
+    """Arriving together, requests that share a 40-token prefix are not prefilled side by side:
+    all but the first wait a step and take the prefix from the cache (also when the first's
+    prompt is prefilled in chunks). Outputs equal HF's; memory comes back whole."""
+    prompts = _prompts(7, [5, 8, 3, 6], 259, shared_prefix=40)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with Engine(str(tiny_llama), chunked_prefill_size=chunked_prefill_size) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 6})
+        engine.check_memory()
+    assert sorted(o["meta_info"]["cached_tokens"] for o in outs) == [0, 40, 40, 40]
+    for out, prompt in zip(outs, prompts):
+        assert out["output_ids"] == hf_greedy(hf, prompt, 6)
+
+
 def test_logprobs_match_hf(tiny_llama):
     prompt = _prompts(5, [30], 259)[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

@@ -17,6 +17,7 @@ import time
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -30,6 +31,17 @@ from sglang_core.sampling.logits_processor import SamplingBatch
 from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
 from sglang_core.scheduler.policy import order_waiting
+
+
+# A waiting request that would share at least this many more tokens with a prompt being prefilled
+# than with the cache waits for that prompt to be cached.
+IN_BATCH_SHARE_MIN = 32
+# The in-batch prefix tree lives on the host and holds no real slots.
+_HOST_POOL = SimpleNamespace(device=torch.device("cpu"))
+
+
+def _placeholder_slots(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
 
 
 @dataclass
@@ -214,6 +226,11 @@ class Scheduler:
         in policy order while the token budget, request rows and KV memory last."""
         budget = min(self.chunk_size or math.inf, self.settings.max_prefill_tokens)
         chunks: list[_Chunk] = []
+        # Prompts being prefilled now: a waiting request that shares a long prefix with one of
+        # them waits a step and reuses it from the cache instead of computing it again.
+        in_batch = type(self.cache)(_HOST_POOL)  # no prefix cache: nothing to wait for
+        if self.chunked is not None:
+            in_batch.insert(self.chunked.fill_ids, _placeholder_slots(len(self.chunked.fill_ids)))
         if self.chunked is not None:
             req = self.chunked
             n = int(min(len(req.fill_ids) - req.kv_len, budget))
@@ -232,7 +249,10 @@ class Scheduler:
                 break
             if self.req_pool.available_size() == 0:
                 break
-            prefix, handle = self.cache.match_prefix(self._prefix_key(req))
+            key = self._prefix_key(req)
+            prefix, handle = self.cache.match_prefix(key)
+            if len(in_batch.match_prefix(key)[0]) - len(prefix) >= IN_BATCH_SHARE_MIN:
+                continue
             self.cache.lock(handle)
             extend = len(req.fill_ids) - len(prefix)
             if self.chunk_size:
@@ -249,6 +269,7 @@ class Scheduler:
                 self._release(req, cache=False)
                 break
             self.waiting.remove(req)
+            in_batch.insert(key, _placeholder_slots(len(key)))
             chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
             budget -= n
             reserved += self._decode_reserve(req)

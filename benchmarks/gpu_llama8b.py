@@ -12,7 +12,8 @@ Runs (``--runs``):
 - ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
   config and dtype (random weights; greedy; EOS ignored).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
-  question, 256 output; with the radix cache and with ``--disable-radix-cache``.
+  question, 256 output; with the radix cache and with ``--disable-radix-cache``;
+  ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
 Each figure is end to end through the engine (scheduler, sampling, detokenization included).
 Results go to ``--out`` as JSON lines; a markdown table is printed at the end.
 """
@@ -95,6 +96,15 @@ def run_shared_prefix(backend: str) -> list[dict]:
             for radix in (True, False)]
 
 
+def run_shared_prefix_cascade(backend: str) -> list[dict]:
+    """The radix-cache half of ``shared_prefix`` with ``--enable-cascade-decode`` (triton)."""
+    def measure(e: Engine) -> dict:
+        return measure_offline(e, *shared_prefix_workload(e.info.vocab_size))
+
+    return [{"run": "shared_prefix", "backend": backend, "radix_cache": True, "cascade": True,
+             **with_engine(backend, measure, max_running_requests=256, enable_cascade_decode=True)}]
+
+
 def run_hf256(backend: str) -> list[dict]:
     ours = with_engine(backend, lambda e: measure_latency(e, 256, 512, 256), max_running_requests=256)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -124,7 +134,7 @@ def run_hf256(backend: str) -> list[dict]:
 
 
 RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
-        "hf256": run_hf256, "shared_prefix": run_shared_prefix}
+        "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 
 
 def main() -> int:
@@ -150,7 +160,7 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "mixed_chunk") if k in r)
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "mixed_chunk", "cascade") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0

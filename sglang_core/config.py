@@ -37,6 +37,7 @@ class EngineSettings(BaseSettings):
     schedule_aging_s: float = Field(5.0, ge=0, description="a request waiting longer than this is served in arrival order ahead of the policy")
     new_token_ratio: float = Field(0.3, ge=0, le=1, description="share of max_new_tokens reserved per running request when admitting")
     disable_radix_cache: bool = Field(False, description="switch the prefix cache off")
+    enable_cascade_decode: bool = Field(False, description="decode reads a cached prefix shared by several running requests once per group, not once per request (triton attention backend)")
     enable_mixed_chunk: bool = Field(False, description="running requests decode their next token in the same forward pass as a prefill step instead of waiting for it")
 
     # Plugins and kernels

@@ -120,7 +120,8 @@ class EngineCore:
             "check_memory": self.scheduler.check_memory,
             "stats": lambda: {"forward_steps": self.scheduler.forward_steps,
                               "retractions": self.scheduler.retractions,
-                              "mixed_decode_tokens": self.scheduler.mixed_decode_tokens},
+                              "mixed_decode_tokens": self.scheduler.mixed_decode_tokens,
+                              "cascade_decode_rows": self.scheduler.cascade_decode_rows},
         }
         if name not in calls:
             raise ValueError(f"unknown engine call {name!r}")

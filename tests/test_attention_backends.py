@@ -74,13 +74,15 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
 
 
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-        shape: tuple[int, int, int] | None = None) -> None:
+        shape: tuple[int, int, int] | None = None, shared: tuple = ()) -> None:
+    """``shared``: ``(length, batch rows)`` groups whose first ``length`` KV slots are one copy
+    (cascade decode); the first row of a group owns them."""
     with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
-        _run(backend_name, prefix_lens, extend_lens, window, seed, shape)
+        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared)
 
 
 def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-         shape: tuple[int, int, int]) -> None:
+         shape: tuple[int, int, int], shared: tuple) -> None:
     case = BACKENDS[backend_name]
     HEADS, KV_HEADS, HEAD_DIM = shape or case.shapes[0]
     backend_cls = case.factory()
@@ -103,15 +105,21 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
         values.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
         pool.store(0, own[:p], keys[-1][:p], values[-1][:p])  # the cached prefix
         new_slots.append(own[p:])
+    for length, members in shared:  # members read the owner's slots (and so its keys) up to length
+        owner = members[0]
+        for m in members[1:]:
+            req_to_token[rows[m], :length] = req_to_token[rows[owner], :length]
+            keys[m][:length], values[m][:length] = keys[owner][:length], values[owner][:length]
     mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
-    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, dtype, torch.device(DEVICE)))
+    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, dtype, torch.device(DEVICE),
+                                        cascade_decode=bool(shared)))
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
         out_cache_loc=torch.cat(new_slots), req_pool_indices=torch.tensor(rows),
         seq_lens=torch.tensor(seq_lens), prefix_lens=torch.tensor(prefix_lens),
         seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token, kv_pool=pool,
-        attn_backend=backend)
+        attn_backend=backend, shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
     backend.plan(batch)
     layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window)
     q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) for e in extend_lens]
@@ -182,3 +190,17 @@ def test_flashinfer_slot_list_gather_matches_torch() -> None:
         expected = torch.cat([table[r, :n] for r, n in zip(rows, lens)]).to(torch.int32)
     assert out[:sum(lens)].tolist() == expected.tolist()
     assert out[sum(lens):].tolist() == [-1, -1, -1]  # nothing written past the list
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("shape", [(6, 2, 8), (4, 4, 64)])
+def test_cascade_decode_matches_reference(shape: tuple[int, int, int], window: int | None) -> None:
+    """Triton's cascade decode: groups' shared prefixes read once per group (a group of 17 spans
+    two member tiles, the second a lone row, which decodes plainly), the rest per request,
+    ungrouped requests among them; windowed layers ignore the groups."""
+    rng = random.Random(21)
+    size = 40
+    prefix = [rng.randint(150, 260) for _ in range(size)]
+    big = list(range(0, 34, 2))  # 17 rows sharing 120 slots
+    small = [1, 7, 9]  # 3 rows sharing 64
+    run("triton", prefix, [1] * size, window, seed=21, shape=shape, shared=((120, big), (64, small)))

@@ -146,6 +146,20 @@ def test_requests_sharing_a_prompt_prefix_compute_it_once(tiny_llama, chunked_pr
         assert out["output_ids"] == hf_greedy(hf, prompt, 6)
 
 
+def test_cascade_decode_groups_requests_sharing_a_cached_prefix(tiny_llama):
+    """With --enable-cascade-decode the scheduler hands decode steps the groups of requests that
+    share a cached prefix (the Triton backend reads it once per group; this CPU backend ignores
+    the groups): outputs stay HF's and the groups were formed."""
+    prompts = _prompts(8, [5, 8, 3, 6, 4], 259, shared_prefix=40)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with Engine(str(tiny_llama), enable_cascade_decode=True) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8})
+        assert engine.stats()["cascade_decode_rows"] > 0
+        engine.check_memory()
+    for out, prompt in zip(outs, prompts):
+        assert out["output_ids"] == hf_greedy(hf, prompt, 8)
+
+
 def test_logprobs_match_hf(tiny_llama):
     prompt = _prompts(5, [30], 259)[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

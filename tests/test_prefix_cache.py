@@ -133,6 +133,34 @@ def test_reset_forgets_without_freeing():
     assert pool.available_size() == 8
 
 
+def test_shared_prefixes_group_requests_by_their_longest_common_prefix():
+    """Requests (their full prompts cached, a handle each) under two system prompts, one alone,
+    and two that share only a short header: grouped by system prompt, with its length; the
+    others in no group. Checked against the keys themselves, and the slots are one copy."""
+    pool = make_pool(1000)
+    cache = RadixCache(pool)
+    header = [1, 2, 3]
+    system = {"a": header + list(range(100, 140)), "b": header + list(range(200, 260))}
+    prompts = [system["a"] + [7, 8], system["b"] + [9], system["a"] + [5], system["b"] + [6, 6],
+               system["a"] + [4, 4, 4], header + [300, 301], header + [400], list(range(500, 520))]
+    handles = []
+    for key in prompts:
+        cached, _ = cache.match_prefix(key)
+        cache.insert(key, torch.cat([cached, pool.alloc(len(key) - len(cached))]))
+        handles.append(cache.match_prefix(key)[1])
+    groups = cache.shared_prefixes(handles, min_length=10)
+    assert sorted(groups) == [(len(system["a"]), (0, 2, 4)), (len(system["b"]), (1, 3))]
+    for length, members in groups:
+        first = prompts[members[0]][:length]
+        assert all(prompts[m][:length] == first for m in members)
+        slots = [cache.match_prefix(prompts[m][:length])[0].tolist() for m in members]
+        assert all(s == slots[0] for s in slots)
+    # A lower bar groups the header-only pair too; NoPrefixCache groups nothing.
+    assert (3, (5, 6)) in cache.shared_prefixes(handles, min_length=3)
+    assert NoPrefixCache(pool).shared_prefixes(handles, min_length=1) == ()
+    cache.check_integrity()
+
+
 def test_no_prefix_cache():
     pool = make_pool(10)
     cache = NoPrefixCache(pool)

@@ -27,6 +27,7 @@ class AttentionSpec:
     dtype: torch.dtype
     device: torch.device
     max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
+    cascade_decode: bool = False  # decode reads each ForwardBatch.shared_prefixes group's prefix once
 
 
 class UnsupportedSpecError(ValueError):

@@ -91,6 +91,12 @@ class PrefixCache(abc.ABC):
     def all_slots(self) -> torch.Tensor:
         """Every slot the cache owns (for leak checks)."""
 
+    def shared_prefixes(self, handles: list[Any], min_length: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Group locked handles by the longest cached prefix they share with another one:
+        ``(length, indices into handles)`` for groups of two or more sharing ``min_length``
+        tokens or more (the requests holding them hold the same slots for those tokens)."""
+        return ()
+
 
 def _common_length(a: list[int], b: list[int]) -> int:
     """Length of the common prefix of ``a`` and ``b`` (``b`` no longer than ``a``; their first
@@ -177,6 +183,30 @@ class RadixCache(PrefixCache):
             node.children[key[matched]] = leaf
             self._evictable += len(leaf.key)
         return matched
+
+    def shared_prefixes(self, handles: list[Any], min_length: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        paths = []  # per handle: (node, tokens from the root to its end), root side first
+        holders: dict[int, int] = {}  # node -> how many handles pass through it
+        for handle in handles:
+            chain = []
+            node = handle
+            while node is not None and node is not self.root:
+                chain.append(node)
+                node = node.parent
+            depth, path = 0, []
+            for node in reversed(chain):
+                depth += len(node.key)
+                path.append((node, depth))
+                holders[id(node)] = holders.get(id(node), 0) + 1
+            paths.append(path)
+        groups: dict[int, tuple[int, list[int]]] = {}
+        for i, path in enumerate(paths):
+            # The deepest node another handle also passes through, if it is long enough.
+            shared = [(node, depth) for node, depth in path if holders[id(node)] > 1 and depth >= min_length]
+            if shared:
+                node, depth = shared[-1]
+                groups.setdefault(id(node), (depth, []))[1].append(i)
+        return tuple((depth, tuple(members)) for depth, members in groups.values() if len(members) > 1)
 
     def _tick(self) -> int:
         self._clock += 1

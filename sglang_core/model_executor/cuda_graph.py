@@ -53,12 +53,13 @@ class CudaGraphRunner:
     def max_bs(self) -> int:
         return self.sizes[-1]
 
-    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
+    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = ()) -> ForwardBatch:
         ids, pos, loc, rows, lens = self.inputs[:, :bs]
         seq_lens_cpu = seq_lens_cpu or [1] * bs
         return self.make_batch(mode=ForwardMode.DECODE, input_ids=ids, positions=pos, out_cache_loc=loc,
                                req_pool_indices=rows, seq_lens=lens, prefix_lens=lens - 1,
-                               seq_lens_cpu=seq_lens_cpu, prefix_lens_cpu=[n - 1 for n in seq_lens_cpu])
+                               seq_lens_cpu=seq_lens_cpu, prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
+                               shared_prefixes=shared_prefixes)
 
     def _capture(self, bs: int) -> None:
         batch = self._batch(bs)
@@ -76,7 +77,7 @@ class CudaGraphRunner:
         self.graphs[bs] = graph
 
     def replay(self, input_ids: list[int] | torch.Tensor, positions: list[int], out_cache_loc: torch.Tensor,
-               req_pool_indices: list[int], seq_lens: list[int]) -> torch.Tensor:
+               req_pool_indices: list[int], seq_lens: list[int], shared_prefixes: tuple = ()) -> torch.Tensor:
         """Logits [len(input_ids), vocab] of one decode step (``len(input_ids) <= max_bs``).
         ``input_ids`` may already be on the device (an overlapped step's sampled ids)."""
         bs = len(input_ids)
@@ -94,6 +95,6 @@ class CudaGraphRunner:
             self.inputs[0, :bs].copy_(input_ids)
         self.inputs[2, :bs].copy_(out_cache_loc)
         if self.attn_backend.plan_before_replay:
-            self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs)))
+            self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs), shared_prefixes))
         self.graphs[size].replay()
         return self.outputs[size][:bs]

@@ -32,6 +32,9 @@ class ForwardBatch:
     req_to_token: torch.Tensor
     kv_pool: "TokenKVPool"
     attn_backend: "AttentionBackend"
+    # Decode with cascade: (length, batch rows) of requests whose first ``length`` KV slots are
+    # the same (a cached prefix they share); empty when not asked for.
+    shared_prefixes: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def batch_size(self) -> int:

@@ -35,6 +35,7 @@ class StepInput:
     seq_lens: list[int]
     prefix_lens: list[int]
     logit_index: list[int]  # which new tokens' hidden states become logits
+    shared_prefixes: tuple = ()  # decode with cascade: ForwardBatch.shared_prefixes
 
 
 def pick_device(name: str) -> torch.device:
@@ -134,7 +135,7 @@ class ModelRunner:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                             self.settings.max_running_requests)
+                             self.settings.max_running_requests, self.settings.enable_cascade_decode)
         if name != "auto":
             entry = registry.get(name)
             if not _available(entry, self.device):
@@ -185,7 +186,7 @@ class ModelRunner:
         graphs = self.cuda_graphs
         if step.mode is ForwardMode.DECODE and graphs is not None and len(step.input_ids) <= graphs.max_bs:
             return graphs.replay(step.input_ids, step.positions, step.out_cache_loc, step.req_pool_indices,
-                                 step.seq_lens)
+                                 step.seq_lens, step.shared_prefixes)
         dev = self.device
         batch = self._make_batch(
             mode=step.mode,
@@ -197,6 +198,7 @@ class ModelRunner:
             prefix_lens=torch.tensor(step.prefix_lens, dtype=torch.int64, device=dev),
             seq_lens_cpu=step.seq_lens,
             prefix_lens_cpu=step.prefix_lens,
+            shared_prefixes=step.shared_prefixes,
         )
         self.attn_backend.plan(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)

@@ -36,6 +36,9 @@ from sglang_core.scheduler.policy import order_waiting
 # A waiting request that would share at least this many more tokens with a prompt being prefilled
 # than with the cache waits for that prompt to be cached.
 IN_BATCH_SHARE_MIN = 32
+# Cascade decode groups requests sharing at least this many cached tokens: below it, reading the
+# prefix per request costs less than the extra kernel.
+CASCADE_MIN_SHARED = 32
 # The in-batch prefix tree lives on the host and holds no real slots.
 _HOST_POOL = SimpleNamespace(device=torch.device("cpu"))
 
@@ -83,6 +86,7 @@ class Scheduler:
         self.forward_steps = 0
         self.retractions = 0
         self.mixed_decode_tokens = 0  # decode tokens computed inside prefill steps (--enable-mixed-chunk)
+        self.cascade_decode_rows = 0  # decode rows that read a shared prefix per group (--enable-cascade-decode)
         self.overlap = runner.cuda_graphs is not None and not settings.disable_overlap_schedule
         self._in_flight: _InFlight | None = None
         self._plain: dict[str, bool] = {}  # rid -> sampled without history or logprobs (may overlap)
@@ -366,6 +370,10 @@ class Scheduler:
         if out_cache_loc is None:
             table = self.req_pool.req_to_token
             out_cache_loc = torch.cat([table[c.req.req_pool_idx, c.start : c.end] for c in chunks])
+        shared = ()
+        if mode is ForwardMode.DECODE and self.settings.enable_cascade_decode:
+            shared = self.cache.shared_prefixes([c.req.cache_handle for c in chunks], CASCADE_MIN_SHARED)
+            self.cascade_decode_rows += sum(len(rows) for _, rows in shared)
         step = StepInput(
             mode=mode,
             input_ids=input_ids,
@@ -375,6 +383,7 @@ class Scheduler:
             seq_lens=[c.end for c in chunks],
             prefix_lens=[c.start for c in chunks],
             logit_index=logit_index,
+            shared_prefixes=shared,
         )
         self.forward_steps += 1
         return self.runner.forward(step)

@@ -10,7 +10,7 @@ import torch
 from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
-from .kernels import decode_attention, extend_attention
+from .kernels import SHARED_MEMBERS, SHARED_SPLITS, SharedPrefixes, decode_attention, extend_attention
 
 # Split-KV programs wanted per decode launch: enough to fill an H100's 132 SMs about twice.
 TARGET_PROGRAMS = 264
@@ -32,21 +32,48 @@ class TritonBackend(AttentionBackend):
         # Split partials by split count, sized for the largest batch and never reallocated:
         # captured CUDA graphs keep their addresses.
         self._partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shared: SharedPrefixes | None = None
+        if spec.cascade_decode:  # the groups change every step: planned on the host before each replay
+            self.plan_before_replay = True
+            groups = max(1, spec.max_batch_size // 2)
+            self._shared = SharedPrefixes(
+                torch.zeros(spec.max_batch_size, dtype=torch.int32, device=spec.device),
+                torch.zeros(groups, dtype=torch.int32, device=spec.device),
+                torch.full((groups, SHARED_MEMBERS), -1, dtype=torch.int32, device=spec.device))
 
     def plan(self, batch: ForwardBatch) -> None:
         if batch.mode is ForwardMode.DECODE:
             splits = decode_splits(batch.input_ids.shape[0], self.spec.num_kv_heads)
             if splits not in self._partials:
                 s = self.spec
+                total = splits + (SHARED_SPLITS if self._shared is not None else 0)
                 self._partials[splits] = (
-                    torch.empty(s.max_batch_size, s.num_heads, splits, s.head_dim, dtype=torch.float32, device=s.device),
-                    torch.empty(s.max_batch_size, s.num_heads, splits, dtype=torch.float32, device=s.device))
+                    torch.empty(s.max_batch_size, s.num_heads, total, s.head_dim, dtype=torch.float32, device=s.device),
+                    torch.empty(s.max_batch_size, s.num_heads, total, dtype=torch.float32, device=s.device))
             self.num_splits = splits
+            if self._shared is not None:
+                self._plan_shared(batch)
         else:
             lens = batch.extend_lens_cpu
             self.max_extend_len = max(lens)
             starts = list(itertools.accumulate(lens, initial=0))[:-1]
             self.extend_start = torch.tensor(starts, dtype=torch.int64, device=batch.seq_lens.device)
+
+    def _plan_shared(self, batch: ForwardBatch) -> None:
+        """Fill the cascade buffers from the batch's groups, in tiles of SHARED_MEMBERS requests."""
+        shared = self._shared
+        kv_start = torch.zeros(shared.kv_start.shape, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
+        lens = torch.zeros(shared.lens.shape, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
+        members = torch.full(shared.members.shape, -1, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
+        tiles = [(length, rows[i:i + SHARED_MEMBERS]) for length, rows in batch.shared_prefixes
+                 for i in range(0, len(rows), SHARED_MEMBERS)]
+        tiles = [(length, rows) for length, rows in tiles if len(rows) > 1][:lens.shape[0]]
+        for g, (length, rows) in enumerate(tiles):
+            lens[g] = length
+            members[g, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
+            kv_start[list(rows)] = length
+        for dst, src in ((shared.kv_start, kv_start), (shared.lens, lens), (shared.members, members)):
+            dst.copy_(src, non_blocking=True)
 
     @staticmethod
     def _begin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch):
@@ -60,8 +87,10 @@ class TritonBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
+        shared = None if layer.sliding_window else self._shared  # a window may not reach the prefix
         decode_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                         layer.scaling, layer.sliding_window or 0, self.num_splits, *self._partials[self.num_splits])
+                         layer.scaling, layer.sliding_window or 0, self.num_splits, *self._partials[self.num_splits],
+                         shared)
         return out.view(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,

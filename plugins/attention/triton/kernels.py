@@ -18,47 +18,31 @@ They run on CPU under ``TRITON_INTERPRET=1``, which is how CI tests them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, MidO, MidLse,
-    scale,
-    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
-    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-    WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(SeqLens + b)
-    row = tl.load(ReqPoolIdx + b)
-    first = 0
-    if WINDOW > 0:  # a constexpr: resolved at compile time
-        first = tl.maximum(seq_len - WINDOW, 0)
-    span = seq_len - first
-    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = first + split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
-    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+def _attend_keys(q, K, V, ReqToToken, table_row, start, end, kv_head, scale,
+                 stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Softmax attention of the query rows ``q`` ([ROWS, BLOCK_D], one KV head's) over keys
+    ``[start, end)`` of request-table row ``table_row``, online over key blocks. Returns the
+    output rows and their log-sum-exp; with no keys (an empty split) lse is -inf, which the
+    merge ignores."""
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        slots = tl.load(ReqToToken + row * stride_r2t + keys, mask=key_ok, other=0)
+        slots = tl.load(ReqToToken + table_row * stride_r2t + keys, mask=key_ok, other=0)
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
@@ -71,14 +55,95 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-
-    # An empty split (short sequence) reports lse = -inf and is ignored when merging.
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, KvStart, MidO, MidLse,
+    scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    row = tl.load(ReqPoolIdx + b)
+    first = 0
+    if WINDOW > 0:  # a constexpr: resolved at compile time
+        first = tl.maximum(seq_len - WINDOW, 0)
+    if PREFIX_SPLITS > 0:  # cascade: keys before KvStart are the shared prefix's, done per group
+        first = tl.load(KvStart + b)
+        if split == 0 and first == 0:  # in no group: its shared-prefix partials are empty
+            slots_p = tl.arange(0, PREFIX_SPLITS)
+            heads_p = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+            tl.store(MidLse + b * stride_mlb + heads_p[:, None] * stride_mlh + NUM_SPLITS + slots_p[None, :],
+                     tl.full([GROUP_PAD, PREFIX_SPLITS], float("-inf"), tl.float32),
+                     mask=(tl.arange(0, GROUP_PAD) < GROUP)[:, None])
+    span = seq_len - first
+    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    out, lse = _attend_keys(q, K, V, ReqToToken, row, start, end, kv_head, scale,
+                            stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+                            GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + dims[None, :], out,
              mask=head_ok[:, None] & dim_ok[None, :])
     tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    Q, K, V, ReqToToken, ReqPoolIdx, GroupLens, GroupMembers, MidO, MidLse,
+    scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_BASE: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    g = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    shared = tl.load(GroupLens + g)
+    if shared == 0:  # an unused group slot (the grid is fixed for CUDA graphs)
+        return
+    # Rows are (member, query head of this KV head): one tile of queries reads each key once.
+    rows = tl.arange(0, MEMBERS * GROUP_PAD)
+    member = tl.load(GroupMembers + g * MEMBERS + rows // GROUP_PAD)
+    q_head = rows % GROUP_PAD
+    row_ok = (member >= 0) & (q_head < GROUP)
+    b = tl.where(row_ok, member, 0)
+    heads = kv_head * GROUP + q_head
+    table_row = tl.load(ReqPoolIdx + tl.load(GroupMembers + g * MEMBERS))  # any member: same slots
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + b[:, None] * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    per_split = tl.cdiv(tl.cdiv(shared, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, shared)
+    out, lse = _attend_keys(q, K, V, ReqToToken, table_row, start, end, kv_head, scale,
+                            stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+                            MEMBERS * GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    slot = SPLIT_BASE + split
+    tl.store(MidO + b[:, None] * stride_mob + heads[:, None] * stride_moh + slot * stride_mos + dims[None, :], out,
+             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + slot, lse, mask=row_ok)
 
 
 @triton.jit
@@ -166,6 +231,11 @@ def _extend_kernel(
 
 # Launch settings, picked on an H100 with benchmarks/tune_triton_attention.py.
 DECODE_LAUNCH = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+# Cascade decode: members per group tile (a bigger group takes several tiles) and key splits of a
+# shared prefix. Not tuned yet.
+SHARED_MEMBERS = 16
+SHARED_SPLITS = 4
+SHARED_LAUNCH = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 EXTEND_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -174,30 +244,55 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+@dataclass
+class SharedPrefixes:
+    """Cascade decode's groups, in fixed device buffers (CUDA graphs keep their addresses):
+    ``kv_start[b]`` is where request b's own keys begin (0: in no group); group g holds the
+    batch rows ``members[g]`` (-1 pads) sharing their first ``lens[g]`` KV slots (0: unused)."""
+
+    kv_start: torch.Tensor  # [max batch] int32
+    lens: torch.Tensor  # [groups] int32
+    members: torch.Tensor  # [groups, SHARED_MEMBERS] int32
+
+
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, window: int, num_splits: int, mid_o: torch.Tensor,
-                     mid_lse: torch.Tensor) -> None:
+                     mid_lse: torch.Tensor, shared: SharedPrefixes | None = None) -> None:
     """q/out: [B, heads, head_dim]; k/v_buffer: [slots, kv_heads, head_dim];
-    mid_o: [>=B, heads, num_splits, head_dim] float32, mid_lse: [>=B, heads, num_splits] float32."""
+    mid_o: [>=B, heads, splits, head_dim] float32, mid_lse: [>=B, heads, splits] float32, with
+    splits = num_splits, plus SHARED_SPLITS with ``shared`` (cascade: each group's shared prefix is
+    read once for all its members by one kernel, the rest per request, then all merged)."""
     batch, heads, head_dim = q.shape
     kv_heads = k_buffer.shape[1]
     group = heads // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    prefix_splits = SHARED_SPLITS if shared is not None else 0
+    strides = (q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
+               v_buffer.stride(1), req_to_token.stride(0),
+               mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-        scale,
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        req_to_token.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        WINDOW=window, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, PRECISION=_precision(q), **DECODE_LAUNCH,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
+        shared.kv_start if shared is not None else seq_lens, mid_o, mid_lse, scale, *strides,
+        WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, PREFIX_SPLITS=prefix_splits, PRECISION=_precision(q), **DECODE_LAUNCH,
     )
+    if shared is not None:
+        _shared_prefix_kernel[(shared.lens.shape[0], kv_heads, prefix_splits)](
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, shared.lens, shared.members, mid_o, mid_lse,
+            scale, *strides,
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), MEMBERS=SHARED_MEMBERS, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, SPLIT_BASE=num_splits, PREFIX_SPLITS=prefix_splits, PRECISION=_precision(q),
+            **SHARED_LAUNCH,
+        )
+    splits = num_splits + prefix_splits
     _decode_merge_kernel[(batch, heads)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, num_splits), num_warps=2,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        num_warps=2,
     )
 
 

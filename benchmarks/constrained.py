@@ -13,7 +13,8 @@ for the GPU run (a real tokenizer is needed, since grammars are built from the t
    schema again through the engine's compile cache.
 2. Per-token cost: greedy decode of 64 tokens at batch 1 and batch 32, unconstrained vs
    constrained by a regex that leaves every step a free choice (``[a-z ]*``: no jump-forward,
-   every token masked). Decode ms/token = (t_64 - t_1) / 63.
+   every token masked). Decode ms/token = (t_64 - t_1) / 63; the two sides alternate
+   (``--repeats`` times) and their medians are compared.
 3. Jump-forward: a schema with long fixed keys, greedy, batch 1, output tokens/s with
    jump-forward on vs off (``--disable-jump-forward``), and the forward passes each needed.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Callable
@@ -78,12 +80,18 @@ def decode_ms_per_token(engine: Engine, batch: int, extra: dict) -> float:
     return (timed(64) - timed(1)) / 63 * 1000
 
 
-def per_token_cost(engine: Engine, backend_name: str) -> None:
+def per_token_cost(engine: Engine, backend_name: str, repeats: int) -> None:
+    """Unconstrained and constrained runs alternate, ``repeats`` times each, and the medians are
+    compared: drift in the machine's speed then hits both sides alike."""
     for batch in (1, 32):
-        free = decode_ms_per_token(engine, batch, {})
-        constrained = decode_ms_per_token(engine, batch, {"regex": "[a-z ]*"})
-        print(f"| decode ms/step, {backend_name}, batch {batch} | unconstrained {free:.1f} | constrained {constrained:.1f} | "
-              f"{(constrained / free - 1) * 100:+.1f}% |", flush=True)
+        free, constrained = [], []
+        for _ in range(repeats):
+            free.append(decode_ms_per_token(engine, batch, {}))
+            constrained.append(decode_ms_per_token(engine, batch, {"regex": "[a-z ]*"}))
+        a, b = statistics.median(free), statistics.median(constrained)
+        print(f"| decode ms/step, {backend_name}, batch {batch}, median of {repeats} alternating runs | unconstrained "
+              f"{a:.1f} ({min(free):.1f}-{max(free):.1f}) | constrained {b:.1f} ({min(constrained):.1f}-{max(constrained):.1f}) | "
+              f"{(b / a - 1) * 100:+.1f}% |", flush=True)
 
 
 def jump_forward(backend_name: str, settings: dict) -> None:
@@ -110,15 +118,16 @@ def main() -> int:
     parser.add_argument("--grammar-backend", nargs="+", default=["outlines", "llguidance"],
                         help="grammar backends to measure, one after the other")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per side for the per-token cost")
     for option in ("--model-path", "--tokenizer-path", "--load-format", "--dtype"):
         parser.add_argument(option, default=None)
     args = parser.parse_args()
-    settings = {k: v for k, v in vars(args).items() if k != "grammar_backend" and v is not None}
+    settings = {k: v for k, v in vars(args).items() if k not in ("grammar_backend", "repeats") and v is not None}
     print(f"settings: {settings}", flush=True)
     for name in args.grammar_backend:
         with Engine(grammar_backend=name, **settings) as engine:
             index_build(engine, name)
-            per_token_cost(engine, name)
+            per_token_cost(engine, name, args.repeats)
         jump_forward(name, settings)
     return 0
 

@@ -16,6 +16,11 @@ from sglang_core.lang.backend import CHOICE_METHODS
 __all__ = ["CHOICE_METHODS", "ChoiceSpan", "Decision", "check_select_args", "choice_spans", "pick_choice"]
 
 
+# Logprobs closer than this (nats) are a tie for greedy_token_selection: float noise between
+# batches is ~1e-6 in float32, and real differences between distinct tokens are far larger.
+GREEDY_TIE = 1e-4
+
+
 @dataclass(frozen=True)
 class ChoiceSpan:
     """``ids`` is the tokenization of ``prompt + choice``; the choice's tokens are ``ids[start:]``."""
@@ -67,8 +72,10 @@ def pick_choice(method: str, logprobs: Sequence[Sequence[float]],
     """Pick a choice from the logprobs of each choice's tokens after the prompt.
 
     - ``token_length_normalized``: the highest mean logprob per token.
-    - ``greedy_token_selection``: the highest first-token logprob; ties go to the next token, a
-      shorter choice continuing with its own mean logprob.
+    - ``greedy_token_selection``: the highest first-token logprob; ties (within ``GREEDY_TIE``:
+      choices that start with the same tokens have the same true logprobs there, but requests
+      computed in different batches differ in the last bits) go to the next token, a shorter
+      choice continuing with its own mean logprob.
     - ``unconditional_likelihood_normalized``: the highest mean of (logprob after the prompt minus
       logprob of the same token in the choice alone, ``unconditional``); the choice's first token
       has no unconditional logprob and counts 0 there.
@@ -86,7 +93,7 @@ def pick_choice(method: str, logprobs: Sequence[Sequence[float]],
         remaining = list(range(len(padded)))
         for column in range(width):
             best = max(padded[i][column] for i in remaining)
-            remaining = [i for i in remaining if padded[i][column] == best]
+            remaining = [i for i in remaining if padded[i][column] >= best - GREEDY_TIE]
             if len(remaining) == 1:
                 break
         return Decision(remaining[0], [row[0] for row in padded])

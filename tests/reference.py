@@ -72,8 +72,13 @@ def expected_choice(method: str, conditional: list[list[float]], unconditional: 
         scores = mean
     elif method == "unconditional_likelihood_normalized":
         scores = [sum(c - u for c, u in zip(cs, us)) / len(cs) for cs, us in zip(conditional, unconditional)]
-    else:  # greedy_token_selection: first token, ties to the next; a shorter choice goes on at its mean
+    else:  # greedy_token_selection: first token, ties (within 1e-4 nats) to the next; a shorter choice
+        # goes on at its mean
         width = max(map(len, conditional))
         rows = [lps + [m] * (width - len(lps)) for lps, m in zip(conditional, mean)]
-        return max(range(len(rows)), key=lambda i: (rows[i], -i))
+        alive = list(range(len(rows)))
+        for column in range(width):
+            top = max(rows[i][column] for i in alive)
+            alive = [i for i in alive if top - rows[i][column] <= 1e-4]
+        return alive[0]
     return max(range(len(scores)), key=lambda i: (scores[i], -i))

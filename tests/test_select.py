@@ -50,3 +50,13 @@ def test_select_matches_hf(engine, hf, prompt, choices, method):
 def test_select_bad_input(engine, args, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         engine.select(*args)
+
+
+def test_greedy_ties_survive_float_noise_between_batches():
+    """' 4' and ' 5' both start with the token ' ': the same true logprob, computed in two
+    requests whose last bits may differ. The tie goes to the second token, not to the noise."""
+    from sglang_core.choices import pick_choice
+
+    noisy = [[-0.14701232, -2.17030096], [-0.14701226, -2.77281713], [-14.02, -0.73, -0.71]]
+    assert pick_choice("greedy_token_selection", noisy).index == 0
+    assert pick_choice("greedy_token_selection", [[-0.5, -9.0], [-0.4, -0.1]]).index == 1  # a real difference

@@ -69,6 +69,16 @@ class AttentionBackend(abc.ABC):
                        batch: ForwardBatch) -> torch.Tensor:
         """One new token per request over its whole cached sequence."""
 
+    @staticmethod
+    def store_kv(k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the batch's new K/V ([T, kv_heads*head_dim]) into the pool at
+        ``batch.out_cache_loc``; return them as [T, kv_heads, head_dim]."""
+        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
+        k3, v3 = k.view(shape), v.view(shape)
+        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
+        return k3, v3
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
                 batch: ForwardBatch) -> torch.Tensor:
         """q: [T, heads*head_dim], k/v: [T, kv_heads*head_dim] -> [T, heads*head_dim].

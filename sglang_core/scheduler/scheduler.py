@@ -233,7 +233,7 @@ class Scheduler:
         # Prompts being prefilled now: a waiting request that shares a long prefix with one of
         # them waits a step and reuses it from the cache instead of computing it again.
         in_batch = type(self.cache)(_HOST_POOL)  # no prefix cache: nothing to wait for
-        if self.chunked is not None:
+        if self.chunked is not None and self.waiting:  # with nobody waiting nobody can share it
             in_batch.insert(self.chunked.fill_ids, _placeholder_slots(len(self.chunked.fill_ids)))
         if self.chunked is not None:
             req = self.chunked

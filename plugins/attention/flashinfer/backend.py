@@ -140,27 +140,19 @@ class FlashInferBackend(AttentionBackend):
     # ---- running -----------------------------------------------------------------------------
 
     @staticmethod
-    def _store(k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> tuple:
-        """Write the new K/V into the pool; return them as [T, kv_heads, dim]."""
-        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
-        k3, v3 = k.view(shape), v.view(shape)
-        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
-        return k3, v3
-
-    @staticmethod
     def _paged_cache(layer: Attention, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         pool = batch.kv_pool  # [slots, kv_heads, dim] is NHD with pages of one token
         return pool.k_buffers[layer.layer_id].unsqueeze(1), pool.v_buffers[layer.layer_id].unsqueeze(1)
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self._store(k, v, layer, batch)
+        self.store_kv(k, v, layer, batch)
         q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
         return self._wrapper(layer).run(q3, self._paged_cache(layer, batch)).view(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        k3, v3 = self._store(k, v, layer, batch)
+        k3, v3 = self.store_kv(k, v, layer, batch)
         q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
         wrapper = self._wrapper(layer)
         out = wrapper.run(q3, k3, v3) if self._index.ragged else wrapper.run(q3, self._paged_cache(layer, batch))

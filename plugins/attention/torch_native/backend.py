@@ -122,15 +122,9 @@ class TorchNativeBackend(AttentionBackend):
             out.append(gathered.view(b, max_len, kvh, d).transpose(1, 2).to(self.spec.dtype))
         return out[0], out[1]
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
-        n_tokens = k.shape[0]
-        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc,
-                            k.view(n_tokens, layer.num_kv_heads, layer.head_dim),
-                            v.view(n_tokens, layer.num_kv_heads, layer.head_dim))
-
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self._store(k, v, layer, batch)
+        self.store_kv(k, v, layer, batch)
         kvh, group_size, d = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim
         out = torch.empty_like(q)
         for group in self.groups:
@@ -147,7 +141,7 @@ class TorchNativeBackend(AttentionBackend):
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self._store(k, v, layer, batch)
+        self.store_kv(k, v, layer, batch)
         heads, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         out = torch.empty_like(q)
         for group in self.groups:

@@ -78,9 +78,9 @@ class TritonBackend(AttentionBackend):
     @staticmethod
     def _begin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch):
         """Write the new K/V into the pool; return q as [T, heads, dim], the output, K and V buffers."""
-        n, heads, kv_heads, dim = q.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+        n, heads, dim = q.shape[0], layer.num_heads, layer.head_dim
         pool = batch.kv_pool
-        pool.store(layer.layer_id, batch.out_cache_loc, k.view(n, kv_heads, dim), v.view(n, kv_heads, dim))
+        AttentionBackend.store_kv(k, v, layer, batch)
         out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
         return q.view(n, heads, dim), out, pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
 

@@ -163,7 +163,9 @@ def _decode_merge_kernel(
     weights = tl.exp(lse - top)  # empty splits: exp(-inf) = 0
     parts = tl.load(MidO + b * stride_mob + head * stride_moh + splits[:, None] * stride_mos + dims[None, :],
                     mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
-    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    # A split with no keys may never have had its partial written (cascade: a request's empty
+    # shared-prefix slots): weight 0 must not meet garbage, since NaN * 0 is NaN.
+    out = tl.sum(tl.where(weights[:, None] > 0, parts * weights[:, None], 0.0), 0) / tl.sum(weights, 0)
     tl.store(Out + b * stride_ob + head * stride_oh + dims, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 

@@ -91,9 +91,11 @@ def measure_offline(engine: Engine, prompts: list[list[int]], output_lens: list[
 
     if not engine.flush_cache():
         raise RuntimeError("cannot flush the prefix cache while requests are in flight")
+    before = engine.stats()
     start = time.perf_counter()
     outs = asyncio.run(run())
     elapsed = time.perf_counter() - start
+    after = engine.stats()
     if [o["meta_info"]["completion_tokens"] for o in outs] != list(output_lens):
         raise RuntimeError("a request did not produce exactly its max_new_tokens")
     input_tokens, output_tokens = sum(map(len, prompts)), sum(output_lens)
@@ -103,6 +105,10 @@ def measure_offline(engine: Engine, prompts: list[list[int]], output_lens: list[
         "requests_per_s": len(prompts) / elapsed,
         "input_tok_per_s": input_tokens / elapsed,
         "output_tok_per_s": output_tokens / elapsed,
+        # what the scheduler did, to explain the figure: prompt tokens taken from the prefix cache,
+        # forward steps, retractions and so on during this run
+        "cached_prompt_tokens": sum(o["meta_info"]["cached_tokens"] for o in outs),
+        **{name: after[name] - before[name] for name in after},
         **_describe(engine),
     }
 

@@ -8,6 +8,7 @@ process dies.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 import msgspec
+import torch
 
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import EngineCore, ModelInfo
@@ -127,6 +129,13 @@ class ThreadCoreClient(CoreClient):
         self._wake.set()
         self._thread.join(timeout=30)
         self.alive = False
+        if not self._thread.is_alive():
+            # Give the model and the KV pool back now, not when the Engine object is collected:
+            # a second engine in this process sizes its pool from the GPU memory left free.
+            self.core = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _put(self, item: tuple) -> None:
         self._inbox.put(item)

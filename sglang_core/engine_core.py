@@ -121,7 +121,8 @@ class EngineCore:
             "stats": lambda: {"forward_steps": self.scheduler.forward_steps,
                               "retractions": self.scheduler.retractions,
                               "mixed_decode_tokens": self.scheduler.mixed_decode_tokens,
-                              "cascade_decode_rows": self.scheduler.cascade_decode_rows},
+                              "cascade_decode_rows": self.scheduler.cascade_decode_rows,
+                              "overlapped_steps": self.scheduler.overlapped_steps},
         }
         if name not in calls:
             raise ValueError(f"unknown engine call {name!r}")

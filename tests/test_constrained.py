@@ -246,7 +246,10 @@ def test_grammar_mask_layout(constrained_rows):
 
     vocab = 100
     allowed = [{0, 31, 32, 63, 99}, {5, 64}, set()]
-    reqs = [SimpleNamespace(grammar=_FixedState(a)) for a in allowed]
+    # the mask reads which rows are constrained from the requests (on the host, never from the device)
+    reqs = [SimpleNamespace(grammar=_FixedState(a),
+                            sampling_params=SimpleNamespace(constraint=("regex", ".*") if i in constrained_rows else None))
+            for i, a in enumerate(allowed)]
     batch = SamplingBatch(reqs, vocab, torch.device("cpu"), frozenset({7, 9}))
     logits = torch.randn(3, vocab)
     before = logits.clone()

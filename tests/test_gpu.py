@@ -143,8 +143,20 @@ def test_bf16_dummy_llama8b_shape_runs(tmp_path) -> None:
         engine.check_memory()
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_head64(tmp_path_factory):
+    """A tiny Llama with 64-wide heads: FlashInfer compiles head sizes 64, 128 and 256 only."""
+    from reference import save_tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=259, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=2, bos_token_id=1)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_head64"), config, LlamaForCausalLM)
+
+
 @pytest.mark.parametrize("cuda_graph", [True, False])
-def test_flashinfer_bf16_tracks_hf(tiny_llama, cuda_graph: bool) -> None:
+def test_flashinfer_bf16_tracks_hf(tiny_llama_head64, cuda_graph: bool) -> None:
     """FlashInfer computes in 16 bits, so its greedy path may part from float32 HF where two
     tokens tie within rounding: instead, HF float32 scores our whole sequences (teacher forcing),
     and every token we picked must be HF's best there or within rounding of it, with our reported
@@ -152,9 +164,9 @@ def test_flashinfer_bf16_tracks_hf(tiny_llama, cuda_graph: bool) -> None:
     pytest.importorskip("flashinfer")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_head64, dtype=torch.float32).cuda().eval()
     ps, ns = prompts(3, 13, 259)
-    with Engine(str(tiny_llama), device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+    with Engine(str(tiny_llama_head64), device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                 disable_cuda_graph=not cuda_graph, cuda_graph_max_bs=16) as engine:
         results = asyncio.run(staggered(engine, ps, ns))
         engine.check_memory()
@@ -188,3 +200,71 @@ def test_triton_cascade_decode_matches_hf(tiny_llama, cuda_graph: bool) -> None:
         engine.check_memory()
     for i, (res, exp) in enumerate(zip(results, expected)):
         assert res["output_ids"] == exp, f"request {i} differs from HF"
+
+
+CONSTRAINED_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    "colour": {"enum": ["red", "green", "blue"]}}, "required": ["name", "count", "colour"],
+    "additionalProperties": False}
+CONSTRAINED_REGEX = r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)"
+
+
+def constrained_requests() -> list[dict]:
+    """Greedy and seeded sampling, JSON with fixed keys (jump-forward) and a regex, a penalty
+    (history-dependent sampling) and an unconstrained request in the same batches."""
+    import json
+
+    schema = json.dumps(CONSTRAINED_SCHEMA)
+    reqs = []
+    for i in range(12):
+        params = {"max_new_tokens": 80, "seed": i, "temperature": 0 if i % 2 else 1.0}
+        params.update([{"json_schema": schema}, {"regex": CONSTRAINED_REGEX},
+                       {"regex": CONSTRAINED_REGEX, "repetition_penalty": 1.3}, {"ignore_eos": True}][i % 4])
+        reqs.append(params)
+    return reqs
+
+
+def check_constrained(params: dict, text: str) -> None:
+    import json
+    import re
+
+    import jsonschema
+
+    if "json_schema" in params:
+        jsonschema.validate(json.loads(text), CONSTRAINED_SCHEMA)
+    elif "regex" in params:
+        assert re.fullmatch(CONSTRAINED_REGEX, text), text
+
+
+@pytest.mark.parametrize("grammar_backend", ["outlines", "llguidance"])
+def test_constrained_overlap_equals_plain_schedule(tiny_llama, grammar_backend: str) -> None:
+    """Constrained decoding overlaps too: the next forward pass is launched before the grammar
+    has seen the previous token, and its mask applied once it has. Same tokens as without the
+    overlapped schedule (and as eager decode), every output matches its constraint, memory whole."""
+    pytest.importorskip("jsonschema")
+    pytest.importorskip({"outlines": "outlines_core", "llguidance": "llguidance"}[grammar_backend])
+    params = constrained_requests()
+    ps, _ = prompts(5, len(params), 259)
+    runs = {}
+    variants = {"overlap": {}, "graphs": {"disable_overlap_schedule": True}, "eager": {"disable_cuda_graph": True}}
+    for name, settings in variants.items():
+        with Engine(str(tiny_llama), device="cuda", dtype="float32", attention_backend="triton",
+                    grammar_backend=grammar_backend, cuda_graph_max_bs=16, **settings) as engine:
+
+            async def one(i: int) -> dict:
+                await asyncio.sleep(0.01 * i)
+                return await engine.async_generate(input_ids=ps[i], sampling_params=params[i])
+
+            async def all_requests() -> list[dict]:
+                return await asyncio.gather(*(one(i) for i in range(len(ps))))
+
+            runs[name] = asyncio.run(all_requests())
+            if name == "overlap":
+                assert engine.stats()["overlapped_steps"] > 0
+            engine.check_memory()
+    for p, res in zip(params, runs["overlap"]):
+        check_constrained(p, res["text"])
+    assert sum(res["meta_info"].get("forced_tokens", 0) for res in runs["overlap"]) > 0  # jump-forward ran
+    for name in ("graphs", "eager"):
+        for got, want in zip(runs["overlap"], runs[name]):
+            assert got["output_ids"] == want["output_ids"], name

@@ -1,6 +1,8 @@
 """The token mask of constrained requests, as a logits processor: each request's grammar
 writes its allowed tokens as a bitmask on the host (native code, no per-token Python), the
-masks of the batch go to the device in one copy and are applied there in one operation."""
+masks of the batch go to the device in one copy and are applied there in one operation.
+Nothing here waits for the device, so the masks are built while the GPU runs the forward pass
+(see the overlapped schedule in ``sglang_core/scheduler/scheduler.py``)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ class GrammarMask(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         vocab = logits.shape[1]
-        row_list = rows.tolist()
-        masks = np.zeros((len(row_list), -(-vocab // 32)), dtype=np.uint32)
-        words = torch.from_numpy(masks.view(np.int32))
+        row_list = [i for i, params in enumerate(batch.params) if self.wants(params)]  # = rows, from the host
+        words = torch.zeros((len(row_list), -(-vocab // 32)), dtype=torch.int32,
+                            pin_memory=logits.device.type == "cuda")
+        masks = words.numpy().view(np.uint32)
         for j, i in enumerate(row_list):
             batch.reqs[i].grammar.fill_bitmask(words[j])
         # A grammar that allows nothing (cannot happen with a sound backend) ends with EOS, not
@@ -33,7 +36,8 @@ class GrammarMask(LogitsProcessor):
                                        .view(np.bool_))
         else:  # one copy to the device, unpacked there
             shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            allowed = ((words.to(logits.device)[:, :, None] >> shifts) & 1).bool().view(len(row_list), -1)[:, :vocab]
+            allowed = (((words.to(logits.device, non_blocking=True)[:, :, None] >> shifts) & 1).bool()
+                       .view(len(row_list), -1)[:, :vocab])
         if len(row_list) == logits.shape[0] and row_list == list(range(len(row_list))):
             logits.masked_fill_(~allowed, float("-inf"))  # every row constrained: in place
         else:

@@ -32,11 +32,20 @@ class LogitsProcessor(abc.ABC):
         """Modify logits[rows] in place (logits is [B, V] float32; rows is an int64 index tensor)."""
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without waiting for the device. A plain ``.to("cuda")``
+    synchronises the stream, which would stall the overlapped schedule behind the forward pass
+    in flight; from pinned memory the copy is queued like a kernel."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     out = np.full((len(seqs), max(map(len, seqs), default=0)), pad, dtype=np.int64)
     for i, seq in enumerate(seqs):
         out[i, : len(seq)] = seq
-    return torch.from_numpy(out).to(device)
+    return to_device(torch.from_numpy(out), device)
 
 
 @dataclass(eq=False)
@@ -65,7 +74,7 @@ class SamplingBatch:
         return cls(list(reqs), vocab_size, torch.device(device), frozenset(eos_token_ids))
 
     def _column(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return to_device(torch.tensor(values, dtype=dtype), self.device)
 
     @cached_property
     def temperatures(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_core.sampling.logits_processor import LogitsProcessor, SamplingBatch
+from sglang_core.sampling.logits_processor import LogitsProcessor, SamplingBatch, to_device
 
 
 @dataclass
@@ -73,13 +73,13 @@ class Sampler:
         for processor in self.processors:
             rows = [i for i, p in enumerate(params) if processor.wants(p)]
             if rows:
-                processor(logits, batch, torch.tensor(rows, dtype=torch.int64, device=logits.device))
+                processor(logits, batch, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))
 
         next_ids = logits.argmax(dim=-1)
         # Rows chosen on the host: a device-side nonzero() would wait for the GPU every step.
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled:
-            rows = torch.tensor(sampled, dtype=torch.int64, device=logits.device)
+            rows = to_device(torch.tensor(sampled, dtype=torch.int64), logits.device)
             next_ids[rows] = self._draw(logits[rows], batch, rows, sampled)
 
         if raw is None:

@@ -8,6 +8,9 @@ Overlapped decode (CUDA graphs only): while the running batch stays the same, de
 launched with step N's sampled ids still on the GPU, and only then are N's ids read back and
 applied on the host. The host's bookkeeping runs while the GPU computes, instead of between
 steps. A request that N finishes gets one wasted token from N+1, dropped when N+1 is read.
+Where sampling depends on N's tokens on the host (a grammar's mask, penalties), only N+1's
+forward pass is launched ahead; it is sampled once N's tokens are applied, still while the GPU
+runs N+1's forward. A request that N's tokens end or jump forward samples nothing from N+1.
 """
 
 from __future__ import annotations
@@ -58,12 +61,14 @@ class _Chunk:
 
 @dataclass
 class _InFlight:
-    """A decode step launched but not yet read back."""
+    """A decode step launched but not yet read back. Until it is sampled (at launch, or after
+    the previous step's tokens are applied) it holds its logits and no ids."""
 
     reqs: list[Req]
-    next_ids: torch.Tensor  # [B] sampled ids, on the device
-    host_ids: torch.Tensor  # [B] pinned host copy, valid once ``ready`` has fired
-    ready: torch.cuda.Event
+    logits: torch.Tensor | None = None  # [B, V], until sampled
+    next_ids: torch.Tensor | None = None  # [B] sampled ids, on the device
+    host_ids: torch.Tensor | None = None  # [B] pinned host copy, valid once ``ready`` has fired
+    ready: torch.cuda.Event | None = None
 
 
 class Scheduler:
@@ -89,7 +94,11 @@ class Scheduler:
         self.cascade_decode_rows = 0  # decode rows that read a shared prefix per group (--enable-cascade-decode)
         self.overlap = runner.cuda_graphs is not None and not settings.disable_overlap_schedule
         self._in_flight: _InFlight | None = None
-        self._plain: dict[str, bool] = {}  # rid -> sampled without history or logprobs (may overlap)
+        # rid -> how its decode overlaps the previous step: absent when it cannot (logprobs are
+        # read back per step), True when it is sampled at launch (sampling reads no token history),
+        # False when it is sampled after the previous step's tokens are applied.
+        self._samples_ahead: dict[str, bool] = {}
+        self.overlapped_steps = 0  # decode steps launched while the previous one was in flight
         # Set when waiting requests could not be admitted; cleared by anything that may change
         # that (an arrival, a finish). While set, waiting requests do not stop overlapped decode.
         self._admission_blocked = False
@@ -100,8 +109,8 @@ class Scheduler:
     def add_request(self, req: Req) -> None:
         """Queue a validated request (prompt fits the context and the KV pool)."""
         self._stop[req.rid] = StopChecker(self.tokenizer, req.sampling_params, self.eos_token_ids)
-        self._plain[req.rid] = not req.return_logprob and not any(
-            p.wants(req.sampling_params) for p in self.sampler.processors)
+        if not req.return_logprob:
+            self._samples_ahead[req.rid] = not any(p.wants(req.sampling_params) for p in self.sampler.processors)
         constraint = req.sampling_params.constraint
         if constraint is not None:  # compiled off this thread; the request waits until it is ready
             if self.grammars is None:
@@ -191,21 +200,39 @@ class Scheduler:
         if ((not self.waiting or self._admission_blocked) and not self.chunked and self.running
                 and all(id(r) in members for r in self.running) and self._can_launch_ahead()):
             self._in_flight = self._launch_decode(done)
+            self.overlapped_steps += 1
         done.ready.synchronize()
         live = [(i, req) for i, req in enumerate(done.reqs) if not req.finished]
         next_ids = done.host_ids.tolist()
         self._append_tokens([req for _, req in live], [next_ids[i] for i, _ in live])
+        if self._in_flight is not None and self._in_flight.next_ids is None:
+            self._sample_deferred(self._in_flight)
         return [req for _, req in live]
+
+    def _sample_deferred(self, flight: _InFlight) -> None:
+        """Sample a step launched before its input tokens were applied on the host, now that they
+        are. Rows whose request has since ended or jumped forward sample nothing: the step's KV
+        write of their input token stands, and a jumped request extends from there."""
+        live = [i for i, req in enumerate(flight.reqs) if not req.finished and len(req.fill_ids) == req.kv_len]
+        if not live:
+            self._in_flight = None
+            return
+        if len(live) < len(flight.reqs):
+            index = torch.tensor(live, dtype=torch.int64).pin_memory().to(flight.logits.device, non_blocking=True)
+            flight.logits = flight.logits[index]
+            flight.reqs = [flight.reqs[i] for i in live]
+        self._sample_in_flight(flight)
 
     def _can_launch_ahead(self) -> bool:
         """A decode may run without its ids on the host: graphs, memory without retraction,
         sampling that needs no token history or logprobs."""
         return (self.overlap and len(self.running) <= self.runner.cuda_graphs.max_bs
-                and self._available() >= len(self.running) and all(self._plain[r.rid] for r in self.running))
+                and self._available() >= len(self.running) and all(r.rid in self._samples_ahead for r in self.running))
 
     def _launch_decode(self, previous: _InFlight | None) -> _InFlight:
         """Run one decode step of ``running`` up to its sampled ids, without reading them back.
-        Input ids come from ``previous`` (on the device) or, without one, from the host."""
+        Input ids come from ``previous`` (on the device) or, without one, from the host. With a
+        previous step whose tokens sampling needs, only the forward pass runs here."""
         reqs = list(self.running)
         if previous is None:
             input_ids: list[int] | torch.Tensor = [req.fill_ids[-1] for req in reqs]
@@ -217,13 +244,20 @@ class Scheduler:
         chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
         logits = self._forward(ForwardMode.DECODE, input_ids, [req.kv_len - 1 for req in reqs], chunks,
                                list(range(len(reqs))), slots)
-        next_ids = self.sampler(logits, SamplingBatch.build(reqs, self.runner.vocab_size, logits.device,
-                                                            self.eos_token_ids)).next_ids
-        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
-        host_ids.copy_(next_ids, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return _InFlight(reqs, next_ids, host_ids, ready)
+        flight = _InFlight(reqs, logits)
+        if previous is None or all(self._samples_ahead[req.rid] for req in reqs):
+            self._sample_in_flight(flight)
+        return flight
+
+    def _sample_in_flight(self, flight: _InFlight) -> None:
+        """Sample on the device and start copying the ids to the host (``ready`` fires when done)."""
+        batch = SamplingBatch.build(flight.reqs, self.runner.vocab_size, flight.logits.device, self.eos_token_ids)
+        flight.next_ids = self.sampler(flight.logits, batch).next_ids
+        flight.logits = None
+        flight.host_ids = torch.empty(flight.next_ids.shape, dtype=flight.next_ids.dtype, pin_memory=True)
+        flight.host_ids.copy_(flight.next_ids, non_blocking=True)
+        flight.ready = torch.cuda.Event()
+        flight.ready.record()
 
     def _schedule_extend(self) -> list[_Chunk]:
         """Pick this step's prefill work: the chunked request's next chunk, then waiting requests
@@ -522,7 +556,7 @@ class Scheduler:
             self.chunked = None
         self._release(req, cache)
         self._stop.pop(req.rid, None)
-        self._plain.pop(req.rid, None)
+        self._samples_ahead.pop(req.rid, None)
 
     def _cache_prompt(self, req: Req) -> None:
         """Put a just-prefilled prompt into the radix tree now rather than when the request ends,

@@ -160,25 +160,32 @@ def test_flashinfer_bf16_tracks_hf(tiny_llama_head64, cuda_graph: bool) -> None:
     """FlashInfer computes in 16 bits, so its greedy path may part from float32 HF where two
     tokens tie within rounding: instead, HF float32 scores our whole sequences (teacher forcing),
     and every token we picked must be HF's best there or within rounding of it, with our reported
-    logprobs close to HF's for the same tokens; prompts cover fresh, cached-prefix and decode paths."""
+    logprobs close to HF's for the same tokens; prompts cover fresh, cached-prefix and decode paths.
+    "Within rounding" is measured, not guessed: HF's own bf16 model on the same sequences."""
     pytest.importorskip("flashinfer")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_head64, dtype=torch.float32).cuda().eval()
+    def teacher_forced(dtype: torch.dtype) -> list[torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_head64, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            return [torch.log_softmax(model(torch.tensor([p + r["output_ids"]], device="cuda")).logits[0].float(), -1)
+                    [len(p) - 1:-1] for p, r in zip(ps, results)]
+
     ps, ns = prompts(3, 13, 259)
     with Engine(str(tiny_llama_head64), device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                 disable_cuda_graph=not cuda_graph, cuda_graph_max_bs=16) as engine:
         results = asyncio.run(staggered(engine, ps, ns))
         engine.check_memory()
-    for prompt, res in zip(ps, results):
-        out = res["output_ids"]
-        ids = torch.tensor([prompt + out], device="cuda")
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)[len(prompt) - 1:-1]
-        picked = logprobs[torch.arange(len(out)), torch.tensor(out, device="cuda")]
-        assert (logprobs.max(-1).values - picked).max().item() < 0.05
+    gaps, errors, hf_bf16_errors = [], [], []
+    for res, f32, bf16 in zip(results, teacher_forced(torch.float32), teacher_forced(torch.bfloat16)):
+        rows, out = torch.arange(len(res["output_ids"])), torch.tensor(res["output_ids"], device="cuda")
+        picked = f32[rows, out]
         ours = torch.tensor([x[0] for x in res["meta_info"]["output_token_logprobs"]], device="cuda")
-        assert (ours - picked).abs().max().item() < 0.05
+        gaps.append((f32.max(-1).values - picked).max().item())
+        errors.append((ours - picked).abs().max().item())
+        hf_bf16_errors.append((bf16[rows, out] - picked).abs().max().item())
+    tolerance = 2 * max(hf_bf16_errors) + 0.01
+    assert max(gaps) <= tolerance and max(errors) <= tolerance, (max(gaps), max(errors), max(hf_bf16_errors))
 
 
 @pytest.mark.parametrize("cuda_graph", [True, False])

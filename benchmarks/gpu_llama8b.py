@@ -8,7 +8,8 @@ Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step.
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
-  ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps).
+  ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
+  ``offline_fp8kv`` with ``--kv-cache-dtype fp8_e4m3`` (half the bytes per cached token).
 - ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
   config and dtype (random weights; greedy; EOS ignored).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
@@ -64,17 +65,21 @@ def run_batch64(backend: str) -> list[dict]:
     return [{"run": "batch64", "backend": backend, **with_engine(backend, lambda e: measure_latency(e, 64, 512, 256))}]
 
 
-def run_offline(backend: str, mixed: bool = False) -> list[dict]:
+def run_offline(backend: str, **variant) -> list[dict]:
     def measure(e: Engine) -> dict:
         prompts, output_lens = offline_workload(e.info.vocab_size, 500, (1, 4096), (1, 2048), seed=0)
         return measure_offline(e, prompts, output_lens)
 
-    return [{"run": "offline", "backend": backend, "mixed_chunk": mixed,
-             **with_engine(backend, measure, max_running_requests=256, enable_mixed_chunk=mixed)}]
+    return [{"run": "offline", "backend": backend, **variant,
+             **with_engine(backend, measure, max_running_requests=256, **variant)}]
 
 
 def run_offline_mixed(backend: str) -> list[dict]:
-    return run_offline(backend, mixed=True)
+    return run_offline(backend, enable_mixed_chunk=True)
+
+
+def run_offline_fp8kv(backend: str) -> list[dict]:
+    return run_offline(backend, kv_cache_dtype="fp8_e4m3")
 
 
 def shared_prefix_workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -134,6 +139,7 @@ def run_hf256(backend: str) -> list[dict]:
 
 
 RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+        "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 
 
@@ -160,7 +166,8 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "mixed_chunk", "cascade") if k in r)
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "enable_mixed_chunk", "cascade",
+                                                     "kv_cache_dtype") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0

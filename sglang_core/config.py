@@ -29,6 +29,9 @@ class EngineSettings(BaseSettings):
     kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV pool budget in GiB (CPU default: 2)")
     max_total_tokens: int | None = Field(None, gt=0, description="KV pool size in tokens (overrides the memory budget)")
     max_running_requests: int = Field(128, gt=0, description="most requests in the running batch")
+    kv_cache_dtype: Literal["auto", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="K/V element type in the pool: auto = the compute dtype; fp8_e4m3 / fp8_e5m2 store 8 "
+                            "bits (half of bf16's memory and reads; values stored unscaled, attention computes in the compute dtype)")
 
     # Scheduling
     chunked_prefill_size: int = Field(2048, description="most prompt tokens per prefill step; <= 0 disables chunking")

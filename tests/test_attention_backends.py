@@ -74,15 +74,16 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
 
 
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-        shape: tuple[int, int, int] | None = None, shared: tuple = ()) -> None:
+        shape: tuple[int, int, int] | None = None, shared: tuple = (), kv_dtype: torch.dtype | None = None) -> None:
     """``shared``: ``(length, batch rows)`` groups whose first ``length`` KV slots are one copy
-    (cascade decode); the first row of a group owns them."""
+    (cascade decode); the first row of a group owns them. ``kv_dtype``: the pool's element type
+    when narrower than the compute dtype (FP8)."""
     with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
-        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared)
+        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared, kv_dtype)
 
 
 def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-         shape: tuple[int, int, int], shared: tuple) -> None:
+         shape: tuple[int, int, int], shared: tuple, kv_dtype: torch.dtype | None) -> None:
     case = BACKENDS[backend_name]
     HEADS, KV_HEADS, HEAD_DIM = shape or case.shapes[0]
     backend_cls = case.factory()
@@ -91,7 +92,7 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
     torch.manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     total = sum(seq_lens)
-    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, dtype, DEVICE)
+    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, kv_dtype or dtype, DEVICE)
     slots = list(range(1, total + 51))
     rng.shuffle(slots)  # each request's tokens scattered over the pool
     req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
@@ -112,7 +113,7 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
             keys[m][:length], values[m][:length] = keys[owner][:length], values[owner][:length]
     mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
     backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, dtype, torch.device(DEVICE),
-                                        cascade_decode=bool(shared)))
+                                        cascade_decode=bool(shared), kv_dtype=kv_dtype))
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
@@ -126,6 +127,15 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
     out = layer(torch.cat(q).view(-1, HEADS * HEAD_DIM),
                 torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM),
                 torch.cat([v[p:] for v, p in zip(values, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM), batch)
+    if kv_dtype is not None:  # attention sees K/V as stored: rounded to the pool's type
+        for i, row in enumerate(rows):
+            stored = req_to_token[row, :seq_lens[i]]
+            for name, mine, buffer in (("keys", keys, pool.k_buffers[0]), ("values", values, pool.v_buffers[0])):
+                # the pool holds each value rounded to the nearest representable one (half an ulp:
+                # 2**-4 relative for e4m3's 3 mantissa bits, 2**-3 for e5m2's 2)
+                half_ulp = torch.finfo(kv_dtype).eps / 2
+                torch.testing.assert_close(buffer[stored].to(dtype), mine[i], rtol=half_ulp, atol=1e-2, msg=name)
+                mine[i] = buffer[stored].to(dtype)
     expected = torch.cat([reference(qi, k, v, list(range(p, s)), window, layer.scaling)
                           for qi, k, v, p, s in zip(q, keys, values, prefix_lens, seq_lens)])
     tol = case.tolerance
@@ -204,3 +214,15 @@ def test_cascade_decode_matches_reference(shape: tuple[int, int, int], window: i
     big = list(range(0, 34, 2))  # 17 rows sharing 120 slots
     small = [1, 7, 9]  # 3 rows sharing 64
     run("triton", prefix, [1] * size, window, seed=21, shape=shape, shared=((120, big), (64, small)))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_fp8_kv_cache_matches_reference(backend: str, kv_dtype: torch.dtype) -> None:
+    """``--kv-cache-dtype fp8_*``: K/V are stored in 8 bits and every key and value attended to is
+    the stored one (fresh prompts too), with the arithmetic in the compute dtype: decode, extend
+    over cached prefixes and fresh prompts, a window, GQA."""
+    rng = random.Random(31)
+    run(backend, [rng.randint(1, 70) for _ in range(9)], [1] * 9, None, seed=31, kv_dtype=kv_dtype)
+    run(backend, [0, 0, 12, 40], [5, 30, 9, 17], 6, seed=32, shape=(8, 2, 64), kv_dtype=kv_dtype)
+    run(backend, [0, 0], [33, 7], None, seed=33, kv_dtype=kv_dtype)

@@ -193,3 +193,64 @@ def test_smollm2_matches_hf(default_model_folder):
     prompts = [tok(t)["input_ids"] for t in texts]
     engine = _check_against_hf(default_model_folder, prompts, [12, 12, 12], chunked_prefill_size=8)
     engine.shutdown()
+
+
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+# cuda: the Triton backend with CUDA graphs, its K/V written by the fused store kernel
+DEVICE_SETTINGS = {"cpu": {}, "cuda": {"device": "cuda", "dtype": "float32", "attention_backend": "triton",
+                                       "cuda_graph_max_bs": 16}}
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_matches_hf_with_the_same_rounding(tiny_llama, kv_cache_dtype, device, monkeypatch):
+    """--kv-cache-dtype fp8_*: HF float32 (on the CPU) with its keys (after RoPE) and values
+    rounded to the same 8-bit type is the reference: equal greedy tokens and logprobs (to 1e-4 on
+    the CPU, 1e-3 from the GPU), where plain HF differs by far more, so the rounding is really
+    there; prefix-cached and chunked requests included. The pool holds 4x the tokens of a
+    float32 pool in the same memory."""
+    from transformers.models.llama import modeling_llama
+
+    fp8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
+
+    def stored(x: torch.Tensor) -> torch.Tensor:
+        return x.to(fp8).to(x.dtype)
+
+    def teacher_forced(model, prompt: list[int], out: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.double(), -1)[torch.arange(len(out)), torch.tensor(out)]
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_store(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        return q, stored(k)
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rope_then_store)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    for layer in hf.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda module, args, out: stored(out))
+
+    prompts = _prompts(7, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
+    max_new = [20, 7, 33, 12, 25, 16]
+    expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, max_new)]
+    settings = {"kv_cache_memory_gb": 0.001, "max_running_requests": 64, **DEVICE_SETTINGS[device]}
+    with Engine(str(tiny_llama), kv_cache_dtype=kv_cache_dtype, chunked_prefill_size=16, **settings) as engine:
+        params = [{**GREEDY, "max_new_tokens": n} for n in max_new]
+        results = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+        fp8_pool = engine.memory_report()["kv_pool_size"]
+        engine.check_memory()
+    with Engine(str(tiny_llama), **settings) as engine:
+        float32_pool = engine.memory_report()["kv_pool_size"]
+    assert fp8_pool == 4 * float32_pool
+    gaps = []
+    for prompt, res, exp in zip(prompts, results, expected):
+        assert res["output_ids"] == exp
+        ours = torch.tensor([x[0] for x in res["meta_info"]["output_token_logprobs"]], dtype=torch.float64)
+        reference = teacher_forced(hf, prompt, exp)
+        torch.testing.assert_close(ours, reference, atol=1e-4 if device == "cpu" else 1e-3, rtol=0)
+        gaps.append((teacher_forced(plain, prompt, exp) - reference).abs().max().item())
+    assert max(gaps) > 1e-2  # the 8-bit rounding moves the logprobs well beyond the tolerance

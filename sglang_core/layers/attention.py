@@ -28,6 +28,7 @@ class AttentionSpec:
     device: torch.device
     max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
     cascade_decode: bool = False  # decode reads each ForwardBatch.shared_prefixes group's prefix once
+    kv_dtype: torch.dtype | None = None  # the pool's K/V element type (FP8 may be narrower); None: ``dtype``
 
 
 class UnsupportedSpecError(ValueError):

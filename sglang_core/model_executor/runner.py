@@ -20,6 +20,7 @@ from sglang_core.weights.loader import ModelSource, init_dummy_weights, iter_saf
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 CPU_KV_BUDGET_GB = 2.0
 
 
@@ -108,7 +109,8 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.num_heads = heads
         layers = cfg.num_hidden_layers
-        per_token = TokenKVPool.bytes_per_token(layers, self.num_kv_heads, self.head_dim, self.dtype)
+        self.kv_dtype = KV_DTYPES.get(s.kv_cache_dtype, self.dtype)
+        per_token = TokenKVPool.bytes_per_token(layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
         if s.max_total_tokens:
             tokens = s.max_total_tokens
         else:
@@ -118,8 +120,8 @@ class ModelRunner:
             raise ValueError(f"the KV cache budget holds only {tokens} tokens; raise kv_cache_memory_gb or mem_fraction_static")
         self.max_total_tokens = tokens
         self.req_pool = ReqToTokenPool(s.max_running_requests, self.context_len + 1, self.device)
-        self.kv_pool = TokenKVPool(tokens, layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
-        logger.info("KV pool: %d tokens (%.2f GiB)", tokens, tokens * per_token / 2**30)
+        self.kv_pool = TokenKVPool(tokens, layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+        logger.info("KV pool: %d tokens of %s (%.2f GiB)", tokens, self.kv_dtype, tokens * per_token / 2**30)
 
     def _kv_budget_bytes(self) -> float:
         s = self.settings
@@ -135,7 +137,7 @@ class ModelRunner:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                             self.settings.max_running_requests, self.settings.enable_cascade_decode)
+                             self.settings.max_running_requests, self.settings.enable_cascade_decode, self.kv_dtype)
         if name != "auto":
             entry = registry.get(name)
             if not _available(entry, self.device):

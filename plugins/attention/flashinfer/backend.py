@@ -57,6 +57,8 @@ class FlashInferBackend(AttentionBackend):
         if spec.head_dim not in HEAD_DIMS or spec.dtype not in DTYPES:
             raise UnsupportedSpecError(f"FlashInfer runs head sizes {HEAD_DIMS} in bfloat16/float16, not head size "
                                        f"{spec.head_dim} in {spec.dtype}")
+        if spec.kv_dtype not in (None, spec.dtype):  # its FP8 paths are not wired up here
+            raise UnsupportedSpecError(f"the flashinfer backend reads a {spec.dtype} KV cache, not {spec.kv_dtype}")
         try:
             import flashinfer
         except ImportError as exc:

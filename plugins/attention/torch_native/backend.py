@@ -57,6 +57,13 @@ class _Group:
         return mask.unsqueeze(1)  # [b, 1, max_q, max_len]
 
 
+def as_stored(x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """``x`` rounded as the pool stores it (FP8), so every key and value attended to is the
+    stored one, as when it is read back from the pool."""
+    pool_dtype = batch.kv_pool.dtype
+    return x if pool_dtype == x.dtype else x.to(pool_dtype).to(x.dtype)
+
+
 class TorchNativeBackend(AttentionBackend):
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
@@ -148,9 +155,9 @@ class TorchNativeBackend(AttentionBackend):
             first, count = group.new_tokens
             q_req = q[first:first + count].view(count, heads, d).transpose(0, 1).unsqueeze(0)
             mask = None
-            if group.kv_index is None:  # no cached prefix: attend over its own new K/V
-                keys = k[first:first + count].view(1, count, kvh, d).transpose(1, 2)
-                values = v[first:first + count].view(1, count, kvh, d).transpose(1, 2)
+            if group.kv_index is None:  # no cached prefix: attend over its own new K/V, as stored
+                keys = as_stored(k[first:first + count], batch).view(1, count, kvh, d).transpose(1, 2)
+                values = as_stored(v[first:first + count], batch).view(1, count, kvh, d).transpose(1, 2)
                 mask = group.mask(layer.sliding_window) if layer.sliding_window is not None else None
             else:
                 keys, values = self._gather(layer, batch, group)

@@ -33,7 +33,7 @@ def _attend_keys(q, K, V, ReqToToken, table_row, start, end, kv_head, scale,
     """Softmax attention of the query rows ``q`` ([ROWS, BLOCK_D], one KV head's) over keys
     ``[start, end)`` of request-table row ``table_row``, online over key blocks. Returns the
     output rows and their log-sum-exp; with no keys (an empty split) lse is -inf, which the
-    merge ignores."""
+    merge ignores. K/V may be stored narrower than q (an FP8 pool): converted on load."""
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -44,14 +44,14 @@ def _attend_keys(q, K, V, ReqToToken, table_row, start, end, kv_head, scale,
         key_ok = keys < end
         slots = tl.load(ReqToToken + table_row * stride_r2t + keys, mask=key_ok, other=0)
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -209,7 +209,7 @@ def _extend_kernel(
         key_ok = keys < last_pos
         slots = tl.load(ReqToToken + row * stride_r2t + keys, mask=key_ok, other=0)
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if WINDOW > 0:
@@ -221,7 +221,7 @@ def _extend_kernel(
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new

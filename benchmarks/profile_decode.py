@@ -4,6 +4,8 @@ cProfile of the host side. Llama-3.1-8B shape, dummy bf16 weights.
 
     python benchmarks/profile_decode.py --batch-sizes 1,64 --backend triton
     python benchmarks/profile_decode.py --kernels      # also a per-kernel GPU time table (eager step)
+    python benchmarks/profile_decode.py --batch-sizes 256 --input-len 2176 --shared-prefix 2048 \
+        --group-size 16 --kernels [--cascade]         # the shared-prefix run's decode steps
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--kernels", action="store_true", help="print a per-kernel GPU time table")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="the first N prompt tokens are shared within each group of --group-size requests")
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--cascade", action="store_true", help="--enable-cascade-decode")
+    parser.add_argument("--model-path", default=str(CONFIG))
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with a small config")
     parser.add_argument("--decode-programs", type=int, default=None,
                         help="experiment: override the Triton backend's TARGET_PROGRAMS")
     args = parser.parse_args()
@@ -68,20 +76,24 @@ def main() -> int:
 
         backend.TARGET_PROGRAMS = args.decode_programs
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    settings = EngineSettings(model_path=str(CONFIG), load_format="dummy", dtype="bfloat16", device="cuda",
-                              attention_backend=args.backend, max_running_requests=max(sizes + [128]))
+    settings = EngineSettings(model_path=args.model_path, load_format="dummy", dtype="bfloat16", device=args.device,
+                              attention_backend=args.backend, max_running_requests=max(sizes + [128]),
+                              enable_cascade_decode=args.cascade)
     core = EngineCore(settings, PluginManager(settings.plugins))
     rng = random.Random(0)
     for bs in sizes:
         for i in range(bs):
-            ids = [rng.randrange(core.info.vocab_size) for _ in range(args.input_len)]
+            if i % args.group_size == 0:
+                shared = [rng.randrange(core.info.vocab_size) for _ in range(args.shared_prefix)]
+            ids = shared + [rng.randrange(core.info.vocab_size) for _ in range(args.input_len - args.shared_prefix)]
             core.add(GenerateRequest(rid=f"{bs}-{i}", input_ids=ids, sampling_params={
                 "max_new_tokens": args.steps + 20, "temperature": 0.0, "ignore_eos": True}))
         while core.scheduler.waiting or core.scheduler.chunked:  # prefill
             core.step()
         for _ in range(10):
             core.step()
-        torch.cuda.synchronize()
+        if core.runner.device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.steps // 2):
             core.step()
@@ -92,8 +104,11 @@ def main() -> int:
             core.step()
         profile.disable()
         gpu_ms = gpu_replay_ms(core, bs) if core.runner.cuda_graphs else float("nan")
+        card = torch.cuda.get_device_name() if core.runner.device.type == "cuda" else "cpu (a smoke test)"
+        if args.cascade:
+            print(f"cascade decode rows so far: {core.scheduler.cascade_decode_rows}")
         print(f"\n== batch {bs}: whole step {step_ms:.3f} ms, graph replay alone {gpu_ms:.3f} ms "
-              f"(host overhead not hidden: {step_ms - gpu_ms:.3f} ms) on {torch.cuda.get_device_name()}")
+              f"(host overhead not hidden: {step_ms - gpu_ms:.3f} ms) on {card}")
         pstats.Stats(profile).sort_stats("tottime").print_stats(8)
         if args.kernels:
             kernel_table(core)

@@ -51,6 +51,16 @@ class Req:
         return self.origin_input_ids + self.output_ids
 
     @property
+    def fill_len(self) -> int:
+        """``len(fill_ids)`` without building the list (the scheduler asks every step)."""
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def fill_id(self, i: int) -> int:
+        """``fill_ids[i]`` for ``0 <= i < fill_len``, without building the list."""
+        n = len(self.origin_input_ids)
+        return self.origin_input_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
     def awaiting_grammar(self) -> bool:
         return self.grammar_future is not None and self.grammar is None
 

@@ -175,7 +175,7 @@ class Scheduler:
     def _step(self) -> list[Req]:
         if self._in_flight is not None:
             return self._step_overlapped()
-        jumped = [r for r in self.running if len(r.fill_ids) - r.kv_len > 1]
+        jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
         if jumped and (done := self._run_jumped(jumped)):
             return done
         chunks = self._schedule_extend()
@@ -213,7 +213,7 @@ class Scheduler:
         """Sample a step launched before its input tokens were applied on the host, now that they
         are. Rows whose request has since ended or jumped forward sample nothing: the step's KV
         write of their input token stands, and a jumped request extends from there."""
-        live = [i for i, req in enumerate(flight.reqs) if not req.finished and len(req.fill_ids) == req.kv_len]
+        live = [i for i, req in enumerate(flight.reqs) if not req.finished and req.fill_len == req.kv_len]
         if not live:
             self._in_flight = None
             return
@@ -235,7 +235,7 @@ class Scheduler:
         previous step whose tokens sampling needs, only the forward pass runs here."""
         reqs = list(self.running)
         if previous is None:
-            input_ids: list[int] | torch.Tensor = [req.fill_ids[-1] for req in reqs]
+            input_ids: list[int] | torch.Tensor = [req.fill_id(req.fill_len - 1) for req in reqs]
         else:
             row = {id(req): i for i, req in enumerate(previous.reqs)}
             index = torch.tensor([row[id(req)] for req in reqs], dtype=torch.int64)
@@ -268,15 +268,15 @@ class Scheduler:
         # them waits a step and reuses it from the cache instead of computing it again.
         in_batch = type(self.cache)(_HOST_POOL)  # no prefix cache: nothing to wait for
         if self.chunked is not None and self.waiting:  # with nobody waiting nobody can share it
-            in_batch.insert(self.chunked.fill_ids, _placeholder_slots(len(self.chunked.fill_ids)))
+            in_batch.insert(self.chunked.fill_ids, _placeholder_slots(self.chunked.fill_len))
         if self.chunked is not None:
             req = self.chunked
-            n = int(min(len(req.fill_ids) - req.kv_len, budget))
+            n = int(min(req.fill_len - req.kv_len, budget))
             if not self._grow(req, n):
                 return []  # decode steps will finish or retract requests and free memory
             chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
             budget -= n
-            if req.kv_len == len(req.fill_ids):
+            if req.kv_len == req.fill_len:
                 self.chunked = None
         reserved = sum(self._decode_reserve(r) for r in self.running)
         queue = order_waiting([r for r in self.waiting if not r.awaiting_grammar], self.settings.schedule_policy,
@@ -292,7 +292,7 @@ class Scheduler:
             if len(in_batch.match_prefix(key)[0]) - len(prefix) >= IN_BATCH_SHARE_MIN:
                 continue
             self.cache.lock(handle)
-            extend = len(req.fill_ids) - len(prefix)
+            extend = req.fill_len - len(prefix)
             if self.chunk_size:
                 n = int(min(extend, budget))
             else:  # unchunked: a long prompt may exceed the budget only when it runs alone
@@ -332,9 +332,9 @@ class Scheduler:
             if last > first:
                 prompt_rows.append((req, len(logit_index), last - first))
                 logit_index += [offset + (p - 1 - a) for p in range(first, last)]
-            if b == len(req.fill_ids) and req.sampling_params.max_new_tokens == 0:
+            if b == req.fill_len and req.sampling_params.max_new_tokens == 0:
                 prefilled.append(req)  # prefill only: the prompt is cached, nothing is sampled
-            elif b == len(req.fill_ids):  # the whole prompt is in: sample the next token
+            elif b == req.fill_len:  # the whole prompt is in: sample the next token
                 finals.append(req)
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
@@ -357,7 +357,7 @@ class Scheduler:
         grow now simply wait for the next decode step."""
         chunks = []
         for req in self.running:
-            if len(req.fill_ids) - req.kv_len == 1 and self._grow(req, 1):
+            if req.fill_len - req.kv_len == 1 and self._grow(req, 1):
                 chunks.append(_Chunk(req, req.kv_len - 1, req.kv_len))
         self.mixed_decode_tokens += len(chunks)
         return chunks
@@ -367,18 +367,18 @@ class Scheduler:
         through the model in one pass (the cached prefix is reused) and the next is sampled."""
         chunks = []
         for req in reqs:
-            n = len(req.fill_ids) - req.kv_len
+            n = req.fill_len - req.kv_len
             if self._grow(req, n):  # short of memory: it waits, and decode steps free some
                 chunks.append(_Chunk(req, req.kv_len - n, req.kv_len))
         return self._run_extend(chunks) if chunks else []
 
     def _run_decode(self) -> list[Req]:
         self._make_room_for_decode()
-        reqs = [r for r in self.running if len(r.fill_ids) - r.kv_len == 1]  # not those awaiting a jump
+        reqs = [r for r in self.running if r.fill_len - r.kv_len == 1]  # not those awaiting a jump
         if not reqs:
             return []
         slots = self._append_slots(reqs)
-        input_ids = [req.fill_ids[req.kv_len - 1] for req in reqs]
+        input_ids = [req.fill_id(req.kv_len - 1) for req in reqs]
         positions = [req.kv_len - 1 for req in reqs]
         chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
         logits = self._forward(ForwardMode.DECODE, input_ids, positions, chunks, list(range(len(reqs))), slots)
@@ -445,7 +445,7 @@ class Scheduler:
             reason = self._stop[req.rid].check(req.output_ids)
             if reason is None and req.grammar is not None:
                 reason = self._jump_forward(req)
-            if reason is None and len(req.fill_ids) >= self.runner.context_len:
+            if reason is None and req.fill_len >= self.runner.context_len:
                 reason = {"type": "length", "length": len(req.output_ids)}
             if reason is not None:
                 self._finish(req, reason)
@@ -458,7 +458,7 @@ class Scheduler:
         if self.settings.disable_jump_forward or req.return_logprob:  # logprobs need a forward per token
             return None
         room = min(req.sampling_params.max_new_tokens - len(req.output_ids),
-                   self.runner.context_len - len(req.fill_ids))
+                   self.runner.context_len - req.fill_len)
         forced = req.grammar.forced_tokens(room) if room > 0 else []
         if not forced:
             return None
@@ -493,7 +493,7 @@ class Scheduler:
     def _prefix_key(self, req: Req) -> list[int]:
         """Tokens that may come from the cache: never the last (its logits are needed), and none
         from which prompt logprobs are still wanted."""
-        cap = len(req.fill_ids) - 1
+        cap = req.fill_len - 1
         if req.return_logprob and req.logprob_start_len >= 0:
             need_from = req.logprob_start_len + len(req.input_token_logprobs)
             if need_from < len(req.origin_input_ids):
@@ -581,7 +581,7 @@ class Scheduler:
             return
         slots = self.req_pool.req_to_token[req.req_pool_idx, : req.kv_len].clone()
         # An in-flight decode may hold a slot for a token not yet read back: freed, not cached.
-        known = min(req.kv_len, len(req.fill_ids))
+        known = min(req.kv_len, req.fill_len)
         if cache and known > 0:
             already = self.cache.insert(req.fill_ids[:known], slots[:known])
             self.kv_pool.free(slots[req.prefix_len : already])

@@ -224,8 +224,8 @@ class Scheduler:
         self._sample_in_flight(flight)
 
     def _can_launch_ahead(self) -> bool:
-        """A decode may run without its ids on the host: graphs, memory without retraction,
-        sampling that needs no token history or logprobs."""
+        """A decode may run without its ids on the host: graphs, memory without retraction, no
+        request that wants logprobs (they are read back every step)."""
         return (self.overlap and len(self.running) <= self.runner.cuda_graphs.max_bs
                 and self._available() >= len(self.running) and all(r.rid in self._samples_ahead for r in self.running))
 

@@ -226,3 +226,15 @@ def test_fp8_kv_cache_matches_reference(backend: str, kv_dtype: torch.dtype) -> 
     run(backend, [rng.randint(1, 70) for _ in range(9)], [1] * 9, None, seed=31, kv_dtype=kv_dtype)
     run(backend, [0, 0, 12, 40], [5, 30, 9, 17], 6, seed=32, shape=(8, 2, 64), kv_dtype=kv_dtype)
     run(backend, [0, 0], [33, 7], None, seed=33, kv_dtype=kv_dtype)
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype", "head_dim"), [
+    (torch.float32, None, 128), (torch.bfloat16, None, 80), (torch.bfloat16, torch.float8_e4m3fn, 128)])
+def test_flashinfer_refuses_what_it_has_no_kernels_for(dtype, kv_dtype, head_dim) -> None:
+    """FlashInfer steps aside (auto then takes Triton) for float32, odd head sizes and an FP8 pool."""
+    pytest.importorskip("triton")  # its slot-list kernel module imports Triton
+    from sglang_core.layers.attention import UnsupportedSpecError
+    from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
+
+    with pytest.raises(UnsupportedSpecError):
+        FlashInferBackend(AttentionSpec(8, 2, head_dim, dtype, torch.device("cpu"), kv_dtype=kv_dtype))

@@ -52,7 +52,7 @@ class BanToken(LogitsProcessor):
         return bool(params.custom_params and "ban" in params.custom_params)
 
     def __call__(self, logits, batch, rows):
-        for row in rows.tolist():
+        for row in batch.host_rows(self):
             logits[row, batch.reqs[row].sampling_params.custom_params["ban"]] = float("-inf")
 
 

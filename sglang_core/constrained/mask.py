@@ -19,7 +19,7 @@ class GrammarMask(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         vocab = logits.shape[1]
-        row_list = [i for i, params in enumerate(batch.params) if self.wants(params)]  # = rows, from the host
+        row_list = batch.host_rows(self)
         words = torch.zeros((len(row_list), -(-vocab // 32)), dtype=torch.int32,
                             pin_memory=logits.device.type == "cuda")
         masks = words.numpy().view(np.uint32)

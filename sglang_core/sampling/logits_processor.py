@@ -29,7 +29,10 @@ class LogitsProcessor(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
-        """Modify logits[rows] in place (logits is [B, V] float32; rows is an int64 index tensor)."""
+        """Modify logits[rows] in place (logits is [B, V] float32; rows is an int64 index tensor on
+        the logits' device). Read nothing back from the device here (``rows.tolist()``, ``.item()``):
+        on a GPU that waits for the forward pass in flight; ``batch.host_rows(self)`` lists the
+        rows on the host."""
 
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -111,13 +114,13 @@ class SamplingBatch:
     def params(self) -> list[SamplingParams]:
         return [r.sampling_params for r in self.reqs]
 
-    def param_values(self, rows: torch.Tensor, name: str) -> torch.Tensor:
-        """``sampling_params.<name>`` of the given rows, as a float32 [R] tensor."""
-        return torch.tensor(
-            [getattr(self.reqs[i].sampling_params, name) for i in rows.tolist()],
-            dtype=torch.float32,
-            device=self.device,
-        )
+    def host_rows(self, processor: LogitsProcessor) -> list[int]:
+        """The rows ``processor`` is called on, from the host."""
+        return [i for i, params in enumerate(self.params) if processor.wants(params)]
+
+    def param_values(self, rows: list[int], name: str) -> torch.Tensor:
+        """``sampling_params.<name>`` of the given rows (host indices), as a float32 [R] tensor."""
+        return self._column([getattr(self.reqs[i].sampling_params, name) for i in rows], torch.float32)
 
     @cached_property
     def output_ids(self) -> torch.Tensor:

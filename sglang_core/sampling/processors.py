@@ -10,7 +10,7 @@ import torch
 
 from sglang_core.constrained.mask import GrammarMask
 from sglang_core.hookspecs import Register, hookimpl
-from sglang_core.sampling.logits_processor import LogitsProcessor, SamplingBatch
+from sglang_core.sampling.logits_processor import LogitsProcessor, SamplingBatch, to_device
 from sglang_core.sampling.params import SamplingParams
 
 
@@ -22,7 +22,7 @@ class RepetitionPenalty(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         sub = logits[rows]
-        r = batch.param_values(rows, "repetition_penalty")[:, None]
+        r = batch.param_values(batch.host_rows(self), "repetition_penalty")[:, None]
         logits[rows] = torch.where(batch.seen_mask(rows), torch.where(sub > 0, sub / r, sub * r), sub)
 
 
@@ -34,14 +34,15 @@ class FrequencyPresencePenalty(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         counts = batch.output_counts(rows)
-        frequency = batch.param_values(rows, "frequency_penalty")[:, None]
-        presence = batch.param_values(rows, "presence_penalty")[:, None]
+        host_rows = batch.host_rows(self)
+        frequency = batch.param_values(host_rows, "frequency_penalty")[:, None]
+        presence = batch.param_values(host_rows, "presence_penalty")[:, None]
         logits[rows] -= frequency * counts + presence * (counts > 0)
 
 
 def _index(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token) pairs -> the two index tensors of an ``index_put_``."""
-    index = torch.tensor(pairs, dtype=torch.int64, device=device).reshape(-1, 2)
+    index = to_device(torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2), device)
     return index[:, 0], index[:, 1]
 
 
@@ -53,11 +54,11 @@ class LogitBias(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         pairs, biases = [], []
-        for i in rows.tolist():
+        for i in batch.host_rows(self):
             for token, bias in batch.reqs[i].sampling_params.logit_bias.items():
                 pairs.append((i, token))
                 biases.append(bias)
-        values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        values = to_device(torch.tensor(biases, dtype=logits.dtype), logits.device)
         logits.index_put_(_index(pairs, logits.device), values, accumulate=True)
 
 
@@ -69,13 +70,13 @@ class MinNewTokens(LogitsProcessor):
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         pairs = []
-        for i in rows.tolist():
+        for i in batch.host_rows(self):
             req = batch.reqs[i]
             if len(req.output_ids) < req.sampling_params.min_new_tokens:
                 banned = batch.eos_token_ids.union(req.sampling_params.stop_token_ids or ())
                 pairs.extend((i, t) for t in banned if t < logits.shape[1])
         if pairs:
-            logits.index_put_(_index(pairs, logits.device), torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(_index(pairs, logits.device), logits.new_full((), float("-inf")))
 
 
 @hookimpl

@@ -16,6 +16,8 @@ Runs (``--runs``):
   question, 256 output; with the radix cache and with ``--disable-radix-cache``;
   ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
 Each figure is end to end through the engine (scheduler, sampling, detokenization included).
+``--engine KEY=VALUE`` (repeatable) adds an engine setting to every run, for experiments:
+``--runs decode1 --engine enable_torch_compile=true``; rows record it.
 Results go to ``--out`` as JSON lines; a markdown table is printed at the end.
 """
 
@@ -36,12 +38,13 @@ from sglang_core.bench import measure_latency, measure_offline, offline_workload
 from sglang_core.engine import Engine
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
+EXTRA_SETTINGS: dict[str, str] = {}  # --engine KEY=VALUE, validated by EngineSettings
 
 
 def with_engine(backend: str, measure: Callable[[Engine], dict], **settings) -> dict:
     """Build an engine, measure, and free its GPU memory before the next one is built."""
     engine = Engine(model_path=str(CONFIG), load_format="dummy", dtype="bfloat16", device="cuda",
-                    attention_backend=backend, **settings)
+                    attention_backend=backend, **{**settings, **EXTRA_SETTINGS})
     try:
         return measure(engine)
     finally:
@@ -148,7 +151,14 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--backends", default="triton")
     parser.add_argument("--out", default="bench_results/gpu_llama8b.jsonl")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra engine setting for every run (repeatable)")
     args = parser.parse_args()
+    for item in args.engine:
+        key, _, value = item.partition("=")
+        if not value:
+            parser.error(f"--engine {item!r}: expected KEY=VALUE")
+        EXTRA_SETTINGS[key] = value
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name()
     print("card:", card, "torch", torch.__version__, flush=True)
@@ -159,6 +169,7 @@ def main() -> int:
                 continue  # HF's figure does not depend on our backend
             for row in RUNS[name](backend):
                 row["card"] = card
+                row.update({f"engine.{k}": v for k, v in EXTRA_SETTINGS.items()})
                 print(json.dumps(row), flush=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")

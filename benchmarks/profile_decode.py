@@ -46,12 +46,12 @@ def kernel_table(core: EngineCore, steps: int = 5) -> None:
     while core.scheduler._in_flight is not None:  # drain an overlapped step first
         core.step()
     graphs, core.runner.cuda_graphs = core.runner.cuda_graphs, None
-    overlap, core.scheduler.overlap = core.scheduler.overlap, False
+    overlap, core.scheduler.overlap_max_bs = core.scheduler.overlap_max_bs, 0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             core.step()
         torch.cuda.synchronize()
-    core.runner.cuda_graphs, core.scheduler.overlap = graphs, overlap
+    core.runner.cuda_graphs, core.scheduler.overlap_max_bs = graphs, overlap
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
 
 

@@ -82,3 +82,38 @@ def expected_choice(method: str, conditional: list[list[float]], unconditional: 
             alive = [i for i in alive if top - rows[i][column] <= 1e-4]
         return alive[0]
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+CONSTRAINED_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    "colour": {"enum": ["red", "green", "blue"]}}, "required": ["name", "count", "colour"],
+    "additionalProperties": False}
+CONSTRAINED_REGEX = r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)"
+
+
+def constrained_requests() -> list[dict]:
+    """Sampling parameters for the overlapped-schedule tests, 16 requests that share batches:
+    greedy and seeded sampling; JSON with fixed keys (jump-forward) and a regex; and the
+    processors that read token history or per-request tables (penalties, min_new_tokens,
+    logit bias), with and without a constraint."""
+    import json
+
+    schema = json.dumps(CONSTRAINED_SCHEMA)
+    kinds = [{"json_schema": schema}, {"regex": CONSTRAINED_REGEX},
+             {"regex": CONSTRAINED_REGEX, "repetition_penalty": 1.3}, {"ignore_eos": True},
+             {"json_schema": schema, "frequency_penalty": 0.5, "presence_penalty": 0.3}, {"min_new_tokens": 20},
+             {"logit_bias": {"65": 4.0}, "ignore_eos": True}, {"regex": CONSTRAINED_REGEX, "logit_bias": {"98": 2.0}}]
+    return [{"max_new_tokens": 80, "seed": i, "temperature": 0 if i % 2 else 1.0, **kinds[i % len(kinds)]}
+            for i in range(16)]
+
+
+def check_constrained(params: dict, text: str) -> None:
+    import json
+    import re
+
+    import jsonschema
+
+    if "json_schema" in params:
+        jsonschema.validate(json.loads(text), CONSTRAINED_SCHEMA)
+    elif "regex" in params:
+        assert re.fullmatch(CONSTRAINED_REGEX, text), text

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from reference import check_constrained, constrained_requests
 from sglang_core.engine import Engine
 
 pytestmark = [pytest.mark.gpu,
@@ -207,40 +208,6 @@ def test_triton_cascade_decode_matches_hf(tiny_llama, cuda_graph: bool) -> None:
         engine.check_memory()
     for i, (res, exp) in enumerate(zip(results, expected)):
         assert res["output_ids"] == exp, f"request {i} differs from HF"
-
-
-CONSTRAINED_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 8}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
-    "colour": {"enum": ["red", "green", "blue"]}}, "required": ["name", "count", "colour"],
-    "additionalProperties": False}
-CONSTRAINED_REGEX = r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)"
-
-
-def constrained_requests() -> list[dict]:
-    """Greedy and seeded sampling, JSON with fixed keys (jump-forward) and a regex, a penalty
-    (history-dependent sampling) and an unconstrained request in the same batches."""
-    import json
-
-    schema = json.dumps(CONSTRAINED_SCHEMA)
-    reqs = []
-    for i in range(12):
-        params = {"max_new_tokens": 80, "seed": i, "temperature": 0 if i % 2 else 1.0}
-        params.update([{"json_schema": schema}, {"regex": CONSTRAINED_REGEX},
-                       {"regex": CONSTRAINED_REGEX, "repetition_penalty": 1.3}, {"ignore_eos": True}][i % 4])
-        reqs.append(params)
-    return reqs
-
-
-def check_constrained(params: dict, text: str) -> None:
-    import json
-    import re
-
-    import jsonschema
-
-    if "json_schema" in params:
-        jsonschema.validate(json.loads(text), CONSTRAINED_SCHEMA)
-    elif "regex" in params:
-        assert re.fullmatch(CONSTRAINED_REGEX, text), text
 
 
 @pytest.mark.parametrize("grammar_backend", ["outlines", "llguidance"])

@@ -11,6 +11,8 @@ steps. A request that N finishes gets one wasted token from N+1, dropped when N+
 Where sampling depends on N's tokens on the host (a grammar's mask, penalties), only N+1's
 forward pass is launched ahead; it is sampled once N's tokens are applied, still while the GPU
 runs N+1's forward. A request that N's tokens end or jump forward samples nothing from N+1.
+The schedule's logic is device-agnostic (on the CPU it gains nothing, the forward pass having
+finished when it returns, but runs the same code, which is how CI checks it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sglang_core.mem.prefix_cache import NoPrefixCache, RadixCache
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import ModelRunner, StepInput
 from sglang_core.request import Req
-from sglang_core.sampling.logits_processor import SamplingBatch
+from sglang_core.sampling.logits_processor import SamplingBatch, to_device
 from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
 from sglang_core.scheduler.policy import order_waiting
@@ -68,7 +70,7 @@ class _InFlight:
     logits: torch.Tensor | None = None  # [B, V], until sampled
     next_ids: torch.Tensor | None = None  # [B] sampled ids, on the device
     host_ids: torch.Tensor | None = None  # [B] pinned host copy, valid once ``ready`` has fired
-    ready: torch.cuda.Event | None = None
+    ready: torch.cuda.Event | None = None  # CUDA only: elsewhere the copy is done on return
 
 
 class Scheduler:
@@ -92,7 +94,10 @@ class Scheduler:
         self.retractions = 0
         self.mixed_decode_tokens = 0  # decode tokens computed inside prefill steps (--enable-mixed-chunk)
         self.cascade_decode_rows = 0  # decode rows that read a shared prefix per group (--enable-cascade-decode)
-        self.overlap = runner.cuda_graphs is not None and not settings.disable_overlap_schedule
+        # The largest running batch whose decode may be launched ahead: the CUDA graphs' (the
+        # launch must not wait for the host), 0 when the schedule is off.
+        self.overlap_max_bs = (runner.cuda_graphs.max_bs if runner.cuda_graphs is not None
+                               and not settings.disable_overlap_schedule else 0)
         self._in_flight: _InFlight | None = None
         # rid -> how its decode overlaps the previous step: absent when it cannot (logprobs are
         # read back per step), True when it is sampled at launch (sampling reads no token history),
@@ -201,7 +206,8 @@ class Scheduler:
                 and all(id(r) in members for r in self.running) and self._can_launch_ahead()):
             self._in_flight = self._launch_decode(done)
             self.overlapped_steps += 1
-        done.ready.synchronize()
+        if done.ready is not None:
+            done.ready.synchronize()
         live = [(i, req) for i, req in enumerate(done.reqs) if not req.finished]
         next_ids = done.host_ids.tolist()
         self._append_tokens([req for _, req in live], [next_ids[i] for i, _ in live])
@@ -218,16 +224,14 @@ class Scheduler:
             self._in_flight = None
             return
         if len(live) < len(flight.reqs):
-            index = torch.tensor(live, dtype=torch.int64).pin_memory().to(flight.logits.device, non_blocking=True)
-            flight.logits = flight.logits[index]
+            flight.logits = flight.logits[to_device(torch.tensor(live, dtype=torch.int64), flight.logits.device)]
             flight.reqs = [flight.reqs[i] for i in live]
         self._sample_in_flight(flight)
 
     def _can_launch_ahead(self) -> bool:
         """A decode may run without its ids on the host: graphs, memory without retraction, no
         request that wants logprobs (they are read back every step)."""
-        return (self.overlap and len(self.running) <= self.runner.cuda_graphs.max_bs
-                and self._available() >= len(self.running) and all(r.rid in self._samples_ahead for r in self.running))
+        return (len(self.running) <= self.overlap_max_bs and self._available() >= len(self.running) and all(r.rid in self._samples_ahead for r in self.running))
 
     def _launch_decode(self, previous: _InFlight | None) -> _InFlight:
         """Run one decode step of ``running`` up to its sampled ids, without reading them back.
@@ -254,10 +258,12 @@ class Scheduler:
         batch = SamplingBatch.build(flight.reqs, self.runner.vocab_size, flight.logits.device, self.eos_token_ids)
         flight.next_ids = self.sampler(flight.logits, batch).next_ids
         flight.logits = None
-        flight.host_ids = torch.empty(flight.next_ids.shape, dtype=flight.next_ids.dtype, pin_memory=True)
-        flight.host_ids.copy_(flight.next_ids, non_blocking=True)
-        flight.ready = torch.cuda.Event()
-        flight.ready.record()
+        on_gpu = flight.next_ids.is_cuda
+        flight.host_ids = torch.empty(flight.next_ids.shape, dtype=flight.next_ids.dtype, pin_memory=on_gpu)
+        flight.host_ids.copy_(flight.next_ids, non_blocking=on_gpu)
+        if on_gpu:
+            flight.ready = torch.cuda.Event()
+            flight.ready.record()
 
     def _schedule_extend(self) -> list[_Chunk]:
         """Pick this step's prefill work: the chunked request's next chunk, then waiting requests

@@ -53,7 +53,7 @@ class EngineSettings(BaseSettings):
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
-    enable_torch_compile: bool = Field(False, description="CUDA: torch.compile the model for the captured decode batch sizes")
+    enable_torch_compile: bool = Field(False, description="CUDA: torch.compile the decode step before capturing it, once per captured batch size (slow to start: lower --cuda-graph-max-bs to try it)")
 
     engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
     log_level: str = Field("warning", description="logging level")

@@ -168,10 +168,14 @@ class ModelRunner:
         if not self.attn_backend.cuda_graph_decode:
             logger.info("attention backend %s cannot be captured; decode runs eagerly", self.attention_backend_name)
             return None
+        decode = self._decode_logits
         if s.enable_torch_compile:
-            self.model.forward = torch.compile(self.model.forward, dynamic=False)
+            # Only the captured decode step, one compiled graph per captured batch size (hence
+            # the cache limit); prefill shapes change every step and stay eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            return CudaGraphRunner(self._decode_logits, self._make_batch, min(s.cuda_graph_max_bs, s.max_running_requests),
+            return CudaGraphRunner(decode, self._make_batch, min(s.cuda_graph_max_bs, s.max_running_requests),
                                    self.device)
 
     def _make_batch(self, **fields) -> ForwardBatch:

@@ -117,3 +117,35 @@ def check_constrained(params: dict, text: str) -> None:
         jsonschema.validate(json.loads(text), CONSTRAINED_SCHEMA)
     elif "regex" in params:
         assert re.fullmatch(CONSTRAINED_REGEX, text), text
+
+
+def check_stops_and_aborts(engine, prompts: list[list[int]]) -> None:
+    """Stop tokens, max_new_tokens and abandoned requests (every fourth) land while decode steps
+    are in flight; outputs stop where they should, and afterwards every KV slot and request row
+    is free or cached exactly once."""
+    import asyncio
+    import time
+
+    stops = (7, 11, 13)
+
+    async def one(i: int) -> dict | None:
+        params = {"temperature": 1.0, "seed": i, "max_new_tokens": 5 + 3 * i, "stop_token_ids": list(stops)}
+        if i % 4 == 3:  # abandoned mid-generation
+            task = asyncio.ensure_future(engine.async_generate(input_ids=prompts[i], sampling_params=params))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            return None
+        return await engine.async_generate(input_ids=prompts[i], sampling_params=params)
+
+    async def all_requests() -> list:
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))), return_exceptions=True)
+
+    results = asyncio.run(all_requests())
+    deadline = time.monotonic() + 10  # the engine thread aborts abandoned requests
+    while engine.memory_report()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.check_memory()
+    for i, res in enumerate(results):
+        if i % 4 != 3:
+            out = res["output_ids"]
+            assert len(out) <= 5 + 3 * i and all(t not in stops for t in out[:-1])

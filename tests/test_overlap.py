@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from reference import check_constrained, constrained_requests, hf_greedy
+from reference import check_constrained, check_stops_and_aborts, constrained_requests, hf_greedy
 from sglang_core.engine import Engine
 
 
@@ -82,27 +81,5 @@ def test_overlapped_constrained_and_penalised_equal_plain_schedule(tiny_llama, g
 
 
 def test_overlapped_stops_and_aborts_return_all_memory(tiny_llama):
-    """Stop tokens, max_new_tokens and abandoned requests land while a step is in flight."""
-    ps = prompts(3, 16)
     with overlapped(Engine(str(tiny_llama))) as engine:
-
-        async def one(i: int) -> dict | None:
-            params = {"temperature": 1.0, "seed": i, "max_new_tokens": 5 + 3 * i, "stop_token_ids": [7, 11, 13]}
-            if i % 4 == 3:
-                task = asyncio.ensure_future(engine.async_generate(input_ids=ps[i], sampling_params=params))
-                await asyncio.sleep(0.01)
-                task.cancel()
-                return None
-            return await engine.async_generate(input_ids=ps[i], sampling_params=params)
-
-        async def all_requests() -> list:
-            return await asyncio.gather(*(one(i) for i in range(len(ps))), return_exceptions=True)
-
-        results = asyncio.run(all_requests())
-        deadline = time.monotonic() + 10  # abandoned requests are aborted by the engine thread
-        while engine.memory_report()["running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        engine.check_memory()
-    for i, res in enumerate(results):
-        if i % 4 != 3:
-            assert len(res["output_ids"]) <= 5 + 3 * i and all(t not in (7, 11, 13) for t in res["output_ids"][:-1])
+        check_stops_and_aborts(engine, prompts(3, 16))

@@ -231,7 +231,8 @@ class Scheduler:
     def _can_launch_ahead(self) -> bool:
         """A decode may run without its ids on the host: graphs, memory without retraction, no
         request that wants logprobs (they are read back every step)."""
-        return (len(self.running) <= self.overlap_max_bs and self._available() >= len(self.running) and all(r.rid in self._samples_ahead for r in self.running))
+        return (len(self.running) <= self.overlap_max_bs and self._available() >= len(self.running)
+                and all(r.rid in self._samples_ahead for r in self.running))
 
     def _launch_decode(self, previous: _InFlight | None) -> _InFlight:
         """Run one decode step of ``running`` up to its sampled ids, without reading them back.
@@ -243,7 +244,7 @@ class Scheduler:
         else:
             row = {id(req): i for i, req in enumerate(previous.reqs)}
             index = torch.tensor([row[id(req)] for req in reqs], dtype=torch.int64)
-            input_ids = previous.next_ids[index.to(previous.next_ids.device, non_blocking=True)]
+            input_ids = previous.next_ids[to_device(index, previous.next_ids.device)]
         slots = self._append_slots(reqs)
         chunks = [_Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
         logits = self._forward(ForwardMode.DECODE, input_ids, [req.kv_len - 1 for req in reqs], chunks,

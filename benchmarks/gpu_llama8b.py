@@ -5,7 +5,8 @@ each beside its baseline measured in the same run.
     python benchmarks/gpu_llama8b.py --runs decode1,batch64 --backends triton,torch_native
 
 Runs (``--runs``):
-- ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``).
+- ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
+  ``decode1_cublas`` with graphs and cuBLAS for every matmul instead of the decode GEMV kernel.
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step.
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
   ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
@@ -62,6 +63,18 @@ def run_decode1(backend: str) -> list[dict]:
     return [{"run": "decode1", "backend": backend, "cuda_graph": graphs,
              **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256), disable_cuda_graph=not graphs)}
             for graphs in ((True, False) if backend != "torch_native" else (False,))]  # torch_native: no graphs
+
+
+def run_decode1_cublas(backend: str) -> list[dict]:
+    """``decode1`` with CUDA graphs and every matmul on cuBLAS: the decode GEMV kernel's baseline."""
+    from sglang_core.kernels import gemv
+
+    saved, gemv.MAX_ROWS = gemv.MAX_ROWS, 0  # fits() then declines every product
+    try:
+        return [{"run": "decode1", "backend": backend, "cuda_graph": True, "gemv": False,
+                 **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256))}]
+    finally:
+        gemv.MAX_ROWS = saved
 
 
 def run_batch64(backend: str) -> list[dict]:
@@ -141,7 +154,7 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+RUNS = {"decode1": run_decode1, "decode1_cublas": run_decode1_cublas, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 
@@ -177,7 +190,7 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "radix_cache", "enable_mixed_chunk", "cascade",
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "radix_cache", "enable_mixed_chunk", "cascade",
                                                      "kv_cache_dtype") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")

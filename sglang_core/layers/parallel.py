@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, UnquantizedMethod
 
 
@@ -221,7 +222,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Use the table as an output projection: vocabulary logits of ``hidden``."""
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight))
         return logits[..., : self.vocab_size]
 
 

@@ -10,8 +10,9 @@ import abc
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from sglang_core.kernels import linear
 
 
 class QuantMethod(abc.ABC):
@@ -43,4 +44,4 @@ class UnquantizedMethod(QuantMethod):
         layer.weight = weight
 
     def apply(self, layer, x, bias):
-        return F.linear(x, layer.weight, bias)
+        return linear(x, layer.weight, bias)

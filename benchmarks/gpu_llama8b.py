@@ -6,7 +6,8 @@ each beside its baseline measured in the same run.
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
-  ``decode1_cublas`` with graphs and cuBLAS for every matmul instead of the decode GEMV kernel.
+  ``decode1_kernels`` with graphs, the decode GEMV kernel and programmatic dependent launch each
+  on and off (off: cuBLAS for every matmul; plain launches).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step.
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
   ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
@@ -65,16 +66,21 @@ def run_decode1(backend: str) -> list[dict]:
             for graphs in ((True, False) if backend != "torch_native" else (False,))]  # torch_native: no graphs
 
 
-def run_decode1_cublas(backend: str) -> list[dict]:
-    """``decode1`` with CUDA graphs and every matmul on cuBLAS: the decode GEMV kernel's baseline."""
-    from sglang_core.kernels import gemv
+def run_decode1_kernels(backend: str) -> list[dict]:
+    """``decode1`` with CUDA graphs for each on/off pair of the decode GEMV kernel (off: cuBLAS for
+    every matmul) and programmatic dependent launch: each switch's baseline in the same run."""
+    from sglang_core.kernels import gemv, pdl
 
-    saved, gemv.MAX_ROWS = gemv.MAX_ROWS, 0  # fits() then declines every product
+    saved = gemv.MAX_ROWS, pdl.ENABLED
+    rows = []
     try:
-        return [{"run": "decode1", "backend": backend, "cuda_graph": True, "gemv": False,
-                 **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256))}]
+        for use_gemv, use_pdl in ((False, False), (True, False), (False, True), (True, True)):
+            gemv.MAX_ROWS, pdl.ENABLED = (saved[0] if use_gemv else 0), use_pdl  # MAX_ROWS 0: fits() declines
+            rows.append({"run": "decode1", "backend": backend, "cuda_graph": True, "gemv": use_gemv, "pdl": use_pdl,
+                         **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256))})
     finally:
-        gemv.MAX_ROWS = saved
+        gemv.MAX_ROWS, pdl.ENABLED = saved
+    return rows
 
 
 def run_batch64(backend: str) -> list[dict]:
@@ -154,7 +160,7 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "decode1_cublas": run_decode1_cublas, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 
@@ -190,7 +196,7 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "radix_cache", "enable_mixed_chunk", "cascade",
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk", "cascade",
                                                      "kv_cache_dtype") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")

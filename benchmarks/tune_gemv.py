@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_core.kernels import gemv as gemv_module
+from sglang_core.kernels import pdl
 
 # (name, out features, in features, uses per decode step) for Llama-3.1-8B at tp 1.
 SHAPES = [("qkv", 6144, 4096, 32), ("o_proj", 4096, 4096, 32), ("gate_up", 28672, 4096, 32),
@@ -80,9 +81,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few settings only")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernel
     stacks = {name: weights(n, k) for name, n, k, _ in SHAPES}
     grid = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-             for bn, bk, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))]
+             for bn, bk, w, s in itertools.product((2, 4, 8), (512, 1024, 2048), (2, 4, 8), (1,))]
             if not args.quick else [dict(gemv_module.GEMV_LAUNCH)])
     for rows in (int(r) for r in args.rows.split(",")):  # after the first, the previous best 6 settings
         xs = {name: torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") for name, n, k, _ in SHAPES}

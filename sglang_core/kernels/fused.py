@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_core.kernels.pdl import launch_options, pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < hidden
@@ -43,12 +46,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out, x2.stride(0), res2.stride(0), out.stride(0), hidden,
                                      eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                     num_warps=min(max(block // 256, 1), 8))
+                                     num_warps=min(max(block // 256, 1), 8), **launch_options(x))
     return out.view(x.shape)
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, width, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < width
@@ -66,13 +70,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
     block = 1024
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(width, block))](x2, out, x2.stride(0), out.stride(0), width,
-                                                                   BLOCK=block, num_warps=4)
+                                                                   BLOCK=block, num_warps=4, **launch_options(x))
     return out.view(*x.shape[:-1], width)
 
 
 @triton.jit
 def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0)
     pos = tl.load(Positions + token)
     heads = tl.arange(0, BLOCK_H)
@@ -101,12 +106,13 @@ def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     half = rotary_dim // 2
     _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
                             HALF=half, BLOCK_H=triton.next_power_of_2(heads),
-                            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+                            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **launch_options(x))
 
 
 @triton.jit
 def _store_kv_kernel(K, V, KBuf, VBuf, Slots, stride_k, stride_v, stride_kb, stride_vb, width,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < width
@@ -129,4 +135,4 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor, v_buffer:
     block = min(triton.next_power_of_2(width), 1024)
     _store_kv_kernel[(tokens, triton.cdiv(width, block))](
         k2, v2, k_buffer, v_buffer, slots, k2.stride(0), v2.stride(0), k_buffer.stride(0), v_buffer.stride(0),
-        width, BLOCK=block, num_warps=4)
+        width, BLOCK=block, num_warps=4, **launch_options(k))

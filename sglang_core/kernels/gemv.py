@@ -13,15 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4
+from sglang_core.kernels.pdl import launch_options, pdl_launch_next, pdl_wait
+
+# Up to 2 rows it beats cuBLAS on an H100; at 4 it lost at every setting tried (benchmarks/tune_gemv.py).
+MAX_ROWS = 2
 # Launch settings, from benchmarks/tune_gemv.py on an H100 at Llama-3.1-8B shapes.
-GEMV_LAUNCH = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=3)
+GEMV_LAUNCH = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1)
 
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym,
-                 ROWS: tl.constexpr, ROWS_P2: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 ROWS: tl.constexpr, ROWS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     m = tl.arange(0, ROWS_P2)
@@ -29,17 +32,18 @@ def _gemv_kernel(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym,
     kk = tl.arange(0, BLOCK_K)
     w_ptrs = W + n[:, None] * stride_wn + kk[None, :]
     x_ptrs = X + m[:, None] * stride_xm + kk[None, :]
+    pdl_launch_next(USE_PDL)
+    # No kernel of the step writes weights: the first tile is read before waiting for the previous kernel.
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+    pdl_wait(USE_PDL)
     acc = tl.zeros([ROWS_P2, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + kk) < K
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
         w_ptrs += BLOCK_K
+        # the next tile is in flight while this one is multiplied
+        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & ((k0 + BLOCK_K + kk) < K)[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = w_next
         x_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -67,6 +71,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, **launch)
+        ROWS=rows, ROWS_P2=triton.next_power_of_2(rows), HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

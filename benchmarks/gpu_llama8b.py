@@ -6,9 +6,10 @@ each beside its baseline measured in the same run.
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
-  ``decode1_kernels`` with graphs, the decode GEMV kernel and programmatic dependent launch each
-  on and off (off: cuBLAS for every matmul; plain launches).
-- ``batch64``: static batch 64, input 512, output 256, decode ms/step.
+  ``decode1_kernels`` (``decode2_kernels``: batch 2) with graphs, the decode GEMV kernel and
+  programmatic dependent launch each on and off (off: cuBLAS for every matmul; plain launches).
+- ``batch64``: static batch 64, input 512, output 256, decode ms/step; ``batch64_pdl`` with
+  programmatic dependent launch off and on.
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
   ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
   ``offline_fp8kv`` with ``--kv-cache-dtype fp8_e4m3`` (half the bytes per cached token).
@@ -26,13 +27,14 @@ Results go to ``--out`` as JSON lines; a markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -66,21 +68,43 @@ def run_decode1(backend: str) -> list[dict]:
             for graphs in ((True, False) if backend != "torch_native" else (False,))]  # torch_native: no graphs
 
 
-def run_decode1_kernels(backend: str) -> list[dict]:
-    """``decode1`` with CUDA graphs for each on/off pair of the decode GEMV kernel (off: cuBLAS for
-    every matmul) and programmatic dependent launch: each switch's baseline in the same run."""
+@contextlib.contextmanager
+def kernel_switches(use_gemv: bool, use_pdl: bool) -> Iterator[None]:
+    """The decode GEMV kernel (off: cuBLAS for every matmul) and programmatic dependent launch
+    (off: plain launches) switched for the engines built inside."""
     from sglang_core.kernels import gemv, pdl
 
     saved = gemv.MAX_ROWS, pdl.ENABLED
-    rows = []
+    gemv.MAX_ROWS, pdl.ENABLED = (saved[0] if use_gemv else 0), use_pdl  # MAX_ROWS 0: fits() declines
     try:
-        for use_gemv, use_pdl in ((False, False), (True, False), (False, True), (True, True)):
-            gemv.MAX_ROWS, pdl.ENABLED = (saved[0] if use_gemv else 0), use_pdl  # MAX_ROWS 0: fits() declines
-            rows.append({"run": "decode1", "backend": backend, "cuda_graph": True, "gemv": use_gemv, "pdl": use_pdl,
-                         **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256))})
+        yield
     finally:
         gemv.MAX_ROWS, pdl.ENABLED = saved
+
+
+def switched_latency(backend: str, run: str, batch: int, input_len: int,
+                     switches: list[tuple[bool, bool]]) -> list[dict]:
+    rows = []
+    for use_gemv, use_pdl in switches:
+        with kernel_switches(use_gemv, use_pdl):
+            rows.append({"run": run, "backend": backend, "cuda_graph": True, "gemv": use_gemv, "pdl": use_pdl,
+                         **with_engine(backend, lambda e: measure_latency(e, batch, input_len, 256))})
     return rows
+
+
+BOTH_SWITCHES = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def run_decode1_kernels(backend: str) -> list[dict]:
+    return switched_latency(backend, "decode1", 1, 128, BOTH_SWITCHES)
+
+
+def run_decode2_kernels(backend: str) -> list[dict]:
+    return switched_latency(backend, "decode2", 2, 128, BOTH_SWITCHES)
+
+
+def run_batch64_pdl(backend: str) -> list[dict]:
+    return switched_latency(backend, "batch64", 64, 512, [(True, False), (True, True)])
 
 
 def run_batch64(backend: str) -> list[dict]:
@@ -160,7 +184,8 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "decode2_kernels": run_decode2_kernels,
+        "batch64_pdl": run_batch64_pdl, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 

@@ -116,7 +116,7 @@ def test_store_kv(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("n,k", [(64, 256), (50, 96), (24, 1000)])  # ragged N and K tails included
+@pytest.mark.parametrize("n,k", [(64, 256), (50, 96), (24, 1000), (40, 3000)])  # ragged N and K tails; several K tiles
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, with_bias: bool) -> None:
     from sglang_core.kernels import gemv

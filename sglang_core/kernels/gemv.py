@@ -22,6 +22,12 @@ GEMV_LAUNCH = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1)
 
 
 @triton.jit
+def _tile_product(X, x_ptrs, w, m_ok, k_ok):
+    x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym,
                  ROWS: tl.constexpr, ROWS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -36,15 +42,11 @@ def _gemv_kernel(X, W, Bias, Y, N, K, stride_xm, stride_wn, stride_ym,
     # No kernel of the step writes weights: the first tile is read before waiting for the previous kernel.
     w = tl.load(w_ptrs, mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
     pdl_wait(USE_PDL)
-    acc = tl.zeros([ROWS_P2, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-        w_ptrs += BLOCK_K
-        # the next tile is in flight while this one is multiplied
-        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & ((k0 + BLOCK_K + kk) < K)[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        w = w_next
-        x_ptrs += BLOCK_K
+    acc = _tile_product(X, x_ptrs, w, m_ok, kk < K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _tile_product(X, x_ptrs + k0, w, m_ok, k_ok)
     if HAS_BIAS:
         acc += tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

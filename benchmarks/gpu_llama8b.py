@@ -6,7 +6,7 @@ each beside its baseline measured in the same run.
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
-  ``decode1_kernels`` (``decode2_kernels``: batch 2) with graphs, the decode GEMV kernel and
+  ``decode1_kernels`` with graphs, the decode GEMV kernel and
   programmatic dependent launch each on and off (off: cuBLAS for every matmul; plain launches).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step; ``batch64_pdl`` with
   programmatic dependent launch off and on.
@@ -74,12 +74,12 @@ def kernel_switches(use_gemv: bool, use_pdl: bool) -> Iterator[None]:
     (off: plain launches) switched for the engines built inside."""
     from sglang_core.kernels import gemv, pdl
 
-    saved = gemv.MAX_ROWS, pdl.ENABLED
-    gemv.MAX_ROWS, pdl.ENABLED = (saved[0] if use_gemv else 0), use_pdl  # MAX_ROWS 0: fits() declines
+    saved = gemv.ENABLED, pdl.ENABLED
+    gemv.ENABLED, pdl.ENABLED = use_gemv, use_pdl
     try:
         yield
     finally:
-        gemv.MAX_ROWS, pdl.ENABLED = saved
+        gemv.ENABLED, pdl.ENABLED = saved
 
 
 def switched_latency(backend: str, run: str, batch: int, input_len: int,
@@ -97,10 +97,6 @@ BOTH_SWITCHES = [(False, False), (True, False), (False, True), (True, True)]
 
 def run_decode1_kernels(backend: str) -> list[dict]:
     return switched_latency(backend, "decode1", 1, 128, BOTH_SWITCHES)
-
-
-def run_decode2_kernels(backend: str) -> list[dict]:
-    return switched_latency(backend, "decode2", 2, 128, BOTH_SWITCHES)
 
 
 def run_batch64_pdl(backend: str) -> list[dict]:
@@ -184,7 +180,7 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "decode2_kernels": run_decode2_kernels,
+RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels,
         "batch64_pdl": run_batch64_pdl, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}

@@ -1,13 +1,13 @@
 """Time the decode GEMV (``sglang_core/kernels/gemv.py``) against cuBLAS (``F.linear``) at
-Llama-3.1-8B's weight shapes, over a sweep of its launch settings, and print the step total.
+Llama-3.1-8B's weight shapes at batch 1, over a sweep of its launch settings, and print the step total.
 
 Each figure is what the product costs inside a decode step: several copies of each weight (more
 bytes than the 50 MB L2 holds) are multiplied in turn inside one CUDA graph, so every weight
 comes from HBM and no launch overhead is counted, as in a captured decode step. Every setting is
 checked against a float32 product first.
 
-    python benchmarks/tune_gemv.py                 # rows 1 (whole sweep), then 2 and 4 (its best 6)
-    python benchmarks/tune_gemv.py --rows 1 --quick
+    python benchmarks/tune_gemv.py            # the whole sweep
+    python benchmarks/tune_gemv.py --quick    # GEMV_LAUNCH only
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ def check(product, stack: list[torch.Tensor], x: torch.Tensor) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,2,4")
     parser.add_argument("--quick", action="store_true", help="a few settings only")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -86,33 +85,29 @@ def main() -> int:
     grid = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
              for bn, bk, w, s in itertools.product((2, 4, 8), (512, 1024, 2048), (2, 4, 8), (1,))]
             if not args.quick else [dict(gemv_module.GEMV_LAUNCH)])
-    for rows in (int(r) for r in args.rows.split(",")):  # after the first, the previous best 6 settings
-        xs = {name: torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") for name, n, k, _ in SHAPES}
-        base = {name: time_per_product(cublas, stacks[name], xs[name]) for name, *_ in SHAPES}
-        results = []
-        for launch in grid:
-            product = triton_product(launch)
-            try:
-                for name, *_ in SHAPES:
-                    check(product, stacks[name], xs[name])
-                results.append((launch, {name: time_per_product(product, stacks[name], xs[name])
-                                         for name, *_ in SHAPES}))
-            except Exception as exc:  # a setting that fails to compile or to fit is reported and skipped
-                print(f"  {launch}: {type(exc).__name__}: {str(exc)[:120]}")
+    xs = {name: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for name, n, k, _ in SHAPES}
+    base = {name: time_per_product(cublas, stacks[name], xs[name]) for name, *_ in SHAPES}
+    results = []
+    for launch in grid:
+        product = triton_product(launch)
+        try:
+            for name, *_ in SHAPES:
+                check(product, stacks[name], xs[name])
+            results.append((launch, {name: time_per_product(product, stacks[name], xs[name]) for name, *_ in SHAPES}))
+        except Exception as exc:  # a setting that fails to compile or to fit is reported and skipped
+            print(f"  {launch}: {type(exc).__name__}: {str(exc)[:120]}")
 
-        def step_ms(times: dict) -> float:
-            return sum(times[name] * uses for name, _, _, uses in SHAPES) / 1000
+    def step_ms(times: dict) -> float:
+        return sum(times[name] * uses for name, _, _, uses in SHAPES) / 1000
 
-        print(f"\nrows {rows}: cuBLAS step total {step_ms(base):.3f} ms")
-        for name, n, k, _ in SHAPES:
-            gb = n * k * 2 / 1e9
-            best_launch, best_times = min(results, key=lambda r: r[1][name])
-            print(f"  {name:8s} {n:6d}x{k:5d}: cuBLAS {base[name]:7.1f} us {gb / base[name] * 1e3:4.2f} TB/s | "
-                  f"best Triton {best_times[name]:7.1f} us {gb / best_times[name] * 1e3:4.2f} TB/s {best_launch}")
-        ranked = sorted(results, key=lambda r: step_ms(r[1]))
-        for launch, times in ranked[:8]:
-            print(f"  step total {step_ms(times):.3f} ms with {launch}")
-        grid = [launch for launch, _ in ranked[:6]]
+    print(f"cuBLAS step total {step_ms(base):.3f} ms")
+    for name, n, k, _ in SHAPES:
+        gb = n * k * 2 / 1e9
+        best_launch, best_times = min(results, key=lambda r: r[1][name])
+        print(f"  {name:8s} {n:6d}x{k:5d}: cuBLAS {base[name]:7.1f} us {gb / base[name] * 1e3:4.2f} TB/s | "
+              f"best Triton {best_times[name]:7.1f} us {gb / best_times[name] * 1e3:4.2f} TB/s {best_launch}")
+    for launch, times in sorted(results, key=lambda r: step_ms(r[1]))[:8]:
+        print(f"  step total {step_ms(times):.3f} ms with {launch}")
     return 0
 
 

@@ -115,29 +115,29 @@ def test_store_kv(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("n,k", [(64, 256), (50, 96), (24, 1000), (40, 3000)])  # ragged N and K tails; several K tiles
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, with_bias: bool) -> None:
+def test_gemv(dtype: torch.dtype, n: int, k: int, with_bias: bool) -> None:
     from sglang_core.kernels import gemv
 
-    torch.manual_seed(rows * n + k)
+    torch.manual_seed(n + k)
     weight = torch.randn(n, k, dtype=dtype, device=DEVICE)
-    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    x = torch.randn(1, 1, k, dtype=dtype, device=DEVICE)
     bias = torch.randn(n, dtype=dtype, device=DEVICE) if with_bias else None
     assert gemv.fits(x, weight)
     expected = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     got = gemv.gemv(x, weight, bias)
-    assert got.dtype == dtype and got.shape == (rows, n)
+    assert got.dtype == dtype and got.shape == (1, 1, n)
     # One rounding of a float32 sum to 16 bits: half an ulp of the result.
-    torch.testing.assert_close(got.double(), expected, atol=1e-2 * k**0.5 / 16, rtol=1e-2)
+    torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=1e-2)
 
 
 def test_gemv_declines_what_it_does_not_serve() -> None:
     from sglang_core.kernels import gemv
 
     weight = torch.randn(32, 64, dtype=torch.bfloat16, device=DEVICE)
-    assert not gemv.fits(torch.randn(gemv.MAX_ROWS + 1, 64, dtype=torch.bfloat16, device=DEVICE), weight)
+    assert not gemv.fits(torch.randn(2, 64, dtype=torch.bfloat16, device=DEVICE), weight)
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight.float())
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), weight)
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.bfloat16, device=DEVICE), weight.T.contiguous().T)
+    assert not gemv.fits(torch.randn(0, 64, dtype=torch.bfloat16, device=DEVICE), weight)

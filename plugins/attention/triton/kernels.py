@@ -13,7 +13,8 @@ token, in order), so a request's KV may sit anywhere in the pool: no paging, no 
 
 Both support a sliding window (``window`` > 0: a query at position p sees keys > p - window;
 a compile-time constant, so models without one pay nothing for it).
-They run on CPU under ``TRITON_INTERPRET=1``, which is how CI tests them.
+They run on CPU under ``TRITON_INTERPRET=1``, which is how CI tests them. The decode kernels
+take part in the core's programmatic dependent launch (``sglang_core.kernels.pdl``) on Hopper.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from sglang_core.kernels.pdl import launch_options, pdl_enter
 
 
 @triton.jit
@@ -69,7 +72,9 @@ def _decode_split_kernel(
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
     WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,7 +156,9 @@ def _decode_merge_kernel(
     MidO, MidLse, Out,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -279,6 +286,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         shared.kv_start if shared is not None else seq_lens, mid_o, mid_lse, scale, *strides,
         WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, PREFIX_SPLITS=prefix_splits, PRECISION=_precision(q), **DECODE_LAUNCH,
+        **launch_options(q),
     )
     if shared is not None:
         _shared_prefix_kernel[(shared.lens.shape[0], kv_heads, prefix_splits)](
@@ -294,7 +302,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        num_warps=2,
+        num_warps=2, **launch_options(q),
     )
 
 

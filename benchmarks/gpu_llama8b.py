@@ -6,8 +6,8 @@ each beside its baseline measured in the same run.
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
-  ``decode1_kernels`` with graphs, the decode GEMV kernel and
-  programmatic dependent launch each on and off (off: cuBLAS for every matmul; plain launches).
+  ``decode1_kernels`` with graphs, the decode GEMV kernel and programmatic dependent launch
+  each on and off (off: cuBLAS for every matmul; plain launches).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step; ``batch64_pdl`` with
   programmatic dependent launch off and on.
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
@@ -180,8 +180,8 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels,
-        "batch64_pdl": run_batch64_pdl, "batch64": run_batch64, "offline": run_offline, "offline_mixed": run_offline_mixed,
+RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64,
+        "batch64_pdl": run_batch64_pdl, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
 
@@ -217,8 +217,8 @@ def main() -> int:
     print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk", "cascade",
-                                                     "kv_cache_dtype") if k in r)
+        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk",
+                                                     "cascade", "kv_cache_dtype") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0

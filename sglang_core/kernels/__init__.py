@@ -17,7 +17,7 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a decode batch of a few rows on CUDA goes through ``gemv.py``, which
+    """``F.linear``; a one-row product on CUDA (batch-1 decode) goes through ``gemv.py``, which
     streams the weight faster than cuBLAS's kernels for that shape."""
     if use_fused(x):
         from sglang_core.kernels import gemv

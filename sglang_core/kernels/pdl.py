@@ -29,8 +29,10 @@ def _capable(device_index: int) -> bool:
 
 def launch_options(x: torch.Tensor) -> dict:
     """Keyword arguments for launching a kernel that takes ``USE_PDL`` on ``x``'s device."""
-    if ENABLED and x.is_cuda and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()):
-        return {"USE_PDL": True, "launch_pdl": True}
+    if ENABLED and x.is_cuda:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if _capable(index):
+            return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
 
 

@@ -77,7 +77,7 @@ def check(product, stack: list[torch.Tensor], x: torch.Tensor) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few settings only")
+    parser.add_argument("--quick", action="store_true", help="time GEMV_LAUNCH only, no sweep")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernel

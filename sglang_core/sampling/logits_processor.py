@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
@@ -65,6 +65,7 @@ class SamplingBatch:
     vocab_size: int
     device: torch.device
     eos_token_ids: frozenset[int]
+    _host_rows: dict[int, list[int]] = field(default_factory=dict, repr=False)  # id(processor) -> rows
 
     @classmethod
     def build(
@@ -115,8 +116,11 @@ class SamplingBatch:
         return [r.sampling_params for r in self.reqs]
 
     def host_rows(self, processor: LogitsProcessor) -> list[int]:
-        """The rows ``processor`` is called on, from the host."""
-        return [i for i, params in enumerate(self.params) if processor.wants(params)]
+        """The rows ``processor`` is called on, from the host (listed once per batch)."""
+        rows = self._host_rows.get(id(processor))
+        if rows is None:
+            rows = self._host_rows[id(processor)] = [i for i, p in enumerate(self.params) if processor.wants(p)]
+        return rows
 
     def param_values(self, rows: list[int], name: str) -> torch.Tensor:
         """``sampling_params.<name>`` of the given rows (host indices), as a float32 [R] tensor."""

@@ -71,7 +71,7 @@ class Sampler:
 
         params = batch.params
         for processor in self.processors:
-            rows = [i for i, p in enumerate(params) if processor.wants(p)]
+            rows = batch.host_rows(processor)
             if rows:
                 processor(logits, batch, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))
 

@@ -13,6 +13,9 @@ Runs (``--runs``):
 - ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
   ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
   ``offline_fp8kv`` with ``--kv-cache-dtype fp8_e4m3`` (half the bytes per cached token).
+- ``decode1_compile``: ``decode1`` with graphs, ``--enable-torch-compile`` off and on.
+- ``prefill_long``: prefill latency of one 8k- and one 32k-token prompt (chunked prefill).
+- ``batch256``: static batch 256, input 512, output 256, decode ms/step.
 - ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
   config and dtype (random weights; greedy; EOS ignored).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
@@ -180,7 +183,29 @@ def run_hf256(backend: str) -> list[dict]:
             {"run": "hf256", "backend": "hf-transformers generate", **hf}]
 
 
-RUNS = {"decode1": run_decode1, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64,
+def run_decode1_compile(backend: str) -> list[dict]:
+    """Batch 1 with graphs, ``--enable-torch-compile`` off and on (one captured size, so the
+    compile takes under a minute)."""
+    return [{"run": "decode1", "backend": backend, "cuda_graph": True, "torch_compile": compiled,
+             **with_engine(backend, lambda e: measure_latency(e, 1, 128, 256), cuda_graph_max_bs=1,
+                           enable_torch_compile=compiled)}
+            for compiled in (False, True)]
+
+
+def run_prefill_long(backend: str) -> list[dict]:
+    """One long prompt (8k and 32k tokens), prefilled in ``chunked_prefill_size`` chunks: each
+    chunk attends over the chunks before it (the extend kernels' long-context case)."""
+    rows = with_engine(backend, lambda e: [measure_latency(e, 1, n, 2) for n in (8192, 32768)])
+    return [{"run": "prefill_long", "backend": backend, **row} for row in rows]
+
+
+def run_batch256(backend: str) -> list[dict]:
+    return [{"run": "batch256", "backend": backend,
+             **with_engine(backend, lambda e: measure_latency(e, 256, 512, 256), max_running_requests=256)}]
+
+
+RUNS = {"decode1": run_decode1, "decode1_compile": run_decode1_compile, "prefill_long": run_prefill_long,
+        "batch256": run_batch256, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64,
         "batch64_pdl": run_batch64_pdl, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
         "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
@@ -214,13 +239,15 @@ def main() -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
-    print("\n| run | backend | variant | decode ms/step | output tok/s | total s |")
-    print("| --- | --- | --- | ---: | ---: | ---: |")
+    print("\n| run | backend | variant | input | prefill s | decode ms/step | output tok/s | total s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk",
-                                                     "cascade", "kv_cache_dtype") if k in r)
+                                                     "cascade", "kv_cache_dtype", "torch_compile") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
-        print(f"| {r['run']} | {r['backend']} | {variant} | {step} | {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
+        prefill = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
+        print(f"| {r['run']} | {r['backend']} | {variant} | {r.get('input_len', '-')} | {prefill} | {step} "
+              f"| {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0
 
 

@@ -69,6 +69,19 @@ def test_greedy_matches_hf_on_gpu(tiny_llama, hf_reference, backend: str, cuda_g
         assert res["output_ids"] == exp, f"request {i} differs from HF"
 
 
+def test_torch_compile_matches_hf(tiny_llama, hf_reference) -> None:
+    """``--enable-torch-compile``: the compiled, captured decode step (our Triton kernels and the
+    attention backend run as they are inside it) gives HF's greedy tokens. At most 4 requests run
+    at once, so every decode step replays a compiled graph (batch sizes 1, 2 and 4)."""
+    ps, ns, expected = hf_reference
+    with Engine(str(tiny_llama), device="cuda", dtype="float32", attention_backend="triton",
+                enable_torch_compile=True, cuda_graph_max_bs=4, max_running_requests=4) as engine:
+        results = asyncio.run(staggered(engine, ps, ns))
+        engine.check_memory()
+    for i, (res, exp) in enumerate(zip(results, expected)):
+        assert res["output_ids"] == exp, f"request {i} differs from HF"
+
+
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.9, "top_k": 50}],
                          ids=["greedy", "seeded-sampling"])
 def test_graph_replay_and_overlap_equal_eager(tiny_llama, sampling: dict) -> None:

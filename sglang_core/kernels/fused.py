@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_core.kernels import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
 
 
@@ -36,6 +37,7 @@ def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hid
              mask=ok)
 
 
+@opaque_to_compiler
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that."""
@@ -63,6 +65,7 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, width, BLOCK: tl.constexpr,
              mask=ok)
 
 
+@opaque_to_compiler
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :w]) * x[..., w:]`` with ``w`` half the last dimension."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -94,6 +97,7 @@ def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_hea
     tl.store(base + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
 
 
+@opaque_to_compiler
 def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    rotary_dim: int) -> None:
     """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place.
@@ -123,6 +127,7 @@ def _store_kv_kernel(K, V, KBuf, VBuf, Slots, stride_k, stride_v, stride_kb, str
     tl.store(VBuf + slot * stride_vb + cols, v.to(VBuf.dtype.element_ty), mask=ok)
 
 
+@opaque_to_compiler
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
              slots: torch.Tensor) -> None:
     """``k_buffer[slots] = k; v_buffer[slots] = v`` in one launch. k/v: [T, kv_heads, head_dim]

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_core.kernels import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_launch_next, pdl_wait
 
 ENABLED = True  # benchmarks switch it off to measure cuBLAS beside it
@@ -52,6 +53,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[-1] == weight.shape[1])
 
 
+@opaque_to_compiler
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a one-row ``x`` (see ``fits``)."""
     n, k = weight.shape

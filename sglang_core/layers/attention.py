@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sglang_core.kernels import opaque_to_compiler
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 
@@ -103,4 +104,10 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return batch.attn_backend.forward(q, k, v, self, batch)
+        return _run_backend(q, k, v, self, batch)
+
+
+@opaque_to_compiler  # a backend's kernels (any plugin's) run as they are inside compiled code
+def _run_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                 batch: ForwardBatch) -> torch.Tensor:
+    return batch.attn_backend.forward(q, k, v, layer, batch)

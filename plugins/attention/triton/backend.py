@@ -62,9 +62,11 @@ class TritonBackend(AttentionBackend):
     def _plan_shared(self, batch: ForwardBatch) -> None:
         """Fill the cascade buffers from the batch's groups, in tiles of SHARED_MEMBERS requests."""
         shared = self._shared
-        kv_start = torch.zeros(shared.kv_start.shape, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
-        lens = torch.zeros(shared.lens.shape, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
-        members = torch.full(shared.members.shape, -1, dtype=torch.int32, pin_memory=shared.kv_start.is_cuda)
+        # Host staging buffers (device="cpu" said outright: a default device of cuda must not move them).
+        host = dict(dtype=torch.int32, device="cpu", pin_memory=shared.kv_start.is_cuda)
+        kv_start = torch.zeros(shared.kv_start.shape, **host)
+        lens = torch.zeros(shared.lens.shape, **host)
+        members = torch.full(shared.members.shape, -1, **host)
         tiles = [(length, rows[i:i + SHARED_MEMBERS]) for length, rows in batch.shared_prefixes
                  for i in range(0, len(rows), SHARED_MEMBERS)]
         tiles = [(length, rows) for length, rows in tiles if len(rows) > 1][:lens.shape[0]]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, in one device call: install the carried wheels and this project, restore
+# FlashInfer's just-in-time kernel cache, run the given command, and hand the cache back in $OUT
+# (with whatever this run compiled) so the next call loads instead of compiling (60-90 s a kernel).
+#
+# Here, once: bash ../shared/gpu/fetch-wheels.sh && bash ../shared/gpu/fetch-wheels.sh --deps . jsonschema
+#             mkdir -p .ficache && cp ../shared/gpu/ficache/*.tgz .ficache/
+# Each call:  carry [".whl", ".ficache"], command `bash benchmarks/gpu_run.sh python3 -m pytest -q -m gpu`
+# Afterwards: copy the returned ficache-*.tgz.* pieces into .ficache/ (replacing older ones).
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+mkdir -p ~/.cache
+for f in .ficache/*.tgz; do [ -e "$f" ] && tar xzf "$f" -C ~/.cache; done
+if compgen -G ".ficache/ficache-*.tgz.*" >/dev/null; then cat .ficache/ficache-*.tgz.* | tar xzf - -C ~/.cache; fi
+"$@"
+rc=$?
+if [ -n "${OUT:-}" ] && [ -d ~/.cache/flashinfer ]; then  # pieces under the 16 MiB a returned file may have
+    tar czf - -C ~/.cache flashinfer | split -b 15m - "$OUT/ficache-$(date +%Y%m%d).tgz."
+fi
+exit $rc

@@ -146,7 +146,8 @@ def test_admission_counts_sequences_in_flight():
         with ctx.admission(2):
             assert ctx.sequences_in_flight == 6
     assert (ctx.in_flight, ctx.sequences_in_flight) == (0, 0)
-    with pytest.raises(ValueError, match=r"^n: the request asks for 5 output sequences .* at most 4"):
+    with pytest.raises(ValueError, match=r"^n: the request asks for 5 output sequences .* at most 4 per request "
+                                         r"\(--max-sequences-per-request\)"):
         with ctx.admission(5, "n"):
             pass
     assert ctx.sequences_in_flight == 0
@@ -155,7 +156,8 @@ def test_admission_counts_sequences_in_flight():
 def test_a_request_larger_than_the_in_flight_limit_is_a_400_not_a_503():
     ctx = context(max_queued_requests=3, max_sequences_per_request=8)
     assert ctx.sequence_limit == 3
-    with pytest.raises(ValueError, match=r"^prompt: .* at most 3"), ctx.admission(4):
+    with pytest.raises(ValueError, match=r"^prompt: .* at most 3 per request \(--max-queued-requests\)"), \
+            ctx.admission(4):
         pass
 
 

@@ -62,8 +62,11 @@ class ServerContext:
         """Refuse a request of more output sequences than ``sequence_limit`` with a ValueError
         (400) naming ``field``, the request field to make smaller."""
         if sequences > self.sequence_limit:
+            settings = self.settings
+            flag = ("--max-sequences-per-request" if settings.max_sequences_per_request <= settings.max_queued_requests
+                    else "--max-queued-requests")
             raise ValueError(f"{field}: the request asks for {sequences} output sequences (prompts x n); this "
-                             f"server takes at most {self.sequence_limit} per request (--max-sequences-per-request)")
+                             f"server takes at most {self.sequence_limit} per request ({flag})")
 
     @contextlib.contextmanager
     def admission(self, sequences: int = 1, field: str = "prompt") -> Iterator[None]:

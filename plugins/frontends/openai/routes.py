@@ -133,7 +133,8 @@ async def respond(ctx: ServerContext, request: Request, req: SamplingRequest, sh
     for i, job in enumerate(plan.jobs):
         job["rid"] = f"{head['id']}-{i}"  # names the engine request in logs and aborts
     if req.stream:
-        events = ctx.admitted(event_stream(ctx, shape, head, plan, req.include_usage), len(plan.jobs), plan.size_field)
+        events = ctx.admitted(event_stream(ctx, shape, head, plan, req.include_usage),
+                              len(plan.jobs), plan.size_field)
         await anext(events)  # takes admission: a 400 or 503 goes out now, before the stream's 200
         return StreamingResponse(events, media_type="text/event-stream")
     with ctx.admission(len(plan.jobs), plan.size_field):

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tqdm import tqdm
 
+from sglang_core.engine_args import engine_from_args
+
 if TYPE_CHECKING:
     from sglang_core.engine import Engine
 
@@ -137,12 +139,10 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
-    from sglang_core.cli import _engine
-
     batch_sizes = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("batch_size: give positive integers, comma-separated")
-    engine = _engine(args)
+    engine = engine_from_args(args)
     try:
         rows = []
         for bs in tqdm(batch_sizes, desc="batch sizes", disable=len(batch_sizes) == 1):
@@ -157,9 +157,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
-    from sglang_core.cli import _engine
-
-    engine = _engine(args)
+    engine = engine_from_args(args)
     try:
         prompts, output_lens = offline_workload(engine.info.vocab_size, args.num_prompts,
                                                 (args.input_len_min, args.input_len_max),

@@ -5,6 +5,10 @@ file, or generated shared-prefix groups (a long system prompt shared by each gro
 Arrivals follow a Poisson process at ``--request-rate`` (``inf``: all at once), optionally capped
 by ``--max-concurrency``. Backends: our native ``/generate`` or any OpenAI-compatible
 ``/v1/completions``.
+
+Each run draws fresh prompts (and warm-up prompts apart from them) unless ``--seed`` repeats an
+earlier run's, so a second run against the same server is not served from its prefix cache; the
+report gives the seed and the prompt tokens the server took from its cache.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class RequestResult:
     ok: bool
     input_len: int
     output_len: int = 0
+    cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache, if it says
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -111,7 +116,7 @@ async def send_native(client, base_url, req: BenchRequest, headers, ignore_eos: 
     body = {"input_ids": req.input_ids, "stream": True,
             "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "temperature": 0}}
     return await _timed(_sse(client, f"{base_url}/generate", body, headers), req,
-                        tokens=lambda chunk: chunk["meta_info"]["completion_tokens"])
+                        counts=lambda chunk: (chunk["meta_info"]["completion_tokens"], chunk["meta_info"]["cached_tokens"]))
 
 
 async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
@@ -120,11 +125,16 @@ async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
             "stream_options": {"include_usage": True}}
     if ignore_eos:  # an extension (ours, SGLang's, vLLM's); servers that reject unknown fields need it left out
         body["ignore_eos"] = True
-    return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req,
-                        tokens=lambda chunk: (chunk.get("usage") or {}).get("completion_tokens"))
+    return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req, counts=_openai_counts)
 
 
-async def _timed(chunks, req: BenchRequest, tokens) -> RequestResult:
+def _openai_counts(chunk: dict) -> tuple[int | None, int | None]:
+    usage = chunk.get("usage") or {}
+    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+
+
+async def _timed(chunks, req: BenchRequest, counts) -> RequestResult:
+    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far, or None."""
     result = RequestResult(ok=False, input_len=len(req.input_ids))
     start = last = time.perf_counter()
     try:
@@ -135,9 +145,11 @@ async def _timed(chunks, req: BenchRequest, tokens) -> RequestResult:
             else:
                 result.itl.append(now - last)
             last = now
-            count = tokens(chunk)
-            if count is not None:
-                result.output_len = count
+            generated, cached = counts(chunk)
+            if generated is not None:
+                result.output_len = generated
+            if cached is not None:
+                result.cached_tokens = cached
         result.e2e = time.perf_counter() - start
         result.ok = True
     except Exception as exc:  # one failed request is reported, not fatal
@@ -147,11 +159,46 @@ async def _timed(chunks, req: BenchRequest, tokens) -> RequestResult:
 
 # ---- the run --------------------------------------------------------------------------------
 
+# Servers close idle keep-alive connections after a few seconds (uvicorn: 5 s by default); a client
+# that keeps one as long (httpx's default is also 5 s) may send a request just as the server closes
+# it, which fails. Dropping idle connections sooner avoids that race.
+CLIENT_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
+
+
+@dataclass
+class Workload:
+    seed: int  # the seed that draws these prompts again (``--seed``)
+    warmup: list[BenchRequest]  # not measured, and sharing no prompt with ``requests``
+    requests: list[BenchRequest]
+
+
+def workload(args: argparse.Namespace, tokenizer) -> Workload:
+    """The run's prompts: from ``--seed``, or from a fresh seed, so that no two runs send the same ones."""
+    seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
+    if args.dataset == "random":
+        requests = random_dataset(tokenizer, args.num_prompts, args.random_input_len, args.random_output_len,
+                                  args.random_range_ratio, seed)
+    elif args.dataset == "sharegpt":
+        if not args.dataset_path:
+            raise ValueError("dataset-path: required for the sharegpt dataset")
+        requests = sharegpt_dataset(tokenizer, args.dataset_path, args.num_prompts, seed)
+    else:
+        requests = shared_prefix_dataset(tokenizer, args.sp_groups, args.sp_prompts_per_group, args.sp_system_len,
+                                         args.sp_question_len, args.sp_output_len, seed)
+    if not requests:
+        raise ValueError("num-prompts: the dataset gave no requests")
+    # Random prompts as long as the first request warm the server up without putting a measured
+    # prompt (or shared prefix) in its cache. A negative seed is never a measured run's (fresh
+    # seeds and the usual --seed values are >= 0).
+    first = requests[0]
+    warmup = random_dataset(tokenizer, args.warmup_requests, len(first.input_ids), first.output_len, 1.0, -1 - seed)
+    return Workload(seed, warmup, requests)
+
+
 async def run(requests: list[BenchRequest], send, request_rate: float, max_concurrency: int | None,
-              warmup: int, seed: int, progress: bool = True) -> tuple[list[RequestResult], float]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        for req in requests[:warmup]:
+              warmup: list[BenchRequest], seed: int, progress: bool = True) -> tuple[list[RequestResult], float]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=CLIENT_LIMITS) as client:
+        for req in warmup:
             await send(client, req)
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         bar = tqdm(total=len(requests), desc="requests", disable=not progress)
@@ -189,6 +236,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
                 "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
     tpot = [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
     return {
         "completed": len(ok),
         "failed": len(results) - len(ok),
@@ -197,6 +245,10 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "request_throughput": len(ok) / duration,
         "input_throughput": sum(r.input_len for r in ok) / duration,
         "output_throughput": sum(r.output_len for r in ok) / duration,
+        "input_tokens": sum(r.input_len for r in ok),
+        # A cached prompt costs the server little: a high share here means the figures above are
+        # not those of fresh traffic. None: the server did not report it.
+        "cached_prompt_tokens": sum(cached) if cached else None,
         "output_tokens": sum(r.output_len for r in ok),
         "ttft": stats([r.ttft for r in ok]),
         "tpot": stats(tpot),
@@ -225,7 +277,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup-requests", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="draw the prompts of the run with this seed, as reported by an earlier run "
+                        "(default: a fresh seed, so that no prompt of an earlier run is sent again)")
     p.add_argument("--disable-ignore-eos", action="store_true",
                    help="let requests stop at EOS (for servers that reject `ignore_eos`)")
     p.add_argument("--result-file", default=None, help="append the JSON result as one line")
@@ -238,17 +292,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         from sglang_core.weights.default_model import default_model_path
 
         args.tokenizer = str(default_model_path())
-    tokenizer = load_tokenizer(args.tokenizer)
-    if args.dataset == "random":
-        requests = random_dataset(tokenizer, args.num_prompts, args.random_input_len, args.random_output_len,
-                                  args.random_range_ratio, args.seed)
-    elif args.dataset == "sharegpt":
-        if not args.dataset_path:
-            raise ValueError("dataset-path: required for the sharegpt dataset")
-        requests = sharegpt_dataset(tokenizer, args.dataset_path, args.num_prompts, args.seed)
-    else:
-        requests = shared_prefix_dataset(tokenizer, args.sp_groups, args.sp_prompts_per_group, args.sp_system_len,
-                                         args.sp_question_len, args.sp_output_len, args.seed)
+    work = workload(args, load_tokenizer(args.tokenizer))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.base_url.rstrip("/")
     if args.backend == "native":
@@ -260,10 +304,11 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         async def send(client, req):
             return await send_openai(client, base, req, headers, model, not args.disable_ignore_eos)
 
-    results, duration = asyncio.run(run(requests, send, args.request_rate, args.max_concurrency,
-                                        args.warmup_requests, args.seed))
-    summary = summarize(results, duration)
-    record = {"config": {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}, **summary}
+    results, duration = asyncio.run(run(work.requests, send, args.request_rate, args.max_concurrency,
+                                        work.warmup, work.seed))
+    summary = {"seed": work.seed, **summarize(results, duration)}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
+    record = {"config": {**config, "seed": work.seed}, **summary}
     print(json.dumps(summary, indent=2))
     if args.result_file:
         with open(args.result_file, "a") as f:

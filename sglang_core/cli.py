@@ -8,17 +8,11 @@ import sys
 from typing import Callable
 
 from sglang_core.config import EngineSettings
-
-
-def _engine(args: argparse.Namespace, **overrides):
-    from sglang_core.engine import Engine
-
-    settings = EngineSettings.from_args(args, **overrides).model_dump(exclude_unset=True)
-    return Engine(**settings)
+from sglang_core.engine_args import engine_from_args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = _engine(args)
+    engine = engine_from_args(args)
     try:
         params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
         prompt = args.prompt

@@ -18,14 +18,26 @@ _TOKEN_ID_KEY = re.compile(r"-?\d+")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _int(name: str, value: Any) -> int:
+def _integer(name: str, value: Any) -> int:
     # bool is an int subclass; `"top_k": true` is a client bug, not 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def _int(name: str, value: Any) -> int:
+    value = _integer(name, value)
     # Every integer crosses to the engine process and into tensors as int64.
     if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"{name}: {value} is outside the 64-bit integer range")
-    return int(value)
+    return value
+
+
+def _seed(name: str, value: Any) -> int:
+    # The sampler seeds its generator with the seed mod 2**64, so wrapping any integer into the
+    # int64 range the engine carries keeps its stream; and choice j of a request, seeded
+    # ``seed + j``, stays valid and distinct even from seed 2**63 - 1.
+    return (_integer(name, value) - INT64_MIN) % 2**64 + INT64_MIN
 
 
 def _float(name: str, value: Any) -> float:
@@ -114,7 +126,7 @@ class SamplingParams:
     skip_special_tokens: bool = _param(True, _bool)
     spaces_between_special_tokens: bool = _param(True, _bool)
     n: int = _param(1, _int)
-    seed: int | None = _param(None, _optional(_int))
+    seed: int | None = _param(None, _optional(_seed))  # any integer, taken mod 2**64
     # Keys may be digit strings ("50256"), as OpenAI sends them; they become ints.
     logit_bias: dict[int, float] | None = _param(None, _optional(_logit_bias))
     # Free-form settings for third-party logits processors.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 
 from starlette.requests import Request
 
@@ -31,7 +31,8 @@ class ServerContext:
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine | None = None  # set once the engine has started
-        self.in_flight = 0
+        self.in_flight = 0  # requests
+        self.sequences_in_flight = 0  # their output sequences (prompts x n): what admission limits
         self.peak_in_flight = 0  # the most requests in flight at once since the last reset_peak()
         # Path prefix -> the error envelope its clients expect; OpenAI's everywhere else.
         self.error_shapes: dict[str, ErrorShape] = {}
@@ -51,17 +52,50 @@ class ServerContext:
                 return shape(status, message, param)
         return error_body(status, message, param)
 
+    @property
+    def sequence_limit(self) -> int:
+        """The most output sequences one request may ask for: ``max_sequences_per_request``, and
+        never more than may be in flight at once (such a request could never be admitted)."""
+        return min(self.settings.max_sequences_per_request, self.settings.max_queued_requests)
+
+    def check_sequences(self, sequences: int, field: str) -> None:
+        """Refuse a request of more output sequences than ``sequence_limit`` with a ValueError
+        (400) naming ``field``, the request field to make smaller."""
+        if sequences > self.sequence_limit:
+            settings = self.settings
+            flag = ("--max-sequences-per-request" if settings.max_sequences_per_request <= settings.max_queued_requests
+                    else "--max-queued-requests")
+            raise ValueError(f"{field}: the request asks for {sequences} output sequences (prompts x n); this "
+                             f"server takes at most {self.sequence_limit} per request ({flag})")
+
     @contextlib.contextmanager
-    def admission(self):
-        """Count a request in flight; refuse it (503) past ``max_queued_requests``."""
-        if self.in_flight >= self.settings.max_queued_requests:
-            raise Overloaded(f"the server has {self.in_flight} requests in flight; try again later")
+    def admission(self, sequences: int = 1, field: str = "prompt") -> Iterator[None]:
+        """Count a request of ``sequences`` output sequences (prompts x n) in flight. Too many for
+        one request: ValueError naming ``field`` (400); more than ``max_queued_requests``
+        sequences in flight with it: Overloaded (503)."""
+        self.check_sequences(sequences, field)
+        if self.sequences_in_flight + sequences > self.settings.max_queued_requests:
+            raise Overloaded(f"the server has {self.sequences_in_flight} sequences in flight (at most "
+                             f"{self.settings.max_queued_requests}); try again later")
         self.in_flight += 1
+        self.sequences_in_flight += sequences
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.sequences_in_flight -= sequences
+
+    async def admitted(self, events: AsyncIterator[str], sequences: int = 1,
+                       field: str = "prompt") -> AsyncIterator[str]:
+        """A streamed response's ``events`` under ``admission``, held until they end or are closed.
+        The first item is ``""``, once admission is taken: the route awaits it, so a refusal is
+        answered (400 or 503) before the stream's 200."""
+        with self.admission(sequences, field):
+            yield ""
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
 
     def reset_peak(self) -> int:
         """Start a new peak measurement from the requests in flight now; return the old peak."""

@@ -30,7 +30,8 @@ def serve(settings: ServerSettings) -> int:
     # uvicorn handles SIGTERM/SIGINT: stop accepting, wait for in-flight requests up to the drain
     # timeout, then run the lifespan shutdown, which stops the engine process.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
+                            timeout_graceful_shutdown=settings.drain_timeout_s,
+                            timeout_keep_alive=settings.timeout_keep_alive_s, lifespan="on")
     server = _Server(config)
     server.run()
     return 0 if server.started else 1

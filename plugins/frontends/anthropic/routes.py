@@ -58,7 +58,7 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
         job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
         if req.stream:
-            events = event_stream(ctx, head, job)
+            events = ctx.admitted(event_stream(ctx, head, job))  # one sequence: Anthropic has no n
             await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
             return StreamingResponse(events, media_type="text/event-stream")
         with ctx.admission():
@@ -102,33 +102,31 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
 async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, Any]) -> AsyncIterator[str]:
     """Anthropic's streaming events for one text block: ``message_start``, ``content_block_start``,
     ``ping``, ``content_block_delta``..., ``content_block_stop``, ``message_delta`` (stop reason,
-    output tokens), ``message_stop``; an ``error`` event if it fails once the 200 is out. The first
-    (empty) item is taken by the route; closing the stream early aborts the engine request."""
-    with ctx.admission():
-        yield ""
-        try:
-            start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
-                     "usage": usage(len(job["input_ids"]), 0)}
-            yield _event({"type": "message_start", "message": start})
-            yield _event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-            yield _event({"type": "ping"})
-            async with contextlib.aclosing(ctx.stream(**job)) as chunks:
-                async for chunk in chunks:
-                    reason = finish_reason(chunk)
-                    if chunk["text"]:
-                        yield _event({"type": "content_block_delta", "index": 0,
-                                      "delta": {"type": "text_delta", "text": chunk["text"]}})
-            yield _event({"type": "content_block_stop", "index": 0})
-            yield _event({"type": "message_delta", "delta": stop_fields(reason),
-                          "usage": {"output_tokens": chunk["meta_info"]["completion_tokens"]}})
-            yield _event({"type": "message_stop"})
-        except RequestAborted as exc:
-            yield _event(error_body(500, f"the request was aborted: {exc}"))
-        except ValueError as exc:  # bad input the engine found (a regex it cannot compile): the client's fault
-            yield _event(error_body(400, str(exc)))
-        except Exception as exc:  # the 200 is out: report the error in the stream
-            logger.exception("streamed message failed")
-            yield _event(error_body(500, f"internal error: {exc}"))
+    output tokens), ``message_stop``; an ``error`` event if it fails once the 200 is out. Closing
+    the stream early aborts the engine request."""
+    try:
+        start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": usage(len(job["input_ids"]), 0)}
+        yield _event({"type": "message_start", "message": start})
+        yield _event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        yield _event({"type": "ping"})
+        async with contextlib.aclosing(ctx.stream(**job)) as chunks:
+            async for chunk in chunks:
+                reason = finish_reason(chunk)
+                if chunk["text"]:
+                    yield _event({"type": "content_block_delta", "index": 0,
+                                  "delta": {"type": "text_delta", "text": chunk["text"]}})
+        yield _event({"type": "content_block_stop", "index": 0})
+        yield _event({"type": "message_delta", "delta": stop_fields(reason),
+                      "usage": {"output_tokens": chunk["meta_info"]["completion_tokens"]}})
+        yield _event({"type": "message_stop"})
+    except RequestAborted as exc:
+        yield _event(error_body(500, f"the request was aborted: {exc}"))
+    except ValueError as exc:  # bad input the engine found (a regex it cannot compile): the client's fault
+        yield _event(error_body(400, str(exc)))
+    except Exception as exc:  # the 200 is out: report the error in the stream
+        logger.exception("streamed message failed")
+        yield _event(error_body(500, f"internal error: {exc}"))
 
 
 def _event(data: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
                     await stream.close()
                     raise
                 return GenerateStreamResponse(stream)
-            with ctx.admission():
+            with ctx.admission(len(parsed.jobs)):
                 results = await ctx.until_disconnect(request, _complete_all(ctx, parsed.jobs))
         items = [response_item(r) for r in results]
         return JSONResponse(items[0] if parsed.single else items)

@@ -34,7 +34,7 @@ class GenerateStream:
     def __init__(self, ctx: ServerContext, jobs: list[Job]):
         self.jobs = jobs
         self.resources = contextlib.ExitStack()
-        self.resources.enter_context(ctx.admission())
+        self.resources.enter_context(ctx.admission(len(jobs)))
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.early: collections.deque[Event] = collections.deque()
         self.tasks = [asyncio.ensure_future(self._pump(ctx, i, job)) for i, job in enumerate(jobs)]

@@ -41,6 +41,7 @@ class Plan:
     choices: list[Choice]
     jobs: list[dict[str, Any]]
     n: int
+    size_field: str = "n"  # the field a request of too many sequences (prompts x n) is told to shrink
 
 
 def mount(app: FastAPI, ctx: ServerContext) -> None:
@@ -79,7 +80,9 @@ def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
     prompts = [req.prompt] if isinstance(req.prompt, str) or _is_token_list(req.prompt) else req.prompt
     if not prompts:
         raise ValueError("prompt: must not be empty")
-    plan = Plan([], [], req.n)
+    size_field = "prompt" if len(prompts) > ctx.sequence_limit else "n"
+    ctx.check_sequences(len(prompts) * req.n, size_field)  # before tokenizing them all
+    plan = Plan([], [], req.n, size_field)
     for prompt in prompts:
         ids = prompt
         if isinstance(prompt, str):
@@ -113,8 +116,7 @@ def _add_choices(plan: Plan, req: SamplingRequest, ids: list[int], params: dict[
     for j in range(req.n):
         index = len(plan.choices)
         plan.choices.append(Choice(index, logprobs=logprobs, echo=echo, echo_logprobs=bool(echo) and logprobs))
-        # The sampler seeds with the value mod 2**64 anyway; reducing it here keeps any JSON int sendable.
-        seed = None if req.seed is None else (req.seed + j) % 2**64
+        seed = None if req.seed is None else req.seed + j  # SamplingParams wraps it into int64
         plan.jobs.append({
             "input_ids": ids, "sampling_params": {**params, "seed": seed}, "return_logprob": logprobs,
             "logprob_start_len": 0 if echo and logprobs else -1, "top_logprobs_num": top_logprobs or 0,
@@ -131,10 +133,11 @@ async def respond(ctx: ServerContext, request: Request, req: SamplingRequest, sh
     for i, job in enumerate(plan.jobs):
         job["rid"] = f"{head['id']}-{i}"  # names the engine request in logs and aborts
     if req.stream:
-        events = event_stream(ctx, shape, head, plan, req.include_usage)
-        await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
+        events = ctx.admitted(event_stream(ctx, shape, head, plan, req.include_usage),
+                              len(plan.jobs), plan.size_field)
+        await anext(events)  # takes admission: a 400 or 503 goes out now, before the stream's 200
         return StreamingResponse(events, media_type="text/event-stream")
-    with ctx.admission():
+    with ctx.admission(len(plan.jobs), plan.size_field):
         try:
             await ctx.until_disconnect(request, _run(ctx, plan))
         except RequestAborted as exc:
@@ -151,31 +154,29 @@ async def _run(ctx: ServerContext, plan: Plan) -> None:
 
 async def event_stream(ctx: ServerContext, shape: ChatShape | CompletionShape, head: dict[str, Any], plan: Plan,
                        include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shapes, ending with ``[DONE]``. The first (empty)
-    item is taken by ``respond``; closing the stream early ends the engine requests."""
+    """Server-sent events in OpenAI's chunk shapes, ending with ``[DONE]``; closing the stream
+    early ends the engine requests."""
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return _sse({**head, "object": shape.chunk_object, "choices": choices, **extra})
 
-    with ctx.admission():
-        yield ""
-        try:
-            for choice in plan.choices:
-                if (opening := shape.opening(choice)) is not None:
-                    yield event([opening])
-            async with contextlib.aclosing(merged(ctx, plan.jobs)) as chunks:
-                async for index, chunk in chunks:
-                    choice = plan.choices[index]
-                    delta = choice.update(chunk)
-                    if delta.text or delta.logprobs:
-                        yield event([shape.delta(choice, delta.text, delta.logprobs)])
-                    if delta.finish_reason is not None:
-                        yield event([shape.delta(choice, None, [], delta.finish_reason)])
-            if include_usage:
-                yield event([], usage=usage(plan.choices, plan.n))
-        except Exception as exc:  # the 200 is out: report the error in the stream
-            yield _sse(_stream_error(exc))
-        yield "data: [DONE]\n\n"
+    try:
+        for choice in plan.choices:
+            if (opening := shape.opening(choice)) is not None:
+                yield event([opening])
+        async with contextlib.aclosing(merged(ctx, plan.jobs)) as chunks:
+            async for index, chunk in chunks:
+                choice = plan.choices[index]
+                delta = choice.update(chunk)
+                if delta.text or delta.logprobs:
+                    yield event([shape.delta(choice, delta.text, delta.logprobs)])
+                if delta.finish_reason is not None:
+                    yield event([shape.delta(choice, None, [], delta.finish_reason)])
+        if include_usage:
+            yield event([], usage=usage(plan.choices, plan.n))
+    except Exception as exc:  # the 200 is out: report the error in the stream
+        yield _sse(_stream_error(exc))
+    yield "data: [DONE]\n\n"
 
 
 def _stream_error(exc: Exception) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""No import circles among the core's and the bundled plugins' modules.
+
+The graph is read from the source (``ast``), not by importing: an edge for every import statement,
+at module level or deferred inside a function (a deferred import closes a circle just the same once
+both functions run), except those under ``if TYPE_CHECKING:``, which never run.
+``from package import name`` is an edge to ``package.name`` when that is a module. The implicit
+import of a module's parent packages is not an edge: a package's ``__init__`` may import its own
+submodules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROOTS = {"sglang_core": REPO / "sglang_core", "sglang_plugins": REPO / "plugins"}
+
+
+def module_files() -> dict[str, Path]:
+    modules = {}
+    for package, folder in ROOTS.items():
+        for path in folder.rglob("*.py"):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imported_modules(tree: ast.Module, module: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The ``modules`` that the import statements of ``tree`` (the source of ``module``) import."""
+    found: set[str] = set()
+
+    def add(name: str) -> None:  # the longest known module that ``name`` starts with
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+
+    def visit(nodes: list[ast.AST]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = module.split(".")
+                    package = package[:len(package) - node.level + (1 if is_package else 0)]
+                    base = ".".join(package + ([base] if base else []))
+                for alias in node.names:  # ``from package import submodule`` or ``from module import name``
+                    add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+            visit(list(ast.iter_child_nodes(node)))
+
+    visit(tree.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {module: imported_modules(ast.parse(path.read_text()), module, path.name == "__init__.py", set(modules))
+            for module, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path that ends where it starts, or None (depth-first search)."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once fully explored
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_counts_deferred_imports_and_skips_type_checking_ones():
+    sources = {
+        "sglang_core.a": "import sglang_core.b.x\n",
+        "sglang_core.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sglang_core.a\n"
+                         "else:\n    from .. import c\n",
+        "sglang_core.b.x": "def f():\n    from sglang_core.c import name\n",
+        "sglang_core.c": "",
+    }
+    graph = {m: imported_modules(ast.parse(text), m, m == "sglang_core.b", set(sources)) for m, text in sources.items()}
+    assert graph == {"sglang_core.a": {"sglang_core.b.x"}, "sglang_core.b": {"sglang_core.c"},
+                     "sglang_core.b.x": {"sglang_core.c"}, "sglang_core.c": set()}
+    assert find_cycle(graph) is None
+    graph["sglang_core.c"] = {"sglang_core.a"}
+    assert find_cycle(graph) == ["sglang_core.a", "sglang_core.b.x", "sglang_core.c", "sglang_core.a"]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert {"sglang_core.cli", "sglang_core.bench", "sglang_core.layers.attention",
+            "sglang_plugins.frontends.openai.routes"} <= set(graph)
+    assert "sglang_core.bench" in graph["sglang_core.cli"]  # imported inside build_parser: deferred imports count
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)

@@ -9,12 +9,6 @@ import torch.nn.functional as F
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-# Kernel launchers run eagerly inside ``torch.compile``d code (``--enable-torch-compile``): Dynamo
-# stops its graph at them and calls them as they are. Inductor cannot re-trace our Triton kernels
-# (they call @triton.jit helpers and launch with programmatic dependent launch), and tracing them
-# would gain nothing: they are already fused. Inside a captured CUDA graph the break costs nothing.
-opaque_to_compiler = torch.compiler.disable
-
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether a layer should run its fused Triton kernel on ``x`` (CUDA tensors only: on CPU

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_core.kernels import opaque_to_compiler
+from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_launch_next, pdl_wait
 
 ENABLED = True  # benchmarks switch it off to measure cuBLAS beside it

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sglang_core.kernels import opaque_to_compiler
+from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 

@@ -10,6 +10,7 @@ random Phi-3 and GPT-J models run end to end (our fused kernel included, in Trit
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 from unittest import mock
 
@@ -39,15 +40,18 @@ from sglang_core.layers.rotary import (
     yarn_softmax_scale,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT32 = dict(atol=1e-5, rtol=1e-5)
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=97,
             num_hidden_layers=1)
 
 
 def fused_path(module: torch.nn.Module, *args):
-    """The layer's fused-kernel branch on any device (Triton's interpreter on CPU)."""
+    """The layer's fused-kernel branch: on the GPU where there is one, else in Triton's interpreter."""
+    module = copy.deepcopy(module).to(DEVICE)
     with mock.patch(f"{type(module).forward.__module__}.use_fused", return_value=True):
-        return module(*args)
+        out = module(*(arg.to(DEVICE) for arg in args))
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
 
 
 def qk(tokens: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Fused Triton kernels for the per-token work between matmuls: RMSNorm and LayerNorm (with the
-residual add), SiLU- and GELU-and-mul, rotary embedding (both layouts) and the KV-cache write. Each replaces several small PyTorch kernels with one launch,
-which is most of what a decode step at small batch spends outside the matmuls.
+residual add), SiLU- and GELU-and-mul, rotary embedding (both layouts) and the KV-cache write.
+Each replaces several small PyTorch kernels with one launch, which is most of what a decode step
+at small batch spends outside the matmuls.
 
 Each matches the PyTorch path of its layer (``sglang_core/layers``) in rounding: float32
 inside, rounded to the input dtype where the PyTorch code rounds. The layers call these on CUDA

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_core.layers.activation import SiluAndMul
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.activation import GeluAndMul, SiluAndMul
+from sglang_core.layers.norm import LayerNorm, RMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
@@ -49,6 +49,39 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 96])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm(dtype: torch.dtype, hidden: int, with_bias: bool, with_residual: bool) -> None:
+    torch.manual_seed(hidden)
+    norm = LayerNorm(hidden, 1e-5, with_bias, dtype).to(DEVICE)
+    norm.weight.data = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    if with_bias:
+        norm.bias.data = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    x = torch.randn(7, hidden, dtype=dtype, device=DEVICE) * 3 + 2  # a non-zero mean to remove
+    residual = torch.randn(7, hidden, dtype=dtype, device=DEVICE) if with_residual else None
+    if residual is None:
+        expected = torch_path(norm, x)
+        got = fused.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    else:
+        expected, expected_residual = torch_path(norm, x, residual.clone())
+        got = fused.layer_norm(x, norm.weight, norm.bias, norm.eps, residual)
+        torch.testing.assert_close(residual, expected_residual, **TOLERANCE[dtype])
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 1100])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_mul(dtype: torch.dtype, width: int, approximate: str) -> None:
+    torch.manual_seed(width)
+    x = torch.randn(5, 2 * width, dtype=dtype, device=DEVICE) * 4
+    expected = torch_path(GeluAndMul(approximate), x)
+    torch.testing.assert_close(fused.gelu_and_mul(x, approximate), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [64, 1536, 1100])
 def test_silu_and_mul(dtype: torch.dtype, width: int) -> None:
     torch.manual_seed(width)
@@ -75,6 +108,28 @@ def test_rotary(dtype: torch.dtype, head_dim: int, rotary_dim: int | None) -> No
         fused.rotary_inplace(x, positions, rope.cos_cache[:, :half], rope.sin_cache[:, :half], rope.rotary_dim)
     torch.testing.assert_close(q, expected_q, **TOLERANCE[dtype])
     torch.testing.assert_close(k, expected_k, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, None), (80, 32)])
+def test_rotary_interleaved(dtype: torch.dtype, head_dim: int, rotary_dim: int | None) -> None:
+    """GPT-J's layout (pairs of neighbouring dims), whole and partial, through the layer's fused path."""
+    torch.manual_seed(head_dim)
+    rope = RotaryEmbedding(head_dim, 2048, 10000.0, {"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 512},
+                           rotary_dim, interleaved=True).to(DEVICE)
+    tokens, heads, kv_heads = 6, 3, 1
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 1, 511, 512, 1500, 2047], device=DEVICE)
+    expected_q, expected_k = torch_path(rope, positions, q.clone(), k.clone())
+    from unittest import mock
+
+    with mock.patch("sglang_core.layers.rotary.use_fused", return_value=True):
+        got_q, got_k = rope(positions, q, k)
+    torch.testing.assert_close(got_q, expected_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(got_k, expected_k, **TOLERANCE[dtype])
 
 
 def test_rotary_of_fused_qkv_views_in_one_launch() -> None:

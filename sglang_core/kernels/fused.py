@@ -1,6 +1,7 @@
-"""Fused Triton kernels for the per-token work between matmuls: RMSNorm (with the residual add),
-SiLU-and-mul, rotary embedding and the KV-cache write. Each replaces several small PyTorch kernels with one launch,
-which is most of what a decode step at small batch spends outside the matmuls.
+"""Fused Triton kernels for the per-token work between matmuls: RMSNorm and LayerNorm (with the
+residual add), SiLU- and GELU-and-mul, rotary embedding (both layouts) and the KV-cache write.
+Each replaces several small PyTorch kernels with one launch, which is most of what a decode step
+at small batch spends outside the matmuls.
 
 Each matches the PyTorch path of its layer (``sglang_core/layers``) in rounding: float32
 inside, rounded to the input dtype where the PyTorch code rounds. The layers call these on CUDA
@@ -53,33 +54,110 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, width, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _layer_norm_kernel(X, Residual, Weight, Bias, Out, stride_x, stride_r, stride_o, hidden, eps,
+                       HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < hidden
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(X.dtype.element_ty)  # as torch rounds x + r
+        tl.store(Residual + row * stride_r + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, 0) / hidden
+    centred = tl.where(ok, xf - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / hidden + eps)
+    # The affine step stays in float32 and the result is rounded once, as torch's layer_norm does.
+    out = centred * rstd * tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=ok)
+
+
+@opaque_to_compiler
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer_norm(x) * weight + bias``; with ``residual``, first ``residual += x`` (in place) and
+    normalise that. The result has ``x``'s dtype, as ``torch.nn.functional.layer_norm``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
+    hidden = x2.shape[1]
+    block = triton.next_power_of_2(hidden)
+    _layer_norm_kernel[(x2.shape[0],)](x2, res2, weight, bias if bias is not None else weight, out, x2.stride(0),
+                                       res2.stride(0), out.stride(0), hidden, eps,
+                                       HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK=block,
+                                       num_warps=min(max(block // 256, 1), 8), **launch_options(x))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _gelu(x, APPROXIMATE_TANH: tl.constexpr):
+    """GELU of float32 ``x``: exact (erf) or torch's tanh approximation."""
+    if APPROXIMATE_TANH:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) * (x + 0.044715 x^3)
+        # tanh from exp (no tl.tanh on every backend), of -|inner| so that it cannot overflow
+        decay = tl.exp(-2.0 * tl.abs(inner))
+        tanh = (1.0 - decay) / (1.0 + decay)
+        return 0.5 * x * (1.0 + tl.where(inner >= 0, tanh, -tanh))
+    else:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _act_and_mul_kernel(X, Out, stride_x, stride_o, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < width
     gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + width + cols, mask=ok, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACTIVATION == "gelu_tanh":
+        act = _gelu(gate, True)
+    else:
+        act = _gelu(gate, False)
+    # The activation is rounded to the input dtype before the product, as the PyTorch path rounds.
+    act = act.to(up.dtype)
     tl.store(Out + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(Out.dtype.element_ty),
              mask=ok)
+
+
+def _act_and_mul(x: torch.Tensor, activation: str) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    width = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
+    block = 1024
+    _act_and_mul_kernel[(x2.shape[0], triton.cdiv(width, block))](x2, out, x2.stride(0), out.stride(0), width,
+                                                                  ACTIVATION=activation, BLOCK=block, num_warps=4,
+                                                                  **launch_options(x))
+    return out.view(*x.shape[:-1], width)
 
 
 @opaque_to_compiler
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :w]) * x[..., w:]`` with ``w`` half the last dimension."""
-    x2 = x.reshape(-1, x.shape[-1])
-    width = x2.shape[1] // 2
-    out = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
-    block = 1024
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(width, block))](x2, out, x2.stride(0), out.stride(0), width,
-                                                                   BLOCK=block, num_warps=4, **launch_options(x))
-    return out.view(*x.shape[:-1], width)
+    return _act_and_mul(x, "silu")
+
+
+@opaque_to_compiler
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(x[..., :w], approximate) * x[..., w:]`` with ``w`` half the last dimension;
+    ``approximate`` is ``"none"`` (erf) or ``"tanh"``, as in ``torch.nn.functional.gelu``."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: must be 'none' or 'tanh', not {approximate!r}")
+    return _act_and_mul(x, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
 @triton.jit
 def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     token = tl.program_id(0)
     pos = tl.load(Positions + token)
@@ -88,20 +166,28 @@ def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_hea
     ok = (heads[:, None] < num_heads) & (half[None, :] < HALF)
     cos = tl.load(Cos + pos * stride_c + half, mask=half < HALF, other=0.0)
     sin = tl.load(Sin + pos * stride_c + half, mask=half < HALF, other=0.0)
-    base = X + token * stride_xt + heads[:, None] * stride_xh + half[None, :]
-    x1 = tl.load(base, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+    # Frequency i turns the pair (x1, x2) = (i, i + HALF) in the "rotate half" (GPT-NeoX) layout,
+    # (2i, 2i + 1) in the interleaved (GPT-J) one.
+    if INTERLEAVED:
+        first = X + token * stride_xt + heads[:, None] * stride_xh + 2 * half[None, :]
+        second = first + 1
+    else:
+        first = X + token * stride_xt + heads[:, None] * stride_xh + half[None, :]
+        second = first + HALF
+    x1 = tl.load(first, mask=ok, other=0.0)
+    x2 = tl.load(second, mask=ok, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    # "rotate half": [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (cos/sin repeat across halves)
-    tl.store(base, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=ok)
-    tl.store(base + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    tl.store(first, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=ok)
+    tl.store(second, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
 
 
 @opaque_to_compiler
 def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   rotary_dim: int) -> None:
-    """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place.
-    ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32 (the first half of the tables)."""
+                   rotary_dim: int, interleaved: bool = False) -> None:
+    """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place,
+    in the "rotate half" layout or, with ``interleaved``, GPT-J's pairs of neighbours.
+    ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32, one column per frequency."""
     tokens, heads, _ = x.shape
     if tokens == 0:
         return
@@ -110,7 +196,8 @@ def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     half = rotary_dim // 2
     _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
                             HALF=half, BLOCK_H=triton.next_power_of_2(heads),
-                            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **launch_options(x))
+                            BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved, num_warps=4,
+                            **launch_options(x))
 
 
 @triton.jit

@@ -1,4 +1,29 @@
-"""Rotary position embedding with the rope-scaling variants of Hugging Face configs."""
+"""Rotary position embedding with the rope-scaling variants of Hugging Face configs.
+
+Both layouts: "rotate half" (GPT-NeoX, Llama and most checkpoints: frequency ``i`` turns dims
+``i`` and ``i + rotary_dim / 2``) and interleaved (GPT-J: dims ``2i`` and ``2i + 1``); partial
+rotary (only the first ``rotary_dim`` dims of a head turn). Scalings (``rope_type``): ``default``,
+``linear``, ``dynamic``, ``yarn``, ``longrope`` and ``llama3``, computed as
+``transformers.modeling_rope_utils`` does.
+
+Length-dependent scalings. Hugging Face recomputes the frequencies of ``dynamic`` (NTK) and
+``longrope`` from the length of the sequence in each forward pass. Here the cos/sin table is built
+once, for sequences up to ``max_position`` tokens, with the frequencies Hugging Face uses for a
+sequence of that length: ``dynamic`` keeps the unscaled frequencies when ``max_position`` is
+within ``original_max_position_embeddings`` and otherwise stretches the base for a sequence of
+``max_position`` tokens; ``longrope`` takes its ``short_factor`` when ``max_position`` is within
+``original_max_position_embeddings`` and its ``long_factor`` otherwise. So the table equals Hugging
+Face's for any sequence when ``max_position`` is within the original length, and for sequences of
+exactly ``max_position`` tokens beyond it; a shorter sequence beyond the original length turns
+with the frequencies of the longer one. ``rope_from_config(max_position=...)`` sets the length to
+the context the server actually serves.
+
+Multimodal rotary (M-RoPE, Qwen2-VL): positions become [3, T] (temporal, height, width), and each
+band of frequencies (``mrope_section``) takes its cos/sin from the row of its own position
+component. The extension point is ``RotaryEmbedding.cos_sin``: a subclass overrides it to gather
+per-token cos/sin [T, rotary_dim // 2] from positions of its own shape; both the PyTorch path and
+the fused kernel then rotate with those rows. One-dimensional positions index the table directly.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +35,18 @@ from torch import nn
 
 from sglang_core.kernels import use_fused
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# Older spellings of a rope type: Phi-3's first configs said "su"; Qwen2-VL's say "mrope" for the
+# default frequencies split into bands.
+_ROPE_TYPE_ALIASES = {"su": "longrope", "mrope": "default"}
+
+
+def _frequency_exponents(rotary_dim: int) -> torch.Tensor:
+    return torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+
 
 def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    return 1.0 / (base ** _frequency_exponents(rotary_dim))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -29,70 +63,143 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(medium, blended, scaled)
 
 
-def _yarn_inv_freq(inv_freq: torch.Tensor, rotary_dim: int, base: float, scaling: dict[str, Any],
-                   max_pos: int) -> tuple[torch.Tensor, float]:
-    """YaRN: interpolate low frequencies, keep high ones, ramp between; returns the attention factor too."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1 * mscale * ln(factor) + 1`` (1 when not stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones, ramp between; returns the attention factor
+    (the cos/sin multiplier) too: ``mscale / mscale_all_dim`` corrections when both are given
+    (DeepSeek), else YaRN's default for ``factor``."""
     factor = scaling["factor"]
-    old_len = scaling.get("original_max_position_embeddings") or max_pos
-    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+    old_len = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def dim_for(rotations: float) -> float:
         return rotary_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(dim_for(beta_fast)), 0)
-    high = min(math.ceil(dim_for(beta_slow)), rotary_dim - 1)
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
-    inv = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
-    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    powers = base ** _frequency_exponents(rotary_dim)
+    inv = 1.0 / (factor * powers) * (1 - extrapolation) + 1.0 / powers * extrapolation
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
     return inv, attention_factor
 
 
+def _dynamic_ntk_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any], seq_len: int) -> torch.Tensor:
+    """NTK-aware dynamic scaling for a sequence of ``seq_len`` tokens: the base grows with the
+    length beyond ``original_max_position_embeddings``; unchanged within it."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    seq_len = max(seq_len, old_len)
+    stretched = base * ((factor * seq_len / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    return _default_inv_freq(rotary_dim, stretched)
+
+
+def _longrope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any], seq_len: int,
+                       ) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): per-frequency divisors, ``long_factor`` for sequences longer than
+    ``original_max_position_embeddings``, ``short_factor`` otherwise; the attention factor
+    corrects for the overall stretch ``factor`` whichever set is used."""
+    old_len = scaling["original_max_position_embeddings"]
+    divisors = scaling["long_factor"] if seq_len > old_len else scaling["short_factor"]
+    inv = 1.0 / (torch.tensor(divisors, dtype=torch.float32) * base ** _frequency_exponents(rotary_dim))
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        factor = scaling.get("factor") or seq_len / old_len
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    return inv, attention_factor
+
+
+def rope_type_of(scaling: dict[str, Any] | None) -> str:
+    """The ``rope_type`` of a scaling dict, read from ``rope_type`` or its old name ``type``."""
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    return _ROPE_TYPE_ALIASES.get(kind, kind)
+
+
+def rope_frequencies(rotary_dim: int, base: float, scaling: dict[str, Any] | None,
+                     max_position: int) -> tuple[torch.Tensor, float]:
+    """``(inv_freq [rotary_dim // 2], attention_factor)`` of a rope scaling, for a table serving
+    sequences up to ``max_position`` tokens. Missing ``original_max_position_embeddings`` means
+    ``max_position``, as Hugging Face defaults it to ``max_position_embeddings``."""
+    kind = rope_type_of(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return _default_inv_freq(rotary_dim, base), 1.0
+    scaling = {"original_max_position_embeddings": max_position, **scaling}
+    if kind == "linear":
+        return _default_inv_freq(rotary_dim, base) / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(_default_inv_freq(rotary_dim, base), scaling), 1.0
+    if kind == "dynamic":
+        return _dynamic_ntk_inv_freq(rotary_dim, base, scaling, max_position), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(rotary_dim, base, scaling)
+    return _longrope_inv_freq(rotary_dim, base, scaling, max_position)
+
+
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embedding in the "rotate half" (GPT-NeoX) layout used by Llama checkpoints."""
+    """Rotates q and k by position; see the module docstring for layouts, scalings and M-RoPE."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None,
-                 rotary_dim: int | None = None):
+                 rotary_dim: int | None = None, interleaved: bool = False):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
-        inv_freq = _default_inv_freq(self.rotary_dim, base)
-        attention_factor = 1.0
-        kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-        if kind == "linear":
-            inv_freq = inv_freq / rope_scaling["factor"]
-        elif kind == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
-        elif kind == "yarn":
-            inv_freq, attention_factor = _yarn_inv_freq(inv_freq, self.rotary_dim, base, rope_scaling, max_position)
-        elif kind != "default":
-            raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+        self.interleaved = interleaved
+        inv_freq, attention_factor = rope_frequencies(self.rotary_dim, base, rope_scaling, max_position)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos() * attention_factor, persistent=False)
-        self.register_buffer("sin_cache", emb.sin() * attention_factor, persistent=False)
+        # [max_position, rotary_dim // 2]: one column per frequency, whatever the layout.
+        self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)
+        self.register_buffer("sin_cache", freqs.sin() * attention_factor, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cos and sin, [T, rotary_dim // 2] each, for ``positions`` [T]. The extension
+        point for other position schemes (M-RoPE's [3, T]): override it in a subclass."""
+        return self.cos_cache[positions], self.sin_cache[positions]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On CUDA, rotated in place."""
         if use_fused(q) and q.stride(2) == 1 and k.stride(2) == 1:
             from sglang_core.kernels.fused import rotary_inplace
 
-            half = self.rotary_dim // 2
+            if positions.dim() == 1:
+                rows, cos, sin = positions, self.cos_cache, self.sin_cache
+            else:  # per-token rows from a subclass's cos_sin (M-RoPE)
+                cos, sin = self.cos_sin(positions)
+                rows = torch.arange(q.shape[0], device=q.device)
             both = _adjacent_heads(q, k)
             for x in [both] if both is not None else [q, k]:
-                rotary_inplace(x, positions, self.cos_cache[:, :half], self.sin_cache[:, :half], self.rotary_dim)
+                rotary_inplace(x, rows, cos, sin, self.rotary_dim, self.interleaved)
             return q, k
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
+        cos, sin = self.cos_sin(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2].float(), rot[..., 1::2].float()
+        else:
+            half = self.rotary_dim // 2
+            x1, x2 = rot[..., :half].float(), rot[..., half:].float()
+        # Each pair (x1, x2) turns by its frequency's angle: (x1 cos - x2 sin, x2 cos + x1 sin).
+        out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        out = torch.stack((out1, out2), dim=-1).flatten(-2) if self.interleaved else torch.cat((out1, out2), dim=-1)
+        out = out.to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
 
 
@@ -106,12 +213,53 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def rope_from_config(config, head_dim: int) -> RotaryEmbedding:
-    """The rotary embedding a Hugging Face config describes, in either of its spellings:
-    ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    base = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
-    scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
-    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
-    return RotaryEmbedding(head_dim, config.max_position_embeddings, base, scaling, rotary_dim)
+def rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:
+    """A Hugging Face config's rope settings as one dict: ``rope_type``, ``rope_theta``,
+    ``partial_rotary_factor`` and the scaling's own keys, read from ``rope_parameters``
+    (transformers 5; nested per ``layer_type`` in e.g. Gemma 3) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4, ``type`` an old name of ``rope_type``). The original
+    context length is filled in as transformers does (Phi-3's top-level
+    ``original_max_position_embeddings`` first; ``max_position_embeddings`` for ``dynamic``)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
+    params = dict(params)
+    params["rope_type"] = rope_type_of(params)
+    params.pop("type", None)
+    params["rope_theta"] = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+    params["partial_rotary_factor"] = partial or getattr(config, "rotary_pct", None) or 1.0
+    max_len = config.max_position_embeddings
+    if params["rope_type"] == "dynamic":
+        params["original_max_position_embeddings"] = max_len
+    elif params["rope_type"] != "default":
+        old_len = getattr(config, "original_max_position_embeddings", None)
+        params["original_max_position_embeddings"] = old_len or params.get("original_max_position_embeddings",
+                                                                          max_len)
+        if params["rope_type"] in ("yarn", "longrope") and params.get("factor") is None:
+            params["factor"] = max_len / params["original_max_position_embeddings"]
+    return params
 
+
+def yarn_softmax_scale(params: dict[str, Any], scale: float) -> float:
+    """The attention softmax scale of a model that also corrects the non-rotary dims for YaRN
+    (DeepSeek's MLA): ``scale * yarn_mscale(factor, mscale_all_dim) ** 2`` when the config sets
+    ``mscale_all_dim``; ``params`` as from ``rope_parameters``."""
+    if params["rope_type"] == "default" or not params.get("mscale_all_dim"):
+        return scale
+    return scale * yarn_mscale(params["factor"], params["mscale_all_dim"]) ** 2
+
+
+def rope_from_config(config, head_dim: int, *, interleaved: bool = False, max_position: int | None = None,
+                     layer_type: str | None = None) -> RotaryEmbedding:
+    """The rotary embedding a Hugging Face config describes (see ``rope_parameters``).
+
+    ``head_dim``: the dims per head the rotation applies to (a part of them with
+    ``partial_rotary_factor``, or GPT-J's ``rotary_dim``); ``interleaved``: GPT-J's layout, which
+    configs do not state; ``max_position``: the longest sequence served (default
+    ``max_position_embeddings``), which decides the length-dependent scalings (module docstring)."""
+    params = rope_parameters(config, layer_type)
+    rotary_dim = getattr(config, "rotary_dim", None) or int(head_dim * params["partial_rotary_factor"])
+    scaling = params if params["rope_type"] != "default" else None
+    return RotaryEmbedding(head_dim, max_position or config.max_position_embeddings, params["rope_theta"], scaling,
+                           rotary_dim, interleaved)

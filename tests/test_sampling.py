@@ -558,7 +558,7 @@ def stream_text(tokenizer, text: str, stop: str, max_new_tokens: int = 64) -> tu
     (" with a quick brown fox jumps", "k brown", " with a quic"),  # the match spans tokens
     (" with a quick brown fox jumps", "fox", " with a quick brown "),
     (" with a quick bro", "k brown", " with a quick bro"),  # a possible start, then the end: all shown
-])
+], ids=["across-tokens", "at-a-token", "held-then-shown"])
 def test_stream_never_shows_text_past_a_stop_string(tokenizer, text, stop, expected):
     deltas, final = stream_text(tokenizer, text, stop)
     assert final == expected

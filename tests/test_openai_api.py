@@ -179,11 +179,17 @@ def test_completion_prompt_forms(client, model, hf_tokenizer):
     by_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
     by_ids = client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
+    # A batch of prompts: each prompt's n choices in turn, each what that prompt alone gives.
+    alone = [client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in (ids, ids[:2])]
     batch = client.completions.create(model=model, prompt=[ids, ids[:2]], max_tokens=4, temperature=0, n=2)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [alone[0], alone[0], alone[1], alone[1]]
     assert batch.usage.prompt_tokens == len(ids) + 2  # each prompt counts once, whatever n
     strings = client.completions.create(model=model, prompt=[PROMPT, "Hello"], max_tokens=4, temperature=0)
-    assert len(strings.choices) == 2
+    assert [c.index for c in strings.choices] == [0, 1]
+    assert strings.choices[0].text == alone[0] and strings.choices[1].text == client.completions.create(
+        model=model, prompt="Hello", max_tokens=4, temperature=0).choices[0].text
 
 
 def test_completion_echo_and_logprobs_match_reference(client, model, hf_tokenizer, hf_model):

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random Hugging Face models and the embedded default model."""
+"""Shared fixtures (tiny random Hugging Face models, the embedded default model), and in CI a
+skip for want of an installed dependency made a failure."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 
 # Before torch loads OpenMP: spinning idle workers would starve the engine and server processes
@@ -65,3 +68,53 @@ def hf_model(default_model_folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()
+
+
+# -- in CI, a missing dependency fails instead of skipping ------------------------------------------
+
+_IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'")  # pytest.importorskip's skip message
+
+
+def _canonical(name: str) -> str:
+    """Distribution and module names compared as PEP 503 normalises names: google-genai is
+    google.genai, outlines-core outlines_core."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.cache
+def installed_for_tests() -> frozenset[str]:
+    """What ``pip install -e ".[test]"`` installs: the dependencies and the ``test`` extra."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    wanted = set()
+    for requirement in map(Requirement, requires("sglang-core") or ()):
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "test"}):
+            wanted.add(_canonical(requirement.name))
+    return frozenset(wanted)
+
+
+def _fail_missing_dependency(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """With ``CI`` set, a skip by ``pytest.importorskip`` of a package the set-up command installs
+    becomes a failure: CI must run those tests, not skip them (a GPU-only skip stays a skip)."""
+    if not (os.environ.get("CI") and report.skipped):
+        return
+    match = _IMPORT_SKIP.search(str(report.longrepr))
+    if match and _canonical(match.group(1)) in installed_for_tests():
+        report.outcome = "failed"
+        report.longrepr = f"{match.group(0)}, which pip install -e '.[test]' installs: in CI it must be importable"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_missing_dependency(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_missing_dependency(report)
+    return report

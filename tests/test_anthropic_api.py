@@ -4,7 +4,8 @@ language's Anthropic backend against the same server.
 
 References are independent of the code under test: token counts come from the tokenizer and its
 chat template, greedy text from our OpenAI endpoints (another route, another request parser),
-constrained output is checked with ``re.fullmatch`` and ``jsonschema``.
+penalised text from the engine itself (the native /generate on the same token ids), a select
+from Hugging Face's logits, constrained output is checked with ``re.fullmatch`` and ``jsonschema``.
 The current SDK pins an API version without sampling parameters, so ``temperature`` travels in
 ``extra_body``, as it does for any client of a server that still takes it.
 """
@@ -21,6 +22,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,13 +99,25 @@ def wait_all_memory_free(server, wait_s: float = 15) -> None:
 
 # ---- the frontend: /v1/messages ---------------------------------------------------------------
 
-def test_create(client, hf_tokenizer):
+def test_create(server, client, hf_tokenizer):
     msg = create(client, USER)
     assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
     assert text_of(msg) and msg.model == "SmolLM2-135M-Instruct"
     assert msg.stop_reason in ("end_turn", "max_tokens") and msg.stop_sequence is None
     assert msg.usage.input_tokens == len(template_ids(hf_tokenizer, USER))
     assert 0 < msg.usage.output_tokens <= MAX
+    # The same message read off the wire, field by field as Anthropic documents it.
+    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+                     json={"model": "any", "max_tokens": MAX, "messages": USER, **GREEDY})
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("application/json")
+    body = raw.json()
+    assert set(body) == {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
+    assert body["id"].startswith("msg_") and body["id"] != msg.id
+    assert {k: body[k] for k in ("type", "role", "model", "stop_reason", "stop_sequence")} == {
+        "type": "message", "role": "assistant", "model": msg.model, "stop_reason": msg.stop_reason,
+        "stop_sequence": None}
+    assert body["content"] == [{"type": "text", "text": text_of(msg)}]
+    assert body["usage"] == {"input_tokens": msg.usage.input_tokens, "output_tokens": msg.usage.output_tokens}
 
 
 def test_max_tokens(client, hf_tokenizer):
@@ -173,7 +187,7 @@ def test_stream_events_as_anthropic_sends_them(client, server):
     kinds = [event.type for event in events]  # the SDK drops pings
     assert re.fullmatch(order, " ".join(kinds)), kinds
     raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
-                     json={"model": "any", "max_tokens": 3, "stream": True, "messages": USER})
+                     json={"model": "any", "max_tokens": 3, "stream": True, "messages": USER, **GREEDY})
     assert raw.headers["content-type"].startswith("text/event-stream")
     blocks = raw.text.split("\n\n")
     assert blocks[-1] == ""
@@ -185,9 +199,21 @@ def test_stream_events_as_anthropic_sends_them(client, server):
         assert events[-1]["type"] == name[len("event: "):]
     kinds = [event["type"] for event in events]
     assert re.fullmatch(order.replace("start (", "start ping ("), " ".join(kinds)), kinds
-    assert events[0]["message"]["usage"]["output_tokens"] == 0 and events[0]["message"]["content"] == []
-    delta = events[-2]
-    assert delta["delta"]["stop_reason"] in ("end_turn", "max_tokens") and 0 < delta["usage"]["output_tokens"] <= 3
+    whole = create(client, USER, max_tokens=3)
+    start = events[0]["message"]
+    assert start["id"].startswith("msg_") and start["id"] != whole.id
+    assert {k: start[k] for k in ("type", "role", "model", "content", "stop_reason", "stop_sequence")} == {
+        "type": "message", "role": "assistant", "model": whole.model, "content": [], "stop_reason": None,
+        "stop_sequence": None}
+    assert start["usage"] == {"input_tokens": whole.usage.input_tokens, "output_tokens": 0}
+    assert events[1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    deltas = [e for e in events if e["type"] == "content_block_delta"]
+    assert all(e["index"] == 0 and e["delta"]["type"] == "text_delta" for e in deltas)
+    assert "".join(e["delta"]["text"] for e in deltas) == text_of(whole)
+    assert events[-3] == {"type": "content_block_stop", "index": 0}
+    assert events[-2] == {"type": "message_delta", "delta": {"stop_reason": whole.stop_reason, "stop_sequence": None},
+                          "usage": {"output_tokens": whole.usage.output_tokens}}
+    assert events[-1] == {"type": "message_stop"}
 
 
 # ---- SGLang's extension fields on /v1/messages ---------------------------------------------------
@@ -211,7 +237,7 @@ def test_json_schema_extension(client, schema):
     jsonschema.validate(json.loads(text_of(msg)), SCHEMA)
 
 
-def test_sampling_extensions(client, oai, hf_tokenizer):
+def test_sampling_extensions(client, hf_tokenizer):
     free = create(client, USER)
     # top_k=1 and min_p=1 each leave only the most likely token: sampling at temperature 1 is greedy.
     for extra in ({"top_k": 1}, {"min_p": 1.0}):
@@ -227,11 +253,19 @@ def test_sampling_extensions(client, oai, hf_tokenizer):
     long = create(client, [{"role": "user", "content": "Say only: yes"}], max_tokens=short.usage.output_tokens + 5,
                   extra={"ignore_eos": True})
     assert long.stop_reason == "max_tokens" and long.usage.output_tokens == short.usage.output_tokens + 5
-    # Penalties: the same text as our OpenAI route given the same ones.
-    penalties = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
-    penalised = create(client, USER, max_tokens=24, extra={**penalties})
-    ref = oai.chat.completions.create(model="any", messages=USER, max_tokens=24, temperature=0, **penalties)
-    assert text_of(penalised) == ref.choices[0].message.content
+
+
+@pytest.mark.parametrize("penalties", [{"frequency_penalty": 1.5, "presence_penalty": 1.0},
+                                       {"repetition_penalty": 1.5}], ids=["frequency+presence", "repetition"])
+def test_penalties_reach_the_engine(server, client, hf_tokenizer, penalties):
+    """A penalised message is what the engine itself generates from the same token ids and the
+    same penalties (through the native /generate), and not the unpenalised text."""
+    penalised = create(client, USER, max_tokens=24, extra=penalties)
+    engine = httpx.post(f"{server.url}/generate", headers={"x-api-key": KEY}, timeout=120, json={
+        "input_ids": template_ids(hf_tokenizer, USER),
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0, **penalties}}).json()
+    assert text_of(penalised) == engine["text"]
+    assert text_of(penalised) != text_of(create(client, USER, max_tokens=24))
 
 
 def test_bad_regex_in_a_stream_is_an_invalid_request_event(server, client):
@@ -481,22 +515,27 @@ def test_backend_sampling_extras_reach_the_server(backend, client):
     assert backend.generate(chat_prompt(*USER), GenParams(max_tokens=MAX, temperature=1.0, min_p=1.0)).text \
         == greedy.text
     penalties = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
-    ref = create(client, USER, max_tokens=MAX, extra={**penalties})
-    assert backend.generate(chat_prompt(*USER), GenParams(max_tokens=MAX, temperature=0, **penalties)).text \
-        == text_of(ref)
+    ref = create(client, USER, max_tokens=24, extra={**penalties})  # the route honours them (test above)
+    penalised = backend.generate(chat_prompt(*USER), GenParams(max_tokens=24, temperature=0, **penalties)).text
+    assert penalised == text_of(ref) != backend.generate(chat_prompt(*USER), GenParams(max_tokens=24,
+                                                                                       temperature=0)).text
 
 
-def test_backend_select_by_regex(backend, oai):
-    """The pick is the regex-constrained greedy reply our OpenAI chat route gives (another
-    route; that route's select is checked against Hugging Face in test_api_backends)."""
+def test_backend_select_by_regex(backend, hf_model, hf_tokenizer):
+    """Greedy under the choices' regex: the first token decides (the choices start with distinct
+    characters), so the pick is the choice that starts with the most likely token, by Hugging Face,
+    of those that begin some choice."""
     question = {"role": "user", "content": "What is the capital of France?"}
     choices = ["London", "Paris", "Berlin", "Rome or Paris"]
     result = backend.select(chat_prompt(question), choices, temperature=0.0)
-    regex = "(" + "|".join(re.escape(c) for c in choices) + ")"
-    ref = oai.chat.completions.create(model="any", messages=[question], max_tokens=20, temperature=0,
-                                      extra_body={"regex": regex}).choices[0].message.content
-    assert result.choice == ref and result.index == choices.index(ref)
-    assert result.scores == [float(c == ref) for c in choices]
+    with torch.no_grad():
+        last = hf_model(torch.tensor([template_ids(hf_tokenizer, [question])])).logits[0, -1]
+    pieces = hf_tokenizer.batch_decode([[i] for i in range(len(hf_tokenizer))])
+    starts = [i for i, p in enumerate(pieces) if p and any(c.startswith(p) for c in choices)]
+    best = pieces[max(starts, key=lambda i: float(last[i]))]
+    expected = next(c for c in choices if c.startswith(best))
+    assert result.choice == expected and result.index == choices.index(expected)
+    assert result.scores == [float(c == expected) for c in choices]
     assert result.meta_info["strategy"] == "constrained generation (regex)"
     with pytest.raises(UnsupportedError, match="^method: "):
         backend.select(chat_prompt(question), choices, 0.0, "greedy_token_selection")

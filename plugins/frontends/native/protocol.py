@@ -25,7 +25,7 @@ class GenerateBody(NativeBody):
     """A scalar applies to every prompt; a list gives one value per prompt (null: the default)."""
 
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[int | list[int]] | None = None  # one prompt or a batch; split_prompts refuses a mix
     image_data: Any = None
     sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
     rid: str | list[str] | None = None

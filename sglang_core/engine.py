@@ -355,7 +355,7 @@ class Engine:
             params.validate(self.info.vocab_size)
             self._check_ids(ids)
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
-            max_new = min(params.max_new_tokens, self.room_for_output(len(ids)))
+            max_new = min(params.max_new_tokens, self._room_for_output(len(ids)))
             for j in range(params.n):
                 # replace() re-checks every field (seed + j may leave the 64-bit range).
                 copy = dataclasses.replace(params, n=1, max_new_tokens=max_new,
@@ -375,7 +375,7 @@ class Engine:
                 self._check_constraint(*params.constraint)
         return requests, single_input and len(requests) == 1
 
-    def room_for_output(self, prompt_len: int) -> int:
+    def _room_for_output(self, prompt_len: int) -> int:
         """The most tokens a prompt of this length may generate: what is left of the context and
         of the KV pool after it (SGLang clips ``max_new_tokens`` to this rather than refusing)."""
         return min(self.info.context_len, self.info.max_total_tokens) - prompt_len
@@ -434,17 +434,18 @@ class Engine:
             if clash is not None:
                 raise ValueError(f"rid: {clash!r} is already in use by a request in flight")
             self._streams.update(zip(rids, streams))
-        added: list[str] = []
+        sent = 0
         try:
             for request in requests:
                 self.core.add(request)
-                added.append(request.rid)
+                sent += 1
         except BaseException:
-            # Nothing may outlive a refused call: its rids are free again and no request runs on.
+            # Nothing may outlive a failed call: the streams of requests never sent go now; those
+            # sent are aborted, and their streams go with the abort's final output, as any abort's.
             with self._lock:
-                for rid in rids:
-                    self._streams.pop(rid, None)
-            for rid in added:
+                for rid in rids[sent:]:
+                    del self._streams[rid]
+            for rid in rids[:sent]:
                 self.core.abort(rid)
             raise
         return streams

@@ -89,8 +89,9 @@ def test_load_with_disconnects_default_model():
 
 # ---- fuzz: hypothesis-generated bodies never cause a 5xx --------------------------------------
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.integers(2**63 - 2, 2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                      st.sampled_from(["\ud800", "a\udfffb"]))  # lone surrogates, sent as \u escapes
 JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
                           | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=10)
 SAMPLING_KEYS = ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "n", "seed",
@@ -121,7 +122,9 @@ completion_bodies = st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=
 raw_bodies = st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode))
 
 ENDPOINTS = [("/generate", native_bodies), ("/v1/chat/completions", openai_bodies),
-             ("/v1/completions", completion_bodies)]
+             ("/v1/completions", completion_bodies),
+             ("/tokenize", st.fixed_dictionaries({}, optional={"text": JSON_VALUE})),
+             ("/abort_request", st.fixed_dictionaries({}, optional={"rid": JSON_VALUE}))]
 
 
 @settings(max_examples=1050, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -245,7 +248,8 @@ EXTREME_BUT_VALID = [
     {"input_ids": [5], "sampling_params": {"logit_bias": {"5": 1e308, "6": -1e308}, "max_new_tokens": 2}},
     {"input_ids": [5], "sampling_params": {"temperature": 1e308, "repetition_penalty": 1e308, "max_new_tokens": 2}},
     {"input_ids": [5], "sampling_params": {"top_k": 2**63 - 1, "top_p": 1e-300, "seed": -(2**63), "max_new_tokens": 2}},
-    {"input_ids": [5] * (CONTEXT_LEN - 3), "sampling_params": {"max_new_tokens": 2**63 - 1, "min_new_tokens": 2**63 - 1}},
+    {"input_ids": [5] * (CONTEXT_LEN - 3),
+     "sampling_params": {"max_new_tokens": 2**63 - 1, "min_new_tokens": 2**63 - 1}},
     {"input_ids": [5], "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2**62,
      "logprob_start_len": 2**62},
 ]
@@ -337,7 +341,8 @@ def test_native_clips_max_new_tokens_openai_refuses(tiny_server):
             meta = http.post("/generate", json=body).json()["meta_info"]
             assert meta["completion_tokens"] == CONTEXT_LEN - prompt_len
             assert meta["finish_reason"] == {"type": "length", "length": CONTEXT_LEN - prompt_len}
-        body = {"input_ids": [7] * 200, "sampling_params": {"max_new_tokens": 10**6, "ignore_eos": True}, "stream": True}
+        body = {"input_ids": [7] * 200, "sampling_params": {"max_new_tokens": 10**6, "ignore_eos": True},
+                "stream": True}
         events = [e for e in http.post("/generate", json=body).text.split("\n\n") if e.startswith("data: {")]
         assert json.loads(events[-1][len("data: "):])["meta_info"]["completion_tokens"] == CONTEXT_LEN - 200
         too_long = http.post("/generate", json={"input_ids": [7] * CONTEXT_LEN})
@@ -362,7 +367,8 @@ GRAMMAR_BOMBS = [{"regex": "a{100000}"}, {"regex": "[a-z]{1,50000}"}, {"regex": 
 def test_grammar_and_seed_inputs_on_live_server(tiny_server):
     with httpx.Client(base_url=tiny_server.url, timeout=60) as http:
         for constraint in GRAMMAR_BOMBS:
-            for path, body in [("/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 4, **constraint}}),
+            native = {"input_ids": [5], "sampling_params": {"max_new_tokens": 4, **constraint}}
+            for path, body in [("/generate", native),
                                ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, **constraint})]:
                 label = f"{path} {json.dumps(constraint)[:80]}"
                 start = time.monotonic()

@@ -154,9 +154,13 @@ NORMAL = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2, "ignore_
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-def local_port(resp: httpx.Response) -> int:
-    """The client-side port of the connection that carried ``resp``: equal ports, one connection."""
-    return resp.extensions["network_stream"].get_extra_info("client_addr")[1]
+def local_port(resp: httpx.Response) -> int | None:
+    """The client-side port of the connection that carried ``resp`` (equal ports: one connection),
+    None if that connection is closed already."""
+    try:
+        return resp.extensions["network_stream"].get_extra_info("client_addr")[1]
+    except OSError:
+        return None
 
 
 def nested(depth: int) -> str:
@@ -268,7 +272,7 @@ def assert_serves_on(http: httpx.Client, port: int, label: str) -> None:
     assert resp.status_code == 200, f"after {label}: {resp.status_code} {resp.text[:300]}"
     meta = resp.json()["meta_info"]
     assert meta["id"] == "after-bad" and meta["completion_tokens"] == 2, f"after {label}: {meta}"
-    assert local_port(resp) == port, f"after {label}: the server closed the connection"
+    assert port is not None and local_port(resp) == port, f"after {label}: the server closed the connection"
 
 
 def test_bad_inputs_get_4xx_and_keep_the_connection(tiny_server):
@@ -322,6 +326,7 @@ def test_unexpected_error_is_a_500_that_keeps_the_connection(tiny_llama):
                 assert resp.headers.get("connection", "").lower() != "close"
                 assert "KeyError" in resp.json()["error"]["message"]
                 ports.add(local_port(resp))
+                assert None not in ports, "a 500 closed the connection"
             assert resp.json()["type"] == "error"  # Anthropic's envelope on its path
             served = http.get("/get_server_args")
             assert served.status_code == 200 and served.json()["chat_template"] == "chatml"

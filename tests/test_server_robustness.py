@@ -142,7 +142,8 @@ def test_fuzz_never_5xx(tiny_server, case):
 
 
 def test_after_fuzz_the_server_still_serves(tiny_server):
-    resp = httpx.post(f"{tiny_server.url}/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}})
+    resp = httpx.post(f"{tiny_server.url}/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}},
+                      timeout=60)
     assert resp.status_code == 200 and resp.json()["meta_info"]["completion_tokens"] == 4
     assert_all_memory_free(tiny_server.url)
 

@@ -70,6 +70,34 @@ class Reply(msgspec.Struct, tag="reply"):
     error_type: str | None = None
 
 
+_WIRE_ENCODER = msgspec.msgpack.Encoder()
+_WIRE_DECODER = msgspec.msgpack.Decoder(GenerateRequest)
+_REQUEST_FIELDS = {f.name: f.type for f in msgspec.structs.fields(GenerateRequest)}
+# What encoding (lone surrogates, integers beyond 64 bits, foreign objects) or strict decoding raises.
+_WIRE_ERRORS = (UnicodeEncodeError, OverflowError, TypeError, msgspec.MsgspecError)
+
+
+def check_sendable(request: GenerateRequest) -> None:
+    """Raise ``ValueError("<field>: ...")`` unless ``request`` would reach the engine process
+    intact, as msgpack decoded strictly into a ``GenerateRequest``. Both clients check it, so a
+    request is refused alike wherever the core runs, and before anything is registered for it."""
+    try:
+        _WIRE_DECODER.decode(_WIRE_ENCODER.encode(request))
+        return
+    except _WIRE_ERRORS:
+        pass
+    # Find the field at fault; a sampling parameter is named by its own name.
+    for name, kind in _REQUEST_FIELDS.items():
+        value = getattr(request, name)
+        parts = value.items() if name == "sampling_params" and isinstance(value, dict) else [(name, value)]
+        for part_name, part in parts:
+            try:
+                msgspec.msgpack.decode(_WIRE_ENCODER.encode(part), type=kind if part_name == name else Any)
+            except _WIRE_ERRORS as exc:
+                raise ValueError(f"{part_name}: cannot be sent to the engine: {exc}") from None
+    raise ValueError("body: the request cannot be sent to the engine")
+
+
 class CoreClient:
     """What the request side needs from wherever the core runs."""
 

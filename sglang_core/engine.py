@@ -18,11 +18,11 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from sglang_core.choices import check_select_args, choice_spans, pick_choice
 from sglang_core.config import EngineSettings
-from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
+from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient, check_sendable
 from sglang_core.engine_core import ModelInfo
 from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.plugins import PluginManager
-from sglang_core.sampling.params import SamplingParams
+from sglang_core.sampling.params import INT64_MAX, SamplingParams
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ def split_prompts(text: Any, input_ids: Any, text_field: str = "prompt") -> tupl
             raise ValueError(f"{text_field}: must be a string or a non-empty list of strings")
         if any(t == "" for t in texts):
             raise ValueError(f"{text_field}: must not be empty")
+        for t in texts:
+            check_unicode(text_field, t)
         return text_field, texts, isinstance(text, str)
     if not isinstance(input_ids, list) or not input_ids:
         raise ValueError("input_ids: must be a non-empty list of token ids (or of lists of them)")
@@ -176,6 +178,25 @@ def split_prompts(text: Any, input_ids: Any, text_field: str = "prompt") -> tupl
     if not all(isinstance(ids, list) for ids in id_lists):
         raise ValueError("input_ids: must be a list of token ids or a list of such lists, not a mix")
     return "input_ids", id_lists, single
+
+
+def check_unicode(field: str, text: str) -> None:
+    """Reject a string no UTF-8 can hold (a lone surrogate, which Python strings may carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field}: not valid Unicode text ({exc.reason} at position {exc.start})") from None
+
+
+def check_rid(rid: Any) -> None:
+    if not isinstance(rid, str) or not rid:
+        raise ValueError(f"rid: expected a non-empty string, got {rid!r}")
+    check_unicode("rid", rid)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
+        raise ValueError(f"{name}: must be an integer in [{minimum}, 2**63 - 1], got {value!r}")
 
 
 class Engine:
@@ -252,6 +273,7 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         """End a request (and the copies of an ``n > 1`` request) wherever it is."""
+        check_rid(rid)
         self.core.abort(rid)
 
     def select(self, prompt: str, choices: list[str], method: str = "token_length_normalized") -> dict:
@@ -320,35 +342,43 @@ class Engine:
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         if len(params_list) != len(id_lists):
             raise ValueError("sampling_params: a list must have one entry per prompt")
-        if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
-            raise ValueError("logprob_start_len: must be an integer >= -1")
-        if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
-            raise ValueError("top_logprobs_num: must be a non-negative integer")
+        if not isinstance(return_logprob, bool):
+            raise ValueError(f"return_logprob: expected true or false, got {return_logprob!r}")
+        _check_int("logprob_start_len", logprob_start_len, -1)
+        _check_int("top_logprobs_num", top_logprobs_num, 0)
+        if rid is not None:
+            check_rid(rid)
         requests: list[GenerateRequest] = []
         batch_rid = rid or uuid.uuid4().hex
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
-            if params.constraint is not None:
-                self._check_constraint(*params.constraint)
             self._check_ids(ids)
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
+            max_new = min(params.max_new_tokens, self._room_for_output(len(ids)))
             for j in range(params.n):
-                copy = dataclasses.replace(
-                    params,
-                    n=1,
-                    max_new_tokens=min(params.max_new_tokens, self.info.context_len - len(ids)),
-                    seed=None if params.seed is None else params.seed + j,
-                )
-                requests.append(GenerateRequest(
+                # replace() re-checks every field (seed + j may leave the 64-bit range).
+                copy = dataclasses.replace(params, n=1, max_new_tokens=max_new,
+                                           min_new_tokens=min(params.min_new_tokens, max_new),
+                                           seed=None if params.seed is None else params.seed + j)
+                request = GenerateRequest(
                     rid=base if params.n == 1 else f"{base}-{j}",
                     input_ids=ids,
                     sampling_params=dataclasses.asdict(copy),
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len,
                     top_logprobs_num=top_logprobs_num,
-                ))
+                )
+                check_sendable(request)
+                requests.append(request)
+            if params.constraint is not None:
+                self._check_constraint(*params.constraint)
         return requests, single_input and len(requests) == 1
+
+    def _room_for_output(self, prompt_len: int) -> int:
+        """The most tokens a prompt of this length may generate: what is left of the context and
+        of the KV pool after it (SGLang clips ``max_new_tokens`` to this rather than refusing)."""
+        return min(self.info.context_len, self.info.max_total_tokens) - prompt_len
 
     def _prompt_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
         field, items, single = split_prompts(prompt, input_ids)
@@ -404,8 +434,20 @@ class Engine:
             if clash is not None:
                 raise ValueError(f"rid: {clash!r} is already in use by a request in flight")
             self._streams.update(zip(rids, streams))
-        for request in requests:
-            self.core.add(request)
+        sent = 0
+        try:
+            for request in requests:
+                self.core.add(request)
+                sent += 1
+        except BaseException:
+            # Nothing may outlive a failed call: the streams of requests never sent go now; those
+            # sent are aborted, and their streams go with the abort's final output, as any abort's.
+            with self._lock:
+                for rid in rids[sent:]:
+                    del self._streams[rid]
+            for rid in rids[:sent]:
+                self.core.abort(rid)
+            raise
         return streams
 
     def _wait_sync(self, stream: _Stream, with_text: bool) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -68,6 +69,88 @@ def test_rid_in_flight_is_rejected(engine):
 
     asyncio.run(scenario())
     assert engine.memory_report()["running"] == 0
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny_llama):
+    with Engine(str(tiny_llama), engine_in_subprocess=True) as eng:
+        yield eng
+
+
+# Values no msgpack message can carry (lone surrogates, integers past 64 bits) or that the engine
+# process would not decode: each must be refused before the request is registered.
+REFUSED = [
+    ({"sampling_params": {"stop": "\ud800"}}, "stop"),
+    ({"sampling_params": {"stop": ["ok", "x\udfff"]}}, "stop"),
+    ({"sampling_params": {"regex": "a\ud800"}}, "regex"),
+    ({"sampling_params": {"custom_params": {"a": [2**70]}}}, "custom_params"),
+    ({"sampling_params": {"custom_params": {"a": object()}}}, "custom_params"),
+    ({"top_logprobs_num": 2**70, "return_logprob": True}, "top_logprobs_num"),
+    ({"logprob_start_len": 2**64, "return_logprob": True}, "logprob_start_len"),
+    ({"return_logprob": "yes"}, "return_logprob"),
+    ({"prompt": "a\ud800b", "input_ids": None}, "prompt"),
+    ({"rid": "\ud800"}, "rid"),
+    ({"rid": 5}, "rid"),
+    ({"rid": ""}, "rid"),
+]
+
+
+@pytest.mark.parametrize("where", ["engine", "process_engine"])
+def test_refused_request_leaves_no_stream_and_frees_its_rid(request, where):
+    eng = request.getfixturevalue(where)
+    for kwargs, field in REFUSED:
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            eng.generate(**{"input_ids": [5, 6], "rid": "refused", **kwargs})
+        again = eng.generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 2}, rid="refused")
+        assert again["meta_info"]["id"] == "refused" and again["meta_info"]["completion_tokens"] == 2
+    for rid in ("\ud800", 5, ""):
+        with pytest.raises(ValueError, match="^rid:"):
+            eng.abort(rid)
+    assert eng.alive and not eng._streams
+    eng.check_memory()
+
+
+def test_failed_submit_unregisters_and_aborts_what_it_sent(process_engine, monkeypatch):
+    """If handing a batch to the core fails part-way, no stream is left behind and the requests
+    already sent are aborted (fault injected after the first request of a batch of two)."""
+    real_add, sent = process_engine.core.add, []
+
+    def add_once(request):
+        if sent:
+            raise RuntimeError("injected failure")
+        sent.append(request.rid)
+        real_add(request)
+
+    monkeypatch.setattr(process_engine.core, "add", add_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        process_engine.generate(input_ids=[[5, 6], [7, 8]], rid="half",
+                                sampling_params={**GREEDY, "max_new_tokens": 10**6})
+    monkeypatch.undo()
+    assert sent == ["half-0"] and "half-1" not in process_engine._streams
+    deadline = time.monotonic() + 20
+    while process_engine._streams:  # "half-0" goes when its abort's final output arrives
+        assert time.monotonic() < deadline, f"streams left behind: {list(process_engine._streams)}"
+        time.sleep(0.02)
+    again = process_engine.generate(input_ids=[[5, 6], [7, 8]], rid="half",
+                                    sampling_params={**GREEDY, "max_new_tokens": 2})
+    assert [r["meta_info"]["id"] for r in again] == ["half-0", "half-1"]
+    report = process_engine.memory_report()
+    assert report["running"] == 0 and report["waiting"] == 0
+    process_engine.check_memory()
+
+
+def test_max_new_tokens_clipped_to_what_the_kv_pool_holds(tiny_llama):
+    """A KV pool smaller than the context: the output is clipped to the pool left after the prompt
+    (as SGLang does), where it used to wait for room that never comes."""
+    context, pool = 64, 40
+    with Engine(str(tiny_llama), context_length=context, max_total_tokens=pool) as eng:
+        for prompt_len in (1, 10, pool - 1):
+            out = asyncio.run(asyncio.wait_for(eng.async_generate(
+                input_ids=[9] * prompt_len, sampling_params={**GREEDY, "max_new_tokens": 10**6}), 60))
+            assert out["meta_info"]["completion_tokens"] == pool - prompt_len
+        with pytest.raises(ValueError, match="^prompt:"):
+            eng.generate(input_ids=[9] * pool)
+        eng.check_memory()
 
 
 def test_prefill_only_caches_the_prompt_and_samples_nothing(engine):

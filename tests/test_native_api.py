@@ -197,7 +197,11 @@ def test_abort_request_by_rid(client):
     worker.join(timeout=60)
     assert result["meta_info"]["finish_reason"]["type"] == "abort"
     assert result["meta_info"]["id"] == "to-abort" and result["meta_info"]["completion_tokens"] < 3000
-    assert client.post("/abort_request", json={"rid": 5}).json()["error"]["param"] == "rid"
+    for body in ({"rid": 5}, {"rid": ""}, {"rid": 2**70}, {}, {"rid": ["to-abort"]}):
+        assert client.post("/abort_request", json=body).json()["error"]["param"] == "rid", body
+    for content in (b'{"rid": "\\ud800"}', b"[" * 1000 + b"]" * 1000):
+        resp = client.post("/abort_request", content=content, headers={"content-type": "application/json"})
+        assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("malformed JSON body")
 
 
 def test_flush_cache_refused_while_busy_and_client_leaving_aborts(client):
@@ -225,10 +229,14 @@ def test_tokenize_matches_the_hf_tokenizer(client, hf_tokenizer):
     assert client.post("/tokenize", json={"text": texts[1]}).json()["input_ids"] == hf_tokenizer(texts[1])["input_ids"]
     assert client.post("/tokenize", json={"text": texts}).json()["input_ids"] == [
         hf_tokenizer(t)["input_ids"] for t in texts]
-    for body in ({"text": []}, {"text": [1]}, {"text": None}, {"prompt": "x"}, {"text": "x", "extra": 1}):
-        resp = client.post("/tokenize", json=body)
+    bad_bodies = [({"text": []}, "text"), ({"text": [1]}, "text"), ({"text": None}, "text"), ({"prompt": "x"}, "text"),
+                  ({"text": "x", "extra": 1}, "extra"), ([], "body"), ({"text": 2**70}, "text"),
+                  (b'{"text": "\\ud800"}', None), (b"[" * 1000 + b"]" * 1000, None), (b"{", None)]
+    for body, param in bad_bodies:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        resp = client.post("/tokenize", content=content, headers={"content-type": "application/json"})
         assert resp.status_code == 400, body
-        assert resp.json()["error"]["message"].startswith(("text:", "body:"))
+        assert resp.json()["error"]["param"] == param, resp.json()
 
 
 def test_model_and_server_info_hide_the_api_key(client):
@@ -274,6 +282,17 @@ BAD_REQUESTS = [
     ({"text": "hi", "image_data": "x.png"}, "image_data"),
     ({"text": "hi", "unknown_field": 1}, "unknown_field"),
     ({"text": "word " * 9000, "stream": True}, "text"),  # longer than the context
+    # Text no UTF-8 can hold, and nesting deeper than any request needs: refused as bad JSON.
+    (b'{"text": "a\\ud800"}', None),
+    (b'{"text": "hi", "sampling_params": {"stop": "\\udfff"}}', None),
+    (b'{"input_ids": ' + b"[" * 1000 + b"]" * 1000 + b"}", None),
+    # Integers past 64 bits, which no engine message can carry.
+    ({"input_ids": [2**70]}, "input_ids"),
+    ({"input_ids": [5], "top_logprobs_num": 2**70}, "top_logprobs_num"),
+    ({"input_ids": [5], "return_logprob": True, "logprob_start_len": 2**64}, "logprob_start_len"),
+    ({"input_ids": [5], "sampling_params": {"max_new_tokens": 2**70}}, "max_new_tokens"),
+    ({"input_ids": [5], "sampling_params": {"custom_params": {"a": 2**70}}}, "custom_params"),
+    (b'{"input_ids": [5], "sampling_params": {"temperature": NaN}}', "temperature"),
 ]
 
 

@@ -89,8 +89,9 @@ def test_load_with_disconnects_default_model():
 
 # ---- fuzz: hypothesis-generated bodies never cause a 5xx --------------------------------------
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.integers(2**63 - 2, 2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                      st.sampled_from(["\ud800", "a\udfffb"]))  # lone surrogates, sent as \u escapes
 JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
                           | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=10)
 SAMPLING_KEYS = ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "n", "seed",
@@ -121,7 +122,9 @@ completion_bodies = st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=
 raw_bodies = st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode))
 
 ENDPOINTS = [("/generate", native_bodies), ("/v1/chat/completions", openai_bodies),
-             ("/v1/completions", completion_bodies)]
+             ("/v1/completions", completion_bodies),
+             ("/tokenize", st.fixed_dictionaries({}, optional={"text": JSON_VALUE})),
+             ("/abort_request", st.fixed_dictionaries({}, optional={"rid": JSON_VALUE}))]
 
 
 @settings(max_examples=1050, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -139,8 +142,257 @@ def test_fuzz_never_5xx(tiny_server, case):
 
 
 def test_after_fuzz_the_server_still_serves(tiny_server):
-    resp = httpx.post(f"{tiny_server.url}/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}})
+    resp = httpx.post(f"{tiny_server.url}/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}},
+                      timeout=60)
     assert resp.status_code == 200 and resp.json()["meta_info"]["completion_tokens"] == 4
+    assert_all_memory_free(tiny_server.url)
+
+
+# ---- bad input on a live server: a 4xx, and the same keep-alive connection serves on -----------
+
+CONTEXT_LEN = int(TINY_ARGS[TINY_ARGS.index("--context-length") + 1])
+NORMAL = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}, "rid": "after-bad"}
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def local_port(resp: httpx.Response) -> int | None:
+    """The client-side port of the connection that carried ``resp`` (equal ports: one connection),
+    None if that connection is closed already."""
+    try:
+        return resp.extensions["network_stream"].get_extra_info("client_addr")[1]
+    except OSError:
+        return None
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def raw(body) -> bytes:
+    """A request body as JSON text; ``json.dumps`` writes a lone surrogate as its \\u escape, big
+    integers exactly, and NaN/Infinity as the bare words some clients send."""
+    return body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
+
+
+ROUTES = ["/generate", "/tokenize", "/abort_request", "/v1/completions", "/v1/chat/completions", "/v1/messages"]
+BIG = 2**70
+FLOAT_FIELDS = ["temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"]
+BAD_INPUTS = [
+    # Refused after tokenizing (issue 13, item 2): the rid must be free again afterwards.
+    ("/generate", {"text": "hi", "sampling_params": {"stop": "\ud800"}, "rid": "after-bad"}),
+    ("/generate", {"input_ids": [5, 6], "top_logprobs_num": BIG, "rid": "after-bad"}),
+    ("/generate", {"input_ids": [5, 6], "return_logprob": True, "logprob_start_len": BIG, "rid": "after-bad"}),
+    ("/generate", {"input_ids": [5], "sampling_params": {"custom_params": {"a": [BIG]}}, "rid": "after-bad"}),
+    # Lone surrogates anywhere (item 4).
+    ("/generate", {"text": "a\ud800b"}),
+    ("/generate", {"text": ["fine", "\udfff"]}),
+    ("/generate", {"input_ids": [5], "rid": "\ud800"}),
+    ("/generate", {"input_ids": [5], "rid": ["\ud800"]}),
+    ("/generate", {"input_ids": [5], "sampling_params": {"stop": ["x", "\ud800"]}}),
+    ("/generate", {"input_ids": [5], "sampling_params": {"regex": "\ud800"}}),
+    ("/generate", {"input_ids": [5], "sampling_params": {"custom_params": {"\ud800": 1}}}),
+    ("/tokenize", {"text": "\ud800"}),
+    ("/tokenize", {"text": ["a", "\ud800"]}),
+    ("/abort_request", {"rid": "\ud800"}),
+    ("/v1/completions", {"prompt": "a\ud800"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "\ud800"}]}),
+    # Nesting far deeper than any request needs, as the body and inside fields.
+    *[(route, nested(1000).encode()) for route in ROUTES],
+    ("/generate", f'{{"input_ids": {nested(1000)}}}'.encode()),
+    ("/generate", f'{{"input_ids": [5], "sampling_params": {{"custom_params": {{"a": {nested(1000)}}}}}}}'.encode()),
+    ("/tokenize", f'{{"text": {nested(1000)}}}'.encode()),
+    ("/v1/chat/completions", f'{{"messages": {nested(1000)}}}'.encode()),
+    # Integers beyond 64 bits in every integer field.
+    ("/generate", {"input_ids": [BIG]}),
+    ("/generate", {"input_ids": [[5], [5, -BIG]]}),
+    *[("/generate", {"input_ids": [5], "sampling_params": {key: BIG}})
+      for key in ["max_new_tokens", "min_new_tokens", "top_k", "n"]],  # seed: issue 13 item 5 decides its range
+    ("/generate", {"input_ids": [5], "sampling_params": {"stop_token_ids": [BIG]}}),
+    ("/generate", {"input_ids": [5], "sampling_params": {"logit_bias": {str(BIG): 1.0}}}),
+    ("/generate", {"input_ids": [5], "return_logprob": True, "top_logprobs_num": [BIG]}),
+    ("/generate", {"input_ids": [5], "logprob_start_len": [-BIG]}),
+    ("/tokenize", {"text": BIG}),
+    ("/abort_request", {"rid": BIG}),
+    ("/v1/completions", {"prompt": [BIG]}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": BIG}),
+    ("/v1/chat/completions", {"messages": CHAT, "n": BIG}),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": BIG, "logprobs": True}),
+    ("/v1/messages", {"model": "m", "max_tokens": BIG, "messages": CHAT}),
+    ("/v1/messages", {"model": "m", "max_tokens": 2, "messages": CHAT, "temperature": 1e999}),
+    # NaN, infinities and floats too large for a double, where a number belongs.
+    *[("/generate", f'{{"input_ids": [5], "sampling_params": {{"{key}": {value}}}}}'.encode())
+      for key in FLOAT_FIELDS for value in ["NaN", "Infinity", "-Infinity", "1e999"]],
+    ("/generate", b'{"input_ids": [5], "sampling_params": {"logit_bias": {"5": NaN}}}'),
+    ("/generate", b'{"input_ids": [NaN]}'),
+    ("/generate", b'{"input_ids": [5], "top_logprobs_num": Infinity}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": 1e999}'),
+    # Wrong types at every level.
+    *[("/generate", body) for body in ([], "text", 5, None, True)],
+    *[("/generate", {"text": value}) for value in ({"a": 1}, [["a"]], [1], 5.5, True)],
+    *[("/generate", {"input_ids": value}) for value in ("abc", [[[5]]], [True], [5.0], [[5], 6], {"0": 5})],
+    *[("/generate", {"input_ids": [5], "sampling_params": value}) for value in ([[]], "x", 5, [{}, {}])],
+    *[("/generate", {"input_ids": [5], "sampling_params": {key: value}})
+      for key, value in [("stop", [1]), ("stop", {"a": 1}), ("logit_bias", [1]), ("logit_bias", {"x": 1}),
+                         ("custom_params", 5), ("max_new_tokens", 1.5), ("max_new_tokens", "3"), ("ignore_eos", 1),
+                         ("temperature", "hot"), ("stop_token_ids", 5), ("n", 0), ("json_schema", 5)]],
+    *[("/generate", {"input_ids": [5], key: value})
+      for key, value in [("rid", {"a": 1}), ("rid", [1]), ("rid", ""), ("rid", ["a", "b"]), ("stream", "true"),
+                         ("return_logprob", [True, False]), ("return_text_in_logprobs", 1), ("logprob_start_len", -2),
+                         ("top_logprobs_num", -1), ("top_logprobs_num", 1.5), ("image_data", "x.png")]],
+    *[("/tokenize", body) for body in ([], {"text": [["a"]]}, {"text": []}, {}, {"text": "a", "extra": 1})],
+    *[("/abort_request", body) for body in ([], {}, {"rid": ["a"]}, {"rid": ""}, {"rid": None})],
+    # Not JSON at all.
+    *[(route, body) for route in ("/generate", "/tokenize", "/abort_request") for body in (b"{", b"\xff\xfe", b"")],
+]
+
+
+# Odd but valid: each is served (200), none breaks the engine.
+EXTREME_BUT_VALID = [
+    {"input_ids": [5], "sampling_params": {"logit_bias": {"5": 1e308, "6": -1e308}, "max_new_tokens": 2}},
+    {"input_ids": [5], "sampling_params": {"temperature": 1e308, "repetition_penalty": 1e308, "max_new_tokens": 2}},
+    {"input_ids": [5], "sampling_params": {"top_k": 2**63 - 1, "top_p": 1e-300, "seed": -(2**63), "max_new_tokens": 2}},
+    {"input_ids": [5] * (CONTEXT_LEN - 3),
+     "sampling_params": {"max_new_tokens": 2**63 - 1, "min_new_tokens": 2**63 - 1}},
+    {"input_ids": [5], "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2**62,
+     "logprob_start_len": 2**62},
+]
+
+
+def check_error_envelope(resp: httpx.Response, label: str) -> None:
+    assert 400 <= resp.status_code < 500, f"{label} -> {resp.status_code} {resp.text[:300]}"
+    assert resp.headers.get("connection", "").lower() != "close", label
+    error = resp.json()["error"]  # OpenAI's envelope, or Anthropic's on /v1/messages
+    assert isinstance(error["message"], str) and error["message"], label
+
+
+def assert_serves_on(http: httpx.Client, port: int, label: str) -> None:
+    """A normal request on the same keep-alive connection succeeds (and reuses the bad one's rid)."""
+    resp = http.post("/generate", json=NORMAL)
+    assert resp.status_code == 200, f"after {label}: {resp.status_code} {resp.text[:300]}"
+    meta = resp.json()["meta_info"]
+    assert meta["id"] == "after-bad" and meta["completion_tokens"] == 2, f"after {label}: {meta}"
+    assert port is not None and local_port(resp) == port, f"after {label}: the server closed the connection"
+
+
+def test_bad_inputs_get_4xx_and_keep_the_connection(tiny_server):
+    with httpx.Client(base_url=tiny_server.url, timeout=60, headers={"content-type": "application/json"}) as http:
+        for path, body in BAD_INPUTS:
+            label = f"{path} {raw(body)[:120]!r}"
+            resp = http.post(path, content=raw(body))
+            check_error_envelope(resp, label)
+            assert_serves_on(http, local_port(resp), label)
+        for body in EXTREME_BUT_VALID:
+            for stream in (False, True):
+                label = f"{json.dumps(body)[:120]} stream={stream}"
+                resp = http.post("/generate", content=raw({**body, "stream": stream}))
+                assert resp.status_code == 200, f"{label} -> {resp.status_code} {resp.text[:300]}"
+                assert_serves_on(http, local_port(resp), label)
+    assert_all_memory_free(tiny_server.url)
+
+
+def test_unexpected_error_is_a_500_that_keeps_the_connection(tiny_llama):
+    """A bug of ours (here, a route that raises) is answered in the error envelope, and the
+    client's keep-alive connection stays usable; served by uvicorn as `serve` runs it."""
+    import threading
+
+    import uvicorn
+
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+    from server_util import free_port
+
+    app = build_app(ServerSettings(model_path=str(tiny_llama), chat_template="chatml"))
+
+    async def broken(request):
+        raise KeyError("a bug")
+
+    app.add_route("/broken", broken, methods=["POST"])
+    app.add_route("/v1/messages/broken", broken, methods=["POST"])
+    # No lifespan: this needs no engine.
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), lifespan="off", log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.config.port}"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            ports = set()
+            for path in ("/broken", "/broken", "/v1/messages/broken"):
+                resp = http.post(path)
+                assert resp.status_code == 500, resp.text
+                assert resp.headers.get("connection", "").lower() != "close"
+                assert "KeyError" in resp.json()["error"]["message"]
+                ports.add(local_port(resp))
+                assert None not in ports, "a 500 closed the connection"
+            assert resp.json()["type"] == "error"  # Anthropic's envelope on its path
+            served = http.get("/get_server_args")
+            assert served.status_code == 200 and served.json()["chat_template"] == "chatml"
+            ports.add(local_port(served))
+            assert len(ports) == 1, "a 500 closed the connection"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_native_clips_max_new_tokens_openai_refuses(tiny_server):
+    """SGLang 0.2.10's native API generates at most what the context leaves after the prompt;
+    the OpenAI API refuses (400) a max_tokens that does not fit."""
+    with httpx.Client(base_url=tiny_server.url, timeout=120) as http:
+        for prompt_len in (1, 200, CONTEXT_LEN - 1):
+            body = {"input_ids": [7] * prompt_len, "sampling_params": {"max_new_tokens": 10**6, "ignore_eos": True}}
+            meta = http.post("/generate", json=body).json()["meta_info"]
+            assert meta["completion_tokens"] == CONTEXT_LEN - prompt_len
+            assert meta["finish_reason"] == {"type": "length", "length": CONTEXT_LEN - prompt_len}
+        body = {"input_ids": [7] * 200, "sampling_params": {"max_new_tokens": 10**6, "ignore_eos": True},
+                "stream": True}
+        events = [e for e in http.post("/generate", json=body).text.split("\n\n") if e.startswith("data: {")]
+        assert json.loads(events[-1][len("data: "):])["meta_info"]["completion_tokens"] == CONTEXT_LEN - 200
+        too_long = http.post("/generate", json={"input_ids": [7] * CONTEXT_LEN})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input_ids"
+
+        ids = [7] * 200
+        room = CONTEXT_LEN - len(ids)
+        fits = http.post("/v1/completions", json={"prompt": ids, "max_tokens": room, "ignore_eos": True})
+        assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == room
+        over = http.post("/v1/completions", json={"prompt": ids, "max_tokens": room + 1})
+        assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+    assert_all_memory_free(tiny_server.url)
+
+
+# Fixed on other branches (issue 13, items 1 and 5); expected to fail here until those merge.
+GRAMMAR_BOMBS = [{"regex": "a{100000}"}, {"regex": "[a-z]{1,50000}"}, {"regex": "(a)\\1"}, {"regex": "(?=a)a"},
+                 {"json_schema": {"enum": [f"value-{i}" for i in range(20000)]}},
+                 {"json_schema": {"type": "string", "minLength": 1000000}},
+                 {"json_schema": {"type": "array", "minItems": 100000}}]
+
+
+def test_grammar_and_seed_inputs_on_live_server(tiny_server):
+    with httpx.Client(base_url=tiny_server.url, timeout=60) as http:
+        for constraint in GRAMMAR_BOMBS:
+            native = {"input_ids": [5], "sampling_params": {"max_new_tokens": 4, **constraint}}
+            for path, body in [("/generate", native),
+                               ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, **constraint})]:
+                label = f"{path} {json.dumps(constraint)[:80]}"
+                start = time.monotonic()
+                resp = http.post(path, json=body)
+                assert time.monotonic() - start < 5, f"{label} took {time.monotonic() - start:.1f} s"
+                check_error_envelope(resp, label)
+                assert_serves_on(http, local_port(resp), label)
+        for seed in (-1, 2**63 - 1):
+            for path, body in [("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": CHAT})]:
+                for stream in (False, True):
+                    label = f"{path} seed={seed} stream={stream}"
+                    resp = http.post(path, json={**body, "seed": seed, "n": 2, "max_tokens": 3, "stream": stream})
+                    assert resp.status_code == 200, f"{label}: {resp.status_code} {resp.text[:300]}"
+                    if stream:
+                        assert resp.text.rstrip().endswith("data: [DONE]"), label
+                    else:
+                        assert len(resp.json()["choices"]) == 2, label
+                    assert_serves_on(http, local_port(resp), label)
     assert_all_memory_free(tiny_server.url)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 from fastapi import FastAPI
@@ -72,7 +71,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
 def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
     """Every error leaves in the envelope of the API its path belongs to (OpenAI's unless a
-    frontend set another in ``ctx.error_shapes``); bad input is a 4xx naming the field."""
+    frontend set another in ``ctx.error_shapes``); bad input is a 4xx naming the field. Any other
+    exception is answered by ``ServerMiddleware`` (not by a handler here: Starlette re-raises
+    after a catch-all handler, and uvicorn then drops the keep-alive connection)."""
 
     def error_reply(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
         return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status)
@@ -80,10 +81,6 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
         return error_reply(request, 400, str(exc), param_of(str(exc)))
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_reply(request, 400, f"malformed JSON body: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,11 +107,6 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
             return error_reply(request, 503, f"the engine is not running: {exc}")
         logger.exception("request failed")
         return error_reply(request, 500, f"internal error: {exc}")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug of ours still answers in the envelope, never as a bare text 500.
-        return error_reply(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def ctx_engine_dead(request: Request) -> bool:

@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, so client disconnects reach the handlers):
-API-key auth, a request body size limit, and per-request metrics and logging."""
+API-key auth, a request body size limit, per-request metrics and logging, and a 500 in the error
+envelope for any exception no handler took, the connection kept open for the client's next request."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ServerMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.monotonic()
-        status = {"code": 500}
+        status: dict[str, int | None] = {"code": None}
 
         async def tracked_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -48,13 +49,19 @@ class ServerMiddleware:
             receive = await self._limited_body(scope, receive, tracked_send)
             if receive is not None:
                 await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            logger.exception("request failed: %s %s", scope["method"], scope["path"])
+            if status["code"] is not None:
+                raise  # the response has begun: only closing the connection can end it now
+            # Answered here and not re-raised, so uvicorn keeps the connection open.
+            await self._send_error(scope, tracked_send, 500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            code = status["code"] or 500  # nothing sent: the request was cancelled
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(path, str(status["code"])).inc()
+            self.metrics.requests.labels(path, str(code)).inc()
             if self.log:
-                logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status["code"],
-                            1000 * (time.monotonic() - start))
+                logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], code, 1000 * (time.monotonic() - start))
 
     async def _send_error(self, scope: Scope, send: Send, status: int, message: str) -> None:
         body = json.dumps(self.error_body(scope["path"], status, message)).encode()

@@ -1,5 +1,6 @@
-"""The ``/generate`` wire format (SGLang 0.2.10's ``GenerateReqInput``): parse a request body into
-one job per output sequence, and shape engine results into SGLang's response items."""
+"""The native API's bodies (SGLang 0.2.10's ``GenerateReqInput`` and the small management
+ones) as Pydantic models parsed by ``sglang_core.server.bodies.parse_body``, like every other
+route's; and ``/generate``'s jobs, one per output sequence, and its response items."""
 
 from __future__ import annotations
 
@@ -7,11 +8,44 @@ import contextlib
 import dataclasses
 from typing import Any, Iterator
 
+from pydantic import ConfigDict
+
 from sglang_core.engine import split_prompts
 from sglang_core.sampling.params import SamplingParams
+from sglang_core.server.bodies import StrictBody
 
-FIELDS = frozenset({"text", "input_ids", "image_data", "sampling_params", "rid", "return_logprob",
-                    "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "stream"})
+
+class NativeBody(StrictBody):
+    """SGLang's native API refuses a field it does not know (OpenAI's ignores it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateBody(NativeBody):
+    """A scalar applies to every prompt; a list gives one value per prompt (null: the default)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int | list[int]] | None = None  # one prompt or a batch; split_prompts refuses a mix
+    image_data: Any = None
+    sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool | None] | None = None
+    logprob_start_len: int | list[int | None] | None = None
+    top_logprobs_num: int | list[int | None] | None = None
+    return_text_in_logprobs: bool | None = None
+    stream: bool | None = None
+
+    def check_supported(self) -> None:
+        if self.image_data is not None:
+            raise ValueError("image_data: images are not supported")
+
+
+class TokenizeBody(NativeBody):
+    text: str | list[str]
+
+
+class AbortBody(NativeBody):
+    rid: str
 
 
 @dataclasses.dataclass
@@ -29,26 +63,17 @@ class GenerateInput:
     prompt_field: str  # "text" or "input_ids": the field that errors about the prompt name
 
 
-def parse_generate(body: Any, vocab_size: int) -> GenerateInput:
-    """Check the body's shape and types and validate the sampling parameters; the engine checks
-    the prompts themselves (token ids, length) when each job is submitted."""
-    if not isinstance(body, dict):
-        raise ValueError("body: expected a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown field")
-    if body.get("image_data") is not None:
-        raise ValueError("image_data: images are not supported")
-    prompt_field, prompts, single_prompt = split_prompts(body.get("text"), body.get("input_ids"), "text")
+def parse_generate(body: GenerateBody, vocab_size: int) -> GenerateInput:
+    """Spread the per-prompt fields over the prompts and validate the sampling parameters; the
+    engine checks the prompts themselves (token ids, length) when each job is submitted."""
+    prompt_field, prompts, single_prompt = split_prompts(body.text, body.input_ids, "text")
     count = len(prompts)
-    stream = _bool("stream", body.get("stream"))
-    with_text = _bool("return_text_in_logprobs", body.get("return_text_in_logprobs"))
-    params = _per_item("sampling_params", body.get("sampling_params"), count, None)
-    logprob = [_bool("return_logprob", v) for v in _per_item("return_logprob", body.get("return_logprob"), count, False)]
+    params = _per_item("sampling_params", body.sampling_params, count, None)
+    logprob = _per_item("return_logprob", body.return_logprob, count, False)
     # SGLang 0.2.10 reports prompt logprobs from the first token unless told otherwise.
-    start = _per_item("logprob_start_len", body.get("logprob_start_len"), count, 0)
-    top = _per_item("top_logprobs_num", body.get("top_logprobs_num"), count, 0)
-    rids = _rids(body.get("rid"), count)
+    start = _per_item("logprob_start_len", body.logprob_start_len, count, 0)
+    top = _per_item("top_logprobs_num", body.top_logprobs_num, count, 0)
+    rids = _rids(body.rid, count)
     engine_field = "prompt" if prompt_field == "text" else "input_ids"
     jobs = []
     for i, prompt in enumerate(prompts):
@@ -59,8 +84,8 @@ def parse_generate(body: Any, vocab_size: int) -> GenerateInput:
             rid = rids[i] if sampling.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
             jobs.append(Job({engine_field: prompt, "sampling_params": copy, "return_logprob": logprob[i],
                              "logprob_start_len": start[i], "top_logprobs_num": top[i],
-                             "return_text_in_logprobs": with_text, "rid": rid}))
-    return GenerateInput(jobs, single_prompt and len(jobs) == 1, stream, prompt_field)
+                             "return_text_in_logprobs": bool(body.return_text_in_logprobs), "rid": rid}))
+    return GenerateInput(jobs, single_prompt and len(jobs) == 1, bool(body.stream), prompt_field)
 
 
 @contextlib.contextmanager
@@ -89,22 +114,12 @@ def _per_item(name: str, value: Any, count: int, default: Any) -> list:
     return [default if value is None else value] * count
 
 
-def _rids(rid: Any, count: int) -> list[str | None]:
+def _rids(rid: str | list[str] | None, count: int) -> list[str | None]:
     """One request id per prompt: a list as given, or a string (suffixed ``-i`` in a batch)."""
     if rid is None:
         return [None] * count
     if isinstance(rid, str) and rid:
         return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
-    if (isinstance(rid, list) and len(rid) == count and all(isinstance(r, str) and r for r in rid)
-            and len(set(rid)) == count):
+    if isinstance(rid, list) and len(rid) == count and all(rid) and len(set(rid)) == count:
         return rid
     raise ValueError(f"rid: expected a non-empty string or a list of {count} distinct non-empty strings")
-
-
-def _bool(name: str, value: Any) -> bool:
-    """true or false; null means false."""
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
-    return value

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from sglang_core.server.chat_templates import resolve_chat_template, role_markers
+from sglang_core.server.bodies import parse_body
 from sglang_core.server.context import ServerContext
 
-from sglang_plugins.frontends.native.protocol import Job, parse_generate, prompt_errors_named, response_item
+from sglang_plugins.frontends.native.protocol import (AbortBody, GenerateBody, Job, TokenizeBody, parse_generate,
+                                                      prompt_errors_named, response_item)
 from sglang_plugins.frontends.native.streaming import GenerateStream, GenerateStreamResponse
 
 HEALTH_TIMEOUT_S = 20.0
@@ -23,7 +23,7 @@ HEALTH_TIMEOUT_S = 20.0
 def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
-        parsed = parse_generate(await _json_body(request), ctx.engine.info.vocab_size)
+        parsed = parse_generate(parse_body(GenerateBody, await request.body()), ctx.engine.info.vocab_size)
         with prompt_errors_named(parsed.prompt_field):
             if parsed.stream:
                 stream = GenerateStream(ctx, parsed.jobs)
@@ -69,12 +69,9 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     async def tokenize(request: Request) -> dict:
         """Token ids of ``text`` (a string, or a list of strings) as the engine tokenizes a prompt,
         so a client can split text exactly as the server does (``RuntimeEndpoint.select``)."""
-        body = await _json_body(request)
-        if not isinstance(body, dict) or set(body) != {"text"}:
-            raise ValueError("body: expected an object with exactly one field, text")
-        text = body["text"]
+        text = parse_body(TokenizeBody, await request.body()).text
         texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        if not texts:
             raise ValueError("text: expected a string or a non-empty list of strings")
         ids = [ctx.engine.tokenizer(t)["input_ids"] for t in texts]
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
@@ -104,16 +101,8 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
-        body = await _json_body(request)
-        rid = body.get("rid") if isinstance(body, dict) else None
-        if not isinstance(rid, str) or not rid:
-            raise ValueError("rid: expected the id of a request, a non-empty string")
-        ctx.engine.abort(rid)
+        ctx.engine.abort(parse_body(AbortBody, await request.body()).rid)
         return Response(status_code=200)
-
-
-async def _json_body(request: Request) -> Any:
-    return json.loads(await request.body())
 
 
 async def _complete_all(ctx: ServerContext, jobs: list[Job]) -> list[dict]:

@@ -130,6 +130,20 @@ def test_too_many_sequences_is_a_400_naming_the_field(client, http):
     assert http.get("/get_server_info").json()["requests_in_flight"] == 0
 
 
+def test_native_generate_refuses_a_huge_n_before_building_its_jobs():
+    """The sequence limit is checked before one job per sequence is built: ten million copies
+    (minutes of work and gigabytes before the check moved) are refused at once."""
+    from sglang_plugins.frontends.native.protocol import GenerateBody, parse_generate
+
+    ctx = context(max_sequences_per_request=8)
+    body = GenerateBody.model_validate({"text": "a", "sampling_params": {"n": 10_000_000}})
+    with pytest.raises(ValueError, match="^text: the request asks for 10000000 output sequences"):
+        parse_generate(body, 259, ctx.check_sequences)
+    many = GenerateBody.model_validate({"input_ids": [[5]] * 9})
+    with pytest.raises(ValueError, match="^input_ids: the request asks for 9 output sequences"):
+        parse_generate(many, 259, ctx.check_sequences)
+
+
 def context(**settings) -> ServerContext:
     return ServerContext(ServerSettings(**settings), ServerMetrics())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydantic import ConfigDict
 
@@ -63,12 +63,18 @@ class GenerateInput:
     prompt_field: str  # "text" or "input_ids": the field that errors about the prompt name
 
 
-def parse_generate(body: GenerateBody, vocab_size: int) -> GenerateInput:
+def parse_generate(body: GenerateBody, vocab_size: int,
+                   check_sequences: Callable[[int, str], None] = lambda sequences, field: None) -> GenerateInput:
     """Spread the per-prompt fields over the prompts and validate the sampling parameters; the
-    engine checks the prompts themselves (token ids, length) when each job is submitted."""
+    engine checks the prompts themselves (token ids, length) when each job is submitted.
+    ``check_sequences(count, field)`` refuses a request of too many output sequences before any
+    job is built (so a huge batch or ``n`` costs no work)."""
     prompt_field, prompts, single_prompt = split_prompts(body.text, body.input_ids, "text")
     count = len(prompts)
+    check_sequences(count, prompt_field)
     params = _per_item("sampling_params", body.sampling_params, count, None)
+    samplings = [SamplingParams.from_dict(p) for p in params]
+    check_sequences(sum(s.n for s in samplings), prompt_field)
     logprob = _per_item("return_logprob", body.return_logprob, count, False)
     # SGLang 0.2.10 reports prompt logprobs from the first token unless told otherwise.
     start = _per_item("logprob_start_len", body.logprob_start_len, count, 0)
@@ -76,8 +82,7 @@ def parse_generate(body: GenerateBody, vocab_size: int) -> GenerateInput:
     rids = _rids(body.rid, count)
     engine_field = "prompt" if prompt_field == "text" else "input_ids"
     jobs = []
-    for i, prompt in enumerate(prompts):
-        sampling = SamplingParams.from_dict(params[i])
+    for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
         sampling.validate(vocab_size)
         for j in range(sampling.n):
             copy = dataclasses.replace(sampling, n=1, seed=None if sampling.seed is None else sampling.seed + j)

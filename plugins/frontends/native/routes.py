@@ -23,7 +23,8 @@ HEALTH_TIMEOUT_S = 20.0
 def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
-        parsed = parse_generate(parse_body(GenerateBody, await request.body()), ctx.engine.info.vocab_size)
+        parsed = parse_generate(parse_body(GenerateBody, await request.body()), ctx.engine.info.vocab_size,
+                                ctx.check_sequences)
         with prompt_errors_named(parsed.prompt_field):
             if parsed.stream:
                 stream = GenerateStream(ctx, parsed.jobs)

@@ -22,7 +22,7 @@ from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreCli
 from sglang_core.engine_core import ModelInfo
 from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.plugins import PluginManager
-from sglang_core.sampling.params import INT64_MAX, SamplingParams
+from sglang_core.sampling.params import INT64_MAX, SamplingParams, choice_seed
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
 
 logger = logging.getLogger(__name__)
@@ -357,10 +357,9 @@ class Engine:
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
             max_new = min(params.max_new_tokens, self._room_for_output(len(ids)))
             for j in range(params.n):
-                # replace() re-checks every field (seed + j may leave the 64-bit range).
                 copy = dataclasses.replace(params, n=1, max_new_tokens=max_new,
                                            min_new_tokens=min(params.min_new_tokens, max_new),
-                                           seed=None if params.seed is None else params.seed + j)
+                                           seed=choice_seed(params.seed, j))
                 request = GenerateRequest(
                     rid=base if params.n == 1 else f"{base}-{j}",
                     input_ids=ids,

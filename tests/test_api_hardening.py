@@ -75,6 +75,14 @@ def test_choice_seeds_wrap_around_the_64_bit_range(client):
     assert complete(client, n=2, seed=INT64_MAX)[1] == complete(client, seed=INT64_MIN)[0]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("seed", [INT64_MAX + 1, INT64_MIN - 1, 2**70])
+def test_a_seed_past_64_bits_is_a_400_before_any_stream(client, seed, stream):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="m", prompt="a", max_tokens=2, n=2, seed=seed, stream=stream)
+    assert caught.value.body["param"] == "seed"
+
+
 def test_streamed_negative_seed_streams_the_same_choices(client):
     expected = complete(client, n=2, seed=-1)
     texts = ["", ""]

@@ -33,11 +33,11 @@ def _int(name: str, value: Any) -> int:
     return value
 
 
-def _seed(name: str, value: Any) -> int:
-    # The sampler seeds its generator with the seed mod 2**64, so wrapping any integer into the
-    # int64 range the engine carries keeps its stream; and choice j of a request, seeded
-    # ``seed + j``, stays valid and distinct even from seed 2**63 - 1.
-    return (_integer(name, value) - INT64_MIN) % 2**64 + INT64_MIN
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice ``choice`` of an ``n > 1`` request: ``seed + choice``, wrapped into the
+    int64 range. The sampler takes every seed mod 2**64, so wrapping keeps each stream, and seed
+    2**63 - 1 has distinct later choices too."""
+    return None if seed is None else (seed + choice - INT64_MIN) % 2**64 + INT64_MIN
 
 
 def _float(name: str, value: Any) -> float:
@@ -126,7 +126,7 @@ class SamplingParams:
     skip_special_tokens: bool = _param(True, _bool)
     spaces_between_special_tokens: bool = _param(True, _bool)
     n: int = _param(1, _int)
-    seed: int | None = _param(None, _optional(_seed))  # any integer, taken mod 2**64
+    seed: int | None = _param(None, _optional(_int))  # any int64; the sampler takes it mod 2**64
     # Keys may be digit strings ("50256"), as OpenAI sends them; they become ints.
     logit_bias: dict[int, float] | None = _param(None, _optional(_logit_bias))
     # Free-form settings for third-party logits processors.

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 from pydantic import ConfigDict
 
 from sglang_core.engine import split_prompts
-from sglang_core.sampling.params import SamplingParams
+from sglang_core.sampling.params import SamplingParams, choice_seed
 from sglang_core.server.bodies import StrictBody
 
 
@@ -85,7 +85,7 @@ def parse_generate(body: GenerateBody, vocab_size: int,
     for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
         sampling.validate(vocab_size)
         for j in range(sampling.n):
-            copy = dataclasses.replace(sampling, n=1, seed=None if sampling.seed is None else sampling.seed + j)
+            copy = dataclasses.replace(sampling, n=1, seed=choice_seed(sampling.seed, j))
             rid = rids[i] if sampling.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
             jobs.append(Job({engine_field: prompt, "sampling_params": copy, "return_logprob": logprob[i],
                              "logprob_start_len": start[i], "top_logprobs_num": top[i],

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sglang_core.sampling.params import choice_seed
 from sglang_core.server.chat_templates import resolve_chat_template
 from sglang_core.server.context import ServerContext
 from sglang_core.server.errors import error_body, param_of
@@ -116,7 +117,7 @@ def _add_choices(plan: Plan, req: SamplingRequest, ids: list[int], params: dict[
     for j in range(req.n):
         index = len(plan.choices)
         plan.choices.append(Choice(index, logprobs=logprobs, echo=echo, echo_logprobs=bool(echo) and logprobs))
-        seed = None if req.seed is None else req.seed + j  # SamplingParams wraps it into int64
+        seed = choice_seed(req.seed, j)
         plan.jobs.append({
             "input_ids": ids, "sampling_params": {**params, "seed": seed}, "return_logprob": logprobs,
             "logprob_start_len": 0 if echo and logprobs else -1, "top_logprobs_num": top_logprobs or 0,

@@ -3,6 +3,10 @@
 A JSON Schema becomes a regex (``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
 an ``Index``: for each automaton state, the tokens that keep the text on a path to a match. The
 vocabulary is read from our own tokenizer (``sglang_core.constrained.vocab``), never a hub.
+
+Building an index is unbounded in outlines-core (a regex whose automaton blows up when made
+deterministic runs for minutes and takes gigabytes), so it runs in a child process
+(``index_worker``) that is killed when it overruns the engine's compile budget.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 import torch
 
 from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
+from sglang_core.constrained.limits import check_regex
 from sglang_core.constrained.vocab import token_bytes
+from sglang_core.constrained.worker_process import WorkerPool
 
 
 # outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
@@ -49,6 +55,11 @@ def _bounded_integers(schema: Any) -> Any:
         raise ValueError(f"integer bounds are enforced only as a closed range of fewer than {MAX_ENUM_RANGE} values")
     raise ValueError("minimum/maximum are supported only on integers (as a closed range)")
 
+
+# The regex outlines-core writes for a schema repeats an optional property's value for each place
+# it may stand, so it grows faster than the schema: 30 optional strings of up to 50 characters
+# spell out about 74,000 (a 30 s compile); nested arrays' counts multiply past this at once.
+MAX_SCHEMA_REGEX_SIZE = 100_000
 
 # A state with more allowed tokens than this is a free choice, not the start of forced text.
 MAX_FORCED_BRANCHING = 64
@@ -138,22 +149,30 @@ class OutlinesGrammar(Grammar):
 
 class OutlinesBackend(GrammarBackend):
     def validate(self, kind: str, spec: str) -> None:
+        super().validate(kind, spec)
         regex = self._regex(kind, spec)
         try:  # outlines' syntax is close to Python's; what only outlines rejects fails at compile
             re.compile(regex)
         except re.error as exc:
             raise ValueError(f"{kind}: invalid regular expression ({exc})") from None
+        if kind == "json_schema":  # the schema's counts multiply where they nest
+            check_regex(kind, regex, "as a regex, ", MAX_SCHEMA_REGEX_SIZE)
 
     def compile(self, kind: str, spec: str) -> OutlinesGrammar:
         from outlines_core import Index
 
+        regex = self._regex(kind, spec)
         try:
-            index = Index(self._regex(kind, spec), self._vocabulary)
-        except ValueError:
-            raise
-        except Exception as exc:  # outlines reports bad patterns with its own exception types
+            index = Index.from_binary(self._workers.call(regex.encode()))
+        except TimeoutError as exc:
+            raise ValueError(f"{kind}: compiling {exc}; stopped") from None
+        except (ValueError, ChildProcessError) as exc:  # outlines' own message, or the process died
             raise ValueError(f"{kind}: cannot be compiled ({exc})") from None
         return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
+
+    def close(self) -> None:
+        if "_workers" in self.__dict__:
+            self._workers.close()
 
     @staticmethod
     def _regex(kind: str, spec: str) -> str:
@@ -173,11 +192,15 @@ class OutlinesBackend(GrammarBackend):
         return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
 
     @cached_property
-    def _vocabulary(self):
+    def _workers(self) -> WorkerPool:
+        """The compile processes, each set up with the vocabulary (built on first compile)."""
         from outlines_core import Vocabulary
+
+        from sglang_plugins.grammar.outlines.index_worker import binary_form
 
         by_bytes: dict[bytes, list[int]] = {}
         for token_id, data in enumerate(self._token_bytes):
             if data and token_id != self.eos_token_id:
                 by_bytes.setdefault(data, []).append(token_id)
-        return Vocabulary(self.eos_token_id, by_bytes)
+        vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
+        return WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)

@@ -82,7 +82,7 @@ def _size(items, budget: int) -> int:
     some number above it), so a huge expansion costs no time."""
     total = 0
     for op, arg in items:
-        name = str(op)
+        name = op.name
         if name in UNSUPPORTED:
             raise ValueError(UNSUPPORTED[name])
         if name in _NO_WIDTH:
@@ -118,8 +118,8 @@ def check_regex(field: str, pattern: str, what: str = "", limit: int = MAX_REGEX
                          f"(bounded repeats expanded, nested ones multiplied); too large to compile")
 
 
-def check_json_schema(spec: str) -> Any:
-    """Parse a JSON Schema and refuse one past the bounds above; returns the parsed schema."""
+def check_json_schema(spec: str) -> None:
+    """Refuse a JSON Schema (text) past the bounds above."""
     try:
         schema = json.loads(spec)
     except RecursionError:
@@ -127,7 +127,6 @@ def check_json_schema(spec: str) -> Any:
     except ValueError as exc:
         raise ValueError(f"json_schema: not valid JSON ({exc})") from None
     _SchemaWalk().schema(schema, 0)
-    return schema
 
 
 class _SchemaWalk:

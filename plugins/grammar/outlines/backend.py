@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from functools import cached_property
 from typing import Any
 
@@ -148,6 +149,11 @@ class OutlinesGrammar(Grammar):
 
 
 class OutlinesBackend(GrammarBackend):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
+        super().__init__(tokenizer, vocab_size, eos_token_id)
+        self._workers: WorkerPool | None = None  # started on first compile
+        self._workers_lock = threading.Lock()  # the core compiles in two threads
+
     def validate(self, kind: str, spec: str) -> None:
         super().validate(kind, spec)
         regex = self._regex(kind, spec)
@@ -163,7 +169,7 @@ class OutlinesBackend(GrammarBackend):
 
         regex = self._regex(kind, spec)
         try:
-            index = Index.from_binary(self._workers.call(regex.encode()))
+            index = Index.from_binary(self._worker_pool().call(regex.encode()))
         except TimeoutError as exc:
             raise ValueError(f"{kind}: compiling {exc}; stopped") from None
         except (ValueError, ChildProcessError) as exc:  # outlines' own message, or the process died
@@ -171,8 +177,9 @@ class OutlinesBackend(GrammarBackend):
         return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
 
     def close(self) -> None:
-        if "_workers" in self.__dict__:
-            self._workers.close()
+        with self._workers_lock:
+            if self._workers is not None:
+                self._workers.close()
 
     @staticmethod
     def _regex(kind: str, spec: str) -> str:
@@ -191,16 +198,18 @@ class OutlinesBackend(GrammarBackend):
     def _token_bytes(self) -> list[bytes]:
         return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
 
-    @cached_property
-    def _workers(self) -> WorkerPool:
+    def _worker_pool(self) -> WorkerPool:
         """The compile processes, each set up with the vocabulary (built on first compile)."""
         from outlines_core import Vocabulary
 
         from sglang_plugins.grammar.outlines.index_worker import binary_form
 
-        by_bytes: dict[bytes, list[int]] = {}
-        for token_id, data in enumerate(self._token_bytes):
-            if data and token_id != self.eos_token_id:
-                by_bytes.setdefault(data, []).append(token_id)
-        vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
-        return WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)
+        with self._workers_lock:
+            if self._workers is None:
+                by_bytes: dict[bytes, list[int]] = {}
+                for token_id, data in enumerate(self._token_bytes):
+                    if data and token_id != self.eos_token_id:
+                        by_bytes.setdefault(data, []).append(token_id)
+                vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
+                self._workers = WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)
+            return self._workers

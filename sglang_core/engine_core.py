@@ -19,6 +19,7 @@ from sglang_core.sampling.params import SamplingParams
 from sglang_core.sampling.sampler import Sampler, make_generator
 from sglang_core.scheduler.scheduler import Scheduler
 from sglang_core.constrained.compiler import GrammarCompiler, make_grammar_backend
+from sglang_core.constrained.limits import CompileBudget
 from sglang_core.tokenizer import eos_token_ids, has_tokenizer, load_tokenizer, placeholder_tokenizer
 from sglang_core.weights.loader import resolve_model_source
 
@@ -54,7 +55,8 @@ class EngineCore:
         eos = eos_token_ids(tokenizer, source.folder)
         processors = [entry.load()(vocab_size=self.runner.vocab_size, device=self.runner.device)
                       for entry in plugins.registry("logits_processors")]
-        backend = make_grammar_backend(plugins, settings.grammar_backend, tokenizer, self.runner.vocab_size)
+        budget = CompileBudget(settings.grammar_compile_timeout_s, settings.grammar_compile_memory_mb)
+        backend = make_grammar_backend(plugins, settings.grammar_backend, tokenizer, self.runner.vocab_size, budget)
         self.grammars = GrammarCompiler(backend) if backend is not None else None
         self.scheduler = Scheduler(self.runner, settings, Sampler(processors), tokenizer, eos, self.grammars)
         self.info = ModelInfo(
@@ -105,7 +107,7 @@ class EngineCore:
         return [self._output(req) for req in reqs]
 
     def close(self) -> None:
-        """Stop the grammar compiler's worker thread (the engine is shutting down)."""
+        """Stop the grammar compiler's workers (the engine is shutting down)."""
         if self.grammars is not None:
             self.grammars.shutdown()
 

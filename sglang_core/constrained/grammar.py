@@ -4,6 +4,9 @@ A backend is built once per engine as ``cls(tokenizer, vocab_size, eos_token_id)
 constraint (``"regex"`` or ``"json_schema"``, and its text) into a ``Grammar``: compiled once,
 shared by every request with the same constraint. Each request walks it with its own
 ``GrammarState``.
+
+A compile must not outlive its ``budget``: a backend whose compile time or memory is not bounded
+by itself runs it where it can be stopped (``sglang_core.constrained.worker_process``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import abc
 
 import torch
+
+from sglang_core.constrained.limits import CompileBudget, check_constraint
 
 
 class GrammarState(abc.ABC):
@@ -43,6 +48,8 @@ class Grammar(abc.ABC):
 
 
 class GrammarBackend(abc.ABC):
+    budget = CompileBudget()
+
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -50,9 +57,15 @@ class GrammarBackend(abc.ABC):
 
     def validate(self, kind: str, spec: str) -> None:
         """Cheap checks on the request side (before anything is queued); raise ``ValueError``
-        naming the field (``"regex: ..."``, ``"json_schema: ..."``). The default checks nothing."""
+        naming the field (``"regex: ..."``, ``"json_schema: ..."``). The default refuses a
+        constraint past the size bounds of ``sglang_core.constrained.limits``; a backend adding
+        its own checks calls it first."""
+        check_constraint(kind, spec)
 
     @abc.abstractmethod
     def compile(self, kind: str, spec: str) -> Grammar:
-        """Compile a constraint; may take seconds (it runs in a worker thread). Raise
-        ``ValueError`` naming the field when it cannot be compiled."""
+        """Compile a constraint; may take seconds (it runs in a worker thread), never past
+        ``self.budget``. Raise ``ValueError`` naming the field when it cannot be compiled."""
+
+    def close(self) -> None:
+        """Release what compiling holds (worker processes); the engine is shutting down."""

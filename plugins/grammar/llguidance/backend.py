@@ -136,6 +136,7 @@ class LLGuidanceGrammar(Grammar):
 
 class LLGuidanceBackend(GrammarBackend):
     def validate(self, kind: str, spec: str) -> None:
+        super().validate(kind, spec)
         # Checks the grammar without the vocabulary: milliseconds, bounded by LIMITS.
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self._grammar(kind, spec),
                                                                                 limits=LIMITS)

@@ -3,6 +3,10 @@
 A JSON Schema becomes a regex (``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
 an ``Index``: for each automaton state, the tokens that keep the text on a path to a match. The
 vocabulary is read from our own tokenizer (``sglang_core.constrained.vocab``), never a hub.
+
+Building an index is unbounded in outlines-core (a regex whose automaton blows up when made
+deterministic runs for minutes and takes gigabytes), so it runs in a child process
+(``index_worker``) that is killed when it overruns the engine's compile budget.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from functools import cached_property
 from typing import Any
 
 import torch
 
 from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
+from sglang_core.constrained.limits import check_regex
 from sglang_core.constrained.vocab import token_bytes
+from sglang_core.constrained.worker_process import WorkerPool
 
 
 # outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
@@ -49,6 +56,11 @@ def _bounded_integers(schema: Any) -> Any:
         raise ValueError(f"integer bounds are enforced only as a closed range of fewer than {MAX_ENUM_RANGE} values")
     raise ValueError("minimum/maximum are supported only on integers (as a closed range)")
 
+
+# The regex outlines-core writes for a schema repeats an optional property's value for each place
+# it may stand, so it grows faster than the schema: 30 optional strings of up to 50 characters
+# spell out about 74,000 (a 30 s compile); nested arrays' counts multiply past this at once.
+MAX_SCHEMA_REGEX_SIZE = 100_000
 
 # A state with more allowed tokens than this is a free choice, not the start of forced text.
 MAX_FORCED_BRANCHING = 64
@@ -137,23 +149,37 @@ class OutlinesGrammar(Grammar):
 
 
 class OutlinesBackend(GrammarBackend):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
+        super().__init__(tokenizer, vocab_size, eos_token_id)
+        self._workers: WorkerPool | None = None  # started on first compile
+        self._workers_lock = threading.Lock()  # the core compiles in two threads
+
     def validate(self, kind: str, spec: str) -> None:
+        super().validate(kind, spec)
         regex = self._regex(kind, spec)
         try:  # outlines' syntax is close to Python's; what only outlines rejects fails at compile
             re.compile(regex)
         except re.error as exc:
             raise ValueError(f"{kind}: invalid regular expression ({exc})") from None
+        if kind == "json_schema":  # the schema's counts multiply where they nest
+            check_regex(kind, regex, "as a regex, ", MAX_SCHEMA_REGEX_SIZE)
 
     def compile(self, kind: str, spec: str) -> OutlinesGrammar:
         from outlines_core import Index
 
+        regex = self._regex(kind, spec)
         try:
-            index = Index(self._regex(kind, spec), self._vocabulary)
-        except ValueError:
-            raise
-        except Exception as exc:  # outlines reports bad patterns with its own exception types
+            index = Index.from_binary(self._worker_pool().call(regex.encode()))
+        except TimeoutError as exc:
+            raise ValueError(f"{kind}: compiling {exc}; stopped") from None
+        except (ValueError, ChildProcessError) as exc:  # outlines' own message, or the process died
             raise ValueError(f"{kind}: cannot be compiled ({exc})") from None
         return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
+
+    def close(self) -> None:
+        with self._workers_lock:
+            if self._workers is not None:
+                self._workers.close()
 
     @staticmethod
     def _regex(kind: str, spec: str) -> str:
@@ -172,12 +198,18 @@ class OutlinesBackend(GrammarBackend):
     def _token_bytes(self) -> list[bytes]:
         return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
 
-    @cached_property
-    def _vocabulary(self):
+    def _worker_pool(self) -> WorkerPool:
+        """The compile processes, each set up with the vocabulary (built on first compile)."""
         from outlines_core import Vocabulary
 
-        by_bytes: dict[bytes, list[int]] = {}
-        for token_id, data in enumerate(self._token_bytes):
-            if data and token_id != self.eos_token_id:
-                by_bytes.setdefault(data, []).append(token_id)
-        return Vocabulary(self.eos_token_id, by_bytes)
+        from sglang_plugins.grammar.outlines.index_worker import binary_form
+
+        with self._workers_lock:
+            if self._workers is None:
+                by_bytes: dict[bytes, list[int]] = {}
+                for token_id, data in enumerate(self._token_bytes):
+                    if data and token_id != self.eos_token_id:
+                        by_bytes.setdefault(data, []).append(token_id)
+                vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
+                self._workers = WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)
+            return self._workers

@@ -32,6 +32,7 @@ def engine(tiny_llama):
     ({"logit_bias": {"999999": 1.0}}, "logit_bias"),
     ({"top_k": 10**23}, "top_k"),
     ({"seed": -(2**70)}, "seed"),
+    ({"json_schema": "[" * 100_000 + "]" * 100_000}, "json_schema"),  # a RecursionError in json.loads
 ])
 def test_bad_sampling_params_name_the_field(engine, params, field):
     with pytest.raises(ValueError, match=field):

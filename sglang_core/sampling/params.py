@@ -194,6 +194,8 @@ class SamplingParams:
                 schema = json.loads(self.json_schema)
             except ValueError as exc:
                 raise ValueError(f"json_schema: not valid JSON ({exc})") from None
+            except RecursionError:
+                raise ValueError("json_schema: nested too deeply") from None
             require(isinstance(schema, dict), "json_schema", "must be a JSON object")
 
     @property

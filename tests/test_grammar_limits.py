@@ -155,3 +155,26 @@ def test_compile_memory_is_bounded():
         fast = eng.generate("Answer yes or no:", sampling_params={"max_new_tokens": 8, "regex": "(yes|no)"})
         assert re.fullmatch("(yes|no)", fast["text"])
         eng.check_memory()
+
+
+def test_a_failed_compile_is_remembered():
+    """A constraint that failed to compile (past its budget, say) is not compiled again: a client
+    repeating a slow constraint cannot hold a compile worker for the whole budget each time."""
+    from sglang_core.constrained.compiler import GrammarCompiler
+    from sglang_core.constrained.grammar import GrammarBackend
+
+    class Refusing(GrammarBackend):
+        calls = 0
+
+        def compile(self, kind, spec):
+            Refusing.calls += 1
+            raise ValueError(f"{kind}: compiling took longer than 1 s; stopped")
+
+    compiler = GrammarCompiler(Refusing(None, 10, 0))
+    try:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="^regex: compiling took longer"):
+                compiler.get("regex", "(a|b)*a(a|b){20}").result(timeout=5)
+        assert Refusing.calls == 1
+    finally:
+        compiler.shutdown()

@@ -23,11 +23,12 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], Future[Grammar]] = OrderedDict()
 
     def get(self, kind: str, spec: str) -> Future[Grammar]:
-        """The compiled grammar for ``(kind, spec)``: cached, or compiling (a failure is a
-        ``ValueError`` from ``result()``, and is not cached)."""
+        """The compiled grammar for ``(kind, spec)``: cached, or compiling. A failure (a
+        ``ValueError`` from ``result()``) is cached too: a constraint that ran out of its compile
+        budget fails again at once rather than holding a worker for the whole budget each time."""
         key = (kind, spec)
         future = self._cache.get(key)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None:
             future = self._pool.submit(self.backend.compile, kind, spec)
             self._cache[key] = future
         self._cache.move_to_end(key)

@@ -117,7 +117,9 @@ def test_gated_mlp_matches_hf_gemma_mlp(dtype: torch.dtype, hidden_act: str) -> 
     x = torch.randn(6, 64).to(dtype)
     with torch.no_grad():
         gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-        torch.testing.assert_close(mlp.down_proj(act(gate_up)), mlp(x), atol=0, rtol=0)
+        # Equal but for the order of float32 roundings, which transformers versions change.
+        torch.testing.assert_close(mlp.down_proj(act(gate_up)), mlp(x),
+                                   **(FLOAT32 if dtype == torch.float32 else dict(atol=0, rtol=0)))
         tolerance = FLOAT32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
         torch.testing.assert_close(mlp.down_proj(fused_path(act, gate_up)), mlp(x), **tolerance)
 

@@ -19,8 +19,10 @@ from sglang_core.kernels.pdl import launch_options, pdl_enter
 
 
 @triton.jit
-def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _norm_input(X, Residual, stride_x, stride_r, hidden, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                USE_PDL: tl.constexpr):
+    """A norm kernel's start: its row, columns and input, ``x`` or with a residual
+    ``residual += x`` (stored) and that sum."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -30,6 +32,13 @@ def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hid
         residual = tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(X.dtype.element_ty)  # as torch rounds x + r
         tl.store(Residual + row * stride_r + cols, x, mask=ok)
+    return row, cols, ok, x
+
+
+@triton.jit
+def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, hidden, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    row, cols, ok, x = _norm_input(X, Residual, stride_x, stride_r, hidden, HAS_RESIDUAL, BLOCK, USE_PDL)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
     normed = (xf * rstd).to(X.dtype.element_ty)
@@ -57,15 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def _layer_norm_kernel(X, Residual, Weight, Bias, Out, stride_x, stride_r, stride_o, hidden, eps,
                        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                        USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < hidden
-    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        residual = tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(X.dtype.element_ty)  # as torch rounds x + r
-        tl.store(Residual + row * stride_r + cols, x, mask=ok)
+    row, cols, ok, x = _norm_input(X, Residual, stride_x, stride_r, hidden, HAS_RESIDUAL, BLOCK, USE_PDL)
     xf = x.to(tl.float32)
     mean = tl.sum(xf, 0) / hidden
     centred = tl.where(ok, xf - mean, 0.0)

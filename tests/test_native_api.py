@@ -149,7 +149,7 @@ def test_return_text_in_logprobs_and_logprob_start_len(client):
     assert all(isinstance(t[2], str) for t in meta["input_token_logprobs"])
 
 
-def test_max_new_tokens_zero_caches_the_prompt(client):
+def test_max_new_tokens_zero_caches_the_prompt(client, hf_model):
     text = LONG_PROMPT + " prefill only"
     out = generate(client, text=text, sampling_params={"max_new_tokens": 0})
     meta = out["meta_info"]
@@ -160,10 +160,18 @@ def test_max_new_tokens_zero_caches_the_prompt(client):
     # SGLang's `select`: a batch of prefill-only requests scored by their prompt logprobs.
     scored = generate(client, text=[text + " yes", text + " no"], sampling_params={"max_new_tokens": 0},
                       return_logprob=True, logprob_start_len=5)
-    for item in scored:
-        assert item["text"] == "" and item["meta_info"]["output_token_logprobs"] == []
-        assert len(item["meta_info"]["input_token_logprobs"]) == item["meta_info"]["prompt_tokens"] - 5
-        assert isinstance(item["meta_info"]["normalized_prompt_logprob"], float)
+    for item, suffix in zip(scored, [" yes", " no"]):
+        meta = item["meta_info"]
+        assert item["text"] == "" and meta["output_token_logprobs"] == []
+        # Each prompt token's logprob from position 5 on, as HF transformers (float32) computes it.
+        ids = client.post("/tokenize", json={"text": text + suffix}).json()["input_ids"]
+        assert meta["prompt_tokens"] == len(ids)
+        with torch.no_grad():
+            reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        expected = [float(reference[i - 1, ids[i]]) for i in range(5, len(ids))]
+        assert [tid for _, tid, _ in meta["input_token_logprobs"]] == ids[5:]
+        assert [lp for lp, _, _ in meta["input_token_logprobs"]] == pytest.approx(expected, abs=1e-3)
+        assert meta["normalized_prompt_logprob"] == pytest.approx(sum(expected) / len(expected), abs=1e-3)
 
 
 def test_repeated_long_prompt_hits_the_cache(client):

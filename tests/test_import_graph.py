@@ -1,8 +1,9 @@
 """No import circles among the core's and the bundled plugins' modules.
 
 The graph is read from the source (``ast``), not by importing: an edge for every import statement,
-at module level or deferred inside a function (a deferred import closes a circle just the same once
-both functions run), except those under ``if TYPE_CHECKING:``, which never run.
+at module level, deferred inside a function (a deferred import closes a circle just the same once
+both functions run) or under ``if TYPE_CHECKING:`` (two modules that name each other's types are
+one design knot even when only a type checker runs the imports).
 ``from package import name`` is an edge to ``package.name`` when that is a module. The implicit
 import of a module's parent packages is not an edge: a package's ``__init__`` may import its own
 submodules.
@@ -28,12 +29,6 @@ def module_files() -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def imported_modules(tree: ast.Module, module: str, is_package: bool, modules: set[str]) -> set[str]:
     """The ``modules`` that the import statements of ``tree`` (the source of ``module``) import."""
     found: set[str] = set()
@@ -46,9 +41,6 @@ def imported_modules(tree: ast.Module, module: str, is_package: bool, modules: s
 
     def visit(nodes: list[ast.AST]) -> None:
         for node in nodes:
-            if isinstance(node, ast.If) and _is_type_checking(node):
-                visit(node.orelse)
-                continue
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     add(alias.name)
@@ -95,17 +87,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_graph_counts_deferred_imports_and_skips_type_checking_ones():
+def test_the_graph_counts_deferred_and_type_checking_imports():
     sources = {
         "sglang_core.a": "import sglang_core.b.x\n",
-        "sglang_core.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sglang_core.a\n"
+        "sglang_core.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sglang_core.d\n"
                          "else:\n    from .. import c\n",
         "sglang_core.b.x": "def f():\n    from sglang_core.c import name\n",
         "sglang_core.c": "",
+        "sglang_core.d": "",
     }
     graph = {m: imported_modules(ast.parse(text), m, m == "sglang_core.b", set(sources)) for m, text in sources.items()}
-    assert graph == {"sglang_core.a": {"sglang_core.b.x"}, "sglang_core.b": {"sglang_core.c"},
-                     "sglang_core.b.x": {"sglang_core.c"}, "sglang_core.c": set()}
+    assert graph == {"sglang_core.a": {"sglang_core.b.x"}, "sglang_core.b": {"sglang_core.c", "sglang_core.d"},
+                     "sglang_core.b.x": {"sglang_core.c"}, "sglang_core.c": set(), "sglang_core.d": set()}
     assert find_cycle(graph) is None
     graph["sglang_core.c"] = {"sglang_core.a"}
     assert find_cycle(graph) == ["sglang_core.a", "sglang_core.b.x", "sglang_core.c", "sglang_core.a"]

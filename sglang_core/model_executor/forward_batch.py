@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from sglang_core.layers.attention import AttentionBackend
     from sglang_core.mem.kv_pool import TokenKVPool
 
 
@@ -31,7 +30,9 @@ class ForwardBatch:
     prefix_lens_cpu: list[int]
     req_to_token: torch.Tensor
     kv_pool: "TokenKVPool"
-    attn_backend: "AttentionBackend"
+    # The model's sglang_core.layers.attention.AttentionBackend. Not named as a type: the backend's
+    # methods take this batch, so naming it here would tie the two modules into a circle.
+    attn_backend: Any
     # Decode with cascade: (length, batch rows) of requests whose first ``length`` KV slots are
     # the same (a cached prefix they share); empty when not asked for.
     shared_prefixes: tuple[tuple[int, tuple[int, ...]], ...] = ()

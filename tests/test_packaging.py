@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -36,7 +37,7 @@ for name in modules:
     importlib.import_module(name)
 print(json.dumps({
     "site_packages": sysconfig.get_paths()["purelib"],
-    "files": {name: module.__file__ for name, module in sys.modules.items()
+    "files": {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
               if name.partition(".")[0] in ("sglang_core", "sglang_plugins")},
 }))
 """
@@ -60,9 +61,14 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str
     return result.stdout
 
 
+class Installed(NamedTuple):
+    wheel: Path
+    venv: Path
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A virtual environment holding the checkout's wheel; torch and the other dependencies come
+def installed(tmp_path_factory) -> Installed:
+    """A fresh virtual environment holding the checkout's wheel; torch and the other dependencies come
     from the environment running the tests (--system-site-packages), so nothing is downloaded."""
     tmp = tmp_path_factory.mktemp("packaging")
     # Build from a copy: a build/ folder left in the checkout by an earlier build would go into the
@@ -88,7 +94,7 @@ def installed(tmp_path_factory) -> Path:
     # (editable) sglang-core alone instead of trying to replace it.
     run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
          "--ignore-installed", str(wheel)], cwd=tmp)
-    return wheel
+    return Installed(wheel, venv)
 
 
 def venv_site_packages(venv: Path) -> Path:
@@ -102,7 +108,7 @@ def venv_env() -> dict[str, str]:
 
 
 def test_wheel_holds_only_the_two_packages(installed):
-    with zipfile.ZipFile(installed) as wheel:
+    with zipfile.ZipFile(installed.wheel) as wheel:
         top_level = {name.split("/")[0] for name in wheel.namelist()}
     dist_info = {name for name in top_level if name.endswith(".dist-info")}
     assert len(dist_info) == 1
@@ -110,7 +116,7 @@ def test_wheel_holds_only_the_two_packages(installed):
 
 
 def test_installed_package_has_every_source_file(installed):
-    venv = installed.parents[1] / "venv"
+    venv = installed.venv
     out = run([str(venv / "bin" / "python"), "-c", REPORT_ORIGINS], cwd=venv, env=venv_env())
     site_packages = Path(json.loads(out)["site_packages"])
     assert site_packages.is_relative_to(venv)
@@ -120,7 +126,7 @@ def test_installed_package_has_every_source_file(installed):
 
 
 def test_every_registered_plugin_loads_from_the_installed_copy(installed):
-    venv = installed.parents[1] / "venv"
+    venv = installed.venv
     plugins = registered_plugins()
     listing = run([str(venv / "bin" / "sglang-core"), "plugins", "--json"], cwd=venv, env=venv_env())
     rows = {row["name"]: row for row in json.loads(listing)}

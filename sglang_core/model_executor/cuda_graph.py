@@ -13,13 +13,24 @@ row 0, write their K/V into slot 0 (the pool's padding slot) and their logits ar
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
+
+
+class GraphInputs(NamedTuple):
+    """The captured graphs' inputs, one row of ``CudaGraphRunner.inputs`` each (names as in
+    ``ForwardBatch``)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor  # KV slot each new token's K/V is written to
+    req_pool_indices: torch.Tensor
+    seq_lens: torch.Tensor
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -37,10 +48,11 @@ class CudaGraphRunner:
         self.forward = forward
         self.sizes = capture_sizes(max_bs)
         n = self.sizes[-1]
-        # Inputs of every graph, in one tensor so one host-to-device copy fills them:
-        # rows are input ids, positions, KV slots written, request rows, sequence lengths.
-        self.inputs = torch.zeros(5, n, dtype=torch.int64, device=device)
-        self.inputs[4] = 1
+        # Inputs of every graph: the rows of one tensor, so one host-to-device copy fills them all,
+        # each also held by name in `buffers` (views of its row).
+        self.inputs = torch.zeros(len(GraphInputs._fields), n, dtype=torch.int64, device=device)
+        self.buffers = GraphInputs(*self.inputs)
+        self.buffers.seq_lens.fill_(1)
         self.make_batch = make_batch
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -54,10 +66,9 @@ class CudaGraphRunner:
         return self.sizes[-1]
 
     def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = ()) -> ForwardBatch:
-        ids, pos, loc, rows, lens = self.inputs[:, :bs]
+        rows = GraphInputs(*(row[:bs] for row in self.buffers))
         seq_lens_cpu = seq_lens_cpu or [1] * bs
-        return self.make_batch(mode=ForwardMode.DECODE, input_ids=ids, positions=pos, out_cache_loc=loc,
-                               req_pool_indices=rows, seq_lens=lens, prefix_lens=lens - 1,
+        return self.make_batch(mode=ForwardMode.DECODE, **rows._asdict(), prefix_lens=rows.seq_lens - 1,
                                seq_lens_cpu=seq_lens_cpu, prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
                                shared_prefixes=shared_prefixes)
 
@@ -83,17 +94,18 @@ class CudaGraphRunner:
         bs = len(input_ids)
         size = next(s for s in self.sizes if s >= bs)
         # A fresh pinned buffer per step: the caching host allocator keeps it until its copy ran.
-        host = torch.zeros(5, size, dtype=torch.int64, pin_memory=True)
-        host[4, bs:] = 1  # padding rows: sequence length 1, slot 0, request row 0, token 0
+        host = torch.zeros(self.inputs.shape[0], size, dtype=torch.int64, pin_memory=True)
+        staged = GraphInputs(*host)
+        staged.seq_lens[bs:] = 1  # padding rows: sequence length 1, slot 0, request row 0, token 0
         on_host = not isinstance(input_ids, torch.Tensor)
-        for row, values in ((0, input_ids if on_host else None), (1, positions), (3, req_pool_indices),
-                            (4, seq_lens)):
+        for row, values in ((staged.input_ids, input_ids if on_host else None), (staged.positions, positions),
+                            (staged.req_pool_indices, req_pool_indices), (staged.seq_lens, seq_lens)):
             if values is not None:
-                host[row, :bs] = torch.tensor(values, dtype=torch.int64)
+                row[:bs] = torch.tensor(values, dtype=torch.int64)
         self.inputs[:, :size].copy_(host, non_blocking=True)
         if not on_host:
-            self.inputs[0, :bs].copy_(input_ids)
-        self.inputs[2, :bs].copy_(out_cache_loc)
+            self.buffers.input_ids[:bs].copy_(input_ids)
+        self.buffers.out_cache_loc[:bs].copy_(out_cache_loc)
         if self.attn_backend.plan_before_replay:
             self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs), shared_prefixes))
         self.graphs[size].replay()

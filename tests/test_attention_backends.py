@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionSpec
+from sglang_core.layers.attention import Attention, AttentionLayerSpec, AttentionSpec, KVLayout
 from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
@@ -59,40 +59,51 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: list[int],
-              window: int | None, scale: float) -> torch.Tensor:
-    """q: [n, heads, d] at ``positions``; keys/values: [seq, kv_heads, d] of the whole sequence."""
+              window: int | None, scale: float, cap: float | None = None) -> torch.Tensor:
+    """q: [n, heads, d] at ``positions``; keys: [seq, kv_heads, d] and values [seq, kv_heads, dv]
+    of the whole sequence -> [n, heads, dv]. ``cap``: logits become cap * tanh(logits / cap)."""
     heads, kv_heads = q.shape[1], keys.shape[1]
     group = heads // kv_heads
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    out = torch.empty(q.shape[0], heads, values.shape[-1], dtype=torch.float64, device=q.device)
     for i, pos in enumerate(positions):
         lo = 0 if window is None else max(0, pos - window + 1)
         for h in range(heads):
             k = keys[lo:pos + 1, h // group].double()
-            weights = torch.softmax(k @ q[i, h].double() * scale, dim=0)
-            out[i, h] = weights @ values[lo:pos + 1, h // group].double()
+            logits = k @ q[i, h].double() * scale
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
+            out[i, h] = torch.softmax(logits, dim=0) @ values[lo:pos + 1, h // group].double()
     return out
 
 
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-        shape: tuple[int, int, int] | None = None, shared: tuple = (), kv_dtype: torch.dtype | None = None) -> None:
-    """``shared``: ``(length, batch rows)`` groups whose first ``length`` KV slots are one copy
-    (cascade decode); the first row of a group owns them. ``kv_dtype``: the pool's element type
-    when narrower than the compute dtype (FP8)."""
+        shape: tuple[int, ...] | None = None, shared: tuple = (), kv_dtype: torch.dtype | None = None,
+        cap: float | None = None, layout: KVLayout = KVLayout.SEPARATE) -> None:
+    """``shape``: (heads, kv_heads, head_dim[, v_head_dim]). ``shared``: ``(length, batch rows)``
+    groups whose first ``length`` KV slots are one copy (cascade decode); the first row of a group
+    owns them. ``kv_dtype``: the pool's element type when narrower than the compute dtype (FP8).
+    ``cap``: logit soft-cap. ``layout``: LATENT stores one vector per token, its first v_head_dim
+    values read as the value."""
     with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
-        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared, kv_dtype)
+        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared, kv_dtype, cap, layout)
 
 
 def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
-         shape: tuple[int, int, int], shared: tuple, kv_dtype: torch.dtype | None) -> None:
+         shape: tuple[int, ...] | None, shared: tuple, kv_dtype: torch.dtype | None, cap: float | None,
+         layout: KVLayout) -> None:
     case = BACKENDS[backend_name]
-    HEADS, KV_HEADS, HEAD_DIM = shape or case.shapes[0]
+    HEADS, KV_HEADS, HEAD_DIM, *rest = shape or case.shapes[0]
+    V_DIM = rest[0] if rest else HEAD_DIM
+    latent = layout is KVLayout.LATENT
     backend_cls = case.factory()
     dtype = case.dtype
     rng = random.Random(seed)
     torch.manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     total = sum(seq_lens)
-    pool = TokenKVPool(total + 50, 1, KV_HEADS, HEAD_DIM, kv_dtype or dtype, DEVICE)
+    layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window,
+                      v_head_dim=V_DIM, logit_cap=cap, kv_layout=layout)
+    pool = TokenKVPool(total + 50, [layer.spec], kv_dtype or dtype, DEVICE)
     slots = list(range(1, total + 51))
     rng.shuffle(slots)  # each request's tokens scattered over the pool
     req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
@@ -103,8 +114,8 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
         del slots[:n]
         req_to_token[row, :n] = own
         keys.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
-        values.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
-        pool.store(0, own[:p], keys[-1][:p], values[-1][:p])  # the cached prefix
+        values.append(keys[-1][..., :V_DIM] if latent else torch.randn(n, KV_HEADS, V_DIM, dtype=dtype))
+        pool.store(0, own[:p], keys[-1][:p], None if latent else values[-1][:p])  # the cached prefix
         new_slots.append(own[p:])
     for length, members in shared:  # members read the owner's slots (and so its keys) up to length
         owner = members[0]
@@ -112,34 +123,35 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
             req_to_token[rows[m], :length] = req_to_token[rows[owner], :length]
             keys[m][:length], values[m][:length] = keys[owner][:length], values[owner][:length]
     mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and any(prefix_lens) else ForwardMode.EXTEND
-    backend = backend_cls(AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, dtype, torch.device(DEVICE),
-                                        cascade_decode=bool(shared), kv_dtype=kv_dtype))
+    backend = backend_cls(AttentionSpec((layer.spec,), dtype, torch.device(DEVICE), cascade_decode=bool(shared),
+                                        kv_dtype=kv_dtype), pool)
+    layer.backend = backend
     batch = ForwardBatch(
         mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
         out_cache_loc=torch.cat(new_slots), req_pool_indices=torch.tensor(rows),
         seq_lens=torch.tensor(seq_lens), prefix_lens=torch.tensor(prefix_lens),
-        seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token, kv_pool=pool,
-        attn_backend=backend, shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
+        seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token,
+        shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
     backend.plan(batch)
-    layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window)
-    q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) for e in extend_lens]
-    out = layer(torch.cat(q).view(-1, HEADS * HEAD_DIM),
-                torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM),
-                torch.cat([v[p:] for v, p in zip(values, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM), batch)
+    # Queries large enough that a soft-cap changes the logits by much more than the tolerance.
+    q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) * (4 if cap else 1) for e in extend_lens]
+    new_keys = torch.cat([k[p:] for k, p in zip(keys, prefix_lens)]).view(-1, KV_HEADS * HEAD_DIM)
+    new_values = None if latent else torch.cat([v[p:] for v, p in zip(values, prefix_lens)]).view(-1, KV_HEADS * V_DIM)
+    out = layer(torch.cat(q).view(-1, HEADS * HEAD_DIM), new_keys, new_values, batch)
     if kv_dtype is not None:  # attention sees K/V as stored: rounded to the pool's type
         for i, row in enumerate(rows):
             stored = req_to_token[row, :seq_lens[i]]
-            for name, mine, buffer in (("keys", keys, pool.k_buffers[0]), ("values", values, pool.v_buffers[0])):
+            for name, mine, buffer in (("keys", keys, pool.k_buffer(0)), ("values", values, pool.v_buffer(0))):
                 # the pool holds each value rounded to the nearest representable one (half an ulp:
                 # 2**-4 relative for e4m3's 3 mantissa bits, 2**-3 for e5m2's 2)
                 half_ulp = torch.finfo(kv_dtype).eps / 2
                 torch.testing.assert_close(buffer[stored].to(dtype), mine[i], rtol=half_ulp, atol=1e-2, msg=name)
                 mine[i] = buffer[stored].to(dtype)
-    expected = torch.cat([reference(qi, k, v, list(range(p, s)), window, layer.scaling)
+    expected = torch.cat([reference(qi, k, v, list(range(p, s)), window, layer.spec.scaling, cap)
                           for qi, k, v, p, s in zip(q, keys, values, prefix_lens, seq_lens)])
     tol = case.tolerance
-    torch.testing.assert_close(out.view(-1, HEADS, HEAD_DIM).double(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.view(-1, HEADS, V_DIM).double(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -250,5 +262,60 @@ def test_flashinfer_refuses_what_it_has_no_kernels_for(dtype, kv_dtype, head_dim
     from sglang_core.layers.attention import UnsupportedSpecError
     from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
 
+    layer = AttentionLayerSpec(8, 2, head_dim, head_dim, head_dim**-0.5)
     with pytest.raises(UnsupportedSpecError):
-        FlashInferBackend(AttentionSpec(8, 2, head_dim, dtype, torch.device("cpu"), kv_dtype=kv_dtype))
+        FlashInferBackend(AttentionSpec((layer,), dtype, torch.device("cpu"), kv_dtype=kv_dtype),
+                          TokenKVPool(16, [layer], kv_dtype or dtype, "cpu"))
+
+
+# Layer kinds beyond today's models: (heads, kv_heads, head_dim[, v_head_dim]), soft-cap, layout.
+LAYER_KINDS = {
+    "v_narrower": ((6, 2, 24, 16), None, KVLayout.SEPARATE),
+    "v_wider": ((4, 2, 16, 40), None, KVLayout.SEPARATE),
+    "head_96": ((4, 2, 96), None, KVLayout.SEPARATE),
+    "head_192_v_128": ((4, 1, 192, 128), None, KVLayout.SEPARATE),
+    "soft_cap": ((6, 2, 8), 5.0, KVLayout.SEPARATE),
+    "latent": ((8, 1, 40, 32), None, KVLayout.LATENT),
+    "latent_soft_cap": ((4, 1, 24, 16), 3.0, KVLayout.LATENT),
+}
+# Which backends run which kinds; the others must refuse them (so ``auto`` falls back).
+RUNS_KINDS = {"torch_native": set(LAYER_KINDS), "triton": {"head_96"}, "flashinfer": {"soft_cap"}}
+
+
+@pytest.mark.parametrize(("backend", "kind"), [(b, k) for b in BACKENDS for k in LAYER_KINDS if k in RUNS_KINDS[b]])
+def test_layer_kinds_match_reference(backend: str, kind: str) -> None:
+    """Value heads of another width than key heads, wide and odd head sizes, soft-capped logits,
+    a latent layout (the value is the first columns of the stored key): decode (two length
+    groups), extend over cached prefixes, fresh prompts, with and without a window."""
+    shape, cap, layout = LAYER_KINDS[kind]
+    if backend == "flashinfer":  # a head size it has kernels for
+        shape = (8, 2, 128)
+    rng = random.Random(kind)
+    kw = dict(shape=shape, cap=cap, layout=layout)
+    run(backend, [rng.randint(1, 60) for _ in range(33)], [1] * 33, None, seed=1, **kw)
+    run(backend, [rng.randint(1, 60) for _ in range(5)], [1] * 5, 4, seed=2, **kw)
+    run(backend, [0, 9, 30, 1], [rng.randint(1, 20) for _ in range(4)], None, seed=3, **kw)
+    run(backend, [0, 0, 14], [12, 5, 9], 6, seed=4, **kw)
+
+
+@pytest.mark.parametrize(("backend", "kind"),
+                         [(b, k) for b in BACKENDS for k in LAYER_KINDS if k not in RUNS_KINDS[b]])
+def test_backends_refuse_layer_kinds_they_cannot_run(backend: str, kind: str) -> None:
+    """A backend without kernels for one kind of layer of the model refuses the whole model."""
+    pytest.importorskip("triton")  # both backends' modules import Triton
+    from sglang_core.layers.attention import UnsupportedSpecError
+
+    (heads, kv_heads, head_dim, *rest), cap, layout = LAYER_KINDS[kind]
+    layer = AttentionLayerSpec(heads, kv_heads, head_dim, rest[0] if rest else head_dim, 0.1, None, cap, layout)
+    plain = AttentionLayerSpec(8, 2, 128, 128, 0.1)  # a kind every backend runs, beside it
+    dtype = BACKENDS[backend].dtype
+    backend_cls = BACKENDS[backend].factory() if backend != "flashinfer" else _flashinfer_class()
+    with pytest.raises(UnsupportedSpecError):
+        backend_cls(AttentionSpec((plain, layer), dtype, torch.device(DEVICE)), TokenKVPool(16, [plain, layer], dtype, DEVICE))
+
+
+def _flashinfer_class() -> type:
+    """FlashInfer's backend class, importable without a GPU: it refuses before it loads FlashInfer."""
+    from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
+
+    return FlashInferBackend

@@ -75,10 +75,10 @@ from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
 
 
 class Picky(TorchNativeBackend):
-    def __init__(self, spec):
+    def __init__(self, spec, kv_pool):
         if spec.head_dim != 4096:
             raise UnsupportedSpecError(f"no kernels for head size {spec.head_dim}")
-        super().__init__(spec)
+        super().__init__(spec, kv_pool)
 
 
 @hookimpl

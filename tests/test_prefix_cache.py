@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from sglang_core.layers.attention_spec import AttentionLayerSpec
 from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.mem.prefix_cache import NoPrefixCache, RadixCache
 
@@ -19,7 +20,7 @@ POOL_SIZE = 200
 
 
 def make_pool(size: int = POOL_SIZE) -> TokenKVPool:
-    return TokenKVPool(size, num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32, device="cpu")
+    return TokenKVPool(size, [AttentionLayerSpec(1, 1, 1, 1, 1.0)], dtype=torch.float32, device="cpu")
 
 
 def slots_of(values: list[int]) -> torch.Tensor:

@@ -1,40 +1,27 @@
 """The attention-backend interface and the attention layer models call.
 
-Models call ``Attention(q, k, v, forward_batch)`` and nothing else; the backend behind it is a
-plugin (hook ``register_attention_backends``). A backend plans its metadata once per batch in
-``plan`` and every layer reuses it.
+Models build ``Attention(layer_id, ...)`` modules, which declare their shape as an
+``AttentionLayerSpec``, and call ``attention(q, k, v, forward_batch)`` and nothing else. The
+runner collects the specs from the built model, sizes the KV pool from them, builds a backend (a
+plugin, hook ``register_attention_backends``) for them and binds it to every layer. A backend
+plans its metadata once per batch in ``plan`` and every layer reuses it.
 """
 
 from __future__ import annotations
 
 import abc
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sglang_core.kernels.opaque import opaque_to_compiler
+from sglang_core.layers.attention_spec import AttentionLayerSpec, AttentionSpec, KVLayout, UnsupportedSpecError
+from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Shapes a backend needs to size its work space (this rank's heads)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-    max_batch_size: int = 256  # most requests in one batch (sizes per-batch work space once)
-    cascade_decode: bool = False  # decode reads each ForwardBatch.shared_prefixes group's prefix once
-    kv_dtype: torch.dtype | None = None  # the pool's K/V element type (FP8 may be narrower); None: ``dtype``
-
-
-class UnsupportedSpecError(ValueError):
-    """Raised by a backend's ``__init__`` for shapes or dtypes it has no kernels for; ``auto``
-    then takes the next backend by priority, an explicit choice reports it."""
+__all__ = ["Attention", "AttentionBackend", "AttentionLayerSpec", "AttentionSpec", "KVLayout",
+           "UnsupportedSpecError", "available_on_cuda"]
 
 
 def available_on_cuda(device: torch.device, module: str) -> bool:
@@ -54,60 +41,76 @@ class AttentionBackend(abc.ABC):
     # then calls it with the step's batch, padded to the captured size.
     plan_before_replay: bool = False
 
-    def __init__(self, spec: AttentionSpec):
+    def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
+        """Raise ``UnsupportedSpecError`` here for any layer kind (``spec.distinct()``) the
+        backend has no kernels for."""
         self.spec = spec
+        self.kv_pool = kv_pool
 
     @abc.abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
         """Prepare per-batch metadata (index tables, masks, kernel plans) shared by all layers."""
 
     @abc.abstractmethod
-    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: "Attention",
                        batch: ForwardBatch) -> torch.Tensor:
         """Causal attention of each request's new tokens over its prefix and themselves."""
 
     @abc.abstractmethod
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: "Attention",
                        batch: ForwardBatch) -> torch.Tensor:
         """One new token per request over its whole cached sequence."""
 
-    @staticmethod
-    def store_kv(k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor | None, layer: "Attention",
                  batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the batch's new K/V ([T, kv_heads*head_dim]) into the pool at
-        ``batch.out_cache_loc``; return them as [T, kv_heads, head_dim]."""
-        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
-        k3, v3 = k.view(shape), v.view(shape)
-        batch.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
-        return k3, v3
+        """Write the batch's new K ([T, kv_heads*head_dim]) and V ([T, kv_heads*v_head_dim];
+        None for a latent layout, whose V is part of K) into the pool at
+        ``batch.out_cache_loc``; return them as [T, kv_heads, width]."""
+        spec = layer.spec
+        k3 = k.view(k.shape[0], spec.num_kv_heads, spec.head_dim)
+        v3 = None if v is None else v.view(v.shape[0], spec.num_kv_heads, spec.v_head_dim)
+        self.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
+        return k3, (k3[..., :spec.v_head_dim] if v3 is None else v3)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: "Attention",
                 batch: ForwardBatch) -> torch.Tensor:
-        """q: [T, heads*head_dim], k/v: [T, kv_heads*head_dim] -> [T, heads*head_dim].
-        Writes the new K/V into the pool, then attends."""
+        """q: [T, heads*head_dim], k: [T, kv_heads*head_dim], v: [T, kv_heads*v_head_dim] (None
+        for a latent layout) -> [T, heads*v_head_dim]. Writes the new K/V into the pool, then attends."""
         if batch.mode is ForwardMode.DECODE:
             return self.forward_decode(q, k, v, layer, batch)
         return self.forward_extend(q, k, v, layer, batch)
 
 
 class Attention(nn.Module):
-    """One layer's attention: its shape and scale, delegating the work to the batch's backend."""
+    """One layer's attention: its spec (shape, scale, window, soft-cap, KV layout), delegating
+    the work to the backend the runner binds to it."""
 
     def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, *, v_head_dim: int | None = None,
+                 logit_cap: float | None = None, kv_layout: KVLayout = KVLayout.SEPARATE):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scaling = scaling
-        self.sliding_window = sliding_window
+        self.spec = AttentionLayerSpec(num_heads, num_kv_heads, head_dim, v_head_dim or head_dim, scaling,
+                                       sliding_window, logit_cap, kv_layout)
+        self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch) -> torch.Tensor:
+        if self.backend is None:
+            raise RuntimeError(f"attention layer {self.layer_id} has no backend: the model runner binds one "
+                               "after building the KV pool")
         return _run_backend(q, k, v, self, batch)
 
 
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's attention layers in layer-id order; ids must be 0..n-1, each once."""
+    layers = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_id)
+    ids = [m.layer_id for m in layers]
+    if ids != list(range(len(ids))):
+        raise ValueError(f"layer_id: a model's Attention layers must be numbered 0..n-1 once each, got {ids}")
+    return layers
+
+
 @opaque_to_compiler  # a backend's kernels (any plugin's) run as they are inside compiled code
-def _run_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+def _run_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                  batch: ForwardBatch) -> torch.Tensor:
-    return batch.attn_backend.forward(q, k, v, layer, batch)
+    return layer.backend.forward(q, k, v, layer, batch)

@@ -4,7 +4,8 @@ Two pools, each owning one kind of memory and nothing else:
 
 * ``ReqToTokenPool`` hands out request rows. Row ``r`` of ``req_to_token`` lists, in order,
   the KV slot of every token request ``r`` has cached so far.
-* ``TokenKVPool`` hands out token slots and holds per-layer K and V buffers indexed by slot.
+* ``TokenKVPool`` hands out token slots and holds each layer's KV buffers indexed by slot, shaped
+  by the layer's ``AttentionLayerSpec`` (the model declares them; see ``layers/attention_spec.py``).
 
 Slot 0 is never handed out: it is the padding target, so a padded gather or a padded write
 lands somewhere harmless.
@@ -12,9 +13,12 @@ lands somewhere harmless.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from sglang_core.kernels import use_fused
+from sglang_core.layers.attention_spec import AttentionLayerSpec, KVLayout
 
 
 class ReqToTokenPool:
@@ -40,29 +44,45 @@ class ReqToTokenPool:
 
 
 class TokenKVPool:
-    """Token slots 1..size and the K/V buffers they index, one pair of buffers per layer."""
+    """Token slots 1..size and, per layer, the buffers they index, shaped by the layer's spec:
+    K ``[size + 1, kv_heads, head_dim]`` and V ``[size + 1, kv_heads, v_head_dim]``, or for a
+    latent layout one ``[size + 1, 1, head_dim]`` buffer whose first ``v_head_dim`` columns are
+    read as V. Backends reach the buffers through ``k_buffer``/``v_buffer`` only."""
 
-    def __init__(
-        self,
-        size: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
+    def __init__(self, size: int, layers: Sequence[AttentionLayerSpec], dtype: torch.dtype,
+                 device: torch.device | str):
         self.size = size
-        self.num_layers = num_layers
+        self.layers = tuple(layers)
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (size + 1, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        for spec in self.layers:
+            k = torch.zeros((size + 1, spec.num_kv_heads, spec.head_dim), dtype=dtype, device=device)
+            self._k.append(k)
+            if spec.kv_layout is KVLayout.LATENT:
+                self._v.append(k[..., :spec.v_head_dim])
+            else:
+                self._v.append(torch.zeros((size + 1, spec.num_kv_heads, spec.v_head_dim), dtype=dtype, device=device))
         self._free = torch.arange(1, size + 1, dtype=torch.int64, device=device)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(layers: Sequence[AttentionLayerSpec], dtype: torch.dtype) -> int:
+        values = sum(spec.kv_values_per_token for spec in layers)
+        return values * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def k_buffer(self, layer_id: int) -> torch.Tensor:
+        """Keys of every slot, [size + 1, kv_heads, head_dim] (a latent layout: the latents)."""
+        return self._k[layer_id]
+
+    def v_buffer(self, layer_id: int) -> torch.Tensor:
+        """Values of every slot, [size + 1, kv_heads, v_head_dim]; for a latent layout a view of
+        the latents (so not contiguous: read its strides)."""
+        return self._v[layer_id]
 
     def available_size(self) -> int:
         return int(self._free.numel())
@@ -85,12 +105,20 @@ class TokenKVPool:
         """The free slots (a copy), for invariant checks."""
         return self._free.clone()
 
-    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the K/V ([T, kv_heads, head_dim]) of T tokens into their slots."""
-        if use_fused(k):
+    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Write the K ([T, kv_heads, head_dim]) and V ([T, kv_heads, v_head_dim]) of T tokens
+        into their slots; a latent layout takes the latents as ``k`` and no ``v``."""
+        k_buffer = self._k[layer_id]
+        if self.layers[layer_id].kv_layout is KVLayout.LATENT:
+            if v is not None:
+                raise ValueError(f"layer {layer_id} keeps latents: store them as k, with v=None")
+            k_buffer[slots] = k.to(self.dtype)
+            return
+        v_buffer = self._v[layer_id]
+        if use_fused(k) and k.shape == v.shape:
             from sglang_core.kernels.fused import store_kv
 
-            store_kv(k, v, self.k_buffers[layer_id], self.v_buffers[layer_id], slots)
+            store_kv(k, v, k_buffer, v_buffer, slots)
             return
-        self.k_buffers[layer_id][slots] = k.to(self.dtype)
-        self.v_buffers[layer_id][slots] = v.to(self.dtype)
+        k_buffer[slots] = k.to(self.dtype)
+        v_buffer[slots] = v.to(self.dtype)

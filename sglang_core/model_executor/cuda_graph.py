@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from sglang_core.layers.attention import AttentionBackend
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class CudaGraphRunner:
     """Captures ``forward(batch) -> logits`` for decode batches and replays it."""
 
     def __init__(self, forward: Callable[[ForwardBatch], torch.Tensor], make_batch: Callable[..., ForwardBatch],
-                 max_bs: int, device: torch.device):
+                 attn_backend: AttentionBackend, max_bs: int, device: torch.device):
         self.forward = forward
+        self.attn_backend = attn_backend
         self.sizes = capture_sizes(max_bs)
         n = self.sizes[-1]
         # Inputs of every graph: the rows of one tensor, so one host-to-device copy fills them all,
@@ -74,8 +76,7 @@ class CudaGraphRunner:
 
     def _capture(self, bs: int) -> None:
         batch = self._batch(bs)
-        self.attn_backend = batch.attn_backend
-        batch.attn_backend.plan(batch)
+        self.attn_backend.plan(batch)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

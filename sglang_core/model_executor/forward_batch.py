@@ -1,15 +1,13 @@
-"""What one forward pass needs to know about its batch, built once per step by the model runner."""
+"""What one forward pass needs to know about its batch, built once per step by the model runner.
+
+Data only: the services a layer needs (the KV pool, the attention backend) reach it through the
+backend the runner bound to it, not through the batch."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
 import torch
-
-if TYPE_CHECKING:
-    from sglang_core.mem.kv_pool import TokenKVPool
 
 
 class ForwardMode(enum.Enum):
@@ -28,11 +26,7 @@ class ForwardBatch:
     prefix_lens: torch.Tensor  # [B] tokens already in the KV cache before this step
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
-    req_to_token: torch.Tensor
-    kv_pool: "TokenKVPool"
-    # The model's sglang_core.layers.attention.AttentionBackend. Not named as a type: the backend's
-    # methods take this batch, so naming it here would tie the two modules into a circle.
-    attn_backend: Any
+    req_to_token: torch.Tensor  # [request rows, max context] the KV slot of each cached token
     # Decode with cascade: (length, batch rows) of requests whose first ``length`` KV slots are
     # the same (a cached prefix they share); empty when not asked for.
     shared_prefixes: tuple[tuple[int, tuple[int, ...]], ...] = ()

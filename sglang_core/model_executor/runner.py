@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_core.config import EngineSettings
-from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError
+from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError, attention_layers
 from sglang_core.layers.parallel import SINGLE
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.model_executor.cuda_graph import CudaGraphRunner
@@ -67,8 +67,12 @@ class ModelRunner:
         self.context_len = settings.context_length or model_len
         if self.context_len > model_len:
             raise ValueError(f"context_length {self.context_len} exceeds the model's max_position_embeddings {model_len}")
+        self.attention_layers = attention_layers(self.model)
+        self.layer_specs = tuple(layer.spec for layer in self.attention_layers)
         self._init_pools()
         self.attn_backend = self._build_attention_backend(plugins)
+        for layer in self.attention_layers:
+            layer.backend = self.attn_backend
         self.cuda_graphs = self._capture_cuda_graphs()
 
     def _build_model(self, plugins: PluginManager, source: ModelSource) -> torch.nn.Module:
@@ -103,14 +107,10 @@ class ModelRunner:
         return lambda prefix: cls(quant, prefix)
 
     def _init_pools(self) -> None:
-        cfg, s = self.config, self.settings
-        heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.num_heads = heads
-        layers = cfg.num_hidden_layers
+        """Size the KV pool from what the model's attention layers declare (not from config fields)."""
+        s = self.settings
         self.kv_dtype = KV_DTYPES.get(s.kv_cache_dtype, self.dtype)
-        per_token = TokenKVPool.bytes_per_token(layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        per_token = TokenKVPool.bytes_per_token(self.layer_specs, self.kv_dtype)
         if s.max_total_tokens:
             tokens = s.max_total_tokens
         else:
@@ -120,7 +120,7 @@ class ModelRunner:
             raise ValueError(f"the KV cache budget holds only {tokens} tokens; raise kv_cache_memory_gb or mem_fraction_static")
         self.max_total_tokens = tokens
         self.req_pool = ReqToTokenPool(s.max_running_requests, self.context_len + 1, self.device)
-        self.kv_pool = TokenKVPool(tokens, layers, self.num_kv_heads, self.head_dim, self.kv_dtype, self.device)
+        self.kv_pool = TokenKVPool(tokens, self.layer_specs, self.kv_dtype, self.device)
         logger.info("KV pool: %d tokens of %s (%.2f GiB)", tokens, self.kv_dtype, tokens * per_token / 2**30)
 
     def _kv_budget_bytes(self) -> float:
@@ -136,8 +136,8 @@ class ModelRunner:
     def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
-        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                             self.settings.max_running_requests, self.settings.enable_cascade_decode, self.kv_dtype)
+        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self.settings.max_running_requests,
+                             self.settings.enable_cascade_decode, self.kv_dtype)
         if name != "auto":
             entry = registry.get(name)
             if not _available(entry, self.device):
@@ -156,7 +156,7 @@ class ModelRunner:
                          f"{registry.names()}" + "".join(f"; {r}" for r in refusals))
 
     def _attention_backend(self, entry, spec: AttentionSpec) -> AttentionBackend:
-        backend = entry.load()(spec)
+        backend = entry.load()(spec, self.kv_pool)
         logger.info("attention backend: %s (plugin %s)", entry.name, entry.plugin)
         self.attention_backend_name = entry.name
         return backend
@@ -175,12 +175,11 @@ class ModelRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            return CudaGraphRunner(decode, self._make_batch, min(s.cuda_graph_max_bs, s.max_running_requests),
+            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, s.max_running_requests),
                                    self.device)
 
     def _make_batch(self, **fields) -> ForwardBatch:
-        return ForwardBatch(req_to_token=self.req_pool.req_to_token, kv_pool=self.kv_pool,
-                            attn_backend=self.attn_backend, **fields)
+        return ForwardBatch(req_to_token=self.req_pool.req_to_token, **fields)
 
     def _decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of every token of a decode batch (what a captured graph computes)."""

@@ -14,6 +14,8 @@ weight loader, the fused q/k/v and gate/up tables and the tied-embedding handlin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from sglang_core.layers.rotary import RotaryEmbedding
@@ -34,9 +36,10 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str, rotary: RotaryEmbedding):
         super().__init__(config, ctx, layer_id, prefix, rotary)
         self.residual_multiplier = float(config.residual_multiplier)
-        # Granite's softmax scale replaces 1/sqrt(head_dim); the attention backend reads it from
-        # the layer's Attention module on every call.
-        self.self_attn.attn.scaling = float(config.attention_multiplier)
+        # Granite's softmax scale replaces 1/sqrt(head_dim). The layer's spec is read when the
+        # engine builds its KV pool and attention backend, after the model is built.
+        attn = self.self_attn.attn
+        attn.spec = replace(attn.spec, scaling=float(config.attention_multiplier))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

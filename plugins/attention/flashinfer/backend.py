@@ -3,8 +3,8 @@ paged cache with pages of one token.
 
 ``plan`` builds the batch's index arrays once (prefix sums on the host, the slot list gathered on
 the device) and plans the FlashInfer wrapper each kind of layer needs; layers then only run.
-Layers differ only by softmax scale and sliding window: a wrapper is planned per such variant,
-learnt the first time a layer of it runs and planned eagerly from then on.
+A wrapper is planned per kind of layer (its ``AttentionLayerSpec``: heads, widths, scale, sliding
+window, soft-cap), learnt the first time a layer of it runs and planned eagerly from then on.
 
 - Decode: a paged decode wrapper per batch size, on fixed buffers so that its kernels can be
   captured in a CUDA graph; FlashInfer's plan reads sequence lengths on the host, so the graph
@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec, UnsupportedSpecError
+from sglang_core.layers.attention import (
+    Attention,
+    AttentionBackend,
+    AttentionLayerSpec,
+    AttentionSpec,
+    KVLayout,
+    UnsupportedSpecError,
+)
+from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 from .kv_indices import gather_kv_indices
@@ -33,7 +41,7 @@ WORKSPACE_BYTES = 128 << 20
 # kernel: the group's rows fill an MMA tile.
 TENSOR_CORE_MIN_GROUP = 4
 
-Variant = tuple[float, "int | None"]  # (softmax scale, sliding window) of a layer
+Variant = AttentionLayerSpec  # layers of one spec share a planned wrapper
 
 
 @dataclass
@@ -52,11 +60,14 @@ class FlashInferBackend(AttentionBackend):
     cuda_graph_decode = True
     plan_before_replay = True
 
-    def __init__(self, spec: AttentionSpec):
-        super().__init__(spec)
-        if spec.head_dim not in HEAD_DIMS or spec.dtype not in DTYPES:
-            raise UnsupportedSpecError(f"FlashInfer runs head sizes {HEAD_DIMS} in bfloat16/float16, not head size "
-                                       f"{spec.head_dim} in {spec.dtype}")
+    def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
+        super().__init__(spec, kv_pool)
+        for layer in spec.distinct():
+            if layer.head_dim not in HEAD_DIMS or layer.v_head_dim != layer.head_dim or spec.dtype not in DTYPES:
+                raise UnsupportedSpecError(f"FlashInfer runs head sizes {HEAD_DIMS} (V as wide as K) in "
+                                           f"bfloat16/float16, not K {layer.head_dim}, V {layer.v_head_dim} in {spec.dtype}")
+            if layer.kv_layout is not KVLayout.SEPARATE:
+                raise UnsupportedSpecError(f"the flashinfer backend reads separate K/V, not a {layer.kv_layout.value} layout")
         if spec.kv_dtype not in (None, spec.dtype):  # its FP8 paths are not wired up here
             raise UnsupportedSpecError(f"the flashinfer backend reads a {spec.dtype} KV cache, not {spec.kv_dtype}")
         try:
@@ -76,7 +87,8 @@ class FlashInferBackend(AttentionBackend):
         self._variants: list[Variant] = []
         self._planned: dict[Variant, object] = {}
         self._index: _BatchIndex | None = None
-        self._tensor_cores = spec.num_heads // spec.num_kv_heads >= TENSOR_CORE_MIN_GROUP
+        self._tensor_cores = {layer: layer.num_heads // layer.num_kv_heads >= TENSOR_CORE_MIN_GROUP
+                              for layer in spec.distinct()}
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -101,38 +113,36 @@ class FlashInferBackend(AttentionBackend):
 
     def _plan_variant(self, variant: Variant) -> None:
         index, s = self._index, self.spec
-        scale, window = variant
-        common = dict(window_left=-1 if window is None else window - 1, sm_scale=scale,
-                      q_data_type=s.dtype, kv_data_type=s.dtype)
+        window = variant.sliding_window
+        common = dict(window_left=-1 if window is None else window - 1, sm_scale=variant.scaling,
+                      logits_soft_cap=variant.logit_cap or 0.0, q_data_type=s.dtype, kv_data_type=s.dtype)
+        heads = (variant.num_heads, variant.num_kv_heads, variant.head_dim)
         ones = torch.ones(index.batch_size, dtype=torch.int32, device="cpu")  # last page length: one token
         if index.mode is ForwardMode.DECODE:
             wrapper = self._decode_wrapper(index.batch_size, variant)
-            wrapper.plan(index.kv_indptr, index.kv_indices, ones, s.num_heads, s.num_kv_heads, s.head_dim, 1,
-                         **common)
+            wrapper.plan(index.kv_indptr, index.kv_indices, ones, *heads, 1, **common)
         elif index.ragged:
             wrapper = self._ragged.get(variant) or self._ragged.setdefault(
                 variant, self._fi.BatchPrefillWithRaggedKVCacheWrapper(self._workspace, "NHD"))
-            wrapper.plan(index.qo_indptr, index.qo_indptr, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
-                         **common)
+            wrapper.plan(index.qo_indptr, index.qo_indptr, *heads, causal=True, **common)
         else:
             wrapper = self._paged.get(variant) or self._paged.setdefault(
                 variant, self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD"))
-            wrapper.plan(index.qo_indptr, index.kv_indptr, index.kv_indices, ones, s.num_heads, s.num_kv_heads,
-                         s.head_dim, 1, causal=True, **common)
+            wrapper.plan(index.qo_indptr, index.kv_indptr, index.kv_indices, ones, *heads, 1, causal=True, **common)
         self._planned[variant] = wrapper
 
     def _decode_wrapper(self, bs: int, variant: Variant):
         key = (bs, variant)
         if key not in self._decode:
             self._decode[key] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self._tensor_cores,
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self._tensor_cores[variant],
                 paged_kv_indptr_buffer=self._decode_indptr[:bs + 1],
                 paged_kv_indices_buffer=self._decode_indices,
                 paged_kv_last_page_len_buffer=self._decode_last_page_len[:bs])
         return self._decode[key]
 
     def _wrapper(self, layer: Attention):
-        variant = (layer.scaling, layer.sliding_window)
+        variant = layer.spec
         if variant not in self._planned:  # a kind of layer not met before: plan it now
             if variant not in self._variants:
                 self._variants.append(variant)
@@ -141,23 +151,22 @@ class FlashInferBackend(AttentionBackend):
 
     # ---- running -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _paged_cache(layer: Attention, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = batch.kv_pool  # [slots, kv_heads, dim] is NHD with pages of one token
-        return pool.k_buffers[layer.layer_id].unsqueeze(1), pool.v_buffers[layer.layer_id].unsqueeze(1)
+    def _paged_cache(self, layer: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.kv_pool  # [slots, kv_heads, dim] is NHD with pages of one token
+        return pool.k_buffer(layer.layer_id).unsqueeze(1), pool.v_buffer(layer.layer_id).unsqueeze(1)
 
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         self.store_kv(k, v, layer, batch)
-        q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
-        return self._wrapper(layer).run(q3, self._paged_cache(layer, batch)).view(q.shape[0], -1)
+        q3 = q.view(q.shape[0], layer.spec.num_heads, layer.spec.head_dim)
+        return self._wrapper(layer).run(q3, self._paged_cache(layer)).view(q.shape[0], -1)
 
-    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         k3, v3 = self.store_kv(k, v, layer, batch)
-        q3 = q.view(q.shape[0], layer.num_heads, layer.head_dim)
+        q3 = q.view(q.shape[0], layer.spec.num_heads, layer.spec.head_dim)
         wrapper = self._wrapper(layer)
-        out = wrapper.run(q3, k3, v3) if self._index.ragged else wrapper.run(q3, self._paged_cache(layer, batch))
+        out = wrapper.run(q3, k3, v3) if self._index.ragged else wrapper.run(q3, self._paged_cache(layer))
         return out.view(q.shape[0], -1)
 
 

@@ -10,6 +10,10 @@ cached prefix, padding, sliding window). Each layer runs one SDPA per group.
 - Decode: the batch is sorted by length and cut into a few groups, so short requests are not
   padded to the longest. The query heads sharing a KV head become that head's query rows.
 
+Every layer kind runs here: value heads narrower or wider than key heads, a latent layout (the
+values are the first columns of the stored latents), logit soft-capping (which SDPA has no
+argument for, so a capped layer computes its softmax in plain torch).
+
 On CPU the gather, not the attention math, is the decode cost; gathers land in a reused work
 space because a fresh multi-MB tensor per layer costs more in page faults than the copy itself.
 """
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionLayerSpec, AttentionSpec, KVLayout
+from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 # A decode group is never smaller than this, so small batches stay one SDPA call.
@@ -57,18 +62,39 @@ class _Group:
         return mask.unsqueeze(1)  # [b, 1, max_q, max_len]
 
 
-def as_stored(x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-    """``x`` rounded as the pool stores it (FP8), so every key and value attended to is the
-    stored one, as when it is read back from the pool."""
-    pool_dtype = batch.kv_pool.dtype
-    return x if pool_dtype == x.dtype else x.to(pool_dtype).to(x.dtype)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec, mask: torch.Tensor | None,
+           causal: bool = False) -> torch.Tensor:
+    """Softmax attention of q [b, heads, L, head_dim] over k [b, kv_heads, S, head_dim] and
+    v [b, kv_heads, S, v_head_dim] -> [b, heads, L, v_head_dim]: SDPA, or with a soft-cap
+    the same math written out (SDPA cannot cap logits)."""
+    gqa = q.shape[1] != k.shape[1]
+    if layer.logit_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=layer.scaling,
+                                              enable_gqa=gqa)
+    if gqa:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)).float() * layer.scaling
+    logits = layer.logit_cap * torch.tanh(logits / layer.logit_cap)
+    if causal:
+        length, keys = logits.shape[-2:]
+        mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return (logits.softmax(-1).to(v.dtype) @ v)
 
 
 class TorchNativeBackend(AttentionBackend):
-    def __init__(self, spec: AttentionSpec):
-        super().__init__(spec)
-        empty = torch.empty(0, device=spec.device, dtype=spec.dtype)
+    def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
+        super().__init__(spec, kv_pool)
+        empty = torch.empty(0, device=spec.device, dtype=kv_pool.dtype)
         self._workspace = (empty, empty)
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded as the pool stores it (FP8), so every key and value attended to is the
+        stored one, as when it is read back from the pool."""
+        pool_dtype = self.kv_pool.dtype
+        return x if pool_dtype == x.dtype else x.to(pool_dtype).to(x.dtype)
 
     def plan(self, batch: ForwardBatch) -> None:
         rows_of_batch = batch.req_to_token[batch.req_pool_indices]
@@ -80,11 +106,12 @@ class TorchNativeBackend(AttentionBackend):
             firsts = [0, *itertools.accumulate(batch.extend_lens_cpu)]
             self.groups = [self._extend_group(batch, i, firsts[i], rows_of_batch) for i in range(batch.batch_size)]
         largest = max((g.kv_index.numel() for g in self.groups if g.kv_index is not None), default=0)
-        pool_dtype = batch.kv_pool.dtype
-        if self._workspace[0].shape[0] < largest or self._workspace[0].dtype != pool_dtype:
-            feat = self.spec.num_kv_heads * self.spec.head_dim
-            self._workspace = tuple(torch.empty(largest, feat, dtype=pool_dtype, device=self.spec.device)
-                                    for _ in range(2))
+        widths = (max(layer.num_kv_heads * layer.head_dim for layer in self.spec.layers),
+                  max(layer.num_kv_heads * layer.v_head_dim for layer in self.spec.layers))
+        if any(space.numel() < largest * width for space, width in zip(self._workspace, widths)):
+            # flat, so each layer carves its own shape out of it
+            self._workspace = tuple(torch.empty(largest * width, dtype=self.kv_pool.dtype, device=self.spec.device)
+                                    for width in widths)
 
     @staticmethod
     def _split(batch: ForwardBatch) -> list[list[int] | None]:
@@ -116,54 +143,60 @@ class TorchNativeBackend(AttentionBackend):
         q_pos = torch.arange(start, end, device=device).unsqueeze(0)
         return _Group(None, table, q_pos, batch.seq_lens[i:i + 1], uniform=False, new_tokens=(first, end - start))
 
-    def _gather(self, layer: Attention, batch: ForwardBatch, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the group's requests, [b, kv_heads, max_len, head_dim], in the work space."""
-        pool = batch.kv_pool
+    def _gather(self, layer: Attention, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """K [b, kv_heads, max_len, head_dim] and V [b, kv_heads, max_len, v_head_dim] of the
+        group's requests, in the work space."""
+        spec, pool = layer.spec, self.kv_pool
         b, max_len = group.kv_index.shape
         flat = group.kv_index.reshape(-1)
-        kvh, d = layer.num_kv_heads, layer.head_dim
+        kvh = spec.num_kv_heads
+        latent = spec.kv_layout is KVLayout.LATENT
+        buffers = (pool.k_buffer(layer.layer_id),) if latent else (pool.k_buffer(layer.layer_id),
+                                                                   pool.v_buffer(layer.layer_id))
         out = []
-        for buffers, space in zip((pool.k_buffers, pool.v_buffers), self._workspace):
-            gathered = torch.index_select(buffers[layer.layer_id].view(-1, kvh * d), 0, flat, out=space[:flat.numel()])
+        for buffer, space in zip(buffers, self._workspace):
+            width = buffer.shape[-1]
+            gathered = torch.index_select(buffer.view(-1, kvh * width), 0, flat,
+                                          out=space[:flat.numel() * kvh * width].view(-1, kvh * width))
             # .to: the pool may store K/V narrower than the compute dtype.
-            out.append(gathered.view(b, max_len, kvh, d).transpose(1, 2).to(self.spec.dtype))
+            out.append(gathered.view(b, max_len, kvh, width).transpose(1, 2).to(self.spec.dtype))
+        if latent:  # the values are the latents' first columns
+            out.append(out[0][..., :spec.v_head_dim])
         return out[0], out[1]
 
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         self.store_kv(k, v, layer, batch)
-        kvh, group_size, d = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim
-        out = torch.empty_like(q)
+        spec = layer.spec
+        kvh, group_size = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
+        out = q.new_empty(q.shape[0], spec.num_heads * spec.v_head_dim)
         for group in self.groups:
             q_group = q if group.rows is None else q[group.rows]
-            keys, values = self._gather(layer, batch, group)
-            # One query per request: plain SDPA with the query heads of each KV head as its rows.
-            result = F.scaled_dot_product_attention(
-                q_group.view(-1, kvh, group_size, d), keys, values, attn_mask=group.mask(layer.sliding_window),
-                scale=layer.scaling).reshape(q_group.shape)
+            keys, values = self._gather(layer, group)
+            # One query per request: plain attention with the query heads of each KV head as its rows.
+            result = attend(q_group.view(-1, kvh, group_size, spec.head_dim), keys, values, spec,
+                            group.mask(spec.sliding_window)).reshape(q_group.shape[0], -1)
             if group.rows is None:
                 return result
             out[group.rows] = result
         return out
 
-    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
-        self.store_kv(k, v, layer, batch)
-        heads, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-        out = torch.empty_like(q)
+        k3, v3 = self.store_kv(k, v, layer, batch)
+        spec = layer.spec
+        heads, d = spec.num_heads, spec.head_dim
+        out = q.new_empty(q.shape[0], heads * spec.v_head_dim)
         for group in self.groups:
             first, count = group.new_tokens
             q_req = q[first:first + count].view(count, heads, d).transpose(0, 1).unsqueeze(0)
-            mask = None
             if group.kv_index is None:  # no cached prefix: attend over its own new K/V, as stored
-                keys = as_stored(k[first:first + count], batch).view(1, count, kvh, d).transpose(1, 2)
-                values = as_stored(v[first:first + count], batch).view(1, count, kvh, d).transpose(1, 2)
-                mask = group.mask(layer.sliding_window) if layer.sliding_window is not None else None
+                keys = self.as_stored(k3[first:first + count]).transpose(0, 1).unsqueeze(0)
+                values = self.as_stored(v3[first:first + count]).transpose(0, 1).unsqueeze(0)
+                mask = group.mask(spec.sliding_window) if spec.sliding_window is not None else None
             else:
-                keys, values = self._gather(layer, batch, group)
-                mask = group.mask(layer.sliding_window)
-            result = F.scaled_dot_product_attention(
-                q_req, keys, values, attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
-                enable_gqa=heads != kvh)
-            out[first:first + count] = result[0].transpose(0, 1).reshape(count, heads * d)
+                keys, values = self._gather(layer, group)
+                mask = group.mask(spec.sliding_window)
+            result = attend(q_req, keys, values, spec, mask, causal=mask is None)
+            out[first:first + count] = result[0].transpose(0, 1).reshape(count, -1)
         return out

@@ -7,7 +7,8 @@ import itertools
 
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec, KVLayout, UnsupportedSpecError
+from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 from .kernels import SHARED_MEMBERS, SHARED_SPLITS, SharedPrefixes, decode_attention, extend_attention
@@ -27,8 +28,12 @@ def decode_splits(batch_size: int, num_kv_heads: int) -> int:
 class TritonBackend(AttentionBackend):
     cuda_graph_decode = True
 
-    def __init__(self, spec: AttentionSpec):
-        super().__init__(spec)
+    def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
+        for layer in spec.distinct():
+            if layer.kv_layout is not KVLayout.SEPARATE or layer.v_head_dim != layer.head_dim or layer.logit_cap:
+                raise UnsupportedSpecError(f"the triton backend runs separate K/V of one width without soft-capping, "
+                                           f"not {layer}")
+        super().__init__(spec, kv_pool)
         # Split partials by split count, sized for the largest batch and never reallocated:
         # captured CUDA graphs keep their addresses.
         self._partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -77,28 +82,29 @@ class TritonBackend(AttentionBackend):
         for dst, src in ((shared.kv_start, kv_start), (shared.lens, lens), (shared.members, members)):
             dst.copy_(src, non_blocking=True)
 
-    @staticmethod
-    def _begin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch):
+    def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention, batch: ForwardBatch):
         """Write the new K/V into the pool; return q as [T, heads, dim], the output, K and V buffers."""
-        n, heads, dim = q.shape[0], layer.num_heads, layer.head_dim
-        pool = batch.kv_pool
-        AttentionBackend.store_kv(k, v, layer, batch)
-        out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
-        return q.view(n, heads, dim), out, pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
+        spec = layer.spec
+        n = q.shape[0]
+        self.store_kv(k, v, layer, batch)
+        out = torch.empty((n, spec.num_heads, spec.v_head_dim), dtype=q.dtype, device=q.device)
+        return (q.view(n, spec.num_heads, spec.head_dim), out, self.kv_pool.k_buffer(layer.layer_id),
+                self.kv_pool.v_buffer(layer.layer_id))
 
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
-        shared = None if layer.sliding_window else self._shared  # a window may not reach the prefix
+        spec = layer.spec
+        shared = None if spec.sliding_window else self._shared  # a window may not reach the prefix
         decode_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                         layer.scaling, layer.sliding_window or 0, self.num_splits, *self._partials[self.num_splits],
+                         spec.scaling, spec.sliding_window or 0, self.num_splits, *self._partials[self.num_splits],
                          shared)
         return out.view(q.shape[0], -1)
 
-    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
         extend_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                         batch.prefix_lens, self.extend_start, self.max_extend_len, layer.scaling,
-                         layer.sliding_window or 0)
+                         batch.prefix_lens, self.extend_start, self.max_extend_len, layer.spec.scaling,
+                         layer.spec.sliding_window or 0)
         return out.view(q.shape[0], -1)

@@ -9,6 +9,7 @@ from torch import nn
 
 from sglang_core.layers.activation import SiluAndMul
 from sglang_core.layers.attention import Attention
+from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.parallel import (
     MergedColumnParallelLinear,
@@ -41,24 +42,23 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, layer_id: int, prefix: str, rotary: RotaryEmbedding):
         super().__init__()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = HeadShape.from_config(config)
+        heads, head_dim = shape.num_heads, shape.head_dim
         bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias, ctx.tp, ctx.dtype,
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, shape.num_kv_heads, bias, ctx.tp, ctx.dtype,
                                           ctx.quant_method_for(f"{prefix}.qkv_proj"))
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias, ctx.tp, ctx.dtype,
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
+        self.head_dim = head_dim
         self.rotary = rotary
         self.attn = Attention(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                               head_dim**-0.5, getattr(config, "sliding_window", None))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        n = x.shape[0]
-        d = self.attn.head_dim
+        n, d = x.shape[0], self.head_dim
         q, k = self.rotary(positions, q.view(n, -1, d), k.view(n, -1, d))
         out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v, batch)
         return self.o_proj(out)
@@ -89,10 +89,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         # One cos/sin table for all layers: per layer it would cost GBs at 128k positions.
-        rotary = rope_from_config(config, head_dim)
+        rotary = rope_from_config(config, HeadShape.from_config(config).head_dim)
         self.layers = nn.ModuleList(
             self.decoder_layer_cls(config, ctx, i, f"model.layers.{i}", rotary)
             for i in range(config.num_hidden_layers)

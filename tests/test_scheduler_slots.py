@@ -30,11 +30,11 @@ def make_core(model, overlap: bool, **settings) -> EngineCore:
 
 
 def prefix_cache(core: EngineCore):
-    return core.scheduler.cache
+    return core.scheduler.memory.cache
 
 
 def in_flight(core: EngineCore):
-    return core.scheduler._in_flight
+    return core.scheduler.overlap.in_flight
 
 
 def live_requests(core: EngineCore) -> list[Req]:

@@ -35,8 +35,8 @@ class Scheduler:
         self.memory = RequestMemory(runner.req_pool, runner.kv_pool, radix_cache=not settings.disable_radix_cache)
         self.batches = BatchRunner(runner, settings, sampler, tokenizer, eos_token_ids, self.memory, self._finish)
         self.admission = Admission(settings, self.memory)
-        self.overlap = OverlappedDecode(self.batches, self.memory, runner.cuda_graphs.max_bs
-                                        if runner.cuda_graphs is not None and not settings.disable_overlap_schedule else 0)
+        graphs = runner.cuda_graphs if not settings.disable_overlap_schedule else None
+        self.overlap = OverlappedDecode(self.batches, self.memory, graphs.max_bs if graphs is not None else 0)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Req | None = None  # the one request part-way through a chunked prefill

@@ -43,7 +43,7 @@ def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50) -> float:
 
 def kernel_table(core: EngineCore, steps: int = 5) -> None:
     """GPU time per kernel over a few eager decode steps (the same kernels a graph replays)."""
-    while core.scheduler._in_flight is not None:  # drain an overlapped step first
+    while core.scheduler.overlap.in_flight is not None:  # drain an overlapped step first
         core.step()
     graphs, core.runner.cuda_graphs = core.runner.cuda_graphs, None
     overlap, core.scheduler.overlap_max_bs = core.scheduler.overlap_max_bs, 0

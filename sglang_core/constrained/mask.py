@@ -2,7 +2,7 @@
 writes its allowed tokens as a bitmask on the host (native code, no per-token Python), the
 masks of the batch go to the device in one copy and are applied there in one operation.
 Nothing here waits for the device, so the masks are built while the GPU runs the forward pass
-(see the overlapped schedule in ``sglang_core/scheduler/scheduler.py``)."""
+(see the overlapped schedule in ``sglang_core/scheduler/overlap.py``)."""
 
 from __future__ import annotations
 

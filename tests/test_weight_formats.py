@@ -19,7 +19,7 @@ import pytest
 from safetensors import safe_open
 
 from reference import hf_causal_lm, hf_greedy
-from sglang_core.plugins import PluginManager
+from sglang_core.plugins import PluginManager, Registry
 from sglang_core.weights.default_model import default_model_path
 from sglang_core.weights.loader import language_config, load_config, resolve_model_source
 from test_plugins import fake_distribution
@@ -94,6 +94,9 @@ def test_load_format_names_and_errors(formats, tiny_llama, tmp_path):
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is a file no registered weight format reads"):
         resolve_model_source(str(text), "auto", formats)
+    # --plugins without a weight format: the error says what to add.
+    with pytest.raises(ValueError, match=r"registered: none; name one in --plugins \(safetensors, gguf\)"):
+        resolve_model_source(str(tiny_llama), "auto", Registry("weight_formats"))
 
 
 def test_third_party_format_plugin_loads_a_model(tmp_path, monkeypatch, tiny_llama):

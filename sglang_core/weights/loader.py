@@ -81,7 +81,9 @@ def _claiming_format(path: Path, formats: Registry) -> Registration | None:
 
 
 def _unreadable(origin: str, path: Path, formats: Registry) -> str:
-    registered = ", ".join(formats.names()) or "none"
+    # No format at all: a --plugins selection without one, or entry points older than the code.
+    registered = ", ".join(formats.names()) or ("none; name one in --plugins (safetensors, gguf), or reinstall "
+                                                 "sglang-core if its entry points predate them")
     if path.is_file():
         return f"model_path {origin!r} is a file no registered weight format reads (registered: {registered})"
     if not (path / "config.json").is_file():

@@ -57,7 +57,11 @@ class HFRunner:
     def __init__(self, folder: Path):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        from sglang_core.weights.gguf_convert import GGUF_LINK
+
+        # A GGUF model's folder holds no weights of its own: transformers reads the linked GGUF.
+        gguf = {"gguf_file": GGUF_LINK} if (Path(folder) / GGUF_LINK).exists() else {}
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).eval()
         config = self.model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 

@@ -18,7 +18,7 @@ class EngineSettings(BaseSettings):
     # Model and weights
     model_path: str | None = Field(None, description="HF folder, .gguf file, or config folder for dummy weights; default: the embedded SmolLM2-135M-Instruct")
     tokenizer_path: str | None = Field(None, description="tokenizer folder (default: the model's)")
-    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = Field("auto", description="how to read weights")
+    load_format: str = Field("auto", description="how to read weights: auto (by the model path), dummy (random), or a registered weight format (built in: safetensors, gguf)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     context_length: int | None = Field(None, gt=0, description="max tokens per request (default: the model's)")

@@ -44,7 +44,7 @@ class ModelInfo:
 class EngineCore:
     def __init__(self, settings: EngineSettings, plugins: PluginManager):
         self.plugins = plugins
-        source = resolve_model_source(settings.model_path, settings.load_format)
+        source = resolve_model_source(settings.model_path, settings.load_format, plugins.registry("weight_formats"))
         self.runner = ModelRunner(settings, source, plugins)
         tokenizer_path = settings.tokenizer_path or str(source.folder)
         if settings.tokenizer_path is None and source.load_format == "dummy" and not has_tokenizer(source.folder):

@@ -51,6 +51,26 @@ def register_quant_methods(register: Register) -> None:
 
 
 @hookspec
+def register_weight_formats(register: Register) -> None:
+    """Register checkpoint formats the engine reads weights from, by the name ``--load-format`` takes.
+
+    ``register("myformat", "pkg.fmt:MyFormat", priority=20)``: a subclass of
+    ``sglang_core.weights.format.WeightFormat``, built as ``cls()``, with
+    - ``claims(path) -> bool``: whether ``--load-format auto`` should read ``path`` (what
+      ``--model-path`` names, a file or a folder) with this format; a cheap look at names only.
+      Of the formats that claim a path, the one with the highest ``priority`` wins (built in:
+      ``safetensors`` 100, ``gguf`` 50);
+    - ``config_folder(path) -> Path``: the folder holding ``config.json`` and the tokenizer (by
+      default ``path`` itself; a format whose files carry their own config writes such a folder
+      once, as ``gguf`` does);
+    - ``iter_weights(path)``: yields ``(hugging_face_name, tensor)`` one tensor at a time; the
+      model's ``load_weights`` consumes them as they come, so a checkpoint is never in memory whole.
+    Raise ``ValueError`` naming the file for anything unreadable. Never unpickle file contents.
+    ``--load-format myformat`` picks the format by name; ``auto`` and ``dummy`` are reserved.
+    """
+
+
+@hookspec
 def register_grammar_backends(register: Register) -> None:
     """Register grammar backends for constrained decoding (regex / JSON Schema), by name as
     chosen with ``--grammar-backend`` (default ``outlines``, the built-in outlines-core one).

@@ -29,6 +29,7 @@ REGISTRY_HOOKS = {
     "register_models": "models",
     "register_attention_backends": "attention_backends",
     "register_quant_methods": "quant_methods",
+    "register_weight_formats": "weight_formats",
     "register_grammar_backends": "grammar_backends",
     "register_logits_processors": "logits_processors",
     "register_api_backends": "api_backends",

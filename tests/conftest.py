@@ -18,7 +18,7 @@ if not os.path.exists("/dev/nvidia0"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from reference import save_tiny_model  # noqa: E402
+from reference import hf_causal_lm, save_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -65,9 +65,7 @@ def hf_tokenizer(default_model_folder: Path):
 @pytest.fixture(scope="session")
 def hf_model(default_model_folder: Path):
     """The default model in HF transformers, float32: the reference for outputs and logprobs."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(default_model_folder), dtype=torch.float32).eval()
+    return hf_causal_lm(default_model_folder)
 
 
 # -- in CI, a missing dependency fails instead of skipping ------------------------------------------

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 
-
 def byte_level_tokenizer():
     """A 259-token byte-level tokenizer (3 specials + 256 bytes), enough to encode any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -37,6 +36,18 @@ def save_tiny_model(folder: Path, config, model_cls, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return folder
+
+
+def hf_causal_lm(folder: str | Path):
+    """A model folder in HF transformers, float32, eval mode. A GGUF model's folder (config,
+    tokenizer and a ``model.gguf`` link, as the default model's) loads through transformers' own
+    GGUF reader, an independent dequantize/rename/un-permute path."""
+    from transformers import AutoModelForCausalLM
+
+    from sglang_core.weights.gguf_convert import GGUF_LINK
+
+    gguf = {"gguf_file": GGUF_LINK} if (Path(folder) / GGUF_LINK).exists() else {}
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **gguf).eval()
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

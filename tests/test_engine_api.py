@@ -276,7 +276,7 @@ def test_running_request_limit(site_with_recorder, tiny_llama):
     """No step ever samples for more requests than max_running_requests, whatever is queued."""
     sizes = site_with_recorder
     with Engine(str(tiny_llama), max_running_requests=3,
-                plugins=["llama", "torch_native", "record"]) as eng:
+                plugins=["llama", "torch_native", "safetensors", "record"]) as eng:
         res = eng.generate(input_ids=[[5 + i, 6, 7] for i in range(8)],
                            sampling_params={**GREEDY, "max_new_tokens": 6})
     assert all(len(r["output_ids"]) == 6 for r in res)

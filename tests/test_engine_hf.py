@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from reference import hf_greedy
+from reference import hf_causal_lm, hf_greedy
 from sglang_core.engine import Engine
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -32,7 +32,7 @@ async def _staggered(engine: Engine, prompts: list[list[int]], max_new: list[int
 
 
 def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **settings) -> Engine:
-    hf = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    hf = hf_causal_lm(model_folder)
     expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, max_new)]
     engine = Engine(str(model_folder), **settings)
     try:

@@ -1,4 +1,5 @@
-"""GGUF -> Hugging Face conversion against independent references.
+"""GGUF models against independent references: config and tokenizer written into a folder once,
+weights streamed from the file tensor by tensor (the ``gguf`` weight format).
 
 The embedded SmolLM2 GGUF is checked against transformers' own GGUF loader (weights, config,
 tokenizer); a tiny synthetic GGUF, written here the way llama.cpp writes one (q/k rows permuted,
@@ -17,23 +18,20 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from sglang_core.weights import gguf_convert
 from sglang_core.weights.default_model import find_default_gguf, gguf_to_cached_folder
-from sglang_core.weights.gguf_convert import convert_gguf
+from sglang_core.weights.gguf_convert import GGUF_LINK, write_gguf_folder
+from sglang_plugins.weights.gguf import format as gguf_format
+from sglang_plugins.weights.gguf.format import GGUFFormat
 
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                  "tie_word_embeddings", "bos_token_id", "eos_token_id", "model_type")
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
+def streamed(path: Path) -> dict[str, torch.Tensor]:
+    return dict(GGUFFormat().iter_weights(path))
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +41,12 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, default_gguf):
-    """The default GGUF converted once into a private cache (kept as the cache for this module)."""
+    """The default GGUF's config folder, written once into a private cache (kept as the cache for this module)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SGLANG_CORE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         start = time.perf_counter()
         folder = gguf_to_cached_folder(default_gguf)
-        print(f"\nconverted {default_gguf.name} in {time.perf_counter() - start:.1f}s")
+        print(f"\nwrote the config folder of {default_gguf.name} in {time.perf_counter() - start:.1f}s")
         yield folder
 
 
@@ -61,17 +59,35 @@ def hf_reference(default_gguf):
                                                 dtype=torch.float32)
 
 
-def test_weights_match_transformers_gguf_loader(converted, hf_reference):
-    ours = _read_safetensors(converted)
+def test_streamed_weights_match_transformers_gguf_loader(default_gguf, hf_reference):
+    ours = streamed(default_gguf)
     ref = hf_reference.state_dict()
     assert hf_reference.config.tie_word_embeddings
     assert "lm_head.weight" not in ours  # tied: the engine reuses the embedding
     assert set(ours) == set(ref) - {"lm_head.weight"}
-    ours["lm_head.weight"] = ours["model.embed_tokens.weight"]
     for name, tensor in ours.items():
-        assert tensor.dtype == torch.float32 and tensor.shape == ref[name].shape, name
-        # Not torch.testing.assert_close: it takes ~10 s over 135M values; torch.equal settles most at once.
-        assert torch.equal(tensor, ref[name]) or (tensor - ref[name]).abs().max().item() <= 1e-6, name
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, ref[name]), name
+
+
+def test_weights_stream_one_tensor_at_a_time(default_gguf, monkeypatch):
+    """The first tensor arrives after one dequantization, not after the whole file's."""
+    calls = []
+    dequantize = gguf_format._dequantize
+    monkeypatch.setattr(gguf_format, "_dequantize", lambda *args: calls.append(1) or dequantize(*args))
+    weights = GGUFFormat().iter_weights(default_gguf)
+    assert not calls  # a generator: nothing read before the loader asks
+    next(weights)
+    assert len(calls) == 1
+    next(weights)
+    assert len(calls) == 2
+
+
+def test_folder_holds_config_tokenizer_and_a_link_but_no_weights(converted, default_gguf):
+    assert (converted / GGUF_LINK).resolve() == default_gguf.resolve()
+    assert sorted(p.name for p in converted.iterdir()) == sorted(
+        ["config.json", "generation_config.json", GGUF_LINK, "tokenizer.json", "tokenizer_config.json"])
+    # The folder is a model path of its own: the gguf format claims it and reads the linked file.
+    assert GGUFFormat().claims(converted) and GGUFFormat().config_folder(converted) == converted
 
 
 def test_config_matches_transformers(converted, hf_reference):
@@ -112,12 +128,13 @@ def test_tokenizer_matches_transformers(converted, default_gguf):
 
 def test_second_call_reuses_cache(converted, default_gguf, monkeypatch):
     def must_not_run(*args, **kwargs):
-        raise AssertionError("reconverted a cached GGUF")
+        raise AssertionError("rewrote a cached GGUF folder")
 
-    monkeypatch.setattr(gguf_convert, "convert_gguf", must_not_run)
+    monkeypatch.setattr(gguf_convert, "write_gguf_folder", must_not_run)
     mtime = converted.stat().st_mtime_ns
     start = time.perf_counter()
     assert gguf_to_cached_folder(default_gguf) == converted
+    assert gguf_to_cached_folder(converted / GGUF_LINK) == converted  # the link names the same file
     assert time.perf_counter() - start < 1.0
     assert converted.stat().st_mtime_ns == mtime
     assert not list(converted.parent.glob("*.tmp-*"))  # no temp folders left behind
@@ -129,7 +146,9 @@ def test_malformed_file_raises_value_error(tmp_path, content):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(bad))):
-        convert_gguf(bad, tmp_path / "out", progress=False)
+        write_gguf_folder(bad, tmp_path / "out")
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        streamed(bad)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.gguf"]
 
@@ -243,8 +262,7 @@ def _write_tiny_gguf(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
 
 def test_synthetic_gguf_round_trips(tmp_path):
     originals = _write_tiny_gguf(tmp_path / "tiny.gguf")
-    folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
-    ours = _read_safetensors(folder)
+    ours = streamed(tmp_path / "tiny.gguf")
     assert set(ours) == set(originals)  # untied: lm_head.weight kept, rope_freqs dropped
     for name, w in originals.items():
         got = ours[name].numpy()
@@ -258,17 +276,19 @@ def test_synthetic_gguf_round_trips(tmp_path):
         else:
             assert (err == 0).all(), name  # F32 norms are stored exactly
 
+    folder = write_gguf_folder(tmp_path / "tiny.gguf", tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
     assert config["num_attention_heads"] == HEADS and config["num_key_value_heads"] == KV_HEADS
     assert config["head_dim"] == HEAD_DIM and config["tie_word_embeddings"] is False
     assert config["rope_scaling"] == LLAMA3 and config["rope_theta"] == THETA
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2, 3]
+    assert streamed(folder).keys() == ours.keys()  # through the folder's link
 
 
 def test_synthetic_unpermute_is_exact(tmp_path):
     """Row-wise quantization commutes with a row permutation, so q/k must match dequant(quant(w)) bit for bit."""
     originals = _write_tiny_gguf(tmp_path / "tiny.gguf")
-    ours = _read_safetensors(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False))
+    ours = streamed(tmp_path / "tiny.gguf")
     q8 = gguf.GGMLQuantizationType.Q8_0
     for i in range(LAYERS):
         q = f"model.layers.{i}.self_attn.q_proj.weight"
@@ -282,13 +302,12 @@ def test_synthetic_rope_and_tokenizer_load_in_transformers(tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     _write_tiny_gguf(tmp_path / "tiny.gguf")
-    folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", dtype=torch.bfloat16, progress=False)
+    folder = write_gguf_folder(tmp_path / "tiny.gguf", tmp_path / "hf")
     config = AutoConfig.from_pretrained(str(folder))
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     base = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
     torch.testing.assert_close(inv_freq.double(), base / torch.from_numpy(_llama3_rope_factors()).double(),
                                rtol=1e-5, atol=0)
-    assert all(t.dtype == torch.bfloat16 for t in _read_safetensors(folder).values())
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
@@ -301,8 +320,7 @@ def test_truncated_gguf_raises_value_error(tmp_path):
     _write_tiny_gguf(path)
     path.write_bytes(path.read_bytes()[:-5000])  # header intact, tensor data cut short
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        convert_gguf(path, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+        streamed(path)
 
 
 def test_non_llama_architecture_raises(tmp_path):
@@ -315,4 +333,5 @@ def test_non_llama_architecture_raises(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*'qwen2'.*not supported"):
-        convert_gguf(path, tmp_path / "out", progress=False)
+        write_gguf_folder(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

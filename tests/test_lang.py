@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 import sglang_core as sgl
 from reference import expected_choice, hf_choice_logprobs
@@ -158,8 +156,8 @@ def test_gen_int_and_gen_string(backend):
 # ---- select: the same scores as HF transformers -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf(default_model_folder):
-    return AutoModelForCausalLM.from_pretrained(default_model_folder, dtype=torch.float32).eval()
+def hf(hf_model):
+    return hf_model
 
 
 @pytest.mark.parametrize("method", CHOICE_METHODS)

@@ -105,15 +105,6 @@ def test_batch_stream_tags_each_event_with_its_index(client):
     assert final == {i: r["text"] for i, r in enumerate(generate(client, text=prompts, sampling_params=params))}
 
 
-@pytest.fixture(scope="module")
-def hf_model():
-    from transformers import AutoModelForCausalLM
-
-    from sglang_core.weights.default_model import default_model_path
-
-    return AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
-
-
 def test_logprobs_match_hf(client, hf_model):
     prompt_ids = [504, 2365, 6354, 16438, 18401, 690, 260, 23790, 2767]
     out = generate(client, input_ids=prompt_ids, sampling_params={**GREEDY, "max_new_tokens": 8},

@@ -154,7 +154,7 @@ def test_plugin_logits_processor_runs_in_sampling(site, tiny_llama):
     from sglang_core.engine import Engine
 
     fake_distribution(site, "ban-plugin", {"ban": BAN_TOKEN})
-    with Engine(str(tiny_llama), plugins=["llama", "torch_native", "ban"]) as engine:
+    with Engine(str(tiny_llama), plugins=["llama", "torch_native", "safetensors", "ban"]) as engine:
         prompt = [5, 6, 7, 8, 9]
         params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
         plain = engine.generate(input_ids=prompt, sampling_params=params)["output_ids"]
@@ -187,7 +187,7 @@ def test_auto_attention_skips_a_backend_that_refuses_the_model(site, tiny_llama)
     from sglang_core.engine import Engine
 
     fake_distribution(site, "picky-plugin", {"picky": PICKY_BACKEND})
-    plugins = ["llama", "torch_native", "picky"]
+    plugins = ["llama", "torch_native", "safetensors", "picky"]
     with Engine(str(tiny_llama), plugins=plugins) as engine:
         assert engine.info.attention_backend == "torch_native"
         assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2

@@ -4,8 +4,6 @@ HF transformers (float32, CPU) on the same weights and the same token ids."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from reference import expected_choice, hf_choice_logprobs
 from sglang_core.choices import CHOICE_METHODS
@@ -26,8 +24,8 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def hf(default_model_folder):
-    return AutoModelForCausalLM.from_pretrained(default_model_folder, dtype=torch.float32).eval()
+def hf(hf_model):
+    return hf_model
 
 
 @pytest.mark.parametrize("prompt, choices", CASES)

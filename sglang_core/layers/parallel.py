@@ -3,7 +3,9 @@
 Every layer takes a ``TPGroup``; with the default size-1 group the layers are plain
 ``nn.Linear``/``nn.Embedding`` and no collective runs. Each parameter carries a
 ``weight_loader(param, loaded, shard_id=None)`` that cuts this rank's piece out of the full
-checkpoint tensor, so model loaders stay a few lines.
+checkpoint tensor, so model loaders stay a few lines. The linear layers' loaders shard by the
+metadata a parameter carries (``quant.weight_param``: output/input dim, packing), so a
+quantization method's packed tensors and group-wise scales load per rank like plain weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import linear
-from sglang_core.layers.quant import QuantMethod, UnquantizedMethod
+from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,72 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
-def _set_loader(param: nn.Parameter, loader: Any) -> nn.Parameter:
-    param.weight_loader = loader  # type: ignore[attr-defined]
-    return param
-
-
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"weight shape {tuple(loaded.shape)} does not match parameter shape {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    copy_checked(param.data, loaded)
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for equal shapes only (``copy_`` would broadcast a wrong-shaped tensor)."""
+    if dst.shape != src.shape:
+        raise ValueError(f"weight shape {tuple(src.shape)} does not match parameter shape {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+# -- sharding by parameter metadata (see ``quant.weight_param``); the expert helper reuses these --
+
+def _packing(param: torch.Tensor, dim: int) -> int:
+    return getattr(param, "packed_factor", 1) if getattr(param, "packed_dim", None) == dim else 1
+
+
+def _in_elements(param: torch.Tensor, dim: int, features: int) -> int:
+    factor = _packing(param, dim)
+    if features % factor:
+        raise ValueError(f"{features} features do not split into elements packing {factor} each")
+    return features // factor
+
+
+def _piece(loaded: torch.Tensor, dim: int, index: int, size: int) -> torch.Tensor:
+    if loaded.dim() <= dim or loaded.shape[dim] < (index + 1) * size:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} has no piece {index} of {size} "
+                         f"along dim {dim}")
+    return loaded.narrow(dim, index * size, size)
+
+
+def load_output_shard(param: torch.Tensor, dst: torch.Tensor, loaded: torch.Tensor, offset: int, size: int,
+                      index: int) -> None:
+    """Copy piece ``index`` (``size`` output features wide) of the checkpoint tensor ``loaded`` into
+    ``dst`` at output feature ``offset``, along ``param.output_dim`` (packing divided out).
+
+    ``dst`` is ``param.data`` or, for stacked expert weights, one expert's slice of it.
+    """
+    dim = param.output_dim
+    offset, size = _in_elements(param, dim, offset), _in_elements(param, dim, size)
+    copy_checked(dst.narrow(dim, offset, size), _piece(loaded, dim, index, size))
+
+
+def load_input_shard(param: torch.Tensor, dst: torch.Tensor, loaded: torch.Tensor, tp: TPGroup) -> None:
+    """Copy this rank's piece along ``param.input_dim`` of ``loaded`` into ``dst``; a tensor with
+    no input dim is copied whole."""
+    dim = getattr(param, "input_dim", None)
+    if dim is None:
+        copy_checked(dst, loaded)
+        return
+    size = dst.shape[dim]
+    if loaded.dim() != dst.dim() or loaded.shape[dim] != size * tp.size:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not split into {tp.size} pieces "
+                         f"of shape {tuple(dst.shape)} along dim {dim}")
+    copy_checked(dst, loaded.narrow(dim, tp.rank * size, size))
+
+
+def split_fused(param: torch.Tensor, loaded: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Cut a checkpoint tensor holding several projections one after another along the output dim
+    (``[q; k; v]``, ``[gate; up]``) into the projections, whose full sizes are ``sizes`` features."""
+    dim = param.output_dim
+    widths = [_in_elements(param, dim, s) for s in sizes]
+    if loaded.dim() <= dim or loaded.shape[dim] != sum(widths):
+        raise ValueError(f"fused checkpoint tensor of shape {tuple(loaded.shape)} does not hold parts of "
+                         f"{widths} elements along dim {dim}")
+    return loaded.split(widths, dim)
 
 
 class LinearBase(nn.Module):
@@ -87,7 +146,7 @@ class LinearBase(nn.Module):
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, input_size, output_sizes, params_dtype, self.weight_loader)
         self.bias = (
-            _set_loader(nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False), self.weight_loader)
+            weight_param(torch.zeros(sum(output_sizes), dtype=params_dtype), self.weight_loader, output_dim=0)
             if bias
             else None
         )
@@ -100,7 +159,12 @@ class LinearBase(nn.Module):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; ``gather_output`` rebuilds the full output."""
+    """Output features split across ranks; ``gather_output`` rebuilds the full output.
+
+    The weight loader takes either one part's checkpoint tensor with its ``shard_id`` or, with
+    ``shard_id=None``, a checkpoint tensor holding every part one after another (Phi-3's
+    ``qkv_proj``, GLM's ``query_key_value``), and cuts this rank's piece of each part out of it.
+    """
 
     def __init__(
         self,
@@ -119,14 +183,25 @@ class ColumnParallelLinear(LinearBase):
     def _local_sizes(self, output_size: int) -> list[int]:
         return [self.tp.split(output_size, "output features")]
 
-    def _shard_offsets(self, shard_id: Any) -> tuple[int, int]:
-        """(offset, size) of a checkpoint shard inside this rank's output rows."""
-        return 0, self.output_sizes[0]
+    def _parts(self) -> list[tuple[Any, int]]:
+        """(shard id, full size over all ranks) of each part a fused checkpoint tensor holds, in order."""
+        return [(None, self.output_sizes[0] * self.tp.size)]
+
+    def _shard_layout(self, shard_id: Any) -> tuple[int, int, int]:
+        """(offset in this rank's output features, size, index of this rank's piece in the part)."""
+        return 0, self.output_sizes[0], self.tp.rank
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size = self._shard_offsets(shard_id)
-        piece = loaded.narrow(0, self.tp.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(piece)
+        if getattr(param, "output_dim", None) is None:  # not split across ranks
+            default_weight_loader(param, loaded)
+            return
+        parts = self._parts()
+        if shard_id is None and len(parts) > 1:  # a fused checkpoint tensor: every part at once
+            for (part, _), piece in zip(parts, split_fused(param, loaded, [size for _, size in parts])):
+                self.weight_loader(param, piece, part)
+            return
+        offset, size, index = self._shard_layout(shard_id)
+        load_output_shard(param, param.data, loaded, offset, size, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -134,7 +209,8 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel projections fused into one matmul (e.g. gate and up)."""
+    """Several column-parallel projections fused into one matmul (e.g. gate and up); shard ids are
+    the projections' indices."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp: TPGroup = SINGLE,
                  params_dtype: torch.dtype = torch.float32, quant_method: QuantMethod | None = None):
@@ -144,18 +220,24 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _local_sizes(self, output_size: int) -> list[int]:
         return [self.tp.split(s, "output features") for s in self._full_sizes]
 
-    def _shard_offsets(self, shard_id: int) -> tuple[int, int]:
-        return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]
+    def _parts(self) -> list[tuple[Any, int]]:
+        return list(enumerate(self._full_sizes))
+
+    def _shard_layout(self, shard_id: int) -> tuple[int, int, int]:
+        return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id], self.tp.rank
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q, k, v projections; heads are split across ranks (kv heads replicated if fewer)."""
+    """Fused q, k, v projections (shard ids ``"q"``, ``"k"``, ``"v"``); heads are split across
+    ranks, and with more ranks than kv heads each kv head is replicated on ``tp_size / kv_heads`` ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32, quant_method: QuantMethod | None = None):
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(f"num_key_value_heads={num_kv_heads} and tp_size={tp.size}: neither divides the other")
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = tp.split(num_heads, "num_attention_heads")
-        # With more ranks than kv heads each rank keeps one kv head (replicated).
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp, params_dtype, quant_method)
@@ -163,14 +245,36 @@ class QKVParallelLinear(ColumnParallelLinear):
     def _local_sizes(self, output_size: int) -> list[int]:
         return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
 
-    def _shard_offsets(self, shard_id: str) -> tuple[int, int]:
-        index = "qkv".index(shard_id)
-        return sum(self.output_sizes[:index]), self.output_sizes[index]
+    def _parts(self) -> list[tuple[Any, int]]:
+        kv = self.total_num_kv_heads * self.head_dim
+        return [("q", self.total_num_heads * self.head_dim), ("k", kv), ("v", kv)]
 
-    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size = self._shard_offsets(shard_id)
+    def _shard_layout(self, shard_id: str) -> tuple[int, int, int]:
+        index = "qkv".index(shard_id)
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+        return sum(self.output_sizes[:index]), self.output_sizes[index], rank
+
+
+def ungroup_qkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder a QKV checkpoint tensor stored per kv group into ``[all q; all k; all v]`` rows, the
+    fused layout ``QKVParallelLinear`` loads with ``shard_id=None``.
+
+    Grouped layout (InternLM2's ``wqkv``): for each kv head, its ``num_heads / num_kv_heads`` q
+    heads, then its k head, then its v head, each ``head_dim`` rows. Works for weights and biases
+    (any trailing dims).
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+    q_per_kv = num_heads // num_kv_heads
+    if wqkv.shape[0] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"grouped qkv tensor of shape {tuple(wqkv.shape)} does not hold {num_heads} q and "
+                         f"{num_kv_heads} kv heads of {head_dim}")
+    rest = wqkv.shape[1:]
+    groups = wqkv.reshape(num_kv_heads, q_per_kv + 2, head_dim, *rest)
+    q = groups[:, :q_per_kv].reshape(num_heads * head_dim, *rest)
+    k = groups[:, q_per_kv].reshape(num_kv_heads * head_dim, *rest)
+    v = groups[:, q_per_kv + 1].reshape(num_kv_heads * head_dim, *rest)
+    return torch.cat([q, k, v])
 
 
 class RowParallelLinear(LinearBase):
@@ -182,11 +286,8 @@ class RowParallelLinear(LinearBase):
         super().__init__(tp.split(input_size, "input features"), [output_size], bias, params_dtype, quant_method)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if param.dim() == 1:  # bias: added once, after the reduce
-            param.data.copy_(loaded)
-            return
-        size = self.input_size
-        param.data.copy_(loaded.narrow(1, self.tp.rank * size, size))
+        # The bias has no input dim: copied whole, added once after the reduce.
+        load_input_shard(param, param.data, loaded, self.tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x, None)
@@ -203,9 +304,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp.size)  # ceil: the last rank's table is padded
         self.start = tp.rank * self.rows
-        self.weight = _set_loader(
-            nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=params_dtype), requires_grad=False), self.weight_loader
-        )
+        self.weight = weight_param(torch.zeros(self.rows, hidden_size, dtype=params_dtype), self.weight_loader)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
         piece = loaded[self.start : self.start + self.rows]

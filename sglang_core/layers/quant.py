@@ -1,4 +1,5 @@
-"""The quantization-method interface linear layers compute through.
+"""The quantization-method interface linear layers compute through, and the metadata that tells
+the tensor-parallel loaders how to cut a parameter.
 
 A quantization plugin registers a ``QuantMethod`` subclass (hook ``register_quant_methods``); the
 model context hands one to each linear layer. The core ships only the unquantized method.
@@ -15,6 +16,31 @@ from torch import nn
 from sglang_core.kernels import linear
 
 
+def weight_param(data: torch.Tensor, weight_loader: Callable[..., None], *, output_dim: int | None = None,
+                 input_dim: int | None = None, packed_dim: int | None = None, packed_factor: int = 1) -> nn.Parameter:
+    """A frozen parameter that carries what the tensor-parallel weight loaders shard it by.
+
+    - ``output_dim`` / ``input_dim``: the dim along which the layer's output / input features run
+      (``[out, in]`` weight: 0 / 1; AWQ/GPTQ ``[in, out]`` tensors: 1 / 0). ``None``: the tensor
+      does not run along that side and is copied whole on every rank (a bias has no input dim; a
+      per-channel scale no input dim either).
+    - ``packed_dim`` / ``packed_factor``: along ``packed_dim`` one element stands for
+      ``packed_factor`` features: 8 int4 values in one int32, or a scale shared by a block of
+      output features. Shard offsets and sizes along the output dim are divided by it.
+
+    Along the input dim a loader takes this rank's piece by the parameter's own extent, so a
+    tensor grouped or packed along its input dim (GPTQ's ``qweight``, per-group scales) needs
+    nothing more than ``input_dim``.
+    """
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = weight_loader  # type: ignore[attr-defined]
+    param.output_dim = output_dim  # type: ignore[attr-defined]
+    param.input_dim = input_dim  # type: ignore[attr-defined]
+    param.packed_dim = packed_dim  # type: ignore[attr-defined]
+    param.packed_factor = packed_factor  # type: ignore[attr-defined]
+    return param
+
+
 class QuantMethod(abc.ABC):
     """Creates a linear layer's parameters and computes ``x W^T (+ b)`` from them."""
 
@@ -27,7 +53,9 @@ class QuantMethod(abc.ABC):
         params_dtype: torch.dtype,
         weight_loader: Callable[..., None],
     ) -> None:
-        """Register this rank's parameters on ``layer``, each with a ``weight_loader`` attribute."""
+        """Register this rank's parameters on ``layer`` (``input_size`` and ``output_sizes`` are
+        this rank's), each made with ``weight_param(..., weight_loader, output_dim=...,
+        input_dim=..., packed_dim=..., packed_factor=...)`` so the layer's loader can shard it."""
 
     @abc.abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -39,9 +67,8 @@ class QuantMethod(abc.ABC):
 
 class UnquantizedMethod(QuantMethod):
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
-        weight = nn.Parameter(torch.zeros(sum(output_sizes), input_size, dtype=params_dtype), requires_grad=False)
-        weight.weight_loader = weight_loader  # type: ignore[attr-defined]
-        layer.weight = weight
+        layer.weight = weight_param(torch.zeros(sum(output_sizes), input_size, dtype=params_dtype), weight_loader,
+                                    output_dim=0, input_dim=1)
 
     def apply(self, layer, x, bias):
         return linear(x, layer.weight, bias)

@@ -15,7 +15,7 @@ from sglang_core.model_executor.cuda_graph import CudaGraphRunner
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.plugins import PluginError, PluginManager
-from sglang_core.weights.loader import ModelSource, init_dummy_weights, iter_safetensors, load_config
+from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,13 @@ class ModelRunner:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.config = load_config(source.folder)
+        self.text_config = language_config(self.config)  # a vision-language config's text_config
         self.dtype = pick_dtype(settings.dtype, self.config, self.device)
         if settings.tp_size != 1:
             raise ValueError("tp_size > 1 is not supported yet (layers are tensor-parallel-ready; launching is not)")
         self.model = self._build_model(plugins, source)
-        self.vocab_size = self.config.vocab_size
-        model_len = getattr(self.config, "max_position_embeddings", None) or 2048
+        self.vocab_size = self.text_config.vocab_size
+        model_len = getattr(self.text_config, "max_position_embeddings", None) or 2048
         self.context_len = settings.context_length or model_len
         if self.context_len > model_len:
             raise ValueError(f"context_length {self.context_len} exceeds the model's max_position_embeddings {model_len}")
@@ -88,7 +89,7 @@ class ModelRunner:
         if source.load_format == "dummy":
             init_dummy_weights(model, self.settings.random_seed)
         else:
-            model.load_weights(iter_safetensors(source.folder))
+            model.load_weights(source.read_weights())
         for module in model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:

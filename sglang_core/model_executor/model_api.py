@@ -25,6 +25,9 @@ class ModelContext:
     tp: TPGroup = SINGLE
     # prefix of a linear layer ("model.layers.0.mlp.gate_up_proj") -> its method; None = unquantized
     quant_method_for: Callable[[str], QuantMethod | None] = field(default=lambda prefix: None)
+    # The longest sequence the engine serves (its context length): what length-dependent rope
+    # scalings are built for (``rope_from_config(..., max_position=ctx.max_position)``).
+    max_position: int | None = None
 
 
 class CausalLM(Protocol):

@@ -62,12 +62,12 @@ class ModelRunner:
         self.dtype = pick_dtype(settings.dtype, self.config, self.device)
         if settings.tp_size != 1:
             raise ValueError("tp_size > 1 is not supported yet (layers are tensor-parallel-ready; launching is not)")
-        self.model = self._build_model(plugins, source)
         self.vocab_size = self.text_config.vocab_size
         model_len = getattr(self.text_config, "max_position_embeddings", None) or 2048
         self.context_len = settings.context_length or model_len
         if self.context_len > model_len:
             raise ValueError(f"context_length {self.context_len} exceeds the model's max_position_embeddings {model_len}")
+        self.model = self._build_model(plugins, source)
         self.attention_layers = attention_layers(self.model)
         self.layer_specs = tuple(layer.spec for layer in self.attention_layers)
         self._init_pools()
@@ -83,7 +83,8 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
-        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=self._quant_method_factory(plugins))
+        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=self._quant_method_factory(plugins),
+                           max_position=self.context_len)
         with torch.device(self.device):
             model = cls(self.config, ctx)
         if source.load_format == "dummy":

@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec, KVLayout, UnsupportedSpecError
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
 from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
@@ -29,10 +29,8 @@ class TritonBackend(AttentionBackend):
     cuda_graph_decode = True
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
-        for layer in spec.distinct():
-            if layer.kv_layout is not KVLayout.SEPARATE or layer.v_head_dim != layer.head_dim or layer.logit_cap:
-                raise UnsupportedSpecError(f"the triton backend runs separate K/V of one width without soft-capping, "
-                                           f"not {layer}")
+        # Every layer kind runs: any head sizes, V narrower or wider than K, a latent layout (V is
+        # a strided view of the K buffer; the kernels read every stride), soft-capping.
         super().__init__(spec, kv_pool)
         # Split partials by split count, sized for the largest batch and never reallocated:
         # captured CUDA graphs keep their addresses.
@@ -53,7 +51,7 @@ class TritonBackend(AttentionBackend):
                 s = self.spec
                 total = splits + (SHARED_SPLITS if self._shared is not None else 0)
                 self._partials[splits] = (
-                    torch.empty(s.max_batch_size, s.num_heads, total, s.head_dim, dtype=torch.float32, device=s.device),
+                    torch.empty(s.max_batch_size, s.num_heads, total, s.v_head_dim, dtype=torch.float32, device=s.device),
                     torch.empty(s.max_batch_size, s.num_heads, total, dtype=torch.float32, device=s.device))
             self.num_splits = splits
             if self._shared is not None:
@@ -98,7 +96,7 @@ class TritonBackend(AttentionBackend):
         shared = None if spec.sliding_window else self._shared  # a window may not reach the prefix
         decode_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                          spec.scaling, spec.sliding_window or 0, self.num_splits, *self._partials[self.num_splits],
-                         shared)
+                         shared, logit_cap=spec.logit_cap or 0.0)
         return out.view(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
@@ -106,5 +104,5 @@ class TritonBackend(AttentionBackend):
         q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
         extend_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                          batch.prefix_lens, self.extend_start, self.max_extend_len, layer.spec.scaling,
-                         layer.spec.sliding_window or 0)
+                         layer.spec.sliding_window or 0, logit_cap=layer.spec.logit_cap or 0.0)
         return out.view(q.shape[0], -1)

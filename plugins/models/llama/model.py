@@ -90,7 +90,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype)
         # One cos/sin table for all layers: per layer it would cost GBs at 128k positions.
-        rotary = rope_from_config(config, HeadShape.from_config(config).head_dim)
+        rotary = rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position)
         self.layers = nn.ModuleList(
             self.decoder_layer_cls(config, ctx, i, f"model.layers.{i}", rotary)
             for i in range(config.num_hidden_layers)

@@ -6,7 +6,8 @@
 # Here, once: bash ../shared/gpu/fetch-wheels.sh && bash ../shared/gpu/fetch-wheels.sh --deps . jsonschema
 #             mkdir -p .ficache && cp ../shared/gpu/ficache/*.tgz .ficache/
 # Each call:  carry [".whl", ".ficache"], command `bash benchmarks/gpu_run.sh python3 -m pytest -q -m gpu`
-# Afterwards: copy the returned ficache-*.tgz.* pieces into .ficache/ (replacing older ones).
+# Afterwards: copy the returned ficache-*.tgz.* pieces into .ficache/ (replacing older ones), after
+# repacking them without *.o files (the carry limit is 64 MiB, wheels included).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -14,6 +15,13 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 mkdir -p ~/.cache
 for f in .ficache/*.tgz; do [ -e "$f" ] && tar xzf "$f" -C ~/.cache; done
 if compgen -G ".ficache/ficache-*.tgz.*" >/dev/null; then cat .ficache/ficache-*.tgz.* | tar xzf - -C ~/.cache; fi
+# Every cached kernel also as FlashInfer's ahead-of-time library (data/aot/<name>/<name>.so), which
+# it loads without running ninja: so the cache may travel without its object files (strip *.o).
+for so in ~/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+    [ -e "$so" ] || continue
+    name=$(basename "$(dirname "$so")")
+    [ "$(basename "$so")" = "$name.so" ] && mkdir -p "/tmp/site/flashinfer/data/aot/$name" && cp "$so" "/tmp/site/flashinfer/data/aot/$name/"
+done
 "$@"
 rc=$?
 if [ -n "${OUT:-}" ] && [ -d ~/.cache/flashinfer ]; then  # pieces under the 16 MiB a returned file may have

@@ -66,6 +66,11 @@ class AttentionLayerSpec:
         return self.num_kv_heads * (self.head_dim + self.v_head_dim)
 
 
+def _largest(field: str) -> property:
+    """A property: ``field``'s largest value over the spec's layers."""
+    return property(lambda spec: max(getattr(layer, field) for layer in spec.layers))
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """What an attention backend is built for: every layer's spec (index = layer id) and the
@@ -83,21 +88,10 @@ class AttentionSpec:
             raise ValueError("layers: a model needs at least one attention layer")
 
     # The largest of each width over the layers: what a backend sizes its work space for.
-    @property
-    def num_heads(self) -> int:
-        return max(layer.num_heads for layer in self.layers)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return max(layer.num_kv_heads for layer in self.layers)
-
-    @property
-    def head_dim(self) -> int:
-        return max(layer.head_dim for layer in self.layers)
-
-    @property
-    def v_head_dim(self) -> int:
-        return max(layer.v_head_dim for layer in self.layers)
+    num_heads = _largest("num_heads")
+    num_kv_heads = _largest("num_kv_heads")
+    head_dim = _largest("head_dim")
+    v_head_dim = _largest("v_head_dim")
 
     def distinct(self) -> set[AttentionLayerSpec]:
         """The kinds of layer in the model (a backend checks each kind once)."""

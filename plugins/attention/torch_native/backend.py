@@ -89,6 +89,9 @@ class TorchNativeBackend(AttentionBackend):
         super().__init__(spec, kv_pool)
         empty = torch.empty(0, device=spec.device, dtype=kv_pool.dtype)
         self._workspace = (empty, empty)
+        # Features per gathered K row and V row, the widest layer's: the work space serves every layer.
+        self._widths = (max(layer.num_kv_heads * layer.head_dim for layer in spec.layers),
+                        max(layer.num_kv_heads * layer.v_head_dim for layer in spec.layers))
 
     def as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` rounded as the pool stores it (FP8), so every key and value attended to is the
@@ -106,12 +109,10 @@ class TorchNativeBackend(AttentionBackend):
             firsts = [0, *itertools.accumulate(batch.extend_lens_cpu)]
             self.groups = [self._extend_group(batch, i, firsts[i], rows_of_batch) for i in range(batch.batch_size)]
         largest = max((g.kv_index.numel() for g in self.groups if g.kv_index is not None), default=0)
-        widths = (max(layer.num_kv_heads * layer.head_dim for layer in self.spec.layers),
-                  max(layer.num_kv_heads * layer.v_head_dim for layer in self.spec.layers))
-        if any(space.numel() < largest * width for space, width in zip(self._workspace, widths)):
+        if any(space.numel() < largest * width for space, width in zip(self._workspace, self._widths)):
             # flat, so each layer carves its own shape out of it
             self._workspace = tuple(torch.empty(largest * width, dtype=self.kv_pool.dtype, device=self.spec.device)
-                                    for width in widths)
+                                    for width in self._widths)
 
     @staticmethod
     def _split(batch: ForwardBatch) -> list[list[int] | None]:

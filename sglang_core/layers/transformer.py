@@ -1,0 +1,286 @@
+"""The blocks most decoder-only transformers are made of, so a model plugin is a short module that
+picks and arranges them (see ``plugins/models/``).
+
+- ``SelfAttention``: fused q/k/v projection, optional q/k norms, rotary, paged attention, output
+  projection.
+- ``GatedMLP`` (``down(act(gate) * up)``) and ``MLP`` (``down(act(up))``).
+- ``DecoderLayer``: the pre-norm residual block; ``ParallelDecoderLayer``: attention and MLP read
+  the same normed input (GPT-J, Phi-2, Command-R).
+- ``DecoderStack``: embedding, layers, final norm; ``DecoderLM``: the stack with its LM head and a
+  name-driven weight loader, built from a config by ``make_*`` methods a family overrides.
+
+Residual adds are fused into the next norm: a layer takes ``(x, residual)`` and returns the
+sublayer output and the running residual separately, and the next norm computes
+``norm(x + residual)`` (one kernel on CUDA). ``residual`` is None before the first layer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sglang_core.layers.activation import act_fn, gated_act_fn
+from sglang_core.layers.attention import Attention
+from sglang_core.layers.attention_spec import HeadShape
+from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.parallel import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
+from sglang_core.model_executor.forward_batch import ForwardBatch
+from sglang_core.model_executor.model_api import ModelContext, load_by_name
+
+# Checkpoint name fragment -> (fused parameter fragment, shard id), for checkpoints that store
+# q/k/v and gate/up as separate tensors (Llama's names).
+QKV_GATE_UP = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class SelfAttention(nn.Module):
+    """``o_proj(attention(rotary(norm(q)), rotary(norm(k)), v))`` for one layer.
+
+    ``q_norm`` / ``k_norm``: applied to each head (``[tokens, heads, head_dim]``, Qwen3, Gemma 3)
+    or, with ``qk_norm_per_head=False``, to the whole projection (``[tokens, heads * head_dim]``,
+    OLMo 2). ``rotary`` None: no rotary (learned absolute positions). ``scaling`` defaults to
+    ``head_dim ** -0.5``.
+    """
+
+    def __init__(self, ctx: ModelContext, prefix: str, layer_id: int, hidden_size: int, shape: HeadShape,
+                 rotary: RotaryEmbedding | None, *, qkv_bias: bool = False, o_bias: bool = False,
+                 scaling: float | None = None, sliding_window: int | None = None, logit_cap: float | None = None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, qk_norm_per_head: bool = True):
+        super().__init__()
+        d = shape.head_dim
+        self.qkv_proj = QKVParallelLinear(hidden_size, d, shape.num_heads, shape.num_kv_heads, qkv_bias, ctx.tp,
+                                          ctx.dtype, ctx.quant_method_for(f"{prefix}.qkv_proj"))
+        heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(shape.num_heads * d, hidden_size, o_bias, ctx.tp, ctx.dtype,
+                                        ctx.quant_method_for(f"{prefix}.o_proj"))
+        if not qk_norm_per_head and ctx.tp.size > 1:
+            # The norm's statistics run over every head, which would need a reduction across ranks.
+            raise ValueError("tensor parallelism: a q/k norm over the whole projection is not split across ranks")
+        self.q_norm, self.k_norm, self.qk_norm_per_head = q_norm, k_norm, qk_norm_per_head
+        self.sizes = [heads * d, kv_heads * d, kv_heads * d]
+        self.head_dim = d
+        self.rotary = rotary
+        self.attn = Attention(layer_id, heads, kv_heads, d, d**-0.5 if scaling is None else scaling, sliding_window,
+                              logit_cap=logit_cap)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        n, d = x.shape[0], self.head_dim
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(n, -1, d), k.view(n, -1, d)
+        if self.q_norm is not None and self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, batch))
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate) * up)`` with gate and up as one fused projection (``gate_up_proj``)."""
+
+    def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
+                 hidden_act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, ctx.tp, ctx.dtype,
+                                                       ctx.quant_method_for(f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,
+                                           ctx.quant_method_for(f"{prefix}.down_proj"))
+        self.act = gated_act_fn(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class MLP(nn.Module):
+    """``down_proj(act(up_proj(x)))``, the ungated MLP (GPT-2, Phi-2, StarCoder2)."""
+
+    def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
+                 hidden_act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, ctx.tp, ctx.dtype,
+                                            ctx.quant_method_for(f"{prefix}.up_proj"))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,
+                                           ctx.quant_method_for(f"{prefix}.down_proj"))
+        self.act = act_fn(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """``h += m * attn(norm1(h)); h += m * mlp(norm2(h))`` with ``m = residual_multiplier``
+    (1 for most models; Granite's ``residual_multiplier``, MiniCPM's ``scale_depth / sqrt(layers)``)."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module, residual_multiplier: float = 1.0):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        self.residual_multiplier = residual_multiplier
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = norm_with_residual(self.input_layernorm, x, residual)
+        x = self.self_attn(positions, x, batch)
+        if self.residual_multiplier != 1.0:
+            x = x * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(x, residual)
+        x = self.mlp(x)
+        return (x * self.residual_multiplier if self.residual_multiplier != 1.0 else x), residual
+
+
+class ParallelDecoderLayer(nn.Module):
+    """``h += attn(norm(h)) + mlp(norm(h))``: one norm, both sublayers read it (GPT-J, Phi-2,
+    Command-R, StableLM with ``use_parallel_residual``)."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module):
+        super().__init__()
+        self.self_attn, self.mlp, self.input_layernorm = self_attn, mlp, input_layernorm
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = norm_with_residual(self.input_layernorm, x, residual)
+        return self.self_attn(positions, x, batch) + self.mlp(x), residual
+
+
+def norm_with_residual(norm: nn.Module, x: torch.Tensor,
+                       residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + residual), x + residual)``; before the first layer (no residual yet) x is the residual."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
+class DecoderStack(nn.Module):
+    """Token embedding (times ``embedding_multiplier``: Gemma's ``sqrt(hidden)``, Granite's,
+    MiniCPM's ``scale_emb``), the layers, and the final norm over the last residual sum.
+
+    A layer returning ``residual`` None has added its output itself (post-norm models): the
+    final norm then reads ``x`` alone."""
+
+    def __init__(self, embed_tokens: VocabParallelEmbedding, layers: Iterable[nn.Module], norm: nn.Module,
+                 embedding_multiplier: float = 1.0):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.embedding_multiplier = embedding_multiplier
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        # Scale the looked-up rows, not the table: a tied LM head reads the same table unscaled.
+        return x * self.embedding_multiplier if self.embedding_multiplier != 1.0 else x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x, residual = self.embed(input_ids, positions), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, batch)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only causal LM: the whole ``CausalLM`` contract, built from a Hugging Face config.
+
+    Its defaults build the common arrangement (Llama's): rotary from the config, pre-norm
+    ``DecoderLayer``s of ``SelfAttention`` and ``GatedMLP``, RMSNorm, an LM head tied or not as
+    the config says. A family overrides only the ``make_*`` piece that differs, calling
+    ``super()`` with keyword overrides where it can (``make_attention(..., qkv_bias=True)``), and
+    sets scalars after ``super().__init__``: ``self.model.embedding_multiplier``,
+    ``self.logit_scale`` (multiplies the logits: Command-R's ``logit_scale``, 1 / Granite's
+    ``logits_scaling``), ``self.final_logit_softcap`` (``cap * tanh(logits / cap)``, Gemma 2).
+
+    Checkpoint names, as class attributes: ``stacked_params`` (checkpoint fragment -> fused
+    parameter fragment and shard id; default Llama's q/k/v and gate/up), ``checkpoint_renames``
+    (``(regex, replacement)`` pairs applied to each checkpoint name first, for checkpoints whose
+    names differ from the modules'), ``ignored_weights`` (fragments of names to skip).
+    """
+
+    stacked_params: dict[str, tuple[str, Any]] = QKV_GATE_UP
+    checkpoint_renames: Sequence[tuple[str, str]] = ()
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        self.config = config
+        rotary = self.make_rotary(config, ctx)
+        self.model = DecoderStack(
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype),
+            (self.make_layer(config, ctx, i, rotary) for i in range(config.num_hidden_layers)),
+            self.make_norm(config, ctx))
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = (self.model.embed_tokens if self.tied
+                        else ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype))
+        self.logit_scale, self.final_logit_softcap = 1.0, None
+        self._renames = [(re.compile(pattern), repl) for pattern, repl in self.checkpoint_renames]
+
+    def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
+        """One cos/sin table shared by all layers (per layer it would cost GBs at 128k positions)."""
+        return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position)
+
+    def make_norm(self, config, ctx: ModelContext) -> nn.Module:
+        """Each norm of the model: the layers' and the final one."""
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
+
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
+                       **overrides: Any) -> nn.Module:
+        bias = getattr(config, "attention_bias", False)
+        options = {"qkv_bias": bias, "o_bias": bias, "sliding_window": getattr(config, "sliding_window", None),
+                   **overrides}
+        return SelfAttention(ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, config.hidden_size,
+                             HeadShape.from_config(config), rotary, **options)
+
+    def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
+        return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
+                        getattr(config, "hidden_act", "silu"), getattr(config, "mlp_bias", False))
+
+    def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
+        return DecoderLayer(self.make_attention(config, ctx, layer_id, rotary), self.make_mlp(config, ctx, layer_id),
+                            self.make_norm(config, ctx), self.make_norm(config, ctx))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head.project(hidden).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.final_logit_softcap:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def rename(self, name: str) -> str:
+        """The module name a checkpoint tensor's name stands for (``checkpoint_renames``)."""
+        for pattern, repl in self._renames:
+            name = pattern.sub(repl, name)
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        ignore = self.ignored_weights + (("lm_head.weight",) if self.tied else ())
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = load_by_name(params, ((self.rename(name), tensor) for name, tensor in weights),
+                              self.stacked_params, ignore)
+        missing = {n for n in params if n not in loaded and not (self.tied and n.startswith("lm_head."))}
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def layer_prefix(layer_id: int) -> str:
+    """The module path of layer ``layer_id`` in a ``DecoderLM`` (what quant methods are chosen by)."""
+    return f"model.layers.{layer_id}"

@@ -37,6 +37,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
          "loaded": i.loaded, "registered": i.registered, "error": i.error}
         for i in manager.infos
     ]
+    if args.models:  # one served architecture a line, with the plugin that serves it
+        for arch, plugin in sorted((a, r["name"]) for r in rows for a in r["registered"].get("models", [])):
+            print(f"{arch}  {plugin}")
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plugins", cmd_plugins, "list installed plugins, what they register and load errors", False)
     p.add_argument("--plugins", default=None, help="comma-separated plugins to load (default: all installed)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--models", action="store_true", help="list only the model architectures served, with their plugins")
 
     from sglang_core.bench_serving import add_arguments as add_serving_arguments, cmd_bench_serving
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from sglang_core import hookspecs
@@ -31,3 +35,18 @@ def test_architecture_names_only_existing_files():
     assert paths
     missing = [p for p in sorted(paths) if not (ROOT / p).exists()]
     assert not missing, f"docs/architecture.md names missing files: {missing}"
+
+
+def test_readme_lists_every_architecture_the_built_in_plugins_serve():
+    """The README's model table is exactly what ``sglang-core plugins --models`` prints for the
+    plugins sglang-core itself ships (a third-party plugin installed beside it is not listed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "sglang_core.cli", "plugins", "--models"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    built_in = {ep.name for ep in entry_points(group="sglang_core.plugins") if ep.dist.name == "sglang-core"}
+    served = {tuple(line.split()) for line in out.splitlines()}
+    served = {(arch, plugin) for arch, plugin in served if plugin in built_in}
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", readme, re.MULTILINE))
+    assert ("LlamaForCausalLM", "llama") in served
+    assert listed == served, f"README only: {sorted(listed - served)}; served only: {sorted(served - listed)}"

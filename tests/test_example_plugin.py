@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "examples" / "granite-plugin"
 DISTRIBUTION = "sglang-core-granite"
 VOCAB = 259  # the byte-level test tokenizer's size
-PLUGINS = ["llama", "torch_native", "safetensors", "granite"]
+PLUGINS = ["torch_native", "safetensors", "granite"]  # no other model plugin: it needs only the core
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 
 

@@ -1,8 +1,9 @@
-"""Llama-3.1-8B shape, dummy bf16 weights, one GPU: the figures of docs/benchmarks.md's GPU table,
-each beside its baseline measured in the same run.
+"""A model config's shape (default Llama-3.1-8B), dummy bf16 weights, one GPU: the figures of
+docs/benchmarks.md's GPU tables, each beside its baseline measured in the same run.
 
     python benchmarks/gpu_llama8b.py                                   # everything
     python benchmarks/gpu_llama8b.py --runs decode1,batch64 --backends triton,torch_native
+    python benchmarks/gpu_llama8b.py --config benchmarks/configs/qwen2-7b --runs floor,decode1,batch64,hf1,hf32
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
@@ -18,6 +19,10 @@ Runs (``--runs``):
 - ``batch256``: static batch 256, input 512, output 256, decode ms/step.
 - ``hf256``: batch 256 x (512 in, 256 out), ours against HF transformers ``generate`` on the same
   config and dtype (random weights; greedy; EOS ignored).
+- ``hf1``: HF ``generate`` at batch 1, input 128: decode ms/step, to set beside ``decode1``.
+- ``hf32``: batch 32 x (512 in, 65 out), output tok/s, ours and HF ``generate``.
+- ``floor``: the batch-1 decode floor, the bytes of weights a step reads (every matrix once; the
+  embedding table only where it is also the LM head) over the device copy bandwidth measured now.
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
   question, 256 output; with the radix cache and with ``--disable-radix-cache``;
   ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
@@ -157,12 +162,18 @@ def run_shared_prefix_cascade(backend: str) -> list[dict]:
 
 def run_hf256(backend: str) -> list[dict]:
     ours = with_engine(backend, lambda e: measure_latency(e, 256, 512, 256), max_running_requests=256)
+    return [{"run": "hf256", "backend": backend, **ours}, {"run": "hf256", **hf_generate(256, 512, 256)}]
+
+
+def hf_generate(batch_size: int, input_len: int, output_len: int) -> dict:
+    """HF transformers ``generate`` on the config, bf16 random weights, greedy, EOS ignored:
+    total time, output tok/s, and decode ms/step as ``measure_latency`` counts it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(CONFIG))
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    prompts = torch.tensor(random_prompts(config.vocab_size, [512] * 256, seed=0), device="cuda")
+    prompts = torch.tensor(random_prompts(config.vocab_size, [input_len] * batch_size, seed=0), device="cuda")
 
     def generate(new_tokens: int) -> float:
         torch.cuda.synchronize()
@@ -171,16 +182,54 @@ def run_hf256(backend: str) -> list[dict]:
             out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         torch.cuda.synchronize()
-        assert out.shape[1] == 512 + new_tokens
+        assert out.shape[1] == input_len + new_tokens
         return time.perf_counter() - start
 
     generate(4)  # warm-up
-    hf_s = generate(256)
+    prefill, total = generate(1), generate(output_len)
     del model
     release()
-    hf = {"total_s": hf_s, "output_tok_per_s": 256 * 256 / hf_s}
-    return [{"run": "hf256", "backend": backend, **ours},
-            {"run": "hf256", "backend": "hf-transformers generate", **hf}]
+    return {"backend": "hf-transformers generate", "batch_size": batch_size, "input_len": input_len,
+            "output_len": output_len, "prefill_s": prefill, "total_s": total,
+            "decode_ms_per_step": (total - prefill) / (output_len - 1) * 1000,
+            "output_tok_per_s": batch_size * output_len / total}
+
+
+def run_hf1(backend: str) -> list[dict]:
+    return [{"run": "hf1", **hf_generate(1, 128, 256)}]
+
+
+def run_hf32(backend: str) -> list[dict]:
+    ours = with_engine(backend, lambda e: measure_latency(e, 32, 512, 65))
+    return [{"run": "hf32", "backend": backend, **ours}, {"run": "hf32", **hf_generate(32, 512, 65)}]
+
+
+def run_floor(backend: str) -> list[dict]:
+    """Weight bytes read per batch-1 decode step over the device copy bandwidth measured now."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(CONFIG))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    # parameters() lists a tied table once
+    weight_bytes = sum(p.numel() for p in model.parameters()) * 2 - (0 if tied else embedding.numel() * 2)
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
+    del src, dst
+    release()
+    return [{"run": "floor", "weight_bytes": weight_bytes, "copy_bytes_per_s": bandwidth,
+             "decode_ms_per_step": weight_bytes / bandwidth * 1000, "output_tok_per_s": 0.0, "total_s": 0.0}]
 
 
 def run_decode1_compile(backend: str) -> list[dict]:
@@ -208,17 +257,22 @@ RUNS = {"decode1": run_decode1, "decode1_compile": run_decode1_compile, "prefill
         "batch256": run_batch256, "decode1_kernels": run_decode1_kernels, "batch64": run_batch64,
         "batch64_pdl": run_batch64_pdl, "offline": run_offline, "offline_mixed": run_offline_mixed,
         "offline_fp8kv": run_offline_fp8kv,
-        "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade}
+        "hf256": run_hf256, "shared_prefix": run_shared_prefix, "shared_prefix_cascade": run_shared_prefix_cascade,
+        "hf1": run_hf1, "hf32": run_hf32, "floor": run_floor}
+HF_ONLY = ("hf256", "hf1", "floor")  # runs whose baseline does not depend on our backend: once per call
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--config", default=str(CONFIG), help="a model config folder (dummy weights)")
+    parser.add_argument("--runs", default=",".join(r for r in RUNS if r not in ("hf1", "hf32", "floor")))
     parser.add_argument("--backends", default="triton")
     parser.add_argument("--out", default="bench_results/gpu_llama8b.jsonl")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra engine setting for every run (repeatable)")
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = Path(args.config)
     for item in args.engine:
         key, _, value = item.partition("=")
         if not value:
@@ -230,10 +284,10 @@ def main() -> int:
     rows = []
     for name in args.runs.split(","):
         for backend in args.backends.split(","):
-            if name == "hf256" and backend != args.backends.split(",")[0]:
-                continue  # HF's figure does not depend on our backend
+            if name in HF_ONLY and backend != args.backends.split(",")[0]:
+                continue
             for row in RUNS[name](backend):
-                row["card"] = card
+                row["card"], row["config"] = card, CONFIG.name
                 row.update({f"engine.{k}": v for k, v in EXTRA_SETTINGS.items()})
                 print(json.dumps(row), flush=True)
                 with open(args.out, "a") as f:

@@ -118,6 +118,8 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: dict[str, RotaryEmbedding],
                        **overrides) -> nn.Module:
+        """``rotary``: ``make_rotary``'s tables; the layer takes its type's. No attention soft-cap:
+        transformers reads ``attn_logit_softcapping`` for Gemma 3 but never passes it on."""
         head_dim = HeadShape.from_config(config).head_dim
         options = {"logit_cap": None, "q_norm": self.make_norm(config, ctx, head_dim),
                    "k_norm": self.make_norm(config, ctx, head_dim), **overrides}

@@ -63,4 +63,31 @@ CASES: dict[str, ContractCase] = {
     # Yi: a Llama checkpoint with a large rope base and many KV-sharing heads.
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
+    # Gemma: (1 + w) norms (an eps large enough to matter), sqrt(hidden) embeddings, tied head;
+    # head_dim (32) is not hidden / heads (16), as in Gemma 7B; legacy hidden_act "gelu" means tanh.
+    "gemma": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
+                     **tiny(head_dim=32, hidden_act="gelu", rms_norm_eps=0.05, rope_theta=50000.0)),
+    # Gemma 2B's one KV head; an untied head, biases and another activation, which the config allows.
+    "gemma-mqa-untied-bias": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
+                                     **tiny(num_key_value_heads=1, tie_word_embeddings=False, attention_bias=True,
+                                            hidden_act="silu")),
+    # Gemma 2: default layer_types (sliding, full), softmax scale from query_pre_attn_scalar, and
+    # soft-caps small enough to bind (logits of these weights reach a few units).
+    "gemma2": hf_case(_t("Gemma2Config"), _t("Gemma2ForCausalLM"), window=8,
+                      **tiny(head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
+                             final_logit_softcapping=1.0)),
+    # Gemma 2 with layer_types given (full, then sliding), caps off (None, kept out of tiny(), which
+    # drops None), an untied head and biases.
+    "gemma2-layer-types": hf_case(_t("Gemma2Config"), _t("Gemma2ForCausalLM"), window=8,
+                                  attn_logit_softcapping=None, final_logit_softcapping=None,
+                                  **tiny(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                         layer_types=["full_attention", "sliding_attention"],
+                                         tie_word_embeddings=False, attention_bias=True)),
+    # Gemma 3 text, in its Hub configs' spelling: global rope_theta with linear rope_scaling, local
+    # rope_local_base_freq, sliding_window_pattern; q/k head norms; a binding final cap. The
+    # attention cap is set and binds, but transformers never applies it for Gemma 3.
+    "gemma3": hf_case(_t("Gemma3TextConfig"), _t("Gemma3ForCausalLM"), window=8,
+                      **tiny(head_dim=32, sliding_window=8, sliding_window_pattern=2, rope_theta=1_000_000.0,
+                             rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                             query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=1.0)),
 }

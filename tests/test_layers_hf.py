@@ -1,6 +1,7 @@
 """The layers the model families need, each against its Hugging Face counterpart: LayerNorm,
-the activations by ``hidden_act`` name, and rotary embedding (layouts, partial rotary, every rope
-scaling, both config spellings, the M-RoPE extension point), computed by transformers' own code.
+Gemma's (1 + w) RMSNorm, the activations by ``hidden_act`` name, and rotary embedding (layouts,
+partial rotary, every rope scaling, both config spellings, the M-RoPE extension point), computed by
+transformers' own code.
 
 The rope tables are checked twice: the frequencies against
 ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` built from real config classes, and the
@@ -31,7 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul, act_fn, gated_act_fn
-from sglang_core.layers.norm import LayerNorm
+from sglang_core.layers.norm import LayerNorm, RMSNorm
 from sglang_core.layers.rotary import (
     RotaryEmbedding,
     rope_frequencies,
@@ -39,6 +40,7 @@ from sglang_core.layers.rotary import (
     rope_parameters,
     yarn_softmax_scale,
 )
+from sglang_core.model_executor.model_api import load_by_name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT32 = dict(atol=1e-5, rtol=1e-5)
@@ -87,6 +89,32 @@ def test_layer_norm_matches_torch(dtype: torch.dtype, bias: bool) -> None:
 
 def test_layer_norm_without_bias_has_no_bias_parameter() -> None:
     assert [name for name, _ in LayerNorm(8, bias=False).named_parameters()] == ["weight"]
+
+
+# --- RMSNorm with a weight offset ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_weight_offset_matches_gemma_rms_norm(dtype: torch.dtype) -> None:
+    """Gemma's ``(1 + w)`` RMSNorm: its checkpoint ``w``, loaded as models load weights into an
+    RMSNorm with ``weight_offset=1``, gives the same output on both paths, with a residual too."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    torch.manual_seed(4)
+    reference = GemmaRMSNorm(96, eps=1e-6)
+    torch.nn.init.normal_(reference.weight)
+    reference = reference.to(dtype)
+    norm = RMSNorm(96, 1e-6, dtype, weight_offset=1.0)
+    assert load_by_name(dict(norm.named_parameters()), reference.state_dict().items(), {}) == {"weight"}
+    x = (torch.randn(5, 96) * 4 + 3).to(dtype)
+    residual = torch.randn(5, 96).to(dtype)
+    # bfloat16: the reference rounds once, we round the normed input and the stored 1 + w too.
+    tolerance = FLOAT32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), reference(x), **tolerance)
+        out, summed = norm(x, residual)
+        torch.testing.assert_close(summed, x + residual, atol=0, rtol=0)
+        torch.testing.assert_close(out, reference(x + residual), **tolerance)
+        torch.testing.assert_close(fused_path(norm, x), reference(x), **tolerance)
 
 
 # --- Activations -----------------------------------------------------------------------------

@@ -104,3 +104,22 @@ def test_cached_prefix_matches_reference(served):
     assert result["meta_info"]["cached_tokens"] >= CHUNK
     assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)
     engine.check_memory()
+
+
+def test_logprobs_match_reference(served):
+    """Prompt and output logprobs equal the reference's log-softmax at every position (through the
+    prefill chunks and past any window): changes greedy choices cannot show, such as a final
+    logit soft-cap or scale, show here."""
+    model, engine, prompts = served
+    prompt = prompts[3]
+    result = engine.generate(input_ids=prompt, return_logprob=True, logprob_start_len=0,
+                             sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": 4})
+    meta = result["meta_info"]
+    ids = prompt + result["output_ids"]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    logits = getattr(out, "logits", out)[0, :-1].float()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    got = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
+    engine.check_memory()

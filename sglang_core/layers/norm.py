@@ -7,13 +7,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import use_fused
+from sglang_core.layers.parallel import copy_checked
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype = torch.float32):
+    """``weight * x / rms(x)``. ``weight_offset``: the checkpoint stores ``weight - offset``
+    (Gemma's ``(1 + w)`` scale: offset 1); it is added once as the weight loads, so the forward
+    pass and its fused kernel stay those of a plain RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype = torch.float32,
+                 weight_offset: float = 0.0):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
+        self.weight_offset = weight_offset
+        if weight_offset:
+            self.weight.weight_loader = self._load_offset_weight  # type: ignore[attr-defined]
+
+    def _load_offset_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        # Sum in float32, one rounding to the parameter's dtype.
+        copy_checked(param.data, (loaded.float() + self.weight_offset).to(param.dtype))
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -1,0 +1,126 @@
+"""The Gemma family on the core's decoder blocks.
+
+- Gemma 1 (``GemmaForCausalLM``): Llama's arrangement with RMSNorms that scale by ``1 + w``,
+  a GeGLU MLP (``hidden_act``), token embeddings times ``sqrt(hidden_size)`` and a tied head.
+- Gemma 2 (``Gemma2ForCausalLM``): each sublayer's output is normed again before it joins the
+  residual (four norms a layer), ``layer_types`` picks the layers that attend within
+  ``sliding_window``, the softmax scale is ``query_pre_attn_scalar ** -0.5``, attention logits
+  and final logits are soft-capped, the MLP's activation is ``hidden_activation``.
+- Gemma 3 text (``Gemma3ForCausalLM``): Gemma 2 plus a ``1 + w`` RMSNorm over each q and k head,
+  and rope parameters per layer type (a local and a global base). transformers reads its
+  ``attn_logit_softcapping`` but never applies it, so neither does this.
+
+None of them serves ``use_bidirectional_attention`` (an encoder's mask, not a causal LM's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sglang_core.layers.attention_spec import HeadShape
+from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
+from sglang_core.layers.transformer import DecoderLM, GatedMLP, layer_prefix, norm_with_residual
+from sglang_core.model_executor.forward_batch import ForwardBatch
+from sglang_core.model_executor.model_api import ModelContext
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def embedding_normalizer(hidden_size: int, dtype: torch.dtype) -> float:
+    """``sqrt(hidden_size)`` rounded to the model dtype, as transformers scales Gemma's embeddings
+    (in bfloat16, Gemma 7B's ``sqrt(3072) = 55.43`` becomes 55.5)."""
+    return torch.tensor(hidden_size**0.5, dtype=torch.float32).to(dtype).item()
+
+
+def check_causal(config) -> None:
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention: bidirectional attention is not served (causal LMs only)")
+
+
+def check_layer_types(config) -> None:
+    """``layer_types``: one of ``LAYER_TYPES`` per layer (the config fills it in from older fields)."""
+    kinds = list(config.layer_types)
+    if len(kinds) != config.num_hidden_layers or any(kind not in LAYER_TYPES for kind in kinds):
+        raise ValueError(f"layer_types: need one of {LAYER_TYPES} for each of the {config.num_hidden_layers} layers, "
+                         f"got {kinds}")
+
+
+class SandwichDecoderLayer(nn.Module):
+    """``h += post_attention_norm(attn(input_norm(h))); h += post_feedforward_norm(mlp(pre_feedforward_norm(h)))``.
+
+    Each sublayer's output is normed before the residual add, which the next norm fuses as
+    ``DecoderLayer``'s do."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module, pre_feedforward_layernorm: nn.Module,
+                 post_feedforward_layernorm: nn.Module):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (pre_feedforward_layernorm,
+                                                                           post_feedforward_layernorm)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = norm_with_residual(self.input_layernorm, x, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, batch))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
+class GemmaForCausalLM(DecoderLM):
+    # The config field naming the MLP's activation (Gemma 2 and 3 renamed it).
+    activation_field = "hidden_act"
+
+    def __init__(self, config, ctx: ModelContext):
+        check_causal(config)
+        super().__init__(config, ctx)
+        self.model.embedding_multiplier = embedding_normalizer(config.hidden_size, ctx.dtype)
+
+    def make_norm(self, config, ctx: ModelContext, size: int | None = None) -> nn.Module:
+        """A ``1 + w`` RMSNorm over ``size`` features (default ``hidden_size``)."""
+        return RMSNorm(size or config.hidden_size, config.rms_norm_eps, ctx.dtype, weight_offset=1.0)
+
+    def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
+        return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
+                        getattr(config, self.activation_field))
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    activation_field = "hidden_activation"
+
+    def __init__(self, config, ctx: ModelContext):
+        check_layer_types(config)
+        super().__init__(config, ctx)
+        self.final_logit_softcap = config.final_logit_softcapping
+
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
+                       **overrides) -> nn.Module:
+        sliding = config.layer_types[layer_id] == "sliding_attention"
+        options = {"scaling": config.query_pre_attn_scalar**-0.5, "logit_cap": config.attn_logit_softcapping,
+                   "sliding_window": config.sliding_window if sliding else None, **overrides}
+        return super().make_attention(config, ctx, layer_id, rotary, **options)
+
+    def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
+        return SandwichDecoderLayer(self.make_attention(config, ctx, layer_id, rotary),
+                                    self.make_mlp(config, ctx, layer_id),
+                                    *(self.make_norm(config, ctx) for _ in range(4)))
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    def make_rotary(self, config, ctx: ModelContext) -> dict[str, RotaryEmbedding]:
+        """One table per layer type (``rope_parameters[layer_type]``), shared by its layers."""
+        head_dim = HeadShape.from_config(config).head_dim
+        return {kind: rope_from_config(config, head_dim, max_position=ctx.max_position, layer_type=kind)
+                for kind in sorted(set(config.layer_types))}
+
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: dict[str, RotaryEmbedding],
+                       **overrides) -> nn.Module:
+        """``rotary``: ``make_rotary``'s tables; the layer takes its type's. No attention soft-cap:
+        transformers reads ``attn_logit_softcapping`` for Gemma 3 but never passes it on."""
+        head_dim = HeadShape.from_config(config).head_dim
+        options = {"logit_cap": None, "q_norm": self.make_norm(config, ctx, head_dim),
+                   "k_norm": self.make_norm(config, ctx, head_dim), **overrides}
+        return super().make_attention(config, ctx, layer_id, rotary[config.layer_types[layer_id]], **options)

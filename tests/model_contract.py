@@ -72,10 +72,10 @@ CASES: dict[str, ContractCase] = {
                                                 tie_word_embeddings=True)),
     # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary.
     "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"), **tiny(logit_scale=0.25, rope_theta=80000.0)),
-    # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o; here also an untied head.
+    # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o, its logit_scale; here also an untied head.
     "cohere-qk-norm-bias": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
                                    **tiny(use_qk_norm=True, attention_bias=True, tie_word_embeddings=False,
-                                          layer_norm_eps=1e-3)),
+                                          logit_scale=0.8333333333333334, layer_norm_eps=0.02)),
     # Command R7B: windowed layers with rotary between full layers without any.
     "cohere2": hf_case(_t("Cohere2Config"), _t("Cohere2ForCausalLM"), window=8,
                        **tiny(num_hidden_layers=3, sliding_window=8, logit_scale=0.5, attention_bias=True,

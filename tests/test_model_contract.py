@@ -23,11 +23,12 @@ CHUNK = 16
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Matrices drawn N(0, 0.1) (wider than usual, so greedy choices are no near-ties); vectors
-    (norm scales, biases) moved by N(0, 0.1) from their init, so every one of them matters."""
+    (biases) and norm scales (initialised to ones, per-head ones [heads, head_dim] too) moved by
+    N(0, 0.1) from their init, so every one of them matters."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not bool((p == 1).all()):
                 p.normal_(0, 0.1)
             else:
                 p.add_(torch.randn_like(p) * 0.1)

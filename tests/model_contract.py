@@ -68,8 +68,8 @@ CASES: dict[str, ContractCase] = {
                                  **tiny(use_qkv_bias=True, partial_rotary_factor=0.25, layer_norm_eps=1e-4)),
     # StableLM 2 12B: a LayerNorm per q/k head, attention and MLP in parallel; here also a tied head.
     "stablelm-qk-norm-parallel": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
-                                         **tiny(qk_layernorm=True, use_parallel_residual=True, partial_rotary_factor=0.5,
-                                                tie_word_embeddings=True)),
+                                         **tiny(qk_layernorm=True, use_parallel_residual=True,
+                                                partial_rotary_factor=0.5, tie_word_embeddings=True)),
     # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary.
     "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"), **tiny(logit_scale=0.25, rope_theta=80000.0)),
     # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o, its logit_scale; here also an untied head.

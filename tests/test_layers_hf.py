@@ -1,6 +1,7 @@
 """The layers the model families need, each against its Hugging Face counterpart: LayerNorm (whole
-and per attention head), the activations by ``hidden_act`` name, and rotary embedding (layouts, partial rotary, every rope
-scaling, both config spellings, the M-RoPE extension point), computed by transformers' own code.
+and per attention head), the activations by ``hidden_act`` name, and rotary embedding (layouts,
+partial rotary, every rope scaling, both config spellings, the M-RoPE extension point), computed by
+transformers' own code.
 
 The rope tables are checked twice: the frequencies against
 ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` built from real config classes, and the

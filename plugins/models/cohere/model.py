@@ -18,9 +18,9 @@ rotary only where the layer has a window, a null ``sliding_window`` leaves every
 from __future__ import annotations
 
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm
+from sglang_core.layers.norm import LayerNorm
 from sglang_core.layers.rotary import rope_from_config
-from sglang_core.layers.transformer import DecoderLM, GatedMLP, ParallelDecoderLayer, layer_prefix
+from sglang_core.layers.transformer import DecoderLM, GatedMLP, ParallelDecoderLayer, headwise_qk_norms, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -55,10 +55,7 @@ class CohereForCausalLM(CommandR):
     def make_attention(self, config, ctx, layer_id, rotary, **overrides):
         options = {"sliding_window": None}
         if config.use_qk_norm:
-            shape = HeadShape.from_config(config)
-            options["q_norm"] = HeadwiseLayerNorm(shape.num_heads, shape.head_dim, config.layer_norm_eps, ctx.dtype, ctx.tp)
-            options["k_norm"] = HeadwiseLayerNorm(shape.num_kv_heads, shape.head_dim, config.layer_norm_eps, ctx.dtype,
-                                                  ctx.tp)
+            options.update(headwise_qk_norms(config, ctx, config.layer_norm_eps))
         return super().make_attention(config, ctx, layer_id, rotary, **{**options, **overrides})
 
 

@@ -58,5 +58,5 @@ class SandwichNormLayer(nn.Module):
 
 class Glm4ForCausalLM(GlmForCausalLM):
     def make_layer(self, config, ctx, layer_id, rotary):
-        return SandwichNormLayer(self.make_attention(config, ctx, layer_id, rotary), self.make_mlp(config, ctx, layer_id),
-                                 *(self.make_norm(config, ctx) for _ in range(4)))
+        return SandwichNormLayer(self.make_attention(config, ctx, layer_id, rotary),
+                                 self.make_mlp(config, ctx, layer_id), *(self.make_norm(config, ctx) for _ in range(4)))

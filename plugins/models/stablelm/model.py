@@ -12,8 +12,15 @@ RMSNorm and rotary on the first ``partial_rotary_factor`` of each head, plus thr
 from __future__ import annotations
 
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm
-from sglang_core.layers.transformer import QKV_GATE_UP, DecoderLM, GatedMLP, ParallelDecoderLayer, layer_prefix
+from sglang_core.layers.norm import LayerNorm
+from sglang_core.layers.transformer import (
+    QKV_GATE_UP,
+    DecoderLM,
+    GatedMLP,
+    ParallelDecoderLayer,
+    headwise_qk_norms,
+    layer_prefix,
+)
 from sglang_core.model_executor.model_api import ModelContext
 
 
@@ -33,10 +40,7 @@ class StableLmForCausalLM(DecoderLM):
     def make_attention(self, config, ctx, layer_id, rotary, **overrides):
         options = {"qkv_bias": config.use_qkv_bias, "o_bias": False, "sliding_window": None}
         if config.qk_layernorm:
-            shape = HeadShape.from_config(config)
-            options["q_norm"] = HeadwiseLayerNorm(shape.num_heads, shape.head_dim, config.layer_norm_eps, ctx.dtype, ctx.tp)
-            options["k_norm"] = HeadwiseLayerNorm(shape.num_kv_heads, shape.head_dim, config.layer_norm_eps, ctx.dtype,
-                                                  ctx.tp)
+            options.update(headwise_qk_norms(config, ctx, config.layer_norm_eps))
         return super().make_attention(config, ctx, layer_id, rotary, **{**options, **overrides})
 
     def make_mlp(self, config, ctx, layer_id):

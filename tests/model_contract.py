@@ -90,4 +90,28 @@ CASES: dict[str, ContractCase] = {
                       **tiny(head_dim=32, sliding_window=8, sliding_window_pattern=2, rope_theta=1_000_000.0,
                              rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
                              query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=1.0)),
+    # StableLM 2 1.6B: q/k/v biases, rotary on a quarter of each head, sequential residual.
+    "stablelm-qkv-bias": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
+                                 **tiny(use_qkv_bias=True, partial_rotary_factor=0.25, layer_norm_eps=1e-4)),
+    # StableLM 2 12B: a LayerNorm per q/k head, attention and MLP in parallel; here also a tied head.
+    "stablelm-qk-norm-parallel": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
+                                         **tiny(qk_layernorm=True, use_parallel_residual=True,
+                                                partial_rotary_factor=0.5, tie_word_embeddings=True)),
+    # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary.
+    "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"), **tiny(logit_scale=0.25, rope_theta=80000.0)),
+    # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o, its logit_scale; here also an untied head.
+    "cohere-qk-norm-bias": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
+                                   **tiny(use_qk_norm=True, attention_bias=True, tie_word_embeddings=False,
+                                          logit_scale=0.8333333333333334, layer_norm_eps=0.02)),
+    # Command R7B: windowed layers with rotary between full layers without any.
+    "cohere2": hf_case(_t("Cohere2Config"), _t("Cohere2ForCausalLM"), window=8,
+                       **tiny(num_hidden_layers=3, sliding_window=8, logit_scale=0.5, attention_bias=True,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # GLM-4-9B: q/k/v biases, interleaved rotary on half of each head, heads wider than hidden / heads.
+    "glm": hf_case(_t("GlmConfig"), _t("GlmForCausalLM"), **tiny(head_dim=32)),
+    "glm-tied-no-bias": hf_case(_t("GlmConfig"), _t("GlmForCausalLM"),
+                                **tiny(head_dim=16, attention_bias=False, tie_word_embeddings=True,
+                                       partial_rotary_factor=0.25)),
+    # GLM-4-0414: the same with sandwich norms after attention and after the MLP.
+    "glm4": hf_case(_t("Glm4Config"), _t("Glm4ForCausalLM"), **tiny(head_dim=32)),
 }

@@ -1,5 +1,5 @@
-"""The layers the model families need, each against its Hugging Face counterpart: LayerNorm,
-Gemma's (1 + w) RMSNorm, the activations by ``hidden_act`` name, and rotary embedding (layouts,
+"""The layers the model families need, each against its Hugging Face counterpart: LayerNorm (whole
+and per attention head), Gemma's (1 + w) RMSNorm, the activations by ``hidden_act`` name, and rotary embedding (layouts,
 partial rotary, every rope scaling, both config spellings, the M-RoPE extension point), computed by
 transformers' own code.
 
@@ -29,10 +29,13 @@ from transformers import (
     StableLmConfig,
 )
 from transformers.activations import ACT2FN
+from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul, act_fn, gated_act_fn
-from sglang_core.layers.norm import LayerNorm, RMSNorm
+from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm, RMSNorm
+from sglang_core.layers.parallel import QKVParallelLinear, TPGroup
 from sglang_core.layers.rotary import (
     RotaryEmbedding,
     rope_frequencies,
@@ -115,6 +118,49 @@ def test_rms_norm_weight_offset_matches_gemma_rms_norm(dtype: torch.dtype) -> No
         torch.testing.assert_close(summed, x + residual, atol=0, rtol=0)
         torch.testing.assert_close(out, reference(x + residual), **tolerance)
         torch.testing.assert_close(fused_path(norm, x), reference(x), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_headwise_layer_norm_matches_cohere_and_stablelm(dtype: torch.dtype) -> None:
+    """One scale per head, loaded whole (Cohere's ``[heads, head_dim]``) or head by head (StableLM's
+    ``norms.<h>.weight``), against both models' own q/k norms."""
+    torch.manual_seed(2)
+    heads, dim, eps = 4, 16, 1e-3
+    cohere = CohereLayerNorm(hidden_size=(heads, dim), eps=eps)
+    with torch.no_grad():
+        cohere.weight.copy_((torch.randn(heads, dim) + 1).to(dtype))  # values the dtype holds exactly
+    stablelm = StableLmLayerNormPerHead(dim, heads, eps=eps).to(dtype)
+    whole, by_head = HeadwiseLayerNorm(heads, dim, eps, dtype), HeadwiseLayerNorm(heads, dim, eps, dtype)
+    whole.weight.weight_loader(whole.weight, cohere.weight.data.to(dtype))
+    for h, norm in enumerate(stablelm.norms):
+        norm.weight.data.copy_(cohere.weight[h])
+        by_head.weight.weight_loader(by_head.weight, norm.weight.data, h)
+    x = (torch.randn(5, heads, dim) * 3 + 1).to(dtype)  # [tokens, heads, head_dim]
+    tolerance = FLOAT32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(x), cohere(x), **tolerance)
+        # StableLM normalises [batch, heads, tokens, head_dim].
+        torch.testing.assert_close(by_head(x), stablelm(x.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1), **tolerance)
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp_size", [(4, 2, 2), (4, 2, 4)], ids=["split", "kv-replicated"])
+def test_headwise_layer_norm_holds_the_heads_its_rank_projects(heads: int, kv_heads: int, tp_size: int) -> None:
+    """Under tensor parallelism each rank's q/k norm scales exactly the heads its q/k projection
+    computes (QKVParallelLinear's split, kv heads replicated when ranks outnumber them)."""
+    dim = 4
+    for rank in range(tp_size):
+        tp = TPGroup(rank=rank, size=tp_size)
+        qkv = QKVParallelLinear(1, dim, heads, kv_heads, tp=tp)
+        for shard, total in (("q", heads), ("k", kv_heads)):
+            # Row r of a projection belongs to head r // dim; the norm's row h holds the value h.
+            qkv.weight_loader(qkv.weight, torch.arange(total * dim).float().unsqueeze(1) // dim, shard)
+            projected = qkv.weight.data[:, 0].split(qkv.output_sizes)["qkv".index(shard)][::dim]
+            whole, by_head = HeadwiseLayerNorm(total, dim, tp=tp), HeadwiseLayerNorm(total, dim, tp=tp)
+            whole.weight.weight_loader(whole.weight, torch.arange(total).float().unsqueeze(1).expand(total, dim))
+            for h in range(total):
+                by_head.weight.weight_loader(by_head.weight, torch.full((dim,), float(h)), h)
+            assert whole.weight[:, 0].tolist() == projected.tolist(), (shard, rank)
+            assert torch.equal(by_head.weight, whole.weight), (shard, rank)
 
 
 # --- Activations -----------------------------------------------------------------------------

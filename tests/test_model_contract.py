@@ -23,11 +23,12 @@ CHUNK = 16
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Matrices drawn N(0, 0.1) (wider than usual, so greedy choices are no near-ties); vectors
-    (norm scales, biases) moved by N(0, 0.1) from their init, so every one of them matters."""
+    (biases) and norm scales (initialised to ones, per-head ones [heads, head_dim] too) moved by
+    N(0, 0.1) from their init, so every one of them matters."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not bool((p == 1).all()):
                 p.normal_(0, 0.1)
             else:
                 p.add_(torch.randn_like(p) * 0.1)
@@ -56,15 +57,17 @@ def _save(folder, config, model) -> None:
     byte_level_tokenizer().save_pretrained(folder)
 
 
-def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy continuation by recomputing the whole sequence each step (no cache to get wrong)."""
-    ids = list(prompt)
+def _reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and each chosen token's logprob, by recomputing the whole sequence each
+    step (no cache to get wrong)."""
+    ids, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
             out = model(torch.tensor([ids]))
-            logits = getattr(out, "logits", out)
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+            logits = getattr(out, "logits", out)[0, -1].float()
+            ids.append(int(logits.argmax()))
+            logprobs.append(torch.log_softmax(logits, dim=-1)[ids[-1]].item())
+    return ids[len(prompt):], logprobs
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -87,11 +90,16 @@ def served(request, tmp_path_factory):
 
 
 def test_batched_greedy_matches_reference(served):
+    """Tokens and their logprobs: a scale on the logits (Command-R's ``logit_scale``) keeps every
+    argmax, so only the logprobs show it."""
     model, engine, prompts = served
     results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
-                                                                  "max_new_tokens": NEW_TOKENS})
+                                                                  "max_new_tokens": NEW_TOKENS}, return_logprob=True)
     for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS), f"prompt of {len(prompt)} tokens"
+        tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
+        assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
+        got = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"
     engine.check_memory()
 
 
@@ -102,7 +110,7 @@ def test_cached_prefix_matches_reference(served):
     result = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                 "max_new_tokens": NEW_TOKENS})
     assert result["meta_info"]["cached_tokens"] >= CHUNK
-    assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)
+    assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
     engine.check_memory()
 
 

@@ -1,4 +1,5 @@
-"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it."""
+"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it, and a
+LayerNorm per attention head (q/k norms)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import use_fused
-from sglang_core.layers.parallel import copy_checked
+from sglang_core.layers.parallel import SINGLE, TPGroup, copy_checked
 
 
 class RMSNorm(nn.Module):
@@ -77,3 +78,41 @@ class LayerNorm(nn.Module):
             residual = x
         out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return out if residual is None else (out, residual)
+
+
+class HeadwiseLayerNorm(nn.Module):
+    """LayerNorm over each attention head's ``head_dim``, with a scale of its own per head and no
+    bias (Cohere's ``use_qk_norm``, StableLM's ``qk_layernorm``). Input ``[tokens, heads, head_dim]``;
+    statistics and scale in float32, one rounding to the input dtype at the end.
+
+    The weight is ``[heads, head_dim]`` for this rank's heads, split across ranks as
+    ``QKVParallelLinear`` splits them: ``total_heads`` over ``tp.size`` ranks, or, with more ranks
+    than heads, each head replicated on ``tp.size / total_heads`` consecutive ranks. Its loader takes
+    either every head's scale at once (``[total_heads, head_dim]``, Cohere's checkpoints) or one
+    head's (``[head_dim]``) with the head index as ``shard_id`` (StableLM's ``norms.<h>.weight``).
+    """
+
+    def __init__(self, total_heads: int, head_dim: int, eps: float = 1e-5, params_dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE):
+        super().__init__()
+        if total_heads % tp.size and tp.size % total_heads:
+            raise ValueError(f"num_heads={total_heads} and tp_size={tp.size}: neither divides the other")
+        self.eps = eps
+        self.num_heads = max(1, total_heads // tp.size)
+        self.first_head = tp.rank // max(1, tp.size // total_heads) * self.num_heads
+        self.weight = nn.Parameter(torch.ones(self.num_heads, head_dim, dtype=params_dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        heads = range(self.first_head, self.first_head + self.num_heads)
+        if shard_id is None:
+            if loaded.dim() != 2 or loaded.shape[0] < heads.stop:
+                raise ValueError(f"per-head norm weight of shape {tuple(loaded.shape)} lacks heads {heads.start}.."
+                                 f"{heads.stop - 1} of width {param.shape[1]}")
+            copy_checked(param.data, loaded[heads.start:heads.stop])
+        elif shard_id in heads:  # one head's scale; other ranks' heads are skipped
+            copy_checked(param.data[shard_id - heads.start], loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps) * self.weight.float()
+        return out.to(x.dtype)

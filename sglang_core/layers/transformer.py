@@ -25,7 +25,7 @@ from torch import nn
 from sglang_core.layers.activation import act_fn, gated_act_fn
 from sglang_core.layers.attention import Attention
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm
 from sglang_core.layers.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -90,6 +90,14 @@ class SelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, batch))
+
+
+def headwise_qk_norms(config, ctx: ModelContext, eps: float) -> dict[str, HeadwiseLayerNorm]:
+    """``SelfAttention``'s ``q_norm`` and ``k_norm`` as a LayerNorm per head with a scale per head
+    (Cohere's ``use_qk_norm``, StableLM's ``qk_layernorm``), for the heads a config states."""
+    shape = HeadShape.from_config(config)
+    return {"q_norm": HeadwiseLayerNorm(shape.num_heads, shape.head_dim, eps, ctx.dtype, ctx.tp),
+            "k_norm": HeadwiseLayerNorm(shape.num_kv_heads, shape.head_dim, eps, ctx.dtype, ctx.tp)}
 
 
 class GatedMLP(nn.Module):

@@ -168,6 +168,28 @@ class ParallelDecoderLayer(nn.Module):
         return self.self_attn(positions, x, batch) + self.mlp(x), residual
 
 
+class SandwichDecoderLayer(nn.Module):
+    """``h += post_attention_norm(attn(input_norm(h))); h += post_feedforward_norm(mlp(pre_feedforward_norm(h)))``:
+    each sublayer's output is normed again before the residual add (Gemma 2/3, GLM-4-0414), which
+    the next norm fuses as ``DecoderLayer``'s do."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module, pre_feedforward_layernorm: nn.Module,
+                 post_feedforward_layernorm: nn.Module):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (pre_feedforward_layernorm,
+                                                                           post_feedforward_layernorm)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = norm_with_residual(self.input_layernorm, x, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, batch))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
 def norm_with_residual(norm: nn.Module, x: torch.Tensor,
                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(x + residual), x + residual)``; before the first layer (no residual yet) x is the residual."""

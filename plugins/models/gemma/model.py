@@ -21,8 +21,7 @@ from torch import nn
 from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
-from sglang_core.layers.transformer import DecoderLM, GatedMLP, layer_prefix, norm_with_residual
-from sglang_core.model_executor.forward_batch import ForwardBatch
+from sglang_core.layers.transformer import DecoderLM, GatedMLP, SandwichDecoderLayer, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -45,29 +44,6 @@ def check_layer_types(config) -> None:
     if len(kinds) != config.num_hidden_layers or any(kind not in LAYER_TYPES for kind in kinds):
         raise ValueError(f"layer_types: need one of {LAYER_TYPES} for each of the {config.num_hidden_layers} layers, "
                          f"got {kinds}")
-
-
-class SandwichDecoderLayer(nn.Module):
-    """``h += post_attention_norm(attn(input_norm(h))); h += post_feedforward_norm(mlp(pre_feedforward_norm(h)))``.
-
-    Each sublayer's output is normed before the residual add, which the next norm fuses as
-    ``DecoderLayer``'s do."""
-
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
-                 post_attention_layernorm: nn.Module, pre_feedforward_layernorm: nn.Module,
-                 post_feedforward_layernorm: nn.Module):
-        super().__init__()
-        self.self_attn, self.mlp = self_attn, mlp
-        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
-        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (pre_feedforward_layernorm,
-                                                                           post_feedforward_layernorm)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = norm_with_residual(self.input_layernorm, x, residual)
-        x = self.post_attention_layernorm(self.self_attn(positions, x, batch))
-        x, residual = self.pre_feedforward_layernorm(x, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 class GemmaForCausalLM(DecoderLM):

@@ -13,13 +13,9 @@ and ``post_mlp_layernorm`` over the MLP output, each before its residual add.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.rotary import rope_from_config
-from sglang_core.layers.transformer import DecoderLM, GatedMLP, layer_prefix, norm_with_residual
-from sglang_core.model_executor.forward_batch import ForwardBatch
+from sglang_core.layers.transformer import DecoderLM, GatedMLP, SandwichDecoderLayer, layer_prefix
 
 
 class GlmForCausalLM(DecoderLM):
@@ -36,27 +32,13 @@ class GlmForCausalLM(DecoderLM):
                         config.hidden_act)
 
 
-class SandwichNormLayer(nn.Module):
-    """``h += post_attn_norm(attn(norm1(h))); h += post_mlp_norm(mlp(norm2(h)))``, GLM-4-0414's
-    layer; the residual add stays fused into the next norm as in ``DecoderLayer``."""
-
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
-                 post_self_attn_layernorm: nn.Module, post_attention_layernorm: nn.Module,
-                 post_mlp_layernorm: nn.Module):
-        super().__init__()
-        self.self_attn, self.mlp = self_attn, mlp
-        self.input_layernorm, self.post_self_attn_layernorm = input_layernorm, post_self_attn_layernorm
-        self.post_attention_layernorm, self.post_mlp_layernorm = post_attention_layernorm, post_mlp_layernorm
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = norm_with_residual(self.input_layernorm, x, residual)
-        x = self.post_self_attn_layernorm(self.self_attn(positions, x, batch))
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.post_mlp_layernorm(self.mlp(x)), residual
-
-
 class Glm4ForCausalLM(GlmForCausalLM):
+    # GLM-4-0414's norm names onto the core's sandwich layer's (the first rename before the second
+    # reuses its target name).
+    checkpoint_renames = ((r"\.post_attention_layernorm\.", ".pre_feedforward_layernorm."),
+                          (r"\.post_self_attn_layernorm\.", ".post_attention_layernorm."),
+                          (r"\.post_mlp_layernorm\.", ".post_feedforward_layernorm."))
+
     def make_layer(self, config, ctx, layer_id, rotary):
-        return SandwichNormLayer(self.make_attention(config, ctx, layer_id, rotary),
+        return SandwichDecoderLayer(self.make_attention(config, ctx, layer_id, rotary),
                                  self.make_mlp(config, ctx, layer_id), *(self.make_norm(config, ctx) for _ in range(4)))

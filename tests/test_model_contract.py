@@ -56,15 +56,17 @@ def _save(folder, config, model) -> None:
     byte_level_tokenizer().save_pretrained(folder)
 
 
-def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy continuation by recomputing the whole sequence each step (no cache to get wrong)."""
-    ids = list(prompt)
+def _reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and each chosen token's log-probability, by recomputing the whole
+    sequence each step (no cache to get wrong)."""
+    ids, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
             out = model(torch.tensor([ids]))
-            logits = getattr(out, "logits", out)
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+            logits = getattr(out, "logits", out)[0, -1].float()
+            ids.append(int(logits.argmax()))
+            logprobs.append(torch.log_softmax(logits, -1)[ids[-1]].item())
+    return ids[len(prompt):], logprobs
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -89,9 +91,13 @@ def served(request, tmp_path_factory):
 def test_batched_greedy_matches_reference(served):
     model, engine, prompts = served
     results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
-                                                                  "max_new_tokens": NEW_TOKENS})
+                                                                  "max_new_tokens": NEW_TOKENS}, return_logprob=True)
     for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS), f"prompt of {len(prompt)} tokens"
+        ids, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
+        assert result["output_ids"] == ids, f"prompt of {len(prompt)} tokens"
+        # Greedy choices ignore a positive scale on the logits; their log-probabilities do not.
+        ours = [lp for lp, _, _ in result["meta_info"]["output_token_logprobs"]]
+        assert ours == pytest.approx(logprobs, abs=1e-4), f"logprobs, prompt of {len(prompt)} tokens"
     engine.check_memory()
 
 
@@ -102,5 +108,5 @@ def test_cached_prefix_matches_reference(served):
     result = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                 "max_new_tokens": NEW_TOKENS})
     assert result["meta_info"]["cached_tokens"] >= CHUNK
-    assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)
+    assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
     engine.check_memory()

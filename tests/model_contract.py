@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import transformers
 
+from custom_code_references import internlm2
+
 # Small enough for CI, wide enough that every family's options matter: 2 layers, GQA (4 query
 # heads over 2 KV heads), a vocabulary of the byte-level test tokenizer's 259 tokens.
 TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +50,13 @@ def hf_case(config_cls, model_cls, window: int | None = None, engine: dict[str, 
     return ContractCase(make, window, engine or {})
 
 
+def custom_case(build: Callable[..., tuple[Any, Any]], engine: dict[str, Any] | None = None,
+                **config: Any) -> ContractCase:
+    """A custom-code architecture: ``build(**config)`` gives the config and the reference
+    (tests/custom_code_references.py)."""
+    return ContractCase(lambda: build(**config), None, engine or {})
+
+
 def _t(name: str):
     """A transformers class by name (imported lazily so one missing class fails one case only)."""
     return getattr(transformers, name)
@@ -63,4 +72,11 @@ CASES: dict[str, ContractCase] = {
     # Yi: a Llama checkpoint with a large rope base and many KV-sharing heads.
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
+    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head.
+    "internlm2": custom_case(internlm2, **tiny(bias=False, rms_norm_eps=1e-5, rope_theta=1_000_000,
+                                               rope_scaling={"type": "dynamic", "factor": 2.0},
+                                               tie_word_embeddings=False)),
+    # bias and rms_norm_eps left to InternLM2Config's defaults (True, 1e-6); one KV head; tied head.
+    "internlm2-mqa-tied": custom_case(internlm2, **tiny(num_key_value_heads=1, tie_word_embeddings=True,
+                                                        rope_scaling={"type": "linear", "factor": 2.0})),
 }

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import transformers
 
-from custom_code_references import internlm2
+from custom_code_references import internlm2, minicpm
 
 # Small enough for CI, wide enough that every family's options matter: 2 layers, GQA (4 query
 # heads over 2 KV heads), a vocabulary of the byte-level test tokenizer's 259 tokens.
@@ -79,4 +79,18 @@ CASES: dict[str, ContractCase] = {
     # bias and rms_norm_eps left to InternLM2Config's defaults (True, 1e-6); one KV head; tied head.
     "internlm2-mqa-tied": custom_case(internlm2, **tiny(num_key_value_heads=1, tie_word_embeddings=True,
                                                         rope_scaling={"type": "linear", "factor": 2.0})),
+    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied).
+    "minicpm": custom_case(minicpm, **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, rms_norm_eps=1e-5,
+                                           rope_scaling=None)),
+    "minicpm-untied-bias": custom_case(minicpm, **tiny(scale_emb=6, dim_model_base=32, scale_depth=2.0,
+                                                       tie_word_embeddings=False, attention_bias=True,
+                                                       rope_scaling={"type": "linear", "factor": 2.0})),
+    # MiniCPM 4: LongRoPE takes its long factors for a 512-position table over a 256 original even
+    # when serving only 200 tokens, and scales cos/sin by sqrt(1 + ln 2 / ln 256).
+    "minicpm4-longrope": custom_case(
+        minicpm, engine={"context_length": 200},
+        **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, tie_word_embeddings=False,
+               rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 256,
+                             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2],
+                             "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]})),
 }

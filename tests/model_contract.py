@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import transformers
 
+from custom_code_references import internlm2, minicpm
+
 # Small enough for CI, wide enough that every family's options matter: 2 layers, GQA (4 query
 # heads over 2 KV heads), a vocabulary of the byte-level test tokenizer's 259 tokens.
 TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -46,6 +48,13 @@ def hf_case(config_cls, model_cls, window: int | None = None, engine: dict[str, 
         return cfg, model_cls(cfg)
 
     return ContractCase(make, window, engine or {})
+
+
+def custom_case(build: Callable[..., tuple[Any, Any]], engine: dict[str, Any] | None = None,
+                **config: Any) -> ContractCase:
+    """A custom-code architecture: ``build(**config)`` gives the config and the reference
+    (tests/custom_code_references.py)."""
+    return ContractCase(lambda: build(**config), None, engine or {})
 
 
 def _t(name: str):
@@ -114,4 +123,25 @@ CASES: dict[str, ContractCase] = {
                                        partial_rotary_factor=0.25)),
     # GLM-4-0414: the same with sandwich norms after attention and after the MLP.
     "glm4": hf_case(_t("Glm4Config"), _t("Glm4ForCausalLM"), **tiny(head_dim=32)),
+    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head.
+    "internlm2": custom_case(internlm2, **tiny(bias=False, rms_norm_eps=1e-5, rope_theta=1_000_000,
+                                               rope_scaling={"type": "dynamic", "factor": 2.0},
+                                               tie_word_embeddings=False)),
+    # bias and rms_norm_eps left to InternLM2Config's defaults (True, 1e-6); one KV head; tied head.
+    "internlm2-mqa-tied": custom_case(internlm2, **tiny(num_key_value_heads=1, tie_word_embeddings=True,
+                                                        rope_scaling={"type": "linear", "factor": 2.0})),
+    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied).
+    "minicpm": custom_case(minicpm, **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, rms_norm_eps=1e-5,
+                                           rope_scaling=None)),
+    "minicpm-untied-bias": custom_case(minicpm, **tiny(scale_emb=6, dim_model_base=32, scale_depth=2.0,
+                                                       tie_word_embeddings=False, attention_bias=True,
+                                                       rope_scaling={"type": "linear", "factor": 2.0})),
+    # MiniCPM 4: LongRoPE takes its long factors for a 512-position table over a 256 original even
+    # when serving only 200 tokens, and scales cos/sin by sqrt(1 + ln 2 / ln 256).
+    "minicpm4-longrope": custom_case(
+        minicpm, engine={"context_length": 200},
+        **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, tie_word_embeddings=False,
+               rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 256,
+                             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2],
+                             "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]})),
 }

@@ -240,14 +240,23 @@ class DecoderLM(nn.Module):
     parameter fragment and shard id; default Llama's q/k/v and gate/up), ``checkpoint_renames``
     (``(regex, replacement)`` pairs applied to each checkpoint name first, for checkpoints whose
     names differ from the modules'), ``ignored_weights`` (fragments of names to skip).
+
+    ``config_defaults``: the values the architecture's own config class gives fields that
+    config.json omits. A custom-code checkpoint's config loads as a plain ``PretrainedConfig`` (its
+    configuration_*.py never runs), whose defaults are not the family's (InternLM2's ``bias`` is
+    True, MiniCPM's ``tie_word_embeddings`` True); they are set on the config before anything reads it.
     """
 
     stacked_params: dict[str, tuple[str, Any]] = QKV_GATE_UP
     checkpoint_renames: Sequence[tuple[str, str]] = ()
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    config_defaults: dict[str, Any] = {}
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
+        for key, value in self.config_defaults.items():
+            if not hasattr(config, key):
+                setattr(config, key, value)
         self.config = config
         rotary = self.make_rotary(config, ctx)
         self.model = DecoderStack(

@@ -21,6 +21,11 @@ import transformers
 TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+# GPT-2-style configs name the same sizes differently (no GQA: multi_query or one k/v head each).
+BIGCODE_TINY = dict(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0)
+
+
 def tiny(**overrides: Any) -> dict[str, Any]:
     """``TINY`` with ``overrides``; an override of None drops the key (configs without it)."""
     return {k: v for k, v in {**TINY, **overrides}.items() if v is not None}
@@ -88,4 +93,12 @@ CASES: dict[str, ContractCase] = {
         **tiny(original_max_position_embeddings=2,
                rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                              "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]})),
+    # StarCoder 1: multi-query attention, learned positions, a tied head, tanh GELU.
+    "gpt-bigcode-mqa": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"), **BIGCODE_TINY),
+    # Multi-head GPTBigCode: per-head fused c_attn rows, no 1/sqrt(d) scale, an untied head, n_inner,
+    # another activation (exact and tanh GELU give the same greedy tokens) and a larger eps.
+    "gpt-bigcode-mha": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"),
+                               **{**BIGCODE_TINY, "multi_query": False, "scale_attn_weights": False,
+                                  "tie_word_embeddings": False, "n_inner": 96, "activation_function": "relu",
+                                  "layer_norm_epsilon": 1e-2}),
 }

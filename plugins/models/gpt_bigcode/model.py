@@ -10,7 +10,7 @@ without ``scale_attn_weights``; an ungated biased MLP (``c_fc``, ``c_proj``) of 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ class GPTBigCodeForCausalLM(DecoderLM):
         return LayerNorm(config.hidden_size, config.layer_norm_epsilon, params_dtype=ctx.dtype)
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
-                       **overrides) -> nn.Module:
+                       **overrides: Any) -> nn.Module:
         shape = head_shape(config)
         scaling = shape.head_dim**-0.5 if config.scale_attn_weights else 1.0
         return SelfAttention(ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, config.hidden_size, shape, rotary,

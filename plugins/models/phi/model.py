@@ -14,9 +14,16 @@ where the config sets them - all of which the core's defaults already read.
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.norm import LayerNorm
+from sglang_core.layers.parallel import VocabParallelEmbedding
+from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import QKV_GATE_UP, MLP, DecoderLM, ParallelDecoderLayer, layer_prefix
+from sglang_core.model_executor.model_api import ModelContext
 
 
 class PhiForCausalLM(DecoderLM):
@@ -30,26 +37,28 @@ class PhiForCausalLM(DecoderLM):
         (r"^model\.final_layernorm\.", "model.norm."),
     )
 
-    def make_lm_head(self, config, ctx, bias=True):
+    def make_lm_head(self, config, ctx: ModelContext, bias: bool = True) -> VocabParallelEmbedding:
         return super().make_lm_head(config, ctx, bias=bias)
 
-    def make_norm(self, config, ctx, size=None):
+    def make_norm(self, config, ctx: ModelContext, size: int | None = None) -> nn.Module:
+        """A LayerNorm of ``size`` features (default: the hidden size; the q/k norms': a head's)."""
         return LayerNorm(size or config.hidden_size, config.layer_norm_eps, params_dtype=ctx.dtype)
 
-    def make_attention(self, config, ctx, layer_id, rotary, **overrides):
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
+                       **overrides: Any) -> nn.Module:
         qk_norms = {}
         if config.qk_layernorm:
             head_dim = HeadShape.from_config(config).head_dim
-            qk_norms = {"q_norm": self.make_norm(config, ctx, head_dim), "k_norm": self.make_norm(config, ctx, head_dim)}
+            qk_norms = {name: self.make_norm(config, ctx, head_dim) for name in ("q_norm", "k_norm")}
         # Phi's attention has no sliding window (transformers ignores one in the config).
         return super().make_attention(config, ctx, layer_id, rotary, qkv_bias=True, o_bias=True, sliding_window=None,
                                       **qk_norms, **overrides)
 
-    def make_mlp(self, config, ctx, layer_id):
+    def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         return MLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
                    config.hidden_act, bias=True)
 
-    def make_layer(self, config, ctx, layer_id, rotary):
+    def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
         return ParallelDecoderLayer(self.make_attention(config, ctx, layer_id, rotary),
                                     self.make_mlp(config, ctx, layer_id), self.make_norm(config, ctx))
 

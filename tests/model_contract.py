@@ -23,6 +23,10 @@ from custom_code_references import internlm2, minicpm
 TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+# GPT-2-style configs name the same sizes differently (no GQA: multi_query or one k/v head each).
+BIGCODE_TINY = dict(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0)
+
 
 def tiny(**overrides: Any) -> dict[str, Any]:
     """``TINY`` with ``overrides``; an override of None drops the key (configs without it)."""
@@ -144,4 +148,38 @@ CASES: dict[str, ContractCase] = {
                rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 256,
                              "short_factor": [1.0, 1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2],
                              "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]})),
+    # Phi-2: parallel layers, partial rotary, biased projections and LM head; GQA here. An eps
+    # near the activations' variance, so that reading it matters; a sliding_window that
+    # transformers' Phi ignores.
+    "phi": hf_case(_t("PhiConfig"), _t("PhiForCausalLM"),
+                   **tiny(partial_rotary_factor=0.5, layer_norm_eps=1e-2, sliding_window=4)),
+    # Phi with per-head q/k LayerNorms, a tied head that keeps its own bias, multi-head, another activation.
+    "phi-qk-norm-tied": hf_case(_t("PhiConfig"), _t("PhiForCausalLM"),
+                                **tiny(qk_layernorm=True, tie_word_embeddings=True, num_key_value_heads=None,
+                                       partial_rotary_factor=0.75, hidden_act="relu")),
+    # Phi-3-mini-4k: fused qkv / gate_up checkpoint tensors, a sliding window.
+    "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, **tiny(sliding_window=8)),
+    # Phi-3 128k / Phi-4-mini: LongRoPE. transformers takes short_factor for a sequence of up to
+    # original_max_position_embeddings tokens, long_factor past it (for every position, the
+    # cache recomputed on crossing); the engine picks by its context length. Here the context and
+    # every sequence stay within the original length: short factors, partial rotary, a tied head.
+    "phi3-longrope-short": hf_case(
+        _t("Phi3Config"), _t("Phi3ForCausalLM"), engine={"context_length": 128},
+        **tiny(original_max_position_embeddings=128, partial_rotary_factor=0.75, tie_word_embeddings=True,
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6, 3.5, 5.0],
+                             "long_factor": [1.5, 3.0, 6.0, 12.0, 20.0, 40.0]})),
+    # ... and every sequence past the original length (2 tokens): long factors for all of them.
+    "phi3-longrope-long": hf_case(
+        _t("Phi3Config"), _t("Phi3ForCausalLM"),
+        **tiny(original_max_position_embeddings=2,
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                             "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]})),
+    # StarCoder 1: multi-query attention, learned positions, a tied head, tanh GELU.
+    "gpt-bigcode-mqa": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"), **BIGCODE_TINY),
+    # Multi-head GPTBigCode: per-head fused c_attn rows, no 1/sqrt(d) scale, an untied head, n_inner,
+    # another activation (exact and tanh GELU give the same greedy tokens) and a larger eps.
+    "gpt-bigcode-mha": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"),
+                               **{**BIGCODE_TINY, "multi_query": False, "scale_attn_weights": False,
+                                  "tie_word_embeddings": False, "n_inner": 96, "activation_function": "relu",
+                                  "layer_norm_epsilon": 1e-2}),
 }

@@ -18,6 +18,7 @@ from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
+    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     TPGroup,
@@ -92,6 +93,34 @@ def test_gate_up_per_part_and_fused_load_each_ranks_rows(tp):
         for layer in (per_part, fused):
             assert torch.equal(layer.weight, torch.cat([rows(gate, rank, tp), rows(up, rank, tp)]))
             assert torch.equal(layer.bias, torch.cat([rows(gate_b, rank, tp), rows(up_b, rank, tp)]))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_lm_head_bias_loads_each_ranks_vocab_rows(tp):
+    """An LM head's bias (Phi-2's) is split by vocabulary rows as its weight is; 10 rows over 3
+    ranks leave the last rank 2 padding rows, which stay zero (their logits are cut off)."""
+    torch.manual_seed(6)
+    vocab = 10
+    weight, bias = torch.randn(vocab, HIDDEN), torch.randn(vocab)
+    per_rank = -(-vocab // tp)
+    for rank in range(tp):
+        head = ParallelLMHead(vocab, HIDDEN, group(rank, tp), bias=True)
+        head.weight.weight_loader(head.weight, weight)
+        head.bias.weight_loader(head.bias, bias)
+        own = slice(rank * per_rank, (rank + 1) * per_rank)
+        real = len(bias[own])
+        assert torch.equal(head.weight[:real], weight[own]) and torch.equal(head.bias[:real], bias[own]), (rank, tp)
+        assert not head.bias[real:].any() and head.bias.shape == (per_rank,)
+
+
+def test_lm_head_bias_is_added_to_the_logits():
+    torch.manual_seed(7)
+    weight, bias, hidden = torch.randn(10, HIDDEN), torch.randn(10), torch.randn(3, HIDDEN)
+    head = ParallelLMHead(10, HIDDEN, bias=True)
+    head.weight.weight_loader(head.weight, weight)
+    head.bias.weight_loader(head.bias, bias)
+    assert torch.allclose(head.project(hidden), hidden @ weight.T + bias, atol=1e-5)
+    assert ParallelLMHead(10, HIDDEN).bias is None
 
 
 def test_fused_names_load_through_load_by_name():

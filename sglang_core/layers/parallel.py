@@ -305,6 +305,7 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = -(-vocab_size // tp.size)  # ceil: the last rank's table is padded
         self.start = tp.rank * self.rows
         self.weight = weight_param(torch.zeros(self.rows, hidden_size, dtype=params_dtype), self.weight_loader)
+        self.bias: nn.Parameter | None = None  # what ``project`` adds to the logits: an LM head's (below)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
         piece = loaded[self.start : self.start + self.rows]
@@ -321,9 +322,16 @@ class VocabParallelEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Use the table as an output projection: vocabulary logits of ``hidden``."""
-        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight))
+        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight, self.bias))
         return logits[..., : self.vocab_size]
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """An untied output projection (``project``), split by vocabulary rows like the embedding."""
+    """An untied output projection (``project``), split by vocabulary rows like the embedding;
+    ``bias``: one entry per vocabulary row, split alike (Phi-2's and GPT-J's heads)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE,
+                 params_dtype: torch.dtype = torch.float32, bias: bool = False):
+        super().__init__(vocab_size, hidden_size, tp, params_dtype)
+        self.bias = (weight_param(torch.zeros(self.rows, dtype=params_dtype), self.weight_loader)
+                     if bias else None)

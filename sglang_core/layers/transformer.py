@@ -264,14 +264,23 @@ class DecoderLM(nn.Module):
             (self.make_layer(config, ctx, i, rotary) for i in range(config.num_hidden_layers)),
             self.make_norm(config, ctx))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (self.model.embed_tokens if self.tied
-                        else ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype))
+        self.lm_head = self.make_lm_head(config, ctx)
         self.logit_scale, self.final_logit_softcap = 1.0, None
         self._renames = [(re.compile(pattern), repl) for pattern, repl in self.checkpoint_renames]
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
         """One cos/sin table shared by all layers (per layer it would cost GBs at 128k positions)."""
         return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position)
+
+    def make_lm_head(self, config, ctx: ModelContext, bias: bool = False) -> VocabParallelEmbedding:
+        """The output projection: the embedding table itself when tied. A ``bias`` (Phi-2) is the
+        head's own parameter, also when the head shares the table."""
+        if self.tied and not bias:
+            return self.model.embed_tokens
+        head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype, bias=bias)
+        if self.tied:
+            head.weight = self.model.embed_tokens.weight
+        return head
 
     def make_norm(self, config, ctx: ModelContext) -> nn.Module:
         """Each norm of the model: the layers' and the final one."""
@@ -315,7 +324,7 @@ class DecoderLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = load_by_name(params, ((self.rename(name), tensor) for name, tensor in weights),
                               self.stacked_params, ignore)
-        missing = {n for n in params if n not in loaded and not (self.tied and n.startswith("lm_head."))}
+        missing = {n for n in params if n not in loaded and not (self.tied and n == "lm_head.weight")}
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
 

@@ -63,28 +63,35 @@ def _reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list
     ids, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            out = model(torch.tensor([ids]))
+            out = model(torch.tensor([ids], device=next(model.parameters()).device))
             logits = getattr(out, "logits", out)[0, -1].float()
             ids.append(int(logits.argmax()))
             logprobs.append(torch.log_softmax(logits, dim=-1)[ids[-1]].item())
     return ids[len(prompt):], logprobs
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def served(request, tmp_path_factory):
-    case = CASES[request.param]
+def _build(name: str, folder) -> tuple[torch.nn.Module, list[list[int]]]:
+    """The case's reference model (float32, randomised, saved to ``folder`` as a checkpoint) and
+    its prompts: short, sharing a prefix, and one longer than a prefill chunk and any window."""
+    case = CASES[name]
     config, model = case.make()
     model = model.float().eval()
-    _randomize(model, seed=sorted(CASES).index(request.param))
-    folder = tmp_path_factory.mktemp(request.param)
+    _randomize(model, seed=sorted(CASES).index(name))
     _save(folder, config, model)
-    rng = random.Random(request.param)
+    rng = random.Random(name)
     vocab = config.vocab_size
     prefix = [rng.randrange(3, vocab) for _ in range(9)]
     longest = max(70, 3 * (case.window or 0))
     prompts = [[rng.randrange(3, vocab) for _ in range(3)], prefix + [rng.randrange(3, vocab) for _ in range(12)],
                prefix + [rng.randrange(3, vocab) for _ in range(36)], [rng.randrange(3, vocab) for _ in range(longest)]]
-    engine = Engine(str(folder), chunked_prefill_size=CHUNK, **case.engine)
+    return model, prompts
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def served(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    model, prompts = _build(request.param, folder)
+    engine = Engine(str(folder), chunked_prefill_size=CHUNK, **CASES[request.param].engine)
     yield model, engine, prompts
     engine.shutdown()
 
@@ -131,3 +138,21 @@ def test_logprobs_match_reference(served):
     got = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
     torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
     engine.check_memory()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu_triton_matches_reference(name: str, tmp_path) -> None:
+    """On a GPU, in float32: the Triton attention kernels, the fused layer kernels and CUDA graphs
+    give every family the reference's greedy tokens (the reference on the GPU too)."""
+    model, prompts = _build(name, tmp_path)
+    model = model.cuda()
+    with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend="triton",
+                chunked_prefill_size=CHUNK, cuda_graph_max_bs=8, **CASES[name].engine) as engine:
+        results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                      "max_new_tokens": NEW_TOKENS})
+        engine.check_memory()
+    for prompt, result in zip(prompts, results):
+        expected = _reference_greedy(model, prompt, NEW_TOKENS)[0]
+        assert result["output_ids"] == expected, f"prompt of {len(prompt)} tokens"

@@ -63,4 +63,20 @@ CASES: dict[str, ContractCase] = {
     # Yi: a Llama checkpoint with a large rope base and many KV-sharing heads.
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
+    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off.
+    "qwen2": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
+                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05)),
+    # With use_sliding_window, layers from max_window_layers on slide (here layer 1, not layer 0).
+    "qwen2-window-tied": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"), window=8,
+                                 **tiny(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                        tie_word_embeddings=True)),
+    # Qwen 3: per-head q/k norms, head_dim (32) not hidden_size / heads, YaRN as its long-context configs.
+    "qwen3": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"),
+                     **tiny(head_dim=32, rms_norm_eps=0.05,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
+                                             "original_max_position_embeddings": 64})),
+    # Explicit layer_types (sliding first, unlike max_window_layers' order), attention_bias, tied head.
+    "qwen3-bias-window": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"), window=8,
+                                 **tiny(attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,
+                                        sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
 }

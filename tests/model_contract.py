@@ -79,4 +79,10 @@ CASES: dict[str, ContractCase] = {
     "qwen3-bias-window": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"), window=8,
                                  **tiny(attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,
                                         sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    # StarCoder2 as released: biases everywhere, tied head, window on every layer, tanh GELU.
+    "starcoder2": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"), window=8,
+                          **tiny(sliding_window=8, norm_epsilon=0.05, rope_theta=100_000.0)),
+    "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
+                                        **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="gelu",
+                                               sliding_window=None)),
 }

@@ -85,4 +85,9 @@ CASES: dict[str, ContractCase] = {
     "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
                                         **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="gelu",
                                                sliding_window=None)),
+    # OLMo 2 as released: one KV head per query head, untied head, no biases.
+    "olmo2": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
+                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0)),
+    "olmo2-bias-gqa-tied": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
+                                   **tiny(attention_bias=True, tie_word_embeddings=True)),
 }

@@ -74,7 +74,7 @@ CASES: dict[str, ContractCase] = {
     "qwen3": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"),
                      **tiny(head_dim=32, rms_norm_eps=0.05,
                             rope_parameters={"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
-                                             "original_max_position_embeddings": 64})),
+                                             "original_max_position_embeddings": 128})),
     # Explicit layer_types (sliding first, unlike max_window_layers' order), attention_bias, tied head.
     "qwen3-bias-window": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"), window=8,
                                  **tiny(attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,

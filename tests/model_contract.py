@@ -82,8 +82,10 @@ CASES: dict[str, ContractCase] = {
     # StarCoder2 as released: biases everywhere, tied head, window on every layer, tanh GELU.
     "starcoder2": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"), window=8,
                           **tiny(sliding_window=8, norm_epsilon=0.05, rope_theta=100_000.0)),
+    # No biases, untied head, and a hidden_act unlike the released tanh GELU (erf GELU would differ too
+    # little to change a greedy token).
     "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
-                                        **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="gelu",
+                                        **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="silu",
                                                sliding_window=None)),
     # OLMo 2 as released: one KV head per query head, untied head, no biases.
     "olmo2": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),

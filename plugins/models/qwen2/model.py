@@ -29,7 +29,12 @@ def layer_window(config, layer_id: int) -> int | None:
     kind = config.layer_types[layer_id]
     if kind not in LAYER_TYPES:
         raise ValueError(f"layer_types: layer {layer_id} is {kind!r}; Qwen layers are one of {', '.join(LAYER_TYPES)}")
-    return config.sliding_window if kind == "sliding_attention" else None
+    if kind == "full_attention":
+        return None
+    if config.sliding_window is None:  # transformers drops it when use_sliding_window is off
+        raise ValueError(f"sliding_window: layer {layer_id} is a sliding_attention layer but the config has no "
+                         "sliding_window (is use_sliding_window false?)")
+    return config.sliding_window
 
 
 class Qwen2ForCausalLM(DecoderLM):

@@ -182,4 +182,33 @@ CASES: dict[str, ContractCase] = {
                                **{**BIGCODE_TINY, "multi_query": False, "scale_attn_weights": False,
                                   "tie_word_embeddings": False, "n_inner": 96, "activation_function": "relu",
                                   "layer_norm_epsilon": 1e-2}),
+    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off.
+    "qwen2": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
+                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05)),
+    # With use_sliding_window, layers from max_window_layers on slide (here layer 1, not layer 0).
+    "qwen2-window-tied": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"), window=8,
+                                 **tiny(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                        tie_word_embeddings=True)),
+    # Qwen 3: per-head q/k norms, head_dim (32) not hidden_size / heads, YaRN as its long-context configs.
+    "qwen3": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"),
+                     **tiny(head_dim=32, rms_norm_eps=0.05,
+                            rope_parameters={"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
+                                             "original_max_position_embeddings": 128})),
+    # Explicit layer_types (sliding first, unlike max_window_layers' order), attention_bias, tied head.
+    "qwen3-bias-window": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"), window=8,
+                                 **tiny(attention_bias=True, tie_word_embeddings=True, use_sliding_window=True,
+                                        sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    # StarCoder2 as released: biases everywhere, tied head, window on every layer, tanh GELU.
+    "starcoder2": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"), window=8,
+                          **tiny(sliding_window=8, norm_epsilon=0.05, rope_theta=100_000.0)),
+    # No biases, untied head, and a hidden_act unlike the released tanh GELU (erf GELU would differ too
+    # little to change a greedy token).
+    "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
+                                        **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="silu",
+                                               sliding_window=None)),
+    # OLMo 2 as released: one KV head per query head, untied head, no biases.
+    "olmo2": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
+                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0)),
+    "olmo2-bias-gqa-tied": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
+                                   **tiny(attention_bias=True, tie_word_embeddings=True)),
 }

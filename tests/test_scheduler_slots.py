@@ -148,6 +148,33 @@ def test_fail_all_mid_flight_frees_every_request_slot(tiny_llama):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_a_failing_prefill_ends_its_requests_and_frees_their_slots(tiny_llama, overlap: bool):
+    """The model raises during a prefill step (a plugin's bug): every request of that step, which
+    admission had already taken off the queue, ends with an error (so its caller is answered)
+    and gives back its slots; requests still queued are ended too, and the core serves on."""
+    core = make_core(tiny_llama, overlap=overlap, max_total_tokens=400, chunked_prefill_size=24)
+    for i, prompt in enumerate(prompts(5, 4, shared=0)):  # several whole prompts in the first step
+        add(core, f"r{i}", prompt, 10)
+    real_forward = core.runner.forward
+
+    def broken(step):
+        raise RuntimeError("a shape error in the model")
+
+    core.runner.forward = broken
+    outputs = core.step()
+    assert sorted(out.rid for out in outputs) == ["r0", "r1", "r2", "r3"]
+    assert all(out.finished_reason["type"] == "abort" and "shape error" in out.finished_reason["message"]
+               for out in outputs)
+    assert not core.has_work()
+    owners(core)
+    core.scheduler.check_memory()
+    core.runner.forward = real_forward
+    add(core, "after", prompts(6, 1)[0], 5)
+    step_until(core, lambda: not core.has_work())
+    core.scheduler.check_memory()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
 def test_retraction_when_the_pool_runs_out(tiny_llama, overlap: bool):
     """A pool too small for every admitted request's output: before a decode step the newest
     running requests are retracted; each gives back every slot and its row, keeps its output,

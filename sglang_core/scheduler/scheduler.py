@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Req | None = None  # the one request part-way through a chunked prefill
+        self.extending: list[Req] = []  # the requests of the extend step now running
         # Set when waiting requests could not be admitted; cleared by anything that may change
         # that (an arrival, a finish). While set, waiting requests do not stop overlapped decode.
         self._admission_blocked = False
@@ -89,6 +90,7 @@ class Scheduler:
         """End every request after an internal error, caching none of their KV."""
         self.overlap.in_flight = None
         reqs = list(self._all_requests())
+        self.extending = []
         for req in reqs:
             self._finish(req, {"type": "abort", "message": message}, cache=False)
         return reqs
@@ -97,7 +99,9 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked or self.overlap.in_flight)
 
     def _all_requests(self) -> list[Req]:
-        return self.waiting + self.running + ([self.chunked] if self.chunked else [])
+        reqs = self.waiting + self.running + ([self.chunked] if self.chunked else [])
+        queued = set(map(id, reqs))
+        return reqs + [r for r in self.extending if id(r) not in queued and not r.finished]
 
     def _finish(self, req: Req, reason: dict, cache: bool = True) -> None:
         req.finished_reason = reason
@@ -166,7 +170,11 @@ class Scheduler:
 
     def _run_extend(self, chunks: list[Chunk]) -> list[Req]:
         present = set(map(id, self.running))  # jump-forward and mixed steps extend running requests
+        # Admission took these off the queue; while their step runs they are in no queue, and an
+        # error in it must still find them (fail_all) to answer their callers and free their KV.
+        self.extending = [chunk.req for chunk in chunks]
         finals, prefilled = self.batches.run_extend(chunks, present)
+        self.extending = []
         self.running += [req for req in finals if not req.finished and id(req) not in present]
         for req in prefilled:
             self._finish(req, {"type": "length", "length": 0})

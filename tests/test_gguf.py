@@ -321,17 +321,3 @@ def test_truncated_gguf_raises_value_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-5000])  # header intact, tensor data cut short
     with pytest.raises(ValueError, match=re.escape(str(path))):
         streamed(path)
-
-
-def test_non_llama_architecture_raises(tmp_path):
-    path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*'qwen2'.*not supported"):
-        write_gguf_folder(path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from gguf_writer import llama_cpp_permute, tokenizer_metadata
 from sglang_core.weights import gguf_convert
 from sglang_core.weights.default_model import find_default_gguf, gguf_to_cached_folder
 from sglang_core.weights.gguf_convert import GGUF_LINK, write_gguf_folder
@@ -161,11 +162,6 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64}
 
 
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf's q/k permutation (rotate-half -> interleaved rope rows)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _llama3_rope_factors() -> np.ndarray:
     """Per-frequency divisors as llama.cpp writes them for a Llama 3.1 rope config."""
     old, low, high, factor = (LLAMA3[k] for k in ("original_max_position_embeddings", "low_freq_factor",
@@ -181,26 +177,6 @@ def _llama3_rope_factors() -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
-
-
-def _tokenizer_metadata(writer: gguf.GGUFWriter) -> int:
-    """A byte-level BPE vocabulary (4 specials, 256 bytes, one merge); returns its size."""
-    from tokenizers import pre_tokenizers
-
-    specials = ["<unk>", "<s>", "</s>", "<|eot|>"]
-    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["he"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(specials)
-                           + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials)))
-    writer.add_token_merges(["h e"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_eot_token_id(3)
-    writer.add_unk_token_id(0)
-    writer.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
-    return len(tokens)
 
 
 def _write_tiny_gguf(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
@@ -219,7 +195,7 @@ def _write_tiny_gguf(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
     writer.add_rope_dimension_count(HEAD_DIM)
     writer.add_rope_freq_base(THETA)
     writer.add_layer_norm_rms_eps(1e-5)
-    vocab = _tokenizer_metadata(writer)
+    vocab = tokenizer_metadata(writer)
     writer.add_vocab_size(vocab)
 
     originals: dict[str, np.ndarray] = {}
@@ -228,7 +204,7 @@ def _write_tiny_gguf(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
             permute_heads: int | None = None) -> None:
         w = (rng.standard_normal(shape) * (0.02 if len(shape) == 2 else 1.0)).astype(np.float32)
         originals[hf_name] = w
-        stored = _llama_cpp_permute(w, permute_heads) if permute_heads else w
+        stored = llama_cpp_permute(w, permute_heads) if permute_heads else w
         if qtype == gguf.GGMLQuantizationType.Q8_0:
             writer.add_tensor(gguf_name, gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
         else:
@@ -321,17 +297,3 @@ def test_truncated_gguf_raises_value_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-5000])  # header intact, tensor data cut short
     with pytest.raises(ValueError, match=re.escape(str(path))):
         streamed(path)
-
-
-def test_non_llama_architecture_raises(tmp_path):
-    path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*'qwen2'.*not supported"):
-        write_gguf_folder(path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Write a llama GGUF file's metadata as a Hugging Face folder: config.json,
+"""Write a GGUF file's metadata as a Hugging Face folder: config.json,
 generation_config.json and the tokenizer, beside a link to the file itself (``model.gguf``).
 
 The weights stay in the GGUF: the ``gguf`` weight format (``plugins/weights/gguf``) streams them
@@ -16,31 +16,34 @@ from typing import Any
 
 import numpy as np
 
+from sglang_core.weights.gguf_architectures import GGUFMetadata, architecture_of
+
 # The link to the GGUF inside a written folder: the folder is then a model path of its own, and
 # transformers loads it with ``from_pretrained(folder, gguf_file=GGUF_LINK)``.
 GGUF_LINK = "model.gguf"
 
 
 def write_gguf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir`` as a ``LlamaForCausalLM`` config folder for ``gguf_path``.
+    """Write ``out_dir`` as the Hugging Face config folder for ``gguf_path`` (its architecture's entry in
+    ``gguf_architectures.ARCHITECTURES`` says which model and which fields).
 
     The folder is built under a temporary name beside ``out_dir`` and renamed into place at the end,
     so ``out_dir`` either does not exist or is complete. Raises ``ValueError`` for a file that is not a
-    readable llama GGUF.
+    readable GGUF of a supported architecture.
     """
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder")
-    reader = open_gguf(gguf_path)
-    config = _build_config(reader, gguf_path)
+    meta = GGUFMetadata(open_gguf(gguf_path), gguf_path)
+    config = _build_config(meta)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would outlive the rename; mkdir honours the umask.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_tokenizer(reader, gguf_path, tmp)
+        _write_tokenizer(meta, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(reader), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(meta), indent=2) + "\n")
         (tmp / GGUF_LINK).symlink_to(gguf_path)
         os.replace(tmp, out_dir)
     except BaseException:
@@ -61,80 +64,46 @@ def open_gguf(path: Path):
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
 
 
-def gguf_field(reader, key: str, default: Any = None) -> Any:
-    """A metadata value of an open GGUF (``"llama.block_count"``), or ``default``."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _build_config(reader, path: Path) -> dict[str, Any]:
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    if gguf_field(reader, "llama.expert_count", 0):
-        raise ValueError(f"{path}: mixture-of-experts llama GGUFs are not supported")
-
-    def need(key: str) -> Any:
-        value = gguf_field(reader, f"llama.{key}")
-        if value is None:
-            raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
-        return value
-
-    hidden, heads = need("embedding_length"), need("attention.head_count")
-    head_dim = gguf_field(reader, "llama.attention.key_length") or gguf_field(reader, "llama.rope.dimension_count") \
-        or hidden // heads
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    tensor_names = {t.name for t in reader.tensors}
-    theta = float(gguf_field(reader, "llama.rope.freq_base", 10000.0))
+def _build_config(meta: GGUFMetadata) -> dict[str, Any]:
+    arch = architecture_of(meta)
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": gguf_field(reader, "llama.vocab_size") or (len(tokens) if tokens else None),
-        "hidden_size": hidden,
-        "intermediate_size": need("feed_forward_length"),
-        "num_hidden_layers": need("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": gguf_field(reader, "llama.attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": need("context_length"),
-        "rms_norm_eps": float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": theta,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": False,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+        "architectures": [arch.hf_architecture],
+        "model_type": arch.model_type,
+        **arch.config(meta),
+        "bos_token_id": meta.field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.field("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.field("tokenizer.ggml.padding_token_id"),
         # The weights stream dequantized to float32. transformers >= 4.56 reads "dtype", older "torch_dtype".
         "torch_dtype": "float32",
         "dtype": "float32",
     }
-    if (scaling := _rope_scaling(reader, path, theta, head_dim)) is not None:
-        config["rope_scaling"] = scaling
-    if config["vocab_size"] is None:
-        raise ValueError(f"{path}: GGUF metadata gives no vocabulary size")
+    if "rope_scaling" not in config:  # an architecture may carry its own (Phi-3's LongRoPE)
+        rotary_dim = round(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
+        if (scaling := _rope_scaling(meta, config["rope_theta"], rotary_dim)) is not None:
+            config["rope_scaling"] = scaling
     return config
 
 
-def _rope_scaling(reader, path: Path, theta: float, head_dim: int) -> dict[str, Any] | None:
-    kind = gguf_field(reader, "llama.rope.scaling.type", "none")
-    factor = gguf_field(reader, "llama.rope.scaling.factor")
+def _rope_scaling(meta: GGUFMetadata, theta: float, rotary_dim: int) -> dict[str, Any] | None:
+    path = meta.path
+    kind = meta.get("rope.scaling.type", "none")
+    factor = meta.get("rope.scaling.factor")
     if kind in ("linear", "yarn") and factor is None:
-        raise ValueError(f"{path}: rope scaling type {kind!r} without llama.rope.scaling.factor")
+        raise ValueError(f"{path}: rope scaling type {kind!r} without {meta.arch}.rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
         scaling = {"rope_type": "yarn", "factor": float(factor)}
         for key, hf_key in (("original_context_length", "original_max_position_embeddings"),
                             ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if (value := gguf_field(reader, f"llama.rope.scaling.{key}")) is not None:
+            if (value := meta.get(f"rope.scaling.{key}")) is not None:
                 scaling[hf_key] = value
         return scaling
     if kind != "none":
         raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (linear, yarn, or llama3 rope_freqs)")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    return None if freqs is None else _llama3_scaling(np.asarray(freqs.data, np.float64), path, theta, head_dim)
+    if not meta.has("rope_freqs.weight"):
+        return None
+    return _llama3_scaling(meta.values("rope_freqs.weight"), path, theta, rotary_dim)
 
 
 def _llama3_scaling(factors: np.ndarray, path: Path, theta: float, head_dim: int) -> dict[str, Any] | None:
@@ -166,33 +135,34 @@ def _llama3_scaling(factors: np.ndarray, path: Path, theta: float, head_dim: int
     return scaling
 
 
-def _write_tokenizer(reader, path: Path, out: Path) -> None:
+def _write_tokenizer(meta: GGUFMetadata, out: Path) -> None:
     """Save the GGUF's tokenizer through transformers' GGUF support, pinning bos/eos and the template."""
     from transformers import AutoTokenizer
 
-    if gguf_field(reader, "tokenizer.ggml.model") is None:
+    path = meta.path
+    if meta.field("tokenizer.ggml.model") is None:
         raise ValueError(f"{path}: GGUF file has no tokenizer metadata")
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot build a tokenizer from the GGUF metadata: {exc}") from exc
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    tokens = meta.field("tokenizer.ggml.tokens")
     for attr in ("bos", "eos"):
-        token_id = gguf_field(reader, f"tokenizer.ggml.{attr}_token_id")
+        token_id = meta.field(f"tokenizer.ggml.{attr}_token_id")
         if token_id is not None and getattr(tok, f"{attr}_token_id") != token_id:
             setattr(tok, f"{attr}_token", tokens[token_id])
-    template = gguf_field(reader, "tokenizer.chat_template")
+    template = meta.field("tokenizer.chat_template")
     if template and not tok.chat_template:
         tok.chat_template = template
     # Keep the template inside tokenizer_config.json, where every transformers version looks.
     tok.save_pretrained(str(out), save_jinja_files=False)
 
 
-def _generation_config(reader) -> dict[str, Any]:
+def _generation_config(meta: GGUFMetadata) -> dict[str, Any]:
     # Chat GGUFs often name an end-of-turn token apart from eos; generation should stop at either.
     eos = [i for key in ("eos", "eot", "eom")
-           if (i := gguf_field(reader, f"tokenizer.ggml.{key}_token_id")) is not None]
+           if (i := meta.field(f"tokenizer.ggml.{key}_token_id")) is not None]
     eos = list(dict.fromkeys(eos))
-    gen: dict[str, Any] = {"bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+    gen: dict[str, Any] = {"bos_token_id": meta.field("tokenizer.ggml.bos_token_id"),
                            "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     return {k: v for k, v in gen.items() if v is not None}

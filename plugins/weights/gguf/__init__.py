@@ -1,4 +1,4 @@
-"""Built-in weight format: a llama GGUF file (llama.cpp's format), its tensors dequantized as they are read."""
+"""Built-in weight format: a GGUF file (llama.cpp's format), its tensors dequantized as they are read."""
 
 from sglang_core.hookspecs import hookimpl
 

@@ -1,4 +1,7 @@
-"""Stream a llama GGUF's tensors under their Hugging Face names, dequantized one at a time.
+"""Stream a GGUF's tensors under their Hugging Face names, dequantized one at a time.
+
+Which names, and which fixes each tensor needs (llama.cpp's q/k permutation, Gemma's norm offset, ...),
+come from the file's architecture entry in ``sglang_core.weights.gguf_architectures``.
 
 The config and tokenizer come from the GGUF's metadata, written once into a cached folder
 (``sglang_core.weights.default_model.gguf_to_cached_folder``); the weights are read from the GGUF
@@ -16,20 +19,9 @@ import torch
 
 from sglang_core.weights.default_model import gguf_to_cached_folder
 from sglang_core.weights.format import WeightFormat
-from sglang_core.weights.gguf_convert import gguf_field, open_gguf
+from sglang_core.weights.gguf_architectures import GGUFArchitecture, GGUFMetadata, architecture_of
+from sglang_core.weights.gguf_convert import open_gguf
 
-# GGUF block tensor name -> Hugging Face module path inside model.layers.N.
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -45,20 +37,15 @@ class GGUFFormat(WeightFormat):
 
     def iter_weights(self, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         file = _gguf_file(path)
-        reader = open_gguf(file)
-        heads = gguf_field(reader, "llama.attention.head_count")
-        kv_heads = gguf_field(reader, "llama.attention.head_count_kv", heads)
-        for tensor in reader.tensors:
-            name = _hf_name(tensor.name, file)
+        meta = GGUFMetadata(open_gguf(file), file)
+        arch = architecture_of(meta)
+        for tensor in meta.tensors.values():
+            name = _hf_name(tensor.name, arch, meta)
             if name is None:
                 continue
-            data = _dequantize(tensor, file)
-            if ".self_attn.q_proj." in name:
-                data = _unpermute(data, heads)
-            elif ".self_attn.k_proj." in name:
-                data = _unpermute(data, kv_heads)
-            # F32 data is a read-only view of the mapped file; torch needs a writable array.
-            yield name, torch.from_numpy(np.require(data, np.float32, ["C", "W"]))
+            for hf_name, data in arch.fix_tensor(name, _dequantize(tensor, file), meta):
+                # F32 data is a read-only view of the mapped file; torch needs a writable array.
+                yield hf_name, torch.from_numpy(np.require(data, np.float32, ["C", "W"]))
 
 
 def _gguf_file(path: Path) -> Path:
@@ -70,26 +57,17 @@ def _gguf_file(path: Path) -> Path:
     return found[0]
 
 
-def _hf_name(gguf_name: str, path: Path) -> str | None:
+def _hf_name(gguf_name: str, arch: GGUFArchitecture, meta: GGUFMetadata) -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for one that the config replaces."""
-    if gguf_name == "rope_freqs.weight":
-        return None  # carried by config.rope_scaling
     stem, _, kind = gguf_name.rpartition(".")
+    if stem in arch.config_tensors:
+        return None
     if stem in _GLOBAL_TENSORS and kind in ("weight", "bias"):
         return f"{_GLOBAL_TENSORS[stem]}.{kind}"
     match = _BLOCK_RE.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
-    raise ValueError(f"{path}: tensor {gguf_name!r} has no llama equivalent")
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (it interleaves each head's two rotary halves).
-
-    llama.cpp: ``w.reshape(n_head, 2, d // n_head // 2, ...).swapaxes(1, 2)``; this is its inverse.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    if match and match[2] in arch.block_tensors:
+        return f"model.layers.{match[1]}.{arch.block_tensors[match[2]]}.{match[3]}"
+    raise ValueError(f"{meta.path}: tensor {gguf_name!r} has no {arch.hf_architecture} equivalent")
 
 
 def _dequantize(tensor, path: Path) -> np.ndarray:

@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma
                           LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig, Starcoder2Config)
 
 from gguf_writer import F16, F32, Q8_0, VOCAB_SIZE, write_gguf
+from sglang_core.engine import Engine
 from sglang_core.weights.gguf_architectures import ARCHITECTURES
 from sglang_core.weights.gguf_convert import write_gguf_folder
 from sglang_plugins.weights.gguf.format import GGUFFormat
@@ -250,3 +251,23 @@ def test_missing_required_key_is_named(tmp_path):
                        **{"attention.head_count": 2})
     with pytest.raises(ValueError, match=r"lacks gemma2\.attention\.layer_norm_rms_epsilon"):
         write_gguf_folder(path, tmp_path / "out")
+
+
+def test_engine_serves_the_gguf_as_the_model_computes(case):
+    """End to end: the engine, given the GGUF file, picks the architecture's model plugin and
+    generates the greedy tokens of the HF model holding the same (stored) weights, for a batch
+    of prompts past the sliding windows and prefill chunks."""
+    ref = type(case["model"])(case["model"].config).eval()
+    ref.load_state_dict(case["streamed"], strict=False)
+    rng = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=rng).tolist() for n in (3, 17, 30)]
+    with Engine(str(case["folder"].parent / "model.gguf"), chunked_prefill_size=8) as engine:
+        results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                      "max_new_tokens": 6})
+        engine.check_memory()
+    for prompt, result in zip(prompts, results):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert result["output_ids"] == ids[len(prompt):], f"prompt of {len(prompt)} tokens"

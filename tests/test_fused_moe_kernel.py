@@ -138,10 +138,11 @@ def test_launch_config_takes_the_nearest_tuned_batch(tmp_path) -> None:
     assert chosen(1, experts=16) == moe.default_config(1, 2, 16)  # nor for 16 experts
 
 
-def test_a_bad_tuned_config_names_its_field(tmp_path) -> None:
-    name = write_configs(tmp_path, {"1": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, GROUP_M=1, num_warps=4,
-                                              num_stages=4)})
-    with pytest.raises(ValueError, match=f"{name}: batch 1: BLOCK_K"):
+@pytest.mark.parametrize("field,value", [("BLOCK_K", 0), ("BLOCK_N", 48), ("BLOCK_M", 8), ("num_warps", "4")])
+def test_a_bad_tuned_config_names_its_field(tmp_path, field: str, value) -> None:
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+    name = write_configs(tmp_path, {"1": {**config, field: value}})
+    with pytest.raises(ValueError, match=f"{name}: batch 1: {field}"):
         moe.launch_config(1, 2, 8, 96, torch.bfloat16, "NVIDIA_H100_80GB_HBM3", tmp_path)
 
 

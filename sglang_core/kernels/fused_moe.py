@@ -168,7 +168,8 @@ def config_file_name(num_experts: int, intermediate: int, dtype: torch.dtype, de
 @functools.lru_cache(maxsize=None)
 def load_configs(path: Path) -> dict[int, dict] | None:
     """A tuned file's configs by batch size, each checked to hold every field of ``CONFIG_FIELDS``
-    as a positive int; ``None`` without a file."""
+    as a positive int, the tile sizes powers of two of at least 16 (``tl.dot``'s least);
+    ``None`` without a file."""
     if not path.is_file():
         return None
     table = {}
@@ -177,6 +178,8 @@ def load_configs(path: Path) -> dict[int, dict] | None:
             value = config.get(field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{path.name}: batch {batch}: {field} must be a positive int, not {value!r}")
+            if field.startswith("BLOCK_") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{path.name}: batch {batch}: {field} must be a power of two >= 16, not {value}")
         table[int(batch)] = {field: config[field] for field in CONFIG_FIELDS}
     return table
 
@@ -226,7 +229,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
     # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.
-    upcast = hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
     act = torch.empty(pairs, inter, dtype=hidden.dtype, device=hidden.device)
     _gate_up_kernel[(num_blocks * triton.cdiv(inter, block_n),)](
         hidden, w13, sorted_pairs, block_expert, act, pairs, num_blocks, inter, hidden_size,

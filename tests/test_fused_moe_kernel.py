@@ -152,6 +152,8 @@ def test_fused_moe_refuses_bad_arguments() -> None:
         moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation="relu")
     with pytest.raises(ValueError, match="w2"):
         moe.fused_moe(hidden, w13, w2[:, :, :-1], topk_weights, topk_ids)
+    with pytest.raises(ValueError, match="w13"):
+        moe.fused_moe(hidden, w13.half(), w2, topk_weights, topk_ids)
     with pytest.raises(ValueError, match="topk_weights"):
         moe.fused_moe(hidden, w13, w2, topk_weights[:2], topk_ids)
 

@@ -211,6 +211,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     top_k = topk_ids.shape[1]
     if w13.shape[2] != hidden_size or w2.shape != (num_experts, hidden_size, inter):
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden_size}")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden's dtype {hidden.dtype}")
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != tokens:
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
                          f"must both be [{tokens}, k]")

@@ -1,0 +1,94 @@
+"""Time the fused MoE kernel (``sglang_core/kernels/fused_moe.py``) over a grid of tile configs at
+each batch size of one expert shape on this GPU, and write the fastest per batch to
+``sglang_core/kernels/moe_configs/``, the file ``launch_config`` reads for that shape.
+
+Every config is checked against the experts computed with torch matmuls before it is timed.
+
+    python benchmarks/tune_fused_moe.py --experts 128 --intermediate 768 --hidden 2048 --top-k 8   # Qwen3-30B-A3B
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import triton
+
+from sglang_core.kernels import fused_moe as moe
+from sglang_core.kernels import pdl
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def candidates(tokens: int, top_k: int, experts: int) -> list[dict]:
+    """The grid, without blocks much taller than an expert's share of the pairs (all padding)."""
+    tallest = max(16, 2 * triton.next_power_of_2(max(1, tokens * top_k // experts)))
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
+            for m, n, k, g, w, s in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (1, 16), (4, 8), (3, 4))
+            if m <= tallest]
+
+
+def torch_experts(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """The routed experts in float32 with torch matmuls, one expert at a time."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for expert in topk_ids.unique().tolist():
+        token, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
+        gate, up = (hidden[token].float() @ w13[expert].float().T).chunk(2, dim=-1)
+        down = (torch.nn.functional.silu(gate) * up) @ w2[expert].float().T
+        out.index_add_(0, token, topk_weights[token, choice, None] * down)
+    return out
+
+
+def tune(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    hidden = torch.randn(tokens, args.hidden, dtype=dtype, device="cuda")
+    w13 = torch.randn(args.experts, 2 * args.intermediate, args.hidden, dtype=dtype, device="cuda") * 0.02
+    w2 = torch.randn(args.experts, args.hidden, args.intermediate, dtype=dtype, device="cuda") * 0.02
+    scores = torch.rand(tokens, args.experts, device="cuda")
+    topk_weights, topk_ids = scores.topk(args.top_k, dim=-1)  # distinct random experts per token
+    inputs = (hidden, w13, w2, topk_weights, topk_ids)
+    want = torch_experts(*inputs)
+    best, best_us = None, float("inf")
+    for config in candidates(tokens, args.top_k, args.experts):
+        try:
+            got = moe.fused_moe(*inputs, config=config).float()
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+            us = triton.testing.do_bench(lambda: moe.fused_moe(*inputs, config=config)) * 1000
+        except Exception as exc:  # a config that needs more shared memory than the GPU has, or is wrong
+            print(f"  {config}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        if us < best_us:
+            best, best_us = config, us
+    if best is None:
+        raise SystemExit(f"batch {tokens}: no config ran correctly")
+    default = moe.default_config(tokens, args.top_k, args.experts)
+    default_us = triton.testing.do_bench(lambda: moe.fused_moe(*inputs, config=default)) * 1000
+    print(f"batch {tokens:5d}: {best_us:8.1f} us with {best} (untuned: {default_us:8.1f} us)", flush=True)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, required=True)
+    parser.add_argument("--intermediate", type=int, required=True, help="one expert's intermediate size on a rank")
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    device = moe.device_name(torch.device("cuda"))
+    print(device, "torch", torch.__version__, "triton", triton.__version__)
+    path = moe.CONFIG_DIR / moe.config_file_name(args.experts, args.intermediate, dtype, device)
+    pdl.ENABLED = False  # each timed call stands alone
+    table = {str(tokens): tune(tokens, args, dtype) for tokens in args.batches}
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The routed experts of a mixture-of-experts block as two grouped GEMMs over tokens sorted by expert.
+
+Each token picks ``k`` experts; each (token, choice) pair needs ``down(act(gate) * up)`` of its
+expert. ``align_by_expert`` sorts the pairs by expert and pads each expert's run to a multiple
+of ``BLOCK_M``, so that every block of ``BLOCK_M`` sorted pairs belongs to one expert. The first
+kernel multiplies each block's hidden rows by its expert's gate and up rows (one tile of ``N``
+each) and applies the activation in its epilogue; the second multiplies those by the expert's
+down weight and scales each row by its routing weight. Each pair's row is then summed over its
+``k`` choices in float32 and rounded once. No atomics: each pair has its own output row.
+
+Nothing here reads a value back to the host, so a launch fits in a CUDA graph: the number of
+blocks is bounded from the shapes, and blocks past the last expert's run exit at once.
+
+Launch tile sizes come from ``moe_configs/*.json`` (written by ``benchmarks/tune_fused_moe.py``),
+one file per (experts, intermediate size, dtype, GPU), one entry per batch size; a shape without
+a file gets ``default_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_core.kernels.fused import _gelu
+from sglang_core.kernels.opaque import opaque_to_compiler
+from sglang_core.kernels.pdl import launch_options, pdl_enter
+
+CONFIG_DIR = Path(__file__).parent / "moe_configs"
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (flat index ``token * k + choice``) sorted by expert, each expert's run padded to a
+    multiple of ``block_m`` with the index ``T * k`` (no pair); and each block's expert, ``-1``
+    for the blocks past the last run. The sizes depend on the shapes only, not on the routing."""
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
+    # Each expert that has pairs pads at most block_m - 1 of them, and at most min(pairs, E) have any.
+    max_blocks = (pairs + min(pairs, num_experts) * (block_m - 1)) // block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat.long(), torch.ones(pairs, dtype=torch.int64, device=flat.device))
+    blocks = (counts + block_m - 1) // block_m
+    block_ends = torch.cumsum(blocks, 0)
+    order = torch.sort(flat, stable=True).indices
+    expert_of_sorted = flat[order].long()
+    rank_in_expert = torch.arange(pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert_of_sorted]
+    slot = (block_ends - blocks)[expert_of_sorted] * block_m + rank_in_expert
+    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs[slot] = order.to(torch.int32)
+    block_expert = torch.searchsorted(block_ends, torch.arange(max_blocks, device=flat.device), right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's block of sorted pairs and tile of ``N`` columns: its expert (int64, -1 for an
+    unused block), pair rows and columns with their masks. Programs walk ``GROUP_M`` blocks down
+    before moving to the next tile of columns, so neighbours share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_block = (pid // per_group) * GROUP_M
+    group_blocks = tl.minimum(num_blocks - first_block, GROUP_M)
+    block = first_block + (pid % per_group) % group_blocks
+    tile_n = (pid % per_group) // group_blocks
+    expert = tl.load(BlockExpert + block).to(tl.int64)
+    rows = tl.load(SortedPairs + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, rows < num_pairs, cols, cols < N
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``; with ``UPCAST`` of the operands in float32 (exact for 16-bit values)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gate_up_kernel(X, W13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks, inter, hidden,
+                    stride_xt, stride_we, stride_wn, stride_at,
+                    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """``Act[pair] = act(x W_gate^T) * (x W_up^T)`` for one block of pairs of one expert, one tile
+    of intermediate columns; ``x`` is the pair's token row."""
+    pdl_enter(USE_PDL)  # the block's expert comes from the align step, before any weight address
+    expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, inter,
+                                                     BLOCK_M, BLOCK_N, GROUP_M)
+    if expert < 0:
+        return
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = X + (rows // TOP_K)[:, None] * stride_xt + kk[None, :]
+    gate_ptrs = W13 + expert * stride_we + cols[None, :] * stride_wn + kk[:, None]
+    up_ptrs = gate_ptrs + inter * stride_wn  # each expert's up rows follow its gate rows
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = kk < hidden - k0
+        x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        gate = _dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), gate, PRECISION, UPCAST)
+        up = _dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), up, PRECISION, UPCAST)
+    # Rounded where the unfused path rounds: the projections, then the activation, to x's dtype.
+    gate = gate.to(X.dtype.element_ty).to(tl.float32)
+    up = up.to(X.dtype.element_ty).to(tl.float32)
+    if ACTIVATION == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    else:
+        act = _gelu(gate, ACTIVATION == "gelu_tanh")
+    act = act.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Act + rows[:, None] * stride_at + cols[None, :], (act * up).to(Act.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(Act, W2, SortedPairs, BlockExpert, TopkWeights, Out, num_pairs, num_blocks, hidden, inter,
+                 stride_at, stride_we, stride_wn, stride_ot,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+    """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
+    pdl_enter(USE_PDL)
+    expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,
+                                                     BLOCK_M, BLOCK_N, GROUP_M)
+    if expert < 0:
+        return
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = Act + rows[:, None] * stride_at + kk[None, :]
+    w_ptrs = W2 + expert * stride_we + cols[None, :] * stride_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = kk < inter - k0
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, PRECISION, UPCAST)
+    weight = tl.load(TopkWeights + rows, mask=row_ok, other=0.0)
+    tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc * weight[:, None],
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
+    """Tiles for a shape no tuned file covers: blocks about as tall as an expert's share of the
+    pairs (small batches waste little on padding), 64-wide tiles otherwise."""
+    per_expert = max(1, num_tokens * top_k // num_experts)
+    return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(per_expert))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8,
+                num_warps=4, num_stages=3)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name as config files spell it (``NVIDIA_H100_80GB_HBM3``); ``cpu`` off CUDA."""
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+
+
+def config_file_name(num_experts: int, intermediate: int, dtype: torch.dtype, device: str) -> str:
+    return f"E={num_experts},I={intermediate},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_configs(path: Path) -> dict[int, dict] | None:
+    """A tuned file's configs by batch size, each checked to hold every field of ``CONFIG_FIELDS``
+    as a positive int, the tile sizes powers of two of at least 16 (``tl.dot``'s least);
+    ``None`` without a file."""
+    if not path.is_file():
+        return None
+    table = {}
+    for batch, config in json.loads(path.read_text()).items():
+        for field in CONFIG_FIELDS:
+            value = config.get(field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{path.name}: batch {batch}: {field} must be a positive int, not {value!r}")
+            if field.startswith("BLOCK_") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{path.name}: batch {batch}: {field} must be a power of two >= 16, not {value}")
+        table[int(batch)] = {field: config[field] for field in CONFIG_FIELDS}
+    return table
+
+
+def launch_config(num_tokens: int, top_k: int, num_experts: int, intermediate: int, dtype: torch.dtype,
+                  device: str, config_dir: Path = CONFIG_DIR) -> dict:
+    """The tuned config of the batch size nearest ``num_tokens`` for this shape, dtype and GPU, or
+    ``default_config``."""
+    table = load_configs(config_dir / config_file_name(num_experts, intermediate, dtype, device))
+    if not table:
+        return default_config(num_tokens, top_k, num_experts)
+    return table[min(table, key=lambda batch: abs(batch - num_tokens))]
+
+
+@opaque_to_compiler
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str = "silu", config: dict | None = None) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
+
+    hidden [T, H]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I];
+    topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E)); activation "silu", "gelu" or
+    "gelu_tanh". Result [T, H] in hidden's dtype; sums in float32. ``config`` overrides the tile
+    sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+    tokens, hidden_size = hidden.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    if w13.shape[2] != hidden_size or w2.shape != (num_experts, hidden_size, inter):
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden_size}")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden's dtype {hidden.dtype}")
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != tokens:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
+                         f"must both be [{tokens}, k]")
+    if tokens == 0:
+        return torch.zeros_like(hidden)
+    config = dict(config or launch_config(tokens, top_k, num_experts, inter, hidden.dtype,
+                                          device_name(hidden.device)))
+    block_m, block_n, block_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("BLOCK_K")
+    group_m = config.pop("GROUP_M")
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
+    pairs = tokens * top_k
+    sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    num_blocks = block_expert.numel()
+    # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
+    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.
+    upcast = hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+    act = torch.empty(pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    _gate_up_kernel[(num_blocks * triton.cdiv(inter, block_n),)](
+        hidden, w13, sorted_pairs, block_expert, act, pairs, num_blocks, inter, hidden_size,
+        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, ACTIVATION=activation, PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m, **config, **launch_options(hidden))
+    out = torch.empty(pairs, hidden_size, dtype=torch.float32, device=hidden.device)
+    _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
+        act, w2, sorted_pairs, block_expert, topk_weights.reshape(-1).float(), out, pairs, num_blocks,
+        hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        **config, **launch_options(hidden))
+    return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)

@@ -1,0 +1,177 @@
+"""The fused MoE kernel (``sglang_core/kernels/fused_moe.py``) against experts written out in float64.
+
+On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py), so
+shapes are tiny and tiles 16 wide: hidden and intermediate sizes that are not multiples of a
+tile, several K tiles, blocks of several experts, experts that no token picks. With a GPU the
+same tests run the compiled kernels on CUDA tensors, and one more at a real model's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # in the test extra; absent only outside CI
+from sglang_core.kernels import fused_moe as moe  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+# float32 against float64; 16-bit: the projections, the activation and the result each rounded once.
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+             torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str) -> torch.Tensor:
+    """Each (token, choice) through its expert's gated MLP in float64, weighted and summed."""
+    inter = w2.shape[2]
+    out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for token in range(hidden.shape[0]):
+        x = hidden[token].double()
+        for weight, expert in zip(topk_weights[token].tolist(), topk_ids[token].tolist()):
+            projected = w13[expert].double() @ x
+            gate, up = projected[:inter], projected[inter:]
+            if activation == "silu":
+                act = gate * torch.sigmoid(gate)
+            else:
+                act = torch.nn.functional.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
+            out[token] += weight * (w2[expert].double() @ (act * up))
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    experts: int
+    top_k: int
+    tokens: int
+    dtype: torch.dtype
+    activation: str = "silu"
+    unused_experts: tuple[int, ...] = ()  # no token picks these
+    hidden: int = 40  # two full K tiles of 16 and a partial one
+    inter: int = 24  # one full N tile of 16 and a partial one
+
+
+def routed(case: Case, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random inputs and weights, and each token's top-k: distinct experts from the used ones,
+    softmax-like positive weights that do not sum to one."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(case.tokens, case.hidden, generator=gen)
+    w13 = torch.randn(case.experts, 2 * case.inter, case.hidden, generator=gen) / case.hidden ** 0.5
+    w2 = torch.randn(case.experts, case.hidden, case.inter, generator=gen) / case.inter ** 0.5
+    used = torch.tensor([e for e in range(case.experts) if e not in case.unused_experts])
+    topk_ids = torch.stack([used[torch.randperm(len(used), generator=gen)[:case.top_k]]
+                            for _ in range(case.tokens)])
+    topk_weights = torch.rand(case.tokens, case.top_k, generator=gen) + 0.1
+    cast = dict(dtype=case.dtype, device=DEVICE)
+    return (hidden.to(**cast), w13.to(**cast), w2.to(**cast), topk_weights.to(DEVICE),
+            topk_ids.to(torch.int32).to(DEVICE))
+
+
+CASES = [
+    Case(experts=1, top_k=1, tokens=5, dtype=torch.float32),
+    Case(experts=3, top_k=2, tokens=17, dtype=torch.float32, activation="gelu"),
+    Case(experts=8, top_k=3, tokens=17, dtype=torch.float32, activation="gelu_tanh", unused_experts=(0, 5, 6)),
+    Case(experts=8, top_k=2, tokens=1, dtype=torch.bfloat16),
+    Case(experts=3, top_k=3, tokens=5, dtype=torch.float16, activation="gelu"),
+    Case(experts=8, top_k=2, tokens=17, dtype=torch.bfloat16, unused_experts=(3,)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"E{c.experts}k{c.top_k}T{c.tokens}-{c.dtype}-{c.activation}")
+def test_fused_moe_matches_float64_experts(case: Case) -> None:
+    hidden, w13, w2, topk_weights, topk_ids = routed(case, seed=case.experts * 100 + case.tokens)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=case.activation, config=SMALL_TILES)
+    assert got.dtype == case.dtype and got.shape == hidden.shape
+    expected = reference(hidden, w13, w2, topk_weights, topk_ids, case.activation)
+    torch.testing.assert_close(got.double(), expected, **TOLERANCE[case.dtype])
+
+
+def test_fused_moe_default_tiles() -> None:
+    """The launch that ``launch_config`` chooses without a tuned file (64-wide tiles: one K tile
+    and one N tile here), with top-k ids in int64 as torch.topk gives them."""
+    case = Case(experts=4, top_k=2, tokens=9, dtype=torch.float32)
+    hidden, w13, w2, topk_weights, topk_ids = routed(case, seed=7)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids.long())
+    torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
+                               **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_by_expert_blocks_hold_one_expert_each(block_m: int) -> None:
+    topk_ids = torch.tensor([[2, 0], [2, 4], [0, 2], [4, 2], [2, 0]])  # expert 1 and 3 unused
+    sorted_pairs, block_expert = moe.align_by_expert(topk_ids, 5, block_m)
+    pairs = topk_ids.numel()
+    flat = topk_ids.reshape(-1)
+    assert sorted_pairs.numel() == block_expert.numel() * block_m
+    real = sorted_pairs[sorted_pairs < pairs]
+    assert sorted(real.tolist()) == list(range(pairs))  # every pair once
+    assert torch.all(sorted_pairs[sorted_pairs >= pairs] == pairs)  # padding is the no-pair index
+    blocks = sorted_pairs.view(-1, block_m)
+    counts = torch.bincount(flat, minlength=5)
+    used_blocks = int(((counts + block_m - 1) // block_m).sum())
+    assert torch.all(block_expert[used_blocks:] == -1) and torch.all(blocks[used_blocks:] == pairs)
+    for block, expert in zip(blocks[:used_blocks], block_expert[:used_blocks].tolist()):
+        members = block[block < pairs]
+        assert len(members) > 0 and torch.all(flat[members.long()] == expert)
+        assert torch.equal(members, members.sort().values)  # a token's order kept within its expert
+
+
+def write_configs(folder, table: dict) -> str:
+    name = moe.config_file_name(8, 96, torch.bfloat16, "NVIDIA_H100_80GB_HBM3")
+    (folder / name).write_text(json.dumps(table))
+    return name
+
+
+def test_launch_config_takes_the_nearest_tuned_batch(tmp_path) -> None:
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+    large = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3)
+    write_configs(tmp_path, {"1": small, "256": large})
+
+    def chosen(tokens: int, dtype=torch.bfloat16, experts: int = 8) -> dict:
+        return moe.launch_config(tokens, 2, experts, 96, dtype, "NVIDIA_H100_80GB_HBM3", tmp_path)
+
+    assert chosen(1) == small and chosen(100) == small and chosen(200) == large and chosen(4096) == large
+    assert chosen(1, torch.float16) == moe.default_config(1, 2, 8)  # no file for this dtype
+    assert chosen(1, experts=16) == moe.default_config(1, 2, 16)  # nor for 16 experts
+
+
+@pytest.mark.parametrize("field,value", [("BLOCK_K", 0), ("BLOCK_N", 48), ("BLOCK_M", 8), ("num_warps", "4")])
+def test_a_bad_tuned_config_names_its_field(tmp_path, field: str, value) -> None:
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+    name = write_configs(tmp_path, {"1": {**config, field: value}})
+    with pytest.raises(ValueError, match=f"{name}: batch 1: {field}"):
+        moe.launch_config(1, 2, 8, 96, torch.bfloat16, "NVIDIA_H100_80GB_HBM3", tmp_path)
+
+
+def test_fused_moe_refuses_bad_arguments() -> None:
+    hidden, w13, w2, topk_weights, topk_ids = routed(Case(experts=2, top_k=1, tokens=3, dtype=torch.float32), 0)
+    with pytest.raises(ValueError, match="activation"):
+        moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation="relu")
+    with pytest.raises(ValueError, match="w2"):
+        moe.fused_moe(hidden, w13, w2[:, :, :-1], topk_weights, topk_ids)
+    with pytest.raises(ValueError, match="w13"):
+        moe.fused_moe(hidden, w13.half(), w2, topk_weights, topk_ids)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe.fused_moe(hidden, w13, w2, topk_weights[:2], topk_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 33, 512])
+def test_fused_moe_at_mixtral_shapes_on_gpu(tokens: int) -> None:
+    """Mixtral-8x7B's experts at tp 8 (hidden 4096, intermediate 1792, top-2 of 8) in bfloat16,
+    with whatever tuned config this GPU has, against the float64 experts."""
+    case = Case(experts=8, top_k=2, tokens=tokens, dtype=torch.bfloat16, hidden=4096, inter=1792)
+    hidden, w13, w2, topk_weights, topk_ids = routed(case, seed=tokens)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+    expected = torch.zeros(hidden.shape, dtype=torch.float64, device=DEVICE)
+    for expert in range(case.experts):  # vectorised over tokens: the loop of `reference` is too slow here
+        token, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
+        projected = hidden[token].double() @ w13[expert].double().T
+        gate, up = projected[:, :case.inter], projected[:, case.inter:]
+        down = (gate * torch.sigmoid(gate) * up) @ w2[expert].double().T
+        expected.index_add_(0, token, topk_weights[token, choice].double()[:, None] * down)
+    torch.testing.assert_close(got.double(), expected, **TOLERANCE[torch.bfloat16])

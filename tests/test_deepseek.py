@@ -37,7 +37,8 @@ def _mtp_layer_tensors(config: dict) -> dict[str, torch.Tensor]:
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     return {p + "embed_tokens.weight": torch.randn(vocab, hidden), p + "enorm.weight": torch.ones(hidden),
             p + "hnorm.weight": torch.ones(hidden), p + "eh_proj.weight": torch.randn(hidden, 2 * hidden),
-            p + "shared_head.norm.weight": torch.ones(hidden), p + "shared_head.head.weight": torch.randn(vocab, hidden),
+            p + "shared_head.norm.weight": torch.ones(hidden),
+            p + "shared_head.head.weight": torch.randn(vocab, hidden),
             p + "self_attn.kv_a_proj_with_mqa.weight": torch.randn(40, hidden),
             p + "mlp.experts.0.gate_proj.weight": torch.randn(16, hidden),
             p + "mlp.gate.e_score_correction_bias": torch.zeros(8)}

@@ -236,9 +236,11 @@ CASES: dict[str, ContractCase] = {
                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                                 "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
                                 "mscale": 1.0, "mscale_all_dim": 1.0})),
-    # rope_interleave false: V3's rotary in "rotate half" layout; attention biases.
+    # rope_interleave false: V3's rotary in "rotate half" layout; attention biases, and an
+    # mlp_bias that V3's MLPs ignore.
     "deepseek-v3-rotate-half": hf_case(
         _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
         **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=40, kv_lora_rank=24,
-               qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True)),
+               qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
+               mlp_bias=True)),
 }

@@ -55,7 +55,7 @@ class DeepseekV2ForCausalLM(DecoderLM):
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         experts = getattr(config, "n_routed_experts", None)
-        first_dense = getattr(config, "first_k_dense_replace", 0)
+        first_dense = getattr(config, "first_k_dense_replace", None) or 0
         if experts is not None and layer_id >= first_dense:
             raise ValueError(f"first_k_dense_replace: layer {layer_id} is an MoE layer (first_k_dense_replace "
                              f"{first_dense} < num_hidden_layers {config.num_hidden_layers}, n_routed_experts "

@@ -211,4 +211,36 @@ CASES: dict[str, ContractCase] = {
                      **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0)),
     "olmo2-bias-gqa-tied": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
                                    **tiny(attention_bias=True, tie_word_embeddings=True)),
+    # DeepSeek-V2 with dense layers only (first_k_dense_replace = layers): MLA with a q LoRA, head
+    # widths all different (non-rotary 16, rotary 8, value 12) over a 32-wide latent, interleaved
+    # rotary; an rms_norm_eps that the latent norms (fixed 1e-6 in transformers) must not read.
+    "deepseek-v2": hf_case(_t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
+                           **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=48, kv_lora_rank=32,
+                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rms_norm_eps=0.05)),
+    # V2-Lite's one q_proj (no q LoRA), biases on q_a/kv_a/o and the MLP, a tied head, and YaRN
+    # with DeepSeek's mscale / mscale_all_dim (rotary and softmax scale both corrected).
+    "deepseek-v2-lite-yarn": hf_case(
+        _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=32,
+               qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20, attention_bias=True, mlp_bias=True,
+               tie_word_embeddings=True,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                "mscale": 1.0, "mscale_all_dim": 0.8})),
+    # DeepSeek-V3's attention (dense layers only), YaRN as its released config (mscale equal to
+    # mscale_all_dim: the rotary factor cancels, the softmax scale keeps mscale squared).
+    "deepseek-v3-yarn": hf_case(
+        _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=48, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_nextn_predict_layers=1,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                                "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # rope_interleave false: V3's rotary in "rotate half" layout; attention biases, and an
+    # mlp_bias that V3's MLPs ignore.
+    "deepseek-v3-rotate-half": hf_case(
+        _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=40, kv_lora_rank=24,
+               qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
+               mlp_bias=True)),
 }

@@ -1,0 +1,74 @@
+"""DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
+cases): the KV pool keeps one latent per token and layer, multi-token-prediction layers in a
+checkpoint are skipped, and configs with MoE layers are refused until the MoE layer is wired."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from model_contract import CASES
+from sglang_core.engine import Engine
+from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from test_model_contract import CHUNK, NEW_TOKENS, _build, _reference_greedy
+
+KV_BUDGET_GB = 1e-3
+
+
+@pytest.mark.parametrize("dtype, element_size", [("float32", 4), ("bfloat16", 2)])
+def test_kv_pool_holds_one_latent_per_token_and_layer(tmp_path, dtype: str, element_size: int) -> None:
+    """A token costs num_layers * (kv_lora_rank + qk_rope_head_dim) elements: no per-head keys or values."""
+    _build("deepseek-v2", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    latent = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    with Engine(str(tmp_path), device="cpu", dtype=dtype, kv_cache_memory_gb=KV_BUDGET_GB) as engine:
+        size = engine.memory_report()["kv_pool_size"]
+    assert size == int(KV_BUDGET_GB * 2**30) // (config["num_hidden_layers"] * latent * element_size)
+
+
+def _mtp_layer_tensors(config: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a DeepSeek-V3 multi-token-prediction layer, numbered after the decoder's layers."""
+    p = f"model.layers.{config['num_hidden_layers']}."
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    return {p + "embed_tokens.weight": torch.randn(vocab, hidden), p + "enorm.weight": torch.ones(hidden),
+            p + "hnorm.weight": torch.ones(hidden), p + "eh_proj.weight": torch.randn(hidden, 2 * hidden),
+            p + "shared_head.norm.weight": torch.ones(hidden),
+            p + "shared_head.head.weight": torch.randn(vocab, hidden),
+            p + "self_attn.kv_a_proj_with_mqa.weight": torch.randn(40, hidden),
+            p + "mlp.experts.0.gate_proj.weight": torch.randn(16, hidden),
+            p + "mlp.gate.e_score_correction_bias": torch.zeros(8)}
+
+
+def test_multi_token_prediction_weights_are_skipped(tmp_path) -> None:
+    """A checkpoint with an MTP layer (as DeepSeek-V3's layer 61) serves as the decoder alone."""
+    model, prompts = _build("deepseek-v3-yarn", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    mtp = _mtp_layer_tensors(config)
+    save_file(mtp, str(tmp_path / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    prompt = prompts[3]
+    with Engine(str(tmp_path), device="cpu", chunked_prefill_size=CHUNK) as engine:
+        result = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                    "max_new_tokens": NEW_TOKENS})
+    assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
+
+
+@pytest.mark.parametrize("config_cls, model_cls, fields", [
+    # V2's defaults: every layer MoE (first_k_dense_replace 0, 64 routed experts).
+    ("DeepseekV2Config", DeepseekV2ForCausalLM, {}),
+    # V3's: 3 dense layers, then MoE.
+    ("DeepseekV3Config", DeepseekV3ForCausalLM, {"num_hidden_layers": 4}),
+])
+def test_configs_with_moe_layers_are_refused(config_cls: str, model_cls, fields: dict) -> None:
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_hidden_layers=2)
+    config = getattr(transformers, config_cls)(**{**sizes, **fields})
+    with pytest.raises(ValueError, match="first_k_dense_replace"):
+        model_cls(config, ModelContext())

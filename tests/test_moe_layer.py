@@ -13,7 +13,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock, Qwen2MoeTopKRouter
 
 from sglang_core.layers.activation import gated_act_fn
-from sglang_core.layers.moe import MoE, experts_reference
+from sglang_core.layers.moe import MoE, experts_dense, experts_reference, run_experts
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.layers.transformer import QKV_GATE_UP, GatedMLP
@@ -123,20 +123,41 @@ def experts_float64(hidden, w13, w2, weights, ids, hidden_act: str) -> torch.Ten
     return out
 
 
-@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
-def test_experts_reference_matches_a_per_token_loop(hidden_act: str) -> None:
-    """Ids chosen so that expert 6 gets no token and expert 0 most; one token picks one expert twice
-    (weights add), as a fused kernel must accept too."""
+def routed_problem(device: str = "cpu"):
+    """Ids chosen so that expert 6 gets no token and expert 0 most; one token picks one expert
+    twice (weights add), as a fused kernel must accept too."""
     torch.manual_seed(7)
     inter = 24
     hidden = torch.randn(6, HIDDEN)
     w13, w2 = torch.randn(EXPERTS, 2 * inter, HIDDEN) * 0.2, torch.randn(EXPERTS, HIDDEN, inter) * 0.2
     ids = torch.tensor([[0, 3], [0, 7], [5, 0], [1, 2], [4, 4], [0, 2]])
     weights = torch.rand(6, 2)
-    got = experts_reference(hidden, w13, w2, weights, ids, gated_act_fn(hidden_act))
+    return [t.to(device) for t in (hidden, w13, w2, weights, ids)]
+
+
+@pytest.mark.parametrize("experts", [experts_reference, experts_dense])
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_experts_match_a_per_token_loop(experts, hidden_act: str) -> None:
+    hidden, w13, w2, weights, ids = routed_problem()
+    got = experts(hidden, w13, w2, weights, ids, gated_act_fn(hidden_act))
     assert got.dtype == hidden.dtype
     torch.testing.assert_close(got.double(), experts_float64(hidden, w13, w2, weights, ids, hidden_act),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_non_silu_experts_capture_in_a_cuda_graph() -> None:
+    """Experts without the fused kernel (a GELU gate) inside a CUDA graph, as decode runs them."""
+    hidden, w13, w2, weights, ids = routed_problem("cuda")
+    act = gated_act_fn("gelu_pytorch_tanh")
+    run_experts(hidden, w13, w2, weights, ids, act)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_experts(hidden, w13, w2, weights, ids, act)
+    graph.replay()
+    expected = experts_float64(*(t.cpu() for t in (hidden, w13, w2, weights, ids)), "gelu_pytorch_tanh")
+    torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def qwen2_moe_block(seed: int) -> tuple[Qwen2MoeSparseMoeBlock, transformers.Qwen2MoeConfig]:

@@ -3,7 +3,9 @@
 ``run_experts`` is the one seam the experts are computed through: on CUDA with a SiLU gate it is
 the fused Triton kernel (``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both
 take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and
-return ``[T, H]``, summing the weighted expert outputs in float32.
+return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
+runs the reference, or ``experts_dense`` while a CUDA graph is being captured (the reference
+reads each expert's token count on the host).
 
 Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 (``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
@@ -45,6 +47,21 @@ def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(hidden.dtype)
 
 
+def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """``experts_reference``'s sum computed by running every expert on every token, weighted by
+    the token's routing weight for it (0 where not chosen). It never reads routing results on the
+    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
+    act = act or SiluAndMul()
+    combine = torch.zeros(hidden.shape[0], w13.shape[0], dtype=torch.float32, device=hidden.device)
+    combine.scatter_add_(1, topk_ids, topk_weights.float())
+    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    for expert in range(w13.shape[0]):
+        y = act(hidden @ w13[expert].t()) @ w2[expert].t()
+        out += y.float() * combine[:, expert, None]
+    return out.to(hidden.dtype)
+
+
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """The routed experts' weighted sum: the fused kernel where it applies, else the reference."""
@@ -52,6 +69,8 @@ def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         from sglang_core.kernels.fused_moe import fused_moe
 
         return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return experts_dense(hidden, w13, w2, topk_weights, topk_ids, act)
     return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
 
 

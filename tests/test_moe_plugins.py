@@ -65,3 +65,14 @@ def test_released_checkpoint_names_load_like_transformers_names(name: str, tmp_p
         assert torch.equal(param, ours[param_name]), param_name
     assert torch.equal(from_state_dict.model.layers[-1].mlp.experts.w2_weight[3],
                        reference.model.layers[-1].mlp.experts.down_proj[3])
+
+
+@pytest.mark.parametrize("layer_types, field", [(["sliding_attention", "full_attention"], "sliding_window"),
+                                                (["chunked_attention", "full_attention"], "layer_types")])
+def test_qwen2_moe_refuses_layers_it_cannot_serve(layer_types: list[str], field: str) -> None:
+    """A sliding layer with the window off (transformers sets ``sliding_window`` to 0), a layer
+    kind Qwen2-MoE has no attention for: ValueErrors naming the field."""
+    config = CASES["qwen2-moe"].make()[0]
+    config.num_hidden_layers, config.layer_types = 2, layer_types
+    with pytest.raises(ValueError, match=field):
+        Qwen2MoeForCausalLM(config, ModelContext())

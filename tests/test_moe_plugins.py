@@ -70,9 +70,9 @@ def test_released_checkpoint_names_load_like_transformers_names(name: str, tmp_p
 @pytest.mark.parametrize("layer_types, field", [(["sliding_attention", "full_attention"], "sliding_window"),
                                                 (["chunked_attention", "full_attention"], "layer_types")])
 def test_qwen2_moe_refuses_layers_it_cannot_serve(layer_types: list[str], field: str) -> None:
-    """A sliding layer with the window off (transformers sets ``sliding_window`` to 0), a layer
-    kind Qwen2-MoE has no attention for: ValueErrors naming the field."""
+    """A sliding layer without a window (None: the engine's Attention would refuse 0, not None), a
+    layer kind Qwen2-MoE has no attention for: ValueErrors naming the field."""
     config = CASES["qwen2-moe"].make()[0]
-    config.num_hidden_layers, config.layer_types = 2, layer_types
+    config.num_hidden_layers, config.layer_types, config.sliding_window = 2, layer_types, None
     with pytest.raises(ValueError, match=field):
         Qwen2MoeForCausalLM(config, ModelContext())

@@ -220,3 +220,15 @@ def test_ranks_sum_to_the_whole_block(tp: int) -> None:
 def test_shared_expert_gate_without_a_shared_expert_is_an_error() -> None:
     with pytest.raises(ValueError, match="shared_expert_gate"):
         MoE(HIDDEN, EXPERTS, 16, Routing(2), shared_expert_gate=True)
+
+
+def test_float32_router_of_a_bfloat16_block_routes_as_deepseek_v3() -> None:
+    """DeepSeek keeps its router weight and logits in float32 in a bfloat16 model (``router_dtype``)."""
+    torch.manual_seed(5)
+    config = transformers.DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, num_experts_per_tok=2,
+                                           n_group=1, topk_group=1, routed_scaling_factor=1.5)
+    routing = Routing(2, scoring="sigmoid", renormalize=True, group_score="top2_sum", correction_bias=True,
+                      scaling_factor=1.5)
+    block = MoE(HIDDEN, EXPERTS, 16, routing, params_dtype=torch.bfloat16, router_dtype=torch.float32)
+    assert block.experts.w13_weight.dtype == torch.bfloat16
+    assert_same_routing(block.gate, DeepseekV3TopkRouter(config), torch.randn(TOKENS, HIDDEN).bfloat16())

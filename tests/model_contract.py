@@ -243,4 +243,37 @@ CASES: dict[str, ContractCase] = {
         **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=40, kv_lora_rank=24,
                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
                mlp_bias=True)),
+    # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
+    # expert gets tokens in a prefill and most get none in a decode step.
+    "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
+                       **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6)),
+    # A window on every layer, 3 of 6 experts, another gated activation, head_dim not hidden / heads, tied.
+    "mixtral-window-gelu-tied": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"), window=8,
+                                        **tiny(num_local_experts=6, num_experts_per_tok=3, intermediate_size=48,
+                                               sliding_window=8, hidden_act="gelu_pytorch_tanh", head_dim=32,
+                                               tie_word_embeddings=True)),
+    # Qwen1.5-MoE as released: q/k/v biases, shared expert with its sigmoid gate, top-k probabilities
+    # not renormalised; layer 1 listed in mlp_only_layers keeps a dense MLP.
+    "qwen2-moe": hf_case(_t("Qwen2MoeConfig"), _t("Qwen2MoeForCausalLM"),
+                         **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1])),
+    # decoder_sparse_step 2 (layer 1 sparse, layers 0 and 2 dense), renormalised top-4, no q/k/v
+    # biases, layers 0 and 2 sliding (use_sliding_window below max_window_layers), a tied head.
+    "qwen2-moe-step-window": hf_case(_t("Qwen2MoeConfig"), _t("Qwen2MoeForCausalLM"), window=8,
+                                     **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
+                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                            decoder_sparse_step=2, norm_topk_prob=True, qkv_bias=False,
+                                            use_sliding_window=True, sliding_window=8, max_window_layers=3,
+                                            tie_word_embeddings=True)),
+    # Qwen3-30B-A3B's arrangement: q/k head norms, renormalised top-k, no shared expert; layer 0
+    # dense (mlp_only_layers), head_dim not hidden / heads.
+    "qwen3-moe": hf_case(_t("Qwen3MoeConfig"), _t("Qwen3MoeForCausalLM"),
+                         **tiny(num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0],
+                                rms_norm_eps=0.05)),
+    # Biases on all four projections, a window on every layer, decoder_sparse_step 2, top-3 not renormalised.
+    "qwen3-moe-bias-window-step": hf_case(_t("Qwen3MoeConfig"), _t("Qwen3MoeForCausalLM"), window=8,
+                                          **tiny(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                                 norm_topk_prob=False, decoder_sparse_step=2, attention_bias=True,
+                                                 use_sliding_window=True, sliding_window=8)),
 }

@@ -36,7 +36,7 @@ from sglang_core.layers.parallel import (
 )
 from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.model_executor.forward_batch import ForwardBatch
-from sglang_core.model_executor.model_api import ModelContext, load_by_name
+from sglang_core.model_executor.model_api import STACKED_EXPERTS, ModelContext, expert_mappings, load_by_name
 
 # Checkpoint name fragment -> (fused parameter fragment, shard id), for checkpoints that store
 # q/k/v and gate/up as separate tensors (Llama's names).
@@ -98,6 +98,14 @@ def headwise_qk_norms(config, ctx: ModelContext, eps: float) -> dict[str, Headwi
     shape = HeadShape.from_config(config)
     return {"q_norm": HeadwiseLayerNorm(shape.num_heads, shape.head_dim, eps, ctx.dtype, ctx.tp),
             "k_norm": HeadwiseLayerNorm(shape.num_kv_heads, shape.head_dim, eps, ctx.dtype, ctx.tp)}
+
+
+def rms_qk_norms(config, ctx: ModelContext) -> dict[str, RMSNorm]:
+    """``SelfAttention``'s ``q_norm`` and ``k_norm`` as an RMSNorm over each head's ``head_dim``
+    with ``rms_norm_eps`` (Qwen3, Qwen3-MoE)."""
+    head_dim = HeadShape.from_config(config).head_dim
+    return {"q_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype),
+            "k_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype)}
 
 
 class GatedMLP(nn.Module):
@@ -239,7 +247,10 @@ class DecoderLM(nn.Module):
     Checkpoint names, as class attributes: ``stacked_params`` (checkpoint fragment -> fused
     parameter fragment and shard id; default Llama's q/k/v and gate/up), ``checkpoint_renames``
     (``(regex, replacement)`` pairs applied to each checkpoint name first, for checkpoints whose
-    names differ from the modules'), ``ignored_weights`` (fragments of names to skip).
+    names differ from the modules'), ``ignored_weights`` (fragments of names to skip),
+    ``expert_parts`` (an MoE family's per-expert projection names -> role, as
+    ``model_api.expert_mappings`` takes them; the experts then also load from transformers'
+    stacked ``experts.gate_up_proj`` / ``experts.down_proj``).
 
     ``config_defaults``: the values the architecture's own config class gives fields that
     config.json omits. A custom-code checkpoint's config loads as a plain ``PretrainedConfig`` (its
@@ -250,6 +261,7 @@ class DecoderLM(nn.Module):
     stacked_params: dict[str, tuple[str, Any]] = QKV_GATE_UP
     checkpoint_renames: Sequence[tuple[str, str]] = ()
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    expert_parts: dict[str, str] = {}
     config_defaults: dict[str, Any] = {}
 
     def __init__(self, config, ctx: ModelContext):
@@ -322,8 +334,9 @@ class DecoderLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         ignore = self.ignored_weights + (("lm_head.weight",) if self.tied else ())
         params = dict(self.named_parameters(remove_duplicate=False))
+        experts = [*expert_mappings(self.expert_parts), *STACKED_EXPERTS] if self.expert_parts else []
         loaded = load_by_name(params, ((self.rename(name), tensor) for name, tensor in weights),
-                              self.stacked_params, ignore)
+                              self.stacked_params, ignore, experts)
         missing = {n for n in params if n not in loaded and not (self.tied and n == "lm_head.weight")}
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")

@@ -73,6 +73,15 @@ def expert_mappings(parts: dict[str, str]) -> list[ExpertMapping]:
     return mappings
 
 
+# transformers 5 holds each MoE block's experts stacked, as ``<...>.experts.gate_up_proj``
+# [E, 2I, H] (gate rows, then up rows) and ``<...>.experts.down_proj`` [E, H, I]: the names of its
+# models' state dicts (save_pretrained writes the per-expert names back).
+STACKED_EXPERTS = (
+    ExpertMapping(r"(?P<prefix>.+\.experts)\.gate_up_proj", r"\g<prefix>.w13_weight", "gate_up"),
+    ExpertMapping(r"(?P<prefix>.+\.experts)\.down_proj", r"\g<prefix>.w2_weight", "down"),
+)
+
+
 def load_by_name(params: dict[str, torch.nn.Parameter], weights: Iterable[tuple[str, torch.Tensor]],
                  stacked: dict[str, tuple[str, Any]], ignore: tuple[str, ...] = (),
                  experts: Sequence[ExpertMapping] = ()) -> set[str]:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding
-from sglang_core.layers.transformer import DecoderLM
+from sglang_core.layers.transformer import DecoderLM, rms_qk_norms
 from sglang_core.model_executor.model_api import ModelContext
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -51,8 +49,6 @@ class Qwen3ForCausalLM(Qwen2ForCausalLM):
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
-        head_dim = HeadShape.from_config(config).head_dim
         bias = config.attention_bias
-        options = {"qkv_bias": bias, "o_bias": bias, "q_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype),
-                   "k_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype), **overrides}
+        options = {"qkv_bias": bias, "o_bias": bias, **rms_qk_norms(config, ctx), **overrides}
         return super().make_attention(config, ctx, layer_id, rotary, **options)

@@ -1,0 +1,109 @@
+"""A mixture-of-experts block: router, stacked routed experts, optional (gated) shared expert.
+
+``run_experts`` is the one seam the experts are computed through: on CUDA with a SiLU gate it is
+the fused Triton kernel (``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both
+take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and
+return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
+runs the reference, or ``experts_dense`` while a CUDA graph is being captured (the reference
+reads each expert's token count on the host).
+
+Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
+(``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
+``GatedMLP``, which reduces itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sglang_core.kernels import use_fused
+from sglang_core.layers.activation import SiluAndMul, gated_act_fn
+from sglang_core.layers.experts import ExpertWeights
+from sglang_core.layers.moe_router import Router, Routing
+from sglang_core.layers.parallel import SINGLE, TPGroup
+
+
+def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
+    ``e = topk_ids[t, j]``; ``act`` (default SiLU-and-mul) maps ``[.., 2I]`` to ``[.., I]``.
+
+    Tokens are grouped by expert so each expert runs one matmul over its tokens; an expert no
+    token chose costs nothing."""
+    act = act or SiluAndMul()
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    flat_weights = topk_weights.flatten().float()
+    for expert, picks in enumerate(order.split(counts)):
+        if picks.numel() == 0:
+            continue
+        tokens = picks // top_k
+        y = act(hidden[tokens] @ w13[expert].t()) @ w2[expert].t()
+        out.index_add_(0, tokens, y.float() * flat_weights[picks, None])
+    return out.to(hidden.dtype)
+
+
+def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """``experts_reference``'s sum computed by running every expert on every token, weighted by
+    the token's routing weight for it (0 where not chosen). It never reads routing results on the
+    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
+    act = act or SiluAndMul()
+    combine = torch.zeros(hidden.shape[0], w13.shape[0], dtype=torch.float32, device=hidden.device)
+    combine.scatter_add_(1, topk_ids, topk_weights.float())
+    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    for expert in range(w13.shape[0]):
+        y = act(hidden @ w13[expert].t()) @ w2[expert].t()
+        out += y.float() * combine[:, expert, None]
+    return out.to(hidden.dtype)
+
+
+def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """The routed experts' weighted sum: the fused kernel where it applies, else the reference."""
+    if use_fused(hidden) and isinstance(act, SiluAndMul):
+        from sglang_core.kernels.fused_moe import fused_moe
+
+        return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return experts_dense(hidden, w13, w2, topk_weights, topk_ids, act)
+    return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+
+
+class MoE(nn.Module):
+    """``routed(x) + shared(x)``: the router (``gate``) picks ``routing.top_k`` of ``num_experts``
+    gated MLPs (``experts``, each ``down(act(gate) * up)`` of width ``intermediate_size``) per token.
+
+    ``shared_expert``: a module every token also goes through (a ``GatedMLP``), weighted, when
+    ``shared_expert_gate``, by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE's scalar gate per token).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, routing: Routing,
+                 hidden_act: str = "silu", tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32, *,
+                 shared_expert: nn.Module | None = None, shared_expert_gate: bool = False,
+                 router_dtype: torch.dtype | None = None):
+        super().__init__()
+        if shared_expert_gate and shared_expert is None:
+            raise ValueError("shared_expert_gate: there is no shared expert to gate")
+        self.tp = tp
+        self.gate = Router(hidden_size, num_experts, routing, router_dtype or params_dtype)
+        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size, tp, params_dtype)
+        self.act = gated_act_fn(hidden_act)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False, dtype=params_dtype).requires_grad_(False)
+                                   if shared_expert_gate else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act)
+        out = self.tp.all_reduce(out)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

@@ -243,6 +243,29 @@ CASES: dict[str, ContractCase] = {
         **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=40, kv_lora_rank=24,
                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
                mlp_bias=True)),
+    # DeepSeek-V2-Lite's MoE: a dense first layer, then 8 routed experts (softmax, greedy top-2,
+    # not renormalised, scaled) beside 2 shared experts as one MLP with mlp_bias.
+    "deepseek-v2-moe": hf_case(
+        _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
+        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None,
+               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+               num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=2.0,
+               topk_method="greedy", mlp_bias=True)),
+    # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3.
+    "deepseek-v2-moe-grouped": hf_case(
+        _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=48, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3,
+               moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.5,
+               topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+    # DeepSeek-V3's routing: sigmoid scores, e_score_correction_bias for the choice, the best 2 of 4
+    # groups by their two best experts, renormalised and scaled; one shared expert.
+    "deepseek-v3-moe": hf_case(
+        _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
+        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=48,
+               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+               num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5,
+               n_group=4, topk_group=2, norm_topk_prob=True)),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
     # expert gets tokens in a prefill and most get none in a decode step.
     "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),

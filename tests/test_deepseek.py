@@ -1,6 +1,6 @@
 """DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
 cases): the KV pool keeps one latent per token and layer, multi-token-prediction layers in a
-checkpoint are skipped, and configs with MoE layers are refused until the MoE layer is wired."""
+checkpoint are skipped, and a routing method transformers does not have is refused."""
 
 from __future__ import annotations
 
@@ -60,15 +60,9 @@ def test_multi_token_prediction_weights_are_skipped(tmp_path) -> None:
     assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
 
 
-@pytest.mark.parametrize("config_cls, model_cls, fields", [
-    # V2's defaults: every layer MoE (first_k_dense_replace 0, 64 routed experts).
-    ("DeepseekV2Config", DeepseekV2ForCausalLM, {}),
-    # V3's: 3 dense layers, then MoE.
-    ("DeepseekV3Config", DeepseekV3ForCausalLM, {"num_hidden_layers": 4}),
-])
-def test_configs_with_moe_layers_are_refused(config_cls: str, model_cls, fields: dict) -> None:
+def test_unknown_routing_method_is_refused() -> None:
     sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, q_lora_rank=16,
-                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_hidden_layers=2)
-    config = getattr(transformers, config_cls)(**{**sizes, **fields})
-    with pytest.raises(ValueError, match="first_k_dense_replace"):
-        model_cls(config, ModelContext())
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
+                 n_routed_experts=4, moe_intermediate_size=16, topk_method="noaux_tc")
+    with pytest.raises(ValueError, match="topk_method"):
+        DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**sizes), ModelContext())

@@ -25,7 +25,8 @@ CHUNK = 16
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Matrices drawn N(0, 0.1) (wider than usual, so greedy choices are no near-ties); vectors
     (biases) and norm scales (initialised to ones, per-head ones [heads, head_dim] too) moved by
-    N(0, 0.1) from their init, so every one of them matters."""
+    N(0, 0.1) from their init, so every one of them matters; so is a router's
+    ``e_score_correction_bias`` (a buffer in transformers)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -33,6 +34,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0, 0.1)
             else:
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.add_(torch.randn_like(buffer) * 0.1)
 
 
 def _save(folder, config, model) -> None:

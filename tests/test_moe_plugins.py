@@ -11,13 +11,16 @@ from safetensors.torch import load_file
 
 from model_contract import CASES
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from sglang_plugins.models.mixtral.model import MixtralForCausalLM
 from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from test_model_contract import _build
 
 MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralForCausalLM,
              "qwen2-moe": Qwen2MoeForCausalLM, "qwen2-moe-step-window": Qwen2MoeForCausalLM,
-             "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM}
+             "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
+             "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
+             "deepseek-v3-moe": DeepseekV3ForCausalLM}
 
 
 @pytest.mark.parametrize("name", sorted(MOE_CASES))
@@ -34,9 +37,9 @@ def test_contract_prompts_reach_every_expert(name: str, tmp_path) -> None:
     with torch.no_grad():
         for prompt in prompts:
             model(torch.tensor([prompt]))
-    experts = set(range(model.config.num_experts))
     assert chosen
     for layer, per_prompt in chosen.items():
+        experts = set(range(model.model.layers[layer].mlp.gate.weight.shape[0]))
         assert set().union(*per_prompt) == experts, f"layer {layer}"
         shortest = min(range(len(prompts)), key=lambda p: len(prompts[p]))
         assert per_prompt[shortest] != experts, f"layer {layer}"

@@ -4,10 +4,14 @@ Llama's pre-norm arrangement with Multi-head Latent Attention (``mla.py``) in ev
 rotary on the ``qk_rope_head_dim`` part of q and k only. V2 rotates interleaved pairs; V3 too
 unless ``rope_interleave`` is false (then "rotate half").
 
-MoE: layers from ``first_k_dense_replace`` on are MoE layers when ``n_routed_experts`` is set.
-They are not wired yet: ``make_mlp``, the one place a layer's MLP comes from, refuses them with a
-ValueError naming ``first_k_dense_replace``, so only configs whose layers are all dense
-(``first_k_dense_replace >= num_hidden_layers``) load for now.
+MoE: layers from ``first_k_dense_replace`` on are MoE layers when ``n_routed_experts`` is set: the
+core's ``MoE`` with ``n_routed_experts`` experts of ``moe_intermediate_size``, a float32 router
+taking ``num_experts_per_tok`` scaled by ``routed_scaling_factor``, and ``n_shared_experts`` shared
+experts as one ungated MLP of ``n_shared_experts * moe_intermediate_size`` (checkpoints call it
+``shared_experts``). V2 routes by softmax, ``topk_method`` ``greedy`` or ``group_limited_greedy``
+(best ``topk_group`` of ``n_group`` groups by their best expert), never renormalised (transformers'
+V2 reads no ``norm_topk_prob``); V3 by sigmoid with ``e_score_correction_bias`` for the choice
+only, groups scored by their two best, renormalised when ``norm_topk_prob``.
 
 Multi-token-prediction layers (``num_nextn_predict_layers``) follow the ``num_hidden_layers``
 decoder layers in the checkpoint (``model.layers.<n>.`` and beyond); they are not served and their
@@ -22,6 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from sglang_core.layers.moe import MoE
+from sglang_core.layers.moe_router import Routing
 from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.layers.transformer import DecoderLM, GatedMLP, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
@@ -32,11 +38,13 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DeepseekV2ForCausalLM(DecoderLM):
-    """DeepSeek-V2 / V2-Lite / V2.5 with dense layers only (see the module docstring for MoE).
-    ``q_lora_rank`` null: one ``q_proj``; ``mlp_bias`` on the dense MLPs."""
+    """DeepSeek-V2 / V2-Lite / V2.5. ``q_lora_rank`` null: one ``q_proj``; ``mlp_bias`` on the
+    dense MLPs and the shared experts."""
 
     # q_proj is MLA's own projection, not a piece of a fused qkv.
     stacked_params = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    expert_parts = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    checkpoint_renames = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding:
         return rope_from_config(config, config.qk_rope_head_dim, interleaved=self.rope_interleaved(config),
@@ -54,14 +62,28 @@ class DeepseekV2ForCausalLM(DecoderLM):
         return MultiHeadLatentAttention(config, ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, rotary)
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
+        prefix = f"{layer_prefix(layer_id)}.mlp"
         experts = getattr(config, "n_routed_experts", None)
-        first_dense = getattr(config, "first_k_dense_replace", None) or 0
-        if experts is not None and layer_id >= first_dense:
-            raise ValueError(f"first_k_dense_replace: layer {layer_id} is an MoE layer (first_k_dense_replace "
-                             f"{first_dense} < num_hidden_layers {config.num_hidden_layers}, n_routed_experts "
-                             f"{experts}); DeepSeek MoE layers are not supported yet")
-        return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
-                        config.hidden_act, self.dense_mlp_bias(config))
+        if experts is None or layer_id < (getattr(config, "first_k_dense_replace", None) or 0):
+            return GatedMLP(ctx, prefix, config.hidden_size, config.intermediate_size, config.hidden_act,
+                            self.dense_mlp_bias(config))
+        shared = None
+        if getattr(config, "n_shared_experts", None):
+            shared = GatedMLP(ctx, f"{prefix}.shared_expert", config.hidden_size,
+                              config.moe_intermediate_size * config.n_shared_experts, config.hidden_act,
+                              self.dense_mlp_bias(config))
+        return MoE(config.hidden_size, experts, config.moe_intermediate_size, self.routing(config), config.hidden_act,
+                   ctx.tp, ctx.dtype, shared_expert=shared, router_dtype=torch.float32)
+
+    def routing(self, config) -> Routing:
+        """V2: softmax scores, ``greedy`` or ``group_limited_greedy`` top-k, not renormalised."""
+        method = getattr(config, "topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method: DeepSeek-V2 routes by 'greedy' or 'group_limited_greedy', not {method!r}")
+        grouped = method == "group_limited_greedy"
+        return Routing(config.num_experts_per_tok, "softmax", num_groups=config.n_group if grouped else 1,
+                       topk_groups=config.topk_group if grouped else 1, group_score="max",
+                       scaling_factor=config.routed_scaling_factor)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights((name, tensor) for name, tensor in weights if not self._is_mtp_weight(name))
@@ -73,11 +95,17 @@ class DeepseekV2ForCausalLM(DecoderLM):
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
-    """DeepSeek-V3 / R1 with dense layers only: ``rope_interleave`` (default true) picks the rotary
-    layout; the dense MLPs never have biases (transformers' V3 reads no ``mlp_bias``)."""
+    """DeepSeek-V3 / R1: ``rope_interleave`` (default true) picks the rotary layout; the MLPs never
+    have biases (transformers' V3 reads no ``mlp_bias``)."""
 
     def rope_interleaved(self, config) -> bool:
         return bool(getattr(config, "rope_interleave", True))
 
     def dense_mlp_bias(self, config) -> bool:
         return False
+
+    def routing(self, config) -> Routing:
+        """V3 ("noaux_tc"): sigmoid scores, the correction bias and grouping for the choice only."""
+        return Routing(config.num_experts_per_tok, "sigmoid", renormalize=bool(config.norm_topk_prob),
+                       num_groups=config.n_group or 1, topk_groups=config.topk_group or 1, group_score="top2_sum",
+                       correction_bias=True, scaling_factor=config.routed_scaling_factor)

@@ -12,7 +12,9 @@ def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # Never the checkpoint's own tokenizer code (nor an interactive prompt asking whether to run it):
+        # transformers then reads tokenizer.json with its generic class.
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from exc
 

@@ -169,6 +169,32 @@ def test_custom_code_config_loads_without_running_its_code(tmp_path):
     assert language_config(config) is config
 
 
+def test_custom_code_tokenizer_loads_without_running_or_asking(tmp_path, capfd):
+    """A tokenizer_config.json naming the checkpoint's own tokenizer code (InternLM2 ships one):
+    the tokenizer loads from tokenizer.json with transformers' generic class, the shipped code
+    never runs and nothing asks on the terminal whether to run it."""
+    from reference import byte_level_tokenizer
+    from sglang_core.tokenizer import load_tokenizer
+
+    marker = tmp_path / "code_ran"
+    reference = byte_level_tokenizer()
+    reference.save_pretrained(tmp_path)
+    write_config(tmp_path, {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+                            "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}, "vocab_size": 259})
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="InternLM2Tokenizer", auto_map={"AutoTokenizer": [
+        "tokenization_internlm2.InternLM2Tokenizer", "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    for module in ("configuration_internlm2", "tokenization_internlm2", "tokenization_internlm2_fast"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    tokenizer = load_tokenizer(tmp_path)
+    text = "custom code, ünïcode"
+    assert tokenizer.encode(text) == reference.encode(text)
+    assert not marker.exists()
+    out, err = capfd.readouterr()
+    assert "run the custom code" not in out + err
+
+
 def test_unknown_vision_language_config_nests_its_text_config(tmp_path):
     folder = write_config(tmp_path / "custom_vl", {
         "architectures": ["CustomVLForCausalLM"], "model_type": "custom_vl", "auto_map": {"AutoConfig": "x.Y"},

@@ -4,7 +4,10 @@ has no class for them), written in plain PyTorch from the public definitions:
 - InternLM2 / InternLM2.5: modeling_internlm2.py and configuration_internlm2.py as the checkpoints
   ship them (InternLM/InternLM's tools/convert2llama.py documents the grouped ``wqkv`` layout);
 - MiniCPM 1/2/4: model/modeling_minicpm.py and configuration_minicpm.py in OpenBMB/MiniCPM, and
-  MiniCPM 4's ``MiniCPMLongRoPE`` as its checkpoints' modeling_minicpm.py builds it.
+  MiniCPM 4's ``MiniCPMLongRoPE`` as its checkpoints' modeling_minicpm.py builds it;
+- Grok-1: modeling_grok1.py and configuration_grok1.py of hpcai-tech/grok-1 (as copied in
+  tenstorrent/tt-metal models/experimental/grok/reference/), cross-checked with xai-org/grok-1's
+  JAX model.py (routing weights not renormalised; RMSNorm weights named ``scale``).
 
 Straightforward and unoptimised: every call runs the whole sequence (no KV cache). The state dicts
 are named as the real checkpoints are, and each config saves as the checkpoints' config.json does:
@@ -49,13 +52,17 @@ class CustomCodeConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """``weight * x / rms(x)``; ``weight_name``: the scale's name in the checkpoint (Grok-1: ``scale``)."""
+
+    def __init__(self, size: int, eps: float, weight_name: str = "weight"):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight_name = weight_name
+        setattr(self, weight_name, nn.Parameter(torch.ones(size)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        weight = getattr(self, self.weight_name)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def rope_cos_sin(config: CustomCodeConfig, head_dim: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +101,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     scale: float | None = None, cap: float | None = None) -> torch.Tensor:
     """q [T, heads, d], k and v [T, kv_heads, d] -> [T, heads * d]; query head i reads kv head
-    ``i // (heads / kv_heads)``; softmax scale ``1 / sqrt(d)``."""
+    ``i // (heads / kv_heads)``; logits ``q.k * scale`` (default ``1 / sqrt(d)``), soft-capped to
+    ``cap * tanh(logits / cap)`` when ``cap`` is given."""
     tokens, heads, dim = q.shape
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     repeat = heads // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(dim)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * (scale if scale is not None else 1 / math.sqrt(dim))
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
     future = torch.ones(tokens, tokens, dtype=torch.bool).triu(1)
     weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", weights, v).reshape(tokens, heads * dim)
@@ -110,15 +120,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 
 class GatedFeedForward(nn.Module):
     """``down(act(gate(x)) * up(x))`` without biases; ``names``: (gate, up, down) as the checkpoint
-    names them."""
+    names them; ``act``: an activation the model fixes (default: the config's ``hidden_act``)."""
 
-    def __init__(self, config: CustomCodeConfig, names: tuple[str, str, str]):
+    def __init__(self, config: CustomCodeConfig, names: tuple[str, str, str], act: str | None = None):
         super().__init__()
         self.names = names
         sizes = [(config.hidden_size, config.intermediate_size)] * 2 + [(config.intermediate_size, config.hidden_size)]
         for name, (inputs, outputs) in zip(names, sizes):
             setattr(self, name, nn.Linear(inputs, outputs, bias=False))
-        self.act = ACT2FN[config.get("hidden_act", "silu")]
+        self.act = ACT2FN[act or config.get("hidden_act", "silu")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, name) for name in self.names)
@@ -217,6 +227,10 @@ def internlm2(**fields: Any) -> tuple[CustomCodeConfig, DecoderReference]:
 
 
 class MiniCPMAttention(nn.Module):
+    # Softmax scale (None: 1 / sqrt(head_dim)) and logit soft-cap, for models that change them.
+    scale: float | None = None
+    cap: float | None = None
+
     def __init__(self, config: CustomCodeConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads_of(config)
@@ -231,7 +245,7 @@ class MiniCPMAttention(nn.Module):
         q = self.q_proj(x).view(tokens, self.heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
-        return self.o_proj(causal_attention(q, k, v, cos, sin))
+        return self.o_proj(causal_attention(q, k, v, cos, sin, self.scale, self.cap))
 
 
 def minicpm(**fields: Any) -> tuple[CustomCodeConfig, DecoderReference]:
@@ -257,3 +271,117 @@ def minicpm(**fields: Any) -> tuple[CustomCodeConfig, DecoderReference]:
                                     tied=config.get("tie_word_embeddings", True),
                                     embedding_scale=config.get("scale_emb", 1),
                                     head_divisor=config.hidden_size / config.get("dim_model_base", 1))
+
+
+# --- Grok-1 --------------------------------------------------------------------------------------
+
+# Grok1Config's defaults (configuration_grok1.py): the released model's values.
+GROK1_DEFAULTS = {"attn_output_multiplier": 0.08838834764831845, "max_attn_value": 30.0,
+                  "embedding_multiplier_scale": 78.38367176906169, "output_multiplier_scale": 0.5773502691896257,
+                  "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "num_experts": 8, "num_experts_per_tok": 2}
+
+
+def grok1_field(config: CustomCodeConfig, name: str) -> Any:
+    """The config's field, or Grok1Config's default when config.json leaves it out."""
+    return config.get(name, GROK1_DEFAULTS[name])
+
+
+class Grok1Attention(MiniCPMAttention):
+    """MiniCPM's (Llama's) q/k/v/o projections, no biases; logits ``q.k * attn_output_multiplier``
+    (no ``1 / sqrt(d)``), then ``max_attn_value * tanh(logits / max_attn_value)``."""
+
+    def __init__(self, config: CustomCodeConfig):
+        super().__init__(config)
+        self.scale, self.cap = grok1_field(config, "attn_output_multiplier"), grok1_field(config, "max_attn_value")
+
+
+class Grok1Router(nn.Module):
+    """``gate``: logits [T, E]; softmax in float32, the ``top_k`` best probabilities taken as the
+    weights as they are (modeling_grok1.py's MoeBlock and the JAX MoELayer both leave them
+    unnormalised). Returns ``(logits, weights, expert ids)`` as transformers 5's routers do
+    (tests/test_moe_plugins.py reads the ids)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = x @ self.weight.t()
+        weights, ids = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+        return logits, weights, ids
+
+
+class Grok1MoE(nn.Module):
+    """``moe_block``: the router ``gate`` and ``experts.E.{linear, linear_v, linear_1}`` (gate, up,
+    down), each ``linear_1(gelu(linear(x)) * linear_v(x))`` with erf GELU (``nn.GELU()``)."""
+
+    def __init__(self, config: CustomCodeConfig):
+        super().__init__()
+        num_experts = grok1_field(config, "num_experts")
+        self.gate = Grok1Router(config.hidden_size, num_experts, grok1_field(config, "num_experts_per_tok"))
+        self.experts = nn.ModuleList(GatedFeedForward(config, ("linear", "linear_v", "linear_1"), act="gelu")
+                                     for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, weights, ids = self.gate(x)
+        out = torch.zeros_like(x)
+        for token in range(x.shape[0]):
+            for weight, expert in zip(weights[token], ids[token].tolist()):
+                out[token] += weight * self.experts[expert](x[token])
+        return out
+
+
+class Grok1Layer(nn.Module):
+    """``x += post_attn_norm(attn(pre_attn_norm(x))); x += post_moe_norm(moe_block(pre_moe_norm(x)))``."""
+
+    def __init__(self, config: CustomCodeConfig):
+        super().__init__()
+        eps = grok1_field(config, "rms_norm_eps")
+        self.attn, self.moe_block = Grok1Attention(config), Grok1MoE(config)
+        for name in ("pre_attn_norm", "post_attn_norm", "pre_moe_norm", "post_moe_norm"):
+            setattr(self, name, RMSNorm(config.hidden_size, eps, weight_name="scale"))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin))
+        return x + self.post_moe_norm(self.moe_block(self.pre_moe_norm(x)))
+
+
+class Grok1Reference(nn.Module):
+    """``model.embed_tokens``, ``model.layers``, ``model.norm``, ``lm_head`` (tied unless
+    ``tie_word_embeddings`` is false): logits of ``lm_head(norm(layers(embed(ids) *
+    embedding_multiplier_scale))) * output_multiplier_scale``. The RMSNorms' weights are named
+    ``scale`` (modeling_grok1.py initialises them to zeros, which a checkpoint overwrites). The
+    rotary embedding is Llama's "rotate half" with base 10000 whatever the config says
+    (modeling_grok1.py reads neither ``rope_theta`` nor ``rope_scaling``)."""
+
+    def __init__(self, config: CustomCodeConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Grok1Layer(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, grok1_field(config, "rms_norm_eps"), weight_name="scale")
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if grok1_field(config, "tie_word_embeddings"):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids[0]) * grok1_field(self.config, "embedding_multiplier_scale")
+        plain_rope = CustomCodeConfig(max_position_embeddings=self.config.max_position_embeddings)
+        cos, sin = rope_cos_sin(plain_rope, heads_of(self.config)[2], x.shape[0])
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return (self.lm_head(self.model.norm(x)) * grok1_field(self.config, "output_multiplier_scale"))[None]
+
+
+def grok1(**fields: Any) -> tuple[CustomCodeConfig, Grok1Reference]:
+    """A config as Grok-1's config.json (hpcai-tech/grok-1) has it, with ``fields``, and its
+    reference, named as that checkpoint: ``model.layers.N.{attn.{q,k,v,o}_proj,
+    moe_block.{gate, experts.E.{linear,linear_v,linear_1}}, {pre,post}_{attn,moe}_norm.scale}``."""
+    config = CustomCodeConfig(**{
+        "architectures": ["Grok1ModelForCausalLM"], "model_type": "grok-1",
+        "auto_map": {"AutoConfig": "configuration_grok1.Grok1Config", "AutoModel": "modeling_grok1.Grok1Model",
+                     "AutoModelForCausalLM": "modeling_grok1.Grok1ModelForCausalLM"},
+        "torch_dtype": "bfloat16", "transformers_version": "4.35.0", "use_cache": True, **fields})
+    return config, Grok1Reference(config)

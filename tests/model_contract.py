@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import transformers
 
-from custom_code_references import internlm2, minicpm
+from custom_code_references import grok1, internlm2, minicpm
 
 # Small enough for CI, wide enough that every family's options matter: 2 layers, GQA (4 query
 # heads over 2 KV heads), a vocabulary of the byte-level test tokenizer's 259 tokens.
@@ -275,6 +275,16 @@ CASES: dict[str, ContractCase] = {
                                         **tiny(num_local_experts=6, num_experts_per_tok=3, intermediate_size=48,
                                                sliding_window=8, hidden_act="gelu_pytorch_tanh", head_dim=32,
                                                tie_word_embeddings=True)),
+    # Grok-1's arrangement with every Grok field given: 8 experts, top-2 not renormalised; an
+    # attention cap (and multiplier) small enough to bind; untied head; a rope_theta the modeling
+    # code ignores (base 10000 always).
+    "grok1": custom_case(grok1, **tiny(num_experts=8, num_experts_per_tok=2, intermediate_size=48,
+                                       attn_output_multiplier=0.5, max_attn_value=1.5,
+                                       embedding_multiplier_scale=2.0, output_multiplier_scale=4.0,
+                                       rms_norm_eps=0.05, tie_word_embeddings=False, rope_theta=1_000_000.0)),
+    # Grok-1's config.json without its Grok fields: Grok1Config's defaults (multipliers of the
+    # released model, cap 30, tied head, 8 experts top-2); one KV head.
+    "grok1-defaults": custom_case(grok1, **tiny(num_key_value_heads=1, intermediate_size=48)),
     # Qwen1.5-MoE as released: q/k/v biases, shared expert with its sigmoid gate, top-k probabilities
     # not renormalised; layer 1 listed in mlp_only_layers keeps a dense MLP.
     "qwen2-moe": hf_case(_t("Qwen2MoeConfig"), _t("Qwen2MoeForCausalLM"),

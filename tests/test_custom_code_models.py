@@ -1,17 +1,18 @@
-"""The custom-code families (InternLM2, MiniCPM) beyond the contract suite: MiniCPM's LongRoPE
-table against the reference for every relation of ``max_position_embeddings`` to the original
-length, and the variants the plugins refuse, each with a ValueError naming the field. Configs go
-through ``load_config`` from a saved config.json with ``auto_map``, as a checkpoint's do."""
+"""The custom-code families (InternLM2, MiniCPM, Grok-1) beyond the contract suite: MiniCPM's
+LongRoPE table against the reference for every relation of ``max_position_embeddings`` to the
+original length, and the variants the plugins refuse, each with a ValueError naming the field.
+Configs go through ``load_config`` from a saved config.json with ``auto_map``, as a checkpoint's do."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from custom_code_references import heads_of, internlm2, minicpm, rope_cos_sin
+from custom_code_references import grok1, heads_of, internlm2, minicpm, rope_cos_sin
 from model_contract import tiny
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.weights.loader import load_config
+from sglang_plugins.models.grok1.model import Grok1ModelForCausalLM
 from sglang_plugins.models.internlm2.model import InternLM2ForCausalLM
 from sglang_plugins.models.minicpm.model import MiniCPMForCausalLM
 
@@ -47,6 +48,7 @@ def test_minicpm_longrope_table_matches_reference(tmp_path, original):
     (MiniCPMForCausalLM, minicpm, {"pretraining_tp": 2}, "pretraining_tp"),
     (MiniCPMForCausalLM, minicpm, {"rope_scaling": YARN}, "rope_scaling"),
     (InternLM2ForCausalLM, internlm2, {"rope_scaling": LONGROPE}, "rope_scaling"),
+    (Grok1ModelForCausalLM, grok1, {"max_attn_value": 0.0}, "max_attn_value"),
 ])
 def test_unsupported_variants_name_the_field(tmp_path, cls, build, fields, field):
     _, config = _loaded(build, tmp_path, **fields)

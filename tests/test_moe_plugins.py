@@ -1,7 +1,8 @@
-"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE) beyond the contract suite: the suite's
-prompts reach every expert of every sparse layer (and a short prompt leaves some without tokens),
-and a checkpoint as released (per-expert tensors, Mixtral's ``block_sparse_moe``, written by
-transformers' ``save_pretrained``) loads the same weights as transformers' own stacked names."""
+"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, Grok-1) beyond the contract
+suite: the suite's prompts reach every expert of every sparse layer (and a short prompt leaves some
+without tokens), and a checkpoint as released (per-expert tensors, Mixtral's ``block_sparse_moe``,
+written by transformers' ``save_pretrained``) loads the same weights as transformers' own stacked
+names."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from model_contract import CASES
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from sglang_plugins.models.grok1.model import Grok1ModelForCausalLM
 from sglang_plugins.models.mixtral.model import MixtralForCausalLM
 from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from test_model_contract import _build
@@ -20,29 +22,37 @@ MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralF
              "qwen2-moe": Qwen2MoeForCausalLM, "qwen2-moe-step-window": Qwen2MoeForCausalLM,
              "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
              "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
-             "deepseek-v3-moe": DeepseekV3ForCausalLM}
+             "deepseek-v3-moe": DeepseekV3ForCausalLM, "grok1": Grok1ModelForCausalLM,
+             "grok1-defaults": Grok1ModelForCausalLM}
 
 
 @pytest.mark.parametrize("name", sorted(MOE_CASES))
 def test_contract_prompts_reach_every_expert(name: str, tmp_path) -> None:
-    """In transformers' reference, with the suite's weights and prompts: every expert of every
-    sparse layer gets tokens, and the shortest prompt leaves one of each layer's experts idle
-    (an expert with no tokens must cost nothing and add nothing)."""
+    """In the reference (transformers', or a custom-code one), with the suite's weights and
+    prompts: every expert of every sparse layer gets tokens, and the shortest prompt leaves one of
+    each layer's experts idle (an expert with no tokens must cost nothing and add nothing)."""
     model, prompts = _build(name, tmp_path)
     chosen: dict[int, list[set[int]]] = {}
-    for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            layer.mlp.gate.register_forward_hook(
+    blocks = {i: _moe_block(layer) for i, layer in enumerate(model.model.layers)}
+    for i, block in blocks.items():
+        if hasattr(block, "experts"):
+            block.gate.register_forward_hook(
                 lambda _m, _a, out, i=i: chosen.setdefault(i, []).append(set(out[2].flatten().tolist())))
     with torch.no_grad():
         for prompt in prompts:
             model(torch.tensor([prompt]))
     assert chosen
     for layer, per_prompt in chosen.items():
-        experts = set(range(model.model.layers[layer].mlp.gate.weight.shape[0]))
+        experts = set(range(blocks[layer].gate.weight.shape[0]))
         assert set().union(*per_prompt) == experts, f"layer {layer}"
         shortest = min(range(len(prompts)), key=lambda p: len(prompts[p]))
         assert per_prompt[shortest] != experts, f"layer {layer}"
+
+
+def _moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+    """A reference layer's MLP: transformers' ``mlp``, Grok-1's ``moe_block``. Its router (``gate``)
+    returns ``(logits, weights, expert ids)``."""
+    return layer.moe_block if hasattr(layer, "moe_block") else layer.mlp
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "qwen3-moe-bias-window-step"])

@@ -332,4 +332,21 @@ CASES: dict[str, ContractCase] = {
                                      attn_config={"kv_n_heads": 4, "clip_qkv": 1.0, "rope_theta": 50_000},
                                      ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 1,
                                                  "moe_normalize_expert_weights": None}),
+    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts.
+    "granitemoe": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
+                          **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                 embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                 logits_scaling=6.0, tie_word_embeddings=True)),
+    # Attention biases, an untied head, top-3 of 6, multipliers unlike the released ones.
+    "granitemoe-bias-untied": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
+                                      **tiny(intermediate_size=32, num_local_experts=6, num_experts_per_tok=3,
+                                             embedding_multiplier=3.0, residual_multiplier=0.5,
+                                             attention_multiplier=0.2, logits_scaling=0.5, attention_bias=True,
+                                             tie_word_embeddings=False)),
+    # Granite MoE with a shared MLP beside the experts (Granite 3.1 / 4.0's shared_intermediate_size).
+    "granitemoe-shared": hf_case(_t("GraniteMoeSharedConfig"), _t("GraniteMoeSharedForCausalLM"),
+                                 **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                        shared_intermediate_size=48, embedding_multiplier=12.0,
+                                        residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=6.0,
+                                        tie_word_embeddings=True)),
 }

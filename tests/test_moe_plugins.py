@@ -1,7 +1,7 @@
-"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, DBRX) beyond the
+"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, DBRX, GraniteMoE) beyond the
 contract suite: the suite's prompts reach every expert of every sparse layer (and a short prompt
 leaves some without tokens), and a checkpoint as released (per-expert tensors, Mixtral's
-``block_sparse_moe``, written by transformers'
+``block_sparse_moe``, GraniteMoE's ``input_linear`` / ``output_linear``, written by transformers'
 ``save_pretrained``) loads the same weights as transformers' own stacked names."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from model_contract import CASES
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.dbrx.model import DbrxForCausalLM
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from sglang_plugins.models.granitemoe.model import GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM
 from sglang_plugins.models.mixtral.model import MixtralForCausalLM
 from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from test_model_contract import _build
@@ -25,7 +26,9 @@ MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralF
              "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
              "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
              "deepseek-v3-moe": DeepseekV3ForCausalLM, "dbrx": DbrxForCausalLM,
-             "dbrx-2-norm-mqa-gelu": DbrxForCausalLM, "dbrx-unnormalized": DbrxForCausalLM}
+             "dbrx-2-norm-mqa-gelu": DbrxForCausalLM, "dbrx-unnormalized": DbrxForCausalLM,
+             "granitemoe": GraniteMoeForCausalLM, "granitemoe-bias-untied": GraniteMoeForCausalLM,
+             "granitemoe-shared": GraniteMoeSharedForCausalLM}
 
 
 def expert_choosers(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, Callable[[Any, Any], torch.Tensor], int]]:
@@ -38,8 +41,10 @@ def expert_choosers(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, 
                 for i, block in enumerate(model.transformer.blocks)}
     choosers = {}
     for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "experts"):
-            choosers[i] = (layer.mlp.gate, lambda _args, out: out[2], layer.mlp.gate.weight.shape[0])
+        block = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        if hasattr(block, "experts"):
+            router = getattr(block, "router", None) or block.gate
+            choosers[i] = (router, lambda _args, out: out[2], router.weight.shape[0])
     return choosers
 
 
@@ -69,7 +74,8 @@ def test_contract_prompts_reach_every_expert(name: str, tmp_path) -> None:
 @pytest.mark.parametrize("name, released_name, down_proj", [
     ("mixtral", ".experts.0.", "model.layers.1.mlp.experts.down_proj"),
     ("qwen2-moe", ".experts.0.", "model.layers.2.mlp.experts.down_proj"),
-    ("qwen3-moe-bias-window-step", ".experts.0.", "model.layers.1.mlp.experts.down_proj")])
+    ("qwen3-moe-bias-window-step", ".experts.0.", "model.layers.1.mlp.experts.down_proj"),
+    ("granitemoe-shared", ".block_sparse_moe.input_linear.", "model.layers.1.block_sparse_moe.experts.down_proj")])
 def test_released_checkpoint_names_load_like_transformers_names(name: str, released_name: str, down_proj: str,
                                                                  tmp_path) -> None:
     config, reference = CASES[name].make()

@@ -31,7 +31,10 @@ MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralF
              "granitemoe-shared": GraniteMoeSharedForCausalLM}
 
 
-def expert_choosers(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, Callable[[Any, Any], torch.Tensor], int]]:
+IdsOf = Callable[[Any, Any], torch.Tensor]
+
+
+def expert_choosers(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, IdsOf, int]]:
     """Per sparse layer of a transformers MoE model: a module whose call shows the experts each
     token chose, how to read their ids from its ``(args, output)``, and the number of experts.
     Routers return ``(logits, weights, ids)``; DBRX's returns logits only, so its experts module,

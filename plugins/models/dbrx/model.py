@@ -28,6 +28,7 @@ from sglang_core.model_executor.model_api import ExpertMapping, ModelContext
 
 
 def head_shape(config) -> HeadShape:
+    """DBRX's heads: ``n_heads`` of ``d_model / n_heads``, ``attn_config.kv_n_heads`` KV heads."""
     if config.d_model % config.n_heads:
         raise ValueError(f"n_heads: {config.n_heads} does not divide d_model {config.d_model}")
     kv_heads = config.attn_config.kv_n_heads

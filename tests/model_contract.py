@@ -61,6 +61,21 @@ def custom_case(build: Callable[..., tuple[Any, Any]], engine: dict[str, Any] | 
     return ContractCase(lambda: build(**config), None, engine or {})
 
 
+def dbrx(**config: Any) -> tuple[Any, Any]:
+    """DBRX's config and its transformers reference. DBRX states its rope base as
+    ``attn_config.rope_theta``, which transformers 5 does not read (it takes the top-level
+    ``rope_parameters``, default 10000): the reference gets the same base through
+    ``rope_parameters``, the saved config keeps it in ``attn_config`` only, as released checkpoints do."""
+    cfg = transformers.DbrxConfig(**config)
+    rope = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}
+    return cfg, transformers.DbrxForCausalLM(transformers.DbrxConfig(**config, rope_parameters=rope))
+
+
+# DBRX names its sizes as GPT-2-style configs do; its attention and MoE options are nested dicts.
+DBRX_TINY = dict(vocab_size=259, d_model=64, n_heads=4, n_layers=2, max_seq_len=512, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0)
+
+
 def _t(name: str):
     """A transformers class by name (imported lazily so one missing class fails one case only)."""
     return getattr(transformers, name)
@@ -309,4 +324,39 @@ CASES: dict[str, ContractCase] = {
                                           **tiny(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
                                                  norm_topk_prob=False, decoder_sparse_step=2, attention_bias=True,
                                                  use_sliding_window=True, sliding_window=8)),
+    # DBRX as released: GQA, q/k/v clamped (a clip_qkv small enough to bind here), a large rope
+    # base in attn_config, top-4 of 8 experts (16 in DBRX) renormalised by their 1-norm (the sum).
+    "dbrx": custom_case(dbrx, **DBRX_TINY, attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500_000},
+                        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 4,
+                                    "moe_jitter_eps": 0.01, "moe_normalize_expert_weights": 1.0}),
+    # Top-3 of 6 divided by their 2-norm, one KV head, the released clip_qkv (which does not bind
+    # here; transformers cannot run a null one), another gated activation.
+    "dbrx-2-norm-mqa-gelu": custom_case(dbrx, **DBRX_TINY,
+                                        attn_config={"kv_n_heads": 1, "clip_qkv": 8, "rope_theta": 10_000},
+                                        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 3,
+                                                    "moe_normalize_expert_weights": 2.0,
+                                                    "ffn_act_fn": {"name": "gelu"}}),
+    # The chosen softmax probability as it is (moe_normalize_expert_weights null) for DbrxConfig's
+    # default top-1, no GQA.
+    "dbrx-unnormalized": custom_case(dbrx, **DBRX_TINY,
+                                     attn_config={"kv_n_heads": 4, "clip_qkv": 1.0, "rope_theta": 50_000},
+                                     ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 1,
+                                                 "moe_normalize_expert_weights": None}),
+    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts.
+    "granitemoe": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
+                          **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                 embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                 logits_scaling=6.0, tie_word_embeddings=True)),
+    # Attention biases, an untied head, top-3 of 6, multipliers unlike the released ones.
+    "granitemoe-bias-untied": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
+                                      **tiny(intermediate_size=32, num_local_experts=6, num_experts_per_tok=3,
+                                             embedding_multiplier=3.0, residual_multiplier=0.5,
+                                             attention_multiplier=0.2, logits_scaling=0.5, attention_bias=True,
+                                             tie_word_embeddings=False)),
+    # Granite MoE with a shared MLP beside the experts (Granite 3.1 / 4.0's shared_intermediate_size).
+    "granitemoe-shared": hf_case(_t("GraniteMoeSharedConfig"), _t("GraniteMoeSharedForCausalLM"),
+                                 **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                        shared_intermediate_size=48, embedding_multiplier=12.0,
+                                        residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=6.0,
+                                        tie_word_embeddings=True)),
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
@@ -86,6 +87,24 @@ def test_sigmoid_grouped_biased_routing_matches_deepseek_v3(n_group: int, topk_g
     assert_same_routing(Router(HIDDEN, EXPERTS, routing), DeepseekV3TopkRouter(config), torch.randn(TOKENS, HIDDEN))
 
 
+@pytest.mark.parametrize("p", [None, 1.0, 2.0, 0.5])
+def test_p_norm_renormalised_routing_matches_dbrx(p: float | None) -> None:
+    """DBRX divides the chosen softmax weights by their ``moe_normalize_expert_weights``-norm."""
+    torch.manual_seed(7)
+    config = transformers.DbrxConfig(d_model=HIDDEN, ffn_config={"moe_num_experts": EXPERTS, "moe_top_k": 3,
+                                                                 "moe_normalize_expert_weights": p})
+    theirs = DbrxFFN(config)
+    ours = Router(HIDDEN, EXPERTS, Routing(3, renormalize=p is not None, renormalize_p=p or 1.0))
+    x = torch.randn(TOKENS, HIDDEN)
+    with torch.no_grad():
+        theirs.router.layer.weight.normal_()
+        ours.weight.copy_(theirs.router.layer.weight)
+        expected_ids, expected_weights = by_expert(*theirs.route_tokens_to_experts(theirs.router(x)))
+        got_ids, got_weights = by_expert(*ours(x))
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_weights, expected_weights, atol=1e-6, rtol=1e-6)
+
+
 def test_correction_bias_changes_the_choice_not_the_weights() -> None:
     """A large bias on expert 5 makes every token choose it, with its unbiased sigmoid score as weight."""
     router = Router(HIDDEN, EXPERTS, Routing(2, scoring="sigmoid", correction_bias=True))
@@ -104,7 +123,8 @@ def test_correction_bias_changes_the_choice_not_the_weights() -> None:
     (Routing(9), "num_experts_per_tok"), (Routing(2, scoring="tanh"), "scoring_func"),
     (Routing(2, num_groups=3), "n_group"), (Routing(2, num_groups=4, topk_groups=5), "topk_group"),
     (Routing(5, num_groups=4, topk_groups=2), "num_experts_per_tok"),
-    (Routing(2, group_score="mean"), "topk_method"),
+    (Routing(2, group_score="mean"), "topk_method"), (Routing(2, renormalize=True, renormalize_p=0.0),
+                                                      "moe_normalize_expert_weights"),
     (Routing(1, num_groups=8, topk_groups=2, group_score="top2_sum"), "n_group")])
 def test_bad_routing_names_the_field(routing: Routing, field: str) -> None:
     with pytest.raises(ValueError, match=field):

@@ -1,10 +1,12 @@
-"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, Grok-1) beyond the contract
-suite: the suite's prompts reach every expert of every sparse layer (and a short prompt leaves some
-without tokens), and a checkpoint as released (per-expert tensors, Mixtral's ``block_sparse_moe``,
-written by transformers' ``save_pretrained``) loads the same weights as transformers' own stacked
-names."""
+"""The MoE model plugins (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, DBRX, GraniteMoE, Grok-1) beyond the
+contract suite: the suite's prompts reach every expert of every sparse layer (and a short prompt
+leaves some without tokens), and a checkpoint as released (per-expert tensors, Mixtral's
+``block_sparse_moe``, GraniteMoE's ``input_linear`` / ``output_linear``, written by transformers'
+``save_pretrained``) loads the same weights as transformers' own stacked names."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ from safetensors.torch import load_file
 
 from model_contract import CASES
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.models.dbrx.model import DbrxForCausalLM
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from sglang_plugins.models.grok1.model import Grok1ModelForCausalLM
+from sglang_plugins.models.granitemoe.model import GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM
 from sglang_plugins.models.mixtral.model import MixtralForCausalLM
 from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from test_model_contract import _build
@@ -23,7 +27,31 @@ MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralF
              "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
              "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
              "deepseek-v3-moe": DeepseekV3ForCausalLM, "grok1": Grok1ModelForCausalLM,
-             "grok1-defaults": Grok1ModelForCausalLM}
+             "grok1-defaults": Grok1ModelForCausalLM, "dbrx": DbrxForCausalLM,
+             "dbrx-2-norm-mqa-gelu": DbrxForCausalLM, "dbrx-unnormalized": DbrxForCausalLM,
+             "granitemoe": GraniteMoeForCausalLM, "granitemoe-bias-untied": GraniteMoeForCausalLM,
+             "granitemoe-shared": GraniteMoeSharedForCausalLM}
+
+
+IdsOf = Callable[[Any, Any], torch.Tensor]
+
+
+def expert_choosers(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, IdsOf, int]]:
+    """Per sparse layer of a transformers MoE model: a module whose call shows the experts each
+    token chose, how to read their ids from its ``(args, output)``, and the number of experts.
+    Routers return ``(logits, weights, ids)``; DBRX's returns logits only, so its experts module,
+    called with ``(hidden, ids, weights)``, shows them. The block is ``mlp``, Granite's
+    ``block_sparse_moe`` or Grok-1's ``moe_block``."""
+    if hasattr(model, "transformer"):
+        return {i: (block.ffn.experts, lambda args, _out: args[1], block.ffn.experts.num_experts)
+                for i, block in enumerate(model.transformer.blocks)}
+    choosers = {}
+    for i, layer in enumerate(model.model.layers):
+        block = getattr(layer, "block_sparse_moe", None) or getattr(layer, "moe_block", None) or layer.mlp
+        if hasattr(block, "experts"):
+            router = getattr(block, "router", None) or block.gate
+            choosers[i] = (router, lambda _args, out: out[2], router.weight.shape[0])
+    return choosers
 
 
 @pytest.mark.parametrize("name", sorted(MOE_CASES))
@@ -33,30 +61,29 @@ def test_contract_prompts_reach_every_expert(name: str, tmp_path) -> None:
     each layer's experts idle (an expert with no tokens must cost nothing and add nothing)."""
     model, prompts = _build(name, tmp_path)
     chosen: dict[int, list[set[int]]] = {}
-    blocks = {i: _moe_block(layer) for i, layer in enumerate(model.model.layers)}
-    for i, block in blocks.items():
-        if hasattr(block, "experts"):
-            block.gate.register_forward_hook(
-                lambda _m, _a, out, i=i: chosen.setdefault(i, []).append(set(out[2].flatten().tolist())))
+    choosers = expert_choosers(model)
+    for i, (module, ids_of, _) in choosers.items():
+        module.register_forward_hook(
+            lambda _m, args, out, i=i, ids_of=ids_of: chosen.setdefault(i, []).append(
+                set(ids_of(args, out).flatten().tolist())))
     with torch.no_grad():
         for prompt in prompts:
             model(torch.tensor([prompt]))
     assert chosen
     for layer, per_prompt in chosen.items():
-        experts = set(range(blocks[layer].gate.weight.shape[0]))
+        experts = set(range(choosers[layer][2]))
         assert set().union(*per_prompt) == experts, f"layer {layer}"
         shortest = min(range(len(prompts)), key=lambda p: len(prompts[p]))
         assert per_prompt[shortest] != experts, f"layer {layer}"
 
 
-def _moe_block(layer: torch.nn.Module) -> torch.nn.Module:
-    """A reference layer's MLP: transformers' ``mlp``, Grok-1's ``moe_block``. Its router (``gate``)
-    returns ``(logits, weights, expert ids)``."""
-    return layer.moe_block if hasattr(layer, "moe_block") else layer.mlp
-
-
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "qwen3-moe-bias-window-step"])
-def test_released_checkpoint_names_load_like_transformers_names(name: str, tmp_path) -> None:
+@pytest.mark.parametrize("name, released_name, down_proj", [
+    ("mixtral", ".experts.0.", "model.layers.1.mlp.experts.down_proj"),
+    ("qwen2-moe", ".experts.0.", "model.layers.2.mlp.experts.down_proj"),
+    ("qwen3-moe-bias-window-step", ".experts.0.", "model.layers.1.mlp.experts.down_proj"),
+    ("granitemoe-shared", ".block_sparse_moe.input_linear.", "model.layers.1.block_sparse_moe.experts.down_proj")])
+def test_released_checkpoint_names_load_like_transformers_names(name: str, released_name: str, down_proj: str,
+                                                                 tmp_path) -> None:
     config, reference = CASES[name].make()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -64,7 +91,7 @@ def test_released_checkpoint_names_load_like_transformers_names(name: str, tmp_p
             p.normal_()
     reference.save_pretrained(tmp_path)
     released = load_file(str(tmp_path / "model.safetensors"))
-    assert any(".experts.0." in key for key in released)  # per-expert, as on the Hub
+    assert any(released_name in key for key in released)  # as on the Hub
     cls = MOE_CASES[name]
     from_released, from_state_dict = cls(config, ModelContext()), cls(config, ModelContext())
     from_released.load_weights(released.items())
@@ -72,8 +99,7 @@ def test_released_checkpoint_names_load_like_transformers_names(name: str, tmp_p
     ours = dict(from_state_dict.named_parameters())
     for param_name, param in from_released.named_parameters():
         assert torch.equal(param, ours[param_name]), param_name
-    assert torch.equal(from_state_dict.model.layers[-1].mlp.experts.w2_weight[3],
-                       reference.model.layers[-1].mlp.experts.down_proj[3])
+    assert torch.equal(from_state_dict.model.layers[-1].mlp.experts.w2_weight[3], reference.get_parameter(down_proj)[3])
 
 
 @pytest.mark.parametrize("layer_types, field", [(["sliding_attention", "full_attention"], "sliding_window"),
@@ -85,3 +111,15 @@ def test_qwen2_moe_refuses_layers_it_cannot_serve(layer_types: list[str], field:
     config.num_hidden_layers, config.layer_types, config.sliding_window = 2, layer_types, None
     with pytest.raises(ValueError, match=field):
         Qwen2MoeForCausalLM(config, ModelContext())
+
+
+@pytest.mark.parametrize("attn_config, field", [({"rope_theta": None}, "attn_config.rope_theta"),
+                                                ({"tie_word_embeddings": True}, "tie_word_embeddings")])
+def test_dbrx_refuses_configs_it_cannot_serve(attn_config: dict[str, Any], field: str) -> None:
+    """No rope base in attn_config (transformers' DBRX needs one too); a tied head (transformers'
+    DbrxConfig refuses it)."""
+    config = CASES["dbrx"].make()[0]
+    for key, value in attn_config.items():
+        setattr(config.attn_config if key == "rope_theta" else config, key, value)
+    with pytest.raises(ValueError, match=field):
+        DbrxForCausalLM(config, ModelContext())

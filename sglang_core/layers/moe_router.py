@@ -3,7 +3,8 @@
 The scoring families the released MoE models use:
 
 - softmax over the router logits, top-k of the probabilities, renormalised to sum to 1 or not
-  (Mixtral renormalises; Qwen2/3-MoE as ``norm_topk_prob`` says; DeepSeek-V2 does not);
+  (Mixtral renormalises; Qwen2/3-MoE as ``norm_topk_prob`` says; DeepSeek-V2 does not), or to a
+  unit p-norm (DBRX's ``moe_normalize_expert_weights``);
 - DeepSeek-V2's ``group_limited_greedy``: the experts split into ``num_groups`` groups, each
   group scored by its best probability, the top-k taken only inside the best ``topk_groups``;
 - DeepSeek-V3's ``noaux_tc``: sigmoid scores; the choice (not the weights) reads the scores plus
@@ -31,7 +32,8 @@ class Routing:
 
     ``num_groups`` / ``topk_groups``: grouped top-k (1 / 1: no grouping). ``group_score``:
     ``"max"`` (DeepSeek-V2) or ``"top2_sum"`` (DeepSeek-V3). ``correction_bias``: the router owns
-    an ``e_score_correction_bias`` added to the scores for the choice only.
+    an ``e_score_correction_bias`` added to the scores for the choice only. ``renormalize_p``: with
+    ``renormalize``, the weights are divided by their p-norm (1: their sum).
     """
 
     top_k: int
@@ -42,11 +44,14 @@ class Routing:
     group_score: str = "max"
     correction_bias: bool = False
     scaling_factor: float = 1.0
+    renormalize_p: float = 1.0
 
     def check(self, num_experts: int) -> None:
         """ValueErrors naming the config field a bad value came from."""
         if not 0 < self.top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok: {self.top_k} is not in 1..{num_experts} (the number of experts)")
+        if not self.renormalize_p > 0:
+            raise ValueError(f"moe_normalize_expert_weights: {self.renormalize_p} is not a positive p of a p-norm")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring_func: {self.scoring!r} is not one of {', '.join(SCORINGS)}")
         if self.group_score not in GROUP_SCORES:
@@ -74,7 +79,9 @@ def select_experts(logits: torch.Tensor, routing: Routing,
     ids = choice.topk(routing.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if routing.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        norm = (weights.sum(dim=-1, keepdim=True) if routing.renormalize_p == 1
+                else weights.norm(p=routing.renormalize_p, dim=-1, keepdim=True))
+        weights = weights / norm
     if routing.scaling_factor != 1.0:
         weights = weights * routing.scaling_factor
     return weights, ids

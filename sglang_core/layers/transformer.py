@@ -36,7 +36,13 @@ from sglang_core.layers.parallel import (
 )
 from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.model_executor.forward_batch import ForwardBatch
-from sglang_core.model_executor.model_api import STACKED_EXPERTS, ModelContext, expert_mappings, load_by_name
+from sglang_core.model_executor.model_api import (
+    STACKED_EXPERTS,
+    ExpertMapping,
+    ModelContext,
+    expert_mappings,
+    load_by_name,
+)
 
 # Checkpoint name fragment -> (fused parameter fragment, shard id), for checkpoints that store
 # q/k/v and gate/up as separate tensors (Llama's names).
@@ -55,14 +61,16 @@ class SelfAttention(nn.Module):
     ``q_norm`` / ``k_norm``: applied to each head (``[tokens, heads, head_dim]``, Qwen3, Gemma 3)
     or, with ``qk_norm_per_head=False``, to the whole projection (``[tokens, heads * head_dim]``,
     OLMo 2). ``rotary`` None: no rotary (learned absolute positions). ``scaling`` defaults to
-    ``head_dim ** -0.5``.
+    ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
     """
 
     def __init__(self, ctx: ModelContext, prefix: str, layer_id: int, hidden_size: int, shape: HeadShape,
                  rotary: RotaryEmbedding | None, *, qkv_bias: bool = False, o_bias: bool = False,
                  scaling: float | None = None, sliding_window: int | None = None, logit_cap: float | None = None,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, qk_norm_per_head: bool = True):
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, qk_norm_per_head: bool = True,
+                 clip_qkv: float | None = None):
         super().__init__()
+        self.clip_qkv = clip_qkv
         d = shape.head_dim
         self.qkv_proj = QKVParallelLinear(hidden_size, d, shape.num_heads, shape.num_kv_heads, qkv_bias, ctx.tp,
                                           ctx.dtype, ctx.quant_method_for(f"{prefix}.qkv_proj"))
@@ -80,7 +88,10 @@ class SelfAttention(nn.Module):
                               logit_cap=logit_cap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         n, d = x.shape[0], self.head_dim
         if self.q_norm is not None and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -250,7 +261,9 @@ class DecoderLM(nn.Module):
     names differ from the modules'), ``ignored_weights`` (fragments of names to skip),
     ``expert_parts`` (an MoE family's per-expert projection names -> role, as
     ``model_api.expert_mappings`` takes them; the experts then also load from transformers'
-    stacked ``experts.gate_up_proj`` / ``experts.down_proj``).
+    stacked ``experts.gate_up_proj`` / ``experts.down_proj``), ``expert_layouts`` (``ExpertMapping``s
+    for a checkpoint's own layout of experts stored all at once, DBRX's flattened ``w1`` / ``v1`` / ``w2``;
+    these too turn on the stacked names).
 
     ``config_defaults``: the values the architecture's own config class gives fields that
     config.json omits. A custom-code checkpoint's config loads as a plain ``PretrainedConfig`` (its
@@ -262,6 +275,7 @@ class DecoderLM(nn.Module):
     checkpoint_renames: Sequence[tuple[str, str]] = ()
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
     expert_parts: dict[str, str] = {}
+    expert_layouts: Sequence[ExpertMapping] = ()
     config_defaults: dict[str, Any] = {}
 
     def __init__(self, config, ctx: ModelContext):
@@ -334,7 +348,8 @@ class DecoderLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         ignore = self.ignored_weights + (("lm_head.weight",) if self.tied else ())
         params = dict(self.named_parameters(remove_duplicate=False))
-        experts = [*expert_mappings(self.expert_parts), *STACKED_EXPERTS] if self.expert_parts else []
+        experts = ([*self.expert_layouts, *expert_mappings(self.expert_parts), *STACKED_EXPERTS]
+                   if self.expert_parts or self.expert_layouts else [])
         loaded = load_by_name(params, ((self.rename(name), tensor) for name, tensor in weights),
                               self.stacked_params, ignore, experts)
         missing = {n for n in params if n not in loaded and not (self.tied and n == "lm_head.weight")}

@@ -209,24 +209,26 @@ class RotaryEmbedding(nn.Module):
 
 
 class LongRopeRotaryEmbedding(RotaryEmbedding):
-    """LongRoPE with its factors chosen per token, as Hugging Face chooses them per forward pass:
-    ``long_factor`` for a token whose sequence is longer than ``original_max_position_embeddings``
-    when the token is processed, ``short_factor`` otherwise (the attention factor scales both).
-    A prompt's tokens go by the prompt's length, also when it is prefilled in chunks (Hugging
-    Face's ``generate`` takes a prompt in one pass); a decoded token at position ``p`` by ``p + 1``.
-    So a request whose prompt is short and whose output crosses the original length keeps the K
-    of its early tokens turned by the short factors and turns later ones by the long factors, as
-    ``generate`` with its KV cache does. Both tables are held, short rows then long rows.
+    """LongRoPE with its factors chosen per token, as Hugging Face chooses them per forward pass
+    (by its last position + 1): ``long_factor`` for a token whose sequence is longer than
+    ``original_max_position_embeddings`` when the token is processed, ``short_factor`` otherwise
+    (the attention factor scales both). A prompt's tokens go by the prompt's length, also when it
+    is prefilled in chunks (Hugging Face takes a prompt in one pass); a decoded token at position
+    ``p`` by ``p + 1``. Both tables are held, short rows then long rows.
 
     ``token_positions`` gives ``forward`` positions [2, T]: each token's position and the length
     its factors are chosen by (its request's ``ForwardBatch.fill_lens``), computed on the device,
     so a captured decode graph replays the choice.
 
-    The prefix cache keeps K as it was turned: a request reusing cached tokens reads them turned
-    by the factors of the request that computed them (its prompt length, or the positions of its
-    decoded tokens). The same as Hugging Face when both requests are on the same side of the
-    original length; otherwise the cached part differs from what Hugging Face would recompute
-    (e.g. a long prompt extending a cached short one keeps the short-factor K of its prefix). A
+    K is cached as it was turned. So a request whose prompt is within the original length and
+    whose output crosses it keeps its early tokens' K turned by the short factors and turns the
+    later ones by the long factors, as Hugging Face's forward stepped with its KV cache does; Phi-3's
+    ``generate`` instead drops its cache at the crossing and recomputes every token with the long
+    factors, which the engine does not. Likewise the prefix cache: a request reusing cached tokens
+    reads them turned by the factors of the request that computed them (its prompt's length, or
+    its decoded tokens' positions). That is Hugging Face's own result when both requests are on the
+    same side of the original length; otherwise the reused part is not what Hugging Face would
+    recompute (a long prompt extending a cached short one keeps its prefix's short-factor K). A
     request retracted and prefilled again goes by its whole length, output included."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any],
@@ -242,8 +244,9 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
 
     def token_positions(self, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         lengths = batch.seq_lens if batch.fill_lens is None else batch.fill_lens
-        per_token = torch.repeat_interleave(lengths, batch.seq_lens - batch.prefix_lens, output_size=len(positions))
-        return torch.stack((positions, per_token))
+        if len(lengths) != len(positions):  # else one token per request (decode): already per token
+            lengths = torch.repeat_interleave(lengths, batch.seq_lens - batch.prefix_lens, output_size=len(positions))
+        return torch.stack((positions, lengths))
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() != 2:  # plain positions would silently take the short factors

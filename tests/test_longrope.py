@@ -53,7 +53,7 @@ def served(tmp_path_factory):
     rng = random.Random(15)
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(n)] for n in CACHED_LENGTHS + CROSSING_LENGTHS]
     engine = Engine(str(folder), chunked_prefill_size=CHUNK)
-    yield model, engine, prompts
+    yield model, engine, prompts, folder
     engine.shutdown()
 
 
@@ -93,22 +93,38 @@ def _assert_matches(result: dict, reference: tuple[list[int], list[float]], what
     assert _engine_logprobs(result) == pytest.approx(logprobs, abs=1e-4), what
 
 
+def _reference(model, prompt: list[int]) -> tuple[list[int], list[float]]:
+    return _hf_stepped(model, prompt) if len(prompt) in CROSSING_LENGTHS else _hf_generate(model, prompt)
+
+
 def test_each_token_takes_the_factors_of_its_sequence_length(served):
     """All prompts in one batch: short and long tokens share prefill and decode steps."""
-    model, engine, prompts = served
+    model, engine, prompts, _folder = served
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
     for prompt, result in zip(prompts, results):
-        crossing = len(prompt) in CROSSING_LENGTHS
-        reference = _hf_stepped(model, prompt) if crossing else _hf_generate(model, prompt)
-        _assert_matches(result, reference, f"prompt of {len(prompt)} tokens")
+        _assert_matches(result, _reference(model, prompt), f"prompt of {len(prompt)} tokens")
     engine.check_memory()
+
+
+def test_overlapped_decode_chooses_alike(served):
+    """The overlapped schedule (CUDA graphs' on a GPU, switched on here as tests/test_overlap.py
+    does) launches a decode step before its input token is on the host. Tokens only: a request
+    that wants logprobs is never overlapped."""
+    model, _engine, prompts, folder = served
+    with Engine(str(folder), chunked_prefill_size=CHUNK) as engine:
+        engine.core.core.scheduler.overlap_max_bs = 64
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert engine.stats()["overlapped_steps"] > 0
+        engine.check_memory()
+    for prompt, result in zip(prompts, results):
+        assert result["output_ids"] == _reference(model, prompt)[0], f"prompt of {len(prompt)} tokens"
 
 
 @pytest.mark.parametrize("base", [0, 3], ids=["short-prefix", "long-prefix"])
 def test_cached_prefix_on_the_same_side_matches_generate(served, base: int):
     """A prompt extending one served before, on the same side of the original length, reuses its
     cached K (turned by the same factors) and matches ``generate`` from scratch."""
-    model, engine, prompts = served
+    model, engine, prompts, _folder = served
     engine.generate(input_ids=prompts[base], sampling_params=GREEDY)
     prompt = prompts[base] + [5, 6, 7, 8]
     result = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
@@ -120,7 +136,7 @@ def test_cached_prefix_on_the_same_side_matches_generate(served, base: int):
 def test_cached_short_prefix_of_a_long_prompt_keeps_its_short_factors(served):
     """The prefix-cache caveat: a long prompt extending a cached short one reads the prefix's K as
     the short prompt turned it, i.e. transformers' forward continuing from the prefix's own cache."""
-    model, engine, prompts = served
+    model, engine, prompts, _folder = served
     prefix = prompts[4]  # 26 tokens: short
     engine.generate(input_ids=prefix, sampling_params={**GREEDY, "max_new_tokens": 1})
     prompt = prefix + prompts[3][:20]  # 46 tokens: long
@@ -133,14 +149,12 @@ def test_cached_short_prefix_of_a_long_prompt_keeps_its_short_factors(served):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_cuda_graphs_choose_per_token(served, tmp_path):
+def test_gpu_cuda_graphs_choose_per_token(served):
     """On a GPU in float32: the fused rotary kernel and captured decode graphs make the same choice."""
-    model, _engine, prompts = served
-    _save(tmp_path, _config(), model)
-    with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend="triton",
+    model, _engine, prompts, folder = served
+    with Engine(str(folder), device="cuda", dtype="float32", attention_backend="triton",
                 chunked_prefill_size=CHUNK, cuda_graph_max_bs=8) as engine:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         engine.check_memory()
     for prompt, result in zip(prompts, results):
-        reference = _hf_stepped(model, prompt) if len(prompt) in CROSSING_LENGTHS else _hf_generate(model, prompt)
-        assert result["output_ids"] == reference[0], f"prompt of {len(prompt)} tokens"
+        assert result["output_ids"] == _reference(model, prompt)[0], f"prompt of {len(prompt)} tokens"

@@ -176,8 +176,9 @@ CASES: dict[str, ContractCase] = {
     "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, **tiny(sliding_window=8)),
     # Phi-3 128k / Phi-4-mini: LongRoPE. transformers takes short_factor for a sequence of up to
     # original_max_position_embeddings tokens, long_factor past it (for every position, the
-    # cache recomputed on crossing); the engine picks by its context length. Here the context and
-    # every sequence stay within the original length: short factors, partial rotary, a tied head.
+    # cache recomputed on crossing); the engine picks per token (tests/test_longrope.py). Here the
+    # context and every sequence stay within the original length: short factors, partial rotary,
+    # a tied head.
     "phi3-longrope-short": hf_case(
         _t("Phi3Config"), _t("Phi3ForCausalLM"), engine={"context_length": 128},
         **tiny(original_max_position_embeddings=128, partial_rotary_factor=0.75, tie_word_embeddings=True,

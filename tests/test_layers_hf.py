@@ -37,6 +37,7 @@ from sglang_core.layers.activation import GeluAndMul, SiluAndMul, act_fn, gated_
 from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm, RMSNorm
 from sglang_core.layers.parallel import QKVParallelLinear, TPGroup
 from sglang_core.layers.rotary import (
+    LongRopeRotaryEmbedding,
     RotaryEmbedding,
     rope_frequencies,
     rope_from_config,
@@ -306,15 +307,26 @@ def test_yarn_softmax_scale_matches_deepseek_attention() -> None:
 
 # --- Whole tables vs the models' rotary modules (incl. their per-forward length updates) -----
 
+def _one_sequence_positions(rope: RotaryEmbedding, seq_len: int) -> torch.Tensor:
+    """The positions of one sequence of ``seq_len`` tokens as ``rope`` takes them (LongRoPE's
+    [2, T] also give each token the length its factors are chosen by)."""
+    positions = torch.arange(seq_len)
+    if isinstance(rope, LongRopeRotaryEmbedding):
+        return torch.stack((positions, torch.full_like(positions, seq_len)))
+    return positions
+
+
 @pytest.mark.parametrize("case,module,seq_len,max_position", [
     ("dynamic_within", "llama", 300, None),
     ("dynamic_beyond", "llama", 2000, 2000),
     ("longrope_short", "phi3", 200, 256),
     ("longrope_long", "phi3", 1024, None),
+    ("longrope_short_of_both_tables", "phi3", 200, None),
 ])
 def test_rope_table_matches_hf_rotary_module(case: str, module: str, seq_len: int, max_position: int | None) -> None:
     """What HF's rotary module hands its attention for a sequence of ``seq_len`` tokens equals our
-    table when it serves ``max_position`` (see rotary.py on length-dependent scalings)."""
+    table when it serves ``max_position`` (see rotary.py on length-dependent scalings); LongRoPE
+    serving past the original length picks its table by the sequence length given per token."""
     if module == "llama":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as HFRotary
 
@@ -328,8 +340,10 @@ def test_rope_table_matches_hf_rotary_module(case: str, module: str, seq_len: in
     rope = rope_from_config(config, head_dim, max_position=max_position)
     half = rope.rotary_dim // 2
     assert hf_cos.shape[-1] == rope.rotary_dim
-    torch.testing.assert_close(rope.cos_cache[positions], hf_cos[0, :, :half], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(rope.sin_cache[positions], hf_sin[0, :, :half], atol=2e-5, rtol=1e-5)
+    assert isinstance(rope, LongRopeRotaryEmbedding) == (module == "phi3" and max_position is None)
+    cos, sin = rope.cos_sin(_one_sequence_positions(rope, seq_len))
+    torch.testing.assert_close(cos, hf_cos[0, :, :half], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sin, hf_sin[0, :, :half], atol=2e-5, rtol=1e-5)
 
 
 # --- Config spellings -------------------------------------------------------------------------
@@ -478,11 +492,12 @@ def _captured_rotary(module, function: str, model, input_ids: torch.Tensor) -> l
     return calls
 
 
-@pytest.mark.parametrize("seq_len,max_position", [(24, 32), (80, None)])
+@pytest.mark.parametrize("seq_len,max_position", [(24, 32), (24, None), (80, None)])
 @pytest.mark.parametrize("path", ["torch", "fused"])
 def test_phi3_longrope_partial_rotary_in_a_tiny_model(seq_len: int, max_position: int | None, path: str) -> None:
     """A random Phi-3 with LongRoPE and partial rotary: q and k before and after HF's rotation,
-    inside the model's own forward, short (<= 32 original positions) and long factors."""
+    inside the model's own forward, short (<= 32 original positions, from the short table alone
+    or from both) and long factors."""
     from transformers import Phi3ForCausalLM
     from transformers.models.phi3 import modeling_phi3
 
@@ -495,7 +510,7 @@ def test_phi3_longrope_partial_rotary_in_a_tiny_model(seq_len: int, max_position
     [((hf_in_q, hf_in_k, *_), (hf_q, hf_k))] = _captured_rotary(modeling_phi3, "apply_rotary_pos_emb", model, ids)
     rope = rope_from_config(config, 16, max_position=max_position)
     q, k = hf_in_q[0].transpose(0, 1).contiguous(), hf_in_k[0].transpose(0, 1).contiguous()
-    positions = torch.arange(seq_len)
+    positions = _one_sequence_positions(rope, seq_len)
     got_q, got_k = (fused_path if path == "fused" else lambda m, *a: m(*a))(rope, positions, q, k)
     torch.testing.assert_close(got_q, hf_q[0].transpose(0, 1), **FLOAT32)
     torch.testing.assert_close(got_k, hf_k[0].transpose(0, 1), **FLOAT32)

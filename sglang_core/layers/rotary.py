@@ -7,16 +7,16 @@ rotary (only the first ``rotary_dim`` dims of a head turn). Scalings (``rope_typ
 ``transformers.modeling_rope_utils`` does.
 
 Length-dependent scalings. Hugging Face recomputes the frequencies of ``dynamic`` (NTK) and
-``longrope`` from the length of the sequence in each forward pass. Here the cos/sin table is built
-once, for sequences up to ``max_position`` tokens, with the frequencies Hugging Face uses for a
-sequence of that length: ``dynamic`` keeps the unscaled frequencies when ``max_position`` is
-within ``original_max_position_embeddings`` and otherwise stretches the base for a sequence of
-``max_position`` tokens; ``longrope`` takes its ``short_factor`` when ``max_position`` is within
-``original_max_position_embeddings`` and its ``long_factor`` otherwise. So the table equals Hugging
-Face's for any sequence when ``max_position`` is within the original length, and for sequences of
-exactly ``max_position`` tokens beyond it; a shorter sequence beyond the original length turns
-with the frequencies of the longer one. ``rope_from_config(max_position=...)`` sets the length to
-the context the server actually serves.
+``longrope`` from the length of the sequence in each forward pass. ``longrope`` holds a table
+for each of its factor sets and chooses per token (``LongRopeRotaryEmbedding``) when the served
+length (``rope_from_config(max_position=...)``, the context the server serves) exceeds
+``original_max_position_embeddings``; within it, the short factors' table alone. ``dynamic``'s
+table is built once, for sequences up to ``max_position`` tokens, with the frequencies Hugging
+Face uses for a sequence of that length: the unscaled frequencies when ``max_position`` is within
+``original_max_position_embeddings``, else a base stretched for ``max_position`` tokens. So it
+equals Hugging Face's for any sequence within the original length, and for sequences of exactly
+``max_position`` tokens beyond it; a shorter sequence beyond the original length turns with the
+frequencies of the longer one.
 
 Multimodal rotary (M-RoPE, Qwen2-VL): positions become [3, T] (temporal, height, width), and each
 band of frequencies (``mrope_section``) takes its cos/sin from the row of its own position
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from sglang_core.kernels import use_fused
+from sglang_core.model_executor.forward_batch import ForwardBatch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # Older spellings of a rope type: Phi-3's first configs said "su"; Qwen2-VL's say "mrope" for the
@@ -160,11 +161,15 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
         self.interleaved = interleaved
-        inv_freq, attention_factor = rope_frequencies(self.rotary_dim, base, rope_scaling, max_position)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        cos, sin = _cos_sin_table(*rope_frequencies(self.rotary_dim, base, rope_scaling, max_position), max_position)
         # [max_position, rotary_dim // 2]: one column per frequency, whatever the layout.
-        self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)
-        self.register_buffer("sin_cache", freqs.sin() * attention_factor, persistent=False)
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+
+    def token_positions(self, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """What ``forward`` takes as positions, from a batch's [T] positions: those themselves
+        here; a subclass whose rotation needs more per token returns its own shape (LongRoPE)."""
+        return positions
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cos and sin, [T, rotary_dim // 2] each, for ``positions`` [T]. The extension
@@ -201,6 +206,64 @@ class RotaryEmbedding(nn.Module):
         out = torch.stack((out1, out2), dim=-1).flatten(-2) if self.interleaved else torch.cat((out1, out2), dim=-1)
         out = out.to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+class LongRopeRotaryEmbedding(RotaryEmbedding):
+    """LongRoPE with its factors chosen per token, as Hugging Face chooses them per forward pass
+    (by its last position + 1): ``long_factor`` for a token whose sequence is longer than
+    ``original_max_position_embeddings`` when the token is processed, ``short_factor`` otherwise
+    (the attention factor scales both). A prompt's tokens go by the prompt's length, also when it
+    is prefilled in chunks (Hugging Face takes a prompt in one pass); a decoded token at position
+    ``p`` by ``p + 1``. Both tables are held, short rows then long rows.
+
+    ``token_positions`` gives ``forward`` positions [2, T]: each token's position and the length
+    its factors are chosen by (its request's ``ForwardBatch.fill_lens``), computed on the device,
+    so a captured decode graph replays the choice.
+
+    K is cached as it was turned. So a request whose prompt is within the original length and
+    whose output crosses it keeps its early tokens' K turned by the short factors and turns the
+    later ones by the long factors, as Hugging Face's forward stepped with its KV cache does; Phi-3's
+    ``generate`` instead drops its cache at the crossing and recomputes every token with the long
+    factors, which the engine does not. Likewise the prefix cache: a request reusing cached tokens
+    reads them turned by the factors of the request that computed them (its prompt's length, or
+    its decoded tokens' positions). That is Hugging Face's own result when both requests are on the
+    same side of the original length; otherwise the reused part is not what Hugging Face would
+    recompute (a long prompt extending a cached short one keeps its prefix's short-factor K). A
+    request retracted and prefilled again goes by its whole length, output included."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any],
+                 rotary_dim: int | None = None, interleaved: bool = False):
+        super().__init__(head_dim, max_position, base, rope_scaling, rotary_dim, interleaved)
+        self.max_position = max_position
+        self.original_max_position = rope_scaling["original_max_position_embeddings"]
+        short = rope_frequencies(self.rotary_dim, base, rope_scaling, self.original_max_position)
+        long = rope_frequencies(self.rotary_dim, base, rope_scaling, self.original_max_position + 1)
+        tables = [_cos_sin_table(*freqs, max_position) for freqs in (short, long)]
+        self.cos_cache = torch.cat([cos for cos, _ in tables])
+        self.sin_cache = torch.cat([sin for _, sin in tables])
+
+    def token_positions(self, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        lengths = batch.seq_lens if batch.fill_lens is None else batch.fill_lens
+        if len(lengths) != len(positions):  # else one token per request (decode): already per token
+            lengths = torch.repeat_interleave(lengths, batch.seq_lens - batch.prefix_lens, output_size=len(positions))
+        return torch.stack((positions, lengths))
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() != 2:  # plain positions would silently take the short factors
+            raise ValueError("LongRoPE rotates by positions [2, T] from token_positions (position, sequence length)")
+        return super().forward(positions, q, k)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` [2, T] from ``token_positions``."""
+        rows = positions[0] + self.max_position * (positions[1] > self.original_max_position)
+        return self.cos_cache[rows], self.sin_cache[rows]
+
+
+def _cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, max_position: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_position, len(inv_freq)] of each position's angles, times the attention factor."""
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -261,5 +324,8 @@ def rope_from_config(config, head_dim: int, *, interleaved: bool = False, max_po
     params = rope_parameters(config, layer_type)
     rotary_dim = getattr(config, "rotary_dim", None) or int(head_dim * params["partial_rotary_factor"])
     scaling = params if params["rope_type"] != "default" else None
-    return RotaryEmbedding(head_dim, max_position or config.max_position_embeddings, params["rope_theta"], scaling,
-                           rotary_dim, interleaved)
+    max_position = max_position or config.max_position_embeddings
+    # LongRoPE serving only sequences within the original length needs the short table alone.
+    longrope = params["rope_type"] == "longrope" and max_position > params["original_max_position_embeddings"]
+    rotary_cls = LongRopeRotaryEmbedding if longrope else RotaryEmbedding
+    return rotary_cls(head_dim, max_position, params["rope_theta"], scaling, rotary_dim, interleaved)

@@ -70,9 +70,10 @@ class CudaGraphRunner:
     def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = ()) -> ForwardBatch:
         rows = GraphInputs(*(row[:bs] for row in self.buffers))
         seq_lens_cpu = seq_lens_cpu or [1] * bs
+        # A decode step schedules one token per request: its length once in is seq_lens.
         return self.make_batch(mode=ForwardMode.DECODE, **rows._asdict(), prefix_lens=rows.seq_lens - 1,
-                               seq_lens_cpu=seq_lens_cpu, prefix_lens_cpu=[n - 1 for n in seq_lens_cpu],
-                               shared_prefixes=shared_prefixes)
+                               fill_lens=rows.seq_lens, seq_lens_cpu=seq_lens_cpu,
+                               prefix_lens_cpu=[n - 1 for n in seq_lens_cpu], shared_prefixes=shared_prefixes)
 
     def _capture(self, bs: int) -> None:
         batch = self._batch(bs)

@@ -30,6 +30,10 @@ class ForwardBatch:
     # Decode with cascade: (length, batch rows) of requests whose first ``length`` KV slots are
     # the same (a cached prefix they share); empty when not asked for.
     shared_prefixes: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # [B] each request's length once all the tokens scheduled for it are in (``Req.fill_len``):
+    # beyond seq_lens while a prompt is prefilled in chunks (its whole length), seq_lens in
+    # decode. Length-dependent rope scalings (LongRoPE) choose by it. None: the same as seq_lens.
+    fill_lens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

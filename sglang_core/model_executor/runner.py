@@ -35,6 +35,7 @@ class StepInput:
     req_pool_indices: list[int]
     seq_lens: list[int]
     prefix_lens: list[int]
+    fill_lens: list[int]  # ForwardBatch.fill_lens
     logit_index: list[int]  # which new tokens' hidden states become logits
     shared_prefixes: tuple = ()  # decode with cascade: ForwardBatch.shared_prefixes
 
@@ -203,6 +204,7 @@ class ModelRunner:
             req_pool_indices=torch.tensor(step.req_pool_indices, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(step.seq_lens, dtype=torch.int64, device=dev),
             prefix_lens=torch.tensor(step.prefix_lens, dtype=torch.int64, device=dev),
+            fill_lens=torch.tensor(step.fill_lens, dtype=torch.int64, device=dev),
             seq_lens_cpu=step.seq_lens,
             prefix_lens_cpu=step.prefix_lens,
             shared_prefixes=step.shared_prefixes,

@@ -114,6 +114,8 @@ class BatchRunner:
             req_pool_indices=[c.req.req_pool_idx for c in chunks],
             seq_lens=[c.end for c in chunks],
             prefix_lens=[c.start for c in chunks],
+            # An overlapped decode runs before its input token is on the host: fill_len lags by one.
+            fill_lens=[max(c.end, c.req.fill_len) for c in chunks],
             logit_index=logit_index,
             shared_prefixes=shared,
         )

@@ -8,14 +8,16 @@ a bias of its own.
 
 ``Phi3ForCausalLM`` (Phi-3, Phi-3.5-mini, Phi-4-mini): Llama's arrangement with q/k/v and
 gate/up stored fused in the checkpoint (``qkv_proj``, ``gate_up_proj``: the fused parameters'
-own names, so they load as they are), LongRoPE scaling, partial rotary and a sliding window
-where the config sets them - all of which the core's defaults already read.
+own names, so they load as they are), LongRoPE scaling (its factors chosen per token, as
+transformers chooses them per forward pass: see ``LongRopeRotaryEmbedding``), partial rotary and
+a sliding window where the config sets them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from sglang_core.layers.attention_spec import HeadShape
@@ -23,6 +25,7 @@ from sglang_core.layers.norm import LayerNorm
 from sglang_core.layers.parallel import VocabParallelEmbedding
 from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import QKV_GATE_UP, MLP, DecoderLM, ParallelDecoderLayer, layer_prefix
+from sglang_core.model_executor.forward_batch import ForwardBatch
 from sglang_core.model_executor.model_api import ModelContext
 
 
@@ -64,4 +67,12 @@ class PhiForCausalLM(DecoderLM):
 
 
 class Phi3ForCausalLM(DecoderLM):
-    """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring)."""
+    """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring);
+    LongRoPE chooses its factors per token from the batch (``LongRopeRotaryEmbedding``)."""
+
+    def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding:
+        self.rotary = super().make_rotary(config, ctx)  # kept for forward's token_positions
+        return self.rotary
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, self.rotary.token_positions(positions, batch), batch)

@@ -293,6 +293,9 @@ class DecoderLM(nn.Module):
         self.lm_head = self.make_lm_head(config, ctx)
         self.logit_scale, self.final_logit_softcap = 1.0, None
         self._renames = [(re.compile(pattern), repl) for pattern, repl in self.checkpoint_renames]
+        # A rotary whose rotation needs more per token than its position (LongRoPE: the length
+        # its factors go by) says so through token_positions; the layers get what it returns.
+        self._rotary_positions = rotary.token_positions if isinstance(rotary, RotaryEmbedding) else None
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
         """One cos/sin table shared by all layers (per layer it would cost GBs at 128k positions)."""
@@ -329,6 +332,8 @@ class DecoderLM(nn.Module):
                             self.make_norm(config, ctx), self.make_norm(config, ctx))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self._rotary_positions is not None:
+            positions = self._rotary_positions(positions, batch)
         return self.model(input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

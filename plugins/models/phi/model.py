@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from sglang_core.layers.attention_spec import HeadShape
@@ -25,7 +24,6 @@ from sglang_core.layers.norm import LayerNorm
 from sglang_core.layers.parallel import VocabParallelEmbedding
 from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import QKV_GATE_UP, MLP, DecoderLM, ParallelDecoderLayer, layer_prefix
-from sglang_core.model_executor.forward_batch import ForwardBatch
 from sglang_core.model_executor.model_api import ModelContext
 
 
@@ -67,12 +65,5 @@ class PhiForCausalLM(DecoderLM):
 
 
 class Phi3ForCausalLM(DecoderLM):
-    """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring);
-    LongRoPE chooses its factors per token from the batch (``LongRopeRotaryEmbedding``)."""
-
-    def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding:
-        self.rotary = super().make_rotary(config, ctx)  # kept for forward's token_positions
-        return self.rotary
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, self.rotary.token_positions(positions, batch), batch)
+    """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring),
+    LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``)."""

@@ -23,6 +23,7 @@ class EngineSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     context_length: int | None = Field(None, gt=0, description="max tokens per request (default: the model's)")
     random_seed: int = Field(0, description="seed for dummy weights and unseeded sampling")
+    quantization: str | None = Field(None, description="quantization method name (a quant plugin's, e.g. fp8): overrides the checkpoint's quantization_config quant_method, or quantizes a 16/32-bit checkpoint at load")
 
     # Memory
     mem_fraction_static: float = Field(0.85, gt=0, lt=1, description="CUDA: fraction of GPU memory for weights + KV pool")

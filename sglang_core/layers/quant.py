@@ -42,7 +42,19 @@ def weight_param(data: torch.Tensor, weight_loader: Callable[..., None], *, outp
 
 
 class QuantMethod(abc.ABC):
-    """Creates a linear layer's parameters and computes ``x W^T (+ b)`` from them."""
+    """Creates a linear layer's parameters and computes ``x W^T (+ b)`` from them.
+
+    The engine builds one per linear layer through ``for_layer(quant_config, prefix)``, where
+    ``quant_config`` is the checkpoint's ``quantization_config`` dict or, when ``--quantization``
+    asks for a method on a checkpoint that has none, ``{"quant_method": name}`` alone (the
+    checkpoint is unquantized; the method quantizes at load, if it can).
+    """
+
+    @classmethod
+    def for_layer(cls, quant_config: dict, prefix: str) -> QuantMethod | None:
+        """The method for the linear layer at module path ``prefix``, or None to leave it
+        unquantized (a checkpoint's ignore list); default: ``cls(quant_config, prefix)``."""
+        return cls(quant_config, prefix)  # type: ignore[call-arg]
 
     @abc.abstractmethod
     def create_weights(

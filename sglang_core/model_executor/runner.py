@@ -99,15 +99,20 @@ class ModelRunner:
         return model.eval()
 
     def _quant_method_factory(self, plugins: PluginManager):
+        """Each linear layer's method: by ``--quantization`` if given, else the checkpoint's
+        ``quantization_config``; a checkpoint without one hands the method ``{"quant_method": name}``."""
         quant = getattr(self.config, "quantization_config", None)
-        if not quant:
+        if not quant and not self.settings.quantization:
             return lambda prefix: None
-        name = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if quant and not isinstance(quant, dict):
+            quant = quant.to_dict()
+        name = self.settings.quantization or quant.get("quant_method")
+        quant = quant or {"quant_method": name}
         try:
             cls = plugins.registry("quant_methods").get(str(name)).load()
         except PluginError as exc:
-            raise ValueError(f"checkpoint is quantized with {name!r}, which no loaded plugin provides: {exc}") from exc
-        return lambda prefix: cls(quant, prefix)
+            raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
+        return lambda prefix: cls.for_layer(quant, prefix)
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

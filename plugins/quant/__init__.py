@@ -1,0 +1,1 @@
+"""Quantization plugins: each registers ``QuantMethod`` classes (hook ``register_quant_methods``)."""

@@ -1,0 +1,10 @@
+"""FP8 (e4m3) linear layers: compressed-tensors "float-quantized" and AutoFP8 ("fp8") checkpoints,
+and ``--quantization fp8`` on a 16/32-bit checkpoint (weights quantized per output channel at load)."""
+
+from sglang_core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_quant_methods(register):
+    register("fp8", "sglang_plugins.quant.fp8.method:Fp8LinearMethod")
+    register("compressed-tensors", "sglang_plugins.quant.fp8.method:Fp8LinearMethod")

@@ -1,0 +1,125 @@
+"""FP8 linear layers: e4m3 weights with a scale per output channel, activations quantized per
+token (dynamic) or by one calibrated scale (static), or left in the compute dtype (weight only).
+
+Fused layers (q/k/v, gate/up) whose checkpoint tensors each carry their own per-tensor scale keep
+every part's scale, expanded to one scale per output row after loading: dequantization stays
+exact (requantizing every part to the largest scale, as some consumers do, would round the
+weights a second time), and the GPU's row-wise scaled matmul costs the same as a per-tensor one.
+Static input scales of a fused layer's parts scale one shared input: the largest is used, so no
+part's calibrated range is clipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sglang_core.kernels import linear
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fp8.scheme import parse_scheme
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+# The smallest scale used: an all-zero row or token quantizes to zeros instead of NaNs.
+MIN_SCALE = 1e-12
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to e4m3, saturating at its largest finite value."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _part_index(shard_id: Any) -> int:
+    """Position of a fused layer's part: merged layers number their parts, QKV names them."""
+    return shard_id if isinstance(shard_id, int) else "qkv".index(shard_id)
+
+
+def _load_part_scale(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """One per-tensor scale per checkpoint tensor; a tensor holding every part (``shard_id`` None)
+    gives all parts its scale."""
+    if loaded.numel() != 1:
+        raise ValueError(f"a per-tensor scale has one element, got shape {tuple(loaded.shape)}")
+    if shard_id is None:
+        param.data.fill_(loaded.item())
+    else:
+        param.data[_part_index(shard_id)] = loaded.reshape(())
+
+
+def _frozen(data: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(data, requires_grad=False)
+
+
+class Fp8LinearMethod(QuantMethod):
+    def __init__(self, quant_config: dict[str, Any], prefix: str):
+        self.scheme = parse_scheme(quant_config)
+        self.prefix = prefix
+
+    @classmethod
+    def for_layer(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
+        method = cls(quant_config, prefix)
+        return None if method.scheme.ignores(prefix) else method
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
+                       weight_loader: Callable[..., None]) -> None:
+        rows, weights = sum(output_sizes), self.scheme.weights
+        weight_dtype = params_dtype if weights == "online" else FP8
+        layer.weight = weight_param(torch.zeros(rows, input_size, dtype=weight_dtype), weight_loader,
+                                    output_dim=0, input_dim=1)
+        if weights == "channel":
+            layer.weight_scale = weight_param(torch.ones(rows, 1), weight_loader, output_dim=0)
+        elif weights == "tensor":
+            layer.weight_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+        if self.scheme.activations == "static":
+            layer.input_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static
+        ``input_scale`` one scalar."""
+        if self.scheme.weights == "online":
+            weight = layer.weight.data.float()
+            scale = weight.abs().amax(dim=1).clamp(min=MIN_SCALE) / FP8_MAX
+            layer.weight = _frozen(quantize(weight, scale[:, None]))
+        elif self.scheme.weights == "tensor":
+            sizes = torch.tensor(layer.output_sizes, device=layer.weight_scale.device)
+            scale = layer.weight_scale.data.float().repeat_interleave(sizes)
+        else:
+            scale = layer.weight_scale.data.float().reshape(-1)
+        layer.weight_scale = _frozen(scale)
+        if self.scheme.activations == "static":
+            layer.input_scale = _frozen(layer.input_scale.data.float().max())
+
+    def _input_scale(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The activation scale: the static scalar, or each token's largest magnitude over e4m3's."""
+        if self.scheme.activations == "static":
+            return layer.input_scale
+        return x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
+            return self._scaled_mm(layer, x, bias)
+        # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.
+        weight = (layer.weight.float() * layer.weight_scale[:, None]).to(x.dtype)
+        if self.scheme.activations != "none":
+            scale = self._input_scale(layer, x)
+            x = (quantize(x, scale).float() * scale).to(x.dtype)
+        return linear(x, weight, bias)
+
+    def _scaled_mm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Row-wise scaled e4m3 matmul (Hopper / Ada): one scale per token times one per output row."""
+        tokens = x.reshape(-1, x.shape[-1])
+        scale = self._input_scale(layer, tokens).expand(tokens.shape[0], 1).contiguous()
+        y = torch._scaled_mm(quantize(tokens, scale), layer.weight.t(), scale_a=scale,
+                             scale_b=layer.weight_scale.view(1, -1), out_dtype=torch.bfloat16).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y + bias if bias is not None else y
+
+
+def _scaled_mm_fits(layer: nn.Module, x: torch.Tensor) -> bool:
+    """torch's row-wise ``_scaled_mm`` needs a CUDA device of compute capability 8.9+ and both
+    matrix sides multiples of 16."""
+    if not x.is_cuda or not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    rows, cols = layer.weight.shape
+    return rows % 16 == 0 and cols % 16 == 0

@@ -1,0 +1,108 @@
+"""Reads a checkpoint's ``quantization_config`` into the FP8 scheme its linear layers follow.
+
+Formats read:
+- compressed-tensors (llm-compressor), ``format: "float-quantized"``: one config group targeting
+  ``Linear`` whose ``weights`` are 8-bit ``float`` (strategy ``tensor``: ``weight_scale`` [1];
+  ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1]) or
+  dynamic per-token; ``ignore``: module names or ``re:`` patterns left unquantized.
+- AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
+  dynamic (per-token), ``ignored_layers``.
+- ``{"quant_method": "fp8"}`` alone (``--quantization fp8`` on an unquantized checkpoint): weights
+  quantized per output channel at load, activations dynamically per token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# The fused layers DecoderLM builds, and the checkpoint modules each stands for: an ignore list
+# names the checkpoint's modules.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    weights: Literal["tensor", "channel", "online"]  # online: a float checkpoint quantized at load
+    activations: Literal["none", "static", "dynamic"]
+    ignore: tuple[str, ...] = ()
+
+    def ignores(self, prefix: str) -> bool:
+        """Whether the linear layer at ``prefix`` stays unquantized; a fused layer only when all
+        its parts are ignored (a partly ignored one cannot be computed as one matmul)."""
+        head, _, leaf = prefix.rpartition(".")
+        names = [f"{head}.{part}" for part in FUSED_PARTS.get(leaf, (leaf,))]
+        hits = [any(_matches(entry, name) for entry in self.ignore) for name in names]
+        if any(hits) and not all(hits):
+            raise ValueError(f"quantization_config ignore: lists only some of the modules fused into {prefix} "
+                             f"({', '.join(n for n, hit in zip(names, hits) if hit)})")
+        return all(hits)
+
+
+def _matches(entry: str, name: str) -> bool:
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return entry == name
+
+
+def parse_scheme(config: dict[str, Any]) -> Fp8Scheme:
+    method = config.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors(config)
+    if method == "fp8":
+        return _auto_fp8(config) if len(config) > 1 else Fp8Scheme("online", "dynamic")
+    raise ValueError(f"quantization_config quant_method {method!r}: the fp8 plugin reads compressed-tensors and fp8")
+
+
+def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
+    if config.get("weight_block_size"):
+        raise ValueError("quantization_config weight_block_size: block-wise FP8 weights are not supported")
+    activations = config.get("activation_scheme")
+    if activations not in ("static", "dynamic"):
+        raise ValueError(f"quantization_config activation_scheme {activations!r}: expected 'static' or 'dynamic'")
+    return Fp8Scheme("tensor", activations, tuple(config.get("ignored_layers") or ()))
+
+
+def _compressed_tensors(config: dict[str, Any]) -> Fp8Scheme:
+    if config.get("format") != "float-quantized":
+        raise ValueError(f"quantization_config format {config.get('format')!r}: the fp8 plugin reads 'float-quantized'")
+    if config.get("kv_cache_scheme"):
+        raise ValueError("quantization_config kv_cache_scheme: a quantized KV cache is not supported")
+    groups = config.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"quantization_config config_groups: expected one group, got {len(groups)}")
+    group = next(iter(groups.values()))
+    if "Linear" not in (group.get("targets") or []):
+        raise ValueError(f"quantization_config config_groups targets {group.get('targets')!r}: expected 'Linear'")
+    weights = _float8("weights", group.get("weights"))
+    if weights.get("strategy") not in ("tensor", "channel") or weights.get("dynamic"):
+        raise ValueError(f"quantization_config weights strategy {weights.get('strategy')!r} (dynamic="
+                         f"{weights.get('dynamic')!r}): expected static 'tensor' or 'channel'")
+    return Fp8Scheme(weights["strategy"], _activations(group.get("input_activations")),
+                     tuple(config.get("ignore") or ()))
+
+
+def _activations(args: dict[str, Any] | None) -> Literal["none", "static", "dynamic"]:
+    if args is None:
+        return "none"
+    args = _float8("input_activations", args)
+    strategy, dynamic = args.get("strategy"), bool(args.get("dynamic"))
+    if (strategy, dynamic) == ("tensor", False):
+        return "static"
+    if (strategy, dynamic) == ("token", True):
+        return "dynamic"
+    raise ValueError(f"quantization_config input_activations strategy {strategy!r} with dynamic={dynamic}: "
+                     "expected static 'tensor' or dynamic 'token'")
+
+
+def _float8(field: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    """Quantization args that are symmetric 8-bit float (e4m3), or a ValueError naming ``field``."""
+    if not isinstance(args, dict):
+        raise ValueError(f"quantization_config {field}: expected quantization arguments, got {args!r}")
+    if args.get("type") != "float" or args.get("num_bits") != 8:
+        raise ValueError(f"quantization_config {field} type {args.get('type')!r} num_bits {args.get('num_bits')!r}: "
+                         "expected 8-bit 'float'")
+    if args.get("symmetric") is False:
+        raise ValueError(f"quantization_config {field} symmetric: asymmetric FP8 is not supported")
+    return args

@@ -1,0 +1,196 @@
+"""The fp8 quant plugin on the CPU, through the normal load path (Engine), against transformers
+float32 with the same numbers.
+
+Checkpoints are written here by a packer that follows the published compressed-tensors
+"float-quantized" layout (llm-compressor's FP8 output) or AutoFP8's: e4m3 ``weight``, float32
+``weight_scale`` (per tensor or per output channel), ``input_scale`` for static activations. The
+reference is the transformers model holding the dequantized weights; where activations are
+quantized, forward pre-hooks quantize-dequantize each linear's input as the FP8 matmul would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from model_contract import tiny
+from reference import byte_level_tokenizer
+from sglang_core.engine import Engine
+from sglang_plugins.quant.fp8.scheme import parse_scheme
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+PROMPTS = [[5, 17, 99, 42, 7], [200, 3, 3, 150, 77, 12, 64, 31, 9, 250, 18]]
+NEW_TOKENS = 8
+ACTIVATION_ATOL = 1e-4
+# Every linear layer a Llama decoder layer has, as the checkpoint names them.
+LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj")
+# Parts of one fused layer share their input: the engine quantizes it once with the largest scale.
+SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                "mlp.up_proj": "mlp.gate_proj"}
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(**tiny(), architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def linear_names(model) -> list[str]:
+    return [f"model.layers.{i}.{leaf}" for i in range(model.config.num_hidden_layers) for leaf in LINEAR]
+
+
+def to_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def calibrate(model) -> dict[str, float]:
+    """Static input scales: each linear's largest input magnitude over a calibration pass / 448;
+    k's is made 1.5 times larger so a fused layer's parts disagree (the largest must win)."""
+    seen: dict[str, float] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen.__setitem__(name, max(seen.get(name, 0.0), args[0].abs().max().item())))
+        for name in linear_names(model)]
+    with torch.no_grad():
+        model(torch.tensor([list(range(3, 60))]))
+    for hook in hooks:
+        hook.remove()
+    return {name: amax / E4M3_MAX * (1.5 if name.endswith("k_proj") else 1.0) for name, amax in seen.items()}
+
+
+def pack(model, folder, quantization_config: dict, weights: str, input_scales: dict[str, float] | None = None,
+         keep_float: tuple[str, ...] = (), scalar_scales: bool = False) -> None:
+    """Write ``model`` as an FP8 checkpoint and leave the dequantized weights in ``model``.
+
+    ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes)
+    or "channel" ([out, 1]). Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
+    as they are.
+    """
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    with torch.no_grad():
+        for name in linear_names(model):
+            if name in keep_float:
+                continue
+            w = model.get_submodule(name).weight
+            amax = w.abs().amax(dim=1, keepdim=True) if weights == "channel" else w.abs().amax().reshape(1)
+            scale = amax / E4M3_MAX
+            q = to_e4m3(w, scale)
+            w.copy_(q.float() * scale)
+            state[f"{name}.weight"] = q
+            state[f"{name}.weight_scale"] = scale.reshape(()) if scalar_scales else scale
+            if input_scales is not None:
+                s = torch.tensor([input_scales[name]])
+                state[f"{name}.input_scale"] = s.reshape(()) if scalar_scales else s
+    model.config.quantization_config = quantization_config
+    model.config.save_pretrained(folder)
+    del model.config.quantization_config
+    save_file({n: t.contiguous() for n, t in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    byte_level_tokenizer().save_pretrained(folder)
+
+
+def compressed_tensors_config(weights: str, activations: dict | None, ignore: list[str]) -> dict:
+    """The quantization_config llm-compressor writes for an FP8 scheme."""
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": weights, "symmetric": True,
+                            "dynamic": False, "observer": "minmax"},
+                "input_activations": activations}},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+STATIC = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+DYNAMIC = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+
+
+def quantize_inputs(model, input_scales: dict[str, float] | None) -> None:
+    """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``) or by
+    its static scale, the largest among the parts of a fused layer."""
+    def scale_of(name: str, x: torch.Tensor) -> torch.Tensor:
+        if input_scales is None:
+            return x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+        layer, leaf = name.split(".", 3)[2], name.split(".", 3)[3]
+        first = SHARED_INPUT.get(leaf, leaf)
+        group = [f"model.layers.{layer}.{part}" for part, lead in [(first, first), *SHARED_INPUT.items()]
+                 if part == first or lead == first]
+        return torch.tensor(max(input_scales[n] for n in group))
+
+    for name in input_scales or linear_names(model):
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: (to_e4m3(args[0], s := scale_of(name, args[0])).float() * s,))
+
+
+def reference(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens (recomputing the whole sequence each step) and the log-probability of every
+    token of prompt + output after the first."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    return ids[len(prompt):], logprobs
+
+
+def served(folder, **settings) -> list[tuple[list[int], torch.Tensor]]:
+    with Engine(str(folder), **settings) as engine:
+        results = engine.generate(input_ids=PROMPTS, return_logprob=True, logprob_start_len=0,
+                                  sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS})
+    out = []
+    for result in results:
+        meta = result["meta_info"]
+        got = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
+        out.append((result["output_ids"], torch.tensor(got)))
+    return out
+
+
+def assert_matches(model, folder, atol: float, **settings) -> None:
+    for prompt, (tokens, logprobs) in zip(PROMPTS, served(folder, **settings)):
+        expected_tokens, expected_logprobs = reference(model, prompt)
+        assert tokens == expected_tokens, f"prompt of {len(prompt)} tokens"
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["tensor", "channel"])
+def test_compressed_tensors_weight_only(tmp_path, weights):
+    model = tiny_llama()
+    pack(model, tmp_path, compressed_tensors_config(weights, None, ["lm_head"]), weights)
+    assert_matches(model, tmp_path, atol=1e-4)
+
+
+def fp8_config(activations: str, ignored: list[str]) -> dict:
+    """The quantization_config AutoFP8 writes."""
+    return {"quant_method": "fp8", "activation_scheme": activations, "ignored_layers": ignored}
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fp8"])
+def test_static_activations(tmp_path, layout):
+    model = tiny_llama()
+    scales = calibrate(model)
+    config = (compressed_tensors_config("tensor", STATIC, ["lm_head"]) if layout == "compressed-tensors"
+              else fp8_config("static", ["lm_head"]))
+    pack(model, tmp_path, config, "tensor", input_scales=scales, scalar_scales=layout == "fp8")
+    quantize_inputs(model, scales)
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fp8"])
+def test_dynamic_activations(tmp_path, layout):
+    model = tiny_llama()
+    weights = "channel" if layout == "compressed-tensors" else "tensor"
+    config = (compressed_tensors_config(weights, DYNAMIC, ["lm_head"]) if layout == "compressed-tensors"
+              else fp8_config("dynamic", ["lm_head"]))
+    pack(model, tmp_path, config, weights, scalar_scales=layout == "fp8")
+    quantize_inputs(model, None)
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)

@@ -194,3 +194,73 @@ def test_dynamic_activations(tmp_path, layout):
     pack(model, tmp_path, config, weights, scalar_scales=layout == "fp8")
     quantize_inputs(model, None)
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
+
+
+def test_online_quantization_of_a_float_checkpoint(tmp_path):
+    """``--quantization fp8`` on a float32 checkpoint: weights quantized per output channel at
+    load, activations per token."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    with torch.no_grad():
+        for name in linear_names(model):
+            w = model.get_submodule(name).weight
+            scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+            w.copy_(to_e4m3(w, scale).float() * scale)
+    quantize_inputs(model, None)
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL, quantization="fp8")
+
+
+def test_ignored_modules_stay_unquantized(tmp_path):
+    """Modules the ignore list names (by name, or by a ``re:`` pattern) are float in the
+    checkpoint and load as plain linear layers; lm_head likewise."""
+    model = tiny_llama()
+    fused = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+    ignore = ["lm_head", *fused, r"re:.*layers\.1\.mlp\.down_proj$"]
+    pack(model, tmp_path, compressed_tensors_config("channel", None, ignore), "channel",
+         keep_float=(*fused, "model.layers.1.mlp.down_proj"))
+    assert_matches(model, tmp_path, atol=1e-4)
+
+
+def test_partly_ignored_fused_layer_is_an_error(tmp_path):
+    model = tiny_llama()
+    pack(model, tmp_path, compressed_tensors_config("channel", None, ["lm_head", "model.layers.0.self_attn.k_proj"]),
+         "channel", keep_float=("model.layers.0.self_attn.k_proj",))
+    with pytest.raises(ValueError, match="ignore.*model.layers.0.self_attn.k_proj"):
+        Engine(str(tmp_path))
+
+
+def _broken(path: str, value) -> dict:
+    """A valid compressed-tensors FP8 config with the entry at ``path`` (dot-separated) replaced."""
+    config = compressed_tensors_config("tensor", dict(STATIC), ["lm_head"])
+    *parents, leaf = path.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("config, field", [
+    (_broken("format", "pack-quantized"), "format"),
+    (_broken("config_groups", {}), "config_groups"),
+    (_broken("config_groups.group_0.targets", ["re:.*q_proj"]), "config_groups targets"),
+    (_broken("config_groups.group_0.weights.type", "int"), "weights type"),
+    (_broken("config_groups.group_0.weights.num_bits", 4), "weights type"),
+    (_broken("config_groups.group_0.weights.strategy", "group"), "weights strategy"),
+    (_broken("config_groups.group_0.weights.symmetric", False), "weights symmetric"),
+    (_broken("config_groups.group_0.input_activations.strategy", "token"), "input_activations strategy"),
+    (_broken("kv_cache_scheme", dict(STATIC)), "kv_cache_scheme"),
+    ({"quant_method": "fp8", "activation_scheme": "per-tensor"}, "activation_scheme"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "weight_block_size"),
+])
+def test_bad_config_names_the_field(config, field):
+    with pytest.raises(ValueError, match=f"quantization_config {field}"):
+        parse_scheme(config)
+
+
+def test_bad_config_fails_the_engine(tmp_path):
+    model = tiny_llama()
+    pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "block"), "tensor")
+    with pytest.raises(ValueError, match="quantization_config weights strategy"):
+        Engine(str(tmp_path))

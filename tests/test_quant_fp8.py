@@ -264,3 +264,50 @@ def test_bad_config_fails_the_engine(tmp_path):
     pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "block"), "tensor")
     with pytest.raises(ValueError, match="quantization_config weights strategy"):
         Engine(str(tmp_path))
+
+
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
+    """A fused q/k/v layer whose parts carry their own per-tensor weight and input scales computes
+    the product of the quantized input (one input scale: the parts' largest) and the dequantized
+    weights. On a GPU with FP8 matmuls it goes through ``torch._scaled_mm``, whose bfloat16
+    output bounds the precision there."""
+    from sglang_core.layers.parallel import QKVParallelLinear
+    from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or scaled_mm(*a, **k))
+    config = fp8_config(activations, [])
+    with torch.device(device):
+        layer = QKVParallelLinear(64, 16, 4, 2, quant_method=Fp8LinearMethod(config, "model.layers.0.self_attn.qkv_proj"))
+    def load(param, tensor, part):  # as the model's load_weights does
+        param.weight_loader(param, tensor.to(device, param.dtype), part)
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 64)
+    dequantized, input_scale = [], torch.tensor(0.0)
+    for part, rows, part_scale in (("q", 64, 0.5), ("k", 32, 2.0), ("v", 32, 1.0)):
+        w = torch.randn(rows, 64) * part_scale
+        scale = w.abs().amax().reshape(1) / E4M3_MAX
+        q = to_e4m3(w, scale)
+        dequantized.append(q.float() * scale)
+        load(layer.weight, q, part)
+        load(layer.weight_scale, scale, part)
+        if activations == "static":
+            part_input_scale = x.abs().max() / E4M3_MAX * part_scale
+            input_scale = torch.maximum(input_scale, part_input_scale)
+            load(layer.input_scale, part_input_scale.reshape(1), part)
+    layer.quant_method.process_weights_after_loading(layer)
+    if activations == "dynamic":
+        input_scale = x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
+    expected = (to_e4m3(x, input_scale).float() * input_scale) @ torch.cat(dequantized).T
+    got = layer(x.to(device)).cpu()
+    assert bool(calls) == (device == "cuda"), "the FP8 matmul is used exactly on the GPU"
+    rtol = 2e-2 if device == "cuda" else 1e-5
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())

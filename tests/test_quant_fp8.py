@@ -27,6 +27,9 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 PROMPTS = [[5, 17, 99, 42, 7], [200, 3, 3, 150, 77, 12, 64, 31, 9, 250, 18]]
 NEW_TOKENS = 8
+# Quantized activations: the engine's logprobs differed from the reference's by at most 1e-6 here
+# (no activation rounded to a different e4m3 value); not quantizing them moves tokens or logprobs
+# by far more than this bound.
 ACTIVATION_ATOL = 1e-4
 # Every linear layer a Llama decoder layer has, as the checkpoint names them.
 LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -53,6 +56,13 @@ def linear_names(model) -> list[str]:
 
 def to_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def fp8_weight(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` in e4m3 and its scale: one per output channel ([out, 1]) or for the tensor ([1])."""
+    amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().amax().reshape(1)
+    scale = amax / E4M3_MAX
+    return to_e4m3(w, scale), scale
 
 
 def calibrate(model) -> dict[str, float]:
@@ -83,9 +93,7 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
             if name in keep_float:
                 continue
             w = model.get_submodule(name).weight
-            amax = w.abs().amax(dim=1, keepdim=True) if weights == "channel" else w.abs().amax().reshape(1)
-            scale = amax / E4M3_MAX
-            q = to_e4m3(w, scale)
+            q, scale = fp8_weight(w, weights)
             w.copy_(q.float() * scale)
             state[f"{name}.weight"] = q
             state[f"{name}.weight_scale"] = scale.reshape(()) if scalar_scales else scale
@@ -114,17 +122,24 @@ STATIC = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": Tru
 DYNAMIC = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
 
 
+def shared_input(name: str) -> str:
+    """The module whose input ``name`` shares: the first part of its fused layer, or itself."""
+    layer, leaf = re.fullmatch(r"(model\.layers\.\d+)\.(.+)", name).groups()
+    return f"{layer}.{SHARED_INPUT.get(leaf, leaf)}"
+
+
 def quantize_inputs(model, input_scales: dict[str, float] | None) -> None:
     """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``) or by
     its static scale, the largest among the parts of a fused layer."""
+    static = None
+    if input_scales is not None:
+        static = {name: max(s for n, s in input_scales.items() if shared_input(n) == shared_input(name))
+                  for name in input_scales}
+
     def scale_of(name: str, x: torch.Tensor) -> torch.Tensor:
-        if input_scales is None:
+        if static is None:
             return x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-        layer, leaf = name.split(".", 3)[2], name.split(".", 3)[3]
-        first = SHARED_INPUT.get(leaf, leaf)
-        group = [f"model.layers.{layer}.{part}" for part, lead in [(first, first), *SHARED_INPUT.items()]
-                 if part == first or lead == first]
-        return torch.tensor(max(input_scales[n] for n in group))
+        return torch.tensor(static[name])
 
     for name in input_scales or linear_names(model):
         model.get_submodule(name).register_forward_pre_hook(
@@ -205,8 +220,8 @@ def test_online_quantization_of_a_float_checkpoint(tmp_path):
     with torch.no_grad():
         for name in linear_names(model):
             w = model.get_submodule(name).weight
-            scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
-            w.copy_(to_e4m3(w, scale).float() * scale)
+            q, scale = fp8_weight(w, "channel")
+            w.copy_(q.float() * scale)
     quantize_inputs(model, None)
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL, quantization="fp8")
 
@@ -293,9 +308,7 @@ def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
     x = torch.randn(7, 64)
     dequantized, input_scale = [], torch.tensor(0.0)
     for part, rows, part_scale in (("q", 64, 0.5), ("k", 32, 2.0), ("v", 32, 1.0)):
-        w = torch.randn(rows, 64) * part_scale
-        scale = w.abs().amax().reshape(1) / E4M3_MAX
-        q = to_e4m3(w, scale)
+        q, scale = fp8_weight(torch.randn(rows, 64) * part_scale, "tensor")
         dequantized.append(q.float() * scale)
         load(layer.weight, q, part)
         load(layer.weight_scale, scale, part)
@@ -311,3 +324,10 @@ def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
     assert bool(calls) == (device == "cuda"), "the FP8 matmul is used exactly on the GPU"
     rtol = 2e-2 if device == "cuda" else 1e-5
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def test_unknown_quantization_name_is_an_error(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="quantization 'int3'"):
+        Engine(str(tmp_path), quantization="int3")

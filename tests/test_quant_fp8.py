@@ -10,7 +10,6 @@ quantized, forward pre-hooks quantize-dequantize each linear's input as the FP8 
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest

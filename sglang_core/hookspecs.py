@@ -47,7 +47,8 @@ def register_attention_backends(register: Register) -> None:
 @hookspec
 def register_quant_methods(register: Register) -> None:
     """Register quantization methods (subclasses of ``sglang_core.layers.quant.QuantMethod``),
-    keyed by the ``quant_method`` name found in a checkpoint's ``quantization_config``."""
+    keyed by the ``quant_method`` name found in a checkpoint's ``quantization_config`` (or given as
+    ``--quantization``)."""
 
 
 @hookspec

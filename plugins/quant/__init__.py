@@ -1,0 +1,1 @@
+"""Built-in quantization plugins: one folder per checkpoint ``quant_method``."""

@@ -275,6 +275,8 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (GPTQMethod, GPTQ_OK, {"checkpoint_format": "marlin"}, "checkpoint_format"),
     (GPTQMethod, GPTQ_OK, {"desc_act": "yes"}, "desc_act"),
     (GPTQMethod, GPTQ_OK, {"sym": None}, "sym"),
+    (GPTQMethod, GPTQ_OK, {"lm_head": True}, "lm_head"),
+    (GPTQMethod, GPTQ_OK, {"dynamic": {r"-:.*down_proj": {}}}, "dynamic"),
 ])
 def test_bad_config_names_the_field(method, base, change, field):
     with pytest.raises(ValueError, match=field):
@@ -285,3 +287,13 @@ def test_bad_config_names_the_field(method, base, change, field):
 def test_group_size_not_dividing_the_inputs_names_the_field(method, base):
     with pytest.raises(ValueError, match="group_size"):
         ColumnParallelLinear(96, 64, quant_method=method(base, "model.layers.0.mlp.up_proj"))
+
+
+def test_bad_config_in_a_checkpoint_stops_the_engine(tmp_path):
+    quantized_llama(tmp_path, {**AWQ_OK, "group_size": 32}, seed=4)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["version"] = "gemv"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantization_config.version"):
+        Engine(str(tmp_path))

@@ -36,7 +36,7 @@ FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
 class GPTQMethod(QuantMethod):
     def __init__(self, quant_config: Any, prefix: str):
         bits = config_value(quant_config, "bits")
-        if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+        if bits not in SUPPORTED_BITS:
             raise ValueError(f"quantization_config.bits must be one of {SUPPORTED_BITS} for GPTQ, not {bits!r}")
         group = config_value(quant_config, "group_size", -1)
         if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
@@ -46,6 +46,10 @@ class GPTQMethod(QuantMethod):
             raise ValueError(f"quantization_config.checkpoint_format must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
                              f"not {checkpoint_format!r}")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
+        if require_bool(quant_config, "lm_head", False):
+            raise ValueError("quantization_config.lm_head true (a quantized LM head) is not supported")
+        if config_value(quant_config, "dynamic", None):
+            raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]

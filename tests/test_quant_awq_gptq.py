@@ -274,8 +274,9 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (GPTQMethod, GPTQ_OK, {"group_size": -2}, "group_size"),
     (GPTQMethod, GPTQ_OK, {"checkpoint_format": "marlin"}, "checkpoint_format"),
     (GPTQMethod, GPTQ_OK, {"desc_act": "yes"}, "desc_act"),
-    (GPTQMethod, GPTQ_OK, {"sym": None}, "sym"),
+    (GPTQMethod, GPTQ_OK, {"sym": "no"}, "sym"),
     (GPTQMethod, GPTQ_OK, {"lm_head": True}, "lm_head"),
+    (GPTQMethod, GPTQ_OK, {"is_marlin_format": True}, "is_marlin_format"),
     (GPTQMethod, GPTQ_OK, {"dynamic": {r"-:.*down_proj": {}}}, "dynamic"),
 ])
 def test_bad_config_names_the_field(method, base, change, field):

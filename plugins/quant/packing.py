@@ -9,10 +9,10 @@ import torch
 
 
 def config_value(config: Any, field: str, default: Any = None) -> Any:
-    """``config[field]`` of a ``quantization_config`` given as a dict or as an object."""
-    if isinstance(config, dict):
-        return config.get(field, default)
-    return getattr(config, field, default)
+    """``config[field]`` of a ``quantization_config`` given as a dict or as an object; a field
+    written as null (transformers' configs write unset fields so) counts as absent."""
+    value = config.get(field) if isinstance(config, dict) else getattr(config, field, None)
+    return default if value is None else value
 
 
 def require_bool(config: Any, field: str, default: bool) -> bool:

@@ -45,6 +45,8 @@ class GPTQMethod(QuantMethod):
         if checkpoint_format not in FORMAT_ZERO_OFFSET:
             raise ValueError(f"quantization_config.checkpoint_format must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
                              f"not {checkpoint_format!r}")
+        if require_bool(quant_config, "is_marlin_format", False):
+            raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
         if require_bool(quant_config, "lm_head", False):
             raise ValueError("quantization_config.lm_head true (a quantized LM head) is not supported")

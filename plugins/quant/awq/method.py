@@ -3,8 +3,8 @@ features.
 
 Tensors of a linear layer with ``in`` input and ``out`` output features, group size ``g``:
 ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[in/g, out/8]``, ``scales`` ``[in/g, out]``.
-An int32 packs 8 neighbouring output features, but not in order: its 4-bit slot ``i`` (bits
-4i..4i+3) holds feature ``AWQ_ORDER[i]`` of the 8. The weight is ``W[k, n] = (q[k, n] -
+An int32 packs 8 neighbouring output features, but not in order: its 4-bit slots (bits 4i..4i+3,
+i = 0..7) hold features 0, 2, 4, 6, 1, 3, 5, 7 of the 8. The weight is ``W[k, n] = (q[k, n] -
 z[k // g, n]) * s[k // g, n]``.
 
 CPU path: each forward dequantises the layer's weight from the packed tensors and runs a float
@@ -23,16 +23,14 @@ from sglang_plugins.quant.packing import config_value, require_bool, unpack_ints
 
 BITS = 4
 PACK = 32 // BITS
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of a word -> which of its 8 output features
-FEATURE_SLOT = tuple(AWQ_ORDER.index(n) for n in range(PACK))  # feature n of a word -> its slot
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
     """``[rows, cols]`` int32 words -> ``[rows, cols * 8]`` 4-bit values in output-feature order."""
-    slots = unpack_ints(words, BITS, dim=1)
-    order = torch.tensor(FEATURE_SLOT, device=words.device)
-    base = torch.arange(0, slots.shape[1], PACK, device=words.device)
-    return slots[:, (base[:, None] + order).reshape(-1)]
+    rows, cols = words.shape
+    # Slot 4h + k holds feature 2k + h (the order 0, 2, 4, 6, 1, 3, 5, 7): swapping h and k sorts them.
+    slots = unpack_ints(words, BITS, dim=1).reshape(rows, cols, 2, PACK // 2)
+    return slots.transpose(2, 3).reshape(rows, cols * PACK)
 
 
 class AWQMethod(QuantMethod):

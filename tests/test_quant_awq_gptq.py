@@ -249,6 +249,7 @@ def test_tp2_ranks_dequantise_their_slices(fmt):
             for name, tensor in quant.tensors.items():
                 param = getattr(layer, name)
                 param.weight_loader(param, tensor)
+            layer.quant_method.process_weights_after_loading(layer)
         in_rows = slice(rank * inputs // tp, (rank + 1) * inputs // tp)
         out_cols = slice(rank * outputs // tp, (rank + 1) * outputs // tp)
         assert torch.equal(row.quant_method.dequantized_weight(row).float(), quant.weight[:, in_rows])
@@ -290,11 +291,23 @@ def test_group_size_not_dividing_the_inputs_names_the_field(method, base):
         ColumnParallelLinear(96, 64, quant_method=method(base, "model.layers.0.mlp.up_proj"))
 
 
+def change_quant_config(folder: Path, **changes) -> None:
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"].update(changes)
+    config_path.write_text(json.dumps(config))
+
+
 def test_bad_config_in_a_checkpoint_stops_the_engine(tmp_path):
     quantized_llama(tmp_path, {**AWQ_OK, "group_size": 32}, seed=4)
-    config_path = tmp_path / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"]["version"] = "gemv"
-    config_path.write_text(json.dumps(config))
+    change_quant_config(tmp_path, version="gemv")
     with pytest.raises(ValueError, match="quantization_config.version"):
+        Engine(str(tmp_path))
+
+
+def test_gptq_act_order_g_idx_under_a_config_without_desc_act_is_an_error(tmp_path):
+    """Groups looked up by position would silently compute a wrong weight from a shuffled g_idx."""
+    quantized_llama(tmp_path, {**GPTQ_OK, "group_size": 32, "desc_act": True}, seed=5)
+    change_quant_config(tmp_path, desc_act=False)
+    with pytest.raises(ValueError, match="desc_act"):
         Engine(str(tmp_path))

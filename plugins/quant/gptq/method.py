@@ -55,6 +55,7 @@ class GPTQMethod(QuantMethod):
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
+        self.prefix = prefix
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
         out = sum(output_sizes)
@@ -81,6 +82,16 @@ class GPTQMethod(QuantMethod):
         layer.scales = weight_param(torch.zeros(groups, out, dtype=params_dtype), weight_loader,
                                     input_dim=group_dim, output_dim=1)
         layer.g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32), weight_loader, input_dim=0)
+
+    def process_weights_after_loading(self, layer) -> None:
+        if self.desc_act:
+            return
+        # Without desc_act the groups are looked up by position, so the checkpoint's g_idx must agree
+        # (up to this rank's first group) or the weight would be silently wrong.
+        g_idx = layer.g_idx.long()
+        if not torch.equal(g_idx - g_idx[0], self.input_groups(layer)):
+            raise ValueError(f"quantization_config.desc_act is false, but {self.prefix}.g_idx assigns input "
+                             f"features to groups out of order (an act-order checkpoint?)")
 
     def input_groups(self, layer) -> torch.Tensor:
         """The group (row of ``scales``/``qzeros``) of each of this rank's input features."""

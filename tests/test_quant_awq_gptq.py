@@ -154,15 +154,16 @@ def quantized_llama(folder: Path, fmt: dict, seed: int):
             if "norm" not in name:
                 p.normal_(0, 0.1)
         for layer_id, layer in enumerate(model.model.layers):
-            # q/k/v share their input, as do gate/up: in a real checkpoint they share g_idx too.
-            shared = {size: group_index(fmt, size, gen) for size in (config.hidden_size, config.intermediate_size)}
+            # q/k/v/gate/up read the same normed hidden state: in a real checkpoint they share g_idx too.
+            hidden_groups = group_index(fmt, config.hidden_size, gen)
             for proj in PROJECTIONS:
                 name = f"model.layers.{layer_id}.{proj}"
                 linear = layer.get_submodule(proj)
                 if any(module in name for module in skipped):
                     continue
                 out, inputs = linear.weight.shape
-                g_idx = shared[inputs] if proj not in ("self_attn.o_proj", "mlp.down_proj") else group_index(fmt, inputs, gen)
+                reads_hidden = proj not in ("self_attn.o_proj", "mlp.down_proj")
+                g_idx = hidden_groups if reads_hidden else group_index(fmt, inputs, gen)
                 quant = Quantized(fmt, inputs, out, gen, g_idx)
                 linear.weight.copy_(quant.weight)
                 tensors.update({f"{name}.{key}": t for key, t in quant.tensors.items()})
@@ -243,8 +244,8 @@ def test_tp2_ranks_dequantise_their_slices(fmt):
     row_sum = 0
     for rank in range(tp):
         tp_group = TPGroup(group=None, rank=rank, size=tp)
-        row = RowParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "model.layers.0.mlp.down_proj"))
-        column = ColumnParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "model.layers.0.mlp.up_proj"))
+        row = RowParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "layers.0.mlp.down_proj"))
+        column = ColumnParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "layers.0.mlp.up_proj"))
         for layer in (row, column):
             for name, tensor in quant.tensors.items():
                 param = getattr(layer, name)

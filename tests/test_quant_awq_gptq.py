@@ -136,16 +136,19 @@ def group_index(fmt: dict, inputs: int, gen: torch.Generator) -> torch.Tensor:
     return g_idx
 
 
-def quantized_llama(folder: Path, fmt: dict, seed: int):
-    """A tiny Llama saved as a quantized checkpoint in ``folder``; returns the HF float32 model that
-    holds the dequantised weights (modules matching ``modules_to_not_convert`` stay float)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama"):
+    """A tiny Llama (or, ``family="qwen2"``, a Qwen2: biases on q/k/v) saved as a quantized
+    checkpoint in ``folder``; returns the HF float32 model that holds the dequantised weights
+    (modules matching ``modules_to_not_convert`` stay float)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config = LlamaConfig(vocab_size=259, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=2, bos_token_id=1)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config = config_cls(vocab_size=259, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+    config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float().eval()
+    model = model_cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed)
     skipped = fmt.get("modules_to_not_convert") or []
     tensors = {}
@@ -167,10 +170,9 @@ def quantized_llama(folder: Path, fmt: dict, seed: int):
                 quant = Quantized(fmt, inputs, out, gen, g_idx)
                 linear.weight.copy_(quant.weight)
                 tensors.update({f"{name}.{key}": t for key, t in quant.tensors.items()})
-    quantized = {name.rsplit(".", 1)[0] for name in tensors}
-    tensors.update({n: t.clone() for n, t in model.state_dict().items() if n.rsplit(".", 1)[0] not in quantized})
+    replaced = {f"{name.rsplit('.', 1)[0]}.weight" for name in tensors}  # a quantized module keeps its bias
+    tensors.update({n: t.clone() for n, t in model.state_dict().items() if n not in replaced})
     save_file(tensors, str(folder / "model.safetensors"))
-    config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(folder)
     config_path = folder / "config.json"
     saved = json.loads(config_path.read_text())
@@ -200,7 +202,7 @@ AWQ_CASES = [
 @pytest.mark.parametrize("case", AWQ_CASES, ids=["g32", "g64-not-convert", "g128"])
 def test_awq_checkpoint_matches_hf(tmp_path, case):
     fmt = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm", **case}
-    hf = quantized_llama(tmp_path, fmt, seed=1)
+    hf = quantized_model(tmp_path, fmt, seed=1)
     assert_engine_matches_hf(tmp_path, hf)
 
 
@@ -217,7 +219,17 @@ GPTQ_CASES = [
                                                   "8bit-sym-actorder", "8bit-asym-v2-g128"])
 def test_gptq_checkpoint_matches_hf(tmp_path, case):
     fmt = {"quant_method": "gptq", **case}
-    hf = quantized_llama(tmp_path, fmt, seed=2)
+    hf = quantized_model(tmp_path, fmt, seed=2)
+    assert_engine_matches_hf(tmp_path, hf)
+
+
+@pytest.mark.parametrize("fmt", [{**GPTQ_CASES[1], "quant_method": "gptq"},
+                                 {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}],
+                         ids=["gptq", "awq"])
+def test_quantized_projections_with_biases_match_hf(tmp_path, fmt):
+    """Qwen2's q/k/v carry a float bias beside their packed weight."""
+    hf = quantized_model(tmp_path, fmt, seed=6, family="qwen2")
+    assert hf.model.layers[0].self_attn.q_proj.bias is not None
     assert_engine_matches_hf(tmp_path, hf)
 
 
@@ -300,7 +312,7 @@ def change_quant_config(folder: Path, **changes) -> None:
 
 
 def test_bad_config_in_a_checkpoint_stops_the_engine(tmp_path):
-    quantized_llama(tmp_path, {**AWQ_OK, "group_size": 32}, seed=4)
+    quantized_model(tmp_path, {**AWQ_OK, "group_size": 32}, seed=4)
     change_quant_config(tmp_path, version="gemv")
     with pytest.raises(ValueError, match="quantization_config.version"):
         Engine(str(tmp_path))
@@ -308,7 +320,7 @@ def test_bad_config_in_a_checkpoint_stops_the_engine(tmp_path):
 
 def test_gptq_act_order_g_idx_under_a_config_without_desc_act_is_an_error(tmp_path):
     """Groups looked up by position would silently compute a wrong weight from a shuffled g_idx."""
-    quantized_llama(tmp_path, {**GPTQ_OK, "group_size": 32, "desc_act": True}, seed=5)
+    quantized_model(tmp_path, {**GPTQ_OK, "group_size": 32, "desc_act": True}, seed=5)
     change_quant_config(tmp_path, desc_act=False)
     with pytest.raises(ValueError, match="desc_act"):
         Engine(str(tmp_path))

@@ -324,3 +324,10 @@ def test_gptq_act_order_g_idx_under_a_config_without_desc_act_is_an_error(tmp_pa
     change_quant_config(tmp_path, desc_act=False)
     with pytest.raises(ValueError, match="desc_act"):
         Engine(str(tmp_path))
+
+
+def test_awq_reads_autoawq_field_names():
+    """AutoAWQ's own quant_config names (``w_bit``, ``q_group_size``) mean what ``bits``/``group_size`` do."""
+    config = {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM"}
+    layer = ColumnParallelLinear(128, 64, quant_method=AWQMethod(config, "layers.0.mlp.up_proj"))
+    assert layer.scales.shape == (2, 64) and layer.qweight.shape == (128, 8)

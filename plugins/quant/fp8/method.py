@@ -18,18 +18,8 @@ from torch import nn
 
 from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize
 from sglang_plugins.quant.fp8.scheme import parse_scheme
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-# The smallest scale used: an all-zero row or token quantizes to zeros instead of NaNs.
-MIN_SCALE = 1e-12
-
-
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x / scale`` rounded to e4m3, saturating at its largest finite value."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
 
 def _part_index(shard_id: Any) -> int:
     """Position of a fused layer's part: merged layers number their parts, QKV names them."""

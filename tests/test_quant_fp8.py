@@ -2,8 +2,9 @@
 float32 with the same numbers.
 
 Checkpoints are written here by a packer that follows the published compressed-tensors
-"float-quantized" layout (llm-compressor's FP8 output) or AutoFP8's: e4m3 ``weight``, float32
-``weight_scale`` (per tensor or per output channel), ``input_scale`` for static activations. The
+"float-quantized" layout (llm-compressor's FP8 output), AutoFP8's (e4m3 ``weight``, float32
+``weight_scale`` per tensor or per output channel, ``input_scale`` for static activations) or the
+block-wise one DeepSeek-V3 publishes (``weight_scale_inv``, one scale per weight block). The
 reference is the transformers model holding the dequantized weights; where activations are
 quantized, forward pre-hooks quantize-dequantize each linear's input as the FP8 matmul would.
 """
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from model_contract import tiny
 from reference import byte_level_tokenizer
 from sglang_core.engine import Engine
+from sglang_core.layers.parallel import TPGroup
 from sglang_plugins.quant.fp8.scheme import parse_scheme
 
 E4M3 = torch.float8_e4m3fn
@@ -64,6 +66,31 @@ def fp8_weight(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tens
     return to_e4m3(w, scale), scale
 
 
+def fp8_block_weight(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` in e4m3 and its ``weight_scale_inv`` [ceil(out/rows), ceil(in/cols)]: each block's
+    largest magnitude / 448 (a partial last block scaled by its own elements)."""
+    rows, cols = block
+    out, inputs = w.shape
+    scale = torch.zeros(-(-out // rows), -(-inputs // cols))
+    q = torch.zeros(out, inputs, dtype=E4M3)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            scale[i, j] = tile.abs().max() / E4M3_MAX
+            q[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] = to_e4m3(tile, scale[i, j])
+    return q, scale
+
+
+def block_dequantized(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """What DeepSeek-V3's ``weight_dequant`` computes: each element times its block's scale."""
+    rows, cols = block
+    w = q.float()
+    for i in range(scale_inv.shape[0]):
+        for j in range(scale_inv.shape[1]):
+            w[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] *= scale_inv[i, j]
+    return w
+
+
 def calibrate(model) -> dict[str, float]:
     """Static input scales: each linear's largest input magnitude over a calibration pass / 448;
     k's is made 1.5 times larger so a fused layer's parts disagree (the largest must win)."""
@@ -82,8 +109,9 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
          keep_float: tuple[str, ...] = (), scalar_scales: bool = False) -> None:
     """Write ``model`` as an FP8 checkpoint and leave the dequantized weights in ``model``.
 
-    ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes)
-    or "channel" ([out, 1]). Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
+    ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes),
+    "channel" ([out, 1]) or "block" (``weight_scale_inv`` per the config's ``weight_block_size``).
+    Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
     as they are.
     """
     state = {name: t.clone() for name, t in model.state_dict().items()}
@@ -92,10 +120,15 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
             if name in keep_float:
                 continue
             w = model.get_submodule(name).weight
-            q, scale = fp8_weight(w, weights)
-            w.copy_(q.float() * scale)
+            if weights == "block":
+                block = tuple(quantization_config["weight_block_size"])
+                q, state[f"{name}.weight_scale_inv"] = fp8_block_weight(w, block)
+                w.copy_(block_dequantized(q, state[f"{name}.weight_scale_inv"], block))
+            else:
+                q, scale = fp8_weight(w, weights)
+                w.copy_(q.float() * scale)
+                state[f"{name}.weight_scale"] = scale.reshape(()) if scalar_scales else scale
             state[f"{name}.weight"] = q
-            state[f"{name}.weight_scale"] = scale.reshape(()) if scalar_scales else scale
             if input_scales is not None:
                 s = torch.tensor([input_scales[name]])
                 state[f"{name}.input_scale"] = s.reshape(()) if scalar_scales else s
@@ -127,9 +160,10 @@ def shared_input(name: str) -> str:
     return f"{layer}.{SHARED_INPUT.get(leaf, leaf)}"
 
 
-def quantize_inputs(model, input_scales: dict[str, float] | None) -> None:
-    """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``) or by
-    its static scale, the largest among the parts of a fused layer."""
+def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None) -> None:
+    """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``), per
+    token and ``group``-wide slice of features, or by its static scale, the largest among the parts
+    of a fused layer."""
     static = None
     if input_scales is not None:
         static = {name: max(s for n, s in input_scales.items() if shared_input(n) == shared_input(name))
@@ -140,9 +174,12 @@ def quantize_inputs(model, input_scales: dict[str, float] | None) -> None:
             return x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
         return torch.tensor(static[name])
 
+    def round_trip(name: str, x: torch.Tensor) -> torch.Tensor:
+        groups = x if group is None else x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+        return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).reshape(x.shape)
+
     for name in input_scales or linear_names(model):
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: (to_e4m3(args[0], s := scale_of(name, args[0])).float() * s,))
+        model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: (round_trip(name, args[0]),))
 
 
 def reference(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -210,6 +247,16 @@ def test_dynamic_activations(tmp_path, layout):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (32, 16)])
+def test_block_wise_weights(tmp_path, block):
+    """Block-wise weights (``weight_scale_inv`` per block; fused q/k/v and gate/up each keep their
+    parts' blocks) with activations quantized per token and 16-wide group."""
+    model = tiny_llama()
+    pack(model, tmp_path, {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, "block")
+    quantize_inputs(model, None, group=block[1])
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
+
+
 def test_online_quantization_of_a_float_checkpoint(tmp_path):
     """``--quantization fp8`` on a float32 checkpoint: weights quantized per output channel at
     load, activations per token."""
@@ -255,6 +302,10 @@ def _broken(path: str, value) -> dict:
     return config
 
 
+# As DeepSeek-V3 and Qwen3-FP8 ship it.
+BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
 @pytest.mark.parametrize("config, field", [
     (_broken("format", "pack-quantized"), "format"),
     (_broken("config_groups", {}), "config_groups"),
@@ -266,7 +317,11 @@ def _broken(path: str, value) -> dict:
     (_broken("config_groups.group_0.input_activations.strategy", "token"), "input_activations strategy"),
     (_broken("kv_cache_scheme", dict(STATIC)), "kv_cache_scheme"),
     ({"quant_method": "fp8", "activation_scheme": "per-tensor"}, "activation_scheme"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "weight_block_size"),
+    ({**BLOCK_CONFIG, "weight_block_size": [128]}, "weight_block_size"),
+    ({**BLOCK_CONFIG, "weight_block_size": [128, 0]}, "weight_block_size"),
+    ({**BLOCK_CONFIG, "weight_block_size": [128, True]}, "weight_block_size"),
+    ({**BLOCK_CONFIG, "activation_scheme": "static"}, "activation_scheme"),
+    ({**BLOCK_CONFIG, "fmt": "e5m2"}, "fmt"),
 ])
 def test_bad_config_names_the_field(config, field):
     with pytest.raises(ValueError, match=f"quantization_config {field}"):
@@ -323,6 +378,65 @@ def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
     assert bool(calls) == (device == "cuda"), "the FP8 matmul is used exactly on the GPU"
     rtol = 2e-2 if device == "cuda" else 1e-5
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def group_round_trip(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` quantized to e4m3 and back with one scale per token and ``group``-wide slice."""
+    groups = x.reshape(x.shape[0], -1, group)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
+    return (to_e4m3(groups, scale).float() * scale).reshape(x.shape)
+
+
+def test_block_wise_tensor_parallel_shards():
+    """Each rank of a 2-way tensor-parallel group loads its rows (q/k/v parts each cut by rank) or
+    its input columns of the weight and the matching blocks of ``weight_scale_inv``; a row-parallel
+    output of 40 rows ends in a partial block (scale_inv has ceil(40/16) rows)."""
+    from sglang_core.layers.parallel import QKVParallelLinear, RowParallelLinear
+    from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+
+    block, tp = (16, 16), 2
+    config = {**BLOCK_CONFIG, "weight_block_size": list(block)}
+    torch.manual_seed(0)
+    x = group_round_trip(torch.randn(5, 64), block[1])
+    parts = {part: fp8_block_weight(torch.randn(rows, 64), block) for part, rows in (("q", 64), ("k", 32), ("v", 32))}
+    down_q, down_scale = fp8_block_weight(torch.randn(40, 64), block)
+    down = block_dequantized(down_q, down_scale, block)
+    row_sum = 0
+    for rank in range(tp):
+        group = TPGroup(group=None, rank=rank, size=tp)
+        qkv = QKVParallelLinear(64, 16, 4, 2, tp=group, quant_method=Fp8LinearMethod(config, "layers.0.self_attn.qkv_proj"))
+        row = RowParallelLinear(64, 40, tp=group, quant_method=Fp8LinearMethod(config, "layers.0.self_attn.o_proj"))
+        for part, (q, scale) in parts.items():
+            qkv.weight.weight_loader(qkv.weight, q, part)
+            qkv.weight_scale_inv.weight_loader(qkv.weight_scale_inv, scale, part)
+        row.weight.weight_loader(row.weight, down_q)
+        row.weight_scale_inv.weight_loader(row.weight_scale_inv, down_scale)
+        for layer in (qkv, row):
+            layer.quant_method.process_weights_after_loading(layer)
+        rank_rows = torch.cat([block_dequantized(q, scale, block).chunk(tp)[rank] for q, scale in parts.values()])
+        torch.testing.assert_close(qkv(x), x @ rank_rows.T, rtol=1e-5, atol=1e-5)
+        in_cols = slice(rank * 32, (rank + 1) * 32)
+        row_sum = row_sum + row.quant_method.apply(row, x[:, in_cols], None)  # what the all-reduce adds up
+    torch.testing.assert_close(row_sum, x @ down.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, block, what", [
+    # k and v get 16 rows per rank: a 32-row block would straddle two parts.
+    ("qkv", (32, 16), "output parts of \\[32, 16, 16\\] rows"),
+    # 96 input features split 48 per rank: a rank's input would cut a 32-column block.
+    ("row", (16, 32), "48 input features"),
+])
+def test_block_wise_layer_cutting_a_block_is_an_error(make, block, what):
+    from sglang_core.layers.parallel import QKVParallelLinear, RowParallelLinear
+    from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+
+    method = Fp8LinearMethod({**BLOCK_CONFIG, "weight_block_size": list(block)}, "layers.0.proj")
+    group = TPGroup(group=None, rank=0, size=2)
+    with pytest.raises(ValueError, match=f"quantization_config weight_block_size.*{what}"):
+        if make == "qkv":
+            QKVParallelLinear(64, 16, 4, 2, tp=group, quant_method=method)
+        else:
+            RowParallelLinear(96, 64, tp=group, quant_method=method)
 
 
 def test_unknown_quantization_name_is_an_error(tmp_path):

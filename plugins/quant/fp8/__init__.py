@@ -1,5 +1,6 @@
 """FP8 (e4m3) linear layers: compressed-tensors "float-quantized" and AutoFP8 ("fp8") checkpoints,
-and ``--quantization fp8`` on a 16/32-bit checkpoint (weights quantized per output channel at load)."""
+block-wise ``weight_block_size`` ones (DeepSeek-V3, Qwen3-FP8), and ``--quantization fp8`` on a
+16/32-bit checkpoint (weights quantized per output channel at load)."""
 
 from sglang_core.hookspecs import hookimpl
 

@@ -1,5 +1,6 @@
 """FP8 linear layers: e4m3 weights with a scale per output channel, activations quantized per
-token (dynamic) or by one calibrated scale (static), or left in the compute dtype (weight only).
+token (dynamic) or by one calibrated scale (static), or left in the compute dtype (weight only);
+block-wise scaled weights are computed by ``block``.
 
 Fused layers (q/k/v, gate/up) whose checkpoint tensors each carry their own per-tensor scale keep
 every part's scale, expanded to one scale per output row after loading: dequantization stays
@@ -18,6 +19,7 @@ from torch import nn
 
 from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize
 from sglang_plugins.quant.fp8.scheme import parse_scheme
 
@@ -61,12 +63,16 @@ class Fp8LinearMethod(QuantMethod):
             layer.weight_scale = weight_param(torch.ones(rows, 1), weight_loader, output_dim=0)
         elif weights == "tensor":
             layer.weight_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+        elif weights == "block":
+            create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader)
         if self.scheme.activations == "static":
             layer.input_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static
-        ``input_scale`` one scalar."""
+        ``input_scale`` one scalar; block-wise weights keep their ``weight_scale_inv``."""
+        if self.scheme.weights == "block":
+            return
         if self.scheme.weights == "online":
             weight = layer.weight.data.float()
             scale = weight.abs().amax(dim=1).clamp(min=MIN_SCALE) / FP8_MAX
@@ -87,6 +93,9 @@ class Fp8LinearMethod(QuantMethod):
         return x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.scheme.weights == "block":
+            weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
+            return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
         if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
             return self._scaled_mm(layer, x, bias)
         # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.

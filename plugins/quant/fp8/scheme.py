@@ -7,6 +7,9 @@ Formats read:
   dynamic per-token; ``ignore``: module names or ``re:`` patterns left unquantized.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
   dynamic (per-token), ``ignored_layers``.
+- Block-wise (DeepSeek-V3, Qwen3-FP8: ``quant_method: "fp8"`` with ``weight_block_size`` [rows,
+  cols]): ``weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], one scale per weight block;
+  activations dynamic, one scale per token and ``cols``-wide group of input features.
 - ``{"quant_method": "fp8"}`` alone (``--quantization fp8`` on an unquantized checkpoint): weights
   quantized per output channel at load, activations dynamically per token.
 """
@@ -24,9 +27,10 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 
 @dataclass(frozen=True)
 class Fp8Scheme:
-    weights: Literal["tensor", "channel", "online"]  # online: a float checkpoint quantized at load
+    weights: Literal["tensor", "channel", "block", "online"]  # online: a float checkpoint quantized at load
     activations: Literal["none", "static", "dynamic"]
     ignore: tuple[str, ...] = ()
+    block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
 
     def ignores(self, prefix: str) -> bool:
         """Whether the linear layer at ``prefix`` stays unquantized; a fused layer only when all
@@ -56,12 +60,22 @@ def parse_scheme(config: dict[str, Any]) -> Fp8Scheme:
 
 
 def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
-    if config.get("weight_block_size"):
-        raise ValueError("quantization_config weight_block_size: block-wise FP8 weights are not supported")
     activations = config.get("activation_scheme")
     if activations not in ("static", "dynamic"):
         raise ValueError(f"quantization_config activation_scheme {activations!r}: expected 'static' or 'dynamic'")
-    return Fp8Scheme("tensor", activations, tuple(config.get("ignored_layers") or ()))
+    if config.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"quantization_config fmt {config.get('fmt')!r}: expected 'e4m3'")
+    ignore = tuple(config.get("ignored_layers") or ())
+    block = config.get("weight_block_size")
+    if block is None:
+        return Fp8Scheme("tensor", activations, ignore)
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
+        raise ValueError(f"quantization_config weight_block_size {block!r}: expected two positive integers")
+    if activations != "dynamic":
+        raise ValueError(f"quantization_config activation_scheme {activations!r}: block-wise weights "
+                         "(weight_block_size) need 'dynamic'")
+    return Fp8Scheme("block", activations, ignore, (block[0], block[1]))
 
 
 def _compressed_tensors(config: dict[str, Any]) -> Fp8Scheme:

@@ -1,0 +1,54 @@
+"""Block-wise FP8 (DeepSeek-V3, Qwen3-FP8): one weight scale per (rows x cols) block of the
+weight, activations quantized per token and ``cols``-wide group of input features.
+
+The CPU path computes what the block-wise GPU kernel computes, in float: the weight dequantized
+block by block and the input quantized to e4m3 and back group by group. (A Triton block-wise FP8
+GEMM is left for later; this path also runs on a GPU.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sglang_core.layers.parallel import RowParallelLinear
+from sglang_core.layers.quant import weight_param
+from sglang_plugins.quant.fp8.e4m3 import FP8_MAX, MIN_SCALE, quantize
+
+
+def create_block_scale(layer: nn.Module, prefix: str, block: tuple[int, int], input_size: int,
+                       output_sizes: list[int], weight_loader: Callable[..., None]) -> None:
+    """``layer.weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], sharded with the weight.
+
+    A fused layer's parts (and column-parallel ranks) are cut along the output rows, so each part
+    must hold whole blocks; the input is quantized in whole ``cols``-wide groups, which also keeps
+    a row-parallel split from cutting a block."""
+    rows, cols = block
+    if input_size % cols:
+        raise ValueError(f"quantization_config weight_block_size {list(block)}: {prefix} has {input_size} input "
+                         f"features (per rank), not a multiple of the block's {cols} columns")
+    if not isinstance(layer, RowParallelLinear) and any(size % rows for size in output_sizes):
+        raise ValueError(f"quantization_config weight_block_size {list(block)}: {prefix} has output parts of "
+                         f"{output_sizes} rows (per rank), not multiples of the block's {rows} rows")
+    scale = torch.ones(-(-sum(output_sizes) // rows), input_size // cols)
+    layer.weight_scale_inv = weight_param(scale, weight_loader, output_dim=0, input_dim=1, packed_dim=0,
+                                          packed_factor=rows)
+
+
+def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``weight`` times the scale of the block each element is in (float32)."""
+    rows, cols = block
+    out, inputs = weight.shape
+    scale = scale_inv.repeat_interleave(rows, dim=0)[:out].repeat_interleave(cols, dim=1)[:, :inputs]
+    return weight.float() * scale
+
+
+def quantize_dequantize_groups(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """``x`` rounded to e4m3 with one scale per token and ``cols``-wide group (its largest
+    magnitude over e4m3's), and back to ``x``'s dtype."""
+    groups = x.float().unflatten(-1, (-1, cols))
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
+    rounded = quantize(groups, scale).float() * scale
+    return rounded.flatten(-2).to(x.dtype)

@@ -4,6 +4,7 @@ cProfile of the host side. Llama-3.1-8B shape, dummy bf16 weights.
 
     python benchmarks/profile_decode.py --batch-sizes 1,64 --backend triton
     python benchmarks/profile_decode.py --kernels      # also a per-kernel GPU time table (eager step)
+    python benchmarks/profile_decode.py --batch-sizes 1 --disable-cuda-graph   # host cost of an eager step
     python benchmarks/profile_decode.py --batch-sizes 256 --input-len 2176 --shared-prefix 2048 \
         --group-size 16 --kernels [--cascade]         # the shared-prefix run's decode steps
 """
@@ -66,6 +67,8 @@ def main() -> int:
                         help="the first N prompt tokens are shared within each group of --group-size requests")
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--cascade", action="store_true", help="--enable-cascade-decode")
+    parser.add_argument("--disable-cuda-graph", action="store_true",
+                        help="run decode eagerly: the cProfile then shows every launch's host cost")
     parser.add_argument("--model-path", default=str(CONFIG))
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with a small config")
     parser.add_argument("--decode-programs", type=int, default=None,
@@ -78,7 +81,7 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     settings = EngineSettings(model_path=args.model_path, load_format="dummy", dtype="bfloat16", device=args.device,
                               attention_backend=args.backend, max_running_requests=max(sizes + [128]),
-                              enable_cascade_decode=args.cascade)
+                              enable_cascade_decode=args.cascade, disable_cuda_graph=args.disable_cuda_graph)
     core = EngineCore(settings, PluginManager(settings.plugins))
     rng = random.Random(0)
     for bs in sizes:
@@ -109,7 +112,7 @@ def main() -> int:
             print(f"cascade decode rows so far: {core.scheduler.cascade_decode_rows}")
         print(f"\n== batch {bs}: whole step {step_ms:.3f} ms, graph replay alone {gpu_ms:.3f} ms "
               f"(host overhead not hidden: {step_ms - gpu_ms:.3f} ms) on {card}")
-        pstats.Stats(profile).sort_stats("tottime").print_stats(8)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
         if args.kernels:
             kernel_table(core)
         for req in list(core.scheduler.running):

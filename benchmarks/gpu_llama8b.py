@@ -263,6 +263,7 @@ HF_ONLY = ("hf256", "hf1", "floor")  # runs whose baseline does not depend on ou
 
 
 def main() -> int:
+    global CONFIG
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIG), help="a model config folder (dummy weights)")
     parser.add_argument("--runs", default=",".join(r for r in RUNS if r not in ("hf1", "hf32", "floor")))
@@ -271,7 +272,6 @@ def main() -> int:
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra engine setting for every run (repeatable)")
     args = parser.parse_args()
-    global CONFIG
     CONFIG = Path(args.config)
     for item in args.engine:
         key, _, value = item.partition("=")
@@ -300,7 +300,7 @@ def main() -> int:
                                                      "cascade", "kv_cache_dtype", "torch_compile") if k in r)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         prefill = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
-        print(f"| {r['run']} | {r['backend']} | {variant} | {r.get('input_len', '-')} | {prefill} | {step} "
+        print(f"| {r['run']} | {r.get('backend', '-')} | {variant} | {r.get('input_len', '-')} | {prefill} | {step} "
               f"| {r['output_tok_per_s']:.0f} | {r['total_s']:.1f} |")
     return 0
 

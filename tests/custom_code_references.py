@@ -107,13 +107,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     ``i // (heads / kv_heads)``; logits ``q.k * scale`` (default ``1 / sqrt(d)``), soft-capped to
     ``cap * tanh(logits / cap)`` when ``cap`` is given."""
     tokens, heads, dim = q.shape
+    cos, sin = cos.to(q.device), sin.to(q.device)  # the tables are built on the CPU
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     repeat = heads // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * (scale if scale is not None else 1 / math.sqrt(dim))
     if cap is not None:
         scores = cap * torch.tanh(scores / cap)
-    future = torch.ones(tokens, tokens, dtype=torch.bool).triu(1)
+    future = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).triu(1)
     weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", weights, v).reshape(tokens, heads * dim)
 

@@ -14,6 +14,7 @@ caveat.
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -71,15 +72,18 @@ def _hf_stepped(model, prompt: list[int], cached: int = 0) -> tuple[list[int], l
     the factors by its own last position + 1): the prompt's first ``cached`` tokens in a pass of
     their own (a cached prefix), the rest in one, then one token per pass."""
     cache = DynamicCache(config=model.config)
+    # transformers 5.25 names the argument ``cache``; earlier versions ``past_key_values`` (and
+    # would swallow ``cache`` silently, running every pass without the cache).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens, logprobs = [], []
     with torch.no_grad():
         for piece in ([prompt[:cached]] if cached else []) + [prompt[cached:]]:
-            logits = model(torch.tensor([piece]), cache=cache, use_cache=True).logits
+            logits = model(torch.tensor([piece]), **{cache_arg: cache}, use_cache=True).logits
         for _ in range(NEW_TOKENS):
             last = logits[0, -1].float()
             tokens.append(int(last.argmax()))
             logprobs.append(torch.log_softmax(last, -1)[tokens[-1]].item())
-            logits = model(torch.tensor([tokens[-1:]]), cache=cache, use_cache=True).logits
+            logits = model(torch.tensor([tokens[-1:]]), **{cache_arg: cache}, use_cache=True).logits
     return tokens, logprobs
 
 

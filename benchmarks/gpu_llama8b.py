@@ -22,7 +22,8 @@ Runs (``--runs``):
 - ``hf1``: HF ``generate`` at batch 1, input 128: decode ms/step, to set beside ``decode1``.
 - ``hf32``: batch 32 x (512 in, 65 out), output tok/s, ours and HF ``generate``.
 - ``floor``: the batch-1 decode floor, the bytes of weights a step reads (every matrix once; the
-  embedding table only where it is also the LM head) over the device copy bandwidth measured now.
+  embedding table only where it is also the LM head; of the routed experts only the top-k) over
+  the device copy bandwidth measured now. ``all_weight_bytes``: every weight (a large batch's read).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
   question, 256 output; with the radix cache and with ``--disable-radix-cache``;
   ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
@@ -213,8 +214,15 @@ def run_floor(backend: str) -> list[dict]:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
-    # parameters() lists a tied table once
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 2 - (0 if tied else embedding.numel() * 2)
+    # named_parameters() lists a tied table once. Routed experts: a batch-1 step reads only the
+    # top-k of each layer's experts (shared experts are not under ".experts.").
+    experts = next((getattr(config, k) for k in ("n_routed_experts", "num_local_experts", "num_experts")
+                    if getattr(config, k, None)), None)
+    active = getattr(config, "num_experts_per_tok", 1) / experts if experts else 1.0
+    all_bytes = weight_bytes = -(0 if tied else embedding.numel() * 2)
+    for name, p in model.named_parameters():
+        all_bytes += p.numel() * 2
+        weight_bytes += p.numel() * 2 * (active if ".experts." in name else 1.0)
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -228,7 +236,7 @@ def run_floor(backend: str) -> list[dict]:
     bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
     del src, dst
     release()
-    return [{"run": "floor", "weight_bytes": weight_bytes, "copy_bytes_per_s": bandwidth,
+    return [{"run": "floor", "weight_bytes": weight_bytes, "all_weight_bytes": all_bytes, "copy_bytes_per_s": bandwidth,
              "decode_ms_per_step": weight_bytes / bandwidth * 1000, "output_tok_per_s": 0.0, "total_s": 0.0}]
 
 

@@ -54,12 +54,13 @@ def _layer(shape: tuple, seed: int) -> mla.MultiHeadLatentAttention:
     return layer
 
 
-def _batch(steps_done: list[list[tuple[int, int]]], step: list[tuple[int, int]], req_to_token: torch.Tensor,
-           next_slot: int) -> ForwardBatch:
+def _batch(step: list[tuple[int, int]], req_to_token: torch.Tensor, next_slot: int) -> ForwardBatch:
+    """An extend batch of ``step``'s (prefix, new tokens) requests, request r in table row r, its
+    new tokens in fresh slots from ``next_slot`` on."""
     prefix_lens = [p for p, _ in step]
     seq_lens = [p + n for p, n in step]
     new_slots = []
-    for row, (p, n) in enumerate(step):  # request r is row r; its new tokens take fresh slots
+    for row, (p, n) in enumerate(step):
         req_to_token[row, p:p + n] = torch.arange(next_slot, next_slot + n)
         new_slots.append(req_to_token[row, p:p + n])
         next_slot += n
@@ -85,8 +86,8 @@ def test_absorbed_and_expanded_agree(backend: str, shape: tuple, monkeypatch) ->
                         lambda *args: given_kv_calls.append(mla.EXTEND_PATH) or attend_given(*args))
     req_to_token = torch.zeros(4, 64, dtype=torch.int64)
     next_slot = 1
-    for i, step in enumerate(STEPS):
-        batch = _batch(STEPS[:i], step, req_to_token, next_slot)
+    for step in STEPS:
+        batch = _batch(step, req_to_token, next_slot)
         next_slot += sum(n for _, n in step)
         layer.attn.backend.plan(batch)
         x = torch.randn(batch.positions.shape[0], HIDDEN)
@@ -104,7 +105,7 @@ def test_absorbed_and_expanded_agree(backend: str, shape: tuple, monkeypatch) ->
 def test_an_unknown_extend_path_is_refused(monkeypatch) -> None:
     layer = _layer(SHAPES[0], seed=1)
     monkeypatch.setattr(mla, "EXTEND_PATH", "expand")
-    batch = _batch([], STEPS[0], torch.zeros(2, 32, dtype=torch.int64), 1)
+    batch = _batch(STEPS[0], torch.zeros(2, 32, dtype=torch.int64), 1)
     with pytest.raises(ValueError, match="EXTEND_PATH"):
         layer(batch.positions, torch.randn(batch.positions.shape[0], HIDDEN), batch)
 

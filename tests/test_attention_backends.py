@@ -76,6 +76,33 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positio
     return out
 
 
+def _scatter(rng: random.Random, seq_lens: list[int]) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+    """Each request's tokens scattered over a pool of sum(seq_lens) + 50 slots, its row of the
+    request table picked at random among spare ones: (req_to_token, rows, each request's slots)."""
+    slots = list(range(1, sum(seq_lens) + 51))
+    rng.shuffle(slots)
+    req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
+    rows = rng.sample(range(req_to_token.shape[0]), len(seq_lens))
+    owns = []
+    for row, n in zip(rows, seq_lens):
+        owns.append(torch.tensor(slots[:n]))
+        del slots[:n]
+        req_to_token[row, :n] = owns[-1]
+    return req_to_token, rows, owns
+
+
+def _batch(mode: ForwardMode, prefix_lens: list[int], seq_lens: list[int], req_to_token: torch.Tensor,
+           rows: list[int], owns: list[torch.Tensor], shared: tuple = ()) -> ForwardBatch:
+    """The batch of the requests ``_scatter`` placed, their new tokens after their prefixes."""
+    return ForwardBatch(
+        mode=mode, input_ids=torch.zeros(sum(seq_lens) - sum(prefix_lens), dtype=torch.int64),
+        positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
+        out_cache_loc=torch.cat([own[p:] for own, p in zip(owns, prefix_lens)]), req_pool_indices=torch.tensor(rows),
+        seq_lens=torch.tensor(seq_lens), prefix_lens=torch.tensor(prefix_lens),
+        seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token,
+        shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
+
+
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
         shape: tuple[int, ...] | None = None, shared: tuple = (), kv_dtype: torch.dtype | None = None,
         cap: float | None = None, layout: KVLayout = KVLayout.SEPARATE) -> None:
@@ -104,19 +131,12 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
     layer = Attention(0, HEADS, KV_HEADS, HEAD_DIM, scaling=1 / math.sqrt(HEAD_DIM), sliding_window=window,
                       v_head_dim=V_DIM, logit_cap=cap, kv_layout=layout)
     pool = TokenKVPool(total + 50, [layer.spec], kv_dtype or dtype, DEVICE)
-    slots = list(range(1, total + 51))
-    rng.shuffle(slots)  # each request's tokens scattered over the pool
-    req_to_token = torch.zeros(len(seq_lens) + 3, max(seq_lens) + 5, dtype=torch.int64)
-    rows = rng.sample(range(req_to_token.shape[0]), len(seq_lens))
-    keys, values, new_slots = [], [], []
-    for row, n, p in zip(rows, seq_lens, prefix_lens):
-        own = torch.tensor(slots[:n])
-        del slots[:n]
-        req_to_token[row, :n] = own
+    req_to_token, rows, owns = _scatter(rng, seq_lens)
+    keys, values = [], []
+    for own, n, p in zip(owns, seq_lens, prefix_lens):
         keys.append(torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype))
         values.append(keys[-1][..., :V_DIM] if latent else torch.randn(n, KV_HEADS, V_DIM, dtype=dtype))
         pool.store(0, own[:p], keys[-1][:p], None if latent else values[-1][:p])  # the cached prefix
-        new_slots.append(own[p:])
     for length, members in shared:  # members read the owner's slots (and so its keys) up to length
         owner = members[0]
         for m in members[1:]:
@@ -126,13 +146,7 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
     backend = backend_cls(AttentionSpec((layer.spec,), dtype, torch.device(DEVICE), cascade_decode=bool(shared),
                                         kv_dtype=kv_dtype), pool)
     layer.backend = backend
-    batch = ForwardBatch(
-        mode=mode, input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64),
-        positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]),
-        out_cache_loc=torch.cat(new_slots), req_pool_indices=torch.tensor(rows),
-        seq_lens=torch.tensor(seq_lens), prefix_lens=torch.tensor(prefix_lens),
-        seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens, req_to_token=req_to_token,
-        shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
+    batch = _batch(mode, prefix_lens, seq_lens, req_to_token, rows, owns, shared)
     backend.plan(batch)
     # Queries large enough that a soft-cap changes the logits by much more than the tolerance.
     q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) * (4 if cap else 1) for e in extend_lens]
@@ -319,3 +333,60 @@ def _flashinfer_class() -> type:
     from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
 
     return FlashInferBackend
+
+
+def run_given_kv(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None,
+                 seed: int) -> None:
+    """A latent layer's pool (one 24-wide vector per token, values its first 16), read back as
+    stored, then attention over K/V of other widths and heads given for every token of the
+    batch's sequences (4 query heads over 2 KV heads, keys 40 wide, values 12), against the float64
+    reference; the pool is not touched by it."""
+    with torch.device(DEVICE):
+        backend_cls = BACKENDS[backend_name].factory()
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        layer = Attention(0, 4, 1, 24, 0.3, v_head_dim=16, kv_layout=KVLayout.LATENT)
+        pool = TokenKVPool(sum(seq_lens) + 50, [layer.spec], torch.float32, DEVICE)
+        req_to_token, rows, owns = _scatter(rng, seq_lens)
+        latents = [torch.randn(n, 1, 24) for n in seq_lens]
+        for own, p, latent in zip(owns, prefix_lens, latents):
+            pool.store(0, own[:p], latent[:p], None)
+        layer.backend = backend_cls(AttentionSpec((layer.spec,), torch.float32, torch.device(DEVICE)), pool)
+        batch = _batch(ForwardMode.EXTEND, prefix_lens, seq_lens, req_to_token, rows, owns)
+        layer.backend.plan(batch)
+        new = torch.cat([latent[p:] for latent, p in zip(latents, prefix_lens)]).view(-1, 24)
+        stored_k, stored_v = layer.store_and_read_kv(new, None, batch)
+        assert torch.equal(stored_k, torch.cat(latents)) and torch.equal(stored_v, torch.cat(latents)[..., :16])
+
+        given = AttentionLayerSpec(4, 2, 40, 12, 40**-0.5, sliding_window=window)
+        keys, values = torch.randn(sum(seq_lens), 2, 40), torch.randn(sum(seq_lens), 2, 12)
+        q = torch.randn(sum(extend_lens), 4, 40)
+        before = pool.k_buffer(0).clone()
+        assert layer.attends_given_kv
+        out = layer.extend_given_kv(q.view(-1, 4 * 40), keys, values, given, batch)
+        assert torch.equal(pool.k_buffer(0), before)
+    firsts = list(itertools.accumulate(seq_lens, initial=0))
+    news = list(itertools.accumulate(extend_lens, initial=0))
+    expected = torch.cat([reference(q[news[i]:news[i + 1]], keys[firsts[i]:firsts[i + 1]],
+                                    values[firsts[i]:firsts[i + 1]], list(range(prefix_lens[i], seq_lens[i])),
+                                    window, given.scaling) for i in range(len(seq_lens))])
+    torch.testing.assert_close(out.view(-1, 4, 12).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_extend_over_given_kv_matches_reference(backend: str) -> None:
+    """Cached prefixes and fresh prompts in one batch, chunk-sized and longer extends, a window."""
+    run_given_kv(backend, [0, 9, 30, 1, 17], [33, 7, 16, 1, 40], None, seed=51)
+    run_given_kv(backend, [0, 12], [20, 9], 5, seed=52)
+
+
+def test_flashinfer_does_not_attend_over_given_kv() -> None:
+    """FlashInfer has no kernels wired for given K/V: it says so, and the layer asks before calling."""
+    pytest.importorskip("triton")  # its slot-list kernel module imports Triton
+    from sglang_plugins.attention.flashinfer.backend import FlashInferBackend
+
+    assert not FlashInferBackend.attends_given_kv
+    layer = AttentionLayerSpec(8, 2, 128, 128, 0.1)
+    with pytest.raises(NotImplementedError, match="given K/V"):
+        FlashInferBackend.forward_extend_given_kv(object.__new__(FlashInferBackend), None, None, None, layer, None)

@@ -1,10 +1,12 @@
 """The attention-backend interface and the attention layer models call.
 
 Models build ``Attention(layer_id, ...)`` modules, which declare their shape as an
-``AttentionLayerSpec``, and call ``attention(q, k, v, forward_batch)`` and nothing else. The
-runner collects the specs from the built model, sizes the KV pool from them, builds a backend (a
-plugin, hook ``register_attention_backends``) for them and binds it to every layer. A backend
-plans its metadata once per batch in ``plan`` and every layer reuses it.
+``AttentionLayerSpec``, and call ``attention(q, k, v, forward_batch)``. A model that attends over
+keys and values it derives from the cached ones (Multi-head Latent Attention expanding its latents
+for a long prefill) calls ``store_and_read_kv`` and ``extend_given_kv`` instead. The runner
+collects the specs from the built model, sizes the KV pool from them, builds a backend (a plugin,
+hook ``register_attention_backends``) for them and binds it to every layer. A backend plans
+its metadata once per batch in ``plan`` and every layer reuses it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class AttentionBackend(abc.ABC):
     # reads host-side lengths and refills fixed device buffers the graph reads); the graph runner
     # then calls it with the step's batch, padded to the captured size.
     plan_before_replay: bool = False
+    # True when ``forward_extend_given_kv`` runs (attention over K/V the layer gives, not the pool's).
+    attends_given_kv: bool = False
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         """Raise ``UnsupportedSpecError`` here for any layer kind (``spec.distinct()``) the
@@ -72,6 +76,25 @@ class AttentionBackend(abc.ABC):
         self.kv_pool.store(layer.layer_id, batch.out_cache_loc, k3, v3)
         return k3, (k3[..., :spec.v_head_dim] if v3 is None else v3)
 
+    def read_kv(self, layer: "Attention", batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """K [S, kv_heads, head_dim] and V [S, kv_heads, v_head_dim] of every token of the batch's
+        sequences as the pool holds them, in the compute dtype: request by request, each one's
+        cached prefix then its new tokens (S = sum of ``seq_lens``). The new tokens must be stored."""
+        slots = sequence_slots(batch)
+        keys = self.kv_pool.k_buffer(layer.layer_id)[slots].to(self.spec.dtype)
+        if layer.spec.kv_layout is KVLayout.LATENT:  # the values are the latents' first columns
+            return keys, keys[..., :layer.spec.v_head_dim]
+        return keys, self.kv_pool.v_buffer(layer.layer_id)[slots].to(self.spec.dtype)
+
+    def forward_extend_given_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionLayerSpec,
+                                batch: ForwardBatch) -> torch.Tensor:
+        """Causal attention of each request's new tokens (q: [T, heads*head_dim]) over K
+        [S, kv_heads, head_dim] and V [S, kv_heads, v_head_dim] given for every token of its
+        sequence, laid out as ``read_kv`` returns them; ``spec`` gives heads, widths, scale, window
+        and soft-cap, which need not be any cached layer's. Reads and writes no pool. Returns
+        [T, heads*v_head_dim]. Backends that run it set ``attends_given_kv``."""
+        raise NotImplementedError(f"the {type(self).__name__} attention backend cannot attend over given K/V")
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: "Attention",
                 batch: ForwardBatch) -> torch.Tensor:
         """q: [T, heads*head_dim], k: [T, kv_heads*head_dim], v: [T, kv_heads*v_head_dim] (None
@@ -100,6 +123,25 @@ class Attention(nn.Module):
                                "after building the KV pool")
         return _run_backend(q, k, v, self, batch)
 
+    def store_and_read_kv(self, k: torch.Tensor, v: torch.Tensor | None,
+                          batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' K/V into the pool, as ``forward`` does, and return K and V of
+        every token of the batch's sequences as stored (``AttentionBackend.read_kv``)."""
+        return _store_and_read(k, v, self, batch)
+
+    def extend_given_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionLayerSpec,
+                        batch: ForwardBatch) -> torch.Tensor:
+        """Causal attention of an extend batch's new tokens over K/V the caller derived for every
+        token of their sequences (``AttentionBackend.forward_extend_given_kv``)."""
+        if batch.mode is not ForwardMode.EXTEND:
+            raise ValueError(f"batch: attention over given K/V runs extend batches, not {batch.mode.value}")
+        return _run_given_kv(q, k, v, spec, self, batch)
+
+    @property
+    def attends_given_kv(self) -> bool:
+        """Whether the bound backend runs ``extend_given_kv``."""
+        return self.backend is not None and self.backend.attends_given_kv
+
 
 def attention_layers(model: nn.Module) -> list[Attention]:
     """The model's attention layers in layer-id order; ids must be 0..n-1, each once."""
@@ -114,3 +156,28 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 def _run_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                  batch: ForwardBatch) -> torch.Tensor:
     return layer.backend.forward(q, k, v, layer, batch)
+
+
+@opaque_to_compiler
+def _store_and_read(k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
+                    batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.backend.store_kv(k, v, layer, batch)
+    return layer.backend.read_kv(layer, batch)
+
+
+@opaque_to_compiler
+def _run_given_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionLayerSpec, layer: Attention,
+                  batch: ForwardBatch) -> torch.Tensor:
+    return layer.backend.forward_extend_given_kv(q, k, v, spec, batch)
+
+
+def sequence_slots(batch: ForwardBatch) -> torch.Tensor:
+    """The KV slot of every token of the batch's sequences, request by request (prefix, then new
+    tokens): [sum of seq_lens]. Built on the device; only the total comes from the host lengths."""
+    total = sum(batch.seq_lens_cpu)
+    device = batch.seq_lens.device
+    request = torch.repeat_interleave(torch.arange(batch.batch_size, device=device), batch.seq_lens,
+                                      output_size=total)
+    starts = torch.cumsum(batch.seq_lens, 0) - batch.seq_lens
+    position = torch.arange(total, device=device) - starts[request]
+    return batch.req_to_token[batch.req_pool_indices[request], position]

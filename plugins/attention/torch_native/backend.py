@@ -10,6 +10,9 @@ cached prefix, padding, sliding window). Each layer runs one SDPA per group.
 - Decode: the batch is sorted by length and cut into a few groups, so short requests are not
   padded to the longest. The query heads sharing a KV head become that head's query rows.
 
+Extend over given K/V (``forward_extend_given_kv``) runs the same per-request groups over rows of
+the given tensors instead of the pool's.
+
 Every layer kind runs here: value heads narrower or wider than key heads, a latent layout (the
 values are the first columns of the stored latents), logit soft-capping (which SDPA has no
 argument for, so a capped layer computes its softmax in plain torch).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +89,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLa
 
 
 class TorchNativeBackend(AttentionBackend):
+    attends_given_kv = True
+
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         super().__init__(spec, kv_pool)
         empty = torch.empty(0, device=spec.device, dtype=kv_pool.dtype)
@@ -185,19 +191,39 @@ class TorchNativeBackend(AttentionBackend):
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,
                        batch: ForwardBatch) -> torch.Tensor:
         k3, v3 = self.store_kv(k, v, layer, batch)
-        spec = layer.spec
+
+        def keys_values(i: int, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+            if group.kv_index is not None:
+                return self._gather(layer, group)
+            first, count = group.new_tokens  # no cached prefix: its own new K/V, as stored
+            return tuple(self.as_stored(x[first:first + count]).transpose(0, 1).unsqueeze(0) for x in (k3, v3))
+
+        return self._extend(q, layer.spec, keys_values)
+
+    def forward_extend_given_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionLayerSpec,
+                                batch: ForwardBatch) -> torch.Tensor:
+        firsts = list(itertools.accumulate(batch.seq_lens_cpu, initial=0))  # request i's rows: firsts[i:i+2]
+
+        def keys_values(i: int, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = slice(firsts[i], firsts[i + 1])
+            return k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
+
+        return self._extend(q, spec, keys_values)
+
+    def _extend(self, q: torch.Tensor, spec: AttentionLayerSpec,
+                keys_values: Callable[[int, _Group], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Each request's new tokens over the keys and values ``keys_values`` gives for it (its
+        index and group -> [1, kv_heads, keys, width]: the cached prefix and the new tokens, or
+        these alone)."""
         heads, d = spec.num_heads, spec.head_dim
         out = q.new_empty(q.shape[0], heads * spec.v_head_dim)
-        for group in self.groups:
+        for i, group in enumerate(self.groups):
             first, count = group.new_tokens
             q_req = q[first:first + count].view(count, heads, d).transpose(0, 1).unsqueeze(0)
-            if group.kv_index is None:  # no cached prefix: attend over its own new K/V, as stored
-                keys = self.as_stored(k3[first:first + count]).transpose(0, 1).unsqueeze(0)
-                values = self.as_stored(v3[first:first + count]).transpose(0, 1).unsqueeze(0)
-                mask = group.mask(spec.sliding_window) if spec.sliding_window is not None else None
-            else:
-                keys, values = self._gather(layer, group)
-                mask = group.mask(spec.sliding_window)
+            keys, values = keys_values(i, group)
+            # A prefix shifts the causal diagonal (SDPA's is_causal aligns it top-left): a mask.
+            needs_mask = group.kv_index is not None or spec.sliding_window is not None
+            mask = group.mask(spec.sliding_window) if needs_mask else None
             result = attend(q_req, keys, values, spec, mask, causal=mask is None)
             out[first:first + count] = result[0].transpose(0, 1).reshape(count, -1)
         return out

@@ -1,5 +1,9 @@
 """Attention backend on our Triton kernels (``kernels.py``): the GPU fallback when FlashInfer is
-absent, and the backend whose decode is CUDA-graph safe (it reads only device tensors)."""
+absent, and the backend whose decode is CUDA-graph safe (it reads only device tensors).
+
+Extend over given K/V runs the extend kernel unchanged: it finds keys through a request table, and
+a table whose row b reads ``first_b, first_b + 1, ...`` (request b's rows of the given K/V) makes
+the given tensors look like a pool."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import itertools
 
 import torch
 
-from sglang_core.layers.attention import Attention, AttentionBackend, AttentionSpec
+from sglang_core.layers.attention import Attention, AttentionBackend, AttentionLayerSpec, AttentionSpec
 from sglang_core.mem.kv_pool import TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
@@ -27,6 +31,7 @@ def decode_splits(batch_size: int, num_kv_heads: int) -> int:
 
 class TritonBackend(AttentionBackend):
     cuda_graph_decode = True
+    attends_given_kv = True
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         # Every layer kind runs: any head sizes, V narrower or wider than K, a latent layout (V is
@@ -61,6 +66,16 @@ class TritonBackend(AttentionBackend):
             self.max_extend_len = max(lens)
             starts = list(itertools.accumulate(lens, initial=0))[:-1]
             self.extend_start = torch.tensor(starts, dtype=torch.int64, device=batch.seq_lens.device)
+            self._given_kv_table = None  # built by the first layer that attends over given K/V
+
+    def _given_kv_rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request table over given K/V laid out request by request, and the batch's rows in it."""
+        if self._given_kv_table is None:
+            device = batch.seq_lens.device
+            firsts = torch.cumsum(batch.seq_lens, 0) - batch.seq_lens
+            positions = torch.arange(max(batch.seq_lens_cpu), device=device)
+            self._given_kv_table = (firsts.unsqueeze(1) + positions, torch.arange(batch.batch_size, device=device))
+        return self._given_kv_table
 
     def _plan_shared(self, batch: ForwardBatch) -> None:
         """Fill the cascade buffers from the batch's groups, in tiles of SHARED_MEMBERS requests."""
@@ -106,3 +121,13 @@ class TritonBackend(AttentionBackend):
                          batch.prefix_lens, self.extend_start, self.max_extend_len, layer.spec.scaling,
                          layer.spec.sliding_window or 0, logit_cap=layer.spec.logit_cap or 0.0)
         return out.view(q.shape[0], -1)
+
+    def forward_extend_given_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionLayerSpec,
+                                batch: ForwardBatch) -> torch.Tensor:
+        n = q.shape[0]
+        out = torch.empty((n, spec.num_heads, spec.v_head_dim), dtype=q.dtype, device=q.device)
+        table, rows = self._given_kv_rows(batch)
+        extend_attention(q.view(n, spec.num_heads, spec.head_dim), k, v, out, table, rows, batch.seq_lens,
+                         batch.prefix_lens, self.extend_start, self.max_extend_len, spec.scaling,
+                         spec.sliding_window or 0, logit_cap=spec.logit_cap or 0.0)
+        return out.view(n, -1)

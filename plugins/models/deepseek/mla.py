@@ -2,17 +2,25 @@
 
 Per token, ``kv_a_proj_with_mqa`` gives a latent ``c`` (``kv_lora_rank`` values, RMS-normed by
 ``kv_a_layernorm``) and one rotary key ``k_pe`` (``qk_rope_head_dim`` values) shared by all
-heads. ``kv_b_proj`` would expand ``c`` into each head's non-rotary key ``W_UK c`` and value
-``W_UV c``; instead the KV pool keeps ``[c, k_pe]`` (``KVLayout.LATENT``, ``kv_lora_rank +
-qk_rope_head_dim`` values per token and layer) and the weights move to the query and output side:
+heads. ``kv_b_proj`` expands ``c`` into each head's non-rotary key ``W_UK c`` and value
+``W_UV c``. The KV pool keeps only ``[c, k_pe]`` (``KVLayout.LATENT``, ``kv_lora_rank +
+qk_rope_head_dim`` values per token and layer), and attention runs one of two exact ways:
 
-    q_nope . (W_UK c) = (W_UK^T q_nope) . c           (query absorbed into latent space)
-    sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j)         (value read as the latent, expanded after)
+- absorbed (decode, and extends over long cached prefixes): the weights move to the query and
+  output side,
 
-so each head attends with query ``[W_UK^T q_nope, q_pe]`` over keys ``[c, k_pe]`` and values
-``c``, then ``W_UV`` and ``o_proj`` give the output. This is exact, and serves both prefill and
-decode here. (Prefill could instead expand the latents into per-head keys and values, cheaper
-when a chunk is long; that is a later optimisation.)
+      q_nope . (W_UK c) = (W_UK^T q_nope) . c           (query absorbed into latent space)
+      sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j)         (value read as the latent, expanded after)
+
+  so each head attends with query ``[W_UK^T q_nope, q_pe]`` over keys ``[c, k_pe]`` and values
+  ``c`` straight from the pool, then ``W_UV`` and ``o_proj`` give the output;
+- expanded (prefill, and extends long against their cached prefix): the new latents are stored,
+  the latents of every token of the batch's sequences are read back from the pool, ``kv_b_proj``
+  expands them into per-head keys ``[W_UK c, k_pe]`` and values ``W_UV c``, and the backend runs
+  ordinary causal attention over those (``Attention.extend_given_kv``), narrower per key.
+
+``expanding_is_cheaper`` picks the way per extend batch by counting multiply-adds; the pool, the
+prefix cache and chunked prefill see latents only either way. ``EXTEND_PATH`` can force one way.
 
 The softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, the width of the
 un-absorbed head, times YaRN's ``mscale_all_dim`` correction squared when the rope sets it.
@@ -23,15 +31,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sglang_core.layers.attention import Attention, KVLayout
+from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
 from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
-from sglang_core.model_executor.forward_batch import ForwardBatch
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 
 # transformers builds q_a_layernorm and kv_a_layernorm with their default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+# How extend batches attend: "cost" (by ``expanding_is_cheaper``), or always "absorbed" or
+# "expanded" (tests serve both ways). Decode is absorbed in every case.
+EXTEND_PATH = "cost"
+EXTEND_PATHS = ("cost", "absorbed", "expanded")
+
+
+def expanding_is_cheaper(prefix_lens: list[int], extend_lens: list[int], kv_lora_rank: int, qk_nope_head_dim: int,
+                         v_head_dim: int) -> bool:
+    """Whether expanding the latents costs fewer multiply-adds than absorbing for an extend batch
+    of requests with these cached prefixes and new tokens.
+
+    Per head, with rank r, non-rotary width d_n, rotary width d_r, value width d_v, n new tokens
+    over a prefix of P, and A = n * P + n * (n + 1) / 2 causal (query, key) pairs:
+
+    - absorbed: n * r * d_n (queries through W_UK) + A * (r + d_r) (logits over the latents)
+      + A * r (values: the latents) + n * r * d_v (W_UV after);
+    - expanded: (P + n) * r * (d_n + d_v) (``kv_b_proj`` over every key token, the prefix too)
+      + A * (d_n + d_r) (logits) + A * d_v (values).
+
+    The rotary part costs the same both ways and heads multiply both, so expanding is cheaper when
+    P * r * (d_n + d_v) < A * (2r - d_n - d_v), summed over the batch. A fresh prompt (P = 0)
+    always expands; one token over a prefix never does (DeepSeek-V2's sizes: expand when A is
+    over 171 P, e.g. any extend of 171 or more new tokens). The expanded keys and values live
+    only during the layer (S tokens x heads x (d_n + d_r + d_v) values); that is the price."""
+    pairs = sum(n * p + n * (n + 1) // 2 for p, n in zip(prefix_lens, extend_lens))
+    expansion = sum(prefix_lens) * kv_lora_rank * (qk_nope_head_dim + v_head_dim)
+    return expansion < pairs * (2 * kv_lora_rank - qk_nope_head_dim - v_head_dim)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -75,6 +110,8 @@ class MultiHeadLatentAttention(nn.Module):
         scale = yarn_softmax_scale(rope_parameters(config), qk_head_dim**-0.5)
         self.attn = Attention(layer_id, self.num_heads, 1, self.kv_lora_rank + self.rope_dim, scale,
                               v_head_dim=self.kv_lora_rank, kv_layout=KVLayout.LATENT)
+        # The expanded heads, over keys and values derived from the cache (not cached themselves).
+        self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -82,16 +119,44 @@ class MultiHeadLatentAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        n, heads, rank = x.shape[0], self.num_heads, self.kv_lora_rank
-        q_nope, q_pe = self._queries(x).view(n, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([rank, self.rope_dim], dim=-1)
+        n = x.shape[0]
+        q_nope, q_pe = self._queries(x).view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent.contiguous())
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
+        cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps
+        attend = self._expanded if self._expands(batch) else self._absorbed
+        return self.o_proj(attend(q_nope, q_pe, cached, batch).reshape(n, -1))
+
+    def _expands(self, batch: ForwardBatch) -> bool:
+        if EXTEND_PATH not in EXTEND_PATHS:
+            raise ValueError(f"EXTEND_PATH: one of {EXTEND_PATHS}, not {EXTEND_PATH!r}")
+        if batch.mode is not ForwardMode.EXTEND or EXTEND_PATH == "absorbed":
+            return False
+        if EXTEND_PATH == "expanded":
+            return True
+        return self.attn.attends_given_kv and expanding_is_cheaper(
+            batch.prefix_lens_cpu, batch.extend_lens_cpu, self.kv_lora_rank, self.nope_dim, self.v_head_dim)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                  batch: ForwardBatch) -> torch.Tensor:
+        """Queries into latent space, attention over the pool's latents, values out: [n, heads, v]."""
+        n, heads, rank = q_nope.shape[0], self.num_heads, self.kv_lora_rank
         # kv_b_proj's rows, per head: nope_dim rows of W_UK, then v_head_dim rows of W_UV.
         w_uk, w_uv = self.kv_b_proj.weight.view(heads, -1, rank).split([self.nope_dim, self.v_head_dim], dim=1)
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, heads, rank]
         query = torch.cat([q_latent, q_pe], dim=-1).reshape(n, -1)
-        key = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)
-        out_latent = self.attn(query, key, None, batch).view(n, heads, rank)
-        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, heads, v]
-        return self.o_proj(out.reshape(n, -1))
+        out_latent = self.attn(query, cached, None, batch).view(n, heads, rank)
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                  batch: ForwardBatch) -> torch.Tensor:
+        """The new latents stored, every sequence's latents read back and expanded per head,
+        plain attention over those: [n, heads, v]."""
+        stored, _ = self.attn.store_and_read_kv(cached, None, batch)  # [S, 1, rank + rope]
+        tokens, heads = stored.shape[0], self.num_heads
+        latents, k_pe = stored.view(tokens, -1).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, values = self.kv_b_proj(latents).view(tokens, heads, -1).split([self.nope_dim, self.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, k_pe.unsqueeze(1).expand(tokens, heads, self.rope_dim)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1).reshape(q_nope.shape[0], -1)
+        return self.attn.extend_given_kv(query, keys, values, self.expanded, batch)

@@ -16,7 +16,7 @@ from torch import nn
 
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear
 from sglang_core.layers.quant import weight_param
-from sglang_plugins.quant.fp8.e4m3 import FP8_MAX, MIN_SCALE, quantize
+from sglang_plugins.quant.fp8.e4m3 import round_trip, token_scale
 
 
 def create_block_scale(layer: nn.Module, prefix: str, block: tuple[int, int], input_size: int,
@@ -56,6 +56,4 @@ def quantize_dequantize_groups(x: torch.Tensor, cols: int) -> torch.Tensor:
     features = x.shape[-1]
     padded = F.pad(x.float(), (0, -features % cols))  # zeros leave every group's largest magnitude as it is
     groups = padded.unflatten(-1, (-1, cols))
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
-    rounded = quantize(groups, scale).float() * scale
-    return rounded.flatten(-2)[..., :features].to(x.dtype)
+    return round_trip(groups, token_scale(groups)).flatten(-2)[..., :features].to(x.dtype)

@@ -28,6 +28,9 @@ EXPERT_PARTS = {
 }
 # The stacked parameter (name stem) each role loads into.
 PART_STEMS = {"gate": "w13", "up": "w13", "gate_up": "w13", "down": "w2"}
+# Each role's place(s) among its stacked parameter's parts (w13: gate, up; w2: down), where a
+# quantization method keeps a quantity per expert and part (a per-tensor scale, GPTQ's g_idx).
+PART_SLOTS = {"gate": [0], "up": [1], "gate_up": [0, 1], "down": [0]}
 
 
 class ExpertWeights(nn.Module):

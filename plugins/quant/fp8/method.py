@@ -21,6 +21,7 @@ from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
+from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import parse_scheme
 
 def _part_index(shard_id: Any) -> int:
@@ -52,6 +53,11 @@ class Fp8LinearMethod(QuantMethod):
     def for_layer(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
         method = cls(quant_config, prefix)
         return None if method.scheme.ignores(prefix) else method
+
+    @classmethod
+    def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> Fp8ExpertsMethod | None:
+        scheme = parse_scheme(quant_config)
+        return None if scheme.ignores(prefix) else Fp8ExpertsMethod(scheme, prefix)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
                        weight_loader: Callable[..., None]) -> None:

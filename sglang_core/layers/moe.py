@@ -4,8 +4,10 @@
 the fused Triton kernel (``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both
 take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and
 return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
-runs the reference, or ``experts_dense`` while a CUDA graph is being captured (the reference
-reads each expert's token count on the host).
+runs the reference, which while a CUDA graph is being captured runs every expert on every token
+(``every_expert``: grouping tokens by expert reads each expert's count on the host). A quantized
+MoE layer computes through its ``ExpertsQuantMethod`` instead; ``experts_by_expert`` is the
+same per-expert loop over any expert computation (dequantize, then multiply).
 
 Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 (``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
@@ -34,7 +36,10 @@ def experts_by_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callab
     ``[n, H]`` to ``[n, H]``.
 
     Tokens are grouped by expert so each expert runs once over its tokens; an expert no token
-    chose costs nothing (a quantized one is not even dequantized)."""
+    chose costs nothing (a quantized one is not even dequantized). While a CUDA graph is being
+    captured (the grouping reads each expert's token count on the host) ``every_expert`` runs."""
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return every_expert(hidden, num_experts, expert_mlp, topk_weights, topk_ids)
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
@@ -49,28 +54,35 @@ def experts_by_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callab
     return out.to(hidden.dtype)
 
 
+def every_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """``experts_by_expert``'s sum computed by running every expert on every token, weighted by
+    the token's routing weight for it (0 where not chosen). It never reads routing results on the
+    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
+    combine = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
+    combine.scatter_add_(1, topk_ids, topk_weights.float())
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for expert in range(num_experts):
+        out += expert_mlp(expert, hidden).float() * combine[:, expert, None]
+    return out.to(hidden.dtype)
+
+
+def _gated_mlp(w13: torch.Tensor, w2: torch.Tensor, act: nn.Module | None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    act = act or SiluAndMul()
+    return lambda expert, x: act(x @ w13[expert].t()) @ w2[expert].t()
+
+
 def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
     """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
     ``e = topk_ids[t, j]``; ``act`` (default SiLU-and-mul) maps ``[.., 2I]`` to ``[.., I]``."""
-    act = act or SiluAndMul()
-    return experts_by_expert(hidden, w13.shape[0], lambda expert, x: act(x @ w13[expert].t()) @ w2[expert].t(),
-                             topk_weights, topk_ids)
+    return experts_by_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
 def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
-    """``experts_reference``'s sum computed by running every expert on every token, weighted by
-    the token's routing weight for it (0 where not chosen). It never reads routing results on the
-    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
-    act = act or SiluAndMul()
-    combine = torch.zeros(hidden.shape[0], w13.shape[0], dtype=torch.float32, device=hidden.device)
-    combine.scatter_add_(1, topk_ids, topk_weights.float())
-    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
-    for expert in range(w13.shape[0]):
-        y = act(hidden @ w13[expert].t()) @ w2[expert].t()
-        out += y.float() * combine[:, expert, None]
-    return out.to(hidden.dtype)
+    """``experts_reference``'s sum by ``every_expert`` (what a CUDA graph captures)."""
+    return every_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -80,8 +92,6 @@ def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         from sglang_core.kernels.fused_moe import fused_moe
 
         return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
-    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-        return experts_dense(hidden, w13, w2, topk_weights, topk_ids, act)
     return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
 
 

@@ -443,6 +443,22 @@ def test_block_wise_partial_edge_blocks():
     torch.testing.assert_close(layer(x), rounded @ block_dequantized(q, scale, block).T, rtol=1e-5, atol=1e-5)
 
 
+def test_partial_block_scale_loads_only_as_the_last_piece():
+    """A part of 36 rows has ceil(36/16) = 3 block-scale rows: placed last (rows 2..4 of a 5-row
+    scale, after a part of 32 rows) it loads; placed first, its partial block would hold the next
+    part's first rows, and the loader refuses it."""
+    from sglang_core.layers.parallel import load_output_shard
+    from sglang_core.layers.quant import weight_param
+
+    param = weight_param(torch.zeros(5, 4), lambda *args: None, output_dim=0, input_dim=1, packed_dim=0,
+                         packed_factor=16)
+    scale = torch.arange(12.0).reshape(3, 4)
+    load_output_shard(param, param.data, scale, offset=32, size=36, index=0)
+    assert torch.equal(param.data[2:], scale)
+    with pytest.raises(ValueError, match="do not split"):
+        load_output_shard(param, param.data, scale, offset=0, size=36, index=0)
+
+
 @pytest.mark.parametrize("make, block, tp, what", [
     # k and v get 16 rows per rank: a 32-row block would straddle two parts.
     ("qkv", (32, 16), 2, "output parts of \\[32, 16, 16\\] rows"),

@@ -105,7 +105,7 @@ def load_output_shard(param: torch.Tensor, dst: torch.Tensor, loaded: torch.Tens
     offset = _in_elements(param, dim, offset)
     factor, rounded_up = _packing(param, dim), -(-size // _packing(param, dim))
     whole = loaded.dim() > dim and loaded.shape[dim] == rounded_up == dst.shape[dim] - offset
-    if size % factor and index == 0 and whole:
+    if size % factor and whole:
         # A checkpoint tensor ending in a partly filled element (a block-wise scale whose last block
         # covers the remaining rows) loads whole when it is also the last piece of ``dst``.
         size = rounded_up

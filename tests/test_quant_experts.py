@@ -23,15 +23,19 @@ import torch
 from safetensors.torch import save_file
 
 from sglang_core.engine import Engine
+from sglang_core.layers.activation import SiluAndMul
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import TPGroup
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_model_contract import _build, _reference_greedy
 from test_quant_awq_gptq import Quantized, group_index
 from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_config, fp8_block_weight, \
     fp8_weight, to_e4m3
 
 NEW_TOKENS = 8
+GPTQ_ACT_ORDER = {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False, "desc_act": True,
+                  "checkpoint_format": "gptq"}
 # Checkpoint names of each family's expert projections (gate, up, down), and its MoE block's name.
 EXPERT_NAMES = {"mixtral": (("w1", "w3", "w2"), "block_sparse_moe"),
                 "qwen2-moe": (("gate_proj", "up_proj", "down_proj"), "mlp"),
@@ -120,16 +124,66 @@ def assert_served_like(model, prompts: list[list[int]], folder: Path) -> None:
         assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"
 
 
+def fp8_quantizer(strategy: str) -> Quantizer:
+    """FP8 weights with a scale per output channel ([out, 1]) or for the tensor ([1])."""
+    def quantize(_name, w):
+        q, scale = fp8_weight(w, strategy)
+        return {"weight": q, "weight_scale": scale}, q.float() * scale
+
+    return quantize
+
+
+def block_quantizer(block: tuple[int, int]) -> Quantizer:
+    def quantize(_name, w):
+        q, scale_inv = fp8_block_weight(w, block)
+        return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, block)
+
+    return quantize
+
+
+def packed_quantizer(fmt: dict, seed: int) -> Quantizer:
+    """Random AWQ/GPTQ integers (the weight they stand for replaces ``w``), with desc_act a
+    shuffled g_idx per projection; projections the engine fuses (q/k/v, a dense gate/up) share
+    theirs, as they share their input, while an expert's gate and up each get their own."""
+    gen = torch.Generator().manual_seed(seed)
+    g_idx: dict[str, torch.Tensor] = {}
+
+    def quantize(name, w):
+        out, inputs = w.shape
+        fused = name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
+        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(fused, group_index(fmt, inputs, gen)))
+        return quant.tensors, quant.weight
+
+    return quantize
+
+
 def test_fp8_per_channel_experts(tmp_path):
     """compressed-tensors FP8, weights per output channel (``weight_scale`` [out, 1]), activations
     left in float: Mixtral's experts and attention."""
-    def quantize(_name, w):
-        q, scale = fp8_weight(w, "channel")
-        return {"weight": q, "weight_scale": scale}, q.float() * scale
-
     config = compressed_tensors_config("channel", None, ["lm_head", "re:.*block_sparse_moe.gate$"])
-    model, prompts = quantize_checkpoint("mixtral", tmp_path, config, quantize)
+    model, prompts = quantize_checkpoint("mixtral", tmp_path, config, fp8_quantizer("channel"))
     assert_served_like(model, prompts, tmp_path)
+
+
+def test_online_fp8_quantizes_float_experts(tmp_path):
+    """``--quantization fp8`` on a float Mixtral: every expert's gate, up and down quantized per
+    output channel at load like the linear layers, every input rounded per token."""
+    model, prompts = _build("mixtral", tmp_path)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+                module.weight[:] = fp8_quantizer("channel")(name, module.weight)[1]
+                module.register_forward_pre_hook(lambda _m, args: (e4m3_round_trip(args[0]),))
+            elif hasattr(module, "gate_up_proj"):
+                for stacked in (module.gate_up_proj, module.down_proj):
+                    for expert in stacked:
+                        expert[:] = fp8_quantizer("channel")(name, expert)[1]
+                round_expert_inputs(module, lambda _e, x: e4m3_round_trip(x), lambda _e, x: e4m3_round_trip(x))
+    with Engine(str(tmp_path), quantization="fp8") as engine:
+        results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                      "max_new_tokens": NEW_TOKENS})
+    for prompt, result in zip(prompts, results):
+        assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0], f"prompt of {len(prompt)}"
 
 
 def test_fp8_per_tensor_static_experts(tmp_path):
@@ -168,13 +222,9 @@ def test_fp8_block_wise_deepseek_v3(tmp_path):
     blocks: its scale has 3 rows, the last covering 8), as the released 576-row one has 4.5 blocks
     of 128. kv_b_proj stays float (the MLA plugin absorbs its plain weight)."""
     block = (16, 16)
-
-    def quantize(_name, w):
-        q, scale_inv = fp8_block_weight(w, block)
-        return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, block)
-
     config = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head", "re:.*kv_b_proj$"]}
-    model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, quantize, keep_float=("kv_b_proj",))
+    model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, block_quantizer(block),
+                                         keep_float=("kv_b_proj",))
     assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape[0] % block[0]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") and "kv_b_proj" not in name:
@@ -187,35 +237,17 @@ def test_fp8_block_wise_deepseek_v3(tmp_path):
 
 def test_gptq_experts_qwen2_moe(tmp_path):
     """Qwen1.5-MoE-GPTQ's layout (every expert's gate/up/down packed, the shared expert and
-    attention too; router and shared_expert_gate float), here with act-order: a shuffled g_idx
-    per projection, an expert's gate and up each their own (projections the engine fuses, q/k/v
-    and a dense gate/up, share theirs, as they share their input)."""
-    fmt = {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False, "desc_act": True,
-           "checkpoint_format": "gptq"}
-    gen = torch.Generator().manual_seed(3)
-    g_idx: dict[str, torch.Tensor] = {}
-
-    def quantize(name, w):
-        out, inputs = w.shape
-        fused = name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
-        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(fused, group_index(fmt, inputs, gen)))
-        return quant.tensors, quant.weight
-
-    model, prompts = quantize_checkpoint("qwen2-moe", tmp_path, fmt, quantize, keep_float=("shared_expert_gate",))
+    attention too; router and shared_expert_gate float), here with act-order: an expert's gate
+    and up each with their own shuffled g_idx."""
+    model, prompts = quantize_checkpoint("qwen2-moe", tmp_path, GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 3),
+                                         keep_float=("shared_expert_gate",))
     assert_served_like(model, prompts, tmp_path)
 
 
 def test_awq_experts_mixtral(tmp_path):
     """Mixtral-AWQ's layout: every expert's w1/w3/w2 and the attention packed by AutoAWQ's GEMM rule."""
     fmt = {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True, "version": "gemm"}
-    gen = torch.Generator().manual_seed(4)
-
-    def quantize(_name, w):
-        out, inputs = w.shape
-        quant = Quantized(fmt, inputs, out, gen, group_index(fmt, inputs, gen))
-        return quant.tensors, quant.weight
-
-    model, prompts = quantize_checkpoint("mixtral", tmp_path, fmt, quantize)
+    model, prompts = quantize_checkpoint("mixtral", tmp_path, fmt, packed_quantizer(fmt, 4))
     assert_served_like(model, prompts, tmp_path)
 
 
@@ -227,3 +259,47 @@ def test_block_wise_experts_cutting_a_block_is_an_error(intermediate, block, tp,
     method = Fp8LinearMethod.for_experts({**BLOCK_CONFIG, "weight_block_size": list(block)}, "model.layers.0.mlp.experts")
     with pytest.raises(ValueError, match=f"quantization_config weight_block_size.*{what}"):
         ExpertWeights(4, 64, intermediate, TPGroup(group=None, rank=0, size=tp), quant_method=method)
+
+
+@pytest.mark.parametrize("config, quantize, rounding", [
+    (compressed_tensors_config("tensor", None, []), fp8_quantizer("tensor"), None),
+    ({**BLOCK_CONFIG, "weight_block_size": [16, 16]}, block_quantizer((16, 16)), 16),
+    (GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 5), None),
+], ids=["fp8-tensor", "fp8-block", "gptq-act-order"])
+def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding):
+    """Under 2-way tensor parallelism each rank loads its slice of every expert (gate and up rows,
+    down's input columns, their scales, blocks, groups and g_idx) from the per-expert checkpoint
+    tensors; the ranks' partial sums (what the all-reduce adds) equal the whole layer's, computed
+    token by token from the dequantized weights (inputs rounded per token and group where the
+    scheme quantizes them: the ranks' 32-wide slices hold whole groups)."""
+    experts, hidden, intermediate, tokens, tp = 4, 64, 64, 6, 2
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+    packed = {(e, part): quantize(f"experts.{e}.{part}", torch.randn(*shape, generator=gen) * 0.1)
+              for e in range(experts) for part, shape in shapes.items()}
+    x = torch.randn(tokens, hidden, generator=gen)
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, 2, generator=gen)
+    method_cls = GPTQMethod if config["quant_method"] == "gptq" else Fp8LinearMethod
+    partial_sums = torch.zeros(tokens, hidden)
+    for rank in range(tp):
+        method = method_cls.for_experts(config, "model.layers.0.mlp.experts")
+        layer = ExpertWeights(experts, hidden, intermediate, TPGroup(group=None, rank=rank, size=tp),
+                              quant_method=method)
+        for (expert, part), (tensors, _weight) in packed.items():
+            for suffix, tensor in tensors.items():
+                param = getattr(layer, f"{'w2' if part == 'down' else 'w13'}_{suffix}")
+                param.weight_loader(param, tensor, (expert, part))
+        method.process_weights_after_loading(layer)
+        partial_sums += method.apply(layer, x, topk_weights, topk_ids, SiluAndMul())
+
+    def rounded(v: torch.Tensor) -> torch.Tensor:
+        return v if rounding is None else e4m3_round_trip(v, group=rounding)
+
+    expected = torch.zeros(tokens, hidden)
+    for token in range(tokens):
+        for expert, weight in zip(topk_ids[token].tolist(), topk_weights[token]):
+            gate, up, down = (packed[(expert, part)][1] for part in shapes)
+            h = torch.nn.functional.silu(rounded(x[token]) @ gate.T) * (rounded(x[token]) @ up.T)
+            expected[token] += weight * (rounded(h) @ down.T)
+    torch.testing.assert_close(partial_sums, expected, rtol=1e-4, atol=1e-4)

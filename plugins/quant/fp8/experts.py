@@ -60,18 +60,22 @@ class Fp8ExpertsMethod(ExpertsQuantMethod):
             setattr(layer, f"{stem}_weight", weight_param(torch.zeros(num_experts, rows, inputs, dtype=dtype),
                                                           weight_loader, output_dim=0, input_dim=1))
             parts = 2 if stem == "w13" else 1
-            if weights == "channel":
-                scale = weight_param(torch.ones(num_experts, rows, 1), weight_loader, output_dim=0)
-            elif weights == "tensor":
-                scale = weight_param(torch.ones(num_experts, parts), _load_part_scale)
-            elif weights == "block":
-                block_rows, block_cols = self.scheme.block
-                scale = weight_param(torch.ones(num_experts, -(-rows // block_rows), -(-inputs // block_cols)),
-                                     weight_loader, output_dim=0, input_dim=1, packed_dim=0, packed_factor=block_rows)
-            if weights != "online":
-                setattr(layer, f"{stem}_weight_scale{'_inv' if weights == 'block' else ''}", scale)
+            if weights != "online":  # online weights get their scales when quantized after loading
+                name = f"{stem}_weight_scale_inv" if weights == "block" else f"{stem}_weight_scale"
+                setattr(layer, name, self._weight_scale(num_experts, rows, inputs, parts, weight_loader))
             if self.scheme.activations == "static":
                 setattr(layer, f"{stem}_input_scale", weight_param(torch.ones(num_experts, parts), _load_part_scale))
+
+    def _weight_scale(self, num_experts: int, rows: int, inputs: int, parts: int,
+                      weight_loader: Callable[..., None]) -> nn.Parameter:
+        """A stacked weight's scales: per output row, per part (per-tensor) or per block."""
+        if self.scheme.weights == "channel":
+            return weight_param(torch.ones(num_experts, rows, 1), weight_loader, output_dim=0)
+        if self.scheme.weights == "tensor":
+            return weight_param(torch.ones(num_experts, parts), _load_part_scale)
+        block_rows, block_cols = self.scheme.block
+        return weight_param(torch.ones(num_experts, -(-rows // block_rows), -(-inputs // block_cols)),
+                            weight_loader, output_dim=0, input_dim=1, packed_dim=0, packed_factor=block_rows)
 
     def _check_blocks(self, layer: nn.Module, intermediate_size: int) -> None:
         """Gate and up follow each other in w13, so gate must end on a block boundary; a rank's

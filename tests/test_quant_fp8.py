@@ -420,23 +420,68 @@ def test_block_wise_tensor_parallel_shards():
     torch.testing.assert_close(row_sum, x @ down.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make, block, what", [
+def test_block_wise_partial_edge_blocks():
+    """A weight whose rows and columns end in partial blocks (as DeepSeek-V3's 576-row
+    kv_a_proj_with_mqa: 4.5 blocks of 128): 36 x 40 with 16 x 16 blocks has a 3 x 3
+    ``weight_scale_inv``, the last row and column of blocks covering the remaining 4 rows and 8
+    columns; the input's last group likewise has 8 features."""
+    from sglang_core.layers.parallel import ColumnParallelLinear
+    from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+
+    block = (16, 16)
+    torch.manual_seed(0)
+    q, scale = fp8_block_weight(torch.randn(36, 40), block)
+    assert scale.shape == (3, 3)
+    layer = ColumnParallelLinear(40, 36, quant_method=Fp8LinearMethod(
+        {**BLOCK_CONFIG, "weight_block_size": list(block)}, "model.layers.0.self_attn.kv_a_proj_with_mqa"))
+    layer.weight.weight_loader(layer.weight, q)
+    layer.weight_scale_inv.weight_loader(layer.weight_scale_inv, scale)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(5, 40) * 0.1  # below 1: padding the last group with anything but zeros would show
+    rounded = torch.cat([group_round_trip(x[:, start:start + 16], x[:, start:start + 16].shape[1])
+                         for start in range(0, 40, 16)], dim=1)
+    torch.testing.assert_close(layer(x), rounded @ block_dequantized(q, scale, block).T, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_block_scale_loads_only_as_the_last_piece():
+    """A part of 36 rows has ceil(36/16) = 3 block-scale rows: placed last (rows 2..4 of a 5-row
+    scale, after a part of 32 rows) it loads; placed first, its partial block would hold the next
+    part's first rows, and the loader refuses it."""
+    from sglang_core.layers.parallel import load_output_shard
+    from sglang_core.layers.quant import weight_param
+
+    param = weight_param(torch.zeros(5, 4), lambda *args: None, output_dim=0, input_dim=1, packed_dim=0,
+                         packed_factor=16)
+    scale = torch.arange(12.0).reshape(3, 4)
+    load_output_shard(param, param.data, scale, offset=32, size=36, index=0)
+    assert torch.equal(param.data[2:], scale)
+    with pytest.raises(ValueError, match="do not split"):
+        load_output_shard(param, param.data, scale, offset=0, size=36, index=0)
+
+
+@pytest.mark.parametrize("make, block, tp, what", [
     # k and v get 16 rows per rank: a 32-row block would straddle two parts.
-    ("qkv", (32, 16), "output parts of \\[32, 16, 16\\] rows"),
+    ("qkv", (32, 16), 2, "output parts of \\[32, 16, 16\\] rows"),
     # 96 input features split 48 per rank: a rank's input would cut a 32-column block.
-    ("row", (16, 32), "48 input features"),
+    ("row", (16, 32), 2, "48 input features"),
+    # gate's partial last block would hold up's first rows.
+    ("merged", (16, 16), 1, "output parts of \\[36, 36\\] rows"),
+    # 72 rows split 36 per rank: rank 1's rows start inside a block.
+    ("column", (16, 16), 2, "output parts of \\[36\\] rows"),
 ])
-def test_block_wise_layer_cutting_a_block_is_an_error(make, block, what):
-    from sglang_core.layers.parallel import QKVParallelLinear, RowParallelLinear
+def test_block_wise_layer_cutting_a_block_is_an_error(make, block, tp, what):
+    from sglang_core.layers.parallel import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                             RowParallelLinear)
     from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 
     method = Fp8LinearMethod({**BLOCK_CONFIG, "weight_block_size": list(block)}, "layers.0.proj")
-    group = TPGroup(group=None, rank=0, size=2)
+    group = TPGroup(group=None, rank=0, size=tp)
+    build = {"qkv": lambda: QKVParallelLinear(64, 16, 4, 2, tp=group, quant_method=method),
+             "row": lambda: RowParallelLinear(96, 64, tp=group, quant_method=method),
+             "merged": lambda: MergedColumnParallelLinear(64, [36, 36], tp=group, quant_method=method),
+             "column": lambda: ColumnParallelLinear(64, 72, tp=group, quant_method=method)}
     with pytest.raises(ValueError, match=f"quantization_config weight_block_size.*{what}"):
-        if make == "qkv":
-            QKVParallelLinear(64, 16, 4, 2, tp=group, quant_method=method)
-        else:
-            RowParallelLinear(96, 64, tp=group, quant_method=method)
+        build[make]()
 
 
 def test_unknown_quantization_name_is_an_error(tmp_path):

@@ -1,11 +1,15 @@
-"""What the AWQ and GPTQ methods share: reading their ``quantization_config`` and unpacking
-integers stored several to an int32."""
+"""What the AWQ and GPTQ methods share: reading their ``quantization_config``, unpacking
+integers stored several to an int32, and computing routed experts from dequantized weights."""
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
+
+from sglang_core.layers.moe import experts_by_expert
+from sglang_core.layers.quant import ExpertsQuantMethod
 
 
 def config_value(config: Any, field: str, default: Any = None) -> Any:
@@ -30,3 +34,20 @@ def unpack_ints(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, bits, device=words.device)
     values = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return values.reshape(*w.shape[:-1], w.shape[-1] * per_word).movedim(-1, dim)
+
+
+class DequantizingExpertsMethod(ExpertsQuantMethod):
+    """Routed experts computed on the CPU path: each expert that got tokens is dequantized
+    (``w13`` and ``w2``) and computed in float; experts no token chose are not touched."""
+
+    @abc.abstractmethod
+    def dequantized(self, layer: torch.nn.Module, stem: str, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s ``stem`` (``"w13"`` or ``"w2"``) weight as ``[out, in]`` floats."""
+
+    def apply(self, layer: torch.nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              act: torch.nn.Module) -> torch.Tensor:
+        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
+            h = act(x @ self.dequantized(layer, "w13", expert).to(x.dtype).t())
+            return h @ self.dequantized(layer, "w2", expert).to(h.dtype).t()
+
+        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)

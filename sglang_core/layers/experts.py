@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sglang_core.layers.parallel import SINGLE, TPGroup, load_input_shard, load_output_shard, split_fused
-from sglang_core.layers.quant import weight_param
+from sglang_core.layers.quant import ExpertsQuantMethod, weight_param
 
 # Checkpoint spellings of an expert's projections -> the role the loader gives them.
 EXPERT_PARTS = {
@@ -28,23 +28,31 @@ EXPERT_PARTS = {
 }
 # The stacked parameter (name stem) each role loads into.
 PART_STEMS = {"gate": "w13", "up": "w13", "gate_up": "w13", "down": "w2"}
+# Each role's place(s) among its stacked parameter's parts (w13: gate, up; w2: down), where a
+# quantization method keeps a quantity per expert and part (a per-tensor scale, GPTQ's g_idx).
+PART_SLOTS = {"gate": [0], "up": [1], "gate_up": [0, 1], "down": [0]}
 
 
 class ExpertWeights(nn.Module):
     """``num_experts`` gated MLPs' weights, stacked; this rank holds ``intermediate_size / tp`` of each.
 
     The ``output_dim`` / ``input_dim`` metadata of a stacked parameter (``quant.weight_param``) name
-    the dims of one expert's slice, so a quantization method can add packed stacked tensors
-    (``w13_qweight``, ...) with ``self.weight_loader`` and they load the same way.
+    the dims of one expert's slice, so a quantization method (``quant_method``, an
+    ``ExpertsQuantMethod``) creates packed stacked tensors (``w13_qweight``, ...) in their place
+    with ``self.weight_loader`` and they load the same way.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup = SINGLE,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, quant_method: ExpertsQuantMethod | None = None):
         super().__init__()
         self.tp = tp
         self.num_experts = num_experts
         self.intermediate_size = tp.split(intermediate_size, "moe_intermediate_size")  # this rank's
         size = self.intermediate_size
+        self.quant_method = quant_method
+        if quant_method is not None:
+            quant_method.create_weights(self, num_experts, hidden_size, size, params_dtype, self.weight_loader)
+            return
         self.w13_weight = weight_param(torch.zeros(num_experts, 2 * size, hidden_size, dtype=params_dtype),
                                        self.weight_loader, output_dim=0, input_dim=1)
         self.w2_weight = weight_param(torch.zeros(num_experts, hidden_size, size, dtype=params_dtype),

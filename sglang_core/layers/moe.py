@@ -4,8 +4,10 @@
 the fused Triton kernel (``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both
 take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and
 return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
-runs the reference, or ``experts_dense`` while a CUDA graph is being captured (the reference
-reads each expert's token count on the host).
+runs the reference, which while a CUDA graph is being captured runs every expert on every token
+(``every_expert``: grouping tokens by expert reads each expert's count on the host). A quantized
+MoE layer computes through its ``ExpertsQuantMethod`` instead; ``experts_by_expert`` is the
+same per-expert loop over any expert computation (dequantize, then multiply).
 
 Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 (``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
@@ -13,6 +15,8 @@ Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,44 +26,63 @@ from sglang_core.layers.activation import SiluAndMul, gated_act_fn
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import SINGLE, TPGroup
+from sglang_core.layers.quant import ExpertsQuantMethod
 
 
-def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                      topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
-    """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
-    ``e = topk_ids[t, j]``; ``act`` (default SiLU-and-mul) maps ``[.., 2I]`` to ``[.., I]``.
+def experts_by_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * expert_mlp(e, hidden[t])`` over each token's experts
+    ``e = topk_ids[t, j]``, summed in float32; ``expert_mlp(e, x)`` maps expert ``e``'s tokens
+    ``[n, H]`` to ``[n, H]``.
 
-    Tokens are grouped by expert so each expert runs one matmul over its tokens; an expert no
-    token chose costs nothing."""
-    act = act or SiluAndMul()
+    Tokens are grouped by expert so each expert runs once over its tokens; an expert no token
+    chose costs nothing (a quantized one is not even dequantized). While a CUDA graph is being
+    captured (the grouping reads each expert's token count on the host) ``every_expert`` runs."""
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return every_expert(hidden, num_experts, expert_mlp, topk_weights, topk_ids)
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_weights = topk_weights.flatten().float()
     for expert, picks in enumerate(order.split(counts)):
         if picks.numel() == 0:
             continue
         tokens = picks // top_k
-        y = act(hidden[tokens] @ w13[expert].t()) @ w2[expert].t()
-        out.index_add_(0, tokens, y.float() * flat_weights[picks, None])
+        out.index_add_(0, tokens, expert_mlp(expert, hidden[tokens]).float() * flat_weights[picks, None])
     return out.to(hidden.dtype)
+
+
+def every_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """``experts_by_expert``'s sum computed by running every expert on every token, weighted by
+    the token's routing weight for it (0 where not chosen). It never reads routing results on the
+    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
+    combine = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
+    combine.scatter_add_(1, topk_ids, topk_weights.float())
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for expert in range(num_experts):
+        out += expert_mlp(expert, hidden).float() * combine[:, expert, None]
+    return out.to(hidden.dtype)
+
+
+def _gated_mlp(w13: torch.Tensor, w2: torch.Tensor, act: nn.Module | None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    act = act or SiluAndMul()
+    return lambda expert, x: act(x @ w13[expert].t()) @ w2[expert].t()
+
+
+def experts_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
+    ``e = topk_ids[t, j]``; ``act`` (default SiLU-and-mul) maps ``[.., 2I]`` to ``[.., I]``."""
+    return experts_by_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
 def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
-    """``experts_reference``'s sum computed by running every expert on every token, weighted by
-    the token's routing weight for it (0 where not chosen). It never reads routing results on the
-    host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
-    act = act or SiluAndMul()
-    combine = torch.zeros(hidden.shape[0], w13.shape[0], dtype=torch.float32, device=hidden.device)
-    combine.scatter_add_(1, topk_ids, topk_weights.float())
-    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
-    for expert in range(w13.shape[0]):
-        y = act(hidden @ w13[expert].t()) @ w2[expert].t()
-        out += y.float() * combine[:, expert, None]
-    return out.to(hidden.dtype)
+    """``experts_reference``'s sum by ``every_expert`` (what a CUDA graph captures)."""
+    return every_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -69,14 +92,15 @@ def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         from sglang_core.kernels.fused_moe import fused_moe
 
         return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
-    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-        return experts_dense(hidden, w13, w2, topk_weights, topk_ids, act)
     return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
 
 
 class MoE(nn.Module):
     """``routed(x) + shared(x)``: the router (``gate``) picks ``routing.top_k`` of ``num_experts``
     gated MLPs (``experts``, each ``down(act(gate) * up)`` of width ``intermediate_size``) per token.
+
+    ``quant_method``: the experts' quantization method (``ctx.experts_method_for(prefix)``); None:
+    float experts through ``run_experts``.
 
     ``shared_expert``: a module every token also goes through (a ``GatedMLP``), weighted, when
     ``shared_expert_gate``, by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE's scalar gate per token).
@@ -85,13 +109,13 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, routing: Routing,
                  hidden_act: str = "silu", tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32, *,
                  shared_expert: nn.Module | None = None, shared_expert_gate: bool = False,
-                 router_dtype: torch.dtype | None = None):
+                 router_dtype: torch.dtype | None = None, quant_method: ExpertsQuantMethod | None = None):
         super().__init__()
         if shared_expert_gate and shared_expert is None:
             raise ValueError("shared_expert_gate: there is no shared expert to gate")
         self.tp = tp
         self.gate = Router(hidden_size, num_experts, routing, router_dtype or params_dtype)
-        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size, tp, params_dtype)
+        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size, tp, params_dtype, quant_method)
         self.act = gated_act_fn(hidden_act)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False, dtype=params_dtype).requires_grad_(False)
@@ -99,7 +123,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act)
+        method = self.experts.quant_method
+        if method is not None:
+            out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)
+        else:
+            out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act)
         out = self.tp.all_reduce(out)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -97,10 +97,20 @@ def load_output_shard(param: torch.Tensor, dst: torch.Tensor, loaded: torch.Tens
     """Copy piece ``index`` (``size`` output features wide) of the checkpoint tensor ``loaded`` into
     ``dst`` at output feature ``offset``, along ``param.output_dim`` (packing divided out).
 
-    ``dst`` is ``param.data`` or, for stacked expert weights, one expert's slice of it.
+    ``dst`` is ``param.data`` or, for stacked expert weights, one expert's slice of it. A piece
+    whose size is not a whole number of packed elements is accepted only as the last piece of
+    ``dst`` and the whole of ``loaded``.
     """
     dim = param.output_dim
-    offset, size = _in_elements(param, dim, offset), _in_elements(param, dim, size)
+    offset = _in_elements(param, dim, offset)
+    factor, rounded_up = _packing(param, dim), -(-size // _packing(param, dim))
+    whole = loaded.dim() > dim and loaded.shape[dim] == rounded_up == dst.shape[dim] - offset
+    if size % factor and whole:
+        # A checkpoint tensor ending in a partly filled element (a block-wise scale whose last block
+        # covers the remaining rows) loads whole when it is also the last piece of ``dst``.
+        size = rounded_up
+    else:
+        size = _in_elements(param, dim, size)
     copy_checked(dst.narrow(dim, offset, size), _piece(loaded, dim, index, size))
 
 

@@ -2,7 +2,9 @@
 the tensor-parallel loaders how to cut a parameter.
 
 A quantization plugin registers a ``QuantMethod`` subclass (hook ``register_quant_methods``); the
-model context hands one to each linear layer. The core ships only the unquantized method.
+model context hands one to each linear layer, and the one its ``for_experts`` gives (an
+``ExpertsQuantMethod``) to each MoE layer's experts. The core ships only the unquantized method
+(unquantized experts need none: ``ExpertWeights`` holds them as floats).
 """
 
 from __future__ import annotations
@@ -75,6 +77,39 @@ class QuantMethod(abc.ABC):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel (transpose, pre-shuffle, ...); default: nothing."""
+
+    @classmethod
+    def for_experts(cls, quant_config: dict, prefix: str) -> ExpertsQuantMethod | None:
+        """The method for the routed experts at module path ``prefix`` (``model.layers.0.mlp.experts``),
+        or None to keep them unquantized; default: None (the scheme quantizes linear layers only)."""
+        return None
+
+
+class ExpertsQuantMethod(abc.ABC):
+    """Creates an MoE layer's stacked expert parameters (on ``layers.experts.ExpertWeights``) and
+    computes the routed experts' weighted sum from them.
+
+    Parameters are stacked ``[num_experts, ...]`` and named ``w13_<suffix>`` (each expert's gate,
+    then up) and ``w2_<suffix>`` (down), so a checkpoint's ``experts.<e>.w1.<suffix>`` loads into
+    them; made with ``weight_param(..., weight_loader, output_dim=, input_dim=, packed_dim=,
+    packed_factor=)``, whose dims are those of one expert's slice, ``layer.weight_loader`` cuts each
+    part's tensor-parallel piece as it does the float weights'.
+    """
+
+    @abc.abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
+                       params_dtype: torch.dtype, weight_loader: Callable[..., None]) -> None:
+        """Register the stacked parameters on ``layer`` (``intermediate_size`` is this rank's)."""
+
+    @abc.abstractmethod
+    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              act: nn.Module) -> torch.Tensor:
+        """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
+        ``e = topk_ids[t, j]`` (``act`` maps ``[.., 2I]`` to ``[.., I]``): ``[T, H]``, this rank's
+        partial sum under tensor parallelism."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack loaded weights for the kernel; default: nothing."""
 
 
 class UnquantizedMethod(QuantMethod):

@@ -15,7 +15,7 @@ import torch
 
 from sglang_core.layers.experts import EXPERT_PARTS, PART_STEMS
 from sglang_core.layers.parallel import SINGLE, TPGroup
-from sglang_core.layers.quant import QuantMethod
+from sglang_core.layers.quant import ExpertsQuantMethod, QuantMethod
 from sglang_core.model_executor.forward_batch import ForwardBatch
 
 
@@ -25,6 +25,8 @@ class ModelContext:
     tp: TPGroup = SINGLE
     # prefix of a linear layer ("model.layers.0.mlp.gate_up_proj") -> its method; None = unquantized
     quant_method_for: Callable[[str], QuantMethod | None] = field(default=lambda prefix: None)
+    # prefix of an MoE layer's routed experts ("model.layers.0.mlp.experts") -> their method; None = float
+    experts_method_for: Callable[[str], ExpertsQuantMethod | None] = field(default=lambda prefix: None)
     # The longest sequence the engine serves (its context length): what length-dependent rope
     # scalings are built for (``rope_from_config(..., max_position=ctx.max_position)``).
     max_position: int | None = None

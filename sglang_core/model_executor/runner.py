@@ -84,8 +84,9 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
-        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=self._quant_method_factory(plugins),
-                           max_position=self.context_len)
+        quant_method_for, experts_method_for = self._quant_method_factories(plugins)
+        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=quant_method_for,
+                           experts_method_for=experts_method_for, max_position=self.context_len)
         with torch.device(self.device):
             model = cls(self.config, ctx)
         if source.load_format == "dummy":
@@ -98,12 +99,13 @@ class ModelRunner:
                 method.process_weights_after_loading(module)
         return model.eval()
 
-    def _quant_method_factory(self, plugins: PluginManager):
-        """Each linear layer's method: by ``--quantization`` if given, else the checkpoint's
-        ``quantization_config``; a checkpoint without one hands the method ``{"quant_method": name}``."""
+    def _quant_method_factories(self, plugins: PluginManager):
+        """Each linear layer's method and each MoE layer's experts' method: by ``--quantization`` if
+        given, else the checkpoint's ``quantization_config``; a checkpoint without one hands the
+        method ``{"quant_method": name}``."""
         quant = getattr(self.config, "quantization_config", None)
         if not quant and not self.settings.quantization:
-            return lambda prefix: None
+            return (lambda prefix: None), (lambda prefix: None)
         if quant and not isinstance(quant, dict):
             quant = quant.to_dict()
         name = self.settings.quantization or quant.get("quant_method")
@@ -112,7 +114,7 @@ class ModelRunner:
             cls = plugins.registry("quant_methods").get(str(name)).load()
         except PluginError as exc:
             raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
-        return lambda prefix: cls.for_layer(quant, prefix)
+        return (lambda prefix: cls.for_layer(quant, prefix)), (lambda prefix: cls.for_experts(quant, prefix))
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

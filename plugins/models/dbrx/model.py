@@ -80,4 +80,5 @@ class DbrxForCausalLM(DecoderLM):
         p = ffn.moe_normalize_expert_weights
         routing = Routing(ffn.moe_top_k, renormalize=p is not None, renormalize_p=1.0 if p is None else float(p))
         act = (ffn.ffn_act_fn or {}).get("name", "silu")
-        return MoE(config.d_model, ffn.moe_num_experts, ffn.ffn_hidden_size, routing, act, ctx.tp, ctx.dtype)
+        return MoE(config.d_model, ffn.moe_num_experts, ffn.ffn_hidden_size, routing, act, ctx.tp, ctx.dtype,
+                   quant_method=ctx.experts_method_for(f"{layer_prefix(layer_id)}.mlp.experts"))

@@ -73,7 +73,8 @@ class DeepseekV2ForCausalLM(DecoderLM):
                               config.moe_intermediate_size * config.n_shared_experts, config.hidden_act,
                               self.dense_mlp_bias(config))
         return MoE(config.hidden_size, experts, config.moe_intermediate_size, self.routing(config), config.hidden_act,
-                   ctx.tp, ctx.dtype, shared_expert=shared, router_dtype=torch.float32)
+                   ctx.tp, ctx.dtype, shared_expert=shared, router_dtype=torch.float32,
+                   quant_method=ctx.experts_method_for(f"{prefix}.experts"))
 
     def routing(self, config) -> Routing:
         """V2: softmax scores, ``greedy`` or ``group_limited_greedy`` top-k, not renormalised."""

@@ -59,7 +59,8 @@ class GraniteMoeForCausalLM(DecoderLM):
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         return MoE(config.hidden_size, config.num_local_experts, config.intermediate_size,
                    Routing(config.num_experts_per_tok, renormalize=True), config.hidden_act, ctx.tp, ctx.dtype,
-                   shared_expert=self.make_shared_mlp(config, ctx, layer_id))
+                   shared_expert=self.make_shared_mlp(config, ctx, layer_id),
+                   quant_method=ctx.experts_method_for(f"{layer_prefix(layer_id)}.mlp.experts"))
 
     def make_shared_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module | None:
         return None

@@ -28,7 +28,7 @@ from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.moe import MoE
 from sglang_core.layers.moe_router import Routing
 from sglang_core.layers.rotary import RotaryEmbedding
-from sglang_core.layers.transformer import DecoderLM, SandwichDecoderLayer
+from sglang_core.layers.transformer import DecoderLM, SandwichDecoderLayer, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
 ROPE_BASE = 10000.0
@@ -72,7 +72,7 @@ class Grok1ModelForCausalLM(DecoderLM):
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         routing = Routing(config.num_experts_per_tok, renormalize=False)
         return MoE(config.hidden_size, config.num_experts, config.intermediate_size, routing, "gelu", ctx.tp,
-                   ctx.dtype)
+                   ctx.dtype, quant_method=ctx.experts_method_for(f"{layer_prefix(layer_id)}.mlp.experts"))
 
     def make_layer(self, config, ctx, layer_id, rotary):
         return SandwichDecoderLayer(self.make_attention(config, ctx, layer_id, rotary),

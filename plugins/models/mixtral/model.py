@@ -12,7 +12,7 @@ from torch import nn
 
 from sglang_core.layers.moe import MoE
 from sglang_core.layers.moe_router import Routing
-from sglang_core.layers.transformer import DecoderLM
+from sglang_core.layers.transformer import DecoderLM, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
 
@@ -23,4 +23,5 @@ class MixtralForCausalLM(DecoderLM):
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         routing = Routing(config.num_experts_per_tok, renormalize=True)
         return MoE(config.hidden_size, config.num_local_experts, config.intermediate_size, routing,
-                   config.hidden_act, ctx.tp, ctx.dtype)
+                   config.hidden_act, ctx.tp, ctx.dtype,
+                   quant_method=ctx.experts_method_for(f"{layer_prefix(layer_id)}.mlp.experts"))

@@ -55,7 +55,8 @@ class QwenMoeLM(DecoderLM):
         shared = self.make_shared_expert(config, ctx, layer_id)
         return MoE(config.hidden_size, config.num_experts, config.moe_intermediate_size,
                    Routing(config.num_experts_per_tok, renormalize=config.norm_topk_prob), config.hidden_act,
-                   ctx.tp, ctx.dtype, shared_expert=shared, shared_expert_gate=shared is not None)
+                   ctx.tp, ctx.dtype, shared_expert=shared, shared_expert_gate=shared is not None,
+                   quant_method=ctx.experts_method_for(f"{layer_prefix(layer_id)}.mlp.experts"))
 
     def make_shared_expert(self, config, ctx: ModelContext, layer_id: int) -> nn.Module | None:
         return None

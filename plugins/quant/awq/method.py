@@ -8,18 +8,19 @@ i = 0..7) hold features 0, 2, 4, 6, 1, 3, 5, 7 of the 8. The weight is ``W[k, n]
 z[k // g, n]) * s[k // g, n]``.
 
 CPU path: each forward dequantises the layer's weight from the packed tensors and runs a float
-matmul (nothing is cached, so the model keeps its quantized size in memory).
+matmul (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
+experts are packed the same way, expert by expert (``AWQExpertsMethod``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
-from sglang_plugins.quant.packing import config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
 
 BITS = 4
 PACK = 32 // BITS
@@ -53,31 +54,66 @@ class AWQMethod(QuantMethod):
         # AWQ's own rule: a module is left in float when any listed name is part of its path.
         self.float_method = UnquantizedMethod() if any(name in prefix for name in skipped) else None
 
+    @classmethod
+    def for_experts(cls, quant_config: Any, prefix: str) -> AWQExpertsMethod | None:
+        method = cls(quant_config, prefix)
+        return None if method.float_method is not None else AWQExpertsMethod(method)
+
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
         if self.float_method is not None:
             self.float_method.create_weights(layer, input_size, output_sizes, params_dtype, weight_loader)
             return
+        for name, param in self.packed_params(input_size, sum(output_sizes), params_dtype, weight_loader).items():
+            setattr(layer, name, param)
+
+    def packed_params(self, input_size: int, out: int, params_dtype: torch.dtype, weight_loader: Callable[..., None],
+                      experts: int | None = None) -> dict[str, torch.nn.Parameter]:
+        """``qweight``, ``qzeros`` and ``scales`` of a weight of ``input_size`` inputs and ``out``
+        outputs; with ``experts``, stacked ``[experts, ...]`` (the metadata is one expert's)."""
         if input_size % self.group_size:
             raise ValueError(f"quantization_config.group_size {self.group_size} does not divide the layer's "
                              f"{input_size} input features")
-        out, groups = sum(output_sizes), input_size // self.group_size
         if out % PACK:
             raise ValueError(f"AWQ packs {PACK} output features to an int32; {out} is not a multiple")
+        lead, groups = () if experts is None else (experts,), input_size // self.group_size
         packed = {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "packed_factor": PACK}
-        layer.qweight = weight_param(torch.zeros(input_size, out // PACK, dtype=torch.int32), weight_loader, **packed)
-        layer.qzeros = weight_param(torch.zeros(groups, out // PACK, dtype=torch.int32), weight_loader, **packed)
-        layer.scales = weight_param(torch.zeros(groups, out, dtype=params_dtype), weight_loader,
-                                    input_dim=0, output_dim=1)
+        return {"qweight": weight_param(torch.zeros(*lead, input_size, out // PACK, dtype=torch.int32), weight_loader,
+                                        **packed),
+                "qzeros": weight_param(torch.zeros(*lead, groups, out // PACK, dtype=torch.int32), weight_loader,
+                                       **packed),
+                "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
+                                       input_dim=0, output_dim=1)}
+
+    def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
+        zeros = unpack_awq(qzeros).float()
+        w = (unpack_awq(qweight).float() - zeros.repeat_interleave(self.group_size, 0)) \
+            * scales.float().repeat_interleave(self.group_size, 0)
+        return w.t().to(scales.dtype)
 
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The layer's weight as ``[out, in]`` floats of the scales' dtype."""
-        scales = layer.scales.float()
-        zeros = unpack_awq(layer.qzeros).float()
-        w = (unpack_awq(layer.qweight).float() - zeros.repeat_interleave(self.group_size, 0)) \
-            * scales.repeat_interleave(self.group_size, 0)
-        return w.t().to(layer.scales.dtype)
+        return self.dequantize(layer.qweight, layer.qzeros, layer.scales)
 
     def apply(self, layer, x, bias):
         if self.float_method is not None:
             return self.float_method.apply(layer, x, bias)
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+
+
+class AWQExpertsMethod(DequantizingExpertsMethod):
+    """An MoE layer's experts as AutoAWQ quantizes them: each expert's w1/w3/w2 packed like a
+    linear layer's (``experts.<e>.w1.qweight``, ...), stacked into ``w13_qweight``, ``w2_scales``, ..."""
+
+    def __init__(self, method: AWQMethod):
+        self.method = method
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size, params_dtype, weight_loader) -> None:
+        for stem, (inputs, out) in {"w13": (hidden_size, 2 * intermediate_size),
+                                    "w2": (intermediate_size, hidden_size)}.items():
+            for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
+                setattr(layer, f"{stem}_{name}", param)
+
+    def dequantized(self, layer, stem: str, expert: int) -> torch.Tensor:
+        return self.method.dequantize(*(getattr(layer, f"{stem}_{name}")[expert]
+                                        for name in ("qweight", "qzeros", "scales")))

@@ -11,28 +11,33 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sglang_core.layers.parallel import RowParallelLinear
+from sglang_core.layers.parallel import SINGLE, RowParallelLinear
 from sglang_core.layers.quant import weight_param
-from sglang_plugins.quant.fp8.e4m3 import FP8_MAX, MIN_SCALE, quantize
+from sglang_plugins.quant.fp8.e4m3 import round_trip, token_scale
 
 
 def create_block_scale(layer: nn.Module, prefix: str, block: tuple[int, int], input_size: int,
                        output_sizes: list[int], weight_loader: Callable[..., None]) -> None:
     """``layer.weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], sharded with the weight.
 
-    A fused layer's parts (and column-parallel ranks) are cut along the output rows, so each part
-    must hold whole blocks; the input is quantized in whole ``cols``-wide groups, which also keeps
-    a row-parallel split from cutting a block."""
+    As DeepSeek-V3 ships them, a weight's last row and column blocks may be partial (its 576-row
+    ``kv_a_proj_with_mqa``: 4.5 blocks of 128). A block may not be cut, though: a fused layer's
+    parts (and column-parallel ranks) follow each other along the output rows, so every part but
+    the last unsplit one must hold whole blocks; likewise a row-parallel rank's input columns."""
     rows, cols = block
-    if input_size % cols:
+    tp = getattr(layer, "tp", SINGLE).size
+    row_parallel = isinstance(layer, RowParallelLinear)
+    if input_size % cols and row_parallel and tp > 1:
         raise ValueError(f"quantization_config weight_block_size {list(block)}: {prefix} has {input_size} input "
-                         f"features (per rank), not a multiple of the block's {cols} columns")
-    if not isinstance(layer, RowParallelLinear) and any(size % rows for size in output_sizes):
+                         f"features per rank, not a multiple of the block's {cols} columns")
+    cut_parts = output_sizes if tp > 1 and not row_parallel else output_sizes[:-1]
+    if any(size % rows for size in cut_parts):
         raise ValueError(f"quantization_config weight_block_size {list(block)}: {prefix} has output parts of "
                          f"{output_sizes} rows (per rank), not multiples of the block's {rows} rows")
-    scale = torch.ones(-(-sum(output_sizes) // rows), input_size // cols)
+    scale = torch.ones(-(-sum(output_sizes) // rows), -(-input_size // cols))
     layer.weight_scale_inv = weight_param(scale, weight_loader, output_dim=0, input_dim=1, packed_dim=0,
                                           packed_factor=rows)
 
@@ -47,8 +52,8 @@ def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
 
 def quantize_dequantize_groups(x: torch.Tensor, cols: int) -> torch.Tensor:
     """``x`` rounded to e4m3 with one scale per token and ``cols``-wide group (its largest
-    magnitude over e4m3's), and back to ``x``'s dtype."""
-    groups = x.float().unflatten(-1, (-1, cols))
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
-    rounded = quantize(groups, scale).float() * scale
-    return rounded.flatten(-2).to(x.dtype)
+    magnitude over e4m3's; a partial last group scaled by its own features), and back to ``x``'s dtype."""
+    features = x.shape[-1]
+    padded = F.pad(x.float(), (0, -features % cols))  # zeros leave every group's largest magnitude as it is
+    groups = padded.unflatten(-1, (-1, cols))
+    return round_trip(groups, token_scale(groups)).flatten(-2)[..., :features].to(x.dtype)

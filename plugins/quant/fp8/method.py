@@ -20,7 +20,8 @@ from torch import nn
 from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
-from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize
+from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
+from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import parse_scheme
 
 def _part_index(shard_id: Any) -> int:
@@ -52,6 +53,11 @@ class Fp8LinearMethod(QuantMethod):
     def for_layer(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
         method = cls(quant_config, prefix)
         return None if method.scheme.ignores(prefix) else method
+
+    @classmethod
+    def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> Fp8ExpertsMethod | None:
+        scheme = parse_scheme(quant_config)
+        return None if scheme.ignores(prefix) else Fp8ExpertsMethod(scheme, prefix)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
                        weight_loader: Callable[..., None]) -> None:
@@ -90,7 +96,7 @@ class Fp8LinearMethod(QuantMethod):
         """The activation scale: the static scalar, or each token's largest magnitude over e4m3's."""
         if self.scheme.activations == "static":
             return layer.input_scale
-        return x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE * FP8_MAX) / FP8_MAX
+        return token_scale(x)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.scheme.weights == "block":
@@ -101,8 +107,7 @@ class Fp8LinearMethod(QuantMethod):
         # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.
         weight = (layer.weight.float() * layer.weight_scale[:, None]).to(x.dtype)
         if self.scheme.activations != "none":
-            scale = self._input_scale(layer, x)
-            x = (quantize(x, scale).float() * scale).to(x.dtype)
+            x = round_trip(x, self._input_scale(layer, x))
         return linear(x, weight, bias)
 
     def _scaled_mm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

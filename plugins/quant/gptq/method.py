@@ -15,19 +15,22 @@ Under tensor parallelism a row-parallel layer's rank holds a slice of the input 
 group, so every rank holds all groups' scales and zeros and looks them up by ``g_idx``.
 
 CPU path: each forward dequantises the layer's weight from the packed tensors and runs a float
-matmul (nothing is cached, so the model keeps its quantized size in memory).
+matmul (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
+experts are packed the same way, expert by expert (``GPTQExpertsMethod``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 
 from sglang_core.kernels import linear
-from sglang_core.layers.parallel import RowParallelLinear
+from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
+from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.packing import config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -57,16 +60,29 @@ class GPTQMethod(QuantMethod):
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
         self.prefix = prefix
 
+    @classmethod
+    def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod:
+        return GPTQExpertsMethod(cls(quant_config, prefix))
+
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
-        out = sum(output_sizes)
+        ranks = layer.tp.size if isinstance(layer, RowParallelLinear) else 1
+        for name, param in self.packed_params(input_size, sum(output_sizes), ranks, params_dtype, weight_loader).items():
+            setattr(layer, name, param)
+        layer.g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32), weight_loader, input_dim=0)
+
+    def packed_params(self, input_size: int, out: int, input_ranks: int, params_dtype: torch.dtype,
+                      weight_loader: Callable[..., None], experts: int | None = None) -> dict[str, torch.nn.Parameter]:
+        """``qweight``, ``qzeros`` and ``scales`` of a weight of ``input_size`` inputs (this rank's, of
+        ``input_ranks`` ranks splitting them) and ``out`` outputs; with ``experts``, stacked
+        ``[experts, ...]`` (the metadata is one expert's)."""
         if input_size % self.pack or out % self.pack:
             raise ValueError(f"quantization_config.bits {self.bits} packs {self.pack} values to an int32; a layer of "
                              f"{input_size} inputs and {out} outputs does not pack")
-        # Input features the groups cover: a row-parallel rank with desc_act keeps every rank's groups.
+        # Input features the groups cover: a rank of split inputs with desc_act keeps every rank's groups.
         grouped_inputs = input_size
         groups_split = True
-        if self.desc_act and isinstance(layer, RowParallelLinear) and layer.tp.size > 1:
-            grouped_inputs, groups_split = input_size * layer.tp.size, False
+        if self.desc_act and input_ranks > 1:
+            grouped_inputs, groups_split = input_size * input_ranks, False
         if self.group_size == -1:
             groups, groups_split = 1, False  # one group of all input features: the same on every rank
         elif grouped_inputs % self.group_size:
@@ -75,41 +91,100 @@ class GPTQMethod(QuantMethod):
         else:
             groups = grouped_inputs // self.group_size
         group_dim = 0 if groups_split else None
-        layer.qweight = weight_param(torch.zeros(input_size // self.pack, out, dtype=torch.int32), weight_loader,
-                                     input_dim=0, output_dim=1, packed_dim=0, packed_factor=self.pack)
-        layer.qzeros = weight_param(torch.zeros(groups, out // self.pack, dtype=torch.int32), weight_loader,
-                                    input_dim=group_dim, output_dim=1, packed_dim=1, packed_factor=self.pack)
-        layer.scales = weight_param(torch.zeros(groups, out, dtype=params_dtype), weight_loader,
-                                    input_dim=group_dim, output_dim=1)
-        layer.g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32), weight_loader, input_dim=0)
+        lead = () if experts is None else (experts,)
+        return {"qweight": weight_param(torch.zeros(*lead, input_size // self.pack, out, dtype=torch.int32),
+                                        weight_loader, input_dim=0, output_dim=1, packed_dim=0,
+                                        packed_factor=self.pack),
+                "qzeros": weight_param(torch.zeros(*lead, groups, out // self.pack, dtype=torch.int32), weight_loader,
+                                       input_dim=group_dim, output_dim=1, packed_dim=1, packed_factor=self.pack),
+                "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
+                                       input_dim=group_dim, output_dim=1)}
 
     def process_weights_after_loading(self, layer) -> None:
+        self.check_g_idx(layer.g_idx, self.prefix)
+
+    def check_g_idx(self, g_idx: torch.Tensor, name: str) -> None:
+        """Without desc_act the groups are looked up by position, so the checkpoint's g_idx must agree
+        (up to this rank's first group) or the weight would be silently wrong."""
         if self.desc_act:
             return
-        # Without desc_act the groups are looked up by position, so the checkpoint's g_idx must agree
-        # (up to this rank's first group) or the weight would be silently wrong.
-        g_idx = layer.g_idx.long()
-        if not torch.equal(g_idx - g_idx[0], self.input_groups(layer)):
-            raise ValueError(f"quantization_config.desc_act is false, but {self.prefix}.g_idx assigns input "
+        g_idx = g_idx.long()
+        if not torch.equal(g_idx - g_idx[0], self.input_groups(g_idx)):
+            raise ValueError(f"quantization_config.desc_act is false, but {name}.g_idx assigns input "
                              f"features to groups out of order (an act-order checkpoint?)")
 
-    def input_groups(self, layer) -> torch.Tensor:
+    def input_groups(self, g_idx: torch.Tensor) -> torch.Tensor:
         """The group (row of ``scales``/``qzeros``) of each of this rank's input features."""
         if self.desc_act:
-            return layer.g_idx.long()
-        inputs = layer.g_idx.shape[0]
+            return g_idx.long()
+        inputs = g_idx.shape[0]
         if self.group_size == -1:
-            return torch.zeros(inputs, dtype=torch.long, device=layer.g_idx.device)
+            return torch.zeros(inputs, dtype=torch.long, device=g_idx.device)
         # Without desc_act groups are consecutive runs, and a rank's groups are its own slice.
-        return torch.arange(inputs, device=layer.g_idx.device) // self.group_size
+        return torch.arange(inputs, device=g_idx.device) // self.group_size
+
+    def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor) -> torch.Tensor:
+        """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
+        groups = self.input_groups(g_idx)
+        zeros = unpack_ints(qzeros, self.bits, dim=1).float() + self.zero_offset
+        values = unpack_ints(qweight, self.bits, dim=0).float()
+        w = (values - zeros[groups]) * scales.float()[groups]
+        return w.t().to(scales.dtype)
 
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The layer's weight as ``[out, in]`` floats of the scales' dtype."""
-        groups = self.input_groups(layer)
-        zeros = unpack_ints(layer.qzeros, self.bits, dim=1).float() + self.zero_offset
-        values = unpack_ints(layer.qweight, self.bits, dim=0).float()
-        w = (values - zeros[groups]) * layer.scales.float()[groups]
-        return w.t().to(layer.scales.dtype)
+        return self.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
 
     def apply(self, layer, x, bias):
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+
+
+class GPTQExpertsMethod(DequantizingExpertsMethod):
+    """An MoE layer's experts as GPTQ quantizes them (Qwen1.5-MoE-A2.7B-GPTQ-Int4): each expert's
+    gate/up/down packed like a linear layer's (``experts.<e>.gate_proj.qweight``, ...), stacked
+    into ``w13_qweight``, ``w2_scales``, ... Each part keeps its own ``g_idx`` (``w13_g_idx``
+    ``[E, 2, H]``: with desc_act gate and up are ordered apart), so w13 dequantizes part by part."""
+
+    def __init__(self, method: GPTQMethod):
+        self.method = method
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size, params_dtype, weight_loader) -> None:
+        # stem: (inputs, outputs, ranks splitting the inputs, parts); down's inputs are split as a row-parallel layer's.
+        shapes = {"w13": (hidden_size, 2 * intermediate_size, 1, 2),
+                  "w2": (intermediate_size, hidden_size, layer.tp.size, 1)}
+        for stem, (inputs, out, input_ranks, parts) in shapes.items():
+            params = self.method.packed_params(inputs, out, input_ranks, params_dtype, weight_loader, num_experts)
+            for name, param in params.items():
+                setattr(layer, f"{stem}_{name}", param)
+            g_idx = weight_param(torch.zeros(num_experts, parts, inputs, dtype=torch.int32),
+                                 functools.partial(_load_g_idx, layer.tp), input_dim=0)
+            setattr(layer, f"{stem}_g_idx", g_idx)
+
+    def process_weights_after_loading(self, layer) -> None:
+        for stem in ("w13", "w2"):
+            for expert, parts in enumerate(getattr(layer, f"{stem}_g_idx")):
+                for g_idx in parts:
+                    self.method.check_g_idx(g_idx, f"{self.method.prefix}.{expert}.{stem}")
+
+    def dequantized(self, layer, stem: str, expert: int) -> torch.Tensor:
+        qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}")[expert] for name in ("qweight", "qzeros", "scales"))
+        g_idx = getattr(layer, f"{stem}_g_idx")[expert]
+        parts = g_idx.shape[0]
+        out = scales.shape[1] // parts
+        return torch.cat([self.method.dequantize(qweight.narrow(1, part * out, out),
+                                                 qzeros.narrow(1, part * out // self.method.pack, out // self.method.pack),
+                                                 scales.narrow(1, part * out, out), g_idx[part])
+                          for part in range(parts)])
+
+
+def _load_g_idx(tp: TPGroup, param: torch.Tensor, loaded: torch.Tensor, shard_id: tuple[int | None, str]) -> None:
+    """An expert part's g_idx into its slot; down's is cut to this rank's input features."""
+    expert, part = shard_id
+    if expert is None:
+        for index, piece in enumerate(loaded):
+            _load_g_idx(tp, param, piece, (index, part))
+        return
+    role = EXPERT_PARTS[part]
+    for slot in PART_SLOTS[role]:
+        load_input_shard(param, param.data[int(expert), slot], loaded, tp if role == "down" else SINGLE)

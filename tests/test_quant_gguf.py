@@ -6,13 +6,19 @@ random blocks of every type; whole models against HF transformers float32 loadin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from gguf_blocks import FLOATS, QUANTIZED, random_blocks
+from gguf_writer import VOCAB_SIZE, finish_gguf, gguf_with_metadata
+from reference import hf_greedy
+from sglang_core.engine import Engine
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes
 
 
@@ -32,3 +38,59 @@ def test_unsupported_type_and_partial_block_are_named():
         row_bytes(T.Q2_K, 256)
     with pytest.raises(ValueError, match=r"100 input features are not whole Q4_K blocks of 256"):
         row_bytes(T.Q4_K, 100)
+
+
+# ---- a tiny Llama GGUF of mixed block types, served kept quantized ----
+
+# Per layer and llama.cpp stem, the type each matrix is stored as. The fused layers mix types the
+# way llama.cpp's Q4_K_M mixes Q4_K and Q6_K: q/k/v of layer 0 and gate/up of both layers.
+LAYER_TYPES = ({"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q6_K, "attn_output": T.Q5_K,
+                "ffn_gate": T.Q4_0, "ffn_up": T.Q4_1, "ffn_down": T.Q8_0},
+               {"attn_q": T.F16, "attn_k": T.BF16, "attn_v": T.F32, "attn_output": T.Q6_K,
+                "ffn_gate": T.Q8_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_K})
+TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+            rms_norm_eps=1e-5)
+GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_gguf(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    config = LlamaConfig(**TINY)
+    path = tmp_path_factory.mktemp("tiny_gguf") / "model.gguf"
+    writer = gguf_with_metadata(config, path)
+    hidden, ffn, kv = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_key_value_heads"] * 64
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+              "ffn_down": (hidden, ffn)}
+
+    def add(name: str, qtype: T, rows: int, features: int) -> None:
+        writer.add_tensor(name, random_blocks(qtype, rows, features, rng), raw_dtype=qtype)
+
+    add("token_embd.weight", T.Q8_0, VOCAB_SIZE, hidden)
+    for layer, types in enumerate(LAYER_TYPES):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        for stem, qtype in types.items():
+            add(f"blk.{layer}.{stem}.weight", qtype, *shapes[stem])
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    add("output.weight", T.Q6_K, VOCAB_SIZE, hidden)
+    finish_gguf(writer)
+    return path
+
+
+def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_gguf):
+    """The engine, keeping every linear layer's blocks, generates the greedy tokens of HF
+    transformers float32 reading the same file (its own dequantization and q/k un-permutation)."""
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_quantized_gguf.parent), gguf_file=tiny_quantized_gguf.name,
+                                               dtype=torch.float32).eval()
+    rng = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=rng).tolist() for n in (3, 17, 30)]
+    with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", chunked_prefill_size=8) as engine:
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        engine.check_memory()
+        qkv = engine.core.core.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.qweight.dtype == torch.uint8 and qkv.qweight_type.tolist() == [T.Q4_K, T.Q4_K, T.Q6_K]
+    for prompt, result in zip(prompts, results):
+        assert result["output_ids"] == hf_greedy(ref, prompt, GREEDY["max_new_tokens"]), f"prompt of {len(prompt)}"

@@ -94,3 +94,20 @@ def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_ggu
     assert qkv.qweight.dtype == torch.uint8 and qkv.qweight_type.tolist() == [T.Q4_K, T.Q4_K, T.Q6_K]
     for prompt, result in zip(prompts, results):
         assert result["output_ids"] == hf_greedy(ref, prompt, GREEDY["max_new_tokens"]), f"prompt of {len(prompt)}"
+
+
+def test_default_model_served_quantized_as_transformers_reads_it(hf_model, hf_tokenizer):
+    """The embedded SmolLM2 (Q4_1 layers, a Q8_0 embedding) kept quantized: the greedy tokens of HF
+    float32 on the same GGUF, with every linear layer holding its blocks (a sixth of float32's bytes)."""
+    prompt = hf_tokenizer("The capital of France is")["input_ids"]
+    with Engine(load_format="gguf_quantized") as engine:
+        result = engine.generate(input_ids=prompt, sampling_params=GREEDY)
+        model = engine.core.core.runner.model
+    linear = [m for m in model.modules() if hasattr(m, "quant_method")]
+    assert len(linear) == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down
+    assert all(m.qweight.dtype == torch.uint8 and m.qweight_type.tolist() == [T.Q4_1] * len(m.output_sizes)
+               for m in linear)
+    stored = sum(m.qweight.numel() for m in linear)
+    as_float32 = sum(4 * sum(m.output_sizes) * m.input_size for m in linear)
+    assert stored < as_float32 / 6  # Q4_1: 20 bytes per 32 values
+    assert result["output_ids"] == hf_greedy(hf_model, prompt, GREEDY["max_new_tokens"])

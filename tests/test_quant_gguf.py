@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -54,22 +55,25 @@ TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=256, num_h
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 6}
 
 
-@pytest.fixture(scope="module")
-def tiny_quantized_gguf(tmp_path_factory) -> Path:
+def write_tiny_gguf(path: Path, layer_types: tuple[dict[str, T], ...] = LAYER_TYPES) -> Path:
+    """A tiny Llama GGUF of random blocks (all zeros for a type ``random_blocks`` does not build)."""
     rng = np.random.default_rng(0)
-    config = LlamaConfig(**TINY)
-    path = tmp_path_factory.mktemp("tiny_gguf") / "model.gguf"
-    writer = gguf_with_metadata(config, path)
+    writer = gguf_with_metadata(LlamaConfig(**TINY), path)
     hidden, ffn, kv = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_key_value_heads"] * 64
     shapes = {"attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
               "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
               "ffn_down": (hidden, ffn)}
 
     def add(name: str, qtype: T, rows: int, features: int) -> None:
-        writer.add_tensor(name, random_blocks(qtype, rows, features, rng), raw_dtype=qtype)
+        if qtype in (*QUANTIZED, *FLOATS, T.BF16):
+            blocks = random_blocks(qtype, rows, features, rng)
+        else:
+            values, nbytes = GGML_QUANT_SIZES[qtype]
+            blocks = np.zeros((rows, features // values * nbytes), np.uint8)
+        writer.add_tensor(name, blocks, raw_dtype=qtype)
 
     add("token_embd.weight", T.Q8_0, VOCAB_SIZE, hidden)
-    for layer, types in enumerate(LAYER_TYPES):
+    for layer, types in enumerate(layer_types):
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
         for stem, qtype in types.items():
@@ -78,6 +82,11 @@ def tiny_quantized_gguf(tmp_path_factory) -> Path:
     add("output.weight", T.Q6_K, VOCAB_SIZE, hidden)
     finish_gguf(writer)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "model.gguf")
 
 
 def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_gguf):
@@ -111,3 +120,15 @@ def test_default_model_served_quantized_as_transformers_reads_it(hf_model, hf_to
     as_float32 = sum(4 * sum(m.output_sizes) * m.input_size for m in linear)
     assert stored < as_float32 / 6  # Q4_1: 20 bytes per 32 values
     assert result["output_ids"] == hf_greedy(hf_model, prompt, GREEDY["max_new_tokens"])
+
+
+def test_quantization_gguf_without_the_blocks_format_is_refused(tiny_quantized_gguf):
+    with pytest.raises(ValueError, match=r"quantization_config\.blocks must be 'ggml'.*--load-format gguf_quantized"):
+        Engine(str(tiny_quantized_gguf), quantization="gguf")
+
+
+def test_unsupported_block_type_names_the_layer_and_the_way_out(tmp_path):
+    path = write_tiny_gguf(tmp_path / "model.gguf", (LAYER_TYPES[0], {**LAYER_TYPES[1], "ffn_down": T.Q2_K}))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: GGUF tensor type Q2_K is not supported "
+                                         r".*--load-format gguf reads the file dequantized"):
+        Engine(str(path), load_format="gguf_quantized")

@@ -31,6 +31,11 @@ def _part_index(shard_id: Any) -> int:
 
 class GGUFMethod(QuantMethod):
     def __init__(self, quant_config: dict[str, Any], prefix: str):
+        # Only the gguf_quantized weight format yields blocks (and writes this field); a bare
+        # --quantization gguf would build layers no checkpoint tensor fills.
+        if quant_config.get("blocks") != "ggml":
+            raise ValueError("quantization_config.blocks must be 'ggml': the gguf method keeps a GGUF file's blocks; "
+                             "load the .gguf with --load-format gguf_quantized, which writes that config")
         self.prefix = prefix
         self._parts: dict[Any, dict[str, Any]] = {}  # shard id -> {"blocks", "type"} while loading
         # After loading: (ggml type, rows, byte offset in layer.qweight, bytes per row) of each run.

@@ -63,9 +63,10 @@ class GGUFQuantizedFormat(GGUFFormat):
     included, becomes ``<layer>.qweight`` (its rows' bytes, ``[rows, row_bytes]`` uint8) and
     ``<layer>.qweight_type`` (the ggml type); the config folder carries
     ``quantization_config: {"quant_method": "gguf", "blocks": "ggml"}``, so the engine builds those
-    layers with the ``gguf`` quant method. Embeddings, the LM head, norms and biases are dequantized to float32 at
-    load. The architecture's fixes apply to the bytes: llama.cpp's q/k permutation moves whole rows,
-    and a row's blocks run along the input features, so permuting byte rows permutes weight rows.
+    layers with the ``gguf`` quant method. Embeddings, the LM head (quantized in many files), norms
+    and biases are dequantized to float32 at load. The architecture's fixes apply to the bytes:
+    llama.cpp's q/k permutation moves whole rows, and a row's blocks run along the input features,
+    so permuting byte rows permutes weight rows.
     """
 
     QUANTIZATION_CONFIG = {"quantization_config": {"quant_method": "gguf", "blocks": "ggml"}}

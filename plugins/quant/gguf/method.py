@@ -50,7 +50,8 @@ class GGUFMethod(QuantMethod):
 
     def _load_blocks(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
         if loaded.dtype != torch.uint8 or loaded.dim() != 2:
-            raise ValueError(f"GGUF blocks must be [rows, bytes] uint8, not {loaded.dtype} of shape {tuple(loaded.shape)}")
+            raise ValueError(f"GGUF blocks must be [rows, bytes] uint8, not {loaded.dtype} "
+                             f"of shape {tuple(loaded.shape)}")
         self._parts.setdefault(shard_id, {})["blocks"] = loaded
 
     def _load_type(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
@@ -77,7 +78,8 @@ class GGUFMethod(QuantMethod):
             try:
                 width = row_bytes(ggml_type, self.input_size)
             except ValueError as exc:
-                raise ValueError(f"{self.prefix}: {exc}; --load-format gguf reads the file dequantized to float") from None
+                raise ValueError(f"{self.prefix}: {exc}; --load-format gguf reads the file dequantized to "
+                                 "float") from None
             if tuple(blocks.shape) != (rows, width):
                 raise ValueError(f"{self.prefix}: part {shard_id!r} holds {tuple(blocks.shape)} bytes, expected "
                                  f"{rows} rows of {self.input_size} {type_name(ggml_type)} values ({width} bytes)")

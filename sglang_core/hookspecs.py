@@ -60,7 +60,7 @@ def register_weight_formats(register: Register) -> None:
     - ``claims(path) -> bool``: whether ``--load-format auto`` should read ``path`` (what
       ``--model-path`` names, a file or a folder) with this format; a cheap look at names only.
       Of the formats that claim a path, the one with the highest ``priority`` wins (built in:
-      ``safetensors`` 100, ``gguf`` 50);
+      ``safetensors`` 100, ``gguf`` 50, ``gguf_quantized`` 40);
     - ``config_folder(path) -> Path``: the folder holding ``config.json`` and the tokenizer (by
       default ``path`` itself; a format whose files carry their own config writes such a folder
       once, as ``gguf`` does);

@@ -74,6 +74,19 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: gguf.GGMLQuantizationT
     """Write ``model`` (a ``*ForCausalLM``) to ``path``; matrices as ``qtype``, vectors always F32."""
     hparams = model.config.to_dict()
     arch = GGUF_ARCH[hparams["model_type"]]
+    writer = gguf_with_metadata(model.config, path)
+    model_arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
+    name_map = gguf.get_tensor_name_map(model_arch, hparams["num_hidden_layers"])
+    for name, data in _converted_tensors(arch, model, hparams):
+        _add_tensor(writer, name_map.get_name(name, try_suffixes=(".weight", ".bias")), data, qtype)
+    finish_gguf(writer)
+
+
+def gguf_with_metadata(config, path: Path) -> gguf.GGUFWriter:
+    """A writer for ``path`` holding the tokenizer and the metadata llama.cpp writes for ``config``
+    (a Hugging Face config); add the tensors, then ``finish_gguf``."""
+    hparams = config.to_dict()
+    arch = GGUF_ARCH[hparams["model_type"]]
     writer = gguf.GGUFWriter(str(path), arch)
     # llama.cpp writes Gemma's and Phi-3's tokenizer.model as sentencepiece, and tokenizer.json as BPE.
     if arch in ("gemma2", "gemma3", "phi3"):
@@ -85,10 +98,10 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: gguf.GGMLQuantizationT
     if hparams.get("pad_token_id") is not None:  # SpecialVocab copies the tokenizer's pad token
         writer.add_pad_token_id(hparams["pad_token_id"])
     _METADATA[arch](writer, hparams)
-    model_arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
-    name_map = gguf.get_tensor_name_map(model_arch, hparams["num_hidden_layers"])
-    for name, data in _converted_tensors(arch, model, hparams):
-        _add_tensor(writer, name_map.get_name(name, try_suffixes=(".weight", ".bias")), data, qtype)
+    return writer
+
+
+def finish_gguf(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -253,15 +253,17 @@ def test_missing_required_key_is_named(tmp_path):
         write_gguf_folder(path, tmp_path / "out")
 
 
-def test_engine_serves_the_gguf_as_the_model_computes(case):
+@pytest.mark.parametrize("load_format", ["gguf", "gguf_quantized"])
+def test_engine_serves_the_gguf_as_the_model_computes(case, load_format):
     """End to end: the engine, given the GGUF file, picks the architecture's model plugin and
     generates the greedy tokens of the HF model holding the same (stored) weights, for a batch
-    of prompts past the sliding windows and prefill chunks."""
+    of prompts past the sliding windows and prefill chunks; with the weights dequantized at load
+    (``gguf``) or the linear layers keeping their stored blocks (``gguf_quantized``)."""
     ref = type(case["model"])(case["model"].config).eval()
     ref.load_state_dict(case["streamed"], strict=False)
     rng = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=rng).tolist() for n in (3, 17, 30)]
-    with Engine(str(case["folder"].parent / "model.gguf"), chunked_prefill_size=8) as engine:
+    with Engine(str(case["folder"].parent / "model.gguf"), load_format=load_format, chunked_prefill_size=8) as engine:
         results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                       "max_new_tokens": 6})
         engine.check_memory()

@@ -57,7 +57,8 @@ def test_builtin_formats_register_through_entry_points():
     manager = PluginManager()
     infos = {info.name: info for info in manager.infos}
     assert infos["safetensors"].registered == {"weight_formats": ["safetensors"]}
-    assert infos["gguf"].registered == {"weight_formats": ["gguf"]}
+    assert infos["gguf"].registered == {"weight_formats": ["gguf", "gguf_quantized"]}
+    assert infos["gguf_quant"].registered == {"quant_methods": ["gguf"]}
     assert infos["safetensors"].distribution == infos["gguf"].distribution == "sglang-core"
 
 

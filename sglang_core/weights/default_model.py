@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,14 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sglang_core"
 
 
-def gguf_to_cached_folder(gguf_path: Path) -> Path:
+def gguf_to_cached_folder(gguf_path: Path, extra_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``gguf_path``'s config folder once into the cache and return it; later calls just return it.
 
-    The folder name hashes the file's identity (path, size, mtime) and the folder layout, so an
-    edited or replaced file gets a fresh folder. A file lock keeps concurrent processes from
-    writing it twice. The folder holds no weights: they stream from the GGUF (``model.gguf`` links to it).
+    ``extra_config``: fields a weight format adds to ``config.json`` (the ``gguf`` format's
+    ``quantization_config``). The folder name hashes the file's identity (path, size, mtime), the
+    folder layout and the extra fields, so an edited or replaced file gets a fresh folder. A file
+    lock keeps concurrent processes from writing it twice. The folder holds no weights: they stream
+    from the GGUF (``model.gguf`` links to it).
     """
     from sglang_core.weights.gguf_convert import write_gguf_folder
 
@@ -55,7 +59,10 @@ def gguf_to_cached_folder(gguf_path: Path) -> Path:
     except OSError as exc:
         raise ValueError(f"cannot read GGUF file {path}: {exc.strerror}") from None
     # "config-link": folders of this layout; earlier caches held converted safetensors weights.
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|config-link".encode()).hexdigest()[:12]
+    identity = f"{path}|{st.st_size}|{st.st_mtime_ns}|config-link"
+    if extra_config:
+        identity += f"|{json.dumps(extra_config, sort_keys=True)}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     models = cache_dir() / "models"
     folder = models / f"{path.stem}-{key}"
     # write_gguf_folder renames a finished folder into place, so existing means complete.
@@ -70,7 +77,7 @@ def gguf_to_cached_folder(gguf_path: Path) -> Path:
         for stale in models.glob(f".{folder.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("writing the config and tokenizer of %s to %s (once; later starts reuse it)", path, folder)
-        return write_gguf_folder(path, folder)
+        return write_gguf_folder(path, folder, extra_config)
 
 
 def default_model_path() -> Path:

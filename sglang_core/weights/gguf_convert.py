@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -23,9 +23,10 @@ from sglang_core.weights.gguf_architectures import GGUFMetadata, architecture_of
 GGUF_LINK = "model.gguf"
 
 
-def write_gguf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def write_gguf_folder(gguf_path: str | Path, out_dir: str | Path, extra_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``out_dir`` as the Hugging Face config folder for ``gguf_path`` (its architecture's entry in
-    ``gguf_architectures.ARCHITECTURES`` says which model and which fields).
+    ``gguf_architectures.ARCHITECTURES`` says which model and which fields), with ``extra_config``'s
+    fields added to ``config.json``.
 
     The folder is built under a temporary name beside ``out_dir`` and renamed into place at the end,
     so ``out_dir`` either does not exist or is complete. Raises ``ValueError`` for a file that is not a
@@ -35,7 +36,7 @@ def write_gguf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder")
     meta = GGUFMetadata(open_gguf(gguf_path), gguf_path)
-    config = _build_config(meta)
+    config = _build_config(meta) | dict(extra_config or {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would outlive the rename; mkdir honours the umask.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -73,7 +74,8 @@ def _build_config(meta: GGUFMetadata) -> dict[str, Any]:
         "bos_token_id": meta.field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.field("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.field("tokenizer.ggml.padding_token_id"),
-        # The weights stream dequantized to float32. transformers >= 4.56 reads "dtype", older "torch_dtype".
+        # The compute dtype (weights stream as float32 or dequantize to it). transformers >= 4.56 reads
+        # "dtype", older "torch_dtype".
         "torch_dtype": "float32",
         "dtype": "float32",
     }

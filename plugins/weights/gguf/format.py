@@ -1,4 +1,6 @@
-"""Stream a GGUF's tensors under their Hugging Face names, dequantized one at a time.
+"""Stream a GGUF's tensors under their Hugging Face names, one at a time: ``GGUFFormat`` dequantizes
+every tensor to float32; ``GGUFQuantizedFormat`` passes the linear layers' weights on as their
+stored ggml blocks, for the ``gguf`` quant method (``plugins/quant/gguf``) to keep.
 
 Which names, and which fixes each tensor needs (llama.cpp's q/k permutation, Gemma's norm offset, ...),
 come from the file's architecture entry in ``sglang_core.weights.gguf_architectures``.
@@ -27,6 +29,8 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 class GGUFFormat(WeightFormat):
+    """Every tensor dequantized to float32 as it is read."""
+
     def claims(self, path: Path) -> bool:
         if path.is_file():
             return path.suffix == ".gguf"
@@ -43,9 +47,48 @@ class GGUFFormat(WeightFormat):
             name = _hf_name(tensor.name, arch, meta)
             if name is None:
                 continue
-            for hf_name, data in arch.fix_tensor(name, _dequantize(tensor, file), meta):
-                # F32 data is a read-only view of the mapped file; torch needs a writable array.
-                yield hf_name, torch.from_numpy(np.require(data, np.float32, ["C", "W"]))
+            yield from self._tensors(name, tensor, arch, meta)
+
+    def _tensors(self, name: str, tensor, arch: GGUFArchitecture,
+                 meta: GGUFMetadata) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, data in arch.fix_tensor(name, _dequantize(tensor, meta.path), meta):
+            # F32 data is a read-only view of the mapped file; torch needs a writable array.
+            yield hf_name, torch.from_numpy(np.require(data, np.float32, ["C", "W"]))
+
+
+class GGUFQuantizedFormat(GGUFFormat):
+    """Linear layers' weights as their stored blocks, the rest dequantized as ``GGUFFormat`` does.
+
+    A linear weight (a block tensor's 2-D ``weight`` that is no norm) of any ggml type, F16/F32
+    included, becomes ``<layer>.qweight`` (its rows' bytes, ``[rows, row_bytes]`` uint8) and
+    ``<layer>.qweight_type`` (the ggml type); the config folder carries
+    ``quantization_config: {"quant_method": "gguf", "blocks": "ggml"}``, so the engine builds those
+    layers with the ``gguf`` quant method. Embeddings, the LM head (quantized in many files), norms
+    and biases are dequantized to float32 at load. The architecture's fixes apply to the bytes:
+    llama.cpp's q/k permutation moves whole rows, and a row's blocks run along the input features,
+    so permuting byte rows permutes weight rows.
+    """
+
+    QUANTIZATION_CONFIG = {"quantization_config": {"quant_method": "gguf", "blocks": "ggml"}}
+
+    def config_folder(self, path: Path) -> Path:
+        return gguf_to_cached_folder(_gguf_file(path), self.QUANTIZATION_CONFIG)
+
+    def _tensors(self, name: str, tensor, arch: GGUFArchitecture,
+                 meta: GGUFMetadata) -> Iterator[tuple[str, torch.Tensor]]:
+        stem, _, kind = tensor.name.rpartition(".")
+        if not (stem.startswith("blk.") and kind == "weight" and len(tensor.shape) == 2 and not stem.endswith("norm")):
+            yield from super()._tensors(name, tensor, arch, meta)
+            return
+        if tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(f"{meta.path}: tensor {tensor.name!r} cannot be read: {tensor.data.nbytes} of its "
+                             f"{tensor.n_bytes} bytes are in the file")
+        rows = int(tensor.shape[1])  # GGUF lists dims innermost first
+        blocks = np.ascontiguousarray(tensor.data).view(np.uint8).reshape(rows, -1)
+        for hf_name, data in arch.fix_tensor(name, blocks, meta):
+            layer = hf_name.removesuffix(".weight")
+            yield f"{layer}.qweight_type", torch.tensor(int(tensor.tensor_type), dtype=torch.int32)
+            yield f"{layer}.qweight", torch.from_numpy(np.require(data, np.uint8, ["C", "W"]))
 
 
 def _gguf_file(path: Path) -> Path:

@@ -1,0 +1,108 @@
+"""Linear layers of a GGUF model holding their ggml blocks (``quant_method: gguf``).
+
+The ``gguf`` weight format yields each linear weight as ``<layer>.qweight`` (the stored rows as
+``[rows, row_bytes]`` uint8, blocks running along the input features) and ``<layer>.qweight_type``
+(its ggml type). A fused layer (``qkv_proj``, ``gate_up_proj``) receives its parts one by one, and
+llama.cpp files mix types within a layer (a Q4_K_M file stores ``attn_v`` as Q6_K beside Q4_K
+``attn_q``/``attn_k``), so each part keeps its own type: after loading, the parts' bytes sit one
+after another in one uint8 buffer (each part 16-byte aligned, so F32/F16 rows can be viewed in
+place), and a forward dequantizes each run of same-typed parts and concatenates the rows.
+
+Only this rank's whole layer is supported: GGUF layers are not split across tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sglang_core.kernels import linear
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes, type_name
+
+ALIGN = 16  # bytes: every part starts where any element type can be viewed
+
+
+def _part_index(shard_id: Any) -> int:
+    """Position of a fused layer's part: merged layers number their parts, QKV names them."""
+    return shard_id if isinstance(shard_id, int) else "qkv".index(shard_id)
+
+
+class GGUFMethod(QuantMethod):
+    def __init__(self, quant_config: dict[str, Any], prefix: str):
+        # Only the gguf_quantized weight format yields blocks (and writes this field); a bare
+        # --quantization gguf would build layers no checkpoint tensor fills.
+        if quant_config.get("blocks") != "ggml":
+            raise ValueError("quantization_config.blocks must be 'ggml': the gguf method keeps a GGUF file's blocks; "
+                             "load the .gguf with --load-format gguf_quantized, which writes that config")
+        self.prefix = prefix
+        self._parts: dict[Any, dict[str, Any]] = {}  # shard id -> {"blocks", "type"} while loading
+        # After loading: (ggml type, rows, byte offset in layer.qweight, bytes per row) of each run.
+        self.segments: list[tuple[int, int, int, int]] = []
+
+    def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
+        if getattr(getattr(layer, "tp", None), "size", 1) != 1:
+            raise ValueError(f"{self.prefix}: GGUF layers cannot be split across tensor-parallel ranks")
+        self.input_size, self.output_sizes = input_size, output_sizes
+        layer.qweight = weight_param(torch.empty(0, dtype=torch.uint8), self._load_blocks)
+        layer.qweight_type = weight_param(torch.empty(0, dtype=torch.int32), self._load_type)
+
+    def _load_blocks(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded.dtype != torch.uint8 or loaded.dim() != 2:
+            raise ValueError(f"GGUF blocks must be [rows, bytes] uint8, not {loaded.dtype} "
+                             f"of shape {tuple(loaded.shape)}")
+        self._parts.setdefault(shard_id, {})["blocks"] = loaded
+
+    def _load_type(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if loaded.numel() != 1:
+            raise ValueError(f"a ggml type is one number, got shape {tuple(loaded.shape)}")
+        self._parts.setdefault(shard_id, {})["type"] = int(loaded.item())
+
+    def process_weights_after_loading(self, layer) -> None:
+        """Check every part against the layer's shape and lay the parts out in output order."""
+        if set(self._parts) == {None}:  # one tensor for the whole layer (fused in the file: Phi-3's qkv)
+            parts = [(None, sum(self.output_sizes))]
+        else:
+            parts = sorted(zip(self._parts, (self.output_sizes[_part_index(s)] for s in self._parts)),
+                           key=lambda part: _part_index(part[0]))
+            if len(parts) != len(self.output_sizes):
+                raise ValueError(f"{self.prefix}: the checkpoint holds {len(parts)} of the layer's "
+                                 f"{len(self.output_sizes)} fused parts")
+        buffers, types, offset = [], [], 0
+        for shard_id, rows in parts:
+            part = self._parts[shard_id]
+            if "blocks" not in part or "type" not in part:
+                raise ValueError(f"{self.prefix}: part {shard_id!r} lacks its qweight or qweight_type")
+            blocks, ggml_type = part["blocks"], part["type"]
+            try:
+                width = row_bytes(ggml_type, self.input_size)
+            except ValueError as exc:
+                raise ValueError(f"{self.prefix}: {exc}; --load-format gguf reads the file dequantized to "
+                                 "float") from None
+            if tuple(blocks.shape) != (rows, width):
+                raise ValueError(f"{self.prefix}: part {shard_id!r} holds {tuple(blocks.shape)} bytes, expected "
+                                 f"{rows} rows of {self.input_size} {type_name(ggml_type)} values ({width} bytes)")
+            previous = self.segments[-1] if self.segments else None
+            if previous is not None and previous[0] == ggml_type and previous[2] + previous[1] * width == offset:
+                self.segments[-1] = (ggml_type, previous[1] + rows, previous[2], width)  # a run of one type
+            else:
+                self.segments.append((ggml_type, rows, offset, width))
+            pad = -(offset + blocks.numel()) % ALIGN
+            buffers += [blocks.reshape(-1), torch.zeros(pad, dtype=torch.uint8)]
+            types.append(ggml_type)
+            offset += blocks.numel() + pad
+        layer.qweight.data = torch.cat(buffers).to(layer.qweight.device)
+        layer.qweight_type.data = torch.tensor(types, dtype=torch.int32, device=layer.qweight.device)
+        self._parts.clear()
+
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        """The layer's weight as ``[out, in]`` float32."""
+        rows = [dequantize(layer.qweight[offset:offset + count * width].view(count, width), ggml_type)
+                for ggml_type, count, offset, width in self.segments]
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def apply(self, layer, x, bias):
+        """Dequantize this layer's weight, then a float matmul: on every device for now. This is the
+        seam for a fused dequantize-matmul kernel (a GPU path reading the blocks directly)."""
+        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)

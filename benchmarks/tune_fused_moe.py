@@ -2,7 +2,8 @@
 each batch size of one expert shape on this GPU, and write the fastest per batch to
 ``sglang_core/kernels/moe_configs/``, the file ``launch_config`` reads for that shape.
 
-Every config is checked against the experts computed with torch matmuls before it is timed.
+Every config is checked against the experts computed with torch matmuls before it is timed; each
+batch's line also times the untuned default and a loop of per-expert torch matmuls (the baseline).
 
     python benchmarks/tune_fused_moe.py --experts 128 --intermediate 768 --hidden 2048 --top-k 8   # Qwen3-30B-A3B
 """
@@ -31,14 +32,15 @@ def candidates(tokens: int, top_k: int, experts: int) -> list[dict]:
             if m <= tallest]
 
 
-def torch_experts(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """The routed experts in float32 with torch matmuls, one expert at a time."""
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+def torch_experts(hidden, w13, w2, topk_weights, topk_ids, dtype=torch.float32) -> torch.Tensor:
+    """The routed experts with torch (cuBLAS) matmuls in ``dtype``, one expert at a time: the
+    reference in float32, and in the model's dtype the baseline the fused kernel is timed against."""
+    out = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
     for expert in topk_ids.unique().tolist():
         token, choice = torch.nonzero(topk_ids == expert, as_tuple=True)
-        gate, up = (hidden[token].float() @ w13[expert].float().T).chunk(2, dim=-1)
-        down = (torch.nn.functional.silu(gate) * up) @ w2[expert].float().T
-        out.index_add_(0, token, topk_weights[token, choice, None] * down)
+        gate, up = (hidden[token].to(dtype) @ w13[expert].to(dtype).T).chunk(2, dim=-1)
+        down = (torch.nn.functional.silu(gate) * up) @ w2[expert].to(dtype).T
+        out.index_add_(0, token, topk_weights[token, choice, None].to(dtype) * down)
     return out
 
 
@@ -65,7 +67,9 @@ def tune(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
         raise SystemExit(f"batch {tokens}: no config ran correctly")
     default = moe.default_config(tokens, args.top_k, args.experts)
     default_us = triton.testing.do_bench(lambda: moe.fused_moe(*inputs, config=default)) * 1000
-    print(f"batch {tokens:5d}: {best_us:8.1f} us with {best} (untuned: {default_us:8.1f} us)", flush=True)
+    loop_us = triton.testing.do_bench(lambda: torch_experts(*inputs, dtype=dtype)) * 1000
+    print(f"batch {tokens:5d}: {best_us:8.1f} us with {best} (untuned: {default_us:8.1f} us; "
+          f"per-expert torch loop: {loop_us:8.1f} us)", flush=True)
     return best
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from sglang_core.kernels import linear
-from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.packing import config_value, require_bool, unpack_ints
 
 BITS = 4
@@ -50,13 +51,18 @@ class AWQMethod(QuantMethod):
         if not isinstance(skipped, (list, tuple)):
             raise ValueError(f"quantization_config.modules_to_not_convert must be a list, not {skipped!r}")
         self.group_size = group
-        # AWQ's own rule: a module is left in float when any listed name is part of its path.
-        self.float_method = UnquantizedMethod() if any(name in prefix for name in skipped) else None
+        self.modules_to_not_convert = tuple(skipped)
+
+    @classmethod
+    def for_layer(cls, quant_config: Any, prefix: str) -> AWQMethod | None:
+        """None (left in float) when AutoAWQ's rule skips the layer: some listed name is a substring
+        of the checkpoint module's path, of all the modules a fused layer stands for."""
+        method = cls(quant_config, prefix)
+        skipped = all_parts_match(prefix, lambda module: any(name in module for name in method.modules_to_not_convert),
+                                  "modules_to_not_convert")
+        return None if skipped else method
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
-        if self.float_method is not None:
-            self.float_method.create_weights(layer, input_size, output_sizes, params_dtype, weight_loader)
-            return
         if input_size % self.group_size:
             raise ValueError(f"quantization_config.group_size {self.group_size} does not divide the layer's "
                              f"{input_size} input features")
@@ -78,6 +84,4 @@ class AWQMethod(QuantMethod):
         return w.t().to(layer.scales.dtype)
 
     def apply(self, layer, x, bias):
-        if self.float_method is not None:
-            return self.float_method.apply(layer, x, bias)
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)

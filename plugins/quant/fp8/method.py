@@ -22,21 +22,7 @@ from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize
 from sglang_plugins.quant.fp8.scheme import parse_scheme
-
-def _part_index(shard_id: Any) -> int:
-    """Position of a fused layer's part: merged layers number their parts, QKV names them."""
-    return shard_id if isinstance(shard_id, int) else "qkv".index(shard_id)
-
-
-def _load_part_scale(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-    """One per-tensor scale per checkpoint tensor; a tensor holding every part (``shard_id`` None)
-    gives all parts its scale."""
-    if loaded.numel() != 1:
-        raise ValueError(f"a per-tensor scale has one element, got shape {tuple(loaded.shape)}")
-    if shard_id is None:
-        param.data.fill_(loaded.item())
-    else:
-        param.data[_part_index(shard_id)] = loaded.reshape(())
+from sglang_plugins.quant.fused import load_part_scalar
 
 
 def _frozen(data: torch.Tensor) -> nn.Parameter:
@@ -62,11 +48,11 @@ class Fp8LinearMethod(QuantMethod):
         if weights == "channel":
             layer.weight_scale = weight_param(torch.ones(rows, 1), weight_loader, output_dim=0)
         elif weights == "tensor":
-            layer.weight_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+            layer.weight_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
         elif weights == "block":
             create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader)
         if self.scheme.activations == "static":
-            layer.input_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+            layer.input_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static

@@ -16,13 +16,10 @@ Formats read:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# The fused layers DecoderLM builds, and the checkpoint modules each stands for: an ignore list
-# names the checkpoint's modules.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+from sglang_plugins.quant.fused import all_parts_match, name_matches
 
 
 @dataclass(frozen=True)
@@ -33,21 +30,9 @@ class Fp8Scheme:
     block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
 
     def ignores(self, prefix: str) -> bool:
-        """Whether the linear layer at ``prefix`` stays unquantized; a fused layer only when all
-        its parts are ignored (a partly ignored one cannot be computed as one matmul)."""
-        head, _, leaf = prefix.rpartition(".")
-        names = [f"{head}.{part}" for part in FUSED_PARTS.get(leaf, (leaf,))]
-        hits = [any(_matches(entry, name) for entry in self.ignore) for name in names]
-        if any(hits) and not all(hits):
-            raise ValueError(f"quantization_config ignore: lists only some of the modules fused into {prefix} "
-                             f"({', '.join(n for n, hit in zip(names, hits) if hit)})")
-        return all(hits)
-
-
-def _matches(entry: str, name: str) -> bool:
-    if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return entry == name
+        """Whether the linear layer at ``prefix`` stays unquantized: all the checkpoint modules it
+        stands for are ignored (only some of them is an error)."""
+        return all_parts_match(prefix, lambda name: any(name_matches(e, name) for e in self.ignore), "ignore")
 
 
 def parse_scheme(config: dict[str, Any]) -> Fp8Scheme:

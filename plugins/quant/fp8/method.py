@@ -21,7 +21,7 @@ from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize
-from sglang_plugins.quant.fp8.scheme import parse_scheme
+from sglang_plugins.quant.fp8.scheme import Fp8Scheme, parse_scheme
 from sglang_plugins.quant.fused import load_part_scalar
 
 
@@ -30,8 +30,10 @@ def _frozen(data: torch.Tensor) -> nn.Parameter:
 
 
 class Fp8LinearMethod(QuantMethod):
-    def __init__(self, quant_config: dict[str, Any], prefix: str):
-        self.scheme = parse_scheme(quant_config)
+    def __init__(self, quant_config: dict[str, Any] | Fp8Scheme, prefix: str):
+        """``quant_config``: a checkpoint's ``quantization_config``, or the scheme the
+        compressed-tensors plugin read from one of its config groups."""
+        self.scheme = quant_config if isinstance(quant_config, Fp8Scheme) else parse_scheme(quant_config)
         self.prefix = prefix
 
     @classmethod

@@ -85,7 +85,8 @@ class PackedIntMethod(QuantMethod):
                                                    weight_loader, output_dim=0, input_dim=group_dim, packed_dim=0,
                                                    packed_factor=self.pack)
         if self.act_order:
-            layer.weight_g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32), weight_loader, input_dim=0)
+            layer.weight_g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32),
+                                              _one_order_for_all_parts(weight_loader, self.prefix), input_dim=0)
 
     def input_groups(self, layer: nn.Module) -> torch.Tensor:
         """The group (column of ``weight_scale``) of each of this rank's input features."""
@@ -107,6 +108,19 @@ class PackedIntMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+
+
+def _one_order_for_all_parts(weight_loader: Callable[..., None], prefix: str) -> Callable[..., None]:
+    """The loader of ``weight_g_idx``, which the parts of a fused layer share (they read the same
+    input, so activation order groups their features alike): a part disagreeing is an error, as
+    its weight would dequantize wrongly."""
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        before = param.data.clone()
+        weight_loader(param, loaded, shard_id)
+        if getattr(param, "loaded", False) and not torch.equal(before, param.data):
+            raise ValueError(f"the parts fused into {prefix} have different weight_g_idx")
+        param.loaded = True
+    return load
 
 
 def _load_shape(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:

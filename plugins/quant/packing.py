@@ -1,11 +1,15 @@
-"""What the AWQ and GPTQ methods share: reading their ``quantization_config`` and unpacking
-integers stored several to an int32."""
+"""What the AWQ, GPTQ and compressed-tensors packed methods share: reading a
+``quantization_config``, unpacking integers stored several to an int32, and laying out groups of
+input features across tensor-parallel ranks."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
+
+from sglang_core.layers.parallel import RowParallelLinear
 
 
 def config_value(config: Any, field: str, default: Any = None) -> Any:
@@ -30,3 +34,21 @@ def unpack_ints(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, bits, device=words.device)
     values = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return values.reshape(*w.shape[:-1], w.shape[-1] * per_word).movedim(-1, dim)
+
+
+def rank_groups(layer: nn.Module, input_size: int, group_size: int | None, act_order: bool,
+                field: str) -> tuple[int, bool]:
+    """How many groups of input features this rank's scales (and zero points) hold, and whether
+    those split across ranks with the input features (else every rank holds them all).
+
+    ``group_size`` None: one group of all input features, the same on every rank. A row-parallel
+    rank whose groups are in activation order holds every rank's groups, since its slice of the
+    features may belong to any of them. ``field`` names the group size in errors."""
+    if group_size is None:
+        return 1, False
+    grouped_inputs, split = input_size, True
+    if act_order and isinstance(layer, RowParallelLinear) and layer.tp.size > 1:
+        grouped_inputs, split = input_size * layer.tp.size, False
+    if grouped_inputs % group_size:
+        raise ValueError(f"{field} {group_size} does not divide the layer's {grouped_inputs} input features")
+    return grouped_inputs // group_size, split

@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from sglang_core.kernels import linear
-from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
-from sglang_plugins.quant.packing import unpack_ints
+from sglang_plugins.quant.packing import rank_groups, unpack_ints
 
 BITS = (4, 8)
 # actorder values (compressed-tensors' aliases and the legacy booleans) that store weight_g_idx.
@@ -61,17 +60,8 @@ class PackedIntMethod(QuantMethod):
         if input_size % self.pack:
             raise ValueError(f"quantization_config weights num_bits {self.bits} packs {self.pack} values to an int32; "
                              f"{self.prefix} has {input_size} input features (per rank)")
-        # Input features the groups cover: a row-parallel rank in activation order keeps every rank's groups.
-        grouped_inputs, groups_split = input_size, True
-        if self.act_order and isinstance(layer, RowParallelLinear) and layer.tp.size > 1:
-            grouped_inputs, groups_split = input_size * layer.tp.size, False
-        if self.group_size is None:
-            groups, groups_split = 1, False
-        elif grouped_inputs % self.group_size:
-            raise ValueError(f"quantization_config weights group_size {self.group_size} does not divide the "
-                             f"{grouped_inputs} input features of {self.prefix}")
-        else:
-            groups = grouped_inputs // self.group_size
+        groups, groups_split = rank_groups(layer, input_size, self.group_size, self.act_order,
+                                           "quantization_config weights group_size")
         group_dim = 1 if groups_split else None
         layer.weight_packed = weight_param(torch.zeros(rows, input_size // self.pack, dtype=torch.int32),
                                            weight_loader, output_dim=0, input_dim=1)

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 
 from sglang_core.kernels import linear
-from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.packing import config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import config_value, rank_groups, require_bool, unpack_ints
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -62,18 +61,8 @@ class GPTQMethod(QuantMethod):
         if input_size % self.pack or out % self.pack:
             raise ValueError(f"quantization_config.bits {self.bits} packs {self.pack} values to an int32; a layer of "
                              f"{input_size} inputs and {out} outputs does not pack")
-        # Input features the groups cover: a row-parallel rank with desc_act keeps every rank's groups.
-        grouped_inputs = input_size
-        groups_split = True
-        if self.desc_act and isinstance(layer, RowParallelLinear) and layer.tp.size > 1:
-            grouped_inputs, groups_split = input_size * layer.tp.size, False
-        if self.group_size == -1:
-            groups, groups_split = 1, False  # one group of all input features: the same on every rank
-        elif grouped_inputs % self.group_size:
-            raise ValueError(f"quantization_config.group_size {self.group_size} does not divide the layer's "
-                             f"{grouped_inputs} input features")
-        else:
-            groups = grouped_inputs // self.group_size
+        group_size = None if self.group_size == -1 else self.group_size
+        groups, groups_split = rank_groups(layer, input_size, group_size, self.desc_act, "quantization_config.group_size")
         group_dim = 0 if groups_split else None
         layer.qweight = weight_param(torch.zeros(input_size // self.pack, out, dtype=torch.int32), weight_loader,
                                      input_dim=0, output_dim=1, packed_dim=0, packed_factor=self.pack)

@@ -31,7 +31,7 @@ from sglang_plugins.quant.compressed_tensors.int8 import Int8Method
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
 from test_quant_awq_gptq import gptq_pack, reference_gptq_value
-from test_quant_fp8 import E4M3_MAX, assert_matches, fp8_weight, linear_names, shared_input, tiny_llama
+from test_quant_fp8 import E4M3_MAX, ON_GPU, assert_matches, fp8_weight, linear_names, shared_input, tiny_llama
 
 # Measured here: the engine's logprobs differed from the reference's by at most 1e-6 in every case
 # (float32 rounding of the rescaled integer sums; no activation fell on another int8 step). A
@@ -244,12 +244,15 @@ def test_int_quantized_matches_reference(tmp_path, case):
     assert_matches(model, tmp_path, atol=W8A8_ATOL)
 
 
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fused_parts_with_different_static_input_ranges(symmetric):
+def test_fused_parts_with_different_static_input_ranges(symmetric, device):
     """q, k and v quantize their one shared input with one scale (and zero point): the largest
-    symmetric scale; asymmetric, the smallest range holding each part's [s(-128 - z), s(127 - z)]."""
+    symmetric scale; asymmetric, the smallest range holding each part's [s(-128 - z), s(127 - z)].
+    On a GPU the integer matmul is CUDA's ``torch._int_mm`` (7 tokens: padded to its 17 rows)."""
     activations = int_args(8, "tensor", symmetric=symmetric)
-    layer = QKVParallelLinear(64, 16, 4, 2, quant_method=Int8Method(int_args(8, "tensor"), activations, "qkv_proj"))
+    with torch.device(device):
+        layer = QKVParallelLinear(64, 16, 4, 2, quant_method=Int8Method(int_args(8, "tensor"), activations, "qkv_proj"))
     torch.manual_seed(0)
     x = torch.randn(7, 64)
     ranges = {"q": (-3.0, 2.0), "k": (-1.0, 4.0), "v": (-2.0, 2.5)}
@@ -259,9 +262,9 @@ def test_fused_parts_with_different_static_input_ranges(symmetric):
         dequantized.append(q.float() * scale)
         s, z = static_qparams(*ranges[part], symmetric)
         for param, tensor in ((layer.weight, q), (layer.weight_scale, scale), (layer.input_scale, s)):
-            param.weight_loader(param, tensor.to(param.dtype), part)
+            param.weight_loader(param, tensor.to(device, param.dtype), part)
         if not symmetric:
-            layer.input_zero_point.weight_loader(layer.input_zero_point, z.float(), part)
+            layer.input_zero_point.weight_loader(layer.input_zero_point, z.to(device, torch.float32), part)
     layer.quant_method.process_weights_after_loading(layer)
     if symmetric:
         scale, zero = torch.tensor(4.0 / 127), torch.tensor(0.0)  # k's max|x| = 4
@@ -274,7 +277,7 @@ def test_fused_parts_with_different_static_input_ranges(symmetric):
         scale = torch.tensor((hi - lo) / 255)
         zero = torch.round(-128 - lo / scale)
     expected = int8_round_trip(x, scale, zero) @ torch.cat(dequantized).T
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x.to(device)).cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- groups, targets and ignore ----

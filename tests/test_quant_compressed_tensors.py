@@ -237,7 +237,8 @@ def test_int_quantized_matches_reference(tmp_path, case):
             if not activations["symmetric"]:
                 tensors[f"{name}.input_zero_point"] = z
             qparams = lambda x, s=s, z=z: (s, z.float())  # noqa: E731
-        linear.register_forward_pre_hook(lambda _m, args, qparams=qparams: (int8_round_trip(args[0], *qparams(args[0])),))
+        linear.register_forward_pre_hook(
+            lambda _m, args, qparams=qparams: (int8_round_trip(args[0], *qparams(args[0])),))
     config = ct_config({"group_0": {"targets": ["Linear"], "weights": int_args(8, strategy),
                                     "input_activations": activations}}, "int-quantized", ["lm_head"])
     save_checkpoint(model, tmp_path, config, tensors)
@@ -334,30 +335,30 @@ def test_most_specific_target_decides():
                         "model.layers.1.self_attn.qkv_proj") is None
 
 
+def one_group(weights: dict, fmt: str, ignore: tuple[str, ...] = (), targets: tuple[str, ...] = ("Linear",),
+              **group) -> dict:
+    return ct_config({"g": {"targets": list(targets), "weights": weights, **group}}, fmt, list(ignore))
+
+
 @pytest.mark.parametrize("config, field", [
-    (ct_config({"g": {"targets": ["re:.*q_proj"], "weights": W4_G16}}, "pack-quantized", []),
+    (one_group(W4_G16, "pack-quantized", targets=("re:.*q_proj",)),
      "config_groups targets: the modules fused into model.layers.0.self_attn.qkv_proj follow different groups"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": W4_G16}}, "pack-quantized", ["model.layers.0.self_attn.v_proj"]),
+    (one_group(W4_G16, "pack-quantized", ignore=("model.layers.0.self_attn.v_proj",)),
      "ignore: matches only some of the modules fused into model.layers.0.self_attn.qkv_proj"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": W4_G16}}, "marlin-24", []), "format 'marlin-24'"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": W4_G16}}, "int-quantized", []), "weights type 'int' num_bits 4"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": W4_G16, "input_activations": int_args(8, "token", dynamic=True)}},
-               "pack-quantized", []), "input_activations: pack-quantized"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": {**W4_G16, "group_size": 0}}}, "pack-quantized", []),
-     "weights group_size 0"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": {**W4_G16, "actorder": "sorted"}}}, "pack-quantized", []),
-     "weights actorder"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": int_args(8, "channel", symmetric=False)}}, "int-quantized", []),
-     "weights symmetric"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": int_args(8, "group", group_size=16)}}, "int-quantized", []),
-     "weights strategy 'group'"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": int_args(8, "channel"),
-                      "input_activations": int_args(8, "token")}}, "int-quantized", []),
+    (one_group(W4_G16, "marlin-24"), "format 'marlin-24'"),
+    (one_group(W4_G16, "int-quantized"), "weights type 'int' num_bits 4"),
+    (one_group(W4_G16, "pack-quantized", input_activations=int_args(8, "token", dynamic=True)),
+     "input_activations: pack-quantized"),
+    (one_group({**W4_G16, "group_size": 0}, "pack-quantized"), "weights group_size 0"),
+    (one_group({**W4_G16, "actorder": "sorted"}, "pack-quantized"), "weights actorder"),
+    (one_group(int_args(8, "channel", symmetric=False), "int-quantized"), "weights symmetric"),
+    (one_group(int_args(8, "group", group_size=16), "int-quantized"), "weights strategy 'group'"),
+    (one_group(int_args(8, "channel"), "int-quantized", input_activations=int_args(8, "token")),
      "input_activations strategy 'token' with dynamic=False"),
-    (ct_config({"g": {"targets": ["Linear"], "weights": int_args(8, "channel"), "output_activations": int_args(8, "token")}},
-               "int-quantized", []), "config_groups g output_activations"),
-    ({**ct_config({"g": {"targets": ["Linear"], "weights": W4_G16}}, "pack-quantized", []),
-      "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparsity_config format"),
+    (one_group(int_args(8, "channel"), "int-quantized", output_activations=int_args(8, "token")),
+     "config_groups g output_activations"),
+    ({**one_group(W4_G16, "pack-quantized"), "sparsity_config": {"format": "sparse-24-bitmask"}},
+     "sparsity_config format"),
 ])
 def test_bad_config_names_the_field(config, field):
     prefix = "model.layers.0.self_attn.qkv_proj"

@@ -62,7 +62,8 @@ class GPTQMethod(QuantMethod):
             raise ValueError(f"quantization_config.bits {self.bits} packs {self.pack} values to an int32; a layer of "
                              f"{input_size} inputs and {out} outputs does not pack")
         group_size = None if self.group_size == -1 else self.group_size
-        groups, groups_split = rank_groups(layer, input_size, group_size, self.desc_act, "quantization_config.group_size")
+        groups, groups_split = rank_groups(layer, input_size, group_size, self.desc_act,
+                                           "quantization_config.group_size")
         group_dim = 0 if groups_split else None
         layer.qweight = weight_param(torch.zeros(input_size // self.pack, out, dtype=torch.int32), weight_loader,
                                      input_dim=0, output_dim=1, packed_dim=0, packed_factor=self.pack)

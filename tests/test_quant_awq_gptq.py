@@ -194,7 +194,10 @@ def assert_engine_matches_hf(folder: Path, hf) -> None:
 
 AWQ_CASES = [
     {"group_size": 32},
-    {"group_size": 64, "modules_to_not_convert": ["layers.1.mlp"]},
+    # AutoAWQ's rule, substrings of the checkpoint's module paths: whole layers, and each part of
+    # a fused q/k/v and gate/up (whose fused names, qkv_proj and gate_up_proj, contain none of them).
+    {"group_size": 64, "modules_to_not_convert": ["layers.1.mlp", "self_attn.q_proj", "self_attn.k_proj",
+                                                  "self_attn.v_proj", "layers.0.mlp.gate_proj", "0.mlp.up_proj"]},
     {"group_size": 128},
 ]
 
@@ -323,6 +326,13 @@ def test_gptq_act_order_g_idx_under_a_config_without_desc_act_is_an_error(tmp_pa
     quantized_model(tmp_path, {**GPTQ_OK, "group_size": 32, "desc_act": True}, seed=5)
     change_quant_config(tmp_path, desc_act=False)
     with pytest.raises(ValueError, match="desc_act"):
+        Engine(str(tmp_path))
+
+
+def test_awq_not_converting_only_part_of_a_fused_layer_is_an_error(tmp_path):
+    """"gate" is a substring of gate_proj but not of up_proj: their fused layer cannot be half float."""
+    quantized_model(tmp_path, {**AWQ_OK, "group_size": 32, "modules_to_not_convert": ["gate"]}, seed=4)
+    with pytest.raises(ValueError, match="modules_to_not_convert.*gate_up_proj.*layers.0.mlp.gate_proj"):
         Engine(str(tmp_path))
 
 

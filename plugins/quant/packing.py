@@ -1,5 +1,6 @@
-"""What the AWQ and GPTQ methods share: reading their ``quantization_config``, unpacking
-integers stored several to an int32, and computing routed experts from dequantized weights."""
+"""What the AWQ, GPTQ and compressed-tensors packed methods share: reading a
+``quantization_config``, unpacking integers stored several to an int32, laying out groups of
+input features across tensor-parallel ranks, and computing routed experts from dequantized weights."""
 
 from __future__ import annotations
 
@@ -51,3 +52,21 @@ class DequantizingExpertsMethod(ExpertsQuantMethod):
             return h @ self.dequantized(layer, "w2", expert).to(h.dtype).t()
 
         return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)
+
+
+def rank_groups(input_size: int, input_ranks: int, group_size: int | None, act_order: bool,
+                field: str) -> tuple[int, bool]:
+    """How many groups of input features this rank's scales (and zero points) hold, and whether
+    those split across ranks with the input features (else every rank holds them all).
+
+    ``group_size`` None: one group of all input features, the same on every rank. A row-parallel
+    rank whose groups are in activation order holds every rank's groups, since its slice of the
+    features may belong to any of them. ``field`` names the group size in errors."""
+    if group_size is None:
+        return 1, False
+    grouped_inputs, split = input_size, True
+    if act_order and input_ranks > 1:
+        grouped_inputs, split = input_size * input_ranks, False
+    if grouped_inputs % group_size:
+        raise ValueError(f"{field} {group_size} does not divide the layer's {grouped_inputs} input features")
+    return grouped_inputs // group_size, split

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from sglang_core.kernels import linear
-from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
 
 BITS = 4
@@ -51,18 +52,24 @@ class AWQMethod(QuantMethod):
         if not isinstance(skipped, (list, tuple)):
             raise ValueError(f"quantization_config.modules_to_not_convert must be a list, not {skipped!r}")
         self.group_size = group
-        # AWQ's own rule: a module is left in float when any listed name is part of its path.
-        self.float_method = UnquantizedMethod() if any(name in prefix for name in skipped) else None
+        self.modules_to_not_convert = tuple(skipped)
+
+    @classmethod
+    def for_layer(cls, quant_config: Any, prefix: str) -> AWQMethod | None:
+        """None (left in float) when AutoAWQ's rule skips the layer: some listed name is a substring
+        of the checkpoint module's path, of all the modules a fused layer stands for."""
+        method = cls(quant_config, prefix)
+        skipped = all_parts_match(prefix, lambda module: any(name in module for name in method.modules_to_not_convert),
+                                  "modules_to_not_convert")
+        return None if skipped else method
 
     @classmethod
     def for_experts(cls, quant_config: Any, prefix: str) -> AWQExpertsMethod | None:
         method = cls(quant_config, prefix)
-        return None if method.float_method is not None else AWQExpertsMethod(method)
+        skipped = any(name in prefix for name in method.modules_to_not_convert)
+        return None if skipped else AWQExpertsMethod(method)
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
-        if self.float_method is not None:
-            self.float_method.create_weights(layer, input_size, output_sizes, params_dtype, weight_loader)
-            return
         for name, param in self.packed_params(input_size, sum(output_sizes), params_dtype, weight_loader).items():
             setattr(layer, name, param)
 
@@ -96,8 +103,6 @@ class AWQMethod(QuantMethod):
         return self.dequantize(layer.qweight, layer.qzeros, layer.scales)
 
     def apply(self, layer, x, bias):
-        if self.float_method is not None:
-            return self.float_method.apply(layer, x, bias)
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
 
 

@@ -22,22 +22,8 @@ from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
-from sglang_plugins.quant.fp8.scheme import parse_scheme
-
-def _part_index(shard_id: Any) -> int:
-    """Position of a fused layer's part: merged layers number their parts, QKV names them."""
-    return shard_id if isinstance(shard_id, int) else "qkv".index(shard_id)
-
-
-def _load_part_scale(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-    """One per-tensor scale per checkpoint tensor; a tensor holding every part (``shard_id`` None)
-    gives all parts its scale."""
-    if loaded.numel() != 1:
-        raise ValueError(f"a per-tensor scale has one element, got shape {tuple(loaded.shape)}")
-    if shard_id is None:
-        param.data.fill_(loaded.item())
-    else:
-        param.data[_part_index(shard_id)] = loaded.reshape(())
+from sglang_plugins.quant.fp8.scheme import Fp8Scheme, parse_scheme
+from sglang_plugins.quant.fused import load_part_scalar
 
 
 def _frozen(data: torch.Tensor) -> nn.Parameter:
@@ -45,8 +31,10 @@ def _frozen(data: torch.Tensor) -> nn.Parameter:
 
 
 class Fp8LinearMethod(QuantMethod):
-    def __init__(self, quant_config: dict[str, Any], prefix: str):
-        self.scheme = parse_scheme(quant_config)
+    def __init__(self, quant_config: dict[str, Any] | Fp8Scheme, prefix: str):
+        """``quant_config``: a checkpoint's ``quantization_config``, or the scheme the
+        compressed-tensors plugin read from one of its config groups."""
+        self.scheme = quant_config if isinstance(quant_config, Fp8Scheme) else parse_scheme(quant_config)
         self.prefix = prefix
 
     @classmethod
@@ -68,11 +56,11 @@ class Fp8LinearMethod(QuantMethod):
         if weights == "channel":
             layer.weight_scale = weight_param(torch.ones(rows, 1), weight_loader, output_dim=0)
         elif weights == "tensor":
-            layer.weight_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+            layer.weight_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
         elif weights == "block":
             create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader)
         if self.scheme.activations == "static":
-            layer.input_scale = weight_param(torch.ones(len(output_sizes)), _load_part_scale)
+            layer.input_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static

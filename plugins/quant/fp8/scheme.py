@@ -1,10 +1,11 @@
 """Reads a checkpoint's ``quantization_config`` into the FP8 scheme its linear layers follow.
 
 Formats read:
-- compressed-tensors (llm-compressor), ``format: "float-quantized"``: one config group targeting
-  ``Linear`` whose ``weights`` are 8-bit ``float`` (strategy ``tensor``: ``weight_scale`` [1];
-  ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1]) or
-  dynamic per-token; ``ignore``: module names or ``re:`` patterns left unquantized.
+- compressed-tensors (llm-compressor), ``format: "float-quantized"``: the compressed-tensors plugin
+  reads the config (groups, targets, ignore) and hands each float group's quantization arguments to
+  ``compressed_tensors_scheme``: ``weights`` 8-bit ``float`` (strategy ``tensor``: ``weight_scale``
+  [1]; ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1])
+  or dynamic per-token.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
   dynamic (per-token), ``ignored_layers``.
 - Block-wise (DeepSeek-V3, Qwen3-FP8: ``quant_method: "fp8"`` with ``weight_block_size`` [rows,
@@ -16,47 +17,32 @@ Formats read:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# The fused layers DecoderLM builds, and the checkpoint modules each stands for: an ignore list
-# names the checkpoint's modules.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+from sglang_plugins.quant.fused import all_parts_match, name_matches
 
 
 @dataclass(frozen=True)
 class Fp8Scheme:
     weights: Literal["tensor", "channel", "block", "online"]  # online: a float checkpoint quantized at load
     activations: Literal["none", "static", "dynamic"]
-    ignore: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()  # AutoFP8's ignored_layers
     block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
 
     def ignores(self, prefix: str) -> bool:
-        """Whether the linear layer at ``prefix`` stays unquantized; a fused layer only when all
-        its parts are ignored (a partly ignored one cannot be computed as one matmul)."""
-        head, _, leaf = prefix.rpartition(".")
-        names = [f"{head}.{part}" for part in FUSED_PARTS.get(leaf, (leaf,))]
-        hits = [any(_matches(entry, name) for entry in self.ignore) for name in names]
-        if any(hits) and not all(hits):
-            raise ValueError(f"quantization_config ignore: lists only some of the modules fused into {prefix} "
-                             f"({', '.join(n for n, hit in zip(names, hits) if hit)})")
-        return all(hits)
-
-
-def _matches(entry: str, name: str) -> bool:
-    if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return entry == name
+        """Whether the linear layer at ``prefix`` stays unquantized: all the checkpoint modules it
+        stands for are ignored (only some of them is an error)."""
+        return all_parts_match(prefix, lambda name: any(name_matches(e, name) for e in self.ignore),
+                               "ignored_layers")
 
 
 def parse_scheme(config: dict[str, Any]) -> Fp8Scheme:
     method = config.get("quant_method")
-    if method == "compressed-tensors":
-        return _compressed_tensors(config)
     if method == "fp8":
         return _auto_fp8(config) if len(config) > 1 else Fp8Scheme("online", "dynamic")
-    raise ValueError(f"quantization_config quant_method {method!r}: the fp8 plugin reads compressed-tensors and fp8")
+    raise ValueError(f"quantization_config quant_method {method!r}: the fp8 plugin reads fp8 (compressed-tensors "
+                     "checkpoints load through the compressed-tensors plugin)")
 
 
 def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
@@ -78,23 +64,14 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
     return Fp8Scheme("block", activations, ignore, (block[0], block[1]))
 
 
-def _compressed_tensors(config: dict[str, Any]) -> Fp8Scheme:
-    if config.get("format") != "float-quantized":
-        raise ValueError(f"quantization_config format {config.get('format')!r}: the fp8 plugin reads 'float-quantized'")
-    if config.get("kv_cache_scheme"):
-        raise ValueError("quantization_config kv_cache_scheme: a quantized KV cache is not supported")
-    groups = config.get("config_groups") or {}
-    if len(groups) != 1:
-        raise ValueError(f"quantization_config config_groups: expected one group, got {len(groups)}")
-    group = next(iter(groups.values()))
-    if "Linear" not in (group.get("targets") or []):
-        raise ValueError(f"quantization_config config_groups targets {group.get('targets')!r}: expected 'Linear'")
-    weights = _float8("weights", group.get("weights"))
+def compressed_tensors_scheme(weights: Any, input_activations: Any) -> Fp8Scheme:
+    """The scheme of one compressed-tensors config group whose weights are float: its ``weights``
+    and ``input_activations`` quantization arguments (the latter None for weight-only)."""
+    weights = _float8("weights", weights)
     if weights.get("strategy") not in ("tensor", "channel") or weights.get("dynamic"):
         raise ValueError(f"quantization_config weights strategy {weights.get('strategy')!r} (dynamic="
                          f"{weights.get('dynamic')!r}): expected static 'tensor' or 'channel'")
-    return Fp8Scheme(weights["strategy"], _activations(group.get("input_activations")),
-                     tuple(config.get("ignore") or ()))
+    return Fp8Scheme(weights["strategy"], _activations(input_activations))
 
 
 def _activations(args: dict[str, Any] | None) -> Literal["none", "static", "dynamic"]:

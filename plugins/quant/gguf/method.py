@@ -19,14 +19,10 @@ import torch
 
 from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.fused import part_index
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes, type_name
 
 ALIGN = 16  # bytes: every part starts where any element type can be viewed
-
-
-def _part_index(shard_id: Any) -> int:
-    """Position of a fused layer's part: merged layers number their parts, QKV names them."""
-    return shard_id if isinstance(shard_id, int) else "qkv".index(shard_id)
 
 
 class GGUFMethod(QuantMethod):
@@ -64,8 +60,8 @@ class GGUFMethod(QuantMethod):
         if set(self._parts) == {None}:  # one tensor for the whole layer (fused in the file: Phi-3's qkv)
             parts = [(None, sum(self.output_sizes))]
         else:
-            parts = sorted(zip(self._parts, (self.output_sizes[_part_index(s)] for s in self._parts)),
-                           key=lambda part: _part_index(part[0]))
+            parts = sorted(zip(self._parts, (self.output_sizes[part_index(s)] for s in self._parts)),
+                           key=lambda part: part_index(part[0]))
             if len(parts) != len(self.output_sizes):
                 raise ValueError(f"{self.prefix}: the checkpoint holds {len(parts)} of the layer's "
                                  f"{len(self.output_sizes)} fused parts")

@@ -30,7 +30,7 @@ from sglang_core.kernels import linear
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, rank_groups, require_bool, unpack_ints
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -78,18 +78,9 @@ class GPTQMethod(QuantMethod):
         if input_size % self.pack or out % self.pack:
             raise ValueError(f"quantization_config.bits {self.bits} packs {self.pack} values to an int32; a layer of "
                              f"{input_size} inputs and {out} outputs does not pack")
-        # Input features the groups cover: a rank of split inputs with desc_act keeps every rank's groups.
-        grouped_inputs = input_size
-        groups_split = True
-        if self.desc_act and input_ranks > 1:
-            grouped_inputs, groups_split = input_size * input_ranks, False
-        if self.group_size == -1:
-            groups, groups_split = 1, False  # one group of all input features: the same on every rank
-        elif grouped_inputs % self.group_size:
-            raise ValueError(f"quantization_config.group_size {self.group_size} does not divide the layer's "
-                             f"{grouped_inputs} input features")
-        else:
-            groups = grouped_inputs // self.group_size
+        group_size = None if self.group_size == -1 else self.group_size
+        groups, groups_split = rank_groups(input_size, input_ranks, group_size, self.desc_act,
+                                           "quantization_config.group_size")
         group_dim = 0 if groups_split else None
         lead = () if experts is None else (experts,)
         return {"qweight": weight_param(torch.zeros(*lead, input_size // self.pack, out, dtype=torch.int32),

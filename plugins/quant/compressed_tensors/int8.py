@@ -1,0 +1,148 @@
+"""compressed-tensors ``int-quantized`` linear layers (llm-compressor's W8A8 and int8 weight-only
+schemes): int8 ``weight`` [out, in], symmetric, with ``weight_scale`` [out, 1] (strategy
+channel) or [1] (tensor); ``W = q * s``.
+
+Activations (``input_activations``) are int8 too, or absent (weight only):
+- dynamic, per token: symmetric ``s = max|x| / 127``; asymmetric over the token's range [lo, hi]
+  (widened to hold 0): ``s = (hi - lo) / 255``, ``z = round(-128 - lo / s)``;
+- static, per tensor: the checkpoint's ``input_scale`` [1] (and ``input_zero_point`` [1] when
+  asymmetric). The parts of a fused layer share one input: symmetric scales give way to the
+  largest; asymmetric ones, unless equal, to the scale and zero point covering the union of the
+  parts' ranges.
+``q_x = clamp(round(x / s + z), -128, 127)`` (z = 0 when symmetric), as compressed-tensors
+quantizes.
+
+The matmul is integer-exact: ``acc = (q_x - z) q_w^T``, computed as ``q_x q_w^T - z sum_k q_w``
+in int32 by ``torch._int_mm``, then ``y = acc * s_x * s_w``. Per-tensor weight scales of a fused
+layer's parts become one scale per output row, as in the fp8 plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang_core.kernels import linear
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.compressed_tensors.config import int_args
+from sglang_plugins.quant.fused import load_part_scalar
+
+QMIN, QMAX = -128, 127
+# The smallest activation scale used: an all-zero token quantizes to zeros instead of NaNs.
+MIN_SCALE = torch.finfo(torch.float32).eps
+# CUDA's int8 matmul wants more than 16 rows and both other sides multiples of 8.
+CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
+
+
+def _frozen(data: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(data, requires_grad=False)
+
+
+class Int8Method(QuantMethod):
+    def __init__(self, weights: dict[str, Any], input_activations: dict[str, Any] | None, prefix: str):
+        weights = int_args("weights", weights, (8,))
+        if weights["strategy"] not in ("channel", "tensor") or weights.get("dynamic"):
+            raise ValueError(f"quantization_config weights strategy {weights['strategy']!r}: int-quantized weights "
+                             "need static 'channel' or 'tensor'")
+        if not weights["symmetric"]:
+            raise ValueError("quantization_config weights symmetric: asymmetric int8 weights are not supported")
+        self.weight_strategy = weights["strategy"]
+        self.activations, self.symmetric_input = "none", True
+        if input_activations is not None:
+            args = int_args("input_activations", input_activations, (8,))
+            kind = {("token", True): "dynamic", ("tensor", False): "static"}.get(
+                (args["strategy"], bool(args.get("dynamic"))))
+            if kind is None:
+                raise ValueError(f"quantization_config input_activations strategy {args['strategy']!r} with dynamic="
+                                 f"{args.get('dynamic')!r}: expected dynamic 'token' or static 'tensor'")
+            self.activations, self.symmetric_input = kind, args["symmetric"]
+        self.prefix = prefix
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
+                       weight_loader: Callable[..., None]) -> None:
+        rows, parts = sum(output_sizes), len(output_sizes)
+        layer.weight = weight_param(torch.zeros(rows, input_size, dtype=torch.int8), weight_loader,
+                                    output_dim=0, input_dim=1)
+        if self.weight_strategy == "channel":
+            layer.weight_scale = weight_param(torch.ones(rows, 1), weight_loader, output_dim=0)
+        else:
+            layer.weight_scale = weight_param(torch.ones(parts), load_part_scalar)
+        if self.activations == "static":
+            layer.input_scale = weight_param(torch.ones(parts), load_part_scalar)
+            if not self.symmetric_input:
+                layer.input_zero_point = weight_param(torch.zeros(parts), load_part_scalar)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """``weight_scale`` becomes one float32 per output row; a static input scale (and zero
+        point) one scalar; asymmetric inputs need the weight's row sums."""
+        if self.weight_strategy == "tensor":
+            sizes = torch.tensor(layer.output_sizes, device=layer.weight_scale.device)
+            layer.weight_scale = _frozen(layer.weight_scale.data.float().repeat_interleave(sizes))
+        else:
+            layer.weight_scale = _frozen(layer.weight_scale.data.float().reshape(-1))
+        if self.activations == "static":
+            zero_points = None if self.symmetric_input else layer.input_zero_point.data
+            scale, zero_point = shared_input_range(layer.input_scale.data.float(), zero_points)
+            layer.input_scale = _frozen(scale)
+            if zero_point is not None:
+                layer.input_zero_point = _frozen(zero_point)
+        if not self.symmetric_input:
+            layer.weight_row_sums = _frozen(layer.weight.data.to(torch.int32).sum(dim=1))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.activations == "none":
+            return linear(x, (layer.weight.float() * layer.weight_scale[:, None]).to(x.dtype), bias)
+        tokens = x.reshape(-1, x.shape[-1])
+        q, scale, zero_point = self._quantize_input(layer, tokens.float())
+        acc = int8_matmul(q, layer.weight)
+        if zero_point is not None:
+            acc = acc - zero_point.to(torch.int32) * layer.weight_row_sums
+        y = (acc.float() * scale * layer.weight_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y + bias if bias is not None else y
+
+    def _quantize_input(self, layer: nn.Module, x: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 ``x``, its scale and zero point (None when symmetric), per token or static."""
+        if self.activations == "static":
+            scale = layer.input_scale
+            zero_point = None if self.symmetric_input else layer.input_zero_point
+        elif self.symmetric_input:
+            scale, zero_point = (x.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=MIN_SCALE), None
+        else:
+            lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+            hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+            scale = ((hi - lo) / (QMAX - QMIN)).clamp(min=MIN_SCALE)
+            zero_point = torch.round(QMIN - lo / scale)
+        shifted = x / scale if zero_point is None else x / scale + zero_point
+        return torch.round(shifted).clamp(QMIN, QMAX).to(torch.int8), scale, zero_point
+
+
+def shared_input_range(scales: torch.Tensor, zero_points: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One static input scale (and zero point) for the parts of a fused layer, which quantize one
+    shared input: the parts' own when they agree; else symmetric: the largest scale, asymmetric:
+    the smallest range holding every part's ``[s (-128 - z), s (127 - z)]``."""
+    if zero_points is None:
+        return scales.max(), None
+    zero_points = zero_points.float()
+    if bool((scales == scales[0]).all() and (zero_points == zero_points[0]).all()):
+        return scales[0], zero_points[0]
+    lo = (scales * (QMIN - zero_points)).min()
+    hi = (scales * (QMAX - zero_points)).max()
+    scale = (hi - lo) / (QMAX - QMIN)
+    return scale, torch.round(QMIN - lo / scale)
+
+
+def int8_matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a [m, k] @ weight [n, k]^T`` of int8 matrices, exact in int32."""
+    if not a.is_cuda:
+        return torch._int_mm(a, weight.t())
+    rows, (n, k) = a.shape[0], weight.shape
+    if n % CUDA_MULTIPLE or k % CUDA_MULTIPLE:
+        # float64 holds every such sum exactly.
+        return (a.double() @ weight.double().t()).to(torch.int32)
+    padded = F.pad(a, (0, 0, 0, max(0, CUDA_MIN_ROWS - rows)))
+    return torch._int_mm(padded, weight.t())[:rows]

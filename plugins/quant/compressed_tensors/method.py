@@ -1,0 +1,40 @@
+"""The method registered under ``compressed-tensors``: it picks, for each linear layer, the method
+of the config group the layer follows.
+
+Why one plugin owns the name: a compressed-tensors config may give each group of layers another
+scheme (FP8 attention and int4 MLP, say), so the choice is made per layer, from the config's
+groups, targets and ignore list, which only this plugin reads. The number formats are built by
+the plugin that knows them: float groups by the fp8 plugin's ``Fp8LinearMethod`` from the scheme
+its public ``compressed_tensors_scheme`` reads out of the group's arguments (the fp8 plugin thus
+needs no knowledge of compressed-tensors' groups, and this one none of e4m3), integer groups by
+this plugin's ``Int8Method`` and ``PackedIntMethod``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang_core.layers.quant import QuantMethod
+from sglang_plugins.quant.compressed_tensors.config import layer_scheme
+from sglang_plugins.quant.compressed_tensors.int8 import Int8Method
+from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
+from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+from sglang_plugins.quant.fp8.scheme import compressed_tensors_scheme
+
+
+class CompressedTensorsMethod(QuantMethod):
+    """Never built itself: ``for_layer`` returns the method of the layer's group."""
+
+    @classmethod
+    def for_layer(cls, quant_config: dict[str, Any], prefix: str) -> QuantMethod | None:
+        scheme = layer_scheme(quant_config, prefix)
+        if scheme is None:
+            return None
+        kind = scheme.weights.get("type")
+        if scheme.format == "float-quantized" and kind == "float":
+            return Fp8LinearMethod(compressed_tensors_scheme(scheme.weights, scheme.input_activations), prefix)
+        if scheme.format == "int-quantized" and kind == "int":
+            return Int8Method(scheme.weights, scheme.input_activations, prefix)
+        if scheme.format == "pack-quantized" and kind == "int":
+            return PackedIntMethod(scheme.weights, scheme.input_activations, prefix)
+        raise ValueError(f"quantization_config format {scheme.format!r} does not store weights type {kind!r}")

@@ -1,0 +1,122 @@
+"""compressed-tensors ``pack-quantized`` linear layers (llm-compressor's W4A16 and W8A16): integer
+weights packed ``p = 32 / bits`` to an int32, activations left in the compute dtype.
+
+Tensors of a layer with ``out`` x ``in`` weights and ``G`` groups (``in / group_size``; 1 for
+strategy channel), as ``pack_to_int32`` writes them:
+- ``weight_packed`` int32 [out, in / p]: value ``j`` of a row in bits ``bits * (j % p)`` of word
+  ``j // p``, stored as ``q + 2^(bits-1)`` (the signed value offset into the unsigned range);
+- ``weight_scale`` [out, G]; ``weight_shape`` int [2], the unpacked [out, in];
+- asymmetric only: ``weight_zero_point`` int32 [out / p, G], packed the same way along the output
+  rows (offset alike);
+- activation order by group (``actorder: group``): ``weight_g_idx`` int [in], each input
+  feature's group (contiguous groups otherwise, also for ``actorder: weight``).
+``W[n, k] = (q[n, k] - z[n, g(k)]) * s[n, g(k)]``, z = 0 when symmetric.
+
+Under tensor parallelism a row-parallel rank holds a slice of the input features; with groups in
+activation order its features may belong to any group, so every rank then holds all groups'
+scales and zero points and looks them up by ``weight_g_idx``.
+
+CPU path: each forward dequantises the layer's weight and runs a float matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sglang_core.kernels import linear
+from sglang_core.layers.parallel import RowParallelLinear
+from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.compressed_tensors.config import int_args
+from sglang_plugins.quant.packing import rank_groups, unpack_ints
+
+BITS = (4, 8)
+# actorder values (compressed-tensors' aliases and the legacy booleans) that store weight_g_idx.
+GROUP_ORDER = ("group", "dynamic", True)
+CONTIGUOUS_ORDER = (None, False, "weight", "static")
+
+
+class PackedIntMethod(QuantMethod):
+    def __init__(self, weights: dict[str, Any], input_activations: dict[str, Any] | None, prefix: str):
+        if input_activations is not None:
+            raise ValueError("quantization_config input_activations: pack-quantized weights need none (W4A16, W8A16)")
+        weights = int_args("weights", weights, BITS)
+        if weights["strategy"] not in ("group", "channel") or weights.get("dynamic"):
+            raise ValueError(f"quantization_config weights strategy {weights['strategy']!r}: pack-quantized weights "
+                             "need static 'group' or 'channel'")
+        actorder = weights.get("actorder")
+        if actorder not in GROUP_ORDER + CONTIGUOUS_ORDER:
+            raise ValueError(f"quantization_config weights actorder {actorder!r}: expected 'group', 'weight' or none")
+        self.bits, self.pack = weights["num_bits"], 32 // weights["num_bits"]
+        self.group_size = weights["group_size"] if weights["strategy"] == "group" else None
+        self.symmetric = weights["symmetric"]
+        self.act_order = actorder in GROUP_ORDER and self.group_size is not None
+        self.prefix = prefix
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype,
+                       weight_loader: Callable[..., None]) -> None:
+        rows = sum(output_sizes)
+        if input_size % self.pack:
+            raise ValueError(f"quantization_config weights num_bits {self.bits} packs {self.pack} values to an int32; "
+                             f"{self.prefix} has {input_size} input features (per rank)")
+        groups, groups_split = rank_groups(input_size, layer.tp.size if isinstance(layer, RowParallelLinear) else 1, self.group_size, self.act_order,
+                                           "quantization_config weights group_size")
+        group_dim = 1 if groups_split else None
+        layer.weight_packed = weight_param(torch.zeros(rows, input_size // self.pack, dtype=torch.int32),
+                                           weight_loader, output_dim=0, input_dim=1)
+        layer.weight_scale = weight_param(torch.zeros(rows, groups), weight_loader, output_dim=0, input_dim=group_dim)
+        layer.weight_shape = weight_param(torch.zeros(2, dtype=torch.int32), _load_shape)
+        if not self.symmetric:
+            if any(size % self.pack for size in output_sizes):
+                raise ValueError(f"quantization_config weights symmetric false: zero points pack {self.pack} output "
+                                 f"rows to an int32; {self.prefix} has parts of {output_sizes} rows (per rank)")
+            layer.weight_zero_point = weight_param(torch.zeros(rows // self.pack, groups, dtype=torch.int32),
+                                                   weight_loader, output_dim=0, input_dim=group_dim, packed_dim=0,
+                                                   packed_factor=self.pack)
+        if self.act_order:
+            layer.weight_g_idx = weight_param(torch.zeros(input_size, dtype=torch.int32),
+                                              _one_order_for_all_parts(weight_loader, self.prefix), input_dim=0)
+
+    def input_groups(self, layer: nn.Module) -> torch.Tensor:
+        """The group (column of ``weight_scale``) of each of this rank's input features."""
+        if self.act_order:
+            return layer.weight_g_idx.long()
+        inputs = layer.weight_packed.shape[1] * self.pack
+        features = torch.arange(inputs, device=layer.weight_packed.device)
+        return features // self.group_size if self.group_size is not None else torch.zeros_like(features)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight as ``[out, in]`` float32."""
+        groups = self.input_groups(layer)
+        values = unpack_ints(layer.weight_packed, self.bits, dim=1).float()
+        if self.symmetric:
+            values = values - 2 ** (self.bits - 1)
+        else:
+            values = values - unpack_ints(layer.weight_zero_point, self.bits, dim=0).float()[:, groups]
+        return values * layer.weight_scale.float()[:, groups]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+
+
+def _one_order_for_all_parts(weight_loader: Callable[..., None], prefix: str) -> Callable[..., None]:
+    """The loader of ``weight_g_idx``, which the parts of a fused layer share (they read the same
+    input, so activation order groups their features alike): a part disagreeing is an error, as
+    its weight would dequantize wrongly."""
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        before = param.data.clone()
+        weight_loader(param, loaded, shard_id)
+        if getattr(param, "loaded", False) and not torch.equal(before, param.data):
+            raise ValueError(f"the parts fused into {prefix} have different weight_g_idx")
+        param.loaded = True
+    return load
+
+
+def _load_shape(param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """``weight_shape``: the unpacked [out, in] of a checkpoint tensor (of one part of a fused
+    layer); the packed tensors' own shapes are checked as they load, so it is kept as read."""
+    if loaded.shape != (2,):
+        raise ValueError(f"weight_shape has two elements [out, in], got shape {tuple(loaded.shape)}")
+    param.data.copy_(loaded)

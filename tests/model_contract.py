@@ -49,10 +49,10 @@ def hf_case(config_cls, model_cls, window: int | None = None, engine: dict[str, 
             **config: Any) -> ContractCase:
     def make():
         cfg = config_cls(**config)
-        # The plain attention path is the faithful reference: some transformers versions default
-        # to SDPA for models it cannot serve exactly (5.17 ran Gemma 2 through SDPA, dropping the
-        # attention soft-cap).
-        cfg._attn_implementation = "eager"
+        # SDPA has no logit soft-cap, yet transformers 5.17 picked it for Gemma 2 (dropping the
+        # cap): a soft-capped model's reference runs the plain attention path.
+        if getattr(cfg, "attn_logit_softcapping", None):
+            cfg._attn_implementation = "eager"
         return cfg, model_cls(cfg)
 
     return ContractCase(make, window, engine or {})

@@ -96,7 +96,7 @@ def _build(name: str, folder) -> tuple[torch.nn.Module, list[list[int]]]:
 def served(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model, prompts = _build(request.param, folder)
-    engine = Engine(str(folder), chunked_prefill_size=CHUNK, **CASES[request.param].engine)
+    engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
     yield model, engine, prompts
     engine.shutdown()
 

@@ -26,6 +26,7 @@ from sglang_core.engine import Engine
 from sglang_core.layers.activation import SiluAndMul
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import TPGroup
+from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_model_contract import _build, _reference_greedy
@@ -280,7 +281,8 @@ def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, roundin
     x = torch.randn(tokens, hidden, generator=gen)
     topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(tokens)])
     topk_weights = torch.rand(tokens, 2, generator=gen)
-    method_cls = GPTQMethod if config["quant_method"] == "gptq" else Fp8LinearMethod
+    method_cls = {"gptq": GPTQMethod, "fp8": Fp8LinearMethod,
+                  "compressed-tensors": CompressedTensorsMethod}[config["quant_method"]]
     partial_sums = torch.zeros(tokens, hidden)
     for rank in range(tp):
         method = method_cls.for_experts(config, "model.layers.0.mlp.experts")

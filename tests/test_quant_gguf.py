@@ -132,7 +132,8 @@ def test_tiny_mixed_type_gguf_on_cuda_through_the_kernels(tiny_quantized_gguf, t
     for name in calls:
         monkeypatch.setattr(kernels, name, counted(name))
     prompts, expected = tiny_reference
-    with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", device="cuda", dtype="float32") as engine:
+    with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", device="cuda", dtype="float32",
+                attention_backend="triton", cuda_graph_max_bs=16) as engine:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         qkv = engine.core.core.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.qweight.is_cuda and qkv.qweight.dtype == torch.uint8

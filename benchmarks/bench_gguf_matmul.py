@@ -8,6 +8,7 @@ dequantized by ``blocks.py`` (torch).
 
     python benchmarks/bench_gguf_matmul.py             # x of 1 row
     python benchmarks/bench_gguf_matmul.py --rows 4
+    python benchmarks/bench_gguf_matmul.py --sweep     # the best of a few launch settings per shape
 """
 
 from __future__ import annotations
@@ -43,31 +44,52 @@ def copies(nbytes: int) -> int:
     return max(2, int(L2_BEATING_BYTES // nbytes) + 1)
 
 
+def launch_settings(sweep: bool) -> list[dict[str, int]]:
+    if not sweep:
+        return [dict(GEMV_BLOCK_N=kernels.GEMV_BLOCK_N, VALUES_PER_STEP=kernels.VALUES_PER_STEP)]
+    return [dict(GEMV_BLOCK_N=n, VALUES_PER_STEP=v) for n in (2, 4, 8) for v in (256, 512, 1024)]
+
+
+def time_gemv(qtype: T, stack: list[torch.Tensor], x: torch.Tensor, settings: list[dict]) -> tuple[float, dict]:
+    """The fastest microseconds per product over ``settings`` (module values of ``kernels``), each
+    checked first, and that setting; the module's own values are restored after."""
+    product = lambda x, blocks: kernels.gemv(x, blocks, qtype)  # noqa: E731
+    want = F.linear(x, dequantize(stack[0], qtype).to(torch.bfloat16)).float()
+    defaults, timed = launch_settings(False)[0], []
+    for setting in settings:
+        for name, value in setting.items():
+            setattr(kernels, name, value)
+        torch.testing.assert_close(product(x, stack[0]).float(), want, atol=3e-2, rtol=2e-2)
+        timed.append((time_per_product(product, stack, x), setting))
+    for name, value in defaults.items():
+        setattr(kernels, name, value)
+    return min(timed, key=lambda t: t[0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1, help=f"rows of x, 1..{kernels.GEMV_MAX_ROWS}")
+    parser.add_argument("--sweep", action="store_true", help="time several GEMV launch settings, keep the best")
     args = parser.parse_args()
     if not 1 <= args.rows <= kernels.GEMV_MAX_ROWS:
         raise ValueError(f"--rows must be 1..{kernels.GEMV_MAX_ROWS}, got {args.rows}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "rows of x:", args.rows)
+    settings = launch_settings(args.sweep)
     totals = {"bf16 cuBLAS": 0.0, **{f"{qtype.name} GEMV": 0.0 for qtype in SCALE_FIELDS}}
     for name, n, k, uses in SHAPES:
         x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
         bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies(n * k * 2))]
-        timed = {"bf16 cuBLAS": (time_per_product(F.linear, bf16, x), n * k * 2)}
+        timed = {"bf16 cuBLAS": (time_per_product(F.linear, bf16, x), n * k * 2, "")}
         del bf16
         for qtype in SCALE_FIELDS:
             stack = [random_blocks(qtype, n, k) for _ in range(copies(n * row_bytes(qtype, k)))]
-            want = F.linear(x, dequantize(stack[0], qtype).to(torch.bfloat16)).float()
-            got = kernels.gemv(x, stack[0], qtype).float()
-            torch.testing.assert_close(got, want, atol=3e-2, rtol=2e-2)
-            product = lambda x, blocks, qtype=qtype: kernels.gemv(x, blocks, qtype)  # noqa: E731
-            timed[f"{qtype.name} GEMV"] = (time_per_product(product, stack, x), stack[0].numel())
+            us, setting = time_gemv(qtype, stack, x, settings)
+            timed[f"{qtype.name} GEMV"] = (us, stack[0].numel(), f" {setting}" if args.sweep else "")
             del stack
         line = []
-        for label, (us, nbytes) in timed.items():
+        for label, (us, nbytes, setting) in timed.items():
             totals[label] += us * uses
-            line.append(f"{label} {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s")
+            line.append(f"{label} {us:8.1f} us {nbytes / us / 1e6:5.2f} TB/s{setting}")
         print(f"  {name:8s} {n:6d}x{k:5d}: " + " | ".join(line))
     step = " | ".join(f"{label} {us / 1000:.3f} ms" for label, us in totals.items())
     print(f"decode-step total (weights only): {step}")

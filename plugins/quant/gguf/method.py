@@ -22,7 +22,6 @@ import torch
 from sglang_core.kernels import linear, use_fused
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import part_index
-from sglang_plugins.quant.gguf import kernels
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes, type_name
 
 ALIGN = 16  # bytes: every part starts where any element type can be viewed
@@ -111,7 +110,9 @@ class GGUFMethod(QuantMethod):
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
 
     def kernel_product(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``apply`` on CUDA: the Triton kernels per run of a quantized type, never the whole float weight."""
+        """``apply`` on CUDA: the Triton kernels (``kernels.matmul``) for each run of a quantized type."""
+        from sglang_plugins.quant.gguf import kernels  # needs Triton: there whenever use_fused is, not on every CPU
+
         tokens = x.reshape(-1, x.shape[-1]).contiguous()
         outputs = [kernels.matmul(tokens, blocks, ggml_type) if ggml_type in kernels.LANES
                    else linear(tokens, dequantize(blocks, ggml_type).to(x.dtype))

@@ -89,20 +89,56 @@ def tiny_quantized_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "model.gguf")
 
 
-def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_gguf):
-    """The engine, keeping every linear layer's blocks, generates the greedy tokens of HF
-    transformers float32 reading the same file (its own dequantization and q/k un-permutation)."""
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_quantized_gguf) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts of 3, 17 and 30 tokens and the greedy tokens of HF transformers float32 reading the
+    tiny GGUF (its own dequantization and q/k un-permutation)."""
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_quantized_gguf.parent), gguf_file=tiny_quantized_gguf.name,
                                                dtype=torch.float32).eval()
     rng = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=rng).tolist() for n in (3, 17, 30)]
+    return prompts, [hf_greedy(ref, prompt, GREEDY["max_new_tokens"]) for prompt in prompts]
+
+
+def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_gguf, tiny_reference):
+    """The engine, keeping every linear layer's blocks, generates HF transformers' greedy tokens."""
+    prompts, expected = tiny_reference
     with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", chunked_prefill_size=8) as engine:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         engine.check_memory()
         qkv = engine.core.core.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.qweight.dtype == torch.uint8 and qkv.qweight_type.tolist() == [T.Q4_K, T.Q4_K, T.Q6_K]
-    for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == hf_greedy(ref, prompt, GREEDY["max_new_tokens"]), f"prompt of {len(prompt)}"
+    assert [result["output_ids"] for result in results] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_mixed_type_gguf_on_cuda_through_the_kernels(tiny_quantized_gguf, tiny_reference, monkeypatch):
+    """On CUDA (float32 activations, CUDA graphs) the quantized runs go through the Triton kernels,
+    the 50-token prefill through dequantize + cuBLAS and the 3-request decode through the GEMV, and
+    give the greedy tokens the CPU path gives (HF transformers')."""
+    from sglang_plugins.quant.gguf import kernels
+
+    calls = {"gemv": 0, "dequantize": 0}
+
+    def counted(name):
+        launch = getattr(kernels, name)
+
+        def run(*args):
+            calls[name] += 1
+            return launch(*args)
+        return run
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+    prompts, expected = tiny_reference
+    with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", device="cuda", dtype="float32",
+                attention_backend="triton", cuda_graph_max_bs=16) as engine:
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        qkv = engine.core.core.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.qweight.is_cuda and qkv.qweight.dtype == torch.uint8
+    assert calls["gemv"] > 0 and calls["dequantize"] > 0
+    assert [result["output_ids"] for result in results] == expected
 
 
 def test_default_model_served_quantized_as_transformers_reads_it(hf_model, hf_tokenizer):

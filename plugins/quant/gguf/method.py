@@ -6,7 +6,9 @@ The ``gguf`` weight format yields each linear weight as ``<layer>.qweight`` (the
 llama.cpp files mix types within a layer (a Q4_K_M file stores ``attn_v`` as Q6_K beside Q4_K
 ``attn_q``/``attn_k``), so each part keeps its own type: after loading, the parts' bytes sit one
 after another in one uint8 buffer (each part 16-byte aligned, so F32/F16 rows can be viewed in
-place), and a forward dequantizes each run of same-typed parts and concatenates the rows.
+place). On CPU a forward dequantizes each run of same-typed parts, concatenates the rows and
+multiplies; on CUDA each run of a quantized type goes through ``kernels`` (Triton kernels reading the
+blocks), each run of a float type through a float matmul, and the runs' outputs are concatenated.
 
 Only this rank's whole layer is supported: GGUF layers are not split across tensor-parallel ranks.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sglang_core.kernels import linear
+from sglang_core.kernels import linear, use_fused
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import part_index
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes, type_name
@@ -92,13 +94,30 @@ class GGUFMethod(QuantMethod):
         layer.qweight_type.data = torch.tensor(types, dtype=torch.int32, device=layer.qweight.device)
         self._parts.clear()
 
+    def _runs(self, layer):
+        """Each run of same-typed parts: its ggml type and its blocks ``[rows, row_bytes]``."""
+        for ggml_type, count, offset, width in self.segments:
+            yield ggml_type, layer.qweight[offset:offset + count * width].view(count, width)
+
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The layer's weight as ``[out, in]`` float32."""
-        rows = [dequantize(layer.qweight[offset:offset + count * width].view(count, width), ggml_type)
-                for ggml_type, count, offset, width in self.segments]
+        rows = [dequantize(blocks, ggml_type) for ggml_type, blocks in self._runs(layer)]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def apply(self, layer, x, bias):
-        """Dequantize this layer's weight, then a float matmul: on every device for now. This is the
-        seam for a fused dequantize-matmul kernel (a GPU path reading the blocks directly)."""
+        if use_fused(x):
+            return self.kernel_product(layer, x, bias)
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+
+    def kernel_product(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``apply`` on CUDA: the Triton kernels (``kernels.matmul``) for each run of a quantized type."""
+        from sglang_plugins.quant.gguf import kernels  # needs Triton: there whenever use_fused is, not on every CPU
+
+        tokens = x.reshape(-1, x.shape[-1]).contiguous()
+        outputs = [kernels.matmul(tokens, blocks, ggml_type) if ggml_type in kernels.LANES
+                   else linear(tokens, dequantize(blocks, ggml_type).to(x.dtype))
+                   for ggml_type, blocks in self._runs(layer)]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,177 @@
+"""``y = x @ W^T`` for a weight stored as packed 4- or 8-bit integers with a scale (and a zero
+point) per group of input features, dequantised tile by tile in registers: the weight is read from
+memory at its packed size, never written out in float.
+
+The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized``) differ only
+in facts an ``IntWeight`` states: which axis the ``32 / bits`` values of an int32 run along, AWQ's
+interleaved order of those values, whether zero points are stored (and an offset added to them,
+or the constant zero point of a symmetric scheme), the group size, and an activation-order
+``g_idx`` giving each input feature's group. Value ``j`` of a word sits in bits ``bits * slot(j)``,
+``slot(j) = j`` except in AWQ's order (0, 2, 4, 6, 1, 3, 5, 7 of 8).
+
+One kernel, two launch shapes. Up to ``GEMV_ROWS`` rows (decode) a program holds all the rows and
+streams its columns' packed weight along K; the K range is split over several programs
+(``SPLIT_K``, float32 partial sums added afterwards) so that a layer's few column tiles still
+spread over every SM. Larger batches launch a tiled GEMM. Weights are dequantised in float32 and
+rounded to ``x``'s dtype for the tensor-core product (the dequantising CPU path rounds them so too);
+sums are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_core.kernels.fused_moe import _dot
+from sglang_core.kernels.opaque import opaque_to_compiler
+from sglang_core.kernels.pdl import launch_options, pdl_enter
+
+GEMV_ROWS = 16
+# Launch settings by shape; untuned starting points (benchmarks/bench_int_matmul.py times them).
+GEMV_LAUNCH = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+GEMM_LAUNCH = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+LAUNCH_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """A packed integer weight of ``K`` input and ``N`` output features, as the kernel reads it.
+
+    ``qweight`` int32, indexed ``[input, output]`` (a transposed view where the checkpoint stores
+    ``[out, in]``): ``[K / p, N]`` when ``packed_dim`` is 0 (words pack input features),
+    ``[K, N / p]`` when it is 1. ``scales`` ``[G, N]``. ``zeros`` int32 ``[G, N / p]``, packed
+    along the outputs in the weight's slot order, or None; the zero point is the stored value plus
+    ``zero_offset`` (None: ``zero_offset`` itself). Input feature ``k`` is in group ``g_idx[k]``,
+    else ``k // group_size`` (None: one group)."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    packed_dim: int
+    interleaved: bool = False
+    zeros: torch.Tensor | None = None
+    zero_offset: int = 0
+    group_size: int | None = None
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(K, N)``: input and output features."""
+        pack = 32 // self.bits
+        rows, cols = self.qweight.shape
+        return (rows * pack, cols) if self.packed_dim == 0 else (rows, cols * pack)
+
+
+@triton.jit
+def _slot(j, PACK: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The slot of a word that holds value ``j`` of its run of ``PACK``."""
+    if INTERLEAVED:
+        # AWQ: the even values fill the low half of the word, the odd ones the high half.
+        return (j % 2) * (PACK // 2) + (j % PACK) // 2
+    return j % PACK
+
+
+@triton.jit
+def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
+                       stride_xm, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+                       stride_ys, stride_ym,
+                       BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """``Y[split] = X[:, ks] @ dequant(W)[ks, :]`` over this program's share ``ks`` of the K tiles,
+    for one tile of rows and columns."""
+    PACK: tl.constexpr = 32 // BITS
+    LOW_BITS: tl.constexpr = (1 << BITS) - 1
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    zero_shift = _slot(cols, PACK, INTERLEAVED) * BITS  # zero points pack along the outputs
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = tl.program_id(2) * k_share
+    k_end = tl.minimum(k_begin + k_share, K)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pdl_enter(USE_PDL)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        tile_ok = k_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if PACKED_K:
+            words = tl.load(Q + (k // PACK)[:, None] * stride_qk + cols[None, :] * stride_qn, mask=tile_ok, other=0)
+            shift = (_slot(k, PACK, INTERLEAVED) * BITS)[:, None]
+        else:
+            words = tl.load(Q + k[:, None] * stride_qk + (cols // PACK)[None, :] * stride_qn, mask=tile_ok, other=0)
+            shift = zero_shift[None, :]
+        q = (words >> shift) & LOW_BITS
+        if HAS_G_IDX:
+            group = tl.load(GIdx + k, mask=k_ok, other=0)
+        else:
+            group = k // group_size
+        scale = tl.load(S + group[:, None] * stride_sg + cols[None, :] * stride_sn, mask=tile_ok, other=0.0)
+        if HAS_ZEROS:
+            zero_words = tl.load(Z + group[:, None] * stride_zg + (cols // PACK)[None, :] * stride_zn, mask=tile_ok,
+                                 other=0)
+            zero = ((zero_words >> zero_shift[None, :]) & LOW_BITS) + zero_offset
+        else:
+            zero = zero_offset
+        w = ((q - zero).to(tl.float32) * scale.to(tl.float32)).to(X.dtype.element_ty)
+        acc = _dot(x, w, acc, PRECISION, UPCAST)
+    tl.store(Y + tl.program_id(2) * stride_ys + rows[:, None] * stride_ym + cols[None, :],
+             acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    """Programs a launch should offer to keep the device's streaming units busy (two per SM)."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """``GEMV_LAUNCH`` up to ``GEMV_ROWS`` rows, with K split until the tiles fill the device;
+    ``GEMM_LAUNCH`` beyond."""
+    if m > GEMV_ROWS:
+        return dict(GEMM_LAUNCH, SPLIT_K=1)
+    launch = dict(GEMV_LAUNCH)
+    tiles = triton.cdiv(n, launch["BLOCK_N"])
+    split = min(triton.cdiv(k, launch["BLOCK_K"]), max(1, triton.cdiv(_processors(device), tiles)))
+    return dict(launch, SPLIT_K=split)
+
+
+@opaque_to_compiler
+def int_matmul(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantized weight, bias)`` in ``x``'s dtype (float32, float16 or bfloat16);
+    ``config`` overrides the launch settings (fields ``LAUNCH_FIELDS``) ``launch_config`` chooses."""
+    k, n = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features; the packed weight takes {k}")
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    m = x2.shape[0]
+    launch = dict(config or launch_config(m, n, k, x.device))
+    block_m, block_n, block_k, split = (launch.pop(field) for field in LAUNCH_FIELDS[:4])
+    # Split programs write float32 partial sums, added (and rounded once) afterwards.
+    y = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if m:
+        zeros = weight.zeros if weight.zeros is not None else weight.qweight
+        _int_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](
+            x2, weight.qweight, weight.scales, zeros, weight.g_idx if weight.g_idx is not None else weight.qweight,
+            y, m, n, k, weight.group_size or k, weight.zero_offset,
+            x2.stride(0), *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(), y.stride(0), y.stride(1),
+            BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
+            HAS_ZEROS=weight.zeros is not None, HAS_G_IDX=weight.g_idx is not None,
+            # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.
+            UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on"),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, **launch, **launch_options(x))
+    out = y.sum(0).to(x.dtype) if split > 1 else y[0]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], n)

@@ -16,7 +16,8 @@ Under tensor parallelism a row-parallel rank holds a slice of the input features
 activation order its features may belong to any group, so every rank then holds all groups'
 scales and zero points and looks them up by ``weight_g_idx``.
 
-CPU path: each forward dequantises the layer's weight and runs a float matmul.
+On CUDA a forward is ``int_matmul``'s kernel, which dequantises in registers; CPU path: each
+forward dequantises the layer's weight and runs a float matmul.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sglang_core.kernels import linear
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
+from sglang_plugins.quant.int_matmul import IntWeight, int_matmul
 from sglang_plugins.quant.packing import rank_groups, unpack_ints
 
 BITS = (4, 8)
@@ -97,7 +99,17 @@ class PackedIntMethod(QuantMethod):
             values = values - unpack_ints(layer.weight_zero_point, self.bits, dim=0).float()[:, groups]
         return values * layer.weight_scale.float()[:, groups]
 
+    def int_weight(self, layer: nn.Module) -> IntWeight:
+        """The layer's packed tensors as the integer matmul kernel reads them: ``[out, in]`` tensors as
+        transposed views; stored values are offset by 2^(bits-1), so a symmetric scheme's zero point is that."""
+        zeros = None if self.symmetric else layer.weight_zero_point.t()
+        return IntWeight(layer.weight_packed.t(), layer.weight_scale.t(), self.bits, packed_dim=0, zeros=zeros,
+                         zero_offset=2 ** (self.bits - 1) if self.symmetric else 0, group_size=self.group_size,
+                         g_idx=layer.weight_g_idx if self.act_order else None)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            return int_matmul(x, self.int_weight(layer), bias)
         return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
 
 

@@ -1,0 +1,152 @@
+"""The packed-integer matmul kernel (``plugins/quant/int_matmul.py``) against float64 products with
+the weights the formats' published rules give.
+
+Each case packs random integers, zero points and scales as its checkpoint format stores them
+(the packers of tests/test_quant_awq_gptq.py and tests/test_quant_compressed_tensors.py, checked
+there against hand-computed words), loads them into a layer through its method's weight loaders,
+and runs the kernel on the layer's tensors as the method hands them over (``int_weight``, what its
+CUDA forward uses). On the CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set
+by conftest.py), so shapes are tiny and tiles 16 wide: output features not a multiple of a tile,
+ragged row counts, K split over programs. With a GPU a tiny GPTQ and AWQ model is also served on
+CUDA, through the kernel, and compared with the float32 reference the CPU path matches.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # in the test extra; absent only outside CI
+from reference import hf_greedy  # noqa: E402
+from sglang_core.engine import Engine  # noqa: E402
+from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
+from sglang_plugins.quant import int_matmul as kernel  # noqa: E402
+from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
+from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod  # noqa: E402
+from sglang_plugins.quant.gptq.method import GPTQMethod  # noqa: E402
+from test_quant_awq_gptq import GREEDY, Quantized, group_index, quantized_model  # noqa: E402
+from test_quant_compressed_tensors import input_groups, int_args, pack_quantized  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+def gptq(bits: int, group_size: int, sym: bool, desc_act: bool, checkpoint_format: str = "gptq") -> dict:
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
+            "checkpoint_format": checkpoint_format}
+
+
+def awq(group_size: int) -> dict:
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+def loaded_layer(method, tensors: dict[str, torch.Tensor], inputs: int, outputs: int) -> ColumnParallelLinear:
+    with torch.device(DEVICE):
+        layer = ColumnParallelLinear(inputs, outputs, quant_method=method)
+    for name, tensor in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor.to(DEVICE))
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+def awq_gptq_case(fmt: dict, inputs: int, outputs: int, seed: int) -> tuple[ColumnParallelLinear, torch.Tensor]:
+    """A layer holding a random AWQ or GPTQ weight, and that weight ``[in, out]`` in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    quant = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
+    method = (AWQMethod if fmt["quant_method"] == "awq" else GPTQMethod)(fmt, "model.layers.0.mlp.up_proj")
+    weight = (quant.values - quant.zeros[quant.g_idx]).double() * quant.scales.double()[quant.g_idx]
+    return loaded_layer(method, quant.tensors, inputs, outputs), weight
+
+
+def compressed_tensors_case(weights: dict, inputs: int, outputs: int, seed: int):
+    """A layer holding a random pack-quantized weight, and that weight ``[in, out]`` in float64."""
+    torch.manual_seed(seed)
+    g_idx = input_groups(inputs, weights.get("group_size"), weights.get("actorder") == "group", seed)
+    tensors, dequantized = pack_quantized(torch.randn(outputs, inputs), weights, g_idx)
+    method = PackedIntMethod(weights, None, "model.layers.0.mlp.up_proj")
+    return loaded_layer(method, tensors, inputs, outputs), dequantized.double().T
+
+
+# (name, layer and weight builder, its format, inputs, outputs, rows, K split)
+CASES = [
+    ("gptq-4bit-sym-g32", awq_gptq_case, gptq(4, 32, sym=True, desc_act=False), 64, 40, 5, 1),
+    ("gptq-4bit-asym-actorder", awq_gptq_case, gptq(4, 32, sym=False, desc_act=True), 96, 48, 19, 3),
+    ("gptq-8bit-asym-v2-channel", awq_gptq_case, gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"),
+     64, 40, 1, 2),
+    ("gptq-8bit-sym-actorder-g16", awq_gptq_case, gptq(8, 16, sym=True, desc_act=True), 48, 24, 17, 1),
+    ("awq-g32", awq_gptq_case, awq(32), 64, 40, 19, 1),
+    ("awq-g16", awq_gptq_case, awq(16), 64, 24, 3, 4),
+    ("ct-w4-sym-g16", compressed_tensors_case, int_args(4, "group", group_size=16), 64, 40, 5, 2),
+    ("ct-w4-asym-actorder", compressed_tensors_case,
+     int_args(4, "group", symmetric=False, group_size=32, actorder="group"), 64, 40, 19, 1),
+    ("ct-w8-sym-channel", compressed_tensors_case, int_args(8, "channel"), 48, 40, 1, 1),
+    ("ct-w8-asym-actorder", compressed_tensors_case,
+     int_args(8, "group", symmetric=False, group_size=16, actorder="group"), 48, 24, 17, 3),
+    ("ct-w4-asym-channel", compressed_tensors_case, int_args(4, "channel", symmetric=False), 32, 40, 7, 1),
+]
+
+
+@pytest.mark.parametrize("name,build,fmt,inputs,outputs,rows,split", CASES, ids=[case[0] for case in CASES])
+def test_kernel_matches_float64_product(name, build, fmt, inputs, outputs, rows, split):
+    layer, weight = build(fmt, inputs, outputs, seed=len(name))
+    x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    got = kernel.int_matmul(x, layer.quant_method.int_weight(layer), config=dict(TILES, SPLIT_K=split))
+    expected = x.double() @ weight.to(DEVICE)
+    assert got.dtype == torch.float32 and got.shape == (rows, outputs)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_rows_with_a_bias(dtype):
+    """16-bit inputs of any leading shape, the launch the kernel picks itself, a bias added; the
+    weights here are exact in 16 bits, so the product differs only by the output's rounding."""
+    layer, weight = awq_gptq_case(gptq(4, 32, sym=False, desc_act=True), 64, 40, seed=7)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(40, generator=gen).to(DEVICE, dtype)
+    got = kernel.int_matmul(x, layer.quant_method.int_weight(layer), bias)
+    expected = x.double() @ weight.to(DEVICE) + bias.double()
+    assert got.dtype == dtype and got.shape == (2, 3, 40)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_launch_config_by_rows():
+    """Decode rows (up to GEMV_ROWS) share one program per column tile and split K; larger batches tile M."""
+    gemv = kernel.launch_config(16, 4096, 4096, torch.device("cpu"))
+    assert gemv["BLOCK_M"] == kernel.GEMV_ROWS and gemv["SPLIT_K"] >= 1
+    gemm = kernel.launch_config(17, 4096, 4096, torch.device("cpu"))
+    assert gemm == dict(kernel.GEMM_LAUNCH, SPLIT_K=1)
+
+
+def test_wrong_input_width_is_an_error():
+    layer, _ = awq_gptq_case(awq(32), 64, 40, seed=0)
+    with pytest.raises(ValueError, match="64"):
+        kernel.int_matmul(torch.zeros(2, 32, device=DEVICE), layer.quant_method.int_weight(layer))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", [gptq(4, 32, sym=False, desc_act=True), awq(64)], ids=["gptq-actorder", "awq"])
+def test_model_on_gpu_goes_through_the_kernel(tmp_path, fmt, monkeypatch):
+    """A tiny GPTQ / AWQ model served on CUDA in float32: every quantized projection is computed by
+    the kernel, and greedy output equals HF float32's on the dequantised weights (what the CPU path
+    is tested to match, in tests/test_quant_awq_gptq.py)."""
+    calls = []
+    traced = kernel.int_matmul
+    module = "awq" if fmt["quant_method"] == "awq" else "gptq"
+    monkeypatch.setattr(f"sglang_plugins.quant.{module}.method.int_matmul",
+                        lambda *a, **k: calls.append(1) or traced(*a, **k))
+    hf = quantized_model(tmp_path, fmt, seed=8)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (5, 23, 40)]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend="triton",
+                cuda_graph_max_bs=16) as engine:
+        for prompt, exp in zip(prompts, expected):
+            out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 12})
+            assert out["output_ids"] == exp
+    assert calls, "the quantized projections went through the kernel"

@@ -1,0 +1,133 @@
+"""Time the packed-integer matmul (``plugins/quant/int_matmul.py``) against cuBLAS on the bfloat16
+weight at Llama-3.1-8B's linear shapes, for 1, 16 and 64 rows, and print each one's weight-read
+rate (bytes the product must read: packed weight, scales and zero points, or the bf16 weight).
+
+As in tune_gemv.py, each figure is what the product costs inside a decode step: several copies of
+each weight (more bytes than the L2 holds) are multiplied in turn inside one CUDA graph, so every
+weight comes from HBM and no launch overhead is counted. Each format's tensors are random words
+laid out as its checkpoint stores them, handed to the kernel by its method's ``int_weight``, and
+every product is checked against the method's own dequantisation (its CPU path) first.
+
+    python benchmarks/bench_int_matmul.py                  # every format
+    python benchmarks/bench_int_matmul.py --formats gptq-4bit awq
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from sglang_core.kernels import pdl
+from sglang_plugins.quant import int_matmul as kernel
+from sglang_plugins.quant.awq.method import AWQMethod
+from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
+from sglang_plugins.quant.gptq.method import GPTQMethod
+
+# (name, out features, in features) of Llama-3.1-8B's linear layers at tp 1.
+SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+ROWS = (1, 16, 64)
+GROUP = 128
+L2_BEATING_BYTES = 400e6
+
+
+def gptq(bits: int, desc_act: bool):
+    return GPTQMethod({"bits": bits, "group_size": GROUP, "sym": False, "desc_act": desc_act,
+                       "checkpoint_format": "gptq"}, "bench")
+
+
+FORMATS = {
+    "gptq-4bit": lambda: gptq(4, desc_act=False),
+    "gptq-4bit-actorder": lambda: gptq(4, desc_act=True),
+    "gptq-8bit": lambda: gptq(8, desc_act=False),
+    "awq": lambda: AWQMethod({"bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}, "bench"),
+    "ct-w4a16": lambda: PackedIntMethod({"num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP,
+                                         "symmetric": True, "dynamic": False}, None, "bench"),
+}
+
+
+def random_words(*shape: int) -> torch.Tensor:
+    return torch.randint(-2**31, 2**31, shape, dtype=torch.int32, device="cuda")
+
+
+def random_layer(method, n: int, k: int) -> SimpleNamespace:
+    """Random packed tensors of an ``n x k`` weight with the attributes ``method`` reads."""
+    groups, scales = k // GROUP, lambda *shape: torch.rand(*shape, device="cuda", dtype=torch.bfloat16) * 0.01
+    if isinstance(method, PackedIntMethod):
+        return SimpleNamespace(weight_packed=random_words(n, k // method.pack), weight_scale=scales(n, groups))
+    pack = 8 if isinstance(method, AWQMethod) else method.pack
+    layer = SimpleNamespace(qzeros=random_words(groups, n // pack), scales=scales(groups, n))
+    if isinstance(method, AWQMethod):
+        layer.qweight = random_words(k, n // 8)
+    else:
+        layer.qweight = random_words(k // method.pack, n)
+        layer.g_idx = (torch.randperm(k, device="cuda") // GROUP if method.desc_act
+                       else torch.arange(k, device="cuda") // GROUP).to(torch.int32)
+    return layer
+
+
+def read_bytes(layer: SimpleNamespace) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(layer).values())
+
+
+def time_per_product(product, operands: list, x: torch.Tensor) -> float:
+    """Microseconds per product, from replays of one graph that multiplies every copy in turn."""
+    repeats = max(1, 40 // len(operands))
+    for operand in operands:  # compile and warm outside the capture
+        product(x, operand)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for operand in operands:
+                product(x, operand)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1000 / (repeats * len(operands)))
+    return best
+
+
+def copies(nbytes: int) -> int:
+    return max(2, int(L2_BEATING_BYTES // nbytes) + 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernel
+    for name, n, k in SHAPES:
+        dense = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies(n * k * 2))]
+        for rows in ROWS:
+            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+            base = time_per_product(F.linear, dense, x)
+            line = [f"{name:8s} {n:6d}x{k:5d} M={rows:2d}: cuBLAS bf16 {base:7.1f} us {n * k * 2 / base / 1e6:5.2f} TB/s"]
+            for fmt in args.formats:
+                method = FORMATS[fmt]()
+                layers = [random_layer(method, n, k)]
+                layers += [random_layer(method, n, k) for _ in range(copies(read_bytes(layers[0])) - 1)]
+                want = x.float() @ method.dequantized_weight(layers[0]).float().T
+                got = kernel.int_matmul(x, method.int_weight(layers[0])).float()
+                torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+                took = time_per_product(lambda x, layer: kernel.int_matmul(x, method.int_weight(layer)), layers, x)
+                line.append(f"{fmt} {took:7.1f} us {read_bytes(layers[0]) / took / 1e6:5.2f} TB/s "
+                            f"x{base / took:4.2f}")
+                del layers
+            print(" | ".join(line), flush=True)
+        del dense
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

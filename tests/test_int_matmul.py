@@ -99,13 +99,17 @@ def test_kernel_matches_float64_product(name, build, fmt, inputs, outputs, rows,
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16bit_rows_with_a_bias(dtype):
+@pytest.mark.parametrize("dtype,fmt,inputs", [
+    (torch.float16, gptq(4, 32, sym=False, desc_act=False), 64),  # groups narrower than the launch's K tile
+    (torch.bfloat16, awq(128), 128),  # one group per K tile
+    (torch.float16, gptq(8, 32, sym=False, desc_act=True), 64),
+], ids=["fp16-gptq-g32", "bf16-awq-g128", "fp16-gptq-8bit-actorder"])
+def test_16bit_rows_with_a_bias(dtype, fmt, inputs):
     """16-bit inputs of any leading shape, the launch the kernel picks itself, a bias added; the
     weights here are exact in 16 bits, so the product differs only by the output's rounding."""
-    layer, weight = awq_gptq_case(gptq(4, 32, sym=False, desc_act=True), 64, 40, seed=7)
+    layer, weight = awq_gptq_case(fmt, inputs, 40, seed=7)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 64, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(2, 3, inputs, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(40, generator=gen).to(DEVICE, dtype)
     got = kernel.int_matmul(x, layer.quant_method.int_weight(layer), bias)
     expected = x.double() @ weight.to(DEVICE) + bias.double()
@@ -114,12 +118,17 @@ def test_16bit_rows_with_a_bias(dtype):
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_launch_config_by_rows():
-    """Decode rows (up to GEMV_ROWS) share one program per column tile and split K; larger batches tile M."""
-    gemv = kernel.launch_config(16, 4096, 4096, torch.device("cpu"))
-    assert gemv["BLOCK_M"] == kernel.GEMV_ROWS and gemv["SPLIT_K"] >= 1
-    gemm = kernel.launch_config(17, 4096, 4096, torch.device("cpu"))
-    assert gemm == dict(kernel.GEMM_LAUNCH, SPLIT_K=1)
+def test_launch_config_by_rows(monkeypatch):
+    """Decode rows (up to GEMV_ROWS) share one program per column tile, larger batches tile M; K is
+    split only while the tiles are fewer than the device wants programs, into no more shares than
+    K tiles. (The numbers follow the module's launch settings: GEMV tiles 64 columns wide with K tiles
+    of 128, GEMM tiles 64 x 128 with K tiles of 64.)"""
+    monkeypatch.setattr(kernel, "_processors", lambda device: 264)
+    cpu = torch.device("cpu")
+    assert kernel.launch_config(16, 4096, 4096, cpu) == dict(kernel.GEMV_LAUNCH, SPLIT_K=5)  # 64 column tiles
+    assert kernel.launch_config(1, 4096, 256, cpu)["SPLIT_K"] == 2  # only 2 K tiles of 128
+    assert kernel.launch_config(17, 4096, 4096, cpu) == dict(kernel.GEMM_LAUNCH, SPLIT_K=9)  # 32 tiles
+    assert kernel.launch_config(4096, 4096, 4096, cpu)["SPLIT_K"] == 1  # 2048 tiles
 
 
 def test_wrong_input_width_is_an_error():

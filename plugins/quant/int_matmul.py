@@ -6,13 +6,14 @@ The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized
 in facts an ``IntWeight`` states: which axis the ``32 / bits`` values of an int32 run along, AWQ's
 interleaved order of those values, whether zero points are stored (and an offset added to them,
 or the constant zero point of a symmetric scheme), the group size, and an activation-order
-``g_idx`` giving each input feature's group. Value ``j`` of a word sits in bits ``bits * slot(j)``,
-``slot(j) = j`` except in AWQ's order (0, 2, 4, 6, 1, 3, 5, 7 of 8).
+``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits ``bits * i`` up) holds
+value ``i`` of the word's run, except in AWQ's order, where the 8 slots of a word packed along the
+outputs (weight and zero points alike) hold its features 0, 2, 4, 6, 1, 3, 5, 7.
 
 One kernel, two launch shapes. Up to ``GEMV_ROWS`` rows (decode) a program holds all the rows and
-streams its columns' packed weight along K; the K range is split over several programs
-(``SPLIT_K``, float32 partial sums added afterwards) so that a layer's few column tiles still
-spread over every SM. Larger batches launch a tiled GEMM. Weights are dequantised in float32 and
+streams its columns' packed weight along K; larger batches launch a tiled GEMM. Where a layer has
+too few tiles to spread over every SM, the K range is split over several programs (``SPLIT_K``,
+float32 partial sums added afterwards). Weights are dequantised in float32 and
 rounded to ``x``'s dtype for the tensor-core product (the dequantising CPU path rounds them so too);
 sums are float32.
 """
@@ -67,12 +68,21 @@ class IntWeight:
 
 
 @triton.jit
-def _slot(j, PACK: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The slot of a word that holds value ``j`` of its run of ``PACK``."""
-    if INTERLEAVED:
-        # AWQ: the even values fill the low half of the word, the odd ones the high half.
-        return (j % 2) * (PACK // 2) + (j % PACK) // 2
-    return j % PACK
+def _unpack_last(words, BITS: tl.constexpr):
+    """``[R, C]`` words -> ``[R, C * p]`` values: each word's ``p = 32 / BITS`` slots in slot order."""
+    PACK: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PACK) * BITS
+    values = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(values, (words.shape[0], words.shape[1] * PACK))
+
+
+@triton.jit
+def _unpack_first(words, BITS: tl.constexpr):
+    """``[R, C]`` words -> ``[R * p, C]`` values: each word's ``p = 32 / BITS`` slots in slot order."""
+    PACK: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PACK) * BITS
+    values = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(values, (words.shape[0] * PACK, words.shape[1]))
 
 
 @triton.jit
@@ -80,17 +90,27 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
                        stride_xm, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
                        stride_ys, stride_ym,
                        BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
-                       HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+                       HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
     """``Y[split] = X[:, ks] @ dequant(W)[ks, :]`` over this program's share ``ks`` of the K tiles,
-    for one tile of rows and columns."""
+    for one tile of rows and columns.
+
+    Each packed word is loaded once and unpacked into its ``p`` values in registers. Values unpacked
+    along the outputs come in slot order, so the tile's columns are numbered in that order: with
+    AWQ's interleave, tile position ``8w + s`` is output feature ``8w + (0, 2, 4, 6, 1, 3, 5, 7)[s]``,
+    and scales, zero points and outputs are addressed by those features. ``GROUP_PER_TILE``: no
+    ``g_idx`` and groups a multiple of ``BLOCK_K``, so one row of scales and zero points serves the tile."""
     PACK: tl.constexpr = 32 // BITS
-    LOW_BITS: tl.constexpr = (1 << BITS) - 1
+    HALF: tl.constexpr = PACK // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
-    zero_shift = _slot(cols, PACK, INTERLEAVED) * BITS  # zero points pack along the outputs
+    position = tl.arange(0, BLOCK_N)
+    if INTERLEAVED:
+        # AWQ: slots 0..p/2-1 hold the word's even features, the rest its odd ones.
+        position = (position // PACK) * PACK + 2 * (position % HALF) + (position % PACK) // HALF
+    cols = tl.program_id(1) * BLOCK_N + position
+    word_cols = tl.program_id(1) * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
+    row_ok, col_ok, word_col_ok = rows < M, cols < N, word_cols < N // PACK
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = tl.program_id(2) * k_share
     k_end = tl.minimum(k_begin + k_share, K)
@@ -100,24 +120,29 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        tile_ok = k_ok[:, None] & col_ok[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if PACKED_K:
-            words = tl.load(Q + (k // PACK)[:, None] * stride_qk + cols[None, :] * stride_qn, mask=tile_ok, other=0)
-            shift = (_slot(k, PACK, INTERLEAVED) * BITS)[:, None]
+            word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                            mask=(word_rows < K // PACK)[:, None] & col_ok[None, :], other=0)
+            q = _unpack_first(words, BITS)
         else:
-            words = tl.load(Q + k[:, None] * stride_qk + (cols // PACK)[None, :] * stride_qn, mask=tile_ok, other=0)
-            shift = zero_shift[None, :]
-        q = (words >> shift) & LOW_BITS
+            words = tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
+                            mask=k_ok[:, None] & word_col_ok[None, :], other=0)
+            q = _unpack_last(words, BITS)
+        # The input features whose groups this tile needs: all, or the first (one group for all).
+        group_k = k0 + tl.arange(0, 1) if GROUP_PER_TILE else k
         if HAS_G_IDX:
-            group = tl.load(GIdx + k, mask=k_ok, other=0)
+            group = tl.load(GIdx + group_k, mask=group_k < K, other=0)
         else:
-            group = k // group_size
-        scale = tl.load(S + group[:, None] * stride_sg + cols[None, :] * stride_sn, mask=tile_ok, other=0.0)
+            group = group_k // group_size
+        group_ok = (group_k < K)[:, None]
+        scale = tl.load(S + group[:, None] * stride_sg + cols[None, :] * stride_sn, mask=group_ok & col_ok[None, :],
+                        other=0.0)
         if HAS_ZEROS:
-            zero_words = tl.load(Z + group[:, None] * stride_zg + (cols // PACK)[None, :] * stride_zn, mask=tile_ok,
-                                 other=0)
-            zero = ((zero_words >> zero_shift[None, :]) & LOW_BITS) + zero_offset
+            zero_words = tl.load(Z + group[:, None] * stride_zg + word_cols[None, :] * stride_zn,
+                                 mask=group_ok & word_col_ok[None, :], other=0)
+            zero = _unpack_last(zero_words, BITS) + zero_offset
         else:
             zero = zero_offset
         w = ((q - zero).to(tl.float32) * scale.to(tl.float32)).to(X.dtype.element_ty)
@@ -133,12 +158,10 @@ def _processors(device: torch.device) -> int:
 
 
 def launch_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """``GEMV_LAUNCH`` up to ``GEMV_ROWS`` rows, with K split until the tiles fill the device;
-    ``GEMM_LAUNCH`` beyond."""
-    if m > GEMV_ROWS:
-        return dict(GEMM_LAUNCH, SPLIT_K=1)
-    launch = dict(GEMV_LAUNCH)
-    tiles = triton.cdiv(n, launch["BLOCK_N"])
+    """``GEMV_LAUNCH`` up to ``GEMV_ROWS`` rows, ``GEMM_LAUNCH`` beyond, with K split until the
+    tiles fill the device."""
+    launch = GEMV_LAUNCH if m <= GEMV_ROWS else GEMM_LAUNCH
+    tiles = triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"])
     split = min(triton.cdiv(k, launch["BLOCK_K"]), max(1, triton.cdiv(_processors(device), tiles)))
     return dict(launch, SPLIT_K=split)
 
@@ -166,6 +189,7 @@ def int_matmul(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = N
             x2.stride(0), *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(), y.stride(0), y.stride(1),
             BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
             HAS_ZEROS=weight.zeros is not None, HAS_G_IDX=weight.g_idx is not None,
+            GROUP_PER_TILE=weight.g_idx is None and (weight.group_size or k) % block_k == 0,
             # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.

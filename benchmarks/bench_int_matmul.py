@@ -2,7 +2,7 @@
 weight at Llama-3.1-8B's linear shapes, for 1, 16 and 64 rows, and print each one's weight-read
 rate (bytes the product must read: packed weight, scales and zero points, or the bf16 weight).
 
-As in tune_gemv.py, each figure is what the product costs inside a decode step: several copies of
+As in tune_gemv.py (whose timing this uses), each figure is what the product costs inside a decode step: several copies of
 each weight (more bytes than the L2 holds) are multiplied in turn inside one CUDA graph, so every
 weight comes from HBM and no launch overhead is counted. Each format's tensors are random words
 laid out as its checkpoint stores them, handed to the kernel by its method's ``int_weight``, and
@@ -26,6 +26,7 @@ from sglang_plugins.quant import int_matmul as kernel
 from sglang_plugins.quant.awq.method import AWQMethod
 from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
+from tune_gemv import time_per_product  # benchmarks/ is the script's folder, so on its path
 
 # (name, out features, in features) of Llama-3.1-8B's linear layers at tp 1.
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
@@ -73,30 +74,6 @@ def read_bytes(layer: SimpleNamespace) -> int:
     return sum(t.numel() * t.element_size() for t in vars(layer).values())
 
 
-def time_per_product(product, operands: list, x: torch.Tensor) -> float:
-    """Microseconds per product, from replays of one graph that multiplies every copy in turn."""
-    repeats = max(1, 40 // len(operands))
-    for operand in operands:  # compile and warm outside the capture
-        product(x, operand)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for operand in operands:
-                product(x, operand)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / (repeats * len(operands)))
-    return best
-
-
 def copies(nbytes: int) -> int:
     return max(2, int(L2_BEATING_BYTES // nbytes) + 1)
 
@@ -112,7 +89,8 @@ def main() -> int:
         for rows in ROWS:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             base = time_per_product(F.linear, dense, x)
-            line = [f"{name:8s} {n:6d}x{k:5d} M={rows:2d}: cuBLAS bf16 {base:7.1f} us {n * k * 2 / base / 1e6:5.2f} TB/s"]
+            print(f"{name:8s} {n:6d}x{k:5d} M={rows:2d}: cuBLAS bf16 {base:7.1f} us "
+                  f"{n * k * 2 / base / 1e6:5.2f} TB/s", flush=True)
             for fmt in args.formats:
                 method = FORMATS[fmt]()
                 layers = [random_layer(method, n, k)]
@@ -121,10 +99,9 @@ def main() -> int:
                 got = kernel.int_matmul(x, method.int_weight(layers[0])).float()
                 torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
                 took = time_per_product(lambda x, layer: kernel.int_matmul(x, method.int_weight(layer)), layers, x)
-                line.append(f"{fmt} {took:7.1f} us {read_bytes(layers[0]) / took / 1e6:5.2f} TB/s "
-                            f"x{base / took:4.2f}")
+                print(f"    {fmt:18s} {took:7.1f} us {read_bytes(layers[0]) / took / 1e6:5.2f} TB/s "
+                      f"({base / took:4.2f}x cuBLAS's speed)", flush=True)
                 del layers
-            print(" | ".join(line), flush=True)
         del dense
     return 0
 

@@ -3,10 +3,10 @@ point) per group of input features, dequantised tile by tile in registers: the w
 memory at its packed size, never written out in float.
 
 The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized``) differ only
-in facts an ``IntWeight`` states: which axis the ``32 / bits`` values of an int32 run along, AWQ's
-interleaved order of those values, whether zero points are stored (and an offset added to them,
-or the constant zero point of a symmetric scheme), the group size, and an activation-order
-``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits ``bits * i`` up) holds
+in facts an ``IntWeight`` (packing.py) states: which axis the ``32 / bits`` values of an int32 run
+along, AWQ's interleaved order of those values, whether zero points are stored (and an offset
+added to them, or the constant zero point of a symmetric scheme), the group size, and an
+activation-order ``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits ``bits * i`` up) holds
 value ``i`` of the word's run, except in AWQ's order, where the 8 slots of a word packed along the
 outputs (weight and zero points alike) hold its features 0, 2, 4, 6, 1, 3, 5, 7.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -31,6 +30,7 @@ import triton.language as tl
 from sglang_core.kernels.fused_moe import _dot
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
+from sglang_plugins.quant.packing import IntWeight
 
 GEMV_ROWS = 16
 # Launch settings by shape, not yet timed on a GPU (benchmarks/bench_int_matmul.py times them).
@@ -39,34 +39,6 @@ GEMV_ROWS = 16
 GEMV_LAUNCH = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
 GEMM_LAUNCH = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 LAUNCH_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
-
-
-@dataclass(frozen=True)
-class IntWeight:
-    """A packed integer weight of ``K`` input and ``N`` output features, as the kernel reads it.
-
-    ``qweight`` int32, indexed ``[input, output]`` (a transposed view where the checkpoint stores
-    ``[out, in]``): ``[K / p, N]`` when ``packed_dim`` is 0 (words pack input features),
-    ``[K, N / p]`` when it is 1. ``scales`` ``[G, N]``. ``zeros`` int32 ``[G, N / p]``, packed
-    along the outputs in the weight's slot order, or None; the zero point is the stored value plus
-    ``zero_offset`` (None: ``zero_offset`` itself). Input feature ``k`` is in group ``g_idx[k]``,
-    else ``k // group_size`` (None: one group)."""
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    bits: int
-    packed_dim: int
-    interleaved: bool = False
-    zeros: torch.Tensor | None = None
-    zero_offset: int = 0
-    group_size: int | None = None
-    g_idx: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(K, N)``: input and output features."""
-        pack = 32 // self.bits
-        rows, cols = self.qweight.shape
-        return (rows * pack, cols) if self.packed_dim == 0 else (rows, cols * pack)
 
 
 @triton.jit

@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 import torch
 
-from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import all_parts_match
-from sglang_plugins.quant.int_matmul import IntWeight, int_matmul
-from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
+                                          require_bool, unpack_ints)
 
 BITS = 4
 PACK = 32 // BITS
@@ -110,9 +109,7 @@ class AWQMethod(QuantMethod):
                          group_size=self.group_size)
 
     def apply(self, layer, x, bias):
-        if x.is_cuda:
-            return int_matmul(x, self.int_weight(layer), bias)
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 class AWQExpertsMethod(DequantizingExpertsMethod):

@@ -27,12 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sglang_core.kernels import linear
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
-from sglang_plugins.quant.int_matmul import IntWeight, int_matmul
-from sglang_plugins.quant.packing import rank_groups, unpack_ints
+from sglang_plugins.quant.packing import IntWeight, packed_linear, rank_groups, unpack_ints
 
 BITS = (4, 8)
 # actorder values (compressed-tensors' aliases and the legacy booleans) that store weight_g_idx.
@@ -108,9 +106,7 @@ class PackedIntMethod(QuantMethod):
                          g_idx=layer.weight_g_idx if self.act_order else None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:
-            return int_matmul(x, self.int_weight(layer), bias)
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 def _one_order_for_all_parts(weight_loader: Callable[..., None], prefix: str) -> Callable[..., None]:

@@ -27,12 +27,11 @@ from typing import Any, Callable
 
 import torch
 
-from sglang_core.kernels import linear
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.int_matmul import IntWeight, int_matmul
-from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, rank_groups, require_bool, unpack_ints
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
+                                          rank_groups, require_bool, unpack_ints)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -136,9 +135,7 @@ class GPTQMethod(QuantMethod):
                          g_idx=layer.g_idx if self.desc_act else None)
 
     def apply(self, layer, x, bias):
-        if x.is_cuda:
-            return int_matmul(x, self.int_weight(layer), bias)
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 class GPTQExpertsMethod(DequantizingExpertsMethod):

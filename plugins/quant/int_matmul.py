@@ -34,8 +34,9 @@ from sglang_plugins.quant.packing import IntWeight
 
 GEMV_ROWS = 16
 # Launch settings by shape, not yet timed on a GPU (benchmarks/bench_int_matmul.py times them).
-# Compiled for sm_90 without a GPU, these use at most 181 registers a thread and spill none for
-# every layout; with 4 warps the act-order tiles spilled.
+# Compiled for sm_90 without a GPU (Triton 3.6 and 3.9), they spill no registers for any layout
+# with 16-bit inputs; with 4 warps the act-order tiles spilled. (Float32 inputs, multiplied
+# exactly without tensor cores, do spill: that path serves tests, not speed.)
 GEMV_LAUNCH = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
 GEMM_LAUNCH = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 LAUNCH_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")

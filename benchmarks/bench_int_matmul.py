@@ -10,16 +10,19 @@ every product is checked against the method's own dequantisation (its CPU path) 
 
     python benchmarks/bench_int_matmul.py                  # every format
     python benchmarks/bench_int_matmul.py --formats gptq-4bit awq
+    python benchmarks/bench_int_matmul.py --formats gptq-4bit --sweep   # + best of SWEEP, ~5 min a format
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from sglang_core.kernels import pdl
 from sglang_plugins.quant import int_matmul as kernel
@@ -31,6 +34,9 @@ from tune_gemv import time_per_product  # benchmarks/ is the script's folder, so
 # (name, out features, in features) of Llama-3.1-8B's linear layers at tp 1.
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 ROWS = (1, 16, 64)
+# Launch settings --sweep tries beside the module's (SPLIT_K follows launch_config's rule).
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+         for bm, bn, bk, w, st in itertools.product((16, 64), (32, 64, 128), (64, 128), (4, 8), (3,))]
 GROUP = 128
 L2_BEATING_BYTES = 400e6
 
@@ -78,9 +84,37 @@ def copies(nbytes: int) -> int:
     return max(2, int(L2_BEATING_BYTES // nbytes) + 1)
 
 
+def check(method, layer: SimpleNamespace, x: torch.Tensor, config: dict | None = None) -> None:
+    """The kernel's product against the method's own dequantisation (its CPU path)."""
+    want = x.float() @ method.dequantized_weight(layer).float().T
+    got = kernel.int_matmul(x, method.int_weight(layer), config=config).float()
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+def sweep(method, layers: list[SimpleNamespace], x: torch.Tensor) -> tuple[float, dict]:
+    """The fastest launch setting of ``SWEEP`` for these layers (with its microseconds), each checked
+    first; settings that fail to compile or to fit are skipped."""
+    k, n = method.int_weight(layers[0]).shape
+    best = (float("inf"), {})
+    for candidate in SWEEP:
+        if candidate["BLOCK_M"] > max(16, x.shape[0]):
+            continue
+        config = kernel.launch_config(x.shape[0], n, k, x.device, candidate)
+        try:
+            check(method, layers[0], x, config)
+            took = time_per_product(lambda x, layer: kernel.int_matmul(x, method.int_weight(layer), config=config),
+                                    layers, x)
+        except (triton.runtime.errors.OutOfResources, triton.CompilationError) as exc:
+            print(f"      {config}: {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        best = min(best, (took, config), key=lambda pair: pair[0])
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
+    parser.add_argument("--sweep", action="store_true", help="also time every launch setting of SWEEP")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernel
@@ -95,12 +129,14 @@ def main() -> int:
                 method = FORMATS[fmt]()
                 layers = [random_layer(method, n, k)]
                 layers += [random_layer(method, n, k) for _ in range(copies(read_bytes(layers[0])) - 1)]
-                want = x.float() @ method.dequantized_weight(layers[0]).float().T
-                got = kernel.int_matmul(x, method.int_weight(layers[0])).float()
-                torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+                check(method, layers[0], x)
                 took = time_per_product(lambda x, layer: kernel.int_matmul(x, method.int_weight(layer)), layers, x)
                 print(f"    {fmt:18s} {took:7.1f} us {read_bytes(layers[0]) / took / 1e6:5.2f} TB/s "
                       f"({base / took:4.2f}x cuBLAS's speed)", flush=True)
+                if args.sweep:
+                    best, launch = sweep(method, layers, x)
+                    print(f"    {'':18s} {best:7.1f} us {read_bytes(layers[0]) / best / 1e6:5.2f} TB/s "
+                          f"({base / best:4.2f}x) best swept: {launch}", flush=True)
                 del layers
         del dense
     return 0

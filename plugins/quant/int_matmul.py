@@ -132,10 +132,10 @@ def _processors(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def launch_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """``GEMV_LAUNCH`` up to ``GEMV_ROWS`` rows, ``GEMM_LAUNCH`` beyond, with K split until the
-    tiles fill the device."""
-    launch = GEMV_LAUNCH if m <= GEMV_ROWS else GEMM_LAUNCH
+def launch_config(m: int, n: int, k: int, device: torch.device, launch: dict | None = None) -> dict:
+    """``launch`` (tile sizes, warps, stages; by default ``GEMV_LAUNCH`` up to ``GEMV_ROWS`` rows,
+    ``GEMM_LAUNCH`` beyond) with ``SPLIT_K``: K split until the tiles fill the device."""
+    launch = launch or (GEMV_LAUNCH if m <= GEMV_ROWS else GEMM_LAUNCH)
     tiles = triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"])
     split = min(triton.cdiv(k, launch["BLOCK_K"]), max(1, triton.cdiv(_processors(device), tiles)))
     return dict(launch, SPLIT_K=split)

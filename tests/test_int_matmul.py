@@ -7,8 +7,9 @@ there against hand-computed words), loads them into a layer through its method's
 and runs the kernel on the layer's tensors as the method hands them over (``int_weight``, what its
 CUDA forward uses). On the CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set
 by conftest.py), so shapes are tiny and tiles 16 wide: output features not a multiple of a tile,
-ragged row counts, K split over programs. With a GPU a tiny GPTQ and AWQ model is also served on
-CUDA, through the kernel, and compared with the float32 reference the CPU path matches.
+ragged row counts, K split over programs. A tiny GPTQ model is also served through the kernel
+(on the CPU, made to use it), and with a GPU tiny GPTQ and AWQ models are served on CUDA, where
+the methods choose it; each against HF float32 on the dequantised weights.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from reference import hf_greedy  # noqa: E402
 from sglang_core.engine import Engine  # noqa: E402
 from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
 from sglang_plugins.quant import int_matmul as kernel  # noqa: E402
+from sglang_plugins.quant import packing  # noqa: E402
 from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
 from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod  # noqa: E402
 from sglang_plugins.quant.gptq.method import GPTQMethod  # noqa: E402
@@ -137,23 +139,33 @@ def test_wrong_input_width_is_an_error():
         kernel.int_matmul(torch.zeros(2, 32, device=DEVICE), layer.quant_method.int_weight(layer))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt", [gptq(4, 32, sym=False, desc_act=True), awq(64)], ids=["gptq-actorder", "awq"])
-def test_model_on_gpu_goes_through_the_kernel(tmp_path, fmt, monkeypatch):
-    """A tiny GPTQ / AWQ model served on CUDA in float32: every quantized projection is computed by
-    the kernel, and greedy output equals HF float32's on the dequantised weights (what the CPU path
-    is tested to match, in tests/test_quant_awq_gptq.py)."""
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+MODEL_CASES = [  # Qwen2's q/k/v have biases
+    pytest.param("cpu", gptq(4, 32, sym=False, desc_act=True), "qwen2", id="cpu-gptq-actorder"),
+    pytest.param("cuda", gptq(4, 32, sym=False, desc_act=True), "llama", id="gpu-gptq-actorder", marks=ON_GPU),
+    pytest.param("cuda", awq(64), "qwen2", id="gpu-awq", marks=ON_GPU),
+]
+
+
+@pytest.mark.parametrize("device,fmt,family", MODEL_CASES)
+def test_model_through_the_kernel(tmp_path, device, fmt, family, monkeypatch):
+    """A tiny GPTQ / AWQ model served in float32 with every quantized projection computed by the
+    kernel: greedy output equals HF float32's on the dequantised weights (what the dequantising path
+    is tested to match, in tests/test_quant_awq_gptq.py). On CUDA the methods choose the kernel
+    themselves; on the CPU they are made to, and it runs in Triton's interpreter."""
     calls = []
     traced = kernel.int_matmul
     monkeypatch.setattr(kernel, "int_matmul", lambda *a, **k: calls.append(1) or traced(*a, **k))
-    hf = quantized_model(tmp_path, fmt, seed=8)
+    if device == "cpu":
+        monkeypatch.setattr(packing, "use_fused", lambda x: True)
+    hf = quantized_model(tmp_path, fmt, seed=8, family=family)
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (5, 23, 40)]
-    expected = [hf_greedy(hf, p, 12) for p in prompts]
-    with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend="triton",
-                cuda_graph_max_bs=16) as engine:
+    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (5, 23)]
+    expected = [hf_greedy(hf, p, 8) for p in prompts]
+    settings = {} if device == "cpu" else dict(device="cuda", dtype="float32", attention_backend="triton",
+                                               cuda_graph_max_bs=16)
+    with Engine(str(tmp_path), **settings) as engine:
         for prompt, exp in zip(prompts, expected):
-            out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 12})
+            out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 8})
             assert out["output_ids"] == exp
     assert calls, "the quantized projections went through the kernel"

@@ -14,6 +14,7 @@ the methods choose it; each against HF float32 on the dequantised weights.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -32,6 +33,7 @@ from test_quant_awq_gptq import GREEDY, Quantized, group_index, quantized_model 
 from test_quant_compressed_tensors import input_groups, int_args, pack_quantized  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")  # conftest.py, without a GPU
 TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
@@ -141,7 +143,8 @@ def test_wrong_input_width_is_an_error():
 
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 MODEL_CASES = [  # Qwen2's q/k/v have biases
-    pytest.param("cpu", gptq(4, 32, sym=False, desc_act=True), "qwen2", id="cpu-gptq-actorder"),
+    pytest.param("cpu", gptq(4, 32, sym=False, desc_act=True), "qwen2", id="cpu-gptq-actorder",
+                 marks=pytest.mark.skipif(not INTERPRETED, reason="a compiled kernel takes no CPU tensors")),
     pytest.param("cuda", gptq(4, 32, sym=False, desc_act=True), "llama", id="gpu-gptq-actorder", marks=ON_GPU),
     pytest.param("cuda", awq(64), "qwen2", id="gpu-awq", marks=ON_GPU),
 ]

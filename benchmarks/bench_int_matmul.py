@@ -2,9 +2,9 @@
 weight at Llama-3.1-8B's linear shapes, for 1, 16 and 64 rows, and print each one's weight-read
 rate (bytes the product must read: packed weight, scales and zero points, or the bf16 weight).
 
-As in tune_gemv.py (whose timing this uses), each figure is what the product costs inside a decode step: several copies of
-each weight (more bytes than the L2 holds) are multiplied in turn inside one CUDA graph, so every
-weight comes from HBM and no launch overhead is counted. Each format's tensors are random words
+As in tune_gemv.py (whose timing this uses), each figure is what the product costs inside a
+decode step: several copies of each weight (more bytes than the L2 holds) are multiplied in turn
+inside one CUDA graph, so every weight comes from HBM and no launch overhead is counted. Each format's tensors are random words
 laid out as its checkpoint stores them, handed to the kernel by its method's ``int_weight``, and
 every product is checked against the method's own dequantisation (its CPU path) first.
 

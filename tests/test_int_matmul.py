@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from reference import hf_greedy  # noqa: E402
 from sglang_core.engine import Engine  # noqa: E402
-from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
+from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear, TPGroup  # noqa: E402
 from sglang_plugins.quant import int_matmul as kernel  # noqa: E402
 from sglang_plugins.quant import packing  # noqa: E402
 from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
@@ -120,6 +120,39 @@ def test_16bit_rows_with_a_bias(dtype, fmt, inputs):
     assert got.dtype == dtype and got.shape == (2, 3, 40)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("fmt", [gptq(4, 32, sym=False, desc_act=True),
+                                 int_args(4, "group", symmetric=False, group_size=32, actorder="group")],
+                         ids=["gptq-actorder", "ct-actorder"])
+def test_row_parallel_ranks_with_act_order(fmt):
+    """Under 2-way tensor parallelism a row-parallel rank holds half the input features but, in
+    activation order, every group's scales and zero points: the ranks' products add up to the
+    whole layer's."""
+    inputs, outputs, tp = 128, 40, 2
+    gen = torch.Generator().manual_seed(5)
+    if fmt.get("quant_method") == "gptq":
+        quant = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
+        tensors, method = quant.tensors, GPTQMethod
+        weight = (quant.values - quant.zeros[quant.g_idx]).double() * quant.scales.double()[quant.g_idx]
+    else:
+        g_idx = input_groups(inputs, 32, True, seed=5)
+        tensors, dequantized = pack_quantized(torch.randn(outputs, inputs, generator=gen), fmt, g_idx)
+        method, weight = (lambda config, prefix: PackedIntMethod(config, None, prefix)), dequantized.double().T
+    x = torch.randn(3, inputs, generator=gen).to(DEVICE)
+    total = 0
+    for rank in range(tp):
+        with torch.device(DEVICE):
+            layer = RowParallelLinear(inputs, outputs, tp=TPGroup(group=None, rank=rank, size=tp),
+                                      quant_method=method(fmt, "model.layers.0.mlp.down_proj"))
+        for name, tensor in tensors.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, tensor.to(DEVICE))
+        layer.quant_method.process_weights_after_loading(layer)
+        features = slice(rank * inputs // tp, (rank + 1) * inputs // tp)
+        launch = dict(TILES, SPLIT_K=1)
+        total = total + kernel.int_matmul(x[:, features], layer.quant_method.int_weight(layer), config=launch)
+    torch.testing.assert_close(total.double(), x.double() @ weight.to(DEVICE), rtol=1e-5, atol=1e-5)
 
 
 def test_launch_config_by_rows(monkeypatch):

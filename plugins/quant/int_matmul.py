@@ -6,16 +6,16 @@ The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized
 in facts an ``IntWeight`` (packing.py) states: which axis the ``32 / bits`` values of an int32 run
 along, AWQ's interleaved order of those values, whether zero points are stored (and an offset
 added to them, or the constant zero point of a symmetric scheme), the group size, and an
-activation-order ``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits ``bits * i`` up) holds
-value ``i`` of the word's run, except in AWQ's order, where the 8 slots of a word packed along the
-outputs (weight and zero points alike) hold its features 0, 2, 4, 6, 1, 3, 5, 7.
+activation-order ``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits
+``bits * i`` up) holds value ``i`` of the word's run, except in AWQ's order, where the 8 slots of
+a word packed along the outputs (weight and zero points alike) hold its features 0, 2, 4, 6, 1,
+3, 5, 7.
 
 One kernel, two launch shapes. Up to ``GEMV_ROWS`` rows (decode) a program holds all the rows and
 streams its columns' packed weight along K; larger batches launch a tiled GEMM. Where a layer has
 too few tiles to spread over every SM, the K range is split over several programs (``SPLIT_K``,
-float32 partial sums added afterwards). Weights are dequantised in float32 and
-rounded to ``x``'s dtype for the tensor-core product (the dequantising CPU path rounds them so too);
-sums are float32.
+float32 partial sums added afterwards). Weights are dequantised in float32 and rounded to ``x``'s
+dtype for the tensor-core product (the dequantising CPU path rounds them so too); sums are float32.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
     ``g_idx`` and groups a multiple of ``BLOCK_K``, so one row of scales and zero points serves the tile."""
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x features passes 2^31
     position = tl.arange(0, BLOCK_N)
     if INTERLEAVED:
         # AWQ: slots 0..p/2-1 hold the word's even features, the rest its odd ones.

@@ -24,6 +24,7 @@ pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from reference import hf_greedy  # noqa: E402
 from sglang_core.engine import Engine  # noqa: E402
 from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear, TPGroup  # noqa: E402
+from sglang_core.layers.quant import QuantMethod  # noqa: E402
 from sglang_plugins.quant import int_matmul as kernel  # noqa: E402
 from sglang_plugins.quant import packing  # noqa: E402
 from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
@@ -46,56 +47,65 @@ def awq(group_size: int) -> dict:
     return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
 
 
-def loaded_layer(method, tensors: dict[str, torch.Tensor], inputs: int, outputs: int) -> ColumnParallelLinear:
+def method_for(fmt: dict) -> QuantMethod:
+    """The method of a GPTQ or AWQ ``quantization_config``, or of compressed-tensors weight arguments."""
+    prefix = "model.layers.0.mlp.up_proj"
+    if "quant_method" not in fmt:
+        return PackedIntMethod(fmt, None, prefix)
+    return (AWQMethod if fmt["quant_method"] == "awq" else GPTQMethod)(fmt, prefix)
+
+
+def packed_weight(fmt: dict, inputs: int, outputs: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A random weight's checkpoint tensors in ``fmt``'s layout, and the weight ``[in, out]`` in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    if "quant_method" not in fmt:
+        g_idx = input_groups(inputs, fmt.get("group_size"), fmt.get("actorder") == "group", seed)
+        tensors, dequantized = pack_quantized(torch.randn(outputs, inputs, generator=gen), fmt, g_idx)
+        return tensors, dequantized.double().T
+    quant = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
+    return quant.tensors, (quant.values - quant.zeros[quant.g_idx]).double() * quant.scales.double()[quant.g_idx]
+
+
+def loaded_layer(fmt: dict, tensors: dict[str, torch.Tensor], inputs: int, outputs: int,
+                 tp: TPGroup | None = None) -> torch.nn.Module:
+    """A column-parallel layer (or, with ``tp``, that rank's row-parallel layer) loaded with ``tensors``."""
     with torch.device(DEVICE):
-        layer = ColumnParallelLinear(inputs, outputs, quant_method=method)
+        if tp is None:
+            layer = ColumnParallelLinear(inputs, outputs, quant_method=method_for(fmt))
+        else:
+            layer = RowParallelLinear(inputs, outputs, tp=tp, quant_method=method_for(fmt))
     for name, tensor in tensors.items():
         param = getattr(layer, name)
         param.weight_loader(param, tensor.to(DEVICE))
-    method.process_weights_after_loading(layer)
+    layer.quant_method.process_weights_after_loading(layer)
     return layer
 
 
-def awq_gptq_case(fmt: dict, inputs: int, outputs: int, seed: int) -> tuple[ColumnParallelLinear, torch.Tensor]:
-    """A layer holding a random AWQ or GPTQ weight, and that weight ``[in, out]`` in float64."""
-    gen = torch.Generator().manual_seed(seed)
-    quant = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
-    method = (AWQMethod if fmt["quant_method"] == "awq" else GPTQMethod)(fmt, "model.layers.0.mlp.up_proj")
-    weight = (quant.values - quant.zeros[quant.g_idx]).double() * quant.scales.double()[quant.g_idx]
-    return loaded_layer(method, quant.tensors, inputs, outputs), weight
+def random_layer(fmt: dict, inputs: int, outputs: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A layer holding a random weight in ``fmt``'s layout, and that weight ``[in, out]`` in float64."""
+    tensors, weight = packed_weight(fmt, inputs, outputs, seed)
+    return loaded_layer(fmt, tensors, inputs, outputs), weight
 
 
-def compressed_tensors_case(weights: dict, inputs: int, outputs: int, seed: int):
-    """A layer holding a random pack-quantized weight, and that weight ``[in, out]`` in float64."""
-    torch.manual_seed(seed)
-    g_idx = input_groups(inputs, weights.get("group_size"), weights.get("actorder") == "group", seed)
-    tensors, dequantized = pack_quantized(torch.randn(outputs, inputs), weights, g_idx)
-    method = PackedIntMethod(weights, None, "model.layers.0.mlp.up_proj")
-    return loaded_layer(method, tensors, inputs, outputs), dequantized.double().T
-
-
-# (name, layer and weight builder, its format, inputs, outputs, rows, K split)
+# (name, format, inputs, outputs, rows, K split)
 CASES = [
-    ("gptq-4bit-sym-g32", awq_gptq_case, gptq(4, 32, sym=True, desc_act=False), 64, 40, 5, 1),
-    ("gptq-4bit-asym-actorder", awq_gptq_case, gptq(4, 32, sym=False, desc_act=True), 96, 48, 19, 3),
-    ("gptq-8bit-asym-v2-channel", awq_gptq_case, gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"),
-     64, 40, 1, 2),
-    ("gptq-8bit-sym-actorder-g16", awq_gptq_case, gptq(8, 16, sym=True, desc_act=True), 48, 24, 17, 1),
-    ("awq-g32", awq_gptq_case, awq(32), 64, 40, 19, 1),
-    ("awq-g16", awq_gptq_case, awq(16), 64, 24, 3, 4),
-    ("ct-w4-sym-g16", compressed_tensors_case, int_args(4, "group", group_size=16), 64, 40, 5, 2),
-    ("ct-w4-asym-actorder", compressed_tensors_case,
-     int_args(4, "group", symmetric=False, group_size=32, actorder="group"), 64, 40, 19, 1),
-    ("ct-w8-sym-channel", compressed_tensors_case, int_args(8, "channel"), 48, 40, 1, 1),
-    ("ct-w8-asym-actorder", compressed_tensors_case,
-     int_args(8, "group", symmetric=False, group_size=16, actorder="group"), 48, 24, 17, 3),
-    ("ct-w4-asym-channel", compressed_tensors_case, int_args(4, "channel", symmetric=False), 32, 40, 7, 1),
+    ("gptq-4bit-sym-g32", gptq(4, 32, sym=True, desc_act=False), 64, 40, 5, 1),
+    ("gptq-4bit-asym-actorder", gptq(4, 32, sym=False, desc_act=True), 96, 48, 19, 3),
+    ("gptq-8bit-asym-v2-channel", gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"), 64, 40, 1, 2),
+    ("gptq-8bit-sym-actorder-g16", gptq(8, 16, sym=True, desc_act=True), 48, 24, 17, 1),
+    ("awq-g32", awq(32), 64, 40, 19, 1),
+    ("awq-g16", awq(16), 64, 24, 3, 4),
+    ("ct-w4-sym-g16", int_args(4, "group", group_size=16), 64, 40, 5, 2),
+    ("ct-w4-asym-actorder", int_args(4, "group", symmetric=False, group_size=32, actorder="group"), 64, 40, 19, 1),
+    ("ct-w8-sym-channel", int_args(8, "channel"), 48, 40, 1, 1),
+    ("ct-w8-asym-actorder", int_args(8, "group", symmetric=False, group_size=16, actorder="group"), 48, 24, 17, 3),
+    ("ct-w4-asym-channel", int_args(4, "channel", symmetric=False), 32, 40, 7, 1),
 ]
 
 
-@pytest.mark.parametrize("name,build,fmt,inputs,outputs,rows,split", CASES, ids=[case[0] for case in CASES])
-def test_kernel_matches_float64_product(name, build, fmt, inputs, outputs, rows, split):
-    layer, weight = build(fmt, inputs, outputs, seed=len(name))
+@pytest.mark.parametrize("name,fmt,inputs,outputs,rows,split", CASES, ids=[case[0] for case in CASES])
+def test_kernel_matches_float64_product(name, fmt, inputs, outputs, rows, split):
+    layer, weight = random_layer(fmt, inputs, outputs, seed=len(name))
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
     got = kernel.int_matmul(x, layer.quant_method.int_weight(layer), config=dict(TILES, SPLIT_K=split))
     expected = x.double() @ weight.to(DEVICE)
@@ -111,7 +121,7 @@ def test_kernel_matches_float64_product(name, build, fmt, inputs, outputs, rows,
 def test_16bit_rows_with_a_bias(dtype, fmt, inputs):
     """16-bit inputs of any leading shape, the launch the kernel picks itself, a bias added; the
     weights here are exact in 16 bits, so the product differs only by the output's rounding."""
-    layer, weight = awq_gptq_case(fmt, inputs, 40, seed=7)
+    layer, weight = random_layer(fmt, inputs, 40, seed=7)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, inputs, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(40, generator=gen).to(DEVICE, dtype)
@@ -130,25 +140,11 @@ def test_row_parallel_ranks_with_act_order(fmt):
     activation order, every group's scales and zero points: the ranks' products add up to the
     whole layer's."""
     inputs, outputs, tp = 128, 40, 2
-    gen = torch.Generator().manual_seed(5)
-    if fmt.get("quant_method") == "gptq":
-        quant = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
-        tensors, method = quant.tensors, GPTQMethod
-        weight = (quant.values - quant.zeros[quant.g_idx]).double() * quant.scales.double()[quant.g_idx]
-    else:
-        g_idx = input_groups(inputs, 32, True, seed=5)
-        tensors, dequantized = pack_quantized(torch.randn(outputs, inputs, generator=gen), fmt, g_idx)
-        method, weight = (lambda config, prefix: PackedIntMethod(config, None, prefix)), dequantized.double().T
-    x = torch.randn(3, inputs, generator=gen).to(DEVICE)
+    tensors, weight = packed_weight(fmt, inputs, outputs, seed=5)
+    x = torch.randn(3, inputs, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     total = 0
     for rank in range(tp):
-        with torch.device(DEVICE):
-            layer = RowParallelLinear(inputs, outputs, tp=TPGroup(group=None, rank=rank, size=tp),
-                                      quant_method=method(fmt, "model.layers.0.mlp.down_proj"))
-        for name, tensor in tensors.items():
-            param = getattr(layer, name)
-            param.weight_loader(param, tensor.to(DEVICE))
-        layer.quant_method.process_weights_after_loading(layer)
+        layer = loaded_layer(fmt, tensors, inputs, outputs, tp=TPGroup(group=None, rank=rank, size=tp))
         features = slice(rank * inputs // tp, (rank + 1) * inputs // tp)
         launch = dict(TILES, SPLIT_K=1)
         total = total + kernel.int_matmul(x[:, features], layer.quant_method.int_weight(layer), config=launch)
@@ -169,7 +165,7 @@ def test_launch_config_by_rows(monkeypatch):
 
 
 def test_wrong_input_width_is_an_error():
-    layer, _ = awq_gptq_case(awq(32), 64, 40, seed=0)
+    layer, _ = random_layer(awq(32), 64, 40, seed=0)
     with pytest.raises(ValueError, match="64"):
         kernel.int_matmul(torch.zeros(2, 32, device=DEVICE), layer.quant_method.int_weight(layer))
 

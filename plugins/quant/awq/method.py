@@ -7,8 +7,9 @@ An int32 packs 8 neighbouring output features, but not in order: its 4-bit slots
 i = 0..7) hold features 0, 2, 4, 6, 1, 3, 5, 7 of the 8. The weight is ``W[k, n] = (q[k, n] -
 z[k // g, n]) * s[k // g, n]``.
 
-CPU path: each forward dequantises the layer's weight from the packed tensors and runs a float
-matmul (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
+On CUDA a linear layer's forward is ``int_matmul``'s kernel, which dequantises in registers. CPU
+path: each forward dequantises the layer's weight from the packed tensors and runs a float matmul
+(nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
 experts are packed the same way, expert by expert (``AWQExpertsMethod``).
 """
 
@@ -18,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 
-from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import all_parts_match
-from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, require_bool, unpack_ints
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
+                                          require_bool, unpack_ints)
 
 BITS = 4
 PACK = 32 // BITS
@@ -102,8 +103,13 @@ class AWQMethod(QuantMethod):
         """The layer's weight as ``[out, in]`` floats of the scales' dtype."""
         return self.dequantize(layer.qweight, layer.qzeros, layer.scales)
 
+    def int_weight(self, layer) -> IntWeight:
+        """The layer's packed tensors as the integer matmul kernel reads them."""
+        return IntWeight(layer.qweight, layer.scales, BITS, packed_dim=1, interleaved=True, zeros=layer.qzeros,
+                         group_size=self.group_size)
+
     def apply(self, layer, x, bias):
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 class AWQExpertsMethod(DequantizingExpertsMethod):

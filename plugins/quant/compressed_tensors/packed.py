@@ -16,7 +16,8 @@ Under tensor parallelism a row-parallel rank holds a slice of the input features
 activation order its features may belong to any group, so every rank then holds all groups'
 scales and zero points and looks them up by ``weight_g_idx``.
 
-CPU path: each forward dequantises the layer's weight and runs a float matmul.
+On CUDA a forward is ``int_matmul``'s kernel, which dequantises in registers; CPU path: each
+forward dequantises the layer's weight and runs a float matmul.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sglang_core.kernels import linear
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
-from sglang_plugins.quant.packing import rank_groups, unpack_ints
+from sglang_plugins.quant.packing import IntWeight, packed_linear, rank_groups, unpack_ints
 
 BITS = (4, 8)
 # actorder values (compressed-tensors' aliases and the legacy booleans) that store weight_g_idx.
@@ -97,8 +97,16 @@ class PackedIntMethod(QuantMethod):
             values = values - unpack_ints(layer.weight_zero_point, self.bits, dim=0).float()[:, groups]
         return values * layer.weight_scale.float()[:, groups]
 
+    def int_weight(self, layer: nn.Module) -> IntWeight:
+        """The layer's packed tensors as the integer matmul kernel reads them: ``[out, in]`` tensors as
+        transposed views; stored values are offset by 2^(bits-1), so a symmetric scheme's zero point is that."""
+        zeros = None if self.symmetric else layer.weight_zero_point.t()
+        return IntWeight(layer.weight_packed.t(), layer.weight_scale.t(), self.bits, packed_dim=0, zeros=zeros,
+                         zero_offset=2 ** (self.bits - 1) if self.symmetric else 0, group_size=self.group_size,
+                         g_idx=layer.weight_g_idx if self.act_order else None)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 def _one_order_for_all_parts(weight_loader: Callable[..., None], prefix: str) -> Callable[..., None]:

@@ -14,8 +14,9 @@ Under tensor parallelism a row-parallel layer's rank holds a slice of the input 
 ``desc_act`` its groups are a slice too; with ``desc_act`` the slice's features may belong to any
 group, so every rank holds all groups' scales and zeros and looks them up by ``g_idx``.
 
-CPU path: each forward dequantises the layer's weight from the packed tensors and runs a float
-matmul (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
+On CUDA a linear layer's forward is ``int_matmul``'s kernel, which dequantises in registers. CPU
+path: each forward dequantises the layer's weight from the packed tensors and runs a float matmul
+(nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
 experts are packed the same way, expert by expert (``GPTQExpertsMethod``).
 """
 
@@ -26,11 +27,11 @@ from typing import Any, Callable
 
 import torch
 
-from sglang_core.kernels import linear
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.packing import DequantizingExpertsMethod, config_value, rank_groups, require_bool, unpack_ints
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
+                                          rank_groups, require_bool, unpack_ints)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -127,8 +128,14 @@ class GPTQMethod(QuantMethod):
         """The layer's weight as ``[out, in]`` floats of the scales' dtype."""
         return self.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
 
+    def int_weight(self, layer) -> IntWeight:
+        """The layer's packed tensors as the integer matmul kernel reads them."""
+        return IntWeight(layer.qweight, layer.scales, self.bits, packed_dim=0, zeros=layer.qzeros,
+                         zero_offset=self.zero_offset, group_size=None if self.group_size == -1 else self.group_size,
+                         g_idx=layer.g_idx if self.desc_act else None)
+
     def apply(self, layer, x, bias):
-        return linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+        return packed_linear(self, layer, x, bias)
 
 
 class GPTQExpertsMethod(DequantizingExpertsMethod):

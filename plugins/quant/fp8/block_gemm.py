@@ -9,10 +9,11 @@ row's block scale and summed in float32; the result (plus bias) is rounded once 
 These are the numbers ``block.py``'s float path computes, without rounding the dequantized
 activations and weights to ``x``'s dtype first.
 
-Rounding to e4m3 is done here in float32 arithmetic (round to nearest even on e4m3's grid,
-saturating at 448), and only the exact result is converted: the conversion then rounds nothing,
-so the same code is exact both compiled and in Triton's interpreter, whose float32 to e4m3
-conversion loses the carry of a rounded-up mantissa and flushes e4m3's subnormals.
+Rounding to e4m3 is done here in float32 arithmetic (to nearest, ties to even, on e4m3's grid;
+a scaled group's largest magnitude is 448 up to float32 rounding, which rounds back to 448), and
+only the exact result is converted: the conversion then rounds nothing, so the same code is
+exact both compiled and in Triton's interpreter, whose float32 to e4m3 conversion loses the carry
+of a rounded-up mantissa and flushes e4m3's subnormals.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE
 
-CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 _E4M3_MAX = tl.constexpr(FP8_MAX)
 _SMALLEST_GROUP_MAX = tl.constexpr(MIN_SCALE * FP8_MAX)  # as ``e4m3.token_scale`` clamps it
 
@@ -41,11 +41,13 @@ def fits(x: torch.Tensor, block: tuple[int, int]) -> bool:
 
 @triton.jit
 def _round_to_e4m3(y):
-    """``y`` (float32) rounded to the nearest e4m3 value, ties to even, saturated at +-448; still float32."""
-    a = tl.minimum(tl.abs(y), _E4M3_MAX)
+    """``y`` (float32, ``|y|`` at most 464: past it e4m3fn has no finite value to round to) rounded
+    to the nearest e4m3 value, ties to even; still float32."""
+    bits = y.to(tl.int32, bitcast=True)
+    a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
     # e4m3 keeps 3 fraction bits above 2^-6 and has a fixed step of 2^-9 below it: the step here is
     # 2^(max(exponent, -6) - 3), and a / step (a power of two: exact) is below 16.
-    exponent = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = (bits >> 23 & 0xFF) - 127
     step_exponent = tl.maximum(exponent, -6) - 3
     step = ((step_exponent + 127) << 23).to(tl.float32, bitcast=True)
     inverse_step = ((127 - step_exponent) << 23).to(tl.float32, bitcast=True)
@@ -54,7 +56,7 @@ def _round_to_e4m3(y):
     fraction = units - whole
     round_up = (fraction > 0.5) | ((fraction == 0.5) & ((whole.to(tl.int32) & 1) == 1))
     rounded = (whole + round_up.to(tl.float32)) * step
-    return tl.where(y < 0, -rounded, rounded)
+    return (rounded.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)  # y's sign, -0 too
 
 
 @triton.jit
@@ -146,7 +148,7 @@ def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, wei
 
     q [M, K] e4m3 with q_scale [M, ceil(K/cols)] (``quantize_groups``); weight [N, K] e4m3 with
     weight_scale_inv [ceil(N/rows), ceil(K/cols)]; ``block`` = (rows, cols). ``config`` overrides
-    the tiles ``default_config`` chooses (fields ``CONFIG_FIELDS``)."""
+    the tiles ``default_config`` chooses (its fields)."""
     m, k = q.shape
     n = weight.shape[0]
     rows, cols = block

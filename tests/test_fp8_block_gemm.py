@@ -6,7 +6,8 @@ is not used by the kernels (see block_gemm.py). Shapes are tiny and tiles 16 wid
 rows and columns end in partial blocks, token counts that are not a multiple of a tile. The
 reference: torch's e4m3 conversion for the quantized activations, and float64 products of the
 dequantized activations and weights (the float path's numbers) for the GEMM. With a GPU the same
-tests run the compiled kernels on CUDA tensors.
+tests run the compiled kernels on CUDA tensors, and one more compares the fp8 method's GPU path
+with its CPU path at a real model's shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_plugins.quant.fp8 import block_gemm  # noqa: E402
-from test_quant_fp8 import E4M3, E4M3_MAX, block_dequantized, fp8_block_weight  # noqa: E402
+from sglang_plugins.quant.fp8 import method as fp8_method  # noqa: E402
+from test_quant_fp8 import BLOCK_CONFIG, E4M3, E4M3_MAX, block_dequantized, fp8_block_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -149,3 +151,51 @@ def test_block_fp8_linear_default_tiles_and_leading_dims() -> None:
     q, scale = grouped_reference(x.reshape(6, 56), block[1])
     expected = float64_product(q, scale, weight, weight_scale_inv, block, bias).view(2, 3, 40)
     torch.testing.assert_close(got.cpu().double(), expected, **TOLERANCE[torch.float32])
+
+
+def block_linear_layer(out: int, inputs: int, block: tuple[int, int], seed: int,
+                       dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A column-parallel fp8 block-wise layer with a ``dtype`` bias, loaded through its weight loaders."""
+    from sglang_core.layers.parallel import ColumnParallelLinear
+
+    weight, weight_scale_inv = random_block_weight(out, inputs, block, seed)
+    layer = ColumnParallelLinear(inputs, out, bias=True, params_dtype=dtype, quant_method=fp8_method.Fp8LinearMethod(
+        {**BLOCK_CONFIG, "weight_block_size": list(block)}, "model.layers.0.mlp.gate_up_proj"))
+    layer.weight.weight_loader(layer.weight, weight)
+    layer.weight_scale_inv.weight_loader(layer.weight_scale_inv, weight_scale_inv)
+    layer.bias.data.normal_(generator=torch.Generator().manual_seed(seed))
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def test_fp8_method_takes_the_kernels_where_they_fit(monkeypatch) -> None:
+    """With the kernels taken (on CPU: in the interpreter), the block method's apply computes through the
+    kernels with the layer's weight, block scales, block size and bias."""
+    block = (32, 16)
+    layer = block_linear_layer(40, 48, block, seed=5).to(DEVICE)
+    calls = []
+    monkeypatch.setattr(fp8_method, "_block_kernels_fit", lambda x, b: calls.append(b) or True)
+    x = torch.randn(7, 48, generator=torch.Generator().manual_seed(6))
+    got = layer(x.to(DEVICE))
+    assert calls == [block]
+    q, scale = grouped_reference(x, block[1])
+    expected = float64_product(q, scale, layer.weight.cpu(), layer.weight_scale_inv.cpu(), block, layer.bias.cpu())
+    torch.testing.assert_close(got.cpu().double(), expected, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+@pytest.mark.parametrize("out,inputs", [(576, 2048), (2048, 10944)])
+def test_fp8_block_method_on_gpu_matches_cpu_path(tokens: int, out: int, inputs: int) -> None:
+    """DeepSeek-V2-Lite's kv_a_proj_with_mqa (576 rows: 4.5 blocks of 128) and dense down_proj
+    (10944 inputs: 85.5 blocks) in bfloat16 with 128 x 128 blocks: the fp8 method on CUDA (the
+    kernels, whichever tiles ``default_config`` picks) against the same layer's CPU path."""
+    block = (128, 128)
+    assert block_gemm.fits(torch.empty(1, device="cuda"), block)
+    layer = block_linear_layer(out, inputs, block, seed=tokens, dtype=torch.bfloat16)
+    x = torch.randn(tokens, inputs, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    cpu = layer(x)
+    gpu = layer.to("cuda")(x.cuda())
+    # The CPU path rounds the dequantized activations and weights to bfloat16 before its matmul.
+    torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=5e-2, rtol=2e-2)

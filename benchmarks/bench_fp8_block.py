@@ -3,7 +3,8 @@ activation quantization, then the block-scaled e4m3 GEMM) against bfloat16 cuBLA
 at DeepSeek-V2-Lite's and Llama-3.1-8B's linear shapes, 128 x 128 blocks, for 1, 64 and 4096 tokens.
 
 Each figure is one product inside a CUDA graph that multiplies several copies of the weight in
-turn (more bytes than L2 holds), so weights come from HBM and no launch overhead is counted.
+turn (more bytes than L2 holds), so weights come from HBM and no launch overhead is counted
+(``tune_gemv.time_per_product``).
 Printed per shape: microseconds, TFLOP/s (2 M N K per product) and GB/s of the least traffic
 (the weight, scales, input and output once each) for cuBLAS, the FP8 path (quantize + GEMM) and
 the GEMM alone. Every shape is first checked against the float path (``block.py``) on the GPU.
@@ -25,6 +26,7 @@ from sglang_core.kernels import pdl
 from sglang_plugins.quant.fp8 import block_gemm
 from sglang_plugins.quant.fp8.block import dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8
+from tune_gemv import time_per_product  # this folder is on the path when run as a script
 
 BLOCK = (128, 128)
 TOKENS = (1, 64, 4096)
@@ -37,7 +39,7 @@ SHAPES = [
     ("Llama-3.1-8B", "gate_up", 28672, 4096), ("Llama-3.1-8B", "down", 4096, 14336),
 ]
 L2_BEATING_BYTES = 400e6
-SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=w, num_stages=s)
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
          for bm, bn, w, s in itertools.product((16, 64, 128), (64, 128), (4, 8), (3, 4))]
 
 
@@ -47,30 +49,6 @@ def fp8_weights(n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     scale_shape = (-(-n // BLOCK[0]), -(-k // BLOCK[1]))
     return [((torch.randn(n, k, device="cuda") * 64).clamp(-448, 448).to(FP8),
              torch.rand(scale_shape, device="cuda") * 1e-4 + 1e-4) for _ in range(copies)]
-
-
-def time_per_product(product, operands: list, x: torch.Tensor) -> float:
-    """Microseconds per product, from replays of one graph that multiplies every copy in turn."""
-    repeats = max(1, 40 // len(operands))
-    for operand in operands:  # compile and warm outside the capture
-        product(x, operand)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for operand in operands:
-                product(x, operand)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / (repeats * len(operands)))
-    return best
 
 
 def fp8_linear(x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

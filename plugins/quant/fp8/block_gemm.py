@@ -93,18 +93,13 @@ def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 def _block_gemm_kernel(A, AScale, W, WScale, Bias, Y, M, N, K, block_rows,
                        stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
-    """One ``BLOCK_M x BLOCK_N`` tile of ``Y``; programs walk ``GROUP_M`` row tiles down before
-    the next column tile, so neighbours share weight tiles in L2."""
+                       USE_PDL: tl.constexpr):
+    """One ``BLOCK_M x BLOCK_N`` tile of ``Y``. Consecutive programs take the row tiles of one
+    column tile, so a tile of weight rows is read from memory once and then served from L2."""
     pdl_enter(USE_PDL)  # the activations come from the quantize kernel
-    pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % per_group) % group_m
-    tile_n = (pid % per_group) // group_m
+    tile_m = tl.program_id(0) % tiles_m
+    tile_n = tl.program_id(0) // tiles_m
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -134,10 +129,10 @@ def default_config(m: int) -> dict:
     """Tiles by the number of tokens: a decode batch fills one short row tile and spreads the
     weight over many programs; a prefill takes large tiles."""
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
     if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 @opaque_to_compiler
@@ -153,14 +148,14 @@ def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, wei
     n = weight.shape[0]
     rows, cols = block
     config = dict(config or default_config(m))
-    block_m, block_n, group_m = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("GROUP_M")
+    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     y = torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m:
         _block_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
             q, q_scale, weight, weight_scale_inv, bias if bias is not None else weight_scale_inv, y, m, n, k, rows,
             q.stride(0), q_scale.stride(0), weight.stride(0), weight_scale_inv.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cols, GROUP_M=group_m,
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cols,
             **config, **launch_options(q))
     return y
 

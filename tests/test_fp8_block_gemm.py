@@ -84,10 +84,11 @@ def test_activations_round_to_nearest_e4m3_ties_to_even() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens,features,group", [(5, 40, 16), (3, 64, 32), (1, 16, 16)])
+@pytest.mark.parametrize("tokens,features,group", [(5, 40, 16), (3, 64, 32), (1, 16, 16), (2, 1100, 16)])
 def test_quantize_groups_matches_torch(dtype: torch.dtype, tokens: int, features: int, group: int) -> None:
     """Magnitudes spread over 2^-12 .. 2^6 (so groups hold subnormal e4m3 values), a partial last
-    group (40 = 16 + 16 + 8), an all-zero token and one zero group; rows strided, NaN past their ends."""
+    group (40 = 16 + 16 + 8), an all-zero token and one zero group; rows strided, NaN past their ends;
+    69 groups of 16: two programs a token, the second with 5 groups of its 64."""
     gen = torch.Generator().manual_seed(features + tokens)
     x = torch.randn(tokens, features, generator=gen) * torch.exp2(torch.randint(-12, 7, (tokens, features),
                                                                                    generator=gen).float())

@@ -60,20 +60,21 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_groups_kernel(X, Q, Scale, K, stride_xm, stride_qm, stride_sm,
-                            GROUP: tl.constexpr, USE_PDL: tl.constexpr):
-    """One program per (token, group): ``Scale = max(|x|) / 448`` (at least ``MIN_SCALE``) and
-    ``Q = e4m3(x / Scale)``."""
+def _quantize_groups_kernel(X, Q, Scale, K, num_groups, stride_xm, stride_qm, stride_sm,
+                            GROUP: tl.constexpr, GROUPS: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program per token and ``GROUPS`` of its groups: each group's ``scale = max(|x|) / 448``
+    (at least ``MIN_SCALE``) and ``Q = e4m3(x / scale)``."""
     pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    cols = group * GROUP + tl.arange(0, GROUP)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     col_ok = cols < K
     x = tl.load(X + token * stride_xm + cols, mask=col_ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), _SMALLEST_GROUP_MAX) / _E4M3_MAX
-    q = _round_to_e4m3(x / scale).to(Q.dtype.element_ty)
+    # Divisions rounded as IEEE (and torch) round them, so the e4m3 values are the float path's.
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), _SMALLEST_GROUP_MAX), _E4M3_MAX)
+    q = _round_to_e4m3(tl.math.div_rn(x, scale[:, None])).to(Q.dtype.element_ty)
     tl.store(Q + token * stride_qm + cols, q, mask=col_ok)
-    tl.store(Scale + token * stride_sm + group, scale)
+    tl.store(Scale + token * stride_sm + groups, scale, mask=groups < num_groups)
 
 
 @opaque_to_compiler
@@ -81,11 +82,15 @@ def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, ceil(K / group)]); ``group`` a power of two."""
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
+    num_groups = triton.cdiv(k, group)
     q = torch.empty(m, k, dtype=FP8, device=x.device)
-    scale = torch.empty(m, triton.cdiv(k, group), dtype=torch.float32, device=x.device)
+    scale = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
+    # About 1024 features a program: few enough programs for a long prefill, enough for one token.
+    groups = min(max(1, 1024 // group), triton.next_power_of_2(num_groups))
     if m:
-        _quantize_groups_kernel[(m, scale.shape[1])](x, q, scale, k, x.stride(0), q.stride(0), scale.stride(0),
-                                                     GROUP=group, **launch_options(x))
+        _quantize_groups_kernel[(m, triton.cdiv(num_groups, groups))](
+            x, q, scale, k, num_groups, x.stride(0), q.stride(0), scale.stride(0), GROUP=group, GROUPS=groups,
+            **launch_options(x))
     return q, scale
 
 

@@ -142,14 +142,15 @@ def test_block_gemm_matches_float64(tokens: int, out: int, inputs: int, block: t
 
 def test_block_fp8_linear_default_tiles_and_leading_dims() -> None:
     """The whole path as the fp8 method runs it: [2, 3, K] input quantized by the kernel, the tiles
-    ``default_config`` chooses, bias; against the float path's numbers in float64."""
+    ``default_config`` chooses, bias; against the float path's numbers in float64. The weight is
+    stored column-major (its K not contiguous): the launcher makes it row-major."""
     block = (16, 16)
     weight, weight_scale_inv = random_block_weight(40, 56, block, seed=3)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 56, generator=gen)
     bias = torch.randn(40, generator=gen)
-    got = block_gemm.block_fp8_linear(x.to(DEVICE), weight.to(DEVICE), weight_scale_inv.to(DEVICE), block,
-                                      bias.to(DEVICE))
+    column_major = weight.to(DEVICE).t().contiguous().t()
+    got = block_gemm.block_fp8_linear(x.to(DEVICE), column_major, weight_scale_inv.to(DEVICE), block, bias.to(DEVICE))
     assert got.shape == (2, 3, 40)
     q, scale = grouped_reference(x.reshape(6, 56), block[1])
     expected = float64_product(q, scale, weight, weight_scale_inv, block, bias).view(2, 3, 40)

@@ -56,7 +56,8 @@ def _round_to_e4m3(y):
     fraction = units - whole
     round_up = (fraction > 0.5) | ((fraction == 0.5) & ((whole.to(tl.int32) & 1) == 1))
     rounded = (whole + round_up.to(tl.float32)) * step
-    return (rounded.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)  # y's sign, -0 too
+    sign = bits & -0x80000000  # y's, -0 included
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -154,7 +155,8 @@ def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, wei
     rows, cols = block
     config = dict(config or default_config(m))
     block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    q, q_scale, weight, weight_scale_inv = (t if t.stride(1) == 1 else t.contiguous()  # the kernel steps K by 1
+                                            for t in (q, q_scale, weight, weight_scale_inv))
     y = torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m:
         _block_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](

@@ -1,9 +1,9 @@
 """Block-wise FP8 (DeepSeek-V3, Qwen3-FP8): one weight scale per (rows x cols) block of the
 weight, activations quantized per token and ``cols``-wide group of input features.
 
-The CPU path computes what the block-wise GPU kernel computes, in float: the weight dequantized
-block by block and the input quantized to e4m3 and back group by group. (A Triton block-wise FP8
-GEMM is left for later; this path also runs on a GPU.)
+The float path here computes what the block-wise GPU kernels (``block_gemm.py``, taken by linear
+layers on an FP8-capable GPU) compute: the weight dequantized block by block and the input
+quantized to e4m3 and back group by group. It serves the CPU, older GPUs, and the experts.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sglang_core.kernels import linear
+from sglang_core.kernels import linear, use_fused
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
@@ -88,6 +88,10 @@ class Fp8LinearMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.scheme.weights == "block":
+            if _block_kernels_fit(x, self.scheme.block):
+                from sglang_plugins.quant.fp8.block_gemm import block_fp8_linear
+
+                return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
             weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
         if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
@@ -115,3 +119,13 @@ def _scaled_mm_fits(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     rows, cols = layer.weight.shape
     return rows % 16 == 0 and cols % 16 == 0
+
+
+def _block_kernels_fit(x: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether the Triton block-wise FP8 kernels (``block_gemm``) serve ``x``: a CUDA tensor with
+    Triton installed (imported only then) on a GPU they fit."""
+    if not use_fused(x):
+        return False
+    from sglang_plugins.quant.fp8 import block_gemm
+
+    return block_gemm.fits(x, block)

@@ -3,7 +3,7 @@ point) per group of input features, dequantised tile by tile in registers: the w
 memory at its packed size, never written out in float.
 
 The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized``) differ only
-in facts an ``IntWeight`` (packing.py) states: which axis the ``32 / bits`` values of an int32 run
+in facts an ``IntWeight`` (int_weight.py) states: which axis the ``32 / bits`` values of an int32 run
 along, AWQ's interleaved order of those values, whether zero points are stored (and an offset
 added to them, or the constant zero point of a symmetric scheme), the group size, and an
 activation-order ``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits
@@ -30,7 +30,7 @@ import triton.language as tl
 from sglang_core.kernels.fused_moe import _dot
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
-from sglang_plugins.quant.packing import IntWeight
+from sglang_plugins.quant.int_weight import IntWeight
 
 GEMV_ROWS = 16
 # Launch settings by shape, not yet timed on a GPU (benchmarks/bench_int_matmul.py times them).

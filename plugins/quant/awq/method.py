@@ -21,8 +21,9 @@ import torch
 
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import all_parts_match
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
-                                          require_bool, unpack_ints)
+from sglang_plugins.quant.int_weight import IntWeight
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, require_bool,
+                                          unpack_ints)
 
 BITS = 4
 PACK = 32 // BITS

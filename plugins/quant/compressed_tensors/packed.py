@@ -30,7 +30,8 @@ from torch import nn
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
-from sglang_plugins.quant.packing import IntWeight, packed_linear, rank_groups, unpack_ints
+from sglang_plugins.quant.int_weight import IntWeight
+from sglang_plugins.quant.packing import packed_linear, rank_groups, unpack_ints
 
 BITS = (4, 8)
 # actorder values (compressed-tensors' aliases and the legacy booleans) that store weight_g_idx.

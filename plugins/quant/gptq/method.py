@@ -30,8 +30,9 @@ import torch
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, IntWeight, config_value, packed_linear,
-                                          rank_groups, require_bool, unpack_ints)
+from sglang_plugins.quant.int_weight import IntWeight
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, rank_groups,
+                                          require_bool, unpack_ints)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}

@@ -21,6 +21,8 @@ from sglang_plugins.quant.fp8 import method as fp8_method  # noqa: E402
 from test_quant_fp8 import BLOCK_CONFIG, E4M3, E4M3_MAX, block_dequantized, fp8_block_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("the e4m3 kernels need a GPU with FP8 (compute capability 8.9 or later)", allow_module_level=True)
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
 # float32 against float64 (the e4m3 products are exact; sums of 16 and the scaling round in
 # float32); 16-bit: the result rounded once (to nearest on a GPU; the interpreter truncates).

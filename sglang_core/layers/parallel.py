@@ -306,33 +306,49 @@ class RowParallelLinear(LinearBase):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank looks up its rows, then all-reduce."""
+    """Embedding table split by vocabulary rows; each rank looks up its rows, then all-reduce.
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32):
+    A ``quant_method`` (a scheme's ``for_embedding``) holds the table instead of the float
+    ``weight``: it makes the parameters as for a linear layer of ``rows`` outputs, looks rows up
+    (``embed``) and projects (``apply``)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32,
+                 quant_method: QuantMethod | None = None):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp.size)  # ceil: the last rank's table is padded
         self.start = tp.rank * self.rows
-        self.weight = weight_param(torch.zeros(self.rows, hidden_size, dtype=params_dtype), self.weight_loader)
+        self.quant_method = quant_method
+        if quant_method is None:
+            self.weight = weight_param(torch.zeros(self.rows, hidden_size, dtype=params_dtype), self.weight_loader)
+        else:
+            quant_method.create_weights(self, hidden_size, [self.rows], params_dtype, self.weight_loader)
         self.bias: nn.Parameter | None = None  # what ``project`` adds to the logits: an LM head's (below)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
         piece = loaded[self.start : self.start + self.rows]
         param.data[: piece.shape[0]].copy_(piece)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is None:
+            return F.embedding(ids, self.weight)
+        return self.quant_method.embed(self, ids)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Use the table as an output projection: vocabulary logits of ``hidden``."""
-        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight, self.bias))
+        logits = (linear(hidden, self.weight, self.bias) if self.quant_method is None
+                  else self.quant_method.apply(self, hidden, self.bias))
+        logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
 
 
@@ -341,7 +357,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     ``bias``: one entry per vocabulary row, split alike (Phi-2's and GPT-J's heads)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE,
-                 params_dtype: torch.dtype = torch.float32, bias: bool = False):
-        super().__init__(vocab_size, hidden_size, tp, params_dtype)
+                 params_dtype: torch.dtype = torch.float32, bias: bool = False, quant_method: QuantMethod | None = None):
+        super().__init__(vocab_size, hidden_size, tp, params_dtype, quant_method)
         self.bias = (weight_param(torch.zeros(self.rows, dtype=params_dtype), self.weight_loader)
                      if bias else None)

@@ -58,6 +58,14 @@ class QuantMethod(abc.ABC):
         unquantized (a checkpoint's ignore list); default: ``cls(quant_config, prefix)``."""
         return cls(quant_config, prefix)  # type: ignore[call-arg]
 
+    @classmethod
+    def for_embedding(cls, quant_config: dict, prefix: str) -> QuantMethod | None:
+        """The method for the vocabulary table at ``prefix`` (``model.embed_tokens``, ``lm_head``),
+        or None to keep it float; default: None (the scheme quantizes linear layers only). The
+        method gets ``create_weights(layer, hidden_size, [rows], ...)``, ``apply`` as the LM head's
+        projection and ``embed`` as the lookup."""
+        return None
+
     @abc.abstractmethod
     def create_weights(
         self,
@@ -74,6 +82,11 @@ class QuantMethod(abc.ABC):
     @abc.abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's forward."""
+
+    def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows at ``ids``, ``[*ids.shape, input_size]``: a table's lookup (needed only by
+        the methods ``for_embedding`` returns)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no embedding tables")
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel (transpose, pre-shuffle, ...); default: nothing."""

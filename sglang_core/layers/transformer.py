@@ -286,7 +286,8 @@ class DecoderLM(nn.Module):
         self.config = config
         rotary = self.make_rotary(config, ctx)
         self.model = DecoderStack(
-            VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype),
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype,
+                                   ctx.embedding_method_for("model.embed_tokens")),
             (self.make_layer(config, ctx, i, rotary) for i in range(config.num_hidden_layers)),
             self.make_norm(config, ctx))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -304,11 +305,15 @@ class DecoderLM(nn.Module):
     def make_lm_head(self, config, ctx: ModelContext, bias: bool = False) -> VocabParallelEmbedding:
         """The output projection: the embedding table itself when tied. A ``bias`` (Phi-2) is the
         head's own parameter, also when the head shares the table."""
+        embed = self.model.embed_tokens
         if self.tied and not bias:
-            return self.model.embed_tokens
-        head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype, bias=bias)
+            return embed
+        if self.tied and embed.quant_method is not None:
+            raise ValueError("tie_word_embeddings with an LM head bias: the head cannot share a quantized table")
+        head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype, bias=bias,
+                              quant_method=None if self.tied else ctx.embedding_method_for("lm_head"))
         if self.tied:
-            head.weight = self.model.embed_tokens.weight
+            head.weight = embed.weight
         return head
 
     def make_norm(self, config, ctx: ModelContext) -> nn.Module:
@@ -351,13 +356,16 @@ class DecoderLM(nn.Module):
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        ignore = self.ignored_weights + (("lm_head.weight",) if self.tied else ())
+        # A tied head's table is the embedding's: loaded under the embedding's names only.
+        table = {id(p) for p in self.model.embed_tokens.parameters()}
+        shared = tuple(f"lm_head.{n}" for n, p in self.lm_head.named_parameters() if id(p) in table)
+        ignore = self.ignored_weights + shared
         params = dict(self.named_parameters(remove_duplicate=False))
         experts = ([*self.expert_layouts, *expert_mappings(self.expert_parts), *STACKED_EXPERTS]
                    if self.expert_parts or self.expert_layouts else [])
         loaded = load_by_name(params, ((self.rename(name), tensor) for name, tensor in weights),
                               self.stacked_params, ignore, experts)
-        missing = {n for n in params if n not in loaded and not (self.tied and n == "lm_head.weight")}
+        missing = {n for n in params if n not in loaded and n not in shared}
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
 

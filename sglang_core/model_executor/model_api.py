@@ -27,6 +27,8 @@ class ModelContext:
     quant_method_for: Callable[[str], QuantMethod | None] = field(default=lambda prefix: None)
     # prefix of an MoE layer's routed experts ("model.layers.0.mlp.experts") -> their method; None = float
     experts_method_for: Callable[[str], ExpertsQuantMethod | None] = field(default=lambda prefix: None)
+    # prefix of a vocabulary table ("model.embed_tokens", "lm_head") -> its method; None = float
+    embedding_method_for: Callable[[str], QuantMethod | None] = field(default=lambda prefix: None)
     # The longest sequence the engine serves (its context length): what length-dependent rope
     # scalings are built for (``rope_from_config(..., max_position=ctx.max_position)``).
     max_position: int | None = None

@@ -84,9 +84,10 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
-        quant_method_for, experts_method_for = self._quant_method_factories(plugins)
+        quant_method_for, experts_method_for, embedding_method_for = self._quant_method_factories(plugins)
         ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=quant_method_for,
-                           experts_method_for=experts_method_for, max_position=self.context_len)
+                           experts_method_for=experts_method_for, embedding_method_for=embedding_method_for,
+                           max_position=self.context_len)
         with torch.device(self.device):
             model = cls(self.config, ctx)
         if source.load_format == "dummy":
@@ -100,12 +101,12 @@ class ModelRunner:
         return model.eval()
 
     def _quant_method_factories(self, plugins: PluginManager):
-        """Each linear layer's method and each MoE layer's experts' method: by ``--quantization`` if
+        """Each linear layer's method, each MoE layer's experts' method and each vocabulary table's: by ``--quantization`` if
         given, else the checkpoint's ``quantization_config``; a checkpoint without one hands the
         method ``{"quant_method": name}``."""
         quant = getattr(self.config, "quantization_config", None)
         if not quant and not self.settings.quantization:
-            return (lambda prefix: None), (lambda prefix: None)
+            return (lambda prefix: None), (lambda prefix: None), (lambda prefix: None)
         if quant and not isinstance(quant, dict):
             quant = quant.to_dict()
         name = self.settings.quantization or quant.get("quant_method")
@@ -114,7 +115,8 @@ class ModelRunner:
             cls = plugins.registry("quant_methods").get(str(name)).load()
         except PluginError as exc:
             raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
-        return (lambda prefix: cls.for_layer(quant, prefix)), (lambda prefix: cls.for_experts(quant, prefix))
+        return ((lambda prefix: cls.for_layer(quant, prefix)), (lambda prefix: cls.for_experts(quant, prefix)),
+                (lambda prefix: cls.for_embedding(quant, prefix)))
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

@@ -20,6 +20,7 @@ from gguf_blocks import FLOATS, QUANTIZED, random_blocks
 from gguf_writer import VOCAB_SIZE, finish_gguf, gguf_with_metadata
 from reference import hf_greedy
 from sglang_core.engine import Engine
+from sglang_core.layers.parallel import LinearBase
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes
 
 
@@ -72,7 +73,7 @@ def write_tiny_gguf(path: Path, layer_types: tuple[dict[str, T], ...] = LAYER_TY
             blocks = np.zeros((rows, features // values * nbytes), np.uint8)
         writer.add_tensor(name, blocks, raw_dtype=qtype)
 
-    add("token_embd.weight", T.Q8_0, VOCAB_SIZE, hidden)
+    add("token_embd.weight", T.Q4_K, VOCAB_SIZE, hidden)
     for layer, types in enumerate(layer_types):
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
@@ -101,13 +102,17 @@ def tiny_reference(tiny_quantized_gguf) -> tuple[list[list[int]], list[list[int]
 
 
 def test_tiny_mixed_type_gguf_serves_as_transformers_reads_it(tiny_quantized_gguf, tiny_reference):
-    """The engine, keeping every linear layer's blocks, generates HF transformers' greedy tokens."""
+    """The engine, keeping the blocks of every linear layer, of the Q4_K token embedding and of the
+    untied Q6_K LM head, generates HF transformers' greedy tokens."""
     prompts, expected = tiny_reference
     with Engine(str(tiny_quantized_gguf), load_format="gguf_quantized", chunked_prefill_size=8) as engine:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         engine.check_memory()
-        qkv = engine.core.core.runner.model.model.layers[0].self_attn.qkv_proj
+        model = engine.core.core.runner.model
+    qkv, embed, head = model.model.layers[0].self_attn.qkv_proj, model.model.embed_tokens, model.lm_head
     assert qkv.qweight.dtype == torch.uint8 and qkv.qweight_type.tolist() == [T.Q4_K, T.Q4_K, T.Q6_K]
+    assert embed.qweight.dtype == torch.uint8 and embed.qweight_type.tolist() == [T.Q4_K]
+    assert head is not embed and head.qweight.dtype == torch.uint8 and head.qweight_type.tolist() == [T.Q6_K]
     assert [result["output_ids"] for result in results] == expected
 
 
@@ -142,13 +147,17 @@ def test_tiny_mixed_type_gguf_on_cuda_through_the_kernels(tiny_quantized_gguf, t
 
 
 def test_default_model_served_quantized_as_transformers_reads_it(hf_model, hf_tokenizer):
-    """The embedded SmolLM2 (Q4_1 layers, a Q8_0 embedding) kept quantized: the greedy tokens of HF
-    float32 on the same GGUF, with every linear layer holding its blocks (a sixth of float32's bytes)."""
+    """The embedded SmolLM2 (Q4_1 layers, a Q8_0 embedding tied to the LM head) kept quantized: the
+    greedy tokens of HF float32 on the same GGUF, with every linear layer holding its blocks (a sixth
+    of float32's bytes) and the head projecting through the embedding's one Q8_0 table."""
     prompt = hf_tokenizer("The capital of France is")["input_ids"]
     with Engine(load_format="gguf_quantized") as engine:
         result = engine.generate(input_ids=prompt, sampling_params=GREEDY)
         model = engine.core.core.runner.model
-    linear = [m for m in model.modules() if hasattr(m, "quant_method")]
+    embed = model.model.embed_tokens
+    assert model.lm_head is embed and embed.qweight.dtype == torch.uint8 and embed.qweight_type.tolist() == [T.Q8_0]
+    assert embed.qweight.numel() == model.config.vocab_size * row_bytes(T.Q8_0, model.config.hidden_size)
+    linear = [m for m in model.modules() if isinstance(m, LinearBase)]
     assert len(linear) == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down
     assert all(m.qweight.dtype == torch.uint8 and m.qweight_type.tolist() == [T.Q4_1] * len(m.output_sizes)
                for m in linear)

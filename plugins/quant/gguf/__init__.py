@@ -1,5 +1,6 @@
-"""GGUF (llama.cpp) linear layers kept quantized: each layer holds its tensors' ggml blocks and
-dequantizes them per forward (``blocks`` for the block layouts, ``method`` for the layers)."""
+"""GGUF (llama.cpp) linear layers, embeddings and LM heads kept quantized: each holds its tensors'
+ggml blocks and dequantizes them per forward (``blocks`` for the block layouts, ``method`` for the
+layers)."""
 
 from sglang_core.hookspecs import hookimpl
 

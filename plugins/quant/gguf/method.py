@@ -1,4 +1,5 @@
-"""Linear layers of a GGUF model holding their ggml blocks (``quant_method: gguf``).
+"""Linear layers, the token embedding and the LM head of a GGUF model holding their ggml blocks
+(``quant_method: gguf``).
 
 The ``gguf`` weight format yields each linear weight as ``<layer>.qweight`` (the stored rows as
 ``[rows, row_bytes]`` uint8, blocks running along the input features) and ``<layer>.qweight_type``
@@ -7,7 +8,8 @@ llama.cpp files mix types within a layer (a Q4_K_M file stores ``attn_v`` as Q6_
 ``attn_q``/``attn_k``), so each part keeps its own type: after loading, the parts' bytes sit one
 after another in one uint8 buffer (each part 16-byte aligned, so F32/F16 rows can be viewed in
 place). On CPU a forward dequantizes each run of same-typed parts, concatenates the rows and
-multiplies; on CUDA each run of a quantized type goes through ``kernels`` (Triton kernels reading the
+multiplies (an LM head is such a layer; an embedding lookup dequantizes only the rows it gathers);
+on CUDA each run of a quantized type goes through ``kernels`` (Triton kernels reading the
 blocks), each run of a float type through a float matmul, and the runs' outputs are concatenated.
 
 Only this rank's whole layer is supported: GGUF layers are not split across tensor-parallel ranks.
@@ -39,10 +41,15 @@ class GGUFMethod(QuantMethod):
         # After loading: (ggml type, rows, byte offset in layer.qweight, bytes per row) of each run.
         self.segments: list[tuple[int, int, int, int]] = []
 
+    @classmethod
+    def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> GGUFMethod:
+        """The token embedding and the LM head keep their blocks too (``token_embd``, ``output``)."""
+        return cls(quant_config, prefix)
+
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
         if getattr(getattr(layer, "tp", None), "size", 1) != 1:
             raise ValueError(f"{self.prefix}: GGUF layers cannot be split across tensor-parallel ranks")
-        self.input_size, self.output_sizes = input_size, output_sizes
+        self.input_size, self.output_sizes, self.params_dtype = input_size, output_sizes, params_dtype
         layer.qweight = weight_param(torch.empty(0, dtype=torch.uint8), self._load_blocks)
         layer.qweight_type = weight_param(torch.empty(0, dtype=torch.int32), self._load_type)
 
@@ -103,6 +110,13 @@ class GGUFMethod(QuantMethod):
         """The layer's weight as ``[out, in]`` float32."""
         rows = [dequantize(blocks, ggml_type) for ggml_type, blocks in self._runs(layer)]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def embed(self, layer, ids: torch.Tensor) -> torch.Tensor:
+        """The table's rows at ``ids``: a row's blocks run along the hidden dim, so gathering the
+        tokens' byte rows and dequantizing those alone gives exactly the rows of the whole table."""
+        (ggml_type, blocks), = self._runs(layer)  # a table is one tensor: one run
+        rows = dequantize(blocks[ids.reshape(-1)], ggml_type)
+        return rows.view(*ids.shape, rows.shape[-1]).to(self.params_dtype)
 
     def apply(self, layer, x, bias):
         if use_fused(x):

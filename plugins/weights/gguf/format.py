@@ -59,12 +59,12 @@ class GGUFFormat(WeightFormat):
 class GGUFQuantizedFormat(GGUFFormat):
     """Linear layers' weights as their stored blocks, the rest dequantized as ``GGUFFormat`` does.
 
-    A linear weight (a block tensor's 2-D ``weight`` that is no norm) of any ggml type, F16/F32
-    included, becomes ``<layer>.qweight`` (its rows' bytes, ``[rows, row_bytes]`` uint8) and
+    A linear weight (a block tensor's 2-D ``weight`` that is no norm, the token embedding, the LM
+    head) of any ggml type, F16/F32 included, becomes ``<layer>.qweight`` (its rows' bytes, ``[rows, row_bytes]`` uint8) and
     ``<layer>.qweight_type`` (the ggml type); the config folder carries
     ``quantization_config: {"quant_method": "gguf", "blocks": "ggml"}``, so the engine builds those
-    layers with the ``gguf`` quant method. Embeddings, the LM head (quantized in many files), norms
-    and biases are dequantized to float32 at load. The architecture's fixes apply to the bytes:
+    layers and tables with the ``gguf`` quant method. Norms and biases are dequantized to float32
+    at load. The architecture's fixes apply to the bytes:
     llama.cpp's q/k permutation moves whole rows, and a row's blocks run along the input features,
     so permuting byte rows permutes weight rows.
     """
@@ -77,7 +77,8 @@ class GGUFQuantizedFormat(GGUFFormat):
     def _tensors(self, name: str, tensor, arch: GGUFArchitecture,
                  meta: GGUFMetadata) -> Iterator[tuple[str, torch.Tensor]]:
         stem, _, kind = tensor.name.rpartition(".")
-        if not (stem.startswith("blk.") and kind == "weight" and len(tensor.shape) == 2 and not stem.endswith("norm")):
+        matrix = stem.startswith("blk.") or stem in ("token_embd", "output")
+        if not (matrix and kind == "weight" and len(tensor.shape) == 2 and not stem.endswith("norm")):
             yield from super()._tensors(name, tensor, arch, meta)
             return
         if tensor.data.nbytes != tensor.n_bytes:

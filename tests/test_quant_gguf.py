@@ -14,14 +14,17 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
 
 from gguf_blocks import FLOATS, QUANTIZED, random_blocks
 from gguf_writer import VOCAB_SIZE, finish_gguf, gguf_with_metadata
 from reference import hf_greedy
 from sglang_core.engine import Engine
 from sglang_core.layers.parallel import LinearBase
+from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.models.phi.model import PhiForCausalLM
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes
+from sglang_plugins.quant.gguf.method import GGUFMethod
 
 
 @pytest.mark.parametrize("qtype", [*QUANTIZED, *FLOATS, T.BF16], ids=lambda t: t.name)
@@ -177,3 +180,12 @@ def test_unsupported_block_type_names_the_layer_and_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: GGUF tensor type Q2_K is not supported "
                                          r".*--load-format gguf reads the file dequantized"):
         Engine(str(path), load_format="gguf_quantized")
+
+
+def test_tied_head_with_a_bias_cannot_share_a_quantized_table():
+    """Phi's head has a bias of its own: tied, it would need the embedding's blocks as its table."""
+    config = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       tie_word_embeddings=True)
+    ctx = ModelContext(embedding_method_for=lambda prefix: GGUFMethod({"blocks": "ggml"}, prefix))
+    with pytest.raises(ValueError, match=r"tie_word_embeddings with an LM head bias"):
+        PhiForCausalLM(config, ctx)

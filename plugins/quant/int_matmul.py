@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_core.kernels.fused_moe import _dot
+from sglang_core.kernels.fused_moe import dot
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
 from sglang_plugins.quant.int_weight import IntWeight
@@ -121,7 +121,7 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
         else:
             zero = zero_offset
         w = ((q - zero).to(tl.float32) * scale.to(tl.float32)).to(X.dtype.element_ty)
-        acc = _dot(x, w, acc, PRECISION, UPCAST)
+        acc = dot(x, w, acc, PRECISION, UPCAST)
     tl.store(Y + tl.program_id(2) * stride_ys + rows[:, None] * stride_ym + cols[None, :],
              acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -79,8 +79,9 @@ def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b``; with ``UPCAST`` of the operands in float32 (exact for 16-bit values)."""
+def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``; with ``UPCAST`` of the operands in float32 (exact for 16-bit values).
+    Public: kernels in plugins (the packed-integer matmul) accumulate the same way."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -109,8 +110,8 @@ def _gate_up_kernel(X, W13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks
         k_ok = kk < hidden - k0
         x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        gate = _dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), gate, PRECISION, UPCAST)
-        up = _dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), up, PRECISION, UPCAST)
+        gate = dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), gate, PRECISION, UPCAST)
+        up = dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), up, PRECISION, UPCAST)
     # Rounded where the unfused path rounds: the projections, then the activation, to x's dtype.
     gate = gate.to(X.dtype.element_ty).to(tl.float32)
     up = up.to(X.dtype.element_ty).to(tl.float32)
@@ -142,7 +143,7 @@ def _down_kernel(Act, W2, SortedPairs, BlockExpert, TopkWeights, Out, num_pairs,
         k_ok = kk < inter - k0
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, PRECISION, UPCAST)
+        acc = dot(a, w, acc, PRECISION, UPCAST)
     weight = tl.load(TopkWeights + rows, mask=row_ok, other=0.0)
     tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc * weight[:, None],
              mask=row_ok[:, None] & col_ok[None, :])

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sglang_core.kernels import linear
 from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
 
 
@@ -308,9 +306,9 @@ class RowParallelLinear(LinearBase):
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; each rank looks up its rows, then all-reduce.
 
-    A ``quant_method`` (a scheme's ``for_embedding``) holds the table instead of the float
-    ``weight``: it makes the parameters as for a linear layer of ``rows`` outputs, looks rows up
-    (``embed``) and projects (``apply``)."""
+    Its ``quant_method`` (a scheme's ``for_embedding``; default the float ``weight`` of
+    ``UnquantizedMethod``) holds the table: it makes the parameters as for a linear layer of
+    ``rows`` outputs, looks rows up (``embed``) and projects (``apply``)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32,
                  quant_method: QuantMethod | None = None):
@@ -319,36 +317,26 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp.size)  # ceil: the last rank's table is padded
         self.start = tp.rank * self.rows
-        self.quant_method = quant_method
-        if quant_method is None:
-            self.weight = weight_param(torch.zeros(self.rows, hidden_size, dtype=params_dtype), self.weight_loader)
-        else:
-            quant_method.create_weights(self, hidden_size, [self.rows], params_dtype, self.weight_loader)
+        self.quant_method = quant_method or UnquantizedMethod()
+        self.quant_method.create_weights(self, hidden_size, [self.rows], params_dtype, self.weight_loader)
         self.bias: nn.Parameter | None = None  # what ``project`` adds to the logits: an LM head's (below)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
         piece = loaded[self.start : self.start + self.rows]
         param.data[: piece.shape[0]].copy_(piece)
 
-    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.quant_method is None:
-            return F.embedding(ids, self.weight)
-        return self.quant_method.embed(self, ids)
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return self._lookup(input_ids)
+            return self.quant_method.embed(self, input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        out = self._lookup(local.masked_fill(outside, 0))
+        out = self.quant_method.embed(self, local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Use the table as an output projection: vocabulary logits of ``hidden``."""
-        logits = (linear(hidden, self.weight, self.bias) if self.quant_method is None
-                  else self.quant_method.apply(self, hidden, self.bias))
-        logits = self.tp.all_gather_last_dim(logits)
+        logits = self.tp.all_gather_last_dim(self.quant_method.apply(self, hidden, self.bias))
         return logits[..., : self.vocab_size]
 
 

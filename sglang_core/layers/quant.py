@@ -13,6 +13,7 @@ import abc
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import linear
@@ -132,3 +133,6 @@ class UnquantizedMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         return linear(x, layer.weight, bias)
+
+    def embed(self, layer, ids):
+        return F.embedding(ids, layer.weight)

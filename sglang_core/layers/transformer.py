@@ -34,6 +34,7 @@ from sglang_core.layers.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from sglang_core.layers.quant import UnquantizedMethod
 from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.model_executor.forward_batch import ForwardBatch
 from sglang_core.model_executor.model_api import (
@@ -308,7 +309,7 @@ class DecoderLM(nn.Module):
         embed = self.model.embed_tokens
         if self.tied and not bias:
             return embed
-        if self.tied and embed.quant_method is not None:
+        if self.tied and not isinstance(embed.quant_method, UnquantizedMethod):
             raise ValueError("tie_word_embeddings with an LM head bias: the head cannot share a quantized table")
         head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, ctx.dtype, bias=bias,
                               quant_method=None if self.tied else ctx.embedding_method_for("lm_head"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -84,10 +86,8 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
-        quant_method_for, experts_method_for, embedding_method_for = self._quant_method_factories(plugins)
-        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, quant_method_for=quant_method_for,
-                           experts_method_for=experts_method_for, embedding_method_for=embedding_method_for,
-                           max_position=self.context_len)
+        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, max_position=self.context_len,
+                           **self._quant_method_factories(plugins))
         with torch.device(self.device):
             model = cls(self.config, ctx)
         if source.load_format == "dummy":
@@ -100,13 +100,14 @@ class ModelRunner:
                 method.process_weights_after_loading(module)
         return model.eval()
 
-    def _quant_method_factories(self, plugins: PluginManager):
-        """Each linear layer's method, each MoE layer's experts' method and each vocabulary table's: by ``--quantization`` if
-        given, else the checkpoint's ``quantization_config``; a checkpoint without one hands the
-        method ``{"quant_method": name}``."""
+    def _quant_method_factories(self, plugins: PluginManager) -> dict[str, Callable[[str], Any]]:
+        """``ModelContext``'s choosers of each linear layer's, each MoE layer's experts' and each
+        vocabulary table's method, by ``--quantization`` if given, else the checkpoint's
+        ``quantization_config`` (none of either: the context's defaults, all unquantized); a
+        checkpoint without a config hands the method ``{"quant_method": name}``."""
         quant = getattr(self.config, "quantization_config", None)
         if not quant and not self.settings.quantization:
-            return (lambda prefix: None), (lambda prefix: None), (lambda prefix: None)
+            return {}
         if quant and not isinstance(quant, dict):
             quant = quant.to_dict()
         name = self.settings.quantization or quant.get("quant_method")
@@ -115,8 +116,9 @@ class ModelRunner:
             cls = plugins.registry("quant_methods").get(str(name)).load()
         except PluginError as exc:
             raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
-        return ((lambda prefix: cls.for_layer(quant, prefix)), (lambda prefix: cls.for_experts(quant, prefix)),
-                (lambda prefix: cls.for_embedding(quant, prefix)))
+        return {"quant_method_for": functools.partial(cls.for_layer, quant),
+                "experts_method_for": functools.partial(cls.for_experts, quant),
+                "embedding_method_for": functools.partial(cls.for_embedding, quant)}
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

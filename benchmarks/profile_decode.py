@@ -53,7 +53,7 @@ def kernel_table(core: EngineCore, steps: int = 5) -> None:
             core.step()
         torch.cuda.synchronize()
     core.runner.cuda_graphs, core.scheduler.overlap_max_bs = graphs, overlap
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
 
 
 def main() -> int:

@@ -50,6 +50,26 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [64, 96])
+def test_rms_norm_with_pre_norm(dtype: torch.dtype, hidden: int) -> None:
+    """One launch for a sublayer's output norm, the residual add and the next norm (Gemma 2's
+    sandwich) equals the two RMSNorm modules run one after the other."""
+    torch.manual_seed(hidden)
+    first, second = (RMSNorm(hidden, eps, dtype).to(DEVICE) for eps in (1e-6, 1e-5))
+    for norm in (first, second):
+        norm.weight.data = torch.randn(hidden, dtype=dtype, device=DEVICE)
+    x = torch.randn(7, hidden, dtype=dtype, device=DEVICE) * 3
+    residual = torch.randn(7, hidden, dtype=dtype, device=DEVICE)
+    expected, expected_residual = torch_path(second, torch_path(first, x), residual.clone())
+    got = fused.rms_norm(x, second.weight, second.eps, residual, pre_norm=(first.weight, first.eps))
+    # The first norm's bfloat16 output may differ by an ulp (|values| < 8: 1/32) from rounding
+    # float32 sums that differ in their last bits; the sum with the residual carries that ulp.
+    tolerance = TOLERANCE[dtype] if dtype == torch.float32 else dict(atol=1 / 32, rtol=1.6e-2)
+    torch.testing.assert_close(residual, expected_residual, **tolerance)
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 96])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_layer_norm(dtype: torch.dtype, hidden: int, with_bias: bool, with_residual: bool) -> None:

@@ -80,6 +80,18 @@ class LayerNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+def norm_add_norm(first: nn.Module, second: nn.Module, x: torch.Tensor,
+                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(second(first(x) + residual), first(x) + residual)``: a sublayer's output norm, the
+    residual add and the next norm (Gemma 2's post-attention and pre-feed-forward norms). Two
+    RMSNorms on CUDA are one fused launch; any other pair runs as the two modules."""
+    if type(first) is RMSNorm and type(second) is RMSNorm and use_fused(x):
+        from sglang_core.kernels.fused import rms_norm
+
+        return rms_norm(x, second.weight, second.eps, residual, pre_norm=(first.weight, first.eps)), residual
+    return second(first(x), residual)
+
+
 class HeadwiseLayerNorm(nn.Module):
     """LayerNorm over each attention head's ``head_dim``, with a scale of its own per head and no
     bias (Cohere's ``use_qk_norm``, StableLM's ``qk_layernorm``). Input ``[tokens, heads, head_dim]``;

@@ -25,7 +25,7 @@ from torch import nn
 from sglang_core.layers.activation import act_fn, gated_act_fn
 from sglang_core.layers.attention import Attention
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm
+from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm, norm_add_norm
 from sglang_core.layers.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -205,8 +205,8 @@ class SandwichDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = norm_with_residual(self.input_layernorm, x, residual)
-        x = self.post_attention_layernorm(self.self_attn(positions, x, batch))
-        x, residual = self.pre_feedforward_layernorm(x, residual)
+        x, residual = norm_add_norm(self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                                    self.self_attn(positions, x, batch), residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 

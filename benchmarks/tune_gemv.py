@@ -1,5 +1,6 @@
-"""Time the decode GEMV (``sglang_core/kernels/gemv.py``) against cuBLAS (``F.linear``) at
-Llama-3.1-8B's weight shapes at batch 1, over a sweep of its launch settings, and print the step total.
+"""Time the decode GEMV (``sglang_core/kernels/gemv.py``) against cuBLAS (``F.linear``) at a
+model's weight shapes at batch 1 (Llama-3.1-8B's unless ``--config``), over a sweep of its launch
+settings, and print the step total.
 
 Each figure is what the product costs inside a decode step: several copies of each weight (more
 bytes than the 50 MB L2 holds) are multiplied in turn inside one CUDA graph, so every weight
@@ -8,13 +9,16 @@ checked against a float32 product first.
 
     python benchmarks/tune_gemv.py            # the whole sweep
     python benchmarks/tune_gemv.py --quick    # GEMV_LAUNCH only
+    python benchmarks/tune_gemv.py --config benchmarks/configs/qwen2-7b
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +26,20 @@ import torch.nn.functional as F
 from sglang_core.kernels import gemv as gemv_module
 from sglang_core.kernels import pdl
 
-# (name, out features, in features, uses per decode step) for Llama-3.1-8B at tp 1.
-SHAPES = [("qkv", 6144, 4096, 32), ("o_proj", 4096, 4096, 32), ("gate_up", 28672, 4096, 32),
-          ("down", 4096, 14336, 32), ("lm_head", 128256, 4096, 1)]
+CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
+
+
+def shapes(config_dir: Path) -> list[tuple[str, int, int, int]]:
+    """(name, out features, in features, uses per decode step) of a dense decoder's products at tp 1."""
+    c = json.loads((config_dir / "config.json").read_text())
+    hidden, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or hidden // heads
+    kv_heads = c.get("num_key_value_heads", heads)
+    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden, layers), ("o_proj", hidden, heads * head_dim, layers),
+            ("gate_up", 2 * c["intermediate_size"], hidden, layers), ("down", hidden, c["intermediate_size"], layers),
+            ("lm_head", c["vocab_size"], hidden, 1)]
+
+
 L2_BEATING_BYTES = 400e6
 
 
@@ -78,30 +93,32 @@ def check(product, stack: list[torch.Tensor], x: torch.Tensor) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="time GEMV_LAUNCH only, no sweep")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="a model config folder")
     args = parser.parse_args()
+    products = shapes(args.config)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernel
-    stacks = {name: weights(n, k) for name, n, k, _ in SHAPES}
+    stacks = {name: weights(n, k) for name, n, k, _ in products}
     grid = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
              for bn, bk, w, s in itertools.product((2, 4, 8), (512, 1024, 2048), (2, 4, 8), (1,))]
             if not args.quick else [dict(gemv_module.GEMV_LAUNCH)])
-    xs = {name: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for name, n, k, _ in SHAPES}
-    base = {name: time_per_product(cublas, stacks[name], xs[name]) for name, *_ in SHAPES}
+    xs = {name: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for name, n, k, _ in products}
+    base = {name: time_per_product(cublas, stacks[name], xs[name]) for name, *_ in products}
     results = []
     for launch in grid:
         product = triton_product(launch)
         try:
-            for name, *_ in SHAPES:
+            for name, *_ in products:
                 check(product, stacks[name], xs[name])
-            results.append((launch, {name: time_per_product(product, stacks[name], xs[name]) for name, *_ in SHAPES}))
+            results.append((launch, {name: time_per_product(product, stacks[name], xs[name]) for name, *_ in products}))
         except Exception as exc:  # a setting that fails to compile or to fit is reported and skipped
             print(f"  {launch}: {type(exc).__name__}: {str(exc)[:120]}")
 
     def step_ms(times: dict) -> float:
-        return sum(times[name] * uses for name, _, _, uses in SHAPES) / 1000
+        return sum(times[name] * uses for name, _, _, uses in products) / 1000
 
     print(f"cuBLAS step total {step_ms(base):.3f} ms")
-    for name, n, k, _ in SHAPES:
+    for name, n, k, _ in products:
         gb = n * k * 2 / 1e9
         best_launch, best_times = min(results, key=lambda r: r[1][name])
         print(f"  {name:8s} {n:6d}x{k:5d}: cuBLAS {base[name]:7.1f} us {gb / base[name] * 1e3:4.2f} TB/s | "

@@ -11,7 +11,9 @@ earlier run's, so a second run against the same server is not served from its pr
 report gives the seed and the prompt tokens the server took from its cache.
 
 The report: throughput, the mean, p50, p90 and p99 of TTFT, ITL (the gaps between a stream's
-chunks), TPOT ((E2E - TTFT) / (output tokens - 1)) and E2E, and, with ``--slo-ttft-ms`` and/or
+chunks), TPOT ((E2E - TTFT) / (output tokens - 1)), E2E and, on the native backend, each streamed
+chunk's delivery lag (its arrival minus the engine's ``meta_info.produced_at``, a wall-clock
+time: the server must run on this host), and, with ``--slo-ttft-ms`` and/or
 ``--slo-tpot-ms``, goodput: the requests per second that met every target given.
 ``--request-rates 1,8,inf`` sweeps: one run per rate, each with fresh prompts (``--seed S``:
 S, S+1, ...), one JSON line each and a markdown table of all.
@@ -48,6 +50,9 @@ class RequestResult:
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
+    # Per chunk: arrival here minus the engine's production time of its latest token (native
+    # backend, server on the same host: both are wall-clock times).
+    delivery_lag: list[float] = field(default_factory=list)
     error: str = ""
 
 
@@ -121,8 +126,12 @@ async def _sse(client: httpx.AsyncClient, url: str, body: dict, headers: dict):
 async def send_native(client, base_url, req: BenchRequest, headers, ignore_eos: bool = True) -> RequestResult:
     body = {"input_ids": req.input_ids, "stream": True,
             "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "temperature": 0}}
-    return await _timed(_sse(client, f"{base_url}/generate", body, headers), req,
-                        counts=lambda chunk: (chunk["meta_info"]["completion_tokens"], chunk["meta_info"]["cached_tokens"]))
+    return await _timed(_sse(client, f"{base_url}/generate", body, headers), req, counts=_native_counts)
+
+
+def _native_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
+    meta = chunk["meta_info"]
+    return meta["completion_tokens"], meta["cached_tokens"], meta.get("produced_at")
 
 
 async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
@@ -134,24 +143,27 @@ async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
     return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req, counts=_openai_counts)
 
 
-def _openai_counts(chunk: dict) -> tuple[int | None, int | None]:
+def _openai_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
     usage = chunk.get("usage") or {}
-    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens"), None
 
 
 async def _timed(chunks, req: BenchRequest, counts) -> RequestResult:
-    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far, or None."""
+    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far
+    and the server's production time of the chunk's latest token, each or None."""
     result = RequestResult(ok=False, input_len=len(req.input_ids))
     start = last = time.perf_counter()
     try:
         async for chunk in chunks:
-            now = time.perf_counter()
+            now, arrived = time.perf_counter(), time.time()
             if result.ttft == 0.0:
                 result.ttft = now - start
             else:
                 result.itl.append(now - last)
             last = now
-            generated, cached = counts(chunk)
+            generated, cached, produced_at = counts(chunk)
+            if produced_at:  # 0: an ending the engine did not produce (its process died)
+                result.delivery_lag.append(arrived - produced_at)
             if generated is not None:
                 result.output_len = generated
             if cached is not None:
@@ -289,23 +301,27 @@ def summarize(results: list[RequestResult], duration: float, slo_ttft_ms: float 
         "tpot": latency_stats(tpots),
         "itl": latency_stats([x for r in ok for x in r.itl]),
         "e2e": latency_stats([r.e2e for r in ok]),
+        # How long a streamed token took from the engine to this client (zeros: not reported).
+        "delivery_lag": latency_stats([x for r in ok for x in r.delivery_lag]),
     }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per run of a sweep: rate, throughput, goodput and the latency percentiles (ms)."""
+    """One line per run of a sweep: rate, throughput, goodput and the latency percentiles (ms),
+    the last the delivery lag from engine to client."""
 
     def spread(stats: dict[str, float]) -> str:
         return " / ".join(f"{stats[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms"))
 
     lines = ["| rate (req/s) | completed | req/s | output tok/s | goodput req/s (met) | TTFT p50 / p90 / p99 "
-             "| ITL p50 / p90 / p99 | TPOT p50 / p90 / p99 | E2E p50 / p90 / p99 |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ITL p50 / p90 / p99 | TPOT p50 / p90 / p99 | E2E p50 / p90 / p99 | delivery p50 / p90 / p99 |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         goodput = f"{r['goodput']:.2f} ({100 * r['slo_attainment']:.0f}%)" if "goodput" in r else "-"
         lines.append(f"| {r['request_rate']:g} | {r['completed']}/{r['completed'] + r['failed']} "
                      f"| {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {goodput} "
-                     f"| {spread(r['ttft'])} | {spread(r['itl'])} | {spread(r['tpot'])} | {spread(r['e2e'])} |")
+                     f"| {spread(r['ttft'])} | {spread(r['itl'])} | {spread(r['tpot'])} | {spread(r['e2e'])} "
+                     f"| {spread(r['delivery_lag'])} |")
     return "\n".join(lines)
 
 

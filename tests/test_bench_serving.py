@@ -5,6 +5,7 @@ latency percentiles and goodput against timelines computed by hand, and the rate
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -12,12 +13,12 @@ import time
 import numpy
 import pytest
 
-from sglang_core.bench_serving import CLIENT_LIMITS, RequestResult, percentile, request_rates, summarize, workload
+from sglang_core.bench_serving import (CLIENT_LIMITS, BenchRequest, RequestResult, _native_counts, _timed, percentile,
+                                      request_rates, summarize, workload)
 from sglang_core.cli import build_parser, main
 from sglang_core.server.settings import ServerSettings
 from sglang_core.tokenizer import load_tokenizer
 
-from server_util import running_server
 
 SHARED_PREFIX = ("--dataset", "shared-prefix", "--sp-groups", "2", "--sp-prompts-per-group", "3",
                  "--sp-system-len", "24", "--sp-question-len", "6", "--warmup-requests", "2")
@@ -67,9 +68,8 @@ def test_client_drops_idle_connections_before_the_server_closes_them():
 # ---- against a live server ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tiny_llama):
-    with running_server("--model-path", str(tiny_llama), "--context-length", "256") as srv:
-        yield srv
+def server(tiny_server):
+    return tiny_server
 
 
 def served_cached_tokens(server) -> float:
@@ -170,5 +170,20 @@ def test_a_sweep_runs_each_rate_with_its_own_prompts(server, tiny_llama, tmp_pat
     assert [(r["request_rate"], r["seed"], r["config"]["seed"]) for r in rows] == [(40, 500, 500), (float("inf"), 501, 501)]
     for r in rows:  # targets no request misses: goodput is the request throughput
         assert r["completed"] == 3 and r["goodput"] == pytest.approx(r["request_throughput"])
+        assert 0 < r["delivery_lag"]["median_ms"] < r["e2e"]["p99_ms"], "the server stamps each streamed token"
     table = table_file.read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| 40 | 3/3 |") and table[3].startswith("| inf | 3/3 |")
+
+
+def test_delivery_lag_is_arrival_minus_the_engines_production_time():
+    """Chunks stamped as produced 100 s and 200 s ago (as a server would in ``meta_info``)."""
+
+    async def chunks():
+        for ago, tokens in ((100.0, 1), (200.0, 2)):
+            yield {"meta_info": {"completion_tokens": tokens, "cached_tokens": 0, "produced_at": time.time() - ago}}
+
+    request = BenchRequest(prompt="", input_ids=[1, 2], output_len=2)
+    result = asyncio.run(_timed(chunks(), request, _native_counts))
+    assert result.ok and result.output_len == 2
+    assert [round(lag) for lag in result.delivery_lag] == [100, 200]
+    assert summarize([result], 1.0)["delivery_lag"]["p90_ms"] == pytest.approx(190_000, abs=100)  # rank 0.9

@@ -15,7 +15,8 @@ rates each server takes a short warm-up load (all at once, so prefill and decode
 every kernel is compiled). Runs that would pass `--deadline-s` are skipped and say so.
 
 Policies (`--policy NAME=FLAGS`, repeatable; default: the three below): `default` (today's
-schedule), `budget256` (`--max-step-tokens 256`), `target12ms` (`--target-step-ms 12`).
+schedule), `budget256` (`--max-step-tokens 256`), `target12ms` (`--target-step-ms 12
+--max-step-tokens 512`: the budget from measured step costs, capped).
 
 Writes to `--out`: `itl_sweep.jsonl` (bench-serving's JSON line per run, with `policy`),
 `itl_sweep.md` (a table per policy, then the issue's checks side by side) and each server's log.
@@ -38,7 +39,8 @@ from serving_cpu import stop, wait_healthy
 from sglang_core.bench_serving import markdown_table
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
-POLICIES = {"default": "", "budget256": "--max-step-tokens 256", "target12ms": "--target-step-ms 12"}
+POLICIES = {"default": "", "budget256": "--max-step-tokens 256",
+            "target12ms": "--target-step-ms 12 --max-step-tokens 512"}
 # The tiny model of --dry-run (its tokenizer is the engine's placeholder for a bare config folder).
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

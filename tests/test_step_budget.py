@@ -33,6 +33,8 @@ def test_the_cost_line_is_the_least_squares_line_of_the_steps():
     model.record(100, 0.5)
     model.record(100, 0.7)
     assert model.fit() == (0.0, pytest.approx(0.006)), "steps of one size: the line through the origin"
+    model.record(110, 0.5)  # sizes 100-110 span less than a quarter of their mean: still no slope
+    assert model.fit() == (0.0, pytest.approx(1.7 / 310))
     # Noisy points near 0.01 + 0.001 * x. By hand: mean x 15, mean y 0.0255, Sxx 500, Sxy 0.51,
     # so slope 0.51 / 500 = 0.00102 and intercept 0.0255 - 15 * 0.00102 = 0.0102.
     model = StepCostModel()

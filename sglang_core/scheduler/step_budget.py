@@ -19,6 +19,9 @@ MIN_STEP_TOKENS = 32
 # Recent steps the cost line is fitted to: enough to span several step sizes, few enough to
 # follow a change of load (longer contexts make the same tokens cost more).
 COST_WINDOW = 64
+# Step sizes spanning less than this share of their mean fix no slope: timing noise over nearly
+# equal sizes can give any slope, and a slope too small would allow steps far past the target.
+MIN_SIZE_SPREAD = 0.25
 
 
 class StepCostModel:
@@ -31,18 +34,19 @@ class StepCostModel:
         self.samples.append((tokens, seconds))
 
     def fit(self) -> tuple[float, float] | None:
-        """(a seconds, b seconds per token), or None before any step. Steps all of one size (a
-        queue that keeps every step full) fix no slope: the line then goes through the origin,
-        counting the fixed cost per token, which under-estimates the budget, so the next steps
-        are of another size and fix the line."""
+        """(a seconds, b seconds per token), or None before any step. Steps all of about one
+        size (a queue that keeps every step full) fix no slope: the line then goes through the
+        origin, counting the fixed cost per token, which under-estimates the budget, so the next
+        steps are smaller and fix the line."""
         n = len(self.samples)
         if n == 0:
             return None
-        mean_x = sum(x for x, _ in self.samples) / n
+        sizes = [x for x, _ in self.samples]
+        mean_x = sum(sizes) / n
         mean_y = sum(y for _, y in self.samples) / n
-        sxx = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        if sxx == 0:
+        if max(sizes) - min(sizes) < MIN_SIZE_SPREAD * mean_x:
             return 0.0, mean_y / mean_x
+        sxx = sum((x - mean_x) ** 2 for x in sizes)
         b = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / sxx
         return mean_y - b * mean_x, b
 

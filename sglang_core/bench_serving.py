@@ -9,6 +9,14 @@ by ``--max-concurrency``. Backends: our native ``/generate`` or any OpenAI-compa
 Each run draws fresh prompts (and warm-up prompts apart from them) unless ``--seed`` repeats an
 earlier run's, so a second run against the same server is not served from its prefix cache; the
 report gives the seed and the prompt tokens the server took from its cache.
+
+The report: throughput, the mean, p50, p90 and p99 of TTFT, ITL (the gaps between a stream's
+chunks), TPOT ((E2E - TTFT) / (output tokens - 1)), E2E and, on the native backend, each streamed
+chunk's delivery lag (its arrival minus the engine's ``meta_info.produced_at``, a wall-clock
+time: the server must run on this host), and, with ``--slo-ttft-ms`` and/or
+``--slo-tpot-ms``, goodput: the requests per second that met every target given.
+``--request-rates 1,8,inf`` sweeps: one run per rate, each with fresh prompts (``--seed S``:
+S, S+1, ...), one JSON line each and a markdown table of all.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ class RequestResult:
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
+    # Per chunk: arrival here minus the engine's production time of its latest token (native
+    # backend, server on the same host: both are wall-clock times).
+    delivery_lag: list[float] = field(default_factory=list)
     error: str = ""
 
 
@@ -115,8 +126,12 @@ async def _sse(client: httpx.AsyncClient, url: str, body: dict, headers: dict):
 async def send_native(client, base_url, req: BenchRequest, headers, ignore_eos: bool = True) -> RequestResult:
     body = {"input_ids": req.input_ids, "stream": True,
             "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "temperature": 0}}
-    return await _timed(_sse(client, f"{base_url}/generate", body, headers), req,
-                        counts=lambda chunk: (chunk["meta_info"]["completion_tokens"], chunk["meta_info"]["cached_tokens"]))
+    return await _timed(_sse(client, f"{base_url}/generate", body, headers), req, counts=_native_counts)
+
+
+def _native_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
+    meta = chunk["meta_info"]
+    return meta["completion_tokens"], meta["cached_tokens"], meta.get("produced_at")
 
 
 async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
@@ -128,24 +143,27 @@ async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
     return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req, counts=_openai_counts)
 
 
-def _openai_counts(chunk: dict) -> tuple[int | None, int | None]:
+def _openai_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
     usage = chunk.get("usage") or {}
-    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens"), None
 
 
 async def _timed(chunks, req: BenchRequest, counts) -> RequestResult:
-    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far, or None."""
+    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far
+    and the server's production time of the chunk's latest token, each or None."""
     result = RequestResult(ok=False, input_len=len(req.input_ids))
     start = last = time.perf_counter()
     try:
         async for chunk in chunks:
-            now = time.perf_counter()
+            now, arrived = time.perf_counter(), time.time()
             if result.ttft == 0.0:
                 result.ttft = now - start
             else:
                 result.itl.append(now - last)
             last = now
-            generated, cached = counts(chunk)
+            generated, cached, produced_at = counts(chunk)
+            if produced_at:  # 0: an ending the engine did not produce (its process died)
+                result.delivery_lag.append(arrived - produced_at)
             if generated is not None:
                 result.output_len = generated
             if cached is not None:
@@ -225,18 +243,46 @@ async def run(requests: list[BenchRequest], send, request_rate: float, max_concu
     return results, duration
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), interpolating linearly between the two nearest ranks
+    (numpy's default): rank ``q / 100 * (n - 1)`` of the sorted values."""
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_stats(values: list[float]) -> dict[str, float]:
+    """Mean and percentiles of latencies given in seconds, in milliseconds (zeros for none)."""
+    if not values:
+        return {"mean_ms": 0.0, "median_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0}
+    return {"mean_ms": 1000 * statistics.fmean(values), "median_ms": 1000 * percentile(values, 50),
+            "p90_ms": 1000 * percentile(values, 90), "p99_ms": 1000 * percentile(values, 99)}
+
+
+def tpot(result: RequestResult) -> float | None:
+    """Time per output token after the first, or None for a request of one token or none."""
+    return (result.e2e - result.ttft) / (result.output_len - 1) if result.output_len > 1 else None
+
+
+def meets_slo(result: RequestResult, ttft_ms: float | None, tpot_ms: float | None) -> bool:
+    """A completed request within every target given (a one-token request has no TPOT to miss)."""
+    per_token = tpot(result)
+    return (result.ok and (ttft_ms is None or 1000 * result.ttft <= ttft_ms)
+            and (tpot_ms is None or per_token is None or 1000 * per_token <= tpot_ms))
+
+
+def summarize(results: list[RequestResult], duration: float, slo_ttft_ms: float | None = None,
+              slo_tpot_ms: float | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
-
-    def stats(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {"mean_ms": 0.0, "median_ms": 0.0, "p99_ms": 0.0}
-        ordered = sorted(values)
-        return {"mean_ms": 1000 * statistics.fmean(ordered), "median_ms": 1000 * statistics.median(ordered),
-                "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
-
-    tpot = [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    tpots = [t for t in map(tpot, ok) if t is not None]
     cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+    slo: dict[str, Any] = {}
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in results)
+        slo = {"slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "goodput": good / duration,
+               "slo_attainment": good / len(results)}
     return {
         "completed": len(ok),
         "failed": len(results) - len(ok),
@@ -250,11 +296,44 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         # not those of fresh traffic. None: the server did not report it.
         "cached_prompt_tokens": sum(cached) if cached else None,
         "output_tokens": sum(r.output_len for r in ok),
-        "ttft": stats([r.ttft for r in ok]),
-        "tpot": stats(tpot),
-        "itl": stats([x for r in ok for x in r.itl]),
-        "e2e": stats([r.e2e for r in ok]),
+        **slo,
+        "ttft": latency_stats([r.ttft for r in ok]),
+        "tpot": latency_stats(tpots),
+        "itl": latency_stats([x for r in ok for x in r.itl]),
+        "e2e": latency_stats([r.e2e for r in ok]),
+        # How long a streamed token took from the engine to this client (zeros: not reported).
+        "delivery_lag": latency_stats([x for r in ok for x in r.delivery_lag]),
     }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per run of a sweep: rate, throughput, goodput and the latency percentiles (ms),
+    the last the delivery lag from engine to client."""
+
+    def spread(stats: dict[str, float]) -> str:
+        return " / ".join(f"{stats[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms"))
+
+    lines = ["| rate (req/s) | completed | req/s | output tok/s | goodput req/s (met) | TTFT p50 / p90 / p99 "
+             "| ITL p50 / p90 / p99 | TPOT p50 / p90 / p99 | E2E p50 / p90 / p99 | delivery p50 / p90 / p99 |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        goodput = f"{r['goodput']:.2f} ({100 * r['slo_attainment']:.0f}%)" if "goodput" in r else "-"
+        lines.append(f"| {r['request_rate']:g} | {r['completed']}/{r['completed'] + r['failed']} "
+                     f"| {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {goodput} "
+                     f"| {spread(r['ttft'])} | {spread(r['itl'])} | {spread(r['tpot'])} | {spread(r['e2e'])} "
+                     f"| {spread(r['delivery_lag'])} |")
+    return "\n".join(lines)
+
+
+def request_rates(text: str) -> list[float]:
+    """``--request-rates``: comma-separated requests/s, ``inf`` for all at once."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"request-rates: not a comma-separated list of numbers: {text!r}") from None
+    if not rates or any(not rate > 0 for rate in rates):
+        raise ValueError(f"request-rates: each rate must be > 0 (inf: all at once), got {text!r}")
+    return rates
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -275,6 +354,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sp-question-len", type=int, default=64)
     p.add_argument("--sp-output-len", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--request-rates", default=None,
+                   help="sweep: comma-separated rates (e.g. 1,8,16,32,inf), one run each with fresh prompts; "
+                        "overrides --request-rate")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request must have TTFT <= this")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request must have TPOT <= this")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup-requests", type=int, default=1)
     p.add_argument("--seed", type=int, default=None,
@@ -282,7 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: a fresh seed, so that no prompt of an earlier run is sent again)")
     p.add_argument("--disable-ignore-eos", action="store_true",
                    help="let requests stop at EOS (for servers that reject `ignore_eos`)")
-    p.add_argument("--result-file", default=None, help="append the JSON result as one line")
+    p.add_argument("--result-file", default=None, help="append the JSON result as one line (one per rate)")
+    p.add_argument("--table-file", default=None, help="write the markdown table of the runs here")
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> int:
@@ -292,7 +377,8 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         from sglang_core.weights.default_model import default_model_path
 
         args.tokenizer = str(default_model_path())
-    work = workload(args, load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    rates = request_rates(args.request_rates) if args.request_rates else [args.request_rate]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.base_url.rstrip("/")
     if args.backend == "native":
@@ -304,13 +390,25 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         async def send(client, req):
             return await send_openai(client, base, req, headers, model, not args.disable_ignore_eos)
 
-    results, duration = asyncio.run(run(work.requests, send, args.request_rate, args.max_concurrency,
-                                        work.warmup, work.seed))
-    summary = {"seed": work.seed, **summarize(results, duration)}
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
-    record = {"config": {**config, "seed": work.seed}, **summary}
-    print(json.dumps(summary, indent=2))
-    if args.result_file:
-        with open(args.result_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    return 0 if summary["failed"] == 0 else 1
+    rows, failed = [], 0
+    for i, rate in enumerate(rates):
+        # Each rate its own prompts: a later run must not find an earlier one's in the prefix cache.
+        run_args = argparse.Namespace(**{**vars(args), "request_rate": rate,
+                                         "seed": None if args.seed is None else args.seed + i})
+        work = workload(run_args, tokenizer)
+        results, duration = asyncio.run(run(work.requests, send, rate, args.max_concurrency, work.warmup, work.seed))
+        summary = {"seed": work.seed, "request_rate": rate,
+                   **summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)}
+        config = {k: v for k, v in vars(run_args).items() if k not in ("func", "api_key")}
+        print(json.dumps(summary, indent=2), flush=True)
+        if args.result_file:
+            with open(args.result_file, "a") as f:
+                f.write(json.dumps({"config": {**config, "seed": work.seed}, **summary}) + "\n")
+        rows.append(summary)
+        failed += summary["failed"]
+    table = markdown_table(rows)
+    print(table)
+    if args.table_file:
+        with open(args.table_file, "w") as f:
+            f.write(table + "\n")
+    return 0 if failed == 0 else 1

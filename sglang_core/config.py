@@ -8,7 +8,7 @@ import json
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,8 @@ class EngineSettings(BaseSettings):
     disable_radix_cache: bool = Field(False, description="switch the prefix cache off")
     enable_cascade_decode: bool = Field(False, description="decode reads a cached prefix shared by several running requests once per group, not once per request (triton attention backend)")
     enable_mixed_chunk: bool = Field(False, description="running requests decode their next token in the same forward pass as a prefill step instead of waiting for it")
+    max_step_tokens: int | None = Field(None, gt=0, description="most tokens in a step that carries prefill: the running requests' decodes ride along first (as with --enable-mixed-chunk) and prefill chunks fill the rest, so a prompt stalls decoding for one bounded step at a time; unset: prefill steps are bounded by --chunked-prefill-size alone")
+    target_step_ms: float | None = Field(None, gt=0, description="size the token budget of steps that carry prefill so their time stays near this, from a line time = a + b * tokens fitted to recent such steps (at most --max-step-tokens, else --chunked-prefill-size); implies the decodes-first steps of --max-step-tokens")
 
     # Plugins and kernels
     plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
@@ -66,6 +68,14 @@ class EngineSettings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()] or None
         return value
+
+    @model_validator(mode="after")
+    def _step_budget_needs_chunks(self) -> "EngineSettings":
+        if (self.max_step_tokens is not None or self.target_step_ms is not None) and self.chunked_prefill_size <= 0:
+            field = "max_step_tokens" if self.max_step_tokens is not None else "target_step_ms"
+            raise ValueError(f"{field}: a step token budget splits prompts into chunks; it needs "
+                             f"chunked_prefill_size > 0 (got {self.chunked_prefill_size})")
+        return self
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -75,6 +75,7 @@ class OutputBuilder:
         self.input_top_logprobs: list = []
         self.cached_tokens = 0
         self.forced_tokens = 0
+        self.produced_at = 0.0
         self.constrained = params.constraint is not None
         self.finished_reason: dict | None = None
         self.sent = 0  # characters of visible text already streamed
@@ -92,6 +93,7 @@ class OutputBuilder:
             self.input_logprobs, self.input_top_logprobs = out.input_logprobs, out.input_top_logprobs or []
         self.cached_tokens = out.cached_tokens
         self.forced_tokens = out.forced_tokens
+        self.produced_at = out.produced_at
         self.finished_reason = reason = out.finished_reason
         new_ids = out.new_ids
         if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
@@ -125,6 +127,9 @@ class OutputBuilder:
             "completion_tokens": len(self.output_ids),
             "cached_tokens": self.cached_tokens,
             "finish_reason": self.finished_reason,
+            # When the engine handed out the latest token (time.time()): streaming clients on the
+            # same host measure how long it took to reach them.
+            "produced_at": self.produced_at,
         }
         if self.constrained:  # how much of the output jump-forward appended vs the model sampled
             meta["forced_tokens"] = self.forced_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from sglang_core.config import EngineSettings
@@ -139,6 +140,7 @@ class EngineCore:
             finished_reason=req.finished_reason,
             cached_tokens=req.cached_tokens,
             forced_tokens=req.forced_tokens,
+            produced_at=time.time(),
         )
         if req.return_logprob:
             out.output_logprobs = req.output_token_logprobs[start:end]

@@ -27,6 +27,9 @@ class TokenOutput(msgspec.Struct):
     finished_reason: dict[str, Any] | None
     cached_tokens: int
     forced_tokens: int = 0  # so far: output tokens appended by jump-forward, not sampled
+    # Wall-clock time (time.time()) at which the engine core handed this output out, at the end
+    # of the step that produced it: clients on the same host measure delivery against it.
+    produced_at: float = 0.0
     output_logprobs: list[float] = []
     output_top_logprobs: list[list[tuple[float, int]]] = []
     # Sent once, with the first output, when prompt logprobs were asked for.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 # Before torch loads OpenMP: spinning idle workers would starve the engine and server processes
@@ -51,6 +52,22 @@ def lang_server():
     from server_util import running_server
 
     with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama, tmp_path_factory):
+    """One `sglang-core serve` of ``tiny_llama`` (context 256) for the HTTP tests of bench-serving
+    and streaming, with the test plugin ``tests/pace_plugin.py`` installed beside the built-ins."""
+    from server_util import running_server
+
+    site = tmp_path_factory.mktemp("pace_site")
+    info = site / "sglang_core_test_pace-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang-core-test-pace\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[sglang_core.plugins]\npace = pace_plugin\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent), *sys.path])}
+    with running_server("--model-path", str(tiny_llama), "--context-length", "256", env=env) as server:
         yield server
 
 

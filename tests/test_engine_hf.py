@@ -53,7 +53,9 @@ def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **setti
     {"disable_radix_cache": True, "chunked_prefill_size": 8},
     {"schedule_policy": "fcfs"},
     {"enable_mixed_chunk": True, "chunked_prefill_size": 8},
-], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed"])
+    {"max_step_tokens": 12},
+    {"target_step_ms": 0.001, "max_step_tokens": 40},
+], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed", "step-budget", "step-target"])
 def test_tiny_llama_matches_hf(tiny_llama, settings):
     prompts = _prompts(1, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
     max_new = [20, 7, 33, 12, 25, 16]
@@ -61,22 +63,26 @@ def test_tiny_llama_matches_hf(tiny_llama, settings):
     # only give that when the machine keeps pace with the gap (a slow CI step let each request
     # finish alone), so that case sends all at once: 196 prompt tokens in chunks of 8 while the
     # first finished ones decode, whatever the speed.
-    gap = 0.0 if settings.get("enable_mixed_chunk") else 0.02
+    # A step token budget (fixed, or from a target far below any step's time: the floor of
+    # MIN_STEP_TOKENS) chunks the prompts itself and makes every prefill step a mixed one.
+    mixed = settings.get("enable_mixed_chunk") or settings.get("max_step_tokens")
+    gap = 0.0 if mixed else 0.02
     engine = _check_against_hf(tiny_llama, prompts, max_new, gap=gap, **settings)
     try:
-        if settings.get("enable_mixed_chunk"):  # decodes really rode along with prefill chunks
+        if mixed:  # decodes really rode along with prefill chunks
             assert engine.stats()["mixed_decode_tokens"] > 0
     finally:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed"])
-def test_tiny_llama_under_retraction(tiny_llama, mixed: bool):
+@pytest.mark.parametrize("schedule", [{}, {"enable_mixed_chunk": True}, {"max_step_tokens": 16}],
+                         ids=["plain", "mixed", "step-budget"])
+def test_tiny_llama_under_retraction(tiny_llama, schedule: dict):
     """A KV pool too small for every running request forces retraction; outputs stay exact."""
     prompts = _prompts(2, [20, 24, 18, 30, 22, 26], 259)
     max_new = [40] * 6
     engine = _check_against_hf(tiny_llama, prompts, max_new, gap=0.0, max_total_tokens=160, new_token_ratio=0.0,
-                               chunked_prefill_size=64, enable_mixed_chunk=mixed)
+                               chunked_prefill_size=64, **schedule)
     try:
         assert engine.stats()["retractions"] > 0, "the tiny pool should have forced a retraction"
     finally:

@@ -39,14 +39,15 @@ class Admission:
         self.retractions = 0
         self.mixed_decode_tokens = 0  # decode tokens computed inside prefill steps (--enable-mixed-chunk)
 
-    def schedule_extend(self, waiting: list[Req], running: list[Req],
-                        chunked: Req | None) -> tuple[list[Chunk], Req | None]:
+    def schedule_extend(self, waiting: list[Req], running: list[Req], chunked: Req | None,
+                        step_tokens: int | None = None) -> tuple[list[Chunk], Req | None]:
         """Pick this step's prefill work: the chunked request's next chunk, then waiting requests
         in policy order while the token budget, request rows and KV memory last. Admitted
-        requests leave ``waiting``. Returns the chunks and the request part-way through a
-        chunked prefill after this step (``chunked`` or its successor, or None)."""
+        requests leave ``waiting``. ``step_tokens`` (> 0): the prefill share of a step token
+        budget, a further bound on the budget. Returns the chunks and the request part-way
+        through a chunked prefill after this step (``chunked`` or its successor, or None)."""
         cache = self.memory.cache
-        budget = min(self.chunk_size or math.inf, self.settings.max_prefill_tokens)
+        budget = min(self.chunk_size or math.inf, self.settings.max_prefill_tokens, step_tokens or math.inf)
         chunks: list[Chunk] = []
         # Prompts being prefilled now: a waiting request that shares a long prefix with one of
         # them waits a step and reuses it from the cache instead of computing it again.

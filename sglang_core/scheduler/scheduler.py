@@ -25,6 +25,7 @@ from sglang_core.scheduler.admission import Admission
 from sglang_core.scheduler.batch_runner import BatchRunner, Chunk
 from sglang_core.scheduler.overlap import OverlappedDecode
 from sglang_core.scheduler.request_memory import RequestMemory
+from sglang_core.scheduler.step_budget import StepBudget
 
 
 class Scheduler:
@@ -35,6 +36,9 @@ class Scheduler:
         self.memory = RequestMemory(runner.req_pool, runner.kv_pool, radix_cache=not settings.disable_radix_cache)
         self.batches = BatchRunner(runner, settings, sampler, tokenizer, eos_token_ids, self.memory, self._finish)
         self.admission = Admission(settings, self.memory)
+        # Decodes-first steps under a token budget (--max-step-tokens / --target-step-ms), else None.
+        budgeted = settings.max_step_tokens is not None or settings.target_step_ms is not None
+        self.step_budget = StepBudget(settings) if budgeted else None
         graphs = runner.cuda_graphs if not settings.disable_overlap_schedule else None
         self.overlap = OverlappedDecode(self.batches, self.memory, graphs.max_bs if graphs is not None else 0)
         self.waiting: list[Req] = []
@@ -152,11 +156,14 @@ class Scheduler:
         jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
         if jumped and (chunks := self.admission.grow_running(jumped)):
             return self._run_extend(chunks)
-        chunks, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked)
-        if chunks:
-            if self.settings.enable_mixed_chunk:
-                chunks += self.admission.riding_decodes(self.running)
-            return self._run_extend(chunks)
+        if self.step_budget is None:
+            chunks, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked)
+            if chunks:
+                if self.settings.enable_mixed_chunk:
+                    chunks += self.admission.riding_decodes(self.running)
+                return self._run_extend(chunks)
+        elif (chunks := self._schedule_budgeted()):
+            return self._run_budgeted(chunks)
         self._admission_blocked = bool(self.waiting)
         if self.running and self.overlap.can_launch_ahead(self.running):
             self.overlap.start(self.running)
@@ -179,6 +186,28 @@ class Scheduler:
         for req in prefilled:
             self._finish(req, {"type": "length", "length": 0})
         return finals + prefilled
+
+    def _schedule_budgeted(self) -> list[Chunk]:
+        """A step under the token budget: every running decode, then prefill in what is left.
+        Decodes that fill the budget get a plain decode step; prefill waits for one to finish."""
+        decodes = sum(1 for r in self.running if r.fill_len - r.kv_len == 1)
+        room = self.step_budget.tokens() - decodes
+        if room <= 0:
+            return []
+        chunks, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked, room)
+        return chunks + self.admission.riding_decodes(self.running) if chunks else []
+
+    def _run_budgeted(self, chunks: list[Chunk]) -> list[Req]:
+        """Run a budgeted step; with a latency target, time it for the budget's cost model."""
+        if self.step_budget.target_s is None:
+            return self._run_extend(chunks)
+        start = time.perf_counter()
+        reqs = self._run_extend(chunks)
+        device = self.batches.runner.device
+        if device.type == "cuda":  # a step that samples nothing returns before the device has run it
+            torch.cuda.synchronize(device)
+        self.step_budget.record(sum(c.end - c.start for c in chunks), time.perf_counter() - start)
+        return reqs
 
     def _run_decode(self) -> list[Req]:
         too_big = self.admission.make_room_for_decode(self.running, self.waiting)

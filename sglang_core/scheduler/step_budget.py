@@ -1,0 +1,82 @@
+"""The token budget of a step that carries prefill (``--max-step-tokens``, ``--target-step-ms``).
+
+The running requests' decodes take their share of the budget first and prefill chunks fill the
+rest, so a long prompt stalls the decodes by one bounded step at a time instead of by whole
+prefill steps. With a latency target the budget follows measured step times: a least-squares
+line, time = a + b * tokens, over the recent steps that carried prefill, solved for the tokens
+that take the target.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sglang_core.config import EngineSettings
+
+# A target below a step's fixed cost would leave no room for prefill; this floor keeps prompts
+# moving (the fixed cap, when smaller, still wins).
+MIN_STEP_TOKENS = 32
+# Recent steps the cost line is fitted to: enough to span several step sizes, few enough to
+# follow a change of load (longer contexts make the same tokens cost more).
+COST_WINDOW = 64
+# Step sizes spanning less than this share of their mean fix no slope: timing noise over nearly
+# equal sizes can give any slope, and a slope too small would allow steps far past the target.
+MIN_SIZE_SPREAD = 0.25
+
+
+class StepCostModel:
+    """Step time as a + b * tokens, fitted by least squares to the latest ``window`` steps."""
+
+    def __init__(self, window: int = COST_WINDOW):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a seconds, b seconds per token), or None before any step. Steps all of about one
+        size (a queue that keeps every step full) fix no slope: the line then goes through the
+        origin, counting the fixed cost per token, which under-estimates the budget, so the next
+        steps are smaller and fix the line."""
+        n = len(self.samples)
+        if n == 0:
+            return None
+        sizes = [x for x, _ in self.samples]
+        mean_x = sum(sizes) / n
+        mean_y = sum(y for _, y in self.samples) / n
+        if max(sizes) - min(sizes) < MIN_SIZE_SPREAD * mean_x:
+            return 0.0, mean_y / mean_x
+        sxx = sum((x - mean_x) ** 2 for x in sizes)
+        b = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / sxx
+        return mean_y - b * mean_x, b
+
+    def tokens_within(self, seconds: float) -> int | None:
+        """The most tokens a step may hold to take ``seconds`` by the fitted line; None without a
+        line, or when time does not grow with tokens (nothing to bound)."""
+        line = self.fit()
+        if line is None or line[1] <= 0:
+            return None
+        a, b = line
+        return int((seconds - a) / b)
+
+
+class StepBudget:
+    """How many tokens (decodes + prefill) the next step carrying prefill may hold."""
+
+    def __init__(self, settings: EngineSettings):
+        self.cap = settings.max_step_tokens or settings.chunked_prefill_size
+        self.target_s = settings.target_step_ms / 1000 if settings.target_step_ms is not None else None
+        self.costs = StepCostModel()
+
+    def tokens(self) -> int:
+        if self.target_s is None:
+            return self.cap
+        fitted = self.costs.tokens_within(self.target_s)
+        if fitted is None:
+            return self.cap
+        return min(self.cap, max(MIN_STEP_TOKENS, fitted))
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """A step carrying prefill took ``seconds`` for ``tokens`` (decodes included)."""
+        if self.target_s is not None:
+            self.costs.record(tokens, seconds)

@@ -1,0 +1,186 @@
+"""The step token budget (``--max-step-tokens``, ``--target-step-ms``): in a step that carries
+prefill the running requests' decodes come first and prefill chunks fill the rest.
+
+The scheduler is driven one step at a time on a tiny model, each forward pass's token count
+seen at the runner: no step exceeds the budget, every running request gets its token in every
+step, every request finishes its full length and every KV slot comes back. The cost model is
+checked against lines computed by hand. Token-exactness against HF: tests/test_engine_hf.py.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+
+from sglang_core.config import EngineSettings
+from sglang_core.engine_core import EngineCore
+from sglang_core.messages import GenerateRequest
+from sglang_core.model_executor.forward_batch import ForwardMode
+from sglang_core.plugins import PluginManager
+from sglang_core.scheduler import scheduler as scheduler_module
+from sglang_core.scheduler.step_budget import COST_WINDOW, MIN_STEP_TOKENS, StepBudget, StepCostModel
+
+# ---- the cost model -------------------------------------------------------------------------
+
+A, B = 2**-9, 2**-13  # seconds, seconds per token: exact in binary
+
+
+def test_the_cost_line_is_the_least_squares_line_of_the_steps():
+    model = StepCostModel()
+    assert model.fit() is None
+    model.record(100, 0.5)
+    model.record(100, 0.7)
+    assert model.fit() == (0.0, pytest.approx(0.006)), "steps of one size: the line through the origin"
+    model.record(110, 0.5)  # sizes 100-110 span less than a quarter of their mean: still no slope
+    assert model.fit() == (0.0, pytest.approx(1.7 / 310))
+    # Noisy points near 0.01 + 0.001 * x. By hand: mean x 15, mean y 0.0255, Sxx 500, Sxy 0.51,
+    # so slope 0.51 / 500 = 0.00102 and intercept 0.0255 - 15 * 0.00102 = 0.0102.
+    model = StepCostModel()
+    for x, y in ((0, 0.011), (10, 0.019), (20, 0.031), (30, 0.041)):
+        model.record(x, y)
+    a, b = model.fit()
+    assert a == pytest.approx(0.0102) and b == pytest.approx(0.00102)
+    assert model.tokens_within(0.05) == 39  # (0.05 - 0.0102) / 0.00102 = 39.02
+
+
+def test_flat_or_falling_step_times_bound_nothing():
+    model = StepCostModel()
+    model.record(10, 0.02)
+    model.record(50, 0.01)
+    assert model.tokens_within(0.015) is None
+
+
+def test_the_budget_follows_the_target_within_cap_and_floor():
+    settings = EngineSettings(model_path="unused", max_step_tokens=256, target_step_ms=1000 * (A + 300.5 * B))
+    budget = StepBudget(settings)
+    assert budget.tokens() == 256, "no measurements yet: the cap"
+    budget.record(200, A + B * 200)
+    assert budget.tokens() == 256, "the target allows more: the cap wins"
+    budget.cap = 1000
+    assert budget.tokens() == 293, "one step size: proportional to its time, (A + 300.5 B) / (A / 200 + B)"
+    for tokens in (40, 120):
+        budget.record(tokens, A + B * tokens)
+    assert budget.tokens() == 300
+    for tokens in range(COST_WINDOW):  # a slower regime replaces the old steps in the window
+        budget.record(tokens + 1, 1.0 + B * tokens)
+    assert budget.tokens() == MIN_STEP_TOKENS, "a target below a step's fixed cost: the floor"
+
+
+def test_a_fixed_budget_records_nothing():
+    budget = StepBudget(EngineSettings(model_path="unused", max_step_tokens=64))
+    budget.record(10, 1.0)
+    budget.record(20, 3.0)
+    assert budget.tokens() == 64 and not budget.costs.samples
+
+
+@pytest.mark.parametrize("field", ["max_step_tokens", "target_step_ms"])
+def test_a_step_budget_needs_chunked_prefill(field):
+    with pytest.raises(ValueError, match=field):
+        EngineSettings(model_path="unused", chunked_prefill_size=0, **{field: 64})
+
+
+# ---- the scheduler under the budget -----------------------------------------------------------
+
+def make_core(model, **settings) -> tuple[EngineCore, list[tuple[ForwardMode, int]]]:
+    """An engine core whose runner logs (mode, tokens) of every forward pass."""
+    config = EngineSettings(model_path=str(model), device="cpu", **settings)
+    core = EngineCore(config, PluginManager(config.plugins))
+    steps: list[tuple[ForwardMode, int]] = []
+    forward = core.runner.forward
+
+    def logged(step):
+        steps.append((step.mode, len(step.input_ids)))
+        return forward(step)
+
+    core.runner.forward = logged
+    return core, steps
+
+
+def add(core: EngineCore, rid: str, prompt: list[int], max_new_tokens: int) -> None:
+    core.add(GenerateRequest(rid=rid, input_ids=prompt, sampling_params={
+        "temperature": 0.0, "ignore_eos": True, "max_new_tokens": max_new_tokens}))
+
+
+def prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(3, 259) for _ in range(length)]
+
+
+def run_to_the_end(core: EngineCore) -> dict[str, int]:
+    """Step until idle, checking before and after each step that every running request gets
+    exactly one token from it (none is starved). Returns each request's output length."""
+    sched = core.scheduler
+    outputs: dict[str, int] = {}
+    for _ in range(2000):
+        if not core.has_work():
+            break
+        before = {r.rid: len(r.output_ids) for r in sched.running}
+        reqs = {r.rid: r for r in sched.running}
+        core.step()
+        for rid, count in before.items():
+            assert len(reqs[rid].output_ids) == count + 1, f"{rid} got no token from this step"
+        outputs |= {r.rid: len(r.output_ids) for r in reqs.values()}
+        outputs |= {r.rid: len(r.output_ids) for r in sched.running}
+    assert not core.has_work()
+    return outputs
+
+
+def check_all_memory_back(core: EngineCore) -> None:
+    core.scheduler.check_memory()
+    assert core.scheduler.flush_cache()
+    report = core.scheduler.memory_report()
+    assert report["kv_free"] == report["kv_pool_size"] and report["request_rows_free"] == report["request_rows"]
+
+
+@pytest.mark.parametrize("budget", [24, 5], ids=["prefill-fills-the-rest", "decodes-fill-the-budget"])
+def test_every_step_stays_within_the_budget_and_every_request_finishes(tiny_llama, budget: int):
+    """Three requests decode while five prompts longer than the budget arrive. With a budget of
+    24, prompts are cut into chunks sharing steps with the decodes; with 5, the decodes soon
+    fill the budget and prefill waits for a request to finish, never squeezing a decode out."""
+    core, steps = make_core(tiny_llama, max_step_tokens=budget)
+    rng = random.Random(budget)
+    lengths = {f"early{i}": 30 for i in range(3)} | {f"late{i}": rng.randint(8, 20) for i in range(5)}
+    for i in range(3):
+        add(core, f"early{i}", prompt(rng, 4), lengths[f"early{i}"])
+    while len(core.scheduler.running) < 3:
+        core.step()
+    for i in range(5):
+        add(core, f"late{i}", prompt(rng, rng.randint(30, 60)), lengths[f"late{i}"])
+    outputs = run_to_the_end(core)
+    assert outputs == lengths, "every request finishes its full length"
+    assert max(tokens for _, tokens in steps) <= budget
+    mixed = core.call("stats")["mixed_decode_tokens"]
+    assert mixed > 0, "decodes rode along with prefill chunks"
+    check_all_memory_back(core)
+
+
+def test_a_latency_target_becomes_a_budget_from_measured_steps(tiny_llama, monkeypatch):
+    """Steps cost A + B * tokens on a fake clock; a target of A + 40.5 B allows 40 tokens a step.
+    The first step fills the cap; the next is sized by that step's time alone (the line through
+    the origin: (A + 40.5 B) / (A / 64 + B) = 45.2 tokens); from then on the line is exact and no
+    step carrying prefill exceeds 40 tokens, though the queue would fill every step to the cap."""
+    clock = [0.0]
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                          monotonic=scheduler_module.time.monotonic))
+    core, steps = make_core(tiny_llama, max_step_tokens=64, target_step_ms=1000 * (A + 40.5 * B))
+    forward = core.runner.forward
+
+    def costly(step):
+        clock[0] += A + B * len(step.input_ids)
+        return forward(step)
+
+    core.runner.forward = costly
+    rng = random.Random(7)
+    lengths = {f"r{i}": rng.randint(4, 12) for i in range(10)}
+    for rid, n in lengths.items():
+        add(core, rid, prompt(rng, rng.randint(30, 70)), n)
+    assert run_to_the_end(core) == lengths
+    budget = core.scheduler.step_budget
+    assert budget.tokens() == 40
+    measured = [tokens for tokens, _ in budget.costs.samples]
+    extends = [tokens for mode, tokens in steps if mode is ForwardMode.EXTEND]
+    assert measured == extends, "every step carrying prefill was timed"
+    assert extends[:2] == [64, 45]
+    assert len(extends) > 5 and max(extends[2:]) <= 40 and extends[2] == 40
+    check_all_memory_back(core)

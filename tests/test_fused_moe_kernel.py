@@ -99,6 +99,17 @@ def test_fused_moe_default_tiles() -> None:
                                **TOLERANCE[torch.float32])
 
 
+def test_fused_moe_one_token_with_an_expert_chosen_twice() -> None:
+    """One token skips the sort (each pair its own block, experts read from the ids): still right
+    when its ids repeat an expert, which a caller other than a top-k router may pass."""
+    case = Case(experts=5, top_k=3, tokens=1, dtype=torch.float32)
+    hidden, w13, w2, topk_weights, _ = routed(case, seed=11)
+    topk_ids = torch.tensor([[4, 1, 4]], device=DEVICE)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES)
+    torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
+                               **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 def test_align_by_expert_blocks_hold_one_expert_each(block_m: int) -> None:
     topk_ids = torch.tensor([[2, 0], [2, 4], [0, 2], [4, 2], [2, 0]])  # expert 1 and 3 unused

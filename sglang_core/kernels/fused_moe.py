@@ -61,10 +61,11 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 @triton.jit
 def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr):
     """This program's block of sorted pairs and tile of ``N`` columns: its expert (int64, -1 for an
     unused block), pair rows and columns with their masks. Programs walk ``GROUP_M`` blocks down
-    before moving to the next tile of columns, so neighbours share weight tiles in L2."""
+    before moving to the next tile of columns, so neighbours share weight tiles in L2.
+    ``PAIR_PER_BLOCK``: block ``b`` is pair ``b`` alone and ``BlockExpert`` is the flat top-k ids."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -73,7 +74,10 @@ def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
     block = first_block + (pid % per_group) % group_blocks
     tile_n = (pid % per_group) // group_blocks
     expert = tl.load(BlockExpert + block).to(tl.int64)
-    rows = tl.load(SortedPairs + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    if PAIR_PER_BLOCK:
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs).to(tl.int64)
+    else:
+        rows = tl.load(SortedPairs + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return expert, rows, rows < num_pairs, cols, cols < N
 
@@ -92,12 +96,12 @@ def _gate_up_kernel(X, W13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks
                     stride_xt, stride_we, stride_wn, stride_at,
                     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """``Act[pair] = act(x W_gate^T) * (x W_up^T)`` for one block of pairs of one expert, one tile
     of intermediate columns; ``x`` is the pair's token row."""
     pdl_enter(USE_PDL)  # the block's expert comes from the align step, before any weight address
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, inter,
-                                                     BLOCK_M, BLOCK_N, GROUP_M)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
@@ -128,11 +132,11 @@ def _gate_up_kernel(X, W13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks
 def _down_kernel(Act, W2, SortedPairs, BlockExpert, TopkWeights, Out, num_pairs, num_blocks, hidden, inter,
                  stride_at, stride_we, stride_wn, stride_ot,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
     pdl_enter(USE_PDL)
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,
-                                                     BLOCK_M, BLOCK_N, GROUP_M)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
@@ -227,7 +231,14 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
     pairs = tokens * top_k
-    sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    pair_per_block = tokens == 1
+    if pair_per_block:
+        # One token's pairs each make a block of their own, its expert read straight from the ids:
+        # no sort, two launches instead of the align step's ~18 in a batch-1 decode step. (Its
+        # experts are distinct when they come from a top-k, so no weight is read twice.)
+        sorted_pairs = block_expert = topk_ids.reshape(-1)
+    else:
+        sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_blocks = block_expert.numel()
     # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
@@ -238,11 +249,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         hidden, w13, sorted_pairs, block_expert, act, pairs, num_blocks, inter, hidden_size,
         hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, ACTIVATION=activation, PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=group_m, **config, **launch_options(hidden))
+        BLOCK_K=block_k, GROUP_M=group_m, PAIR_PER_BLOCK=pair_per_block, **config, **launch_options(hidden))
     out = torch.empty(pairs, hidden_size, dtype=torch.float32, device=hidden.device)
     _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
         act, w2, sorted_pairs, block_expert, topk_weights.reshape(-1).float(), out, pairs, num_blocks,
         hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        **config, **launch_options(hidden))
+        PAIR_PER_BLOCK=pair_per_block, **config, **launch_options(hidden))
     return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import json
 
-from sglang_core.server.tool_parser import Parsed, ToolCall, ToolParser
+from sglang_core.server.tool_parser import Parsed, ToolCall, ToolParser, partial_tag_length
 
 
 class TaggedCallParser(ToolParser):
@@ -93,8 +93,7 @@ class TaggedCallParser(ToolParser):
         held = self._held
         if self._at_start and self.json_openers and not held.strip():
             return len(held)
-        partial = max((k for tag in self.start_tags for k in range(1, min(len(tag), len(held) + 1))
-                       if tag.startswith(held[len(held) - k:])), default=0)
+        partial = partial_tag_length(held, self.start_tags)
         rest = held[:len(held) - partial]
         return partial + len(rest) - len(rest.rstrip())
 

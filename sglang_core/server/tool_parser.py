@@ -71,3 +71,10 @@ class ToolParser(abc.ABC):
         if not isinstance(name, str) or name not in self.tools or not isinstance(arguments, dict):
             return None
         return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that one of ``tags`` begins with (without being
+    all of it): how much a streaming parser must hold back until the next increment decides."""
+    return max((k for tag in tags for k in range(1, min(len(tag), len(text) + 1))
+                if tag.startswith(text[len(text) - k:])), default=0)

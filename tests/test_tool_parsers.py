@@ -1,4 +1,4 @@
-"""Tool-call parsers on outputs in each family's format (as its chat template renders an
+"""Tool-call and reasoning parsers on outputs in each family's format (as its chat template renders an
 assistant's calls, which is what the model learnt to write), whole and streamed with a chunk
 boundary at every position and one character at a time: the stream must give the same content
 and calls as the whole output, so no piece of a tag ever leaks as content."""
@@ -11,6 +11,9 @@ import pytest
 
 from sglang_core.plugins import PluginManager
 from sglang_core.server.tool_parser import Parsed
+
+from sglang_plugins.frontends.reasoning import reasoning_format
+from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece
 
 TOOLS = [
     {"name": "get_weather", "description": "Weather in a city",
@@ -104,3 +107,77 @@ def test_partial_tag_is_held_back(parsers):
     assert parser.feed("call>\n{").content == ""
     tail = parser.feed('"name": "get_time", "arguments": {}}\n</tool_call>')
     assert tail.content == "" and [(c.name, c.arguments) for c in tail.calls] == [("get_time", "{}")]
+
+
+# ---- reasoning, and both together ---------------------------------------------------------------
+
+R1_OUTPUT = "The user wants Paris.\n</think>\n\nIt is sunny."
+QWEN3_OUTPUT = "<think>\nCall the tool.\n</think>\n\nSure.<tool_call>\n" \
+               '{"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}\n</tool_call>'
+
+
+def split(parser_factory, output: str, cuts: list[int]) -> tuple[str, str, list]:
+    parser, pieces = parser_factory(), [output[a:b] for a, b in zip([0, *cuts], [*cuts, len(output)])]
+    total = MessagePiece()
+    for piece in pieces:
+        total += parser.feed(piece)
+    total += parser.finish()
+    return total.reasoning, total.content, [(c.name, json.loads(c.arguments)) for c in total.calls]
+
+
+@pytest.mark.parametrize("fmt, tools, output, expected", [
+    ("deepseek-r1", None, R1_OUTPUT, ("The user wants Paris.\n", "It is sunny.", [])),
+    ("deepseek-r1", None, "<think>\nStill thinking", ("\nStill thinking", "", [])),  # cut by max tokens
+    ("qwen3", None, "No thinking </think> here.", ("", "No thinking </think> here.", [])),
+    ("qwen3", "hermes", QWEN3_OUTPUT, ("\nCall the tool.\n", "Sure.", [TOKYO])),
+])
+def test_reasoning_then_calls_at_every_cut(parsers, fmt, tools, output, expected):
+    reasoning = reasoning_format(fmt)
+    factory = lambda: MessageParser(reasoning, parsers[tools](TOOLS) if tools else None, None)  # noqa: E731
+    assert split(factory, output, []) == expected
+    assert split(factory, output, list(range(1, len(output)))) == expected
+    for cut in range(1, len(output)):
+        assert split(factory, output, [cut]) == expected, cut
+
+
+def test_one_call_when_parallel_calls_are_off(parsers):
+    output = CASES["hermes two calls with text"][1]
+    factory = lambda: MessageParser(None, parsers["hermes"](TOOLS), 1)  # noqa: E731
+    assert split(factory, output, list(range(1, len(output)))) == ("", "Let me check.", [PARIS])
+
+
+def test_reasoning_formats():
+    assert reasoning_format("deepseek-r1").output_reasons("<|Assistant|><think>\n")
+    qwen3 = reasoning_format("qwen3")
+    assert qwen3.output_reasons("<|im_start|>assistant\n")
+    assert not qwen3.output_reasons("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking switched off
+    with pytest.raises(ValueError, match="^reasoning_parser: unknown parser 'o1'"):
+        reasoning_format("o1")
+
+
+def test_forced_output_becomes_calls():
+    named, required = ForcedCalls(TOOLS, "get_time"), ForcedCalls(TOOLS, None)
+    assert normalised(named.parse('{"zone": "UTC"}')) == ("", [("get_time", {"zone": "UTC"})])
+    assert normalised(required.parse('[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},'
+                                     ' {"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}]')) == \
+        ("", [PARIS, TOKYO])
+    cut = '[{"name": "get_time", "argu'  # max tokens ended it: no call, the text is content
+    assert normalised(ForcedCalls(TOOLS, None).parse(cut)) == (cut, [])
+
+
+@pytest.mark.parametrize("template, parser", [
+    ("{% for m in messages %}<tool_call>{{ m.content }}</tool_call>{% endfor %}", "hermes"),
+    ("{{ '[TOOL_CALLS]' }}", "mistral"),
+    ("{{'<｜tool▁calls▁begin｜>'}}", "deepseek_v3"),
+    ("{{- '<|python_tag|>' -}}", "llama3"),
+    ("{{ messages[0].content }}", "generic"),
+])
+def test_default_parser_is_chosen_from_the_chat_template(template, parser):
+    from sglang_core.server.settings import ServerSettings
+    from sglang_plugins.frontends.tool_calling import ToolCalling
+
+    class Context:  # the part of ServerContext ToolCalling reads before the engine is up
+        settings = ServerSettings(model_path="unused")
+
+    chosen = ToolCalling(Context(), template).parser
+    assert chosen is PluginManager().registry("tool_parsers").get(parser).load()

@@ -13,7 +13,7 @@ from sglang_core.plugins import PluginManager
 from sglang_core.server.tool_parser import Parsed
 
 from sglang_plugins.frontends.reasoning import reasoning_format
-from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece
+from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece, ToolCalling
 
 TOOLS = [
     {"name": "get_weather", "description": "Weather in a city",
@@ -151,8 +151,6 @@ def test_reasoning_formats():
     qwen3 = reasoning_format("qwen3")
     assert qwen3.output_reasons("<|im_start|>assistant\n")
     assert not qwen3.output_reasons("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking switched off
-    with pytest.raises(ValueError, match="^reasoning_parser: unknown parser 'o1'"):
-        reasoning_format("o1")
 
 
 def test_forced_output_becomes_calls():
@@ -165,6 +163,29 @@ def test_forced_output_becomes_calls():
     assert normalised(ForcedCalls(TOOLS, None).parse(cut)) == (cut, [])
 
 
+class Context:
+    """The part of ServerContext that ToolCalling reads before the engine is up."""
+
+    def __init__(self, **settings):
+        from sglang_core.server.settings import ServerSettings
+
+        self.settings = ServerSettings(model_path="unused", **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"tool_call_parser": "hermes2"}, "tool_call_parser: unknown parser 'hermes2'; registered: deepseek_v3, generic"),
+    ({"reasoning_parser": "o1"}, "reasoning_parser: unknown parser 'o1'"),
+])
+def test_unknown_parser_names_fail_at_mount(settings, message):
+    with pytest.raises(ValueError) as err:
+        ToolCalling(Context(**settings), None)
+    assert str(err.value).startswith(message)
+
+
+def test_tool_call_parser_setting_wins_over_the_template():
+    assert ToolCalling(Context(tool_call_parser="mistral"), "<tool_call>").parser.__name__ == "MistralParser"
+
+
 @pytest.mark.parametrize("template, parser", [
     ("{% for m in messages %}<tool_call>{{ m.content }}</tool_call>{% endfor %}", "hermes"),
     ("{{ '[TOOL_CALLS]' }}", "mistral"),
@@ -173,11 +194,5 @@ def test_forced_output_becomes_calls():
     ("{{ messages[0].content }}", "generic"),
 ])
 def test_default_parser_is_chosen_from_the_chat_template(template, parser):
-    from sglang_core.server.settings import ServerSettings
-    from sglang_plugins.frontends.tool_calling import ToolCalling
-
-    class Context:  # the part of ServerContext ToolCalling reads before the engine is up
-        settings = ServerSettings(model_path="unused")
-
     chosen = ToolCalling(Context(), template).parser
     assert chosen is PluginManager().registry("tool_parsers").get(parser).load()

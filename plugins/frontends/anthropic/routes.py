@@ -80,8 +80,7 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         if new_parser is not None:
             parser = new_parser()
             content = message_blocks(parser.feed(result["text"]) + parser.finish())
-            if any(block["type"] == "tool_use" for block in content):
-                stop = {"stop_reason": "tool_use", "stop_sequence": None}
+            stop = with_tool_use(stop, any(block["type"] == "tool_use" for block in content))
         return JSONResponse({**head, "content": content, **stop,
                              "usage": usage(len(ids), result["meta_info"]["completion_tokens"])})
 
@@ -126,6 +125,11 @@ def stop_fields(reason: dict) -> dict[str, Any]:
     if isinstance(matched, str):
         return {"stop_reason": "stop_sequence", "stop_sequence": matched}
     return {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def with_tool_use(stop: dict[str, Any], called: bool) -> dict[str, Any]:
+    """A message that ends in calls stops for ``tool_use``, unless it ran out of tokens."""
+    return {"stop_reason": "tool_use", "stop_sequence": None} if called and stop["stop_reason"] == "end_turn" else stop
 
 
 def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
@@ -211,7 +215,7 @@ async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, 
                 reason = finish_reason(chunk)
                 for event in blocks.feed(chunk["text"], final=reason is not None):
                     yield _event(event)
-        stop = {"stop_reason": "tool_use", "stop_sequence": None} if blocks.calls else stop_fields(reason)
+        stop = with_tool_use(stop_fields(reason), blocks.calls > 0)
         yield _event({"type": "message_delta", "delta": stop,
                       "usage": {"output_tokens": chunk["meta_info"]["completion_tokens"]}})
         yield _event({"type": "message_stop"})

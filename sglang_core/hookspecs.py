@@ -121,6 +121,20 @@ def register_frontends(register: Register) -> None:
 
 
 @hookspec
+def register_tool_parsers(register: Register) -> None:
+    """Register tool-call parsers for the OpenAI and Anthropic frontends, by the name
+    ``--tool-call-parser`` takes (default: the parser whose ``template_markers`` the model's chat
+    template contains, else ``generic``).
+
+    ``register("hermes", "pkg.parsers:HermesParser")``: a subclass of
+    ``sglang_core.server.tool_parser.ToolParser``, built per generated message as ``cls(tools)``;
+    ``feed(text)`` takes the model's output in increments and ``finish()`` ends it, each returning
+    the content that can no longer be part of a call and the calls completed (name, arguments as
+    JSON text). Text that might still become a call (a tag cut by a chunk boundary) is held back.
+    """
+
+
+@hookspec
 def on_engine_start(engine: Any) -> None:
     """Called once when an engine has loaded its model and is ready to take requests."""
 

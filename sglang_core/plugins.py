@@ -34,6 +34,7 @@ REGISTRY_HOOKS = {
     "register_logits_processors": "logits_processors",
     "register_api_backends": "api_backends",
     "register_frontends": "frontends",
+    "register_tool_parsers": "tool_parsers",
 }
 
 

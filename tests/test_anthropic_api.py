@@ -292,8 +292,8 @@ def test_bad_regex_in_a_stream_is_an_invalid_request_event(server, client):
         {"type": "text", "text": "What is this?"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
      "messages.0.content.1: image content is not supported"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]},
-     "messages.0.content.0: 'tool_result' content blocks are not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+     "messages.0.content.0: 'document' content blocks are not supported"),
     ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]}, "messages.0: "),
     ({"messages": [*USER, {"role": "assistant", "content": "Sure. "}]},
      "messages: final assistant content cannot end with trailing whitespace"),
@@ -303,7 +303,8 @@ def test_bad_regex_in_a_stream_is_an_invalid_request_event(server, client):
     ({"top_k": 0}, "top_k: "),
     ({"stop_sequences": "END"}, "stop_sequences: Input should be a valid array"),
     ({"stop_sequences": [""]}, "stop_sequences.0: "),
-    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools: tool use is not supported"),
+    ({"tools": [{"name": "f"}]}, "tools.0.input_schema: Field required"),  # more: tests/test_tool_calling.py
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking: this server does not separate reasoning"),
     ({"model": None}, "model: Field required"),
     # SGLang's extensions, checked as our OpenAI frontend checks them.
     ({"regex": "(a"}, "regex: "),

@@ -41,6 +41,36 @@ class GrammarState(abc.ABC):
         return []
 
 
+class DeferredGrammarState(GrammarState):
+    """A grammar that starts once the output holds ``after`` (token ids): a reasoning model
+    thinks freely, and only its answer is constrained. Until then every token is allowed."""
+
+    def __init__(self, state: GrammarState, after: list[int]):
+        self.state = state
+        self.after = after
+        self.recent: list[int] = []  # the last tokens, as many as ``after`` has
+        self.started = False
+
+    def fill_bitmask(self, out: torch.Tensor) -> None:
+        if self.started:
+            self.state.fill_bitmask(out)
+        else:
+            out.fill_(-1)  # every bit set
+
+    def advance(self, token_id: int) -> None:
+        if self.started:
+            self.state.advance(token_id)
+            return
+        self.recent = (self.recent + [token_id])[-len(self.after):]
+        self.started = self.recent == self.after
+
+    def is_finished(self) -> bool:
+        return self.started and self.state.is_finished()
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        return self.state.forced_tokens(limit) if self.started else []
+
+
 class Grammar(abc.ABC):
     @abc.abstractmethod
     def new_state(self) -> GrammarState:

@@ -135,6 +135,9 @@ class SamplingParams:
     # an object is accepted and serialised). At most one.
     regex: str | None = _param(None, _optional(_text))
     json_schema: str | None = _param(None, _optional(_schema_text))
+    # The constraint starts only after the output holds these tokens (a reasoning model's end of
+    # thinking, e.g. the ids of "</think>"); until then every token is allowed.
+    constraint_after_ids: list[int] | None = _param(None, _optional(_token_ids))
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -184,6 +187,8 @@ class SamplingParams:
         require(all(self.stop), "stop", "stop strings must be non-empty")
         in_vocab = f"token ids must be in [0, {vocab_size})"
         require(all(0 <= t < vocab_size for t in self.stop_token_ids or ()), "stop_token_ids", in_vocab)
+        require(all(0 <= t < vocab_size for t in self.constraint_after_ids or ()), "constraint_after_ids", in_vocab)
+        require(self.constraint_after_ids != [], "constraint_after_ids", "must not be empty")
         bias = self.logit_bias or {}
         require(all(0 <= t < vocab_size for t in bias), "logit_bias", in_vocab)
         require(all(math.isfinite(v) for v in bias.values()), "logit_bias", "biases must be finite")

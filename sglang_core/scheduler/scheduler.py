@@ -18,6 +18,7 @@ import torch
 
 from sglang_core.config import EngineSettings
 from sglang_core.constrained.compiler import GrammarCompiler
+from sglang_core.constrained.grammar import DeferredGrammarState
 from sglang_core.model_executor.runner import ModelRunner
 from sglang_core.request import Req
 from sglang_core.sampling.sampler import Sampler
@@ -142,6 +143,8 @@ class Scheduler:
                 continue
             try:
                 req.grammar = req.grammar_future.result().new_state()
+                if req.sampling_params.constraint_after_ids:
+                    req.grammar = DeferredGrammarState(req.grammar, req.sampling_params.constraint_after_ids)
             except Exception as exc:  # the backend's error names the field; it ends this request only
                 self._finish(req, {"type": "abort", "message": str(exc)}, cache=False)
                 failed.append(req)

@@ -25,16 +25,19 @@ def finish_reason(chunk: dict) -> dict | None:
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template: str | None,
-                    add_generation_prompt: bool = True, prefill: str = "") -> list[int]:
-    """Render ``messages`` (``{"role", "content": str}``) with the chat template (``template``, or
-    the tokenizer's when None) and tokenize; ``prefill`` is appended after the generation prompt,
-    so the model continues an assistant turn that has already begun."""
+                    add_generation_prompt: bool = True, prefill: str = "",
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render ``messages`` (``{"role", "content": str}``, and the tool-calling keys templates
+    read: ``tool_calls``, ``tool_call_id``) with the chat template (``template``, or the
+    tokenizer's when None) and tokenize; ``tools`` go to the template as its ``tools``; ``prefill``
+    is appended after the generation prompt, so the model continues an assistant turn that has
+    already begun."""
     if template is None and not tokenizer.chat_template:
         raise ValueError("messages: the model's tokenizer has no chat template; start the server with "
                          "--chat-template (a Jinja file, or chatml or llama-3)")
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, tools=tools)
     except (jinja2.TemplateError, ValueError) as exc:  # ValueError: transformers' own checks (no messages, ...)
         raise ValueError(f"messages: the chat template rejected them: {exc}") from None
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself

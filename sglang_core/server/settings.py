@@ -18,6 +18,8 @@ class ServerSettings(EngineSettings):
     api_key_file: str | None = Field(None, description="read the API key from this file (one line; the trailing newline is dropped)")
     frontends: list[str] | None = Field(None, description="serving frontends to mount, comma-separated (default: all registered)")
     chat_template: str | None = Field(None, description="chat template: a Jinja file or a built-in name (default: the tokenizer's)")
+    tool_call_parser: str | None = Field(None, description="how the model writes tool calls: a registered tool parser (llama3, hermes, mistral, deepseek_v3, generic, ...; default: chosen from the chat template, else generic)")
+    reasoning_parser: str | None = Field(None, description="split the model's <think> reasoning from its answer: deepseek-r1 or qwen3 (default: none)")
     served_model_name: str | None = Field(None, description="model name reported by /v1/models (default: the model path)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, wait this long for in-flight requests")
     max_queued_requests: int = Field(1024, gt=0, description="output sequences (prompts x n) in flight before new requests get 503")

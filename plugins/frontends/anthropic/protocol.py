@@ -9,18 +9,45 @@ from pydantic import Field
 
 from sglang_core.server.bodies import SGLangSampling, StrictBody
 
+from sglang_plugins.frontends.tool_calling import Function, ToolUse
+
 
 class ContentBlock(StrictBody):
-    """One block of a message's (or the system prompt's) content. Only ``text`` can be served;
-    the rest are parsed so that the error names them."""
+    """One block of a message's (or the system prompt's) content: ``text``, ``tool_use`` (an
+    assistant's call), ``tool_result`` (the user's answer to one), ``thinking`` (an earlier
+    answer's reasoning, not shown to the model again); the rest are parsed so that the error
+    names them."""
 
     type: str
     text: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None  # tool_use
+    input: dict[str, Any] | None = None  # tool_use
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[ContentBlock] | None = None  # tool_result
+    is_error: bool | None = None  # tool_result
 
 
 class Message(StrictBody):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
+
+
+class ToolDefinition(StrictBody):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: str | None = None  # "custom" or none; Anthropic's own server tools cannot run here
+
+
+class ToolChoice(StrictBody):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None  # type "tool"
+    disable_parallel_tool_use: bool | None = None
+
+
+# Anthropic's tool_choice -> the tool-use modes of the frontends.
+_MODES = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
 
 
 class Conversation(StrictBody):
@@ -29,40 +56,71 @@ class Conversation(StrictBody):
     model: str
     messages: list[Message]
     system: str | list[ContentBlock] | None = None
-    tools: list[Any] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        if self.tools:
-            raise ValueError("tools: tool use is not supported")
-        if self.tool_choice is not None and self.tool_choice.get("type") not in ("auto", "none"):
-            raise ValueError("tool_choice: tool use is not supported")
-        if self.thinking is not None and self.thinking.get("type") != "disabled":
-            raise ValueError("thinking: extended thinking is not supported")
+        self.tool_use()
 
-    def chat(self) -> tuple[list[dict[str, str]], str]:
+    @property
+    def thinking_enabled(self) -> bool:
+        return self.thinking is not None and self.thinking.get("type") == "enabled"
+
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools and tool choice (None: no tools); ValueError naming the field for
+        a server tool, a choice naming no tool, or a forced choice without tools."""
+        functions = []
+        for i, tool in enumerate(self.tools or ()):
+            if tool.type not in (None, "custom"):
+                raise ValueError(f"tools.{i}.type: {tool.type!r} is a tool Anthropic's servers run; this server "
+                                 "runs none (custom tools only)")
+            if tool.input_schema.get("type") != "object":
+                raise ValueError(f"tools.{i}.input_schema.type: must be 'object'")
+            if any(f.name == tool.name for f in functions):
+                raise ValueError(f"tools.{i}.name: {tool.name!r} is given twice")
+            functions.append(Function(tool.name, tool.input_schema, tool.description))
+        choice = self.tool_choice or ToolChoice(type="auto")
+        if not functions:
+            if choice.type not in ("auto", "none"):
+                raise ValueError(f"tool_choice.type: {choice.type!r} needs tools")
+            return None
+        if choice.type == "tool" and not any(f.name == choice.name for f in functions):
+            raise ValueError(f"tool_choice.name: no tool named {choice.name!r} in tools")
+        return ToolUse(functions, _MODES[choice.type], choice.name if choice.type == "tool" else None,
+                       parallel=not choice.disable_parallel_tool_use)
+
+    def chat(self) -> tuple[list[dict[str, Any]], str]:
         """The conversation as chat-template messages, and the assistant prefill: the text of a
         final assistant turn, which the model continues (``""`` when the last turn is the user's).
-        Consecutive turns of one role are joined into one, as Anthropic does."""
+        Consecutive text turns of one role are joined into one, as Anthropic does; an assistant's
+        ``tool_use`` blocks become its ``tool_calls``, a user's ``tool_result`` blocks ``tool``
+        messages (before the user's text, as Anthropic orders them)."""
         if not self.messages:
             raise ValueError("messages: at least one message is required")
         if self.messages[0].role != "user":  # chat templates expect the conversation to open with the user
             raise ValueError("messages.0.role: the first message must use the user role")
-        turns: list[dict[str, str]] = []
+        turns: list[dict[str, Any]] = []
         if self.system:
             turns.append({"role": "system", "content": _text(self.system, "system")})
         for i, message in enumerate(self.messages):
-            text = _text(message.content, f"messages.{i}.content")
+            text, calls, results = _blocks(message.content, f"messages.{i}.content", message.role)
             last = i == len(self.messages) - 1
-            if not text and not (last and message.role == "assistant"):
+            if calls and last:
+                raise ValueError(f"messages.{i}: a final assistant message cannot hold tool_use: its "
+                                 "results come in a user message")
+            if not (text or calls or results) and not (last and message.role == "assistant"):
                 raise ValueError(f"messages.{i}: all messages must have non-empty content except for the "
                                  "optional final assistant message")
-            if turns and turns[-1]["role"] == message.role:
-                turns[-1]["content"] += "\n" + text
-            else:
-                turns.append({"role": message.role, "content": text})
-        if turns[-1]["role"] != "assistant":
+            turns += results
+            if calls:
+                turns.append({"role": "assistant", "content": text, "tool_calls": calls})
+            elif text or not results:
+                if turns and turns[-1]["role"] == message.role and "tool_calls" not in turns[-1]:
+                    turns[-1]["content"] += "\n" + text
+                else:
+                    turns.append({"role": message.role, "content": text})
+        if turns[-1]["role"] != "assistant" or "tool_calls" in turns[-1]:
             return turns, ""
         prefill = turns.pop()["content"]
         # Anthropic's rule: the model continues the text as is, and a trailing space would be a
@@ -72,20 +130,47 @@ class Conversation(StrictBody):
         return turns, prefill
 
 
+def _blocks(content: str | list[ContentBlock], where: str,
+            role: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A message's content -> its text, its calls (assistant) and its tool results (user), in
+    the chat template's terms."""
+    if isinstance(content, str):
+        return content, [], []
+    texts, calls, results = [], [], []
+    for j, block in enumerate(content):
+        at = f"{where}.{j}"
+        if block.type == "tool_use" and role == "assistant":
+            for name in ("id", "name", "input"):
+                if getattr(block, name) is None:
+                    raise ValueError(f"{at}.{name}: Field required")
+            calls.append({"id": block.id, "type": "function",
+                          "function": {"name": block.name, "arguments": block.input}})
+        elif block.type == "tool_result" and role == "user":
+            if block.tool_use_id is None:
+                raise ValueError(f"{at}.tool_use_id: Field required")
+            result = _text(block.content or "", f"{at}.content")
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                            "content": f"Error: {result}" if block.is_error else result})
+        elif block.type not in ("thinking", "redacted_thinking") or role != "assistant":
+            texts.append(_block_text(block, at))
+    return "\n".join(texts), calls, results
+
+
 def _text(content: str | list[ContentBlock], where: str) -> str:
     """A content string, or its text blocks joined by newlines; any other block is a 400 naming it."""
     if isinstance(content, str):
         return content
-    texts = []
-    for j, block in enumerate(content):
-        if block.type == "image":
-            raise ValueError(f"{where}.{j}: image content is not supported: this server's model reads text only")
-        if block.type != "text":
-            raise ValueError(f"{where}.{j}: {block.type!r} content blocks are not supported (text only)")
-        if block.text is None:
-            raise ValueError(f"{where}.{j}.text: Field required")
-        texts.append(block.text)
-    return "\n".join(texts)
+    return "\n".join(_block_text(block, f"{where}.{j}") for j, block in enumerate(content))
+
+
+def _block_text(block: ContentBlock, where: str) -> str:
+    if block.type == "image":
+        raise ValueError(f"{where}: image content is not supported: this server's model reads text only")
+    if block.type != "text":
+        raise ValueError(f"{where}: {block.type!r} content blocks are not supported here")
+    if block.text is None:
+        raise ValueError(f"{where}.text: Field required")
+    return block.text
 
 
 class MessagesRequest(Conversation, SGLangSampling):

@@ -26,7 +26,10 @@ from sglang_core.server.generation import (
     RequestAborted, chat_prompt_ids, check_prompt, finish_reason, validated_params,
 )
 
+from sglang_core.server.tool_parser import ToolCall
+
 from sglang_plugins.frontends.anthropic.protocol import Conversation, MessagesRequest
+from sglang_plugins.frontends.tool_calling import MessageParser, MessagePiece, ToolCalling
 
 logger = logging.getLogger("sglang_core.server.anthropic")
 
@@ -46,19 +49,25 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 def mount(app: FastAPI, ctx: ServerContext) -> None:
     template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
+    tool_calling = ToolCalling(ctx, template)  # so do unknown parser names
     ctx.error_shapes[PATH] = error_body
 
     @app.post(PATH)
     async def create_message(request: Request) -> Response:
         req = parse_body(MessagesRequest, await request.body())
+        if req.thinking_enabled and tool_calling.reasoning is None:
+            raise ValueError("thinking: this server does not separate reasoning (start it with --reasoning-parser)")
+        use = req.tool_use()
         ids = prompt_ids(ctx, req, template)
         max_new = check_prompt(ids, ctx.engine.info, "messages", req.max_tokens, "max_tokens")
         params = validated_params(req.sampling_params(max_new), ctx.engine.info.vocab_size,
                                   {"max_new_tokens": "max_tokens", **req.API_NAMES})
+        new_parser = tool_calling.prepare(use, ids, params)
         head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
         job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
         if req.stream:
-            events = ctx.admitted(event_stream(ctx, head, job))  # one sequence: Anthropic has no n
+            blocks = Blocks(new_parser() if new_parser else None)
+            events = ctx.admitted(event_stream(ctx, head, job, blocks))  # one sequence: Anthropic has no n
             await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
             return StreamingResponse(events, media_type="text/event-stream")
         with ctx.admission():
@@ -67,7 +76,12 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
             stop = stop_fields(finish_reason(result))
         except RequestAborted as exc:
             return JSONResponse(error_body(500, f"the request was aborted: {exc}"), status_code=500)
-        return JSONResponse({**head, "content": [{"type": "text", "text": result["text"]}], **stop,
+        content = [{"type": "text", "text": result["text"]}]
+        if new_parser is not None:
+            parser = new_parser()
+            content = message_blocks(parser.feed(result["text"]) + parser.finish())
+            stop = with_tool_use(stop, any(block["type"] == "tool_use" for block in content))
+        return JSONResponse({**head, "content": content, **stop,
                              "usage": usage(len(ids), result["meta_info"]["completion_tokens"])})
 
     @app.post(PATH + "/count_tokens")
@@ -77,9 +91,29 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
 
 
 def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> list[int]:
-    """The conversation through the chat template, then the assistant prefill, as token ids."""
+    """The conversation and its tools through the chat template, then the assistant prefill, as
+    token ids."""
     messages, prefill = req.chat()
-    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill)
+    use = req.tool_use()
+    tools = [f.for_template() for f in use.functions] if use is not None else None
+    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools)
+
+
+def message_blocks(piece: MessagePiece) -> list[dict[str, Any]]:
+    """A whole parsed message as Anthropic's content blocks: thinking, text, then each call."""
+    blocks: list[dict[str, Any]] = []
+    if piece.reasoning:
+        blocks.append({"type": "thinking", "thinking": piece.reasoning, "signature": ""})
+    if piece.content or not (piece.reasoning or piece.calls):
+        blocks.append({"type": "text", "text": piece.content})
+    blocks += [tool_use_block(call) for call in piece.calls]
+    return blocks
+
+
+def tool_use_block(call: ToolCall, streamed: bool = False) -> dict[str, Any]:
+    """A call as a ``tool_use`` block; streamed, its input comes after, in ``input_json_delta``s."""
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
+            "input": {} if streamed else json.loads(call.arguments)}
 
 
 def stop_fields(reason: dict) -> dict[str, Any]:
@@ -93,31 +127,96 @@ def stop_fields(reason: dict) -> dict[str, Any]:
     return {"stop_reason": "end_turn", "stop_sequence": None}
 
 
+def with_tool_use(stop: dict[str, Any], called: bool) -> dict[str, Any]:
+    """A message that ends in calls stops for ``tool_use``, unless it ran out of tokens."""
+    return {"stop_reason": "tool_use", "stop_sequence": None} if called and stop["stop_reason"] == "end_turn" else stop
+
+
 def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
     # input_tokens is the whole prompt: our automatic prefix cache is not Anthropic's opt-in
     # prompt caching, whose cache_* counts would be subtracted from it.
     return {"input_tokens": input_tokens, "output_tokens": output_tokens}
 
 
-async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, Any]) -> AsyncIterator[str]:
-    """Anthropic's streaming events for one text block: ``message_start``, ``content_block_start``,
-    ``ping``, ``content_block_delta``..., ``content_block_stop``, ``message_delta`` (stop reason,
-    output tokens), ``message_stop``; an ``error`` event if it fails once the 200 is out. Closing
-    the stream early aborts the engine request."""
+class Blocks:
+    """The content blocks of a streamed message, as events: each piece of output extends the open
+    block or closes it and opens the next (thinking, text, one per call). Without a parser the
+    output is one text block, opened at once."""
+
+    def __init__(self, parser: MessageParser | None):
+        self.parser = parser
+        self.index = -1
+        self.open: str | None = None  # the type of the open block
+        self.calls = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        return [] if self.parser is not None else self._switch("text")
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        if self.parser is None:
+            events = [_text_delta(self.index, text)] if text else []
+            return events + (self._switch(None) if final else [])
+        piece = self.parser.feed(text)
+        if final:
+            piece += self.parser.finish()
+        events = []
+        if piece.reasoning:
+            events += self._switch("thinking")
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "thinking_delta", "thinking": piece.reasoning}})
+        if piece.content:
+            events += self._switch("text")
+            events.append(_text_delta(self.index, piece.content))
+        for call in piece.calls:
+            events += self._switch("tool_use", tool_use_block(call, streamed=True))
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
+            self.calls += 1
+        if final:
+            events += self._switch("text") if self.index < 0 else []  # a message has at least one block
+            events += self._switch(None)
+        return events
+
+    def _switch(self, kind: str | None, block: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Close the open block (unless it is ``kind``, and not a call); open one of ``kind``."""
+        if kind is not None and kind == self.open and kind != "tool_use":
+            return []
+        events = [{"type": "content_block_stop", "index": self.index}] if self.open else []
+        self.open = kind
+        if kind is not None:
+            self.index += 1
+            empty = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                     "text": {"type": "text", "text": ""}}
+            events.append({"type": "content_block_start", "index": self.index,
+                           "content_block": block or empty[kind]})
+        return events
+
+
+def _text_delta(index: int, text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+
+
+async def event_stream(ctx: ServerContext, head: dict[str, Any], job: dict[str, Any],
+                       blocks: Blocks) -> AsyncIterator[str]:
+    """Anthropic's streaming events: ``message_start``, then per content block
+    ``content_block_start``, ``content_block_delta``..., ``content_block_stop`` (a ``ping`` after
+    the first start), ``message_delta`` (stop reason, output tokens), ``message_stop``; an
+    ``error`` event if it fails once the 200 is out. Closing the stream early aborts the engine
+    request."""
     try:
         start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
                  "usage": usage(len(job["input_ids"]), 0)}
         yield _event({"type": "message_start", "message": start})
-        yield _event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        for event in blocks.start():
+            yield _event(event)
         yield _event({"type": "ping"})
         async with contextlib.aclosing(ctx.stream(**job)) as chunks:
             async for chunk in chunks:
                 reason = finish_reason(chunk)
-                if chunk["text"]:
-                    yield _event({"type": "content_block_delta", "index": 0,
-                                  "delta": {"type": "text_delta", "text": chunk["text"]}})
-        yield _event({"type": "content_block_stop", "index": 0})
-        yield _event({"type": "message_delta", "delta": stop_fields(reason),
+                for event in blocks.feed(chunk["text"], final=reason is not None):
+                    yield _event(event)
+        stop = with_tool_use(stop_fields(reason), blocks.calls > 0)
+        yield _event({"type": "message_delta", "delta": stop,
                       "usage": {"output_tokens": chunk["meta_info"]["completion_tokens"]}})
         yield _event({"type": "message_stop"})
     except RequestAborted as exc:

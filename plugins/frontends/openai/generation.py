@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from sglang_core.server.context import ServerContext
 from sglang_core.server.generation import finish_reason, validated_params
+from sglang_core.server.tool_parser import ToolCall
 
 from sglang_plugins.frontends.openai.protocol import SamplingRequest
+from sglang_plugins.frontends.tool_calling import MessageParser, MessagePiece
 
 # SGLang names in the engine's error messages -> the OpenAI fields the client sent.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", **SamplingRequest.API_NAMES}
@@ -38,11 +41,13 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """What one engine chunk added to a choice."""
+    """What one engine chunk added to a choice (``piece`` and ``calls`` when its message is parsed)."""
 
     text: str
     logprobs: list[TokenLogprob]
     finish_reason: str | None
+    piece: MessagePiece | None = None
+    calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (id, call) completed by this chunk
 
 
 @dataclass
@@ -60,6 +65,11 @@ class Choice:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # A chat message with tools or reasoning: the parser that splits its text, and what it found.
+    message: MessageParser | None = None
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (call id, call)
     _started: bool = field(default=False, init=False, repr=False)
     _tokens_seen: int = field(default=0, init=False, repr=False)  # generated tokens given logprob entries
     _offset: int = field(default=0, init=False, repr=False)  # text length covered by logprob entries
@@ -83,9 +93,19 @@ class Choice:
         self.token_logprobs += entries
         self.prompt_tokens, self.completion_tokens = meta["prompt_tokens"], meta["completion_tokens"]
         self.cached_tokens = meta["cached_tokens"]
+        piece, calls = None, []
+        if self.message is not None:
+            piece = self.message.feed(text)
+            if reason is not None:
+                piece += self.message.finish()
+            calls = [(f"call_{uuid.uuid4().hex[:24]}", call) for call in piece.calls]
+            self.reasoning += piece.reasoning
+            self.content += piece.content
+            self.tool_calls += calls
         if reason is not None:
-            self.finish_reason = "length" if reason["type"] == "length" else "stop"
-        return Delta(text, entries, self.finish_reason if reason is not None else None)
+            self.finish_reason = ("length" if reason["type"] == "length" else
+                                  "tool_calls" if self.tool_calls else "stop")
+        return Delta(text, entries, self.finish_reason if reason is not None else None, piece, calls)
 
     def _entries(self, triples: list, tops: list) -> list[TokenLogprob]:
         entries = []

@@ -10,6 +10,8 @@ from pydantic import Field
 
 from sglang_core.server.bodies import SGLangSampling, StrictBody as _Body
 
+from sglang_plugins.frontends.tool_calling import NO_PARAMETERS, Function, ToolUse
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -94,13 +96,29 @@ class ContentPart(_Body):
     text: str = ""
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallItem(_Body):
+    """A call in an assistant message of the conversation (one the model made earlier)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
     def for_template(self, index: int) -> dict[str, Any]:
-        """The message as chat templates expect it: text content as one string."""
+        """The message as chat templates expect it: text content as one string, a call's
+        arguments as an object (templates write them with ``tojson``)."""
         content = self.content
         if isinstance(content, list):
             for j, part in enumerate(content):
@@ -108,10 +126,48 @@ class ChatMessage(_Body):
                     raise ValueError(f"messages.{index}.content.{j}: {part.type!r} content is not supported "
                                      "(text only)")
             content = "\n".join(part.text for part in content)
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError(f"messages.{index}.tool_call_id: required in a tool message")
         message = self.model_dump(exclude_none=True)
         # Templates know "system"; "developer" is OpenAI's newer name for it.
         message.update(role="system" if self.role == "developer" else self.role, content=content or "")
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments,
+                                                                    f"messages.{index}.tool_calls.{j}")}}
+                for j, call in enumerate(self.tool_calls)]
         return message
+
+
+def _arguments(text: str, where: str) -> dict[str, Any]:
+    try:
+        arguments = json.loads(text)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.function.arguments: must be a JSON object, got {text!r}")
+    return arguments
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of an object; none: no parameters
+    strict: bool | None = None  # accepted: forced calls always follow the schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ToolName
 
 
 class ChatRequest(SamplingRequest):
@@ -120,8 +176,9 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: true
     add_generation_prompt: bool = True
 
     @property
@@ -133,10 +190,30 @@ class ChatRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported yet")
-        if self.tool_choice not in (None, "none"):
-            raise ValueError("tool_choice: tool calling is not supported yet")
+        self.tool_use()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
 
+
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools and tool choice (None: no tools); ValueError naming the field for
+        a choice that names no tool, a forced choice without tools, or malformed tools."""
+        functions = []
+        for i, tool in enumerate(self.tools or ()):
+            parameters = tool.function.parameters
+            if parameters is not None and parameters.get("type", "object") != "object":
+                raise ValueError(f"tools.{i}.function.parameters: must be a JSON Schema of type 'object'")
+            if any(f.name == tool.function.name for f in functions):
+                raise ValueError(f"tools.{i}.function.name: {tool.function.name!r} is given twice")
+            functions.append(Function(tool.function.name, parameters or NO_PARAMETERS, tool.function.description))
+        choice = self.tool_choice
+        if not functions:
+            if choice not in (None, "none"):
+                raise ValueError("tool_choice: only 'none' is allowed when no tools are given")
+            return None
+        parallel = self.parallel_tool_calls is not False
+        if isinstance(choice, NamedToolChoice):
+            if not any(f.name == choice.function.name for f in functions):
+                raise ValueError(f"tool_choice.function.name: no tool named {choice.function.name!r} in tools")
+            return ToolUse(functions, "named", choice.function.name, parallel)
+        return ToolUse(functions, choice or "auto", parallel=parallel)  # OpenAI's default with tools: auto

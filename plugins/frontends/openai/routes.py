@@ -29,6 +29,7 @@ from sglang_core.server.generation import RequestAborted, chat_prompt_ids, check
 from sglang_plugins.frontends.openai.generation import Choice, merged, sampling_params, usage
 from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest
 from sglang_plugins.frontends.openai.shapes import ChatShape, CompletionShape
+from sglang_plugins.frontends.tool_calling import ToolCalling
 
 logger = logging.getLogger("sglang_core.server.openai")
 
@@ -47,6 +48,7 @@ class Plan:
 
 def mount(app: FastAPI, ctx: ServerContext) -> None:
     template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
+    tool_calling = ToolCalling(ctx, template)  # so do unknown parser names
     created = int(time.time())
 
     def model_card() -> dict[str, Any]:
@@ -71,7 +73,7 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatRequest, await request.body())
-        return await respond(ctx, request, req, CHAT, chat_plan(ctx, req, template), "chatcmpl")
+        return await respond(ctx, request, req, CHAT, chat_plan(ctx, req, template, tool_calling), "chatcmpl")
 
 
 # ---- requests -> plans ------------------------------------------------------------------------
@@ -94,15 +96,22 @@ def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
     return plan
 
 
-def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None) -> Plan:
+def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_calling: ToolCalling) -> Plan:
     tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
     messages = [m.for_template(i) for i, m in enumerate(req.messages)]
-    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt)
+    use = req.tool_use()
+    tools = [f.for_template() for f in use.functions] if use is not None else None
+    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt, tools=tools)
     max_field, max_tokens = req.max_tokens_field
     max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
     plan = Plan([], [], req.n)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    _add_choices(plan, req, ids, sampling_params(req, max_new, info.vocab_size), top)
+    params = sampling_params(req, max_new, info.vocab_size)
+    message_parser = tool_calling.prepare(use, ids, params)
+    _add_choices(plan, req, ids, params, top)
+    if message_parser is not None:
+        for choice in plan.choices:
+            choice.message = message_parser()
     return plan
 
 
@@ -168,11 +177,8 @@ async def event_stream(ctx: ServerContext, shape: ChatShape | CompletionShape, h
         async with contextlib.aclosing(merged(ctx, plan.jobs)) as chunks:
             async for index, chunk in chunks:
                 choice = plan.choices[index]
-                delta = choice.update(chunk)
-                if delta.text or delta.logprobs:
-                    yield event([shape.delta(choice, delta.text, delta.logprobs)])
-                if delta.finish_reason is not None:
-                    yield event([shape.delta(choice, None, [], delta.finish_reason)])
+                for piece in shape.deltas(choice, choice.update(chunk)):
+                    yield event([piece])
         if include_usage:
             yield event([], usage=usage(plan.choices, plan.n))
     except Exception as exc:  # the 200 is out: report the error in the stream

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang_plugins.frontends.openai.generation import Choice, TokenLogprob
+from sglang_plugins.frontends.openai.generation import Choice, Delta, TokenLogprob
 
 
-class CompletionShape:
+class _Shape:
+    def deltas(self, choice: Choice, delta: Delta) -> list[dict[str, Any]]:
+        """The streamed choice objects one engine chunk gives: new text, then the finish."""
+        out = [self.delta(choice, delta.text, delta.logprobs)] if delta.text or delta.logprobs else []
+        if delta.finish_reason is not None:
+            out.append(self.delta(choice, None, [], delta.finish_reason))
+        return out
+
+
+class CompletionShape(_Shape):
     object = "text_completion"
     chunk_object = "text_completion"
 
@@ -38,7 +47,7 @@ class CompletionShape:
         }
 
 
-class ChatShape:
+class ChatShape(_Shape):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
@@ -47,9 +56,41 @@ class ChatShape:
                 "finish_reason": None}
 
     def choice(self, choice: Choice) -> dict[str, Any]:
-        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        if choice.message is not None:  # as OpenAI: no content but calls is a null content
+            message["content"] = choice.content or (None if choice.tool_calls else "")
+            if choice.reasoning:
+                message["reasoning_content"] = choice.reasoning
+            if choice.tool_calls:
+                message["tool_calls"] = [{"id": id_, "type": "function",
+                                          "function": {"name": call.name, "arguments": call.arguments}}
+                                         for id_, call in choice.tool_calls]
+        return {"index": choice.index, "message": message,
                 "logprobs": self.logprobs(choice.token_logprobs) if choice.logprobs else None,
                 "finish_reason": choice.finish_reason}
+
+    def deltas(self, choice: Choice, delta: Delta) -> list[dict[str, Any]]:
+        """A parsed message streams its reasoning, content and calls as OpenAI does: a call's first
+        delta has its index, id, type, name and empty arguments, the next its arguments."""
+        if delta.piece is None:
+            return super().deltas(choice, delta)
+        bodies: list[dict[str, Any]] = []
+        if delta.piece.reasoning:
+            bodies.append({"reasoning_content": delta.piece.reasoning})
+        if delta.piece.content:
+            bodies.append({"content": delta.piece.content})
+        first = len(choice.tool_calls) - len(delta.calls)
+        for index, (id_, call) in enumerate(delta.calls, first):
+            bodies.append({"tool_calls": [{"index": index, "id": id_, "type": "function",
+                                           "function": {"name": call.name, "arguments": ""}}]})
+            bodies.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        if not bodies and delta.logprobs:  # tokens still held back by the parser
+            bodies.append({"content": ""})
+        out = [{"index": choice.index, "delta": body, "logprobs": self.logprobs(delta.logprobs)
+                if delta.logprobs and i == 0 else None, "finish_reason": None} for i, body in enumerate(bodies)]
+        if delta.finish_reason is not None:
+            out.append(self.delta(choice, None, [], delta.finish_reason))
+        return out
 
     def delta(self, choice: Choice, text: str | None, logprobs: list[TokenLogprob],
               finish_reason: str | None = None) -> dict[str, Any]:

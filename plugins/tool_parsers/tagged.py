@@ -1,0 +1,120 @@
+"""What the built-in formats share: calls open with a start tag (or, for JSON-calling families,
+with a ``{`` that begins the output) and run to an end tag or to the end of the output. The text
+of each call goes to the format's ``decode``; text that decodes to no call stays content.
+
+Whitespace right before a call and after one is layout, not content. While streaming, a trailing
+part of the text that may still become a start tag, and trailing whitespace, are held back, so
+the content streamed equals the content of the whole output however it is cut."""
+
+from __future__ import annotations
+
+import abc
+import json
+
+from sglang_core.server.tool_parser import Parsed, ToolCall, ToolParser, partial_tag_length
+
+
+class TaggedCallParser(ToolParser):
+    start_tags: tuple[str, ...] = ()
+    end_tag: str | None = None  # None: a call runs to the end of the output
+    json_openers: str = ""  # characters that open a call when they begin the output ("{" for Llama)
+
+    def __init__(self, tools: list[dict]):
+        super().__init__(tools)
+        self._held = ""  # output not yet returned
+        self._in_call = False
+        self._at_start = True  # nothing but whitespace seen yet
+        self._after_call = False  # whitespace following a call is dropped
+
+    def feed(self, text: str) -> Parsed:
+        self._held += text
+        return self._drain(final=False)
+
+    def finish(self) -> Parsed:
+        return self._drain(final=True)
+
+    @abc.abstractmethod
+    def decode(self, block: str) -> list[ToolCall] | None:
+        """One call's text (start tag and end tag included) -> its calls; None if it is none."""
+
+    def _drain(self, final: bool) -> Parsed:
+        out = Parsed()
+        while True:
+            if not self._in_call:
+                start = self._call_start()
+                if start is None:
+                    keep = 0 if final else self._undecided_tail()
+                    self._emit(out, self._held[:len(self._held) - keep])
+                    self._held = self._held[len(self._held) - keep:]
+                    return out
+                self._emit(out, self._held[:start].rstrip())
+                self._held, self._in_call, self._at_start = self._held[start:], True, False
+            end, calls = self._call_end(final)
+            if end is None:
+                return out
+            block, self._held, self._in_call = self._held[:end], self._held[end:], False
+            if calls:
+                out.calls += calls
+                self._after_call = True
+            else:
+                self._emit(out, block)
+
+    def _emit(self, out: Parsed, text: str) -> None:
+        if self._after_call:
+            text = text.lstrip()
+        if text:
+            out.content += text
+            self._after_call = self._at_start = False
+
+    def _call_start(self) -> int | None:
+        found = [i for i in (self._held.find(tag) for tag in self.start_tags) if i >= 0]
+        if self._at_start and self.json_openers:
+            body = self._held.lstrip()
+            if body and body[0] in self.json_openers:
+                found.append(len(self._held) - len(body))
+        return min(found, default=None)
+
+    def _call_end(self, final: bool) -> tuple[int | None, list[ToolCall] | None]:
+        """Where the call that opens the held text ends, and its calls (None: not a call); the
+        end is None while more output may still complete it. The first end tag after which the
+        text decodes is the end (a string inside the call may hold the tag's text)."""
+        if self.end_tag is not None:
+            i = self._held.find(self.end_tag)
+            while i >= 0:
+                end = i + len(self.end_tag)
+                if calls := self.decode(self._held[:end]):
+                    return end, calls
+                i = self._held.find(self.end_tag, end)
+        return (len(self._held), self.decode(self._held)) if final else (None, None)
+
+    def _undecided_tail(self) -> int:
+        """How much of the held text's end may still belong to a call: the longest part that a
+        start tag begins with, and the whitespace before it (it may precede a call)."""
+        held = self._held
+        if self._at_start and self.json_openers and not held.strip():
+            return len(held)
+        partial = partial_tag_length(held, self.start_tags)
+        rest = held[:len(held) - partial]
+        return partial + len(rest) - len(rest.rstrip())
+
+
+def json_values(text: str, separator: str = "") -> list | None:
+    """The JSON values ``text`` holds one after another (whitespace, and ``separator`` if given,
+    between them); None if anything else is there."""
+    decoder, values, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return values or None
+        if values and separator:
+            if not text.startswith(separator, pos):
+                return None
+            pos += len(separator)
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return None
+        values.append(value)

@@ -1,0 +1,198 @@
+"""Tool-call and reasoning parsers on outputs in each family's format (as its chat template renders an
+assistant's calls, which is what the model learnt to write), whole and streamed with a chunk
+boundary at every position and one character at a time: the stream must give the same content
+and calls as the whole output, so no piece of a tag ever leaks as content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_core.plugins import PluginManager
+from sglang_core.server.tool_parser import Parsed
+
+from sglang_plugins.frontends.reasoning import reasoning_format
+from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece, ToolCalling
+
+TOOLS = [
+    {"name": "get_weather", "description": "Weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                    "required": ["city"]}},
+    {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}},
+]
+PARIS = ("get_weather", {"city": "Paris", "unit": "celsius"})
+TOKYO = ("get_time", {"zone": "Asia/Tokyo"})
+TRICKY = ("get_weather", {"city": "a;b</tool_call>}{", "unit": "\u00b0C"})  # separators inside strings
+
+# parser name -> (model output, expected content, expected calls)
+CASES = {
+    "llama3 json": ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+                    "", [PARIS]),
+    "llama3 python_tag, two calls": (
+        "llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+                  '{"name": "get_time", "parameters": {"zone": "Asia/Tokyo"}}', "", [PARIS, TOKYO]),
+    "llama3 text": ("llama3", "It is sunny in Paris {usually}.", "It is sunny in Paris {usually}.", []),
+    "llama3 tricky strings": ("llama3", '  {"name": "get_weather", "parameters": {"city": "a;b</tool_call>}{", '
+                                        '"unit": "\\u00b0C"}}', "", [TRICKY]),
+    "hermes two calls with text": (
+        "hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                  '"unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+                  '{"zone": "Asia/Tokyo"}}\n</tool_call>', "Let me check.", [PARIS, TOKYO]),
+    "hermes tricky strings": ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+                                        '"a;b</tool_call>}{", "unit": "°C"}}\n</tool_call>\n<tool_call>\n'
+                                        '{"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}\n</tool_call>',
+                              "", [TRICKY, TOKYO]),
+    "hermes unknown tool stays text": (
+        "hermes", '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call> ok',
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call> ok', []),
+    "hermes unclosed call at the end": ("hermes", '<tool_call>\n{"name": "get_time", "arguments": '
+                                                  '{"zone": "Asia/Tokyo"}}', "", [TOKYO]),
+    "hermes text only": ("hermes", "I use < and <tool but no call.", "I use < and <tool but no call.", []),
+    "mistral list": ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", '
+                                '"unit": "celsius"}}, {"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}]',
+                     "", [PARIS, TOKYO]),
+    "mistral args form": ("mistral", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+                                     '[TOOL_CALLS]get_time[ARGS]{"zone": "Asia/Tokyo"}', "Sure.", [PARIS, TOKYO]),
+    "deepseek_v3 two calls": (
+        "deepseek_v3", "Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+                       '```json\n{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>\n'
+                       "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+                       '{"zone": "Asia/Tokyo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "Checking.", [PARIS, TOKYO]),
+    "deepseek_v3 broken call stays text": (
+        "deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+                       "{zone}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+        "{zone}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>", []),
+    "generic object": ("generic", '{"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}', "", [TOKYO]),
+    "generic list": ("generic", '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}},'
+                                ' {"name": "get_time", "arguments": "{\\"zone\\": \\"Asia/Tokyo\\"}"}]',
+                     "", [PARIS, TOKYO]),
+    "generic not a call": ("generic", '{"answer": 42}', '{"answer": 42}', []),
+    "generic prose": ("generic", "The answer is [42].", "The answer is [42].", []),
+}
+
+
+@pytest.fixture(scope="module")
+def parsers():
+    registry = PluginManager().registry("tool_parsers")
+    return {name: registry.get(name).load() for name in ("llama3", "hermes", "mistral", "deepseek_v3", "generic")}
+
+
+def normalised(parsed: Parsed) -> tuple[str, list]:
+    return parsed.content, [(c.name, json.loads(c.arguments)) for c in parsed.calls]
+
+
+def streamed(parser, pieces: list[str]) -> Parsed:
+    out = Parsed()
+    for piece in pieces:
+        out += parser.feed(piece)
+    return out + parser.finish()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parser_on_recorded_output(parsers, case):
+    name, output, content, calls = CASES[case]
+    cls = parsers[name]
+    expected = (content, [(n, a) for n, a in calls])
+    assert normalised(cls(TOOLS).parse(output)) == expected
+    assert normalised(streamed(cls(TOOLS), list(output))) == expected  # one character at a time
+    for cut in range(1, len(output)):
+        assert normalised(streamed(cls(TOOLS), [output[:cut], output[cut:]])) == expected, cut
+
+
+def test_partial_tag_is_held_back(parsers):
+    parser = parsers["hermes"](TOOLS)
+    assert parser.feed("Hi <tool_").content == "Hi"  # the space may precede a call, the rest may be its tag
+    assert parser.feed("call>\n{").content == ""
+    tail = parser.feed('"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert tail.content == "" and [(c.name, c.arguments) for c in tail.calls] == [("get_time", "{}")]
+
+
+# ---- reasoning, and both together ---------------------------------------------------------------
+
+R1_OUTPUT = "The user wants Paris.\n</think>\n\nIt is sunny."
+QWEN3_OUTPUT = "<think>\nCall the tool.\n</think>\n\nSure.<tool_call>\n" \
+               '{"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}\n</tool_call>'
+
+
+def split(parser_factory, output: str, cuts: list[int]) -> tuple[str, str, list]:
+    parser, pieces = parser_factory(), [output[a:b] for a, b in zip([0, *cuts], [*cuts, len(output)])]
+    total = MessagePiece()
+    for piece in pieces:
+        total += parser.feed(piece)
+    total += parser.finish()
+    return total.reasoning, total.content, [(c.name, json.loads(c.arguments)) for c in total.calls]
+
+
+@pytest.mark.parametrize("fmt, tools, output, expected", [
+    ("deepseek-r1", None, R1_OUTPUT, ("The user wants Paris.\n", "It is sunny.", [])),
+    ("deepseek-r1", None, "<think>\nStill thinking", ("\nStill thinking", "", [])),  # cut by max tokens
+    ("qwen3", None, "No thinking </think> here.", ("", "No thinking </think> here.", [])),
+    ("qwen3", "hermes", QWEN3_OUTPUT, ("\nCall the tool.\n", "Sure.", [TOKYO])),
+])
+def test_reasoning_then_calls_at_every_cut(parsers, fmt, tools, output, expected):
+    reasoning = reasoning_format(fmt)
+    factory = lambda: MessageParser(reasoning, parsers[tools](TOOLS) if tools else None, None)  # noqa: E731
+    assert split(factory, output, []) == expected
+    assert split(factory, output, list(range(1, len(output)))) == expected
+    for cut in range(1, len(output)):
+        assert split(factory, output, [cut]) == expected, cut
+
+
+def test_one_call_when_parallel_calls_are_off(parsers):
+    output = CASES["hermes two calls with text"][1]
+    factory = lambda: MessageParser(None, parsers["hermes"](TOOLS), 1)  # noqa: E731
+    assert split(factory, output, list(range(1, len(output)))) == ("", "Let me check.", [PARIS])
+
+
+def test_reasoning_formats():
+    assert reasoning_format("deepseek-r1").output_reasons("<|Assistant|><think>\n")
+    qwen3 = reasoning_format("qwen3")
+    assert qwen3.output_reasons("<|im_start|>assistant\n")
+    assert not qwen3.output_reasons("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking switched off
+
+
+def test_forced_output_becomes_calls():
+    named, required = ForcedCalls(TOOLS, "get_time"), ForcedCalls(TOOLS, None)
+    assert normalised(named.parse('{"zone": "UTC"}')) == ("", [("get_time", {"zone": "UTC"})])
+    assert normalised(required.parse('[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},'
+                                     ' {"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}]')) == \
+        ("", [PARIS, TOKYO])
+    cut = '[{"name": "get_time", "argu'  # max tokens ended it: no call, the text is content
+    assert normalised(ForcedCalls(TOOLS, None).parse(cut)) == (cut, [])
+
+
+class Context:
+    """The part of ServerContext that ToolCalling reads before the engine is up."""
+
+    def __init__(self, **settings):
+        from sglang_core.server.settings import ServerSettings
+
+        self.settings = ServerSettings(model_path="unused", **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"tool_call_parser": "hermes2"}, "tool_call_parser: unknown parser 'hermes2'; registered: deepseek_v3, generic"),
+    ({"reasoning_parser": "o1"}, "reasoning_parser: unknown parser 'o1'"),
+])
+def test_unknown_parser_names_fail_at_mount(settings, message):
+    with pytest.raises(ValueError) as err:
+        ToolCalling(Context(**settings), None)
+    assert str(err.value).startswith(message)
+
+
+def test_tool_call_parser_setting_wins_over_the_template():
+    assert ToolCalling(Context(tool_call_parser="mistral"), "<tool_call>").parser.__name__ == "MistralParser"
+
+
+@pytest.mark.parametrize("template, parser", [
+    ("{% for m in messages %}<tool_call>{{ m.content }}</tool_call>{% endfor %}", "hermes"),
+    ("{{ '[TOOL_CALLS]' }}", "mistral"),
+    ("{{'<｜tool▁calls▁begin｜>'}}", "deepseek_v3"),
+    ("{{- '<|python_tag|>' -}}", "llama3"),
+    ("{{ messages[0].content }}", "generic"),
+])
+def test_default_parser_is_chosen_from_the_chat_template(template, parser):
+    chosen = ToolCalling(Context(), template).parser
+    assert chosen is PluginManager().registry("tool_parsers").get(parser).load()

@@ -20,8 +20,16 @@ import torch
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
 from sglang_core.kernels.moe_weight import QuantizedExperts  # noqa: E402
+from sglang_core.layers import moe as moe_layer  # noqa: E402
+from sglang_core.layers.activation import SiluAndMul  # noqa: E402
+from sglang_core.layers.experts import ExpertWeights  # noqa: E402
+from sglang_core.layers.quant import ExpertsQuantMethod  # noqa: E402
+from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
+from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod  # noqa: E402
+from sglang_plugins.quant.fp8.scheme import Fp8Scheme  # noqa: E402
+from sglang_plugins.quant.gptq.method import GPTQMethod  # noqa: E402
 from test_fused_moe_kernel import DEVICE, SMALL_TILES, TOLERANCE, reference  # noqa: E402
-from test_quant_awq_gptq import Quantized  # noqa: E402
+from test_quant_awq_gptq import Quantized, group_index  # noqa: E402
 from test_quant_fp8 import block_dequantized, fp8_block_weight, fp8_weight  # noqa: E402
 
 # (format, packing options): see ``quantize``.
@@ -133,3 +141,73 @@ def test_quantized_fused_moe_matches_float64_dequantized_experts(case: Case) -> 
     # The kernel rounds each dequantized weight to hidden's dtype, as the dequantizing path does.
     expected = reference(hidden, w13_float.to(case.dtype), w2_float.to(case.dtype), topk_weights, topk_ids, "silu")
     torch.testing.assert_close(got.cpu().double(), expected, **TOLERANCE[case.dtype])
+
+
+# ---- the quant plugins' expert methods: checkpoint tensors loaded into a layer, computed fused ----
+
+PLUGIN_SHAPE = dict(experts=3, hidden=64, inter=32, top_k=2, tokens=5)
+GPTQ_EXPERTS = {**GPTQ4, "group_size": 32, "desc_act": False}
+
+
+def plugin_method(scheme: str) -> ExpertsQuantMethod:
+    if scheme.startswith("fp8"):
+        weights = scheme.removeprefix("fp8-")
+        return Fp8ExpertsMethod(Fp8Scheme(weights, "dynamic", block=(16, 16) if weights == "block" else None),
+                                "model.layers.0.mlp.experts")
+    if scheme == "awq":
+        return AWQMethod.for_experts({**AWQ, "group_size": 32}, "model.layers.0.mlp.experts")
+    return GPTQMethod.for_experts({**GPTQ_EXPERTS, "desc_act": scheme == "gptq-desc-act"}, "model.layers.0.mlp.experts")
+
+
+def checkpoint_part(scheme: str, outputs: int, inputs: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """One expert projection's checkpoint tensors by suffix, and the float weight they stand for."""
+    if scheme.startswith("fp8"):
+        w = torch.randn(outputs, inputs, generator=gen) / inputs ** 0.5
+        if scheme == "fp8-block":
+            q, scale_inv = fp8_block_weight(w, (16, 16))
+            return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, (16, 16))
+        q, scale = fp8_weight(w, scheme.removeprefix("fp8-"))
+        return {"weight": q, "weight_scale": scale}, q.float() * scale.reshape(-1, 1)
+    fmt = {**(AWQ if scheme == "awq" else GPTQ_EXPERTS), "group_size": 32, "desc_act": scheme == "gptq-desc-act"}
+    quantized = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
+    return quantized.tensors, quantized.weight
+
+
+def loaded_experts(scheme: str, seed: int) -> tuple[ExpertWeights, torch.Tensor, torch.Tensor]:
+    """A layer of the plugin's experts loaded expert by expert through the normal weight loaders,
+    and the float w13 / w2 its checkpoint stands for."""
+    gen = torch.Generator().manual_seed(seed)
+    e, h, i = PLUGIN_SHAPE["experts"], PLUGIN_SHAPE["hidden"], PLUGIN_SHAPE["inter"]
+    method = plugin_method(scheme)
+    layer = ExpertWeights(e, h, i, quant_method=method)
+    w13, w2 = torch.zeros(e, 2 * i, h), torch.zeros(e, h, i)
+    params = dict(layer.named_parameters())
+    for expert in range(e):
+        for part, rows, (outputs, inputs) in (("gate", slice(0, i), (i, h)), ("up", slice(i, 2 * i), (i, h)),
+                                              ("down", slice(None), (h, i))):
+            tensors, weight = checkpoint_part(scheme, outputs, inputs, gen)
+            (w2 if part == "down" else w13)[expert, rows] = weight
+            for suffix, tensor in tensors.items():
+                param = params[f"{'w2' if part == 'down' else 'w13'}_{suffix}"]
+                param.weight_loader(param, tensor, (expert, part))
+    method.process_weights_after_loading(layer)
+    return layer, w13, w2
+
+
+@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel", "fp8-block", "gptq4", "awq", "gptq-desc-act"])
+def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatch) -> None:
+    """Where the fused kernel applies (made to apply on CPU here: the interpreter runs it), each
+    plugin's experts go through it on their packed tensors; GPTQ's act-order experts fall back to
+    dequantizing."""
+    layer, w13, w2 = loaded_experts(scheme, seed=len(scheme))
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    calls = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: calls.append(args) or fused(*args, **kwargs))
+    case = Case(scheme, PLUGIN_SHAPE["experts"], PLUGIN_SHAPE["top_k"], PLUGIN_SHAPE["tokens"],
+                PLUGIN_SHAPE["hidden"], PLUGIN_SHAPE["inter"])
+    hidden, topk_weights, topk_ids = routing(case, seed=3)
+    got = layer.quant_method.apply(layer, hidden, topk_weights, topk_ids, SiluAndMul())
+    assert len(calls) == (0 if scheme == "gptq-desc-act" else 1)
+    torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
+                               **TOLERANCE[torch.float32])

@@ -36,13 +36,14 @@ from test_quant_fp8 import block_dequantized, fp8_block_weight, fp8_weight  # no
 GPTQ4 = {"quant_method": "gptq", "bits": 4, "sym": False, "checkpoint_format": "gptq"}
 GPTQ8 = {"quant_method": "gptq", "bits": 8, "sym": False, "checkpoint_format": "gptq_v2"}
 AWQ = {"quant_method": "awq", "bits": 4}
-# 128-wide scale groups at fewer interpreted programs: each group spans two K tiles.
+# Fewer interpreted programs; a 128-wide scale group spans two K tiles of these, a 32-wide one
+# only part of a tile (scales looked up per input, not once per tile).
 WIDE_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)
 
 
 @dataclass(frozen=True)
 class Case:
-    scheme: str  # fp8-tensor, fp8-channel, fp8-block, gptq4, gptq8, awq
+    scheme: str  # fp8-tensor, fp8-channel, fp8-block, gptq4, gptq8, awq, int4-sym (a constant zero point)
     experts: int
     top_k: int
     tokens: int
@@ -80,14 +81,17 @@ def fp8_experts(case: Case, weights: torch.Tensor, parts: int) -> tuple[Quantize
 def int_experts(case: Case, outputs: int, inputs: int, gen: torch.Generator) -> tuple[QuantizedExperts, torch.Tensor]:
     """Random packed experts (``[in, out]`` checkpoint tensors, as the formats store them) and
     the weights they stand for."""
-    fmt = {**{"gptq4": GPTQ4, "gptq8": GPTQ8, "awq": AWQ}[case.scheme], "group_size": case.group}
+    fmt = {**{"gptq4": GPTQ4, "gptq8": GPTQ8, "awq": AWQ, "int4-sym": {**GPTQ4, "sym": True}}[case.scheme],
+           "group_size": case.group}
     group = inputs if case.group == -1 else case.group
     packed = [Quantized(fmt, inputs, outputs, gen, torch.arange(inputs) // group) for _ in range(case.experts)]
     qweight, qzeros, scales = (torch.stack([p.tensors[name] for p in packed]) for name in ("qweight", "qzeros", "scales"))
-    awq = case.scheme == "awq"
-    experts = QuantizedExperts(qweight.transpose(1, 2), scales.transpose(1, 2), "int", scale_cols=None if case.group == -1 else case.group, bits=fmt["bits"],
-                               packed_dim=1 if awq else 2, interleaved=awq, zeros=qzeros.transpose(1, 2),
-                               zero_offset=1 if fmt.get("checkpoint_format") == "gptq" else 0)
+    awq, sym = case.scheme == "awq", case.scheme == "int4-sym"
+    zeros = {"zeros": None, "zero_offset": 8} if sym else {
+        "zeros": qzeros.transpose(1, 2), "zero_offset": 1 if fmt.get("checkpoint_format") == "gptq" else 0}
+    experts = QuantizedExperts(qweight.transpose(1, 2), scales.transpose(1, 2), "int",
+                               scale_cols=None if case.group == -1 else case.group, bits=fmt["bits"],
+                               packed_dim=1 if awq else 2, interleaved=awq, **zeros)
     return experts, torch.stack([p.weight for p in packed])
 
 
@@ -120,12 +124,13 @@ CASES = [
     Case("fp8-tensor", experts=3, top_k=2, tokens=5),
     Case("fp8-channel", experts=8, top_k=2, tokens=17),
     Case("fp8-channel", experts=1, top_k=1, tokens=1, hidden=33, inter=21, dtype=torch.bfloat16),
-    Case("fp8-block", experts=3, top_k=2, tokens=17, hidden=40, inter=32, block=(16, 16)),
+    Case("fp8-block", experts=3, top_k=2, tokens=17, hidden=40, inter=32, block=(16, 16), tiles=WIDE_TILES),
     Case("fp8-block", experts=3, top_k=1, tokens=5, hidden=136, inter=128, block=(128, 128), tiles=WIDE_TILES),
     Case("gptq4", experts=3, top_k=2, tokens=5, hidden=64, inter=32, group=32),
     Case("gptq4", experts=1, top_k=1, tokens=17, hidden=40, inter=24),
+    Case("int4-sym", experts=3, top_k=2, tokens=5, hidden=64, inter=32, group=16),
     Case("gptq8", experts=8, top_k=2, tokens=1, hidden=64, inter=32, group=32, dtype=torch.bfloat16),
-    Case("awq", experts=8, top_k=2, tokens=5, hidden=64, inter=32, group=32),
+    Case("awq", experts=8, top_k=2, tokens=5, hidden=64, inter=32, group=32, tiles=WIDE_TILES),
     Case("awq", experts=3, top_k=1, tokens=5, hidden=256, inter=128, group=128, tiles=WIDE_TILES),
 ]
 

@@ -104,40 +104,50 @@ def _slot(j, PACK: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(W, S, Z, expert, k, k_ok, cols, col_ok, stride_w, stride_s, stride_z, scale_rows, scale_cols,
+def _weight_tile(W, S, Z, expert, k0, k_left, cols, col_ok, stride_w, stride_s, stride_z, scale_rows, scale_cols,
                  zero_offset, DTYPE: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr,
-                 PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """Expert ``expert``'s weight at inputs ``k`` x outputs ``cols`` as a ``[BLOCK_K, BLOCK_N]`` tile of
-    ``DTYPE``: loaded as it is (``FORMAT`` "float"), or dequantized in registers from e4m3 or packed
-    integers (``moe_weight.QuantizedExperts`` states the layouts; ``stride_*`` are (expert, row, col)
-    strides). Dequantized in float32, rounded to ``DTYPE`` as the dequantizing path rounds."""
+                 PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Expert ``expert``'s weight at inputs ``k0 + [0, BLOCK_K)`` (``k_left`` of them left) x outputs
+    ``cols`` as a ``[BLOCK_K, BLOCK_N]`` tile of ``DTYPE``: loaded as it is (``FORMAT`` "float"), or
+    dequantized in registers from e4m3 or packed integers (``moe_weight.QuantizedExperts`` states the
+    layouts; ``stride_*`` are (expert, row, col) strides). Dequantized in float32, rounded to ``DTYPE``
+    as the dequantizing path rounds. ``GROUP_PER_TILE``: the tile's inputs share one scale group,
+    so one row of scales and zero points serves it."""
+    kk = tl.arange(0, BLOCK_K)
     n = cols[None, :]
-    kk = k[:, None]
-    mask = k_ok[:, None] & col_ok[None, :]
+    k = (k0 + kk)[:, None]
+    mask = (kk < k_left)[:, None] & col_ok[None, :]
     base = W + expert * stride_w[0]
     if FORMAT == "float":
-        tile = tl.load(base + n * stride_w[1] + kk * stride_w[2], mask=mask, other=0.0)
+        tile = tl.load(base + n * stride_w[1] + k * stride_w[2], mask=mask, other=0.0)
     else:
+        group_k = k0 + tl.arange(0, 1)[:, None] if GROUP_PER_TILE else k
+        group_mask = col_ok[None, :] if GROUP_PER_TILE else mask
         if FORMAT == "fp8":
-            value = tl.load(base + n * stride_w[1] + kk * stride_w[2], mask=mask, other=0.0).to(tl.float32)
+            value = tl.load(base + n * stride_w[1] + k * stride_w[2], mask=mask, other=0.0).to(tl.float32)
         else:
             PACK: tl.constexpr = 32 // BITS
             LOW: tl.constexpr = (1 << BITS) - 1
             if PACKED_DIM == 1:
-                word = tl.load(base + (n // PACK) * stride_w[1] + kk * stride_w[2], mask=mask, other=0)
+                word = tl.load(base + (n // PACK) * stride_w[1] + k * stride_w[2], mask=mask, other=0)
                 value = (word >> (_slot(n, PACK, INTERLEAVED) * BITS)) & LOW
             else:
-                word = tl.load(base + n * stride_w[1] + (kk // PACK) * stride_w[2], mask=mask, other=0)
-                value = (word >> (_slot(kk, PACK, False) * BITS)) & LOW
+                # Each word once: its PACK values are consecutive inputs, unpacked along a new axis.
+                word_k = tl.arange(0, BLOCK_K // PACK)
+                words = tl.load(base + n * stride_w[1] + (k0 // PACK + word_k)[:, None] * stride_w[2],
+                                mask=(word_k * PACK < k_left)[:, None] & col_ok[None, :], other=0)
+                shifts = tl.arange(0, PACK) * BITS
+                value = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & LOW, (BLOCK_K, words.shape[1]))
             if HAS_ZEROS:
                 zero_word = tl.load(Z + expert * stride_z[0] + (n // PACK) * stride_z[1]
-                                    + (kk // scale_cols) * stride_z[2], mask=mask, other=0)
+                                    + (group_k // scale_cols) * stride_z[2], mask=group_mask, other=0)
                 value -= ((zero_word >> (_slot(n, PACK, INTERLEAVED) * BITS)) & LOW) + zero_offset
             else:
                 value -= zero_offset
             value = value.to(tl.float32)
-        scale = tl.load(S + expert * stride_s[0] + (n // scale_rows) * stride_s[1] + (kk // scale_cols) * stride_s[2],
-                        mask=mask, other=0.0)
+        scale = tl.load(S + expert * stride_s[0] + (n // scale_rows) * stride_s[1]
+                        + (group_k // scale_cols) * stride_s[2], mask=group_mask, other=0.0)
         tile = (value * scale.to(tl.float32)).to(DTYPE)
     return tile
 
@@ -147,8 +157,8 @@ def _gate_up_kernel(X, W13, S13, Z13, SortedPairs, BlockExpert, Act, num_pairs, 
                     stride_xt, stride_at, stride_w, stride_s, stride_z, scale_rows, scale_cols, zero_offset,
                     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     FORMAT: tl.constexpr, BITS: tl.constexpr, PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                    HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+                    HAS_ZEROS: tl.constexpr, GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     """``Act[pair] = act(x W_gate^T) * (x W_up^T)`` for one block of pairs of one expert, one tile
     of intermediate columns; ``x`` is the pair's token row."""
     pdl_enter(USE_PDL)  # the block's expert comes from the align step, before any weight address
@@ -166,9 +176,9 @@ def _gate_up_kernel(X, W13, S13, Z13, SortedPairs, BlockExpert, Act, num_pairs, 
         x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         # Each expert's up rows follow its gate rows.
         for half in tl.static_range(2):
-            w = _weight_tile(W13, S13, Z13, expert, k0 + kk, k_ok, cols + half * inter, col_ok, stride_w, stride_s,
+            w = _weight_tile(W13, S13, Z13, expert, k0, hidden - k0, cols + half * inter, col_ok, stride_w, stride_s,
                              stride_z, scale_rows, scale_cols, zero_offset, dtype, FORMAT, BITS, PACKED_DIM,
-                             INTERLEAVED, HAS_ZEROS)
+                             INTERLEAVED, HAS_ZEROS, GROUP_PER_TILE, BLOCK_K)
             if half == 0:
                 gate = dot(x, w, gate, PRECISION, UPCAST)
             else:
@@ -190,7 +200,7 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
                  stride_at, stride_ot, stride_w, stride_s, stride_z, scale_rows, scale_cols, zero_offset,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr,
                  PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  USE_PDL: tl.constexpr):
     """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
     pdl_enter(USE_PDL)
@@ -204,9 +214,9 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
     for k0 in range(0, inter, BLOCK_K):
         k_ok = kk < inter - k0
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _weight_tile(W2, S2, Z2, expert, k0 + kk, k_ok, cols, col_ok, stride_w, stride_s, stride_z, scale_rows,
+        w = _weight_tile(W2, S2, Z2, expert, k0, inter - k0, cols, col_ok, stride_w, stride_s, stride_z, scale_rows,
                          scale_cols, zero_offset, Act.dtype.element_ty, FORMAT, BITS, PACKED_DIM, INTERLEAVED,
-                         HAS_ZEROS)
+                         HAS_ZEROS, GROUP_PER_TILE, BLOCK_K)
         acc = dot(a, w, acc, PRECISION, UPCAST)
     weight = tl.load(TopkWeights + rows, mask=row_ok, other=0.0)
     tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc * weight[:, None],
@@ -259,19 +269,21 @@ def launch_config(num_tokens: int, top_k: int, num_experts: int, intermediate: i
     return table[min(table, key=lambda batch: abs(batch - num_tokens))]
 
 
-def _weight_args(weight: torch.Tensor | QuantizedExperts) -> tuple[tuple, dict]:
+def _weight_args(weight: torch.Tensor | QuantizedExperts, block_k: int) -> tuple[tuple, dict]:
     """A stacked weight's kernel arguments: (tensors, strides, scale groups, zero offset) and the
-    constexprs that say how to read it."""
+    constexprs that say how to read it with ``block_k``-deep tiles."""
     if isinstance(weight, torch.Tensor):
         weight = weight if weight.stride(2) == 1 else weight.contiguous()
         strides = weight.stride()
         return ((weight, weight, weight, strides, strides, strides, 1, 1, 0),
-                dict(FORMAT="float", BITS=16, PACKED_DIM=2, INTERLEAVED=False, HAS_ZEROS=False))
+                dict(FORMAT="float", BITS=16, PACKED_DIM=2, INTERLEAVED=False, HAS_ZEROS=False, GROUP_PER_TILE=True))
     zeros = weight.zeros if weight.zeros is not None else weight.scales
+    group = weight.group_cols
     return ((weight.data, weight.scales, zeros, weight.data.stride(), weight.scales.stride(), zeros.stride(),
-             weight.scale_rows, weight.group_cols, weight.zero_offset),
+             weight.scale_rows, group, weight.zero_offset),
             dict(FORMAT=weight.format, BITS=weight.bits, PACKED_DIM=weight.packed_dim,
-                 INTERLEAVED=weight.interleaved, HAS_ZEROS=weight.zeros is not None))
+                 INTERLEAVED=weight.interleaved, HAS_ZEROS=weight.zeros is not None,
+                 GROUP_PER_TILE=group % block_k == 0 or group >= weight.shape[2]))
 
 
 def _check_weights(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts,
@@ -313,8 +325,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     block_m, block_n, block_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("BLOCK_K")
     group_m = config.pop("GROUP_M")
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-    w13_args, w13_format = _weight_args(w13)
-    w2_args, w2_format = _weight_args(w2)
+    w13_args, w13_format = _weight_args(w13, block_k)
+    w2_args, w2_format = _weight_args(w2, block_k)
     pairs = tokens * top_k
     sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_blocks = block_expert.numel()

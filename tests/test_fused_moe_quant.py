@@ -216,3 +216,13 @@ def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatc
     assert len(calls) == (0 if scheme == "gptq-desc-act" else 1)
     torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
                                **TOLERANCE[torch.float32])
+
+
+def test_outputs_packed_across_gate_and_up_are_refused() -> None:
+    """An intermediate size of 12 packed 8 to a word: gate's last word would hold up's first
+    outputs, which the kernel's whole-word tiles cannot split."""
+    case = Case("awq", experts=2, top_k=1, tokens=3, hidden=16, inter=12, group=4)
+    (w13, _), (w2, _) = quantized_experts(case, seed=0)
+    hidden, topk_weights, topk_ids = routing(case, seed=0)
+    with pytest.raises(ValueError, match="intermediate size 12"):
+        moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids)

@@ -69,10 +69,12 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 @triton.jit
 def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SLOT_ORDER: tl.constexpr):
     """This program's block of sorted pairs and tile of ``N`` columns: its expert (int64, -1 for an
     unused block), pair rows and columns with their masks. Programs walk ``GROUP_M`` blocks down
-    before moving to the next tile of columns, so neighbours share weight tiles in L2."""
+    before moving to the next tile of columns, so neighbours share weight tiles in L2.
+    ``SLOT_ORDER``: the tile's columns are numbered in AWQ's slot order (position ``8w + s`` is column
+    ``8w + (0, 2, 4, 6, 1, 3, 5, 7)[s]``), as its words unpack."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -82,7 +84,10 @@ def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
     tile_n = (pid % per_group) // group_blocks
     expert = tl.load(BlockExpert + block).to(tl.int64)
     rows = tl.load(SortedPairs + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    position = tl.arange(0, BLOCK_N)
+    if SLOT_ORDER:
+        position = (position // 8) * 8 + 2 * (position % 4) + (position % 8) // 4
+    cols = tile_n * BLOCK_N + position
     return expert, rows, rows < num_pairs, cols, cols < N
 
 
@@ -129,16 +134,20 @@ def _weight_tile(W, S, Z, expert, k0, k_left, cols, col_ok, stride_w, stride_s, 
         else:
             PACK: tl.constexpr = 32 // BITS
             LOW: tl.constexpr = (1 << BITS) - 1
+            # Each word loaded once, its PACK values unpacked along a new axis: consecutive inputs,
+            # or consecutive outputs in slot order (the order ``cols`` then come in: SLOT_ORDER).
+            shifts = tl.arange(0, PACK) * BITS
             if PACKED_DIM == 1:
-                word = tl.load(base + (n // PACK) * stride_w[1] + k * stride_w[2], mask=mask, other=0)
-                value = (word >> (_slot(n, PACK, INTERLEAVED) * BITS)) & LOW
+                word_cols = tl.reshape(cols, (cols.shape[0] // PACK, PACK))
+                word_ok = tl.max(tl.reshape(col_ok.to(tl.int32), (cols.shape[0] // PACK, PACK)), axis=1) > 0
+                words = tl.load(base + (tl.max(word_cols, axis=1) // PACK)[None, :] * stride_w[1] + k * stride_w[2],
+                                mask=(kk < k_left)[:, None] & word_ok[None, :], other=0)
+                value = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & LOW, (BLOCK_K, cols.shape[0]))
             else:
-                # Each word once: its PACK values are consecutive inputs, unpacked along a new axis.
                 word_k = tl.arange(0, BLOCK_K // PACK)
                 words = tl.load(base + n * stride_w[1] + (k0 // PACK + word_k)[:, None] * stride_w[2],
                                 mask=(word_k * PACK < k_left)[:, None] & col_ok[None, :], other=0)
-                shifts = tl.arange(0, PACK) * BITS
-                value = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & LOW, (BLOCK_K, words.shape[1]))
+                value = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & LOW, (BLOCK_K, cols.shape[0]))
             if HAS_ZEROS:
                 zero_word = tl.load(Z + expert * stride_z[0] + (n // PACK) * stride_z[1]
                                     + (group_k // scale_cols) * stride_z[2], mask=group_mask, other=0)
@@ -163,7 +172,7 @@ def _gate_up_kernel(X, W13, S13, Z13, SortedPairs, BlockExpert, Act, num_pairs, 
     of intermediate columns; ``x`` is the pair's token row."""
     pdl_enter(USE_PDL)  # the block's expert comes from the align step, before any weight address
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, inter,
-                                                     BLOCK_M, BLOCK_N, GROUP_M)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, INTERLEAVED and PACKED_DIM == 1)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
@@ -205,7 +214,7 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
     """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
     pdl_enter(USE_PDL)
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,
-                                                     BLOCK_M, BLOCK_N, GROUP_M)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, INTERLEAVED and PACKED_DIM == 1)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
@@ -295,6 +304,9 @@ def _check_weights(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts,
     for name, weight in (("w13", w13), ("w2", w2)):
         if isinstance(weight, torch.Tensor) and weight.dtype != hidden.dtype:
             raise ValueError(f"{name} ({weight.dtype}) must have hidden's dtype {hidden.dtype}")
+    # A tile of outputs unpacks whole words, so up's rows (after gate's) must start on a word.
+    if isinstance(w13, QuantizedExperts) and w13.format == "int" and w13.packed_dim == 1 and inter % (32 // w13.bits):
+        raise ValueError(f"w13 packs {32 // w13.bits} outputs to a word: intermediate size {inter} must be a multiple")
 
 
 @opaque_to_compiler

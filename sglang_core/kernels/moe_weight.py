@@ -24,8 +24,9 @@ class QuantizedExperts:
     - ``format="fp8"``: ``data`` ``[E, N, K]`` float8_e4m3fn, ``value`` its element, no zero point.
     - ``format="int"``: ``data`` int32 words of ``p = 32 / bits`` unsigned values each, lowest bits
       first, packed along ``packed_dim`` (1: outputs, ``[E, N / p, K]``; 2: inputs, ``[E, N, K / p]``);
-      value ``j`` of a word's run in slot ``j``, or with ``interleaved`` (AWQ) in slot
-      ``(j % 2) * p / 2 + j // 2`` (slots hold the run's values 0, 2, 4, 6, 1, 3, 5, 7).
+      value ``j`` of a word's run in slot ``j``, or with ``interleaved`` (AWQ, 4 bits along the
+      outputs) in slot ``(j % 2) * 4 + j // 2`` (slots hold the run's values 0, 2, 4, 6, 1, 3, 5, 7).
+      Packed along the outputs, w13's gate rows must fill whole words (``I`` a multiple of ``p``).
       ``zeros`` ``[E, N / p, G]`` int32 packed along the outputs in the same slot order, plus
       ``zero_offset``; ``zeros`` None: the zero point is ``zero_offset``.
 
@@ -49,6 +50,8 @@ class QuantizedExperts:
         if self.format == "int" and (self.bits not in (4, 8) or self.packed_dim not in (1, 2)):
             raise ValueError(f"bits {self.bits} / packed_dim {self.packed_dim}: int weights pack 4 or 8 bits "
                              "along dim 1 or 2")
+        if self.interleaved and (self.format, self.bits, self.packed_dim) != ("int", 4, 1):
+            raise ValueError("interleaved: AWQ's order is of 4-bit values packed along the outputs (dim 1)")
         if self.scales.dim() != 3 or (self.zeros is not None and self.zeros.dim() != 3):
             raise ValueError(f"scales {tuple(self.scales.shape)} (and zeros) must be 3-d [E, rows, groups]")
 

@@ -128,6 +128,7 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
                 setattr(layer, f"{stem}_{name}", param)
 
     def fused_weight(self, layer, stem: str) -> QuantizedExperts:
+        # Gate's words never run into up's: the loader packs each part's outputs by whole words.
         qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}").transpose(1, 2)
                                    for name in ("qweight", "qzeros", "scales"))
         return QuantizedExperts(qweight, scales, "int", scale_cols=self.method.group_size, bits=BITS, packed_dim=1,

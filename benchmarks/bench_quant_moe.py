@@ -149,8 +149,8 @@ def bench(fmt: str, shape_name: str, shape: tuple[int, int, int, int], batches, 
         hidden_rows = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=args.device)
         topk_weights, topk_ids = torch.rand(tokens, experts, device=args.device).topk(top_k, dim=-1)
         batch = (hidden_rows, topk_weights, topk_ids)
-        torch.testing.assert_close(fused(batch, quantized[0]).float(), moe.fused_moe(hidden_rows, *dense[0], topk_weights,
-                                   topk_ids, config=config).float(), atol=3e-2, rtol=3e-2)
+        want = moe.fused_moe(hidden_rows, *dense[0], topk_weights, topk_ids, config=config)
+        torch.testing.assert_close(fused(batch, quantized[0]).float(), want.float(), atol=3e-2, rtol=3e-2)
         floor = touched_bytes(quant_bytes, experts, topk_ids) / args.bandwidth * 1e6
         dense_floor = touched_bytes(dense_bytes, experts, topk_ids) / args.bandwidth * 1e6
         print(f"{tokens:5d} {time_us(fused, quantized, batch, args.dry_run):9.1f} {floor:9.1f} "
@@ -175,7 +175,8 @@ def main() -> int:
         if inter % args.tp:
             raise SystemExit(f"--tp {args.tp} does not divide {shape_name}'s intermediate size {inter}")
         for fmt in args.formats:
-            bench(fmt, shape_name, (experts, top_k, hidden, inter // args.tp), (1, 5) if args.dry_run else BATCHES, args)
+            batches = (1, 5) if args.dry_run else BATCHES
+            bench(fmt, shape_name, (experts, top_k, hidden, inter // args.tp), batches, args)
     return 0
 
 

@@ -72,8 +72,8 @@ def fp8_experts(case: Case, weights: torch.Tensor, parts: int) -> tuple[Quantize
         quantized.append(q)
         scales.append(scale)
     rows = {"fp8-block": case.block[0], "fp8-tensor": weights.shape[1] // parts, "fp8-channel": 1}[case.scheme]
-    experts = QuantizedExperts(torch.stack(quantized), torch.stack(scales).reshape(len(weights), -1, scales[0].shape[-1]),
-                               "fp8", scale_rows=rows,
+    stacked_scales = torch.stack(scales).reshape(len(weights), -1, scales[0].shape[-1])
+    experts = QuantizedExperts(torch.stack(quantized), stacked_scales, "fp8", scale_rows=rows,
                                scale_cols=case.block[1] if case.scheme == "fp8-block" else None)
     return experts, torch.stack(dequantized)
 
@@ -85,7 +85,8 @@ def int_experts(case: Case, outputs: int, inputs: int, gen: torch.Generator) -> 
            "group_size": case.group}
     group = inputs if case.group == -1 else case.group
     packed = [Quantized(fmt, inputs, outputs, gen, torch.arange(inputs) // group) for _ in range(case.experts)]
-    qweight, qzeros, scales = (torch.stack([p.tensors[name] for p in packed]) for name in ("qweight", "qzeros", "scales"))
+    qweight, qzeros, scales = (torch.stack([p.tensors[name] for p in packed])
+                               for name in ("qweight", "qzeros", "scales"))
     awq, sym = case.scheme == "awq", case.scheme == "int4-sym"
     zeros = {"zeros": None, "zero_offset": 8} if sym else {
         "zeros": qzeros.transpose(1, 2), "zero_offset": 1 if fmt.get("checkpoint_format") == "gptq" else 0}

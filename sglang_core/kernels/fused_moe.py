@@ -209,8 +209,8 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
                  stride_at, stride_ot, stride_w, stride_s, stride_z, scale_rows, scale_cols, zero_offset,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr,
                  PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
     pdl_enter(USE_PDL)
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,

@@ -174,8 +174,9 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             return None
         qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}").transpose(1, 2)
                                    for name in ("qweight", "qzeros", "scales"))
-        return QuantizedExperts(qweight, scales, "int", scale_cols=None if method.group_size == -1 else method.group_size,
-                                bits=method.bits, packed_dim=2, zeros=qzeros, zero_offset=method.zero_offset)
+        group = None if method.group_size == -1 else method.group_size
+        return QuantizedExperts(qweight, scales, "int", scale_cols=group, bits=method.bits, packed_dim=2, zeros=qzeros,
+                                zero_offset=method.zero_offset)
 
     def dequantized(self, layer, stem: str, expert: int) -> torch.Tensor:
         qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}")[expert] for name in ("qweight", "qzeros", "scales"))

@@ -206,6 +206,7 @@ def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatc
     plugin's experts go through it on their packed tensors; GPTQ's act-order experts fall back to
     dequantizing."""
     layer, w13, w2 = loaded_experts(scheme, seed=len(scheme))
+    layer.to(DEVICE)
     monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
     calls = []
     fused = moe.fused_moe
@@ -213,9 +214,10 @@ def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatc
     case = Case(scheme, PLUGIN_SHAPE["experts"], PLUGIN_SHAPE["top_k"], PLUGIN_SHAPE["tokens"],
                 PLUGIN_SHAPE["hidden"], PLUGIN_SHAPE["inter"])
     hidden, topk_weights, topk_ids = routing(case, seed=3)
-    got = layer.quant_method.apply(layer, hidden, topk_weights, topk_ids, SiluAndMul())
+    got = layer.quant_method.apply(layer, hidden.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
+                                   SiluAndMul())
     assert len(calls) == (0 if scheme == "gptq-desc-act" else 1)
-    torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
+    torch.testing.assert_close(got.cpu().double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
                                **TOLERANCE[torch.float32])
 
 

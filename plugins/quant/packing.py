@@ -1,8 +1,8 @@
 """What the AWQ, GPTQ and compressed-tensors packed methods share: reading a
 ``quantization_config``, unpacking integers stored several to an int32, describing a packed
 weight's layout to the integer matmul kernel and choosing between it and dequantising, laying
-out groups of input features across tensor-parallel ranks, and computing routed experts from
-dequantized weights."""
+out groups of input features across tensor-parallel ranks, and computing routed experts (the fused
+MoE kernel on the packed tensors on CUDA, else from dequantized weights)."""
 
 from __future__ import annotations
 

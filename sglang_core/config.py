@@ -19,13 +19,17 @@ class CliSettings(BaseSettings):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One ``--flag`` per field (and the short forms in its ``json_schema_extra={"flags": [...]}``);
-        unset flags stay unset so env vars and defaults apply."""
+        """One ``--flag`` per field (plus the other spellings in its ``json_schema_extra={"flags": [...]}``;
+        ``"nargs"`` there takes a list as separate words); unset flags stay unset so env vars and
+        defaults apply."""
         for name, info in cls.model_fields.items():
-            flags = ["--" + name.replace("_", "-"), *(info.json_schema_extra or {}).get("flags", [])]
+            extra = info.json_schema_extra or {}
+            flags = ["--" + name.replace("_", "-"), *extra.get("flags", [])]
             kind = _plain_type(info.annotation)
             help_text = f"{info.description} (default: {info.default})"
-            if kind is bool:
+            if "nargs" in extra:  # a list given as separate words: --workers URL URL
+                parser.add_argument(*flags, nargs=extra["nargs"], default=argparse.SUPPRESS, help=help_text)
+            elif kind is bool:
                 parser.add_argument(*flags, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
             elif get_origin(kind) is Literal:
                 parser.add_argument(*flags, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
@@ -88,6 +92,7 @@ class EngineSettings(CliSettings):
     enable_torch_compile: bool = Field(False, description="CUDA: torch.compile the decode step before capturing it, once per captured batch size (slow to start: lower --cuda-graph-max-bs to try it)")
 
     engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
+    cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES of the engine process (with --engine-in-subprocess; default: inherited). --dp-size gives each replica its own GPUs this way")
     log_level: str = Field("warning", description="logging level")
 
     @field_validator("plugins", mode="before")

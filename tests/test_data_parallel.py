@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,63 @@ def wait_idle(server, wait_s: float = 20) -> None:
             return
         assert time.monotonic() < deadline, f"memory not given back: {replicas}"
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def router(server, lang_server):
+    """``sglang-core router`` in front of two serve processes: the --dp 2 server above and the
+    default model's (shared with the frontend-language tests)."""
+    with running_server("--workers", server.url, lang_server.url, "--policy", "cache_aware",
+                        "--health-check-interval-s", "0.5", command="router") as srv:
+        yield srv
+
+
+def test_standalone_router_streams_what_the_worker_would_answer(router):
+    """Streamed answers through the router equal the same worker's greedy answers asked directly,
+    for the native and the OpenAI API; both workers take a share (one prefix group each)."""
+    used = set()
+    for group in range(2):
+        body = {"text": prompt(group, 7), "stream": True,
+                "sampling_params": {"max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}}
+        with httpx.stream("POST", f"{router.url}/generate", json=body, timeout=120) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            worker = resp.headers["x-sglang-worker"]
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 2  # streamed: several events, then the end
+        streamed = json.loads(events[-2])["text"]
+        direct = httpx.post(f"{worker}/generate", json={**body, "stream": False}, timeout=120).json()["text"]
+        assert streamed == direct
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+        chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt(group, 7)}],
+                                                max_tokens=MAX, temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        direct_chat = openai.OpenAI(base_url=worker + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt(group, 7)}], max_tokens=MAX, temperature=0)
+        assert text == direct_chat.choices[0].message.content
+        used.add(worker)
+    assert len(used) == 2
+
+
+def test_standalone_router_covers_every_worker_and_passes_disconnects_on(router, server, lang_server):
+    # Group 0 goes to the first worker; group 1 then lives on the default model's server, which
+    # takes minutes for 2000 tokens on a CPU.
+    warm = {"text": prompt(0, 9), "sampling_params": {"max_new_tokens": 1}}
+    assert httpx.post(f"{router.url}/generate", json=warm, timeout=60).headers["x-sglang-worker"] == server.url
+    body = {"text": prompt(1, 8), "stream": True, "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    with httpx.stream("POST", f"{router.url}/generate", json=body, timeout=120) as resp:
+        assert resp.headers["x-sglang-worker"] == lang_server.url
+        next(line for line in resp.iter_lines() if line.startswith("data: {"))
+    wait_idle(lang_server, wait_s=10)  # the client left after one event: the worker aborted the request
+    metrics = httpx.get(f"{router.url}/metrics", timeout=30).text
+    assert f'sglang_router_worker_up{{worker="{server.url}"}} 1.0' in metrics
+    assert f'sglang_router_requests_total{{worker="{lang_server.url}"}}' in metrics
+    info = httpx.get(f"{router.url}/get_server_info", timeout=30).json()
+    assert [w["alive"] for w in info["workers"]] == [True, True]
+    assert info["workers"][0]["info"]["dp_size"] == 2  # each worker's own report
+    assert httpx.post(f"{router.url}/flush_cache", timeout=30).status_code == 200
+    for worker in (server, lang_server):
+        replicas = httpx.get(f"{worker.url}/get_server_info", timeout=30).json()["replicas"]
+        assert all(r["memory"]["kv_cached"] == 0 for r in replicas)
 
 
 def test_a_dead_replica_fails_its_requests_and_the_other_serves(server):

@@ -194,3 +194,19 @@ def test_round_robin_takes_turns_and_shortest_queue_counts_in_flight():
 def test_unknown_policy_names_the_field():
     with pytest.raises(ValueError, match="router_policy: no policy named 'nope'.*cache_aware"):
         make_router(2, router_policy="nope")
+
+
+def test_each_replica_gets_its_own_gpus(monkeypatch):
+    import torch
+
+    from sglang_core.router.data_parallel import replica_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert replica_devices(2, 2, "auto") == [{"cuda_visible_devices": "0,1"}, {"cuda_visible_devices": "2,3"}]
+    assert replica_devices(2, 1, "cpu") == [{}, {}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")  # indices of the GPUs this process may use
+    assert replica_devices(3, 1, "cuda") == [{"cuda_visible_devices": d} for d in ("3", "5", "6")]
+    with pytest.raises(ValueError, match="dp_size: 2 replicas of tp_size 2 need 4 GPUs; 3 visible"):
+        replica_devices(2, 2, "cuda")

@@ -12,16 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
+
+import torch
 
 from sglang_core.engine import Engine, check_rid, split_prompts
 from sglang_core.engine_core import ModelInfo
 from sglang_core.plugins import PluginManager
 from sglang_core.router.options import RouterOptions
 from sglang_core.router.router import Router
+
+
+def replica_devices(replicas: int, tp_size: int, device: str) -> list[dict[str, str]]:
+    """On CUDA, each replica's own ``tp_size`` GPUs (of those visible) as its engine process's
+    ``cuda_visible_devices`` setting; nothing on the CPU."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return [{} for _ in range(replicas)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(ids) < replicas * tp_size:
+        raise ValueError(f"dp_size: {replicas} replicas of tp_size {tp_size} need {replicas * tp_size} GPUs; "
+                         f"{len(ids)} visible")
+    return [{"cuda_visible_devices": ",".join(ids[i * tp_size:(i + 1) * tp_size])} for i in range(replicas)]
 
 
 class _RoutedStream:
@@ -63,11 +79,12 @@ class DataParallelEngine:
         plugins = PluginManager(engine_settings.get("plugins"))
         self.router = Router(replicas, options, plugins)
         settings = {**engine_settings, "engine_in_subprocess": True}
+        devices = replica_devices(replicas, settings.get("tp_size", 1), settings.get("device", "auto"))
         # transformers' lazy imports are not thread-safe: import what the replicas' tokenizers
         # need here, before they load them at the same time.
         from transformers import AutoTokenizer  # noqa: F401
         with ThreadPoolExecutor(replicas) as pool:  # the replicas load their models at the same time
-            futures = [pool.submit(Engine, **settings) for _ in range(replicas)]
+            futures = [pool.submit(Engine, **settings, **devices[i]) for i in range(replicas)]
         started = [f.result() for f in futures if f.exception() is None]
         failed = [f.exception() for f in futures if f.exception() is not None]
         if failed:

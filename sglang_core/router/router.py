@@ -53,6 +53,11 @@ class Router:
             self.live[replica] = False
             self.policy.forget(replica)
 
+    def mark_live(self, replica: int) -> None:
+        """A replica answers again (a standalone router's worker came back), its cache empty."""
+        with self._lock:
+            self.live[replica] = True
+
     def forget_cache(self, replica: int) -> None:
         with self._lock:
             self.policy.forget(replica)

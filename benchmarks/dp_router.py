@@ -30,17 +30,7 @@ import time
 from sglang_core.router.data_parallel import DataParallelEngine
 from sglang_core.router.options import RouterOptions
 
-
-def workload(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
-    """Shuffled prompts: ``groups`` random prefixes, ``per_group`` random questions after each."""
-    rng = random.Random(args.seed)
-    prompts = []
-    for _ in range(args.groups):
-        prefix = [rng.randrange(3, vocab_size) for _ in range(args.prefix_len)]
-        prompts += [prefix + [rng.randrange(3, vocab_size) for _ in range(args.question_len)]
-                    for _ in range(args.per_group)]
-    rng.shuffle(prompts)
-    return prompts
+from shared_prefix_prefill import shared_prefix_prompts  # this folder's: run the script from anywhere
 
 
 async def drive(engine: DataParallelEngine, prompts: list[list[int]], args: argparse.Namespace) -> list[dict]:
@@ -61,7 +51,8 @@ def run_policy(policy: str, args: argparse.Namespace) -> dict:
     options = RouterOptions(router_policy=policy, router_balance_abs=args.balance_abs,
                             router_balance_rel=args.balance_rel)
     with DataParallelEngine(settings, args.dp, options) as engine:
-        prompts = workload(args, engine.info.vocab_size)
+        prompts = shared_prefix_prompts(random.Random(args.seed), engine.info.vocab_size, args.groups,
+                                        args.per_group, args.prefix_len, args.question_len)
         warm = [[5, 6, 7]] * args.dp  # each replica compiles / warms up once, outside the timing
         asyncio.run(drive(engine, warm, args))
         if not engine.flush_cache():

@@ -112,7 +112,9 @@ def options(**overrides) -> RouterOptions:
 
 
 def make_router(replicas: int, **overrides) -> Router:
-    return Router(replicas, options(**overrides), PluginManager([]))
+    # The built-in policies are the core's and load with any selection; one small plugin keeps
+    # the other installed ones out of this test.
+    return Router(replicas, options(**overrides), PluginManager(["llama"]))
 
 
 def group_prompt(group: int, member: int) -> list[int]:

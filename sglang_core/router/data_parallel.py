@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine, check_rid, split_prompts
 from sglang_core.engine_core import ModelInfo
 from sglang_core.plugins import PluginManager
@@ -76,7 +77,7 @@ class DataParallelEngine:
     ``select`` of a single ``Engine`` are not offered."""
 
     def __init__(self, engine_settings: dict[str, Any], replicas: int, options: RouterOptions):
-        plugins = PluginManager(engine_settings.get("plugins"))
+        plugins = PluginManager(EngineSettings(**engine_settings).plugins)  # env vars apply, as in each Engine
         self.router = Router(replicas, options, plugins)
         settings = {**engine_settings, "engine_in_subprocess": True}
         devices = replica_devices(replicas, settings.get("tp_size", 1), settings.get("device", "auto"))

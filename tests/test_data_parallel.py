@@ -108,7 +108,8 @@ def wait_idle(server, wait_s: float = 20) -> None:
         replicas = httpx.get(f"{server.url}/get_server_info", timeout=30).json()["replicas"]
         live = [r["memory"] for r in replicas if r["alive"]]
         if all(m["running"] == 0 and m["waiting"] == 0 and m["kv_cache_locked"] == 0
-               and m["request_rows_free"] == m["request_rows"] for m in live):
+               and m["request_rows_free"] == m["request_rows"] and m["kv_free"] + m["kv_cached"] == m["kv_pool_size"]
+               for m in live):
             return
         assert time.monotonic() < deadline, f"memory not given back: {replicas}"
         time.sleep(0.2)
@@ -171,7 +172,7 @@ def test_standalone_router_covers_every_worker_and_passes_disconnects_on(router,
         assert all(r["memory"]["kv_cached"] == 0 for r in replicas)
 
 
-def test_a_dead_replica_fails_its_requests_and_the_other_serves(server):
+def test_a_dead_replica_fails_its_requests_and_the_other_serves(server, router, lang_server):
     """Runs last: it kills one replica's engine process."""
     engines = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
     assert len(engines) == 2
@@ -196,3 +197,9 @@ def test_a_dead_replica_fails_its_requests_and_the_other_serves(server):
         assert meta["replica"] != dead[0] and meta["finish_reason"]["type"] == "length"
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert f'sglang_replica_up{{replica="{dead[0]}"}} 0.0' in metrics
+    wait_idle(server)  # the live replica gave everything back
+    # The standalone router sees a worker whose /health fails and sends its prompts elsewhere.
+    assert httpx.get(f"{router.url}/health", timeout=30).status_code == 503
+    resp = httpx.post(f"{router.url}/generate", json={"text": prompt(0, 2), "sampling_params": {"max_new_tokens": 2}},
+                      timeout=60)
+    assert resp.status_code == 200 and resp.headers["x-sglang-worker"] == lang_server.url

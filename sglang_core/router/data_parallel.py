@@ -199,7 +199,7 @@ class DataParallelEngine:
             if not replica.alive and self.router.live[index]:
                 self.router.mark_dead(index)
         with self._lock:
-            if any(key == rid for key in self._owners):
+            if rid in self._owners:
                 raise ValueError(f"rid: {rid!r} is already in use by a request in flight")
             stack = contextlib.ExitStack()
             replica = stack.enter_context(self.router.routed(ids))

@@ -122,10 +122,10 @@ def float64_product(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, 
 
 
 @pytest.mark.parametrize("tokens,out,inputs,block,dtype,with_bias", [
-    (5, 36, 40, (16, 16), torch.float32, True),  # partial last row and column blocks; 3 tiles of N
-    (33, 40, 48, (24, 16), torch.float32, False),  # 3 tiles of M; 24-row blocks
+    (5, 36, 72, (16, 32), torch.float32, True),  # partial last row and column blocks; 3 tiles of N
+    (33, 40, 80, (24, 32), torch.float32, False),  # 3 tiles of M; 24-row blocks
     (17, 50, 72, (32, 32), torch.bfloat16, True),  # blocks wider than a tile of N; K ends in 8 of 32
-    (1, 24, 24, (16, 16), torch.float16, True),  # one token
+    (1, 24, 40, (16, 32), torch.float16, True),  # one token
 ])
 def test_block_gemm_matches_float64(tokens: int, out: int, inputs: int, block: tuple[int, int], dtype: torch.dtype,
                                     with_bias: bool) -> None:
@@ -146,7 +146,7 @@ def test_block_fp8_linear_default_tiles_and_leading_dims() -> None:
     """The whole path as the fp8 method runs it: [2, 3, K] input quantized by the kernel, the tiles
     ``default_config`` chooses, bias; against the float path's numbers in float64. The weight is
     stored column-major (its K not contiguous): the launcher makes it row-major."""
-    block = (16, 16)
+    block = (16, 32)
     weight, weight_scale_inv = random_block_weight(40, 56, block, seed=3)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 56, generator=gen)
@@ -177,7 +177,7 @@ def block_linear_layer(out: int, inputs: int, block: tuple[int, int], seed: int,
 def test_fp8_method_takes_the_kernels_where_they_fit(monkeypatch) -> None:
     """With the kernels taken (on CPU: in the interpreter), the block method's apply computes through the
     kernels with the layer's weight, block scales, block size and bias."""
-    block = (32, 16)
+    block = (32, 32)
     layer = block_linear_layer(40, 48, block, seed=5).to(DEVICE)
     calls = []
     monkeypatch.setattr(fp8_method, "_block_kernels_fit", lambda x, b: calls.append(b) or True)
@@ -211,3 +211,12 @@ def test_fp8_block_method_on_gpu_matches_cpu_path(tokens: int, out: int, inputs:
     # activations and weights to bfloat16 first, which moves outputs by ~2^-9 of their terms' sizes.
     torch.testing.assert_close(gpu, expected, rtol=8e-3, atol=1e-3 * size)
     torch.testing.assert_close(gpu, cpu.double(), rtol=1e-2, atol=1e-2 * size)
+
+
+def test_block_gemm_refuses_block_columns_below_an_e4m3_dot():
+    """Compiled, an e4m3 ``tl.dot`` needs a K tile of 32 or more: narrower blocks are refused by
+    name (and ``fits`` sends them to the float path)."""
+    weight, weight_scale_inv = random_block_weight(16, 32, (16, 16), seed=1)
+    q, scale = grouped_reference(torch.randn(2, 32), 16)
+    with pytest.raises(ValueError, match="block: columns 16"):
+        block_gemm.block_gemm(q, scale, weight, weight_scale_inv, (16, 16), None, torch.float32)

@@ -30,13 +30,16 @@ _E4M3_MAX = tl.constexpr(FP8_MAX)
 _SMALLEST_GROUP_MAX = tl.constexpr(MIN_SCALE * FP8_MAX)  # as ``e4m3.token_scale`` clamps it
 
 
+MIN_BLOCK_COLS = 32
+
+
 def fits(x: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether the kernels serve this input: a CUDA device with FP8 tensor cores (compute
-    capability 8.9+: Ada, Hopper and later) and block columns a power of two of at least 16
-    (``tl.dot``'s K tile)."""
+    capability 8.9+: Ada, Hopper and later) and block columns a power of two of at least 32
+    (``tl.dot``'s K tile: compiled, an e4m3 dot needs K >= 32)."""
     cols = block[1]
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
-            and cols >= 16 and cols & (cols - 1) == 0)
+            and cols >= MIN_BLOCK_COLS and cols & (cols - 1) == 0)
 
 
 @triton.jit
@@ -153,6 +156,8 @@ def block_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, wei
     m, k = q.shape
     n = weight.shape[0]
     rows, cols = block
+    if cols < MIN_BLOCK_COLS or cols & (cols - 1):
+        raise ValueError(f"block: columns {cols} are not a power of two of at least {MIN_BLOCK_COLS} (the K tile)")
     config = dict(config or default_config(m))
     block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
     q, q_scale, weight, weight_scale_inv = (t if t.stride(1) == 1 else t.contiguous()  # the kernel steps K by 1

@@ -1,6 +1,7 @@
 """Regex and JSON Schema constraints with outlines-core.
 
-A JSON Schema becomes a regex (``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
+A JSON Schema becomes a regex (rewritten first by ``schema`` into what outlines-core compiles soundly, then
+``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
 an ``Index``: for each automaton state, the tokens that keep the text on a path to a match. The
 vocabulary is read from our own tokenizer (``sglang_core.constrained.vocab``), never a hub.
 
@@ -15,8 +16,8 @@ import json
 import os
 import re
 import threading
+import uuid
 from functools import cached_property
-from typing import Any
 
 import torch
 
@@ -24,37 +25,7 @@ from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarStat
 from sglang_core.constrained.limits import check_regex
 from sglang_core.constrained.vocab import token_bytes
 from sglang_core.constrained.worker_process import WorkerPool
-
-
-# outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
-MAX_ENUM_RANGE = 1000
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions")
-
-
-def _bounded_integers(schema: Any) -> Any:
-    """The schema with each bounded ``integer`` of a small range turned into the enum of its
-    values, which outlines-core does enforce. Bounds it could not enforce are refused, so an
-    output never silently breaks its schema."""
-    if isinstance(schema, list):
-        return [_bounded_integers(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in NAMED_SCHEMAS and isinstance(value, dict):  # names map to schemas ("minimum" may be a name)
-            out[key] = {name: _bounded_integers(sub) for name, sub in value.items()}
-        else:
-            out[key] = value if key in BOUNDS else _bounded_integers(value)
-    if not any(b in out for b in BOUNDS):
-        return out
-    if out.get("type") == "integer":
-        low = out.get("minimum", out["exclusiveMinimum"] + 1 if "exclusiveMinimum" in out else None)
-        high = out.get("maximum", out["exclusiveMaximum"] - 1 if "exclusiveMaximum" in out else None)
-        if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_ENUM_RANGE:
-            return {"enum": list(range(low, high + 1))}
-        raise ValueError(f"integer bounds are enforced only as a closed range of fewer than {MAX_ENUM_RANGE} values")
-    raise ValueError("minimum/maximum are supported only on integers (as a closed range)")
+from sglang_plugins.grammar.outlines.schema import OutlinesSchema
 
 
 # The regex outlines-core writes for a schema repeats an optional property's value for each place
@@ -155,6 +126,9 @@ class OutlinesBackend(GrammarBackend):
         self._workers_lock = threading.Lock()  # the core compiles in two threads
 
     def validate(self, kind: str, spec: str) -> None:
+        if kind == "ebnf":
+            raise ValueError("ebnf: the outlines grammar backend has no EBNF grammars; "
+                             "use --grammar-backend xgrammar (GBNF) or llguidance (Lark)")
         super().validate(kind, spec)
         regex = self._regex(kind, spec)
         try:  # outlines' syntax is close to Python's; what only outlines rejects fails at compile
@@ -187,12 +161,23 @@ class OutlinesBackend(GrammarBackend):
             return spec
         from outlines_core.json_schema import build_regex_from_schema
 
+        # Compact JSON (no optional whitespace): fixed keys and punctuation become forced
+        # text that jump-forward can append without decoding it.
+        def regex_of(schema: dict) -> str:
+            try:
+                return build_regex_from_schema(json.dumps(schema), "")
+            except Exception as exc:
+                raise ValueError(f"json_schema: unsupported or invalid schema ({exc})") from None
+
+        rewritten = OutlinesSchema(json.loads(spec), f"sglangvalue{uuid.uuid4().hex}n")
         try:
-            # Compact JSON (no optional whitespace): fixed keys and punctuation become forced
-            # text that jump-forward can append without decoding it.
-            return build_regex_from_schema(json.dumps(_bounded_integers(json.loads(spec))), "")
-        except Exception as exc:
-            raise ValueError(f"json_schema: unsupported or invalid schema ({exc})") from None
+            schema = rewritten.rewrite()
+        except RecursionError:
+            raise ValueError("json_schema: its references refer to each other without end") from None
+        regex = regex_of(schema)
+        for placeholder, value_regex in rewritten.regexes.items():
+            regex = regex.replace(regex_of({"const": placeholder}), f"(?:{value_regex})")
+        return regex
 
     @cached_property
     def _token_bytes(self) -> list[bytes]:

@@ -92,6 +92,23 @@ def test_number_ranges(engine, sampling):
         jsonschema.validate(json.loads(out["text"]), schema)
 
 
+LARK_GRAMMAR = 'start: "The answer is " ("yes" | "no") "." | /[0-9][0-9]?/ " apples"'
+
+
+def test_ebnf_grammars(engine):
+    """The ``ebnf`` sampling param: llguidance takes a Lark grammar (every output in its
+    language); outlines has no grammars and says so (a 400 naming the field)."""
+    if engine.settings.grammar_backend == "outlines":
+        with pytest.raises(ValueError, match="^ebnf: the outlines grammar backend has no EBNF"):
+            engine.generate("x", sampling_params={"max_new_tokens": 4, "ebnf": LARK_GRAMMAR})
+        return
+    outs = engine.generate(["Answer:"] * 3, sampling_params=[
+        {"max_new_tokens": 20, "ebnf": LARK_GRAMMAR, **sampling} for sampling in SAMPLINGS])
+    for out in outs:
+        assert re.fullmatch(r"The answer is (yes|no)\.|[0-9][0-9]? apples", out["text"]), out["text"]
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
+
+
 # ---- over HTTP ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

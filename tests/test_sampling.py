@@ -340,6 +340,8 @@ def test_token_logprobs():
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"logit_bias": {str(V): 1.0}}, "logit_bias"),
         ({"logit_bias": {"5": math.nan}}, "logit_bias"),
+        ({"ebnf": ""}, "ebnf"),
+        ({"json_schema": "{}", "ebnf": 'root ::= "a"'}, "json_schema: give at most one of regex, json_schema and ebnf"),
     ],
 )
 def test_validate_rejects_out_of_range(params, field):
@@ -365,6 +367,7 @@ def test_validate_rejects_out_of_range(params, field):
         ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"seed": 1.5}, "seed"),
         ({"custom_params": []}, "custom_params"),
+        ({"ebnf": 5}, "ebnf"),
     ],
 )
 def test_from_dict_rejects_unknown_and_ill_typed(params, field):

@@ -144,8 +144,8 @@ def test_corpus_sample(backends, vocabulary, backend_name):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_json_strings_admit_no_control_characters(backends, vocabulary, default_tokenizer, backend_name):
     """Inside a JSON string (of bounded length: xgrammar writes those by another rule), no token
-    with a raw control character (JSON requires them escaped)
-    is allowed: checked on the whole mask, not on draws that might miss it."""
+    with a raw control character (JSON requires them escaped) is allowed: checked on the whole
+    mask, not on draws that might miss it."""
     import numpy as np
     import torch
 

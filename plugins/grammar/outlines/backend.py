@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import uuid
 from functools import cached_property
 
@@ -24,7 +23,7 @@ import torch
 from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
 from sglang_core.constrained.limits import check_regex
 from sglang_core.constrained.vocab import token_bytes
-from sglang_core.constrained.worker_process import WorkerPool
+from sglang_core.constrained.worker_process import LazyWorkerPool
 from sglang_plugins.grammar.outlines.schema import OutlinesSchema
 
 
@@ -122,8 +121,7 @@ class OutlinesGrammar(Grammar):
 class OutlinesBackend(GrammarBackend):
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
         super().__init__(tokenizer, vocab_size, eos_token_id)
-        self._workers: WorkerPool | None = None  # started on first compile
-        self._workers_lock = threading.Lock()  # the core compiles in two threads
+        self._workers = LazyWorkerPool(f"{__package__}.index_worker", self._vocabulary_setup)
 
     def validate(self, kind: str, spec: str) -> None:
         if kind == "ebnf":
@@ -143,7 +141,7 @@ class OutlinesBackend(GrammarBackend):
 
         regex = self._regex(kind, spec)
         try:
-            index = Index.from_binary(self._worker_pool().call(regex.encode()))
+            index = Index.from_binary(self._workers.call(regex.encode(), self.budget))
         except TimeoutError as exc:
             raise ValueError(f"{kind}: compiling {exc}; stopped") from None
         except (ValueError, ChildProcessError) as exc:  # outlines' own message, or the process died
@@ -151,9 +149,7 @@ class OutlinesBackend(GrammarBackend):
         return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
 
     def close(self) -> None:
-        with self._workers_lock:
-            if self._workers is not None:
-                self._workers.close()
+        self._workers.close()
 
     @staticmethod
     def _regex(kind: str, spec: str) -> str:
@@ -183,18 +179,14 @@ class OutlinesBackend(GrammarBackend):
     def _token_bytes(self) -> list[bytes]:
         return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
 
-    def _worker_pool(self) -> WorkerPool:
-        """The compile processes, each set up with the vocabulary (built on first compile)."""
+    def _vocabulary_setup(self) -> bytes:
+        """What each compile process is set up with: the vocabulary (built on first compile)."""
         from outlines_core import Vocabulary
 
         from sglang_plugins.grammar.outlines.index_worker import binary_form
 
-        with self._workers_lock:
-            if self._workers is None:
-                by_bytes: dict[bytes, list[int]] = {}
-                for token_id, data in enumerate(self._token_bytes):
-                    if data and token_id != self.eos_token_id:
-                        by_bytes.setdefault(data, []).append(token_id)
-                vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
-                self._workers = WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)
-            return self._workers
+        by_bytes: dict[bytes, list[int]] = {}
+        for token_id, data in enumerate(self._token_bytes):
+            if data and token_id != self.eos_token_id:
+                by_bytes.setdefault(data, []).append(token_id)
+        return binary_form(Vocabulary(self.eos_token_id, by_bytes))

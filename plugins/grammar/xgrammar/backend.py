@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from functools import cached_property
 from typing import Any
 
@@ -26,7 +25,7 @@ from sglang_core.constrained.formats import FORMATS
 from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
 from sglang_core.constrained.limits import DATA_KEYWORDS, SCHEMA_MAPS
 from sglang_core.constrained.vocab import token_bytes
-from sglang_core.constrained.worker_process import WorkerPool
+from sglang_core.constrained.worker_process import LazyWorkerPool
 
 try:
     import xgrammar
@@ -131,8 +130,8 @@ class XGrammarGrammar(Grammar):
 class XGrammarBackend(GrammarBackend):
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
         super().__init__(tokenizer, vocab_size, eos_token_id)
-        self._workers: WorkerPool | None = None  # started on first compile
-        self._workers_lock = threading.Lock()  # the core compiles in two threads
+        self._workers = LazyWorkerPool(f"{__package__}.compile_worker",
+                                       lambda: self._tokenizer_info.serialize_json().encode("utf-8"))
 
     def validate(self, kind: str, spec: str) -> None:
         super().validate(kind, spec)
@@ -148,7 +147,7 @@ class XGrammarBackend(GrammarBackend):
     def compile(self, kind: str, spec: str) -> XGrammarGrammar:
         request = f"{kind}\0{self._constraint(kind, spec)}".encode("utf-8")
         try:
-            data = self._worker_pool().call(request)
+            data = self._workers.call(request, self.budget)
         except TimeoutError as exc:
             raise ValueError(f"{kind}: compiling {exc}; stopped") from None
         except (ValueError, ChildProcessError) as exc:  # xgrammar's own message, or the process died
@@ -168,9 +167,7 @@ class XGrammarBackend(GrammarBackend):
             raise ValueError("json_schema: nested too deeply") from None
 
     def close(self) -> None:
-        with self._workers_lock:
-            if self._workers is not None:
-                self._workers.close()
+        self._workers.close()
 
     @cached_property
     def _tokenizer_info(self) -> "xgrammar.TokenizerInfo":
@@ -189,10 +186,3 @@ class XGrammarBackend(GrammarBackend):
         words = np.zeros(-(-self.vocab_size // 32) * 32, dtype=bool)
         words[:self.vocab_size] = allowed
         return np.packbits(words, bitorder="little").view(np.uint32)
-
-    def _worker_pool(self) -> WorkerPool:
-        with self._workers_lock:
-            if self._workers is None:
-                setup = self._tokenizer_info.serialize_json().encode("utf-8")
-                self._workers = WorkerPool(f"{__package__}.compile_worker", setup, self.budget)
-            return self._workers

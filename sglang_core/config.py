@@ -83,7 +83,9 @@ class EngineSettings(CliSettings):
     # Plugins and kernels
     plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
     attention_backend: str = Field("auto", description="attention backend name, or auto for the best available")
-    grammar_backend: str = Field("outlines", description="grammar backend for regex / json_schema constraints")
+    # llguidance by measurement (docs/benchmarks.md, issue 21): the outlines backend covers as many
+    # schemas, but llguidance compiles a new one in milliseconds where outlines takes seconds.
+    grammar_backend: str = Field("llguidance", description="grammar backend for regex / json_schema / ebnf constraints")
     disable_jump_forward: bool = Field(False, description="decode text a constraint forces token by token instead of appending it at once")
     grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request; a compile running this long is stopped")
     grammar_compile_memory_mb: int = Field(4096, gt=0, description="memory one grammar compile process may use (outlines backend); past it the compile fails")

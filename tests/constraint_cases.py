@@ -98,8 +98,8 @@ REGEXES = [
     r"[aeiou]{3}",
 ]
 
-# Number ranges (floats; integers open or too wide to list): llguidance enforces them, outlines
-# refuses them rather than ignoring them. A float's fraction is bounded like every string here:
+# Number ranges (floats; integers open or wide): llguidance enforces them, outlines spells them
+# out as regexes. A float's fraction is bounded like every string here:
 # by a ``multipleOf`` that is a binary fraction (exact in floating point, so ``jsonschema``
 # checks it exactly), since a small model left free keeps writing digits ("1.0000...").
 RANGE_SCHEMAS = [

@@ -342,6 +342,8 @@ def test_token_logprobs():
         ({"logit_bias": {"5": math.nan}}, "logit_bias"),
         ({"constraint_after_ids": [V]}, "constraint_after_ids"),
         ({"constraint_after_ids": []}, "constraint_after_ids"),
+        ({"ebnf": ""}, "ebnf"),
+        ({"json_schema": "{}", "ebnf": 'root ::= "a"'}, "json_schema: give at most one of regex, json_schema and ebnf"),
     ],
 )
 def test_validate_rejects_out_of_range(params, field):
@@ -368,6 +370,7 @@ def test_validate_rejects_out_of_range(params, field):
         ({"seed": 1.5}, "seed"),
         ({"custom_params": []}, "custom_params"),
         ({"constraint_after_ids": 5}, "constraint_after_ids"),
+        ({"ebnf": 5}, "ebnf"),
     ],
 )
 def test_from_dict_rejects_unknown_and_ill_typed(params, field):

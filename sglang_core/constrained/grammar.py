@@ -1,7 +1,7 @@
 """The interface a grammar backend plugin implements (hook ``register_grammar_backends``).
 
 A backend is built once per engine as ``cls(tokenizer, vocab_size, eos_token_id)`` and turns a
-constraint (``"regex"`` or ``"json_schema"``, and its text) into a ``Grammar``: compiled once,
+constraint (``"regex"``, ``"json_schema"`` or ``"ebnf"``, and its text) into a ``Grammar``: compiled once,
 shared by every request with the same constraint. Each request walks it with its own
 ``GrammarState``.
 
@@ -89,7 +89,8 @@ class GrammarBackend(abc.ABC):
         """Cheap checks on the request side (before anything is queued); raise ``ValueError``
         naming the field (``"regex: ..."``, ``"json_schema: ..."``). The default refuses a
         constraint past the size bounds of ``sglang_core.constrained.limits``; a backend adding
-        its own checks calls it first."""
+        its own checks calls it first. A backend without EBNF grammars refuses kind ``"ebnf"``
+        here."""
         check_constraint(kind, spec)
 
     @abc.abstractmethod

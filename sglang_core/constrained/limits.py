@@ -183,10 +183,11 @@ class _SchemaWalk:
 
 
 def check_constraint(kind: str, spec: str) -> None:
-    """The bounds for a ``("regex", pattern)`` or ``("json_schema", text)`` constraint."""
+    """The bounds for a ``("regex", pattern)``, ``("json_schema", text)`` or ``("ebnf", grammar)``
+    constraint (a grammar's own parser bounds the rest of its work)."""
     if len(spec) > MAX_CONSTRAINT_CHARS:
         raise ValueError(f"{kind}: is longer than {MAX_CONSTRAINT_CHARS} characters")
     if kind == "regex":
         check_regex("regex", spec)
-    else:
+    elif kind == "json_schema":
         check_json_schema(spec)

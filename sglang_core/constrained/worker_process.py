@@ -148,6 +148,28 @@ class WorkerPool:
         worker.kill()
 
 
+class LazyWorkerPool:
+    """A ``WorkerPool`` made by its first call, for a backend whose setup message (its
+    vocabulary, say) takes a while to build; safe to share between the compile threads."""
+
+    def __init__(self, module: str, setup: Callable[[], bytes]):
+        self.module, self._setup = module, setup
+        self._pool: WorkerPool | None = None
+        self._lock = threading.Lock()
+
+    def call(self, request: bytes, budget: CompileBudget) -> bytes:
+        """See ``WorkerProcess.call``; ``budget`` bounds the workers this pool starts."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = WorkerPool(self.module, self._setup(), budget)
+        return self._pool.call(request)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+
+
 def serve(setup: Callable[[bytes], Any], handle: Callable[[Any, bytes], bytes]) -> None:
     """The child's main loop: ``state = setup(first message)``, then each request's reply is
     ``handle(state, request)``; an exception from ``handle`` is sent back as a refusal. Ends when

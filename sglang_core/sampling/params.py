@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 # Below this temperature dividing the logits would overflow float32, so treat it as greedy.
 GREEDY_TEMPERATURE = 1e-6
+# The sampling params that constrain the output, each naming its kind of constraint.
+CONSTRAINT_KINDS = ("regex", "json_schema", "ebnf")
 
 _TOKEN_ID_KEY = re.compile(r"-?\d+")
 
@@ -132,12 +134,14 @@ class SamplingParams:
     # Free-form settings for third-party logits processors.
     custom_params: dict[str, Any] | None = _param(None, _optional(_dict))
     # Constrained decoding: the output must match this regex, or this JSON Schema (a JSON string;
-    # an object is accepted and serialised). At most one.
+    # an object is accepted and serialised), or this grammar (EBNF, in the grammar backend's
+    # dialect). At most one.
     regex: str | None = _param(None, _optional(_text))
     json_schema: str | None = _param(None, _optional(_schema_text))
     # The constraint starts only after the output holds these tokens (a reasoning model's end of
     # thinking, e.g. the ids of "</think>"); until then every token is allowed.
     constraint_after_ids: list[int] | None = _param(None, _optional(_token_ids))
+    ebnf: str | None = _param(None, _optional(_text))
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -192,8 +196,10 @@ class SamplingParams:
         bias = self.logit_bias or {}
         require(all(0 <= t < vocab_size for t in bias), "logit_bias", in_vocab)
         require(all(math.isfinite(v) for v in bias.values()), "logit_bias", "biases must be finite")
-        require(self.regex is None or self.json_schema is None, "regex", "give at most one of regex and json_schema")
+        given = [name for name in CONSTRAINT_KINDS if getattr(self, name) is not None]
+        require(len(given) <= 1, given[0] if given else "regex", "give at most one of regex, json_schema and ebnf")
         require(self.regex != "", "regex", "must not be empty")
+        require(self.ebnf != "", "ebnf", "must not be empty")
         if self.json_schema is not None:
             try:
                 schema = json.loads(self.json_schema)
@@ -205,11 +211,11 @@ class SamplingParams:
 
     @property
     def constraint(self) -> tuple[str, str] | None:
-        """``("regex", pattern)`` or ``("json_schema", schema)``, or None when unconstrained."""
-        if self.regex is not None:
-            return "regex", self.regex
-        if self.json_schema is not None:
-            return "json_schema", self.json_schema
+        """``("regex", pattern)``, ``("json_schema", schema)`` or ``("ebnf", grammar)``, or None
+        when unconstrained."""
+        for kind in CONSTRAINT_KINDS:
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
         return None
 
     @property

@@ -38,20 +38,20 @@ class SGLangSampling(StrictBody):
     skip_special_tokens: bool | None = None
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None  # an object is serialised for the engine
+    ebnf: str | None = None
 
     # Engine param names in its error messages -> these fields' names.
     API_NAMES: ClassVar[dict[str, str]] = {"min_new_tokens": "min_tokens"}
 
     def constraint(self) -> dict[str, str]:
-        """The output constraint as sampling params (``regex`` or ``json_schema`` text), or {}."""
-        if self.regex is not None and self.json_schema is not None:
-            raise ValueError("json_schema: give only one of regex and json_schema")
-        if self.regex is not None:
-            return {"regex": self.regex}
-        if self.json_schema is not None:
-            schema = self.json_schema
-            return {"json_schema": schema if isinstance(schema, str) else json.dumps(schema)}
-        return {}
+        """The output constraint as sampling params (``regex``, ``json_schema`` or ``ebnf`` text), or {}."""
+        given = {name: value for name, value in (("regex", self.regex), ("json_schema", self.json_schema),
+                                                 ("ebnf", self.ebnf)) if value is not None}
+        if len(given) > 1:
+            raise ValueError(f"{list(given)[1]}: give only one of {' and '.join(given)}")
+        if "json_schema" in given and not isinstance(self.json_schema, str):
+            return {"json_schema": json.dumps(self.json_schema)}
+        return given
 
     def sglang_params(self) -> dict[str, Any]:
         """These fields as engine sampling params (None: unset), checked by ``validated_params``

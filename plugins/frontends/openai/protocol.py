@@ -52,14 +52,14 @@ class SamplingRequest(SGLangSampling):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def constraint(self) -> dict[str, str]:
-        """The output constraint as sampling params: SGLang's ``regex`` / ``json_schema``, or
-        OpenAI's ``response_format`` (``json_object``: any JSON object)."""
+        """The output constraint as sampling params: SGLang's ``regex`` / ``json_schema`` /
+        ``ebnf``, or OpenAI's ``response_format`` (``json_object``: any JSON object)."""
         fmt = self.response_format
-        given = [name for name, value in (("regex", self.regex), ("json_schema", self.json_schema),
+        given = [name for name, value in (("regex", self.regex), ("json_schema", self.json_schema), ("ebnf", self.ebnf),
                                           ("response_format", fmt if fmt and fmt.type != "text" else None))
                  if value is not None]
         if len(given) > 1:
-            raise ValueError(f"{given[1]}: give only one of regex, json_schema and response_format")
+            raise ValueError(f"{given[1]}: give only one of regex, json_schema, ebnf and response_format")
         if fmt is None or fmt.type == "text":
             return super().constraint()
         if fmt.type == "json_object":
@@ -70,8 +70,6 @@ class SamplingRequest(SGLangSampling):
 
     def check_supported(self) -> None:
         """Raise ``ValueError("<field>: ...")`` for a feature this server does not have yet."""
-        if (self.model_extra or {}).get("ebnf") is not None:
-            raise ValueError("ebnf: grammar constraints are not supported yet (regex and json_schema are)")
         self.constraint()
 
 

@@ -1,5 +1,5 @@
-"""Grammar backend on llguidance (regex / JSON Schema, number ranges enforced); needs the
-``llguidance`` extra: ``pip install 'sglang-core[llguidance]'``, then ``--grammar-backend llguidance``."""
+"""Grammar backend on llguidance (regex / JSON Schema / Lark grammars, number ranges enforced);
+the default (``--grammar-backend llguidance``); llguidance is a core dependency."""
 
 from __future__ import annotations
 

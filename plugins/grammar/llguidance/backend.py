@@ -43,11 +43,12 @@ SCHEMA_VALUES = ("items", "additionalProperties", "contains", "not", "if", "then
 TIME_MAX_LENGTH = {"time": 24, "date-time": 35}
 
 
-def _bounded(schema: Any) -> Any:
+def _bounded(schema: Any, close: bool = True) -> Any:
     """The schema narrowed where llguidance would let a small model write forever (outputs stay
     valid for the original schema): an object listing properties and saying nothing of others
     gets ``"additionalProperties": false``, as in the outlines backend, and a time string without
-    ``maxLength`` gets one."""
+    ``maxLength`` gets one. ``close`` False: an ``allOf`` branch, whose properties the other
+    branches extend, so it stays open."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -55,10 +56,10 @@ def _bounded(schema: Any) -> Any:
         if key in SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: _bounded(sub) for name, sub in value.items()}
         elif key in SCHEMA_LISTS and isinstance(value, list):
-            out[key] = [_bounded(sub) for sub in value]
+            out[key] = [_bounded(sub, key != "allOf") for sub in value]
         elif key in SCHEMA_VALUES:
             out[key] = _bounded(value)
-    if "properties" in out and "additionalProperties" not in out:
+    if close and "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     if out.get("format") in TIME_MAX_LENGTH and "maxLength" not in out:
         out["maxLength"] = TIME_MAX_LENGTH[out["format"]]
@@ -153,6 +154,8 @@ class LLGuidanceBackend(GrammarBackend):
     def _grammar(kind: str, spec: str) -> str:
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec)
+        if kind == "ebnf":  # llguidance's grammars are in Lark's syntax
+            return llguidance.LLMatcher.grammar_from_lark(spec)
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(_bounded(json.loads(spec)),
                                                                  overrides=COMPACT_JSON)

@@ -1,6 +1,7 @@
 """Regex and JSON Schema constraints with outlines-core.
 
-A JSON Schema becomes a regex (``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
+A JSON Schema becomes a regex (rewritten first by ``schema`` into what outlines-core compiles soundly, then
+``build_regex_from_schema``, compact: no optional whitespace); a regex becomes
 an ``Index``: for each automaton state, the tokens that keep the text on a path to a match. The
 vocabulary is read from our own tokenizer (``sglang_core.constrained.vocab``), never a hub.
 
@@ -14,47 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
+import uuid
 from functools import cached_property
-from typing import Any
 
 import torch
 
 from sglang_core.constrained.grammar import Grammar, GrammarBackend, GrammarState
 from sglang_core.constrained.limits import check_regex
 from sglang_core.constrained.vocab import token_bytes
-from sglang_core.constrained.worker_process import WorkerPool
-
-
-# outlines-core ignores an integer's minimum/maximum; a range up to this size becomes an enum.
-MAX_ENUM_RANGE = 1000
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions")
-
-
-def _bounded_integers(schema: Any) -> Any:
-    """The schema with each bounded ``integer`` of a small range turned into the enum of its
-    values, which outlines-core does enforce. Bounds it could not enforce are refused, so an
-    output never silently breaks its schema."""
-    if isinstance(schema, list):
-        return [_bounded_integers(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in NAMED_SCHEMAS and isinstance(value, dict):  # names map to schemas ("minimum" may be a name)
-            out[key] = {name: _bounded_integers(sub) for name, sub in value.items()}
-        else:
-            out[key] = value if key in BOUNDS else _bounded_integers(value)
-    if not any(b in out for b in BOUNDS):
-        return out
-    if out.get("type") == "integer":
-        low = out.get("minimum", out["exclusiveMinimum"] + 1 if "exclusiveMinimum" in out else None)
-        high = out.get("maximum", out["exclusiveMaximum"] - 1 if "exclusiveMaximum" in out else None)
-        if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_ENUM_RANGE:
-            return {"enum": list(range(low, high + 1))}
-        raise ValueError(f"integer bounds are enforced only as a closed range of fewer than {MAX_ENUM_RANGE} values")
-    raise ValueError("minimum/maximum are supported only on integers (as a closed range)")
+from sglang_core.constrained.worker_process import LazyWorkerPool
+from sglang_plugins.grammar.outlines.schema import OutlinesSchema
 
 
 # The regex outlines-core writes for a schema repeats an optional property's value for each place
@@ -151,10 +121,12 @@ class OutlinesGrammar(Grammar):
 class OutlinesBackend(GrammarBackend):
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int):
         super().__init__(tokenizer, vocab_size, eos_token_id)
-        self._workers: WorkerPool | None = None  # started on first compile
-        self._workers_lock = threading.Lock()  # the core compiles in two threads
+        self._workers = LazyWorkerPool(f"{__package__}.index_worker", self._vocabulary_setup)
 
     def validate(self, kind: str, spec: str) -> None:
+        if kind == "ebnf":
+            raise ValueError("ebnf: the outlines grammar backend has no EBNF grammars; "
+                             "use --grammar-backend xgrammar (GBNF) or llguidance (Lark)")
         super().validate(kind, spec)
         regex = self._regex(kind, spec)
         try:  # outlines' syntax is close to Python's; what only outlines rejects fails at compile
@@ -169,7 +141,7 @@ class OutlinesBackend(GrammarBackend):
 
         regex = self._regex(kind, spec)
         try:
-            index = Index.from_binary(self._worker_pool().call(regex.encode()))
+            index = Index.from_binary(self._workers.call(regex.encode(), self.budget))
         except TimeoutError as exc:
             raise ValueError(f"{kind}: compiling {exc}; stopped") from None
         except (ValueError, ChildProcessError) as exc:  # outlines' own message, or the process died
@@ -177,9 +149,7 @@ class OutlinesBackend(GrammarBackend):
         return OutlinesGrammar(index, self.eos_token_id, self.tokenizer, self._token_bytes)
 
     def close(self) -> None:
-        with self._workers_lock:
-            if self._workers is not None:
-                self._workers.close()
+        self._workers.close()
 
     @staticmethod
     def _regex(kind: str, spec: str) -> str:
@@ -187,29 +157,36 @@ class OutlinesBackend(GrammarBackend):
             return spec
         from outlines_core.json_schema import build_regex_from_schema
 
+        # Compact JSON (no optional whitespace): fixed keys and punctuation become forced
+        # text that jump-forward can append without decoding it.
+        def regex_of(schema: dict) -> str:
+            try:
+                return build_regex_from_schema(json.dumps(schema), "")
+            except Exception as exc:
+                raise ValueError(f"json_schema: unsupported or invalid schema ({exc})") from None
+
+        rewritten = OutlinesSchema(json.loads(spec), f"sglangvalue{uuid.uuid4().hex}n")
         try:
-            # Compact JSON (no optional whitespace): fixed keys and punctuation become forced
-            # text that jump-forward can append without decoding it.
-            return build_regex_from_schema(json.dumps(_bounded_integers(json.loads(spec))), "")
-        except Exception as exc:
-            raise ValueError(f"json_schema: unsupported or invalid schema ({exc})") from None
+            schema = rewritten.rewrite()
+        except RecursionError:
+            raise ValueError("json_schema: its references refer to each other without end") from None
+        regex = regex_of(schema)
+        for placeholder, value_regex in rewritten.regexes.items():
+            regex = regex.replace(regex_of({"const": placeholder}), f"(?:{value_regex})")
+        return regex
 
     @cached_property
     def _token_bytes(self) -> list[bytes]:
         return [data or b"" for data in token_bytes(self.tokenizer, self.vocab_size)]
 
-    def _worker_pool(self) -> WorkerPool:
-        """The compile processes, each set up with the vocabulary (built on first compile)."""
+    def _vocabulary_setup(self) -> bytes:
+        """What each compile process is set up with: the vocabulary (built on first compile)."""
         from outlines_core import Vocabulary
 
         from sglang_plugins.grammar.outlines.index_worker import binary_form
 
-        with self._workers_lock:
-            if self._workers is None:
-                by_bytes: dict[bytes, list[int]] = {}
-                for token_id, data in enumerate(self._token_bytes):
-                    if data and token_id != self.eos_token_id:
-                        by_bytes.setdefault(data, []).append(token_id)
-                vocabulary = binary_form(Vocabulary(self.eos_token_id, by_bytes))
-                self._workers = WorkerPool(f"{__package__}.index_worker", vocabulary, self.budget)
-            return self._workers
+        by_bytes: dict[bytes, list[int]] = {}
+        for token_id, data in enumerate(self._token_bytes):
+            if data and token_id != self.eos_token_id:
+                by_bytes.setdefault(data, []).append(token_id)
+        return binary_form(Vocabulary(self.eos_token_id, by_bytes))

@@ -12,6 +12,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Other spellings of a field's flag (argparse stores them under the field's name).
+FLAG_ALIASES = {"tp_size": ("--tp",)}
+
+
 class EngineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SGLANG_CORE_", extra="forbid", validate_default=True)
 
@@ -51,7 +55,7 @@ class EngineSettings(BaseSettings):
     disable_jump_forward: bool = Field(False, description="decode text a constraint forces token by token instead of appending it at once")
     grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request; a compile running this long is stopped")
     grammar_compile_memory_mb: int = Field(4096, gt=0, description="memory one grammar compile process may use (outlines backend); past it the compile fails")
-    tp_size: int = Field(1, ge=1, description="tensor-parallel size")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel size: ranks (processes, one GPU each on CUDA) each holding a shard of every layer; rank 0 runs the scheduler")
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
@@ -69,19 +73,20 @@ class EngineSettings(BaseSettings):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One ``--flag`` per field; unset flags stay unset so env vars and defaults apply."""
+        """One ``--flag`` per field (and SGLang's short spellings, ``FLAG_ALIASES``); unset flags
+        stay unset so env vars and defaults apply."""
         for name, info in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
+            flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
             kind = _plain_type(info.annotation)
             help_text = f"{info.description} (default: {info.default})"
             if kind is bool:
-                parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(*flags, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
             elif get_origin(kind) is Literal:
-                parser.add_argument(flag, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(*flags, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
             elif kind in (int, float):
-                parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=help_text)
             else:
-                parser.add_argument(flag, type=str, default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, help=help_text)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "EngineSettings":

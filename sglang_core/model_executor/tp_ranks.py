@@ -48,6 +48,7 @@ START_TIMEOUT_S = 600
 # A rank waits for its next step as long as the engine idles: no collective may time out.
 NO_TIMEOUT = datetime.timedelta(days=365)
 WATCH_INTERVAL_S = 0.5
+DEATH_GRACE_S = 2.0
 
 
 def _joined_key(rank: int) -> str:
@@ -95,7 +96,8 @@ class TPRanks:
         except BaseException as exc:
             dead = self._dead_rank()
             self.stop()
-            if dead:
+            # A bad config is refused alike on every rank: rank 0's own ValueError says why.
+            if dead and not isinstance(exc, ValueError):
                 raise RuntimeError(f"{dead} while building its model (see its log above)") from exc
             raise
         self.channel = StepChannel(self.tp, runner.req_pool.req_to_token)
@@ -110,7 +112,9 @@ class TPRanks:
             self.channel.send(step)
             return forward(step)
         except BaseException as exc:
-            dead = self._dead_rank()
+            # A collective fails (gloo: a RuntimeError) as a rank's connection closes, a moment before
+            # its exit is seen.
+            dead = self._dead_rank(wait_s=DEATH_GRACE_S if isinstance(exc, RuntimeError) else 0)
             self._fail(dead or f"a step failed on rank 0 ({type(exc).__name__}: {exc})")
             if dead:
                 raise RuntimeError(self.failure) from exc
@@ -147,11 +151,16 @@ class TPRanks:
                 raise RuntimeError(f"tensor-parallel ranks did not start within {START_TIMEOUT_S} s")
             time.sleep(0.05)
 
-    def _dead_rank(self) -> str | None:
-        for rank, process in enumerate(self.processes, start=1):
-            if process.poll() is not None:
-                return f"tensor-parallel rank {rank} exited (code {process.returncode})"
-        return None
+    def _dead_rank(self, wait_s: float = 0) -> str | None:
+        """Which rank has exited, if any (looking for up to ``wait_s``)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, process in enumerate(self.processes, start=1):
+                if process.poll() is not None:
+                    return f"tensor-parallel rank {rank} exited (code {process.returncode})"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
 
     def _check_alive(self) -> None:
         if self.failure is None and (dead := self._dead_rank()):
@@ -201,7 +210,9 @@ def rank_main(settings_json: str, plugin_names: list[str], host: str, port: int,
     with torch.inference_mode():
         while (step := channel.receive()) is not None:
             runner.forward_local(step)
-    dist.destroy_process_group()
+    # Nothing to flush or hand back: skip the interpreter's teardown (a second of rank 0's shutdown).
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

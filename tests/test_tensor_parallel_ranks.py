@@ -1,0 +1,96 @@
+"""Tensor-parallel ranks as processes (gloo on the CPU): one KV head replicated on two ranks gives
+the reference's tokens; a rank that dies ends requests with an error naming it; rank 0's death
+takes the others down; a config the ranks cannot split is refused; no rank outlives its engine.
+
+A module of its own: a tensor-parallel engine in this process holds its one torch.distributed
+group, which tests/test_tensor_parallel.py's shared engines would otherwise still hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from sglang_core.engine import Engine
+from test_model_contract import _build, _reference_greedy
+
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def yi_folder(tmp_path_factory):
+    """The "yi" contract case: one KV head, replicated on both ranks."""
+    folder = tmp_path_factory.mktemp("tp-yi")
+    model, _ = _build("yi", folder)
+    return model, folder
+
+
+def test_replicated_kv_head_then_a_rank_dying(yi_folder):
+    """One KV head on two ranks: the reference's tokens and logprobs. Then rank 1 is killed during
+    a request: it ends with an error naming the rank, as does every later request; nothing hangs,
+    and shutdown leaves no process behind."""
+    model, folder = yi_folder
+    engine = Engine(str(folder), device="cpu", tp_size=2)
+    try:
+        (rank1,) = engine.core.core.tp_ranks.processes
+        prompt = [5, 6, 7, 8, 9, 10, 11]
+        result = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+        tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
+        assert result["output_ids"] == tokens
+        assert [lp for lp, _, _ in result["meta_info"]["output_token_logprobs"]] == pytest.approx(logprobs, abs=1e-4)
+
+        async def run() -> dict:
+            stream = await engine.async_generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 400},
+                                                 stream=True)
+            chunks = [await anext(stream)]  # the request is running now
+            rank1.kill()
+            chunks += [c async for c in stream]
+            return chunks[-1]
+
+        reason = asyncio.run(asyncio.wait_for(run(), 30))["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "tensor-parallel rank 1 exited" in reason["message"]
+        later = engine.generate(input_ids=[7, 8], sampling_params=GREEDY)["meta_info"]["finish_reason"]
+        assert later["type"] == "abort" and "tensor-parallel rank 1 exited" in later["message"]
+    finally:
+        engine.shutdown()
+    assert not _left_running(folder)
+
+
+def test_rank_zero_dying_takes_the_others_down(yi_folder):
+    """Rank 0 in an engine process (the server's layout): when that process is killed, the engine
+    notices and rank 1 exits by itself."""
+    _, folder = yi_folder
+    engine = Engine(str(folder), device="cpu", tp_size=2, engine_in_subprocess=True)
+    try:
+        leader = psutil.Process(engine.core.process.pid)
+        (rank1,) = [p for p in leader.children() if "sglang_core.model_executor.tp_ranks" in " ".join(p.cmdline())]
+        os.kill(leader.pid, signal.SIGKILL)
+        rank1.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while engine.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.alive
+    finally:
+        engine.shutdown()
+    assert not _left_running(folder)
+
+
+def test_heads_not_divisible_by_ranks_is_refused(yi_folder):
+    """tp_size 3 over 8 attention heads: a ValueError naming the field, and no rank left running."""
+    _, folder = yi_folder
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        Engine(str(folder), device="cpu", tp_size=3)
+    assert not _left_running(folder)
+
+
+def _left_running(folder) -> list[psutil.Process]:
+    """Processes whose command line names the model folder (engine processes, ranks) still running
+    after up to 10 s."""
+    serving = [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]
+    _, alive = psutil.wait_procs(serving, timeout=10)
+    return alive

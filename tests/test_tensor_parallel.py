@@ -68,6 +68,7 @@ def test_cached_prefix_and_overlapped_decode(served):
     """A prefix from the cache (its slots reach the other rank in the step) and overlapped decode
     (input ids still on the device when sent) give the reference's tokens."""
     model, engine, prompts, _ = served
+    engine.generate(input_ids=prompts[3], sampling_params={**GREEDY, "max_new_tokens": 1})  # cached now
     prompt = prompts[3] + [5, 6, 7, 8, 9]
     scheduler = engine.core.core.scheduler
     scheduler.overlap_max_bs = 64

@@ -48,6 +48,8 @@ START_TIMEOUT_S = 600
 # A rank waits for its next step as long as the engine idles: no collective may time out.
 NO_TIMEOUT = datetime.timedelta(days=365)
 WATCH_INTERVAL_S = 0.5
+# A collective fails (gloo: a RuntimeError) as a dead rank's connection closes, a moment before
+# its exit can be seen: how long to look for it.
 DEATH_GRACE_S = 2.0
 
 
@@ -94,7 +96,7 @@ class TPRanks:
         try:
             runner = ModelRunner(settings, source, plugins, self.tp)
         except BaseException as exc:
-            dead = self._dead_rank()
+            dead = self._dead_rank(wait_s=DEATH_GRACE_S if isinstance(exc, RuntimeError) else 0)
             self.stop()
             # A bad config is refused alike on every rank: rank 0's own ValueError says why.
             if dead and not isinstance(exc, ValueError):
@@ -112,8 +114,6 @@ class TPRanks:
             self.channel.send(step)
             return forward(step)
         except BaseException as exc:
-            # A collective fails (gloo: a RuntimeError) as a rank's connection closes, a moment before
-            # its exit is seen.
             dead = self._dead_rank(wait_s=DEATH_GRACE_S if isinstance(exc, RuntimeError) else 0)
             self._fail(dead or f"a step failed on rank 0 ({type(exc).__name__}: {exc})")
             if dead:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -18,9 +18,6 @@ from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.plugins import PluginError, PluginManager
 from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_config
-
-if TYPE_CHECKING:
-    from sglang_core.model_executor.tp_ranks import TPRanks
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +69,9 @@ class ModelRunner:
         self.dtype = pick_dtype(settings.dtype, self.config, self.device)
         if settings.tp_size != tp.size:
             raise ValueError(f"tp_size={settings.tp_size}: the runner was given a group of {tp.size} ranks")
-        # Rank 0 of a group of several: sends each step to the other ranks before running it.
-        self.tp_ranks: TPRanks | None = None
+        # Rank 0 of a group of several: ``(step, forward_local)`` sends the step to the other
+        # ranks, then runs it here (``tp_ranks.TPRanks.run``).
+        self.run_on_all_ranks: Callable[[StepInput, Callable[[StepInput], torch.Tensor]], torch.Tensor] | None = None
         self.vocab_size = self.text_config.vocab_size
         model_len = getattr(self.text_config, "max_position_embeddings", None) or 2048
         self.context_len = settings.context_length or model_len
@@ -212,8 +210,8 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the model on one batch; return float32 logits of the tokens in ``logit_index``.
         Call under ``torch.inference_mode()`` (the scheduler's step is)."""
-        if self.tp_ranks is not None:
-            return self.tp_ranks.run(step, self.forward_local)
+        if self.run_on_all_ranks is not None:
+            return self.run_on_all_ranks(step, self.forward_local)
         return self.forward_local(step)
 
     def forward_local(self, step: StepInput) -> torch.Tensor:

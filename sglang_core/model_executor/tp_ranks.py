@@ -103,7 +103,7 @@ class TPRanks:
                 raise RuntimeError(f"{dead} while building its model (see its log above)") from exc
             raise
         self.channel = StepChannel(self.tp, runner.req_pool.req_to_token)
-        runner.tp_ranks = self
+        runner.run_on_all_ranks = self.run
         return runner
 
     def run(self, step: StepInput, forward: Callable[[StepInput], torch.Tensor]) -> torch.Tensor:

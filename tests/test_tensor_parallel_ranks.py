@@ -14,7 +14,9 @@ import time
 
 import psutil
 import pytest
+import transformers
 
+from model_contract import tiny
 from sglang_core.engine import Engine
 from test_model_contract import _build, _reference_greedy
 
@@ -80,12 +82,14 @@ def test_rank_zero_dying_takes_the_others_down(yi_folder):
     assert not _left_running(folder)
 
 
-def test_heads_not_divisible_by_ranks_is_refused(yi_folder):
-    """tp_size 3 over 8 attention heads: a ValueError naming the field, and no rank left running."""
-    _, folder = yi_folder
+def test_heads_not_divisible_by_ranks_is_refused(tmp_path):
+    """Two ranks over 3 attention heads: a ValueError naming the field, and no rank left running."""
+    config = transformers.LlamaConfig(**tiny(hidden_size=48, num_attention_heads=3, num_key_value_heads=1))
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="num_attention_heads"):
-        Engine(str(folder), device="cpu", tp_size=3)
-    assert not _left_running(folder)
+        Engine(str(tmp_path), device="cpu", load_format="dummy", tp_size=2)
+    assert not _left_running(tmp_path)
 
 
 def _left_running(folder) -> list[psutil.Process]:

@@ -8,12 +8,12 @@ import json
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 # Other spellings of a field's flag (argparse stores them under the field's name).
-FLAG_ALIASES = {"tp_size": ("--tp",)}
+FLAG_ALIASES = {"tp_size": ("--tp",), "dist_init_addr": ("--nccl-init",)}
 
 
 class EngineSettings(BaseSettings):
@@ -56,6 +56,9 @@ class EngineSettings(BaseSettings):
     grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request; a compile running this long is stopped")
     grammar_compile_memory_mb: int = Field(4096, gt=0, description="memory one grammar compile process may use (outlines backend); past it the compile fails")
     tp_size: int = Field(1, ge=1, description="tensor-parallel size: ranks (processes, one GPU each on CUDA) each holding a shard of every layer; rank 0 runs the scheduler")
+    nnodes: int = Field(1, ge=1, description="machines the tensor-parallel ranks span, tp_size / nnodes ranks on each")
+    node_rank: int = Field(0, ge=0, description="this machine's index among nnodes: node 0 runs the scheduler (and HTTP), the others only their ranks")
+    dist_init_addr: str | None = Field(None, description="host:port of node 0 where every rank meets (it listens there); needed with nnodes > 1 (default: a free loopback port)")
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
@@ -70,6 +73,20 @@ class EngineSettings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()] or None
         return value
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "EngineSettings":
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size: {self.tp_size} ranks do not split evenly over nnodes={self.nnodes}")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not below nnodes={self.nnodes}")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("dist_init_addr: nnodes > 1 needs node 0's host:port")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr: expected host:port, got {self.dist_init_addr!r}")
+        return self
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """Tensor-parallel ranks as processes (gloo on the CPU): one KV head replicated on two ranks gives
 the reference's tokens; a rank that dies ends requests with an error naming it; rank 0's death
-takes the others down; a config the ranks cannot split is refused; no rank outlives its engine.
+takes the others down; a config the ranks cannot split is refused; two "nodes" on loopback
+serve together; no rank outlives its engine.
 
 A module of its own: a tensor-parallel engine in this process holds its one torch.distributed
 group, which tests/test_tensor_parallel.py's shared engines would otherwise still hold."""
@@ -10,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -98,3 +102,27 @@ def _left_running(folder) -> list[psutil.Process]:
     serving = [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]
     _, alive = psutil.wait_procs(serving, timeout=10)
     return alive
+
+
+def test_two_nodes_on_loopback(yi_folder):
+    """Two "nodes" (processes meeting at one address): node 1 started by the documented command
+    runs rank 1 only; node 0's engine serves the reference's tokens; at shutdown node 1 exits 0."""
+    model, folder = yi_folder
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = {"tp_size": 2, "nnodes": 2, "dist_init_addr": f"127.0.0.1:{port}"}
+    node1 = subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
+                              "--device", "cpu", "--tp", "2", "--nnodes", "2", "--node-rank", "1",
+                              "--nccl-init", nodes["dist_init_addr"]])
+    try:
+        with Engine(str(folder), device="cpu", node_rank=0, **nodes) as engine:
+            assert engine.core.core.tp_ranks.processes == []  # rank 1 is node 1's
+            prompt = [9, 8, 7, 6, 5]
+            assert engine.generate(input_ids=prompt, sampling_params=GREEDY)["output_ids"] == _reference_greedy(
+                model, prompt, NEW_TOKENS)[0]
+        assert node1.wait(timeout=20) == 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert not _left_running(folder)

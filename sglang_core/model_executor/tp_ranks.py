@@ -13,6 +13,10 @@ and the sampled ids reach the other ranks as the next step's input ids anyway. T
 compute the same gathered logits and drop them, so every rank runs one program (the same CUDA
 graphs).
 
+Several nodes (``nnodes``): node 0 runs rank 0 and its ranks 1..k-1 (k = tp_size / nnodes), and
+its store listens at ``dist_init_addr``; on node n, ``sglang-core serve --node-rank n`` runs only
+``run_node``, which starts ranks n*k..n*k+k-1 against that address. The group spans them all.
+
 Failure: rank 0 checks that every rank lives before each step; a rank that died there, or during
 a step (gloo raises when a peer's connection closes), stops the group and fails every request,
 then every later one, with an error naming the rank. The other ranks exit when rank 0's process
@@ -57,6 +61,30 @@ def _joined_key(rank: int) -> str:
     return f"joined/{rank}"
 
 
+FAILED_KEY = "failed"  # another node's failure to start, for rank 0 to report
+
+
+def ranks_per_node(settings: EngineSettings) -> int:
+    return settings.tp_size // settings.nnodes
+
+
+def _meeting_point(settings: EngineSettings) -> tuple[str, int]:
+    """Where the ranks meet: ``dist_init_addr``, else loopback (port 0: rank 0's store picks one)."""
+    if settings.dist_init_addr is None:
+        return HOST, 0
+    host, _, port = settings.dist_init_addr.rpartition(":")
+    return host, int(port)
+
+
+def _start_ranks(settings: EngineSettings, plugin_names: list[str], host: str, port: int,
+                 ranks: range) -> list[subprocess.Popen]:
+    """One fresh interpreter per rank, each running ``rank_main`` and watching this process."""
+    # The engine's settings only (a server's API key stays out of the ranks' command lines).
+    args = [settings.model_dump_json(include=set(EngineSettings.model_fields)), plugin_names, host, port, os.getpid()]
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # idle OpenMP workers sleep (see core_client)
+    return [subprocess.Popen([sys.executable, "-m", __name__, json.dumps([*args, rank])], env=env) for rank in ranks]
+
+
 def join_group(store: dist.Store, rank: int, size: int, device: torch.device) -> TPGroup:
     """Join the group of ``size`` ranks that meet at ``store``; the device picks the backend."""
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size,
@@ -68,21 +96,24 @@ class TPRanks:
     """Rank 0's handle on the other ranks: their processes, the group, the step channel."""
 
     def __init__(self, settings: EngineSettings, plugin_names: list[str]):
+        if settings.node_rank != 0:
+            raise ValueError(f"node_rank: node {settings.node_rank} runs only its ranks (sglang-core serve "
+                             "--node-rank N); the engine runs on node 0")
         if dist.is_initialized():
             raise ValueError("tp_size: this process already has a torch.distributed group; "
                              "run the engine in a process of its own (engine_in_subprocess)")
-        size = settings.tp_size
+        size, local = settings.tp_size, ranks_per_node(settings)
         self.device = pick_device(settings.device)
-        if self.device.type == "cuda" and torch.cuda.device_count() < size:
-            raise ValueError(f"tp_size={size}: only {torch.cuda.device_count()} CUDA devices are visible")
-        store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False)
-        args = [settings.model_dump_json(), plugin_names, HOST, store.port, os.getpid()]
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # idle OpenMP workers sleep (see core_client)
-        self.processes = [subprocess.Popen([sys.executable, "-m", __name__, json.dumps([*args, rank])], env=env)
-                          for rank in range(1, size)]
+        if self.device.type == "cuda" and torch.cuda.device_count() < local:
+            raise ValueError(f"tp_size={size}: {local} ranks on this node, only {torch.cuda.device_count()} "
+                             "CUDA devices visible")
+        host, port = _meeting_point(settings)
+        store = dist.TCPStore(host, port, size, is_master=True, wait_for_workers=False)
+        # This node's ranks; the other nodes' are started there (``run_node``).
+        self.processes = _start_ranks(settings, plugin_names, host, store.port, range(1, local))
         self.failure: str | None = None
         try:
-            self._wait_joined(store)
+            self._wait_joined(store, size)
             self.tp = join_group(store, 0, size, self.device)
         except BaseException:
             self._kill()
@@ -138,15 +169,17 @@ class TPRanks:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def _wait_joined(self, store: dist.Store) -> None:
-        """Wait until every rank has reached the store (so joining the group cannot hang on a
-        rank that failed to start); raise if one exited first."""
-        keys = [_joined_key(rank) for rank in range(1, len(self.processes) + 1)]
+    def _wait_joined(self, store: dist.Store, size: int) -> None:
+        """Wait until every rank, of every node, has reached the store (so joining the group
+        cannot hang on a rank that failed to start); raise if one exited first."""
+        keys = [_joined_key(rank) for rank in range(1, size)]
         deadline = time.monotonic() + START_TIMEOUT_S
         while not store.check(keys):
             dead = self._dead_rank()
             if dead:
                 raise RuntimeError(f"{dead} while starting (see its log above)")
+            if store.check([FAILED_KEY]):
+                raise RuntimeError(store.get(FAILED_KEY).decode())
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tensor-parallel ranks did not start within {START_TIMEOUT_S} s")
             time.sleep(0.05)
@@ -198,7 +231,7 @@ def rank_main(settings_json: str, plugin_names: list[str], host: str, port: int,
     logging.basicConfig(level=settings.log_level.upper())
     device = pick_device(settings.device)
     if device.type == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank % ranks_per_node(settings))
     store = dist.TCPStore(host, port, settings.tp_size, is_master=False,
                           timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
     store.set(_joined_key(rank), "1")
@@ -213,6 +246,38 @@ def rank_main(settings_json: str, plugin_names: list[str], host: str, port: int,
     # Nothing to flush or hand back: skip the interpreter's teardown (a second of rank 0's shutdown).
     logging.shutdown()
     os._exit(0)
+
+
+def run_node(settings: EngineSettings) -> int:
+    """Node ``node_rank`` > 0 of several: start this node's ranks and wait for them. They exit when
+    rank 0 stops them or its connections close; one that fails stops the others here (rank 0 then
+    sees their connections close, or, while starting, reads why from the store). Returns 0 when
+    every rank exited cleanly, else 1."""
+    local = ranks_per_node(settings)
+    first = settings.node_rank * local
+    host, port = _meeting_point(settings)
+    plugin_names = PluginManager(settings.plugins).loaded_names()
+    store = dist.TCPStore(host, port, settings.tp_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+    processes = _start_ranks(settings, plugin_names, host, port, range(first, first + local))
+    try:
+        while (any(p.poll() is None for p in processes)
+               and not any(p.poll() not in (None, 0) for p in processes)):
+            time.sleep(WATCH_INTERVAL_S)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [(rank, p.returncode) for rank, p in enumerate(processes, start=first) if p.returncode != 0]
+    if failed:
+        rank, code = failed[0]
+        try:  # rank 0 may still be waiting for this node's ranks to start: tell it why they won't
+            store.set(FAILED_KEY, f"tensor-parallel rank {rank} (node {settings.node_rank}) exited (code {code})")
+        except RuntimeError:  # rank 0 is gone
+            pass
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

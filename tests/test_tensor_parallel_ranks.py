@@ -21,6 +21,7 @@ import pytest
 import transformers
 
 from model_contract import tiny
+from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine
 from test_model_contract import _build, _reference_greedy
 
@@ -126,3 +127,22 @@ def test_two_nodes_on_loopback(yi_folder):
         if node1.poll() is None:
             node1.kill()
     assert not _left_running(folder)
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"tp_size": 3, "nnodes": 2, "dist_init_addr": "127.0.0.1:29500"}, "tp_size"),
+    ({"tp_size": 2, "nnodes": 2, "node_rank": 2, "dist_init_addr": "127.0.0.1:29500"}, "node_rank"),
+    ({"tp_size": 2, "nnodes": 2}, "dist_init_addr"),
+    ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1"}, "dist_init_addr"),
+    ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1:99999"}, "dist_init_addr"),
+])
+def test_node_settings_refused(settings: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EngineSettings(**settings)
+
+
+def test_an_engine_is_not_built_on_another_node(yi_folder):
+    """Node 1 runs only ranks (``sglang-core serve --node-rank 1``), never an engine."""
+    _, folder = yi_folder
+    with pytest.raises(ValueError, match="node_rank"):
+        Engine(str(folder), device="cpu", tp_size=2, nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:29500")

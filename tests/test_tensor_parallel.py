@@ -45,7 +45,9 @@ def served(request, tmp_path_factory):
         expected = _generate(single, prompts)
     engine = Engine(str(folder), tp_size=2, **settings)
     yield model, engine, prompts, expected
+    (rank1,) = engine.core.core.tp_ranks.processes
     engine.shutdown()
+    assert rank1.returncode == 0  # told to stop, it exited cleanly
 
 
 def test_tokens_and_logprobs_match_reference_and_one_rank(served):

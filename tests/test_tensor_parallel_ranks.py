@@ -1,7 +1,7 @@
 """Tensor-parallel ranks as processes (gloo on the CPU): one KV head replicated on two ranks gives
-the reference's tokens; a rank that dies ends requests with an error naming it; rank 0's death
-takes the others down; a config the ranks cannot split is refused; two "nodes" on loopback
-serve together; no rank outlives its engine.
+the reference's tokens; a rank that dies ends requests with an error naming it; a config the
+ranks cannot split is refused; two "nodes" on loopback serve together, and rank 0's death takes
+the other node down; no rank outlives its engine.
 
 A module of its own: a tensor-parallel engine in this process holds its one torch.distributed
 group, which tests/test_tensor_parallel.py's shared engines would otherwise still hold."""
@@ -68,25 +68,6 @@ def test_replicated_kv_head_then_a_rank_dying(yi_folder):
     assert not _left_running(folder)
 
 
-def test_rank_zero_dying_takes_the_others_down(yi_folder):
-    """Rank 0 in an engine process (the server's layout): when that process is killed, the engine
-    notices and rank 1 exits by itself."""
-    _, folder = yi_folder
-    engine = Engine(str(folder), device="cpu", tp_size=2, engine_in_subprocess=True)
-    try:
-        leader = psutil.Process(engine.core.process.pid)
-        (rank1,) = [p for p in leader.children() if "sglang_core.model_executor.tp_ranks" in " ".join(p.cmdline())]
-        os.kill(leader.pid, signal.SIGKILL)
-        rank1.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while engine.alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not engine.alive
-    finally:
-        engine.shutdown()
-    assert not _left_running(folder)
-
-
 def test_heads_not_divisible_by_ranks_is_refused(tmp_path):
     """Two ranks over 3 attention heads: a ValueError naming the field, and no rank left running."""
     config = transformers.LlamaConfig(**tiny(hidden_size=48, num_attention_heads=3, num_key_value_heads=1))
@@ -105,24 +86,33 @@ def _left_running(folder) -> list[psutil.Process]:
     return alive
 
 
-def test_two_nodes_on_loopback(yi_folder):
-    """Two "nodes" (processes meeting at one address): node 1 started by the documented command
-    runs rank 1 only; node 0's engine serves the reference's tokens; at shutdown node 1 exits 0."""
+def test_two_nodes_on_loopback_then_rank_zero_dying(yi_folder):
+    """Two "nodes" meeting at one loopback address: node 1, started by the documented command,
+    runs rank 1 only; node 0's engine (rank 0 in an engine process, the server's layout) serves
+    the reference's tokens. When that engine process is killed, the engine notices and node 1's
+    rank and node 1 itself exit."""
     model, folder = yi_folder
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = {"tp_size": 2, "nnodes": 2, "dist_init_addr": f"127.0.0.1:{port}"}
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
     node1 = subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
                               "--device", "cpu", "--tp", "2", "--nnodes", "2", "--node-rank", "1",
-                              "--nccl-init", nodes["dist_init_addr"]])
+                              "--nccl-init", address])
     try:
-        with Engine(str(folder), device="cpu", node_rank=0, **nodes) as engine:
-            assert engine.core.core.tp_ranks.processes == []  # rank 1 is node 1's
+        engine = Engine(str(folder), device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address,
+                        engine_in_subprocess=True)
+        try:
             prompt = [9, 8, 7, 6, 5]
             assert engine.generate(input_ids=prompt, sampling_params=GREEDY)["output_ids"] == _reference_greedy(
                 model, prompt, NEW_TOKENS)[0]
-        assert node1.wait(timeout=20) == 0
+            os.kill(engine.core.process.pid, signal.SIGKILL)
+            node1.wait(timeout=20)
+            deadline = time.monotonic() + 10
+            while engine.alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not engine.alive
+        finally:
+            engine.shutdown()
     finally:
         if node1.poll() is None:
             node1.kill()

@@ -3,7 +3,7 @@
 Rank 0 is the engine core (in the caller's process, or the engine process the server starts).
 ``TPRanks`` starts ranks 1..N-1, each a fresh interpreter running ``rank_main``, and joins them
 in a torch.distributed group (gloo on the CPU, NCCL on CUDA, one GPU per rank) through a TCP
-store rank 0 opens on a free loopback port. Every rank builds the same ``ModelRunner`` over its
+store rank 0 opens on a free loopback port (or at ``dist_init_addr``). Every rank builds the same ``ModelRunner`` over its
 own shards (the layers' weight loaders cut them) and the KV pool size all can hold.
 
 For each forward pass rank 0 broadcasts the step (``StepChannel``), then every rank runs it; the
@@ -19,8 +19,9 @@ its store listens at ``dist_init_addr``; on node n, ``sglang-core serve --node-r
 
 Failure: rank 0 checks that every rank lives before each step; a rank that died there, or during
 a step (gloo raises when a peer's connection closes), stops the group and fails every request,
-then every later one, with an error naming the rank. The other ranks exit when rank 0's process
-is gone (they watch it) or its connection closes, and on ``stop`` at shutdown.
+then every later one, with an error naming the rank; rank 0 kills its node's ranks and leaves
+the group, whose closing connections end the other nodes' ranks. The other ranks also exit when
+their parent process is gone (they watch it), and on ``stop`` at shutdown.
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ class TPRanks:
             self.failure = f"tensor parallelism stopped: {reason}"
             logger.error(self.failure)
         self._kill()
+        # Other nodes' ranks, waiting in a collective, fail once rank 0's connections close.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _kill(self) -> None:
         for process in self.processes:

@@ -109,6 +109,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def broken(self) -> bool:
+        """True once the tensor-parallel group has stopped after a failure: no step can run again."""
+        return self.tp_ranks is not None and self.tp_ranks.failure is not None
+
     def step(self) -> list[TokenOutput]:
         """One scheduler step; an internal error fails the affected requests, not the core."""
         try:

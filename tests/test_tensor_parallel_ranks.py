@@ -1,5 +1,6 @@
 """Tensor-parallel ranks as processes (gloo on the CPU): one KV head replicated on two ranks gives
-the reference's tokens; a rank that dies ends requests with an error naming it; a config the
+the reference's tokens; a rank that dies ends requests with an error naming it and takes the
+engine process down; a config the
 ranks cannot split is refused; two "nodes" on loopback serve together, and rank 0's death takes
 the other node down; no rank outlives its engine.
 
@@ -38,13 +39,15 @@ def yi_folder(tmp_path_factory):
 
 
 def test_replicated_kv_head_then_a_rank_dying(yi_folder):
-    """One KV head on two ranks: the reference's tokens and logprobs. Then rank 1 is killed during
-    a request: it ends with an error naming the rank, as does every later request; nothing hangs,
-    and shutdown leaves no process behind."""
+    """Rank 0 in an engine process (the server's layout), one KV head on two ranks: the
+    reference's tokens and logprobs. Then rank 1 is killed during a request: the request ends
+    with an error naming the rank, the engine process exits (the server's /health turns 503)
+    and later requests are refused; nothing hangs or is left running."""
     model, folder = yi_folder
-    engine = Engine(str(folder), device="cpu", tp_size=2)
+    engine = Engine(str(folder), device="cpu", tp_size=2, engine_in_subprocess=True)
     try:
-        (rank1,) = engine.core.core.tp_ranks.processes
+        (rank1,) = [p for p in psutil.Process(engine.core.process.pid).children()
+                    if "sglang_core.model_executor.tp_ranks" in " ".join(p.cmdline())]
         prompt = [5, 6, 7, 8, 9, 10, 11]
         result = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
         tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
@@ -61,8 +64,13 @@ def test_replicated_kv_head_then_a_rank_dying(yi_folder):
 
         reason = asyncio.run(asyncio.wait_for(run(), 30))["meta_info"]["finish_reason"]
         assert reason["type"] == "abort" and "tensor-parallel rank 1 exited" in reason["message"]
-        later = engine.generate(input_ids=[7, 8], sampling_params=GREEDY)["meta_info"]["finish_reason"]
-        assert later["type"] == "abort" and "tensor-parallel rank 1 exited" in later["message"]
+        engine.core.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while engine.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.alive
+        with pytest.raises(RuntimeError):
+            engine.generate(input_ids=[7, 8], sampling_params=GREEDY)
     finally:
         engine.shutdown()
     assert not _left_running(folder)

@@ -1,9 +1,9 @@
 """Tensor parallelism on the CPU (gloo, two ranks in two processes): the model-contract cases'
 greedy tokens and logprobs equal transformers' float32 reference and the one-rank engine's, for
-KV heads split across ranks, q/k/v biases, soft-caps, MoE experts split by their intermediate
-size, and multi-head latent attention; each step's batch reaches the other rank as tensors
-(``StepChannel``, checked field by field). One KV head replicated on both ranks, and ranks
-dying: tests/test_tensor_parallel_ranks.py."""
+KV heads split across ranks, q/k/v biases, soft-caps, multi-head latent attention and MoE
+experts split by their intermediate size (DeepSeek-V2's MoE case: both); each step's batch
+reaches the other rank as tensors (``StepChannel``, checked field by field). One KV head
+replicated on both ranks, and ranks dying: tests/test_tensor_parallel_ranks.py."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from test_model_contract import CHUNK, _build, _reference_greedy
 
 NEW_TOKENS = 8
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
-# llama: 2 KV heads split (one KV head replicated: "yi", below); qwen2: q/k/v biases; gemma2:
-# attention and final soft-caps, windows; mixtral: experts' intermediate sharded; deepseek-v2: MLA.
-TP_CASES = ["llama", "qwen2", "gemma2", "mixtral", "deepseek-v2"]
+# llama: 2 KV heads split (one KV head replicated: tests/test_tensor_parallel_ranks.py); qwen2:
+# q/k/v biases; gemma2: attention and final soft-caps, windows; deepseek-v2-moe: multi-head latent
+# attention (heads split, the latent replicated), then routed experts whose intermediate size is
+# split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP).
+TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe"]
 
 
 def _generate(engine: Engine, prompts: list[list[int]]) -> list[dict]:

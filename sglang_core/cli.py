@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServerSettings.from_args(args)
     if settings.node_rank > 0:  # another node's tensor-parallel ranks: no HTTP, no scheduler
-        from sglang_core.model_executor.tp_ranks import run_node
+        from sglang_core.model_executor.tp_launch import run_node
 
         return run_node(settings)
     from sglang_core.server.serve import serve

@@ -15,7 +15,7 @@ graphs).
 
 Several nodes (``nnodes``): node 0 runs rank 0 and its ranks 1..k-1 (k = tp_size / nnodes), and
 its store listens at ``dist_init_addr``; on node n, ``sglang-core serve --node-rank n`` runs only
-``run_node``, which starts ranks n*k..n*k+k-1 against that address. The group spans them all.
+``tp_launch.run_node``, which starts ranks n*k..n*k+k-1 against that address. The group spans them all.
 
 Failure: rank 0 checks that every rank lives before each step; a rank that died there, or during
 a step (gloo raises when a peer's connection closes), stops the group and fails every request,
@@ -43,16 +43,21 @@ from sglang_core.config import EngineSettings
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.runner import ModelRunner, StepInput, pick_device
 from sglang_core.model_executor.step_channel import StepChannel
+from sglang_core.model_executor.tp_launch import (
+    FAILED_KEY,
+    START_TIMEOUT_S,
+    WATCH_INTERVAL_S,
+    meeting_point,
+    ranks_per_node,
+    start_ranks,
+)
 from sglang_core.plugins import PluginManager
 from sglang_core.weights.loader import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 600
 # A rank waits for its next step as long as the engine idles: no collective may time out.
 NO_TIMEOUT = datetime.timedelta(days=365)
-WATCH_INTERVAL_S = 0.5
 # A collective fails (gloo: a RuntimeError) as a dead rank's connection closes, a moment before
 # its exit can be seen: how long to look for it.
 DEATH_GRACE_S = 2.0
@@ -60,30 +65,6 @@ DEATH_GRACE_S = 2.0
 
 def _joined_key(rank: int) -> str:
     return f"joined/{rank}"
-
-
-FAILED_KEY = "failed"  # another node's failure to start, for rank 0 to report
-
-
-def ranks_per_node(settings: EngineSettings) -> int:
-    return settings.tp_size // settings.nnodes
-
-
-def _meeting_point(settings: EngineSettings) -> tuple[str, int]:
-    """Where the ranks meet: ``dist_init_addr``, else loopback (port 0: rank 0's store picks one)."""
-    if settings.dist_init_addr is None:
-        return HOST, 0
-    host, _, port = settings.dist_init_addr.rpartition(":")
-    return host, int(port)
-
-
-def _start_ranks(settings: EngineSettings, plugin_names: list[str], host: str, port: int,
-                 ranks: range) -> list[subprocess.Popen]:
-    """One fresh interpreter per rank, each running ``rank_main`` and watching this process."""
-    # The engine's settings only (a server's API key stays out of the ranks' command lines).
-    args = [settings.model_dump_json(include=set(EngineSettings.model_fields)), plugin_names, host, port, os.getpid()]
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # idle OpenMP workers sleep (see core_client)
-    return [subprocess.Popen([sys.executable, "-m", __name__, json.dumps([*args, rank])], env=env) for rank in ranks]
 
 
 def join_group(store: dist.Store, rank: int, size: int, device: torch.device) -> TPGroup:
@@ -108,10 +89,10 @@ class TPRanks:
         if self.device.type == "cuda" and torch.cuda.device_count() < local:
             raise ValueError(f"tp_size={size}: {local} ranks on this node, only {torch.cuda.device_count()} "
                              "CUDA devices visible")
-        host, port = _meeting_point(settings)
+        host, port = meeting_point(settings)
         store = dist.TCPStore(host, port, size, is_master=True, wait_for_workers=False)
-        # This node's ranks; the other nodes' are started there (``run_node``).
-        self.processes = _start_ranks(settings, plugin_names, host, store.port, range(1, local))
+        # This node's ranks; the other nodes' are started there (``tp_launch.run_node``).
+        self.processes = start_ranks(settings, plugin_names, host, store.port, range(1, local))
         self.failure: str | None = None
         try:
             self._wait_joined(store, size)
@@ -228,7 +209,8 @@ def _exit_with(leader_pid: int) -> None:
     threading.Thread(target=watch, name="sglang-core-tp-watch", daemon=True).start()
 
 
-def rank_main(settings_json: str, plugin_names: list[str], host: str, port: int, leader_pid: int, rank: int) -> None:
+def rank_main(settings_json: str, plugin_names: list[str] | None, host: str, port: int, leader_pid: int,
+              rank: int) -> None:
     """A rank other than 0: join the group, build the runner, run every step rank 0 sends."""
     _exit_with(leader_pid)
     settings = EngineSettings.model_validate_json(settings_json)
@@ -250,38 +232,6 @@ def rank_main(settings_json: str, plugin_names: list[str], host: str, port: int,
     # Nothing to flush or hand back: skip the interpreter's teardown (a second of rank 0's shutdown).
     logging.shutdown()
     os._exit(0)
-
-
-def run_node(settings: EngineSettings) -> int:
-    """Node ``node_rank`` > 0 of several: start this node's ranks and wait for them. They exit when
-    rank 0 stops them or its connections close; one that fails stops the others here (rank 0 then
-    sees their connections close, or, while starting, reads why from the store). Returns 0 when
-    every rank exited cleanly, else 1."""
-    local = ranks_per_node(settings)
-    first = settings.node_rank * local
-    host, port = _meeting_point(settings)
-    plugin_names = PluginManager(settings.plugins).loaded_names()
-    store = dist.TCPStore(host, port, settings.tp_size, is_master=False,
-                          timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
-    processes = _start_ranks(settings, plugin_names, host, port, range(first, first + local))
-    try:
-        while (any(p.poll() is None for p in processes)
-               and not any(p.poll() not in (None, 0) for p in processes)):
-            time.sleep(WATCH_INTERVAL_S)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [(rank, p.returncode) for rank, p in enumerate(processes, start=first) if p.returncode != 0]
-    if failed:
-        rank, code = failed[0]
-        try:  # rank 0 may still be waiting for this node's ranks to start: tell it why they won't
-            store.set(FAILED_KEY, f"tensor-parallel rank {rank} (node {settings.node_rank}) exited (code {code})")
-        except RuntimeError:  # rank 0 is gone
-            pass
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

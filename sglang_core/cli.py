@@ -53,10 +53,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from sglang_core.server.serve import serve
     from sglang_core.server.settings import ServerSettings
 
-    return serve(ServerSettings.from_args(args))
+    settings = ServerSettings.from_args(args)
+    if settings.node_rank > 0:  # another node's tensor-parallel ranks: no HTTP, no scheduler
+        from sglang_core.model_executor.tp_launch import run_node
+
+        return run_node(settings)
+    from sglang_core.server.serve import serve
+
+    return serve(settings)
 
 
 def cmd_router(args: argparse.Namespace) -> int:

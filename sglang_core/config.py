@@ -89,7 +89,10 @@ class EngineSettings(CliSettings):
     disable_jump_forward: bool = Field(False, description="decode text a constraint forces token by token instead of appending it at once")
     grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request; a compile running this long is stopped")
     grammar_compile_memory_mb: int = Field(4096, gt=0, description="memory one grammar compile process may use (outlines backend); past it the compile fails")
-    tp_size: int = Field(1, ge=1, description="tensor-parallel size")
+    tp_size: int = Field(1, ge=1, json_schema_extra={"flags": ["--tp"]}, description="tensor-parallel size: ranks (processes, one GPU each on CUDA) each holding a shard of every layer; rank 0 runs the scheduler")
+    nnodes: int = Field(1, ge=1, description="machines the tensor-parallel ranks span, tp_size / nnodes ranks on each")
+    node_rank: int = Field(0, ge=0, description="this machine's index among nnodes: node 0 runs the scheduler (and HTTP), the others only their ranks")
+    dist_init_addr: str | None = Field(None, json_schema_extra={"flags": ["--nccl-init"]}, description="host:port of node 0 where every rank meets (it listens there); needed with nnodes > 1 (default: a free loopback port)")
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
@@ -113,6 +116,21 @@ class EngineSettings(CliSettings):
             raise ValueError(f"{field}: a step token budget splits prompts into chunks; it needs "
                              f"chunked_prefill_size > 0 (got {self.chunked_prefill_size})")
         return self
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "EngineSettings":
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size: {self.tp_size} ranks do not split evenly over nnodes={self.nnodes}")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not below nnodes={self.nnodes}")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("dist_init_addr: nnodes > 1 needs node 0's host:port")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr: expected host:port, got {self.dist_init_addr!r}")
+        return self
+
 
 def _plain_type(annotation: Any) -> Any:
     """``int | None`` -> int; ``list[str] | None`` -> list[str]."""

@@ -245,6 +245,9 @@ def engine_process_main(settings_json: str, plugin_names: list[str], addr_in: st
             outputs += core.step()
         if outputs:
             outbox.send(encoder.encode(Outputs(outputs)))
+        if core.broken:  # a tensor-parallel rank died: exit, so the server sees a dead engine (503)
+            core.close()
+            return
 
 
 class _InfoStruct(msgspec.Struct):

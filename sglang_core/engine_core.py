@@ -14,6 +14,7 @@ from typing import Any
 from sglang_core.config import EngineSettings
 from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.model_executor.runner import ModelRunner
+from sglang_core.model_executor.tp_ranks import TPRanks
 from sglang_core.plugins import PluginManager
 from sglang_core.request import Req
 from sglang_core.sampling.params import SamplingParams
@@ -22,7 +23,7 @@ from sglang_core.scheduler.scheduler import Scheduler
 from sglang_core.constrained.compiler import GrammarCompiler, make_grammar_backend
 from sglang_core.constrained.limits import CompileBudget
 from sglang_core.tokenizer import eos_token_ids, has_tokenizer, load_tokenizer, placeholder_tokenizer
-from sglang_core.weights.loader import resolve_model_source
+from sglang_core.weights.loader import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,22 @@ class EngineCore:
     def __init__(self, settings: EngineSettings, plugins: PluginManager):
         self.plugins = plugins
         source = resolve_model_source(settings.model_path, settings.load_format, plugins.registry("weight_formats"))
-        self.runner = ModelRunner(settings, source, plugins)
+        # Tensor parallelism: this is rank 0; the other ranks run in processes of their own.
+        self.tp_ranks = TPRanks(settings, plugins.loaded_names()) if settings.tp_size > 1 else None
+        if self.tp_ranks is None:
+            self.runner = ModelRunner(settings, source, plugins)
+        else:
+            self.runner = self.tp_ranks.build_runner(settings, source, plugins)
+        try:
+            self._start_scheduler(settings, plugins, source)
+        except BaseException:
+            if self.tp_ranks is not None:
+                self.tp_ranks.stop()
+            raise
+        self._sent: dict[str, int] = {}  # rid -> output tokens already reported
+
+    def _start_scheduler(self, settings: EngineSettings, plugins: PluginManager, source: ModelSource) -> None:
+        """The tokenizer, grammar compiler and scheduler around the built runner."""
         tokenizer_path = settings.tokenizer_path or str(source.folder)
         if settings.tokenizer_path is None and source.load_format == "dummy" and not has_tokenizer(source.folder):
             cfg = self.runner.config
@@ -72,7 +88,6 @@ class EngineCore:
             dtype=str(self.runner.dtype).removeprefix("torch."),
         )
         self.tokenizer = tokenizer
-        self._sent: dict[str, int] = {}  # rid -> output tokens already reported
 
     def add(self, msg: GenerateRequest) -> None:
         params = SamplingParams(**msg.sampling_params)
@@ -95,6 +110,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def broken(self) -> bool:
+        """True once the tensor-parallel group has stopped after a failure: no step can run again."""
+        return self.tp_ranks is not None and self.tp_ranks.failure is not None
+
     def step(self) -> list[TokenOutput]:
         """One scheduler step; an internal error fails the affected requests, not the core."""
         try:
@@ -108,9 +128,12 @@ class EngineCore:
         return [self._output(req) for req in reqs]
 
     def close(self) -> None:
-        """Stop the grammar compiler's workers (the engine is shutting down)."""
+        """Stop the grammar compiler's workers and the other tensor-parallel ranks (the engine is
+        shutting down)."""
         if self.grammars is not None:
             self.grammars.shutdown()
+        if self.tp_ranks is not None:
+            self.tp_ranks.stop()
 
     def fail_all(self, message: str) -> list[TokenOutput]:
         return [self._output(req) for req in self.scheduler.fail_all(message)]

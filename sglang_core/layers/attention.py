@@ -19,7 +19,7 @@ from torch import nn
 
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.layers.attention_spec import AttentionLayerSpec, AttentionSpec, KVLayout, UnsupportedSpecError
-from sglang_core.mem.kv_pool import TokenKVPool
+from sglang_core.mem.kv_pool import TokenKVPool, row_prefixes
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 __all__ = ["Attention", "AttentionBackend", "AttentionLayerSpec", "AttentionSpec", "KVLayout",
@@ -174,10 +174,4 @@ def _run_given_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atten
 def sequence_slots(batch: ForwardBatch) -> torch.Tensor:
     """The KV slot of every token of the batch's sequences, request by request (prefix, then new
     tokens): [sum of seq_lens]. Built on the device; only the total comes from the host lengths."""
-    total = sum(batch.seq_lens_cpu)
-    device = batch.seq_lens.device
-    request = torch.repeat_interleave(torch.arange(batch.batch_size, device=device), batch.seq_lens,
-                                      output_size=total)
-    starts = torch.cumsum(batch.seq_lens, 0) - batch.seq_lens
-    position = torch.arange(total, device=device) - starts[request]
-    return batch.req_to_token[batch.req_pool_indices[request], position]
+    return batch.req_to_token[row_prefixes(batch.req_pool_indices, batch.seq_lens, sum(batch.seq_lens_cpu))]

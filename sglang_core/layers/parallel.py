@@ -34,12 +34,26 @@ class TPGroup:
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place. Every layer's reduction goes through here, so a
+        one-shot all-reduce for small messages that a CUDA graph can capture (a custom kernel over
+        peer-mapped buffers) replaces this one function; today it is the group's own all-reduce
+        (NCCL on CUDA, which graphs capture; gloo on the CPU)."""
         if self.size == 1:
             return x
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.group)
         return x
+
+    def agree_min(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's ``value`` (what all ranks can hold, e.g. KV pool tokens)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return int(x.item())
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

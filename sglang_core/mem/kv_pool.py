@@ -43,6 +43,15 @@ class ReqToTokenPool:
         self._free_rows = list(range(self.size))
 
 
+def row_prefixes(rows: torch.Tensor, lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) indices of the first ``lengths[i]`` entries of each row ``rows[i]`` of
+    ``req_to_token``, row after row: where every token of a batch's sequences has its KV slot.
+    ``total`` is ``sum(lengths)``, given from the host so nothing waits for the device."""
+    request = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), lengths, output_size=total)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return rows[request], torch.arange(total, device=rows.device) - starts[request]
+
+
 class TokenKVPool:
     """Token slots 1..size and, per layer, the buffers they index, shaped by the layer's spec:
     K ``[size + 1, kv_heads, head_dim]`` and V ``[size + 1, kv_heads, v_head_dim]``, or for a

@@ -11,7 +11,7 @@ import torch
 
 from sglang_core.config import EngineSettings
 from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError, attention_layers
-from sglang_core.layers.parallel import SINGLE
+from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.model_executor.cuda_graph import CudaGraphRunner
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -57,14 +57,21 @@ def pick_dtype(name: str, config, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, settings: EngineSettings, source: ModelSource, plugins: PluginManager):
+    """One rank's model, KV pools and attention backend. ``tp``: this rank's tensor-parallel group
+    (``tp_ranks`` makes it); every rank builds the same runner over its own shards."""
+
+    def __init__(self, settings: EngineSettings, source: ModelSource, plugins: PluginManager, tp: TPGroup = SINGLE):
         self.settings = settings
+        self.tp = tp
         self.device = pick_device(settings.device)
         self.config = load_config(source.folder)
         self.text_config = language_config(self.config)  # a vision-language config's text_config
         self.dtype = pick_dtype(settings.dtype, self.config, self.device)
-        if settings.tp_size != 1:
-            raise ValueError("tp_size > 1 is not supported yet (layers are tensor-parallel-ready; launching is not)")
+        if settings.tp_size != tp.size:
+            raise ValueError(f"tp_size={settings.tp_size}: the runner was given a group of {tp.size} ranks")
+        # Rank 0 of a group of several: ``(step, forward_local)`` sends the step to the other
+        # ranks, then runs it here (``tp_ranks.TPRanks.run``).
+        self.run_on_all_ranks: Callable[[StepInput, Callable[[StepInput], torch.Tensor]], torch.Tensor] | None = None
         self.vocab_size = self.text_config.vocab_size
         model_len = getattr(self.text_config, "max_position_embeddings", None) or 2048
         self.context_len = settings.context_length or model_len
@@ -86,7 +93,7 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
-        ctx = ModelContext(dtype=self.dtype, tp=SINGLE, max_position=self.context_len,
+        ctx = ModelContext(dtype=self.dtype, tp=self.tp, max_position=self.context_len,
                            **self._quant_method_factories(plugins))
         with torch.device(self.device):
             model = cls(self.config, ctx)
@@ -130,6 +137,7 @@ class ModelRunner:
         else:
             tokens = int(self._kv_budget_bytes() // per_token)
         tokens = min(tokens, s.max_running_requests * self.context_len)
+        tokens = self.tp.agree_min(tokens, self.device)  # every rank's pool has the same slots
         if tokens < 16:
             raise ValueError(f"the KV cache budget holds only {tokens} tokens; raise kv_cache_memory_gb or mem_fraction_static")
         self.max_total_tokens = tokens
@@ -202,6 +210,12 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the model on one batch; return float32 logits of the tokens in ``logit_index``.
         Call under ``torch.inference_mode()`` (the scheduler's step is)."""
+        if self.run_on_all_ranks is not None:
+            return self.run_on_all_ranks(step, self.forward_local)
+        return self.forward_local(step)
+
+    def forward_local(self, step: StepInput) -> torch.Tensor:
+        """``forward`` on this rank alone (each tensor-parallel rank runs it on the step it was sent)."""
         graphs = self.cuda_graphs
         if step.mode is ForwardMode.DECODE and graphs is not None and len(step.input_ids) <= graphs.max_bs:
             return graphs.replay(step.input_ids, step.positions, step.out_cache_loc, step.req_pool_indices,

@@ -1,0 +1,174 @@
+"""LLaVA 1.5 against transformers' ``LlavaForConditionalGeneration`` (float32, CPU) on a tiny random
+checkpoint saved with its processor: greedy tokens and logprobs for prompts of one and two images,
+batched and chunked across an image; the prefix cache shares an image's tokens with the same image
+only; every KV slot comes back."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from reference import byte_level_tokenizer
+
+IMAGE_TOKEN = "<image>"
+MAX_NEW = 6
+PROMPTS = {  # name -> (prompt text, image names)
+    "one": (f"{IMAGE_TOKEN}\nWhat is in the picture?", ["red"]),
+    "two": (f"Compare {IMAGE_TOKEN} with {IMAGE_TOKEN}, please.", ["noise", "tall"]),
+}
+
+
+def _image(name: str):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    size = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40)}[name]
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+    if name == "red":
+        pixels[..., 0] = 230
+    return Image.fromarray(pixels.numpy())
+
+
+def data_url(name: str) -> str:
+    buffer = io.BytesIO()
+    _image(name).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def save_tiny_llava(folder, **overrides):
+    """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    options = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    options.update(overrides)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 1, **options)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    # CLS is one more position than the patches: the count "default" drops again.
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=options["vision_feature_select_strategy"],
+        num_additional_image_tokens=1)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW) -> tuple[list[int], list[float]]:
+    """transformers' greedy generate on the processor's inputs: tokens and their logprobs."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+    cases = {**PROMPTS, "same": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    return folder, {name: hf_reference(folder, text, images) for name, (text, images) in cases.items()}
+
+
+def _generate(engine, names: list[str], cases=PROMPTS, max_new: int = MAX_NEW) -> list[dict]:
+    return engine.generate([cases[n][0] for n in names], {"max_new_tokens": max_new, "temperature": 0,
+                                                          "ignore_eos": True},
+                           image_data=[[data_url(i) for i in cases[n][1]] for n in names], return_logprob=True)
+
+
+def _check(result: dict, expected: tuple[list[int], list[float]]) -> None:
+    tokens, logprobs = expected
+    assert result["output_ids"] == tokens
+    ours = [lp for lp, _, _ in result["meta_info"]["output_token_logprobs"]]
+    assert ours == pytest.approx(logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [2048, 5], ids=["whole", "chunked"])
+def test_one_and_two_images_batched_match_hf(llava, chunk: int):
+    """Both prompts in one batch; with chunks of 5 every image (16 placeholders) spans several steps."""
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=512) as engine:
+        results = _generate(engine, ["one", "two"])
+        for result, name in zip(results, ["one", "two"]):
+            _check(result, expected[name])
+        assert engine.stats()["images_encoded"] == 3  # once per image, however many chunks it spans
+        engine.check_memory()
+
+
+def test_same_image_shares_the_cached_prefix_and_another_does_not(llava):
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    cases = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        first = _generate(engine, ["one"], cases)[0]
+        again = _generate(engine, ["one"], cases)[0]
+        encoded_before_other = engine.stats()["images_encoded"]
+        other = _generate(engine, ["other"], cases)[0]
+        assert engine.stats()["images_encoded"] == encoded_before_other + 1
+        engine.check_memory()
+    assert encoded_before_other == 1  # the cached image was not encoded again
+    _check(first, expected["one"])
+    _check(again, expected["same"])
+    _check(other, expected["other"])
+    assert first["meta_info"]["cached_tokens"] == 0
+    # The prompt starts with the image's 16 placeholders: the same image reuses them and the
+    # text after; another image of the same size reuses nothing.
+    assert again["meta_info"]["cached_tokens"] >= 16
+    assert other["meta_info"]["cached_tokens"] == 0
+
+
+def test_retracted_requests_with_images_stay_exact(llava):
+    """A KV pool too small for four running requests: the newest are retracted, then prefilled
+    again (images encoded again), and still give transformers' tokens."""
+    from sglang_core.engine import Engine
+
+    folder, _ = llava
+    cases = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    expected = {name: hf_reference(folder, text, images, 24) for name, (text, images) in cases.items()}
+    names = ["one", "other", "other", "one"]
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=110, new_token_ratio=0.0,
+                disable_radix_cache=True) as engine:
+        results = _generate(engine, names, cases, max_new=24)
+        assert engine.stats()["retractions"] > 0, "the tiny pool should have forced a retraction"
+        engine.check_memory()
+    for result, name in zip(results, names):
+        _check(result, expected[name])
+
+
+def test_feature_layers_list_and_full_strategy(tmp_path):
+    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (the
+    CLS position kept: 17 placeholders per image)."""
+    from sglang_core.engine import Engine
+
+    folder = save_tiny_llava(tmp_path, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full")
+    text, images = PROMPTS["two"]
+    expected = hf_reference(folder, text, images)
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        result = _generate(engine, ["two"])[0]
+        engine.check_memory()
+    _check(result, expected)

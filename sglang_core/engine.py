@@ -22,6 +22,7 @@ from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreCli
 from sglang_core.engine_core import ModelInfo
 from sglang_core.media_inputs import MediaInputs, images_per_prompt
 from sglang_core.messages import GenerateRequest, TokenOutput
+from sglang_core.multimodal import expanded_position
 from sglang_core.plugins import PluginManager
 from sglang_core.sampling.params import INT64_MAX, SamplingParams, choice_seed
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
@@ -369,9 +370,11 @@ class Engine:
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
-            media = []
+            media, start = [], logprob_start_len
             if images[i]:
                 ids, media = self._media.expand(ids, images[i])
+                # The start counts the prompt as given: past an image, its placeholders count too.
+                start = expanded_position(start, media) if start >= 0 else start
             self._check_ids(ids)
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
             max_new = min(params.max_new_tokens, self._room_for_output(len(ids)))
@@ -384,7 +387,7 @@ class Engine:
                     input_ids=ids,
                     sampling_params=dataclasses.asdict(copy),
                     return_logprob=return_logprob,
-                    logprob_start_len=logprob_start_len,
+                    logprob_start_len=start,
                     top_logprobs_num=top_logprobs_num,
                     media=media,
                 )

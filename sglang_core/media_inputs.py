@@ -46,10 +46,10 @@ class MediaInputs:
         return self._get().image_token if self._target is not None else None
 
     def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
-        """Load each image (``image_data[i]`` names it in errors) and expand the prompt's image tokens."""
+        """Load each image (``image_data.<i>`` names it in errors) and expand the prompt's image tokens."""
         if self._target is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
-        images = [load_image(src, self.limits, f"image_data[{i}]") for i, src in enumerate(sources)]
+        images = [load_image(src, self.limits, f"image_data.{i}") for i, src in enumerate(sources)]
         return expand_prompt(self._get(), ids, images)
 
     def _get(self) -> InputProcessor:

@@ -90,6 +90,17 @@ def expand_prompt(processor: InputProcessor, ids: list[int], images: list[Image.
     return out + ids[start:], items
 
 
+def expanded_position(position: int, media: list[MediaItem]) -> int:
+    """Where position ``position`` of a prompt as given (one image token per image) lies once
+    ``expand_prompt`` has expanded it into ``media``."""
+    shift = 0
+    for item in media:
+        if item.offset - shift >= position:  # the image token was at item.offset - shift
+            break
+        shift += item.length - 1
+    return position + shift
+
+
 def media_key_ids(ids: list[int], media: list[MediaItem]) -> list[int]:
     """``ids`` as the prefix cache keys them: each image's placeholders replaced by its ``placeholder_key``."""
     key = list(ids)

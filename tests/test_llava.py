@@ -85,6 +85,28 @@ def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW)
     return tokens, logprobs
 
 
+def hf_choice_scores(folder, prompt: str, image: str, choices: list[str]) -> list[float]:
+    """What transformers gives each choice after ``prompt`` (one image, its token first): the mean
+    logprob of the choice's tokens, split from the prompt's where ``choice_spans`` splits them."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sglang_core.choices import choice_spans
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = processor(text=IMAGE_TOKEN, images=[_image(image)], return_tensors="pt")
+    count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    scores = []
+    for span in choice_spans(lambda texts: [processor.tokenizer(t)["input_ids"] for t in texts], prompt, choices):
+        assert span.ids[0] == model.config.image_token_id and span.start > 0
+        ids = torch.tensor([[span.ids[0]] * count + span.ids[1:]])
+        with torch.no_grad():
+            table = torch.log_softmax(model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].float(), -1)
+        positions = range(span.start + count - 1, ids.shape[1])
+        scores.append(sum(float(table[p - 1, ids[0, p]]) for p in positions) / len(positions))
+    return scores
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     folder = save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
@@ -172,3 +194,131 @@ def test_feature_layers_list_and_full_strategy(tmp_path):
         result = _generate(engine, ["two"])[0]
         engine.check_memory()
     _check(result, expected)
+
+
+# ---- the HTTP APIs ----------------------------------------------------------------------------
+
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def server(llava):
+    """The app served by uvicorn in a thread, the engine in a thread of this process (a spawned
+    engine process costs CI tens of seconds to start; requests still pass the msgpack check)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from server_util import free_port
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+
+    folder, _ = llava
+    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", chat_template="chatml",
+                                   max_total_tokens=512, engine_in_subprocess=False))
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_openai_chat_image_url_parts_match_hf(llava, server):
+    import openai
+
+    folder, _ = llava
+    text, images = PROMPTS["two"]
+    before, middle, after = text.split(IMAGE_TOKEN)
+    # The parts joined by newlines, each image as the image token: the prompt HF is given.
+    expected = hf_reference(folder, CHATML_USER.format(f"{before}\n{IMAGE_TOKEN}\n{middle}\n{IMAGE_TOKEN}\n{after}"),
+                            images)
+    content = [{"type": "text", "text": before},
+               {"type": "image_url", "image_url": {"url": data_url(images[0]), "detail": "low"}},
+               {"type": "text", "text": middle},
+               {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+               {"type": "text", "text": after}]
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                           max_tokens=MAX_NEW, temperature=0, logprobs=True,
+                                           extra_body={"ignore_eos": True})
+    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(expected[1], abs=1e-4)
+    assert reply.usage.completion_tokens == MAX_NEW
+    with pytest.raises(openai.BadRequestError) as err:  # not an image: a 400 in OpenAI's error shape
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
+
+
+def test_native_generate_image_data_matches_hf(llava, server):
+    import httpx
+
+    _, expected = llava
+    text, images = PROMPTS["one"]
+    body = {"text": text, "image_data": data_url(images[0]), "return_logprob": True, "logprob_start_len": -1,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
+    # Raw base64 (SGLang's form) of the same image: its prefix is cached now.
+    body["image_data"] = data_url(images[0]).partition(",")[2]
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
+    assert meta["cached_tokens"] >= 16
+    for bad, why in [("/etc/passwd.png", "not allowed"), ("http://127.0.0.1/x.png", "not fetched"),
+                     ("%%%", "valid base64")]:
+        response = httpx.post(server + "/generate", json={**body, "image_data": bad}, timeout=60)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "image_data.0" and why in error["message"], error
+
+
+def test_anthropic_image_blocks_match_hf(llava, server):
+    import anthropic
+    from transformers import AutoTokenizer
+
+    folder, _ = llava
+    question = "What is in the picture?"
+    tokens, _ = hf_reference(folder, CHATML_USER.format(f"{IMAGE_TOKEN}\n{question}"), ["noise"])
+    media_type, _, data = data_url("noise").removeprefix("data:").partition(";base64,")
+    client = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
+    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    # The SDK's API version has no sampling parameters: temperature travels in the body.
+    reply = client.messages.create(model="m", max_tokens=MAX_NEW, extra_body={"ignore_eos": True, "temperature": 0},
+                                   messages=[{"role": "user", "content": [image, {"type": "text", "text": question}]}])
+    assert reply.content[0].text == AutoTokenizer.from_pretrained(folder).decode(tokens, skip_special_tokens=True)
+    assert reply.usage.input_tokens == len(CHATML_USER.format(question).encode()) + 1 + 16  # "\n" + image
+
+
+def test_frontend_language_image_through_runtime_endpoint(llava, server):
+    """``sgl.image`` on ``RuntimeEndpoint``: the image token where the image goes, the image sent
+    as ``image_data``; generation and select both see it."""
+    import sglang_core as sgl
+    from transformers import AutoTokenizer
+
+    folder, expected = llava
+    buffer = io.BytesIO()
+    _image("red").save(buffer, format="PNG")
+
+    choices = [" red", " blue", " a cat"]
+
+    @sgl.function
+    def look(s, image):
+        s += sgl.image(image) + PROMPTS["one"][0].removeprefix(IMAGE_TOKEN)
+        s += sgl.gen("answer", max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+        s += "\nIt is"
+        s += sgl.select("pick", choices=choices)
+
+    backend = sgl.RuntimeEndpoint(server)
+    assert backend.supports_images
+    state = look.run(buffer.getvalue(), backend=backend)
+    tokens = expected["one"][0]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert state["answer"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    prompt = PROMPTS["one"][0] + tokenizer.decode(tokens, skip_special_tokens=True) + "\nIt is"
+    assert state.get_meta_info("pick")["scores"] == pytest.approx(hf_choice_scores(folder, prompt, "red", choices),
+                                                                   abs=1e-4)

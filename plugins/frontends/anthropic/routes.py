@@ -51,12 +51,12 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.post(PATH)
     async def create_message(request: Request) -> Response:
         req = parse_body(MessagesRequest, await request.body())
-        ids = prompt_ids(ctx, req, template)
+        ids, images = prompt_ids(ctx, req, template)
         max_new = check_prompt(ids, ctx.engine.info, "messages", req.max_tokens, "max_tokens")
         params = validated_params(req.sampling_params(max_new), ctx.engine.info.vocab_size,
                                   {"max_new_tokens": "max_tokens", **req.API_NAMES})
         head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
-        job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
+        job = {"input_ids": ids, "sampling_params": params, "rid": head["id"], "image_data": images or None}
         if req.stream:
             events = ctx.admitted(event_stream(ctx, head, job))  # one sequence: Anthropic has no n
             await anext(events)  # takes admission: a 503 goes out now, before the stream's 200
@@ -68,18 +68,22 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         except RequestAborted as exc:
             return JSONResponse(error_body(500, f"the request was aborted: {exc}"), status_code=500)
         return JSONResponse({**head, "content": [{"type": "text", "text": result["text"]}], **stop,
-                             "usage": usage(len(ids), result["meta_info"]["completion_tokens"])})
+                             "usage": usage(result["meta_info"]["prompt_tokens"], result["meta_info"]["completion_tokens"])})
 
     @app.post(PATH + "/count_tokens")
     async def count_tokens(request: Request) -> Response:
         req = parse_body(Conversation, await request.body())
-        return JSONResponse({"input_tokens": len(prompt_ids(ctx, req, template))})
+        ids, images = prompt_ids(ctx, req, template)
+        if images:
+            raise ValueError("messages: counting the tokens of images is not supported")
+        return JSONResponse({"input_tokens": len(ids)})
 
 
-def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> list[int]:
-    """The conversation through the chat template, then the assistant prefill, as token ids."""
-    messages, prefill = req.chat()
-    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill)
+def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> tuple[list[int], list[str]]:
+    """The conversation through the chat template, then the assistant prefill, as token ids (each
+    image as one image token), and the images."""
+    messages, prefill, images = req.chat(ctx.engine.image_token)
+    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill), images
 
 
 def stop_fields(reason: dict) -> dict[str, Any]:

@@ -96,13 +96,20 @@ def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
 
 def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None) -> Plan:
     tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
-    messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    messages, images = [], []
+    for i, message in enumerate(req.messages):
+        rendered, urls = message.for_template(i, ctx.engine.image_token)
+        messages.append(rendered)
+        images += urls
     ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt)
     max_field, max_tokens = req.max_tokens_field
     max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
     plan = Plan([], [], req.n)
     top = (req.top_logprobs or 0) if req.logprobs else None
     _add_choices(plan, req, ids, sampling_params(req, max_new, info.vocab_size), top)
+    if images:
+        for job in plan.jobs:
+            job["image_data"] = images
     return plan
 
 

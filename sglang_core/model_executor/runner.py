@@ -13,10 +13,10 @@ from sglang_core.config import EngineSettings
 from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError, attention_layers
 from sglang_core.layers.parallel import SINGLE
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
+from sglang_core.messages import MediaItem
 from sglang_core.model_executor.cuda_graph import CudaGraphRunner
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
-from sglang_core.messages import MediaItem
 from sglang_core.multimodal import unpack_tensor
 from sglang_core.plugins import PluginError, PluginManager
 from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_config

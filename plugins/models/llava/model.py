@@ -2,7 +2,7 @@
 module), the hidden states of ``vision_feature_layer`` (one layer, or several concatenated), the
 CLS position dropped under ``vision_feature_select_strategy`` "default" (kept under "full"), a
 two-layer projector into the language model's width, and the language model itself built by the
-core's plugin for ``text_config.model_type`` (Llama, Mistral, Qwen2, ...). Yi-VL loads as this."""
+core's plugin for ``text_config.model_type`` (Llama, Mistral, Qwen2, ...)."""
 
 from __future__ import annotations
 

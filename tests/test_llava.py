@@ -38,11 +38,17 @@ def data_url(name: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def save_tiny_llava(folder, **overrides):
-    """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+# LLaVA-NeXT's grids of 32-pixel tiles: 1x2, 2x1, 2x2.
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def save_tiny_llava(folder, next_: bool = False, **overrides):
+    """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor;
+    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tokenizer = byte_level_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -53,18 +59,24 @@ def save_tiny_llava(folder, **overrides):
                               image_size=32, patch_size=8, projection_dim=32)
     options = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     options.update(overrides)
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 1, **options)
+    family = "LlavaNext" if next_ else "Llava"
+    if next_:
+        options["image_grid_pinpoints"] = PINPOINTS
+    config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision,
+                                                     image_token_index=len(tokenizer) - 1, **options)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).float().eval()
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
     # CLS is one more position than the patches: the count "default" drops again.
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=options["vision_feature_select_strategy"],
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = (LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=PINPOINTS) if next_
+                       else CLIPImageProcessorPil(**sizes))
+    processor = getattr(transformers, f"{family}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=options["vision_feature_select_strategy"],
         num_additional_image_tokens=1)
     processor.save_pretrained(folder)
     return folder
@@ -72,10 +84,12 @@ def save_tiny_llava(folder, **overrides):
 
 def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW) -> tuple[list[int], list[float]]:
     """transformers' greedy generate on the processor's inputs: tokens and their logprobs."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model_cls = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
+    model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
@@ -194,6 +208,23 @@ def test_feature_layers_list_and_full_strategy(tmp_path):
         result = _generate(engine, ["two"])[0]
         engine.check_memory()
     _check(result, expected)
+
+
+
+@pytest.mark.parametrize("chunk", [2048, 7], ids=["whole", "chunked"])
+def test_llava_next_anyres_images_of_different_sizes_match_hf(tmp_path_factory, chunk: int):
+    """Square, wide and tall images: each its own grid of tiles, unpadded, a newline per row."""
+    from sglang_core.engine import Engine
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_llava_next"
+    if not folder.exists():
+        save_tiny_llava(folder, next_=True)
+    names = ["one", "two"]
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=1024) as engine:
+        results = _generate(engine, names)
+        engine.check_memory()
+    for result, name in zip(results, names):
+        _check(result, hf_reference(folder, *PROMPTS[name]))
 
 
 # ---- the HTTP APIs ----------------------------------------------------------------------------

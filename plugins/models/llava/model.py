@@ -20,7 +20,7 @@ from sglang_core.model_executor.model_api import ModelContext
 CHECKPOINT_RENAMES = (
     (re.compile(r"^model\.language_model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.(vision_tower|multi_modal_projector)\."), r"\1."),
+    (re.compile(r"^model\.(vision_tower|multi_modal_projector|image_newline)"), r"\1"),
 )
 STRATEGIES = ("default", "full")
 
@@ -73,10 +73,14 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def embed_media(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Every image through the tower at once (LLaVA 1.5's processor makes them one size)."""
-        pixels = torch.cat([item["pixel_values"] for item in inputs]).to(self.multi_modal_projector.linear_1.weight.dtype)
+        return list(self.project(torch.cat([item["pixel_values"] for item in inputs])))
+
+    def project(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[images, 3, H, W]`` -> the projected features of each, ``[images, positions, hidden]``."""
+        pixels = pixels.to(self.multi_modal_projector.linear_1.weight.dtype)
         hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states
         features = [hidden[i][:, 1:] if self.drop_cls else hidden[i] for i in self.feature_layers]
-        return list(self.multi_modal_projector(torch.cat(features, dim=-1)))
+        return self.multi_modal_projector(torch.cat(features, dim=-1))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         others: dict[str, torch.Tensor] = {}
@@ -91,13 +95,22 @@ class LlavaForConditionalGeneration(nn.Module):
                     others[name] = tensor
 
         self.language_model.load_weights(language_weights())
-        for part in ("vision_tower", "multi_modal_projector"):
-            module: nn.Module = getattr(self, part)
+        # The vision side: the tower and projector, and any parameter of this module's own (NeXT's image_newline).
+        vision = {name: module for name, module in self.named_children() if name != "language_model"}
+        for part, module in vision.items():
             state = {name.removeprefix(f"{part}."): t for name, t in others.items() if name.startswith(f"{part}.")}
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise ValueError(f"{part}: the checkpoint's weights do not fit: {exc}") from None
-        unknown = [n for n in others if not n.startswith(("vision_tower.", "multi_modal_projector."))]
-        if unknown:
-            raise ValueError(f"checkpoint tensor {unknown[0]!r} has no matching model parameter")
+        own = dict(self.named_parameters(recurse=False))
+        for name, tensor in others.items():
+            if name in own:
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(own[name].shape)}")
+                own[name].data.copy_(tensor)
+            elif name.partition(".")[0] not in vision:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+        missing = [name for name in own if name not in others]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing)}")

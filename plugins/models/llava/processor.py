@@ -1,4 +1,4 @@
-"""LLaVA's images on the request side, through the checkpoint's own Hugging Face processor: its
+"""LLaVA's and LLaVA-NeXT's images on the request side, through the checkpoint's own Hugging Face processor: its
 image processor makes the pixels, and its expansion of the image token gives the count."""
 
 from __future__ import annotations
@@ -30,4 +30,5 @@ class LlavaInputProcessor(InputProcessor):
         # The processor on a prompt of one image token expands it as it would in any prompt.
         out = self.processor(text=self.image_token, images=[image], return_tensors="pt")
         count = int((out["input_ids"] == self.image_token_id).sum())
-        return {"pixel_values": out["pixel_values"]}, count
+        # The image's tensors: pixel_values, and LLaVA-NeXT's image_sizes.
+        return {name: value for name, value in out.items() if name not in ("input_ids", "attention_mask")}, count

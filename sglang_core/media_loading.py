@@ -1,6 +1,6 @@
 """Reading a request's images safely: data URLs and base64 always; files only under an allowed
-folder; http(s) URLs only when switched on, only from public addresses, without redirects, within
-byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Every
+folder; http(s) URLs only when switched on, only from public addresses (resolved once, checked, and
+that address connected to), without redirects, within byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Every
 refusal is a ``ValueError`` naming the field (HTTP 400)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -98,34 +98,50 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     if not limits.allow_urls:
         raise ValueError(f"{field}: image URLs are not fetched (start the server with --allow-media-urls); "
                          "send a data URL instead")
-    host = urlsplit(url).hostname
-    if not host:
+    parts = urlsplit(url)
+    if not parts.hostname:
         raise ValueError(f"{field}: the URL has no host")
-    _check_public(host, field)
+    if parts.username is not None:
+        raise ValueError(f"{field}: the URL must not carry credentials")
+    address = _public_address(parts.hostname, field)
+    # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
+    # the certificate is still checked against the host): another DNS answer cannot move the fetch.
+    netloc = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
+                         parts.query, ""))
     import httpx
 
     chunks, size = [], 0
     try:
-        # No redirects: a redirect could lead to an address the check above never saw.
-        with httpx.stream("GET", url, follow_redirects=False, timeout=limits.fetch_timeout_s) as response:
-            if response.status_code != 200:
-                raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
-                chunks.append(chunk)
+        # No redirects: a redirect could lead to an address the check above never saw; no proxy
+        # from the environment, which would connect where it likes.
+        with httpx.Client(timeout=limits.fetch_timeout_s, follow_redirects=False, trust_env=False) as client:
+            request = client.build_request("GET", pinned, headers={"Host": parts.netloc},
+                                           extensions={"sni_hostname": parts.hostname})
+            response = client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limits.max_bytes:
+                        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+                    chunks.append(chunk)
+            finally:
+                response.close()
     except httpx.HTTPError as exc:
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
     return b"".join(chunks)
 
 
-def _check_public(host: str, field: str) -> None:
-    """Refuse a host that resolves to any loopback, private, link-local or reserved address."""
+def _public_address(host: str, field: str) -> str:
+    """An address ``host`` resolves to, after checking that every one is public (none loopback,
+    private, link-local or reserved)."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = [info[4][0] for info in socket.getaddrinfo(host, None)]
     except OSError:
         raise ValueError(f"{field}: cannot resolve the URL's host") from None
     for address in addresses:
         if not ipaddress.ip_address(address.split("%")[0]).is_global:
             raise ValueError(f"{field}: the URL's host resolves to a non-public address")
+    return addresses[0]

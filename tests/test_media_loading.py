@@ -76,10 +76,19 @@ def test_urls_to_non_public_addresses_are_refused(host):
         load_image(f"http://{host}/cat.png", limits)
 
 
+def test_urls_with_credentials_are_refused():
+    with pytest.raises(ValueError, match="must not carry credentials"):
+        load_image("http://user:pw@example.com/cat.png", MediaLimits(100_000, 10_000, allow_urls=True))
+
+
 @contextlib.contextmanager
 def _image_server(png: bytes):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if not self.headers["Host"].startswith("images.example:"):  # the URL's host, not the address
+                self.send_response(400)
+                self.end_headers()
+                return
             if self.path == "/moved.png":
                 self.send_response(302)
                 self.send_header("Location", "/cat.png")
@@ -98,14 +107,15 @@ def _image_server(png: bytes):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://images.example:{server.server_address[1]}"
     finally:
         server.shutdown()
 
 
-def test_fetch_follows_no_redirect_and_stops_at_the_byte_limit(monkeypatch):
-    """With the address check passed (a local server stands in for a public host)."""
-    monkeypatch.setattr(media_loading, "_check_public", lambda host, field: None)
+def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_the_byte_limit(monkeypatch):
+    """A host no DNS knows, "resolved" (and passed) as the local server's address: the fetch goes
+    to that address with the host in the Host header."""
+    monkeypatch.setattr(media_loading, "_public_address", lambda host, field: "127.0.0.1")
     png = _png()
     limits = MediaLimits(max_bytes=len(png) * 10, max_pixels=10_000, allow_urls=True, fetch_timeout_s=5)
     with _image_server(png) as url:

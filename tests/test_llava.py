@@ -42,21 +42,23 @@ def data_url(name: str) -> str:
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def save_tiny_llava(folder, next_: bool = False, **overrides):
+def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrides):
     """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor;
-    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``."""
+    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS)."""
     import transformers
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tokenizer = byte_level_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
                        eos_token_id=2, pad_token_id=0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                 patch_size=8)
+    vision = SiglipVisionConfig(**sizes) if siglip else CLIPVisionConfig(**sizes, projection_dim=32)
     options = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     options.update(overrides)
     family = "LlavaNext" if next_ else "Llava"
@@ -71,13 +73,17 @@ def save_tiny_llava(folder, next_: bool = False, **overrides):
             if "norm" not in name:
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
-    # CLS is one more position than the patches: the count "default" drops again.
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    image_processor = (LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=PINPOINTS) if next_
-                       else CLIPImageProcessorPil(**sizes))
+    if siglip:
+        image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    elif next_:
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=PINPOINTS)
+    else:
+        image_processor = CLIPImageProcessorPil(**sizes)
+    # CLIP's CLS is one more position than the patches (the count "default" drops again); SigLIP has none.
     processor = getattr(transformers, f"{family}Processor")(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=options["vision_feature_select_strategy"],
-        num_additional_image_tokens=1)
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=int(not siglip),
+        vision_feature_select_strategy=options["vision_feature_select_strategy"])
     processor.save_pretrained(folder)
     return folder
 
@@ -196,12 +202,14 @@ def test_retracted_requests_with_images_stay_exact(llava):
         _check(result, expected[name])
 
 
-def test_feature_layers_list_and_full_strategy(tmp_path):
-    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (the
-    CLS position kept: 17 placeholders per image)."""
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
+    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (every
+    position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)."""
     from sglang_core.engine import Engine
 
-    folder = save_tiny_llava(tmp_path, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full")
+    folder = save_tiny_llava(tmp_path, siglip=siglip, vision_feature_layer=[-3, -1],
+                             vision_feature_select_strategy="full")
     text, images = PROMPTS["two"]
     expected = hf_reference(folder, text, images)
     with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:

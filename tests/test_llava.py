@@ -219,6 +219,24 @@ def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
 
 
 
+def test_image_requests_cross_to_the_engine_process_intact():
+    """A request's preprocessed images travel as msgpack (no pickle) and come back bit for bit."""
+    import msgspec
+
+    from sglang_core.messages import GenerateRequest, MediaItem
+    from sglang_core.multimodal import content_digest, pack_tensor, unpack_tensor
+
+    tensors = {"pixel_values": torch.randn(1, 3, 4, 4), "image_sizes": torch.tensor([[36, 48]])}
+    item = MediaItem(offset=2, length=5, digest=content_digest(tensors),
+                     tensors={name: pack_tensor(t) for name, t in tensors.items()})
+    request = GenerateRequest(rid="r", input_ids=[1, 2, 9, 9, 9, 9, 9, 3], sampling_params={}, media=[item])
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=GenerateRequest)
+    assert back == request
+    for name, tensor in tensors.items():
+        assert torch.equal(unpack_tensor(back.media[0].tensors[name]), tensor)
+    assert content_digest({"pixel_values": tensors["pixel_values"] + 1e-6, "image_sizes": tensors["image_sizes"]}) \
+        != item.digest
+
 @pytest.mark.parametrize("chunk", [2048, 7], ids=["whole", "chunked"])
 def test_llava_next_anyres_images_of_different_sizes_match_hf(tmp_path_factory, chunk: int):
     """Square, wide and tall images: each its own grid of tiles, unpadded, a newline per row."""

@@ -223,7 +223,7 @@ class Engine:
             self.tokenizer = self.core.core.tokenizer
         self.info: ModelInfo = self.core.info
         self.eos_token_ids = set(self.info.eos_token_ids)
-        self._media = MediaInputs(self.plugins, self.info, self.tokenizer, self.settings)
+        self._media = MediaInputs(self.plugins, self.info, self.settings)
         self.plugins.hook.on_engine_start(engine=self)
 
     # ---- public API ----------------------------------------------------------------------

@@ -29,8 +29,9 @@ def images_per_prompt(image_data: Any, count: int, single: bool) -> list[list[An
 
 
 class MediaInputs:
-    def __init__(self, plugins: PluginManager, info: ModelInfo, tokenizer: Any, settings: EngineSettings):
-        entry = plugins.registry("models").get(info.architecture) if info.architecture in plugins.registry("models") else None
+    def __init__(self, plugins: PluginManager, info: ModelInfo, settings: EngineSettings):
+        models = plugins.registry("models")
+        entry = models.get(info.architecture) if info.architecture in models else None
         self._target = entry.metadata.get("input_processor") if entry is not None else None
         self._folder = Path(info.model_folder)
         self._architecture = info.architecture

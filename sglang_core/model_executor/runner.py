@@ -235,7 +235,6 @@ class ModelRunner:
         index = torch.tensor(step.logit_index, dtype=torch.int64, device=dev)
         return self.model.compute_logits(hidden[index])
 
-
     def embed_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
         """The model's embeddings of each image (``[item.length, hidden]``), encoded as one batch."""
         embed = getattr(self.model, "embed_media", None)

@@ -15,6 +15,17 @@ import sys
 from sglang_core.engine import Engine
 
 
+def shared_prefix_prompts(rng: random.Random, vocab_size: int, groups: int, per_group: int, prefix_len: int,
+                          question_len: int) -> list[list[int]]:
+    """Shuffled random token prompts: ``groups`` prefixes, ``per_group`` questions after each."""
+    prompts = []
+    for _ in range(groups):
+        prefix = [rng.randrange(3, vocab_size) for _ in range(prefix_len)]
+        prompts += [prefix + [rng.randrange(3, vocab_size) for _ in range(question_len)] for _ in range(per_group)]
+    rng.shuffle(prompts)
+    return prompts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
@@ -26,14 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     with Engine(args.model_path, max_running_requests=args.max_running_requests, chunked_prefill_size=512,
                 max_prefill_tokens=1024) as engine:
-        rng = random.Random(0)
-        vocab = engine.info.vocab_size
-        prompts = []
-        for _ in range(args.groups):
-            system = [rng.randrange(3, vocab) for _ in range(args.system_len)]
-            prompts += [system + [rng.randrange(3, vocab) for _ in range(args.question_len)]
-                        for _ in range(args.per_group)]
-        rng.shuffle(prompts)
+        prompts = shared_prefix_prompts(random.Random(0), engine.info.vocab_size, args.groups, args.per_group,
+                                        args.system_len, args.question_len)
         outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 16, "temperature": 0,
                                                                    "ignore_eos": True})
     total = sum(map(len, prompts))

@@ -1,4 +1,4 @@
-"""The ``sglang-core`` command: generate, plugins, bench-latency, bench-offline."""
+"""The ``sglang-core`` command: generate, serve, router, plugins, bench-latency, bench-offline."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServerSettings.from_args(args))
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    from sglang_core.router.standalone import StandaloneRouterSettings, run_router
+
+    return run_router(StandaloneRouterSettings.from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sglang_core.server.settings import ServerSettings
 
     command("serve", cmd_serve, "serve the HTTP APIs (native and OpenAI-compatible)", settings=ServerSettings)
+
+    from sglang_core.router.standalone import StandaloneRouterSettings
+
+    command("router", cmd_router, "route requests over several `sglang-core serve` workers (data parallelism across "
+            "processes or machines)", settings=StandaloneRouterSettings)
 
     p = command("plugins", cmd_plugins, "list installed plugins, what they register and load errors", False)
     p.add_argument("--plugins", default=None, help="comma-separated plugins to load (default: all installed)")

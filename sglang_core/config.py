@@ -12,9 +12,43 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class EngineSettings(BaseSettings):
+class CliSettings(BaseSettings):
+    """Settings that are each a keyword, a ``--flag`` and a ``SGLANG_CORE_*`` environment variable."""
+
     model_config = SettingsConfigDict(env_prefix="SGLANG_CORE_", extra="forbid", validate_default=True)
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One ``--flag`` per field (plus the other spellings in its ``json_schema_extra={"flags": [...]}``;
+        ``"nargs"`` there takes a list as separate words); unset flags stay unset so env vars and
+        defaults apply."""
+        for name, info in cls.model_fields.items():
+            extra = info.json_schema_extra or {}
+            flags = ["--" + name.replace("_", "-"), *extra.get("flags", [])]
+            kind = _plain_type(info.annotation)
+            help_text = f"{info.description} (default: {info.default})"
+            if "nargs" in extra:  # a list given as separate words: --workers URL URL
+                parser.add_argument(*flags, nargs=extra["nargs"], default=argparse.SUPPRESS, help=help_text)
+            elif kind is bool:
+                parser.add_argument(*flags, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+            elif get_origin(kind) is Literal:
+                parser.add_argument(*flags, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
+            elif kind in (int, float):
+                parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=help_text)
+            else:
+                parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, help=help_text)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "CliSettings":
+        given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+        given.update(overrides)
+        return cls(**given)
+
+    def public_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+class EngineSettings(CliSettings):
     # Model and weights
     model_path: str | None = Field(None, description="HF folder, .gguf file, or config folder for dummy weights; default: the embedded SmolLM2-135M-Instruct")
     tokenizer_path: str | None = Field(None, description="tokenizer folder (default: the model's)")
@@ -67,6 +101,7 @@ class EngineSettings(BaseSettings):
     media_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
 
     engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
+    cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES of the engine process (with --engine-in-subprocess; default: inherited). --dp-size gives each replica its own GPUs this way")
     log_level: str = Field("warning", description="logging level")
 
     @field_validator("plugins", mode="before")
@@ -83,32 +118,6 @@ class EngineSettings(BaseSettings):
             raise ValueError(f"{field}: a step token budget splits prompts into chunks; it needs "
                              f"chunked_prefill_size > 0 (got {self.chunked_prefill_size})")
         return self
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One ``--flag`` per field; unset flags stay unset so env vars and defaults apply."""
-        for name, info in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            kind = _plain_type(info.annotation)
-            help_text = f"{info.description} (default: {info.default})"
-            if kind is bool:
-                parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
-            elif get_origin(kind) is Literal:
-                parser.add_argument(flag, choices=get_args(kind), default=argparse.SUPPRESS, help=help_text)
-            elif kind in (int, float):
-                parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-            else:
-                parser.add_argument(flag, type=str, default=argparse.SUPPRESS, help=help_text)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "EngineSettings":
-        given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
-        given.update(overrides)
-        return cls(**given)
-
-    def public_dict(self) -> dict[str, Any]:
-        return json.loads(self.model_dump_json())
-
 
 def _plain_type(annotation: Any) -> Any:
     """``int | None`` -> int; ``list[str] | None`` -> list[str]."""

@@ -292,6 +292,8 @@ class ProcessCoreClient(CoreClient):
         # Idle OpenMP workers must sleep, not spin: they would take the cores the server process
         # needs for HTTP and tokenization (a 4-5x slowdown on small machines).
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        if settings.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
         self.process = subprocess.Popen([sys.executable, "-m", "sglang_core.core_client", args], env=env)
         self.info = self._wait_ready(start_timeout_s)
         self.alive = True

@@ -335,6 +335,11 @@ class Engine:
         """KV slots and request rows in use, for monitoring and leak checks."""
         return self.core.call("memory_report")
 
+    def memory_reports(self) -> list[dict[str, int] | None]:
+        """One report per engine replica: this engine's (None once it has died). A data-parallel
+        front (``sglang_core.router.data_parallel``) gives one per replica."""
+        return [self.memory_report() if self.alive else None]
+
     def check_memory(self) -> None:
         """Raise AssertionError unless, with no request in flight, all memory is accounted for."""
         self.core.call("check_memory")

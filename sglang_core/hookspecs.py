@@ -139,6 +139,20 @@ def register_tool_parsers(register: Register) -> None:
 
 
 @hookspec
+def register_router_policies(register: Register) -> None:
+    """Register data-parallel routing policies, by the name ``--router-policy`` takes.
+
+    ``register("mypolicy", "pkg.policy:MyPolicy")``: a subclass of
+    ``sglang_core.router.policies.RoutingPolicy``, built as ``cls(replicas, options)`` (options:
+    ``sglang_core.router.options.RouterOptions``) once per router, whose
+    ``choose(key, loads, live) -> replica`` picks one of the ``live`` replicas for a request whose
+    prompt is ``key`` (token ids under ``--dp-size``, characters in ``sglang-core router``), given
+    each replica's ``ReplicaLoad`` (requests and tokens in flight); ``forget(replica)`` is called
+    when a replica's cache is flushed or it dies. Built in: ``round_robin``, ``shortest_queue``,
+    ``cache_aware``."""
+
+
+@hookspec
 def on_engine_start(engine: Any) -> None:
     """Called once when an engine has loaded its model and is ready to take requests."""
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "sglang_core.plugins"
 
 # Core modules registered like plugins (always loaded): the core's own hook implementations.
-CORE_PLUGINS = {"core-sampling": "sglang_core.sampling.processors"}
+CORE_PLUGINS = {"core-sampling": "sglang_core.sampling.processors", "core-router": "sglang_core.router.policies"}
 
 # hook name -> registry kind
 REGISTRY_HOOKS = {
@@ -35,6 +35,7 @@ REGISTRY_HOOKS = {
     "register_api_backends": "api_backends",
     "register_frontends": "frontends",
     "register_tool_parsers": "tool_parsers",
+    "register_router_policies": "router_policies",
 }
 
 

@@ -39,11 +39,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, timeout_s: float = 180, env: dict | None = None) -> Iterator[Server]:
+def running_server(*args: str, timeout_s: float = 180, env: dict | None = None, command: str = "serve") -> Iterator[Server]:
+    """``sglang-core <command> --port P args...`` (``serve``, or ``router``), once its /health is 200."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sglang-core-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sglang_core.cli", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "sglang_core.cli", command, "--port", str(port), *args],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     server = Server(f"http://127.0.0.1:{port}", process, log.name)

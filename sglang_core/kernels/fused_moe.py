@@ -8,6 +8,13 @@ each) and applies the activation in its epilogue; the second multiplies those by
 down weight and scales each row by its routing weight. Each pair's row is then summed over its
 ``k`` choices in float32 and rounded once. No atomics: each pair has its own output row.
 
+Quantized experts (``moe_weight.QuantizedExperts``: e4m3 with per-tensor, per-row or block
+scales; 4- or 8-bit packed integers with group scales and zero points) run through the same two
+kernels: constexpr switches make each weight tile's load dequantize it in registers to the
+activations' dtype before the 16-bit product, so the weight is read at its stored size (decode is
+bound by that read) and the activations are not quantized (no fp8 product: this works on any GPU
+Triton supports and in the interpreter, and at decode sizes the product is not the bottleneck).
+
 Nothing here reads a value back to the host, so a launch fits in a CUDA graph: the number of
 blocks is bounded from the shapes, and blocks past the last expert's run exit at once.
 
@@ -28,6 +35,7 @@ import triton
 import triton.language as tl
 
 from sglang_core.kernels.fused import _gelu
+from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
 
@@ -61,11 +69,14 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 @triton.jit
 def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr,
+                SLOT_ORDER: tl.constexpr):
     """This program's block of sorted pairs and tile of ``N`` columns: its expert (int64, -1 for an
     unused block), pair rows and columns with their masks. Programs walk ``GROUP_M`` blocks down
     before moving to the next tile of columns, so neighbours share weight tiles in L2.
-    ``PAIR_PER_BLOCK``: block ``b`` is pair ``b`` alone and ``BlockExpert`` is the flat top-k ids."""
+    ``PAIR_PER_BLOCK``: block ``b`` is pair ``b`` alone and ``BlockExpert`` is the flat top-k ids.
+    ``SLOT_ORDER``: the tile's columns are numbered in AWQ's slot order (position ``8w + s`` is column
+    ``8w + (0, 2, 4, 6, 1, 3, 5, 7)[s]``), as its words unpack."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -78,7 +89,10 @@ def _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, N,
         rows = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs).to(tl.int64)
     else:
         rows = tl.load(SortedPairs + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    position = tl.arange(0, BLOCK_N)
+    if SLOT_ORDER:
+        position = (position // 8) * 8 + 2 * (position % 4) + (position % 8) // 4
+    cols = tile_n * BLOCK_N + position
     return expert, rows, rows < num_pairs, cols, cols < N
 
 
@@ -92,61 +106,134 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(X, W13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks, inter, hidden,
-                    stride_xt, stride_we, stride_wn, stride_at,
+def _slot(j, PACK: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The slot of a word that holds value ``j % PACK`` of its run (AWQ: even values first)."""
+    if INTERLEAVED:
+        return (j % 2) * (PACK // 2) + (j % PACK) // 2
+    return j % PACK
+
+
+@triton.jit
+def _weight_tile(W, S, Z, expert, k0, k_left, cols, col_ok, stride_w, stride_s, stride_z, scale_rows, scale_cols,
+                 zero_offset, DTYPE: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr,
+                 PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Expert ``expert``'s weight at inputs ``k0 + [0, BLOCK_K)`` (``k_left`` of them left) x outputs
+    ``cols`` as a ``[BLOCK_K, BLOCK_N]`` tile of ``DTYPE``: loaded as it is (``FORMAT`` "float"), or
+    dequantized in registers from e4m3 or packed integers (``moe_weight.QuantizedExperts`` states the
+    layouts; ``stride_*`` are (expert, row, col) strides). Dequantized in float32, rounded to ``DTYPE``
+    as the dequantizing path rounds. ``GROUP_PER_TILE``: the tile's inputs share one scale group,
+    so one row of scales and zero points serves it."""
+    kk = tl.arange(0, BLOCK_K)
+    n = cols[None, :]
+    k = (k0 + kk)[:, None]
+    mask = (kk < k_left)[:, None] & col_ok[None, :]
+    base = W + expert * stride_w[0]
+    if FORMAT == "float":
+        tile = tl.load(base + n * stride_w[1] + k * stride_w[2], mask=mask, other=0.0)
+    else:
+        group_k = k0 + tl.arange(0, 1)[:, None] if GROUP_PER_TILE else k
+        group_mask = col_ok[None, :] if GROUP_PER_TILE else mask
+        if FORMAT == "fp8":
+            value = tl.load(base + n * stride_w[1] + k * stride_w[2], mask=mask, other=0.0).to(tl.float32)
+        else:
+            PACK: tl.constexpr = 32 // BITS
+            LOW: tl.constexpr = (1 << BITS) - 1
+            # Each word loaded once, its PACK values unpacked along a new axis: consecutive inputs,
+            # or consecutive outputs in slot order (the order ``cols`` then come in: SLOT_ORDER).
+            shifts = tl.arange(0, PACK) * BITS
+            if PACKED_DIM == 1:
+                word_cols = tl.reshape(cols, (cols.shape[0] // PACK, PACK))
+                word_ok = tl.max(tl.reshape(col_ok.to(tl.int32), (cols.shape[0] // PACK, PACK)), axis=1) > 0
+                words = tl.load(base + (tl.max(word_cols, axis=1) // PACK)[None, :] * stride_w[1] + k * stride_w[2],
+                                mask=(kk < k_left)[:, None] & word_ok[None, :], other=0)
+                value = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & LOW, (BLOCK_K, cols.shape[0]))
+            else:
+                word_k = tl.arange(0, BLOCK_K // PACK)
+                words = tl.load(base + n * stride_w[1] + (k0 // PACK + word_k)[:, None] * stride_w[2],
+                                mask=(word_k * PACK < k_left)[:, None] & col_ok[None, :], other=0)
+                value = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & LOW, (BLOCK_K, cols.shape[0]))
+            if HAS_ZEROS:
+                zero_word = tl.load(Z + expert * stride_z[0] + (n // PACK) * stride_z[1]
+                                    + (group_k // scale_cols) * stride_z[2], mask=group_mask, other=0)
+                value -= ((zero_word >> (_slot(n, PACK, INTERLEAVED) * BITS)) & LOW) + zero_offset
+            else:
+                value -= zero_offset
+            value = value.to(tl.float32)
+        scale = tl.load(S + expert * stride_s[0] + (n // scale_rows) * stride_s[1]
+                        + (group_k // scale_cols) * stride_s[2], mask=group_mask, other=0.0)
+        tile = (value * scale.to(tl.float32)).to(DTYPE)
+    return tile
+
+
+@triton.jit
+def _gate_up_kernel(X, W13, S13, Z13, SortedPairs, BlockExpert, Act, num_pairs, num_blocks, inter, hidden,
+                    stride_xt, stride_at, stride_w, stride_s, stride_z, scale_rows, scale_cols, zero_offset,
                     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                    FORMAT: tl.constexpr, BITS: tl.constexpr, PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """``Act[pair] = act(x W_gate^T) * (x W_up^T)`` for one block of pairs of one expert, one tile
     of intermediate columns; ``x`` is the pair's token row."""
     pdl_enter(USE_PDL)  # the block's expert comes from the align step, before any weight address
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, inter,
-                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK,
+                                                     INTERLEAVED and PACKED_DIM == 1)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
     x_ptrs = X + (rows // TOP_K)[:, None] * stride_xt + kk[None, :]
-    gate_ptrs = W13 + expert * stride_we + cols[None, :] * stride_wn + kk[:, None]
-    up_ptrs = gate_ptrs + inter * stride_wn  # each expert's up rows follow its gate rows
+    dtype = X.dtype.element_ty
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = kk < hidden - k0
         x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        gate = dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), gate, PRECISION, UPCAST)
-        up = dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), up, PRECISION, UPCAST)
+        # Each expert's up rows follow its gate rows.
+        for half in tl.static_range(2):
+            w = _weight_tile(W13, S13, Z13, expert, k0, hidden - k0, cols + half * inter, col_ok, stride_w, stride_s,
+                             stride_z, scale_rows, scale_cols, zero_offset, dtype, FORMAT, BITS, PACKED_DIM,
+                             INTERLEAVED, HAS_ZEROS, GROUP_PER_TILE, BLOCK_K)
+            if half == 0:
+                gate = dot(x, w, gate, PRECISION, UPCAST)
+            else:
+                up = dot(x, w, up, PRECISION, UPCAST)
     # Rounded where the unfused path rounds: the projections, then the activation, to x's dtype.
-    gate = gate.to(X.dtype.element_ty).to(tl.float32)
-    up = up.to(X.dtype.element_ty).to(tl.float32)
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
     if ACTIVATION == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     else:
         act = _gelu(gate, ACTIVATION == "gelu_tanh")
-    act = act.to(X.dtype.element_ty).to(tl.float32)
+    act = act.to(dtype).to(tl.float32)
     tl.store(Act + rows[:, None] * stride_at + cols[None, :], (act * up).to(Act.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(Act, W2, SortedPairs, BlockExpert, TopkWeights, Out, num_pairs, num_blocks, hidden, inter,
-                 stride_at, stride_we, stride_wn, stride_ot,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, num_pairs, num_blocks, hidden, inter,
+                 stride_at, stride_ot, stride_w, stride_s, stride_z, scale_rows, scale_cols, zero_offset,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, FORMAT: tl.constexpr, BITS: tl.constexpr,
+                 PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
     pdl_enter(USE_PDL)
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,
-                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK)
+                                                     BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK,
+                                                     INTERLEAVED and PACKED_DIM == 1)
     if expert < 0:
         return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = Act + rows[:, None] * stride_at + kk[None, :]
-    w_ptrs = W2 + expert * stride_we + cols[None, :] * stride_wn + kk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         k_ok = kk < inter - k0
         a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = _weight_tile(W2, S2, Z2, expert, k0, inter - k0, cols, col_ok, stride_w, stride_s, stride_z, scale_rows,
+                         scale_cols, zero_offset, Act.dtype.element_ty, FORMAT, BITS, PACKED_DIM, INTERLEAVED,
+                         HAS_ZEROS, GROUP_PER_TILE, BLOCK_K)
         acc = dot(a, w, acc, PRECISION, UPCAST)
     weight = tl.load(TopkWeights + rows, mask=row_ok, other=0.0)
     tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc * weight[:, None],
@@ -199,25 +286,55 @@ def launch_config(num_tokens: int, top_k: int, num_experts: int, intermediate: i
     return table[min(table, key=lambda batch: abs(batch - num_tokens))]
 
 
+def _weight_args(weight: torch.Tensor | QuantizedExperts, block_k: int) -> tuple[tuple, dict]:
+    """A stacked weight's kernel arguments: (tensors, strides, scale groups, zero offset) and the
+    constexprs that say how to read it with ``block_k``-deep tiles."""
+    if isinstance(weight, torch.Tensor):
+        weight = weight if weight.stride(2) == 1 else weight.contiguous()
+        strides = weight.stride()
+        return ((weight, weight, weight, strides, strides, strides, 1, 1, 0),
+                dict(FORMAT="float", BITS=16, PACKED_DIM=2, INTERLEAVED=False, HAS_ZEROS=False, GROUP_PER_TILE=True))
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    group = weight.group_cols
+    return ((weight.data, weight.scales, zeros, weight.data.stride(), weight.scales.stride(), zeros.stride(),
+             weight.scale_rows, group, weight.zero_offset),
+            dict(FORMAT=weight.format, BITS=weight.bits, PACKED_DIM=weight.packed_dim,
+                 INTERLEAVED=weight.interleaved, HAS_ZEROS=weight.zeros is not None,
+                 GROUP_PER_TILE=group % block_k == 0 or group >= weight.shape[2]))
+
+
+def _check_weights(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts,
+                   w2: torch.Tensor | QuantizedExperts) -> None:
+    num_experts, two_inter, hidden_size = w13.shape
+    inter = two_inter // 2
+    if hidden_size != hidden.shape[1] or tuple(w2.shape) != (num_experts, hidden.shape[1], inter):
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden.shape[1]}")
+    for name, weight in (("w13", w13), ("w2", w2)):
+        if isinstance(weight, torch.Tensor) and weight.dtype != hidden.dtype:
+            raise ValueError(f"{name} ({weight.dtype}) must have hidden's dtype {hidden.dtype}")
+    # A tile of outputs unpacks whole words, so up's rows (after gate's) must start on a word.
+    if isinstance(w13, QuantizedExperts) and w13.format == "int" and w13.packed_dim == 1 and inter % (32 // w13.bits):
+        raise ValueError(f"w13 packs {32 // w13.bits} outputs to a word: intermediate size {inter} must be a multiple")
+
+
 @opaque_to_compiler
-def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, activation: str = "silu", config: dict | None = None) -> torch.Tensor:
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
+              config: dict | None = None) -> torch.Tensor:
     """``sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
 
-    hidden [T, H]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I];
-    topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E)); activation "silu", "gelu" or
-    "gelu_tanh". Result [T, H] in hidden's dtype; sums in float32. ``config`` overrides the tile
-    sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose."""
+    hidden [T, H]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I]; either
+    may instead be a ``QuantizedExperts`` of that shape, dequantized tile by tile in registers to
+    hidden's dtype; topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E)); activation
+    "silu", "gelu" or "gelu_tanh". Result [T, H] in hidden's dtype; sums in float32. ``config``
+    overrides the tile sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+    _check_weights(hidden, w13, w2)
     tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
     top_k = topk_ids.shape[1]
-    if w13.shape[2] != hidden_size or w2.shape != (num_experts, hidden_size, inter):
-        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden_size}")
-    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
-        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden's dtype {hidden.dtype}")
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != tokens:
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
                          f"must both be [{tokens}, k]")
@@ -228,8 +345,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     block_m, block_n, block_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("BLOCK_K")
     group_m = config.pop("GROUP_M")
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
+    w13_args, w13_format = _weight_args(w13, block_k)
+    w2_args, w2_format = _weight_args(w2, block_k)
     pairs = tokens * top_k
     pair_per_block = tokens == 1
     if pair_per_block:
@@ -240,20 +357,22 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     else:
         sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_blocks = block_expert.numel()
-    # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.
-    upcast = hidden.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, PAIR_PER_BLOCK=pair_per_block,
+                 **config,
+                 # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
+                 PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+                 # Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers.
+                 UPCAST=hidden.dtype == torch.bfloat16
+                 and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on"),
+                 **launch_options(hidden))
     act = torch.empty(pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    (w, s, z), w13_rest = w13_args[:3], w13_args[3:]
     _gate_up_kernel[(num_blocks * triton.cdiv(inter, block_n),)](
-        hidden, w13, sorted_pairs, block_expert, act, pairs, num_blocks, inter, hidden_size,
-        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=top_k, ACTIVATION=activation, PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=group_m, PAIR_PER_BLOCK=pair_per_block, **config, **launch_options(hidden))
+        hidden, w, s, z, sorted_pairs, block_expert, act, pairs, num_blocks, inter, hidden_size,
+        hidden.stride(0), act.stride(0), *w13_rest, TOP_K=top_k, ACTIVATION=activation, **w13_format, **tiles)
     out = torch.empty(pairs, hidden_size, dtype=torch.float32, device=hidden.device)
+    (w, s, z), w2_rest = w2_args[:3], w2_args[3:]
     _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
-        act, w2, sorted_pairs, block_expert, topk_weights.reshape(-1).float(), out, pairs, num_blocks,
-        hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        PAIR_PER_BLOCK=pair_per_block, **config, **launch_options(hidden))
+        act, w, s, z, sorted_pairs, block_expert, topk_weights.reshape(-1).float(), out, pairs, num_blocks,
+        hidden_size, inter, act.stride(0), out.stride(0), *w2_rest, **w2_format, **tiles)
     return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)

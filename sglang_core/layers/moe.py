@@ -6,8 +6,10 @@ take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_i
 return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
 runs the reference, which while a CUDA graph is being captured runs every expert on every token
 (``every_expert``: grouping tokens by expert reads each expert's count on the host). A quantized
-MoE layer computes through its ``ExpertsQuantMethod`` instead; ``experts_by_expert`` is the
-same per-expert loop over any expert computation (dequantize, then multiply).
+MoE layer computes through its ``ExpertsQuantMethod`` instead: where ``fused_moe_applies``, the
+fused kernel on its quantized tensors (``kernels.moe_weight.QuantizedExperts``), else
+``experts_by_expert``, the same per-expert loop over any expert computation (dequantize, then
+multiply).
 
 Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 (``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
@@ -85,10 +87,16 @@ def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     return every_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
+def fused_moe_applies(hidden: torch.Tensor, act: nn.Module) -> bool:
+    """Whether the fused MoE kernel computes experts on ``hidden`` with ``act``: CUDA with Triton and
+    a SiLU gate. Quantized experts' methods ask too, before handing the kernel their packed tensors."""
+    return use_fused(hidden) and isinstance(act, SiluAndMul)
+
+
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """The routed experts' weighted sum: the fused kernel where it applies, else the reference."""
-    if use_fused(hidden) and isinstance(act, SiluAndMul):
+    if fused_moe_applies(hidden, act):
         from sglang_core.kernels.fused_moe import fused_moe
 
         return fused_moe(hidden, w13, w2, topk_weights, topk_ids)

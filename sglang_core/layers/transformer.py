@@ -201,13 +201,22 @@ class SandwichDecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (pre_feedforward_layernorm,
                                                                            post_feedforward_layernorm)
+        # Set by DecoderStack when a sandwich layer follows: this layer returns its MLP output
+        # before post_feedforward_layernorm, and the next layer applies that norm together with
+        # its input norm (``incoming_norm``, held in a tuple so it is not registered twice).
+        self.defers_output_norm = False
+        self.incoming_norm: tuple[nn.Module, ...] = ()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = norm_with_residual(self.input_layernorm, x, residual)
+        if self.incoming_norm:
+            x, residual = norm_add_norm(self.incoming_norm[0], self.input_layernorm, x, residual)
+        else:
+            x, residual = norm_with_residual(self.input_layernorm, x, residual)
         x, residual = norm_add_norm(self.post_attention_layernorm, self.pre_feedforward_layernorm,
                                     self.self_attn(positions, x, batch), residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+        x = self.mlp(x)
+        return (x if self.defers_output_norm else self.post_feedforward_layernorm(x)), residual
 
 
 def norm_with_residual(norm: nn.Module, x: torch.Tensor,
@@ -232,6 +241,10 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.embedding_multiplier = embedding_multiplier
+        for layer, following in zip(self.layers[:-1], self.layers[1:]):
+            if isinstance(layer, SandwichDecoderLayer) and isinstance(following, SandwichDecoderLayer):
+                layer.defers_output_norm = True
+                following.incoming_norm = (layer.post_feedforward_layernorm,)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine
 from sglang_core.plugins import PluginManager
+from sglang_core.router.data_parallel import DataParallelEngine
 from sglang_core.server.context import ClientGone, Overloaded, ServerContext
 from sglang_core.server.errors import error_response, param_of
 from sglang_core.server.metrics import ServerMetrics
@@ -37,7 +38,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        ctx.engine = await asyncio.to_thread(lambda: Engine(**{**engine_fields, "engine_in_subprocess": settings.engine_in_subprocess}))
+        ctx.engine = await asyncio.to_thread(start_engine, settings, engine_fields)
         try:
             yield
         finally:
@@ -55,9 +56,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        if ctx.engine is not None and ctx.engine.alive:
+        if ctx.engine is not None:
             with contextlib.suppress(Exception):
-                metrics.update_engine_gauges(await asyncio.to_thread(ctx.engine.memory_report))
+                metrics.update_engine_gauges(await asyncio.to_thread(ctx.engine.memory_reports))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     frontends = PluginManager(settings.plugins).registry("frontends")
@@ -67,6 +68,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(ServerMiddleware, api_key=settings.api_key, max_body=settings.max_request_bytes,
                        metrics=metrics, log=settings.enable_request_log, error_body=ctx.error_body_for)
     return app
+
+
+def start_engine(settings: ServerSettings, engine_fields: dict) -> Engine | DataParallelEngine:
+    """One engine, or with ``dp_size`` > 1 that many replicas behind a router."""
+    if settings.dp_size > 1:
+        return DataParallelEngine(engine_fields, settings.dp_size, settings)
+    return Engine(**{**engine_fields, "engine_in_subprocess": settings.engine_in_subprocess})
 
 
 def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:

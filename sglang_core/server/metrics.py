@@ -25,9 +25,31 @@ class ServerMetrics:
         self.kv_usage = Gauge("sglang_kv_pool_usage", "fraction of KV slots in use (requests + cache)", registry=r)
         self.cache_hit_rate = Gauge("sglang_prefix_cache_hit_rate", "cached / total prompt tokens so far", registry=r)
 
-    def update_engine_gauges(self, report: dict[str, int]) -> None:
-        self.running.set(report["running"])
-        self.waiting.set(report["waiting"])
-        self.kv_usage.set(1 - report["kv_free"] / max(report["kv_pool_size"], 1))
+        # One series per engine replica (several with --dp-size); the gauges above sum the live ones.
+        self.replica_up = Gauge("sglang_replica_up", "1 while the replica's engine process runs", ["replica"], registry=r)
+        self.replica_running = Gauge("sglang_replica_num_running_reqs", "requests in the replica's running batch",
+                                     ["replica"], registry=r)
+        self.replica_waiting = Gauge("sglang_replica_num_waiting_reqs", "requests waiting on the replica",
+                                     ["replica"], registry=r)
+        self.replica_kv_usage = Gauge("sglang_replica_kv_pool_usage", "fraction of the replica's KV slots in use",
+                                      ["replica"], registry=r)
+
+    def update_engine_gauges(self, reports: list[dict[str, int] | None]) -> None:
+        """From each replica's memory report (None: the replica is dead)."""
+        live = [r for r in reports if r is not None]
+        self.running.set(sum(r["running"] for r in live))
+        self.waiting.set(sum(r["waiting"] for r in live))
+        self.kv_usage.set(_usage(sum(r["kv_free"] for r in live), sum(r["kv_pool_size"] for r in live)))
+        for index, report in enumerate(reports):
+            label = str(index)
+            self.replica_up.labels(label).set(report is not None)
+            if report is not None:
+                self.replica_running.labels(label).set(report["running"])
+                self.replica_waiting.labels(label).set(report["waiting"])
+                self.replica_kv_usage.labels(label).set(_usage(report["kv_free"], report["kv_pool_size"]))
         prompt = self.prompt_tokens._value.get()
         self.cache_hit_rate.set(self.cached_tokens._value.get() / prompt if prompt else 0.0)
+
+
+def _usage(free: int, size: int) -> float:
+    return 1 - free / max(size, 1)

@@ -6,9 +6,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sglang_core.config import EngineSettings
+from sglang_core.router.options import RouterOptions
 
 
-class ServerSettings(EngineSettings):
+class ServerSettings(EngineSettings, RouterOptions):
     # A model-level error would otherwise quote every input, the API key among them.
     model_config = SettingsConfigDict(**EngineSettings.model_config, hide_input_in_errors=True)
 
@@ -27,6 +28,7 @@ class ServerSettings(EngineSettings):
     max_request_bytes: int = Field(16 * 2**20, gt=0, description="largest accepted request body")
     timeout_keep_alive_s: float = Field(10.0, gt=0, description="close a keep-alive connection idle this long (above the 5 s after which common HTTP clients drop idle connections, so they never reuse one as the server closes it)")
     enable_request_log: bool = Field(False, description="log every request's method, path, status and latency")
+    dp_size: int = Field(1, ge=1, json_schema_extra={"flags": ["--dp"]}, description="data parallelism: engine replicas behind this server, each in a process of its own, requests spread by --router-policy")
     # The server's own default: the event loop must never wait on a forward pass.
     engine_in_subprocess: bool = Field(True, description="run the scheduler and model in a process of their own")
 

@@ -85,9 +85,12 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/get_server_info")
     async def get_server_info() -> dict:
         """The settings, with what the engine resolved ("auto" device, dtype, backend, pool size)
-        in place of what was configured, plus its memory report."""
+        in place of what was configured, plus its memory report (summed over the live replicas
+        under ``--dp-size``) and each replica's (``replicas``: alive, memory or null)."""
         report = await asyncio.to_thread(ctx.engine.memory_report)
+        reports = await asyncio.to_thread(ctx.engine.memory_reports)
         return {**ctx.settings.public_dict(), **dataclasses.asdict(ctx.engine.info), "memory": report,
+                "replicas": [{"alive": r is not None, "memory": r} for r in reports],
                 "requests_in_flight": ctx.in_flight, "peak_requests_in_flight": ctx.peak_in_flight}
 
     @app.post("/reset_peak_requests_in_flight")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
@@ -125,6 +126,13 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
                                     "w2": (intermediate_size, hidden_size)}.items():
             for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def fused_weight(self, layer, stem: str) -> QuantizedExperts:
+        # Gate's words never run into up's: the loader packs each part's outputs by whole words.
+        qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}").transpose(1, 2)
+                                   for name in ("qweight", "qzeros", "scales"))
+        return QuantizedExperts(qweight, scales, "int", scale_cols=self.method.group_size, bits=BITS, packed_dim=1,
+                                interleaved=True, zeros=qzeros)
 
     def dequantized(self, layer, stem: str, expert: int) -> torch.Tensor:
         return self.method.dequantize(*(getattr(layer, f"{stem}_{name}")[expert]

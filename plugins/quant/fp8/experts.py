@@ -7,9 +7,12 @@ activations. As in the linear method, per-tensor scales stay one per part (gate 
 each keep theirs) and become one per output row after loading; a static input scale is the
 largest of the expert's gate and up scales for its gate_up input (one input, quantized once).
 
-CPU path: each expert that got tokens is dequantized and computed in float, its inputs rounded
-to e4m3 as an FP8 grouped GEMM would (per token, per token and block-wide group, or by the static
-scale); experts no token chose are not touched.
+On CUDA (``fused_moe_applies``) the fused MoE kernel computes the experts, dequantizing each
+e4m3 weight tile in registers to the activations' dtype: weight-only FP8, the activations are not
+rounded to e4m3 (see ``kernels/fused_moe.py`` for why). CPU path: each expert that got tokens is
+dequantized and computed in float, its inputs rounded to e4m3 as an FP8 grouped GEMM would (per
+token, per token and block-wide group, or by the static scale); experts no token chose are not
+touched.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from torch import nn
 
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
-from sglang_core.layers.moe import experts_by_expert
+from sglang_core.kernels.moe_weight import QuantizedExperts
+from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
 from sglang_core.layers.quant import ExpertsQuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
@@ -125,8 +129,23 @@ class Fp8ExpertsMethod(ExpertsQuantMethod):
             return round_trip(x, getattr(layer, f"{stem}_input_scale")[expert])
         return round_trip(x, token_scale(x)) if activations == "dynamic" else x
 
+    def fused_weight(self, layer: nn.Module, stem: str) -> QuantizedExperts:
+        """The stacked e4m3 ``stem`` weight and its scales as the fused MoE kernel reads them."""
+        weight = getattr(layer, f"{stem}_weight")
+        if self.scheme.weights == "block":
+            rows, cols = self.scheme.block
+            return QuantizedExperts(weight, getattr(layer, f"{stem}_weight_scale_inv"), "fp8", scale_rows=rows,
+                                    scale_cols=cols)
+        return QuantizedExperts(weight, getattr(layer, f"{stem}_weight_scale").unsqueeze(-1), "fp8")
+
     def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               act: nn.Module) -> torch.Tensor:
+        if fused_moe_applies(hidden, act):
+            from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
+
+            return fused_moe(hidden, self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2"), topk_weights,
+                             topk_ids)
+
         def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
             h = act(self._rounded_input(layer, "w13", expert, x) @ self._dequantized(layer, "w13", expert, x.dtype).t())
             return self._rounded_input(layer, "w2", expert, h) @ self._dequantized(layer, "w2", expert, h.dtype).t()

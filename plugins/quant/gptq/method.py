@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
 from sglang_core.layers.quant import QuantMethod, weight_param
@@ -143,7 +144,8 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
     """An MoE layer's experts as GPTQ quantizes them (Qwen1.5-MoE-A2.7B-GPTQ-Int4): each expert's
     gate/up/down packed like a linear layer's (``experts.<e>.gate_proj.qweight``, ...), stacked
     into ``w13_qweight``, ``w2_scales``, ... Each part keeps its own ``g_idx`` (``w13_g_idx``
-    ``[E, 2, H]``: with desc_act gate and up are ordered apart), so w13 dequantizes part by part."""
+    ``[E, 2, H]``: with desc_act gate and up are ordered apart), so w13 dequantizes part by part.
+    The fused kernel reads groups by position, so desc_act experts take the dequantizing path."""
 
     def __init__(self, method: GPTQMethod):
         self.method = method
@@ -165,6 +167,16 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             for expert, parts in enumerate(getattr(layer, f"{stem}_g_idx")):
                 for g_idx in parts:
                     self.method.check_g_idx(g_idx, f"{self.method.prefix}.{expert}.{stem}")
+
+    def fused_weight(self, layer, stem: str) -> QuantizedExperts | None:
+        method = self.method
+        if method.desc_act:
+            return None
+        qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}").transpose(1, 2)
+                                   for name in ("qweight", "qzeros", "scales"))
+        group = None if method.group_size == -1 else method.group_size
+        return QuantizedExperts(qweight, scales, "int", scale_cols=group, bits=method.bits, packed_dim=2, zeros=qzeros,
+                                zero_offset=method.zero_offset)
 
     def dequantized(self, layer, stem: str, expert: int) -> torch.Tensor:
         qweight, qzeros, scales = (getattr(layer, f"{stem}_{name}")[expert] for name in ("qweight", "qzeros", "scales"))

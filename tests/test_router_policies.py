@@ -1,0 +1,214 @@
+"""The data-parallel router's pieces without any engine: the approximate radix tree checked
+against a plain-Python model of what it must remember, and the routing policies' promises."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sglang_core.plugins import PluginManager
+from sglang_core.router.options import RouterOptions
+from sglang_core.router.policies import CacheAware, ReplicaLoad
+from sglang_core.router.router import NoReplica, Router
+from sglang_core.router.tree import ApproxRadixTree
+
+
+class ModelTree:
+    """The specification, element by element: each tenant holds a prefix-closed set of
+    sequences, each stamped with the last insert through it; past the capacity, the tenant's
+    least recently stamped leaf (a held sequence no held sequence extends) is dropped, one
+    element at a time."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held: dict[int, dict[tuple, int]] = {}
+        self.clock = 0
+
+    def insert(self, seq: list[int], tenant: int) -> None:
+        self.clock += 1
+        held = self.held.setdefault(tenant, {})
+        for end in range(1, len(seq) + 1):
+            held[tuple(seq[:end])] = self.clock
+        while len(held) > self.capacity:
+            extended = {p[:-1] for p in held}
+            leaves = [p for p in held if p not in extended]
+            oldest = min(held[p] for p in leaves)
+            (victim,) = [p for p in leaves if held[p] == oldest]  # the order is never ambiguous
+            del held[victim]
+
+    def match(self, seq: list[int]) -> dict[int, int]:
+        found = {}
+        for tenant, held in self.held.items():
+            length = max((n for n in range(1, len(seq) + 1) if tuple(seq[:n]) in held), default=0)
+            if length:
+                found[tenant] = length
+        return found
+
+    def remove_tenant(self, tenant: int) -> None:
+        self.held.pop(tenant, None)
+
+    def size(self, tenant: int) -> int:
+        return len(self.held.get(tenant, {}))
+
+
+# Requests repeat and share prefixes: each operation cuts one of a few base sequences.
+bases = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=4)
+operations = st.lists(st.tuples(st.sampled_from(["insert", "insert", "match", "remove"]), st.integers(0, 3),
+                                st.integers(0, 6), st.integers(0, 2)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(1, 10), bases=bases, ops=operations)
+def test_tree_matches_the_model(capacity, bases, ops):
+    tree, model = ApproxRadixTree(capacity), ModelTree(capacity)
+    seen: list[list[int]] = []
+    for op, base, cut, tenant in ops:
+        seq = bases[base % len(bases)][:cut]
+        seen.append(seq)
+        if op == "insert":
+            tree.insert(seq, tenant)
+            model.insert(seq, tenant)
+        elif op == "remove":
+            tree.remove_tenant(tenant)
+            model.remove_tenant(tenant)
+        for probe in seen:  # what was inserted earlier may have been evicted since
+            assert tree.match(probe) == model.match(probe)
+        for t in range(3):
+            assert tree.size(t) == model.size(t) <= capacity
+
+
+def test_a_prefix_sent_again_is_evicted_last():
+    tree, model = ApproxRadixTree(4), ModelTree(4)
+    for seq in ([1, 1], [2, 2], [1, 1], [3, 3]):  # [1, 1] is fresher than [2, 2] when [3, 3] needs room
+        tree.insert(seq, 0)
+        model.insert(seq, 0)
+    assert tree.match([1, 1]) == model.match([1, 1]) == {0: 2}
+    assert tree.match([2, 2]) == model.match([2, 2]) == {}
+
+
+def test_tree_memory_stays_bounded_under_endless_distinct_prompts():
+    tree = ApproxRadixTree(max_tokens=500)
+    for i in range(3000):
+        tree.insert([i % 7, i, i + 1, i * 3 % 11] * 10, tenant=i % 2)
+    assert tree.size(0) <= 500 and tree.size(1) <= 500
+    nodes = _count_nodes(tree._root)
+    assert nodes <= 1000
+    assert all(len(heap) <= 4 * nodes + 64 for heap in tree._leaves.values())
+
+
+def _count_nodes(node) -> int:
+    return sum(1 + _count_nodes(child) for child in node.children.values())
+
+
+def test_bad_tree_size_names_the_field():
+    with pytest.raises(ValueError, match="router_max_tree_tokens"):
+        ApproxRadixTree(0)
+
+
+def options(**overrides) -> RouterOptions:
+    return RouterOptions(**overrides)
+
+
+def make_router(replicas: int, **overrides) -> Router:
+    # The built-in policies are the core's and load with any selection; one small plugin keeps
+    # the other installed ones out of this test.
+    return Router(replicas, options(**overrides), PluginManager(["llama"]))
+
+
+def group_prompt(group: int, member: int) -> list[int]:
+    return [1000 + group] * 40 + [member] * 5  # a long prefix shared by the group, a short tail
+
+
+def test_cache_aware_keeps_a_prefix_group_on_one_replica_while_balanced():
+    router = make_router(2, router_policy="cache_aware")
+    homes: dict[int, set[int]] = {0: set(), 1: set(), 2: set(), 3: set()}
+    held = []
+    order = list(homes)
+    for member in range(6):
+        random.Random(member).shuffle(order)  # no fixed arrival pattern that alternation could follow
+        for group in order:
+            cm = router.routed(group_prompt(group, member))
+            homes[group].add(cm.__enter__())
+            held.append(cm)  # still in flight: loads grow evenly
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert {next(iter(h)) for h in homes.values()} == {0, 1}  # new prefixes spread over both
+    for cm in held:
+        cm.__exit__(None, None, None)
+    assert [load.requests for load in router.loads] == [0, 0]
+
+
+def test_imbalance_sends_a_cached_prompt_to_the_shortest_queue():
+    prompt = group_prompt(0, 0)
+
+    def choice(busy: int, idle: int) -> int:
+        policy = CacheAware(2, options(router_balance_abs=3, router_balance_rel=1.5))
+        policy.tree.insert(prompt, 0)
+        return policy.choose(prompt, [ReplicaLoad(busy, 100), ReplicaLoad(idle, 10)], [0, 1])
+
+    assert choice(4, 1) == 0  # 3 more: within the absolute margin
+    assert choice(5, 1) == 1  # 4 more and 5 times as many: imbalanced
+    assert choice(12, 8) == 0  # 4 more, but only 1.5 times as many
+
+
+def test_cache_aware_ignores_a_short_match_below_the_threshold():
+    policy = CacheAware(2, options(router_cache_threshold=0.5))
+    policy.tree.insert([7] * 10, 0)
+    loads = [ReplicaLoad(1, 10), ReplicaLoad(0, 0)]
+    assert policy.choose([7] * 4 + [8] * 16, loads, [0, 1]) == 1  # 4 of 20 cached: shortest queue
+    assert policy.choose([7] * 10 + [8] * 5, loads, [0, 1]) == 0  # 10 of 15 cached
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "shortest_queue", "cache_aware"])
+def test_no_policy_routes_to_a_dead_replica(policy):
+    router = make_router(3, router_policy=policy)
+    router.mark_dead(1)
+    chosen = []
+    for i in range(9):
+        with router.routed([i % 2] * 8) as replica:
+            chosen.append(replica)
+    assert 1 not in chosen and set(chosen) <= {0, 2}
+    router.mark_dead(0)
+    router.mark_dead(2)
+    with pytest.raises(NoReplica):
+        with router.routed([1]):
+            pass
+
+
+def test_round_robin_takes_turns_and_shortest_queue_counts_in_flight():
+    rr = make_router(3, router_policy="round_robin")
+    turns = []
+    for _ in range(6):
+        with rr.routed([5]) as replica:
+            turns.append(replica)
+    assert turns == [0, 1, 2, 0, 1, 2]
+    sq = make_router(2, router_policy="shortest_queue")
+    long_request = sq.routed([1] * 50)
+    assert long_request.__enter__() == 0
+    with sq.routed([2]) as replica:
+        assert replica == 1
+        with sq.routed([3]) as third:  # one each in flight: the fewer tokens win
+            assert third == 1
+    long_request.__exit__(None, None, None)
+
+
+def test_unknown_policy_names_the_field():
+    with pytest.raises(ValueError, match="router_policy: no policy named 'nope'.*cache_aware"):
+        make_router(2, router_policy="nope")
+
+
+def test_each_replica_gets_its_own_gpus(monkeypatch):
+    import torch
+
+    from sglang_core.router.data_parallel import replica_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert replica_devices(2, 2, "auto") == [{"cuda_visible_devices": "0,1"}, {"cuda_visible_devices": "2,3"}]
+    assert replica_devices(2, 1, "cpu") == [{}, {}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")  # indices of the GPUs this process may use
+    assert replica_devices(3, 1, "cuda") == [{"cuda_visible_devices": d} for d in ("3", "5", "6")]
+    with pytest.raises(ValueError, match="dp_size: 2 replicas of tp_size 2 need 4 GPUs; 3 visible"):
+        replica_devices(2, 2, "cuda")

@@ -98,6 +98,13 @@ class EngineSettings(CliSettings):
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
     enable_torch_compile: bool = Field(False, description="CUDA: torch.compile the decode step before capturing it, once per captured batch size (slow to start: lower --cuda-graph-max-bs to try it)")
 
+    # Images in requests (read on the request side; see sglang_core.media_loading)
+    allow_media_urls: bool = Field(False, description="fetch http(s) image URLs (public addresses only, no redirects); off: data URLs and base64 only")
+    allowed_local_media_path: str | None = Field(None, description="folder whose image files requests may name by path (default: none)")
+    media_max_bytes: int = Field(20 * 2**20, gt=0, description="largest image a request may send or have fetched, in bytes")
+    media_max_pixels: int = Field(32 * 2**20, gt=0, description="largest image in pixels (width x height), checked before decoding")
+    media_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
+
     engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES of the engine process (with --engine-in-subprocess; default: inherited). --dp-size gives each replica its own GPUs this way")
     log_level: str = Field("warning", description="logging level")

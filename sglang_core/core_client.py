@@ -253,6 +253,8 @@ def engine_process_main(settings_json: str, plugin_names: list[str], addr_in: st
 class _InfoStruct(msgspec.Struct):
     model_path: str
     tokenizer_path: str
+    model_folder: str
+    architecture: str
     vocab_size: int
     context_len: int
     max_total_tokens: int

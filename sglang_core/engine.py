@@ -20,7 +20,9 @@ from sglang_core.choices import check_select_args, choice_spans, pick_choice
 from sglang_core.config import EngineSettings
 from sglang_core.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient, check_sendable
 from sglang_core.engine_core import ModelInfo
+from sglang_core.media_inputs import MediaInputs, images_per_prompt
 from sglang_core.messages import GenerateRequest, TokenOutput
+from sglang_core.multimodal import expanded_position
 from sglang_core.plugins import PluginManager
 from sglang_core.sampling.params import INT64_MAX, SamplingParams, choice_seed
 from sglang_core.sampling.stop import IncrementalDetokenizer, StopChecker
@@ -226,6 +228,7 @@ class Engine:
             self.tokenizer = self.core.core.tokenizer
         self.info: ModelInfo = self.core.info
         self.eos_token_ids = set(self.info.eos_token_ids)
+        self._media = MediaInputs(self.plugins, self.info, self.settings)
         self.plugins.hook.on_engine_start(engine=self)
 
     # ---- public API ----------------------------------------------------------------------
@@ -237,11 +240,17 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
-                 stream: bool = False, rid: str | None = None) -> dict | list[dict] | Iterator[dict]:
+                 stream: bool = False, rid: str | None = None,
+                 image_data: Any = None) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict back), a list (a list back, ``n`` results per prompt),
-        or, with ``stream=True``, one prompt as an iterator of ``{"text": delta, ...}`` chunks."""
+        or, with ``stream=True``, one prompt as an iterator of ``{"text": delta, ...}`` chunks.
+
+        ``image_data``: the images of a model that takes them, each a data URL, base64 text, bytes,
+        a file path or a URL (see ``sglang_core.media_loading``): one or a list for one prompt, a
+        list with an entry per prompt for several. The prompt holds the model's image token once
+        per image (``image_token``)."""
         requests, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
-                                       top_logprobs_num, rid)
+                                       top_logprobs_num, rid, image_data)
         if stream:
             self._require_single(requests)
             return self._stream_sync(self._submit(requests, None, every_token=True)[0], return_text_in_logprobs)
@@ -254,10 +263,12 @@ class Engine:
                              input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                              logprob_start_len: int = -1, top_logprobs_num: int = 0,
                              return_text_in_logprobs: bool = False, stream: bool = False,
-                             rid: str | None = None) -> dict | list[dict] | AsyncIterator[dict]:
+                             rid: str | None = None, image_data: Any = None) -> dict | list[dict] | AsyncIterator[dict]:
         """The asyncio twin of ``generate``; with ``stream=True`` returns an async iterator."""
-        requests, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
-                                       top_logprobs_num, rid)
+        args = (prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid,
+                image_data)
+        # Decoding and preprocessing images takes milliseconds each: off the event loop.
+        requests, single = await asyncio.to_thread(self._build, *args) if image_data is not None else self._build(*args)
         loop = asyncio.get_running_loop()
         if stream:
             self._require_single(requests)
@@ -270,6 +281,11 @@ class Engine:
                 self.abort(s.request.rid)
             raise
         return results[0] if single else results
+
+    @property
+    def image_token(self) -> str | None:
+        """The text that stands for one image in a prompt; None for a model that takes no images."""
+        return self._media.image_token
 
     @property
     def alive(self) -> bool:
@@ -347,8 +363,9 @@ class Engine:
     # ---- building requests -----------------------------------------------------------------
 
     def _build(self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num,
-               rid) -> tuple[list[GenerateRequest], bool]:
+               rid, image_data=None) -> tuple[list[GenerateRequest], bool]:
         id_lists, single_input = self._prompt_ids(prompt, input_ids)
+        images = images_per_prompt(image_data, len(id_lists), single_input)
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         if len(params_list) != len(id_lists):
             raise ValueError("sampling_params: a list must have one entry per prompt")
@@ -363,6 +380,11 @@ class Engine:
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
+            media, start = [], logprob_start_len
+            if images[i]:
+                ids, media = self._media.expand(ids, images[i])
+                # The start counts the prompt as given: past an image, its placeholders count too.
+                start = expanded_position(start, media) if start >= 0 else start
             self._check_ids(ids)
             base = batch_rid if len(id_lists) == 1 else f"{batch_rid}-{i}"
             max_new = min(params.max_new_tokens, self._room_for_output(len(ids)))
@@ -375,8 +397,9 @@ class Engine:
                     input_ids=ids,
                     sampling_params=dataclasses.asdict(copy),
                     return_logprob=return_logprob,
-                    logprob_start_len=logprob_start_len,
+                    logprob_start_len=start,
                     top_logprobs_num=top_logprobs_num,
+                    media=media,
                 )
                 check_sendable(request)
                 requests.append(request)

@@ -34,6 +34,8 @@ class ModelInfo:
 
     model_path: str
     tokenizer_path: str
+    model_folder: str  # holds config.json (and an image processor's files)
+    architecture: str  # the registered architecture the model was built as
     vocab_size: int
     context_len: int
     max_total_tokens: int
@@ -79,6 +81,8 @@ class EngineCore:
         self.info = ModelInfo(
             model_path=source.origin,
             tokenizer_path=tokenizer_path,
+            model_folder=str(source.folder),
+            architecture=self.runner.architecture,
             vocab_size=self.runner.vocab_size,
             context_len=self.runner.context_len,
             max_total_tokens=self.runner.max_total_tokens,
@@ -99,6 +103,7 @@ class EngineCore:
             return_logprob=msg.return_logprob,
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
+            media=list(msg.media),
             generator=make_generator(params.seed, self.runner.device),
         ))
 
@@ -148,7 +153,8 @@ class EngineCore:
                               "retractions": self.scheduler.retractions,
                               "mixed_decode_tokens": self.scheduler.mixed_decode_tokens,
                               "cascade_decode_rows": self.scheduler.cascade_decode_rows,
-                              "overlapped_steps": self.scheduler.overlapped_steps},
+                              "overlapped_steps": self.scheduler.overlapped_steps,
+                              "images_encoded": self.scheduler.images_encoded},
         }
         if name not in calls:
             raise ValueError(f"unknown engine call {name!r}")

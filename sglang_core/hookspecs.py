@@ -31,6 +31,10 @@ def register_models(register: Register) -> None:
     ``cls(config, model_context)`` (see ``sglang_core.model_executor.model_api``) and must provide
     ``forward(input_ids, positions, forward_batch) -> hidden_states``, ``compute_logits(hidden)``
     and ``load_weights(iterable of (hf_name, tensor))``.
+
+    A model that takes images registers with ``input_processor="pkg.mod:Processor"`` (a
+    ``sglang_core.multimodal.InputProcessor``, run on the request side) and provides
+    ``embed_media(inputs) -> list of [placeholders, hidden] tensors``.
     """
 
 

@@ -8,6 +8,24 @@ from typing import Any
 import msgspec
 
 
+class TensorData(msgspec.Struct, frozen=True):
+    """A tensor as raw bytes (C order), so it crosses to the engine process without pickle."""
+
+    dtype: str  # a torch dtype's name: "float32", "int64", ...
+    shape: list[int]
+    data: bytes
+
+
+class MediaItem(msgspec.Struct, frozen=True):
+    """One image of a prompt, preprocessed on the request side: what the model's encoder takes
+    and the run of placeholder tokens ``input_ids[offset : offset + length]`` it replaces."""
+
+    offset: int
+    length: int
+    digest: bytes  # hash of the preprocessed content: the prefix cache keys the placeholders by it
+    tensors: dict[str, TensorData]  # the model's encoder inputs by name ("pixel_values", ...)
+
+
 class GenerateRequest(msgspec.Struct, frozen=True):
     """A tokenized, validated request."""
 
@@ -17,6 +35,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    media: list[MediaItem] = []  # the prompt's images, in prompt order
 
 
 class TokenOutput(msgspec.Struct):

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from sglang_core.messages import MediaItem
+from sglang_core.multimodal import media_key_ids
 from sglang_core.sampling.params import SamplingParams
 
 
@@ -20,6 +22,10 @@ class Req:
     # First prompt position whose logprob is returned; -1 = none of the prompt.
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    media: list[MediaItem] = field(default_factory=list)  # the prompt's images
+    # Encoder outputs of ``media`` by index, kept from the first prefill chunk that needs one
+    # until the image's placeholders are all in the KV cache.
+    media_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
 
     output_ids: list[int] = field(default_factory=list)
     # {"type": "stop" | "length" | "abort", ...} once finished, SGLang's shape.
@@ -49,6 +55,14 @@ class Req:
     def fill_ids(self) -> list[int]:
         """Every token the model must have seen before sampling the next one."""
         return self.origin_input_ids + self.output_ids
+
+    def __post_init__(self) -> None:
+        self._prompt_key = media_key_ids(self.origin_input_ids, self.media) if self.media else self.origin_input_ids
+
+    @property
+    def key_ids(self) -> list[int]:
+        """``fill_ids`` as the prefix cache keys them: an image's placeholders by its content's hash."""
+        return self._prompt_key + self.output_ids
 
     @property
     def fill_len(self) -> int:

@@ -126,6 +126,9 @@ class LangBackend:
 
     name = "backend"
     supports_images = False
+    # The text a completion-style backend's prompt holds where each image goes (a served vision
+    # model's image token); chat-style backends place images as message parts and leave it empty.
+    image_token = ""
     chat_template = ChatTemplate(role_prefix={"system": "", "user": "", "assistant": ""},
                                  role_suffix={"system": "\n", "user": "\n", "assistant": "\n"})
 

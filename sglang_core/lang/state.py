@@ -260,6 +260,8 @@ class ProgramState:
 
     def _add_images(self, images: list[Image]) -> None:
         self._images += images
+        if self.backend.image_token:  # text only: chat backends get the images as message parts
+            self._write(self.backend.image_token * len(images), in_message=False)
         if self._open_role is not None:
             self._messages[-1]["content"] += [("image", image) for image in images]
 

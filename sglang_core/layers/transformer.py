@@ -253,6 +253,8 @@ class DecoderStack(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x, residual = self.embed(input_ids, positions), None
+        if batch.input_embeds is not None:  # images' embeddings over their placeholders, used as they are
+            x = x.index_copy(0, batch.input_embed_rows, batch.input_embeds.to(x.dtype))
         for layer in self.layers:
             x, residual = layer(positions, x, residual, batch)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]

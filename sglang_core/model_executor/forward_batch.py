@@ -34,6 +34,11 @@ class ForwardBatch:
     # beyond seq_lens while a prompt is prefilled in chunks (its whole length), seq_lens in
     # decode. Length-dependent rope scalings (LongRoPE) choose by it. None: the same as seq_lens.
     fill_lens: torch.Tensor | None = None
+    # Embeddings that replace the token embeddings of some new tokens (an image's placeholders,
+    # from the model's ``embed_media``): ``input_embeds[i]`` goes to row ``input_embed_rows[i]``
+    # of ``input_ids``. None: every token is embedded from its id.
+    input_embed_rows: torch.Tensor | None = None
+    input_embeds: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -2,7 +2,11 @@
 
 A model is built as ``cls(config, ctx)`` with the Hugging Face config and a ``ModelContext``, and
 implements ``forward(input_ids, positions, batch) -> hidden``, ``compute_logits(hidden) -> logits``
-and ``load_weights(weights)`` (an iterable of ``(hf_name, tensor)``).
+and ``load_weights(weights)`` (an iterable of ``(hf_name, tensor)``). A model that takes images also
+implements ``embed_media(inputs) -> embeddings``: for each image's encoder inputs (a dict of
+tensors on the model's device, as its ``InputProcessor`` made them) one ``[placeholders, hidden]``
+tensor, computed as one batch; the runner splices them over the placeholders through
+``ForwardBatch.input_embeds``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ class ModelContext:
     # The longest sequence the engine serves (its context length): what length-dependent rope
     # scalings are built for (``rope_from_config(..., max_position=ctx.max_position)``).
     max_position: int | None = None
+    # An architecture name ("LlamaForCausalLM") -> the model class a plugin registered for it, so
+    # a model can build another as its part (a vision-language model's language model).
+    model_class_for: Callable[[str], type] = field(default=lambda arch: _no_registry(arch))
+
+
+def _no_registry(arch: str) -> type:
+    raise ValueError(f"no model registry to build {arch!r} from")
 
 
 class CausalLM(Protocol):

@@ -13,9 +13,11 @@ from sglang_core.config import EngineSettings
 from sglang_core.layers.attention import AttentionBackend, AttentionSpec, UnsupportedSpecError, attention_layers
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
+from sglang_core.messages import MediaItem
 from sglang_core.model_executor.cuda_graph import CudaGraphRunner
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_core.multimodal import unpack_tensor
 from sglang_core.plugins import PluginError, PluginManager
 from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_config
 
@@ -40,6 +42,8 @@ class StepInput:
     fill_lens: list[int]  # ForwardBatch.fill_lens
     logit_index: list[int]  # which new tokens' hidden states become logits
     shared_prefixes: tuple = ()  # decode with cascade: ForwardBatch.shared_prefixes
+    # (rows of input_ids, their embeddings): ForwardBatch.input_embed_rows / input_embeds
+    input_embeds: tuple[list[int], torch.Tensor] | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,7 +97,9 @@ class ModelRunner:
         if arch is None:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
+        self.architecture = arch
         ctx = ModelContext(dtype=self.dtype, tp=self.tp, max_position=self.context_len,
+                           model_class_for=functools.partial(_model_class, models),
                            **self._quant_method_factories(plugins))
         with torch.device(self.device):
             model = cls(self.config, ctx)
@@ -234,10 +240,32 @@ class ModelRunner:
             prefix_lens_cpu=step.prefix_lens,
             shared_prefixes=step.shared_prefixes,
         )
+        if step.input_embeds is not None:
+            rows, embeds = step.input_embeds
+            batch.input_embed_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+            batch.input_embeds = embeds.to(dev)
         self.attn_backend.plan(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         index = torch.tensor(step.logit_index, dtype=torch.int64, device=dev)
         return self.model.compute_logits(hidden[index])
+
+    def embed_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """The model's embeddings of each image (``[item.length, hidden]``), encoded as one batch."""
+        embed = getattr(self.model, "embed_media", None)
+        if embed is None:
+            raise ValueError(f"{self.architecture} takes no images")
+        inputs = [{name: unpack_tensor(t, self.device) for name, t in item.tensors.items()} for item in items]
+        outputs = embed(inputs)
+        for item, out in zip(items, outputs, strict=True):
+            if out.shape[0] != item.length:
+                raise ValueError(f"the model embedded an image as {out.shape[0]} tokens, its prompt holds {item.length}")
+        return outputs
+
+
+def _model_class(models, arch: str) -> type:
+    if arch not in models:
+        raise ValueError(f"no model plugin supports the architecture {arch!r}; registered: {', '.join(models.names())}")
+    return models.get(arch).load()
 
 
 def _available(entry, device: torch.device) -> bool:

@@ -23,6 +23,7 @@ import torch
 from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine, check_rid, split_prompts
 from sglang_core.engine_core import ModelInfo
+from sglang_core.media_inputs import images_per_prompt
 from sglang_core.plugins import PluginManager
 from sglang_core.router.options import RouterOptions
 from sglang_core.router.router import Router
@@ -104,6 +105,11 @@ class DataParallelEngine:
         return self.info.model_path
 
     @property
+    def image_token(self) -> str | None:
+        """The text that stands for one image in a prompt (every replica serves the same model)."""
+        return self.replicas[0].image_token
+
+    @property
     def alive(self) -> bool:
         """False once any replica has died (the others still serve)."""
         return all(r.alive for r in self.replicas)
@@ -116,19 +122,23 @@ class DataParallelEngine:
         are its other keywords: logprobs, ``return_text_in_logprobs``)."""
         field, items, single = split_prompts(prompt, input_ids)
         id_lists = [self.tokenizer(p)["input_ids"] for p in items] if field == "prompt" else items
+        images = images_per_prompt(options.pop("image_data", None), len(id_lists), single)
         if rid is not None:
             check_rid(rid)
         if stream:
             if not single:
                 raise ValueError("stream: streaming takes a single prompt with n=1")
-            return await self._stream(id_lists[0], sampling_params, rid or uuid.uuid4().hex, options)
+            return await self._stream(id_lists[0], sampling_params, rid or uuid.uuid4().hex,
+                                      {**options, "image_data": images[0] or None})
         if single:
-            return await self._complete(id_lists[0], sampling_params, rid or uuid.uuid4().hex, options)
+            return await self._complete(id_lists[0], sampling_params, rid or uuid.uuid4().hex,
+                                        {**options, "image_data": images[0] or None})
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         if len(params) != len(id_lists):
             raise ValueError("sampling_params: a list must have one entry per prompt")
         base = rid or uuid.uuid4().hex
-        tasks = [asyncio.ensure_future(self._complete(ids, p, f"{base}-{i}", options))
+        tasks = [asyncio.ensure_future(self._complete(ids, p, f"{base}-{i}",
+                                                      {**options, "image_data": images[i] or None}))
                  for i, (ids, p) in enumerate(zip(id_lists, params))]
         try:
             results = await asyncio.gather(*tasks)

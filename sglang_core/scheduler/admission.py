@@ -53,7 +53,7 @@ class Admission:
         # them waits a step and reuses it from the cache instead of computing it again.
         in_batch = type(cache)(_HOST_POOL)  # no prefix cache: nothing to wait for
         if chunked is not None and waiting:  # with nobody waiting nobody can share it
-            in_batch.insert(chunked.fill_ids, _placeholder_slots(chunked.fill_len))
+            in_batch.insert(chunked.key_ids, _placeholder_slots(chunked.fill_len))
         if chunked is not None:
             req = chunked
             n = int(min(req.fill_len - req.kv_len, budget))
@@ -142,7 +142,7 @@ class Admission:
             need_from = req.logprob_start_len + len(req.input_token_logprobs)
             if need_from < len(req.origin_input_ids):
                 cap = min(cap, max(need_from - 1, 0))
-        return req.fill_ids[:cap]
+        return req.key_ids[:cap]
 
     def _decode_reserve(self, req: Req) -> int:
         left = req.sampling_params.max_new_tokens - len(req.output_ids)

@@ -13,12 +13,14 @@ from typing import Callable
 import torch
 
 from sglang_core.config import EngineSettings
+from sglang_core.messages import MediaItem
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import ModelRunner, StepInput
 from sglang_core.request import Req
 from sglang_core.sampling.logits_processor import SamplingBatch
 from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
+from sglang_core.scheduler.media_embeds import step_input_embeds
 from sglang_core.scheduler.request_memory import RequestMemory
 
 # Cascade decode groups requests sharing at least this many cached tokens: below it, reading the
@@ -48,6 +50,7 @@ class BatchRunner:
         self._stop: dict[str, StopChecker] = {}
         self.forward_steps = 0
         self.cascade_decode_rows = 0  # decode rows that read a shared prefix per group (--enable-cascade-decode)
+        self.images_encoded = 0  # images the model's encoder has run on
 
     def track(self, req: Req) -> None:
         self._stop[req.rid] = StopChecker(self.tokenizer, req.sampling_params, self.eos_token_ids)
@@ -81,7 +84,10 @@ class BatchRunner:
                 finals.append(req)
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
-        logits = self.forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index)
+        embeds = None
+        if any(chunk.req.media for chunk in chunks):
+            embeds = step_input_embeds([(c.req, c.start, c.end) for c in chunks], self._encode)
+        logits = self.forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index, input_embeds=embeds)
         for req in finals:
             if id(req) not in running:
                 self.memory.cache_prompt(req)
@@ -91,6 +97,10 @@ class BatchRunner:
             self.append_sampled(finals, logits[final_rows])
         return finals, prefilled
 
+    def _encode(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        self.images_encoded += len(items)
+        return self.runner.embed_media(items)
+
     def decode(self, reqs: list[Req], input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """One decode step's forward pass: each request's next input token gets a KV slot."""
         slots = self.memory.append_slots(reqs)
@@ -99,7 +109,8 @@ class BatchRunner:
                             list(range(len(reqs))), slots)
 
     def forward(self, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int],
-                chunks: list[Chunk], logit_index: list[int], out_cache_loc: torch.Tensor | None = None) -> torch.Tensor:
+                chunks: list[Chunk], logit_index: list[int], out_cache_loc: torch.Tensor | None = None,
+                input_embeds: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         if out_cache_loc is None:
             out_cache_loc = torch.cat([self.memory.token_slots(c.req, c.start, c.end) for c in chunks])
         shared = ()
@@ -118,6 +129,7 @@ class BatchRunner:
             fill_lens=[max(c.end, c.req.fill_len) for c in chunks],
             logit_index=logit_index,
             shared_prefixes=shared,
+            input_embeds=input_embeds,
         )
         self.forward_steps += 1
         return self.runner.forward(step)

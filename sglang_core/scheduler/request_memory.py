@@ -79,8 +79,9 @@ class RequestMemory:
             return
         row, n = req.req_pool_idx, req.kv_len
         slots = self.req_pool.req_to_token[row, :n].clone()
-        already = self.cache.insert(req.fill_ids[:n], slots)
-        cached, handle = self.cache.match_prefix(req.fill_ids[:n])
+        key = req.key_ids[:n]
+        already = self.cache.insert(key, slots)
+        cached, handle = self.cache.match_prefix(key)
         self.cache.lock(handle)
         self.cache.unlock(req.cache_handle)
         # Tokens another request cached meanwhile: ours are duplicates; use the tree's.
@@ -96,7 +97,7 @@ class RequestMemory:
         # An in-flight decode may hold a slot for a token not yet read back: freed, not cached.
         known = min(req.kv_len, req.fill_len)
         if cache and known > 0:
-            already = self.cache.insert(req.fill_ids[:known], slots[:known])
+            already = self.cache.insert(req.key_ids[:known], slots[:known])
             self.kv_pool.free(slots[req.prefix_len : already])
             self.kv_pool.free(slots[known:])
         else:

@@ -54,6 +54,7 @@ class Scheduler:
     # The counters the engine reports (``stats``), each kept by the part that counts it.
     forward_steps = property(lambda self: self.batches.forward_steps)
     cascade_decode_rows = property(lambda self: self.batches.cascade_decode_rows)
+    images_encoded = property(lambda self: self.batches.images_encoded)
     retractions = property(lambda self: self.admission.retractions)
     mixed_decode_tokens = property(lambda self: self.admission.mixed_decode_tokens)
     overlapped_steps = property(lambda self: self.overlap.steps)

@@ -7,6 +7,8 @@ prefill-only requests, exactly as ``Engine.select`` does (``sglang_core.choices`
 
 from __future__ import annotations
 
+import base64
+
 import json
 from typing import Any, Iterator
 
@@ -28,7 +30,6 @@ class RuntimeEndpoint(LangBackend):
     """A running ``sglang-core serve`` at ``url`` (``api_key`` if it was started with one)."""
 
     name = "runtime_endpoint"
-    supports_images = False  # the native API refuses image_data: the built-in models are text-only
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -44,6 +45,9 @@ class RuntimeEndpoint(LangBackend):
         except httpx.HTTPError as exc:
             self._client.close()
             raise ConnectionError(f"url: no sglang-core server answers at {self.url} ({exc})") from None
+        # A served vision model names its image token; a text-only one takes no images.
+        self.image_token = self.model_info.get("image_token") or ""
+        self.supports_images = bool(self.image_token)
         template = self.model_info.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template["role_prefix"], template["role_suffix"],
@@ -95,9 +99,11 @@ class RuntimeEndpoint(LangBackend):
         if method == "unconditional_likelihood_normalized":
             ids += [s.choice_ids for s in spans]
             starts += [0] * len(spans)
-        items = self._request("POST", "/generate", json={
-            "input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-            "logprob_start_len": starts})
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                "logprob_start_len": starts}
+        if prompt.images:  # the prompt's images with it; a choice scored alone has none
+            body["image_data"] = [_data_urls(prompt) if i < len(spans) else None for i in range(len(ids))]
+        items = self._request("POST", "/generate", json=body)
         logprobs = [[lp for lp, _, _ in item["meta_info"]["input_token_logprobs"]] for item in items]
         conditional, unconditional = logprobs[:len(spans)], logprobs[len(spans):] or None
         decision = pick_choice(method, conditional, unconditional)
@@ -110,7 +116,10 @@ class RuntimeEndpoint(LangBackend):
     def cache_prefix(self, prompt: Prompt) -> None:
         """A prefill-only request of the prefix: the radix cache keeps it for the branches."""
         if prompt.text:
-            self._request("POST", "/generate", json={"text": prompt.text, "sampling_params": {"max_new_tokens": 0}})
+            body = {"text": prompt.text, "sampling_params": {"max_new_tokens": 0}}
+            if prompt.images:
+                body["image_data"] = _data_urls(prompt)
+            self._request("POST", "/generate", json=body)
 
     def shutdown(self) -> None:
         self._client.close()
@@ -118,8 +127,6 @@ class RuntimeEndpoint(LangBackend):
     # ---- helpers -----------------------------------------------------------------------------
 
     def _body(self, prompt: Prompt, params: GenParams) -> dict[str, Any]:
-        if prompt.images:
-            raise UnsupportedError("image: the runtime_endpoint backend does not take images")
         sampling: dict[str, Any] = {name: getattr(params, name) for name in _SAMPLING_FIELDS
                                     if getattr(params, name) is not None}
         if params.max_tokens is not None:
@@ -132,6 +139,8 @@ class RuntimeEndpoint(LangBackend):
             sampling["ignore_eos"] = True
         sampling.update(params.extra)
         body: dict[str, Any] = {"text": prompt.text, "sampling_params": sampling}
+        if prompt.images:
+            body["image_data"] = _data_urls(prompt)
         if params.return_logprob:
             # -1: logprobs of the output only; asking for the prompt's would bypass the prefix cache.
             body.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=params.top_logprobs_num or 0)
@@ -152,3 +161,8 @@ class RuntimeEndpoint(LangBackend):
         if 400 <= response.status_code < 500:
             raise ValueError(message)  # the server's messages start with the field at fault
         raise ServerError(f"the server answered {response.status_code}: {message}")
+
+
+def _data_urls(prompt: Prompt) -> list[str]:
+    """The prompt's images as data URLs, in order (the native API's ``image_data``)."""
+    return [f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode()}" for image in prompt.images]

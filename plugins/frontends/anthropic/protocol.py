@@ -12,14 +12,34 @@ from sglang_core.server.bodies import SGLangSampling, StrictBody
 from sglang_plugins.frontends.tool_calling import Function, ToolUse
 
 
+class ImageSource(StrictBody):
+    type: Literal["base64", "url"] | None = None  # checked when used: a refused block names itself first
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+    def image_data(self, where: str) -> str:
+        """The image as the engine's ``image_data`` takes it: a data URL, or the URL."""
+        if self.type is None:
+            raise ValueError(f"{where}.type: Field required")
+        if self.type == "url":
+            if self.url is None:
+                raise ValueError(f"{where}.url: Field required")
+            return self.url
+        if self.data is None or self.media_type is None:
+            raise ValueError(f"{where}: a base64 source needs media_type and data")
+        return f"data:{self.media_type};base64,{self.data}"
+
+
 class ContentBlock(StrictBody):
-    """One block of a message's (or the system prompt's) content: ``text``, ``tool_use`` (an
-    assistant's call), ``tool_result`` (the user's answer to one), ``thinking`` (an earlier
-    answer's reasoning, not shown to the model again); the rest are parsed so that the error
-    names them."""
+    """One block of a message's (or the system prompt's) content: ``text``, ``image`` (for a model
+    that takes images), ``tool_use`` (an assistant's call), ``tool_result`` (the user's answer to
+    one), ``thinking`` (an earlier answer's reasoning, not shown to the model again); the rest are
+    parsed so that the error names them."""
 
     type: str
     text: str | None = None
+    source: ImageSource | None = None  # image
     id: str | None = None  # tool_use
     name: str | None = None  # tool_use
     input: dict[str, Any] | None = None  # tool_use
@@ -90,9 +110,11 @@ class Conversation(StrictBody):
         return ToolUse(functions, _MODES[choice.type], choice.name if choice.type == "tool" else None,
                        parallel=not choice.disable_parallel_tool_use)
 
-    def chat(self) -> tuple[list[dict[str, Any]], str]:
-        """The conversation as chat-template messages, and the assistant prefill: the text of a
-        final assistant turn, which the model continues (``""`` when the last turn is the user's).
+    def chat(self, image_token: str | None = None) -> tuple[list[dict[str, Any]], str, list[str]]:
+        """The conversation as chat-template messages, the assistant prefill (the text of a final
+        assistant turn, which the model continues; ``""`` when the last turn is the user's) and the
+        images, in order, each written as ``image_token`` in its message (None: the model takes no
+        images).
         Consecutive text turns of one role are joined into one, as Anthropic does; an assistant's
         ``tool_use`` blocks become its ``tool_calls``, a user's ``tool_result`` blocks ``tool``
         messages (before the user's text, as Anthropic orders them)."""
@@ -101,10 +123,12 @@ class Conversation(StrictBody):
         if self.messages[0].role != "user":  # chat templates expect the conversation to open with the user
             raise ValueError("messages.0.role: the first message must use the user role")
         turns: list[dict[str, Any]] = []
+        images: list[str] = []
         if self.system:
             turns.append({"role": "system", "content": _text(self.system, "system")})
         for i, message in enumerate(self.messages):
-            text, calls, results = _blocks(message.content, f"messages.{i}.content", message.role)
+            text, calls, results = _blocks(message.content, f"messages.{i}.content", message.role, image_token,
+                                           images)
             last = i == len(self.messages) - 1
             if calls and last:
                 raise ValueError(f"messages.{i}: a final assistant message cannot hold tool_use: its "
@@ -121,19 +145,20 @@ class Conversation(StrictBody):
                 else:
                     turns.append({"role": message.role, "content": text})
         if turns[-1]["role"] != "assistant" or "tool_calls" in turns[-1]:
-            return turns, ""
+            return turns, "", images
         prefill = turns.pop()["content"]
         # Anthropic's rule: the model continues the text as is, and a trailing space would be a
         # token boundary the model rarely produces itself.
         if prefill != prefill.rstrip():
             raise ValueError("messages: final assistant content cannot end with trailing whitespace")
-        return turns, prefill
+        return turns, prefill, images
 
 
-def _blocks(content: str | list[ContentBlock], where: str,
-            role: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def _blocks(content: str | list[ContentBlock], where: str, role: str, image_token: str | None = None,
+            images: list[str] | None = None) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """A message's content -> its text, its calls (assistant) and its tool results (user), in
-    the chat template's terms."""
+    the chat template's terms; each image block is written as ``image_token`` and its source
+    appended to ``images``."""
     if isinstance(content, str):
         return content, [], []
     texts, calls, results = [], [], []
@@ -151,6 +176,11 @@ def _blocks(content: str | list[ContentBlock], where: str,
             result = _text(block.content or "", f"{at}.content")
             results.append({"role": "tool", "tool_call_id": block.tool_use_id,
                             "content": f"Error: {result}" if block.is_error else result})
+        elif block.type == "image" and image_token is not None and images is not None:
+            if block.source is None:
+                raise ValueError(f"{at}.source: Field required")
+            images.append(block.source.image_data(f"{at}.source"))
+            texts.append(image_token)
         elif block.type not in ("thinking", "redacted_thinking") or role != "assistant":
             texts.append(_block_text(block, at))
     return "\n".join(texts), calls, results

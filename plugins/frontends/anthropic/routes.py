@@ -58,13 +58,13 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         if req.thinking_enabled and tool_calling.reasoning is None:
             raise ValueError("thinking: this server does not separate reasoning (start it with --reasoning-parser)")
         use = req.tool_use()
-        ids = prompt_ids(ctx, req, template)
+        ids, images = prompt_ids(ctx, req, template)
         max_new = check_prompt(ids, ctx.engine.info, "messages", req.max_tokens, "max_tokens")
         params = validated_params(req.sampling_params(max_new), ctx.engine.info.vocab_size,
                                   {"max_new_tokens": "max_tokens", **req.API_NAMES})
         new_parser = tool_calling.prepare(use, ids, params)
         head = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": ctx.model_name}
-        job = {"input_ids": ids, "sampling_params": params, "rid": head["id"]}
+        job = {"input_ids": ids, "sampling_params": params, "rid": head["id"], "image_data": images or None}
         if req.stream:
             blocks = Blocks(new_parser() if new_parser else None)
             events = ctx.admitted(event_stream(ctx, head, job, blocks))  # one sequence: Anthropic has no n
@@ -82,21 +82,24 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
             content = message_blocks(parser.feed(result["text"]) + parser.finish())
             stop = with_tool_use(stop, any(block["type"] == "tool_use" for block in content))
         return JSONResponse({**head, "content": content, **stop,
-                             "usage": usage(len(ids), result["meta_info"]["completion_tokens"])})
+                             "usage": usage(result["meta_info"]["prompt_tokens"], result["meta_info"]["completion_tokens"])})
 
     @app.post(PATH + "/count_tokens")
     async def count_tokens(request: Request) -> Response:
         req = parse_body(Conversation, await request.body())
-        return JSONResponse({"input_tokens": len(prompt_ids(ctx, req, template))})
+        ids, images = prompt_ids(ctx, req, template)
+        if images:
+            raise ValueError("messages: counting the tokens of images is not supported")
+        return JSONResponse({"input_tokens": len(ids)})
 
 
-def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> list[int]:
+def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> tuple[list[int], list[str]]:
     """The conversation and its tools through the chat template, then the assistant prefill, as
-    token ids."""
-    messages, prefill = req.chat()
+    token ids (each image as one image token), and the images."""
+    messages, prefill, images = req.chat(ctx.engine.image_token)
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools)
+    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools), images
 
 
 def message_blocks(piece: MessagePiece) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from pydantic import ConfigDict
 
 from sglang_core.engine import split_prompts
+from sglang_core.media_inputs import images_per_prompt
 from sglang_core.sampling.params import SamplingParams, choice_seed
 from sglang_core.server.bodies import StrictBody
 
@@ -26,7 +27,7 @@ class GenerateBody(NativeBody):
 
     text: str | list[str] | None = None
     input_ids: list[int | list[int]] | None = None  # one prompt or a batch; split_prompts refuses a mix
-    image_data: Any = None
+    image_data: Any = None  # one or a list for one prompt; an entry (null, one, a list) per prompt for several
     sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool | None] | None = None
@@ -34,10 +35,6 @@ class GenerateBody(NativeBody):
     top_logprobs_num: int | list[int | None] | None = None
     return_text_in_logprobs: bool | None = None
     stream: bool | None = None
-
-    def check_supported(self) -> None:
-        if self.image_data is not None:
-            raise ValueError("image_data: images are not supported")
 
 
 class TokenizeBody(NativeBody):
@@ -80,6 +77,7 @@ def parse_generate(body: GenerateBody, vocab_size: int,
     start = _per_item("logprob_start_len", body.logprob_start_len, count, 0)
     top = _per_item("top_logprobs_num", body.top_logprobs_num, count, 0)
     rids = _rids(body.rid, count)
+    images = images_per_prompt(body.image_data, count, single_prompt)
     engine_field = "prompt" if prompt_field == "text" else "input_ids"
     jobs = []
     for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
@@ -89,7 +87,8 @@ def parse_generate(body: GenerateBody, vocab_size: int,
             rid = rids[i] if sampling.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
             jobs.append(Job({engine_field: prompt, "sampling_params": copy, "return_logprob": logprob[i],
                              "logprob_start_len": start[i], "top_logprobs_num": top[i],
-                             "return_text_in_logprobs": bool(body.return_text_in_logprobs), "rid": rid}))
+                             "return_text_in_logprobs": bool(body.return_text_in_logprobs), "rid": rid,
+                             "image_data": images[i] or None}))
     return GenerateInput(jobs, single_prompt and len(jobs) == 1, bool(body.stream), prompt_field)
 
 

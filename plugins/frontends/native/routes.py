@@ -60,11 +60,12 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/get_model_info")
     async def get_model_info() -> dict:
         """The model, plus its chat template as text around each role (``role_markers``), or
-        null, for clients such as the frontend language's ``RuntimeEndpoint``."""
+        null, and the text that stands for an image in a prompt (null: a text-only model), for
+        clients such as the frontend language's ``RuntimeEndpoint``."""
         info = ctx.engine.info
         template = role_markers(ctx.engine.tokenizer, resolve_chat_template(ctx.settings.chat_template))
         return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True,
-                "chat_template": template}
+                "chat_template": template, "image_token": ctx.engine.image_token}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:

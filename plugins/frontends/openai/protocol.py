@@ -89,9 +89,15 @@ class CompletionRequest(SamplingRequest):
             raise ValueError(f"best_of: only best_of == n is supported, got best_of={self.best_of}, n={self.n}")
 
 
+class ImageUrl(_Body):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # one resolution per model: accepted, not used
+
+
 class ContentPart(_Body):
     type: str
     text: str = ""
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(_Body):
@@ -114,16 +120,27 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCallItem] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call they answer
 
-    def for_template(self, index: int) -> dict[str, Any]:
-        """The message as chat templates expect it: text content as one string, a call's
-        arguments as an object (templates write them with ``tojson``)."""
-        content = self.content
+    def for_template(self, index: int, image_token: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        """The message as chat templates expect it (text content as one string, each image as the
+        model's ``image_token``, a call's arguments as an object: templates write them with
+        ``tojson``) and the URLs of its images, in order."""
+        content, images = self.content, []
         if isinstance(content, list):
+            texts = []
             for j, part in enumerate(content):
-                if part.type != "text":
+                if part.type == "image_url":
+                    if image_token is None:
+                        raise ValueError(f"messages.{index}.content.{j}: this model takes no images")
+                    if part.image_url is None:
+                        raise ValueError(f"messages.{index}.content.{j}.image_url: required for type 'image_url'")
+                    texts.append(image_token)
+                    images.append(part.image_url.url)
+                elif part.type == "text":
+                    texts.append(part.text)
+                else:
                     raise ValueError(f"messages.{index}.content.{j}: {part.type!r} content is not supported "
-                                     "(text only)")
-            content = "\n".join(part.text for part in content)
+                                     "(text and image_url)")
+            content = "\n".join(texts)
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError(f"messages.{index}.tool_call_id: required in a tool message")
         message = self.model_dump(exclude_none=True)
@@ -134,7 +151,7 @@ class ChatMessage(_Body):
                 "name": call.function.name, "arguments": _arguments(call.function.arguments,
                                                                     f"messages.{index}.tool_calls.{j}")}}
                 for j, call in enumerate(self.tool_calls)]
-        return message
+        return message, images
 
 
 def _arguments(text: str, where: str) -> dict[str, Any]:

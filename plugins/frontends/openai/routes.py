@@ -98,7 +98,11 @@ def completion_plan(ctx: ServerContext, req: CompletionRequest) -> Plan:
 
 def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_calling: ToolCalling) -> Plan:
     tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
-    messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    messages, images = [], []
+    for i, message in enumerate(req.messages):
+        rendered, urls = message.for_template(i, ctx.engine.image_token)
+        messages.append(rendered)
+        images += urls
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
     ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt, tools=tools)
@@ -112,6 +116,9 @@ def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_c
     if message_parser is not None:
         for choice in plan.choices:
             choice.message = message_parser()
+    if images:
+        for job in plan.jobs:
+            job["image_data"] = images
     return plan
 
 

@@ -1,0 +1,13 @@
+"""Built-in model plugin: LLaVA 1.5 (``LlavaForConditionalGeneration``: a CLIP or SigLIP vision
+tower, a projector, and a language model the core's other model plugins build) and LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``: the same, on anyres tiles of each image)."""
+
+from sglang_core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_models(register):
+    register("LlavaForConditionalGeneration", "sglang_plugins.models.llava.model:LlavaForConditionalGeneration",
+             input_processor="sglang_plugins.models.llava.processor:LlavaInputProcessor")
+    register("LlavaNextForConditionalGeneration", "sglang_plugins.models.llava.next:LlavaNextForConditionalGeneration",
+             input_processor="sglang_plugins.models.llava.processor:LlavaInputProcessor")

@@ -1,0 +1,60 @@
+"""The request side's images: which images belong to which prompt, and the model plugin's input
+processor (built on first use) that turns them into ``MediaItem``s."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sglang_core.config import EngineSettings
+from sglang_core.engine_core import ModelInfo
+from sglang_core.media_loading import MediaLimits, load_image
+from sglang_core.messages import MediaItem
+from sglang_core.multimodal import InputProcessor, expand_prompt
+from sglang_core.plugins import PluginManager, resolve_target
+from sglang_core.weights.loader import load_config
+
+
+def images_per_prompt(image_data: Any, count: int, single: bool) -> list[list[Any]]:
+    """``image_data`` as a list of images per prompt: one image or a list for a single prompt; a
+    list with one entry (null, an image or a list) per prompt for several."""
+    if image_data is None:
+        return [[] for _ in range(count)]
+    if single:
+        return [image_data if isinstance(image_data, list) else [image_data]]
+    if not isinstance(image_data, list) or len(image_data) != count:
+        raise ValueError(f"image_data: give a list with one entry per prompt ({count})")
+    return [[] if item is None else item if isinstance(item, list) else [item] for item in image_data]
+
+
+class MediaInputs:
+    def __init__(self, plugins: PluginManager, info: ModelInfo, settings: EngineSettings):
+        models = plugins.registry("models")
+        entry = models.get(info.architecture) if info.architecture in models else None
+        self._target = entry.metadata.get("input_processor") if entry is not None else None
+        self._folder = Path(info.model_folder)
+        self._architecture = info.architecture
+        local = settings.allowed_local_media_path
+        self.limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels,
+                                  Path(local) if local else None, settings.allow_media_urls,
+                                  settings.media_fetch_timeout_s)
+        self._processor: InputProcessor | None = None
+        self._lock = threading.Lock()  # requests are built on several threads (async_generate)
+
+    @property
+    def image_token(self) -> str | None:
+        return self._get().image_token if self._target is not None else None
+
+    def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
+        """Load each image (``image_data.<i>`` names it in errors) and expand the prompt's image tokens."""
+        if self._target is None:
+            raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
+        images = [load_image(src, self.limits, f"image_data.{i}") for i, src in enumerate(sources)]
+        return expand_prompt(self._get(), ids, images)
+
+    def _get(self) -> InputProcessor:
+        with self._lock:
+            if self._processor is None:
+                self._processor = resolve_target(self._target)(self._folder, load_config(self._folder))
+            return self._processor

@@ -1,0 +1,147 @@
+"""Reading a request's images safely: data URLs and base64 always; files only under an allowed
+folder; http(s) URLs only when switched on, only from public addresses (resolved once, checked, and
+that address connected to), without redirects, within byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Every
+refusal is a ``ValueError`` naming the field (HTTP 400)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_bytes: int
+    max_pixels: int
+    local_dir: Path | None = None  # None: no file paths
+    allow_urls: bool = False
+    fetch_timeout_s: float = 10.0
+
+
+def load_image(source: str | bytes, limits: MediaLimits, field: str = "image_data") -> Image.Image:
+    """An image from raw bytes, a ``data:`` URL, base64 text, a file path or an http(s) URL."""
+    data = read_source(source, limits, field)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > limits.max_pixels:
+            raise ValueError(f"{field}: the image has {image.width}x{image.height} pixels, more than the limit "
+                             f"of {limits.max_pixels}")
+        image.load()
+    except ValueError:
+        raise
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{field}: cannot decode the image: {exc}") from None
+    return image
+
+
+def read_source(source: str | bytes, limits: MediaLimits, field: str) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return _bounded(bytes(source), limits, field)
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{field}: expected a URL, a data URL, base64 text or a file path")
+    if source.startswith("data:"):
+        header, comma, payload = source.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError(f"{field}: a data URL must be 'data:<type>;base64,<data>'")
+        return _base64(payload, limits, field)
+    if source.startswith(("http://", "https://")):
+        return _fetch(source, limits, field)
+    if source.startswith("file://") or source.lower().endswith(IMAGE_SUFFIXES):
+        return _read_file(source.removeprefix("file://"), limits, field)
+    return _base64(source, limits, field)
+
+
+def _bounded(data: bytes, limits: MediaLimits, field: str) -> bytes:
+    if len(data) > limits.max_bytes:
+        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+    return data
+
+
+def _base64(text: str, limits: MediaLimits, field: str) -> bytes:
+    if len(text) * 3 // 4 > limits.max_bytes:  # before decoding: the limit bounds the work too
+        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{field}: not a URL, a data URL, a file path or valid base64") from None
+
+
+def _read_file(path: str, limits: MediaLimits, field: str) -> bytes:
+    if limits.local_dir is None:
+        raise ValueError(f"{field}: image file paths are not allowed (the server reads them only under "
+                         "--allowed-local-media-path)")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_relative_to(limits.local_dir.resolve()):
+        raise ValueError(f"{field}: {path!r} is outside the allowed media folder")
+    if not resolved.is_file():
+        raise ValueError(f"{field}: no such file {path!r}")
+    if resolved.stat().st_size > limits.max_bytes:
+        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+    return resolved.read_bytes()
+
+
+def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
+    if not limits.allow_urls:
+        raise ValueError(f"{field}: image URLs are not fetched (start the server with --allow-media-urls); "
+                         "send a data URL instead")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"{field}: the URL has no host")
+    if parts.username is not None:
+        raise ValueError(f"{field}: the URL must not carry credentials")
+    address = _public_address(parts.hostname, field)
+    # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
+    # the certificate is still checked against the host): another DNS answer cannot move the fetch.
+    netloc = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
+                         parts.query, ""))
+    import httpx
+
+    chunks, size = [], 0
+    try:
+        # No redirects: a redirect could lead to an address the check above never saw; no proxy
+        # from the environment, which would connect where it likes.
+        with httpx.Client(timeout=limits.fetch_timeout_s, follow_redirects=False, trust_env=False) as client:
+            request = client.build_request("GET", pinned, headers={"Host": parts.netloc},
+                                           extensions={"sni_hostname": parts.hostname})
+            response = client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limits.max_bytes:
+                        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+                    chunks.append(chunk)
+            finally:
+                response.close()
+    except httpx.HTTPError as exc:
+        raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
+    return b"".join(chunks)
+
+
+def _public_address(host: str, field: str) -> str:
+    """An address ``host`` resolves to, after checking that every one is public (none loopback,
+    private, link-local or reserved)."""
+    try:
+        addresses = [info[4][0] for info in socket.getaddrinfo(host, None)]
+    except OSError:
+        raise ValueError(f"{field}: cannot resolve the URL's host") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise ValueError(f"{field}: the URL's host resolves to a non-public address")
+    return addresses[0]

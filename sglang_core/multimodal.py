@@ -1,0 +1,109 @@
+"""Images in prompts: what a model plugin's input processor provides, and how the request side
+turns a prompt's image placeholders and images into ``MediaItem``s.
+
+A vision-language model plugin registers its model with an ``input_processor`` (see
+``hookspecs.register_models``): an ``InputProcessor`` subclass, built on the request side as
+``cls(model_folder, config)``. For each image it gives the encoder's input tensors and the number
+of placeholder tokens the image takes, exactly as the checkpoint's Hugging Face processor expands
+its image token. A prompt holds the image token once per image; ``expand_prompt`` repeats each
+to its image's length. The engine core later runs the model's ``embed_media`` on the items and
+splices the embeddings over the placeholders (``ForwardBatch.input_embeds``).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglang_core.messages import MediaItem, TensorData
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class InputProcessor(abc.ABC):
+    """A model's preprocessing of images, on the request side (never the scheduler's thread)."""
+
+    image_token: str  # the placeholder text that stands for one image in a prompt
+    image_token_id: int
+
+    @abc.abstractmethod
+    def __init__(self, model_folder: Path, config: Any): ...
+
+    @abc.abstractmethod
+    def process_image(self, image: Image.Image) -> tuple[dict[str, torch.Tensor], int]:
+        """The encoder's inputs for one image (``{"pixel_values": [1, 3, H, W], ...}``) and how
+        many placeholder tokens it takes in the prompt."""
+
+
+def pack_tensor(tensor: torch.Tensor) -> TensorData:
+    tensor = tensor.detach().cpu().contiguous()
+    return TensorData(str(tensor.dtype).removeprefix("torch."), list(tensor.shape), tensor.numpy().tobytes())
+
+
+def unpack_tensor(data: TensorData, device: torch.device | str = "cpu") -> torch.Tensor:
+    dtype = getattr(torch, data.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"media: unknown tensor dtype {data.dtype!r}")
+    flat = torch.frombuffer(bytearray(data.data), dtype=dtype) if data.data else torch.empty(0, dtype=dtype)
+    return flat.reshape(data.shape).to(device)
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A hash of an image's preprocessed tensors (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.digest()
+
+
+def placeholder_key(digest: bytes) -> int:
+    """The id the prefix cache keys an image's placeholder tokens by: negative, so it never equals
+    a real token id, and derived from the content, so the same image matches and another does not."""
+    return -1 - (int.from_bytes(digest[:8], "little") >> 1)
+
+
+def expand_prompt(processor: InputProcessor, ids: list[int], images: list[Image.Image],
+                  field: str = "image_data") -> tuple[list[int], list[MediaItem]]:
+    """``ids`` with each image token repeated to its image's placeholder count, and the images'
+    items. The prompt must hold the image token exactly once per image."""
+    slots = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    if len(slots) != len(images):
+        raise ValueError(f"{field}: {len(images)} image(s) given but the prompt holds the image token "
+                         f"{processor.image_token!r} {len(slots)} time(s)")
+    out: list[int] = []
+    items: list[MediaItem] = []
+    start = 0
+    for slot, image in zip(slots, images):
+        tensors, length = processor.process_image(image)
+        out += ids[start:slot]
+        items.append(MediaItem(offset=len(out), length=length, digest=content_digest(tensors),
+                               tensors={name: pack_tensor(t) for name, t in tensors.items()}))
+        out += [processor.image_token_id] * length
+        start = slot + 1
+    return out + ids[start:], items
+
+
+def expanded_position(position: int, media: list[MediaItem]) -> int:
+    """Where position ``position`` of a prompt as given (one image token per image) lies once
+    ``expand_prompt`` has expanded it into ``media``."""
+    shift = 0
+    for item in media:
+        if item.offset - shift >= position:  # the image token was at item.offset - shift
+            break
+        shift += item.length - 1
+    return position + shift
+
+
+def media_key_ids(ids: list[int], media: list[MediaItem]) -> list[int]:
+    """``ids`` as the prefix cache keys them: each image's placeholders replaced by its ``placeholder_key``."""
+    key = list(ids)
+    for item in media:
+        key[item.offset : item.offset + item.length] = [placeholder_key(item.digest)] * item.length
+    return key

@@ -1,0 +1,381 @@
+"""LLaVA 1.5 against transformers' ``LlavaForConditionalGeneration`` (float32, CPU) on a tiny random
+checkpoint saved with its processor: greedy tokens and logprobs for prompts of one and two images,
+batched and chunked across an image; the prefix cache shares an image's tokens with the same image
+only; every KV slot comes back."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from reference import byte_level_tokenizer
+
+IMAGE_TOKEN = "<image>"
+MAX_NEW = 6
+PROMPTS = {  # name -> (prompt text, image names)
+    "one": (f"{IMAGE_TOKEN}\nWhat is in the picture?", ["red"]),
+    "two": (f"Compare {IMAGE_TOKEN} with {IMAGE_TOKEN}, please.", ["noise", "tall"]),
+}
+
+
+def _image(name: str):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    size = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40)}[name]
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+    if name == "red":
+        pixels[..., 0] = 230
+    return Image.fromarray(pixels.numpy())
+
+
+def data_url(name: str) -> str:
+    buffer = io.BytesIO()
+    _image(name).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# LLaVA-NeXT's grids of 32-pixel tiles: 1x2, 2x1, 2x2.
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrides):
+    """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor;
+    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS)."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                 patch_size=8)
+    vision = SiglipVisionConfig(**sizes) if siglip else CLIPVisionConfig(**sizes, projection_dim=32)
+    options = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    options.update(overrides)
+    family = "LlavaNext" if next_ else "Llava"
+    if next_:
+        options["image_grid_pinpoints"] = PINPOINTS
+    config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision,
+                                                     image_token_index=len(tokenizer) - 1, **options)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if siglip:
+        image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    elif next_:
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=PINPOINTS)
+    else:
+        image_processor = CLIPImageProcessorPil(**sizes)
+    # CLIP's CLS is one more position than the patches (the count "default" drops again); SigLIP has none.
+    processor = getattr(transformers, f"{family}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=int(not siglip),
+        vision_feature_select_strategy=options["vision_feature_select_strategy"])
+    processor.save_pretrained(folder)
+    return folder
+
+
+def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW) -> tuple[list[int], list[float]]:
+    """transformers' greedy generate on the processor's inputs: tokens and their logprobs."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model_cls = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
+    model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+def hf_choice_scores(folder, prompt: str, image: str, choices: list[str]) -> list[float]:
+    """What transformers gives each choice after ``prompt`` (one image, its token first): the mean
+    logprob of the choice's tokens, split from the prompt's where ``choice_spans`` splits them."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sglang_core.choices import choice_spans
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = processor(text=IMAGE_TOKEN, images=[_image(image)], return_tensors="pt")
+    count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    scores = []
+    for span in choice_spans(lambda texts: [processor.tokenizer(t)["input_ids"] for t in texts], prompt, choices):
+        assert span.ids[0] == model.config.image_token_id and span.start > 0
+        ids = torch.tensor([[span.ids[0]] * count + span.ids[1:]])
+        with torch.no_grad():
+            table = torch.log_softmax(model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].float(), -1)
+        positions = range(span.start + count - 1, ids.shape[1])
+        scores.append(sum(float(table[p - 1, ids[0, p]]) for p in positions) / len(positions))
+    return scores
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+    cases = {**PROMPTS, "same": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    return folder, {name: hf_reference(folder, text, images) for name, (text, images) in cases.items()}
+
+
+def _generate(engine, names: list[str], cases=PROMPTS, max_new: int = MAX_NEW) -> list[dict]:
+    return engine.generate([cases[n][0] for n in names], {"max_new_tokens": max_new, "temperature": 0,
+                                                          "ignore_eos": True},
+                           image_data=[[data_url(i) for i in cases[n][1]] for n in names], return_logprob=True)
+
+
+def _check(result: dict, expected: tuple[list[int], list[float]]) -> None:
+    tokens, logprobs = expected
+    assert result["output_ids"] == tokens
+    ours = [lp for lp, _, _ in result["meta_info"]["output_token_logprobs"]]
+    assert ours == pytest.approx(logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [2048, 5], ids=["whole", "chunked"])
+def test_one_and_two_images_batched_match_hf(llava, chunk: int):
+    """Both prompts in one batch; with chunks of 5 every image (16 placeholders) spans several steps."""
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=512) as engine:
+        results = _generate(engine, ["one", "two"])
+        for result, name in zip(results, ["one", "two"]):
+            _check(result, expected[name])
+        assert engine.stats()["images_encoded"] == 3  # once per image, however many chunks it spans
+        engine.check_memory()
+
+
+def test_same_image_shares_the_cached_prefix_and_another_does_not(llava):
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    cases = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        first = _generate(engine, ["one"], cases)[0]
+        again = _generate(engine, ["one"], cases)[0]
+        encoded_before_other = engine.stats()["images_encoded"]
+        other = _generate(engine, ["other"], cases)[0]
+        assert engine.stats()["images_encoded"] == encoded_before_other + 1
+        engine.check_memory()
+    assert encoded_before_other == 1  # the cached image was not encoded again
+    _check(first, expected["one"])
+    _check(again, expected["same"])
+    _check(other, expected["other"])
+    assert first["meta_info"]["cached_tokens"] == 0
+    # The prompt starts with the image's 16 placeholders: the same image reuses them and the
+    # text after; another image of the same size reuses nothing.
+    assert again["meta_info"]["cached_tokens"] >= 16
+    assert other["meta_info"]["cached_tokens"] == 0
+
+
+def test_retracted_requests_with_images_stay_exact(llava):
+    """A KV pool too small for four running requests: the newest are retracted, then prefilled
+    again (images encoded again), and still give transformers' tokens."""
+    from sglang_core.engine import Engine
+
+    folder, _ = llava
+    cases = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"])}
+    expected = {name: hf_reference(folder, text, images, 24) for name, (text, images) in cases.items()}
+    names = ["one", "other", "other", "one"]
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=110, new_token_ratio=0.0,
+                disable_radix_cache=True) as engine:
+        results = _generate(engine, names, cases, max_new=24)
+        assert engine.stats()["retractions"] > 0, "the tiny pool should have forced a retraction"
+        engine.check_memory()
+    for result, name in zip(results, names):
+        _check(result, expected[name])
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
+    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (every
+    position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)."""
+    from sglang_core.engine import Engine
+
+    folder = save_tiny_llava(tmp_path, siglip=siglip, vision_feature_layer=[-3, -1],
+                             vision_feature_select_strategy="full")
+    text, images = PROMPTS["two"]
+    expected = hf_reference(folder, text, images)
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        result = _generate(engine, ["two"])[0]
+        engine.check_memory()
+    _check(result, expected)
+
+
+
+def test_image_requests_cross_to_the_engine_process_intact():
+    """A request's preprocessed images travel as msgpack (no pickle) and come back bit for bit."""
+    import msgspec
+
+    from sglang_core.messages import GenerateRequest, MediaItem
+    from sglang_core.multimodal import content_digest, pack_tensor, unpack_tensor
+
+    tensors = {"pixel_values": torch.randn(1, 3, 4, 4), "image_sizes": torch.tensor([[36, 48]])}
+    item = MediaItem(offset=2, length=5, digest=content_digest(tensors),
+                     tensors={name: pack_tensor(t) for name, t in tensors.items()})
+    request = GenerateRequest(rid="r", input_ids=[1, 2, 9, 9, 9, 9, 9, 3], sampling_params={}, media=[item])
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=GenerateRequest)
+    assert back == request
+    for name, tensor in tensors.items():
+        assert torch.equal(unpack_tensor(back.media[0].tensors[name]), tensor)
+    assert content_digest({"pixel_values": tensors["pixel_values"] + 1e-6, "image_sizes": tensors["image_sizes"]}) \
+        != item.digest
+
+@pytest.mark.parametrize("chunk", [2048, 7], ids=["whole", "chunked"])
+def test_llava_next_anyres_images_of_different_sizes_match_hf(tmp_path_factory, chunk: int):
+    """Square, wide and tall images: each its own grid of tiles, unpadded, a newline per row."""
+    from sglang_core.engine import Engine
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_llava_next"
+    if not folder.exists():
+        save_tiny_llava(folder, next_=True)
+    names = ["one", "two"]
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=1024) as engine:
+        results = _generate(engine, names)
+        engine.check_memory()
+    for result, name in zip(results, names):
+        _check(result, hf_reference(folder, *PROMPTS[name]))
+
+
+# ---- the HTTP APIs ----------------------------------------------------------------------------
+
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def server(llava):
+    """The app served by uvicorn in a thread, the engine in a thread of this process (a spawned
+    engine process costs CI tens of seconds to start; requests still pass the msgpack check)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from server_util import free_port
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+
+    folder, _ = llava
+    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", chat_template="chatml",
+                                   max_total_tokens=512, engine_in_subprocess=False))
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_openai_chat_image_url_parts_match_hf(llava, server):
+    import openai
+
+    folder, _ = llava
+    text, images = PROMPTS["two"]
+    before, middle, after = text.split(IMAGE_TOKEN)
+    # The parts joined by newlines, each image as the image token: the prompt HF is given.
+    expected = hf_reference(folder, CHATML_USER.format(f"{before}\n{IMAGE_TOKEN}\n{middle}\n{IMAGE_TOKEN}\n{after}"),
+                            images)
+    content = [{"type": "text", "text": before},
+               {"type": "image_url", "image_url": {"url": data_url(images[0]), "detail": "low"}},
+               {"type": "text", "text": middle},
+               {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+               {"type": "text", "text": after}]
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                           max_tokens=MAX_NEW, temperature=0, logprobs=True,
+                                           extra_body={"ignore_eos": True})
+    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(expected[1], abs=1e-4)
+    assert reply.usage.completion_tokens == MAX_NEW
+    with pytest.raises(openai.BadRequestError) as err:  # not an image: a 400 in OpenAI's error shape
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
+
+
+def test_native_generate_image_data_matches_hf(llava, server):
+    import httpx
+
+    _, expected = llava
+    text, images = PROMPTS["one"]
+    body = {"text": text, "image_data": data_url(images[0]), "return_logprob": True, "logprob_start_len": -1,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
+    # Raw base64 (SGLang's form) of the same image: its prefix is cached now.
+    body["image_data"] = data_url(images[0]).partition(",")[2]
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
+    assert meta["cached_tokens"] >= 16
+    for bad, why in [("/etc/passwd.png", "not allowed"), ("http://127.0.0.1/x.png", "not fetched"),
+                     ("%%%", "valid base64")]:
+        response = httpx.post(server + "/generate", json={**body, "image_data": bad}, timeout=60)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "image_data.0" and why in error["message"], error
+
+
+def test_anthropic_image_blocks_match_hf(llava, server):
+    import anthropic
+    from transformers import AutoTokenizer
+
+    folder, _ = llava
+    question = "What is in the picture?"
+    tokens, _ = hf_reference(folder, CHATML_USER.format(f"{IMAGE_TOKEN}\n{question}"), ["noise"])
+    media_type, _, data = data_url("noise").removeprefix("data:").partition(";base64,")
+    client = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
+    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    # The SDK's API version has no sampling parameters: temperature travels in the body.
+    reply = client.messages.create(model="m", max_tokens=MAX_NEW, extra_body={"ignore_eos": True, "temperature": 0},
+                                   messages=[{"role": "user", "content": [image, {"type": "text", "text": question}]}])
+    assert reply.content[0].text == AutoTokenizer.from_pretrained(folder).decode(tokens, skip_special_tokens=True)
+    assert reply.usage.input_tokens == len(CHATML_USER.format(question).encode()) + 1 + 16  # "\n" + image
+
+
+def test_frontend_language_image_through_runtime_endpoint(llava, server):
+    """``sgl.image`` on ``RuntimeEndpoint``: the image token where the image goes, the image sent
+    as ``image_data``; generation and select both see it."""
+    import sglang_core as sgl
+    from transformers import AutoTokenizer
+
+    folder, expected = llava
+    buffer = io.BytesIO()
+    _image("red").save(buffer, format="PNG")
+
+    choices = [" red", " blue", " a cat"]
+
+    @sgl.function
+    def look(s, image):
+        s += sgl.image(image) + PROMPTS["one"][0].removeprefix(IMAGE_TOKEN)
+        s += sgl.gen("answer", max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+        s += "\nIt is"
+        s += sgl.select("pick", choices=choices)
+
+    backend = sgl.RuntimeEndpoint(server)
+    assert backend.supports_images
+    state = look.run(buffer.getvalue(), backend=backend)
+    tokens = expected["one"][0]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert state["answer"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    prompt = PROMPTS["one"][0] + tokenizer.decode(tokens, skip_special_tokens=True) + "\nIt is"
+    assert state.get_meta_info("pick")["scores"] == pytest.approx(hf_choice_scores(folder, prompt, "red", choices),
+                                                                   abs=1e-4)

@@ -1,0 +1,126 @@
+"""Reading request images safely (``sglang_core.media_loading``): every source form, and every
+refusal a 400-style ``ValueError`` naming the field: files outside the allowed folder, URLs when
+off, non-public hosts, redirects, too many bytes or pixels, what is not an image."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from sglang_core import media_loading
+from sglang_core.media_loading import MediaLimits, load_image
+
+
+def _png(width: int = 8, height: int = 6) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+LIMITS = MediaLimits(max_bytes=100_000, max_pixels=10_000)
+
+
+def test_data_urls_base64_and_bytes_decode():
+    png = _png()
+    text = base64.b64encode(png).decode()
+    for source in (f"data:image/png;base64,{text}", text, png):
+        assert load_image(source, LIMITS).size == (8, 6)
+
+
+@pytest.mark.parametrize("source, why", [
+    ("data:image/png,notbase64", "data:<type>;base64"),
+    ("%%%", "valid base64"),
+    (base64.b64encode(b"plain text").decode(), "cannot decode the image"),
+    (b"\x89PNG\r\n\x1a\n truncated", "cannot decode the image"),
+    ("http://example.com/cat.png", "not fetched"),
+    ("/etc/hosts.png", "file paths are not allowed"),
+    (b"x" * 100_001, "larger than 100000 bytes"),
+    ("A" * 140_000, "larger than 100000 bytes"),
+    (_png(200, 100), "more than the limit of 10000"),
+    (123, "expected a URL"),
+])
+def test_refusals_name_the_field(source, why):
+    with pytest.raises(ValueError, match="^image_data.3: ") as err:
+        load_image(source, LIMITS, "image_data.3")
+    assert why in str(err.value)
+
+
+def test_files_only_under_the_allowed_folder(tmp_path):
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    (allowed / "cat.png").write_bytes(_png())
+    (tmp_path / "secret.png").write_bytes(_png())
+    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
+    limits = MediaLimits(100_000, 10_000, local_dir=allowed)
+    assert load_image(str(allowed / "cat.png"), limits).size == (8, 6)
+    assert load_image(f"file://{allowed}/cat.png", limits).size == (8, 6)
+    for outside in (str(tmp_path / "secret.png"), f"{allowed}/../secret.png", str(allowed / "link.png")):
+        with pytest.raises(ValueError, match="outside the allowed media folder"):
+            load_image(outside, limits)
+    with pytest.raises(ValueError, match="no such file"):
+        load_image(str(allowed / "missing.png"), limits)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]", "192.168.0.1",
+                                  "0.0.0.0"])
+def test_urls_to_non_public_addresses_are_refused(host):
+    limits = MediaLimits(100_000, 10_000, allow_urls=True)
+    with pytest.raises(ValueError, match="non-public address"):
+        load_image(f"http://{host}/cat.png", limits)
+
+
+def test_urls_with_credentials_are_refused():
+    with pytest.raises(ValueError, match="must not carry credentials"):
+        load_image("http://user:pw@example.com/cat.png", MediaLimits(100_000, 10_000, allow_urls=True))
+
+
+@contextlib.contextmanager
+def _image_server(png: bytes):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if not self.headers["Host"].startswith("images.example:"):  # the URL's host, not the address
+                self.send_response(400)
+                self.end_headers()
+                return
+            if self.path == "/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "/cat.png")
+                self.end_headers()
+                return
+            body = png if self.path == "/cat.png" else png * 200
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://images.example:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_the_byte_limit(monkeypatch):
+    """A host no DNS knows, "resolved" (and passed) as the local server's address: the fetch goes
+    to that address with the host in the Host header."""
+    monkeypatch.setattr(media_loading, "_public_address", lambda host, field: "127.0.0.1")
+    png = _png()
+    limits = MediaLimits(max_bytes=len(png) * 10, max_pixels=10_000, allow_urls=True, fetch_timeout_s=5)
+    with _image_server(png) as url:
+        assert load_image(f"{url}/cat.png", limits).size == (8, 6)
+        with pytest.raises(ValueError, match="HTTP 302"):
+            load_image(f"{url}/moved.png", limits)
+        with pytest.raises(ValueError, match="larger than"):
+            load_image(f"{url}/big.png", limits)

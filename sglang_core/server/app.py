@@ -24,6 +24,7 @@ from sglang_core.server.context import ClientGone, Overloaded, ServerContext
 from sglang_core.server.errors import error_response, param_of
 from sglang_core.server.metrics import ServerMetrics
 from sglang_core.server.middleware import ServerMiddleware
+from sglang_core.server.openapi import ApiDocs
 from sglang_core.server.settings import ServerSettings
 
 logger = logging.getLogger("sglang_core.server")
@@ -46,14 +47,15 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="sglang-core", lifespan=lifespan)
     app.state.ctx = ctx
     _install_error_handlers(app, ctx)
+    docs = ApiDocs.for_app(app)
 
-    @app.get("/health")
+    @app.get("/health", **docs.route(summary="200 while the engine runs, else 503"))
     async def health() -> Response:
         if ctx.engine is not None and ctx.engine.alive:
             return Response(status_code=200)
         return error_response(503, "the engine is not running")
 
-    @app.get("/metrics")
+    @app.get("/metrics", **docs.route(text="Prometheus metrics, text format"))
     async def prometheus() -> Response:
         if ctx.engine is not None and ctx.engine.alive:
             with contextlib.suppress(Exception):

@@ -55,7 +55,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
             return Response(status_code=200)
         return error_response(503, "the engine is not running")
 
-    @app.get("/metrics", **docs.route(text="Prometheus metrics, text format"))
+    @app.get("/metrics", **docs.route(text="Prometheus metrics, text format", summary="Prometheus metrics"))
     async def prometheus() -> Response:
         if ctx.engine is not None and ctx.engine.alive:
             with contextlib.suppress(Exception):

@@ -125,3 +125,13 @@ def test_docs_api_md_is_the_rendered_document(document):
     spec.loader.exec_module(render_api)
     assert (docs / "api.md").read_text() == render_api.render(document), \
         "docs/api.md is stale: run python docs/render_api.py > docs/api.md"
+
+
+def test_a_method_a_route_lacks_is_a_405_naming_the_allowed_ones(app):
+    """Found by checking the server as OpenAPI tools do: the 405 lost Starlette's Allow header."""
+    client = TestClient(app, raise_server_exceptions=False)
+    answer = client.delete("/v1/chat/completions")
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+    assert answer.json()["error"]["code"] == "405"
+    answer = client.delete("/v1/messages")
+    assert answer.headers["allow"] == "POST" and answer.json()["type"] == "error"

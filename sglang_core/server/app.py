@@ -77,8 +77,10 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
     exception is answered by ``ServerMiddleware`` (not by a handler here: Starlette re-raises
     after a catch-all handler, and uvicorn then drops the keep-alive connection)."""
 
-    def error_reply(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
-        return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status)
+    def error_reply(request: Request, status: int, message: str, param: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status,
+                            headers=headers)
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
@@ -93,7 +95,7 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_reply(request, exc.status_code, str(exc.detail))
+        return error_reply(request, exc.status_code, str(exc.detail), headers=exc.headers)  # 405's Allow
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:

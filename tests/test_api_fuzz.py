@@ -46,3 +46,13 @@ def test_a_constraint_the_vocabulary_cannot_spell_is_a_400_not_a_500(lang_server
                           json={"prompt": "Hi", "max_tokens": 2, "regex": UNSPELLABLE, "stream": True})
     events = [line for line in streamed.text.split("\n") if line.startswith("data: {")]
     assert events and '"code": "400"' in events[-1], streamed.text
+
+
+def test_a_temperature_past_float32_still_follows_the_constraint(lang_server):
+    """Found by the fuzzer: temperature 1e306 became inf in the sampler, so a token the grammar
+    masked out (-inf / inf = NaN) was drawn and the request failed with a 500."""
+    for _ in range(3):
+        answer = httpx.post(f"{lang_server.url}/v1/completions", timeout=60, json={
+            "prompt": "The capital of France is", "max_tokens": 2, "temperature": 1e306, "regex": "[0-9]+"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"].isdigit(), answer.text

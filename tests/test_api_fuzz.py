@@ -7,6 +7,7 @@ schema; afterwards the server still answers and its KV memory is whole. A longer
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from api_fuzz import GENERATED_TOKENS, fuzz, operations, wait_until_memory_whole
 
@@ -48,11 +49,13 @@ def test_a_constraint_the_vocabulary_cannot_spell_is_a_400_not_a_500(lang_server
     assert events and '"code": "400"' in events[-1], streamed.text
 
 
-def test_a_temperature_past_float32_still_follows_the_constraint(lang_server):
-    """Found by the fuzzer: temperature 1e306 became inf in the sampler, so a token the grammar
-    masked out (-inf / inf = NaN) was drawn and the request failed with a 500."""
+@pytest.mark.parametrize("extreme", [{"temperature": 1e306}, {"top_p": 5e-324}, {"repetition_penalty": 5e-324}])
+def test_sampling_values_past_float32_still_follow_the_constraint(lang_server, extreme):
+    """Found by the fuzzer: values the engine accepts that float32 cannot hold (temperature 1e306
+    became inf, top_p 5e-324 became 0) made every probability NaN or 0, so a token the grammar
+    masked out was drawn and the request failed with a 500."""
     for _ in range(3):
         answer = httpx.post(f"{lang_server.url}/v1/completions", timeout=60, json={
-            "prompt": "The capital of France is", "max_tokens": 2, "temperature": 1e306, "regex": "[0-9]+"})
+            "prompt": "The capital of France is", "max_tokens": 2, "temperature": 1, "regex": "[0-9]+", **extreme})
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["text"].isdigit(), answer.text

@@ -89,8 +89,10 @@ class SamplingBatch:
 
     @cached_property
     def top_p(self) -> torch.Tensor:
-        """[B] float32."""
-        return self._column([p.top_p for p in self.params], torch.float32)
+        """[B] float32. A top_p below float32's smallest normal is that value (the top token only);
+        as 0 it would keep no token at all."""
+        smallest = torch.finfo(torch.float32).tiny
+        return self._column([max(p.top_p, smallest) for p in self.params], torch.float32)
 
     @cached_property
     def top_k(self) -> torch.Tensor:

@@ -82,13 +82,17 @@ class SamplingBatch:
 
     @cached_property
     def temperatures(self) -> torch.Tensor:
-        """[B] float32."""
-        return self._column([p.temperature for p in self.params], torch.float32)
+        """[B] float32. A temperature past float32's range is its largest value, which flattens the
+        distribution just the same; as inf, a masked logit (-inf / inf) would be NaN and win."""
+        largest = torch.finfo(torch.float32).max
+        return self._column([min(p.temperature, largest) for p in self.params], torch.float32)
 
     @cached_property
     def top_p(self) -> torch.Tensor:
-        """[B] float32."""
-        return self._column([p.top_p for p in self.params], torch.float32)
+        """[B] float32. A top_p below float32's smallest normal is that value (the top token only);
+        as 0 it would keep no token at all."""
+        smallest = torch.finfo(torch.float32).tiny
+        return self._column([max(p.top_p, smallest) for p in self.params], torch.float32)
 
     @cached_property
     def top_k(self) -> torch.Tensor:

@@ -95,7 +95,11 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, row_list: list[int]) -> torch.Tensor:
-        probs = torch.softmax(logits / batch.temperatures[rows, None], dim=-1)
+        # A logit pushed past float32 (a tiny repetition_penalty divides by ~0) is the largest
+        # value, so it wins, rather than inf, which would make the whole row NaN.
+        scaled = torch.nan_to_num(logits / batch.temperatures[rows, None], posinf=torch.finfo(logits.dtype).max,
+                                  neginf=float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
         vocab = probs.shape[1]
         params = [batch.reqs[i].sampling_params for i in row_list]  # decided on the host: no GPU sync
         if any(0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0 for p in params):

@@ -139,7 +139,8 @@ class Scheduler:
                 if time.monotonic() - req.arrival_time > self.settings.grammar_compile_timeout_s:
                     kind = req.sampling_params.constraint[0]
                     self._finish(req, {"type": "abort", "message": f"{kind}: compiling took longer than "
-                                       f"{self.settings.grammar_compile_timeout_s:g} s"}, cache=False)
+                                       f"{self.settings.grammar_compile_timeout_s:g} s", "status_code": 400},
+                                 cache=False)
                     failed.append(req)
                 continue
             try:
@@ -147,7 +148,8 @@ class Scheduler:
                 if req.sampling_params.constraint_after_ids:
                     req.grammar = DeferredGrammarState(req.grammar, req.sampling_params.constraint_after_ids)
             except Exception as exc:  # the backend's error names the field; it ends this request only
-                self._finish(req, {"type": "abort", "message": str(exc)}, cache=False)
+                # status_code 400: the request's own constraint is at fault (SGLang's abort field).
+                self._finish(req, {"type": "abort", "message": str(exc), "status_code": 400}, cache=False)
                 failed.append(req)
                 continue
             self._admission_blocked = False

@@ -25,6 +25,7 @@ from sglang_core.server.context import ClientGone, Overloaded, ServerContext
 from sglang_core.server.errors import error_response, param_of
 from sglang_core.server.metrics import ServerMetrics
 from sglang_core.server.middleware import ServerMiddleware
+from sglang_core.server.openapi import ApiDocs
 from sglang_core.server.settings import ServerSettings
 
 logger = logging.getLogger("sglang_core.server")
@@ -47,14 +48,15 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="sglang-core", lifespan=lifespan)
     app.state.ctx = ctx
     _install_error_handlers(app, ctx)
+    docs = ApiDocs.for_app(app)
 
-    @app.get("/health")
+    @app.get("/health", **docs.route(summary="200 while the engine runs, else 503"))
     async def health() -> Response:
         if ctx.engine is not None and ctx.engine.alive:
             return Response(status_code=200)
         return error_response(503, "the engine is not running")
 
-    @app.get("/metrics")
+    @app.get("/metrics", **docs.route(text="Prometheus metrics, text format", summary="Prometheus metrics"))
     async def prometheus() -> Response:
         if ctx.engine is not None:
             with contextlib.suppress(Exception):
@@ -83,8 +85,10 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
     exception is answered by ``ServerMiddleware`` (not by a handler here: Starlette re-raises
     after a catch-all handler, and uvicorn then drops the keep-alive connection)."""
 
-    def error_reply(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
-        return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status)
+    def error_reply(request: Request, status: int, message: str, param: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(ctx.error_body_for(request.scope["path"], status, message, param), status_code=status,
+                            headers=headers)
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
@@ -99,7 +103,7 @@ def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_reply(request, exc.status_code, str(exc.detail))
+        return error_reply(request, exc.status_code, str(exc.detail), headers=exc.headers)  # 405's Allow
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # What Pydantic puts in an error's location for the member of a union; not part of the field path.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
@@ -30,15 +30,17 @@ class SGLangSampling(StrictBody):
     """SGLang's sampling extensions, which our OpenAI and Anthropic frontends both take in the
     request body (the vendors' APIs have no such fields; clients send them in ``extra_body``)."""
 
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    regex: str | None = None
-    json_schema: str | dict[str, Any] | None = None  # an object is serialised for the engine
-    ebnf: str | None = None
+    min_p: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 1})
+    repetition_penalty: float | None = Field(None, description="1: off", json_schema_extra={"exclusiveMinimum": 0})
+    ignore_eos: bool | None = Field(None, description="keep generating past the end-of-sequence token")
+    min_tokens: int | None = Field(None, description="generate at least this many tokens (at most max_tokens)",
+                                   json_schema_extra={"minimum": 0})
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end the output")
+    skip_special_tokens: bool | None = Field(None, description="default true: leave special tokens out of the text")
+    regex: str | None = Field(None, description="constrain the output to this regular expression")
+    json_schema: str | dict[str, Any] | None = Field(  # an object is serialised for the engine
+        None, description="constrain the output to this JSON schema (an object, or its text)")
+    ebnf: str | None = Field(None, description="constrain the output to this grammar (EBNF, in the grammar backend's dialect)")
 
     # Engine param names in its error messages -> these fields' names.
     API_NAMES: ClassVar[dict[str, str]] = {"min_new_tokens": "min_tokens"}

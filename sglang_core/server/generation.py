@@ -17,9 +17,13 @@ class RequestAborted(Exception):
 
 
 def finish_reason(chunk: dict) -> dict | None:
-    """An engine chunk's finish reason (None while running); an abort raises ``RequestAborted``."""
+    """An engine chunk's finish reason (None while running); an abort raises ``RequestAborted``,
+    or ``ValueError`` (a 400) when the request itself was at fault (a constraint that cannot be
+    compiled: ``status_code`` 400)."""
     reason = chunk["meta_info"]["finish_reason"]
     if reason is not None and reason["type"] == "abort":
+        if reason.get("status_code") == 400:
+            raise ValueError(reason.get("message") or "invalid request")
         raise RequestAborted(reason.get("message") or "aborted")
     return reason
 

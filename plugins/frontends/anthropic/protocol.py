@@ -73,12 +73,13 @@ _MODES = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
 class Conversation(StrictBody):
     """What ``/v1/messages/count_tokens`` reads: the model's input, without generation settings."""
 
-    model: str
-    messages: list[Message]
-    system: str | list[ContentBlock] | None = None
-    tools: list[ToolDefinition] | None = None
-    tool_choice: ToolChoice | None = None
-    thinking: dict[str, Any] | None = None
+    model: str = Field(description="accepted and ignored: the server serves one model")
+    messages: list[Message] = Field(description="the conversation; a final assistant message is continued")
+    system: str | list[ContentBlock] | None = Field(None, description="the system prompt (text blocks)")
+    tools: list[ToolDefinition] | None = Field(None, description="custom tools the model may call")
+    tool_choice: ToolChoice | None = Field(None, description="default: auto")
+    thinking: dict[str, Any] | None = Field(None, description='{"type": "enabled"}: return reasoning as thinking '
+                                                             'blocks (needs --reasoning-parser); budget_tokens ignored')
 
     def check_supported(self) -> None:
         self.tool_use()
@@ -209,14 +210,17 @@ class MessagesRequest(Conversation, SGLangSampling):
     takes them) and the penalties, which Anthropic's API lacks; a request without them is served
     as Anthropic does."""
 
-    max_tokens: int = Field(ge=1)
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
+    max_tokens: int = Field(ge=1, description="most tokens to generate")
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="strings that end the message (reported as stop_sequence)")
+    temperature: float | None = Field(None, ge=0, le=1, description="0: greedy; default 1")
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stream: bool = False
+    frequency_penalty: float | None = Field(None, description="SGLang extension",
+                                            json_schema_extra={"minimum": -2, "maximum": 2})
+    presence_penalty: float | None = Field(None, description="SGLang extension",
+                                           json_schema_extra={"minimum": -2, "maximum": 2})
+    stream: bool = Field(False, description="answer with Anthropic's server-sent events")
     metadata: dict[str, Any] | None = None  # accepted and ignored: it only tags requests at Anthropic
 
     def check_supported(self) -> None:

@@ -25,10 +25,14 @@ from sglang_core.server.context import ServerContext
 from sglang_core.server.generation import (
     RequestAborted, chat_prompt_ids, check_prompt, finish_reason, validated_params,
 )
+from sglang_core.server.openapi import ApiDocs
 
 from sglang_core.server.tool_parser import ToolCall
 
 from sglang_plugins.frontends.anthropic.protocol import Conversation, MessagesRequest
+from sglang_plugins.frontends.anthropic.responses import (
+    EXAMPLES, AnthropicError, CountTokensResponse, MessageResponse, MessageStreamEvent,
+)
 from sglang_plugins.frontends.tool_calling import MessageParser, MessagePiece, ToolCalling
 
 logger = logging.getLogger("sglang_core.server.anthropic")
@@ -51,8 +55,10 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
     tool_calling = ToolCalling(ctx, template)  # so do unknown parser names
     ctx.error_shapes[PATH] = error_body
+    docs = ApiDocs.for_app(app)
 
-    @app.post(PATH)
+    @app.post(PATH, **docs.route(errors=AnthropicError, body=MessagesRequest, response=MessageResponse,
+                                 stream=MessageStreamEvent, example=EXAMPLES["messages"], summary="Create a message"))
     async def create_message(request: Request) -> Response:
         req = parse_body(MessagesRequest, await request.body())
         if req.thinking_enabled and tool_calling.reasoning is None:
@@ -84,7 +90,8 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         return JSONResponse({**head, "content": content, **stop,
                              "usage": usage(result["meta_info"]["prompt_tokens"], result["meta_info"]["completion_tokens"])})
 
-    @app.post(PATH + "/count_tokens")
+    @app.post(PATH + "/count_tokens", **docs.route(errors=AnthropicError, body=Conversation, response=CountTokensResponse,
+                                                   example=EXAMPLES["count_tokens"], summary="Count a conversation's tokens"))
     async def count_tokens(request: Request) -> Response:
         req = parse_body(Conversation, await request.body())
         ids, images = prompt_ids(ctx, req, template)

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from sglang_core.engine import split_prompts
 from sglang_core.media_inputs import images_per_prompt
@@ -25,16 +25,21 @@ class NativeBody(StrictBody):
 class GenerateBody(NativeBody):
     """A scalar applies to every prompt; a list gives one value per prompt (null: the default)."""
 
-    text: str | list[str] | None = None
-    input_ids: list[int | list[int]] | None = None  # one prompt or a batch; split_prompts refuses a mix
-    image_data: Any = None  # one or a list for one prompt; an entry (null, one, a list) per prompt for several
-    sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
-    rid: str | list[str] | None = None
+    text: str | list[str] | None = Field(None, description="a prompt or a batch (give text or input_ids)")
+    input_ids: list[int | list[int]] | None = Field(  # split_prompts refuses a mix
+        None, description="a prompt as token ids, or a batch of them")
+    image_data: Any = Field(None, description="images for the prompt (data URL or base64; URLs and files where allowed): one or a "
+                          "list for one prompt; an entry (null, one, a list) per prompt for several")
+    sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = Field(
+        None, description="SGLang 0.2.10's sampling params (max_new_tokens default 128, temperature, top_p, top_k, "
+                          "min_p, stop, stop_token_ids, n, regex, json_schema, ...)")
+    rid: str | list[str] | None = Field(None, description="request id(s), for /abort_request")
     return_logprob: bool | list[bool | None] | None = None
-    logprob_start_len: int | list[int | None] | None = None
+    logprob_start_len: int | list[int | None] | None = Field(None, description="first prompt position to report "
+                                                                              "logprobs for (default 0)")
     top_logprobs_num: int | list[int | None] | None = None
     return_text_in_logprobs: bool | None = None
-    stream: bool | None = None
+    stream: bool | None = Field(None, description="answer with server-sent events, each the whole text so far")
 
 
 class TokenizeBody(NativeBody):

@@ -14,7 +14,7 @@ from sglang_plugins.frontends.tool_calling import NO_PARAMETERS, Function, ToolU
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="end the stream with a chunk holding usage and no choices")
 
 
 class JsonSchemaFormat(_Body):
@@ -32,20 +32,20 @@ class ResponseFormat(_Body):
 class SamplingRequest(SGLangSampling):
     """Fields chat and completions share, plus the SGLang sampling extensions clients send."""
 
-    model: str | None = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    logit_bias: dict[str, float] | None = None
-    stream: bool = False
+    model: str | None = Field(None, description="accepted and ignored: the server serves one model")
+    n: int = Field(1, ge=1, le=128, description="choices per prompt")
+    temperature: float | None = Field(None, description="0: greedy; default 1", json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(None, description="default 1", json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    stop: str | list[str] | None = Field(None, description="non-empty strings that end a choice (not included in it)")
+    presence_penalty: float | None = Field(None, json_schema_extra={"minimum": -2, "maximum": 2})
+    frequency_penalty: float | None = Field(None, json_schema_extra={"minimum": -2, "maximum": 2})
+    seed: int | None = Field(None, description="makes sampling reproducible; choice j uses a seed derived from it")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as text) -> finite bias added to its logit")
+    stream: bool = Field(False, description="answer with server-sent events (text/event-stream)")
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    top_k: int | None = None  # an SGLang extension; the others come from SGLangSampling
-    response_format: ResponseFormat | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    top_k: int | None = Field(None, description="SGLang extension: -1 (off) or >= 1", json_schema_extra={"minimum": -1})
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrain the output")
 
     @property
     def include_usage(self) -> bool:
@@ -74,12 +74,13 @@ class SamplingRequest(SGLangSampling):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # null: as many as the context leaves
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a prompt as text or token ids, or a batch of them")
+    max_tokens: int | None = Field(16, ge=0, description="null: as many as the context leaves")
+    logprobs: int | None = Field(None, ge=0, le=20, description="return this many top alternatives per token")
+    echo: bool = Field(False, description="put the prompt before the completion")
+    suffix: str | None = Field(None, description="refused unless empty")
+    best_of: int | None = Field(None, description="refused unless equal to n")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -186,15 +187,16 @@ class NamedToolChoice(_Body):
 
 
 class ChatRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # None: true
-    add_generation_prompt: bool = True
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, through the chat template")
+    max_tokens: int | None = Field(None, ge=0, description="null: as many as the context leaves")
+    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens; wins over it")
+    logprobs: bool = Field(False, description="return the generated tokens' logprobs")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
+    tools: list[Tool] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(None, description="default true: more than one call per message")
+    add_generation_prompt: bool = Field(True, description="SGLang extension: end the prompt with the assistant's turn")
 
     @property
     def max_tokens_field(self) -> tuple[str, int | None]:

@@ -24,10 +24,14 @@ from sglang_core.server.chat_templates import resolve_chat_template
 from sglang_core.server.context import ServerContext
 from sglang_core.server.errors import error_body, param_of
 from sglang_core.server.bodies import parse_body
+from sglang_core.server.openapi import ApiDocs
 from sglang_core.server.generation import RequestAborted, chat_prompt_ids, check_prompt
 
 from sglang_plugins.frontends.openai.generation import Choice, merged, sampling_params, usage
 from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest
+from sglang_plugins.frontends.openai.responses import (
+    EXAMPLES, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelCard, ModelList,
+)
 from sglang_plugins.frontends.openai.shapes import ChatShape, CompletionShape
 from sglang_plugins.frontends.tool_calling import ToolCalling
 
@@ -50,27 +54,30 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
     template = resolve_chat_template(ctx.settings.chat_template)  # a bad name fails at startup
     tool_calling = ToolCalling(ctx, template)  # so do unknown parser names
     created = int(time.time())
+    docs = ApiDocs.for_app(app)
 
     def model_card() -> dict[str, Any]:
         return {"id": ctx.model_name, "object": "model", "created": created, "owned_by": "sglang-core",
                 "root": ctx.engine.model_path, "max_model_len": ctx.engine.info.context_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **docs.route(response=ModelList, summary="The served model"))
     async def list_models() -> Response:
         return JSONResponse({"object": "list", "data": [model_card()]})
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", **docs.route(response=ModelCard, summary="One model (404 unless served)"))
     async def get_model(model_id: str) -> Response:
         if model_id != ctx.model_name:
             return ctx.error(404, f"model {model_id!r} not found; this server serves {ctx.model_name!r}", "model")
         return JSONResponse(model_card())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **docs.route(body=CompletionRequest, response=Completion, stream=CompletionChunk,
+                                              example=EXAMPLES["completion"], summary="Complete a prompt"))
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         return await respond(ctx, request, req, COMPLETION, completion_plan(ctx, req), "cmpl")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **docs.route(body=ChatRequest, response=ChatCompletion, stream=ChatCompletionChunk,
+                                                   example=EXAMPLES["chat"], summary="Answer a conversation"))
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatRequest, await request.body())
         return await respond(ctx, request, req, CHAT, chat_plan(ctx, req, template, tool_calling), "chatcmpl")

@@ -150,7 +150,12 @@ class BatchRunner:
                 try:
                     req.grammar.advance(next_ids[i])
                 except Exception as exc:  # a grammar backend's failure ends its own request only
-                    self._finish(req, {"type": "abort", "message": f"grammar backend error: {exc}"})
+                    # The sampled token broke the constraint: the mask left no token that can spell
+                    # its next bytes (a constraint this vocabulary cannot follow), so the request's
+                    # constraint is at fault: status_code 400, as an uncompilable one.
+                    kind = req.sampling_params.constraint[0]
+                    self._finish(req, {"type": "abort", "status_code": 400,
+                                       "message": f"{kind}: this vocabulary cannot follow the constraint ({exc})"})
                     continue
             if req.return_logprob:
                 req.output_token_logprobs.append(float(result.logprobs[i]))

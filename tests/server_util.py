@@ -69,3 +69,24 @@ def running_server(*args: str, timeout_s: float = 180, env: dict | None = None, 
                 process.kill()
                 process.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def app_in_thread(app, **config) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread of this process on a free port; yields its URL.
+    ``config``: more ``uvicorn.Config`` settings (``lifespan="off"`` for an app without an engine)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="critical", **config))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -262,29 +262,15 @@ CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 def server(llava):
     """The app served by uvicorn in a thread, the engine in a thread of this process (a spawned
     engine process costs CI tens of seconds to start; requests still pass the msgpack check)."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from server_util import free_port
+    from server_util import app_in_thread
     from sglang_core.server.app import build_app
     from sglang_core.server.settings import ServerSettings
 
     folder, _ = llava
     app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", chat_template="chatml",
                                    max_total_tokens=512, engine_in_subprocess=False))
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="critical"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join()
+    with app_in_thread(app) as url:
+        yield url
 
 
 def test_openai_chat_image_url_parts_match_hf(llava, server):

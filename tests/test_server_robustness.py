@@ -295,13 +295,9 @@ def test_bad_inputs_get_4xx_and_keep_the_connection(tiny_server):
 def test_unexpected_error_is_a_500_that_keeps_the_connection(tiny_llama):
     """A bug of ours (here, a route that raises) is answered in the error envelope, and the
     client's keep-alive connection stays usable; served by uvicorn as `serve` runs it."""
-    import threading
-
-    import uvicorn
-
     from sglang_core.server.app import build_app
     from sglang_core.server.settings import ServerSettings
-    from server_util import free_port
+    from server_util import app_in_thread
 
     app = build_app(ServerSettings(model_path=str(tiny_llama), chat_template="chatml"))
 
@@ -311,14 +307,7 @@ def test_unexpected_error_is_a_500_that_keeps_the_connection(tiny_llama):
     app.add_route("/broken", broken, methods=["POST"])
     app.add_route("/v1/messages/broken", broken, methods=["POST"])
     # No lifespan: this needs no engine.
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), lifespan="off", log_level="critical"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{server.config.port}"
+    with app_in_thread(app, lifespan="off") as url:
         with httpx.Client(base_url=url, timeout=30) as http:
             ports = set()
             for path in ("/broken", "/broken", "/v1/messages/broken"):
@@ -333,9 +322,6 @@ def test_unexpected_error_is_a_500_that_keeps_the_connection(tiny_llama):
             assert served.status_code == 200 and served.json()["chat_template"] == "chatml"
             ports.add(local_port(served))
             assert len(ports) == 1, "a 500 closed the connection"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_native_clips_max_new_tokens_openai_refuses(tiny_server):

@@ -77,8 +77,8 @@ def register_weight_formats(register: Register) -> None:
 
 @hookspec
 def register_grammar_backends(register: Register) -> None:
-    """Register grammar backends for constrained decoding (regex / JSON Schema), by name as
-    chosen with ``--grammar-backend`` (default ``outlines``, the built-in outlines-core one).
+    """Register grammar backends for constrained decoding (regex / JSON Schema / EBNF), by name as
+    chosen with ``--grammar-backend`` (default ``llguidance``; built in too: ``outlines``, ``xgrammar``).
 
     ``register("mygrammar", "pkg.grammar:MyBackend")``: a subclass of
     ``sglang_core.constrained.grammar.GrammarBackend``, built as

@@ -127,7 +127,7 @@ ENDPOINTS = [("/generate", native_bodies), ("/v1/chat/completions", openai_bodie
              ("/abort_request", st.fixed_dictionaries({}, optional={"rid": JSON_VALUE}))]
 
 
-@settings(max_examples=1050, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(case=st.one_of(*(st.tuples(st.just(path), bodies.map(lambda b: json.dumps(b, allow_nan=True).encode()))
                         for path, bodies in ENDPOINTS),
                       st.tuples(st.sampled_from([p for p, _ in ENDPOINTS]), raw_bodies)))

@@ -384,3 +384,22 @@ def test_packed_shard_that_splits_a_word_is_an_error():
     layer = ColumnParallelLinear(128, 8, tp=group(0, 2), quant_method=PackedInt4Method())
     with pytest.raises(ValueError, match="packing 8"):
         layer.qzeros.weight_loader(layer.qzeros, torch.zeros(8, 1, dtype=torch.int32))
+
+
+def test_dummy_weights_fill_packed_and_float8_parameters() -> None:
+    """Speed work runs quantized layouts on dummy weights: packed integer codes get random bit
+    patterns over their whole range, float8 tensors noise drawn in float32, norms one."""
+    from sglang_core.weights.loader import init_dummy_weights
+
+    model = torch.nn.Module()
+    model.qweight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.int32), requires_grad=False)
+    model.codes = torch.nn.Parameter(torch.zeros(4096, dtype=torch.uint8), requires_grad=False)
+    model.weight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float8_e4m3fn), requires_grad=False)
+    model.input_layernorm = torch.nn.Module()
+    model.input_layernorm.weight = torch.nn.Parameter(torch.zeros(8))
+    init_dummy_weights(model, seed=0)
+    assert bool((model.qweight < 0).any()) and bool((model.qweight > 2**24).any())  # high bits set
+    assert int(model.codes.min()) < 16 and int(model.codes.max()) > 240
+    fp = model.weight.float()
+    assert 0.01 < float(fp.std()) < 0.04 and bool(torch.isfinite(fp).all())
+    assert bool((model.input_layernorm.weight == 1).all())

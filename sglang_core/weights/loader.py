@@ -139,4 +139,9 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
                 continue
             # Generate on the parameter's device: an 8B model's noise made on the host is slow to move.
             gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
-            param.normal_(0.0, 0.02, generator=gen)
+            if not param.dtype.is_floating_point:  # packed codes (AWQ, GPTQ, GGUF): any bit pattern is valid
+                param.random_(torch.iinfo(param.dtype).min, torch.iinfo(param.dtype).max, generator=gen)
+            elif param.element_size() == 1:  # float8 has no random kernels: draw in float32
+                param.copy_(torch.empty_like(param, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
+            else:
+                param.normal_(0.0, 0.02, generator=gen)

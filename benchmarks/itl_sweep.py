@@ -15,8 +15,12 @@ rates each server takes a short warm-up load (all at once, so prefill and decode
 every kernel is compiled). Runs that would pass `--deadline-s` are skipped and say so.
 
 Policies (`--policy NAME=FLAGS`, repeatable; default: the three below): `default` (today's
-schedule), `budget256` (`--max-step-tokens 256`), `target12ms` (`--target-step-ms 12
---max-step-tokens 512`: the budget from measured step costs, capped).
+schedule), `ratio2.3` (`--target-step-ratio 2.3`: a step carrying prefill sized to take at most
+2.3 plain decode steps of the running batch, from measured step costs), `mixed384`
+(`--enable-mixed-chunk --chunked-prefill-size 384`: decodes ride along with prefill chunks of at
+most 384 tokens). Measured on an H100 (2026-12-07, docs/benchmarks.md): `--max-step-tokens 256`,
+whose budget the decodes share, starved prefill at saturation (half the throughput), and
+`--target-step-ms 12 --max-step-tokens 512` missed its target (p99 ITL 21 ms at 8 req/s).
 
 Writes to `--out`: `itl_sweep.jsonl` (bench-serving's JSON line per run, with `policy`),
 `itl_sweep.md` (a table per policy, then the issue's checks side by side) and each server's log.
@@ -39,8 +43,8 @@ from serving_cpu import stop, wait_healthy
 from sglang_core.bench_serving import markdown_table
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
-POLICIES = {"default": "", "budget256": "--max-step-tokens 256",
-            "target12ms": "--target-step-ms 12 --max-step-tokens 512"}
+POLICIES = {"default": "", "ratio2.3": "--target-step-ratio 2.3",
+            "mixed384": "--enable-mixed-chunk --chunked-prefill-size 384"}
 # The tiny model of --dry-run (its tokenizer is the engine's placeholder for a bare config folder).
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

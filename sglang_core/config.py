@@ -79,6 +79,7 @@ class EngineSettings(CliSettings):
     enable_mixed_chunk: bool = Field(False, description="running requests decode their next token in the same forward pass as a prefill step instead of waiting for it")
     max_step_tokens: int | None = Field(None, gt=0, description="most tokens in a step that carries prefill: the running requests' decodes ride along first (as with --enable-mixed-chunk) and prefill chunks fill the rest, so a prompt stalls decoding for one bounded step at a time; unset: prefill steps are bounded by --chunked-prefill-size alone")
     target_step_ms: float | None = Field(None, gt=0, description="size the token budget of steps that carry prefill so their time stays near this, from a line time = a + b * tokens fitted to recent such steps (at most --max-step-tokens, else --chunked-prefill-size); implies the decodes-first steps of --max-step-tokens")
+    target_step_ratio: float | None = Field(None, gt=1, description="as --target-step-ms, with the target this many times the running batch's plain decode step (the median of the last ones measured), so a step carrying prefill stalls the decodes by a bounded factor at any load")
 
     # Plugins and kernels
     plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
@@ -118,10 +119,13 @@ class EngineSettings(CliSettings):
 
     @model_validator(mode="after")
     def _step_budget_needs_chunks(self) -> "EngineSettings":
-        if (self.max_step_tokens is not None or self.target_step_ms is not None) and self.chunked_prefill_size <= 0:
-            field = "max_step_tokens" if self.max_step_tokens is not None else "target_step_ms"
-            raise ValueError(f"{field}: a step token budget splits prompts into chunks; it needs "
+        fields = [f for f in ("max_step_tokens", "target_step_ms", "target_step_ratio") if getattr(self, f) is not None]
+        if fields and self.chunked_prefill_size <= 0:
+            raise ValueError(f"{fields[0]}: a step token budget splits prompts into chunks; it needs "
                              f"chunked_prefill_size > 0 (got {self.chunked_prefill_size})")
+        if self.target_step_ms is not None and self.target_step_ratio is not None:
+            raise ValueError("target_step_ratio: give a step time target either in ms (target_step_ms) or as a "
+                             "ratio to a decode step, not both")
         return self
 
     @model_validator(mode="after")

@@ -75,10 +75,15 @@ def test_a_fixed_budget_records_nothing():
     assert budget.tokens() == 64 and not budget.costs.samples
 
 
-@pytest.mark.parametrize("field", ["max_step_tokens", "target_step_ms"])
+@pytest.mark.parametrize("field", ["max_step_tokens", "target_step_ms", "target_step_ratio"])
 def test_a_step_budget_needs_chunked_prefill(field):
     with pytest.raises(ValueError, match=field):
         EngineSettings(model_path="unused", chunked_prefill_size=0, **{field: 64})
+
+
+def test_a_time_target_is_in_ms_or_a_ratio_not_both():
+    with pytest.raises(ValueError, match="target_step_ratio"):
+        EngineSettings(model_path="unused", target_step_ms=12, target_step_ratio=2)
 
 
 # ---- the scheduler under the budget -----------------------------------------------------------
@@ -183,4 +188,54 @@ def test_a_latency_target_becomes_a_budget_from_measured_steps(tiny_llama, monke
     assert measured == extends, "every step carrying prefill was timed"
     assert extends[:2] == [64, 45]
     assert len(extends) > 5 and max(extends[2:]) <= 40 and extends[2] == 40
+    check_all_memory_back(core)
+
+
+def test_a_ratio_target_follows_the_running_batchs_decode_step(tiny_llama, monkeypatch):
+    """Every forward pass costs A + B * tokens on a fake clock. Three requests decode while
+    prompts arrive; with --target-step-ratio R a step carrying prefill may take R times the
+    median plain decode step measured so far. Replaying the logged steps gives the reference:
+    each gap between two consecutive decode steps is the second one's cost, and no step carrying
+    prefill holds more tokens than the exact line allows for R times their median."""
+    ratio, cap = 3.0, 64  # 3 decodes: (3 (A + 3B) - A) / B = 41 tokens, between the floor and the cap
+    clock = [0.0]
+    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                          monotonic=scheduler_module.time.monotonic))
+    core, steps = make_core(tiny_llama, max_step_tokens=cap, target_step_ratio=ratio)
+    forward = core.runner.forward
+
+    def costly(step):
+        clock[0] += A + B * len(step.input_ids)
+        return forward(step)
+
+    core.runner.forward = costly
+    rng = random.Random(11)
+    lengths = {f"early{i}": 40 for i in range(3)} | {f"late{i}": rng.randint(6, 14) for i in range(6)}
+    for i in range(3):
+        add(core, f"early{i}", prompt(rng, 4), lengths[f"early{i}"])
+    while len(core.scheduler.running) < 3:
+        core.step()
+    for _ in range(4):  # a few plain decode steps measured before the prompts arrive
+        core.step()
+    for i in range(6):
+        add(core, f"late{i}", prompt(rng, rng.randint(40, 90)), lengths[f"late{i}"])
+    assert run_to_the_end(core) == lengths
+
+    gaps: list[float] = []
+    bounded = 0
+    previous = None
+    for mode, tokens in steps:
+        if mode is ForwardMode.EXTEND and gaps:
+            window = sorted(gaps[-32:])
+            mid = len(window) // 2
+            median = window[mid] if len(window) % 2 else (window[mid - 1] + window[mid]) / 2
+            allowed = min(cap, max(MIN_STEP_TOKENS, int((ratio * median - A) / B)))
+            assert tokens <= allowed, (tokens, allowed)
+            bounded += allowed < cap
+        if mode is ForwardMode.DECODE and previous is ForwardMode.DECODE:
+            gaps.append(A + B * tokens)
+        previous = mode
+    assert bounded > 0, "the ratio target bound some step below the cap"
+    measured = sorted(core.scheduler.step_budget.decode_times)
+    assert measured == pytest.approx(sorted(gaps[-32:])), "each measured gap is exactly one decode step"
     check_all_memory_back(core)

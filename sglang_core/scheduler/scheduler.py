@@ -37,8 +37,9 @@ class Scheduler:
         self.memory = RequestMemory(runner.req_pool, runner.kv_pool, radix_cache=not settings.disable_radix_cache)
         self.batches = BatchRunner(runner, settings, sampler, tokenizer, eos_token_ids, self.memory, self._finish)
         self.admission = Admission(settings, self.memory)
-        # Decodes-first steps under a token budget (--max-step-tokens / --target-step-ms), else None.
-        budgeted = settings.max_step_tokens is not None or settings.target_step_ms is not None
+        # Decodes-first steps under a token budget (--max-step-tokens / --target-step-ms / -ratio), else None.
+        budgeted = any(v is not None for v in (settings.max_step_tokens, settings.target_step_ms,
+                                                settings.target_step_ratio))
         self.step_budget = StepBudget(settings) if budgeted else None
         graphs = runner.cuda_graphs if not settings.disable_overlap_schedule else None
         self.overlap = OverlappedDecode(self.batches, self.memory, graphs.max_bs if graphs is not None else 0)
@@ -158,7 +159,7 @@ class Scheduler:
     def _step(self) -> list[Req]:
         if self.overlap.in_flight is not None:
             nothing_to_admit = (not self.waiting or self._admission_blocked) and not self.chunked
-            return self.overlap.advance(self.running, nothing_to_admit)
+            return self._decoded(self.overlap.advance(self.running, nothing_to_admit))
         jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
         if jumped and (chunks := self.admission.grow_running(jumped)):
             return self._run_extend(chunks)
@@ -175,7 +176,7 @@ class Scheduler:
             self.overlap.start(self.running)
             return []
         if self.running:
-            return self._run_decode()
+            return self._decoded(self._run_decode())
         compiling = [r.grammar_future for r in self.waiting if r.awaiting_grammar]
         if compiling:  # nothing else to do: wait a little for a grammar rather than spin
             futures.wait(compiling, timeout=0.01, return_when=futures.FIRST_COMPLETED)
@@ -205,7 +206,7 @@ class Scheduler:
 
     def _run_budgeted(self, chunks: list[Chunk]) -> list[Req]:
         """Run a budgeted step; with a latency target, time it for the budget's cost model."""
-        if self.step_budget.target_s is None:
+        if not self.step_budget.timed:
             return self._run_extend(chunks)
         start = time.perf_counter()
         reqs = self._run_extend(chunks)
@@ -213,6 +214,12 @@ class Scheduler:
         if device.type == "cuda":  # a step that samples nothing returns before the device has run it
             torch.cuda.synchronize(device)
         self.step_budget.record(sum(c.end - c.start for c in chunks), time.perf_counter() - start)
+        return reqs
+
+    def _decoded(self, reqs: list[Req]) -> list[Req]:
+        """Note a plain decode step's end for a budget that follows decode step times."""
+        if self.step_budget is not None:
+            self.step_budget.decoded(time.perf_counter())
         return reqs
 
     def _run_decode(self) -> list[Req]:

@@ -4,11 +4,14 @@ The running requests' decodes take their share of the budget first and prefill c
 rest, so a long prompt stalls the decodes by one bounded step at a time instead of by whole
 prefill steps. With a latency target the budget follows measured step times: a least-squares
 line, time = a + b * tokens, over the recent steps that carried prefill, solved for the tokens
-that take the target.
+that take the target. The target is fixed (``--target-step-ms``) or a multiple of the running
+batch's plain decode step (``--target-step-ratio``): the stall a prefill step adds to every
+stream then stays a bounded factor of its usual inter-token gap, small batch or large.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from sglang_core.config import EngineSettings
@@ -22,6 +25,9 @@ COST_WINDOW = 64
 # Step sizes spanning less than this share of their mean fix no slope: timing noise over nearly
 # equal sizes can give any slope, and a slope too small would allow steps far past the target.
 MIN_SIZE_SPREAD = 0.25
+# Plain decode steps whose median is "a decode step" for --target-step-ratio: a median, so the odd
+# slow step (a new graph size, a host hiccup) does not move the target.
+DECODE_WINDOW = 32
 
 
 class StepCostModel:
@@ -66,17 +72,40 @@ class StepBudget:
     def __init__(self, settings: EngineSettings):
         self.cap = settings.max_step_tokens or settings.chunked_prefill_size
         self.target_s = settings.target_step_ms / 1000 if settings.target_step_ms is not None else None
+        self.target_ratio = settings.target_step_ratio
         self.costs = StepCostModel()
+        self.decode_times: deque[float] = deque(maxlen=DECODE_WINDOW)
+        self._last_decode_end: float | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether steps are timed: the budget follows a time target."""
+        return self.target_s is not None or self.target_ratio is not None
+
+    def target(self) -> float | None:
+        """The time a step carrying prefill should take; None before anything fixes one."""
+        if self.target_ratio is None:
+            return self.target_s
+        return self.target_ratio * statistics.median(self.decode_times) if self.decode_times else None
 
     def tokens(self) -> int:
-        if self.target_s is None:
-            return self.cap
-        fitted = self.costs.tokens_within(self.target_s)
+        target = self.target()
+        fitted = self.costs.tokens_within(target) if target is not None else None
         if fitted is None:
             return self.cap
         return min(self.cap, max(MIN_STEP_TOKENS, fitted))
 
     def record(self, tokens: int, seconds: float) -> None:
         """A step carrying prefill took ``seconds`` for ``tokens`` (decodes included)."""
-        if self.target_s is not None:
+        if self.timed:
             self.costs.record(tokens, seconds)
+        self._last_decode_end = None  # the gap up to the next decode step is not a decode step's
+
+    def decoded(self, now: float) -> None:
+        """A plain decode step ended at ``now`` (``time.perf_counter``): the gap since the one
+        before, with no prefill between, is one decode step of the running batch."""
+        if self.target_ratio is None:
+            return
+        if self._last_decode_end is not None:
+            self.decode_times.append(now - self._last_decode_end)
+        self._last_decode_end = now

@@ -8,12 +8,13 @@ retracted and prefilled again; an OpenAI ``image_url`` request through the live 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import pytest
 import torch
 
-from reference import byte_level_tokenizer
+from reference import byte_level_tokenizer, hf_greedy_logprobs
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, as Qwen's chat template writes it
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -45,8 +46,8 @@ def data_url(name: str) -> str:
 def save_tiny_qwen_vl(folder, version: str):
     """A tiny Qwen2-VL or Qwen2.5-VL: a 2-block tower of 8-pixel patches merged 2x2 (Qwen2.5's
     windows 2 merged patches a side, its second block full attention), a 2-layer Qwen2 with
-    M-RoPE bands [2, 3, 3] of its 8 frequencies; the image processor keeps images within 16-64
-    merged... pixels of 256 to 4096 so every test image is a small grid of its own shape."""
+    M-RoPE bands [2, 3, 3] of its 8 frequencies; the image processor resizes images to 256-4096
+    pixels, so each test image is a small grid of its own shape (3x3, 2x6 and 4x2 placeholders)."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -97,20 +98,19 @@ def hf_processor(folder):
     return ImageOnlyProcessor(AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
 
-def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW) -> tuple[list[int], list[float]]:
-    """transformers' greedy generate on the processor's inputs: tokens and their logprobs."""
+@functools.cache
+def hf_model(folder):
     import transformers
     from transformers import AutoConfig
 
     model_cls = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
-    model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
+    return model_cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW) -> tuple[list[int], list[float]]:
+    """transformers' greedy generate on the processor's inputs: tokens and their logprobs."""
     inputs = hf_processor(folder)(text=prompt, images=[_image(n) for n in images] or None, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
-    return tokens, logprobs
+    return hf_greedy_logprobs(hf_model(folder), inputs, max_new)
 
 
 def _generate(engine, names: list[str], max_new: int = MAX_NEW) -> list[dict]:

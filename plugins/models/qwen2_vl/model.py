@@ -10,8 +10,9 @@ input processor derives from the images (``processor.Qwen2VLInputProcessor.media
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -63,21 +64,23 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         vision: dict[str, torch.Tensor] = {}
-
-        def language_weights():
-            for name, tensor in weights:
-                for pattern, repl in CHECKPOINT_RENAMES:
-                    name = pattern.sub(repl, name)
-                if name.startswith("visual."):
-                    vision[name.removeprefix("visual.")] = tensor
-                else:
-                    yield name, tensor
-
-        self.language_model.load_weights(language_weights())
+        self.language_model.load_weights(split_off_tower(weights, vision))
         try:
             self.visual.load_state_dict(vision, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"visual: the checkpoint's weights do not fit: {exc}") from None
+
+
+def split_off_tower(weights: Iterable[tuple[str, torch.Tensor]],
+                    vision: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The language model's tensors, under the released names; the tower's go into ``vision``
+    (without their ``visual.`` prefix) as they pass."""
+    for name, tensor in weights:
+        released = functools.reduce(lambda n, rule: rule[0].sub(rule[1], n), CHECKPOINT_RENAMES, name)
+        if released.startswith("visual."):
+            vision[released.removeprefix("visual.")] = tensor
+        else:
+            yield released, tensor
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

@@ -218,3 +218,15 @@ def test_retracted_requests_with_images_stay_exact(tmp_path):
         engine.check_memory()
     for result, name in zip(results, names):
         _check(result, expected[name])
+
+
+def test_mrope_sections_must_cover_the_rotary_frequencies():
+    from transformers import Qwen2VLTextConfig
+
+    from sglang_core.layers.rotary import rope_from_config
+
+    config = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 3, 2]})
+    with pytest.raises(ValueError, match="mrope_section"):
+        rope_from_config(config, 16)

@@ -44,7 +44,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         # transformers 5 keeps the tie on the outer config (older saves put it in text_config).
         text.tie_word_embeddings = bool(config.tie_word_embeddings or getattr(text, "tie_word_embeddings", False))
         self.merge_size = config.vision_config.spatial_merge_size
-        self.visual = self.vision_tower_class()(config.vision_config).to(ctx.dtype)
+        self.visual = self.vision_tower_class()(config.vision_config)
+        # Weights in the serving dtype; the rotary's frequency buffer stays float32, as transformers keeps it.
+        for param in self.visual.parameters():
+            param.data = param.data.to(ctx.dtype)
         self.language_model = ctx.model_class_for("Qwen2ForCausalLM")(text, ctx)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

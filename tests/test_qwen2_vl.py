@@ -173,17 +173,19 @@ def test_images_of_different_sizes_and_text_batched_in_chunks_match_hf(qwen_vl):
 
 def test_same_image_reuses_the_cached_prefix_and_matches_hf(qwen_vl):
     """A prompt whose image is cached by an earlier one under another question: the image's tokens
-    come from the cache (not encoded again) and the new question's positions follow them."""
+    come from the cache (not encoded again) and the new question's positions follow them; the
+    first prompt again: all but its last token from the cache."""
     _, expected, engine, _ = qwen_vl
     engine.flush_cache()
     first = _generate(engine, ["one"])[0]
     encoded = engine.stats()["images_encoded"]
-    again = _generate(engine, ["again"])[0]
-    _check(first, expected["one"])
-    _check(again, expected["again"])
+    again, same = _generate(engine, ["again"])[0], _generate(engine, ["one"])[0]
+    for result, name in ((first, "one"), (again, "again"), (same, "one")):
+        _check(result, expected[name])
     assert engine.stats()["images_encoded"] == encoded
     assert first["meta_info"]["cached_tokens"] == 0
     assert again["meta_info"]["cached_tokens"] >= 1 + 9 + 1  # the image's start, its 3x3 placeholders, its end
+    assert same["meta_info"]["cached_tokens"] == first["meta_info"]["prompt_tokens"] - 1
     engine.check_memory()
 
 

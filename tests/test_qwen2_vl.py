@@ -232,3 +232,17 @@ def test_mrope_sections_must_cover_the_rotary_frequencies():
                                                 "mrope_section": [2, 3, 2]})
     with pytest.raises(ValueError, match="mrope_section"):
         rope_from_config(config, 16)
+
+
+def test_media_positions_cross_to_the_engine_process_intact():
+    """A request's positions travel as msgpack (no pickle) and come back bit for bit."""
+    import msgspec
+
+    from sglang_core.messages import GenerateRequest, MediaPositions
+    from sglang_core.multimodal import pack_tensor, unpack_tensor
+
+    table = torch.tensor([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]])
+    request = GenerateRequest(rid="r", input_ids=[5, 9, 9, 9, 9, 6], sampling_params={},
+                              positions=MediaPositions(pack_tensor(table), -2))
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=GenerateRequest)
+    assert back == request and torch.equal(unpack_tensor(back.positions.table), table)

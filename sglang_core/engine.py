@@ -380,9 +380,10 @@ class Engine:
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
-            media, start = [], logprob_start_len
+            media, start, positions = [], logprob_start_len, None
             if images[i]:
                 ids, media = self._media.expand(ids, images[i])
+                positions = self._media.positions(ids, media)
                 # The start counts the prompt as given: past an image, its placeholders count too.
                 start = expanded_position(start, media) if start >= 0 else start
             self._check_ids(ids)
@@ -400,6 +401,7 @@ class Engine:
                     logprob_start_len=start,
                     top_logprobs_num=top_logprobs_num,
                     media=media,
+                    positions=positions,
                 )
                 check_sendable(request)
                 requests.append(request)

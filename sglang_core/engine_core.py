@@ -15,6 +15,7 @@ from sglang_core.config import EngineSettings
 from sglang_core.messages import GenerateRequest, TokenOutput
 from sglang_core.model_executor.runner import ModelRunner
 from sglang_core.model_executor.tp_ranks import TPRanks
+from sglang_core.multimodal import unpack_tensor
 from sglang_core.plugins import PluginManager
 from sglang_core.request import Req
 from sglang_core.sampling.params import SamplingParams
@@ -104,6 +105,8 @@ class EngineCore:
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
             media=list(msg.media),
+            position_table=None if msg.positions is None else unpack_tensor(msg.positions.table),
+            position_delta=0 if msg.positions is None else msg.positions.decode_delta,
             generator=make_generator(params.seed, self.runner.device),
         ))
 

@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import ModelInfo
 from sglang_core.media_loading import MediaLimits, load_image
-from sglang_core.messages import MediaItem
-from sglang_core.multimodal import InputProcessor, expand_prompt
+from sglang_core.messages import MediaItem, MediaPositions
+from sglang_core.multimodal import InputProcessor, expand_prompt, pack_tensor
 from sglang_core.plugins import PluginManager, resolve_target
 from sglang_core.weights.loader import load_config
 
@@ -52,6 +54,17 @@ class MediaInputs:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
         images = [load_image(src, self.limits, f"image_data.{i}") for i, src in enumerate(sources)]
         return expand_prompt(self._get(), ids, images)
+
+    def positions(self, ids: list[int], media: list[MediaItem]) -> MediaPositions | None:
+        """The expanded prompt's positions if the model derives them from its media."""
+        found = self._get().media_positions(ids, media)
+        if found is None:
+            return None
+        table, delta = found
+        if table.dim() != 2 or table.shape[1] != len(ids):
+            raise ValueError(f"the model's media positions have shape {tuple(table.shape)}, "
+                             f"expected [components, {len(ids)}]")
+        return MediaPositions(pack_tensor(table.to(torch.int64)), delta)
 
     def _get(self) -> InputProcessor:
         with self._lock:

@@ -26,6 +26,15 @@ class MediaItem(msgspec.Struct, frozen=True):
     tensors: dict[str, TensorData]  # the model's encoder inputs by name ("pixel_values", ...)
 
 
+class MediaPositions(msgspec.Struct, frozen=True):
+    """Positions a model derives from a prompt's media (M-RoPE's temporal, height and width rows):
+    ``table`` int64 [components, prompt tokens]; a token at sequence index ``i`` past the prompt
+    has position ``i + decode_delta`` in every component."""
+
+    table: TensorData
+    decode_delta: int
+
+
 class GenerateRequest(msgspec.Struct, frozen=True):
     """A tokenized, validated request."""
 
@@ -36,6 +45,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     media: list[MediaItem] = []  # the prompt's images, in prompt order
+    positions: MediaPositions | None = None  # None: each token's position is its index
 
 
 class TokenOutput(msgspec.Struct):

@@ -39,6 +39,11 @@ class InputProcessor(abc.ABC):
         """The encoder's inputs for one image (``{"pixel_values": [1, 3, H, W], ...}``) and how
         many placeholder tokens it takes in the prompt."""
 
+    def media_positions(self, ids: list[int], media: list[MediaItem]) -> tuple[torch.Tensor, int] | None:
+        """For a model whose positions depend on the media (M-RoPE): the expanded prompt's positions
+        [components, len(ids)] and the decode delta (``MediaPositions``). None: token indices."""
+        return None
+
 
 def pack_tensor(tensor: torch.Tensor) -> TensorData:
     tensor = tensor.detach().cpu().contiguous()

@@ -26,6 +26,10 @@ class Req:
     # Encoder outputs of ``media`` by index, kept from the first prefill chunk that needs one
     # until the image's placeholders are all in the KV cache.
     media_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Positions the model derived from the media (``MediaPositions``): [components, prompt tokens],
+    # and the shift of every later token's position. None and 0: each token's position is its index.
+    position_table: torch.Tensor | None = None
+    position_delta: int = 0
 
     output_ids: list[int] = field(default_factory=list)
     # {"type": "stop" | "length" | "abort", ...} once finished, SGLang's shape.

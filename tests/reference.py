@@ -59,6 +59,16 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
+def hf_greedy_logprobs(model, inputs, max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy generate (EOS ignored) on a processor's inputs for one prompt: the new
+    tokens and their logprobs."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
+
+
 def hf_choice_logprobs(hf, tokenizer, prompt: str, choice: str) -> tuple[list[float], list[float]]:
     """Logprobs of ``choice``'s tokens after ``prompt`` (where the joint tokenization leaves the
     prompt's own, never at position 0) and of the same tokens alone, without the prompt (the

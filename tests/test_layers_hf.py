@@ -38,6 +38,7 @@ from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm, RMSNorm
 from sglang_core.layers.parallel import QKVParallelLinear, TPGroup
 from sglang_core.layers.rotary import (
     LongRopeRotaryEmbedding,
+    MRotaryEmbedding,
     RotaryEmbedding,
     rope_frequencies,
     rope_from_config,
@@ -442,31 +443,17 @@ def test_interleaved_rotary_matches_deepseek_up_to_its_layout() -> None:
 
 # --- M-RoPE through the extension point -------------------------------------------------------
 
-class ThreeAxisRotary(RotaryEmbedding):
-    """A minimal M-RoPE on the documented seam: positions [3, T]; frequency band ``i`` of
-    ``sections`` reads the table at position component ``i % 3``."""
-
-    def __init__(self, *args, sections: list[int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sections = sections
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        def banded(table: torch.Tensor) -> torch.Tensor:
-            bands = table[positions].split(self.sections, dim=-1)  # each [3, T, band]
-            return torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)
-
-        return banded(self.cos_cache), banded(self.sin_cache)
-
-
 @pytest.mark.parametrize("path", ["torch", "fused"])
-def test_mrope_subclass_on_the_seam_matches_qwen2_vl(path: str) -> None:
+def test_mrope_on_the_cos_sin_seam_matches_qwen2_vl(path: str) -> None:
+    """``mrope_section`` in the rope parameters builds ``MRotaryEmbedding``: positions [3, T],
+    frequency band ``i`` turned by position component ``i % 3``."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
 
     config = Qwen2VLTextConfig(**TINY, max_position_embeddings=512,
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                 "mrope_section": [2, 3, 3]})
-    params = rope_parameters(config)
-    rope = ThreeAxisRotary(16, 512, params["rope_theta"], sections=params["mrope_section"])
+    rope = rope_from_config(config, 16)
+    assert isinstance(rope, MRotaryEmbedding)
     positions = torch.tensor([[0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 3, 5]]) * 7
     q, k = qk(6, 4, 2, 16, seed=7)
     cos, sin = Qwen2VLRotaryEmbedding(config)(torch.zeros(1), positions[:, None])

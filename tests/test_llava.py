@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 
-from reference import byte_level_tokenizer
+from reference import byte_level_tokenizer, hf_greedy_logprobs
 
 IMAGE_TOKEN = "<image>"
 MAX_NEW = 6
@@ -96,13 +96,8 @@ def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW)
     processor = AutoProcessor.from_pretrained(folder)
     model_cls = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
     model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
-    inputs = processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
-    return tokens, logprobs
+    return hf_greedy_logprobs(model, processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt"),
+                              max_new)
 
 
 def hf_choice_scores(folder, prompt: str, image: str, choices: list[str]) -> list[float]:

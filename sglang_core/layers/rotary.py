@@ -18,11 +18,12 @@ equals Hugging Face's for any sequence within the original length, and for seque
 ``max_position`` tokens beyond it; a shorter sequence beyond the original length turns with the
 frequencies of the longer one.
 
-Multimodal rotary (M-RoPE, Qwen2-VL): positions become [3, T] (temporal, height, width), and each
-band of frequencies (``mrope_section``) takes its cos/sin from the row of its own position
-component. The extension point is ``RotaryEmbedding.cos_sin``: a subclass overrides it to gather
-per-token cos/sin [T, rotary_dim // 2] from positions of its own shape; both the PyTorch path and
-the fused kernel then rotate with those rows. One-dimensional positions index the table directly.
+Multimodal rotary (M-RoPE, Qwen2-VL: ``MRotaryEmbedding``, chosen by ``mrope_section`` in the
+rope parameters): positions become [3, T] (temporal, height, width), and each band of frequencies
+(``mrope_section``) takes its cos/sin from the row of its own position component. The extension
+point is ``RotaryEmbedding.cos_sin``: a subclass overrides it to gather per-token cos/sin
+[T, rotary_dim // 2] from positions of its own shape; both the PyTorch path and the fused kernel
+then rotate with those rows. One-dimensional positions index the table directly.
 """
 
 from __future__ import annotations
@@ -259,6 +260,31 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
         return self.cos_cache[rows], self.sin_cache[rows]
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE: positions [components, T] (Qwen2-VL's temporal, height and width); the frequencies
+    are cut into consecutive bands of ``sections`` and band ``i`` turns by component
+    ``i % components``. Positions [T] mean every component equals the token's position (text, and
+    every decoded token), which turns each band exactly as the one-dimensional table does."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None,
+                 rotary_dim: int | None = None, interleaved: bool = False, *, sections: list[int]):
+        super().__init__(head_dim, max_position, base, rope_scaling, rotary_dim, interleaved)
+        if sum(sections) != self.rotary_dim // 2:
+            raise ValueError(f"mrope_section: {sections} must add up to half the rotary dims ({self.rotary_dim // 2})")
+        self.sections = list(sections)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().cos_sin(positions)
+        components = positions.shape[0]
+
+        def banded(table: torch.Tensor) -> torch.Tensor:
+            bands = table[positions].split(self.sections, dim=-1)  # each [components, T, band]
+            return torch.cat([band[i % components] for i, band in enumerate(bands)], dim=-1)
+
+        return banded(self.cos_cache), banded(self.sin_cache)
+
+
 def _cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, max_position: int,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [max_position, len(inv_freq)] of each position's angles, times the attention factor."""
@@ -327,5 +353,10 @@ def rope_from_config(config, head_dim: int, *, interleaved: bool = False, max_po
     max_position = max_position or config.max_position_embeddings
     # LongRoPE serving only sequences within the original length needs the short table alone.
     longrope = params["rope_type"] == "longrope" and max_position > params["original_max_position_embeddings"]
+    if params.get("mrope_section"):
+        if longrope:
+            raise ValueError("mrope_section: M-RoPE with LongRoPE's per-length factors is not supported")
+        return MRotaryEmbedding(head_dim, max_position, params["rope_theta"], scaling, rotary_dim, interleaved,
+                                sections=params["mrope_section"])
     rotary_cls = LongRopeRotaryEmbedding if longrope else RotaryEmbedding
     return rotary_cls(head_dim, max_position, params["rope_theta"], scaling, rotary_dim, interleaved)

@@ -19,7 +19,7 @@ class ForwardMode(enum.Enum):
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T] new tokens of all requests, concatenated
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [components, T] where a model derives positions from media (M-RoPE)
     out_cache_loc: torch.Tensor  # [T] KV slot each new token's K/V is written to
     req_pool_indices: torch.Tensor  # [B] request rows in req_to_token
     seq_lens: torch.Tensor  # [B] tokens per request after this step (prefix + new)

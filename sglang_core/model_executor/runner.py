@@ -34,7 +34,7 @@ class StepInput:
 
     mode: ForwardMode
     input_ids: list[int] | torch.Tensor  # a tensor: already on the device (overlapped decode)
-    positions: list[int]
+    positions: list[int] | torch.Tensor  # [T], or [components, T] from a model's media (M-RoPE)
     out_cache_loc: torch.Tensor
     req_pool_indices: list[int]
     seq_lens: list[int]
@@ -230,7 +230,7 @@ class ModelRunner:
         batch = self._make_batch(
             mode=step.mode,
             input_ids=torch.as_tensor(step.input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
+            positions=torch.as_tensor(step.positions, dtype=torch.int64, device=dev),
             out_cache_loc=step.out_cache_loc.to(dev),
             req_pool_indices=torch.tensor(step.req_pool_indices, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(step.seq_lens, dtype=torch.int64, device=dev),

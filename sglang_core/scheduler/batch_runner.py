@@ -21,6 +21,7 @@ from sglang_core.sampling.logits_processor import SamplingBatch
 from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
 from sglang_core.scheduler.media_embeds import step_input_embeds
+from sglang_core.scheduler.media_positions import step_positions
 from sglang_core.scheduler.request_memory import RequestMemory
 
 # Cascade decode groups requests sharing at least this many cached tokens: below it, reading the
@@ -87,6 +88,8 @@ class BatchRunner:
         embeds = None
         if any(chunk.req.media for chunk in chunks):
             embeds = step_input_embeds([(c.req, c.start, c.end) for c in chunks], self._encode)
+        if any(chunk.req.position_table is not None for chunk in chunks):
+            positions = step_positions([(c.req, c.start, c.end) for c in chunks])
         logits = self.forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index, input_embeds=embeds)
         for req in finals:
             if id(req) not in running:
@@ -105,10 +108,11 @@ class BatchRunner:
         """One decode step's forward pass: each request's next input token gets a KV slot."""
         slots = self.memory.append_slots(reqs)
         chunks = [Chunk(req, req.kv_len - 1, req.kv_len) for req in reqs]
-        return self.forward(ForwardMode.DECODE, input_ids, [req.kv_len - 1 for req in reqs], chunks,
-                            list(range(len(reqs))), slots)
+        # position_delta: a model's media-derived positions shift the tokens after the prompt (M-RoPE).
+        return self.forward(ForwardMode.DECODE, input_ids, [req.kv_len - 1 + req.position_delta for req in reqs],
+                            chunks, list(range(len(reqs))), slots)
 
-    def forward(self, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int],
+    def forward(self, mode: ForwardMode, input_ids: list[int] | torch.Tensor, positions: list[int] | torch.Tensor,
                 chunks: list[Chunk], logit_index: list[int], out_cache_loc: torch.Tensor | None = None,
                 input_embeds: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         if out_cache_loc is None:

@@ -111,7 +111,7 @@ def test_fused_moe_one_token_with_an_expert_chosen_twice() -> None:
                                **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("tokens, dtype", [(17, torch.float32), (1, torch.bfloat16)])
+@pytest.mark.parametrize("tokens, dtype", [(9, torch.float32), (1, torch.bfloat16)])
 def test_fused_moe_skips_other_ranks_experts(tokens: int, dtype: torch.dtype) -> None:
     """Expert parallelism: each of two ranks holds 4 of 8 experts and passes the other rank's pairs
     as id -1; its result is its own pairs' float64 sum (the -1 pairs' rows are 0, not left

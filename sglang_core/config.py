@@ -91,6 +91,8 @@ class EngineSettings(CliSettings):
     grammar_compile_timeout_s: float = Field(60.0, gt=0, description="a constraint not compiled in this time fails its request; a compile running this long is stopped")
     grammar_compile_memory_mb: int = Field(4096, gt=0, description="memory one grammar compile process may use (outlines backend); past it the compile fails")
     tp_size: int = Field(1, ge=1, json_schema_extra={"flags": ["--tp"]}, description="tensor-parallel size: ranks (processes, one GPU each on CUDA) each holding a shard of every layer; rank 0 runs the scheduler")
+    enable_ep_moe: bool = Field(False, description="expert parallelism for MoE layers: each tensor-parallel rank holds num_experts / tp_size whole experts (instead of 1 / tp_size of every expert) and computes only the tokens routed to them; shared experts and every other layer stay tensor-parallel")
+    ep_size: int | None = Field(None, ge=1, description="expert-parallel size: the tensor-parallel ranks hold the experts, so it must equal tp_size; > 1 turns on --enable-ep-moe (default: tp_size with --enable-ep-moe)")
     nnodes: int = Field(1, ge=1, description="machines the tensor-parallel ranks span, tp_size / nnodes ranks on each")
     node_rank: int = Field(0, ge=0, description="this machine's index among nnodes: node 0 runs the scheduler (and HTTP), the others only their ranks")
     dist_init_addr: str | None = Field(None, json_schema_extra={"flags": ["--nccl-init"]}, description="host:port of node 0 where every rank meets (it listens there); needed with nnodes > 1 (default: a free loopback port)")
@@ -127,6 +129,18 @@ class EngineSettings(CliSettings):
             raise ValueError("target_step_ratio: give a step time target either in ms (target_step_ms) or as a "
                              "ratio to a decode step, not both")
         return self
+
+    @model_validator(mode="after")
+    def _check_expert_parallel(self) -> "EngineSettings":
+        if self.ep_size is not None and self.expert_parallel and self.ep_size != self.tp_size:
+            raise ValueError(f"ep_size: the experts are split over the tensor-parallel ranks: ep_size must equal "
+                             f"tp_size={self.tp_size}, not {self.ep_size}")
+        return self
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether MoE layers split their experts over the ranks (``--enable-ep-moe`` or ``--ep-size``)."""
+        return self.enable_ep_moe or (self.ep_size or 1) > 1
 
     @model_validator(mode="after")
     def _check_nodes(self) -> "EngineSettings":

@@ -2,7 +2,8 @@
 
 On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py), so
 shapes are tiny and tiles 16 wide: hidden and intermediate sizes that are not multiples of a
-tile, several K tiles, blocks of several experts, experts that no token picks. With a GPU the
+tile, several K tiles, blocks of several experts, experts that no token picks, pairs of another
+rank's experts (expert parallelism). With a GPU the
 same tests run the compiled kernels on CUDA tensors, and one more at a real model's shapes.
 """
 
@@ -108,6 +109,26 @@ def test_fused_moe_one_token_with_an_expert_chosen_twice() -> None:
     got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES)
     torch.testing.assert_close(got.double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
                                **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("tokens, dtype", [(9, torch.float32), (1, torch.bfloat16)])
+def test_fused_moe_skips_other_ranks_experts(tokens: int, dtype: torch.dtype) -> None:
+    """Expert parallelism: each of two ranks holds 4 of 8 experts and passes the other rank's pairs
+    as id -1; its result is its own pairs' float64 sum (the -1 pairs' rows are 0, not left
+    unwritten), and the ranks' results add up to every expert's. One token: the unsorted path."""
+    case = Case(experts=8, top_k=3, tokens=tokens, dtype=dtype)
+    hidden, w13, w2, topk_weights, topk_ids = routed(case, seed=tokens + 5)
+    total = torch.zeros(hidden.shape, dtype=torch.float64, device=DEVICE)
+    for first in (0, 4):
+        own = (topk_ids >= first) & (topk_ids < first + 4)
+        assert own.any() and not own.all()  # both kinds of pair on each rank
+        local_ids = torch.where(own, topk_ids - first, -1)
+        got = moe.fused_moe(hidden, w13[first:first + 4], w2[first:first + 4], topk_weights, local_ids,
+                            config=SMALL_TILES).double()
+        torch.testing.assert_close(got, reference(hidden, w13, w2, topk_weights * own, topk_ids, "silu"),
+                                   **TOLERANCE[dtype])
+        total += got
+    torch.testing.assert_close(total, reference(hidden, w13, w2, topk_weights, topk_ids, "silu"), **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])

@@ -14,6 +14,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock, Qwen2MoeTopKRouter
 
 from sglang_core.layers.activation import gated_act_fn
+from sglang_core.layers.experts import NOT_LOCAL
 from sglang_core.layers.moe import MoE, experts_dense, experts_reference, run_experts
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import TPGroup
@@ -165,6 +166,17 @@ def test_experts_match_a_per_token_loop(experts, hidden_act: str) -> None:
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("experts", [experts_reference, experts_dense])
+def test_experts_skip_pairs_of_another_ranks_experts(experts) -> None:
+    """Expert parallelism: this rank holds experts 0-4, the pairs of experts 5-7 come as NOT_LOCAL
+    and add nothing (-1 must not index the last local expert)."""
+    hidden, w13, w2, weights, ids = routed_problem()
+    elsewhere = ids >= 5
+    got = experts(hidden, w13[:5], w2[:5], weights, ids.masked_fill(elsewhere, NOT_LOCAL), gated_act_fn("silu"))
+    expected = experts_float64(hidden, w13, w2, weights.masked_fill(elsewhere, 0), ids, "silu")
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_non_silu_experts_capture_in_a_cuda_graph() -> None:
@@ -220,17 +232,22 @@ class SumOutside(TPGroup):
         return x
 
 
+@pytest.mark.parametrize("expert_parallel", [False, True])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_ranks_sum_to_the_whole_block(tp: int) -> None:
-    """Each rank holds 1/tp of every expert's and of the shared expert's intermediate width; the
+def test_ranks_sum_to_the_whole_block(tp: int, expert_parallel: bool) -> None:
+    """Each rank holds 1/tp of every expert's and of the shared expert's intermediate width, or
+    with expert parallelism 1/tp of the experts whole (the shared expert still split); the
     all-reduce of the ranks' outputs is the whole block's output."""
     block, config = qwen2_moe_block(seed=2)
     x = torch.randn(TOKENS, HIDDEN)
     total = torch.zeros(TOKENS, HIDDEN)
     for rank in range(tp):
-        ours = our_block(config, SumOutside(rank=rank, size=tp))
+        ours = our_block(config, SumOutside(rank=rank, size=tp, expert_parallel=expert_parallel))
         load_block(ours, block)
-        assert ours.experts.w13_weight.shape[1] == 2 * config.moe_intermediate_size // tp
+        inter = config.moe_intermediate_size
+        assert ours.experts.w13_weight.shape[:2] == ((EXPERTS // tp, 2 * inter) if expert_parallel
+                                                     else (EXPERTS, 2 * inter // tp))
+        assert ours.shared_expert.down_proj.weight.shape[1] == config.shared_expert_intermediate_size // tp
         with torch.no_grad():
             total += ours(x)
     with torch.no_grad():

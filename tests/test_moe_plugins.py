@@ -2,7 +2,8 @@
 contract suite: the suite's prompts reach every expert of every sparse layer (and a short prompt
 leaves some without tokens), and a checkpoint as released (per-expert tensors, Mixtral's
 ``block_sparse_moe``, GraniteMoE's ``input_linear`` / ``output_linear``, written by transformers'
-``save_pretrained``) loads the same weights as transformers' own stacked names."""
+``save_pretrained``) loads the same weights as transformers' own stacked names; under expert
+parallelism each plugin's ranks hold only their experts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from model_contract import CASES
+from sglang_core.layers.experts import ExpertWeights
+from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.dbrx.model import DbrxForCausalLM
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
@@ -100,6 +103,34 @@ def test_released_checkpoint_names_load_like_transformers_names(name: str, relea
     for param_name, param in from_released.named_parameters():
         assert torch.equal(param, ours[param_name]), param_name
     assert torch.equal(from_state_dict.model.layers[-1].mlp.experts.w2_weight[3], reference.get_parameter(down_proj)[3])
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2-moe", "deepseek-v3-moe", "grok1",
+                                  "dbrx", "granitemoe-shared"])
+def test_expert_parallel_ranks_hold_their_experts_of_every_plugin(name: str) -> None:
+    """Every MoE plugin gets expert parallelism from the core layer: built for rank r of two with
+    ``expert_parallel`` and loaded from transformers' state dict, each sparse layer holds experts
+    r*E/2 .. (r+1)*E/2 - 1 whole, as the one-rank model holds them (which the contract suite checks
+    against transformers), and nothing more."""
+    config, reference = CASES[name].make()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_()
+    cls = MOE_CASES[name]
+    whole = cls(config, ModelContext())
+    whole.load_weights(reference.state_dict().items())
+    whole_experts = dict(whole.named_modules())
+    for rank in range(2):
+        ours = cls(config, ModelContext(tp=TPGroup(rank=rank, size=2, expert_parallel=True)))
+        ours.load_weights(reference.state_dict().items())
+        layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, ExpertWeights)]
+        assert layers
+        for module_name, experts in layers:
+            half = whole_experts[module_name].num_experts // 2
+            own = slice(rank * half, (rank + 1) * half)
+            assert torch.equal(experts.w13_weight, whole_experts[module_name].w13_weight[own]), module_name
+            assert torch.equal(experts.w2_weight, whole_experts[module_name].w2_weight[own]), module_name
 
 
 @pytest.mark.parametrize("layer_types, field", [(["sliding_attention", "full_attention"], "sliding_window"),

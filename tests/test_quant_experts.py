@@ -267,10 +267,12 @@ def test_block_wise_experts_cutting_a_block_is_an_error(intermediate, block, tp,
     ({**BLOCK_CONFIG, "weight_block_size": [16, 16]}, block_quantizer((16, 16)), 16),
     (GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 5), None),
 ], ids=["fp8-tensor", "fp8-block", "gptq-act-order"])
-def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
+def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding, expert_parallel):
     """Under 2-way tensor parallelism each rank loads its slice of every expert (gate and up rows,
     down's input columns, their scales, blocks, groups and g_idx) from the per-expert checkpoint
-    tensors; the ranks' partial sums (what the all-reduce adds) equal the whole layer's, computed
+    tensors, or with expert parallelism half the experts whole (their tensors only); the ranks'
+    partial sums (what the all-reduce adds) equal the whole layer's, computed
     token by token from the dequantized weights (inputs rounded per token and group where the
     scheme quantizes them: the ranks' 32-wide slices hold whole groups)."""
     experts, hidden, intermediate, tokens, tp = 4, 64, 64, 6, 2
@@ -286,14 +288,15 @@ def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, roundin
     partial_sums = torch.zeros(tokens, hidden)
     for rank in range(tp):
         method = method_cls.for_experts(config, "model.layers.0.mlp.experts")
-        layer = ExpertWeights(experts, hidden, intermediate, TPGroup(group=None, rank=rank, size=tp),
+        layer = ExpertWeights(experts, hidden, intermediate,
+                              TPGroup(group=None, rank=rank, size=tp, expert_parallel=expert_parallel),
                               quant_method=method)
         for (expert, part), (tensors, _weight) in packed.items():
             for suffix, tensor in tensors.items():
                 param = getattr(layer, f"{'w2' if part == 'down' else 'w13'}_{suffix}")
                 param.weight_loader(param, tensor, (expert, part))
         method.process_weights_after_loading(layer)
-        partial_sums += method.apply(layer, x, topk_weights, topk_ids, SiluAndMul())
+        partial_sums += method.apply(layer, x, topk_weights, layer.local_ids(topk_ids), SiluAndMul())
 
     def rounded(v: torch.Tensor) -> torch.Tensor:
         return v if rounding is None else e4m3_round_trip(v, group=rounding)

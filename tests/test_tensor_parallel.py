@@ -1,7 +1,9 @@
 """Tensor parallelism on the CPU (gloo, two ranks in two processes): the model-contract cases'
 greedy tokens and logprobs equal transformers' float32 reference and the one-rank engine's, for
 KV heads split across ranks, q/k/v biases, soft-caps, multi-head latent attention and MoE
-experts split by their intermediate size (DeepSeek-V2's MoE case: both); each step's batch
+experts split by their intermediate size (DeepSeek-V2's MoE case: both), and Mixtral's and
+DeepSeek-V2's experts split by expert parallelism (``enable_ep_moe``: half the experts whole on
+each rank; equal to the one-rank engine's, so to DeepSeek-V2's two ranks without it); each step's batch
 reaches the other rank as tensors (``StepChannel``, checked field by field). One KV head
 replicated on both ranks, and ranks dying: tests/test_tensor_parallel_ranks.py."""
 
@@ -12,6 +14,7 @@ import torch
 
 from model_contract import CASES
 from sglang_core.engine import Engine
+from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import StepInput
@@ -24,7 +27,10 @@ GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
 # q/k/v biases; gemma2: attention and final soft-caps, windows; deepseek-v2-moe: multi-head latent
 # attention (heads split, the latent replicated), then routed experts whose intermediate size is
 # split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP).
-TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe"]
+# "+ep": expert parallelism (4 of 8 experts whole on each rank; DeepSeek's shared experts stay
+# tensor-parallel). Each two-rank engine costs a rank's start (seconds): the one-rank engine is the
+# baseline of every case.
+TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "mixtral+ep", "deepseek-v2-moe+ep"]
 
 
 def _generate(engine: Engine, prompts: list[list[int]]) -> list[dict]:
@@ -39,13 +45,15 @@ def _logprobs(result: dict) -> list[float]:
 
 @pytest.fixture(scope="module", params=TP_CASES)
 def served(request, tmp_path_factory):
-    """(reference model, two-rank engine, prompts, the one-rank engine's results)."""
-    folder = tmp_path_factory.mktemp(request.param)
-    model, prompts = _build(request.param, folder)
-    settings = {"device": "cpu", "chunked_prefill_size": CHUNK, **CASES[request.param].engine}
+    """(reference model, two-rank engine, prompts, the one-rank engine's results); with "+ep" the
+    engine's experts are split by expert parallelism."""
+    name, _, ep = request.param.partition("+")
+    folder = tmp_path_factory.mktemp(name)
+    model, prompts = _build(name, folder)
+    settings = {"device": "cpu", "chunked_prefill_size": CHUNK, **CASES[name].engine}
     with Engine(str(folder), **settings) as single:
         expected = _generate(single, prompts)
-    engine = Engine(str(folder), tp_size=2, **settings)
+    engine = Engine(str(folder), tp_size=2, enable_ep_moe=bool(ep), **settings)
     yield model, engine, prompts, expected
     (rank1,) = engine.core.core.tp_ranks.processes
     engine.shutdown()
@@ -54,6 +62,9 @@ def served(request, tmp_path_factory):
 
 def test_tokens_and_logprobs_match_reference_and_one_rank(served):
     model, engine, prompts, expected = served
+    ep = engine.core.core.runner.settings.enable_ep_moe
+    for experts in (m for m in engine.core.core.runner.model.modules() if isinstance(m, ExpertWeights)):
+        assert experts.num_experts == (experts.total_experts // 2 if ep else experts.total_experts)
     results = _generate(engine, prompts)
     for prompt, result, single in zip(prompts, results, expected):
         tokens, _ = _reference_greedy(model, prompt, NEW_TOKENS)

@@ -133,10 +133,18 @@ def test_two_nodes_on_loopback_then_rank_zero_dying(yi_folder):
     ({"tp_size": 2, "nnodes": 2}, "dist_init_addr"),
     ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1"}, "dist_init_addr"),
     ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1:99999"}, "dist_init_addr"),
+    ({"tp_size": 2, "ep_size": 4}, "ep_size"),
+    ({"tp_size": 2, "enable_ep_moe": True, "ep_size": 1}, "ep_size"),
 ])
 def test_node_settings_refused(settings: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         EngineSettings(**settings)
+
+
+def test_ep_size_or_enable_ep_moe_turns_expert_parallelism_on() -> None:
+    assert EngineSettings(tp_size=2, ep_size=2).expert_parallel
+    assert EngineSettings(tp_size=2, enable_ep_moe=True).expert_parallel
+    assert not EngineSettings(tp_size=2, ep_size=1).expert_parallel
 
 
 def test_an_engine_is_not_built_on_another_node(yi_folder):

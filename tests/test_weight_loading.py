@@ -5,7 +5,8 @@ collective runs while loading) loads the same checkpoint tensors; each rank's pa
 equal the piece this test cuts out of the full tensors by itself, from what the rank is meant to
 hold (its output features, its input features, the kv heads its q heads attend with). Covered:
 per-part and already-fused q/k/v and gate/up tensors, InternLM2's grouped ``wqkv``, stacked MoE
-experts from per-expert, DBRX-flattened and Llama-4-style stacked tensors, and int4 tensors packed
+experts from per-expert, DBRX-flattened and Llama-4-style stacked tensors (split by their
+intermediate size, or whole experts per rank under expert parallelism), and int4 tensors packed
 8 to an int32 with group-wise scales.
 """
 
@@ -224,6 +225,27 @@ def test_experts_load_each_ranks_slice(layout, tp):
         for e in range(E):
             assert torch.equal(experts.w13_weight[e], torch.cat([rows(gate[e], rank, tp), rows(up[e], rank, tp)]))
             assert torch.equal(experts.w2_weight[e], rows(down[e], rank, tp, dim=1))
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "qwen", "dbrx", "llama4"])
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_parallel_ranks_load_only_their_whole_experts(layout, ep):
+    """Expert parallelism: rank r's stacked parameters hold experts r*E/ep .. (r+1)*E/ep - 1 whole,
+    and nothing else (exactly their bytes), from any checkpoint layout."""
+    gate, up, down = expert_tensors(4)
+    weights, rules, module_path = checkpoints(gate, up, down)[layout]
+    for rank in range(ep):
+        experts = ExpertWeights(E, MOE_HIDDEN, MOE_INTER, tp=TPGroup(rank=rank, size=ep, expert_parallel=True))
+        params = {f"model.layers.0.{module_path}.{n}": p for n, p in experts.named_parameters()}
+        assert load_by_name(params, weights, {}, experts=rules) == set(params)
+        own = range(rank * E // ep, (rank + 1) * E // ep)
+        assert torch.equal(experts.w13_weight, torch.stack([torch.cat([gate[e], up[e]]) for e in own]))
+        assert torch.equal(experts.w2_weight, torch.stack([down[e] for e in own]))
+
+
+def test_experts_not_divisible_by_the_expert_parallel_ranks_are_refused():
+    with pytest.raises(ValueError, match="enable_ep_moe: 4 experts .* ep_size=3"):
+        ExpertWeights(E, MOE_HIDDEN, MOE_INTER, tp=TPGroup(rank=0, size=3, expert_parallel=True))
 
 
 def test_expert_shard_id_errors():

@@ -8,6 +8,10 @@ each) and applies the activation in its epilogue; the second multiplies those by
 down weight and scales each row by its routing weight. Each pair's row is then summed over its
 ``k`` choices in float32 and rounded once. No atomics: each pair has its own output row.
 
+Expert parallelism: a pair whose id is ``-1`` (another rank holds its expert) is sorted into
+blocks of expert ``-1`` after the experts' runs; the first kernel skips them and the second
+writes their rows as 0, so they add nothing and no weight is read for them.
+
 Quantized experts (``moe_weight.QuantizedExperts``: e4m3 with per-tensor, per-row or block
 scales; 4- or 8-bit packed integers with group scales and zero points) run through the same two
 kernels: constexpr switches make each weight tile's load dequantize it in registers to the
@@ -47,19 +51,23 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (flat index ``token * k + choice``) sorted by expert, each expert's run padded to a
     multiple of ``block_m`` with the index ``T * k`` (no pair); and each block's expert, ``-1``
-    for the blocks past the last run. The sizes depend on the shapes only, not on the routing."""
+    for the blocks past the last run. Pairs of id ``-1`` (not this rank's) form the last run, its
+    blocks' expert ``-1`` too. The sizes depend on the shapes only, not on the routing."""
     flat = topk_ids.reshape(-1)
     pairs = flat.numel()
-    # Each expert that has pairs pads at most block_m - 1 of them, and at most min(pairs, E) have any.
-    max_blocks = (pairs + min(pairs, num_experts) * (block_m - 1)) // block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat.long(), torch.ones(pairs, dtype=torch.int64, device=flat.device))
+    # Run ``num_experts`` holds the -1 pairs. Each run that has pairs pads at most block_m - 1 of
+    # them, and at most min(pairs, runs) have any.
+    runs = num_experts + 1
+    run = torch.where(flat < 0, num_experts, flat).long()
+    max_blocks = (pairs + min(pairs, runs) * (block_m - 1)) // block_m
+    counts = torch.zeros(runs, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, run, torch.ones(pairs, dtype=torch.int64, device=flat.device))
     blocks = (counts + block_m - 1) // block_m
     block_ends = torch.cumsum(blocks, 0)
-    order = torch.sort(flat, stable=True).indices
-    expert_of_sorted = flat[order].long()
-    rank_in_expert = torch.arange(pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert_of_sorted]
-    slot = (block_ends - blocks)[expert_of_sorted] * block_m + rank_in_expert
+    order = torch.sort(run, stable=True).indices
+    run_of_sorted = run[order]
+    rank_in_run = torch.arange(pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[run_of_sorted]
+    slot = (block_ends - blocks)[run_of_sorted] * block_m + rank_in_run
     sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32, device=flat.device)
     sorted_pairs[slot] = order.to(torch.int32)
     block_expert = torch.searchsorted(block_ends, torch.arange(max_blocks, device=flat.device), right=True)
@@ -218,12 +226,15 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
                  PACKED_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_ZEROS: tl.constexpr,
                  GROUP_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, PAIR_PER_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns."""
+    """``Out[pair] = weight[pair] * (Act[pair] W_down^T)`` in float32, one tile of hidden columns;
+    0 for a pair of expert -1 (another rank's)."""
     pdl_enter(USE_PDL)
     expert, rows, row_ok, cols, col_ok = _block_tile(SortedPairs, BlockExpert, num_pairs, num_blocks, hidden,
                                                      BLOCK_M, BLOCK_N, GROUP_M, PAIR_PER_BLOCK,
                                                      INTERLEAVED and PACKED_DIM == 1)
     if expert < 0:
+        tl.store(Out + rows[:, None] * stride_ot + cols[None, :], tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                 mask=row_ok[:, None] & col_ok[None, :])
         return
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = Act + rows[:, None] * stride_at + kk[None, :]
@@ -325,7 +336,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
 
     hidden [T, H]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I]; either
     may instead be a ``QuantizedExperts`` of that shape, dequantized tile by tile in registers to
-    hidden's dtype; topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E)); activation
+    hidden's dtype; topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E), or -1 for a pair
+    another rank computes under expert parallelism, which adds nothing here); activation
     "silu", "gelu" or "gelu_tanh". Result [T, H] in hidden's dtype; sums in float32. ``config``
     overrides the tile sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose."""
     if activation not in ACTIVATIONS:

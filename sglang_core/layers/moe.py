@@ -13,7 +13,13 @@ multiply).
 
 Tensor parallelism as the dense MLP: each rank holds ``I / tp`` of every expert
 (``ExpertWeights``), so its sum is partial and one all-reduce follows; the shared expert is a
-``GatedMLP``, which reduces itself.
+``GatedMLP``, which reduces itself. Expert parallelism (``tp.expert_parallel``): each rank holds
+``E / tp`` whole experts; every rank routes every token alike (the same router weights and
+input), computes only the pairs of its experts (the others' ids are ``NOT_LOCAL``, which every
+expert computation here and the fused kernel skip) and the same one all-reduce sums the ranks'
+parts. The shared expert stays tensor-parallel: every token goes through it, so split by its
+intermediate size each rank does ``1 / tp`` of its work (replicated, every rank would do all of
+it), and its reduction is the dense MLP's.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import nn
 
 from sglang_core.kernels import use_fused
 from sglang_core.layers.activation import SiluAndMul, gated_act_fn
-from sglang_core.layers.experts import ExpertWeights
+from sglang_core.layers.experts import NOT_LOCAL, ExpertWeights
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.layers.quant import ExpertsQuantMethod
@@ -34,8 +40,8 @@ from sglang_core.layers.quant import ExpertsQuantMethod
 def experts_by_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """``sum_j topk_weights[t, j] * expert_mlp(e, hidden[t])`` over each token's experts
-    ``e = topk_ids[t, j]``, summed in float32; ``expert_mlp(e, x)`` maps expert ``e``'s tokens
-    ``[n, H]`` to ``[n, H]``.
+    ``e = topk_ids[t, j]`` (``NOT_LOCAL`` ids skipped), summed in float32; ``expert_mlp(e, x)``
+    maps expert ``e``'s tokens ``[n, H]`` to ``[n, H]``.
 
     Tokens are grouped by expert so each expert runs once over its tokens; an expert no token
     chose costs nothing (a quantized one is not even dequantized). While a CUDA graph is being
@@ -45,10 +51,11 @@ def experts_by_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callab
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    # NOT_LOCAL (-1) pairs sort first, into a group of their own that is skipped.
+    counts = torch.bincount(flat_ids - NOT_LOCAL, minlength=num_experts + 1).tolist()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_weights = topk_weights.flatten().float()
-    for expert, picks in enumerate(order.split(counts)):
+    for expert, picks in enumerate(order.split(counts)[1:]):
         if picks.numel() == 0:
             continue
         tokens = picks // top_k
@@ -61,8 +68,10 @@ def every_expert(hidden: torch.Tensor, num_experts: int, expert_mlp: Callable[[i
     """``experts_by_expert``'s sum computed by running every expert on every token, weighted by
     the token's routing weight for it (0 where not chosen). It never reads routing results on the
     host, so a CUDA graph can capture it (decode batches: ``E / k`` times the work of a few rows)."""
-    combine = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
-    combine.scatter_add_(1, topk_ids, topk_weights.float())
+    # Column 0 collects the NOT_LOCAL (-1) pairs' weights, and is not used.
+    combine = torch.zeros(hidden.shape[0], num_experts + 1, dtype=torch.float32, device=hidden.device)
+    combine.scatter_add_(1, topk_ids - NOT_LOCAL, topk_weights.float())
+    combine = combine[:, 1:]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in range(num_experts):
         out += expert_mlp(expert, hidden).float() * combine[:, expert, None]
@@ -131,6 +140,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
+        topk_ids = self.experts.local_ids(topk_ids)
         method = self.experts.quant_method
         if method is not None:
             out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)

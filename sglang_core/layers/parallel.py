@@ -21,11 +21,15 @@ from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_para
 
 @dataclass(frozen=True)
 class TPGroup:
-    """A tensor-parallel process group; ``group=None`` is the single-process group."""
+    """A tensor-parallel process group; ``group=None`` is the single-process group.
+
+    ``expert_parallel``: MoE layers hold whole experts, ``E / size`` of them on each rank, instead
+    of ``1 / size`` of every expert (``--enable-ep-moe``; see ``layers.experts``)."""
 
     group: Any = None
     rank: int = 0
     size: int = 1
+    expert_parallel: bool = False
 
     @classmethod
     def from_process_group(cls, group: Any) -> "TPGroup":

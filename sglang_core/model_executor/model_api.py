@@ -147,5 +147,5 @@ def load_by_name(params: dict[str, torch.nn.Parameter], weights: Iterable[tuple[
 def _expert_layout(tensor: torch.Tensor, param: torch.nn.Parameter, all_experts: bool, transposed: bool) -> torch.Tensor:
     """One expert's matrix, or every expert's stacked ``[E, ...]``, oriented like the parameter's slices."""
     if all_experts and tensor.dim() == param.dim() - 1:  # flattened: [E * rows, cols]
-        tensor = tensor.unflatten(0, (param.shape[0], -1))
+        tensor = tensor.unflatten(0, (param.total_experts, -1))
     return tensor.transpose(-1, -2) if transposed else tensor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -98,7 +98,8 @@ class ModelRunner:
             raise ValueError(f"no model plugin supports architectures {archs}; registered: {', '.join(models.names())}")
         cls = models.get(arch).load()
         self.architecture = arch
-        ctx = ModelContext(dtype=self.dtype, tp=self.tp, max_position=self.context_len,
+        tp = replace(self.tp, expert_parallel=self.settings.expert_parallel)  # MoE layers read it
+        ctx = ModelContext(dtype=self.dtype, tp=tp, max_position=self.context_len,
                            model_class_for=functools.partial(_model_class, models),
                            **self._quant_method_factories(plugins))
         with torch.device(self.device):

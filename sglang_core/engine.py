@@ -288,6 +288,11 @@ class Engine:
         return self._media.image_token
 
     @property
+    def video_token(self) -> str | None:
+        """The text that stands for one video in a prompt; None for a model that takes no videos."""
+        return self._media.video_token
+
+    @property
     def alive(self) -> bool:
         """False once the engine core has died or been shut down."""
         return self.core.alive and not self._stopped

@@ -1,5 +1,6 @@
-"""The request side's images: which images belong to which prompt, and the model plugin's input
-processor (built on first use) that turns them into ``MediaItem``s."""
+"""The request side's images and videos: which belong to which prompt, and the model plugin's
+input processor (built on first use) that turns them into ``MediaItem``s. In ``image_data`` a
+video is ``{"video": source or list of frames, "num_frames": n (optional)}``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import ModelInfo
-from sglang_core.media_loading import MediaLimits, load_image
+from sglang_core.media_loading import MediaLimits, load_image, load_video
 from sglang_core.messages import MediaItem
 from sglang_core.multimodal import InputProcessor, expand_prompt
 from sglang_core.plugins import PluginManager, resolve_target
@@ -38,7 +39,8 @@ class MediaInputs:
         local = settings.allowed_local_media_path
         self.limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels,
                                   Path(local) if local else None, settings.allow_media_urls,
-                                  settings.media_fetch_timeout_s)
+                                  settings.media_fetch_timeout_s, settings.media_video_frames,
+                                  settings.media_max_video_frames)
         self._processor: InputProcessor | None = None
         self._lock = threading.Lock()  # requests are built on several threads (async_generate)
 
@@ -46,12 +48,29 @@ class MediaInputs:
     def image_token(self) -> str | None:
         return self._get().image_token if self._target is not None else None
 
+    @property
+    def video_token(self) -> str | None:
+        return self._get().video_token if self._target is not None else None
+
     def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
-        """Load each image (``image_data.<i>`` names it in errors) and expand the prompt's image tokens."""
+        """Load each image and video (``image_data.<i>`` names it in errors) and expand the prompt's
+        image and video tokens."""
         if self._target is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
-        images = [load_image(src, self.limits, f"image_data.{i}") for i, src in enumerate(sources)]
-        return expand_prompt(self._get(), ids, images)
+        images, videos = [], []
+        for i, source in enumerate(sources):
+            if isinstance(source, dict):
+                videos.append(self._video(source, f"image_data.{i}"))
+            else:
+                images.append(load_image(source, self.limits, f"image_data.{i}"))
+        return expand_prompt(self._get(), ids, images, videos=videos)
+
+    def _video(self, entry: dict, field: str) -> list[Any]:
+        if "video" not in entry or not set(entry) <= {"video", "num_frames"}:
+            raise ValueError(f"{field}: a video is {{\"video\": source or list of frames, \"num_frames\": n}}")
+        if self._get().video_token is None:
+            raise ValueError(f"{field}: the model ({self._architecture}) takes no videos")
+        return load_video(entry["video"], self.limits, field, entry.get("num_frames"))
 
     def _get(self) -> InputProcessor:
         with self._lock:

@@ -17,15 +17,16 @@ from sglang_core.plugins import PluginManager, resolve_target
 from sglang_core.weights.loader import load_config
 
 
-def images_per_prompt(image_data: Any, count: int, single: bool) -> list[list[Any]]:
-    """``image_data`` as a list of images per prompt: one image or a list for a single prompt; a
-    list with one entry (null, an image or a list) per prompt for several."""
+def images_per_prompt(image_data: Any, count: int, single: bool, field: str = "image_data") -> list[list[Any]]:
+    """``image_data`` (or another per-prompt list, ``field``) as a list of images per prompt: one
+    image or a list for a single prompt; a list with one entry (null, an image or a list) per prompt
+    for several."""
     if image_data is None:
         return [[] for _ in range(count)]
     if single:
         return [image_data if isinstance(image_data, list) else [image_data]]
     if not isinstance(image_data, list) or len(image_data) != count:
-        raise ValueError(f"image_data: give a list with one entry per prompt ({count})")
+        raise ValueError(f"{field}: give a list with one entry per prompt ({count})")
     return [[] if item is None else item if isinstance(item, list) else [item] for item in image_data]
 
 

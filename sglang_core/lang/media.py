@@ -1,12 +1,13 @@
 """Images and video frames for ``sgl.image`` / ``sgl.video``: loaded into :class:`Image` (bytes +
-MIME type) only when the program runs, on a backend that takes images."""
+MIME type) only when the program runs, on a backend that takes images; a video file as it is
+(:class:`Video`) for a backend whose server decodes videos."""
 
 from __future__ import annotations
 
 import mimetypes
 from pathlib import Path
 
-from sglang_core.lang.backend import Image
+from sglang_core.lang.backend import Image, Video
 
 # Leading bytes of the image formats chat APIs accept.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
@@ -45,6 +46,14 @@ def load_image(source: str | bytes) -> Image:
     if mime is None:
         raise ValueError("image: not a PNG, JPEG, GIF or WebP image")
     return Image(data, mime)
+
+
+def load_video(path: str, num_frames: int) -> Video:
+    """A video file's bytes, for the server to sample ``num_frames`` frames of."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"video: no such file {path!r}")
+    return Video(file.read_bytes(), mimetypes.guess_type(path)[0] or "application/octet-stream", num_frames)
 
 
 def load_video_frames(path: str, num_frames: int) -> list[Image]:

@@ -67,24 +67,25 @@ def load_video(source: str | bytes | list, limits: MediaLimits, field: str = "vi
     wanted = limits.video_frames if num_frames is None else num_frames
     if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= limits.max_video_frames:
         raise ValueError(f"{field}: num_frames must be an int from 1 to {limits.max_video_frames}, got {wanted!r}")
-    return _decode_video(read_source(source, limits, field), wanted, limits, field)
+    return decode_video(read_source(source, limits, field), wanted, limits.max_pixels, field)
 
 
-def _decode_video(data: bytes, num_frames: int, limits: MediaLimits, field: str) -> list[Image.Image]:
+def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video") -> list[Image.Image]:
+    """``num_frames`` frames sampled evenly from a video file's bytes (each within ``max_pixels``)."""
     try:
         import av
     except ImportError:
-        raise ValueError(f"{field}: the server cannot decode video files (pip install 'sglang-core[video]'); "
-                         "send the video as a list of frames") from None
+        raise ValueError(f"{field}: decoding video files needs PyAV (pip install 'sglang-core[video]'); "
+                         "or give the video as a list of frames") from None
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise ValueError(f"{field}: the file has no video stream")
             stream = container.streams.video[0]
             pixels = stream.codec_context.width * stream.codec_context.height
-            if pixels > limits.max_pixels:
+            if pixels > max_pixels:
                 raise ValueError(f"{field}: the video's frames have {stream.codec_context.width}x"
-                                 f"{stream.codec_context.height} pixels, more than the limit of {limits.max_pixels}")
+                                 f"{stream.codec_context.height} pixels, more than the limit of {max_pixels}")
             # The packets give the frame count without decoding (the header's count may be absent).
             total = sum(1 for packet in container.demux(stream) if packet.size)
         if total == 0:

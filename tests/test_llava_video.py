@@ -148,6 +148,19 @@ def test_video_and_image_with_video_match_hf_and_the_video_prefix_is_shared(next
     assert again["meta_info"]["cached_tokens"] >= 12  # 3 frames of 4 pooled positions, then the text
 
 
+def test_learned_conv_pooling_loads_and_matches_hf(tmp_path):
+    """``spatial_pool_mode`` "conv": the pooling's own weights come from the checkpoint."""
+    from sglang_core.engine import Engine
+
+    folder = save_tiny_llava_next_video(tmp_path, spatial_pool_mode="conv", spatial_pool_out_channels=32)
+    text, _, videos = CASES["video"]
+    expected = hf_reference(folder, text, [], [frames(v) for v in videos])
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        result = _generate(engine, ["video"])[0]
+        engine.check_memory()
+    _check(result, expected)
+
+
 def video_file(count: int = 10, width: int = 40, height: int = 36) -> bytes:
     """An MPEG-4 clip of ``count`` random frames, made with PyAV."""
     import av
@@ -305,3 +318,26 @@ def test_frontend_language_video_through_runtime_endpoint(next_video, server):
     state = watch.run(str(clip), backend=backend)
     tokens, _ = hf_reference(folder, VIDEO_TOKEN + question, [], [decoded_frames(clip.read_bytes(), [0, 9])])
     assert state["answer"] == AutoTokenizer.from_pretrained(folder).decode(tokens, skip_special_tokens=True)
+
+
+def test_frontend_language_video_as_frames_for_a_backend_without_a_video_token(tmp_path):
+    """On a backend that takes images but no video files (the chat APIs), ``sgl.video`` sends
+    ``num_frames`` frames spread from the first to the last, decoded with PyAV."""
+    import sglang_core as sgl
+    from PIL import Image
+
+    from test_lang import ImageRecorder
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_file(10))
+
+    @sgl.function
+    def watch(s):
+        s += sgl.user(sgl.video(str(clip), num_frames=3) + "What happens?")
+        s += sgl.assistant(sgl.gen("answer"))
+
+    recorder = ImageRecorder()
+    watch.run(backend=recorder)
+    (prompt,) = recorder.prompts
+    sent = [Image.open(io.BytesIO(image.data)).tobytes() for image in prompt.images]
+    assert sent == [frame.tobytes() for frame in decoded_frames(clip.read_bytes(), [0, 4, 9])]

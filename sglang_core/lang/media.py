@@ -57,27 +57,18 @@ def load_video(path: str, num_frames: int) -> Video:
 
 
 def load_video_frames(path: str, num_frames: int) -> list[Image]:
-    """``num_frames`` frames spread evenly over the video, as JPEG images. Needs OpenCV
-    (``pip install opencv-python-headless``); without it, an ``ImportError`` saying so."""
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError("video: decoding frames needs OpenCV; pip install opencv-python-headless") from None
-    if not Path(path).expanduser().is_file():
+    """``num_frames`` frames spread evenly over the video, as PNG images. Needs PyAV
+    (``pip install 'sglang-core[video]'``); without it, a ``ValueError`` saying so."""
+    import io
+
+    from sglang_core.media_loading import decode_video
+
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise ValueError(f"video: no such file {path!r}")
-    capture = cv2.VideoCapture(str(Path(path).expanduser()))
-    try:
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        if total <= 0:
-            raise ValueError(f"video: no frames could be read from {path!r}")
-        frames = []
-        for k in range(min(num_frames, total)):
-            capture.set(cv2.CAP_PROP_POS_FRAMES, k * total // min(num_frames, total))
-            ok, frame = capture.read()
-            if not ok:
-                raise ValueError(f"video: frame {k} of {path!r} could not be decoded")
-            ok, encoded = cv2.imencode(".jpg", frame)
-            frames.append(Image(encoded.tobytes(), "image/jpeg"))
-        return frames
-    finally:
-        capture.release()
+    frames = []
+    for frame in decode_video(file.read_bytes(), num_frames, max_pixels=2**31):  # the program's own file
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG")
+        frames.append(Image(buffer.getvalue(), "image/png"))
+    return frames

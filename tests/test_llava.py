@@ -96,7 +96,11 @@ def hf_reference(folder, prompt: str, images: list[str], max_new: int = MAX_NEW)
     processor = AutoProcessor.from_pretrained(folder)
     model_cls = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
     model = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
-    inputs = processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt")
+    return hf_greedy(model, processor(text=prompt, images=[_image(n) for n in images], return_tensors="pt"), max_new)
+
+
+def hf_greedy(model, inputs, max_new: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy ``generate`` of exactly ``max_new`` tokens: the tokens and their logprobs."""
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                              eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reference import byte_level_tokenizer
-from test_llava import PINPOINTS, _check, _image, data_url
+from reference import byte_level_tokenizer, save_tiny_model
+from test_llava import PINPOINTS, _check, _image, data_url, hf_greedy
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 MAX_NEW = 6
@@ -48,13 +48,7 @@ def save_tiny_llava_next_video(folder, **overrides):
     options.update(overrides)
     config = LlavaNextVideoConfig(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 2,
                                   video_token_index=len(tokenizer) - 1, **options)
-    torch.manual_seed(0)
-    model = LlavaNextVideoForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.1)
-    model.save_pretrained(folder)
+    save_tiny_model(folder, config, LlavaNextVideoForConditionalGeneration)  # its tokenizer replaced below
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                                  image_grid_pinpoints=PINPOINTS)
     LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
@@ -102,12 +96,7 @@ def hf_reference(folder, prompt: str, images: list[str], videos: list[list]) -> 
     if pixels:
         inputs["pixel_values_videos"] = torch.stack(pixels)
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
-    return tokens, logprobs
+    return hf_greedy(model, inputs, MAX_NEW)
 
 
 CASES = {  # name -> (prompt, images, videos)

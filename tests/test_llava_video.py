@@ -150,6 +150,17 @@ def test_learned_conv_pooling_loads_and_matches_hf(tmp_path):
     _check(result, expected)
 
 
+def test_bad_pooling_settings_name_the_field():
+    from sglang_plugins.models.llava.video import SpatialPool
+
+    with pytest.raises(ValueError, match="^spatial_pool_mode: "):
+        SpatialPool("bilinear", 2, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="^spatial_pool_stride: "):
+        SpatialPool("average", 0, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="^vision_feature_select_strategy: .* the tower gives 17"):  # CLS kept
+        SpatialPool("average", 2, 8, 8, torch.float32)(torch.zeros(1, 17, 8))
+
+
 def video_file(count: int = 10, width: int = 40, height: int = 36) -> bytes:
     """An MPEG-4 clip of ``count`` random frames, made with PyAV."""
     import av

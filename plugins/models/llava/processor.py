@@ -57,9 +57,8 @@ class LlavaNextVideoInputProcessor(LlavaInputProcessor):
         video = settings.get("video_processor")
         if video is None and (model_folder / "video_preprocessor_config.json").is_file():
             video = json.loads((model_folder / "video_preprocessor_config.json").read_text())
-        if video is None:
-            raise ValueError(f"video_processor: {model_folder} has no video processor settings")
-        self.frame_processor = CLIPImageProcessorPil(**{k: v for k, v in video.items() if k in FRAME_SETTINGS})
+        # Without settings, CLIP's defaults: the video processor's own (224-pixel crops, CLIP's mean and std).
+        self.frame_processor = CLIPImageProcessorPil(**{k: v for k, v in (video or {}).items() if k in FRAME_SETTINGS})
         self.video_token_id = config.video_token_id
         self.video_token = self.processor.tokenizer.convert_ids_to_tokens(self.video_token_id)
         if self.video_token != settings.get("video_token", self.video_token):

@@ -33,16 +33,12 @@ class SpatialPool(nn.Module):
             self.pool = nn.MaxPool2d(stride, stride)
         else:
             self.pool = nn.Conv2d(channels, out_channels, stride, stride, dtype=dtype)
-        self.stride = stride
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         frames, positions, channels = features.shape
         side = self.side(positions)
         grid = features.view(frames, side, side, channels).permute(0, 3, 1, 2)
         return self.pool(grid).flatten(2).transpose(1, 2)
-
-    def pooled_positions(self, positions: int) -> int:
-        return (self.side(positions) // self.stride) ** 2
 
     @staticmethod
     def side(positions: int) -> int:
@@ -62,12 +58,11 @@ class LlavaNextVideoForConditionalGeneration(LlavaNextForConditionalGeneration):
 
     def embed_media(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """The images through LLaVA-NeXT's path, every frame of every video through the tower at once."""
-        is_video = ["pixel_values_videos" in item for item in inputs]
-        images = iter(super().embed_media([item for item, video in zip(inputs, is_video) if not video])
-                      if not all(is_video) else [])
-        videos = iter(self.embed_videos([item["pixel_values_videos"][0] for item, video in zip(inputs, is_video)
-                                         if video]) if any(is_video) else [])
-        return [next(videos) if video else next(images) for video in is_video]
+        images = [item for item in inputs if "pixel_values_videos" not in item]
+        videos = [item["pixel_values_videos"][0] for item in inputs if "pixel_values_videos" in item]
+        image_embeds = iter(super().embed_media(images) if images else [])
+        video_embeds = iter(self.embed_videos(videos) if videos else [])
+        return [next(video_embeds) if "pixel_values_videos" in item else next(image_embeds) for item in inputs]
 
     def embed_videos(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each video's ``[frames, 3, H, W]`` -> its ``[frames * pooled positions, hidden]`` embeddings."""

@@ -107,6 +107,8 @@ class EngineSettings(CliSettings):
     media_max_bytes: int = Field(20 * 2**20, gt=0, description="largest image a request may send or have fetched, in bytes")
     media_max_pixels: int = Field(32 * 2**20, gt=0, description="largest image in pixels (width x height), checked before decoding")
     media_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
+    media_video_frames: int = Field(8, gt=0, description="frames sampled evenly from a video file (a request may ask for another number up to --media-max-video-frames)")
+    media_max_video_frames: int = Field(32, gt=0, description="most frames of one video, sent as frames or sampled from a file")
 
     engine_in_subprocess: bool = Field(False, description="run the scheduler and model in a process of their own")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES of the engine process (with --engine-in-subprocess; default: inherited). --dp-size gives each replica its own GPUs this way")

@@ -248,7 +248,9 @@ class Engine:
         ``image_data``: the images of a model that takes them, each a data URL, base64 text, bytes,
         a file path or a URL (see ``sglang_core.media_loading``): one or a list for one prompt, a
         list with an entry per prompt for several. The prompt holds the model's image token once
-        per image (``image_token``)."""
+        per image (``image_token``). A video, for a model that takes them, is an entry
+        ``{"video": file or list of frames, "num_frames": n}`` (see ``media_loading.load_video``)
+        and takes the ``video_token`` once."""
         requests, single = self._build(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
                                        top_logprobs_num, rid, image_data)
         if stream:
@@ -286,6 +288,11 @@ class Engine:
     def image_token(self) -> str | None:
         """The text that stands for one image in a prompt; None for a model that takes no images."""
         return self._media.image_token
+
+    @property
+    def video_token(self) -> str | None:
+        """The text that stands for one video in a prompt; None for a model that takes no videos."""
+        return self._media.video_token
 
     @property
     def alive(self) -> bool:

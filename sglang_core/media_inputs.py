@@ -1,5 +1,6 @@
-"""The request side's images: which images belong to which prompt, and the model plugin's input
-processor (built on first use) that turns them into ``MediaItem``s."""
+"""The request side's images and videos: which belong to which prompt, and the model plugin's
+input processor (built on first use) that turns them into ``MediaItem``s. In ``image_data`` a
+video is ``{"video": source or list of frames, "num_frames": n (optional)}``."""
 
 from __future__ import annotations
 
@@ -11,22 +12,23 @@ import torch
 
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import ModelInfo
-from sglang_core.media_loading import MediaLimits, load_image
+from sglang_core.media_loading import MediaLimits, load_image, load_video
 from sglang_core.messages import MediaItem, MediaPositions
 from sglang_core.multimodal import InputProcessor, expand_prompt, pack_tensor
 from sglang_core.plugins import PluginManager, resolve_target
 from sglang_core.weights.loader import load_config
 
 
-def images_per_prompt(image_data: Any, count: int, single: bool) -> list[list[Any]]:
-    """``image_data`` as a list of images per prompt: one image or a list for a single prompt; a
-    list with one entry (null, an image or a list) per prompt for several."""
+def images_per_prompt(image_data: Any, count: int, single: bool, field: str = "image_data") -> list[list[Any]]:
+    """``image_data`` (or another per-prompt list, ``field``) as a list of images per prompt: one
+    image or a list for a single prompt; a list with one entry (null, an image or a list) per prompt
+    for several."""
     if image_data is None:
         return [[] for _ in range(count)]
     if single:
         return [image_data if isinstance(image_data, list) else [image_data]]
     if not isinstance(image_data, list) or len(image_data) != count:
-        raise ValueError(f"image_data: give a list with one entry per prompt ({count})")
+        raise ValueError(f"{field}: give a list with one entry per prompt ({count})")
     return [[] if item is None else item if isinstance(item, list) else [item] for item in image_data]
 
 
@@ -40,7 +42,8 @@ class MediaInputs:
         local = settings.allowed_local_media_path
         self.limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels,
                                   Path(local) if local else None, settings.allow_media_urls,
-                                  settings.media_fetch_timeout_s)
+                                  settings.media_fetch_timeout_s, settings.media_video_frames,
+                                  settings.media_max_video_frames)
         self._processor: InputProcessor | None = None
         self._lock = threading.Lock()  # requests are built on several threads (async_generate)
 
@@ -48,12 +51,29 @@ class MediaInputs:
     def image_token(self) -> str | None:
         return self._get().image_token if self._target is not None else None
 
+    @property
+    def video_token(self) -> str | None:
+        return self._get().video_token if self._target is not None else None
+
     def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
-        """Load each image (``image_data.<i>`` names it in errors) and expand the prompt's image tokens."""
+        """Load each image and video (``image_data.<i>`` names it in errors) and expand the prompt's
+        image and video tokens."""
         if self._target is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
-        images = [load_image(src, self.limits, f"image_data.{i}") for i, src in enumerate(sources)]
-        return expand_prompt(self._get(), ids, images)
+        images, videos = [], []
+        for i, source in enumerate(sources):
+            if isinstance(source, dict):
+                videos.append(self._video(source, f"image_data.{i}"))
+            else:
+                images.append(load_image(source, self.limits, f"image_data.{i}"))
+        return expand_prompt(self._get(), ids, images, videos=videos)
+
+    def _video(self, entry: dict, field: str) -> list[Any]:
+        if "video" not in entry or not set(entry) <= {"video", "num_frames"}:
+            raise ValueError(f"{field}: a video is {{\"video\": source or list of frames, \"num_frames\": n}}")
+        if self._get().video_token is None:
+            raise ValueError(f"{field}: the model ({self._architecture}) takes no videos")
+        return load_video(entry["video"], self.limits, field, entry.get("num_frames"))
 
     def positions(self, ids: list[int], media: list[MediaItem]) -> MediaPositions | None:
         """The expanded prompt's positions if the model derives them from its media."""

@@ -1,7 +1,9 @@
 """Reading a request's images safely: data URLs and base64 always; files only under an allowed
 folder; http(s) URLs only when switched on, only from public addresses (resolved once, checked, and
-that address connected to), without redirects, within byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Every
-refusal is a ``ValueError`` naming the field (HTTP 400)."""
+that address connected to), without redirects, within byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Videos
+come from the same sources, or as a list of frames (each an image); a video file is decoded with
+PyAV (the ``video`` extra) after a frame-size check, its frames sampled evenly, within a frame limit.
+Every refusal is a ``ValueError`` naming the field (HTTP 400)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class MediaLimits:
     local_dir: Path | None = None  # None: no file paths
     allow_urls: bool = False
     fetch_timeout_s: float = 10.0
+    video_frames: int = 8  # frames sampled from a video file
+    max_video_frames: int = 32  # the most a video may have (given as frames) or a request may ask to sample
 
 
 def load_image(source: str | bytes, limits: MediaLimits, field: str = "image_data") -> Image.Image:
@@ -48,6 +53,67 @@ def load_image(source: str | bytes, limits: MediaLimits, field: str = "image_dat
     return image
 
 
+def load_video(source: str | bytes | list, limits: MediaLimits, field: str = "video",
+               num_frames: int | None = None) -> list[Image.Image]:
+    """A video's frames: a list of images (each a source ``load_image`` takes) as they are, or
+    ``num_frames`` (default ``limits.video_frames``) sampled evenly from a video file's frames."""
+    if isinstance(source, list):
+        if not source:
+            raise ValueError(f"{field}: a video needs at least one frame")
+        if len(source) > limits.max_video_frames:
+            raise ValueError(f"{field}: the video has {len(source)} frames, more than the limit of "
+                             f"{limits.max_video_frames}")
+        return [load_image(frame, limits, f"{field}.{i}") for i, frame in enumerate(source)]
+    wanted = limits.video_frames if num_frames is None else num_frames
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= limits.max_video_frames:
+        raise ValueError(f"{field}: num_frames must be an int from 1 to {limits.max_video_frames}, got {wanted!r}")
+    return decode_video(read_source(source, limits, field), wanted, limits.max_pixels, field)
+
+
+def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video") -> list[Image.Image]:
+    """``num_frames`` frames sampled evenly from a video file's bytes (each within ``max_pixels``)."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{field}: decoding video files needs PyAV (pip install 'sglang-core[video]'); "
+                         "or give the video as a list of frames") from None
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise ValueError(f"{field}: the file has no video stream")
+            stream = container.streams.video[0]
+            pixels = stream.codec_context.width * stream.codec_context.height
+            if pixels > max_pixels:
+                raise ValueError(f"{field}: the video's frames have {stream.codec_context.width}x"
+                                 f"{stream.codec_context.height} pixels, more than the limit of {max_pixels}")
+            # The packets give the frame count without decoding (the header's count may be absent).
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+        if total == 0:
+            raise ValueError(f"{field}: the video has no frames")
+        keep = _even_indices(total, num_frames)
+        frames = []
+        with av.open(io.BytesIO(data), mode="r") as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in keep:
+                    frames.append(frame.to_image())
+                if len(frames) == len(keep):
+                    break
+    except (av.FFmpegError, OSError) as exc:  # before ValueError: PyAV's errors are ValueErrors too
+        raise ValueError(f"{field}: cannot decode the video: {exc}") from None
+    if not frames:
+        raise ValueError(f"{field}: no frame of the video could be decoded")
+    return frames
+
+
+def _even_indices(total: int, count: int) -> set[int]:
+    """``count`` frame indices spread evenly from the first frame to the last (all, if fewer)."""
+    if count >= total:
+        return set(range(total))
+    if count == 1:
+        return {0}
+    return {round(i * (total - 1) / (count - 1)) for i in range(count)}
+
+
 def read_source(source: str | bytes, limits: MediaLimits, field: str) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         return _bounded(bytes(source), limits, field)
@@ -60,7 +126,7 @@ def read_source(source: str | bytes, limits: MediaLimits, field: str) -> bytes:
         return _base64(payload, limits, field)
     if source.startswith(("http://", "https://")):
         return _fetch(source, limits, field)
-    if source.startswith("file://") or source.lower().endswith(IMAGE_SUFFIXES):
+    if source.startswith("file://") or source.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES):
         return _read_file(source.removeprefix("file://"), limits, field)
     return _base64(source, limits, field)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -43,6 +43,15 @@ class InputProcessor(abc.ABC):
         """For a model whose positions depend on the media (M-RoPE): the expanded prompt's positions
         [components, len(ids)] and the decode delta (``MediaPositions``). None: token indices."""
         return None
+
+    # A model that takes videos names their placeholder and implements ``process_video``.
+    video_token: str | None = None
+    video_token_id: int | None = None
+
+    def process_video(self, frames: list[Image.Image]) -> tuple[dict[str, torch.Tensor], int]:
+        """The encoder's inputs for one video, given as its sampled frames, and how many
+        placeholder tokens it takes in the prompt."""
+        raise ValueError("video: the model takes no videos")
 
 
 def pack_tensor(tensor: torch.Tensor) -> TensorData:
@@ -75,24 +84,33 @@ def placeholder_key(digest: bytes) -> int:
 
 
 def expand_prompt(processor: InputProcessor, ids: list[int], images: list[Image.Image],
-                  field: str = "image_data") -> tuple[list[int], list[MediaItem]]:
-    """``ids`` with each image token repeated to its image's placeholder count, and the images'
-    items. The prompt must hold the image token exactly once per image."""
-    slots = [i for i, t in enumerate(ids) if t == processor.image_token_id]
-    if len(slots) != len(images):
-        raise ValueError(f"{field}: {len(images)} image(s) given but the prompt holds the image token "
-                         f"{processor.image_token!r} {len(slots)} time(s)")
+                  field: str = "image_data", videos: Sequence[list[Image.Image]] = ()) -> tuple[list[int], list[MediaItem]]:
+    """``ids`` with each image (video) token repeated to its image's (video's) placeholder count,
+    and the items, in prompt order. The prompt must hold the image token exactly once per image
+    and the video token once per video (each a list of frames)."""
+    slots = _slots(ids, processor.image_token_id, images, processor.image_token, "image", field)
+    if videos or processor.video_token_id is not None:
+        slots += _slots(ids, processor.video_token_id, videos, processor.video_token, "video", field)
     out: list[int] = []
     items: list[MediaItem] = []
     start = 0
-    for slot, image in zip(slots, images):
-        tensors, length = processor.process_image(image)
+    for slot, (kind, media) in sorted(slots, key=lambda s: s[0]):
+        tensors, length = processor.process_image(media) if kind == "image" else processor.process_video(media)
         out += ids[start:slot]
         items.append(MediaItem(offset=len(out), length=length, digest=content_digest(tensors),
                                tensors={name: pack_tensor(t) for name, t in tensors.items()}))
-        out += [processor.image_token_id] * length
+        out += [ids[slot]] * length
         start = slot + 1
     return out + ids[start:], items
+
+
+def _slots(ids: list[int], token_id: int | None, media: Sequence[Any], token: str | None, kind: str,
+           field: str) -> list[tuple[int, tuple[str, Any]]]:
+    slots = [i for i, t in enumerate(ids) if t == token_id] if token_id is not None else []
+    if len(slots) != len(media):
+        raise ValueError(f"{field}: {len(media)} {kind}(s) given but the prompt holds the {kind} token "
+                         f"{token!r} {len(slots)} time(s)")
+    return [(slot, (kind, item)) for slot, item in zip(slots, media)]
 
 
 def expanded_position(position: int, media: list[MediaItem]) -> int:

@@ -326,10 +326,11 @@ def test_images_reach_a_backend_that_takes_them(tmp_path):
         load_image(b"plain text")
 
 
-def test_video_without_a_decoder_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
-    with pytest.raises(ImportError, match="opencv"):
-        load_video_frames("clip.mp4", 2)
+def test_video_without_a_decoder_is_a_clear_error(monkeypatch, tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    with pytest.raises(ValueError, match=r"needs PyAV \(pip install 'sglang-core\[video\]'\)"):
+        load_video_frames(str(tmp_path / "clip.mp4"), 2)
 
 
 # ---- bad input ------------------------------------------------------------------------------------

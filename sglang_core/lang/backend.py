@@ -40,6 +40,16 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Video:
+    """A video file in the program, for a backend whose server decodes it: its bytes, MIME type
+    and how many frames to sample."""
+
+    data: bytes
+    mime_type: str
+    num_frames: int
+
+
+@dataclass(frozen=True)
 class ChatTemplate:
     """How roles appear in the program's *text* (the form completion-style backends read).
 
@@ -62,13 +72,15 @@ class Prompt:
     ``{"type": "image", "image": Image}`` parts when the turn holds images); when the program is
     inside an open role, that turn is the last message, so a chat backend asked to generate sees
     the conversation up to ``assistant`` with the assistant's partial text (usually empty).
-    ``images`` are all images so far, in order (completion-style backends that take images).
+    ``images`` are all images so far, in order (completion-style backends that take images);
+    ``videos`` all videos, for a backend with a ``video_token``.
     """
 
     text: str
     messages: tuple[dict[str, Any], ...] = ()
     images: tuple[Image, ...] = ()
     open_role: str | None = None  # the role whose block is open at the call, if any
+    videos: tuple[Video, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,9 @@ class LangBackend:
     # The text a completion-style backend's prompt holds where each image goes (a served vision
     # model's image token); chat-style backends place images as message parts and leave it empty.
     image_token = ""
+    # Where each video goes, for a backend whose server takes video files (decoded there); without
+    # it, ``sgl.video`` sends the video's frames as images.
+    video_token = ""
     chat_template = ChatTemplate(role_prefix={"system": "", "user": "", "assistant": ""},
                                  role_suffix={"system": "\n", "user": "\n", "assistant": "\n"})
 

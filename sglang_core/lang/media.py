@@ -1,12 +1,13 @@
 """Images and video frames for ``sgl.image`` / ``sgl.video``: loaded into :class:`Image` (bytes +
-MIME type) only when the program runs, on a backend that takes images."""
+MIME type) only when the program runs, on a backend that takes images; a video file as it is
+(:class:`Video`) for a backend whose server decodes videos."""
 
 from __future__ import annotations
 
 import mimetypes
 from pathlib import Path
 
-from sglang_core.lang.backend import Image
+from sglang_core.lang.backend import Image, Video
 
 # Leading bytes of the image formats chat APIs accept.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
@@ -47,28 +48,27 @@ def load_image(source: str | bytes) -> Image:
     return Image(data, mime)
 
 
-def load_video_frames(path: str, num_frames: int) -> list[Image]:
-    """``num_frames`` frames spread evenly over the video, as JPEG images. Needs OpenCV
-    (``pip install opencv-python-headless``); without it, an ``ImportError`` saying so."""
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError("video: decoding frames needs OpenCV; pip install opencv-python-headless") from None
-    if not Path(path).expanduser().is_file():
+def load_video(path: str, num_frames: int) -> Video:
+    """A video file's bytes, for the server to sample ``num_frames`` frames of."""
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise ValueError(f"video: no such file {path!r}")
-    capture = cv2.VideoCapture(str(Path(path).expanduser()))
-    try:
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        if total <= 0:
-            raise ValueError(f"video: no frames could be read from {path!r}")
-        frames = []
-        for k in range(min(num_frames, total)):
-            capture.set(cv2.CAP_PROP_POS_FRAMES, k * total // min(num_frames, total))
-            ok, frame = capture.read()
-            if not ok:
-                raise ValueError(f"video: frame {k} of {path!r} could not be decoded")
-            ok, encoded = cv2.imencode(".jpg", frame)
-            frames.append(Image(encoded.tobytes(), "image/jpeg"))
-        return frames
-    finally:
-        capture.release()
+    return Video(file.read_bytes(), mimetypes.guess_type(path)[0] or "application/octet-stream", num_frames)
+
+
+def load_video_frames(path: str, num_frames: int) -> list[Image]:
+    """``num_frames`` frames spread evenly over the video, as PNG images. Needs PyAV
+    (``pip install 'sglang-core[video]'``); without it, a ``ValueError`` saying so."""
+    import io
+
+    from sglang_core.media_loading import decode_video
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"video: no such file {path!r}")
+    frames = []
+    for frame in decode_video(file.read_bytes(), num_frames, max_pixels=2**31):  # the program's own file
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG")
+        frames.append(Image(buffer.getvalue(), "image/png"))
+    return frames

@@ -15,9 +15,9 @@ import threading
 from collections import deque
 from typing import Any, AsyncIterator, Iterator
 
-from sglang_core.lang.backend import GenParams, GenResult, Image, LangBackend, Prompt, UnsupportedError
+from sglang_core.lang.backend import GenParams, GenResult, Image, LangBackend, Prompt, UnsupportedError, Video
 from sglang_core.lang.ir import Expr, Gen, ImageExpr, RoleBegin, RoleEnd, Select, Seq, Text, VideoExpr, as_expr
-from sglang_core.lang.media import load_image, load_video_frames
+from sglang_core.lang.media import load_image, load_video, load_video_frames
 
 Piece = tuple[str | None, str]  # (the gen/select variable it belongs to, or None; the text)
 
@@ -33,6 +33,7 @@ class ProgramState:
         self._text = ""
         self._messages: list[dict[str, Any]] = []  # content: a list of ("text", str) / ("image", Image)
         self._images: list[Image] = []
+        self._videos: list[Video] = []
         self._open_role: str | None = None
         self._variables: dict[str, Any] = {}
         self._meta_info: dict[str, Any] = {}
@@ -199,6 +200,7 @@ class ProgramState:
         branch._text = self._text
         branch._messages = [{"role": m["role"], "content": list(m["content"])} for m in self._messages]
         branch._images = list(self._images)
+        branch._videos = list(self._videos)
         branch._open_role = self._open_role
         branch._variables = dict(self._variables)
         branch._meta_info = dict(self._meta_info)
@@ -225,7 +227,11 @@ class ProgramState:
             self._add_images([load_image(expr.source)])
         elif isinstance(expr, VideoExpr):
             self._require_images("video")
-            self._add_images(load_video_frames(expr.path, expr.num_frames))
+            if self.backend.video_token:  # the server decodes the file and samples its frames
+                self._videos.append(load_video(expr.path, expr.num_frames))
+                self._write(self.backend.video_token, in_message=False)
+            else:
+                self._add_images(load_video_frames(expr.path, expr.num_frames))
         else:
             raise TypeError(f"unknown expression {expr!r}")
 
@@ -275,7 +281,7 @@ class ProgramState:
                 content = [{"type": "text", "text": v} if k == "text" else {"type": "image", "image": v}
                            for k, v in parts]
             messages.append({"role": m["role"], "content": content})
-        return Prompt(self._text, tuple(messages), tuple(self._images), self._open_role)
+        return Prompt(self._text, tuple(messages), tuple(self._images), self._open_role, tuple(self._videos))
 
     def _params(self, params: GenParams) -> GenParams:
         unset = {f.name: f.default for f in dataclasses.fields(GenParams) if f.name != "extra"}

@@ -110,6 +110,10 @@ class DataParallelEngine:
         return self.replicas[0].image_token
 
     @property
+    def video_token(self) -> str | None:
+        return self.replicas[0].video_token
+
+    @property
     def alive(self) -> bool:
         """False once any replica has died (the others still serve)."""
         return all(r.alive for r in self.replicas)

@@ -48,6 +48,7 @@ class RuntimeEndpoint(LangBackend):
         # A served vision model names its image token; a text-only one takes no images.
         self.image_token = self.model_info.get("image_token") or ""
         self.supports_images = bool(self.image_token)
+        self.video_token = self.model_info.get("video_token") or ""
         template = self.model_info.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template["role_prefix"], template["role_suffix"],
@@ -101,8 +102,8 @@ class RuntimeEndpoint(LangBackend):
             starts += [0] * len(spans)
         body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
                 "logprob_start_len": starts}
-        if prompt.images:  # the prompt's images with it; a choice scored alone has none
-            body["image_data"] = [_data_urls(prompt) if i < len(spans) else None for i in range(len(ids))]
+        for field, media in _media(prompt).items():  # the prompt's media with it; a choice scored alone has none
+            body[field] = [media if i < len(spans) else None for i in range(len(ids))]
         items = self._request("POST", "/generate", json=body)
         logprobs = [[lp for lp, _, _ in item["meta_info"]["input_token_logprobs"]] for item in items]
         conditional, unconditional = logprobs[:len(spans)], logprobs[len(spans):] or None
@@ -116,9 +117,7 @@ class RuntimeEndpoint(LangBackend):
     def cache_prefix(self, prompt: Prompt) -> None:
         """A prefill-only request of the prefix: the radix cache keeps it for the branches."""
         if prompt.text:
-            body = {"text": prompt.text, "sampling_params": {"max_new_tokens": 0}}
-            if prompt.images:
-                body["image_data"] = _data_urls(prompt)
+            body = {"text": prompt.text, "sampling_params": {"max_new_tokens": 0}, **_media(prompt)}
             self._request("POST", "/generate", json=body)
 
     def shutdown(self) -> None:
@@ -138,9 +137,7 @@ class RuntimeEndpoint(LangBackend):
         if params.ignore_eos:
             sampling["ignore_eos"] = True
         sampling.update(params.extra)
-        body: dict[str, Any] = {"text": prompt.text, "sampling_params": sampling}
-        if prompt.images:
-            body["image_data"] = _data_urls(prompt)
+        body: dict[str, Any] = {"text": prompt.text, "sampling_params": sampling, **_media(prompt)}
         if params.return_logprob:
             # -1: logprobs of the output only; asking for the prompt's would bypass the prefix cache.
             body.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=params.top_logprobs_num or 0)
@@ -163,6 +160,17 @@ class RuntimeEndpoint(LangBackend):
         raise ServerError(f"the server answered {response.status_code}: {message}")
 
 
-def _data_urls(prompt: Prompt) -> list[str]:
-    """The prompt's images as data URLs, in order (the native API's ``image_data``)."""
-    return [f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode()}" for image in prompt.images]
+def _media(prompt: Prompt) -> dict[str, list]:
+    """The prompt's images and videos as the native API's ``image_data`` and ``video_data`` (data
+    URLs, in order), the fields it has."""
+    media: dict[str, list] = {}
+    if prompt.images:
+        media["image_data"] = [_data_url(image.data, image.mime_type) for image in prompt.images]
+    if prompt.videos:
+        media["video_data"] = [{"video": _data_url(video.data, video.mime_type), "num_frames": video.num_frames}
+                               for video in prompt.videos]
+    return media
+
+
+def _data_url(data: bytes, mime_type: str) -> str:
+    return f"data:{mime_type};base64,{base64.b64encode(data).decode()}"

@@ -30,6 +30,11 @@ class GenerateBody(NativeBody):
         None, description="a prompt as token ids, or a batch of them")
     image_data: Any = Field(None, description="images for the prompt (data URL or base64; URLs and files where allowed): one or a "
                           "list for one prompt; an entry (null, one, a list) per prompt for several")
+    modalities: list[Any] | None = Field(None, description="SGLang's: what each image_data entry of a prompt is, "
+                                      "'image' (the default) or 'video' (a video file, or a list of frames); a list "
+                                      "for one prompt, an entry (null or a list) per prompt for several")
+    video_data: Any = Field(None, description="videos for the prompt, after image_data's (each a video file as image_data "
+                          "takes it, or a list of frames): one or a list for one prompt; an entry per prompt for several")
     sampling_params: dict[str, Any] | list[dict[str, Any] | None] | None = Field(
         None, description="SGLang 0.2.10's sampling params (max_new_tokens default 128, temperature, top_p, top_k, "
                           "min_p, stop, stop_token_ids, n, regex, json_schema, ...)")
@@ -82,7 +87,7 @@ def parse_generate(body: GenerateBody, vocab_size: int,
     start = _per_item("logprob_start_len", body.logprob_start_len, count, 0)
     top = _per_item("top_logprobs_num", body.top_logprobs_num, count, 0)
     rids = _rids(body.rid, count)
-    images = images_per_prompt(body.image_data, count, single_prompt)
+    images = _media_per_prompt(body, count, single_prompt)
     engine_field = "prompt" if prompt_field == "text" else "input_ids"
     jobs = []
     for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
@@ -95,6 +100,24 @@ def parse_generate(body: GenerateBody, vocab_size: int,
                              "return_text_in_logprobs": bool(body.return_text_in_logprobs), "rid": rid,
                              "image_data": images[i] or None}))
     return GenerateInput(jobs, single_prompt and len(jobs) == 1, bool(body.stream), prompt_field)
+
+
+def _media_per_prompt(body: GenerateBody, count: int, single: bool) -> list[list[Any]]:
+    """Each prompt's ``image_data`` entries, those ``modalities`` calls videos and then its
+    ``video_data`` as the engine takes videos (``{"video": ...}``)."""
+    images = images_per_prompt(body.image_data, count, single)
+    kinds = images_per_prompt(body.modalities, count, single, "modalities")
+    videos = images_per_prompt(body.video_data, count, single, "video_data")
+    media = []
+    for i, (entries, modalities) in enumerate(zip(images, kinds)):
+        if modalities and len(modalities) != len(entries):
+            raise ValueError(f"modalities: {len(modalities)} given for {len(entries)} image_data entries"
+                             + (f" of prompt {i}" if not single else ""))
+        if not all(kind in ("image", "multi-images", "video") for kind in modalities):
+            raise ValueError(f"modalities: each is 'image' or 'video', got {modalities!r}")
+        media.append([{"video": e} if kind == "video" and not isinstance(e, dict) else e
+                      for e, kind in zip(entries, modalities or ["image"] * len(entries))])
+    return [m + [v if isinstance(v, dict) else {"video": v} for v in video] for m, video in zip(media, videos)]
 
 
 @contextlib.contextmanager

@@ -75,7 +75,8 @@ def mount(app: FastAPI, ctx: ServerContext) -> None:
         info = ctx.engine.info
         template = role_markers(ctx.engine.tokenizer, resolve_chat_template(ctx.settings.chat_template))
         return {"model_path": info.model_path, "tokenizer_path": info.tokenizer_path, "is_generation": True,
-                "chat_template": template, "image_token": ctx.engine.image_token}
+                "chat_template": template, "image_token": ctx.engine.image_token,
+                "video_token": ctx.engine.video_token}
 
     @app.post("/tokenize", **docs.route(body=TokenizeBody, response=TokenizeResponse, example=EXAMPLES["tokenize"]))
     async def tokenize(request: Request) -> dict:

@@ -95,10 +95,16 @@ class ImageUrl(_Body):
     detail: Literal["auto", "low", "high"] | None = None  # one resolution per model: accepted, not used
 
 
+class VideoUrl(_Body):
+    url: str = Field(description="a video file (data URL or base64; URLs and files where allowed): the server "
+                                 "samples its frames")
+
+
 class ContentPart(_Body):
     type: str
     text: str = ""
     image_url: ImageUrl | None = None
+    video_url: VideoUrl | None = None
 
 
 class FunctionCall(_Body):
@@ -121,26 +127,31 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCallItem] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call they answer
 
-    def for_template(self, index: int, image_token: str | None = None) -> tuple[dict[str, Any], list[str]]:
-        """The message as chat templates expect it (text content as one string, each image as the
-        model's ``image_token``, a call's arguments as an object: templates write them with
-        ``tojson``) and the URLs of its images, in order."""
-        content, images = self.content, []
+    def for_template(self, index: int, image_token: str | None = None,
+                     video_token: str | None = None) -> tuple[dict[str, Any], list[Any]]:
+        """The message as chat templates expect it (text content as one string, each image (video)
+        as the model's ``image_token`` (``video_token``), a call's arguments as an object:
+        templates write them with ``tojson``) and its media in order, as the engine's
+        ``image_data`` takes them (an image's URL, ``{"video": URL}``)."""
+        content, media = self.content, []
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.type == "image_url":
-                    if image_token is None:
-                        raise ValueError(f"messages.{index}.content.{j}: this model takes no images")
-                    if part.image_url is None:
-                        raise ValueError(f"messages.{index}.content.{j}.image_url: required for type 'image_url'")
-                    texts.append(image_token)
-                    images.append(part.image_url.url)
+                if part.type in ("image_url", "video_url"):
+                    kind = part.type.removesuffix("_url")
+                    token = image_token if kind == "image" else video_token
+                    if token is None:
+                        raise ValueError(f"messages.{index}.content.{j}: this model takes no {kind}s")
+                    source = getattr(part, part.type)
+                    if source is None:
+                        raise ValueError(f"messages.{index}.content.{j}.{part.type}: required for type {part.type!r}")
+                    texts.append(token)
+                    media.append(source.url if kind == "image" else {"video": source.url})
                 elif part.type == "text":
                     texts.append(part.text)
                 else:
                     raise ValueError(f"messages.{index}.content.{j}: {part.type!r} content is not supported "
-                                     "(text and image_url)")
+                                     "(text, image_url and video_url)")
             content = "\n".join(texts)
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError(f"messages.{index}.tool_call_id: required in a tool message")
@@ -152,7 +163,7 @@ class ChatMessage(_Body):
                 "name": call.function.name, "arguments": _arguments(call.function.arguments,
                                                                     f"messages.{index}.tool_calls.{j}")}}
                 for j, call in enumerate(self.tool_calls)]
-        return message, images
+        return message, media
 
 
 def _arguments(text: str, where: str) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_c
     tokenizer, info = ctx.engine.tokenizer, ctx.engine.info
     messages, images = [], []
     for i, message in enumerate(req.messages):
-        rendered, urls = message.for_template(i, ctx.engine.image_token)
+        rendered, urls = message.for_template(i, ctx.engine.image_token, ctx.engine.video_token)
         messages.append(rendered)
         images += urls
     use = req.tool_use()

@@ -1,6 +1,7 @@
 """Built-in model plugin: LLaVA 1.5 (``LlavaForConditionalGeneration``: a CLIP or SigLIP vision
-tower, a projector, and a language model the core's other model plugins build) and LLaVA-NeXT
-(``LlavaNextForConditionalGeneration``: the same, on anyres tiles of each image)."""
+tower, a projector, and a language model the core's other model plugins build), LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``: the same, on anyres tiles of each image) and
+LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``: LLaVA-NeXT, and videos as pooled frames)."""
 
 from sglang_core.hookspecs import hookimpl
 
@@ -11,3 +12,6 @@ def register_models(register):
              input_processor="sglang_plugins.models.llava.processor:LlavaInputProcessor")
     register("LlavaNextForConditionalGeneration", "sglang_plugins.models.llava.next:LlavaNextForConditionalGeneration",
              input_processor="sglang_plugins.models.llava.processor:LlavaInputProcessor")
+    register("LlavaNextVideoForConditionalGeneration",
+             "sglang_plugins.models.llava.video:LlavaNextVideoForConditionalGeneration",
+             input_processor="sglang_plugins.models.llava.processor:LlavaNextVideoInputProcessor")

@@ -20,7 +20,7 @@ from sglang_core.model_executor.model_api import ModelContext
 CHECKPOINT_RENAMES = (
     (re.compile(r"^model\.language_model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.(vision_tower|multi_modal_projector|image_newline)"), r"\1"),
+    (re.compile(r"^model\.(vision_tower|multi_modal_projector|image_newline|vision_resampler)"), r"\1"),
 )
 STRATEGIES = ("default", "full")
 
@@ -77,10 +77,14 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def project(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[images, 3, H, W]`` -> the projected features of each, ``[images, positions, hidden]``."""
+        return self.multi_modal_projector(self.vision_features(pixels))
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[images, 3, H, W]`` -> the tower's selected features, ``[images, positions, vision hidden]``."""
         pixels = pixels.to(self.multi_modal_projector.linear_1.weight.dtype)
         hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states
         features = [hidden[i][:, 1:] if self.drop_cls else hidden[i] for i in self.feature_layers]
-        return self.multi_modal_projector(torch.cat(features, dim=-1))
+        return torch.cat(features, dim=-1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         others: dict[str, torch.Tensor] = {}
@@ -95,7 +99,8 @@ class LlavaForConditionalGeneration(nn.Module):
                     others[name] = tensor
 
         self.language_model.load_weights(language_weights())
-        # The vision side: the tower and projector, and any parameter of this module's own (NeXT's image_newline).
+        # The vision side: the tower, projector and any other part (NeXT-Video's pooling), and any parameter of this
+        # module's own (NeXT's image_newline).
         vision = {name: module for name, module in self.named_children() if name != "language_model"}
         for part, module in vision.items():
             state = {name.removeprefix(f"{part}."): t for name, t in others.items() if name.startswith(f"{part}.")}

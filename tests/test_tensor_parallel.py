@@ -96,7 +96,8 @@ def test_step_channel_carries_every_field(monkeypatch):
     step = StepInput(mode=ForwardMode.DECODE, input_ids=torch.tensor([11, 12, 13]), positions=[20, 7, 31],
                      out_cache_loc=torch.tensor([101, 102, 103]), req_pool_indices=[4, 1, 2], seq_lens=[21, 8, 32],
                      prefix_lens=[20, 7, 31], fill_lens=[22, 8, 32], logit_index=[0, 1, 2],
-                     shared_prefixes=((5, (0, 2)), (3, (1,))))
+                     shared_prefixes=((5, (0, 2)), (3, (1,))),
+                     input_embeds=([0, 2], torch.randn(2, 8, dtype=torch.bfloat16)))
     StepChannel(TPGroup(), leader_rows).send(step)
 
     replies = iter(sent)
@@ -104,6 +105,8 @@ def test_step_channel_carries_every_field(monkeypatch):
     follower_rows = torch.zeros(6, 40, dtype=torch.int64)
     got = StepChannel(TPGroup(), follower_rows).receive()
     assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.out_cache_loc, step.out_cache_loc)
+    rows, embeds = got.input_embeds
+    assert rows == step.input_embeds[0] and embeds.dtype == torch.bfloat16 and torch.equal(embeds, step.input_embeds[1])
     for field in ("mode", "positions", "req_pool_indices", "seq_lens", "prefix_lens", "fill_lens", "logit_index",
                   "shared_prefixes"):
         assert getattr(got, field) == getattr(step, field), field

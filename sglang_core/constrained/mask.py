@@ -52,10 +52,9 @@ class GrammarMask(LogitsProcessor):
 
 
 def _allows_any(mask: np.ndarray, banned: frozenset[int]) -> bool:
-    """Whether the bitmask row ``mask`` allows a token outside ``banned``."""
+    """Whether the bitmask row ``mask`` allows a token outside ``banned`` (token ids in the vocabulary)."""
     if banned:
         mask = mask.copy()
         for token in banned:
-            if token < 32 * len(mask):
-                mask[token // 32] &= ~np.uint32(1 << (token % 32))
+            mask[token // 32] &= ~np.uint32(1 << (token % 32))
     return bool(mask.any())

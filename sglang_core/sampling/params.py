@@ -223,7 +223,8 @@ class SamplingParams:
 
     def _clamp(self, vocab_size: int) -> None:
         """Bring accepted values into the range where the sampler's float32 arithmetic has no
-        inf or NaN, each to a value that samples the same way."""
+        inf or NaN: temperature and top_p to values that sample exactly as asked, the repetition
+        penalty and logit biases to their limits (see the constants)."""
         self.temperature = min(self.temperature, FLOAT32_MAX)
         # A top_p at most the top token's share keeps the top token alone, and that share is at
         # least 1 / vocab_size; half of it keeps top_p * mass clear of float32's zero (5e-324

@@ -262,8 +262,9 @@ def test_grammar_mask_layout(constrained_rows):
     vocab = 100
     allowed = [{0, 31, 32, 63, 99}, {5, 64}, set()]
     # the mask reads which rows are constrained from the requests (on the host, never from the device)
-    reqs = [SimpleNamespace(grammar=_FixedState(a),
-                            sampling_params=SimpleNamespace(constraint=("regex", ".*") if i in constrained_rows else None))
+    reqs = [SimpleNamespace(grammar=_FixedState(a), output_ids=[],
+                            sampling_params=SimpleNamespace(constraint=("regex", ".*") if i in constrained_rows else None,
+                                                            min_new_tokens=0, stop_token_ids=None))
             for i, a in enumerate(allowed)]
     batch = SamplingBatch(reqs, vocab, torch.device("cpu"), frozenset({7, 9}))
     logits = torch.randn(3, vocab)

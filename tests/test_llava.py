@@ -1,6 +1,6 @@
 """LLaVA 1.5 against transformers' ``LlavaForConditionalGeneration`` (float32, CPU) on a tiny random
 checkpoint saved with its processor: greedy tokens and logprobs for prompts of one and two images,
-batched and chunked across an image; the prefix cache shares an image's tokens with the same image
+batched and chunked across an image, on one rank and on two tensor-parallel ranks; the prefix cache shares an image's tokens with the same image
 only; every KV slot comes back."""
 
 from __future__ import annotations
@@ -154,6 +154,21 @@ def test_one_and_two_images_batched_match_hf(llava, chunk: int):
             _check(result, expected[name])
         assert engine.stats()["images_encoded"] == 3  # once per image, however many chunks it spans
         engine.check_memory()
+
+
+def test_two_tensor_parallel_ranks_match_hf(llava):
+    """--tp-size 2 (gloo): rank 0 encodes the images and sends their embeddings with the step;
+    prompts chunked across images give transformers' tokens and logprobs (as one rank does above)."""
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=5, max_total_tokens=512,
+                tp_size=2) as engine:
+        results = _generate(engine, ["one", "two"])
+        assert engine.stats()["images_encoded"] == 3
+        engine.check_memory()
+    for result, name in zip(results, ["one", "two"]):
+        _check(result, expected[name])
 
 
 def test_same_image_shares_the_cached_prefix_and_another_does_not(llava):

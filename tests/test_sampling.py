@@ -391,6 +391,93 @@ def test_from_dict_normalises():
     assert p.stop == ["late"]
 
 
+# -- extreme values: a masked token is never drawn ----------------------------------------
+
+# Token logits of both signs, one exactly 0, with the model's favourites (0, 1, 5) masked by the
+# grammar, so a draw outside ALLOWED is a masked token.
+EXTREME_LOGITS = np.array([8.0, 7.5, -2.0, 0.0, 1.5, 6.0, 1.0, 2.5, -0.5, 0.3, -1.0, 3.0, 0.7, -3.0, 4.0, -6.0])
+ALLOWED = (3, 6, 7, 10, 13, EOS)
+PROMPT, OUTPUT = (3, 6, 0, 11), (6, 6, 10, 13, 1)
+
+
+class FixedGrammar:
+    """A grammar whose bitmask allows the same tokens at every step."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def fill_bitmask(self, words: torch.Tensor) -> None:
+        bits = np.zeros(words.shape[0], dtype=np.uint32)
+        for token in self.allowed:
+            bits[token // 32] |= np.uint32(1 << (token % 32))
+        words.copy_(torch.from_numpy(bits.view(np.int32)))
+
+
+def reference_choices(p: SamplingParams, allowed) -> dict[int, float]:
+    """Each token the sampler may draw, with its probability, in float64 plain Python: HF's
+    repetition penalty, OpenAI's frequency / presence penalties and logit bias, min_new_tokens,
+    the grammar, then temperature and top_k / top_p / min_p (a tie at a cut keeps every tied token)."""
+    x = {t: float(v) for t, v in enumerate(EXTREME_LOGITS)}
+    for t in set(PROMPT + OUTPUT):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t, count in Counter(OUTPUT).items():
+        x[t] -= p.frequency_penalty * count + p.presence_penalty
+    for t, bias in (p.logit_bias or {}).items():
+        x[t] += bias
+    banned = {EOS, *(p.stop_token_ids or ())} if len(OUTPUT) < p.min_new_tokens else set()
+    banned = banned if len(banned) < V else set()  # all banned: nothing would be left
+    open_tokens = [t for t in allowed if t not in banned] or [EOS]  # the constraint wins
+    if p.is_greedy:
+        best = max(x[t] for t in open_tokens)
+        return {t: 1.0 for t in open_tokens if x[t] == best}
+    top = max(x[t] for t in open_tokens)
+    weight = {t: math.exp((x[t] - top) / p.temperature) for t in open_tokens}
+    ranked = sorted(weight.values(), reverse=True)
+    cut_k = ranked[min(p.top_k, len(ranked)) - 1] if p.top_k > 0 else 0.0
+    mass = sum(w for w in ranked if w >= cut_k)
+    kept = {t: w for t, w in weight.items()
+            if w >= cut_k and (p.top_p >= 1 or sum(v for v in ranked if v > w) < p.top_p * mass)
+            and w >= p.min_p * ranked[0]}
+    total = sum(kept.values())
+    return {t: w / total for t, w in kept.items()}
+
+
+HUGE, TINY = 1e306, 5e-324
+EXTREMES = [
+    {"temperature": HUGE}, {"temperature": 1e-6}, {"temperature": 9e-7},
+    {"top_p": TINY}, {"top_p": 1.0}, {"top_k": 1}, {"top_k": 2**63 - 1}, {"top_k": 2},
+    {"min_p": 1.0}, {"min_p": TINY},
+    {"repetition_penalty": TINY}, {"repetition_penalty": HUGE},
+    {"frequency_penalty": 2.0}, {"frequency_penalty": -2.0}, {"presence_penalty": 2.0}, {"presence_penalty": -2.0},
+    {"logit_bias": {"0": HUGE, "13": HUGE}}, {"logit_bias": {"7": -HUGE, "6": -HUGE}},
+    {"min_new_tokens": 2**63 - 1, "max_new_tokens": 2**63 - 1},
+    {"min_new_tokens": 10, "stop_token_ids": list(range(V))}, {"min_new_tokens": 10, "stop_token_ids": [3, 6, 7]},
+    {"temperature": HUGE, "repetition_penalty": HUGE, "logit_bias": {"3": HUGE}, "presence_penalty": -2.0},
+    {"temperature": 1e-6, "repetition_penalty": TINY, "frequency_penalty": -2.0, "logit_bias": {"7": HUGE}},
+    {"top_p": TINY, "min_p": TINY, "top_k": 3, "repetition_penalty": TINY, "temperature": 2.0},
+    {"top_k": 4, "top_p": 0.8, "repetition_penalty": HUGE, "temperature": 50.0},
+]
+
+
+@pytest.mark.parametrize("extreme", EXTREMES)
+@pytest.mark.parametrize("allowed", [ALLOWED, (EOS,), None])
+def test_no_masked_token_is_drawn_at_any_extreme(extreme, allowed):
+    """Values the engine accepts, at the ends of their ranges, with a grammar (or none) and the
+    filters: every draw is a token the reference allows, and every likely one is drawn."""
+    draws = 300
+    constraint = {} if allowed is None else {"regex": "x"}
+    params = SamplingParams(**constraint, **extreme)
+    params.validate(vocab_size=V)
+    grammar = None if allowed is None else FixedGrammar(allowed)
+    reqs = [Req(rid=str(i), origin_input_ids=list(PROMPT), sampling_params=params, output_ids=list(OUTPUT),
+                grammar=grammar) for i in range(draws)]
+    expected = reference_choices(params, range(V) if allowed is None else allowed)
+    torch.manual_seed(0)
+    drawn = Counter(sample(np.tile(EXTREME_LOGITS, (draws, 1)).astype(np.float32), reqs).next_ids.tolist())
+    assert set(drawn) <= set(expected), (drawn, expected)
+    assert {t for t, q in expected.items() if q > 0.05} <= set(drawn), (drawn, expected)
+
+
 # -- detokenization ----------------------------------------------------------------------
 
 TEXTS = [

@@ -3,22 +3,30 @@ greedy tokens and logprobs equal transformers' float32 reference and the one-ran
 KV heads split across ranks, q/k/v biases, soft-caps, multi-head latent attention and MoE
 experts split by their intermediate size (DeepSeek-V2's MoE case: both), and Mixtral's and
 DeepSeek-V2's experts split by expert parallelism (``enable_ep_moe``: half the experts whole on
-each rank; equal to the one-rank engine's, so to DeepSeek-V2's two ranks without it); each step's batch
-reaches the other rank as tensors (``StepChannel``, checked field by field). One KV head
+each rank; equal to the one-rank engine's, so to DeepSeek-V2's two ranks without it); each step's
+batch reaches the other rank as tensors (``StepChannel``, checked field by field), which keep the
+other rank's ``req_to_token`` equal to rank 0's with decode payloads of the batch's size. One KV head
 replicated on both ranks, and ranks dying: tests/test_tensor_parallel_ranks.py."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import pytest
 import torch
 
 from model_contract import CASES
 from sglang_core.engine import Engine
+from sglang_core.layers.attention_spec import AttentionLayerSpec
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import TPGroup
+from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.model_executor.runner import StepInput
-from sglang_core.model_executor.step_channel import StepChannel
+from sglang_core.model_executor.step_channel import HEADER_LEN, StepChannel
+from sglang_core.request import Req
+from sglang_core.sampling.params import SamplingParams
+from sglang_core.scheduler.request_memory import RequestMemory
 from test_model_contract import CHUNK, _build, _reference_greedy
 
 NEW_TOKENS = 8
@@ -98,30 +106,143 @@ def test_cached_prefix_and_overlapped_decode(served):
     engine.check_memory()
 
 
-def test_step_channel_carries_every_field(monkeypatch):
+class Sender(StepChannel):
+    """Rank 0's channel, its broadcasts appended to ``wire``."""
+
+    def __init__(self, pool: ReqToTokenPool, wire: deque):
+        super().__init__(TPGroup(), pool)
+        self.wire = wire
+
+    def _broadcast(self, x: torch.Tensor) -> None:
+        self.wire.append(x.clone())
+
+
+class Receiver(Sender):
+    """Another rank's channel, reading what ``Sender`` put on ``wire``."""
+
+    def _broadcast(self, x: torch.Tensor) -> None:
+        x.copy_(self.wire.popleft())
+
+
+def test_step_channel_carries_every_field():
     """What ``send`` broadcasts, ``receive`` turns back into the same step, and writes the batch's
-    ``req_to_token`` rows (up to each request's length) into the receiving rank's table."""
-    sent: list[torch.Tensor] = []
-    monkeypatch.setattr(StepChannel, "_broadcast", lambda self, x: sent.append(x.clone()))
-    leader_rows = torch.randint(1, 1000, (6, 40))
+    ``req_to_token`` rows (up to each request's length, its rows being new) into the receiving
+    rank's table."""
+    wire = deque()
+    leader = ReqToTokenPool(6, 40, "cpu")
+    leader.req_to_token[:] = torch.randint(1, 1000, (6, 40))
     step = StepInput(mode=ForwardMode.DECODE, input_ids=torch.tensor([11, 12, 13]), positions=[20, 7, 31],
                      out_cache_loc=torch.tensor([101, 102, 103]), req_pool_indices=[4, 1, 2], seq_lens=[21, 8, 32],
                      prefix_lens=[20, 7, 31], fill_lens=[22, 8, 32], logit_index=[0, 1, 2],
-                     shared_prefixes=((5, (0, 2)), (3, (1,))))
-    StepChannel(TPGroup(), leader_rows).send(step)
+                     shared_prefixes=((5, (0, 2)), (3, (1,))),
+                     input_embeds=([0, 2], torch.randn(2, 8, dtype=torch.bfloat16)))
+    leader.req_to_token[step.req_pool_indices, [n - 1 for n in step.seq_lens]] = step.out_cache_loc
+    Sender(leader, wire).send(step)
 
-    replies = iter(sent)
-    monkeypatch.setattr(StepChannel, "_broadcast", lambda self, x: x.copy_(next(replies)))
-    follower_rows = torch.zeros(6, 40, dtype=torch.int64)
-    got = StepChannel(TPGroup(), follower_rows).receive()
+    follower = ReqToTokenPool(6, 40, "cpu")
+    got = Receiver(follower, wire).receive()
     assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.out_cache_loc, step.out_cache_loc)
+    rows, embeds = got.input_embeds
+    assert rows == step.input_embeds[0] and embeds.dtype == torch.bfloat16 and torch.equal(embeds, step.input_embeds[1])
     for field in ("mode", "positions", "req_pool_indices", "seq_lens", "prefix_lens", "fill_lens", "logit_index",
                   "shared_prefixes"):
         assert getattr(got, field) == getattr(step, field), field
     for row, length in zip(step.req_pool_indices, step.seq_lens):
-        assert torch.equal(follower_rows[row, :length], leader_rows[row, :length])
-        assert not follower_rows[row, length:].any()
-    assert not follower_rows[[0, 3, 5]].any()
+        assert torch.equal(follower.req_to_token[row, :length], leader.req_to_token[row, :length])
+        assert not follower.req_to_token[row, length:].any()
+    assert not follower.req_to_token[[0, 3, 5]].any() and not wire
 
-    monkeypatch.setattr(StepChannel, "_broadcast", lambda self, x: x.zero_())  # what ``stop`` sends
-    assert StepChannel(TPGroup(), follower_rows).receive() is None
+    wire.append(torch.zeros(HEADER_LEN, dtype=torch.int64))  # what ``stop`` sends
+    assert Receiver(follower, wire).receive() is None
+
+
+class MirroredMemory:
+    """Rank 0's ``RequestMemory`` (a radix cache) and its steps sent to a second rank's table, with
+    a plain-Python model of every live request's row (its KV slots, as the memory hands them out)."""
+
+    def __init__(self, rows: int = 5, context: int = 1200):
+        layer = AttentionLayerSpec(1, 1, 1, 1, 1.0)
+        self.memory = RequestMemory(ReqToTokenPool(rows, context, "cpu"), TokenKVPool(4000, [layer], torch.float32,
+                                                                                      "cpu"), radix_cache=True)
+        self.wire = deque()
+        self.sender = Sender(self.memory.req_pool, self.wire)
+        self.follower = ReqToTokenPool(rows, context, "cpu")
+        self.receiver = Receiver(self.follower, self.wire)
+        self.model: dict[str, list[int]] = {}
+        self.payloads: list[int] = []
+
+    def admit(self, rid: str, prompt: list[int]) -> Req:
+        req = Req(rid=rid, origin_input_ids=prompt, sampling_params=SamplingParams())
+        prefix, handle = self.memory.cache.match_prefix(req.key_ids[:-1])  # the last token is computed
+        self.memory.cache.lock(handle)
+        self.memory.admit(req, prefix, handle)
+        self.model[rid] = prefix.tolist()
+        return req
+
+    def step(self, mode: ForwardMode, spans: list[tuple[Req, int, int]], slots: torch.Tensor) -> None:
+        """Send one step over the requests' token ranges; check the second rank's rows."""
+        self.sender.send(StepInput(
+            mode=mode, input_ids=[0] * len(slots), positions=[p for _, a, b in spans for p in range(a, b)],
+            out_cache_loc=slots, req_pool_indices=[r.req_pool_idx for r, _, _ in spans], seq_lens=[b for *_, b in spans],
+            prefix_lens=[a for _, a, _ in spans], fill_lens=[b for *_, b in spans], logit_index=[0]))
+        self.payloads.append(self.wire[1].numel())
+        self.receiver.receive()
+        for req, _, end in spans:
+            row = req.req_pool_idx
+            assert self.follower.req_to_token[row, :end].tolist() == self.model[req.rid][:end], req.rid
+            assert self.memory.req_pool.req_to_token[row, :end].tolist() == self.model[req.rid][:end], req.rid
+
+    def prefill(self, reqs: list[Req], chunk: int = 128) -> None:
+        """The requests' prompts in chunks, batched; then each prompt is cached (re-pointing a
+        prompt another request of the batch cached first)."""
+        while any(r.kv_len < r.fill_len for r in reqs):
+            spans = [(r, r.kv_len, min(r.kv_len + chunk, r.fill_len)) for r in reqs if r.kv_len < r.fill_len]
+            for req, start, end in spans:
+                assert self.memory.grow(req, end - start)
+                self.model[req.rid] += self.memory.token_slots(req, start, end).tolist()
+            self.step(ForwardMode.EXTEND, spans, torch.cat([self.memory.token_slots(*span) for span in spans]))
+        for req in reqs:
+            self.memory.cache_prompt(req)
+            self.model[req.rid][: req.kv_len] = self.memory.cache.match_prefix(req.key_ids[: req.kv_len])[0].tolist()
+
+    def decode(self, reqs: list[Req]) -> None:
+        slots = self.memory.append_slots(reqs)
+        for req, slot in zip(reqs, slots.tolist()):
+            req.origin_input_ids.append(7)  # the sampled token, as the next step's input
+            self.model[req.rid].append(slot)
+        self.step(ForwardMode.DECODE, [(r, r.kv_len - 1, r.kv_len) for r in reqs], slots)
+
+    def release(self, req: Req, cache: bool) -> None:
+        self.memory.release(req, cache)
+        del self.model[req.rid]
+
+
+def test_step_channel_mirrors_rows_and_sends_decode_steps_of_the_batch_size():
+    """Prefills (chunked, from a cached prefix, a prompt cached twice in one batch and re-pointed),
+    decodes, a retraction and re-admission, an abort, a finish and rows reused: after each step the
+    second rank's rows equal rank 0's and the model's; a decode step's payload is the same at any
+    context length."""
+    m = MirroredMemory()
+    shared = list(range(10, 310))
+    a = m.admit("a", shared + [1, 2])
+    m.prefill([a])
+    b, c, d = m.admit("b", shared + [3, 4, 5]), m.admit("c", [9] * 40), m.admit("d", [9] * 40)
+    assert b.prefix_len == 300 and c.prefix_len == d.prefix_len == 0  # b reuses a's cached prompt
+    m.prefill([b, c, d])
+    assert list(m.memory.req_pool.rewritten) == [d.req_pool_idx]  # d's prompt now points at c's slots
+    for _ in range(3):
+        m.decode([a, b, c, d])
+    resent, short = m.payloads[-3], m.payloads[-1]
+    assert resent == short + 40  # d's re-pointed row, once
+
+    m.release(b, cache=True)  # retracted
+    m.release(c, cache=False)  # aborted
+    m.release(a, cache=True)  # finished
+    e = m.admit("e", [4] * 700)  # in rows a and c left, their old entries stale
+    b = m.admit("b", b.origin_input_ids)
+    f = m.admit("f", [6] * 1000)
+    assert b.prefix_len == 305  # its cached prompt and output, but the last token
+    m.prefill([e, b, f], chunk=512)
+    for _ in range(3):
+        m.decode([d, e, b, f])
+    assert m.payloads[-1] == short  # four requests, contexts of 40 to 1000 tokens (300 before)

@@ -25,12 +25,16 @@ class GrammarMask(LogitsProcessor):
         masks = words.numpy().view(np.uint32)
         for j, i in enumerate(row_list):
             batch.reqs[i].grammar.fill_bitmask(words[j])
-        # A grammar that allows nothing (cannot happen with a sound backend) ends with EOS, not
-        # NaN; decided here on the host, so the GPU is never waited for.
-        stuck = ~masks.any(axis=1)
-        if stuck.any() and batch.eos_token_ids:
-            eos = min(batch.eos_token_ids)
-            masks[stuck, eos // 32] |= np.uint32(1 << (eos % 32))
+        # A row left with no finite logit would be NaN after the softmax, and a masked token could
+        # win. So a grammar that allows nothing (cannot happen with a sound backend), or only
+        # tokens min_new_tokens still forbids (a finished regex before the minimum: the constraint
+        # wins), ends with EOS; decided here on the host, so the GPU is never waited for.
+        eos = min(batch.eos_token_ids, default=None)
+        banned = [batch.banned_for_min_tokens(i) for i in row_list]
+        stuck = [j for j in range(len(row_list)) if eos is not None and not _allows_any(masks[j], banned[j])]
+        if stuck:
+            masks[stuck] = 0
+            masks[stuck, eos // 32] = np.uint32(1 << (eos % 32))
         if logits.device.type == "cpu":  # numpy's bit unpacking is a single C loop
             allowed = torch.from_numpy(np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
                                        .view(np.bool_))
@@ -42,3 +46,15 @@ class GrammarMask(LogitsProcessor):
             logits.masked_fill_(~allowed, float("-inf"))  # every row constrained: in place
         else:
             logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        reopened = [j for j in stuck if eos in banned[j]]
+        if reopened:  # min_new_tokens made EOS -inf
+            logits[rows[reopened], eos] = 0.0
+
+
+def _allows_any(mask: np.ndarray, banned: frozenset[int]) -> bool:
+    """Whether the bitmask row ``mask`` allows a token outside ``banned`` (token ids in the vocabulary)."""
+    if banned:
+        mask = mask.copy()
+        for token in banned:
+            mask[token // 32] &= ~np.uint32(1 << (token % 32))
+    return bool(mask.any())

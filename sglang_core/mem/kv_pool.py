@@ -29,12 +29,26 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros((max_requests, max_context_len), dtype=torch.int64, device=device)
         self._free_rows = list(range(max_requests))
+        # Rows whose entries were replaced, not only extended, since a copy of the table last
+        # read them: row -> first replaced column (0: a new occupant). Tensor parallelism's step
+        # channel re-sends these from there to the other ranks' copies.
+        self.rewritten: dict[int, int] = {}
 
     def available_size(self) -> int:
         return len(self._free_rows)
 
     def alloc(self) -> int | None:
-        return self._free_rows.pop() if self._free_rows else None
+        if not self._free_rows:
+            return None
+        row = self._free_rows.pop()
+        self.rewritten[row] = 0
+        return row
+
+    def rewrite(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Replace the row's entries from column ``start`` on with ``slots``."""
+        if len(slots):
+            self.req_to_token[row, start : start + len(slots)] = slots
+            self.rewritten[row] = min(self.rewritten.get(row, start), start)
 
     def free(self, row: int) -> None:
         self._free_rows.append(row)

@@ -115,7 +115,7 @@ class TPRanks:
             if dead and not isinstance(exc, ValueError):
                 raise RuntimeError(f"{dead} while building its model (see its log above)") from exc
             raise
-        self.channel = StepChannel(self.tp, runner.req_pool.req_to_token)
+        self.channel = StepChannel(self.tp, runner.req_pool)
         runner.run_on_all_ranks = self.run
         return runner
 
@@ -225,7 +225,7 @@ def rank_main(settings_json: str, plugin_names: list[str] | None, host: str, por
     plugins = PluginManager(plugin_names)
     source = resolve_model_source(settings.model_path, settings.load_format, plugins.registry("weight_formats"))
     runner = ModelRunner(settings, source, plugins, tp)
-    channel = StepChannel(tp, runner.req_pool.req_to_token)
+    channel = StepChannel(tp, runner.req_pool)
     with torch.inference_mode():
         while (step := channel.receive()) is not None:
             runner.forward_local(step)

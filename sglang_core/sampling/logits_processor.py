@@ -82,17 +82,13 @@ class SamplingBatch:
 
     @cached_property
     def temperatures(self) -> torch.Tensor:
-        """[B] float32. A temperature past float32's range is its largest value, which flattens the
-        distribution just the same; as inf, a masked logit (-inf / inf) would be NaN and win."""
-        largest = torch.finfo(torch.float32).max
-        return self._column([min(p.temperature, largest) for p in self.params], torch.float32)
+        """[B] float32 (``SamplingParams.validate`` keeps them within float32)."""
+        return self._column([p.temperature for p in self.params], torch.float32)
 
     @cached_property
     def top_p(self) -> torch.Tensor:
-        """[B] float32. A top_p below float32's smallest normal is that value (the top token only);
-        as 0 it would keep no token at all."""
-        smallest = torch.finfo(torch.float32).tiny
-        return self._column([max(p.top_p, smallest) for p in self.params], torch.float32)
+        """[B] float32 (``SamplingParams.validate`` keeps them above float32's zero)."""
+        return self._column([p.top_p for p in self.params], torch.float32)
 
     @cached_property
     def top_k(self) -> torch.Tensor:
@@ -125,6 +121,15 @@ class SamplingBatch:
         if rows is None:
             rows = self._host_rows[id(processor)] = [i for i, p in enumerate(self.params) if processor.wants(p)]
         return rows
+
+    def banned_for_min_tokens(self, row: int) -> frozenset[int]:
+        """The tokens ``min_new_tokens`` still forbids to row ``row`` (EOS and its stop tokens), or none."""
+        req = self.reqs[row]
+        if len(req.output_ids) >= req.sampling_params.min_new_tokens:
+            return frozenset()
+        banned = {t for t in self.eos_token_ids.union(req.sampling_params.stop_token_ids or ()) if t < self.vocab_size}
+        # Forbidding every token would leave nothing to draw (a NaN row); every token ends the output anyway.
+        return frozenset(banned) if len(banned) < self.vocab_size else frozenset()
 
     def param_values(self, rows: list[int], name: str) -> torch.Tensor:
         """``sampling_params.<name>`` of the given rows (host indices), as a float32 [R] tensor."""

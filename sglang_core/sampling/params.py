@@ -11,6 +11,16 @@ from typing import Any, Callable
 
 # Below this temperature dividing the logits would overflow float32, so treat it as greedy.
 GREEDY_TEMPERATURE = 1e-6
+# The sampler works in float32. A temperature past its range flattens the distribution to uniform
+# over the unmasked tokens as well as infinity would, without a masked -inf / inf = NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+# Repetition penalties are clamped into this range: at 1e-6 a seen token's positive logit is
+# multiplied a million-fold, at 1e6 a negative one, which is already "always" / "never" for any
+# real logit, and every logit stays finite through the penalty and a 1e-6 temperature (a logit
+# of 0 times an infinite penalty would be NaN, a positive one over a zero penalty inf).
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+# OpenAI's range for logit_bias; vLLM clamps to it too.
+LOGIT_BIAS_LIMIT = 100.0
 # The sampling params that constrain the output, each naming its kind of constraint.
 CONSTRAINT_KINDS = ("regex", "json_schema", "ebnf")
 
@@ -164,7 +174,8 @@ class SamplingParams:
         return cls(**{k: v for k, v in d.items() if v is not None})
 
     def validate(self, vocab_size: int) -> None:
-        """Check every value range; raise ``ValueError("<field>: ...")`` on the first bad one."""
+        """Check every value range; raise ``ValueError("<field>: ...")`` on the first bad one.
+        Then clamp the values float32 cannot carry through the sampler (see ``_clamp``)."""
         self._coerce()  # fields may have been reassigned since construction
 
         def require(ok: bool, name: str, rule: str) -> None:
@@ -208,6 +219,22 @@ class SamplingParams:
             except RecursionError:
                 raise ValueError("json_schema: nested too deeply") from None
             require(isinstance(schema, dict), "json_schema", "must be a JSON object")
+        self._clamp(vocab_size)
+
+    def _clamp(self, vocab_size: int) -> None:
+        """Bring accepted values into the range where the sampler's float32 arithmetic has no
+        inf or NaN: temperature and top_p to values that sample exactly as asked, the repetition
+        penalty and logit biases to their limits (see the constants)."""
+        self.temperature = min(self.temperature, FLOAT32_MAX)
+        # A top_p at most the top token's share keeps the top token alone, and that share is at
+        # least 1 / vocab_size; half of it keeps top_p * mass clear of float32's zero (5e-324
+        # became 0, which kept no token).
+        self.top_p = max(self.top_p, 0.5 / vocab_size)
+        low, high = REPETITION_PENALTY_RANGE
+        self.repetition_penalty = min(max(self.repetition_penalty, low), high)
+        if self.logit_bias:
+            self.logit_bias = {token: min(max(bias, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+                               for token, bias in self.logit_bias.items()}
 
     @property
     def constraint(self) -> tuple[str, str] | None:

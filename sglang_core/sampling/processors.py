@@ -71,10 +71,7 @@ class MinNewTokens(LogitsProcessor):
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> None:
         pairs = []
         for i in batch.host_rows(self):
-            req = batch.reqs[i]
-            if len(req.output_ids) < req.sampling_params.min_new_tokens:
-                banned = batch.eos_token_ids.union(req.sampling_params.stop_token_ids or ())
-                pairs.extend((i, t) for t in banned if t < logits.shape[1])
+            pairs.extend((i, t) for t in batch.banned_for_min_tokens(i))
         if pairs:
             logits.index_put_(_index(pairs, logits.device), logits.new_full((), float("-inf")))
 

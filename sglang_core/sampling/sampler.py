@@ -95,11 +95,11 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, row_list: list[int]) -> torch.Tensor:
-        # A logit pushed past float32 (a tiny repetition_penalty divides by ~0) is the largest
-        # value, so it wins, rather than inf, which would make the whole row NaN.
-        scaled = torch.nan_to_num(logits / batch.temperatures[rows, None], posinf=torch.finfo(logits.dtype).max,
-                                  neginf=float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
+        # No inf or NaN arises here from the request's values: ``SamplingParams.validate`` keeps
+        # the penalties, biases and temperature where the processed logits stay finite (or -inf
+        # where masked) and the temperature finite, and every row keeps a finite logit (see
+        # ``GrammarMask``), so the softmax has a finite maximum to subtract.
+        probs = torch.softmax(logits / batch.temperatures[rows, None], dim=-1)
         vocab = probs.shape[1]
         params = [batch.reqs[i].sampling_params for i in row_list]  # decided on the host: no GPU sync
         if any(0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0 for p in params):

@@ -84,9 +84,11 @@ class RequestMemory:
         cached, handle = self.cache.match_prefix(key)
         self.cache.lock(handle)
         self.cache.unlock(req.cache_handle)
-        # Tokens another request cached meanwhile: ours are duplicates; use the tree's.
+        # Tokens another request cached meanwhile: ours are duplicates; use the tree's. (Before
+        # prefix_len the row holds the tree's slots already, locked since admission; from
+        # ``already`` on, the tree took ours.)
         self.kv_pool.free(slots[req.prefix_len : already])
-        self.req_pool.req_to_token[row, :n] = cached
+        self.req_pool.rewrite(row, req.prefix_len, cached[req.prefix_len : already])
         req.cache_handle, req.prefix_len = handle, n
 
     def release(self, req: Req, cache: bool) -> None:

@@ -31,7 +31,7 @@ class SGLangSampling(StrictBody):
     request body (the vendors' APIs have no such fields; clients send them in ``extra_body``)."""
 
     min_p: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 1})
-    repetition_penalty: float | None = Field(None, description="1: off", json_schema_extra={"exclusiveMinimum": 0})
+    repetition_penalty: float | None = Field(None, description="1: off; clamped to [1e-6, 1e6]", json_schema_extra={"exclusiveMinimum": 0})
     ignore_eos: bool | None = Field(None, description="keep generating past the end-of-sequence token")
     min_tokens: int | None = Field(None, description="generate at least this many tokens (at most max_tokens)",
                                    json_schema_extra={"minimum": 0})

@@ -40,7 +40,7 @@ class SamplingRequest(SGLangSampling):
     presence_penalty: float | None = Field(None, json_schema_extra={"minimum": -2, "maximum": 2})
     frequency_penalty: float | None = Field(None, json_schema_extra={"minimum": -2, "maximum": 2})
     seed: int | None = Field(None, description="makes sampling reproducible; choice j uses a seed derived from it")
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as text) -> finite bias added to its logit")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as text) -> finite bias added to its logit, clamped to [-100, 100] as OpenAI documents")
     stream: bool = Field(False, description="answer with server-sent events (text/event-stream)")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")

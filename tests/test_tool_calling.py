@@ -62,10 +62,11 @@ def claude(server) -> anthropic.Anthropic:
 
 @pytest.fixture(scope="module")
 def reference_prompt(hf_tokenizer):
-    """A conversation through the tokenizer's own apply_chat_template with the tools: token ids."""
-    def render(messages: list[dict]) -> list[int]:
-        text = hf_tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=TEMPLATE.read_text(),
-                                                tokenize=False, add_generation_prompt=True)
+    """A conversation through the tokenizer's own apply_chat_template with the tools (and any
+    further template variables): token ids."""
+    def render(messages: list[dict], tools: list[dict] | None = TOOLS, **variables) -> list[int]:
+        text = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=TEMPLATE.read_text(),
+                                                tokenize=False, add_generation_prompt=True, **variables)
         return hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     return render
 
@@ -173,12 +174,35 @@ def test_openai_tool_results_round_trip(oai, hf_tokenizer, reference_prompt):
         {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{bad"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
     ({"messages": [*ASK, {"role": "tool", "content": "09:41"}]}, "messages.1.tool_call_id"),
+    ({"extra_body": {"chat_template_kwargs": "enable_thinking"}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"messages": []}}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"tools": []}}}, "chat_template_kwargs"),
 ])
 def test_openai_bad_tools_are_400(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(**{"model": "m", "messages": ASK, "max_tokens": 4, **kwargs})
     assert err.value.param == param and err.value.body["type"] == "invalid_request_error"
     assert err.value.body["message"].startswith(param)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_openai_chat_template_kwargs(oai, reference_prompt, enable_thinking):
+    """The variables reach the template: the prompt is the tokenizer's own rendering with them
+    (tokens, and greedy text equal to a completion of the reference ids). With thinking switched
+    off the output has no reasoning to split, and a constraint holds from its first token."""
+    ids = reference_prompt(ASK, tools=None, enable_thinking=enable_thinking)
+    assert ids != reference_prompt(ASK, tools=None, enable_thinking=not enable_thinking)
+    variables = {"chat_template_kwargs": {"enable_thinking": enable_thinking}}
+    resp = oai.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0, extra_body=variables)
+    completion = oai.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0)
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.choices[0].message.content == completion.choices[0].text
+    if not enable_thinking:
+        held = oai.chat.completions.create(model="m", messages=ASK, max_tokens=MAX, temperature=0, extra_body={
+            **variables, "json_schema": TIME}).choices[0].message
+        jsonschema.validate(json.loads(held.content), TIME)
+        assert (held.model_extra or {}).get("reasoning_content") is None
 
 
 # ---- Anthropic ------------------------------------------------------------------------------
@@ -296,8 +320,7 @@ def test_openai_reasoning_content(oai):
 
 
 def test_anthropic_thinking_blocks(claude):
-    kwargs = {"model": "m", "max_tokens": MAX, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 32},
-              "extra_body": {"temperature": 0, "regex": THINK_REGEX}}
+    kwargs = {"model": "m", "max_tokens": MAX, "messages": ASK, "extra_body": {"temperature": 0, "regex": THINK_REGEX}}
     msg = claude.messages.create(**kwargs)
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert re.fullmatch(REASONING, msg.content[0].thinking) and re.fullmatch(ANSWER, msg.content[1].text)
@@ -305,6 +328,17 @@ def test_anthropic_thinking_blocks(claude):
         final = stream.get_final_message()
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == \
         [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in msg.content]
+
+
+def test_anthropic_thinking_switches_the_template(claude, reference_prompt):
+    """``thinking`` is the template's ``enable_thinking``; left out, the template's default."""
+    for thinking, variables in (({"type": "enabled", "budget_tokens": 1024}, {"enable_thinking": True}),
+                                ({"type": "disabled"}, {"enable_thinking": False}), (None, {})):
+        extra = {"thinking": thinking} if thinking else {}
+        counted = claude.messages.count_tokens(model="m", messages=ASK, **extra)
+        assert counted.input_tokens == len(reference_prompt(ASK, tools=None, **variables)), thinking
+    with pytest.raises(anthropic.BadRequestError, match="thinking.type: must be 'enabled' or 'disabled'"):
+        claude.messages.count_tokens(model="m", messages=ASK, thinking={"type": "sometimes"})
 
 
 def test_constraint_waits_for_the_end_of_reasoning(server, reference_prompt):

@@ -106,7 +106,9 @@ def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> t
     messages, prefill, images = req.chat(ctx.engine.image_token)
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools), images
+    ids = chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools,
+                          chat_template_kwargs=req.template_variables())
+    return ids, images
 
 
 def message_blocks(piece: MessagePiece) -> list[dict[str, Any]]:

@@ -75,10 +75,11 @@ def calls_of(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()]
 
 
-def streamed_calls(stream) -> tuple[list[tuple[str, dict]], str, str]:
+def streamed_calls(stream, pieces: list[int] | None = None) -> tuple[list[tuple[str, dict]], str, str]:
     """Reassemble streamed tool_calls deltas (checking OpenAI's shape); also the content and the
-    finish reason."""
+    finish reason. ``pieces`` gets the number of argument deltas of each call."""
     calls: dict[int, dict] = {}
+    pieces = [] if pieces is None else pieces
     content, finish = "", None
     for chunk in stream:
         (choice,) = chunk.choices
@@ -89,9 +90,11 @@ def streamed_calls(stream) -> tuple[list[tuple[str, dict]], str, str]:
                 assert delta.id.startswith("call_") and delta.type == "function"
                 assert delta.function.name and delta.function.arguments == ""
                 calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                pieces.append(0)
             else:
                 assert delta.id is None and delta.function.name is None
                 calls[delta.index]["arguments"] += delta.function.arguments
+                pieces[delta.index] += 1
     assert sorted(calls) == list(range(len(calls)))
     return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], content, finish
 
@@ -120,9 +123,13 @@ def test_openai_streamed_calls_reassemble(oai, choice):
     kwargs = {"model": "m", "messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": MAX,
               "temperature": 0}
     whole = oai.chat.completions.create(**kwargs).choices[0]
-    calls, content, finish = streamed_calls(oai.chat.completions.create(**kwargs, stream=True))
+    pieces: list[int] = []
+    calls, content, finish = streamed_calls(oai.chat.completions.create(**kwargs, stream=True), pieces)
     assert calls == calls_of(whole.message) and calls and finish == whole.finish_reason == "tool_calls"
     assert content == ""
+    assert all(count > 3 for count in pieces), pieces  # the arguments stream as the model writes them
+    texts = [c.function.arguments for c in whole.message.tool_calls]  # and join into the very same text
+    assert [json.dumps(arguments, ensure_ascii=False) for _, arguments in calls] == texts
 
 
 def test_openai_auto_finds_calls_in_text(oai):
@@ -245,7 +252,7 @@ def test_anthropic_streamed_tool_use_reassembles(claude, server):
                           for e in starts)
     for start in starts:
         parts = [e["delta"] for e in events if e["type"] == "content_block_delta" and e["index"] == start["index"]]
-        assert parts and all(p["type"] == "input_json_delta" for p in parts)
+        assert len(parts) > 3 and all(p["type"] == "input_json_delta" for p in parts)  # written as generated
         assert json.loads("".join(p["partial_json"] for p in parts)) == uses(whole)[start["index"]][1]
     assert [e["type"] for e in events].count("content_block_stop") == len(starts)
 

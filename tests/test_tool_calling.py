@@ -26,8 +26,6 @@ import jsonschema
 import openai
 import pytest
 
-from server_util import running_server
-
 TEMPLATE = Path(__file__).with_name("tool_chat_template.jinja")
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
@@ -44,10 +42,8 @@ MAX = 64
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server("--chat-template", str(TEMPLATE), "--reasoning-parser", "qwen3",
-                        "--max-running-requests", "16", env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
-        yield srv
+def server(tool_server):
+    return tool_server  # shared with the constrained-output HTTP tests (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -253,3 +253,41 @@ def test_tool_call_parser_setting_wins_over_the_template():
 def test_default_parser_is_chosen_from_the_chat_template(template, parser):
     chosen = ToolCalling(Context(), template).parser
     assert chosen is PluginManager().registry("tool_parsers").get(parser).load()
+
+
+def test_anthropic_stream_keeps_each_piece_in_its_block(parsers):
+    """Streamed one character at a time, and in pieces that each end a call and go on with text:
+    every delta goes to the block that is open, and the blocks put together are the message."""
+    output = CASES["hermes two calls with text"][1].replace("</tool_call>\n<tool_call>", "</tool_call>\nThen:\n"
+                                                            "<tool_call>") + "\nDone."
+    cuts = [output.index("celsius"), output.index("Then:") + 6, output.index("Asia"), len(output)]
+    assert anthropic_blocks(parsers, list(output)) == anthropic_blocks(
+        parsers, [output[a:b] for a, b in zip([0, *cuts], cuts)]) == [
+        ("text", None, "Let me check."), ("tool_use", *PARIS), ("text", None, "Then:"), ("tool_use", *TOKYO),
+        ("text", None, "Done.")]
+
+
+def anthropic_blocks(parsers, pieces: list[str]) -> list[tuple]:
+    """The hermes output in ``pieces`` through Anthropic's streamed blocks: (type, name, text or
+    input) per block, checking that each delta goes to the open block."""
+    from sglang_plugins.frontends.anthropic.routes import Blocks
+
+    blocks, events = Blocks(MessageParser(None, parsers["hermes"](TOOLS), None)), []
+    for i, piece in enumerate(pieces):
+        events += blocks.feed(piece, final=i == len(pieces) - 1)
+    built, open_index = [], None
+    for event in events:
+        if event["type"] == "content_block_start":
+            assert open_index is None and event["index"] == len(built)
+            open_index = event["index"]
+            block = event["content_block"]
+            built.append([block["type"], block.get("name"), ""])
+        elif event["type"] == "content_block_delta":
+            assert event["index"] == open_index
+            delta = event["delta"]
+            built[open_index][2] += delta.get("text", delta.get("partial_json", ""))
+        else:
+            assert event == {"type": "content_block_stop", "index": open_index}
+            open_index = None
+    assert open_index is None
+    return [(kind, name, json.loads(text) if kind == "tool_use" else text) for kind, name, text in built]

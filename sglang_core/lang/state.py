@@ -289,7 +289,7 @@ class ProgramState:
         params = self._params(expr.params)
         if params.tools and not self.backend.supports_tools:
             raise UnsupportedError(f"tools: the {self.backend.name} backend cannot call tools "
-                                   f"(sgl.OpenAI can, with a chat model)")
+                                   f"(sgl.OpenAI with a chat model and sgl.Anthropic can)")
         prompt = self._snapshot()
         if self._stream:
             result, streamed = None, []

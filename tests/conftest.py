@@ -56,6 +56,19 @@ def lang_server():
 
 
 @pytest.fixture(scope="session")
+def tool_server():
+    """One `sglang-core serve` of the default model with a chat template that renders tools
+    (tests/tool_chat_template.jinja) and ``--reasoning-parser qwen3``, for the tool-calling tests
+    and the constrained-output HTTP tests (whose outputs are held by their constraints, whatever
+    the template)."""
+    from server_util import running_server
+
+    with running_server("--chat-template", str(Path(__file__).with_name("tool_chat_template.jinja")),
+                        "--reasoning-parser", "qwen3", "--max-running-requests", "32") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_llama, tmp_path_factory):
     """One `sglang-core serve` of ``tiny_llama`` (context 256) for the HTTP tests of bench-serving
     and streaming, with the test plugin ``tests/pace_plugin.py`` installed beside the built-ins."""

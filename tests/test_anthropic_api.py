@@ -430,6 +430,36 @@ def test_backend_generate_matches_the_api(backend, client):
     assert result.meta_info["stop_reason"] == ref.stop_reason
 
 
+LOCATE = {"name": "locate", "description": "Where a city is",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                           "required": ["city"], "additionalProperties": False}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_gen_with_tools_reads_the_calls(backend, client, stream):
+    """``gen(tools=...)`` (OpenAI function tools, as the language takes them) on sgl.Anthropic: the
+    calls are the tool_use blocks the official client gets for the same request."""
+    import sglang_core as sgl
+
+    tools = [{"type": "function", "function": {"name": LOCATE["name"], "description": LOCATE["description"],
+                                               "parameters": LOCATE["input_schema"]}}]
+
+    @sgl.function
+    def ask(s):
+        s += sgl.user(USER[0]["content"])
+        s += sgl.assistant(sgl.gen("answer", max_tokens=32, temperature=0.0, tools=tools, tool_choice="locate"))
+
+    state = ask.run(backend=backend, stream=stream)
+    if stream:
+        assert "".join(state.text_iter()) == state.text()
+    ref = create(client, USER, max_tokens=32, tools=[LOCATE], tool_choice={"type": "tool", "name": "locate"})
+    uses = [(b.name, b.input) for b in ref.content if b.type == "tool_use"]
+    calls = state.get_meta_info("answer")["tool_calls"]
+    assert [(c["id"][:6], c["name"], json.loads(c["arguments"])) for c in calls] == \
+        [("toolu_", name, arguments) for name, arguments in uses] and uses
+    assert state["answer"] == "" and state.get_meta_info("answer")["stop_reason"] == ref.stop_reason == "tool_use"
+
+
 def test_backend_stream_stop_and_max_tokens(backend, client):
     prompt = chat_prompt(*USER)
     whole = backend.generate(prompt, GenParams(max_tokens=MAX, temperature=0))

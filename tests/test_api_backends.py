@@ -209,6 +209,63 @@ def test_chat_select_by_json_schema(server):
     assert result.choice in choices and result.meta_info["strategy"] == "constrained generation (json_schema)"
 
 
+TOOLS = [{"type": "function", "function": {"name": "locate", "parameters": SCHEMA}},
+         {"type": "function", "function": {"name": "count", "parameters": {
+             "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+             "required": ["n"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gen_with_tools_reads_the_calls(server, stream):
+    """``gen(tools=...)`` on the OpenAI backend: the calls (forced, so the small model makes them)
+    are the program's ``tool_calls``, the same the official client gets for the same request."""
+    import openai
+
+    import sglang_core as sgl
+
+    @sgl.function
+    def ask(s, choice):
+        s += sgl.user(QUESTION)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=48, temperature=0.0, tools=TOOLS, tool_choice=choice))
+
+    backend = make_backend("openai_chat", server.url)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    for choice, wire in (("locate", {"type": "function", "function": {"name": "locate"}}), ("required", "required")):
+        state = ask.run(choice, backend=backend, stream=stream)
+        if stream:
+            assert "".join(state.text_iter()) == state.text()
+        message = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                 tools=TOOLS, tool_choice=wire, max_tokens=48,
+                                                 temperature=0).choices[0].message
+        calls = state.get_meta_info("answer")["tool_calls"]
+        assert [(c["id"][:5], c["name"], c["arguments"]) for c in calls] == \
+            [("call_", c.function.name, c.function.arguments) for c in message.tool_calls]
+        assert state["answer"] == "" and state.get_meta_info("answer")["finish_reason"] == {"type": "tool_calls"}
+        if choice == "locate":
+            jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMA)
+    backend.shutdown()
+
+
+def test_gen_tools_errors(server):
+    import sglang_core as sgl
+
+    with pytest.raises(ValueError, match="^tools: must be a non-empty list"):
+        sgl.gen("x", tools=[{"name": "locate"}])
+    with pytest.raises(ValueError, match="^tool_choice: must be 'auto', 'none', 'required' or the name"):
+        sgl.gen("x", tools=TOOLS, tool_choice="launch")
+    with pytest.raises(ValueError, match="^tool_choice: needs tools"):
+        sgl.gen("x", tool_choice="auto")
+
+    @sgl.function
+    def complete(s):
+        s += "The capital of France is" + sgl.gen("x", max_tokens=4, tools=TOOLS)
+
+    completion_model = make_backend("openai_completion", server.url)
+    with pytest.raises(UnsupportedError, match="^tools: the openai backend cannot call tools"):
+        complete.run(backend=completion_model)
+    completion_model.shutdown()
+
+
 def test_select_errors(server):
     chat, completion = make_backend("openai_chat", server.url), make_backend("openai_completion", server.url)
     with pytest.raises(UnsupportedError, match="^method: "):

@@ -26,8 +26,6 @@ import jsonschema
 import openai
 import pytest
 
-from server_util import running_server
-
 TEMPLATE = Path(__file__).with_name("tool_chat_template.jinja")
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
@@ -44,10 +42,8 @@ MAX = 64
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server("--chat-template", str(TEMPLATE), "--reasoning-parser", "qwen3",
-                        "--max-running-requests", "16", env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
-        yield srv
+def server(tool_server):
+    return tool_server  # shared with the constrained-output HTTP tests (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +58,11 @@ def claude(server) -> anthropic.Anthropic:
 
 @pytest.fixture(scope="module")
 def reference_prompt(hf_tokenizer):
-    """A conversation through the tokenizer's own apply_chat_template with the tools: token ids."""
-    def render(messages: list[dict]) -> list[int]:
-        text = hf_tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=TEMPLATE.read_text(),
-                                                tokenize=False, add_generation_prompt=True)
+    """A conversation through the tokenizer's own apply_chat_template with the tools (and any
+    further template variables): token ids."""
+    def render(messages: list[dict], tools: list[dict] | None = TOOLS, **variables) -> list[int]:
+        text = hf_tokenizer.apply_chat_template(messages, tools=tools, chat_template=TEMPLATE.read_text(),
+                                                tokenize=False, add_generation_prompt=True, **variables)
         return hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     return render
 
@@ -74,10 +71,11 @@ def calls_of(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()]
 
 
-def streamed_calls(stream) -> tuple[list[tuple[str, dict]], str, str]:
+def streamed_calls(stream, pieces: list[int] | None = None) -> tuple[list[tuple[str, dict]], str, str]:
     """Reassemble streamed tool_calls deltas (checking OpenAI's shape); also the content and the
-    finish reason."""
+    finish reason. ``pieces`` gets the number of argument deltas of each call."""
     calls: dict[int, dict] = {}
+    pieces = [] if pieces is None else pieces
     content, finish = "", None
     for chunk in stream:
         (choice,) = chunk.choices
@@ -88,9 +86,11 @@ def streamed_calls(stream) -> tuple[list[tuple[str, dict]], str, str]:
                 assert delta.id.startswith("call_") and delta.type == "function"
                 assert delta.function.name and delta.function.arguments == ""
                 calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                pieces.append(0)
             else:
                 assert delta.id is None and delta.function.name is None
                 calls[delta.index]["arguments"] += delta.function.arguments
+                pieces[delta.index] += 1
     assert sorted(calls) == list(range(len(calls)))
     return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], content, finish
 
@@ -119,9 +119,13 @@ def test_openai_streamed_calls_reassemble(oai, choice):
     kwargs = {"model": "m", "messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": MAX,
               "temperature": 0}
     whole = oai.chat.completions.create(**kwargs).choices[0]
-    calls, content, finish = streamed_calls(oai.chat.completions.create(**kwargs, stream=True))
+    pieces: list[int] = []
+    calls, content, finish = streamed_calls(oai.chat.completions.create(**kwargs, stream=True), pieces)
     assert calls == calls_of(whole.message) and calls and finish == whole.finish_reason == "tool_calls"
     assert content == ""
+    assert all(count > 3 for count in pieces), pieces  # the arguments stream as the model writes them
+    texts = [c.function.arguments for c in whole.message.tool_calls]  # and join into the very same text
+    assert [json.dumps(arguments, ensure_ascii=False) for _, arguments in calls] == texts
 
 
 def test_openai_auto_finds_calls_in_text(oai):
@@ -173,12 +177,35 @@ def test_openai_tool_results_round_trip(oai, hf_tokenizer, reference_prompt):
         {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{bad"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
     ({"messages": [*ASK, {"role": "tool", "content": "09:41"}]}, "messages.1.tool_call_id"),
+    ({"extra_body": {"chat_template_kwargs": "enable_thinking"}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"messages": []}}}, "chat_template_kwargs"),
+    ({"extra_body": {"chat_template_kwargs": {"tools": []}}}, "chat_template_kwargs"),
 ])
 def test_openai_bad_tools_are_400(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(**{"model": "m", "messages": ASK, "max_tokens": 4, **kwargs})
     assert err.value.param == param and err.value.body["type"] == "invalid_request_error"
     assert err.value.body["message"].startswith(param)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_openai_chat_template_kwargs(oai, reference_prompt, enable_thinking):
+    """The variables reach the template: the prompt is the tokenizer's own rendering with them
+    (tokens, and greedy text equal to a completion of the reference ids). With thinking switched
+    off the output has no reasoning to split, and a constraint holds from its first token."""
+    ids = reference_prompt(ASK, tools=None, enable_thinking=enable_thinking)
+    assert ids != reference_prompt(ASK, tools=None, enable_thinking=not enable_thinking)
+    variables = {"chat_template_kwargs": {"enable_thinking": enable_thinking}}
+    resp = oai.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0, extra_body=variables)
+    completion = oai.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0)
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.choices[0].message.content == completion.choices[0].text
+    if not enable_thinking:
+        held = oai.chat.completions.create(model="m", messages=ASK, max_tokens=MAX, temperature=0, extra_body={
+            **variables, "json_schema": TIME}).choices[0].message
+        jsonschema.validate(json.loads(held.content), TIME)
+        assert (held.model_extra or {}).get("reasoning_content") is None
 
 
 # ---- Anthropic ------------------------------------------------------------------------------
@@ -221,7 +248,7 @@ def test_anthropic_streamed_tool_use_reassembles(claude, server):
                           for e in starts)
     for start in starts:
         parts = [e["delta"] for e in events if e["type"] == "content_block_delta" and e["index"] == start["index"]]
-        assert parts and all(p["type"] == "input_json_delta" for p in parts)
+        assert len(parts) > 3 and all(p["type"] == "input_json_delta" for p in parts)  # written as generated
         assert json.loads("".join(p["partial_json"] for p in parts)) == uses(whole)[start["index"]][1]
     assert [e["type"] for e in events].count("content_block_stop") == len(starts)
 
@@ -296,8 +323,7 @@ def test_openai_reasoning_content(oai):
 
 
 def test_anthropic_thinking_blocks(claude):
-    kwargs = {"model": "m", "max_tokens": MAX, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 32},
-              "extra_body": {"temperature": 0, "regex": THINK_REGEX}}
+    kwargs = {"model": "m", "max_tokens": MAX, "messages": ASK, "extra_body": {"temperature": 0, "regex": THINK_REGEX}}
     msg = claude.messages.create(**kwargs)
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert re.fullmatch(REASONING, msg.content[0].thinking) and re.fullmatch(ANSWER, msg.content[1].text)
@@ -305,6 +331,17 @@ def test_anthropic_thinking_blocks(claude):
         final = stream.get_final_message()
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == \
         [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in msg.content]
+
+
+def test_anthropic_thinking_switches_the_template(claude, reference_prompt):
+    """``thinking`` is the template's ``enable_thinking``; left out, the template's default."""
+    for thinking, variables in (({"type": "enabled", "budget_tokens": 1024}, {"enable_thinking": True}),
+                                ({"type": "disabled"}, {"enable_thinking": False}), (None, {})):
+        extra = {"thinking": thinking} if thinking else {}
+        counted = claude.messages.count_tokens(model="m", messages=ASK, **extra)
+        assert counted.input_tokens == len(reference_prompt(ASK, tools=None, **variables)), thinking
+    with pytest.raises(anthropic.BadRequestError, match="thinking.type: must be 'enabled' or 'disabled'"):
+        claude.messages.count_tokens(model="m", messages=ASK, thinking={"type": "sometimes"})
 
 
 def test_constraint_waits_for_the_end_of_reasoning(server, reference_prompt):

@@ -83,11 +83,29 @@ def normalised(parsed: Parsed) -> tuple[str, list]:
     return parsed.content, [(c.name, json.loads(c.arguments)) for c in parsed.calls]
 
 
+def assembled(deltas) -> list[tuple[str, str]]:
+    """Calls put together from their streamed pieces, as a client does (OpenAI's deltas): the
+    first piece of each call names it, in order of index; the rest continue its arguments."""
+    calls: list[list[str]] = []
+    for delta in deltas:
+        if delta.name is not None:
+            assert delta.index == len(calls)
+            calls.append([delta.name, delta.arguments])
+        else:
+            calls[delta.index][1] += delta.arguments
+    return [tuple(call) for call in calls]
+
+
 def streamed(parser, pieces: list[str]) -> Parsed:
+    """Feed the pieces; after each, every completed call must equal its streamed pieces (a call's
+    pieces come no later than the call), and at the end every announced call must be completed."""
     out = Parsed()
-    for piece in pieces:
-        out += parser.feed(piece)
-    return out + parser.finish()
+    for piece in [*pieces, None]:
+        out += parser.feed(piece) if piece is not None else parser.finish()
+        whole = [(c.name, c.arguments) for c in out.calls]
+        assert assembled(out.deltas)[:len(whole)] == whole
+    assert len(assembled(out.deltas)) == len(out.calls)
+    return out
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -99,6 +117,44 @@ def test_parser_on_recorded_output(parsers, case):
     assert normalised(streamed(cls(TOOLS), list(output))) == expected  # one character at a time
     for cut in range(1, len(output)):
         assert normalised(streamed(cls(TOOLS), [output[:cut], output[cut:]])) == expected, cut
+
+
+LONG = {"city": "Paris " * 40, "unit": "celsius", "days": [1, 2.5, -3e2, True, None, {}], "note": "\u00b0 \\ \"é\" \U0001f600"}
+# How each format writes one call of get_weather with LONG arguments.
+LONG_CALLS = {
+    "llama3": '<|python_tag|>{"name": "get_weather", "parameters": %s}',
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": %s}\n</tool_call>',
+    "mistral": '[TOOL_CALLS]get_weather[ARGS]%s',
+    "deepseek_v3": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n%s\n```"
+                   "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    "generic": '[{"name": "get_weather", "arguments": %s}]',
+}
+
+
+@pytest.mark.parametrize("name", LONG_CALLS)
+def test_long_arguments_stream_in_pieces(parsers, name):
+    """Every format streams a call's arguments as they are written: fed 16 characters at a time,
+    the arguments come in many pieces (each as far as the text so far certainly goes), and they
+    join into the call's arguments, which are LONG."""
+    output = LONG_CALLS[name] % json.dumps(LONG, indent=1)  # the model's own spacing is rewritten
+    out = streamed(parsers[name](TOOLS), [output[i:i + 16] for i in range(0, len(output), 16)])
+    ((call_name, arguments),) = assembled(out.deltas)
+    assert (call_name, json.loads(arguments)) == ("get_weather", LONG) and arguments == out.calls[0].arguments
+    pieces = [d.arguments for d in out.deltas if d.arguments]
+    assert len(pieces) > len(arguments) // 32, pieces
+    assert all(json.dumps(LONG, ensure_ascii=False).startswith("".join(pieces[:i])) for i in range(len(pieces)))
+
+
+def test_forced_calls_stream_in_pieces():
+    output = json.dumps([{"name": "get_weather", "arguments": LONG}])
+    out = streamed(ForcedCalls(TOOLS, None), [output[i:i + 16] for i in range(0, len(output), 16)])
+    assert [(n, json.loads(a)) for n, a in assembled(out.deltas)] == [("get_weather", LONG)]
+    assert len([d for d in out.deltas if d.arguments]) > 10
+    named = streamed(ForcedCalls(TOOLS, "get_weather"), list(json.dumps(LONG)))
+    assert assembled(named.deltas) == [("get_weather", json.dumps(LONG, ensure_ascii=False))]
+    cut = json.dumps(LONG)[:40]  # max tokens ended the arguments: the call keeps them so far
+    broken = streamed(ForcedCalls(TOOLS, "get_weather"), [cut])
+    assert assembled(broken.deltas) == [(c.name, c.arguments) for c in broken.calls] == [("get_weather", cut)]
 
 
 def test_partial_tag_is_held_back(parsers):
@@ -122,6 +178,7 @@ def split(parser_factory, output: str, cuts: list[int]) -> tuple[str, str, list]
     for piece in pieces:
         total += parser.feed(piece)
     total += parser.finish()
+    assert assembled(total.deltas) == [(c.name, c.arguments) for c in total.calls]
     return total.reasoning, total.content, [(c.name, json.loads(c.arguments)) for c in total.calls]
 
 
@@ -196,3 +253,41 @@ def test_tool_call_parser_setting_wins_over_the_template():
 def test_default_parser_is_chosen_from_the_chat_template(template, parser):
     chosen = ToolCalling(Context(), template).parser
     assert chosen is PluginManager().registry("tool_parsers").get(parser).load()
+
+
+def test_anthropic_stream_keeps_each_piece_in_its_block(parsers):
+    """Streamed one character at a time, and in pieces that each end a call and go on with text:
+    every delta goes to the block that is open, and the blocks put together are the message."""
+    output = CASES["hermes two calls with text"][1].replace("</tool_call>\n<tool_call>", "</tool_call>\nThen:\n"
+                                                            "<tool_call>") + "\nDone."
+    cuts = [output.index("celsius"), output.index("Then:") + 6, output.index("Asia"), len(output)]
+    assert anthropic_blocks(parsers, list(output)) == anthropic_blocks(
+        parsers, [output[a:b] for a, b in zip([0, *cuts], cuts)]) == [
+        ("text", None, "Let me check."), ("tool_use", *PARIS), ("text", None, "Then:"), ("tool_use", *TOKYO),
+        ("text", None, "Done.")]
+
+
+def anthropic_blocks(parsers, pieces: list[str]) -> list[tuple]:
+    """The hermes output in ``pieces`` through Anthropic's streamed blocks: (type, name, text or
+    input) per block, checking that each delta goes to the open block."""
+    from sglang_plugins.frontends.anthropic.routes import Blocks
+
+    blocks, events = Blocks(MessageParser(None, parsers["hermes"](TOOLS), None)), []
+    for i, piece in enumerate(pieces):
+        events += blocks.feed(piece, final=i == len(pieces) - 1)
+    built, open_index = [], None
+    for event in events:
+        if event["type"] == "content_block_start":
+            assert open_index is None and event["index"] == len(built)
+            open_index = event["index"]
+            block = event["content_block"]
+            built.append([block["type"], block.get("name"), ""])
+        elif event["type"] == "content_block_delta":
+            assert event["index"] == open_index
+            delta = event["delta"]
+            built[open_index][2] += delta.get("text", delta.get("partial_json", ""))
+        else:
+            assert event == {"type": "content_block_stop", "index": open_index}
+            open_index = None
+    assert open_index is None
+    return [(kind, name, json.loads(text) if kind == "tool_use" else text) for kind, name, text in built]

@@ -191,6 +191,17 @@ class Collector:
     text: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def add_tool_calls(self, calls: list[Any] | None) -> None:
+        """OpenAI's ``tool_calls`` of a message, or of a streamed delta (a call's first piece has
+        its id and name, the next ones more of its arguments) into ``meta["tool_calls"]``."""
+        listed = self.meta.setdefault("tool_calls", []) if calls else []
+        for position, call in enumerate(calls or ()):
+            index = getattr(call, "index", None)
+            index = position if index is None else index
+            if index == len(listed):
+                listed.append({"id": call.id, "name": call.function.name, "arguments": ""})
+            listed[index]["arguments"] += call.function.arguments or ""
+
     def add(self, text: str | None, finish_reason: str | None = None,
             logprobs: list[tuple[float, None, str]] | None = None,
             top_logprobs: list[list[tuple[float, None, str]]] | None = None) -> str:
@@ -226,6 +237,7 @@ def add_openai_usage(collector: Collector, usage: Any) -> None:
 def add_chat_choice(collector: Collector, choice: Any, streamed: bool) -> str:
     """One chat choice (a whole ``message`` or a streamed ``delta``) into ``collector``."""
     body = choice.delta if streamed else choice.message
+    collector.add_tool_calls(getattr(body, "tool_calls", None))
     entries = (getattr(choice, "logprobs", None) and choice.logprobs.content) or []
     return collector.add(
         getattr(body, "content", None), choice.finish_reason,
@@ -241,6 +253,16 @@ def chat_logprob_kwargs(params: GenParams) -> dict[str, Any]:
     return {"logprobs": True, **({"top_logprobs": params.top_logprobs_num} if params.top_logprobs_num else {})}
 
 
+def tool_kwargs(params: GenParams) -> dict[str, Any]:
+    """Chat APIs' ``tools`` and ``tool_choice`` (a tool's name: OpenAI's named choice)."""
+    if not params.tools:
+        return {}
+    choice = params.tool_choice
+    if choice not in (None, "auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"tools": list(params.tools), **({} if choice is None else {"tool_choice": choice})}
+
+
 class ChatCompletionsBackend(LangBackend):
     """A backend over an OpenAI-format chat API: subclasses provide :meth:`_create`.
 
@@ -250,6 +272,7 @@ class ChatCompletionsBackend(LangBackend):
     """
 
     supports_images = True
+    supports_tools = True
 
     def __init__(self, model: str, sglang_extensions: bool):
         if not isinstance(model, str) or not model:
@@ -264,7 +287,8 @@ class ChatCompletionsBackend(LangBackend):
         raise NotImplementedError
 
     def _chat_kwargs(self, params: GenParams) -> dict[str, Any]:
-        return {**openai_sampling(self.name, params, self.sglang_extensions), **chat_logprob_kwargs(params)}
+        return {**openai_sampling(self.name, params, self.sglang_extensions), **chat_logprob_kwargs(params),
+                **tool_kwargs(params)}
 
     def generate(self, prompt: Prompt, params: GenParams) -> GenResult:
         response = self._create(openai_messages(self.name, prompt), False, **self._chat_kwargs(params))

@@ -18,9 +18,10 @@ from typing import Any, Callable, Literal
 
 from sglang_core.plugins import PluginManager
 from sglang_core.server.context import ServerContext
-from sglang_core.server.tool_parser import Parsed, ToolCall, ToolParser
+from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolCall, ToolParser
 
 from sglang_plugins.frontends.reasoning import END, ReasoningFormat, ReasoningParser, reasoning_format
+from sglang_plugins.tool_parsers.partial_json import arguments_so_far, calls_so_far
 
 FALLBACK_PARSER = "generic"
 NO_PARAMETERS = {"type": "object", "properties": {}}
@@ -68,40 +69,50 @@ class ToolUse:
 
 
 class ForcedCalls(ToolParser):
-    """The output of a forced choice: held whole, then read as the calls its schema describes.
-    An output cut short (max tokens) is no call: it is returned as content."""
+    """The output of a forced choice, read as the calls its schema describes; their arguments
+    stream as they are written. An output cut short (max tokens) before any call's arguments
+    began is no call: it is returned as content; a call cut inside its arguments keeps them so far."""
 
     def __init__(self, tools: list[dict[str, Any]], name: str | None):
         super().__init__(tools)
         self.name = name  # the named function, or None for a list of calls
         self._held = ""
+        self._stream = CallStream(self.tools)
 
     def feed(self, text: str) -> Parsed:
         self._held += text
-        return Parsed()
+        out = Parsed()
+        self._stream.update(out, [(self.name, arguments_so_far(self._held))] if self.name is not None
+                            else calls_so_far(self._held))
+        return out
 
     def finish(self) -> Parsed:
         try:
             value = json.loads(self._held)
+            pairs = [(self.name, value)] if self.name is not None else [
+                (v.get("name"), v.get("arguments")) if isinstance(v, dict) else (None, None)
+                for v in (value if isinstance(value, list) else [])]
         except ValueError:
-            return Parsed(self._held)
-        pairs = [(self.name, value)] if self.name is not None else [
-            (v.get("name"), v.get("arguments")) if isinstance(v, dict) else (None, None)
-            for v in (value if isinstance(value, list) else [])]
+            pairs = []
         calls = [self.call(name, arguments) for name, arguments in pairs]
-        return Parsed(calls=calls) if calls and None not in calls else Parsed(self._held)
+        out = Parsed()
+        return out if self._stream.complete(out, calls if calls and None not in calls else None) else \
+            Parsed(self._held)
 
 
 @dataclass
 class MessagePiece:
-    """What some output adds to the assistant message."""
+    """What some output adds to the assistant message: completed calls, and the pieces of calls
+    (``deltas``, for streaming: every call's pieces come no later than the call)."""
 
     reasoning: str = ""
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    deltas: list[CallDelta] = field(default_factory=list)
 
     def __add__(self, other: MessagePiece) -> MessagePiece:
-        return MessagePiece(self.reasoning + other.reasoning, self.content + other.content, self.calls + other.calls)
+        return MessagePiece(self.reasoning + other.reasoning, self.content + other.content, self.calls + other.calls,
+                            self.deltas + other.deltas)
 
 
 class MessageParser:
@@ -112,6 +123,7 @@ class MessageParser:
         self.tools = tools
         self.max_calls = max_calls  # 1 when parallel calls are off
         self.calls = 0
+        self.announced = 0  # calls whose first piece has been given
 
     def feed(self, text: str) -> MessagePiece:
         return self._piece(*(self.reasoning.feed(text) if self.reasoning else ("", text)), final=False)
@@ -125,11 +137,18 @@ class MessageParser:
         parsed = self.tools.feed(answer)
         if final:
             parsed += self.tools.finish()
+        deltas = parsed.deltas
+        self.announced = max([self.announced, *(d.index + 1 for d in deltas)])
+        for index, call in enumerate(parsed.calls, self.calls):
+            if index >= self.announced:  # a parser that does not stream calls: each streams whole
+                deltas.append(CallDelta(index, call.name, call.arguments))
+                self.announced = index + 1
         calls = parsed.calls
         if self.max_calls is not None:
             calls = calls[:max(0, self.max_calls - self.calls)]
+            deltas = [d for d in deltas if d.index < self.max_calls]
         self.calls += len(calls)
-        return MessagePiece(reasoning, parsed.content, calls)
+        return MessagePiece(reasoning, parsed.content, calls, deltas)
 
 
 class ToolCalling:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sglang_core.server.tool_parser import ToolCall
 
+from sglang_plugins.tool_parsers.partial_json import arguments_so_far, calls_so_far
 from sglang_plugins.tool_parsers.tagged import TaggedCallParser, json_values
 
 
@@ -35,6 +36,9 @@ class Llama3Parser(_JsonObjectCalls):
     def decode(self, block: str) -> list[ToolCall] | None:
         return self.calls_from(json_values(block.removeprefix("<|python_tag|>"), separator=";"))
 
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        return calls_so_far(block.removeprefix("<|python_tag|>"), separator=";")
+
 
 class HermesParser(_JsonObjectCalls):
     """Hermes and Qwen2.5/Qwen3: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``."""
@@ -47,6 +51,9 @@ class HermesParser(_JsonObjectCalls):
         body = block.removeprefix("<tool_call>").removesuffix("</tool_call>")
         values = json_values(body)
         return self.calls_from(values) if values is not None and len(values) == 1 else None
+
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        return calls_so_far(block.removeprefix("<tool_call>"))
 
 
 class MistralParser(_JsonObjectCalls):
@@ -70,6 +77,13 @@ class MistralParser(_JsonObjectCalls):
             calls += new
         return calls or None
 
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        calls: list[tuple[str | None, str]] = []
+        for part in block.split("[TOOL_CALLS]")[1:]:
+            name, found, arguments = part.partition("[ARGS]")
+            calls += [(name.strip(), arguments_so_far(arguments))] if found else calls_so_far(part)
+        return calls
+
 
 class DeepSeekV3Parser(TaggedCallParser):
     """DeepSeek-V3 (and R1): ``<｜tool▁calls▁begin｜>`` then per call
@@ -81,6 +95,7 @@ class DeepSeekV3Parser(TaggedCallParser):
     template_markers = ("<｜tool▁calls▁begin｜>",)
     CALL = re.compile(r"\s*<｜tool▁call▁begin｜>\s*function\s*<｜tool▁sep｜>(?P<name>[^\n`]+?)\s*"
                       r"```(?:json)?\s*(?P<arguments>.*?)\s*```\s*<｜tool▁call▁end｜>", re.DOTALL)
+    HEADER = re.compile(r"<｜tool▁call▁begin｜>\s*function\s*<｜tool▁sep｜>(?P<name>[^\n`]+?)\s*```(?:json)?\s*")
 
     def decode(self, block: str) -> list[ToolCall] | None:
         body = block.removeprefix(self.start_tags[0]).removesuffix(self.end_tag)
@@ -94,6 +109,9 @@ class DeepSeekV3Parser(TaggedCallParser):
             pos = match.end()
         return calls or None
 
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        return [(header["name"], arguments_so_far(block, header.end())) for header in self.HEADER.finditer(block)]
+
 
 class GenericJsonParser(_JsonObjectCalls):
     """Any model: an output that is nothing but a JSON call object, or a list of them
@@ -103,3 +121,6 @@ class GenericJsonParser(_JsonObjectCalls):
 
     def decode(self, block: str) -> list[ToolCall] | None:
         return self.calls_from(json_values(block))
+
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        return calls_so_far(block)

@@ -4,14 +4,17 @@ of each call goes to the format's ``decode``; text that decodes to no call stays
 
 Whitespace right before a call and after one is layout, not content. While streaming, a trailing
 part of the text that may still become a start tag, and trailing whitespace, are held back, so
-the content streamed equals the content of the whole output however it is cut."""
+the content streamed equals the content of the whole output however it is cut.
+
+A format that can read its calls before they end (``pending``) streams each call's arguments as
+they are written; the others stream each call whole once it ends."""
 
 from __future__ import annotations
 
 import abc
 import json
 
-from sglang_core.server.tool_parser import Parsed, ToolCall, ToolParser, partial_tag_length
+from sglang_core.server.tool_parser import CallStream, Parsed, ToolCall, ToolParser, partial_tag_length
 
 
 class TaggedCallParser(ToolParser):
@@ -25,6 +28,7 @@ class TaggedCallParser(ToolParser):
         self._in_call = False
         self._at_start = True  # nothing but whitespace seen yet
         self._after_call = False  # whitespace following a call is dropped
+        self._stream = CallStream(self.tools)
 
     def feed(self, text: str) -> Parsed:
         self._held += text
@@ -36,6 +40,12 @@ class TaggedCallParser(ToolParser):
     @abc.abstractmethod
     def decode(self, block: str) -> list[ToolCall] | None:
         """One call's text (start tag and end tag included) -> its calls; None if it is none."""
+
+    def pending(self, block: str) -> list[tuple[str | None, str]]:
+        """The calls of a call's text not yet ended, as far as written: each one's name (None
+        while unknown) and its arguments' text as ``json.dumps`` writes it, so far. Formats that
+        cannot tell before the end give none."""
+        return []
 
     def _drain(self, final: bool) -> Parsed:
         out = Parsed()
@@ -51,10 +61,10 @@ class TaggedCallParser(ToolParser):
                 self._held, self._in_call, self._at_start = self._held[start:], True, False
             end, calls = self._call_end(final)
             if end is None:
+                self._stream.update(out, self.pending(self._held))
                 return out
             block, self._held, self._in_call = self._held[:end], self._held[end:], False
-            if calls:
-                out.calls += calls
+            if self._stream.complete(out, calls or None):
                 self._after_call = True
             else:
                 self._emit(out, block)

@@ -29,10 +29,13 @@ def gen(name: str | None = None, max_tokens: int | None = None, stop: str | list
         presence_penalty: float | None = None, ignore_eos: bool = False, regex: str | None = None,
         json_schema: str | dict | None = None, choices: list[str] | None = None, dtype: type | None = None,
         return_logprob: bool = False, top_logprobs_num: int | None = None,
-        choices_method: str = token_length_normalized) -> Expr:
+        choices_method: str = token_length_normalized, tools: list[dict] | None = None,
+        tool_choice: str | None = None) -> Expr:
     """Generate text into variable ``name`` (``s[name]``). With ``choices`` it is a :func:`select`;
     ``regex`` / ``json_schema`` constrain the output; ``dtype=int`` constrains it to an integer
-    and stores an ``int``, ``dtype=str`` to a double-quoted string."""
+    and stores an ``int``, ``dtype=str`` to a double-quoted string. ``tools`` (OpenAI function
+    tools) may be called, as ``tool_choice`` lets (``auto``, ``none``, ``required`` or a tool's
+    name); the calls are ``s.get_meta_info(name)["tool_calls"]`` and ``s[name]`` the text."""
     if choices is not None:
         if regex is not None or json_schema is not None or dtype is not None:
             raise ValueError("choices: cannot be combined with regex, json_schema or dtype")
@@ -61,6 +64,8 @@ def gen(name: str | None = None, max_tokens: int | None = None, stop: str | list
         json_schema=_schema(json_schema),
         return_logprob=_bool("return_logprob", return_logprob),
         top_logprobs_num=_optional_int("top_logprobs_num", top_logprobs_num, minimum=0),
+        tools=_tools(tools),
+        tool_choice=_tool_choice(tool_choice, tools),
     )
     return Gen(_name(name), params, dtype)
 
@@ -190,6 +195,29 @@ def _strings(field: str, value: Any) -> tuple[str, ...]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
         raise ValueError(f"{field}: must be a non-empty string or a list of them, got {value!r}")
     return tuple(items)
+
+
+def _tools(value: Any) -> tuple[dict, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in value):
+        raise ValueError("tools: must be a non-empty list of OpenAI function tools "
+                         "({'type': 'function', 'function': {'name': ..., 'parameters': {...}}})")
+    return tuple(value)
+
+
+def _tool_choice(value: Any, tools: Any) -> str | None:
+    if value is None:
+        return None
+    names = [t["function"]["name"] for t in tools or ()]
+    if not names:
+        raise ValueError("tool_choice: needs tools")
+    if value not in ("auto", "none", "required", *names):
+        raise ValueError(f"tool_choice: must be 'auto', 'none', 'required' or the name of one of the tools, "
+                         f"got {value!r}")
+    return value
 
 
 def _schema(value: Any) -> str | None:

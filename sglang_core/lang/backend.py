@@ -101,6 +101,8 @@ class GenParams:
     json_schema: str | None = None  # the schema as a JSON string
     return_logprob: bool = False
     top_logprobs_num: int | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI function tools the model may call
+    tool_choice: str | None = None  # "auto", "none", "required" or a tool's name; None: the API's default
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific pass-through
 
 
@@ -109,8 +111,9 @@ class GenResult:
     """What a ``gen`` produced: the new text only (not the prompt), and ``meta_info``.
 
     ``meta_info`` keys, each optional: ``prompt_tokens``, ``completion_tokens``,
-    ``cached_tokens``, ``finish_reason``, ``output_token_logprobs`` and whatever else the backend
-    reports; the interpreter exposes it through ``s.get_meta_info(name)``.
+    ``cached_tokens``, ``finish_reason``, ``output_token_logprobs``, ``tool_calls`` (with
+    ``tools``: ``[{"id", "name", "arguments"}]``, arguments as JSON text) and whatever else the
+    backend reports; the interpreter exposes it through ``s.get_meta_info(name)``.
     """
 
     text: str
@@ -138,6 +141,7 @@ class LangBackend:
 
     name = "backend"
     supports_images = False
+    supports_tools = False  # gen(tools=...): the backend sends tools and reports the calls
     # The text a completion-style backend's prompt holds where each image goes (a served vision
     # model's image token); chat-style backends place images as message parts and leave it empty.
     image_token = ""

@@ -293,6 +293,9 @@ class ProgramState:
 
     def _gen(self, expr: Gen) -> None:
         params = self._params(expr.params)
+        if params.tools and not self.backend.supports_tools:
+            raise UnsupportedError(f"tools: the {self.backend.name} backend cannot call tools "
+                                   f"(sgl.OpenAI with a chat model and sgl.Anthropic can)")
         prompt = self._snapshot()
         if self._stream:
             result, streamed = None, []

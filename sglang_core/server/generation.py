@@ -4,6 +4,7 @@ aborted engine request from a finished one."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jinja2
@@ -30,21 +31,34 @@ def finish_reason(chunk: dict) -> dict | None:
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template: str | None,
                     add_generation_prompt: bool = True, prefill: str = "",
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Render ``messages`` (``{"role", "content": str}``, and the tool-calling keys templates
     read: ``tool_calls``, ``tool_call_id``) with the chat template (``template``, or the
-    tokenizer's when None) and tokenize; ``tools`` go to the template as its ``tools``; ``prefill``
-    is appended after the generation prompt, so the model continues an assistant turn that has
+    tokenizer's when None) and tokenize; ``tools`` go to the template as its ``tools``,
+    ``chat_template_kwargs`` as further variables (Qwen3's ``enable_thinking``); ``prefill`` is
+    appended after the generation prompt, so the model continues an assistant turn that has
     already begun."""
     if template is None and not tokenizer.chat_template:
         raise ValueError("messages: the model's tokenizer has no chat template; start the server with "
                          "--chat-template (a Jinja file, or chatml or llama-3)")
+    extra = chat_template_kwargs or {}
+    for key in extra:
+        if key in _reserved_template_variables(tokenizer):
+            raise ValueError(f"chat_template_kwargs: {key!r} is set by the request itself, not a template variable")
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, tools=tools)
+                                             add_generation_prompt=add_generation_prompt, tools=tools, **extra)
     except (jinja2.TemplateError, ValueError) as exc:  # ValueError: transformers' own checks (no messages, ...)
         raise ValueError(f"messages: the chat template rejected them: {exc}") from None
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+
+
+def _reserved_template_variables(tokenizer: Any) -> set[str]:
+    """What a client's template variables must not set: ``messages`` and the arguments of the
+    tokenizer's ``apply_chat_template`` (``tools``, ``add_generation_prompt``, ``tokenize``...)."""
+    parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    return {"messages"} | {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
 
 
 def check_prompt(ids: list[int], info: ModelInfo, prompt_field: str, max_tokens: int | None,

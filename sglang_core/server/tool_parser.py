@@ -7,6 +7,8 @@ built per generated message, so it may keep state between increments.
 
 Streaming safety is the parser's contract: ``feed`` returns as content only text that can no
 longer become part of a call, so a chunk boundary inside a tag never leaks half a tag as content.
+A parser that can read a call before it ends returns its pieces as ``deltas`` (``CallStream``
+keeps the books); calls a parser finishes without deltas stream whole when they complete.
 """
 
 from __future__ import annotations
@@ -24,14 +26,27 @@ class ToolCall:
 
 
 @dataclass
+class CallDelta:
+    """A piece of a call being written: the first piece of the message's call ``index`` (from 0)
+    has its ``name``; ``arguments`` continues its arguments' text. A call's pieces join into the
+    arguments of the ``ToolCall`` that completes it."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class Parsed:
-    """What some model text adds to the message: content to show, and completed tool calls."""
+    """What some model text adds to the message: content to show, completed tool calls, and the
+    pieces of calls being written (``deltas``, for streaming)."""
 
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    deltas: list[CallDelta] = field(default_factory=list)
 
     def __add__(self, other: Parsed) -> Parsed:
-        return Parsed(self.content + other.content, self.calls + other.calls)
+        return Parsed(self.content + other.content, self.calls + other.calls, self.deltas + other.deltas)
 
 
 class ToolParser(abc.ABC):
@@ -78,3 +93,48 @@ def partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
     all of it): how much a streaming parser must hold back until the next increment decides."""
     return max((k for tag in tags for k in range(1, min(len(tag), len(text) + 1))
                 if tag.startswith(text[len(text) - k:])), default=0)
+
+
+class CallStream:
+    """The books of a parser that streams calls while they are written: what it has announced of
+    the calls in the text it is reading now (a call block), so that each update adds only the new
+    part, and the calls that complete the block carry exactly the arguments streamed."""
+
+    def __init__(self, tools: dict[str, Any]):
+        self.tools = tools
+        self.first = 0  # the message's index of the block's first call
+        self.streamed: list[tuple[str, str]] = []  # (name, arguments so far) announced in the block
+
+    def update(self, out: Parsed, calls_so_far: list[tuple[str | None, str]]) -> None:
+        """The block's calls as far as written: (name, arguments text as the completed call will
+        have it, so far). A call is announced once its name is a tool and its arguments have begun
+        past their opening brace; calls are announced in order."""
+        for i, (name, arguments) in enumerate(calls_so_far):
+            if name not in self.tools or len(arguments) < 2:
+                return
+            if i == len(self.streamed):
+                out.deltas.append(CallDelta(self.first + i, name))
+                self.streamed.append((name, ""))
+            done = self.streamed[i][1]
+            if len(arguments) > len(done) and arguments.startswith(done):
+                out.deltas.append(CallDelta(self.first + i, None, arguments[len(done):]))
+                self.streamed[i] = (name, arguments)
+
+    def complete(self, out: Parsed, calls: list[ToolCall] | None) -> bool:
+        """The block has ended with ``calls`` (None: its text is no call). Calls already announced
+        get the rest of their arguments; a block that stops being a call after announcing some
+        keeps them, cut where it broke (as a call cut by the token limit is). Returns whether the
+        block gave calls."""
+        if calls is None:
+            calls = [ToolCall(name, arguments) for name, arguments in self.streamed] or None
+        for i, call in enumerate(calls or ()):
+            if i < len(self.streamed):
+                done = self.streamed[i][1]
+                if len(call.arguments) > len(done) and call.arguments.startswith(done):
+                    out.deltas.append(CallDelta(self.first + i, None, call.arguments[len(done):]))
+            else:
+                out.deltas.append(CallDelta(self.first + i, call.name, call.arguments))
+        out.calls += calls or []
+        self.first += len(calls or ())
+        self.streamed = []
+        return calls is not None

@@ -10,6 +10,7 @@ the request body and ``select`` is constrained generation, as on the OpenAI chat
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any, Iterator
 
 from sglang_core.lang.backend import GenParams, GenResult, LangBackend, MissingExtraError, Prompt, SelectResult
@@ -46,6 +47,7 @@ class AnthropicBackend(LangBackend):
     """
 
     name = "anthropic"
+    supports_tools = True
     supports_images = True
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
@@ -131,6 +133,8 @@ class AnthropicBackend(LangBackend):
             request["system"] = system
         if params.stop:
             request["stop_sequences"] = list(params.stop)
+        if params.tools:
+            request.update(_tools(params))
         # Sampling settings travel in the body: the SDK's API version has no such parameters.
         sampling = {name: getattr(params, name) for name in ("temperature", "top_p", "top_k")
                     if getattr(params, name) is not None}
@@ -183,6 +187,20 @@ def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return blocks
 
 
+def _tools(params: GenParams) -> dict[str, Any]:
+    """OpenAI function tools and tool choice (the language's) as Anthropic's ``tools`` and
+    ``tool_choice`` (``required``: ``any``; a tool's name: ``tool``)."""
+    tools = []
+    for tool in params.tools:
+        function = tool["function"]
+        tools.append({"name": function["name"], "input_schema": function.get("parameters") or
+                      {"type": "object", "properties": {}},
+                      **({"description": function["description"]} if function.get("description") else {})})
+    choice = {None: None, "auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}.get(
+        params.tool_choice, {"type": "tool", "name": params.tool_choice})
+    return {"tools": tools, **({"tool_choice": choice} if choice else {})}
+
+
 def _meta_info(message: Any) -> dict[str, Any]:
     """Usage and finish in the engine's terms (``finish_reason`` as ``/generate`` reports it), plus
     Anthropic's own ``stop_reason`` and the message id."""
@@ -190,6 +208,9 @@ def _meta_info(message: Any) -> dict[str, Any]:
         finish = {"type": "length", "length": message.usage.output_tokens}
     else:
         finish = {"type": "stop", "matched": message.stop_sequence}
-    return {"id": message.id, "prompt_tokens": message.usage.input_tokens,
+    meta = {"id": message.id, "prompt_tokens": message.usage.input_tokens,
             "completion_tokens": message.usage.output_tokens, "finish_reason": finish,
             "stop_reason": message.stop_reason}
+    calls = [{"id": block.id, "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}
+             for block in message.content if block.type == "tool_use"]
+    return {**meta, "tool_calls": calls} if calls else meta

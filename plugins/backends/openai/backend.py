@@ -64,7 +64,7 @@ class OpenAIBackend(ChatCompletionsBackend):
             raise ValueError(f"is_chat_model: must be True, False or None, got {is_chat_model!r}")
         super().__init__(model, resolve_sglang_extensions(sglang_extensions, base_url, "api.openai.com"))
         self.is_chat_model = is_chat_model_name(model) if is_chat_model is None else is_chat_model
-        self.supports_images = self.is_chat_model  # completions take text only
+        self.supports_images = self.supports_tools = self.is_chat_model  # completions take text only
         if chat_template is not None:
             if not isinstance(chat_template, ChatTemplate):
                 raise ValueError(f"chat_template: must be a sglang_core.lang.backend.ChatTemplate, "

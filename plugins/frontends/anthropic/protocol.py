@@ -78,15 +78,24 @@ class Conversation(StrictBody):
     system: str | list[ContentBlock] | None = Field(None, description="the system prompt (text blocks)")
     tools: list[ToolDefinition] | None = Field(None, description="custom tools the model may call")
     tool_choice: ToolChoice | None = Field(None, description="default: auto")
-    thinking: dict[str, Any] | None = Field(None, description='{"type": "enabled"}: return reasoning as thinking '
-                                                             'blocks (needs --reasoning-parser); budget_tokens ignored')
+    thinking: dict[str, Any] | None = Field(
+        None, description='{"type": "enabled"} or {"type": "disabled"}: the chat template\'s enable_thinking '
+                          "(Qwen3); enabled needs --reasoning-parser, which returns reasoning as thinking blocks; "
+                          "budget_tokens ignored")
 
     def check_supported(self) -> None:
         self.tool_use()
+        if self.thinking is not None and self.thinking.get("type") not in ("enabled", "disabled"):
+            raise ValueError(f"thinking.type: must be 'enabled' or 'disabled', got {self.thinking.get('type')!r}")
 
     @property
     def thinking_enabled(self) -> bool:
         return self.thinking is not None and self.thinking.get("type") == "enabled"
+
+    def template_variables(self) -> dict[str, Any]:
+        """The chat template's variables this request sets: ``thinking`` switches templates that
+        let the model think or not (``enable_thinking``: Qwen3's); templates without it ignore it."""
+        return {} if self.thinking is None else {"enable_thinking": self.thinking_enabled}
 
     def tool_use(self) -> ToolUse | None:
         """The request's tools and tool choice (None: no tools); ValueError naming the field for

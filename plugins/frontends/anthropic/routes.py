@@ -27,7 +27,7 @@ from sglang_core.server.generation import (
 )
 from sglang_core.server.openapi import ApiDocs
 
-from sglang_core.server.tool_parser import ToolCall
+from sglang_core.server.tool_parser import CallDelta, ToolCall
 
 from sglang_plugins.frontends.anthropic.protocol import Conversation, MessagesRequest
 from sglang_plugins.frontends.anthropic.responses import (
@@ -106,7 +106,9 @@ def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> t
     messages, prefill, images = req.chat(ctx.engine.image_token)
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    return chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools), images
+    ids = chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools,
+                          chat_template_kwargs=req.template_variables())
+    return ids, images
 
 
 def message_blocks(piece: MessagePiece) -> list[dict[str, Any]]:
@@ -120,10 +122,14 @@ def message_blocks(piece: MessagePiece) -> list[dict[str, Any]]:
     return blocks
 
 
-def tool_use_block(call: ToolCall, streamed: bool = False) -> dict[str, Any]:
-    """A call as a ``tool_use`` block; streamed, its input comes after, in ``input_json_delta``s."""
-    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
-            "input": {} if streamed else json.loads(call.arguments)}
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    """A call as a ``tool_use`` block (a call cut short by max_tokens: the input is {}, as it is
+    streamed before its ``input_json_delta``s)."""
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError:
+        arguments = {}
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name, "input": arguments}
 
 
 def stop_fields(reason: dict) -> dict[str, Any]:
@@ -174,17 +180,28 @@ class Blocks:
             events += self._switch("thinking")
             events.append({"type": "content_block_delta", "index": self.index,
                            "delta": {"type": "thinking_delta", "thinking": piece.reasoning}})
+        # The open call's last pieces come before any text after it; the text before the next calls.
+        ongoing = [part for part in piece.deltas if part.index < self.calls]
+        events += self._arguments(ongoing)
         if piece.content:
             events += self._switch("text")
             events.append(_text_delta(self.index, piece.content))
-        for call in piece.calls:
-            events += self._switch("tool_use", tool_use_block(call, streamed=True))
-            events.append({"type": "content_block_delta", "index": self.index,
-                           "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
-            self.calls += 1
+        events += self._arguments(piece.deltas[len(ongoing):])
         if final:
             events += self._switch("text") if self.index < 0 else []  # a message has at least one block
             events += self._switch(None)
+        return events
+
+    def _arguments(self, parts: list[CallDelta]) -> list[dict[str, Any]]:
+        """Calls' pieces as events: a call's first piece opens its block (closing the one before)."""
+        events = []
+        for part in parts:
+            if part.name is not None:
+                events += self._switch("tool_use", tool_use_block(ToolCall(part.name, "{}")))
+                self.calls += 1
+            if part.arguments:
+                events.append({"type": "content_block_delta", "index": self.index,
+                               "delta": {"type": "input_json_delta", "partial_json": part.arguments}})
         return events
 
     def _switch(self, kind: str | None, block: dict[str, Any] | None = None) -> list[dict[str, Any]]:

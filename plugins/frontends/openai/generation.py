@@ -47,7 +47,6 @@ class Delta:
     logprobs: list[TokenLogprob]
     finish_reason: str | None
     piece: MessagePiece | None = None
-    calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (id, call) completed by this chunk
 
 
 @dataclass
@@ -70,6 +69,7 @@ class Choice:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (call id, call)
+    call_ids: list[str] = field(default_factory=list)  # of the calls begun, by index
     _started: bool = field(default=False, init=False, repr=False)
     _tokens_seen: int = field(default=0, init=False, repr=False)  # generated tokens given logprob entries
     _offset: int = field(default=0, init=False, repr=False)  # text length covered by logprob entries
@@ -93,19 +93,19 @@ class Choice:
         self.token_logprobs += entries
         self.prompt_tokens, self.completion_tokens = meta["prompt_tokens"], meta["completion_tokens"]
         self.cached_tokens = meta["cached_tokens"]
-        piece, calls = None, []
+        piece = None
         if self.message is not None:
             piece = self.message.feed(text)
             if reason is not None:
                 piece += self.message.finish()
-            calls = [(f"call_{uuid.uuid4().hex[:24]}", call) for call in piece.calls]
+            self.call_ids += [f"call_{uuid.uuid4().hex[:24]}" for d in piece.deltas if d.name is not None]
             self.reasoning += piece.reasoning
             self.content += piece.content
-            self.tool_calls += calls
+            self.tool_calls += [(self.call_ids[len(self.tool_calls) + i], call) for i, call in enumerate(piece.calls)]
         if reason is not None:
             self.finish_reason = ("length" if reason["type"] == "length" else
                                   "tool_calls" if self.tool_calls else "stop")
-        return Delta(text, entries, self.finish_reason if reason is not None else None, piece, calls)
+        return Delta(text, entries, self.finish_reason if reason is not None else None, piece)
 
     def _entries(self, triples: list, tops: list) -> list[TokenLogprob]:
         entries = []

@@ -208,6 +208,9 @@ class ChatRequest(SamplingRequest):
         None, description="default: auto with tools, none without")
     parallel_tool_calls: bool | None = Field(None, description="default true: more than one call per message")
     add_generation_prompt: bool = Field(True, description="SGLang extension: end the prompt with the assistant's turn")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="SGLang and vLLM extension: further variables for the chat template "
+                          "(Qwen3's enable_thinking)")
 
     @property
     def max_tokens_field(self) -> tuple[str, int | None]:

@@ -112,7 +112,8 @@ def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_c
         images += urls
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt, tools=tools)
+    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt, tools=tools,
+                          chat_template_kwargs=req.chat_template_kwargs)
     max_field, max_tokens = req.max_tokens_field
     max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
     plan = Plan([], [], req.n)

@@ -71,7 +71,8 @@ class ChatShape(_Shape):
 
     def deltas(self, choice: Choice, delta: Delta) -> list[dict[str, Any]]:
         """A parsed message streams its reasoning, content and calls as OpenAI does: a call's first
-        delta has its index, id, type, name and empty arguments, the next its arguments."""
+        delta has its index, id, type, name and empty arguments, the next ones its arguments as
+        they are written."""
         if delta.piece is None:
             return super().deltas(choice, delta)
         bodies: list[dict[str, Any]] = []
@@ -79,11 +80,12 @@ class ChatShape(_Shape):
             bodies.append({"reasoning_content": delta.piece.reasoning})
         if delta.piece.content:
             bodies.append({"content": delta.piece.content})
-        first = len(choice.tool_calls) - len(delta.calls)
-        for index, (id_, call) in enumerate(delta.calls, first):
-            bodies.append({"tool_calls": [{"index": index, "id": id_, "type": "function",
-                                           "function": {"name": call.name, "arguments": ""}}]})
-            bodies.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        for part in delta.piece.deltas:
+            if part.name is not None:
+                bodies.append({"tool_calls": [{"index": part.index, "id": choice.call_ids[part.index],
+                                               "type": "function", "function": {"name": part.name, "arguments": ""}}]})
+            if part.arguments:
+                bodies.append({"tool_calls": [{"index": part.index, "function": {"arguments": part.arguments}}]})
         if not bodies and delta.logprobs:  # tokens still held back by the parser
             bodies.append({"content": ""})
         out = [{"index": choice.index, "delta": body, "logprobs": self.logprobs(delta.logprobs)

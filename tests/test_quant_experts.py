@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,8 @@ from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_model_contract import _build, _reference_greedy
 from test_quant_awq_gptq import Quantized, group_index
+from test_quant_compressed_tensors import ct_config, int_args, pack_quantized
+from test_quant_compressed_tensors import input_groups as ct_input_groups
 from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_config, fp8_block_weight, \
     fp8_weight, to_e4m3
 
@@ -142,18 +145,35 @@ def block_quantizer(block: tuple[int, int]) -> Quantizer:
     return quantize
 
 
+def order_key(name: str) -> str:
+    """Projections that share an activation order: those the engine fuses (q/k/v, a dense or
+    shared expert's gate/up), as they share their input; an expert's gate and up each have their own."""
+    return name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
+
+
 def packed_quantizer(fmt: dict, seed: int) -> Quantizer:
     """Random AWQ/GPTQ integers (the weight they stand for replaces ``w``), with desc_act a
-    shuffled g_idx per projection; projections the engine fuses (q/k/v, a dense gate/up) share
-    theirs, as they share their input, while an expert's gate and up each get their own."""
+    shuffled g_idx per ``order_key``."""
     gen = torch.Generator().manual_seed(seed)
     g_idx: dict[str, torch.Tensor] = {}
 
     def quantize(name, w):
         out, inputs = w.shape
-        fused = name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
-        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(fused, group_index(fmt, inputs, gen)))
+        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(order_key(name), group_index(fmt, inputs, gen)))
         return quant.tensors, quant.weight
+
+    return quantize
+
+
+def pack_quantizer(weights: dict) -> Quantizer:
+    """compressed-tensors pack-quantized tensors as llm-compressor writes them (``weight_packed``,
+    ``weight_scale``, ``weight_shape``, asymmetric ``weight_zero_point``, ``actorder: group``'s
+    ``weight_g_idx``, shuffled per ``order_key``) from ``w``'s min/max."""
+    def quantize(name, w):
+        key = order_key(name)
+        g_idx = ct_input_groups(w.shape[1], weights.get("group_size"), weights.get("actorder") == "group",
+                                seed=zlib.crc32(key.encode()))
+        return pack_quantized(w, weights, g_idx)
 
     return quantize
 
@@ -252,6 +272,30 @@ def test_awq_experts_mixtral(tmp_path):
     assert_served_like(model, prompts, tmp_path)
 
 
+W4A16_ASYM_ACT_ORDER = int_args(4, "group", symmetric=False, group_size=32, actorder="group")
+# (contract case, weights arguments, ignore list)
+PACKED_EXPERTS = {
+    # As llm-compressor's W4A16 recipe writes Mixtral: symmetric groups (16 here, 128 there), routers float.
+    "mixtral-w4a16-g16-sym": ("mixtral", int_args(4, "group", group_size=16),
+                              ["lm_head", "re:.*block_sparse_moe.gate$"]),
+    # Asymmetric, groups in activation order; the shared expert (fused gate/up) packed too, its gate float.
+    "qwen2-moe-w4a16-g32-asym-actorder": ("qwen2-moe", W4A16_ASYM_ACT_ORDER,
+                                          ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]),
+}
+
+
+@pytest.mark.parametrize("case", PACKED_EXPERTS)
+def test_pack_quantized_experts(tmp_path, case):
+    """compressed-tensors W4A16: every expert's gate/up/down and every other linear layer packed
+    (``experts.<e>.w1.weight_packed``, ...), one config group targeting ``Linear``."""
+    name, weights, ignore = PACKED_EXPERTS[case]
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+                       "pack-quantized", ignore)
+    model, prompts = quantize_checkpoint(name, tmp_path, config, pack_quantizer(weights),
+                                         keep_float=("shared_expert_gate",))
+    assert_served_like(model, prompts, tmp_path)
+
+
 @pytest.mark.parametrize("intermediate, block, tp, what", [
     (40, (16, 16), 1, "40 gate rows"),  # gate's partial last block would hold up's first rows
     (96, (16, 32), 2, "48 down input features per rank"),  # rank 1's slice starts inside a block
@@ -266,7 +310,9 @@ def test_block_wise_experts_cutting_a_block_is_an_error(intermediate, block, tp,
     (compressed_tensors_config("tensor", None, []), fp8_quantizer("tensor"), None),
     ({**BLOCK_CONFIG, "weight_block_size": [16, 16]}, block_quantizer((16, 16)), 16),
     (GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 5), None),
-], ids=["fp8-tensor", "fp8-block", "gptq-act-order"])
+    (ct_config({"group_0": {"targets": ["Linear"], "weights": W4A16_ASYM_ACT_ORDER}}, "pack-quantized", []),
+     pack_quantizer(W4A16_ASYM_ACT_ORDER), None),
+], ids=["fp8-tensor", "fp8-block", "gptq-act-order", "pack-quantized-asym-act-order"])
 def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding):
     """Under 2-way tensor parallelism each rank loads its slice of every expert (gate and up rows,
     down's input columns, their scales, blocks, groups and g_idx) from the per-expert checkpoint

@@ -28,12 +28,11 @@ from typing import Any, Callable
 import torch
 
 from sglang_core.kernels.moe_weight import QuantizedExperts
-from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
-from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
+from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.int_weight import IntWeight
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, rank_groups,
-                                          require_bool, unpack_ints)
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
+                                          packed_linear, rank_groups, require_bool, unpack_ints)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -159,7 +158,7 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             for name, param in params.items():
                 setattr(layer, f"{stem}_{name}", param)
             g_idx = weight_param(torch.zeros(num_experts, parts, inputs, dtype=torch.int32),
-                                 functools.partial(_load_g_idx, layer.tp), input_dim=0)
+                                 functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
 
     def process_weights_after_loading(self, layer) -> None:
@@ -188,14 +187,3 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                                  scales.narrow(1, part * out, out), g_idx[part])
                           for part in range(parts)])
 
-
-def _load_g_idx(tp: TPGroup, param: torch.Tensor, loaded: torch.Tensor, shard_id: tuple[int | None, str]) -> None:
-    """An expert part's g_idx into its slot; down's is cut to this rank's input features."""
-    expert, part = shard_id
-    if expert is None:
-        for index, piece in enumerate(loaded):
-            _load_g_idx(tp, param, piece, (index, part))
-        return
-    role = EXPERT_PARTS[part]
-    for slot in PART_SLOTS[role]:
-        load_input_shard(param, param.data[int(expert), slot], loaded, tp if role == "down" else SINGLE)

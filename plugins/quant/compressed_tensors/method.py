@@ -9,7 +9,8 @@ its public ``compressed_tensors_scheme`` reads out of the group's arguments (the
 needs no knowledge of compressed-tensors' groups, and this one none of e4m3), integer groups by
 this plugin's ``Int8Method`` and ``PackedIntMethod``. An MoE layer's experts follow the group of
 ``<prefix>`` (``model.layers.N.mlp.experts``) likewise: float (FP8) and pack-quantized groups
-have an experts method, int-quantized (W8A8) ones not yet.
+have an experts method, int-quantized (W8A8) ones not yet. An untied LM head follows its group
+too (``for_embedding``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class CompressedTensorsMethod(QuantMethod):
         if scheme.format == "pack-quantized" and kind == "int":
             return PackedIntMethod(scheme.weights, scheme.input_activations, prefix)
         raise ValueError(f"quantization_config format {scheme.format!r} does not store weights type {kind!r}")
+
+    @classmethod
+    def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> QuantMethod | None:
+        """The LM head is a linear layer to llm-compressor: a group targeting it (``Linear``) quantizes
+        it unless ``ignore`` lists it. Input embedding tables are not linear layers and stay float."""
+        return cls.for_layer(quant_config, prefix) if prefix == "lm_head" else None
 
     @classmethod
     def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> ExpertsQuantMethod | None:

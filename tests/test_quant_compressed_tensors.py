@@ -169,8 +169,8 @@ def test_pack_quantized_matches_hf(tmp_path, case):
 def test_untied_lm_head_follows_its_group(tmp_path, fmt):
     """``lm_head`` left out of ``ignore`` is quantized like any linear layer its group targets:
     W4A16 by the ``Linear`` class (every layer packed, the head's ``lm_head.weight_packed`` ...),
-    FP8 per channel by its name alone (the e4m3 ``lm_head.weight`` and ``weight_scale``, every
-    other layer float). The input embedding stays float."""
+    FP8 per tensor by its name alone (the e4m3 ``lm_head.weight`` and its one ``weight_scale``,
+    every other layer float). The input embedding stays float."""
     model = tiny_llama()
     head = model.lm_head.weight.detach()
     tensors: dict[str, torch.Tensor] = {}
@@ -182,9 +182,9 @@ def test_untied_lm_head_follows_its_group(tmp_path, fmt):
             quantize_pack(model, tensors, name, weights)
         packed, dequantized = pack_quantized(head, weights, input_groups(head.shape[1], 16, False, seed=0))
     else:
-        config = compressed_tensors_config("channel", None, [])
+        config = compressed_tensors_config("tensor", None, [])
         config["config_groups"]["group_0"]["targets"] = ["lm_head"]
-        q, scale = fp8_weight(head, "channel")
+        q, scale = fp8_weight(head, "tensor")
         packed, dequantized = {"weight": q, "weight_scale": scale}, q.float() * scale
     tensors.update({f"lm_head.{key}": t for key, t in packed.items()})
     with torch.no_grad():

@@ -116,9 +116,9 @@ def round_expert_inputs(experts: torch.nn.Module, w13_input: Callable, w2_input:
     experts.forward = forward
 
 
-def assert_served_like(model, prompts: list[list[int]], folder: Path) -> None:
-    """Greedy tokens and their logprobs equal the reference's."""
-    with Engine(str(folder)) as engine:
+def assert_served_like(model, prompts: list[list[int]], folder: Path, **settings) -> None:
+    """Greedy tokens and their logprobs equal the reference's (engine ``settings``: tp_size, ...)."""
+    with Engine(str(folder), **settings) as engine:
         results = engine.generate(input_ids=prompts, return_logprob=True, sampling_params={
             "temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS})
     for prompt, result in zip(prompts, results):
@@ -284,16 +284,27 @@ PACKED_EXPERTS = {
 }
 
 
-@pytest.mark.parametrize("case", PACKED_EXPERTS)
-def test_pack_quantized_experts(tmp_path, case):
-    """compressed-tensors W4A16: every expert's gate/up/down and every other linear layer packed
-    (``experts.<e>.w1.weight_packed``, ...), one config group targeting ``Linear``."""
+def pack_quantized_checkpoint(case: str, folder: Path) -> tuple[torch.nn.Module, list[list[int]]]:
+    """compressed-tensors W4A16 (``PACKED_EXPERTS[case]``): every expert's gate/up/down and every
+    other linear layer packed (``experts.<e>.w1.weight_packed``, ...), one config group targeting
+    ``Linear``; the reference model and prompts."""
     name, weights, ignore = PACKED_EXPERTS[case]
     config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
                        "pack-quantized", ignore)
-    model, prompts = quantize_checkpoint(name, tmp_path, config, pack_quantizer(weights),
-                                         keep_float=("shared_expert_gate",))
-    assert_served_like(model, prompts, tmp_path)
+    return quantize_checkpoint(name, folder, config, pack_quantizer(weights), keep_float=("shared_expert_gate",))
+
+
+@pytest.mark.parametrize("case", PACKED_EXPERTS)
+def test_pack_quantized_experts(tmp_path, case):
+    assert_served_like(*pack_quantized_checkpoint(case, tmp_path), tmp_path)
+
+
+def test_pack_quantized_experts_on_two_gloo_ranks(tmp_path):
+    """Tensor parallelism over gloo: each rank loads its slice of every packed tensor (experts' gate
+    and up rows, down's input columns with every act-order group's scales and zero points, the
+    shared expert's and attention's likewise) and the all-reduced sums give the reference's tokens."""
+    model, prompts = pack_quantized_checkpoint("qwen2-moe-w4a16-g32-asym-actorder", tmp_path)
+    assert_served_like(model, prompts, tmp_path, tp_size=2, device="cpu")
 
 
 @pytest.mark.parametrize("intermediate, block, tp, what", [

@@ -120,8 +120,9 @@ def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
     """Whether the core's batch-1 GEMV (one row, CUDA with Triton; it joins the decode step's PDL
     chain) computes the layer: it reads the e4m3 weight at one byte an element and scales each
     output row. Weight-only, as the fused MoE kernel's FP8 experts: the row stays 16-bit instead of
-    being rounded to e4m3 (a product closer to the float one than the scaled matmul's)."""
-    if not use_fused(x):
+    being rounded to e4m3 (a product closer to the float one than the scaled matmul's). Triton
+    converts e4m3 on GPUs of compute capability 8.9+ (the interpreter anywhere)."""
+    if not use_fused(x) or (x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9)):
         return False
     from sglang_core.kernels import gemv
 

@@ -17,7 +17,8 @@ group, so every rank holds all groups' scales and zeros and looks them up by ``g
 On CUDA a linear layer's forward is ``int_matmul``'s kernel, which dequantises in registers. CPU
 path: each forward dequantises the layer's weight from the packed tensors and runs a float matmul
 (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
-experts are packed the same way, expert by expert (``GPTQExpertsMethod``).
+experts are packed the same way, expert by expert (``GPTQExpertsMethod``); with ``lm_head: true``
+(GPTQModel) the LM head too, split by vocabulary rows under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -53,14 +54,20 @@ class GPTQMethod(QuantMethod):
         if require_bool(quant_config, "is_marlin_format", False):
             raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
-        if require_bool(quant_config, "lm_head", False):
-            raise ValueError("quantization_config.lm_head true (a quantized LM head) is not supported")
+        self.quantized_head = require_bool(quant_config, "lm_head", False)
         if config_value(quant_config, "dynamic", None):
             raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
         self.prefix = prefix
+
+    @classmethod
+    def for_embedding(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
+        """GPTQModel's ``lm_head: true`` packs the (untied) LM head like a linear layer
+        (``lm_head.qweight``, ...); input embedding tables stay float."""
+        method = cls(quant_config, prefix)
+        return method if prefix == "lm_head" and method.quantized_head else None
 
     @classmethod
     def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod:

@@ -1,5 +1,6 @@
-"""Quantized MoE experts (fp8 per-tensor / per-channel / block-wise, GPTQ, AWQ) through the normal
-load path, against transformers float32 holding the dequantized weights.
+"""Quantized MoE experts (fp8 per-tensor / per-channel / block-wise, GPTQ, AWQ, compressed-tensors
+W4A16 and W8A8) through the normal load path, against transformers float32 holding the dequantized
+weights.
 
 The contract suite's tiny MoE models (its weights and prompts, which reach every expert) are
 written as quantized checkpoints in the released layouts: one tensor set per expert and
@@ -32,7 +33,8 @@ from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_model_contract import _build, _reference_greedy
 from test_quant_awq_gptq import Quantized, group_index
-from test_quant_compressed_tensors import ct_config, int_args, pack_quantized
+from test_quant_compressed_tensors import (ct_config, int8_round_trip, int_args, pack_quantized,
+                                           quantize_symmetric_int8, token_qparams)
 from test_quant_compressed_tensors import input_groups as ct_input_groups
 from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_config, fp8_block_weight, \
     fp8_weight, to_e4m3
@@ -307,6 +309,44 @@ def test_pack_quantized_experts_on_two_gloo_ranks(tmp_path):
     assert_served_like(model, prompts, tmp_path, tp_size=2, device="cpu")
 
 
+def int8_quantizer(_name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors int-quantized: an int8 ``weight`` and its ``weight_scale`` per output channel."""
+    q, scale = quantize_symmetric_int8(w, "channel")
+    return {"weight": q, "weight_scale": scale}, q.float() * scale
+
+
+def test_int_quantized_w8a8_experts(tmp_path):
+    """compressed-tensors W8A8 (llm-compressor's int8 scheme), here with asymmetric inputs: every
+    expert's and attention projection's int8 ``weight`` with a ``weight_scale`` per output channel,
+    each input quantized to int8 per token. The reference rounds each linear's input and each
+    expert's two inputs to int8 and back (per token: scale and zero point over its range)."""
+    weights, activations = int_args(8, "channel"), int_args(8, "token", symmetric=False, dynamic=True)
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+                       "int-quantized", ["lm_head", "re:.*block_sparse_moe.gate$"])
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return int8_round_trip(x, *token_qparams(x, symmetric=False))
+
+    model, prompts = quantize_checkpoint("mixtral", tmp_path, config, int8_quantizer)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            module.register_forward_pre_hook(lambda _m, args: (rounded(args[0]),))
+        elif hasattr(module, "gate_up_proj"):
+            round_expert_inputs(module, lambda _e, x: rounded(x), lambda _e, x: rounded(x))
+    assert_served_like(model, prompts, tmp_path)
+
+
+@pytest.mark.parametrize("weights, activations, field", [
+    (int_args(8, "tensor"), None, "weights strategy"),  # one scale per expert and part is not read
+    (int_args(8, "channel"), int_args(8, "tensor"), "input_activations"),  # static input scales neither
+])
+def test_int_quantized_experts_it_cannot_serve_name_the_field(weights, activations, field):
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+                       "int-quantized", [])
+    with pytest.raises(ValueError, match=f"quantization_config {field}"):
+        CompressedTensorsMethod.for_experts(config, "model.layers.0.mlp.experts")
+
+
 @pytest.mark.parametrize("intermediate, block, tp, what", [
     (40, (16, 16), 1, "40 gate rows"),  # gate's partial last block would hold up's first rows
     (96, (16, 32), 2, "48 down input features per rank"),  # rank 1's slice starts inside a block
@@ -323,7 +363,9 @@ def test_block_wise_experts_cutting_a_block_is_an_error(intermediate, block, tp,
     (GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 5), None),
     (ct_config({"group_0": {"targets": ["Linear"], "weights": W4A16_ASYM_ACT_ORDER}}, "pack-quantized", []),
      pack_quantizer(W4A16_ASYM_ACT_ORDER), None),
-], ids=["fp8-tensor", "fp8-block", "gptq-act-order", "pack-quantized-asym-act-order"])
+    (ct_config({"group_0": {"targets": ["Linear"], "weights": int_args(8, "channel")}}, "int-quantized", []),
+     int8_quantizer, None),
+], ids=["fp8-tensor", "fp8-block", "gptq-act-order", "pack-quantized-asym-act-order", "int8-weight-only"])
 def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding):
     """Under 2-way tensor parallelism each rank loads its slice of every expert (gate and up rows,
     down's input columns, their scales, blocks, groups and g_idx) from the per-expert checkpoint

@@ -30,6 +30,7 @@ from sglang_core.kernels import fused_moe as moe
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.experts import ExpertWeights
 from sglang_plugins.quant.awq.method import AWQMethod
+from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 from sglang_plugins.quant.gptq.method import GPTQMethod
@@ -48,6 +49,11 @@ FORMATS = {
     "gptq8": (lambda: GPTQMethod.for_experts({"bits": 8, "group_size": GROUP, "sym": False, "desc_act": False},
                                              "bench"), 2e-2 / 128),
     "awq": (lambda: AWQMethod.for_experts({"bits": 4, "group_size": GROUP, "zero_point": True}, "bench"), 2e-2 / 8),
+    # llm-compressor's W4A16: symmetric int4 packed along the inputs, no zero points stored.
+    "ct-w4a16": (lambda: CompressedTensorsMethod.for_experts(
+        {"format": "pack-quantized", "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "type": "int", "num_bits": 4, "strategy": "group", "group_size": GROUP, "symmetric": True}}}},
+        "bench"), 2e-2 / 8),
 }
 L2_BEATING_BYTES = 400e6
 

@@ -32,7 +32,8 @@ from sglang_plugins.quant.fp8.scheme import Fp8Scheme  # noqa: E402
 from sglang_plugins.quant.gptq.method import GPTQMethod  # noqa: E402
 from test_fused_moe_kernel import DEVICE, SMALL_TILES, TOLERANCE, reference  # noqa: E402
 from test_quant_awq_gptq import Quantized, group_index  # noqa: E402
-from test_quant_compressed_tensors import ct_config, input_groups, int_args, pack_quantized  # noqa: E402
+from test_quant_compressed_tensors import (ct_config, input_groups, int_args, pack_quantized,  # noqa: E402
+                                           quantize_symmetric_int8)
 from test_quant_fp8 import block_dequantized, fp8_block_weight, fp8_weight  # noqa: E402
 
 # (format, packing options): see ``quantize``.
@@ -161,6 +162,8 @@ PACKED_WEIGHTS = {"ct-w4a16-sym": int_args(4, "group", group_size=32),
                   "ct-w4a16-asym": int_args(4, "group", symmetric=False, group_size=16),
                   "ct-w8a16-channel": int_args(8, "channel"),
                   "ct-w4a16-actorder": int_args(4, "group", group_size=32, actorder="group")}
+# compressed-tensors int-quantized W8A8 (int8 weights per channel; the kernel leaves activations 16-bit)
+W8A8 = {"weights": int_args(8, "channel"), "input_activations": int_args(8, "token", dynamic=True)}
 
 
 def plugin_method(scheme: str) -> ExpertsQuantMethod:
@@ -170,10 +173,11 @@ def plugin_method(scheme: str) -> ExpertsQuantMethod:
                                 "model.layers.0.mlp.experts")
     if scheme == "awq":
         return AWQMethod.for_experts({**AWQ, "group_size": 32}, "model.layers.0.mlp.experts")
-    if scheme in PACKED_WEIGHTS:
-        group = {"targets": ["Linear"], "weights": PACKED_WEIGHTS[scheme], "input_activations": None}
-        return CompressedTensorsMethod.for_experts(ct_config({"group_0": group}, "pack-quantized", []),
-                                                   "model.layers.0.mlp.experts")
+    if scheme in PACKED_WEIGHTS or scheme == "ct-w8a8":
+        group = ({"targets": ["Linear"], **W8A8} if scheme == "ct-w8a8" else
+                 {"targets": ["Linear"], "weights": PACKED_WEIGHTS[scheme], "input_activations": None})
+        fmt = "int-quantized" if scheme == "ct-w8a8" else "pack-quantized"
+        return CompressedTensorsMethod.for_experts(ct_config({"group_0": group}, fmt, []), "model.layers.0.mlp.experts")
     return GPTQMethod.for_experts({**GPTQ_EXPERTS, "desc_act": scheme == "gptq-desc-act"}, "model.layers.0.mlp.experts")
 
 
@@ -186,6 +190,9 @@ def checkpoint_part(scheme: str, outputs: int, inputs: int, gen: torch.Generator
             return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, (16, 16))
         q, scale = fp8_weight(w, scheme.removeprefix("fp8-"))
         return {"weight": q, "weight_scale": scale}, q.float() * scale.reshape(-1, 1)
+    if scheme == "ct-w8a8":
+        q, scale = quantize_symmetric_int8(torch.randn(outputs, inputs, generator=gen) / inputs ** 0.5, "channel")
+        return {"weight": q, "weight_scale": scale}, q.float() * scale
     if scheme in PACKED_WEIGHTS:
         weights = PACKED_WEIGHTS[scheme]
         g_idx = input_groups(inputs, weights.get("group_size"), weights.get("actorder") == "group",
@@ -218,11 +225,12 @@ def loaded_experts(scheme: str, seed: int) -> tuple[ExpertWeights, torch.Tensor,
 
 
 @pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel", "fp8-block", "gptq4", "awq", "gptq-desc-act",
-                                    *PACKED_WEIGHTS])
+                                    *PACKED_WEIGHTS, "ct-w8a8"])
 def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatch) -> None:
     """Where the fused kernel applies (made to apply on CPU here: the interpreter runs it), each
-    plugin's experts go through it on their packed tensors; act-order experts (GPTQ's, and
-    compressed-tensors' ``actorder: group``) fall back to dequantizing."""
+    plugin's experts go through it on their packed tensors (weight-only: W8A8's activations stay
+    16-bit there); act-order experts (GPTQ's, and compressed-tensors' ``actorder: group``) fall
+    back to dequantizing."""
     layer, w13, w2 = loaded_experts(scheme, seed=len(scheme))
     layer.to(DEVICE)
     monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import linear
-from sglang_core.layers.moe import experts_by_expert
+from sglang_core.kernels.moe_weight import QuantizedExperts
+from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
 from sglang_core.layers.quant import ExpertsQuantMethod, QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
 from sglang_plugins.quant.fused import load_part_scalar
@@ -35,6 +36,8 @@ from sglang_plugins.quant.fused import load_part_scalar
 QMIN, QMAX = -128, 127
 # The smallest activation scale used: an all-zero token quantizes to zeros instead of NaNs.
 MIN_SCALE = torch.finfo(torch.float32).eps
+# int8 values to an int32 word, as the fused MoE kernel reads 8-bit weights.
+WORD_BYTES = 4
 # CUDA's int8 matmul wants more than 16 rows and both other sides multiples of 8.
 CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
 
@@ -165,8 +168,11 @@ class Int8ExpertsMethod(ExpertsQuantMethod):
     (``experts.<e>.w1.weight``, ``.weight_scale`` [out, 1]), stacked into ``w13_weight``
     ``[E, 2I, H]``, ``w2_weight_scale`` ``[E, H, 1]``, ... Activations as the group says: dynamic
     per token (W8A8, symmetric or not) or none (W8A16); a static input scale per expert is not
-    supported. Each expert that got tokens multiplies in integers as the linear layers do, on any
-    device (no fused MoE kernel reads int8 W8A8 yet)."""
+    supported. CPU (and wherever the fused MoE kernel does not apply): each expert that got tokens
+    multiplies in integers as the linear layers do. Where ``fused_moe_applies`` (CUDA): the fused
+    MoE kernel, weight-only as for FP8 experts (the activations stay 16-bit); it reads 8-bit
+    values offset by 128, four to an int32, so after loading each int8 weight is kept so, the
+    integer path viewing the same bytes back as int8."""
 
     def __init__(self, method: Int8Method):
         if method.weight_strategy != "channel":
@@ -181,21 +187,34 @@ class Int8ExpertsMethod(ExpertsQuantMethod):
                        params_dtype: torch.dtype, weight_loader: Callable[..., None]) -> None:
         for stem, (rows, inputs) in {"w13": (2 * intermediate_size, hidden_size),
                                      "w2": (hidden_size, intermediate_size)}.items():
+            if inputs % WORD_BYTES:
+                raise ValueError(f"int-quantized experts pack {WORD_BYTES} int8 values to a word; "
+                                 f"{self.method.prefix}'s {stem} has {inputs} input features (per rank)")
             setattr(layer, f"{stem}_weight", weight_param(torch.zeros(num_experts, rows, inputs, dtype=torch.int8),
                                                           weight_loader, output_dim=0, input_dim=1))
             setattr(layer, f"{stem}_weight_scale", weight_param(torch.ones(num_experts, rows, 1), weight_loader,
                                                                 output_dim=0))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Scales become ``[E, rows]`` float32; asymmetric inputs need each weight row's sum."""
+        """Scales become ``[E, rows]`` float32; asymmetric inputs need each weight row's sum; each
+        int8 weight ``[E, rows, K]`` becomes ``[E, rows, K / 4]`` int32 words of its values + 128
+        (byte j of a word: bits 8j..8j+7)."""
         for stem in ("w13", "w2"):
             setattr(layer, f"{stem}_weight_scale", _frozen(getattr(layer, f"{stem}_weight_scale").data.float()[..., 0]))
+            weight = getattr(layer, f"{stem}_weight").data
             if not self.method.symmetric_input:
-                sums = getattr(layer, f"{stem}_weight").data.to(torch.int32).sum(dim=2)
-                setattr(layer, f"{stem}_weight_row_sums", _frozen(sums))
+                setattr(layer, f"{stem}_weight_row_sums", _frozen(weight.to(torch.int32).sum(dim=2)))
+            offset = (weight.to(torch.int16) - QMIN).to(torch.uint8)
+            setattr(layer, f"{stem}_weight", _frozen(offset.view(torch.int32)))
+
+    def fused_weight(self, layer: nn.Module, stem: str) -> QuantizedExperts:
+        """The stacked words and per-row scales as the fused MoE kernel reads them."""
+        return QuantizedExperts(getattr(layer, f"{stem}_weight"), getattr(layer, f"{stem}_weight_scale").unsqueeze(-1),
+                                "int", bits=8, packed_dim=2, zero_offset=-QMIN)
 
     def _product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        weight, scale = getattr(layer, f"{stem}_weight")[expert], getattr(layer, f"{stem}_weight_scale")[expert]
+        words, scale = getattr(layer, f"{stem}_weight")[expert], getattr(layer, f"{stem}_weight_scale")[expert]
+        weight = (words.view(torch.uint8).to(torch.int16) + QMIN).to(torch.int8)
         if self.method.activations == "none":
             return x @ (weight.float() * scale[:, None]).to(x.dtype).t()
         row_sums = None if self.method.symmetric_input else getattr(layer, f"{stem}_weight_row_sums")[expert]
@@ -205,6 +224,12 @@ class Int8ExpertsMethod(ExpertsQuantMethod):
 
     def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               act: nn.Module) -> torch.Tensor:
+        if fused_moe_applies(hidden, act):
+            from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
+
+            return fused_moe(hidden, self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2"), topk_weights,
+                             topk_ids)
+
         def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
             return self._product(layer, "w2", expert, act(self._product(layer, "w13", expert, x)))
 

@@ -30,6 +30,7 @@ from sglang_core.kernels import fused_moe as moe
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.experts import ExpertWeights
 from sglang_plugins.quant.awq.method import AWQMethod
+from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 from sglang_plugins.quant.gptq.method import GPTQMethod
@@ -48,6 +49,17 @@ FORMATS = {
     "gptq8": (lambda: GPTQMethod.for_experts({"bits": 8, "group_size": GROUP, "sym": False, "desc_act": False},
                                              "bench"), 2e-2 / 128),
     "awq": (lambda: AWQMethod.for_experts({"bits": 4, "group_size": GROUP, "zero_point": True}, "bench"), 2e-2 / 8),
+    # llm-compressor's W4A16: symmetric int4 packed along the inputs, no zero points stored.
+    "ct-w4a16": (lambda: CompressedTensorsMethod.for_experts(
+        {"format": "pack-quantized", "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "type": "int", "num_bits": 4, "strategy": "group", "group_size": GROUP, "symmetric": True}}}},
+        "bench"), 2e-2 / 8),
+    # llm-compressor's W8A8 (int8 per channel): the kernel reads the weights only.
+    "ct-w8a8": (lambda: CompressedTensorsMethod.for_experts(
+        {"format": "int-quantized", "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "type": "int", "num_bits": 8, "strategy": "channel", "symmetric": True}, "input_activations": {
+            "type": "int", "num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}}}},
+        "bench"), 2e-2 / 128),
 }
 L2_BEATING_BYTES = 400e6
 
@@ -59,8 +71,9 @@ def random_layer(method, scale: float, experts: int, hidden: int, inter: int, de
     for name, param in layer.named_parameters():
         if name.endswith("g_idx"):  # GPTQ without desc_act: groups in order
             param.data.copy_(torch.arange(param.shape[-1], device=device) // GROUP)
-        elif param.dtype == torch.int32:
-            param.data.copy_(torch.randint(-2**31, 2**31, param.shape, dtype=torch.int32, device=device))
+        elif param.dtype in (torch.int32, torch.int8):
+            info = torch.iinfo(param.dtype)
+            param.data.copy_(torch.randint(info.min, info.max + 1, param.shape, dtype=param.dtype, device=device))
         elif param.dtype == torch.float8_e4m3fn:
             param.data.copy_(torch.randn(param.shape, device=device).to(param.dtype))
         else:

@@ -1,11 +1,12 @@
 """The fused MoE kernel on quantized experts (``kernels.moe_weight.QuantizedExperts``: e4m3 with
-per-tensor, per-channel or block scales; GPTQ / AWQ packed integers) against the float64 experts
-of the dequantized weights.
+per-tensor, per-channel or block scales; GPTQ / AWQ / compressed-tensors packed integers) against
+the float64 experts of the dequantized weights.
 
 Weights are quantized here by the test packers that follow the formats' published rules
 (``test_quant_fp8``: e4m3 and DeepSeek-V3's ``weight_scale_inv`` blocks; ``test_quant_awq_gptq``:
-AutoGPTQ's and AutoAWQ's packing), and handed to the kernel as the plugins describe them: the
-checkpoint's ``[in, out]`` tensors as transposed views. On CPU the kernel runs in Triton's
+AutoGPTQ's and AutoAWQ's packing; ``test_quant_compressed_tensors``: llm-compressor's
+pack-quantized), and handed to the kernel as the plugins describe them: the checkpoint's
+``[in, out]`` tensors as transposed views (compressed-tensors' ``[out, in]`` ones as they are). On CPU the kernel runs in Triton's
 interpreter: tiny shapes, 16-wide tiles.
 """
 
@@ -25,11 +26,14 @@ from sglang_core.layers.activation import SiluAndMul  # noqa: E402
 from sglang_core.layers.experts import ExpertWeights  # noqa: E402
 from sglang_core.layers.quant import ExpertsQuantMethod  # noqa: E402
 from sglang_plugins.quant.awq.method import AWQMethod  # noqa: E402
+from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod  # noqa: E402
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod  # noqa: E402
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme  # noqa: E402
 from sglang_plugins.quant.gptq.method import GPTQMethod  # noqa: E402
 from test_fused_moe_kernel import DEVICE, SMALL_TILES, TOLERANCE, reference  # noqa: E402
 from test_quant_awq_gptq import Quantized, group_index  # noqa: E402
+from test_quant_compressed_tensors import (ct_config, input_groups, int_args, pack_quantized,  # noqa: E402
+                                           quantize_symmetric_int8)
 from test_quant_fp8 import block_dequantized, fp8_block_weight, fp8_weight  # noqa: E402
 
 # (format, packing options): see ``quantize``.
@@ -153,6 +157,13 @@ def test_quantized_fused_moe_matches_float64_dequantized_experts(case: Case) -> 
 
 PLUGIN_SHAPE = dict(experts=3, hidden=64, inter=32, top_k=2, tokens=5)
 GPTQ_EXPERTS = {**GPTQ4, "group_size": 32, "desc_act": False}
+# compressed-tensors pack-quantized weights arguments (llm-compressor's W4A16 / W8A16)
+PACKED_WEIGHTS = {"ct-w4a16-sym": int_args(4, "group", group_size=32),
+                  "ct-w4a16-asym": int_args(4, "group", symmetric=False, group_size=16),
+                  "ct-w8a16-channel": int_args(8, "channel"),
+                  "ct-w4a16-actorder": int_args(4, "group", group_size=32, actorder="group")}
+# compressed-tensors int-quantized W8A8 (int8 weights per channel; the kernel leaves activations 16-bit)
+W8A8 = {"weights": int_args(8, "channel"), "input_activations": int_args(8, "token", dynamic=True)}
 
 
 def plugin_method(scheme: str) -> ExpertsQuantMethod:
@@ -162,6 +173,11 @@ def plugin_method(scheme: str) -> ExpertsQuantMethod:
                                 "model.layers.0.mlp.experts")
     if scheme == "awq":
         return AWQMethod.for_experts({**AWQ, "group_size": 32}, "model.layers.0.mlp.experts")
+    if scheme in PACKED_WEIGHTS or scheme == "ct-w8a8":
+        group = ({"targets": ["Linear"], **W8A8} if scheme == "ct-w8a8" else
+                 {"targets": ["Linear"], "weights": PACKED_WEIGHTS[scheme], "input_activations": None})
+        fmt = "int-quantized" if scheme == "ct-w8a8" else "pack-quantized"
+        return CompressedTensorsMethod.for_experts(ct_config({"group_0": group}, fmt, []), "model.layers.0.mlp.experts")
     return GPTQMethod.for_experts({**GPTQ_EXPERTS, "desc_act": scheme == "gptq-desc-act"}, "model.layers.0.mlp.experts")
 
 
@@ -174,6 +190,14 @@ def checkpoint_part(scheme: str, outputs: int, inputs: int, gen: torch.Generator
             return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, (16, 16))
         q, scale = fp8_weight(w, scheme.removeprefix("fp8-"))
         return {"weight": q, "weight_scale": scale}, q.float() * scale.reshape(-1, 1)
+    if scheme == "ct-w8a8":
+        q, scale = quantize_symmetric_int8(torch.randn(outputs, inputs, generator=gen) / inputs ** 0.5, "channel")
+        return {"weight": q, "weight_scale": scale}, q.float() * scale
+    if scheme in PACKED_WEIGHTS:
+        weights = PACKED_WEIGHTS[scheme]
+        g_idx = input_groups(inputs, weights.get("group_size"), weights.get("actorder") == "group",
+                             seed=int(torch.randint(1 << 30, (), generator=gen)))
+        return pack_quantized(torch.randn(outputs, inputs, generator=gen) / inputs ** 0.5, weights, g_idx)
     fmt = {**(AWQ if scheme == "awq" else GPTQ_EXPERTS), "group_size": 32, "desc_act": scheme == "gptq-desc-act"}
     quantized = Quantized(fmt, inputs, outputs, gen, group_index(fmt, inputs, gen))
     return quantized.tensors, quantized.weight
@@ -200,11 +224,13 @@ def loaded_experts(scheme: str, seed: int) -> tuple[ExpertWeights, torch.Tensor,
     return layer, w13, w2
 
 
-@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel", "fp8-block", "gptq4", "awq", "gptq-desc-act"])
+@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel", "fp8-block", "gptq4", "awq", "gptq-desc-act",
+                                    *PACKED_WEIGHTS, "ct-w8a8"])
 def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatch) -> None:
     """Where the fused kernel applies (made to apply on CPU here: the interpreter runs it), each
-    plugin's experts go through it on their packed tensors; GPTQ's act-order experts fall back to
-    dequantizing."""
+    plugin's experts go through it on their packed tensors (weight-only: W8A8's activations stay
+    16-bit there); act-order experts (GPTQ's, and compressed-tensors' ``actorder: group``) fall
+    back to dequantizing."""
     layer, w13, w2 = loaded_experts(scheme, seed=len(scheme))
     layer.to(DEVICE)
     monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
@@ -216,7 +242,7 @@ def test_expert_methods_compute_through_the_fused_kernel(scheme: str, monkeypatc
     hidden, topk_weights, topk_ids = routing(case, seed=3)
     got = layer.quant_method.apply(layer, hidden.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
                                    SiluAndMul())
-    assert len(calls) == (0 if scheme == "gptq-desc-act" else 1)
+    assert len(calls) == (0 if scheme in ("gptq-desc-act", "ct-w4a16-actorder") else 1)
     torch.testing.assert_close(got.cpu().double(), reference(hidden, w13, w2, topk_weights, topk_ids, "silu"),
                                **TOLERANCE[torch.float32])
 

@@ -172,6 +172,9 @@ def test_cli_lists_plugins_and_errors(site):
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["llama"]["registered"] == {"models": ["LlamaForCausalLM", "MistralForCausalLM"]}
     assert rows["llama"]["version"] not in ("", "?")
+    # Every quantization scheme, by the name a checkpoint's quant_method (or --quantization) gives.
+    schemes = {scheme for row in rows.values() for scheme in row["registered"].get("quant_methods", [])}
+    assert schemes == {"fp8", "awq", "gptq", "gguf", "compressed-tensors"}
     assert rows["broken"]["loaded"] is False and "broken on purpose" in rows["broken"]["error"]
     text = subprocess.run([sys.executable, "-m", "sglang_core.cli", "plugins"], capture_output=True, text=True,
                           env=env, check=True).stdout

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from reference import byte_level_tokenizer, hf_greedy
 from sglang_core.engine import Engine
-from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear, TPGroup
+from sglang_core.layers.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup
 from sglang_plugins.quant.awq.method import AWQMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 
@@ -136,14 +136,15 @@ def group_index(fmt: dict, inputs: int, gen: torch.Generator) -> torch.Tensor:
     return g_idx
 
 
-def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama"):
+def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", vocab_size: int = 259):
     """A tiny Llama (or, ``family="qwen2"``, a Qwen2: biases on q/k/v) saved as a quantized
     checkpoint in ``folder``; returns the HF float32 model that holds the dequantised weights
-    (modules matching ``modules_to_not_convert`` stay float)."""
+    (modules matching ``modules_to_not_convert`` stay float; the LM head is packed with GPTQ's
+    ``lm_head: true``)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
-    config = config_cls(vocab_size=259, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = config_cls(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
     config.architectures = [model_cls.__name__]
@@ -170,6 +171,10 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama"):
                 quant = Quantized(fmt, inputs, out, gen, g_idx)
                 linear.weight.copy_(quant.weight)
                 tensors.update({f"{name}.{key}": t for key, t in quant.tensors.items()})
+        if fmt.get("lm_head"):
+            quant = Quantized(fmt, config.hidden_size, vocab_size, gen, group_index(fmt, config.hidden_size, gen))
+            model.lm_head.weight.copy_(quant.weight)
+            tensors.update({f"lm_head.{key}": t for key, t in quant.tensors.items()})
     replaced = {f"{name.rsplit('.', 1)[0]}.weight" for name in tensors}  # a quantized module keeps its bias
     tensors.update({n: t.clone() for n, t in model.state_dict().items() if n not in replaced})
     save_file(tensors, str(folder / "model.safetensors"))
@@ -226,6 +231,15 @@ def test_gptq_checkpoint_matches_hf(tmp_path, case):
     assert_engine_matches_hf(tmp_path, hf)
 
 
+def test_gptq_quantized_lm_head_matches_hf(tmp_path):
+    """GPTQModel's ``lm_head: true``: the LM head packed like the linear layers (act-order, its own
+    g_idx), over a vocabulary of whole packed words (264 rows; ids past the tokenizer's 259 are
+    padding rows the model may still score)."""
+    fmt = {"quant_method": "gptq", **GPTQ_CASES[1], "lm_head": True}
+    hf = quantized_model(tmp_path, fmt, seed=3, vocab_size=264)
+    assert_engine_matches_hf(tmp_path, hf)
+
+
 @pytest.mark.parametrize("fmt", [{**GPTQ_CASES[1], "quant_method": "gptq"},
                                  {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}],
                          ids=["gptq", "awq"])
@@ -261,7 +275,10 @@ def test_tp2_ranks_dequantise_their_slices(fmt):
         tp_group = TPGroup(group=None, rank=rank, size=tp)
         row = RowParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "layers.0.mlp.down_proj"))
         column = ColumnParallelLinear(inputs, outputs, tp=tp_group, quant_method=method(fmt, "layers.0.mlp.up_proj"))
-        for layer in (row, column):
+        # An LM head (GPTQ's lm_head: true) split by vocabulary rows, which run along its tensors' dim 1.
+        heads = ([ParallelLMHead(outputs, inputs, tp=tp_group, quant_method=method(fmt, "lm_head"))]
+                 if method is GPTQMethod else [])
+        for layer in (row, column, *heads):
             for name, tensor in quant.tensors.items():
                 param = getattr(layer, name)
                 param.weight_loader(param, tensor)
@@ -270,6 +287,8 @@ def test_tp2_ranks_dequantise_their_slices(fmt):
         out_cols = slice(rank * outputs // tp, (rank + 1) * outputs // tp)
         assert torch.equal(row.quant_method.dequantized_weight(row).float(), quant.weight[:, in_rows])
         assert torch.equal(column.quant_method.dequantized_weight(column).float(), quant.weight[out_cols])
+        for head in heads:
+            assert torch.equal(head.quant_method.dequantized_weight(head).float(), quant.weight[out_cols])
         row_sum = row_sum + row.quant_method.apply(row, x[:, in_rows], None)  # what the all-reduce adds up
     assert torch.allclose(row_sum, x @ quant.weight.t(), atol=1e-5)
 
@@ -292,7 +311,7 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (GPTQMethod, GPTQ_OK, {"checkpoint_format": "marlin"}, "checkpoint_format"),
     (GPTQMethod, GPTQ_OK, {"desc_act": "yes"}, "desc_act"),
     (GPTQMethod, GPTQ_OK, {"sym": "no"}, "sym"),
-    (GPTQMethod, GPTQ_OK, {"lm_head": True}, "lm_head"),
+    (GPTQMethod, GPTQ_OK, {"lm_head": "yes"}, "lm_head"),
     (GPTQMethod, GPTQ_OK, {"is_marlin_format": True}, "is_marlin_format"),
     (GPTQMethod, GPTQ_OK, {"dynamic": {r"-:.*down_proj": {}}}, "dynamic"),
 ])

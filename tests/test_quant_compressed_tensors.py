@@ -25,13 +25,15 @@ from safetensors.torch import save_file
 
 from reference import byte_level_tokenizer
 from sglang_core.engine import Engine
-from sglang_core.layers.parallel import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPGroup
+from sglang_core.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                        TPGroup)
 from sglang_plugins.quant.compressed_tensors.config import layer_scheme
 from sglang_plugins.quant.compressed_tensors.int8 import Int8Method
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
 from test_quant_awq_gptq import gptq_pack, reference_gptq_value
-from test_quant_fp8 import E4M3_MAX, ON_GPU, assert_matches, fp8_weight, linear_names, shared_input, tiny_llama
+from test_quant_fp8 import (E4M3_MAX, ON_GPU, assert_matches, compressed_tensors_config, fp8_weight, linear_names,
+                            shared_input, tiny_llama)
 
 # Measured here: the engine's logprobs differed from the reference's by at most 1e-6 in every case
 # (float32 rounding of the rescaled integer sums; no activation fell on another int8 step). A
@@ -159,6 +161,34 @@ def test_pack_quantized_matches_hf(tmp_path, case):
         quantize_pack(model, tensors, name, weights)
     config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
                        "pack-quantized", ["lm_head"])
+    save_checkpoint(model, tmp_path, config, tensors)
+    assert_matches(model, tmp_path, atol=WEIGHT_ONLY_ATOL)
+
+
+@pytest.mark.parametrize("fmt", ["pack-quantized", "float-quantized"])
+def test_untied_lm_head_follows_its_group(tmp_path, fmt):
+    """``lm_head`` left out of ``ignore`` is quantized like any linear layer its group targets:
+    W4A16 by the ``Linear`` class (every layer packed, the head's ``lm_head.weight_packed`` ...),
+    FP8 per tensor by its name alone (the e4m3 ``lm_head.weight`` and its one ``weight_scale``,
+    every other layer float). The input embedding stays float."""
+    model = tiny_llama()
+    head = model.lm_head.weight.detach()
+    tensors: dict[str, torch.Tensor] = {}
+    if fmt == "pack-quantized":
+        weights = PACKED_CASES["w4a16-g16-sym"]
+        config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+                           fmt, [])
+        for name in linear_names(model):
+            quantize_pack(model, tensors, name, weights)
+        packed, dequantized = pack_quantized(head, weights, input_groups(head.shape[1], 16, False, seed=0))
+    else:
+        config = compressed_tensors_config("tensor", None, [])
+        config["config_groups"]["group_0"]["targets"] = ["lm_head"]
+        q, scale = fp8_weight(head, "tensor")
+        packed, dequantized = {"weight": q, "weight_scale": scale}, q.float() * scale
+    tensors.update({f"lm_head.{key}": t for key, t in packed.items()})
+    with torch.no_grad():
+        model.lm_head.weight.copy_(dequantized)
     save_checkpoint(model, tmp_path, config, tensors)
     assert_matches(model, tmp_path, atol=WEIGHT_ONLY_ATOL)
 
@@ -370,6 +400,8 @@ def test_bad_config_names_the_field(config, field):
 
 @pytest.mark.parametrize("case", ["w4a16-g16-sym", "w4a16-g32-asym-actorder", "w4a16-channel-asym"])
 def test_tp2_ranks_dequantize_their_slices(case):
+    """Row- and column-parallel layers, and an LM head split by vocabulary rows (its packed zero
+    points: 4 words of 8 rows per rank)."""
     weights, inputs, outputs, tp = PACKED_CASES[case], 128, 64, 2
     torch.manual_seed(3)
     w = torch.randn(outputs, inputs)
@@ -381,7 +413,8 @@ def test_tp2_ranks_dequantize_their_slices(case):
         group = TPGroup(group=None, rank=rank, size=tp)
         row = RowParallelLinear(inputs, outputs, tp=group, quant_method=PackedIntMethod(weights, None, "down_proj"))
         column = ColumnParallelLinear(inputs, outputs, tp=group, quant_method=PackedIntMethod(weights, None, "up_proj"))
-        for layer in (row, column):
+        head = ParallelLMHead(outputs, inputs, tp=group, quant_method=PackedIntMethod(weights, None, "lm_head"))
+        for layer in (row, column, head):
             for name, tensor in tensors.items():
                 param = getattr(layer, name)
                 param.weight_loader(param, tensor)
@@ -389,6 +422,7 @@ def test_tp2_ranks_dequantize_their_slices(case):
         out_rows = slice(rank * outputs // tp, (rank + 1) * outputs // tp)
         assert torch.equal(row.quant_method.dequantized_weight(row), dequantized[:, in_cols])
         assert torch.equal(column.quant_method.dequantized_weight(column), dequantized[out_rows])
+        assert torch.equal(head.quant_method.dequantized_weight(head), dequantized[out_rows])
         row_sum = row_sum + row.quant_method.apply(row, x[:, in_cols], None)  # what the all-reduce adds up
     torch.testing.assert_close(row_sum, x @ dequantized.T, rtol=1e-5, atol=1e-5)
 

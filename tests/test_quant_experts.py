@@ -1,5 +1,6 @@
-"""Quantized MoE experts (fp8 per-tensor / per-channel / block-wise, GPTQ, AWQ) through the normal
-load path, against transformers float32 holding the dequantized weights.
+"""Quantized MoE experts (fp8 per-tensor / per-channel / block-wise, GPTQ, AWQ, compressed-tensors
+W4A16 and W8A8) through the normal load path, against transformers float32 holding the dequantized
+weights.
 
 The contract suite's tiny MoE models (its weights and prompts, which reach every expert) are
 written as quantized checkpoints in the released layouts: one tensor set per expert and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +33,9 @@ from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_model_contract import _build, _reference_greedy
 from test_quant_awq_gptq import Quantized, group_index
+from test_quant_compressed_tensors import (ct_config, int8_round_trip, int_args, pack_quantized,
+                                           quantize_symmetric_int8, token_qparams)
+from test_quant_compressed_tensors import input_groups as ct_input_groups
 from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_config, fp8_block_weight, \
     fp8_weight, to_e4m3
 
@@ -113,9 +118,9 @@ def round_expert_inputs(experts: torch.nn.Module, w13_input: Callable, w2_input:
     experts.forward = forward
 
 
-def assert_served_like(model, prompts: list[list[int]], folder: Path) -> None:
-    """Greedy tokens and their logprobs equal the reference's."""
-    with Engine(str(folder)) as engine:
+def assert_served_like(model, prompts: list[list[int]], folder: Path, **settings) -> None:
+    """Greedy tokens and their logprobs equal the reference's (engine ``settings``: tp_size, ...)."""
+    with Engine(str(folder), **settings) as engine:
         results = engine.generate(input_ids=prompts, return_logprob=True, sampling_params={
             "temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS})
     for prompt, result in zip(prompts, results):
@@ -142,18 +147,35 @@ def block_quantizer(block: tuple[int, int]) -> Quantizer:
     return quantize
 
 
+def order_key(name: str) -> str:
+    """Projections that share an activation order: those the engine fuses (q/k/v, a dense or
+    shared expert's gate/up), as they share their input; an expert's gate and up each have their own."""
+    return name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
+
+
 def packed_quantizer(fmt: dict, seed: int) -> Quantizer:
     """Random AWQ/GPTQ integers (the weight they stand for replaces ``w``), with desc_act a
-    shuffled g_idx per projection; projections the engine fuses (q/k/v, a dense gate/up) share
-    theirs, as they share their input, while an expert's gate and up each get their own."""
+    shuffled g_idx per ``order_key``."""
     gen = torch.Generator().manual_seed(seed)
     g_idx: dict[str, torch.Tensor] = {}
 
     def quantize(name, w):
         out, inputs = w.shape
-        fused = name if ".experts." in name else re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", name)
-        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(fused, group_index(fmt, inputs, gen)))
+        quant = Quantized(fmt, inputs, out, gen, g_idx.setdefault(order_key(name), group_index(fmt, inputs, gen)))
         return quant.tensors, quant.weight
+
+    return quantize
+
+
+def pack_quantizer(weights: dict) -> Quantizer:
+    """compressed-tensors pack-quantized tensors as llm-compressor writes them (``weight_packed``,
+    ``weight_scale``, ``weight_shape``, asymmetric ``weight_zero_point``, ``actorder: group``'s
+    ``weight_g_idx``, shuffled per ``order_key``) from ``w``'s min/max."""
+    def quantize(name, w):
+        key = order_key(name)
+        g_idx = ct_input_groups(w.shape[1], weights.get("group_size"), weights.get("actorder") == "group",
+                                seed=zlib.crc32(key.encode()))
+        return pack_quantized(w, weights, g_idx)
 
     return quantize
 
@@ -252,6 +274,79 @@ def test_awq_experts_mixtral(tmp_path):
     assert_served_like(model, prompts, tmp_path)
 
 
+W4A16_ASYM_ACT_ORDER = int_args(4, "group", symmetric=False, group_size=32, actorder="group")
+# (contract case, weights arguments, ignore list)
+PACKED_EXPERTS = {
+    # As llm-compressor's W4A16 recipe writes Mixtral: symmetric groups (16 here, 128 there), routers float.
+    "mixtral-w4a16-g16-sym": ("mixtral", int_args(4, "group", group_size=16),
+                              ["lm_head", "re:.*block_sparse_moe.gate$"]),
+    # Asymmetric, groups in activation order; the shared expert (fused gate/up) packed too, its gate float.
+    "qwen2-moe-w4a16-g32-asym-actorder": ("qwen2-moe", W4A16_ASYM_ACT_ORDER,
+                                          ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]),
+}
+
+
+def pack_quantized_checkpoint(case: str, folder: Path) -> tuple[torch.nn.Module, list[list[int]]]:
+    """compressed-tensors W4A16 (``PACKED_EXPERTS[case]``): every expert's gate/up/down and every
+    other linear layer packed (``experts.<e>.w1.weight_packed``, ...), one config group targeting
+    ``Linear``; the reference model and prompts."""
+    name, weights, ignore = PACKED_EXPERTS[case]
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+                       "pack-quantized", ignore)
+    return quantize_checkpoint(name, folder, config, pack_quantizer(weights), keep_float=("shared_expert_gate",))
+
+
+@pytest.mark.parametrize("case", PACKED_EXPERTS)
+def test_pack_quantized_experts(tmp_path, case):
+    assert_served_like(*pack_quantized_checkpoint(case, tmp_path), tmp_path)
+
+
+def test_pack_quantized_experts_on_two_gloo_ranks(tmp_path):
+    """Tensor parallelism over gloo: each rank loads its slice of every packed tensor (experts' gate
+    and up rows, down's input columns with every act-order group's scales and zero points, the
+    shared expert's and attention's likewise) and the all-reduced sums give the reference's tokens."""
+    model, prompts = pack_quantized_checkpoint("qwen2-moe-w4a16-g32-asym-actorder", tmp_path)
+    assert_served_like(model, prompts, tmp_path, tp_size=2, device="cpu")
+
+
+def int8_quantizer(_name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors int-quantized: an int8 ``weight`` and its ``weight_scale`` per output channel."""
+    q, scale = quantize_symmetric_int8(w, "channel")
+    return {"weight": q, "weight_scale": scale}, q.float() * scale
+
+
+def test_int_quantized_w8a8_experts(tmp_path):
+    """compressed-tensors W8A8 (llm-compressor's int8 scheme), here with asymmetric inputs: every
+    expert's and attention projection's int8 ``weight`` with a ``weight_scale`` per output channel,
+    each input quantized to int8 per token. The reference rounds each linear's input and each
+    expert's two inputs to int8 and back (per token: scale and zero point over its range)."""
+    weights, activations = int_args(8, "channel"), int_args(8, "token", symmetric=False, dynamic=True)
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+                       "int-quantized", ["lm_head", "re:.*block_sparse_moe.gate$"])
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return int8_round_trip(x, *token_qparams(x, symmetric=False))
+
+    model, prompts = quantize_checkpoint("mixtral", tmp_path, config, int8_quantizer)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            module.register_forward_pre_hook(lambda _m, args: (rounded(args[0]),))
+        elif hasattr(module, "gate_up_proj"):
+            round_expert_inputs(module, lambda _e, x: rounded(x), lambda _e, x: rounded(x))
+    assert_served_like(model, prompts, tmp_path)
+
+
+@pytest.mark.parametrize("weights, activations, field", [
+    (int_args(8, "tensor"), None, "weights strategy"),  # one scale per expert and part is not read
+    (int_args(8, "channel"), int_args(8, "tensor"), "input_activations"),  # static input scales neither
+])
+def test_int_quantized_experts_it_cannot_serve_name_the_field(weights, activations, field):
+    config = ct_config({"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+                       "int-quantized", [])
+    with pytest.raises(ValueError, match=f"quantization_config {field}"):
+        CompressedTensorsMethod.for_experts(config, "model.layers.0.mlp.experts")
+
+
 @pytest.mark.parametrize("intermediate, block, tp, what", [
     (40, (16, 16), 1, "40 gate rows"),  # gate's partial last block would hold up's first rows
     (96, (16, 32), 2, "48 down input features per rank"),  # rank 1's slice starts inside a block
@@ -266,7 +361,11 @@ def test_block_wise_experts_cutting_a_block_is_an_error(intermediate, block, tp,
     (compressed_tensors_config("tensor", None, []), fp8_quantizer("tensor"), None),
     ({**BLOCK_CONFIG, "weight_block_size": [16, 16]}, block_quantizer((16, 16)), 16),
     (GPTQ_ACT_ORDER, packed_quantizer(GPTQ_ACT_ORDER, 5), None),
-], ids=["fp8-tensor", "fp8-block", "gptq-act-order"])
+    (ct_config({"group_0": {"targets": ["Linear"], "weights": W4A16_ASYM_ACT_ORDER}}, "pack-quantized", []),
+     pack_quantizer(W4A16_ASYM_ACT_ORDER), None),
+    (ct_config({"group_0": {"targets": ["Linear"], "weights": int_args(8, "channel")}}, "int-quantized", []),
+     int8_quantizer, None),
+], ids=["fp8-tensor", "fp8-block", "gptq-act-order", "pack-quantized-asym-act-order", "int8-weight-only"])
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
 def test_tp2_ranks_compute_their_slices_of_the_experts(config, quantize, rounding, expert_parallel):
     """Under 2-way tensor parallelism each rank loads its slice of every expert (gate and up rows,

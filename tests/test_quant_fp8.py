@@ -385,6 +385,37 @@ def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("weights", ["tensor", "channel"])
+def test_one_row_goes_through_the_scaled_gemv(weights, monkeypatch):
+    """Batch-1 decode where the Triton kernels run (made to run on CPU here: the interpreter): the
+    core's GEMV reads a fused gate/up layer's e4m3 weight with one scale per output row (per-tensor
+    scales expanded over their part's rows); the bfloat16 row is not rounded to e4m3."""
+    from sglang_core.kernels import gemv
+    from sglang_core.layers.parallel import MergedColumnParallelLinear
+    from sglang_plugins.quant.fp8 import method as fp8_method
+    from sglang_plugins.quant.fp8.scheme import Fp8Scheme
+
+    monkeypatch.setattr(fp8_method, "use_fused", lambda x: True)
+    calls = []
+    kernel = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(1) or kernel(*args))
+    method = fp8_method.Fp8LinearMethod(Fp8Scheme(weights, "dynamic"), "model.layers.0.mlp.gate_up_proj")
+    layer = MergedColumnParallelLinear(64, [24, 40], quant_method=method)
+    torch.manual_seed(0)
+    dequantized = []
+    for part, rows in enumerate((24, 40)):
+        q, scale = fp8_weight(torch.randn(rows, 64) * (part + 1), weights)
+        dequantized.append(q.float() * scale)
+        layer.weight.weight_loader(layer.weight, q, part)
+        layer.weight_scale.weight_loader(layer.weight_scale, scale, part)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(1, 64).bfloat16()
+    got = layer(x)
+    assert calls and got.dtype == torch.bfloat16
+    expected = x.double() @ torch.cat(dequantized).double().T
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=1e-2)
+
+
 def group_round_trip(x: torch.Tensor, group: int) -> torch.Tensor:
     """``x`` quantized to e4m3 and back with one scale per token and ``group``-wide slice."""
     groups = x.reshape(x.shape[0], -1, group)

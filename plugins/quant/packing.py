@@ -1,8 +1,9 @@
 """What the AWQ, GPTQ and compressed-tensors packed methods share: reading a
 ``quantization_config``, unpacking integers stored several to an int32, describing a packed
 weight's layout to the integer matmul kernel and choosing between it and dequantising, laying
-out groups of input features across tensor-parallel ranks, and computing routed experts (the fused
-MoE kernel on the packed tensors on CUDA, else from dequantized weights)."""
+out groups of input features across tensor-parallel ranks, computing routed experts (the fused
+MoE kernel on the packed tensors on CUDA, else from dequantized weights) and loading the vectors
+they keep per expert and part."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 
 from sglang_core.kernels import linear, use_fused
 from sglang_core.kernels.moe_weight import QuantizedExperts
+from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
+from sglang_core.layers.parallel import SINGLE, TPGroup, load_input_shard
 from sglang_core.layers.quant import ExpertsQuantMethod
 
 
@@ -99,3 +102,19 @@ def rank_groups(input_size: int, input_ranks: int, group_size: int | None, act_o
     if grouped_inputs % group_size:
         raise ValueError(f"{field} {group_size} does not divide the layer's {grouped_inputs} input features")
     return grouped_inputs // group_size, split
+
+
+def load_expert_part_vector(tp: TPGroup, param: torch.Tensor, loaded: torch.Tensor,
+                            shard_id: tuple[int | None, str]) -> None:
+    """Weight loader of a ``[experts, parts, n]`` parameter holding one vector per expert and
+    part (an expert's ``g_idx``, a ``weight_shape``): the vector goes into the part's slot(s);
+    down's is cut to this rank's input features where the parameter runs along them
+    (``input_dim`` 0). ``expert_id`` None: ``loaded`` holds every expert's, stacked."""
+    expert, part = shard_id
+    if expert is None:
+        for index, piece in enumerate(loaded):
+            load_expert_part_vector(tp, param, piece, (index, part))
+        return
+    role = EXPERT_PARTS[part]
+    for slot in PART_SLOTS[role]:
+        load_input_shard(param, param.data[int(expert), slot], loaded, tp if role == "down" else SINGLE)

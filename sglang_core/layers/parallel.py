@@ -335,13 +335,24 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp.size)  # ceil: the last rank's table is padded
         self.start = tp.rank * self.rows
+        self.output_sizes = [self.rows]  # to a quantization method: a layer of one part of ``rows`` outputs
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, hidden_size, [self.rows], params_dtype, self.weight_loader)
         self.bias: nn.Parameter | None = None  # what ``project`` adds to the logits: an LM head's (below)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        piece = loaded[self.start : self.start + self.rows]
-        param.data[: piece.shape[0]].copy_(piece)
+        """This rank's vocabulary rows of ``loaded`` along the parameter's ``output_dim`` (where one
+        element stands for several rows, a quantized table's packed zero points or block scales, the
+        elements holding them); a parameter with no output dim (an activation order over the
+        inputs) is copied whole. The last rank's padding rows stay as they are."""
+        dim = getattr(param, "output_dim", None)
+        if dim is None:
+            copy_checked(param.data, loaded)
+            return
+        factor = param.packed_factor if param.packed_dim == dim else 1
+        start, rows = self.start // factor, -(-self.rows // factor)
+        piece = loaded.narrow(dim, start, max(0, min(rows, loaded.shape[dim] - start)))
+        copy_checked(param.data.narrow(dim, 0, piece.shape[dim]), piece)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -365,5 +376,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE,
                  params_dtype: torch.dtype = torch.float32, bias: bool = False, quant_method: QuantMethod | None = None):
         super().__init__(vocab_size, hidden_size, tp, params_dtype, quant_method)
-        self.bias = (weight_param(torch.zeros(self.rows, dtype=params_dtype), self.weight_loader)
+        self.bias = (weight_param(torch.zeros(self.rows, dtype=params_dtype), self.weight_loader, output_dim=0)
                      if bias else None)

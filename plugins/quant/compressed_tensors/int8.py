@@ -14,7 +14,8 @@ quantizes.
 
 The matmul is integer-exact: ``acc = (q_x - z) q_w^T``, computed as ``q_x q_w^T - z sum_k q_w``
 in int32 by ``torch._int_mm``, then ``y = acc * s_x * s_w``. Per-tensor weight scales of a fused
-layer's parts become one scale per output row, as in the fp8 plugin.
+layer's parts become one scale per output row, as in the fp8 plugin. An MoE layer's experts
+(``Int8ExpertsMethod``) compute the same product expert by expert.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_core.kernels import linear
-from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_core.kernels.moe_weight import QuantizedExperts
+from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
+from sglang_core.layers.quant import ExpertsQuantMethod, QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
 from sglang_plugins.quant.fused import load_part_scalar
 
 QMIN, QMAX = -128, 127
 # The smallest activation scale used: an all-zero token quantizes to zeros instead of NaNs.
 MIN_SCALE = torch.finfo(torch.float32).eps
+# int8 values to an int32 word, as the fused MoE kernel reads 8-bit weights.
+WORD_BYTES = 4
 # CUDA's int8 matmul wants more than 16 rows and both other sides multiples of 8.
 CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
 
@@ -95,29 +100,38 @@ class Int8Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.activations == "none":
             return linear(x, (layer.weight.float() * layer.weight_scale[:, None]).to(x.dtype), bias)
-        tokens = x.reshape(-1, x.shape[-1])
-        q, scale, zero_point = self._quantize_input(layer, tokens.float())
-        acc = int8_matmul(q, layer.weight)
-        if zero_point is not None:
-            acc = acc - zero_point.to(torch.int32) * layer.weight_row_sums
-        y = (acc.float() * scale * layer.weight_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
-        return y + bias if bias is not None else y
-
-    def _quantize_input(self, layer: nn.Module, x: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """int8 ``x``, its scale and zero point (None when symmetric), per token or static."""
+        tokens = x.reshape(-1, x.shape[-1]).float()
         if self.activations == "static":
             scale = layer.input_scale
             zero_point = None if self.symmetric_input else layer.input_zero_point
-        elif self.symmetric_input:
-            scale, zero_point = (x.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=MIN_SCALE), None
         else:
-            lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
-            hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
-            scale = ((hi - lo) / (QMAX - QMIN)).clamp(min=MIN_SCALE)
-            zero_point = torch.round(QMIN - lo / scale)
-        shifted = x / scale if zero_point is None else x / scale + zero_point
-        return torch.round(shifted).clamp(QMIN, QMAX).to(torch.int8), scale, zero_point
+            scale, zero_point = token_qparams(tokens, self.symmetric_input)
+        y = int8_product(tokens, scale, zero_point, layer.weight, layer.weight_scale,
+                         getattr(layer, "weight_row_sums", None))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y + bias if bias is not None else y
+
+
+def token_qparams(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each token's dynamic int8 scale and zero point (None when symmetric)."""
+    if symmetric:
+        return (x.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=MIN_SCALE), None
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (QMAX - QMIN)).clamp(min=MIN_SCALE)
+    return scale, torch.round(QMIN - lo / scale)
+
+
+def int8_product(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, weight: torch.Tensor,
+                 weight_scale: torch.Tensor, weight_row_sums: torch.Tensor | None) -> torch.Tensor:
+    """``x [m, k]`` (float32) quantized to int8 by ``scale`` and ``zero_point`` times the int8
+    ``weight [n, k]`` scaled per row: ``(q_x - z) q_w^T * s_x * s_w``, the integer part exact
+    (``q_x q_w^T - z * weight_row_sums``); float32 ``[m, n]``."""
+    shifted = x / scale if zero_point is None else x / scale + zero_point
+    acc = int8_matmul(torch.round(shifted).clamp(QMIN, QMAX).to(torch.int8), weight)
+    if zero_point is not None:
+        acc = acc - zero_point.to(torch.int32) * weight_row_sums
+    return acc.float() * scale * weight_scale
 
 
 def shared_input_range(scales: torch.Tensor, zero_points: torch.Tensor | None
@@ -146,3 +160,77 @@ def int8_matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (a.double() @ weight.double().t()).to(torch.int32)
     padded = F.pad(a, (0, 0, 0, max(0, CUDA_MIN_ROWS - rows)))
     return torch._int_mm(padded, weight.t())[:rows]
+
+
+class Int8ExpertsMethod(ExpertsQuantMethod):
+    """An MoE layer's experts of an int-quantized group, as llm-compressor writes them: each
+    expert's gate, up and down an int8 ``weight`` with ``weight_scale`` per output channel
+    (``experts.<e>.w1.weight``, ``.weight_scale`` [out, 1]), stacked into ``w13_weight``
+    ``[E, 2I, H]``, ``w2_weight_scale`` ``[E, H, 1]``, ... Activations as the group says: dynamic
+    per token (W8A8, symmetric or not) or none (W8A16); a static input scale per expert is not
+    supported. CPU (and wherever the fused MoE kernel does not apply): each expert that got tokens
+    multiplies in integers as the linear layers do. Where ``fused_moe_applies`` (CUDA): the fused
+    MoE kernel, weight-only as for FP8 experts (the activations stay 16-bit); it reads 8-bit
+    values offset by 128, four to an int32, so after loading each int8 weight is kept so, the
+    integer path viewing the same bytes back as int8."""
+
+    def __init__(self, method: Int8Method):
+        if method.weight_strategy != "channel":
+            raise ValueError(f"quantization_config weights strategy {method.weight_strategy!r}: int-quantized "
+                             f"experts need 'channel' ({method.prefix})")
+        if method.activations == "static":
+            raise ValueError(f"quantization_config input_activations: int-quantized experts need dynamic per-token "
+                             f"activations or none, not static ({method.prefix})")
+        self.method = method
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
+                       params_dtype: torch.dtype, weight_loader: Callable[..., None]) -> None:
+        for stem, (rows, inputs) in {"w13": (2 * intermediate_size, hidden_size),
+                                     "w2": (hidden_size, intermediate_size)}.items():
+            if inputs % WORD_BYTES:
+                raise ValueError(f"int-quantized experts pack {WORD_BYTES} int8 values to a word; "
+                                 f"{self.method.prefix}'s {stem} has {inputs} input features (per rank)")
+            setattr(layer, f"{stem}_weight", weight_param(torch.zeros(num_experts, rows, inputs, dtype=torch.int8),
+                                                          weight_loader, output_dim=0, input_dim=1))
+            setattr(layer, f"{stem}_weight_scale", weight_param(torch.ones(num_experts, rows, 1), weight_loader,
+                                                                output_dim=0))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Scales become ``[E, rows]`` float32; asymmetric inputs need each weight row's sum; each
+        int8 weight ``[E, rows, K]`` becomes ``[E, rows, K / 4]`` int32 words of its values + 128
+        (byte j of a word: bits 8j..8j+7)."""
+        for stem in ("w13", "w2"):
+            setattr(layer, f"{stem}_weight_scale", _frozen(getattr(layer, f"{stem}_weight_scale").data.float()[..., 0]))
+            weight = getattr(layer, f"{stem}_weight").data
+            if not self.method.symmetric_input:
+                setattr(layer, f"{stem}_weight_row_sums", _frozen(weight.to(torch.int32).sum(dim=2)))
+            offset = (weight.to(torch.int16) - QMIN).to(torch.uint8)
+            setattr(layer, f"{stem}_weight", _frozen(offset.view(torch.int32)))
+
+    def fused_weight(self, layer: nn.Module, stem: str) -> QuantizedExperts:
+        """The stacked words and per-row scales as the fused MoE kernel reads them."""
+        return QuantizedExperts(getattr(layer, f"{stem}_weight"), getattr(layer, f"{stem}_weight_scale").unsqueeze(-1),
+                                "int", bits=8, packed_dim=2, zero_offset=-QMIN)
+
+    def _product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        words, scale = getattr(layer, f"{stem}_weight")[expert], getattr(layer, f"{stem}_weight_scale")[expert]
+        weight = (words.view(torch.uint8).to(torch.int16) + QMIN).to(torch.int8)
+        if self.method.activations == "none":
+            return x @ (weight.float() * scale[:, None]).to(x.dtype).t()
+        row_sums = None if self.method.symmetric_input else getattr(layer, f"{stem}_weight_row_sums")[expert]
+        tokens = x.float()
+        x_scale, zero_point = token_qparams(tokens, self.method.symmetric_input)
+        return int8_product(tokens, x_scale, zero_point, weight, scale, row_sums).to(x.dtype)
+
+    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              act: nn.Module) -> torch.Tensor:
+        if fused_moe_applies(hidden, act):
+            from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
+
+            return fused_moe(hidden, self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2"), topk_weights,
+                             topk_ids)
+
+        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
+            return self._product(layer, "w2", expert, act(self._product(layer, "w13", expert, x)))
+
+        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)

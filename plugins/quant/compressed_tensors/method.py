@@ -8,8 +8,8 @@ the plugin that knows them: float groups by the fp8 plugin's ``Fp8LinearMethod``
 its public ``compressed_tensors_scheme`` reads out of the group's arguments (the fp8 plugin thus
 needs no knowledge of compressed-tensors' groups, and this one none of e4m3), integer groups by
 this plugin's ``Int8Method`` and ``PackedIntMethod``. An MoE layer's experts follow the group of
-``<prefix>`` (``model.layers.N.mlp.experts``) likewise; only float (FP8) groups have an experts
-method so far.
+``<prefix>`` (``model.layers.N.mlp.experts``) likewise, through each format's experts method. An
+untied LM head follows its group too (``for_embedding``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from sglang_core.layers.quant import ExpertsQuantMethod, QuantMethod
 from sglang_plugins.quant.compressed_tensors.config import layer_scheme
-from sglang_plugins.quant.compressed_tensors.int8 import Int8Method
-from sglang_plugins.quant.compressed_tensors.packed import PackedIntMethod
+from sglang_plugins.quant.compressed_tensors.int8 import Int8ExpertsMethod, Int8Method
+from sglang_plugins.quant.compressed_tensors.packed import PackedIntExpertsMethod, PackedIntMethod
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.fp8.scheme import compressed_tensors_scheme
@@ -43,11 +43,21 @@ class CompressedTensorsMethod(QuantMethod):
         raise ValueError(f"quantization_config format {scheme.format!r} does not store weights type {kind!r}")
 
     @classmethod
+    def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> QuantMethod | None:
+        """The LM head is a linear layer to llm-compressor: a group targeting it (``Linear``) quantizes
+        it unless ``ignore`` lists it. Input embedding tables are not linear layers and stay float."""
+        return cls.for_layer(quant_config, prefix) if prefix == "lm_head" else None
+
+    @classmethod
     def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> ExpertsQuantMethod | None:
         scheme = layer_scheme(quant_config, prefix)
         if scheme is None:
             return None
         if scheme.format == "float-quantized" and scheme.weights.get("type") == "float":
             return Fp8ExpertsMethod(compressed_tensors_scheme(scheme.weights, scheme.input_activations), prefix)
-        raise ValueError(f"quantization_config format {scheme.format!r}: quantized MoE experts are served for "
-                         f"float-quantized (FP8) groups only ({prefix})")
+        if scheme.format == "pack-quantized" and scheme.weights.get("type") == "int":
+            return PackedIntExpertsMethod(PackedIntMethod(scheme.weights, scheme.input_activations, prefix))
+        if scheme.format == "int-quantized" and scheme.weights.get("type") == "int":
+            return Int8ExpertsMethod(Int8Method(scheme.weights, scheme.input_activations, prefix))
+        raise ValueError(f"quantization_config format {scheme.format!r} does not store weights type "
+                         f"{scheme.weights.get('type')!r} ({prefix})")

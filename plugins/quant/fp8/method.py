@@ -94,6 +94,10 @@ class Fp8LinearMethod(QuantMethod):
                 return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
             weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
+        if _gemv_fits(x, layer):
+            from sglang_core.kernels import gemv
+
+            return gemv.gemv(x, layer.weight, bias, layer.weight_scale)
         if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
             return self._scaled_mm(layer, x, bias)
         # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.
@@ -110,6 +114,19 @@ class Fp8LinearMethod(QuantMethod):
                              scale_b=layer.weight_scale.view(1, -1), out_dtype=torch.bfloat16).to(x.dtype)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + bias if bias is not None else y
+
+
+def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether the core's batch-1 GEMV (one row, CUDA with Triton; it joins the decode step's PDL
+    chain) computes the layer: it reads the e4m3 weight at one byte an element and scales each
+    output row. Weight-only, as the fused MoE kernel's FP8 experts: the row stays 16-bit instead of
+    being rounded to e4m3 (a product closer to the float one than the scaled matmul's). Triton
+    converts e4m3 on GPUs of compute capability 8.9+ (the interpreter anywhere)."""
+    if not use_fused(x) or (x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9)):
+        return False
+    from sglang_core.kernels import gemv
+
+    return gemv.fits(x, layer.weight, layer.weight_scale)
 
 
 def _scaled_mm_fits(layer: nn.Module, x: torch.Tensor) -> bool:

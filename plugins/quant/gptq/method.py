@@ -17,7 +17,8 @@ group, so every rank holds all groups' scales and zeros and looks them up by ``g
 On CUDA a linear layer's forward is ``int_matmul``'s kernel, which dequantises in registers. CPU
 path: each forward dequantises the layer's weight from the packed tensors and runs a float matmul
 (nothing is cached, so the model keeps its quantized size in memory). An MoE layer's
-experts are packed the same way, expert by expert (``GPTQExpertsMethod``).
+experts are packed the same way, expert by expert (``GPTQExpertsMethod``); with ``lm_head: true``
+(GPTQModel) the LM head too, split by vocabulary rows under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from typing import Any, Callable
 import torch
 
 from sglang_core.kernels.moe_weight import QuantizedExperts
-from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
-from sglang_core.layers.parallel import SINGLE, RowParallelLinear, TPGroup, load_input_shard
+from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.int_weight import IntWeight
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, rank_groups,
-                                          require_bool, unpack_ints)
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
+                                          packed_linear, rank_groups, require_bool, unpack_ints)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -54,14 +54,20 @@ class GPTQMethod(QuantMethod):
         if require_bool(quant_config, "is_marlin_format", False):
             raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
-        if require_bool(quant_config, "lm_head", False):
-            raise ValueError("quantization_config.lm_head true (a quantized LM head) is not supported")
+        self.quantized_head = require_bool(quant_config, "lm_head", False)
         if config_value(quant_config, "dynamic", None):
             raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
         self.prefix = prefix
+
+    @classmethod
+    def for_embedding(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
+        """GPTQModel's ``lm_head: true`` packs the (untied) LM head like a linear layer
+        (``lm_head.qweight``, ...); input embedding tables stay float."""
+        method = cls(quant_config, prefix)
+        return method if prefix == "lm_head" and method.quantized_head else None
 
     @classmethod
     def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod:
@@ -159,7 +165,7 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             for name, param in params.items():
                 setattr(layer, f"{stem}_{name}", param)
             g_idx = weight_param(torch.zeros(num_experts, parts, inputs, dtype=torch.int32),
-                                 functools.partial(_load_g_idx, layer.tp), input_dim=0)
+                                 functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
 
     def process_weights_after_loading(self, layer) -> None:
@@ -188,14 +194,3 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                                  scales.narrow(1, part * out, out), g_idx[part])
                           for part in range(parts)])
 
-
-def _load_g_idx(tp: TPGroup, param: torch.Tensor, loaded: torch.Tensor, shard_id: tuple[int | None, str]) -> None:
-    """An expert part's g_idx into its slot; down's is cut to this rank's input features."""
-    expert, part = shard_id
-    if expert is None:
-        for index, piece in enumerate(loaded):
-            _load_g_idx(tp, param, piece, (index, part))
-        return
-    role = EXPERT_PARTS[part]
-    for slot in PART_SLOTS[role]:
-        load_input_shard(param, param.data[int(expert), slot], loaded, tp if role == "down" else SINGLE)

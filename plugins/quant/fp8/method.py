@@ -94,6 +94,11 @@ class Fp8LinearMethod(QuantMethod):
                 return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
             weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
+        if _gemv_fits(layer, x):
+            from sglang_plugins.quant.fp8.gemv import fp8_gemv
+
+            return fp8_gemv(x, layer.weight, layer.weight_scale, self.scheme.activations,
+                            getattr(layer, "input_scale", None), bias)
         if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
             return self._scaled_mm(layer, x, bias)
         # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.
@@ -110,6 +115,16 @@ class Fp8LinearMethod(QuantMethod):
                              scale_b=layer.weight_scale.view(1, -1), out_dtype=torch.bfloat16).to(x.dtype)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + bias if bias is not None else y
+
+
+def _gemv_fits(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the one-row FP8 GEMV (``gemv``) serves ``x``: batch-1 decode on CUDA with Triton
+    installed (imported only then)."""
+    if not use_fused(x):
+        return False
+    from sglang_plugins.quant.fp8 import gemv
+
+    return gemv.fits(x, layer.weight)
 
 
 def _scaled_mm_fits(layer: nn.Module, x: torch.Tensor) -> bool:

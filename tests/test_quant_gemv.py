@@ -1,0 +1,112 @@
+"""The one-row (batch-1 decode) kernels for quantized weights against float64 products of the
+formats' published dequantization: ``plugins/quant/fp8/gemv.py`` (e4m3 weights with a scale per
+output row; the input rounded to e4m3 by its own or a static scale, as torch's e4m3 conversion
+rounds it) and ``plugins/quant/int_gemv.py`` (AWQ and GPTQ packed integers). Shapes are tiny and
+tiles small, so the kernels run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by
+conftest.py) over ragged last tiles: N and K are not multiples of them. The methods' dispatch is
+checked too: one row takes the GEMV, more rows the old path.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # in the test extra; absent only outside CI
+from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
+from sglang_plugins.quant.fp8 import gemv as fp8_gemv_module  # noqa: E402
+from sglang_plugins.quant.fp8.method import Fp8LinearMethod  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+FP8_TILES = dict(BLOCK_N=8, BLOCK_K=64, num_warps=4, num_stages=1)
+
+
+def e4m3_input(x: torch.Tensor, activations: str, static_scale: float) -> torch.Tensor:
+    """What an FP8 matmul multiplies of ``x`` (float64): ``x / scale`` rounded by torch's e4m3
+    conversion (to nearest, ties to even, saturated at 448), times the scale; the dynamic scale is
+    the row's largest magnitude over 448 in float32, as compressed-tensors and torch compute it."""
+    if activations == "none":
+        return x.double()
+    x32 = x.float()
+    scale = x32.abs().max() / E4M3_MAX if activations == "dynamic" else torch.tensor(static_scale)
+    return (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).double() * scale.double()
+
+
+def random_fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes ``[n, k]`` and float32 scales ``[n]`` of very different sizes per output row."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = (torch.randn(n, k, generator=gen) * 100).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return codes, torch.rand(n, generator=gen) * 0.02 + 1e-3
+
+
+@pytest.mark.parametrize("activations,dtype,with_bias", [
+    ("dynamic", torch.float32, True), ("dynamic", torch.bfloat16, False), ("static", torch.float32, True),
+    ("none", torch.bfloat16, True)])
+def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None:
+    n, k = 37, 300  # neither a multiple of the 8 x 64 tile
+    codes, scale = random_fp8_weight(n, k, seed=n + k)
+    torch.manual_seed(0)
+    x = (torch.randn(1, k) * 3).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    static_scale = 0.01  # clips the input's largest values: saturation is part of the format
+    weight = codes.double() * scale.double()[:, None]
+    expected = e4m3_input(x, activations, static_scale) @ weight.T + (bias.double() if with_bias else 0)
+    assert fp8_gemv_module.fits(x, codes)
+    got = fp8_gemv_module.fp8_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), activations,
+                                   torch.tensor(static_scale, device=DEVICE), None if bias is None else bias.to(DEVICE),
+                                   config=FP8_TILES)
+    assert got.dtype == dtype and got.shape == (1, n)
+    # float32: the order of float32 sums; bfloat16: one rounding of the result.
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_fp8_gemv_default_tiles_and_zero_row() -> None:
+    """The default launch (tiles wider than K here), and an all-zero row: scale floored, no NaNs."""
+    codes, scale = random_fp8_weight(50, 96, seed=1)
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    weight = codes.double() * scale.double()[:, None]
+    got = fp8_gemv_module.fp8_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), "dynamic")
+    assert got.shape == (1, 1, 50)
+    torch.testing.assert_close(got[0].cpu().double(), e4m3_input(x[0], "dynamic", 0) @ weight.T, rtol=1e-2, atol=1e-2)
+    zeros = fp8_gemv_module.fp8_gemv(torch.zeros_like(x).to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), "dynamic")
+    assert torch.equal(zeros.cpu(), torch.zeros(1, 1, 50, dtype=torch.bfloat16))
+
+
+def test_fp8_gemv_declines_what_it_does_not_serve() -> None:
+    codes, _ = random_fp8_weight(16, 32, seed=2)
+    assert not fp8_gemv_module.fits(torch.randn(2, 32), codes)
+    assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.float())
+    assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.T.contiguous().T)
+    assert not fp8_gemv_module.fits(torch.randn(1, 16), codes)
+    with pytest.raises(ValueError, match="activations"):
+        fp8_gemv_module.fp8_gemv(torch.randn(1, 32), codes, torch.ones(16), "token")
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp8_layer_takes_the_gemv_for_one_row(rows: int) -> None:
+    """``--quantization fp8`` on a float layer (per-channel e4m3 at load, dynamic per-token inputs)
+    where the fused kernels apply: one row through ``fp8_gemv``, more rows the FP8 matmul or its
+    dequantizing stand-in; both the format's numbers."""
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(96, 40, bias=True, quant_method=Fp8LinearMethod({"quant_method": "fp8"}, "proj"))
+    weight = torch.randn(40, 96)
+    layer.weight.weight_loader(layer.weight, weight)
+    layer.bias.data.copy_(torch.randn(40))
+    layer.quant_method.process_weights_after_loading(layer)
+    layer.to(DEVICE)
+    x = torch.randn(rows, 96)
+    channel_scale = weight.abs().amax(dim=1) / E4M3_MAX
+    dequantized = (weight / channel_scale[:, None]).to(E4M3).double() * channel_scale.double()[:, None]
+    expected = torch.stack([e4m3_input(row, "dynamic", 0) for row in x]) @ dequantized.T + layer.bias.double().cpu()
+    spy = mock.Mock(wraps=fp8_gemv_module.fp8_gemv)
+    with mock.patch("sglang_plugins.quant.fp8.method.use_fused", return_value=True), \
+            mock.patch.object(fp8_gemv_module, "fp8_gemv", spy):
+        got = layer(x.to(DEVICE)).cpu()
+    assert spy.called == (rows == 1)
+    rtol = 1e-5 if DEVICE == "cpu" else 2e-2  # on a GPU, several rows take _scaled_mm's bfloat16 output
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())

@@ -16,8 +16,11 @@ import torch
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
+from sglang_plugins.quant import int_gemv, int_matmul, packing  # noqa: E402
 from sglang_plugins.quant.fp8 import gemv as fp8_gemv_module  # noqa: E402
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod  # noqa: E402
+from test_int_matmul import awq, gptq, random_layer  # noqa: E402
+from test_quant_compressed_tensors import int_args  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 E4M3 = torch.float8_e4m3fn
@@ -110,3 +113,72 @@ def test_fp8_layer_takes_the_gemv_for_one_row(rows: int) -> None:
     assert spy.called == (rows == 1)
     rtol = 1e-5 if DEVICE == "cpu" else 2e-2  # on a GPU, several rows take _scaled_mm's bfloat16 output
     torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+INT_TILES = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+# (name, format, inputs, outputs, K shares): the packers of tests/test_int_matmul.py (checked against
+# the formats' unpacking rules there); outputs not a multiple of 16, inputs of 32 only where a group
+# needs it. GPTQ's zero points are stored minus one (v1) or as they are (v2).
+INT_CASES = [
+    ("gptq-4bit-asym-g16", gptq(4, 16, sym=False, desc_act=False), 96, 40, 2),  # two groups a K step
+    ("gptq-4bit-sym-g64", gptq(4, 64, sym=True, desc_act=False), 128, 24, 3),  # two K steps a group
+    ("gptq-8bit-asym-v2-channel", gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"), 72, 40, 1),
+    ("awq-g32", awq(32), 96, 40, 2),
+    ("awq-g64", awq(64), 64, 56, 1),
+    ("ct-w4-sym-g32", int_args(4, "group", group_size=32), 64, 40, 2),  # [out, in] words, no zero points
+]
+
+
+@pytest.mark.parametrize("name,fmt,inputs,outputs,split", INT_CASES, ids=[case[0] for case in INT_CASES])
+def test_int_gemv_matches_float64_product(name, fmt, inputs, outputs, split):
+    layer, weight = random_layer(fmt, inputs, outputs, seed=len(name))
+    gen = torch.Generator().manual_seed(inputs)
+    x = torch.randn(1, inputs, generator=gen).to(DEVICE)
+    bias = torch.randn(outputs, generator=gen).to(DEVICE)
+    packed = layer.quant_method.int_weight(layer)
+    assert int_gemv.fits(x, packed, INT_TILES)
+    expected = x.double() @ weight.to(DEVICE) + bias.double()
+    for _ in range(2):  # the split shares' arrival counters are left ready for the next launch
+        got = int_gemv.int_gemv(x, packed, bias, config=dict(INT_TILES, SPLIT_K=split))
+        assert got.dtype == torch.float32 and got.shape == (1, outputs)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int_gemv_16bit_default_launch():
+    """bfloat16, the default launch (its tile wider than this layer) and the split it chooses."""
+    layer, weight = random_layer(awq(32), 64, 40, seed=3)
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    got = int_gemv.int_gemv(x, layer.quant_method.int_weight(layer))
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 40)
+    torch.testing.assert_close(got.double(), x.double() @ weight.to(DEVICE), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt,rows,kernel", [
+    (awq(32), 1, "int_gemv"), (awq(32), 3, "int_matmul"),
+    (gptq(4, 32, sym=False, desc_act=True), 1, "int_matmul"),  # activation order: the general kernel
+], ids=["awq-one-row", "awq-three-rows", "gptq-actorder-one-row"])
+def test_packed_layer_dispatch(fmt, rows, kernel, monkeypatch):
+    """Where the fused kernels apply, a packed layer's one-row product takes ``int_gemv`` and
+    larger batches (or act-order groups) ``int_matmul``; either gives the format's numbers."""
+    layer, weight = random_layer(fmt, 64, 40, seed=4)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    calls = []
+    for module, name in ((int_gemv, "int_gemv"), (int_matmul, "int_matmul")):
+        traced = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, traced=traced, name=name, **k: calls.append(name) or traced(*a, **k))
+    monkeypatch.setattr(packing, "use_fused", lambda x: True)
+    got = layer(x)
+    assert calls == [kernel]
+    torch.testing.assert_close(got.double(), x.double() @ weight.to(DEVICE), rtol=1e-5, atol=1e-5)
+
+
+def test_int_gemv_declines_what_it_does_not_serve():
+    layer, _ = random_layer(gptq(4, 32, sym=False, desc_act=True), 64, 40, seed=0)
+    assert not int_gemv.fits(torch.randn(1, 64), layer.quant_method.int_weight(layer))  # g_idx
+    layer, _ = random_layer(awq(32), 96, 40, seed=0)
+    packed = layer.quant_method.int_weight(layer)
+    assert not int_gemv.fits(torch.randn(2, 96), packed)
+    assert not int_gemv.fits(torch.randn(1, 64), packed)
+    assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=48))  # 48 and 32 do not nest
+    with pytest.raises(ValueError, match="BLOCK_K 48"):
+        int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=48))

@@ -40,19 +40,17 @@ _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 @triton.jit
-def _load_codes(Q, k0, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn,
+def _load_words(Q, k0, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn,
                 BITS: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` integer codes of input features ``k0...``, zero from ``k_end`` on."""
+    """The packed words of input features ``k0...`` (zero from ``k_end`` on) for the tile's columns."""
     PACK: tl.constexpr = 32 // BITS
     if PACKED_K:
         word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        words = tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
-                        mask=(word_rows < k_end // PACK)[:, None] & col_ok[None, :], other=0)
-        return unpack_first(words, BITS)
+        return tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                       mask=(word_rows < k_end // PACK)[:, None] & col_ok[None, :], other=0)
     k = k0 + tl.arange(0, BLOCK_K)
-    words = tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
-                    mask=(k < k_end)[:, None] & word_col_ok[None, :], other=0)
-    return unpack_last(words, BITS)
+    return tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
+                   mask=(k < k_end)[:, None] & word_col_ok[None, :], other=0)
 
 
 @triton.jit
@@ -83,13 +81,15 @@ def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, 
     kk = tl.arange(0, BLOCK_K)
     group_starts = tl.arange(0, GROUPS) * GROUP_K
     pdl_launch_next(USE_PDL)
-    q = _load_codes(Q, k_begin, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn, BITS, PACKED_K,
-                    BLOCK_K)
+    # Words, not their unpacked codes, are held across a step: a quarter (8 bits) or an eighth of the registers.
+    words = _load_words(Q, k_begin, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn, BITS,
+                        PACKED_K, BLOCK_K)
     pdl_wait(USE_PDL)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        q_next = _load_codes(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn,
-                             BITS, PACKED_K, BLOCK_K)
+        next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk,
+                                 stride_qn, BITS, PACKED_K, BLOCK_K)
+        q = unpack_first(words, BITS) if PACKED_K else unpack_last(words, BITS)
         x = tl.load(X + k0 + kk, mask=(k0 + kk) < k_end, other=0.0).to(tl.float32)
         group = (k0 + group_starts) // group_size
         group_ok = ((k0 + group_starts) < k_end)[:, None]
@@ -104,7 +104,7 @@ def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, 
         products = tl.sum(tl.reshape(x[:, None] * q.to(tl.float32), (GROUPS, GROUP_K, BLOCK_N)), axis=1)
         x_sums = tl.sum(tl.reshape(x, (GROUPS, GROUP_K)), axis=1)
         acc += tl.sum(scale * (products - zero * x_sums[:, None]), axis=0)
-        q = q_next
+        words = next_words
     if SPLIT_K > 1:
         tl.store(Partials + tl.program_id(1) * N + cols, acc, mask=col_ok, cache_modifier=".wt")
         tl.debug_barrier()  # every thread's partial sums are written before the arrival is counted

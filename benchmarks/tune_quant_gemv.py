@@ -42,6 +42,8 @@ FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
 INT_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
              for bn, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8))]
 FORMATS = ("fp8", "awq", "gptq-4bit")
+# A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
+SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)
 
 
 def copies(nbytes: int) -> int:
@@ -120,7 +122,7 @@ def main() -> int:
                 try:
                     check(gemv, layers[0], x)
                     took = time_per_product(gemv, layers, x)
-                except (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError) as exc:
+                except SETTING_FAILURES as exc:
                     print(f"    {name} {launch}: {type(exc).__name__}: {str(exc)[:100]}")
                     continue
                 new.setdefault(name, []).append((took, launch))
@@ -130,7 +132,8 @@ def main() -> int:
             gb = nbytes[name] / 1e9
             print(f"{fmt:9s} {name:8s} {n:6d}x{k:5d} ({gb * 1e3:6.1f} MB): bf16 GEMV {bf16[name]:6.1f} us | "
                   f"old path {old[name]:6.1f} us {gb / old[name] * 1e3:4.2f} TB/s | GEMV {default[0]:6.1f} us "
-                  f"{gb / default[0] * 1e3:4.2f} TB/s | best {best[0]:6.1f} us {gb / best[0] * 1e3:4.2f} TB/s {best[1] or 'default'}",
+                  f"{gb / default[0] * 1e3:4.2f} TB/s | best {best[0]:6.1f} us {gb / best[0] * 1e3:4.2f} TB/s "
+                  f"{best[1] or 'default'}",
                   flush=True)
             del layers
         print(f"{fmt}: linear layers a step: old path {step_ms(old):.3f} ms, GEMV default "

@@ -65,7 +65,8 @@ def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None
     assert got.dtype == dtype and got.shape == (1, n)
     # float32: the order of float32 sums; bfloat16: one rounding of the result.
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.cpu().double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=tolerance,
+                               atol=tolerance * expected.abs().max().item())
 
 
 def test_fp8_gemv_default_tiles_and_zero_row() -> None:
@@ -165,7 +166,8 @@ def test_packed_layer_dispatch(fmt, rows, kernel, monkeypatch):
     calls = []
     for module, name in ((int_gemv, "int_gemv"), (int_matmul, "int_matmul")):
         traced = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, traced=traced, name=name, **k: calls.append(name) or traced(*a, **k))
+        monkeypatch.setattr(module, name,
+                            lambda *a, traced=traced, name=name, **k: calls.append(name) or traced(*a, **k))
     monkeypatch.setattr(packing, "use_fused", lambda x: True)
     got = layer(x)
     assert calls == [kernel]

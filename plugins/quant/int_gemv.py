@@ -144,7 +144,8 @@ def fits(x: torch.Tensor, weight: IntWeight, config: dict | None = None) -> bool
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device())
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index)
     if key not in _counters:
         _counters[key] = torch.zeros(MAX_COLUMN_TILES, dtype=torch.int32, device=device)
     return _counters[key]

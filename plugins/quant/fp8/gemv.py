@@ -11,12 +11,15 @@ step writes weights).
 Activations keep the layer's semantics: with dynamic scales each program computes the row's
 scale itself (the largest magnitude over 448, as ``e4m3.token_scale``: ``x`` is a few thousand
 values read from cache), with a static scale it loads it; either way ``x / scale`` is rounded to
-e4m3 (``round_to_e4m3``, exact compiled and interpreted) before the float32 dot product, so the
+e4m3 before the float32 dot product (compiled: the conversion instruction, one per two values, as
+each program rounds the whole row; interpreted: ``round_to_e4m3``'s exact arithmetic), so the
 result is ``_scaled_mm``'s up to the order of the float32 sums. Weight-only layers multiply ``x``
 as it is.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -30,6 +33,8 @@ from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE
 _E4M3_MAX = tl.constexpr(FP8_MAX)
 _SMALLEST_MAX = tl.constexpr(MIN_SCALE * FP8_MAX)  # as ``e4m3.token_scale`` clamps it
 
+# Triton's interpreter converts float32 to e4m3 inexactly (block_gemm.py): there the rounding is arithmetic.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
 ENABLED = True  # benchmarks switch it off to measure ``_scaled_mm`` beside it
 # Untuned guesses until measured (benchmarks/tune_gemv.py --quant fp8): the bf16 GEMV's tile in
 # bytes (4 rows of 2 KB), one e4m3 byte a weight.
@@ -39,8 +44,8 @@ ACTIVATIONS = ("none", "static", "dynamic")
 
 @triton.jit
 def _fp8_gemv_kernel(X, W, WScale, XScale, Bias, Y, N, K, stride_wn,
-                     ACTIVATIONS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                     ACTIVATIONS: tl.constexpr, CONVERT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
@@ -63,7 +68,11 @@ def _fp8_gemv_kernel(X, W, WScale, XScale, Bias, Y, N, K, stride_wn,
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(X + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32)
         if ACTIVATIONS != "none":
-            x = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, x_scale), -_E4M3_MAX), _E4M3_MAX))
+            x = tl.minimum(tl.maximum(tl.math.div_rn(x, x_scale), -_E4M3_MAX), _E4M3_MAX)
+            if CONVERT:  # the GPU's conversion instruction, to nearest even (sm_89+)
+                x = x.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+            else:
+                x = round_to_e4m3(x)
         w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=n_ok[:, None] & ((k0 + BLOCK_K + kk) < K)[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         w = w_next
@@ -100,6 +109,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         x1, weight, weight_scale, input_scale if input_scale is not None else weight_scale,
         bias if bias is not None else weight_scale, y, n, k, weight.stride(0),
-        ACTIVATIONS=activations, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        ACTIVATIONS=activations, CONVERT=not _INTERPRETED, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=min(block_k, triton.next_power_of_2(k)), **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

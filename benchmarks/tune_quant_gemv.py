@@ -37,7 +37,7 @@ from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
 
 FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-             for bn, bk, w in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8))]
+             for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
 # BLOCK_K up to the 128-feature groups the benchmark's formats have (int_gemv needs them to nest).
 INT_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
              for bn, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8))]

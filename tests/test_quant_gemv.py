@@ -185,3 +185,25 @@ def test_int_gemv_declines_what_it_does_not_serve():
     assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=48))  # 48 and 32 do not nest
     with pytest.raises(ValueError, match="BLOCK_K 48"):
         int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=48))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the methods choose the kernels themselves (test_int_matmul.py)")
+def test_awq_model_decodes_through_int_gemv(tmp_path, monkeypatch):
+    """A tiny AWQ Llama served in float32 on the CPU with the packed layers made to use the CUDA
+    kernels (in Triton's interpreter): its decode steps go through ``int_gemv`` and the greedy
+    output equals HF float32's on the dequantised weights. (Biases: the kernel tests above.)"""
+    from reference import hf_greedy
+    from sglang_core.engine import Engine
+    from test_quant_awq_gptq import GREEDY, quantized_model
+
+    calls = []
+    traced = int_gemv.int_gemv
+    monkeypatch.setattr(int_gemv, "int_gemv", lambda *a, **k: calls.append(1) or traced(*a, **k))
+    monkeypatch.setattr(packing, "use_fused", lambda x: True)
+    hf = quantized_model(tmp_path, awq(64), seed=9)
+    prompt = [5, 17, 99, 3, 250, 41]
+    expected = hf_greedy(hf, prompt, 6)
+    with Engine(str(tmp_path)) as engine:
+        out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 6})
+    assert out["output_ids"] == expected
+    assert calls, "the decode steps' products went through int_gemv"

@@ -187,11 +187,11 @@ def test_int_gemv_declines_what_it_does_not_serve():
         int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=48))
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the methods choose the kernels themselves (test_int_matmul.py)")
 def test_awq_model_decodes_through_int_gemv(tmp_path, monkeypatch):
-    """A tiny AWQ Llama served in float32 on the CPU with the packed layers made to use the CUDA
-    kernels (in Triton's interpreter): its decode steps go through ``int_gemv`` and the greedy
-    output equals HF float32's on the dequantised weights. (Biases: the kernel tests above.)"""
+    """A tiny AWQ Llama served in float32 with the packed layers using the CUDA kernels (on the CPU
+    made to, in Triton's interpreter; with a GPU on CUDA, CUDA graphs included): its decode steps
+    go through ``int_gemv`` and the greedy output equals HF float32's on the dequantised weights.
+    (Biases: the kernel tests above.)"""
     from reference import hf_greedy
     from sglang_core.engine import Engine
     from test_quant_awq_gptq import GREEDY, quantized_model
@@ -203,7 +203,8 @@ def test_awq_model_decodes_through_int_gemv(tmp_path, monkeypatch):
     hf = quantized_model(tmp_path, awq(64), seed=9)
     prompt = [5, 17, 99, 3, 250, 41]
     expected = hf_greedy(hf, prompt, 6)
-    with Engine(str(tmp_path)) as engine:
+    settings = {} if DEVICE == "cpu" else dict(device="cuda", dtype="float32", attention_backend="triton")
+    with Engine(str(tmp_path), **settings) as engine:
         out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 6})
     assert out["output_ids"] == expected
     assert calls, "the decode steps' products went through int_gemv"

@@ -126,6 +126,7 @@ INT_CASES = [
     ("gptq-8bit-asym-v2-channel", gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"), 72, 40, 1),
     ("awq-g32", awq(32), 96, 40, 2),
     ("awq-g64", awq(64), 64, 56, 1),
+    ("awq-g128", awq(128), 256, 24, 3),  # four K steps a group, shares of three steps
     ("ct-w4-sym-g32", int_args(4, "group", group_size=32), 64, 40, 2),  # [out, in] words, no zero points
     ("ct-w4-asym-channel", int_args(4, "channel", symmetric=False), 72, 40, 2),  # [out / 8, 1] zero points
 ]

@@ -207,24 +207,6 @@ def test_gemv(dtype: torch.dtype, n: int, k: int, with_bias: bool) -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("n,k", [(50, 96), (40, 3000)])
-def test_gemv_of_an_fp8_weight_scaled_per_row(n: int, k: int) -> None:
-    """An e4m3 weight with one float32 scale per output row (what the fp8 plugin's batch-1 decode
-    passes): the row times the dequantized weight, the row itself not rounded to e4m3."""
-    from sglang_core.kernels import gemv
-
-    torch.manual_seed(n + k)
-    weight = (torch.randn(n, k, device=DEVICE) * 100).to(torch.float8_e4m3fn)
-    scale = torch.rand(n, device=DEVICE) / 100 + 1e-3
-    x = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
-    bias = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
-    assert gemv.fits(x, weight, scale) and not gemv.fits(x, weight) and not gemv.fits(x, weight, scale.double())
-    expected = x.double() @ (weight.double() * scale.double()[:, None]).T + bias.double()
-    got = gemv.gemv(x, weight, bias, scale)
-    assert got.dtype == torch.bfloat16 and got.shape == (1, n)
-    torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=1e-2)
-
-
 def test_gemv_declines_what_it_does_not_serve() -> None:
     from sglang_core.kernels import gemv
 

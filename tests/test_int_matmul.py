@@ -156,7 +156,7 @@ def test_launch_config_by_rows(monkeypatch):
     split only while the tiles are fewer than the device wants programs, into no more shares than
     K tiles. (The numbers follow the module's launch settings: GEMV tiles 64 columns wide with K tiles
     of 128, GEMM tiles 64 x 128 with K tiles of 64.)"""
-    monkeypatch.setattr(kernel, "_processors", lambda device: 264)
+    monkeypatch.setattr(kernel, "programs_to_fill", lambda device: 264)
     cpu = torch.device("cpu")
     assert kernel.launch_config(16, 4096, 4096, cpu) == dict(kernel.GEMV_LAUNCH, SPLIT_K=5)  # 64 column tiles
     assert kernel.launch_config(1, 4096, 256, cpu)["SPLIT_K"] == 2  # only 2 K tiles of 128

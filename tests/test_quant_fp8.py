@@ -386,19 +386,20 @@ def test_fused_layer_with_per_part_scales(activations, device, monkeypatch):
 
 
 @pytest.mark.parametrize("weights", ["tensor", "channel"])
-def test_one_row_goes_through_the_scaled_gemv(weights, monkeypatch):
+def test_one_row_goes_through_the_fp8_gemv(weights, monkeypatch):
     """Batch-1 decode where the Triton kernels run (made to run on CPU here: the interpreter): the
-    core's GEMV reads a fused gate/up layer's e4m3 weight with one scale per output row (per-tensor
-    scales expanded over their part's rows); the bfloat16 row is not rounded to e4m3."""
-    from sglang_core.kernels import gemv
+    one-row FP8 GEMV reads a fused gate/up layer's e4m3 weight with one scale per output row
+    (per-tensor scales expanded over their part's rows) and rounds the row to e4m3 by its own
+    dynamic scale, as the scaled matmul of larger batches does."""
     from sglang_core.layers.parallel import MergedColumnParallelLinear
+    from sglang_plugins.quant.fp8 import gemv
     from sglang_plugins.quant.fp8 import method as fp8_method
     from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 
     monkeypatch.setattr(fp8_method, "use_fused", lambda x: True)
     calls = []
-    kernel = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(1) or kernel(*args))
+    kernel = gemv.fp8_gemv
+    monkeypatch.setattr(gemv, "fp8_gemv", lambda *args: calls.append(1) or kernel(*args))
     method = fp8_method.Fp8LinearMethod(Fp8Scheme(weights, "dynamic"), "model.layers.0.mlp.gate_up_proj")
     layer = MergedColumnParallelLinear(64, [24, 40], quant_method=method)
     torch.manual_seed(0)
@@ -412,7 +413,9 @@ def test_one_row_goes_through_the_scaled_gemv(weights, monkeypatch):
     x = torch.randn(1, 64).bfloat16()
     got = layer(x)
     assert calls and got.dtype == torch.bfloat16
-    expected = x.double() @ torch.cat(dequantized).double().T
+    x_scale = x.float().abs().amax() / E4M3_MAX
+    rounded = to_e4m3(x.float(), x_scale).double() * x_scale.double()
+    expected = rounded @ torch.cat(dequantized).double().T
     torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=1e-2)
 
 

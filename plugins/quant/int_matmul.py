@@ -43,7 +43,7 @@ LAUNCH_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_s
 
 
 @triton.jit
-def _unpack_last(words, BITS: tl.constexpr):
+def unpack_last(words, BITS: tl.constexpr):
     """``[R, C]`` words -> ``[R, C * p]`` values: each word's ``p = 32 / BITS`` slots in slot order."""
     PACK: tl.constexpr = 32 // BITS
     shifts = tl.arange(0, PACK) * BITS
@@ -52,7 +52,7 @@ def _unpack_last(words, BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack_first(words, BITS: tl.constexpr):
+def unpack_first(words, BITS: tl.constexpr):
     """``[R, C]`` words -> ``[R * p, C]`` values: each word's ``p = 32 / BITS`` slots in slot order."""
     PACK: tl.constexpr = 32 // BITS
     shifts = tl.arange(0, PACK) * BITS
@@ -100,11 +100,11 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
             word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
             words = tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
                             mask=(word_rows < K // PACK)[:, None] & col_ok[None, :], other=0)
-            q = _unpack_first(words, BITS)
+            q = unpack_first(words, BITS)
         else:
             words = tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
                             mask=k_ok[:, None] & word_col_ok[None, :], other=0)
-            q = _unpack_last(words, BITS)
+            q = unpack_last(words, BITS)
         # The input features whose groups this tile needs: all, or the first (one group for all).
         group_k = k0 + tl.arange(0, 1) if GROUP_PER_TILE else k
         if HAS_G_IDX:
@@ -117,7 +117,7 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
         if HAS_ZEROS:
             zero_words = tl.load(Z + group[:, None] * stride_zg + word_cols[None, :] * stride_zn,
                                  mask=group_ok & word_col_ok[None, :], other=0)
-            zero = _unpack_last(zero_words, BITS) + zero_offset
+            zero = unpack_last(zero_words, BITS) + zero_offset
         else:
             zero = zero_offset
         w = ((q - zero).to(tl.float32) * scale.to(tl.float32)).to(X.dtype.element_ty)
@@ -127,7 +127,7 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
 
 
 @functools.lru_cache(maxsize=None)
-def _processors(device: torch.device) -> int:
+def programs_to_fill(device: torch.device) -> int:
     """Programs a launch should offer to keep the device's streaming units busy (two per SM)."""
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -137,7 +137,7 @@ def launch_config(m: int, n: int, k: int, device: torch.device, launch: dict | N
     ``GEMM_LAUNCH`` beyond) with ``SPLIT_K``: K split until the tiles fill the device."""
     launch = launch or (GEMV_LAUNCH if m <= GEMV_ROWS else GEMM_LAUNCH)
     tiles = triton.cdiv(m, launch["BLOCK_M"]) * triton.cdiv(n, launch["BLOCK_N"])
-    split = min(triton.cdiv(k, launch["BLOCK_K"]), max(1, triton.cdiv(_processors(device), tiles)))
+    split = min(triton.cdiv(k, launch["BLOCK_K"]), max(1, triton.cdiv(programs_to_fill(device), tiles)))
     return dict(launch, SPLIT_K=split)
 
 

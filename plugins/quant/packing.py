@@ -45,13 +45,16 @@ def unpack_ints(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def packed_linear(method: Any, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A packed method's forward: on CUDA (with Triton) ``int_matmul``'s kernel on the packed tensors
-    that ``method.int_weight(layer)`` describes; else a float matmul with
-    ``method.dequantized_weight(layer)``."""
+    """A packed method's forward: on CUDA (with Triton) a kernel on the packed tensors that
+    ``method.int_weight(layer)`` describes, ``int_gemv``'s for one row where it serves the layout,
+    else ``int_matmul``'s; without CUDA a float matmul with ``method.dequantized_weight(layer)``."""
     if use_fused(x):
-        from sglang_plugins.quant.int_matmul import int_matmul  # imports Triton: only where it runs
+        from sglang_plugins.quant import int_gemv, int_matmul  # import Triton: only where they run
 
-        return int_matmul(x, method.int_weight(layer), bias)
+        weight = method.int_weight(layer)
+        if int_gemv.fits(x, weight):
+            return int_gemv.int_gemv(x, weight, bias)
+        return int_matmul.int_matmul(x, weight, bias)
     return linear(x, method.dequantized_weight(layer).to(x.dtype), bias)
 
 

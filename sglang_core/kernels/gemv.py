@@ -24,8 +24,8 @@ GEMV_LAUNCH = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1)
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Scale, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
@@ -40,40 +40,29 @@ def _gemv_kernel(X, W, Bias, Scale, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, 
         w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=n_ok[:, None] & ((k0 + BLOCK_K + kk) < K)[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         w = w_next
-    if HAS_SCALE:
-        acc *= tl.load(Scale + n, mask=n_ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
-    """Whether ``gemv`` serves this product: one 16-bit row against a weight with contiguous K, of
-    the row's dtype or, with ``scale`` (float32, one per output row), e4m3 (larger batches are
-    matmuls, where cuBLAS is the right tool)."""
-    if scale is None:
-        weight_ok = weight.dtype == x.dtype
-    else:
-        weight_ok = (weight.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
-                     and scale.shape == weight.shape[:1] and scale.is_contiguous())
-    return (ENABLED and weight_ok and x.dim() >= 1 and x.numel() == x.shape[-1] > 0
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``gemv`` serves this product: one 16-bit row against a 16-bit weight of the same
+    dtype with contiguous K (larger batches are matmuls, where cuBLAS is the right tool)."""
+    return (ENABLED and x.dim() >= 1 and x.numel() == x.shape[-1] > 0 and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.stride(1) == 1
             and x.shape[-1] == weight.shape[1])
 
 
 @opaque_to_compiler
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a one-row ``x`` (see ``fits``); with ``scale``, the weight
-    is ``weight * scale[:, None]`` (an FP8 weight scaled per output row, read at one byte an element;
-    the row is not rounded to e4m3)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a one-row ``x`` (see ``fits``)."""
     n, k = weight.shape
     x1 = x.reshape(k).contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     launch = dict(GEMV_LAUNCH)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x1, weight, bias if bias is not None else weight, scale if scale is not None else weight, y, n, k,
-        weight.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, triton.next_power_of_2(k)), **launch, **launch_options(x))
+        x1, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+        **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

@@ -43,7 +43,7 @@ def fits(x: torch.Tensor, block: tuple[int, int]) -> bool:
 
 
 @triton.jit
-def _round_to_e4m3(y):
+def round_to_e4m3(y):
     """``y`` (float32, ``|y|`` at most 464: past it e4m3fn has no finite value to round to) rounded
     to the nearest e4m3 value, ties to even; still float32."""
     bits = y.to(tl.int32, bitcast=True)
@@ -76,7 +76,7 @@ def _quantize_groups_kernel(X, Q, Scale, K, num_groups, stride_xm, stride_qm, st
     x = tl.load(X + token * stride_xm + cols, mask=col_ok, other=0.0).to(tl.float32)
     # Divisions rounded as IEEE (and torch) round them, so the e4m3 values are the float path's.
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), _SMALLEST_GROUP_MAX), _E4M3_MAX)
-    q = _round_to_e4m3(tl.math.div_rn(x, scale[:, None])).to(Q.dtype.element_ty)
+    q = round_to_e4m3(tl.math.div_rn(x, scale[:, None])).to(Q.dtype.element_ty)
     tl.store(Q + token * stride_qm + cols, q, mask=col_ok)
     tl.store(Scale + token * stride_sm + groups, scale, mask=groups < num_groups)
 

@@ -94,10 +94,11 @@ class Fp8LinearMethod(QuantMethod):
                 return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
             weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
-        if _gemv_fits(x, layer):
-            from sglang_core.kernels import gemv
+        if _gemv_fits(layer, x):
+            from sglang_plugins.quant.fp8.gemv import fp8_gemv
 
-            return gemv.gemv(x, layer.weight, bias, layer.weight_scale)
+            return fp8_gemv(x, layer.weight, layer.weight_scale, self.scheme.activations,
+                            getattr(layer, "input_scale", None), bias)
         if _scaled_mm_fits(layer, x) and self.scheme.activations != "none":
             return self._scaled_mm(layer, x, bias)
         # Without an FP8 matmul: the same numbers, dequantized, through a float matmul.
@@ -116,17 +117,14 @@ class Fp8LinearMethod(QuantMethod):
         return y + bias if bias is not None else y
 
 
-def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
-    """Whether the core's batch-1 GEMV (one row, CUDA with Triton; it joins the decode step's PDL
-    chain) computes the layer: it reads the e4m3 weight at one byte an element and scales each
-    output row. Weight-only, as the fused MoE kernel's FP8 experts: the row stays 16-bit instead of
-    being rounded to e4m3 (a product closer to the float one than the scaled matmul's). Triton
-    converts e4m3 on GPUs of compute capability 8.9+ (the interpreter anywhere)."""
-    if not use_fused(x) or (x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9)):
+def _gemv_fits(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the one-row FP8 GEMV (``gemv``) serves ``x``: batch-1 decode on CUDA with Triton
+    installed (imported only then)."""
+    if not use_fused(x):
         return False
-    from sglang_core.kernels import gemv
+    from sglang_plugins.quant.fp8 import gemv
 
-    return gemv.fits(x, layer.weight, layer.weight_scale)
+    return gemv.fits(x, layer.weight)
 
 
 def _scaled_mm_fits(layer: nn.Module, x: torch.Tensor) -> bool:

@@ -1,0 +1,151 @@
+"""Time the one-row GEMVs for quantized weights (``plugins/quant/fp8/gemv.py``,
+``plugins/quant/int_gemv.py``) against the paths they replace at batch 1 (FP8: the per-token
+scale, quantize and ``torch._scaled_mm`` kernels; packed integers: ``int_matmul``) and against the
+bf16 GEMV, at Llama-3.1-8B's linear shapes (unless ``--config``), over a sweep of their launch
+settings; print each product's weight-read rate and the decode step's linear-layer total.
+
+Timing as in tune_gemv.py: several copies of each weight (more bytes than the L2 holds) are
+multiplied in turn inside one CUDA graph, programmatic dependent launch off. Every setting is
+checked first against the float product of the format's dequantized weight (FP8: of the input
+rounded to e4m3 as torch rounds it).
+
+    python benchmarks/tune_quant_gemv.py                      # defaults only, every format
+    python benchmarks/tune_quant_gemv.py --sweep              # + the best of each format's sweep (~3 min)
+    python benchmarks/tune_quant_gemv.py --formats fp8 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import triton
+
+from bench_int_matmul import FORMATS as INT_FORMATS  # benchmarks/ is the script's folder, so on its path
+from bench_int_matmul import random_layer as random_int_layer
+from bench_int_matmul import read_bytes
+from sglang_core.kernels import gemv as bf16_gemv
+from sglang_core.kernels import pdl
+from sglang_plugins.quant import int_gemv, int_matmul
+from sglang_plugins.quant.fp8 import gemv as fp8_gemv
+from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, quantize, token_scale
+from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
+
+FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+             for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
+# BLOCK_K up to the 128-feature groups the benchmark's formats have (int_gemv needs them to nest).
+INT_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+             for bn, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8))]
+FORMATS = ("fp8", "awq", "gptq-4bit")
+# A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
+SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)
+
+
+def copies(nbytes: int) -> int:
+    return max(2, int(L2_BEATING_BYTES // nbytes) + 1)
+
+
+def fp8_layers(n: int, k: int) -> list[SimpleNamespace]:
+    """Per-channel e4m3 weights, as ``--quantization fp8`` leaves a bf16 checkpoint's."""
+    def one() -> SimpleNamespace:
+        weight = torch.randn(n, k, device="cuda") * 0.02
+        scale = weight.abs().amax(dim=1) / FP8_MAX
+        return SimpleNamespace(weight=quantize(weight, scale[:, None]), weight_scale=scale)
+    return [one() for _ in range(copies(n * k))]
+
+
+def fp8_products(launch: dict | None):
+    """(old path, GEMV with ``launch``) for dynamic per-token activations."""
+    method = Fp8LinearMethod({"quant_method": "fp8"}, "bench")
+    return (lambda x, layer: method._scaled_mm(layer, x, None),
+            lambda x, layer: fp8_gemv.fp8_gemv(x, layer.weight, layer.weight_scale, "dynamic", config=launch))
+
+
+def fp8_check(product, layer: SimpleNamespace, x: torch.Tensor) -> None:
+    scale = token_scale(x)
+    want = (quantize(x, scale).float() * scale) @ (layer.weight.float() * layer.weight_scale[:, None]).T
+    torch.testing.assert_close(product(x, layer).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+def int_products(fmt: str, launch: dict | None):
+    method = INT_FORMATS[fmt]()
+    return (lambda x, layer: int_matmul.int_matmul(x, method.int_weight(layer)),
+            lambda x, layer: int_gemv.int_gemv(x, method.int_weight(layer), config=launch))
+
+
+def int_check(fmt: str):
+    method = INT_FORMATS[fmt]()
+
+    def check(product, layer: SimpleNamespace, x: torch.Tensor) -> None:
+        want = x.float() @ method.dequantized_weight(layer).float().T
+        torch.testing.assert_close(product(x, layer).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    return check
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--sweep", action="store_true", help="also time every launch setting of the format's sweep")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="a model config folder")
+    args = parser.parse_args()
+    products = [p for p in shapes(args.config) if p[0] != "lm_head"]  # the LM head stays bf16
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    pdl.ENABLED = False  # the products here are independent: overlapping them would flatter the kernels
+    xs = {name: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for name, _, k, _ in products}
+
+    def step_ms(times: dict) -> float:
+        return sum(times[name] * uses for name, _, _, uses in products) / 1000
+
+    bf16 = {}
+    for name, n, k, _ in products:
+        stack = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies(n * k * 2))]
+        bf16[name] = time_per_product(bf16_gemv.gemv, stack, xs[name])
+        del stack
+    print(f"bf16 GEMV: linear layers {step_ms(bf16):.3f} ms a step")
+    for fmt in args.formats:
+        make, check = ((fp8_layers, fp8_check) if fmt == "fp8"
+                       else (lambda n, k, fmt=fmt: [random_int_layer(INT_FORMATS[fmt](), n, k)], int_check(fmt)))
+        grid = [None] + ((FP8_SWEEP if fmt == "fp8" else INT_SWEEP) if args.sweep else [])  # None: the module's
+        old, new, nbytes = {}, {}, {}
+        for name, n, k, _ in products:
+            layers = make(n, k)
+            nbytes[name] = read_bytes(layers[0])
+            layers += [make(n, k)[0] for _ in range(copies(nbytes[name]) - len(layers))]
+            x = xs[name]
+            for launch in grid:
+                old_path, gemv = fp8_products(launch) if fmt == "fp8" else int_products(fmt, launch)
+                try:
+                    check(gemv, layers[0], x)
+                    took = time_per_product(gemv, layers, x)
+                except SETTING_FAILURES as exc:
+                    print(f"    {name} {launch}: {type(exc).__name__}: {str(exc)[:100]}")
+                    continue
+                new.setdefault(name, []).append((took, launch))
+            check(old_path, layers[0], x)
+            old[name] = time_per_product(old_path, layers, x)
+            default, best = new[name][0], min(new[name], key=lambda pair: pair[0])
+            gb = nbytes[name] / 1e9
+            print(f"{fmt:9s} {name:8s} {n:6d}x{k:5d} ({gb * 1e3:6.1f} MB): bf16 GEMV {bf16[name]:6.1f} us | "
+                  f"old path {old[name]:6.1f} us {gb / old[name] * 1e3:4.2f} TB/s | GEMV {default[0]:6.1f} us "
+                  f"{gb / default[0] * 1e3:4.2f} TB/s | best {best[0]:6.1f} us {gb / best[0] * 1e3:4.2f} TB/s "
+                  f"{best[1] or 'default'}",
+                  flush=True)
+            del layers
+        print(f"{fmt}: linear layers a step: old path {step_ms(old):.3f} ms, GEMV default "
+              f"{step_ms({name: runs[0][0] for name, runs in new.items()}):.3f} ms, bf16 GEMV {step_ms(bf16):.3f} ms")
+        if args.sweep:  # one setting for every shape: the one with the smallest step total
+            common = [launch for launch in grid[1:] if all(any(l == launch for _, l in new[name]) for name in new)]
+            totals = [(step_ms({name: next(t for t, l in new[name] if l == launch) for name in new}), launch)
+                      for launch in common]
+            for total, launch in sorted(totals, key=lambda pair: pair[0])[:5]:
+                print(f"    step total {total:.3f} ms with {launch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

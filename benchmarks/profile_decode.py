@@ -42,19 +42,18 @@ def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
-def kernel_table(core: EngineCore, steps: int = 5) -> None:
-    """GPU time per kernel over a few eager decode steps (the same kernels a graph replays)."""
-    while core.scheduler.overlap.in_flight is not None:  # drain an overlapped step first
-        core.step()
-    graphs, core.runner.cuda_graphs = core.runner.cuda_graphs, None
-    overlap, core.scheduler.overlap_max_bs = core.scheduler.overlap_max_bs, 0
-    # Both activities: torch 2.13's profiler files kernels under the CPU ops that launched them.
+def kernel_table(core: EngineCore, bs: int, replays: int = 5) -> None:
+    """GPU time per kernel over a few replays of the batch's decode graph (CUPTI reports the
+    kernels a graph launches one by one), or over a few eager steps without graphs."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    graphs = core.runner.cuda_graphs
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            core.step()
+        for _ in range(replays):
+            if graphs is not None:
+                graphs.graphs[next(s for s in graphs.sizes if s >= bs)].replay()
+            else:
+                core.step()
         torch.cuda.synchronize()
-    core.runner.cuda_graphs, core.scheduler.overlap_max_bs = graphs, overlap
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
 
 
@@ -116,7 +115,7 @@ def main() -> int:
               f"(host overhead not hidden: {step_ms - gpu_ms:.3f} ms) on {card}")
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
         if args.kernels:
-            kernel_table(core)
+            kernel_table(core, bs)
         for req in list(core.scheduler.running):
             core.abort(req.rid)
     return 0

@@ -13,11 +13,9 @@ from typing import Any
 import torch
 
 from sglang_core.kernels import linear, use_fused
-from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
-from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
+from sglang_core.layers.moe import KernelExpertsMethod
 from sglang_core.layers.parallel import SINGLE, TPGroup, load_input_shard
-from sglang_core.layers.quant import ExpertsQuantMethod
 
 
 def config_value(config: Any, field: str, default: Any = None) -> Any:
@@ -58,35 +56,17 @@ def packed_linear(method: Any, layer: torch.nn.Module, x: torch.Tensor, bias: to
     return linear(x, method.dequantized_weight(layer).to(x.dtype), bias)
 
 
-class DequantizingExpertsMethod(ExpertsQuantMethod):
-    """Routed experts of packed integer weights: where ``fused_moe_applies`` (CUDA) and the
-    weights have a ``fused_weight`` description, the fused MoE kernel, which unpacks them in
-    registers; else (CPU, or a layout the kernel does not read) each expert that got tokens is
-    dequantized (``w13`` and ``w2``) and computed in float, and experts no token chose are not touched."""
+class DequantizingExpertsMethod(KernelExpertsMethod):
+    """Routed experts of packed integer weights: the fused MoE kernel unpacks them in registers
+    where it applies; else (CPU, or a layout the kernel does not read) each expert that got tokens
+    is dequantized (``w13`` and ``w2``) and computed in float."""
 
     @abc.abstractmethod
     def dequantized(self, layer: torch.nn.Module, stem: str, expert: int) -> torch.Tensor:
         """Expert ``expert``'s ``stem`` (``"w13"`` or ``"w2"``) weight as ``[out, in]`` floats."""
 
-    @abc.abstractmethod
-    def fused_weight(self, layer: torch.nn.Module, stem: str) -> QuantizedExperts | None:
-        """The stacked ``stem`` weight as the fused MoE kernel reads it, or None where only the
-        dequantizing path computes it."""
-
-    def apply(self, layer: torch.nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              act: torch.nn.Module) -> torch.Tensor:
-        if fused_moe_applies(hidden, act):
-            w13, w2 = self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2")
-            if w13 is not None and w2 is not None:
-                from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
-
-                return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
-
-        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
-            h = act(x @ self.dequantized(layer, "w13", expert).to(x.dtype).t())
-            return h @ self.dequantized(layer, "w2", expert).to(h.dtype).t()
-
-        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)
+    def expert_product(self, layer: torch.nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantized(layer, stem, expert).to(x.dtype).t()
 
 
 def rank_groups(input_size: int, input_ranks: int, group_size: int | None, act_order: bool,

@@ -24,12 +24,14 @@ it), and its reduction is the dense MLP's.
 
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
 from torch import nn
 
 from sglang_core.kernels import use_fused
+from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.activation import SiluAndMul, gated_act_fn
 from sglang_core.layers.experts import NOT_LOCAL, ExpertWeights
 from sglang_core.layers.moe_router import Router, Routing
@@ -110,6 +112,36 @@ def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
         return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
     return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+
+
+class KernelExpertsMethod(ExpertsQuantMethod):
+    """Quantized routed experts computed by the fused MoE kernel where it applies (CUDA) and the
+    method describes its weights as the kernel reads them (``fused_weight``), else expert by
+    expert (each expert that got tokens) with the method's own product (``expert_product``)."""
+
+    @abc.abstractmethod
+    def fused_weight(self, layer: nn.Module, stem: str) -> QuantizedExperts | None:
+        """The stacked ``stem`` (``"w13"`` or ``"w2"``) weight as the fused MoE kernel reads it, or
+        None where only the expert-by-expert path computes it."""
+
+    @abc.abstractmethod
+    def expert_product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times expert ``expert``'s ``stem`` weight transposed, as the format computes it
+        (activations quantized where the scheme says so), in ``x``'s dtype."""
+
+    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              act: nn.Module) -> torch.Tensor:
+        if fused_moe_applies(hidden, act):
+            w13, w2 = self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2")
+            if w13 is not None and w2 is not None:
+                from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
+
+                return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+
+        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
+            return self.expert_product(layer, "w2", expert, act(self.expert_product(layer, "w13", expert, x)))
+
+        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)
 
 
 class MoE(nn.Module):

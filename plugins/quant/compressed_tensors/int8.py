@@ -28,8 +28,8 @@ from torch import nn
 
 from sglang_core.kernels import linear
 from sglang_core.kernels.moe_weight import QuantizedExperts
-from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
-from sglang_core.layers.quant import ExpertsQuantMethod, QuantMethod, weight_param
+from sglang_core.layers.moe import KernelExpertsMethod
+from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
 from sglang_plugins.quant.fused import load_part_scalar
 
@@ -162,7 +162,7 @@ def int8_matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(padded, weight.t())[:rows]
 
 
-class Int8ExpertsMethod(ExpertsQuantMethod):
+class Int8ExpertsMethod(KernelExpertsMethod):
     """An MoE layer's experts of an int-quantized group, as llm-compressor writes them: each
     expert's gate, up and down an int8 ``weight`` with ``weight_scale`` per output channel
     (``experts.<e>.w1.weight``, ``.weight_scale`` [out, 1]), stacked into ``w13_weight``
@@ -212,7 +212,7 @@ class Int8ExpertsMethod(ExpertsQuantMethod):
         return QuantizedExperts(getattr(layer, f"{stem}_weight"), getattr(layer, f"{stem}_weight_scale").unsqueeze(-1),
                                 "int", bits=8, packed_dim=2, zero_offset=-QMIN)
 
-    def _product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    def expert_product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         words, scale = getattr(layer, f"{stem}_weight")[expert], getattr(layer, f"{stem}_weight_scale")[expert]
         weight = (words.view(torch.uint8).to(torch.int16) + QMIN).to(torch.int8)
         if self.method.activations == "none":
@@ -221,16 +221,3 @@ class Int8ExpertsMethod(ExpertsQuantMethod):
         tokens = x.float()
         x_scale, zero_point = token_qparams(tokens, self.method.symmetric_input)
         return int8_product(tokens, x_scale, zero_point, weight, scale, row_sums).to(x.dtype)
-
-    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              act: nn.Module) -> torch.Tensor:
-        if fused_moe_applies(hidden, act):
-            from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
-
-            return fused_moe(hidden, self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2"), topk_weights,
-                             topk_ids)
-
-        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
-            return self._product(layer, "w2", expert, act(self._product(layer, "w13", expert, x)))
-
-        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)

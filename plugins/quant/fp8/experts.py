@@ -24,8 +24,8 @@ from torch import nn
 
 from sglang_core.layers.experts import EXPERT_PARTS, PART_SLOTS
 from sglang_core.kernels.moe_weight import QuantizedExperts
-from sglang_core.layers.moe import experts_by_expert, fused_moe_applies
-from sglang_core.layers.quant import ExpertsQuantMethod, weight_param
+from sglang_core.layers.moe import KernelExpertsMethod
+from sglang_core.layers.quant import weight_param
 from sglang_plugins.quant.fp8.block import dequantize_weight, quantize_dequantize_groups
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
@@ -48,7 +48,7 @@ def _frozen(data: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(data, requires_grad=False)
 
 
-class Fp8ExpertsMethod(ExpertsQuantMethod):
+class Fp8ExpertsMethod(KernelExpertsMethod):
     def __init__(self, scheme: Fp8Scheme, prefix: str):
         self.scheme = scheme
         self.prefix = prefix
@@ -138,17 +138,6 @@ class Fp8ExpertsMethod(ExpertsQuantMethod):
                                     scale_cols=cols)
         return QuantizedExperts(weight, getattr(layer, f"{stem}_weight_scale").unsqueeze(-1), "fp8")
 
-    def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              act: nn.Module) -> torch.Tensor:
-        if fused_moe_applies(hidden, act):
-            from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
-
-            return fused_moe(hidden, self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2"), topk_weights,
-                             topk_ids)
-
-        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
-            h = act(self._rounded_input(layer, "w13", expert, x) @ self._dequantized(layer, "w13", expert, x.dtype).t())
-            return self._rounded_input(layer, "w2", expert, h) @ self._dequantized(layer, "w2", expert, h.dtype).t()
-
-        return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)
+    def expert_product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self._rounded_input(layer, stem, expert, x) @ self._dequantized(layer, stem, expert, x.dtype).t()
 

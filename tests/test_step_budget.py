@@ -160,15 +160,13 @@ def test_every_step_stays_within_the_budget_and_every_request_finishes(tiny_llam
     check_all_memory_back(core)
 
 
-def test_a_latency_target_becomes_a_budget_from_measured_steps(tiny_llama, monkeypatch):
-    """Steps cost A + B * tokens on a fake clock; a target of A + 40.5 B allows 40 tokens a step.
-    The first step fills the cap; the next is sized by that step's time alone (the line through
-    the origin: (A + 40.5 B) / (A / 64 + B) = 45.2 tokens); from then on the line is exact and no
-    step carrying prefill exceeds 40 tokens, though the queue would fill every step to the cap."""
+def make_costed_core(model, monkeypatch, **settings) -> tuple[EngineCore, list[tuple[ForwardMode, int]]]:
+    """``make_core`` on a fake clock (the scheduler's ``time.perf_counter``) that each forward
+    pass advances by A + B * its tokens."""
     clock = [0.0]
     monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
                                                                           monotonic=scheduler_module.time.monotonic))
-    core, steps = make_core(tiny_llama, max_step_tokens=64, target_step_ms=1000 * (A + 40.5 * B))
+    core, steps = make_core(model, **settings)
     forward = core.runner.forward
 
     def costly(step):
@@ -176,6 +174,15 @@ def test_a_latency_target_becomes_a_budget_from_measured_steps(tiny_llama, monke
         return forward(step)
 
     core.runner.forward = costly
+    return core, steps
+
+
+def test_a_latency_target_becomes_a_budget_from_measured_steps(tiny_llama, monkeypatch):
+    """Steps cost A + B * tokens on a fake clock; a target of A + 40.5 B allows 40 tokens a step.
+    The first step fills the cap; the next is sized by that step's time alone (the line through
+    the origin: (A + 40.5 B) / (A / 64 + B) = 45.2 tokens); from then on the line is exact and no
+    step carrying prefill exceeds 40 tokens, though the queue would fill every step to the cap."""
+    core, steps = make_costed_core(tiny_llama, monkeypatch, max_step_tokens=64, target_step_ms=1000 * (A + 40.5 * B))
     rng = random.Random(7)
     lengths = {f"r{i}": rng.randint(4, 12) for i in range(10)}
     for rid, n in lengths.items():
@@ -198,17 +205,7 @@ def test_a_ratio_target_follows_the_running_batchs_decode_step(tiny_llama, monke
     each gap between two consecutive decode steps is the second one's cost, and no step carrying
     prefill holds more tokens than the exact line allows for R times their median."""
     ratio, cap = 3.0, 64  # 3 decodes: (3 (A + 3B) - A) / B = 41 tokens, between the floor and the cap
-    clock = [0.0]
-    monkeypatch.setattr(scheduler_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
-                                                                          monotonic=scheduler_module.time.monotonic))
-    core, steps = make_core(tiny_llama, max_step_tokens=cap, target_step_ratio=ratio)
-    forward = core.runner.forward
-
-    def costly(step):
-        clock[0] += A + B * len(step.input_ids)
-        return forward(step)
-
-    core.runner.forward = costly
+    core, steps = make_costed_core(tiny_llama, monkeypatch, max_step_tokens=cap, target_step_ratio=ratio)
     rng = random.Random(11)
     lengths = {f"early{i}": 40 for i in range(3)} | {f"late{i}": rng.randint(6, 14) for i in range(6)}
     for i in range(3):

@@ -44,13 +44,16 @@ def _load_words(Q, k0, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, s
                 BITS: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The packed words of input features ``k0...`` (zero from ``k_end`` on) for the tile's columns."""
     PACK: tl.constexpr = 32 // BITS
+    # Both returns inside the constexpr if/else: compiled Triton generates only the branch taken,
+    # but checks every return it generates for one shape (an early return failed to compile).
     if PACKED_K:
         word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         return tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
                        mask=(word_rows < k_end // PACK)[:, None] & col_ok[None, :], other=0)
-    k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
-                   mask=(k < k_end)[:, None] & word_col_ok[None, :], other=0)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
+                       mask=(k < k_end)[:, None] & word_col_ok[None, :], other=0)
 
 
 @triton.jit

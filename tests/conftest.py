@@ -45,13 +45,19 @@ def default_model_folder() -> Path:
     return default_model_path()
 
 
+# Servers of the default model that live the whole session hold their KV pool all along: 1 GiB
+# (about 23k tokens of SmolLM2-135M in float32) instead of the CPU default 2 GiB, so that two of
+# them, the module servers and the engines beside them fit a small CI machine's memory.
+SESSION_SERVER_FLAGS = ("--kv-cache-memory-gb", "1")
+
+
 @pytest.fixture(scope="session")
 def lang_server():
     """One `sglang-core serve` of the default model for the frontend-language tests
     (tests/test_lang.py and tests/test_lang_examples.py share it)."""
     from server_util import running_server
 
-    with running_server() as server:
+    with running_server(*SESSION_SERVER_FLAGS) as server:
         yield server
 
 
@@ -64,7 +70,7 @@ def tool_server():
     from server_util import running_server
 
     with running_server("--chat-template", str(Path(__file__).with_name("tool_chat_template.jinja")),
-                        "--reasoning-parser", "qwen3", "--max-running-requests", "32") as server:
+                        "--reasoning-parser", "qwen3", "--max-running-requests", "32", *SESSION_SERVER_FLAGS) as server:
         yield server
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -38,6 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _end_with_parent() -> None:
+    """In the server process before it runs (Linux): SIGTERM it when the test process dies, so a
+    killed test run (a CI time limit, the memory killer) leaves no server holding its memory."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def running_server(*args: str, timeout_s: float = 180, env: dict | None = None, command: str = "serve") -> Iterator[Server]:
     """``sglang-core <command> --port P args...`` (``serve``, or ``router``), once its /health is 200."""
@@ -45,7 +53,7 @@ def running_server(*args: str, timeout_s: float = 180, env: dict | None = None, 
     log = tempfile.NamedTemporaryFile("w", prefix="sglang-core-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [sys.executable, "-m", "sglang_core.cli", command, "--port", str(port), *args],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=_end_with_parent,
     )
     server = Server(f"http://127.0.0.1:{port}", process, log.name)
     try:

@@ -133,13 +133,13 @@ def read_source(source: str | bytes, limits: MediaLimits, field: str) -> bytes:
 
 def _bounded(data: bytes, limits: MediaLimits, field: str) -> bytes:
     if len(data) > limits.max_bytes:
-        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+        raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
     return data
 
 
 def _base64(text: str, limits: MediaLimits, field: str) -> bytes:
     if len(text) * 3 // 4 > limits.max_bytes:  # before decoding: the limit bounds the work too
-        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+        raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -148,7 +148,7 @@ def _base64(text: str, limits: MediaLimits, field: str) -> bytes:
 
 def _read_file(path: str, limits: MediaLimits, field: str) -> bytes:
     if limits.local_dir is None:
-        raise ValueError(f"{field}: image file paths are not allowed (the server reads them only under "
+        raise ValueError(f"{field}: media file paths are not allowed (the server reads them only under "
                          "--allowed-local-media-path)")
     resolved = Path(path).expanduser().resolve()
     if not resolved.is_relative_to(limits.local_dir.resolve()):
@@ -156,13 +156,13 @@ def _read_file(path: str, limits: MediaLimits, field: str) -> bytes:
     if not resolved.is_file():
         raise ValueError(f"{field}: no such file {path!r}")
     if resolved.stat().st_size > limits.max_bytes:
-        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+        raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
     return resolved.read_bytes()
 
 
 def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     if not limits.allow_urls:
-        raise ValueError(f"{field}: image URLs are not fetched (start the server with --allow-media-urls); "
+        raise ValueError(f"{field}: media URLs are not fetched (start the server with --allow-media-urls); "
                          "send a data URL instead")
     parts = urlsplit(url)
     if not parts.hostname:
@@ -191,7 +191,7 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > limits.max_bytes:
-                        raise ValueError(f"{field}: the image is larger than {limits.max_bytes} bytes")
+                        raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
                     chunks.append(chunk)
             finally:
                 response.close()

@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from constraint_cases import RANGE_SCHEMAS, REGEXES, SCHEMAS
-from server_util import running_server
 from sglang_core.engine import Engine
 
 SAMPLINGS = [{"temperature": 0.0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}]
@@ -112,9 +111,8 @@ def test_ebnf_grammars(engine):
 # ---- over HTTP ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server("--max-running-requests", "32") as server:
-        yield server
+def server(lang_server):
+    return lang_server  # the default model's session-wide server (conftest.py)
 
 
 def test_native_api_regex_and_json_schema(server):

@@ -178,20 +178,6 @@ def test_openai_response_format_json_object_and_completions(client):
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", completion.choices[0].text)
 
 
-def test_slow_compile_fails_only_that_request():
-    """A constraint that does not compile in time fails its own request; others are served."""
-    # 1 ms: far less than any index over a 49k-token vocabulary takes to build.
-    # outlines: its compile is bounded by the budget (llguidance's by its own fuel limits).
-    with Engine(device="cpu", grammar_compile_timeout_s=0.001, grammar_backend="outlines") as engine:
-        pattern = "(" + "|".join(f"[a-z]{{{n}}}[0-9]{{{n}}}" for n in range(1, 40)) + ")"  # many states
-        results = engine.generate(["x", "y"], sampling_params=[{"max_new_tokens": 8, "regex": pattern},
-                                                               {"max_new_tokens": 3}])
-        reason = results[0]["meta_info"]["finish_reason"]
-        assert reason["type"] == "abort" and reason["message"].startswith("regex: compiling took longer")
-        assert results[1]["meta_info"]["completion_tokens"] == 3
-        engine.check_memory()
-
-
 def test_jump_forward_on_and_off(engine):
     """Both valid on every other schema (every schema's validity is checked above); with it on
     (the module's engine), fixed keys are appended without decoding them, so fewer forward passes

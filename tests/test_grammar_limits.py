@@ -124,15 +124,17 @@ def _cpu_of_us_and_children() -> float:
 def test_overrunning_compile_is_stopped_and_others_go_on():
     """A regex within the size bounds whose automaton blows up (``(a|b)*a(a|b){20}``: about a
     million states when made deterministic; minutes to compile on outlines-core) overruns its
-    budget (3 s): its request fails by name, the next constrained request is compiled and served
-    right after, and nothing keeps computing (the CPU time of this process and its children
-    stops growing once the engine is idle)."""
+    budget (3 s): its request fails by name while an unconstrained request sent with it is served,
+    the next constrained request is compiled and served right after, and nothing keeps computing
+    (the CPU time of this process and its children stops growing once the engine is idle)."""
     with Engine(device="cpu", grammar_backend="outlines", grammar_compile_timeout_s=3) as eng:
         eng.generate("warm up", sampling_params={"max_new_tokens": 2, "regex": "(on|off)"})  # vocabulary, worker
         start = time.monotonic()
-        slow = eng.generate("x", sampling_params={"max_new_tokens": 8, "regex": "(a|b)*a(a|b){20}"})
+        slow, beside = eng.generate(["x", "y"], sampling_params=[
+            {"max_new_tokens": 8, "regex": "(a|b)*a(a|b){20}"}, {"max_new_tokens": 3}])
         reason = slow["meta_info"]["finish_reason"]
         assert reason["type"] == "abort" and reason["message"].startswith("regex: compiling took longer than 3 s")
+        assert beside["meta_info"]["completion_tokens"] == 3
         fast = eng.generate("Answer yes or no:", sampling_params={"max_new_tokens": 8, "regex": "(yes|no)"})
         assert re.fullmatch("(yes|no)", fast["text"])
         assert time.monotonic() - start < 20

@@ -2,22 +2,22 @@
 independent tools (``jsonschema``, ``re.fullmatch``), greedy and at temperature 1.0 with several
 seeds, through the Engine API (with each grammar backend: outlines and llguidance), the native
 ``/generate`` API and the ``openai`` client's ``response_format``; bad constraints are clear 400s
-and the server keeps serving."""
+and the server keeps serving; oversized ones (issue 13) are refused fast by both backends."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
-
-import importlib
 import sys
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from constraint_cases import RANGE_SCHEMAS, REGEXES, SCHEMAS
+from constraint_cases import OVERSIZED, RANGE_SCHEMAS, REGEXES, SCHEMAS
 from sglang_core.engine import Engine
 
 SAMPLINGS = [{"temperature": 0.0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}]
@@ -78,6 +78,30 @@ def test_bad_constraints_are_value_errors(engine, params, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         engine.generate("x", sampling_params={"max_new_tokens": 4, **params})
     assert engine.generate("x", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("kind, spec", OVERSIZED.values(), ids=OVERSIZED.keys())
+def test_oversized_constraints_are_refused_fast(engine, kind, spec):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"^{kind}: "):
+        engine.generate("Answer:", sampling_params={"max_new_tokens": 8, kind: spec})
+    assert time.monotonic() - start < 5
+
+
+def test_the_engine_serves_constraints_after_refusals(engine):
+    """The worst inputs, then ordinary constraints: answered promptly and matching, with every
+    KV slot given back."""
+    for kind, spec in [OVERSIZED["a{100000}"], OVERSIZED["minLength"], OVERSIZED["enum-20000"]]:
+        with pytest.raises(ValueError):
+            engine.generate("Answer:", sampling_params={"max_new_tokens": 8, kind: spec})
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    start = time.monotonic()
+    yes_no, obj = engine.generate(["Answer yes or no:", "JSON:"], sampling_params=[
+        {"max_new_tokens": 8, "regex": "(yes|no)"}, {"max_new_tokens": 16, "json_schema": json.dumps(schema)}])
+    assert time.monotonic() - start < 30
+    assert re.fullmatch("(yes|no)", yes_no["text"])
+    jsonschema.validate(json.loads(obj["text"]), schema)
+    engine.check_memory()
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "t1-seed1", "t1-seed2"])

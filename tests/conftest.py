@@ -56,8 +56,9 @@ def default_model_folder() -> Path:
 
 @pytest.fixture(scope="session")
 def lang_server():
-    """One `sglang-core serve` of the default model for the frontend-language tests
-    (tests/test_lang.py and tests/test_lang_examples.py share it)."""
+    """One `sglang-core serve` of the default model, shared by every test that needs no server
+    setting of its own (frontend language, API backends, the OpenAI and Anthropic APIs,
+    constrained decoding over HTTP, fuzzing, load): each server started costs seconds of CI time."""
     from server_util import running_server
 
     with running_server() as server:

@@ -45,46 +45,47 @@ def assert_all_memory_free(url: str, headers: dict | None = None, wait_s: float 
 # ---- load: 200+ concurrent streams, a third of the clients leave ------------------------------
 
 @pytest.mark.slow
-def test_load_with_disconnects_default_model():
+def test_load_with_disconnects_default_model(lang_server):
+    """On the default model's session-wide server (conftest.py): its running batch holds 128, so
+    the rest of the 210 streams wait until running ones finish or their clients leave."""
     rng = random.Random(0)
     words = "the a river city music light stone garden window paper engine ocean north".split()
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(25)]
     params = {"temperature": 0, "max_new_tokens": 12}
-    with running_server("--max-running-requests", "256", "--chunked-prefill-size", "512") as server:
-        alone = {p: httpx.post(f"{server.url}/generate", json={"text": p, "sampling_params": params},
-                               timeout=120).json()["text"] for p in prompts}
+    alone = {p: httpx.post(f"{lang_server.url}/generate", json={"text": p, "sampling_params": params},
+                           timeout=120).json()["text"] for p in prompts}
 
-        async def client(i: int, prompt: str, leave_after: int | None, http: httpx.AsyncClient):
-            body = {"text": prompt, "sampling_params": params, "stream": True}
-            text, chunks = "", 0
-            async with http.stream("POST", f"{server.url}/generate", json=body) as resp:
-                assert resp.status_code == 200
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        return ("done", prompt, text)
-                    text = json.loads(line[6:])["text"]  # native chunks carry the text so far
-                    chunks += 1
-                    if leave_after is not None and chunks >= leave_after:
-                        return ("left", prompt, text)
-            return ("cut", prompt, text)
+    async def client(i: int, prompt: str, leave_after: int | None, http: httpx.AsyncClient):
+        body = {"text": prompt, "sampling_params": params, "stream": True}
+        text, chunks = "", 0
+        async with http.stream("POST", f"{lang_server.url}/generate", json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return ("done", prompt, text)
+                text = json.loads(line[6:])["text"]  # native chunks carry the text so far
+                chunks += 1
+                if leave_after is not None and chunks >= leave_after:
+                    return ("left", prompt, text)
+        return ("cut", prompt, text)
 
-        async def load():
-            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as http:
-                jobs = []
-                for i in range(210):
-                    leave = rng.randint(1, 6) if i % 3 == 0 else None
-                    jobs.append(client(i, prompts[i % len(prompts)], leave, http))
-                return await asyncio.gather(*jobs)
+    async def load():
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+            jobs = []
+            for i in range(210):
+                leave = rng.randint(1, 6) if i % 3 == 0 else None
+                jobs.append(client(i, prompts[i % len(prompts)], leave, http))
+            return await asyncio.gather(*jobs)
 
-        outcomes = asyncio.run(load())
-        done = [o for o in outcomes if o[0] == "done"]
-        assert len(done) == 140 and all(o[0] in ("done", "left") for o in outcomes)
-        for _, prompt, text in done:
-            assert text == alone[prompt], "a response under load differs from the same request alone"
-        assert httpx.get(f"{server.url}/health").status_code == 200
-        assert_all_memory_free(server.url)
+    outcomes = asyncio.run(load())
+    done = [o for o in outcomes if o[0] == "done"]
+    assert len(done) == 140 and all(o[0] in ("done", "left") for o in outcomes)
+    for _, prompt, text in done:
+        assert text == alone[prompt], "a response under load differs from the same request alone"
+    assert httpx.get(f"{lang_server.url}/health").status_code == 200
+    assert_all_memory_free(lang_server.url)
 
 
 # ---- fuzz: hypothesis-generated bodies never cause a 5xx --------------------------------------

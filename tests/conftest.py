@@ -67,8 +67,9 @@ def lang_server():
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_llama, tmp_path_factory):
-    """One `sglang-core serve` of ``tiny_llama`` (context 256) for the HTTP tests of bench-serving
-    and streaming, with the test plugin ``tests/pace_plugin.py`` installed beside the built-ins."""
+    """One `sglang-core serve` of ``tiny_llama`` (context 256, the chatml template) for the HTTP
+    tests of bench-serving, streaming and server robustness, with the test plugin
+    ``tests/pace_plugin.py`` installed beside the built-ins."""
     from server_util import running_server
 
     site = tmp_path_factory.mktemp("pace_site")
@@ -77,7 +78,8 @@ def tiny_server(tiny_llama, tmp_path_factory):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang-core-test-pace\nVersion: 0\n")
     (info / "entry_points.txt").write_text("[sglang_core.plugins]\npace = pace_plugin\n")
     env = {"PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent), *sys.path])}
-    with running_server("--model-path", str(tiny_llama), "--context-length", "256", env=env) as server:
+    with running_server("--model-path", str(tiny_llama), "--chat-template", "chatml", "--context-length", "256",
+                        env=env) as server:
         yield server
 
 

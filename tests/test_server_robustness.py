@@ -20,9 +20,12 @@ TINY_ARGS = ("--chat-template", "chatml", "--context-length", "256", "--max-runn
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_llama):
-    with running_server("--model-path", str(tiny_llama), *TINY_ARGS) as server:
-        yield server
+def tiny_server(tiny_server):
+    """The session-wide server of ``tiny_llama`` (conftest.py), with the chat template and context
+    length of this module's own servers."""
+    args = httpx.get(f"{tiny_server.url}/get_server_args", timeout=30).json()
+    assert (args["chat_template"], args["context_length"]) == ("chatml", CONTEXT_LEN)
+    return tiny_server
 
 
 def memory_is_free(url: str, headers: dict | None = None) -> dict:

@@ -386,45 +386,54 @@ def test_grammar_and_seed_inputs_on_live_server(tiny_server):
     assert_all_memory_free(tiny_server.url)
 
 
-def test_oversized_body_and_full_queue(tiny_llama):
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_llama):
+    """A server with a body limit (2000 bytes), a queue of two and an API key (one server for the
+    tests of all three saves a start)."""
     with running_server("--model-path", str(tiny_llama), *TINY_ARGS, "--max-request-bytes", "2000",
-                        "--max-queued-requests", "2") as server:
-        big = httpx.post(f"{server.url}/generate", json={"text": "x" * 5000})
-        assert big.status_code == 413 and big.json()["error"]["code"] == "413"
+                        "--max-queued-requests", "2", "--api-key", KEY) as server:
+        yield server
 
-        async def burst():
-            async with httpx.AsyncClient(timeout=120) as http:
-                body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
-                return await asyncio.gather(*(http.post(f"{server.url}/generate", json=body) for _ in range(8)))
 
-        codes = sorted(r.status_code for r in asyncio.run(burst()))
-        assert 503 in codes and 200 in codes
-        assert_all_memory_free(server.url)
+def test_oversized_body_and_full_queue(guarded_server):
+    url = guarded_server.url
+    big = httpx.post(f"{url}/generate", json={"text": "x" * 5000}, headers=AUTH)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "413"
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
+            return await asyncio.gather(*(http.post(f"{url}/generate", json=body) for _ in range(8)))
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert 503 in codes and 200 in codes
+    assert_all_memory_free(url, AUTH)
 
 
 # ---- auth ---------------------------------------------------------------------------------------
 
-def test_api_key_guards_every_route_but_health(tiny_llama):
-    key = "s3cret-key"
-    with running_server("--model-path", str(tiny_llama), *TINY_ARGS, "--api-key", key) as server:
-        auth = {"Authorization": f"Bearer {key}"}
-        paths = httpx.get(f"{server.url}/openapi.json", headers=auth).json()["paths"]
-        assert "/generate" in paths and "/v1/chat/completions" in paths
-        for path, methods in paths.items():
-            concrete = path.replace("{", "").replace("}", "")
-            for method in methods:
-                for variant in (concrete, concrete + "/"):
-                    # Redirects followed: "/health/" may redirect to "/health", nothing else may.
-                    resp = httpx.request(method.upper(), f"{server.url}{variant}", json={}, follow_redirects=True)
-                    if concrete == "/health" and method == "get":
-                        assert resp.status_code == 200
-                    else:
-                        assert resp.status_code == 401, f"{method} {variant} -> {resp.status_code}"
-        assert httpx.get(f"{server.url}/openapi.json").status_code == 401
-        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(f"{server.url}/v1/models", headers=auth).status_code == 200
-        info = httpx.get(f"{server.url}/get_server_info", headers=auth).text
-        assert key not in info
+def test_api_key_guards_every_route_but_health(guarded_server):
+    paths = httpx.get(f"{guarded_server.url}/openapi.json", headers=AUTH).json()["paths"]
+    assert "/generate" in paths and "/v1/chat/completions" in paths
+    for path, methods in paths.items():
+        concrete = path.replace("{", "").replace("}", "")
+        for method in methods:
+            for variant in (concrete, concrete + "/"):
+                # Redirects followed: "/health/" may redirect to "/health", nothing else may.
+                resp = httpx.request(method.upper(), f"{guarded_server.url}{variant}", json={}, follow_redirects=True)
+                if concrete == "/health" and method == "get":
+                    assert resp.status_code == 200
+                else:
+                    assert resp.status_code == 401, f"{method} {variant} -> {resp.status_code}"
+    assert httpx.get(f"{guarded_server.url}/openapi.json").status_code == 401
+    assert httpx.get(f"{guarded_server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{guarded_server.url}/v1/models", headers=AUTH).status_code == 200
+    info = httpx.get(f"{guarded_server.url}/get_server_info", headers=AUTH).text
+    assert KEY not in info
 
 
 # ---- lifecycle ----------------------------------------------------------------------------------

@@ -213,8 +213,11 @@ def test_api_key_file_guards_the_routes_and_stays_out_of_ps(server, http):
     assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY + "x"}).status_code == 401
     assert http.get("/v1/models").status_code == 200
     assert KEY not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()
-    args = http.get("/get_server_args").json()
-    assert args["api_key"] == "<set>" and KEY not in json.dumps(args)
+    for path in ("/get_server_args", "/get_server_info"):
+        args = http.get(path).json()
+        assert args["api_key"] == "<set>" and KEY not in json.dumps(args)
+        assert args["max_sequences_per_request"] == MAX_SEQUENCES  # the server's settings, not the defaults
+    assert httpx.get(server.url + "/get_server_info").status_code == 401
 
 
 def test_anthropic_clients_send_the_key_and_read_a_refusal_in_anthropic_envelope(server):

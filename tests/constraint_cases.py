@@ -1,5 +1,8 @@
 """JSON Schemas and regexes for the constrained-decoding tests: varied shapes, every string,
-array and number bounded so that a small model's output always ends inside max_new_tokens."""
+array and number bounded so that a small model's output always ends inside max_new_tokens; and
+constraints past the size bounds (``OVERSIZED``)."""
+
+import json
 
 S = {"type": "string", "maxLength": 12}
 SCHEMAS = [
@@ -119,3 +122,35 @@ RANGE_SCHEMAS = [
                                       "qty": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000}},
      "required": ["price", "qty"]},
 ]
+
+
+def _schema(**schema) -> tuple[str, str]:
+    return "json_schema", json.dumps(schema)
+
+
+# Constraints costly to compile (issue 13), each past a size bound: refused before compiling.
+OVERSIZED = {
+    "a{100000}": ("regex", "a{100000}"),
+    "class{1,50000}": ("regex", "[a-z]{1,50000}"),
+    "nested-repeats": ("regex", "(a{100}){100}"),
+    "any{0,10000}": ("regex", ".{0,10000}"),
+    "backreference": ("regex", r"(a)\1"),
+    "lookahead": ("regex", "(?=a)a"),
+    "negative-lookbehind": ("regex", "(?<!b)a"),
+    "huge-count": ("regex", "a{99999999999}"),  # past Python's parser too
+    "deep-groups": ("regex", "(" * 5000 + "a" + ")" * 5000),
+    "enum-20000": _schema(enum=[f"v{i}" for i in range(20000)]),
+    "enum-5000-short": _schema(enum=list(range(5000))),
+    "minLength": _schema(type="string", minLength=1000000),
+    "maxLength": _schema(type="string", maxLength=1000000),
+    "minItems": _schema(type="array", items={"type": "integer"}, minItems=100000),
+    "maxItems": _schema(type="array", maxItems=100000),
+    "pattern": _schema(type="string", pattern="a{100000}"),
+    "pattern-backreference": _schema(type="string", pattern=r"(a)\1"),
+    "patternProperties-key": _schema(type="object", patternProperties={"x{90000}": {"type": "string"}}),
+    "count-under-a-property-named-enum": _schema(type="object", properties={
+        "enum": {"type": "string", "minLength": 1000000}}, required=["enum"]),
+    "many-properties": _schema(type="object", properties={f"p{i}": {"type": "string"} for i in range(5000)}),
+    "deep-nesting": ("json_schema", '{"type": "array", "items": ' * 100 + "{}" + "}" * 100),
+    "huge-text": _schema(const="x" * 200000),
+}

@@ -28,9 +28,6 @@ from hypothesis import strategies as st
 
 from sglang_core.lang.backend import GenParams, GenResult, Image, MissingExtraError, Prompt, UnsupportedError
 
-from server_util import running_server
-
-KEY = "anthropic-test-key"
 MAX = 12  # generated tokens per request: keeps the file fast on CPU
 GREEDY = {"temperature": 0}
 USER = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -45,21 +42,20 @@ COUNTING = [{"role": "user", "content": "Count upwards from 1, separated by comm
 
 
 @pytest.fixture(scope="module")
-def server():
-    # The API key guards every route; the clients below send it (x-api-key, or Bearer).
-    with running_server("--max-running-requests", "16", "--api-key", KEY,
-                        env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
-        yield srv
+def server(lang_server):
+    # The default model's session-wide server (conftest.py); it takes no API key: Anthropic's
+    # clients authenticating (x-api-key, or Bearer) are tested on a keyed server in test_api_hardening.
+    return lang_server
 
 
 @pytest.fixture(scope="module")
 def client(server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def oai(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def template_ids(hf_tokenizer, messages, prefill: str = "") -> list[int]:
@@ -81,7 +77,7 @@ def text_of(message) -> str:
 
 
 def memory(server) -> dict:
-    info = httpx.get(f"{server.url}/get_server_info", headers={"x-api-key": KEY}, timeout=30).json()
+    info = httpx.get(f"{server.url}/get_server_info", timeout=30).json()
     return info["memory"]
 
 
@@ -107,7 +103,7 @@ def test_create(server, client, hf_tokenizer):
     assert msg.usage.input_tokens == len(template_ids(hf_tokenizer, USER))
     assert 0 < msg.usage.output_tokens <= MAX
     # The same message read off the wire, field by field as Anthropic documents it.
-    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+    raw = httpx.post(f"{server.url}/v1/messages", timeout=60,
                      json={"model": "any", "max_tokens": MAX, "messages": USER, **GREEDY})
     assert raw.status_code == 200 and raw.headers["content-type"].startswith("application/json")
     body = raw.json()
@@ -186,7 +182,7 @@ def test_stream_events_as_anthropic_sends_them(client, server):
     events = client.messages.create(model="any", max_tokens=MAX, messages=USER, extra_body=GREEDY, stream=True)
     kinds = [event.type for event in events]  # the SDK drops pings
     assert re.fullmatch(order, " ".join(kinds)), kinds
-    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+    raw = httpx.post(f"{server.url}/v1/messages", timeout=60,
                      json={"model": "any", "max_tokens": 3, "stream": True, "messages": USER, **GREEDY})
     assert raw.headers["content-type"].startswith("text/event-stream")
     blocks = raw.text.split("\n\n")
@@ -261,7 +257,7 @@ def test_penalties_reach_the_engine(server, client, hf_tokenizer, penalties):
     """A penalised message is what the engine itself generates from the same token ids and the
     same penalties (through the native /generate), and not the unpenalised text."""
     penalised = create(client, USER, max_tokens=24, extra=penalties)
-    engine = httpx.post(f"{server.url}/generate", headers={"x-api-key": KEY}, timeout=120, json={
+    engine = httpx.post(f"{server.url}/generate", timeout=120, json={
         "input_ids": template_ids(hf_tokenizer, USER),
         "sampling_params": {"max_new_tokens": 24, "temperature": 0, **penalties}}).json()
     assert text_of(penalised) == engine["text"]
@@ -271,7 +267,7 @@ def test_penalties_reach_the_engine(server, client, hf_tokenizer, penalties):
 def test_bad_regex_in_a_stream_is_an_invalid_request_event(server, client):
     """A regex the engine cannot compile, found once the stream's 200 is out: an error event of
     the client's kind, and the server serves on."""
-    raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=60,
+    raw = httpx.post(f"{server.url}/v1/messages", timeout=60,
                      json={"model": "any", "max_tokens": 4, "stream": True, "messages": USER, "regex": "(a"})
     last = json.loads(raw.text.strip().split("\n")[-1][len("data: "):])
     assert last["type"] == "error" and last["error"]["type"] == "invalid_request_error"
@@ -355,7 +351,7 @@ MESSAGE_BODIES = st.fixed_dictionaries({"messages": st.one_of(
                       st.binary(max_size=48)))
 def test_fuzz_never_5xx(server, body):
     resp = httpx.post(f"{server.url}/v1/messages", content=body, timeout=60,
-                      headers={"x-api-key": KEY, "content-type": "application/json"})
+                      headers={"content-type": "application/json"})
     assert resp.status_code < 500, f"{body[:200]!r} -> {resp.status_code} {resp.text[:300]}"
     if resp.status_code >= 400:
         error = resp.json()
@@ -365,7 +361,7 @@ def test_fuzz_never_5xx(server, body):
 
 def test_server_serves_after_bad_input(client, server):
     resp = httpx.post(f"{server.url}/v1/messages", content=b'{"messages": [', timeout=10,
-                      headers={"x-api-key": KEY, "content-type": "application/json"})
+                      headers={"content-type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("malformed JSON body")
     assert text_of(create(client, USER, max_tokens=3))
     for bad in ({"regex": "(a"}, {"json_schema": {"type": "nonsense"}}):
@@ -374,18 +370,11 @@ def test_server_serves_after_bad_input(client, server):
     assert re.fullmatch(PHONE, text_of(create(client, USER, max_tokens=16, extra={"regex": PHONE})))
 
 
-def test_auth_and_route_errors_in_anthropic_envelope(server):
-    wrong = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
-    with pytest.raises(anthropic.AuthenticationError) as err:
-        wrong.messages.create(model="any", max_tokens=3, messages=USER)
-    assert err.value.body == {"type": "error", "error": {"type": "authentication_error",
-                                                         "message": "invalid or missing API key"}}
-    bearer = anthropic.Anthropic(base_url=server.url, auth_token=KEY, max_retries=0)  # Authorization: Bearer
-    assert bearer.messages.count_tokens(model="any", messages=USER).input_tokens > 0
-    resp = httpx.get(f"{server.url}/v1/messages", headers={"x-api-key": KEY})
+def test_route_errors_in_anthropic_envelope(server):
+    resp = httpx.get(f"{server.url}/v1/messages")
     assert resp.status_code == 405 and resp.json()["type"] == "error"
     # Other APIs keep their own envelope.
-    resp = httpx.post(f"{server.url}/v1/chat/completions", json={}, headers={"x-api-key": KEY})
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json={})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
 
 
@@ -396,7 +385,7 @@ def test_client_disconnect_aborts_and_frees_kv(client, server):
         for _, _ in zip(stream.text_stream, range(3)):
             pass
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, timeout=1.0,
+        httpx.post(f"{server.url}/v1/messages", timeout=1.0,
                    json={"model": "any", "max_tokens": 4000, "messages": COUNTING, **GREEDY})
     wait_all_memory_free(server)
 
@@ -407,7 +396,7 @@ def test_client_disconnect_aborts_and_frees_kv(client, server):
 def backend(server):
     from sglang_core.lang.backends import load_backend
 
-    backend = load_backend("anthropic", "any", base_url=server.url, api_key=KEY, max_retries=0)
+    backend = load_backend("anthropic", "any", base_url=server.url, api_key="unused", max_retries=0)
     yield backend
     backend.shutdown()
 
@@ -503,7 +492,7 @@ def plain_backend(server):
     """As on Anthropic's own API: no SGLang extensions."""
     from sglang_core.lang.backends import load_backend
 
-    backend = load_backend("anthropic", "any", base_url=server.url, api_key=KEY, max_retries=0,
+    backend = load_backend("anthropic", "any", base_url=server.url, api_key="unused", max_retries=0,
                            sglang_extensions=False)
     yield backend
     backend.shutdown()

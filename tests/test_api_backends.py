@@ -26,8 +26,6 @@ from sglang_plugins.backends.litellm.backend import LiteLLMBackend
 from sglang_plugins.backends.openai.backend import OpenAIBackend, is_chat_model_name
 from sglang_plugins.backends.vertexai.backend import VertexAIBackend
 
-from server_util import running_server
-
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
 CHAT = Prompt(text=f"{QUESTION}\n", messages=({"role": "user", "content": QUESTION},
@@ -42,9 +40,8 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(16))
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server("--max-running-requests", "8", env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
-        yield srv
+def server(lang_server):
+    return lang_server  # the default model's session-wide server (conftest.py)
 
 
 def make_backend(kind: str, url: str, **kwargs):

@@ -1,7 +1,8 @@
 """Issue 13's API defects: any 64-bit seed on every route (each choice of n its own), work per
-request bounded in output sequences (prompts x n), the API key kept out of ``ps``, and the
-server's keep-alive timeout as a setting. One live server (a tiny random Llama) for the module,
-driven by the real ``openai`` client and raw HTTP."""
+request bounded in output sequences (prompts x n), the API key kept out of ``ps`` (and taken the
+ways Anthropic's clients send it), and the server's keep-alive timeout as a setting. One live
+server (a tiny random Llama) for the module, driven by the real ``openai`` and ``anthropic``
+clients and raw HTTP."""
 
 from __future__ import annotations
 
@@ -212,8 +213,31 @@ def test_api_key_file_guards_the_routes_and_stays_out_of_ps(server, http):
     assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY + "x"}).status_code == 401
     assert http.get("/v1/models").status_code == 200
     assert KEY not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()
-    args = http.get("/get_server_args").json()
-    assert args["api_key"] == "<set>" and KEY not in json.dumps(args)
+    for path in ("/get_server_args", "/get_server_info"):
+        args = http.get(path).json()
+        assert args["api_key"] == "<set>" and KEY not in json.dumps(args)
+        assert args["max_sequences_per_request"] == MAX_SEQUENCES  # the server's settings, not the defaults
+    assert httpx.get(server.url + "/get_server_info").status_code == 401
+
+
+def test_anthropic_clients_send_the_key_and_read_a_refusal_in_anthropic_envelope(server):
+    """Anthropic's clients send the key as x-api-key or as a Bearer token (the SDK, given
+    ``api_key`` or ``auth_token``); a wrong key is the SDK's AuthenticationError, in Anthropic's
+    envelope."""
+    import anthropic
+
+    user = [{"role": "user", "content": "hi"}]
+    wrong = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        wrong.messages.create(model="any", max_tokens=3, messages=user)
+    assert err.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                         "message": "invalid or missing API key"}}
+    for client in (anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0),
+                   anthropic.Anthropic(base_url=server.url, auth_token=KEY, max_retries=0)):
+        assert client.messages.count_tokens(model="any", messages=user).input_tokens > 0
+    counted = httpx.post(f"{server.url}/v1/messages/count_tokens", headers={"x-api-key": KEY}, timeout=30,
+                         json={"model": "any", "messages": user})
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
 
 
 def test_api_key_from_the_environment(monkeypatch):

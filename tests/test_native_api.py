@@ -10,24 +10,17 @@ import httpx
 import pytest
 import torch
 
-from server_util import running_server
-
-API_KEY = "native-test-secret"
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 LONG_PROMPT = " ".join(["Rivers carry stones from the mountains down to the wide green sea."] * 12)
 
 
 @pytest.fixture(scope="module")
-def server():
-    # Started with an API key, so every test also checks that it never leaks.
-    with running_server("--frontends", "native", "--max-running-requests", "32", "--api-key", API_KEY) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+def client(lang_server):
+    """On the default model's session-wide server (conftest.py); that an API key guards these
+    routes and never shows in them is tested on keyed servers (test_api_hardening,
+    test_server_robustness)."""
+    with httpx.Client(base_url=lang_server.url, timeout=120) as client:
         yield client
 
 
@@ -238,18 +231,34 @@ def test_tokenize_matches_the_hf_tokenizer(client, hf_tokenizer):
         assert resp.json()["error"]["param"] == param, resp.json()
 
 
-def test_model_and_server_info_hide_the_api_key(client):
+def test_model_and_server_info(client):
     info = client.get("/get_model_info").json()
     assert info["is_generation"] is True and info["model_path"] and info["tokenizer_path"]
     for path in ("/get_server_args", "/get_server_info"):
         resp = client.get(path)
-        assert resp.status_code == 200 and API_KEY not in resp.text
-        assert resp.json()["api_key"] == "<set>" and resp.json()["max_running_requests"] == 32
+        assert resp.status_code == 200 and resp.json()["api_key"] is None
     server_info = client.get("/get_server_info").json()
     assert server_info["context_len"] > 0 and server_info["max_total_tokens"] > 0
     assert server_info["attention_backend"] != "auto" and server_info["device"] == "cpu"
     assert server_info["dtype"] == "float32" and server_info["memory"]["kv_pool_size"] == server_info["max_total_tokens"]
-    assert httpx.get(client.base_url.join("/get_server_info")).status_code == 401  # no key: refused
+
+
+def test_the_native_frontend_serves_alone(tiny_llama):
+    """Mounted without the other frontends (``--frontends native``; the tests above run with all
+    of them mounted), its routes serve: they rely on nothing another frontend sets up."""
+    from server_util import app_in_thread
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+
+    app = build_app(ServerSettings(model_path=str(tiny_llama), frontends="native", engine_in_subprocess=False))
+    with app_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        params = {**GREEDY, "max_new_tokens": 3}
+        assert generate(http, input_ids=[5, 6, 7], sampling_params=params)["meta_info"]["completion_tokens"] == 3
+        events = stream_events(http, input_ids=[5, 6, 7], sampling_params=params)
+        assert events[-1]["meta_info"]["completion_tokens"] == 3
+        assert http.post("/tokenize", json={"text": "hi"}).json()["input_ids"]
+        assert wait_until(http, idle=True)["kv_cache_locked"] == 0
+        assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 404
 
 
 def test_health_generate(client):

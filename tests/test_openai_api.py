@@ -17,18 +17,14 @@ from sglang_core.server.chat_templates import resolve_chat_template
 from sglang_plugins.frontends.openai.generation import Choice
 from sglang_plugins.frontends.openai.routes import CHAT as CHAT_SHAPE, Plan, event_stream
 
-from server_util import running_server
-
 MAX = 12  # generated tokens per request: keeps the file fast on CPU
 CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def server():
-    # Busy-waiting OpenMP workers in the engine process slow CPU decoding ~4x on a loaded machine.
-    with running_server("--max-running-requests", "32", env={"OMP_WAIT_POLICY": "PASSIVE"}) as srv:
-        yield srv
+def server(lang_server):
+    return lang_server  # the default model's session-wide server (conftest.py)
 
 
 @pytest.fixture(scope="module")

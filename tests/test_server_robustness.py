@@ -20,9 +20,12 @@ TINY_ARGS = ("--chat-template", "chatml", "--context-length", "256", "--max-runn
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_llama):
-    with running_server("--model-path", str(tiny_llama), *TINY_ARGS) as server:
-        yield server
+def tiny_server(tiny_server):
+    """The session-wide server of ``tiny_llama`` (conftest.py), with the chat template and context
+    length of this module's own servers."""
+    args = httpx.get(f"{tiny_server.url}/get_server_args", timeout=30).json()
+    assert (args["chat_template"], args["context_length"]) == ("chatml", CONTEXT_LEN)
+    return tiny_server
 
 
 def memory_is_free(url: str, headers: dict | None = None) -> dict:
@@ -45,46 +48,47 @@ def assert_all_memory_free(url: str, headers: dict | None = None, wait_s: float 
 # ---- load: 200+ concurrent streams, a third of the clients leave ------------------------------
 
 @pytest.mark.slow
-def test_load_with_disconnects_default_model():
+def test_load_with_disconnects_default_model(lang_server):
+    """On the default model's session-wide server (conftest.py): its running batch holds 128, so
+    the rest of the 210 streams wait until running ones finish or their clients leave."""
     rng = random.Random(0)
     words = "the a river city music light stone garden window paper engine ocean north".split()
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(25)]
     params = {"temperature": 0, "max_new_tokens": 12}
-    with running_server("--max-running-requests", "256", "--chunked-prefill-size", "512") as server:
-        alone = {p: httpx.post(f"{server.url}/generate", json={"text": p, "sampling_params": params},
-                               timeout=120).json()["text"] for p in prompts}
+    alone = {p: httpx.post(f"{lang_server.url}/generate", json={"text": p, "sampling_params": params},
+                           timeout=120).json()["text"] for p in prompts}
 
-        async def client(i: int, prompt: str, leave_after: int | None, http: httpx.AsyncClient):
-            body = {"text": prompt, "sampling_params": params, "stream": True}
-            text, chunks = "", 0
-            async with http.stream("POST", f"{server.url}/generate", json=body) as resp:
-                assert resp.status_code == 200
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        return ("done", prompt, text)
-                    text = json.loads(line[6:])["text"]  # native chunks carry the text so far
-                    chunks += 1
-                    if leave_after is not None and chunks >= leave_after:
-                        return ("left", prompt, text)
-            return ("cut", prompt, text)
+    async def client(i: int, prompt: str, leave_after: int | None, http: httpx.AsyncClient):
+        body = {"text": prompt, "sampling_params": params, "stream": True}
+        text, chunks = "", 0
+        async with http.stream("POST", f"{lang_server.url}/generate", json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return ("done", prompt, text)
+                text = json.loads(line[6:])["text"]  # native chunks carry the text so far
+                chunks += 1
+                if leave_after is not None and chunks >= leave_after:
+                    return ("left", prompt, text)
+        return ("cut", prompt, text)
 
-        async def load():
-            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as http:
-                jobs = []
-                for i in range(210):
-                    leave = rng.randint(1, 6) if i % 3 == 0 else None
-                    jobs.append(client(i, prompts[i % len(prompts)], leave, http))
-                return await asyncio.gather(*jobs)
+    async def load():
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as http:
+            jobs = []
+            for i in range(210):
+                leave = rng.randint(1, 6) if i % 3 == 0 else None
+                jobs.append(client(i, prompts[i % len(prompts)], leave, http))
+            return await asyncio.gather(*jobs)
 
-        outcomes = asyncio.run(load())
-        done = [o for o in outcomes if o[0] == "done"]
-        assert len(done) == 140 and all(o[0] in ("done", "left") for o in outcomes)
-        for _, prompt, text in done:
-            assert text == alone[prompt], "a response under load differs from the same request alone"
-        assert httpx.get(f"{server.url}/health").status_code == 200
-        assert_all_memory_free(server.url)
+    outcomes = asyncio.run(load())
+    done = [o for o in outcomes if o[0] == "done"]
+    assert len(done) == 140 and all(o[0] in ("done", "left") for o in outcomes)
+    for _, prompt, text in done:
+        assert text == alone[prompt], "a response under load differs from the same request alone"
+    assert httpx.get(f"{lang_server.url}/health").status_code == 200
+    assert_all_memory_free(lang_server.url)
 
 
 # ---- fuzz: hypothesis-generated bodies never cause a 5xx --------------------------------------
@@ -382,45 +386,54 @@ def test_grammar_and_seed_inputs_on_live_server(tiny_server):
     assert_all_memory_free(tiny_server.url)
 
 
-def test_oversized_body_and_full_queue(tiny_llama):
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_llama):
+    """A server with a body limit (2000 bytes), a queue of two and an API key (one server for the
+    tests of all three saves a start)."""
     with running_server("--model-path", str(tiny_llama), *TINY_ARGS, "--max-request-bytes", "2000",
-                        "--max-queued-requests", "2") as server:
-        big = httpx.post(f"{server.url}/generate", json={"text": "x" * 5000})
-        assert big.status_code == 413 and big.json()["error"]["code"] == "413"
+                        "--max-queued-requests", "2", "--api-key", KEY) as server:
+        yield server
 
-        async def burst():
-            async with httpx.AsyncClient(timeout=120) as http:
-                body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
-                return await asyncio.gather(*(http.post(f"{server.url}/generate", json=body) for _ in range(8)))
 
-        codes = sorted(r.status_code for r in asyncio.run(burst()))
-        assert 503 in codes and 200 in codes
-        assert_all_memory_free(server.url)
+def test_oversized_body_and_full_queue(guarded_server):
+    url = guarded_server.url
+    big = httpx.post(f"{url}/generate", json={"text": "x" * 5000}, headers=AUTH)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "413"
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
+            return await asyncio.gather(*(http.post(f"{url}/generate", json=body) for _ in range(8)))
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert 503 in codes and 200 in codes
+    assert_all_memory_free(url, AUTH)
 
 
 # ---- auth ---------------------------------------------------------------------------------------
 
-def test_api_key_guards_every_route_but_health(tiny_llama):
-    key = "s3cret-key"
-    with running_server("--model-path", str(tiny_llama), *TINY_ARGS, "--api-key", key) as server:
-        auth = {"Authorization": f"Bearer {key}"}
-        paths = httpx.get(f"{server.url}/openapi.json", headers=auth).json()["paths"]
-        assert "/generate" in paths and "/v1/chat/completions" in paths
-        for path, methods in paths.items():
-            concrete = path.replace("{", "").replace("}", "")
-            for method in methods:
-                for variant in (concrete, concrete + "/"):
-                    # Redirects followed: "/health/" may redirect to "/health", nothing else may.
-                    resp = httpx.request(method.upper(), f"{server.url}{variant}", json={}, follow_redirects=True)
-                    if concrete == "/health" and method == "get":
-                        assert resp.status_code == 200
-                    else:
-                        assert resp.status_code == 401, f"{method} {variant} -> {resp.status_code}"
-        assert httpx.get(f"{server.url}/openapi.json").status_code == 401
-        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(f"{server.url}/v1/models", headers=auth).status_code == 200
-        info = httpx.get(f"{server.url}/get_server_info", headers=auth).text
-        assert key not in info
+def test_api_key_guards_every_route_but_health(guarded_server):
+    paths = httpx.get(f"{guarded_server.url}/openapi.json", headers=AUTH).json()["paths"]
+    assert "/generate" in paths and "/v1/chat/completions" in paths
+    for path, methods in paths.items():
+        concrete = path.replace("{", "").replace("}", "")
+        for method in methods:
+            for variant in (concrete, concrete + "/"):
+                # Redirects followed: "/health/" may redirect to "/health", nothing else may.
+                resp = httpx.request(method.upper(), f"{guarded_server.url}{variant}", json={}, follow_redirects=True)
+                if concrete == "/health" and method == "get":
+                    assert resp.status_code == 200
+                else:
+                    assert resp.status_code == 401, f"{method} {variant} -> {resp.status_code}"
+    assert httpx.get(f"{guarded_server.url}/openapi.json").status_code == 401
+    assert httpx.get(f"{guarded_server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{guarded_server.url}/v1/models", headers=AUTH).status_code == 200
+    info = httpx.get(f"{guarded_server.url}/get_server_info", headers=AUTH).text
+    assert KEY not in info
 
 
 # ---- lifecycle ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -226,12 +227,18 @@ def rank_main(settings_json: str, plugin_names: list[str] | None, host: str, por
     source = resolve_model_source(settings.model_path, settings.load_format, plugins.registry("weight_formats"))
     runner = ModelRunner(settings, source, plugins, tp)
     channel = StepChannel(tp, runner.req_pool)
-    with torch.inference_mode():
-        while (step := channel.receive()) is not None:
-            runner.forward_local(step)
-    # Nothing to flush or hand back: skip the interpreter's teardown (a second of rank 0's shutdown).
+    code = 0
+    try:
+        with torch.inference_mode():
+            while (step := channel.receive()) is not None:
+                runner.forward_local(step)
+    except Exception:  # rank 0's connections closed, or this rank failed: say why and exit at once
+        traceback.print_exc()
+        code = 1
+    # Nothing to flush or hand back: skip the interpreter's teardown (a second of rank 0's shutdown;
+    # after a failure, the process group's teardown can wait on peers that are gone).
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ most 384 tokens). Measured on an H100 (2026-12-07, docs/benchmarks.md): `--max-s
 whose budget the decodes share, starved prefill at saturation (half the throughput), and
 `--target-step-ms 12 --max-step-tokens 512` missed its target (p99 ITL 21 ms at 8 req/s).
 
-Writes to `--out`: `itl_sweep.jsonl` (bench-serving's JSON line per run, with `policy`),
-`itl_sweep.md` (a table per policy, then the issue's checks side by side) and each server's log.
+Writes to `--out` three files (the device tool returns at most 8 a call): `itl_sweep.jsonl`
+(bench-serving's JSON line per run, with `policy`, appended as each run ends), `itl_sweep.md` (a
+table per policy, then the issue's checks side by side) and `details.tar.gz` (each run's result
+file and each server's log).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,7 +89,7 @@ def run_policy(args: argparse.Namespace, name: str, flags: str, config: Path, to
     command = [sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(config), "--load-format", "dummy",
                "--port", str(args.port), *args.server_flags, *shlex.split(flags)]
     print(f"== {name}: {shlex.join(command[2:])}", flush=True)
-    with open(out / f"server-{name}.log", "w") as log:
+    with open(out / "details" / f"server-{name}.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
@@ -100,7 +103,7 @@ def run_policy(args: argparse.Namespace, name: str, flags: str, config: Path, to
                 rows.append({"policy": name, "request_rate": rate, "skipped": "past --deadline-s"})
                 print(f"   rate {rate:g}: skipped, past --deadline-s", flush=True)
                 continue
-            result_file = out / f"run-{name}-{rate:g}.jsonl"
+            result_file = out / "details" / f"run-{name}-{rate:g}.jsonl"
             status = bench(args, url, tokenizer, rate, num, args.seed + i, result_file, args.input_len, args.output_len)
             if not result_file.exists():
                 rows.append({"policy": name, "request_rate": rate, "skipped": f"bench-serving exited with {status}"})
@@ -178,7 +181,7 @@ def main() -> int:
     args.rates = [float(r) for r in args.rates.split(",")]
     policies = dict(p.split("=", 1) for p in args.policy) if args.policy else POLICIES
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "details").mkdir(parents=True, exist_ok=True)
     (out / "itl_sweep.jsonl").unlink(missing_ok=True)
     config = CONFIG
     args.server_flags = []
@@ -206,6 +209,8 @@ def main() -> int:
     sections.append("### Checks\n\n" + checks_table(rows))
     report = "\n\n".join(sections) + "\n"
     (out / "itl_sweep.md").write_text(report)
+    shutil.make_archive(str(out / "details"), "gztar", root_dir=out / "details")
+    shutil.rmtree(out / "details")
     print("\n" + report)
     return 0 if all("skipped" not in r and r["failed"] == 0 for r in rows) else 1
 

@@ -3,7 +3,8 @@ their image processor: greedy tokens and logprobs vs ``generate`` on the process
 image, two images of different sizes (each its own grid, so its own count of placeholders and its
 own M-RoPE positions) and a text-only prompt, batched and prefilled in chunks that cut through the
 images; the same image reused from the prefix cache under a different question; requests
-retracted and prefilled again; an OpenAI ``image_url`` request through the live server."""
+retracted and prefilled again; two tensor-parallel ranks (gloo), their prefill steps' M-RoPE
+positions sent by rank 0; an OpenAI ``image_url`` request through the live server."""
 
 from __future__ import annotations
 
@@ -187,6 +188,28 @@ def test_same_image_reuses_the_cached_prefix_and_matches_hf(qwen_vl):
     assert again["meta_info"]["cached_tokens"] >= 1 + 9 + 1  # the image's start, its 3x3 placeholders, its end
     assert same["meta_info"]["cached_tokens"] == first["meta_info"]["prompt_tokens"] - 1
     engine.check_memory()
+
+
+def test_two_tensor_parallel_ranks_match_hf_and_one_rank(qwen_vl):
+    """--tp-size 2 (gloo): rank 0 derives the M-RoPE positions and sends each prefill step's
+    [3, tokens] of them to the other rank. One image, two images of different grids and text
+    batched in chunks through the images, then the first image reused from the prefix cache under
+    another question (the chunk's positions from the middle of the prompt's table): transformers'
+    tokens and logprobs, and the one-rank engine's tokens."""
+    from sglang_core.engine import Engine
+
+    folder, expected, single, _ = qwen_vl
+    names = ["one", "two", "text", "again"]
+    single.flush_cache()
+    alone = _generate(single, names[:3]) + _generate(single, names[3:])
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=CHUNK, max_total_tokens=512,
+                tp_size=2) as engine:
+        results = _generate(engine, names[:3]) + _generate(engine, names[3:])
+        engine.check_memory()
+    assert results[3]["meta_info"]["cached_tokens"] >= 1 + 9 + 1  # the image's start, its placeholders, its end
+    for result, one_rank, name in zip(results, alone, names):
+        _check(result, expected[name])
+        assert result["output_ids"] == one_rank["output_ids"], name
 
 
 def test_openai_chat_image_url_matches_hf(qwen_vl):

@@ -156,6 +156,21 @@ def test_step_channel_carries_every_field():
     assert Receiver(follower, wire).receive() is None
 
 
+def test_step_channel_carries_a_prefill_steps_media_positions():
+    """Two requests' [3, tokens] M-RoPE positions (a model's media positions) come back whole, the
+    fields after them in place."""
+    wire = deque()
+    table = torch.tensor([[0, 1, 1, 1, 1, 3, 4], [0, 1, 1, 2, 2, 5, 6], [0, 1, 2, 1, 2, 7, 8]])
+    step = StepInput(mode=ForwardMode.EXTEND, input_ids=[5, 9, 9, 9, 9, 6, 7], positions=table,
+                     out_cache_loc=torch.arange(1, 8), req_pool_indices=[1, 0], seq_lens=[4, 3], prefix_lens=[0, 0],
+                     fill_lens=[4, 3], logit_index=[3, 6])
+    Sender(ReqToTokenPool(2, 8, "cpu"), wire).send(step)
+    got = Receiver(ReqToTokenPool(2, 8, "cpu"), wire).receive()
+    assert torch.equal(got.positions, table) and got.input_ids.tolist() == step.input_ids and not wire
+    for field in ("req_pool_indices", "seq_lens", "prefix_lens", "fill_lens", "logit_index"):
+        assert getattr(got, field) == getattr(step, field), field
+
+
 class MirroredMemory:
     """Rank 0's ``RequestMemory`` (a radix cache) and its steps sent to a second rank's table, with
     a plain-Python model of every live request's row (its KV slots, as the memory hands them out)."""

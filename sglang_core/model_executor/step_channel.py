@@ -5,6 +5,9 @@ mode, the sizes of every field), then one int64 payload holding the fields back 
 with images' embeddings (rank 0's vision encoder made them) has a third, their float rows as
 they are. The payload is built and received on the runner's device, so on CUDA it travels over
 NCCL without a host copy of the token ids (an overlapped decode's ids are still on the device).
+Positions are one per token, or for a model that derives them from media (M-RoPE) a prefill
+step's [components, tokens], sent row after row (the header says how many rows); a decode step's
+stay one per token (index plus the request's delta), so its payload does not grow with them.
 
 The other ranks run no scheduler: their copy of ``req_to_token`` follows rank 0's from the steps,
 so their attention reads the KV slots rank 0's scheduler chose. A step's new tokens already come
@@ -31,8 +34,9 @@ STOP, STEP = 0, 1
 MODES = (ForwardMode.EXTEND, ForwardMode.DECODE)
 EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # kind, mode, tokens, requests, logit rows, shared-prefix groups, their rows, slots, payload length,
-# embedded rows, embedding width, embedding dtype (an index into EMBED_DTYPES)
-HEADER_LEN = 12
+# embedded rows, embedding width, embedding dtype (an index into EMBED_DTYPES), position components
+# (0: one position per token)
+HEADER_LEN = 13
 
 
 class StepChannel:
@@ -57,16 +61,19 @@ class StepChannel:
             if row in self.req_pool.rewritten:
                 known = min(known, self.req_pool.rewritten.pop(row))
             resend_from.append(min(known, prefix_len))
-        host = torch.tensor(step.positions + step.req_pool_indices + step.seq_lens + step.prefix_lens + step.fill_lens
-                            + step.logit_index + [length for length, _ in groups] + [len(rows) for _, rows in groups]
-                            + shared_rows + list(embed_rows) + resend_from, dtype=torch.int64)
+        positions = torch.as_tensor(step.positions, dtype=torch.int64)
+        components = positions.shape[0] if positions.dim() == 2 else 0
+        fields = torch.tensor(step.req_pool_indices + step.seq_lens + step.prefix_lens + step.fill_lens
+                              + step.logit_index + [length for length, _ in groups] + [len(rows) for _, rows in groups]
+                              + shared_rows + list(embed_rows) + resend_from, dtype=torch.int64)
+        host = torch.cat([positions.flatten().cpu(), fields])
         slots = self.req_to_token[_spans(step.req_pool_indices, resend_from, step.prefix_lens, self.device)]
         self.mirrored.update(zip(step.req_pool_indices, step.seq_lens))
         ids = torch.as_tensor(step.input_ids, dtype=torch.int64).to(self.device)
         payload = torch.cat([ids, step.out_cache_loc.to(self.device, torch.int64), host.to(self.device), slots])
-        header = [STEP, MODES.index(step.mode), len(step.positions), len(step.seq_lens), len(step.logit_index),
+        header = [STEP, MODES.index(step.mode), positions.shape[-1], len(step.seq_lens), len(step.logit_index),
                   len(groups), len(shared_rows), slots.numel(), payload.numel(), len(embed_rows), embeds.shape[1],
-                  EMBED_DTYPES.index(embeds.dtype)]
+                  EMBED_DTYPES.index(embeds.dtype), components]
         self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
         self._broadcast(payload)
         if embed_rows:
@@ -79,17 +86,19 @@ class StepChannel:
         """The next step (its rows written into ``req_to_token``), or None once rank 0 stops."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._broadcast(header)
-        kind, mode, tokens, requests, logits, groups, shared_rows, slot_count, length, embedded, width, dtype = (
-            header.tolist())
+        (kind, mode, tokens, requests, logits, groups, shared_rows, slot_count, length, embedded, width, dtype,
+         components) = header.tolist()
         if kind == STOP:
             return None
         payload = torch.empty(length, dtype=torch.int64, device=self.device)
         self._broadcast(payload)
-        ids, out_cache_loc, host, slots = payload.split([tokens, tokens, length - 2 * tokens - slot_count, slot_count])
-        fields = host.tolist()
-        sizes = [tokens, requests, requests, requests, requests, logits, groups, groups, shared_rows, embedded, requests]
-        (positions, rows, seq_lens, prefix_lens, fill_lens, logit_index, group_lens, group_sizes, members, embed_rows,
-         resend_from) = _cut(fields, sizes)
+        position_count = tokens * max(components, 1)
+        ids, out_cache_loc, positions, host, slots = payload.split(
+            [tokens, tokens, position_count, length - 2 * tokens - position_count - slot_count, slot_count])
+        sizes = [requests, requests, requests, requests, logits, groups, groups, shared_rows, embedded, requests]
+        (rows, seq_lens, prefix_lens, fill_lens, logit_index, group_lens, group_sizes, members, embed_rows,
+         resend_from) = _cut(host.tolist(), sizes)
+        positions = positions.view(components, tokens) if components else positions.tolist()
         input_embeds = None
         if embedded:
             input_embeds = (embed_rows, torch.empty(embedded, width, dtype=EMBED_DTYPES[dtype], device=self.device))

@@ -31,24 +31,31 @@ class ReqToTokenPool:
         self._free_rows = list(range(max_requests))
         # Rows whose entries were replaced, not only extended, since a copy of the table last
         # read them: row -> first replaced column (0: a new occupant). Tensor parallelism's step
-        # channel re-sends these from there to the other ranks' copies.
-        self.rewritten: dict[int, int] = {}
+        # channel re-sends these from there to the other ranks' copies; None (kept by no one)
+        # until it calls ``track_rewrites``.
+        self.rewritten: dict[int, int] | None = None
 
     def available_size(self) -> int:
         return len(self._free_rows)
+
+    def track_rewrites(self) -> None:
+        """Keep ``rewritten`` from now on."""
+        self.rewritten = {}
 
     def alloc(self) -> int | None:
         if not self._free_rows:
             return None
         row = self._free_rows.pop()
-        self.rewritten[row] = 0
+        if self.rewritten is not None:
+            self.rewritten[row] = 0
         return row
 
     def rewrite(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Replace the row's entries from column ``start`` on with ``slots``."""
         if len(slots):
             self.req_to_token[row, start : start + len(slots)] = slots
-            self.rewritten[row] = min(self.rewritten.get(row, start), start)
+            if self.rewritten is not None:
+                self.rewritten[row] = min(self.rewritten.get(row, start), start)
 
     def free(self, row: int) -> None:
         self._free_rows.append(row)

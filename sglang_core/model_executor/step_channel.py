@@ -45,6 +45,7 @@ class StepChannel:
     def __init__(self, tp: TPGroup, req_pool: ReqToTokenPool):
         self.tp = tp
         self.req_pool = req_pool
+        req_pool.track_rewrites()
         self.req_to_token = req_pool.req_to_token
         self.device = self.req_to_token.device
         # On rank 0: row -> how many leading entries the other ranks hold as rank 0 does.

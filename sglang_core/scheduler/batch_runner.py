@@ -64,7 +64,6 @@ class BatchRunner:
         ``running``: ids of the requests already running (jump-forward and mixed steps extend
         them too). Returns the requests sampled and those wholly prefilled that sample nothing."""
         input_ids: list[int] = []
-        positions: list[int] = []
         logit_index: list[int] = []
         prompt_rows: list[tuple[Req, int, int]] = []  # (req, first logit row, row count)
         finals: list[Req] = []
@@ -74,7 +73,6 @@ class BatchRunner:
             req, a, b = chunk.req, chunk.start, chunk.end
             offset = len(input_ids)
             input_ids += req.fill_ids[a:b]
-            positions += range(a, b)
             first, last = self._prompt_logprob_span(req, a, b)  # prompt tokens [first, last)
             if last > first:
                 prompt_rows.append((req, len(logit_index), last - first))
@@ -85,11 +83,12 @@ class BatchRunner:
                 finals.append(req)
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
-        embeds = None
-        if any(chunk.req.media for chunk in chunks):
-            embeds = step_input_embeds([(c.req, c.start, c.end) for c in chunks], self._encode)
-        if any(chunk.req.position_table is not None for chunk in chunks):
-            positions = step_positions([(c.req, c.start, c.end) for c in chunks])
+        spans = [(c.req, c.start, c.end) for c in chunks]
+        embeds = step_input_embeds(spans, self._encode) if any(c.req.media for c in chunks) else None
+        if any(c.req.position_table is not None for c in chunks):
+            positions: list[int] | torch.Tensor = step_positions(spans)
+        else:
+            positions = [p for c in chunks for p in range(c.start, c.end)]
         logits = self.forward(ForwardMode.EXTEND, input_ids, positions, chunks, logit_index, input_embeds=embeds)
         for req in finals:
             if id(req) not in running:

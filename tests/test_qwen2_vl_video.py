@@ -147,7 +147,8 @@ def qwen_vl_video(request, tmp_path_factory):
                 for name, (text, images) in CASES.items()}
     media = tmp_path_factory.mktemp("media")
     (media / "clip.mp4").write_bytes(video_file(10))
-    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", max_total_tokens=1024,
+    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", chat_template="chatml",
+                                   max_total_tokens=1024,
                                    chunked_prefill_size=CHUNK, engine_in_subprocess=False,
                                    allowed_local_media_path=str(media), media_video_frames=len(FILE_FRAMES)))
     with app_in_thread(app) as url:
@@ -172,16 +173,22 @@ def test_video_and_image_with_video_match_hf(qwen_vl_video):
     engine.check_memory()
 
 
+def file_reference(folder, version: str, prompt: str, clip) -> tuple[list[int], list[float]]:
+    """transformers on the frames the server samples from the clip file, with their rate."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=10, fps=4.0, frames_indices=FILE_FRAMES)
+    return hf_reference(folder, version, prompt, [], [decoded_frames(clip.read_bytes(), FILE_FRAMES)], [metadata])
+
+
 def test_generate_video_data_file_matches_hf(qwen_vl_video):
     """A video file by path on ``/generate``: the server samples 4 of its 10 frames, 1.6 a second
     of its 4, so Qwen2.5-VL's temporal patches lie 1.25 s apart (31 positions at 25 a second)."""
     import httpx
-    from transformers.video_utils import VideoMetadata
 
     folder, version, _, _, url, clip = qwen_vl_video
     text = CASES["video"][0]
-    metadata = VideoMetadata(total_num_frames=10, fps=4.0, frames_indices=FILE_FRAMES)
-    expected = hf_reference(folder, version, text, [], [decoded_frames(clip.read_bytes(), FILE_FRAMES)], [metadata])
+    expected = file_reference(folder, version, text, clip)
     body = {"text": text, "video_data": str(clip), "return_logprob": True,
             "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
     response = httpx.post(url + "/generate", json=body, timeout=60)
@@ -189,3 +196,59 @@ def test_generate_video_data_file_matches_hf(qwen_vl_video):
     meta = response.json()["meta_info"]
     assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected[0]
     assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_openai_chat_video_url_matches_hf(qwen_vl_video):
+    """The clip as a data URL in an OpenAI ``video_url`` part: the chat template writes the video
+    (its start, placeholder and end tokens) where the part is."""
+    import base64
+
+    import openai
+
+    folder, version, _, _, url, clip = qwen_vl_video
+    question = "What happens in the video?"
+    expected = file_reference(folder, version, f"<|im_start|>user\n{VIDEO}\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                              clip)
+    video = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="m", max_tokens=MAX_NEW, temperature=0, logprobs=True, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                               {"type": "text", "text": question}]}])
+    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_pixel_cap_sizes_frames_as_transformers_and_bad_settings_are_refused(tmp_path):
+    """``cap_pixels_per_frame``: the video's pixel budget (``max_video_tokens``) shared out over its
+    frames, so more frames are smaller; each frame count's size as transformers' own
+    ``Qwen2VLVideoProcessor.resize`` picks it (the torchvision resize behind it replaced by a
+    record of the size asked for)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from PIL import Image
+    from transformers.image_utils import SizeDict
+
+    from sglang_plugins.models.qwen2_vl.video_frames import VideoFrameProcessor
+
+    settings = dict(VIDEO_SETTINGS, min_pixels=256, cap_pixels_per_frame=True, max_video_tokens=20)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(settings))
+    ours = VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=2))
+    module = video_processor_module()
+    hf = object.__new__(module.Qwen2VLVideoProcessor)  # only its resize runs: it needs no set-up
+    size_asked = mock.patch.object(module.BaseVideoProcessor, "resize", create=True,
+                                   new=lambda self, image, size, resample: (size.height, size.width))
+    sizes = set()
+    for count in (2, 3, 6, 12):
+        _, grid = ours([Image.new("RGB", (64, 48))] * count)
+        with size_asked:
+            expected = module.Qwen2VLVideoProcessor.resize(
+                hf, torch.zeros(1, count, 3, 48, 64), SizeDict(shortest_edge=256, longest_edge=8192), None, factor=16,
+                temporal_factor=2, cap_pixels_per_frame=True, max_video_tokens=20)
+        assert (grid[0, 1] * 8, grid[0, 2] * 8) == expected
+        sizes.add(expected)
+    assert len(sizes) == 3  # 48x64 under the budget of 2 and 3 frames, then 32x32, 16x32
+    with pytest.raises(ValueError, match="^video_processor.temporal_patch_size: "):
+        VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=1))
+    with pytest.raises(ValueError, match="^video: its frames differ in size"):
+        ours([Image.new("RGB", (64, 48)), Image.new("RGB", (48, 64))])

@@ -183,19 +183,22 @@ def file_reference(folder, version: str, prompt: str, clip) -> tuple[list[int], 
 
 def test_generate_video_data_file_matches_hf(qwen_vl_video):
     """A video file by path on ``/generate``: the server samples 4 of its 10 frames, 1.6 a second
-    of its 4, so Qwen2.5-VL's temporal patches lie 1.25 s apart (31 positions at 25 a second)."""
+    of its 4, so Qwen2.5-VL's temporal patches lie 1.25 s apart (31 positions at 25 a second), past
+    the positions of the text after the video; sent twice, the second from the prefix cache."""
     import httpx
 
     folder, version, _, _, url, clip = qwen_vl_video
     text = CASES["video"][0]
     expected = file_reference(folder, version, text, clip)
-    body = {"text": text, "video_data": str(clip), "return_logprob": True,
+    body = {"text": text, "video_data": str(clip), "return_logprob": True, "logprob_start_len": -1,
             "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
-    response = httpx.post(url + "/generate", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    meta = response.json()["meta_info"]
-    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected[0]
-    assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(expected[1], abs=1e-4)
+    for _ in range(2):  # the second time the video's tokens come from the prefix cache
+        response = httpx.post(url + "/generate", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        meta = response.json()["meta_info"]
+        assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected[0]
+        assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(expected[1], abs=1e-4)
+    assert meta["cached_tokens"] >= 1 + 2 * 16 + 1  # the video's start, 2 temporal patches of 4x4, its end
 
 
 def test_openai_chat_video_url_matches_hf(qwen_vl_video):

@@ -59,7 +59,8 @@ def video_processor_module():
     functions used here need none)."""
     import transformers  # noqa: F401  (before the stand-in: transformers probes for torchvision once)
 
-    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional")
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional")
     for name in names:
         sys.modules[name] = types.ModuleType(name)
     try:  # the module itself: the package's lazy attribute would refuse it without torchvision
@@ -210,8 +211,8 @@ def test_openai_chat_video_url_matches_hf(qwen_vl_video):
 
     folder, version, _, _, url, clip = qwen_vl_video
     question = "What happens in the video?"
-    expected = file_reference(folder, version, f"<|im_start|>user\n{VIDEO}\n{question}<|im_end|>\n<|im_start|>assistant\n",
-                              clip)
+    prompt = f"<|im_start|>user\n{VIDEO}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    expected = file_reference(folder, version, prompt, clip)
     video = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     reply = client.chat.completions.create(

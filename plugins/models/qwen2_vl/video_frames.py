@@ -44,7 +44,8 @@ class VideoFrameProcessor:
         self.min_pixels = settings.get("min_pixels", size.get("shortest_edge"))
         self.max_pixels = settings.get("max_pixels", size.get("longest_edge"))
         if not self.min_pixels or not self.max_pixels:
-            raise ValueError(f"video_processor.size: expected shortest_edge and longest_edge (pixel bounds), got {size}")
+            raise ValueError(f"video_processor.size: expected shortest_edge and longest_edge (pixel bounds), "
+                             f"got {size}")
         self.cap_pixels = bool(settings.get("cap_pixels_per_frame"))
         self.max_video_tokens = settings.get("max_video_tokens", DEFAULT_MAX_VIDEO_TOKENS)
         self.frames = Qwen2VLImageProcessorPil(
@@ -63,8 +64,8 @@ class VideoFrameProcessor:
             raise ValueError("video: its frames differ in size")
         count = len(frames)
         padded = list(frames) + [frames[-1]] * (-count % self.temporal)
-        out = self.frames(images=padded, size={"shortest_edge": self.min_pixels, "longest_edge": self.pixel_bound(count)},
-                          return_tensors="pt")
+        bounds = {"shortest_edge": self.min_pixels, "longest_edge": self.pixel_bound(count)}
+        out = self.frames(images=padded, size=bounds, return_tensors="pt")
         _, h, w = out["image_grid_thw"][0].tolist()
         groups = len(padded) // self.temporal
         # The image processor repeats a still frame over the temporal axis: keep one copy of each

@@ -237,7 +237,7 @@ def test_pixel_cap_sizes_frames_as_transformers_and_bad_settings_are_refused(tmp
 
     settings = dict(VIDEO_SETTINGS, min_pixels=256, cap_pixels_per_frame=True, max_video_tokens=20)
     (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(settings))
-    ours = VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=2))
+    ours = VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=2, spatial_merge_size=2))
     module = video_processor_module()
     hf = object.__new__(module.Qwen2VLVideoProcessor)  # only its resize runs: it needs no set-up
     size_asked = mock.patch.object(module.BaseVideoProcessor, "resize", create=True,
@@ -253,6 +253,8 @@ def test_pixel_cap_sizes_frames_as_transformers_and_bad_settings_are_refused(tmp
         sizes.add(expected)
     assert len(sizes) == 3  # 48x64 under the budget of 2 and 3 frames, then 32x32, 16x32
     with pytest.raises(ValueError, match="^video_processor.temporal_patch_size: "):
-        VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=1))
+        VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=1, spatial_merge_size=2))
+    with pytest.raises(ValueError, match="^video_processor.merge_size: .* spatial_merge_size is 1"):
+        VideoFrameProcessor(tmp_path, SimpleNamespace(patch_size=8, temporal_patch_size=2, spatial_merge_size=1))
     with pytest.raises(ValueError, match="^video: its frames differ in size"):
         ours([Image.new("RGB", (64, 48)), Image.new("RGB", (48, 64))])

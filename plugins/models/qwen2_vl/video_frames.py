@@ -52,10 +52,12 @@ class VideoFrameProcessor:
             size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
             **{name: settings[name] for name in FRAME_SETTINGS if name in settings})
         self.patch_size, self.temporal = self.frames.patch_size, self.frames.temporal_patch_size
-        for name, ours in (("patch_size", self.patch_size), ("temporal_patch_size", self.temporal)):
-            if ours != getattr(vision_config, name):
+        for name, tower_name in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                                 ("merge_size", "spatial_merge_size")):
+            ours, tower = getattr(self.frames, name), getattr(vision_config, tower_name)
+            if ours != tower:
                 raise ValueError(f"video_processor.{name}: the video processor's is {ours}, the vision tower's "
-                                 f"{getattr(vision_config, name)}")
+                                 f"{tower_name} is {tower}")
 
     def __call__(self, frames: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """A video's frames -> its ``pixel_values_videos`` [t * h * w, channels * temporal * patch**2]

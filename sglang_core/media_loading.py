@@ -35,6 +35,15 @@ class MediaLimits:
     max_video_frames: int = 32  # the most a video may have (given as frames) or a request may ask to sample
 
 
+class VideoFrames(list):
+    """A video's sampled frames (images), and the rate they sample it at in frames per second
+    (``fps``; None where unknown, as for a video given as frames): a model may place its frames in time."""
+
+    def __init__(self, frames: list[Image.Image], fps: float | None = None):
+        super().__init__(frames)
+        self.fps = fps
+
+
 def load_image(source: str | bytes, limits: MediaLimits, field: str = "image_data") -> Image.Image:
     """An image from raw bytes, a ``data:`` URL, base64 text, a file path or an http(s) URL."""
     data = read_source(source, limits, field)
@@ -70,7 +79,7 @@ def load_video(source: str | bytes | list, limits: MediaLimits, field: str = "vi
     return decode_video(read_source(source, limits, field), wanted, limits.max_pixels, field)
 
 
-def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video") -> list[Image.Image]:
+def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video") -> VideoFrames:
     """``num_frames`` frames sampled evenly from a video file's bytes (each within ``max_pixels``)."""
     try:
         import av
@@ -88,6 +97,7 @@ def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "vi
                                  f"{stream.codec_context.height} pixels, more than the limit of {max_pixels}")
             # The packets give the frame count without decoding (the header's count may be absent).
             total = sum(1 for packet in container.demux(stream) if packet.size)
+            rate = stream.average_rate
         if total == 0:
             raise ValueError(f"{field}: the video has no frames")
         keep = _even_indices(total, num_frames)
@@ -102,7 +112,7 @@ def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "vi
         raise ValueError(f"{field}: cannot decode the video: {exc}") from None
     if not frames:
         raise ValueError(f"{field}: no frame of the video could be decoded")
-    return frames
+    return VideoFrames(frames, float(rate) * len(keep) / total if rate else None)
 
 
 def _even_indices(total: int, count: int) -> set[int]:

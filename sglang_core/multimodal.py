@@ -50,7 +50,8 @@ class InputProcessor(abc.ABC):
 
     def process_video(self, frames: list[Image.Image]) -> tuple[dict[str, torch.Tensor], int]:
         """The encoder's inputs for one video, given as its sampled frames, and how many
-        placeholder tokens it takes in the prompt."""
+        placeholder tokens it takes in the prompt. Frames decoded from a file carry the rate they
+        sample it at (``media_loading.VideoFrames.fps``)."""
         raise ValueError("video: the model takes no videos")
 
 

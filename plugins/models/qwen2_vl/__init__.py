@@ -1,5 +1,5 @@
 """Built-in model plugin: Qwen2-VL (``Qwen2VLForConditionalGeneration``) and Qwen2.5-VL
-(``Qwen2_5_VLForConditionalGeneration``): images at their own resolution, M-RoPE positions."""
+(``Qwen2_5_VLForConditionalGeneration``): images at their own resolution and videos, M-RoPE positions."""
 
 from sglang_core.hookspecs import hookimpl
 

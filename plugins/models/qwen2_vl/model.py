@@ -2,7 +2,8 @@
 
 The vision tower is transformers' own module (Qwen2-VL's ViT; Qwen2.5-VL's, with windowed
 attention on all blocks but ``fullatt_block_indexes``): it takes an image's patches at the image's
-own resolution with its grid (``image_grid_thw``) and merges each ``spatial_merge_size`` square of
+own resolution with its grid (``image_grid_thw``), a video's patches of ``temporal_patch_size`` frames
+with theirs (``video_grid_thw``), and merges each ``spatial_merge_size`` square of
 patches into one embedding of the language model's width. The language model is the core's
 Qwen2 on ``text_config``; its rotary is M-RoPE (``mrope_section``), turned by the positions the
 input processor derives from the images (``processor.Qwen2VLInputProcessor.media_positions``).
@@ -57,12 +58,13 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.language_model.compute_logits(hidden)
 
     def embed_media(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Every image through the tower at once: its patches concatenated, each image attending
-        within itself (the tower splits them by their grids)."""
+        """Every image and video through the tower at once: their patches concatenated, each image
+        and each of a video's temporal patches attending within itself (the tower splits them by
+        their grids)."""
         dtype = next(self.visual.parameters()).dtype
-        pixels = torch.cat([item["pixel_values"] for item in inputs]).to(dtype)
-        grids = torch.cat([item["image_grid_thw"] for item in inputs])
-        merged = self.visual(pixels, grid_thw=grids).pooler_output
+        pixels, grids = zip(*(vision_input(item) for item in inputs))
+        grids = torch.cat(grids)
+        merged = self.visual(torch.cat(pixels).to(dtype), grid_thw=grids).pooler_output
         return list(merged.split((grids.prod(-1) // self.merge_size**2).tolist()))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -72,6 +74,13 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             self.visual.load_state_dict(vision, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"visual: the checkpoint's weights do not fit: {exc}") from None
+
+
+def vision_input(item: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image's or a video's patches and grid."""
+    if "pixel_values_videos" in item:
+        return item["pixel_values_videos"], item["video_grid_thw"]
+    return item["pixel_values"], item["image_grid_thw"]
 
 
 def split_off_tower(weights: Iterable[tuple[str, torch.Tensor]],

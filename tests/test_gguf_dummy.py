@@ -7,6 +7,7 @@ float32 generates from the same dequantized weights.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from gguf_blocks import QUANTIZED
 from reference import hf_greedy
@@ -124,3 +125,17 @@ def test_tiny_engine_on_dummy_q4_k_weights_generates_what_transformers_does(tmp_
     assert len(types) == 2 * 4 + 2 and set(map(tuple, types.values())) == {(T.Q4_K,)}
     hf = hf_with_the_engines_weights(model, LlamaConfig(**TINY))
     assert [r["output_ids"] for r in results] == [hf_greedy(hf, prompt, greedy["max_new_tokens"]) for prompt in prompts]
+
+
+def test_benchmark_floor_counts_the_q4_k_blocks_of_every_matrix_and_the_head():
+    """``gpu_llama8b.py --config benchmarks/configs/llama-3.1-8b-gguf-q4k --runs floor``: a Q4_K
+    super-block is 144 bytes for 256 values; the untied embedding is not read whole, norms are bf16."""
+    benchmarks = Path(__file__).parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("gpu_llama8b", benchmarks / "gpu_llama8b.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    c = AutoConfig.from_pretrained(benchmarks / "configs" / "llama-3.1-8b-gguf-q4k")
+    h, kv = c.hidden_size, c.num_key_value_heads * c.head_dim
+    matrices = c.num_hidden_layers * (h * (h + 2 * kv) + h * h + 3 * h * c.intermediate_size) + c.vocab_size * h
+    norms = (2 * c.num_hidden_layers + 1) * h
+    assert bench.weight_bytes(c) == (matrices * 144 / 256 + norms * 2,) * 2

@@ -2,7 +2,7 @@
 
 The quants and the 6-bit / int8 sub-block scales are random bytes, all of them valid; the f16
 fields (``d``, and ``dmin`` / ``m``) are written, since random bits there are inf or NaN one time in
-32 and otherwise span 1e-7 to 6e4. Each block's ``d`` is ``STD / spread * U(0.5, 1.5)``, where
+32 and otherwise span 6e-8 to 65504 in size. Each block's ``d`` is ``STD / spread * U(0.5, 1.5)``, where
 ``spread`` is the standard deviation of a value over ``d`` when the bytes are uniform, so values
 come out with about the standard deviation of the core's float noise (0.02). The offsets (Q4_1's
 ``m``, K-quants' ``dmin``) are the quants' mean times ``d``, centring a block of middling sub-scales

@@ -4,6 +4,11 @@ docs/benchmarks.md's GPU tables, each beside its baseline measured in the same r
     python benchmarks/gpu_llama8b.py                                   # everything
     python benchmarks/gpu_llama8b.py --runs decode1,batch64 --backends triton,torch_native
     python benchmarks/gpu_llama8b.py --config benchmarks/configs/qwen2-7b --runs floor,decode1,batch64,hf1,hf32
+    python benchmarks/gpu_llama8b.py --config benchmarks/configs/llama-3.1-8b-gguf-q4k --runs floor,decode1
+
+A config's ``quantization_config`` quantizes the dummy weights: ``llama-3.1-8b-awq`` random AWQ
+codes, ``llama-3.1-8b-gguf-q4k`` random Q4_K blocks in every linear layer, the embedding and the
+LM head (``dummy_ggml_type``: any type the gguf plugin has kernels for).
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
@@ -21,9 +26,10 @@ Runs (``--runs``):
   config and dtype (random weights; greedy; EOS ignored).
 - ``hf1``: HF ``generate`` at batch 1, input 128: decode ms/step, to set beside ``decode1``.
 - ``hf32``: batch 32 x (512 in, 65 out), output tok/s, ours and HF ``generate``.
-- ``floor``: the batch-1 decode floor, the bytes of weights a step reads (every matrix once; the
-  embedding table only where it is also the LM head; of the routed experts only the top-k) over
-  the device copy bandwidth measured now. ``all_weight_bytes``: every weight (a large batch's read).
+- ``floor``: the batch-1 decode floor, the bytes of weights a step reads (every matrix once, as the
+  engine stores it: bf16, or a GGUF / AWQ config's packed bytes with their scales; the embedding
+  table only where it is also the LM head; of the routed experts only the top-k) over the device
+  copy bandwidth measured now. ``all_weight_bytes``: every weight (a large batch's read).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
   question, 256 output; with the radix cache and with ``--disable-radix-cache``;
   ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
@@ -205,24 +211,62 @@ def run_hf32(backend: str) -> list[dict]:
     return [{"run": "hf32", "backend": backend, **ours}, {"run": "hf32", **hf_generate(32, 512, 65)}]
 
 
-def run_floor(backend: str) -> list[dict]:
-    """Weight bytes read per batch-1 decode step over the device copy bandwidth measured now."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def stored_bytes_per_value(config) -> dict[str, float]:
+    """Bytes per weight value as the engine stores the config's model, for ``linear`` (the decoder
+    layers' matmuls), ``experts`` (routed experts) and ``tables`` (embedding, LM head): bf16 unless
+    the ``quantization_config``'s method keeps that kind quantized. GGUF (dummy blocks of
+    ``dummy_ggml_type``): a block's bytes over its values, linear layers and tables (the gguf method
+    has no experts); AWQ: the packed codes plus a 16-bit scale and a packed zero per group, linear
+    layers and experts."""
+    quant = getattr(config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    method, rates = quant.get("quant_method"), {"linear": 2.0, "experts": 2.0, "tables": 2.0}
+    if method == "gguf":
+        from sglang_plugins.quant.gguf.blocks import BLOCKS
+        from sglang_plugins.quant.gguf.dummy import dummy_type
 
-    config = AutoConfig.from_pretrained(str(CONFIG))
+        values, nbytes, _ = BLOCKS[dummy_type(quant.get("dummy_ggml_type"))]
+        return {**rates, "linear": nbytes / values, "tables": nbytes / values}
+    if method == "awq":
+        per_value = quant["bits"] / 8 + (2 + quant["bits"] / 8) / quant["group_size"]
+        return {**rates, "linear": per_value, "experts": per_value}
+    if method is not None:
+        raise ValueError(f"quantization_config.quant_method: the floor has no byte count for {method!r}")
+    return rates
+
+
+def weight_bytes(config) -> tuple[float, float]:
+    """(bytes of weights a batch-1 decode step reads, bytes of every weight) of the config's model
+    as the engine stores it: every matrix once; the embedding table only where it is also the LM
+    head; of the routed experts only the top-k. Norms and biases are bf16."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    embedding = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight is embedding
-    # named_parameters() lists a tied table once. Routed experts: a batch-1 step reads only the
-    # top-k of each layer's experts (shared experts are not under ".experts.").
+    rates = stored_bytes_per_value(config)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    tables = {id(embedding), id(head)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - tables
+    # Routed experts: a batch-1 step reads only the top-k of each layer's (shared experts are not under ".experts.").
     experts = next((getattr(config, k) for k in ("n_routed_experts", "num_local_experts", "num_experts")
                     if getattr(config, k, None)), None)
     active = getattr(config, "num_experts_per_tok", 1) / experts if experts else 1.0
-    all_bytes = weight_bytes = -(0 if tied else embedding.numel() * 2)
+    # named_parameters() lists a tied table once; an untied embedding is read only at its looked-up rows.
+    all_bytes = step_bytes = -(0.0 if head is embedding else embedding.numel() * rates["tables"])
     for name, p in model.named_parameters():
-        all_bytes += p.numel() * 2
-        weight_bytes += p.numel() * 2 * (active if ".experts." in name else 1.0)
+        kind = ("experts" if ".experts." in name else "tables" if id(p) in tables
+                else "linear" if id(p) in linear else None)
+        size = p.numel() * (rates[kind] if kind else 2.0)
+        all_bytes += size
+        step_bytes += size * (active if kind == "experts" else 1.0)
+    return step_bytes, all_bytes
+
+
+def run_floor(backend: str) -> list[dict]:
+    """Weight bytes read per batch-1 decode step over the device copy bandwidth measured now."""
+    from transformers import AutoConfig
+
+    weight_bytes_read, all_bytes = weight_bytes(AutoConfig.from_pretrained(str(CONFIG)))
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -236,8 +280,9 @@ def run_floor(backend: str) -> list[dict]:
     bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
     del src, dst
     release()
-    return [{"run": "floor", "weight_bytes": weight_bytes, "all_weight_bytes": all_bytes, "copy_bytes_per_s": bandwidth,
-             "decode_ms_per_step": weight_bytes / bandwidth * 1000, "output_tok_per_s": 0.0, "total_s": 0.0}]
+    return [{"run": "floor", "weight_bytes": weight_bytes_read, "all_weight_bytes": all_bytes,
+             "copy_bytes_per_s": bandwidth, "decode_ms_per_step": weight_bytes_read / bandwidth * 1000,
+             "output_tok_per_s": 0.0, "total_s": 0.0}]
 
 
 def run_decode1_compile(backend: str) -> list[dict]:

@@ -425,3 +425,25 @@ def test_dummy_weights_fill_packed_and_float8_parameters() -> None:
     fp = model.weight.float()
     assert 0.01 < float(fp.std()) < 0.04 and bool(torch.isfinite(fp).all())
     assert bool((model.input_layernorm.weight == 1).all())
+
+
+class PositiveScalesMethod(PackedInt4Method):
+    """A format whose scales the core's noise would make invalid (negative): it redraws them, and
+    records what its hook saw."""
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        self.scales_seen = layer.scales.clone()
+        layer.scales.uniform_(0.5, 1.0, generator=generator)
+
+
+def test_dummy_weights_end_with_each_quant_methods_own_fill() -> None:
+    """``QuantMethod.init_dummy_weights`` runs on every quantized layer once the core's noise is in
+    (it sees the noise), and what it writes stays."""
+    from sglang_core.weights.loader import init_dummy_weights
+
+    model = torch.nn.Module()
+    model.proj = ColumnParallelLinear(128, 16, tp=group(0, 1), quant_method=PositiveScalesMethod())
+    init_dummy_weights(model, seed=0)
+    method = model.proj.quant_method
+    assert float(method.scales_seen.min()) < 0 < float(method.scales_seen.max())  # the core's noise came first
+    assert float(model.proj.scales.min()) >= 0.5 and bool((model.proj.qweight != 0).any())

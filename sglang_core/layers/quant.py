@@ -89,6 +89,14 @@ class QuantMethod(abc.ABC):
         the methods ``for_embedding`` returns)."""
         raise NotImplementedError(f"{type(self).__name__} holds no embedding tables")
 
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """``--load-format dummy``: make ``layer``'s parameters valid random weights of this format,
+        drawing from ``generator`` (on the device of the layer's parameters). Called after the core
+        filled every parameter (floats: normal noise of std 0.02; integers: random bits) and before
+        ``process_weights_after_loading``; a method whose bytes hold floats that random bits can make
+        inf or NaN (GGUF's f16 scales), or whose parameters only fill through its loaders, overrides
+        it. Default: nothing (the core's noise suits the format)."""
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel (transpose, pre-shuffle, ...); default: nothing."""
 
@@ -121,6 +129,9 @@ class ExpertsQuantMethod(abc.ABC):
         """``sum_j topk_weights[t, j] * down_e(act(gate_up_e(hidden[t])))`` over each token's experts
         ``e = topk_ids[t, j]`` (``act`` maps ``[.., 2I]`` to ``[.., I]``): ``[T, H]``, this rank's
         partial sum under tensor parallelism."""
+
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """As ``QuantMethod.init_dummy_weights``; default: nothing."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel; default: nothing."""

@@ -130,18 +130,28 @@ def language_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights of the right shapes, for speed work: small normal noise, norms at one."""
+    """Random weights of the right shapes, for speed work: small normal noise, norms at one; then
+    each layer's quantization method makes its own parameters valid (``QuantMethod.init_dummy_weights``)."""
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        # Generate on the parameter's device: an 8B model's noise made on the host is slow to move.
+        return generators.setdefault(device, torch.Generator(device=device).manual_seed(seed))
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.fill_(1.0)
                 continue
-            # Generate on the parameter's device: an 8B model's noise made on the host is slow to move.
-            gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
-            if not param.dtype.is_floating_point:  # packed codes (AWQ, GPTQ, GGUF): any bit pattern is valid
+            gen = generator(param.device)
+            if not param.dtype.is_floating_point:  # packed codes (AWQ, GPTQ): any bit pattern is valid
                 param.random_(torch.iinfo(param.dtype).min, torch.iinfo(param.dtype).max, generator=gen)
             elif param.element_size() == 1:  # float8 has no random kernels: draw in float32
                 param.copy_(torch.empty_like(param, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
             else:
                 param.normal_(0.0, 0.02, generator=gen)
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            first = next(module.parameters(recurse=False), None)
+            if method is not None and first is not None:
+                method.init_dummy_weights(module, generator(first.device))

@@ -12,6 +12,10 @@ multiplies (an LM head is such a layer; an embedding lookup dequantizes only the
 on CUDA each run of a quantized type goes through ``kernels`` (Triton kernels reading the
 blocks), each run of a float type through a float matmul, and the runs' outputs are concatenated.
 
+With ``--load-format dummy`` (a config folder whose ``quantization_config`` is ``{"quant_method":
+"gguf", "blocks": "ggml", "dummy_ggml_type": "Q4_K"}``, say) every layer holds random valid blocks
+of that one type (``dummy``), for timing a type's kernels on a real model's shapes.
+
 Only this rank's whole layer is supported: GGUF layers are not split across tensor-parallel ranks.
 """
 
@@ -25,6 +29,7 @@ from sglang_core.kernels import linear, use_fused
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fused import part_index
 from sglang_plugins.quant.gguf.blocks import dequantize, row_bytes, type_name
+from sglang_plugins.quant.gguf.dummy import dummy_type, random_blocks
 
 ALIGN = 16  # bytes: every part starts where any element type can be viewed
 
@@ -37,6 +42,7 @@ class GGUFMethod(QuantMethod):
             raise ValueError("quantization_config.blocks must be 'ggml': the gguf method keeps a GGUF file's blocks; "
                              "load the .gguf with --load-format gguf_quantized, which writes that config")
         self.prefix = prefix
+        self.dummy_ggml_type = quant_config.get("dummy_ggml_type")  # read only for dummy weights
         self._parts: dict[Any, dict[str, Any]] = {}  # shard id -> {"blocks", "type"} while loading
         # After loading: (ggml type, rows, byte offset in layer.qweight, bytes per row) of each run.
         self.segments: list[tuple[int, int, int, int]] = []
@@ -63,6 +69,16 @@ class GGUFMethod(QuantMethod):
         if loaded.numel() != 1:
             raise ValueError(f"a ggml type is one number, got shape {tuple(loaded.shape)}")
         self._parts.setdefault(shard_id, {})["type"] = int(loaded.item())
+
+    def init_dummy_weights(self, layer, generator: torch.Generator) -> None:
+        """Random valid blocks of ``quantization_config.dummy_ggml_type`` for the whole layer, laid
+        out by ``process_weights_after_loading`` as a checkpoint's would be."""
+        ggml_type = dummy_type(self.dummy_ggml_type)
+        try:
+            blocks = random_blocks(ggml_type, sum(self.output_sizes), self.input_size, generator)
+        except ValueError as exc:
+            raise ValueError(f"{self.prefix}: quantization_config.dummy_ggml_type: {exc}") from None
+        self._parts = {None: {"blocks": blocks, "type": ggml_type}}
 
     def process_weights_after_loading(self, layer) -> None:
         """Check every part against the layer's shape and lay the parts out in output order."""
@@ -94,7 +110,7 @@ class GGUFMethod(QuantMethod):
             else:
                 self.segments.append((ggml_type, rows, offset, width))
             pad = -(offset + blocks.numel()) % ALIGN
-            buffers += [blocks.reshape(-1), torch.zeros(pad, dtype=torch.uint8)]
+            buffers += [blocks.reshape(-1), torch.zeros(pad, dtype=torch.uint8, device=blocks.device)]
             types.append(ggml_type)
             offset += blocks.numel() + pad
         layer.qweight.data = torch.cat(buffers).to(layer.qweight.device)

@@ -6,15 +6,24 @@ Whitespace right before a call and after one is layout, not content. While strea
 part of the text that may still become a start tag, and trailing whitespace, are held back, so
 the content streamed equals the content of the whole output however it is cut.
 
-A format that can read its calls before they end (``pending``) streams each call's arguments as
-they are written; the others stream each call whole once it ends."""
+A format that can read its calls before they end (``reader``) streams each call's arguments as
+they are written; the others stream each call whole once it ends. Each increment of the output
+costs time in proportion to itself: the reader and the search for the end tag go on from where
+they stopped."""
 
 from __future__ import annotations
 
 import abc
 import json
+from typing import Protocol
 
-from sglang_core.server.tool_parser import CallStream, Parsed, ToolCall, ToolParser, partial_tag_length
+from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolCall, ToolParser, partial_tag_length
+
+
+class CallReader(Protocol):
+    def feed(self, text: str) -> list[CallDelta]:
+        """The next increment of a call block's text -> the pieces of its calls it makes certain
+        (as ``partial_json.CallsReader`` gives them)."""
 
 
 class TaggedCallParser(ToolParser):
@@ -29,6 +38,9 @@ class TaggedCallParser(ToolParser):
         self._at_start = True  # nothing but whitespace seen yet
         self._after_call = False  # whitespace following a call is dropped
         self._stream = CallStream(self.tools)
+        self._reader: CallReader | None = None  # the open call block's reader
+        self._read = 0  # how much of the open block the reader has been given (or skipped: its start tag)
+        self._searched = 0  # where in the open block the search for the end tag goes on
 
     def feed(self, text: str) -> Parsed:
         self._held += text
@@ -41,11 +53,11 @@ class TaggedCallParser(ToolParser):
     def decode(self, block: str) -> list[ToolCall] | None:
         """One call's text (start tag and end tag included) -> its calls; None if it is none."""
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        """The calls of a call's text not yet ended, as far as written: each one's name (None
-        while unknown) and its arguments' text as ``json.dumps`` writes it, so far. Formats that
-        cannot tell before the end give none."""
-        return []
+    def reader(self) -> CallReader | None:
+        """A reader of one call block's text after its start tag (from the JSON opener when the
+        block has none), which gives the pieces of its calls as they are written; None for a
+        format that cannot tell its calls before their end."""
+        return None
 
     def _drain(self, final: bool) -> Parsed:
         out = Parsed()
@@ -59,9 +71,13 @@ class TaggedCallParser(ToolParser):
                     return out
                 self._emit(out, self._held[:start].rstrip())
                 self._held, self._in_call, self._at_start = self._held[start:], True, False
+                self._reader, self._searched = self.reader(), 0
+                self._read = next((len(tag) for tag in self.start_tags if self._held.startswith(tag)), 0)
             end, calls = self._call_end(final)
             if end is None:
-                self._stream.update(out, self.pending(self._held))
+                if self._reader is not None:
+                    self._stream.update(out, self._reader.feed(self._held[self._read:]))
+                    self._read = len(self._held)
                 return out
             block, self._held, self._in_call = self._held[:end], self._held[end:], False
             if self._stream.complete(out, calls or None):
@@ -87,14 +103,16 @@ class TaggedCallParser(ToolParser):
     def _call_end(self, final: bool) -> tuple[int | None, list[ToolCall] | None]:
         """Where the call that opens the held text ends, and its calls (None: not a call); the
         end is None while more output may still complete it. The first end tag after which the
-        text decodes is the end (a string inside the call may hold the tag's text)."""
+        text decodes is the end (a string inside the call may hold the tag's text); each end tag
+        is tried once."""
         if self.end_tag is not None:
-            i = self._held.find(self.end_tag)
+            i = self._held.find(self.end_tag, self._searched)
             while i >= 0:
                 end = i + len(self.end_tag)
                 if calls := self.decode(self._held[:end]):
                     return end, calls
                 i = self._held.find(self.end_tag, end)
+            self._searched = max(self._searched, len(self._held) - len(self.end_tag) + 1)
         return (len(self._held), self.decode(self._held)) if final else (None, None)
 
     def _undecided_tail(self) -> int:

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from sglang_core.plugins import PluginManager
-from sglang_core.server.partial_json import JsonReader
-from sglang_core.server.tool_parser import Parsed
+from sglang_core.server.partial_json import ArgumentsReader, JsonReader
+from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolParser
 
 from sglang_plugins.frontends.reasoning import reasoning_format
 from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece, ToolCalling
@@ -188,6 +188,41 @@ def test_streaming_reads_each_character_a_bounded_number_of_times(parsers, monke
         assert (call_name, json.loads(streamed_arguments)) == ("get_weather", CODE), name
         assert len(deltas) > len(arguments) // 2, name  # the arguments came in pieces, as written
         assert sum(examined) < 4 * len(output), (name, sum(examined), len(output))
+
+
+class FunctionTagParser(ToolParser):
+    """A parser as a third-party plugin writes one, with the core alone: the whole output is one
+    ``<function=NAME>{...}</function>`` call, its arguments streamed as written."""
+
+    def __init__(self, tools: list[dict]):
+        super().__init__(tools)
+        self.stream, self.arguments = CallStream(self.tools), ArgumentsReader()
+        self.output, self.name = "", None
+
+    def feed(self, text: str) -> Parsed:
+        out = Parsed()
+        self.output += text  # short outputs only: the reader, not this, keeps long ones linear
+        if self.name is None and ">" in self.output:
+            self.name, _, text = self.output.removeprefix("<function=").partition(">")
+        if self.name is not None:
+            self.stream.update(out, [CallDelta(0, self.name, self.arguments.feed(text))])
+        return out
+
+    def finish(self) -> Parsed:
+        out = Parsed()
+        arguments = self.output.partition(">")[2].removesuffix("</function>")
+        call = self.call(self.name, arguments) if self.output.startswith("<function=") else None
+        return out if self.stream.complete(out, [call] if call else None) else Parsed(self.output)
+
+
+def test_a_parser_built_on_the_core_alone_streams_calls():
+    output = '<function=get_weather>{"city":"a;b</function>}{",\n"unit":"\\u00b0C"}</function>'
+    for cut in range(1, len(output)):
+        out = streamed(FunctionTagParser(TOOLS), [output[:cut], output[cut:]])
+        assert normalised(out) == ("", [("get_weather", {"city": "a;b</function>}{", "unit": "\u00b0C"})]), cut
+    pieces = streamed(FunctionTagParser(TOOLS), list(output)).deltas
+    assert [d.arguments for d in pieces][:4] == ["", '{"', "c", "i"]  # the arguments come as written
+    assert normalised(FunctionTagParser(TOOLS).parse("no call")) == ("no call", [])
 
 
 def test_partial_tag_is_held_back(parsers):

@@ -143,11 +143,9 @@ class NamedCalls:
         while text and not self._stopped:
             if self._arguments is None:
                 text = self._next_call(text)
-                continue
-            pieces.append(CallDelta(self._calls - 1, self._name, self._arguments.feed(text)))
-            text = self._arguments.rest if self._arguments.done else ""
-            if self._arguments.done:
-                self._arguments = None
+            else:  # the text after the arguments (once they end) goes on to the next call
+                pieces.append(CallDelta(self._calls - 1, self._name, self._arguments.feed(text)))
+                text, self._arguments = self._arguments.rest, None if self._arguments.done else self._arguments
         return pieces
 
     def _next_call(self, text: str) -> str:

@@ -51,9 +51,9 @@ class Token:
 
 class JsonReader:
     """One JSON value (whitespace before it skipped), fed in increments; ``feed`` returns the
-    tokens the new text makes certain. ``done``: the value has ended, and ``rest`` is the text
-    fed after it. ``error``: the text stopped being JSON (the tokens before that point stand).
-    Neither takes more text."""
+    tokens the new text makes certain. ``done``: the value has ended; ``rest`` is then the text
+    fed after it (from its first non-space character; empty until then). ``error``: the text
+    stopped being JSON (the tokens before that point stand). Neither takes more text."""
 
     def __init__(self) -> None:
         self.done = False
@@ -204,8 +204,8 @@ class JsonReader:
 
 class ArgumentsReader:
     """One call's arguments object, fed in increments: ``feed`` returns the text it adds to the
-    arguments as ``json.dumps`` writes them (nothing if the value is not an object). ``done``:
-    the object has ended, and ``rest`` is the text fed after it."""
+    arguments as ``json.dumps`` writes them (nothing if the value is not an object). ``done``
+    and ``rest`` as ``JsonReader``'s."""
 
     def __init__(self) -> None:
         self._value = JsonReader()
@@ -251,7 +251,7 @@ class CallsReader:
                 text = self._next_value(text)
                 continue
             self._add(self._value.feed(text), pieces)
-            text = self._value.rest if self._value.done else ""
+            text = self._value.rest
             if self._value.error:
                 self._stopped = True
             elif self._value.done:

@@ -1,4 +1,5 @@
-"""No import circles among the core's and the bundled plugins' modules.
+"""No import circles among the core's and the bundled plugins' modules; the core imports no plugin,
+and no plugin family (a folder of plugins/) imports another's modules.
 
 The graph is read from the source (``ast``), not by importing: an edge for every import statement,
 at module level, deferred inside a function (a deferred import closes a circle just the same once
@@ -111,3 +112,21 @@ def test_no_import_cycles():
     assert "sglang_core.bench" in graph["sglang_core.cli"]  # imported inside build_parser: deferred imports count
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def plugin_family(module: str) -> str | None:
+    """The bundled plugin family a module belongs to (``sglang_plugins.frontends.openai.routes``:
+    ``frontends``); None for the core's modules."""
+    package, _, rest = module.partition(".")
+    return rest.partition(".")[0] if package == "sglang_plugins" else None
+
+
+def test_plugins_meet_only_in_the_core():
+    """What two plugins share is an interface of the core (a third-party plugin can use it
+    without importing a plugin): no edge from the core into a plugin, or from one family of
+    plugins into another's modules."""
+    graph = import_graph()
+    assert "sglang_core.server.partial_json" in graph["sglang_plugins.frontends.tool_calling"]
+    crossings = sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                       if plugin_family(target) not in (None, plugin_family(module)))
+    assert crossings == []

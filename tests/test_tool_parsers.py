@@ -10,7 +10,8 @@ import json
 import pytest
 
 from sglang_core.plugins import PluginManager
-from sglang_core.server.tool_parser import Parsed
+from sglang_core.server.partial_json import ArgumentsReader, JsonReader
+from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolParser
 
 from sglang_plugins.frontends.reasoning import reasoning_format
 from sglang_plugins.frontends.tool_calling import ForcedCalls, MessageParser, MessagePiece, ToolCalling
@@ -155,6 +156,73 @@ def test_forced_calls_stream_in_pieces():
     cut = json.dumps(LONG)[:40]  # max tokens ended the arguments: the call keeps them so far
     broken = streamed(ForcedCalls(TOOLS, "get_weather"), [cut])
     assert assembled(broken.deltas) == [(c.name, c.arguments) for c in broken.calls] == [("get_weather", cut)]
+
+
+CODE = {"code": "for i in range(3):\n\tprint(\"\u00e9\", i)  # \U0001f600\n" * 60, "flags": [1, -2.5e3, True, None]}
+
+
+def test_streaming_reads_each_character_a_bounded_number_of_times(parsers, monkeypatch):
+    """Fed one character at a time, a call whose arguments run to thousands of characters costs
+    time linear in its length: the JSON readers are given each character once, plus what an
+    escape or literal cut short holds back (read again, whole, with the next piece); not the call
+    so far on every piece. Counted, not timed: every parser, and the forced-choice reader."""
+    examined: list[int] = []
+    read = JsonReader._read
+
+    def counted(reader: JsonReader, text: str):
+        examined.append(len(text))
+        return read(reader, text)
+
+    monkeypatch.setattr(JsonReader, "_read", counted)
+    arguments = json.dumps(CODE)  # escapes and non-ASCII as \u escapes: the worst case for held-back text
+    outputs = {name: (lambda cls=parsers[name]: cls(TOOLS), LONG_CALLS[name] % arguments) for name in LONG_CALLS}
+    outputs["forced named"] = (lambda: ForcedCalls(TOOLS, "get_weather"), arguments)
+    outputs["forced list"] = (lambda: ForcedCalls(TOOLS, None), '[{"name": "get_weather", "arguments": %s}]' % arguments)
+    for name, (build, output) in outputs.items():
+        parser, deltas = build(), []
+        examined.clear()
+        for char in output:
+            deltas += parser.feed(char).deltas
+        deltas += parser.finish().deltas
+        ((call_name, streamed_arguments),) = assembled(deltas)
+        assert (call_name, json.loads(streamed_arguments)) == ("get_weather", CODE), name
+        assert len(deltas) > len(arguments) // 2, name  # the arguments came in pieces, as written
+        assert sum(examined) < 4 * len(output), (name, sum(examined), len(output))
+
+
+class FunctionTagParser(ToolParser):
+    """A parser as a third-party plugin writes one, with the core alone: the whole output is one
+    ``<function=NAME>{...}</function>`` call, its arguments streamed as written."""
+
+    def __init__(self, tools: list[dict]):
+        super().__init__(tools)
+        self.stream, self.arguments = CallStream(self.tools), ArgumentsReader()
+        self.output, self.name = "", None
+
+    def feed(self, text: str) -> Parsed:
+        out = Parsed()
+        self.output += text  # short outputs only: the reader, not this, keeps long ones linear
+        if self.name is None and ">" in self.output:
+            self.name, _, text = self.output.removeprefix("<function=").partition(">")
+        if self.name is not None:
+            self.stream.update(out, [CallDelta(0, self.name, self.arguments.feed(text))])
+        return out
+
+    def finish(self) -> Parsed:
+        out = Parsed()
+        arguments = self.output.partition(">")[2].removesuffix("</function>")
+        call = self.call(self.name, arguments) if self.output.startswith("<function=") else None
+        return out if self.stream.complete(out, [call] if call else None) else Parsed(self.output)
+
+
+def test_a_parser_built_on_the_core_alone_streams_calls():
+    output = '<function=get_weather>{"city":"a;b</function>}{",\n"unit":"\\u00b0C"}</function>'
+    for cut in range(1, len(output)):
+        out = streamed(FunctionTagParser(TOOLS), [output[:cut], output[cut:]])
+        assert normalised(out) == ("", [("get_weather", {"city": "a;b</function>}{", "unit": "\u00b0C"})]), cut
+    pieces = streamed(FunctionTagParser(TOOLS), list(output)).deltas
+    assert [d.arguments for d in pieces][:4] == ["", '{"', "c", "i"]  # the arguments come as written
+    assert normalised(FunctionTagParser(TOOLS).parse("no call")) == ("no call", [])
 
 
 def test_partial_tag_is_held_back(parsers):

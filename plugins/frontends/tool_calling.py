@@ -18,10 +18,10 @@ from typing import Any, Callable, Literal
 
 from sglang_core.plugins import PluginManager
 from sglang_core.server.context import ServerContext
+from sglang_core.server.partial_json import ArgumentsReader, CallsReader
 from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolCall, ToolParser
 
 from sglang_plugins.frontends.reasoning import END, ReasoningFormat, ReasoningParser, reasoning_format
-from sglang_plugins.tool_parsers.partial_json import arguments_so_far, calls_so_far
 
 FALLBACK_PARSER = "generic"
 NO_PARAMETERS = {"type": "object", "properties": {}}
@@ -76,19 +76,21 @@ class ForcedCalls(ToolParser):
     def __init__(self, tools: list[dict[str, Any]], name: str | None):
         super().__init__(tools)
         self.name = name  # the named function, or None for a list of calls
-        self._held = ""
+        self._pieces: list[str] = []  # the output so far
         self._stream = CallStream(self.tools)
+        self._reader = ArgumentsReader() if name is not None else CallsReader()
 
     def feed(self, text: str) -> Parsed:
-        self._held += text
+        self._pieces.append(text)
         out = Parsed()
-        self._stream.update(out, [(self.name, arguments_so_far(self._held))] if self.name is not None
-                            else calls_so_far(self._held))
+        self._stream.update(out, [CallDelta(0, self.name, self._reader.feed(text))] if self.name is not None
+                            else self._reader.feed(text))
         return out
 
     def finish(self) -> Parsed:
+        output = "".join(self._pieces)
         try:
-            value = json.loads(self._held)
+            value = json.loads(output)
             pairs = [(self.name, value)] if self.name is not None else [
                 (v.get("name"), v.get("arguments")) if isinstance(v, dict) else (None, None)
                 for v in (value if isinstance(value, list) else [])]
@@ -97,7 +99,7 @@ class ForcedCalls(ToolParser):
         calls = [self.call(name, arguments) for name, arguments in pairs]
         out = Parsed()
         return out if self._stream.complete(out, calls if calls and None not in calls else None) else \
-            Parsed(self._held)
+            Parsed(output)
 
 
 @dataclass

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sglang_core.server.tool_parser import ToolCall
+from sglang_core.server.partial_json import ArgumentsReader, CallsReader
+from sglang_core.server.tool_parser import CallDelta, ToolCall
 
-from sglang_plugins.tool_parsers.partial_json import arguments_so_far, calls_so_far
-from sglang_plugins.tool_parsers.tagged import TaggedCallParser, json_values
+from sglang_plugins.tool_parsers.tagged import CallReader, TaggedCallParser, json_values
 
 
 class _JsonObjectCalls(TaggedCallParser):
@@ -36,8 +36,8 @@ class Llama3Parser(_JsonObjectCalls):
     def decode(self, block: str) -> list[ToolCall] | None:
         return self.calls_from(json_values(block.removeprefix("<|python_tag|>"), separator=";"))
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        return calls_so_far(block.removeprefix("<|python_tag|>"), separator=";")
+    def reader(self) -> CallReader:
+        return CallsReader(separator=";")
 
 
 class HermesParser(_JsonObjectCalls):
@@ -52,8 +52,8 @@ class HermesParser(_JsonObjectCalls):
         values = json_values(body)
         return self.calls_from(values) if values is not None and len(values) == 1 else None
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        return calls_so_far(block.removeprefix("<tool_call>"))
+    def reader(self) -> CallReader:
+        return CallsReader()
 
 
 class MistralParser(_JsonObjectCalls):
@@ -77,12 +77,8 @@ class MistralParser(_JsonObjectCalls):
             calls += new
         return calls or None
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        calls: list[tuple[str | None, str]] = []
-        for part in block.split("[TOOL_CALLS]")[1:]:
-            name, found, arguments = part.partition("[ARGS]")
-            calls += [(name.strip(), arguments_so_far(arguments))] if found else calls_so_far(part)
-        return calls
+    def reader(self) -> CallReader:
+        return _MistralCalls()
 
 
 class DeepSeekV3Parser(TaggedCallParser):
@@ -95,7 +91,7 @@ class DeepSeekV3Parser(TaggedCallParser):
     template_markers = ("<｜tool▁calls▁begin｜>",)
     CALL = re.compile(r"\s*<｜tool▁call▁begin｜>\s*function\s*<｜tool▁sep｜>(?P<name>[^\n`]+?)\s*"
                       r"```(?:json)?\s*(?P<arguments>.*?)\s*```\s*<｜tool▁call▁end｜>", re.DOTALL)
-    HEADER = re.compile(r"<｜tool▁call▁begin｜>\s*function\s*<｜tool▁sep｜>(?P<name>[^\n`]+?)\s*```(?:json)?\s*")
+    HEADER = re.compile(r"<｜tool▁call▁begin｜>\s*function\s*<｜tool▁sep｜>(?P<name>[^\n`]+?)\s*```(?:json)?\s*(?=\{)")
 
     def decode(self, block: str) -> list[ToolCall] | None:
         body = block.removeprefix(self.start_tags[0]).removesuffix(self.end_tag)
@@ -109,8 +105,8 @@ class DeepSeekV3Parser(TaggedCallParser):
             pos = match.end()
         return calls or None
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        return [(header["name"], arguments_so_far(block, header.end())) for header in self.HEADER.finditer(block)]
+    def reader(self) -> CallReader:
+        return NamedCalls("<｜tool▁call▁begin｜>", self.HEADER)
 
 
 class GenericJsonParser(_JsonObjectCalls):
@@ -122,5 +118,72 @@ class GenericJsonParser(_JsonObjectCalls):
     def decode(self, block: str) -> list[ToolCall] | None:
         return self.calls_from(json_values(block))
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        return calls_so_far(block)
+    def reader(self) -> CallReader:
+        return CallsReader()
+
+
+class NamedCalls:
+    """Reads calls that each open with a header naming the function (matched by ``header``, which
+    begins with ``opening`` and ends where the arguments object begins), then the arguments
+    object. Calls are read in order: a header that does not match (yet) holds back the calls
+    after it."""
+
+    LONGEST_HEADER = 512  # a header not matched by this length is taken as none: streaming stops there
+
+    def __init__(self, opening: str, header: re.Pattern[str]):
+        self.opening, self.header = opening, header
+        self._gap = ""  # the text after the last call's arguments, from the next opening on
+        self._arguments: ArgumentsReader | None = None
+        self._name: str | None = None
+        self._calls = 0
+        self._stopped = False
+
+    def feed(self, text: str) -> list[CallDelta]:
+        pieces: list[CallDelta] = []
+        while text and not self._stopped:
+            if self._arguments is None:
+                text = self._next_call(text)
+            else:  # the text after the arguments (once they end) goes on to the next call
+                pieces.append(CallDelta(self._calls - 1, self._name, self._arguments.feed(text)))
+                text, self._arguments = self._arguments.rest, None if self._arguments.done else self._arguments
+        return pieces
+
+    def _next_call(self, text: str) -> str:
+        """Reads on in the text before a call's arguments; returns the text after its header once
+        the header is certain."""
+        self._gap += text
+        start = self._gap.find(self.opening)
+        if start < 0:  # keep what may be the start of an opening
+            self._gap = self._gap[max(0, len(self._gap) - len(self.opening) + 1):]
+            return ""
+        self._gap = self._gap[start:]
+        header = self.header.match(self._gap)
+        if header is None:
+            self._stopped = len(self._gap) > self.LONGEST_HEADER
+            return ""
+        self._name, self._calls, self._arguments = header["name"], self._calls + 1, ArgumentsReader()
+        text, self._gap = self._gap[header.end():], ""
+        return text
+
+
+class _MistralCalls:
+    """Mistral's calls after ``[TOOL_CALLS]``: a JSON list of call objects, or ``name[ARGS]{...}``
+    (each form repeated after another ``[TOOL_CALLS]``), told apart by the first character."""
+
+    NAMED = re.compile(r"\[TOOL_CALLS\]\s*(?P<name>.*?)\s*\[ARGS\]\s*(?=\{)", re.DOTALL)
+
+    def __init__(self):
+        self._start = ""  # whitespace before the first character
+        self._reader: CallReader | None = None
+
+    def feed(self, text: str) -> list[CallDelta]:
+        if self._reader is None:
+            self._start += text
+            body = self._start.lstrip()
+            if not body:
+                return []
+            if body[0] in "[{":
+                self._reader, text = CallsReader(separator="[TOOL_CALLS]"), body
+            else:
+                self._reader, text = NamedCalls("[TOOL_CALLS]", self.NAMED), "[TOOL_CALLS]" + body
+        return self._reader.feed(text)

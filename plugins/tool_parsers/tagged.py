@@ -6,15 +6,24 @@ Whitespace right before a call and after one is layout, not content. While strea
 part of the text that may still become a start tag, and trailing whitespace, are held back, so
 the content streamed equals the content of the whole output however it is cut.
 
-A format that can read its calls before they end (``pending``) streams each call's arguments as
-they are written; the others stream each call whole once it ends."""
+A format that can read its calls before they end (``reader``) streams each call's arguments as
+they are written; the others stream each call whole once it ends. Each increment of the output
+costs time in proportion to itself: a call's text is kept in pieces, and the reader and the
+search for the end tag go on from where they stopped."""
 
 from __future__ import annotations
 
 import abc
 import json
+from typing import Protocol
 
-from sglang_core.server.tool_parser import CallStream, Parsed, ToolCall, ToolParser, partial_tag_length
+from sglang_core.server.tool_parser import CallDelta, CallStream, Parsed, ToolCall, ToolParser, partial_tag_length
+
+
+class CallReader(Protocol):
+    def feed(self, text: str) -> list[CallDelta]:
+        """The next increment of a call block's text -> the pieces of its calls it makes certain
+        (as ``partial_json.CallsReader`` gives them)."""
 
 
 class TaggedCallParser(ToolParser):
@@ -24,11 +33,17 @@ class TaggedCallParser(ToolParser):
 
     def __init__(self, tools: list[dict]):
         super().__init__(tools)
-        self._held = ""  # output not yet returned
+        self._held = ""  # output not yet returned (in a call: not yet moved into its block)
         self._in_call = False
         self._at_start = True  # nothing but whitespace seen yet
         self._after_call = False  # whitespace following a call is dropped
         self._stream = CallStream(self.tools)
+        # The open call block: its text in the pieces it came in (joined only when it may end),
+        # the end of it that an end tag may continue, its reader, and the start tag it skips.
+        self._block: list[str] = []
+        self._tail = ""
+        self._reader: CallReader | None = None
+        self._skip = 0
 
     def feed(self, text: str) -> Parsed:
         self._held += text
@@ -41,11 +56,11 @@ class TaggedCallParser(ToolParser):
     def decode(self, block: str) -> list[ToolCall] | None:
         """One call's text (start tag and end tag included) -> its calls; None if it is none."""
 
-    def pending(self, block: str) -> list[tuple[str | None, str]]:
-        """The calls of a call's text not yet ended, as far as written: each one's name (None
-        while unknown) and its arguments' text as ``json.dumps`` writes it, so far. Formats that
-        cannot tell before the end give none."""
-        return []
+    def reader(self) -> CallReader | None:
+        """A reader of one call block's text after its start tag (from the JSON opener when the
+        block has none), which gives the pieces of its calls as they are written; None for a
+        format that cannot tell its calls before their end."""
+        return None
 
     def _drain(self, final: bool) -> Parsed:
         out = Parsed()
@@ -59,15 +74,43 @@ class TaggedCallParser(ToolParser):
                     return out
                 self._emit(out, self._held[:start].rstrip())
                 self._held, self._in_call, self._at_start = self._held[start:], True, False
-            end, calls = self._call_end(final)
-            if end is None:
-                self._stream.update(out, self.pending(self._held))
+                self._block, self._tail, self._reader = [], "", self.reader()
+                self._skip = next((len(tag) for tag in self.start_tags if self._held.startswith(tag)), 0)
+            ended = self._extend_block(out, final)
+            if ended is None:
                 return out
-            block, self._held, self._in_call = self._held[:end], self._held[end:], False
+            block, calls = ended
+            self._in_call = False
             if self._stream.complete(out, calls or None):
                 self._after_call = True
             else:
                 self._emit(out, block)
+
+    def _extend_block(self, out: Parsed, final: bool) -> tuple[str, list[ToolCall] | None] | None:
+        """Moves the held text into the open call block. Once the block has ended, returns its
+        text and its calls (None: not a call), the text after it held again; until then, gives
+        the new text to the block's reader. The first end tag after which the text decodes is the
+        end (a string inside the call may hold the tag's text); each end tag is tried once."""
+        new, self._held = self._held, ""
+        if self.end_tag is not None:
+            window = self._tail + new
+            i = window.find(self.end_tag)
+            while i >= 0:
+                text = "".join(self._block) + new
+                end = len(text) - len(window) + i + len(self.end_tag)
+                if calls := self.decode(text[:end]):
+                    self._held = text[end:]
+                    return text[:end], calls
+                i = window.find(self.end_tag, i + len(self.end_tag))
+            self._tail = window[max(0, len(window) - len(self.end_tag) + 1):]
+        self._block.append(new)
+        if final:
+            text = "".join(self._block)
+            return text, self.decode(text)
+        if self._reader is not None:
+            self._stream.update(out, self._reader.feed(new[self._skip:]))
+            self._skip = 0
+        return None
 
     def _emit(self, out: Parsed, text: str) -> None:
         if self._after_call:
@@ -83,19 +126,6 @@ class TaggedCallParser(ToolParser):
             if body and body[0] in self.json_openers:
                 found.append(len(self._held) - len(body))
         return min(found, default=None)
-
-    def _call_end(self, final: bool) -> tuple[int | None, list[ToolCall] | None]:
-        """Where the call that opens the held text ends, and its calls (None: not a call); the
-        end is None while more output may still complete it. The first end tag after which the
-        text decodes is the end (a string inside the call may hold the tag's text)."""
-        if self.end_tag is not None:
-            i = self._held.find(self.end_tag)
-            while i >= 0:
-                end = i + len(self.end_tag)
-                if calls := self.decode(self._held[:end]):
-                    return end, calls
-                i = self._held.find(self.end_tag, end)
-        return (len(self._held), self.decode(self._held)) if final else (None, None)
 
     def _undecided_tail(self) -> int:
         """How much of the held text's end may still belong to a call: the longest part that a

@@ -8,7 +8,8 @@ built per generated message, so it may keep state between increments.
 Streaming safety is the parser's contract: ``feed`` returns as content only text that can no
 longer become part of a call, so a chunk boundary inside a tag never leaks half a tag as content.
 A parser that can read a call before it ends returns its pieces as ``deltas`` (``CallStream``
-keeps the books); calls a parser finishes without deltas stream whole when they complete.
+keeps the books; ``partial_json`` reads calls and arguments written as JSON, a piece at a time);
+calls a parser finishes without deltas stream whole when they complete.
 """
 
 from __future__ import annotations
@@ -96,45 +97,71 @@ def partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
 
 
 class CallStream:
-    """The books of a parser that streams calls while they are written: what it has announced of
-    the calls in the text it is reading now (a call block), so that each update adds only the new
-    part, and the calls that complete the block carry exactly the arguments streamed."""
+    """The books of a parser that streams calls while they are written: what it has read and
+    announced of the calls in the text it is reading now (a call block), so that the message's
+    deltas give each call's name once and then its arguments as they grow, and the calls that
+    complete the block carry exactly the arguments streamed. Each update costs time in proportion
+    to the pieces it brings, however long the calls are."""
 
     def __init__(self, tools: dict[str, Any]):
         self.tools = tools
         self.first = 0  # the message's index of the block's first call
-        self.streamed: list[tuple[str, str]] = []  # (name, arguments so far) announced in the block
+        self._names: list[str | None] = []  # per call of the block, as read
+        self._arguments: list[list[str]] = []  # per call of the block: the pieces of its arguments read
+        self._sent: list[int] = []  # per announced call: how many of its pieces its deltas hold
+        self._length: list[int] = []  # per call: the length of its arguments read
 
-    def update(self, out: Parsed, calls_so_far: list[tuple[str | None, str]]) -> None:
-        """The block's calls as far as written: (name, arguments text as the completed call will
-        have it, so far). A call is announced once its name is a tool and its arguments have begun
-        past their opening brace; calls are announced in order."""
-        for i, (name, arguments) in enumerate(calls_so_far):
-            if name not in self.tools or len(arguments) < 2:
+    def update(self, out: Parsed, pieces: list[CallDelta]) -> None:
+        """Adds the pieces a reader (``partial_json.CallsReader``, ...) read of the block's
+        calls: ``index`` counts the block's calls from 0, ``name`` (on any piece) is the call's
+        name once known, ``arguments`` continues its arguments' text as the completed call will
+        have it. A call is announced once its name is a tool and its arguments have begun past
+        their opening brace; calls are announced in order."""
+        touched: set[int] = set()
+        for piece in pieces:
+            while len(self._names) <= piece.index:
+                self._names.append(None)
+                self._arguments.append([])
+                self._length.append(0)
+            if piece.name is not None and piece.index >= len(self._sent):
+                self._names[piece.index] = piece.name
+            if piece.arguments:
+                self._arguments[piece.index].append(piece.arguments)
+                self._length[piece.index] += len(piece.arguments)
+                touched.add(piece.index)
+        for i in sorted(touched):
+            if i < len(self._sent):
+                self._send(out, i)
+        while len(self._sent) < len(self._names):
+            i = len(self._sent)
+            if self._names[i] not in self.tools or self._length[i] < 2:
                 return
-            if i == len(self.streamed):
-                out.deltas.append(CallDelta(self.first + i, name))
-                self.streamed.append((name, ""))
-            done = self.streamed[i][1]
-            if len(arguments) > len(done) and arguments.startswith(done):
-                out.deltas.append(CallDelta(self.first + i, None, arguments[len(done):]))
-                self.streamed[i] = (name, arguments)
+            out.deltas.append(CallDelta(self.first + i, self._names[i]))
+            self._sent.append(0)
+            self._send(out, i)
+
+    def _send(self, out: Parsed, i: int) -> None:
+        new = self._arguments[i][self._sent[i]:]
+        if new:
+            out.deltas.append(CallDelta(self.first + i, None, "".join(new)))
+            self._sent[i] = len(self._arguments[i])
 
     def complete(self, out: Parsed, calls: list[ToolCall] | None) -> bool:
         """The block has ended with ``calls`` (None: its text is no call). Calls already announced
         get the rest of their arguments; a block that stops being a call after announcing some
         keeps them, cut where it broke (as a call cut by the token limit is). Returns whether the
         block gave calls."""
+        streamed = [ToolCall(self._names[i], "".join(self._arguments[i])) for i in range(len(self._sent))]
         if calls is None:
-            calls = [ToolCall(name, arguments) for name, arguments in self.streamed] or None
+            calls = streamed or None
         for i, call in enumerate(calls or ()):
-            if i < len(self.streamed):
-                done = self.streamed[i][1]
+            if i < len(streamed):
+                done = streamed[i].arguments
                 if len(call.arguments) > len(done) and call.arguments.startswith(done):
                     out.deltas.append(CallDelta(self.first + i, None, call.arguments[len(done):]))
             else:
                 out.deltas.append(CallDelta(self.first + i, call.name, call.arguments))
         out.calls += calls or []
         self.first += len(calls or ())
-        self.streamed = []
+        self._names, self._arguments, self._sent, self._length = [], [], [], []
         return calls is not None

@@ -14,7 +14,7 @@ from sglang_core.layers.attention import AttentionBackend, AttentionSpec, Unsupp
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.messages import MediaItem
-from sglang_core.model_executor.cuda_graph import CudaGraphRunner
+from sglang_core.model_executor.cuda_graph import CudaGraphRunner, decode_rows
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.multimodal import unpack_tensor
@@ -44,6 +44,14 @@ class StepInput:
     shared_prefixes: tuple = ()  # decode with cascade: ForwardBatch.shared_prefixes
     # (rows of input_ids, their embeddings): ForwardBatch.input_embed_rows / input_embeds
     input_embeds: tuple[list[int], torch.Tensor] | None = None
+
+
+def as_decode_rows(step: StepInput) -> StepInput:
+    """An extend step as a decode step of one row per new token (``cuda_graph.decode_rows``): the
+    same logits for every token, so ``logit_index`` still picks the step's rows."""
+    rows, seq_lens, fill_lens = decode_rows(step.req_pool_indices, step.prefix_lens, step.seq_lens, step.fill_lens)
+    return replace(step, mode=ForwardMode.DECODE, req_pool_indices=rows, seq_lens=seq_lens,
+                               prefix_lens=[n - 1 for n in seq_lens], fill_lens=fill_lens, shared_prefixes=())
 
 
 def pick_device(name: str) -> torch.device:
@@ -204,8 +212,9 @@ class ModelRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, s.max_running_requests),
-                                   self.device)
+            # Graphs for the running batch's decodes, and as many rows as a small extend step has.
+            rows = max(s.max_running_requests, s.extend_graph_max_tokens)
+            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, rows), self.device)
 
     def _make_batch(self, **fields) -> ForwardBatch:
         return ForwardBatch(req_to_token=self.req_pool.req_to_token, **fields)
@@ -224,10 +233,15 @@ class ModelRunner:
     def forward_local(self, step: StepInput) -> torch.Tensor:
         """``forward`` on this rank alone (each tensor-parallel rank runs it on the step it was sent)."""
         graphs = self.cuda_graphs
+        dev = self.device
         if step.mode is ForwardMode.DECODE and graphs is not None and len(step.input_ids) <= graphs.max_bs:
             return graphs.replay(step.input_ids, step.positions, step.out_cache_loc, step.req_pool_indices,
-                                 step.seq_lens, step.shared_prefixes)
-        dev = self.device
+                                 step.seq_lens, step.fill_lens, step.shared_prefixes)
+        if graphs is not None and self._extend_in_graph(step):
+            rows = as_decode_rows(step)
+            logits = graphs.replay(rows.input_ids, rows.positions, rows.out_cache_loc, rows.req_pool_indices,
+                                   rows.seq_lens, rows.fill_lens)
+            return logits[torch.tensor(step.logit_index, dtype=torch.int64).to(dev, non_blocking=True)]
         batch = self._make_batch(
             mode=step.mode,
             input_ids=torch.as_tensor(step.input_ids, dtype=torch.int64, device=dev),
@@ -249,6 +263,14 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, batch)
         index = torch.tensor(step.logit_index, dtype=torch.int64, device=dev)
         return self.model.compute_logits(hidden[index])
+
+    def _extend_in_graph(self, step: StepInput) -> bool:
+        """Whether an extend step replays the decode graphs as one row per new token: plain
+        positions and token embeddings (media and M-RoPE tables take the eager pass), and few
+        enough tokens and key reads (``CudaGraphRunner.takes_extend``)."""
+        return (step.mode is ForwardMode.EXTEND and step.input_embeds is None
+                and not isinstance(step.positions, torch.Tensor)
+                and self.cuda_graphs.takes_extend(step.prefix_lens, step.seq_lens, self.settings.extend_graph_max_tokens))
 
     def embed_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
         """The model's embeddings of each image (``[item.length, hidden]``), encoded as one batch."""

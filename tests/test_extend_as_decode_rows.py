@@ -1,0 +1,108 @@
+"""Extend steps replayed through the decode graphs (``cuda_graph.decode_rows``,
+``runner.as_decode_rows``): each new token of a prefill chunk becomes a decode row of its own whose
+sequence ends at it. On the CPU there are no graphs, so the engine here is made to run EVERY extend
+step as decode rows through the eager decode path; its greedy tokens and logprobs must still be
+the reference model's (float32, recomputed from scratch each step), over batched prompts, prefill
+chunks, cached prefixes, sliding windows, LongRoPE (which chooses factors by the whole prompt's
+length) and latent attention (absorbed decode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_core.engine import Engine
+from sglang_core.model_executor import runner as runner_module
+from sglang_core.model_executor.cuda_graph import EXTEND_MAX_KEY_READS, CudaGraphRunner, decode_rows
+from sglang_core.model_executor.forward_batch import ForwardMode
+from test_model_contract import CASES, CHUNK, NEW_TOKENS, _build, _reference_greedy
+
+ROW_CASES = ["llama", "mistral-window", "gemma2", "phi3-longrope-long", "deepseek-v2"]
+
+
+def test_decode_rows_end_each_sequence_at_its_token():
+    rows, lens, fills = decode_rows([4, 7], [0, 5], [3, 7], [3, 9])
+    assert rows == [4, 4, 4, 7, 7]
+    assert lens == [1, 2, 3, 6, 7]
+    assert fills == [3, 3, 3, 9, 9]
+
+
+def test_only_small_extends_take_the_graphs():
+    graphs = CudaGraphRunner.__new__(CudaGraphRunner)
+    graphs.sizes = [1, 2, 4, 8, 16]
+    assert graphs.takes_extend([0, 10], [8, 18], max_tokens=16)
+    assert not graphs.takes_extend([0, 10], [9, 18], max_tokens=16)  # 17 tokens: past the largest graph
+    assert not graphs.takes_extend([0], [8], max_tokens=4)  # past the setting
+    long_prefix = EXTEND_MAX_KEY_READS // 4
+    assert not graphs.takes_extend([long_prefix], [long_prefix + 4], max_tokens=16)  # too many key reads
+
+
+@pytest.fixture(scope="module", params=ROW_CASES)
+def served_as_rows(request, tmp_path_factory):
+    """An engine whose every extend step runs as decode rows, and a counter of those steps."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model, prompts = _build(request.param, folder)
+    forward_local = runner_module.ModelRunner.forward_local
+    extends = []
+
+    def rows_for_extends(self, step):
+        if step.mode is ForwardMode.EXTEND:
+            extends.append(len(step.input_ids))
+            step = runner_module.as_decode_rows(step)
+        return forward_local(self, step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module.ModelRunner, "forward_local", rows_for_extends)
+        engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
+        yield model, engine, prompts, extends
+        engine.shutdown()
+
+
+def test_rows_give_the_reference_tokens_and_logprobs(served_as_rows):
+    model, engine, prompts, extends = served_as_rows
+    results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                  "max_new_tokens": NEW_TOKENS}, return_logprob=True)
+    assert max(extends) > 1  # prefill chunks did run as rows
+    for prompt, result in zip(prompts, results):
+        tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
+        assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
+        got = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"
+    prompt = prompts[3] + [5, 6, 7]  # its prefix is cached now: the rows start past it
+    result = engine.generate(input_ids=prompt, return_logprob=True, logprob_start_len=len(prompts[3]) - 2,
+                             sampling_params={"temperature": 0, "ignore_eos": True, "max_new_tokens": 4})
+    assert result["meta_info"]["cached_tokens"] >= CHUNK
+    ids = prompt + result["output_ids"]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    logits = getattr(out, "logits", out)[0, :-1].float()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    meta = result["meta_info"]
+    got = [lp for lp, _, _ in meta["input_token_logprobs"] + meta["output_token_logprobs"]]
+    torch.testing.assert_close(torch.tensor(got), expected[len(prompts[3]) - 3:], atol=1e-4, rtol=1e-4)
+    engine.check_memory()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name,backend", [(name, "triton") for name in ROW_CASES]
+                         + [("llama", "flashinfer"), ("mistral-window", "flashinfer")])
+def test_gpu_graph_extends_match_reference(name: str, backend: str, tmp_path) -> None:
+    """On a GPU, float32: prefill chunks replay the captured decode graphs as rows (every extend
+    step here is small enough) and give the reference's greedy tokens."""
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    model, prompts = _build(name, tmp_path)
+    model = model.cuda()
+    rows = []
+    as_decode_rows = runner_module.as_decode_rows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "as_decode_rows", lambda step: rows.append(step) or as_decode_rows(step))
+        with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend=backend,
+                    chunked_prefill_size=CHUNK, cuda_graph_max_bs=64, **CASES[name].engine) as engine:
+            results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                                          "max_new_tokens": NEW_TOKENS})
+            engine.check_memory()
+    assert rows, "no extend step replayed the graphs"
+    for prompt, result in zip(prompts, results):
+        assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0], f"prompt of {len(prompt)} tokens"

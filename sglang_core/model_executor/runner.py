@@ -173,7 +173,7 @@ class ModelRunner:
     def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
-        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self.settings.max_running_requests,
+        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self._decode_rows(),
                              self.settings.enable_cascade_decode, self.kv_dtype)
         if name != "auto":
             entry = registry.get(name)
@@ -212,9 +212,15 @@ class ModelRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            # Graphs for the running batch's decodes, and as many rows as a small extend step has.
-            rows = max(s.max_running_requests, s.extend_graph_max_tokens)
-            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, rows), self.device)
+            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, self._decode_rows()),
+                                   self.device)
+
+    def _decode_rows(self) -> int:
+        """The most rows a decode batch may have: the running requests, or on CUDA with graphs the
+        tokens of an extend step replayed as decode rows (``as_decode_rows``)."""
+        s = self.settings
+        graphs = self.device.type == "cuda" and not s.disable_cuda_graph
+        return max(s.max_running_requests, min(s.extend_graph_max_tokens, s.cuda_graph_max_bs) if graphs else 0)
 
     def _make_batch(self, **fields) -> ForwardBatch:
         return ForwardBatch(req_to_token=self.req_pool.req_to_token, **fields)

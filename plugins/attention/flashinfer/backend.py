@@ -103,9 +103,10 @@ class FlashInferBackend(AttentionBackend):
             gather_kv_indices(batch.req_to_token, batch.req_pool_indices,
                               kv_indptr.to(self.spec.device, non_blocking=True), batch.seq_lens, kv_indices)
             if batch.mode is ForwardMode.DECODE and self._decode_indices is None:
-                # The most slots a batch can name: every request row full (shared prefixes repeat).
-                self._decode_indices = torch.empty(batch.req_to_token.numel(), dtype=torch.int32,
-                                                   device=self.spec.device)
+                # The most slots a batch can name: each of its rows a full request row (rows may
+                # repeat a request: shared prefixes, an extend step's tokens as decode rows).
+                self._decode_indices = torch.empty(self.spec.max_batch_size * batch.req_to_token.shape[1],
+                                                   dtype=torch.int32, device=self.spec.device)
         self._index = _BatchIndex(batch.mode, bs, kv_indptr, qo_indptr, kv_indices, ragged)
         self._planned = {}
         for variant in self._variants:

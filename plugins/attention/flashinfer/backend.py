@@ -36,7 +36,8 @@ from .kv_indices import gather_kv_indices
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16)
 # FlashInfer's recommended float work space: the split-KV partials of the largest batch fit.
-WORKSPACE_BYTES = 128 << 20
+WORKSPACE_BYTES = 128 << 20  # per WORKSPACE_ROWS rows of the largest decode batch
+WORKSPACE_ROWS = 256
 # Query heads per KV head from which the tensor-core (prefill) kernel beats the CUDA-core decode
 # kernel: the group's rows fill an MMA tile.
 TENSOR_CORE_MIN_GROUP = 4
@@ -76,7 +77,9 @@ class FlashInferBackend(AttentionBackend):
             raise ImportError("the flashinfer attention backend needs FlashInfer: "
                               "pip install 'sglang-core[flashinfer]'") from exc
         self._fi = flashinfer
-        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
+        # Split-KV scratch grows with the rows of a decode batch: 128 MiB held 256 rows, not 512.
+        rows = -(-spec.max_batch_size // WORKSPACE_ROWS)
+        self._workspace = torch.zeros(WORKSPACE_BYTES * max(1, rows), dtype=torch.uint8, device=spec.device)
         # Fixed decode buffers (CUDA graphs keep their addresses); slices serve every batch size.
         self._decode_indptr = torch.zeros(spec.max_batch_size + 1, dtype=torch.int32, device=spec.device)
         self._decode_last_page_len = torch.ones(spec.max_batch_size, dtype=torch.int32, device=spec.device)

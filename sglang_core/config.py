@@ -99,7 +99,9 @@ class EngineSettings(CliSettings):
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")
-    extend_graph_max_tokens: int = Field(256, ge=0, description="CUDA graphs: an extend step (a prefill chunk, decodes riding along) of at most this many new tokens replays the decode graphs as one row per token instead of running eagerly; graphs are captured for up to this many rows (within --cuda-graph-max-bs); 0: extend steps always run eagerly")
+    # Off by default until measured on a GPU (docs/benchmarks.md, issue 23): its GPU test has passed
+    # for one family only, and its effect on inter-token latency is not yet measured.
+    extend_graph_max_tokens: int = Field(0, ge=0, description="CUDA graphs: an extend step (a prefill chunk, decodes riding along) of at most this many new tokens replays the decode graphs as one row per token instead of running eagerly (an eager pass of a small chunk is mostly launch overhead: ~17 ms for Llama-8B on an H100); graphs are then captured for up to this many rows (within --cuda-graph-max-bs); 0: extend steps always run eagerly")
     enable_torch_compile: bool = Field(False, description="CUDA: torch.compile the decode step before capturing it, once per captured batch size (slow to start: lower --cuda-graph-max-bs to try it)")
 
     # Images in requests (read on the request side; see sglang_core.media_loading)

@@ -38,10 +38,18 @@ def test_only_small_extends_take_the_graphs():
 
 
 @pytest.fixture(scope="module", params=ROW_CASES)
-def served_as_rows(request, tmp_path_factory):
-    """An engine whose every extend step runs as decode rows, and a counter of those steps."""
+def served(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model, prompts = _build(request.param, folder)
+    engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
+    yield model, engine, prompts
+    engine.shutdown()
+
+
+@pytest.fixture
+def served_as_rows(served, monkeypatch):
+    """The engine with every extend step run as decode rows (for this test only: a module-wide
+    patch would outlive the module's tests), and the sizes of those steps."""
     forward_local = runner_module.ModelRunner.forward_local
     extends = []
 
@@ -51,11 +59,8 @@ def served_as_rows(request, tmp_path_factory):
             step = runner_module.as_decode_rows(step)
         return forward_local(self, step)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner_module.ModelRunner, "forward_local", rows_for_extends)
-        engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
-        yield model, engine, prompts, extends
-        engine.shutdown()
+    monkeypatch.setattr(runner_module.ModelRunner, "forward_local", rows_for_extends)
+    return (*served, extends)
 
 
 def test_rows_give_the_reference_tokens_and_logprobs(served_as_rows):
@@ -97,7 +102,8 @@ def test_gpu_graph_extends_match_reference(name: str, tmp_path) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner_module, "as_decode_rows", lambda step: rows.append(step) or as_decode_rows(step))
         with Engine(str(tmp_path), device="cuda", dtype="float32", attention_backend="triton",
-                    chunked_prefill_size=CHUNK, cuda_graph_max_bs=64, **CASES[name].engine) as engine:
+                    chunked_prefill_size=CHUNK, cuda_graph_max_bs=64, extend_graph_max_tokens=64,
+                    **CASES[name].engine) as engine:
             results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                           "max_new_tokens": NEW_TOKENS})
             engine.check_memory()

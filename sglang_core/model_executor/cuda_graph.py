@@ -9,11 +9,12 @@ Capture needs the attention backend's decode to read the batch only through devi
 is planned again before each replay (``plan_before_replay``). Padding rows decode token 0 at position 0 of request
 row 0, write their K/V into slot 0 (the pool's padding slot) and their logits are dropped.
 
-A small extend step (a prefill chunk, decodes riding along) replays the same graphs: each new
-token is a decode row of its own whose sequence ends at that token (``decode_rows``). Its K/V
-is written with the others' before any attention reads the pool, so the row attends exactly the
-causal prefix an extend kernel would, and the step costs about a decode step of that many rows
-instead of an eager pass's launches (on an H100, ~17 ms of launches for Llama-3.1-8B).
+With ``--extend-graph-max-tokens``, a small extend step (a prefill chunk, decodes riding along)
+replays the same graphs: each new token is a decode row of its own whose sequence ends at that
+token (``decode_rows``). Its K/V is written with the others' before any attention reads the pool,
+so the row attends exactly the causal prefix an extend kernel would, and the step costs about a
+decode step of that many rows instead of an eager pass's launches (on an H100, ~17 ms of
+launches for Llama-3.1-8B).
 """
 
 from __future__ import annotations

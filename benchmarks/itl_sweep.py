@@ -15,12 +15,16 @@ rates each server takes a short warm-up load (all at once, so prefill and decode
 every kernel is compiled). Runs that would pass `--deadline-s` are skipped and say so.
 
 Policies (`--policy NAME=FLAGS`, repeatable; default: the three below): `default` (today's
-schedule), `ratio2.3` (`--target-step-ratio 2.3`: a step carrying prefill sized to take at most
-2.3 plain decode steps of the running batch, from measured step costs), `mixed384`
-(`--enable-mixed-chunk --chunked-prefill-size 384`: decodes ride along with prefill chunks of at
-most 384 tokens). Measured on an H100 (2026-12-07, docs/benchmarks.md): `--max-step-tokens 256`,
-whose budget the decodes share, starved prefill at saturation (half the throughput), and
+schedule), `rows256` and `rows512` (`--extend-graph-max-tokens N --max-step-tokens N`: every step
+carrying prefill holds at most N tokens, decodes first, and replays the decode CUDA graphs as one
+row per token, so it costs about a decode step of N rows instead of an eager pass; 512 also needs
+`--cuda-graph-max-bs 512`). Measured on an H100 (2026-12-07, docs/benchmarks.md): an eager step
+costs ~17 ms of launches at any size against ~6.5 ms for a graph decode step, so no budget of
+eager steps can hold the stall near 2.5 decode steps: `--target-step-ratio 2.3` shrank steps to
+32 tokens and admitted 1.9 of 8 requests a second (since then budgets stop at the cost line's
+knee), `--max-step-tokens 256` starved prefill at saturation (half the throughput), and
 `--target-step-ms 12 --max-step-tokens 512` missed its target (p99 ITL 21 ms at 8 req/s).
+A policy whose server fails to start is reported as skipped, with its log kept.
 
 Writes to `--out` three files (the device tool returns at most 8 a call): `itl_sweep.jsonl`
 (bench-serving's JSON line per run, with `policy`, appended as each run ends), `itl_sweep.md` (a
@@ -46,8 +50,8 @@ from serving_cpu import stop, wait_healthy
 from sglang_core.bench_serving import markdown_table
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
-POLICIES = {"default": "", "ratio2.3": "--target-step-ratio 2.3",
-            "mixed384": "--enable-mixed-chunk --chunked-prefill-size 384"}
+POLICIES = {"default": "", "rows256": "--extend-graph-max-tokens 256 --max-step-tokens 256",
+            "rows512": "--extend-graph-max-tokens 512 --max-step-tokens 512 --cuda-graph-max-bs 512"}
 # The tiny model of --dry-run (its tokenizer is the engine's placeholder for a bare config folder).
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -198,7 +202,11 @@ def main() -> int:
             rows += [{"policy": name, "request_rate": rate, "skipped": "past --deadline-s"} for rate in args.rates]
             print(f"== {name}: skipped, past --deadline-s", flush=True)
             continue
-        rows += run_policy(args, name, flags, config, tokenizer, out, start)
+        try:
+            rows += run_policy(args, name, flags, config, tokenizer, out, start)
+        except RuntimeError as exc:  # a server that does not start: the other policies still run
+            rows += [{"policy": name, "request_rate": rate, "skipped": f"server failed: {exc}"} for rate in args.rates]
+            print(f"== {name}: {exc} (its log is in details.tar.gz)", flush=True)
     sections = [f"{len(policies)} policies on {config.name}, {time.monotonic() - start:.0f} s; requests per rate: "
                 + ", ".join(f"{r:g}: {requests_at(r, args)}" for r in args.rates)]
     for name, flags in policies.items():

@@ -64,8 +64,14 @@ def test_the_budget_follows_the_target_within_cap_and_floor():
         budget.record(tokens, A + B * tokens)
     assert budget.tokens() == 300
     for tokens in range(COST_WINDOW):  # a slower regime replaces the old steps in the window
-        budget.record(tokens + 1, 1.0 + B * tokens)
-    assert budget.tokens() == MIN_STEP_TOKENS, "a target below a step's fixed cost: the floor"
+        budget.record(tokens + 1, 0.05 + B * tokens)
+    # Its fixed cost 0.05 - B is past the target: no size meets it, and a step below the knee,
+    # (0.05 - B) / B = 408.6 tokens, would spend most of its time on the fixed cost.
+    assert budget.tokens() == 408, "a target below a step's fixed cost: the line's knee"
+    for tokens in range(COST_WINDOW):
+        budget.record(tokens + 1, 0.05 * B + B * tokens)
+    budget.target_s = 0.001 * B
+    assert budget.tokens() == MIN_STEP_TOKENS, "a knee below the floor: the floor"
 
 
 def test_a_fixed_budget_records_nothing():

@@ -15,7 +15,7 @@ from sglang_core.engine import Engine
 from sglang_core.model_executor import runner as runner_module
 from sglang_core.model_executor.cuda_graph import EXTEND_MAX_KEY_READS, CudaGraphRunner, decode_rows
 from sglang_core.model_executor.forward_batch import ForwardMode
-from test_model_contract import CASES, CHUNK, NEW_TOKENS, _build, _reference_greedy
+from test_model_contract import CASES, CHUNK, NEW_TOKENS, _build, _reference_greedy, serve_case
 
 ROW_CASES = ["llama", "mistral-window", "gemma2", "phi3-longrope-long", "deepseek-v2"]
 
@@ -39,11 +39,7 @@ def test_only_small_extends_take_the_graphs():
 
 @pytest.fixture(scope="module", params=ROW_CASES)
 def served(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    model, prompts = _build(request.param, folder)
-    engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
-    yield model, engine, prompts
-    engine.shutdown()
+    yield from serve_case(request.param, tmp_path_factory)
 
 
 @pytest.fixture

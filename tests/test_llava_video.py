@@ -123,6 +123,16 @@ def next_video(tmp_path_factory):
                     for name, (text, images, videos) in CASES.items()}
 
 
+
+def openai_video_logprobs(client, clip: bytes, question: str, max_tokens: int) -> list[float]:
+    """The logprobs of a greedy OpenAI chat reply to a question about a video sent as a data URL."""
+    video = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    reply = client.chat.completions.create(
+        model="m", max_tokens=max_tokens, temperature=0, logprobs=True, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                               {"type": "text", "text": question}]}])
+    return [t.logprob for t in reply.choices[0].logprobs.content]
+
 def test_video_and_image_with_video_match_hf_and_the_video_prefix_is_shared(next_video):
     from sglang_core.engine import Engine
 
@@ -285,13 +295,8 @@ def test_openai_chat_video_url_matches_hf(next_video, server):
     question = "What happens in the video?"
     expected = hf_reference(folder, CHATML_USER.format(f"{VIDEO_TOKEN}\n{question}"), [],
                             [decoded_frames(clip.read_bytes(), [0, 4, 9])])
-    video = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="m", max_tokens=MAX_NEW, temperature=0, logprobs=True, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
-                                               {"type": "text", "text": question}]}])
-    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(expected[1], abs=1e-4)
+    assert openai_video_logprobs(client, clip.read_bytes(), question, MAX_NEW) == pytest.approx(expected[1], abs=1e-4)
     with pytest.raises(openai.BadRequestError) as err:  # not a video: a 400 in OpenAI's error shape
         client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}])

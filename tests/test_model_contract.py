@@ -92,13 +92,19 @@ def _build(name: str, folder) -> tuple[torch.nn.Module, list[list[int]]]:
     return model, prompts
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def served(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    model, prompts = _build(request.param, folder)
-    engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[request.param].engine)
+def serve_case(name: str, tmp_path_factory):
+    """The case's reference model, a CPU engine on its saved checkpoint, and its prompts; shuts
+    the engine down when the caller's fixture ends."""
+    folder = tmp_path_factory.mktemp(name)
+    model, prompts = _build(name, folder)
+    engine = Engine(str(folder), device="cpu", chunked_prefill_size=CHUNK, **CASES[name].engine)
     yield model, engine, prompts
     engine.shutdown()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def served(request, tmp_path_factory):
+    yield from serve_case(request.param, tmp_path_factory)
 
 
 def test_batched_greedy_matches_reference(served):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from reference import hf_greedy_logprobs
-from test_llava_video import decoded_frames, frame_urls, frames, video_file
+from test_llava_video import decoded_frames, frame_urls, frames, openai_video_logprobs, video_file
 from test_qwen2_vl import IMAGE, _check, _image, data_url, hf_model, save_tiny_qwen_vl
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"  # one video, as Qwen's chat template writes it
@@ -205,21 +205,14 @@ def test_generate_video_data_file_matches_hf(qwen_vl_video):
 def test_openai_chat_video_url_matches_hf(qwen_vl_video):
     """The clip as a data URL in an OpenAI ``video_url`` part: the chat template writes the video
     (its start, placeholder and end tokens) where the part is."""
-    import base64
-
     import openai
 
     folder, version, _, _, url, clip = qwen_vl_video
     question = "What happens in the video?"
     prompt = f"<|im_start|>user\n{VIDEO}\n{question}<|im_end|>\n<|im_start|>assistant\n"
     expected = file_reference(folder, version, prompt, clip)
-    video = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="m", max_tokens=MAX_NEW, temperature=0, logprobs=True, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
-                                               {"type": "text", "text": question}]}])
-    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(expected[1], abs=1e-4)
+    assert openai_video_logprobs(client, clip.read_bytes(), question, MAX_NEW) == pytest.approx(expected[1], abs=1e-4)
 
 
 def test_pixel_cap_sizes_frames_as_transformers_and_bad_settings_are_refused(tmp_path):

@@ -91,7 +91,12 @@ def replayed_rows(served, monkeypatch):
     graphs = served[0].core.core.runner.cuda_graphs
     rows = []
     replay = graphs.replay
-    monkeypatch.setattr(graphs, "replay", lambda input_ids, *args: rows.append(len(input_ids)) or replay(input_ids, *args))
+
+    def recorded(input_ids, *args) -> torch.Tensor:
+        rows.append(len(input_ids))
+        return replay(input_ids, *args)
+
+    monkeypatch.setattr(graphs, "replay", recorded)
     return rows
 
 

@@ -19,8 +19,9 @@ launches for Llama-3.1-8B).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -69,12 +70,44 @@ def capture_sizes(max_bs: int) -> list[int]:
     return sizes if sizes and sizes[-1] == max_bs else sizes + [max_bs]
 
 
+class GraphPrimitives:
+    """The device's graph calls, CUDA's: capture and replay take them from here, so a test can put
+    others in their place (tests/graph_emulation.py replays graphs on the CPU)."""
+
+    def new_graph(self) -> Any:
+        """An empty graph; capture fills it, and its ``replay()`` runs it again."""
+        return torch.cuda.CUDAGraph()
+
+    def pool_handle(self) -> Any:
+        """The memory pool every graph of a runner shares."""
+        return torch.cuda.graph_pool_handle()
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Warm-up runs before a capture, off the current stream as capture runs (it then waits for them)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, graph: Any, pool: Any, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Record ``run()`` into ``graph``; its output, which every replay rewrites in place."""
+        with torch.cuda.graph(graph, pool=pool):
+            return run()
+
+
+CUDA_GRAPHS = GraphPrimitives()
+
+
 class CudaGraphRunner:
     """Captures ``forward(batch) -> logits`` for decode batches and replays it."""
 
     def __init__(self, forward: Callable[[ForwardBatch], torch.Tensor], make_batch: Callable[..., ForwardBatch],
-                 attn_backend: AttentionBackend, max_bs: int, device: torch.device):
+                 attn_backend: AttentionBackend, max_bs: int, device: torch.device,
+                 primitives: GraphPrimitives = CUDA_GRAPHS):
         self.forward = forward
+        self.primitives = primitives
         self.attn_backend = attn_backend
         self.sizes = capture_sizes(max_bs)
         n = self.sizes[-1]
@@ -85,9 +118,9 @@ class CudaGraphRunner:
         self.buffers.seq_lens.fill_(1)
         self.buffers.fill_lens.fill_(1)
         self.make_batch = make_batch
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, Any] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = primitives.pool_handle()
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
             self._capture(bs)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
@@ -115,15 +148,11 @@ class CudaGraphRunner:
     def _capture(self, bs: int) -> None:
         batch = self._batch(bs)
         self.attn_backend.plan(batch)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with self.primitives.side_stream():
             for _ in range(2):  # compile kernels and settle allocations outside the capture
                 self.forward(batch)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bs] = self.forward(batch)
+        graph = self.primitives.new_graph()
+        self.outputs[bs] = self.primitives.capture(graph, self.pool, lambda: self.forward(batch))
         self.graphs[bs] = graph
 
     def replay(self, input_ids: list[int] | torch.Tensor, positions: list[int], out_cache_loc: torch.Tensor,
@@ -133,8 +162,8 @@ class CudaGraphRunner:
         ``input_ids`` may already be on the device (an overlapped step's sampled ids)."""
         bs = len(input_ids)
         size = next(s for s in self.sizes if s >= bs)
-        # A fresh pinned buffer per step: the caching host allocator keeps it until its copy ran.
-        host = torch.zeros(self.inputs.shape[0], size, dtype=torch.int64, pin_memory=True)
+        # A fresh buffer per step (pinned on CUDA: the caching host allocator keeps it until its copy ran).
+        host = torch.zeros(self.inputs.shape[0], size, dtype=torch.int64, pin_memory=self.inputs.is_cuda)
         staged = GraphInputs(*host)
         staged.seq_lens[bs:] = 1  # padding rows: sequence length 1, slot 0, request row 0, token 0
         staged.fill_lens[bs:] = 1

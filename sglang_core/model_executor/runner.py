@@ -14,7 +14,7 @@ from sglang_core.layers.attention import AttentionBackend, AttentionSpec, Unsupp
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.messages import MediaItem
-from sglang_core.model_executor.cuda_graph import CudaGraphRunner, decode_rows
+from sglang_core.model_executor.cuda_graph import CUDA_GRAPHS, CudaGraphRunner, GraphPrimitives, decode_rows
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.multimodal import unpack_tensor
@@ -71,6 +71,11 @@ def pick_dtype(name: str, config, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """One rank's model, KV pools and attention backend. ``tp``: this rank's tensor-parallel group
     (``tp_ranks`` makes it); every rank builds the same runner over its own shards."""
+
+    # Test hook: the graph calls with which a device other than CUDA captures and replays decode
+    # graphs (tests/graph_emulation.py emulates them on the CPU, so CI runs the graph paths); None:
+    # graphs on CUDA only. A class attribute rather than a setting: it is no user's choice.
+    _off_cuda_graphs: GraphPrimitives | None = None
 
     def __init__(self, settings: EngineSettings, source: ModelSource, plugins: PluginManager, tp: TPGroup = SINGLE):
         self.settings = settings
@@ -198,9 +203,16 @@ class ModelRunner:
         self.attention_backend_name = entry.name
         return backend
 
+    def _graph_primitives(self) -> GraphPrimitives | None:
+        """The graph calls of this device's decode graphs; None: decode runs eagerly."""
+        if self.settings.disable_cuda_graph:
+            return None
+        return CUDA_GRAPHS if self.device.type == "cuda" else self._off_cuda_graphs
+
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         s = self.settings
-        if self.device.type != "cuda" or s.disable_cuda_graph:
+        primitives = self._graph_primitives()
+        if primitives is None:
             return None
         if not self.attn_backend.cuda_graph_decode:
             logger.info("attention backend %s cannot be captured; decode runs eagerly", self.attention_backend_name)
@@ -213,13 +225,13 @@ class ModelRunner:
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
             return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, self._decode_rows()),
-                                   self.device)
+                                   self.device, primitives)
 
     def _decode_rows(self) -> int:
-        """The most rows a decode batch may have: the running requests, or on CUDA with graphs the
-        tokens of an extend step replayed as decode rows (``as_decode_rows``)."""
+        """The most rows a decode batch may have: the running requests, or with graphs the tokens of
+        an extend step replayed as decode rows (``as_decode_rows``)."""
         s = self.settings
-        graphs = self.device.type == "cuda" and not s.disable_cuda_graph
+        graphs = self._graph_primitives() is not None
         return max(s.max_running_requests, min(s.extend_graph_max_tokens, s.cuda_graph_max_bs) if graphs else 0)
 
     def _make_batch(self, **fields) -> ForwardBatch:

@@ -1,10 +1,10 @@
 """Extend steps replayed through the decode graphs (``cuda_graph.decode_rows``,
 ``runner.as_decode_rows``): each new token of a prefill chunk becomes a decode row of its own whose
-sequence ends at it. On the CPU there are no graphs, so the engine here is made to run EVERY extend
-step as decode rows through the eager decode path; its greedy tokens and logprobs must still be
-the reference model's (float32, recomputed from scratch each step), over batched prompts, prefill
-chunks, cached prefixes, sliding windows, LongRoPE (which chooses factors by the whole prompt's
-length) and latent attention (absorbed decode)."""
+sequence ends at it. Here the engine runs EVERY extend step as decode rows through the eager
+decode path (tests/test_cuda_graph_replay.py replays them through emulated graphs); its greedy
+tokens and logprobs must still be the reference model's (float32, recomputed from scratch each
+step), over batched prompts, prefill chunks, cached prefixes, sliding windows, LongRoPE (which
+chooses factors by the whole prompt's length) and latent attention (absorbed decode)."""
 
 from __future__ import annotations
 

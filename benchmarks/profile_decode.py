@@ -3,7 +3,8 @@ scheduler step (``EngineCore.step``: batch building, graph replay, sampling, sto
 cProfile of the host side. Llama-3.1-8B shape, dummy bf16 weights.
 
     python benchmarks/profile_decode.py --batch-sizes 1,64 --backend triton
-    python benchmarks/profile_decode.py --kernels      # also a per-kernel GPU time table (eager step)
+    python benchmarks/profile_decode.py --kernels      # also a per-kernel GPU time table (graph replays)
+    python benchmarks/profile_decode.py --batch-sizes 1 --kernels --engine quantization=fp8   # any engine setting
     python benchmarks/profile_decode.py --batch-sizes 1 --disable-cuda-graph   # host cost of an eager step
     python benchmarks/profile_decode.py --batch-sizes 256 --input-len 2176 --shared-prefix 2048 \
         --group-size 16 --kernels [--cascade]         # the shared-prefix run's decode steps
@@ -74,7 +75,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with a small config")
     parser.add_argument("--decode-programs", type=int, default=None,
                         help="experiment: override the Triton backend's TARGET_PROGRAMS")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra engine setting, e.g. quantization=fp8 (repeatable)")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.engine if "=" in item)
+    if len(extra) != len(args.engine):
+        parser.error(f"--engine {args.engine}: expected KEY=VALUE")
     if args.decode_programs:
         from sglang_plugins.attention.triton import backend
 
@@ -82,7 +88,8 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     settings = EngineSettings(model_path=args.model_path, load_format="dummy", dtype="bfloat16", device=args.device,
                               attention_backend=args.backend, max_running_requests=max(sizes + [128]),
-                              enable_cascade_decode=args.cascade, disable_cuda_graph=args.disable_cuda_graph)
+                              enable_cascade_decode=args.cascade, disable_cuda_graph=args.disable_cuda_graph,
+                              **extra)
     core = EngineCore(settings, PluginManager(settings.plugins))
     rng = random.Random(0)
     for bs in sizes:

@@ -141,3 +141,57 @@ def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: st
             assert codes.dtype == E4M3 and (scheme.weights, scheme.activations) == expected[kind]
             weight = dequantized(codes, scale, block)
             assert_plausible(weight, block)
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("gpu_llama8b", BENCHMARKS / "gpu_llama8b.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_floor_counts_fp8_bytes_and_scales():
+    """``gpu_llama8b.py --runs floor`` on the FP8 configs: a byte per e4m3 value plus a float32 scale
+    per output row (per-channel; per-tensor ones are expanded to rows at load) or per 128 x 128
+    block; the LM head, norms and Mixtral's router bf16; of the experts a step reads the top 2 of 8."""
+    bench = benchmark_module()
+    configs = {name: AutoConfig.from_pretrained(BENCHMARKS / "configs" / name)
+               for name in ("llama-3.1-8b-fp8", "qwen3-8b-fp8-block", "mixtral-8x7b-fp8")}
+
+    c = configs["llama-3.1-8b-fp8"]
+    h, kv, inter, layers = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size, c.num_hidden_layers
+    values, rows = h * (h + 2 * kv) + h * h + 3 * h * inter, 3 * h + 2 * kv + 2 * inter
+    bf16 = 2 * (c.vocab_size * h + (2 * layers + 1) * h)
+    assert bench.weight_bytes(c) == pytest.approx((layers * (values + 4 * rows) + bf16,) * 2, rel=1e-12)
+
+    c = configs["qwen3-8b-fp8-block"]
+    h, inter, layers, hd = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    values = h * (q + 2 * kv) + q * h + 3 * h * inter
+    blocks = (q // 128) * (h // 128) * 2 + 2 * (kv // 128) * (h // 128) + 3 * (inter // 128) * (h // 128)
+    bf16 = 2 * (c.vocab_size * h + (2 * layers + 1) * h + 2 * layers * hd)  # q_norm, k_norm
+    assert bench.weight_bytes(c) == pytest.approx((layers * (values + 4 * blocks) + bf16,) * 2, rel=1e-12)
+
+    c = configs["mixtral-8x7b-fp8"]
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * h // c.num_attention_heads
+    experts, top_k = c.num_local_experts, c.num_experts_per_tok
+    attention = h * (h + 2 * kv) + h * h + 4 * (2 * h + 2 * kv)
+    routed = experts * (3 * h * inter + 4 * (2 * inter + h))
+    bf16 = 2 * (c.vocab_size * h + (2 * layers + 1) * h + layers * experts * h)  # head, norms, routers
+    want = (layers * (attention + routed * top_k / experts) + bf16, layers * (attention + routed) + bf16)
+    assert bench.weight_bytes(c) == pytest.approx(want, rel=1e-12)
+
+
+def test_benchmark_floor_refuses_fp8_layouts_it_does_not_count():
+    bench = benchmark_module()
+    config = AutoConfig.from_pretrained(BENCHMARKS / "configs" / "llama-3.1-8b-fp8")
+    quant = config.quantization_config
+    config.quantization_config = {**quant, "ignore": []}
+    with pytest.raises(ValueError, match="quantization_config.ignore"):
+        bench.stored_bytes(config)
+    group = quant["config_groups"]["group_0"]
+    config.quantization_config = {**quant, "config_groups": {"g": {**group, "weights": {**group["weights"],
+                                                                                     "strategy": "block"}}}}
+    with pytest.raises(ValueError, match="quantization_config.config_groups"):
+        bench.stored_bytes(config)

@@ -103,8 +103,9 @@ def tiny_config(name: str) -> dict:
     return {**config, **TINY[name], "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 256}
 
 
-def fp8_modules(model: torch.nn.Module) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, tuple | None]]]:
-    """Each FP8 weight of the engine's model, as (codes, scale, block) per matrix, by kind."""
+def fp8_modules(model: torch.nn.Module) -> dict[str, list[tuple]]:
+    """Each FP8 matrix of the engine's model (an expert's w13 or w2 one matrix) by kind, as
+    (codes, scale, block, scheme)."""
     found: dict[str, list] = {"linear": [], "experts": []}
     for module in model.modules():
         scheme = getattr(getattr(module, "quant_method", None), "scheme", None)
@@ -121,6 +122,9 @@ def fp8_modules(model: torch.nn.Module) -> dict[str, list[tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: str):
+    """The benchmark config's quantization_config on a tiny shape: finite log-probabilities (prompt,
+    output, top 5), every linear layer (and Mixtral's experts) in the config's FP8 layout with
+    plausible dequantized weights."""
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(name)))
     greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 4}
     with Engine(str(tmp_path), load_format="dummy") as engine:
@@ -131,12 +135,12 @@ def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: st
         meta = result["meta_info"]
         logprobs = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
         logprobs += [lp for top in meta["output_top_logprobs"] for lp, _, _ in top]
-        assert all(torch.isfinite(torch.tensor(logprobs))), logprobs
-    found = fp8_modules(model)
+        assert bool(torch.isfinite(torch.tensor(logprobs)).all()), logprobs
     expected = LAYOUTS[name]
-    per_layer = {"linear": 4 if "experts" not in expected else 2, "experts": 2 * TINY[name].get("num_local_experts", 0)}
-    for kind, mats in found.items():
-        assert len(mats) == (2 * per_layer[kind] if kind in expected else 0), (kind, len(mats))
+    # Per layer: qkv, o (and gate_up, down, or each expert's w13 and w2).
+    per_layer = {"linear": 2 if "experts" in expected else 4, "experts": 2 * TINY[name].get("num_local_experts", 0)}
+    for kind, mats in fp8_modules(model).items():
+        assert len(mats) == 2 * per_layer[kind], (kind, len(mats))
         for codes, scale, block, scheme in mats:
             assert codes.dtype == E4M3 and (scheme.weights, scheme.activations) == expected[kind]
             weight = dequantized(codes, scale, block)

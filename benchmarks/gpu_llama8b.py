@@ -8,7 +8,11 @@ docs/benchmarks.md's GPU tables, each beside its baseline measured in the same r
 
 A config's ``quantization_config`` quantizes the dummy weights: ``llama-3.1-8b-awq`` random AWQ
 codes, ``llama-3.1-8b-gguf-q4k`` random Q4_K blocks in every linear layer, the embedding and the
-LM head (``dummy_ggml_type``: any type the gguf plugin has kernels for).
+LM head (``dummy_ggml_type``: any type the gguf plugin has kernels for); the FP8 checkpoints'
+configs random e4m3 codes with positive scales (the fp8 plugin's dummy init): ``llama-3.1-8b-fp8``
+(compressed-tensors per-channel, dynamic per-token activations), ``qwen3-8b-fp8-block`` (128 x 128
+``weight_scale_inv`` blocks; bf16 baseline ``qwen3-8b``), ``mixtral-8x7b-fp8`` (AutoFP8 per-tensor,
+static activations; bf16 ``mixtral-8x7b`` needs ~94 GB: H200 only).
 
 Runs (``--runs``):
 - ``decode1``: batch 1, input 128, decode ms/step (also with ``--disable-cuda-graph``);
@@ -27,7 +31,7 @@ Runs (``--runs``):
 - ``hf1``: HF ``generate`` at batch 1, input 128: decode ms/step, to set beside ``decode1``.
 - ``hf32``: batch 32 x (512 in, 65 out), output tok/s, ours and HF ``generate``.
 - ``floor``: the batch-1 decode floor, the bytes of weights a step reads (every matrix once, as the
-  engine stores it: bf16, or a GGUF / AWQ config's packed bytes with their scales; the embedding
+  engine stores it: bf16, or a GGUF / AWQ / FP8 config's packed bytes with their scales; the embedding
   table only where it is also the LM head; of the routed experts only the top-k) over the device
   copy bandwidth measured now. ``all_weight_bytes``: every weight (a large batch's read).
 - ``shared_prefix``: 64 groups x 16 requests, 2048-token shared system prompt, 128-token
@@ -45,6 +49,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import random
 import sys
 import time
@@ -211,28 +216,64 @@ def run_hf32(backend: str) -> list[dict]:
     return [{"run": "hf32", "backend": backend, **ours}, {"run": "hf32", **hf_generate(32, 512, 65)}]
 
 
-def stored_bytes_per_value(config) -> dict[str, float]:
-    """Bytes per weight value as the engine stores the config's model, for ``linear`` (the decoder
-    layers' matmuls), ``experts`` (routed experts) and ``tables`` (embedding, LM head): bf16 unless
-    the ``quantization_config``'s method keeps that kind quantized. GGUF (dummy blocks of
-    ``dummy_ggml_type``): a block's bytes over its values, linear layers and tables (the gguf method
-    has no experts); AWQ: the packed codes plus a 16-bit scale and a packed zero per group, linear
-    layers and experts."""
+def stored_bytes(config) -> dict[str, Callable[[torch.Size], float]]:
+    """Bytes of a weight of shape ``[..., out, in]`` as the engine stores the config's model, for
+    ``linear`` (the decoder layers' matmuls), ``experts`` (routed experts) and ``tables`` (embedding,
+    LM head): bf16 unless the ``quantization_config``'s method keeps that kind quantized. GGUF (dummy
+    blocks of ``dummy_ggml_type``): a block's bytes over its values, linear layers and tables (the
+    gguf method has no experts); AWQ: the packed codes plus a 16-bit scale and a packed zero per
+    group, linear layers and experts; FP8 (``fp8``, compressed-tensors ``float-quantized``): a byte
+    a value plus float32 scales, linear layers and experts (``fp8_bytes``)."""
     quant = getattr(config, "quantization_config", None) or {}
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    method, rates = quant.get("quant_method"), {"linear": 2.0, "experts": 2.0, "tables": 2.0}
+    method, bf16 = quant.get("quant_method"), per_value(2.0)
+    sizes = {"linear": bf16, "experts": bf16, "tables": bf16}
     if method == "gguf":
         from sglang_plugins.quant.gguf.blocks import BLOCKS
         from sglang_plugins.quant.gguf.dummy import dummy_type
 
         values, nbytes, _ = BLOCKS[dummy_type(quant.get("dummy_ggml_type"))]
-        return {**rates, "linear": nbytes / values, "tables": nbytes / values}
+        return {**sizes, "linear": per_value(nbytes / values), "tables": per_value(nbytes / values)}
     if method == "awq":
-        per_value = quant["bits"] / 8 + (2 + quant["bits"] / 8) / quant["group_size"]
-        return {**rates, "linear": per_value, "experts": per_value}
+        awq = per_value(quant["bits"] / 8 + (2 + quant["bits"] / 8) / quant["group_size"])
+        return {**sizes, "linear": awq, "experts": awq}
+    if method in ("fp8", "compressed-tensors"):
+        if method == "compressed-tensors":
+            check_float_quantized(quant)
+        fp8 = fp8_bytes(quant.get("weight_block_size"))
+        return {**sizes, "linear": fp8, "experts": fp8}
     if method is not None:
         raise ValueError(f"quantization_config.quant_method: the floor has no byte count for {method!r}")
-    return rates
+    return sizes
+
+
+def per_value(rate: float) -> Callable[[torch.Size], float]:
+    return lambda shape: shape.numel() * rate
+
+
+def fp8_bytes(block: list[int] | None) -> Callable[[torch.Size], float]:
+    """e4m3 weights with their float32 scales as the fp8 plugin keeps them: one per ``block``
+    (``weight_block_size``, edge blocks partial) or else one per output row (per-tensor scales are
+    expanded to rows after loading). A static input scale (one float a layer) is left out."""
+    def size(shape: torch.Size) -> float:
+        *stack, rows, cols = shape
+        scales = -(-rows // block[0]) * -(-cols // block[1]) if block else rows
+        return math.prod(stack) * (rows * cols + 4 * scales)
+
+    return size
+
+
+def check_float_quantized(quant: dict) -> None:
+    """A compressed-tensors config the floor counts: every group's weights float, per tensor or
+    channel (row scales), and the LM head ignored (left bf16); else a ValueError naming the field."""
+    groups = quant.get("config_groups") or {}
+    if quant.get("format") != "float-quantized" or not groups or any(
+            (g.get("weights") or {}).get("type") != "float" or g["weights"].get("strategy") not in ("tensor", "channel")
+            for g in groups.values()):
+        raise ValueError("quantization_config.config_groups: the floor counts only float-quantized FP8 weights per "
+                         "tensor or channel")
+    if "lm_head" not in (quant.get("ignore") or []):
+        raise ValueError("quantization_config.ignore: the floor counts the LM head as bf16, so it must ignore lm_head")
 
 
 def weight_bytes(config) -> tuple[float, float]:
@@ -243,7 +284,7 @@ def weight_bytes(config) -> tuple[float, float]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    rates = stored_bytes_per_value(config)
+    sizes = stored_bytes(config)
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     tables = {id(embedding), id(head)}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - tables
@@ -252,11 +293,11 @@ def weight_bytes(config) -> tuple[float, float]:
                     if getattr(config, k, None)), None)
     active = getattr(config, "num_experts_per_tok", 1) / experts if experts else 1.0
     # named_parameters() lists a tied table once; an untied embedding is read only at its looked-up rows.
-    all_bytes = step_bytes = -(0.0 if head is embedding else embedding.numel() * rates["tables"])
+    all_bytes = step_bytes = -(0.0 if head is embedding else sizes["tables"](embedding.shape))
     for name, p in model.named_parameters():
         kind = ("experts" if ".experts." in name else "tables" if id(p) in tables
                 else "linear" if id(p) in linear else None)
-        size = p.numel() * (rates[kind] if kind else 2.0)
+        size = sizes[kind](p.shape) if kind else p.numel() * 2.0
         all_bytes += size
         step_bytes += size * (active if kind == "experts" else 1.0)
     return step_bytes, all_bytes

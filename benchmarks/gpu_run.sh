@@ -9,7 +9,13 @@
 # Afterwards: copy the returned ficache-*.tgz.* pieces into .ficache/ (replacing older ones), after
 # repacking them without *.o files (the carry limit is 64 MiB, wheels included).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+# A machine still warm from the last call keeps /tmp/site: install only when the wheel set changed.
+stamp=$(ls .whl | sha1sum | cut -c1-12)
+if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$stamp" ]; then
+    rm -rf /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    echo "$stamp" > /tmp/site/.wheels
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 mkdir -p ~/.cache

@@ -14,7 +14,7 @@ slowest rank. A markdown table on stdout; exit status 1 if any result was wrong.
 The physical floor: each GPU's NVLink bandwidth B each way (H100/H200 SXM: NVLink 4, 18 links,
 450 GB/s). NCCL's ring moves 2 (N - 1) / N x S bytes of a message of S bytes through every GPU's
 links; the one-shot kernel reads the N - 1 peers' whole messages, (N - 1) x S: the same bytes at
-N = 2, N / 2 times the ring's beyond. At 16 MiB and N = 2 that is 37 us; at 1 MB 2.3 us, less than
+N = 2, N / 2 times the ring's beyond. At 16 MiB and N = 2 that is 37 us; at 1 MiB 2.3 us, less than
 a kernel launch plus a barrier between GPUs (several us): below ~1 MB both are latency-bound,
 which is where one-shot's single kernel should win. The table's floor column is those bytes over
 ``--nvlink-gbps``.

@@ -1,7 +1,8 @@
 """The one-shot all-reduce on the CPU: which messages ``TPGroup.all_reduce`` sends to it and which to
 NCCL, with both faked as two ranks holding the same message (the kernel needs GPUs that map each
 other's memory; benchmarks/allreduce.py checks its sums there); when the ranks set it up; and
-benchmarks/allreduce.py's dry run over gloo, whose results it checks against the ranks' sums."""
+benchmarks/allreduce.py's dry run over gloo, whose results it checks against the ranks' sums.
+On two GPUs: a two-rank engine decodes the same with it as over NCCL alone."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 from sglang_core.config import EngineSettings
+from sglang_core.engine import Engine
 from sglang_core.layers import one_shot_all_reduce
 from sglang_core.layers.one_shot_all_reduce import ONE_SHOT_MAX_BYTES, OneShotAllReduce, with_one_shot
 from sglang_core.layers.parallel import TPGroup
+from test_model_contract import CHUNK, _build
 
 RANKS = 2
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "allreduce.py"
@@ -133,3 +136,24 @@ def test_benchmark_dry_run_checks_gloo_sums():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "KiB" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 2 KiB", "| 4 KiB", "| 8 KiB", "| 16 KiB"]
     assert all(row.endswith("| ok |") for row in rows), done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_decode_alike_one_shot_and_over_nccl(tmp_path):
+    """Two ranks on two GPUs, float32, CUDA graphs on: the llama contract case's greedy tokens and
+    logprobs with every all-reduce of this tiny model one-shot equal those over NCCL alone (a sum of
+    two rounds alike either way). The NCCL engine runs first: this process's symmetric memory
+    stays bound to its group's name, which a later group would reuse."""
+    _, prompts = _build("llama", tmp_path)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 8}
+    results = {}
+    for one_shot in (False, True):
+        with Engine(str(tmp_path), device="cuda", dtype="float32", tp_size=RANKS, chunked_prefill_size=CHUNK,
+                    cuda_graph_max_bs=8, enable_custom_all_reduce=one_shot) as engine:
+            assert (engine.core.core.tp_ranks.tp.one_shot is not None) == one_shot
+            results[one_shot] = engine.generate(input_ids=prompts, sampling_params=greedy, return_logprob=True)
+    for nccl, one_shot in zip(results[False], results[True]):
+        assert one_shot["output_ids"] == nccl["output_ids"]
+        logprobs = [[lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]] for r in (nccl, one_shot)]
+        assert logprobs[1] == pytest.approx(logprobs[0], abs=1e-5)

@@ -96,6 +96,8 @@ class EngineSettings(CliSettings):
     nnodes: int = Field(1, ge=1, description="machines the tensor-parallel ranks span, tp_size / nnodes ranks on each")
     node_rank: int = Field(0, ge=0, description="this machine's index among nnodes: node 0 runs the scheduler (and HTTP), the others only their ranks")
     dist_init_addr: str | None = Field(None, json_schema_extra={"flags": ["--nccl-init"]}, description="host:port of node 0 where every rank meets (it listens there); needed with nnodes > 1 (default: a free loopback port)")
+    # Off by default until benchmarks/allreduce.py and bench-latency --tp 2 have measured it on GPUs.
+    enable_custom_all_reduce: bool = Field(False, description="CUDA, tensor parallelism on one machine: all-reduces of small messages (a decode step's; the limit is ONE_SHOT_MAX_BYTES in sglang_core/layers/one_shot_all_reduce.py) run as one kernel that reads every peer's copy over NVLink from peer-mapped buffers (PyTorch symmetric memory; CUDA graphs capture it), larger ones through NCCL; off until measured against NCCL; where a rank cannot use it (no peer access, older torch) every all-reduce stays NCCL's")
     disable_cuda_graph: bool = Field(False, description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     cuda_graph_max_bs: int = Field(256, gt=0, description="CUDA: largest decode batch captured as a graph (larger ones run eagerly)")
     disable_overlap_schedule: bool = Field(False, description="CUDA graphs: read each decode step back before launching the next")

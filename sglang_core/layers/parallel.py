@@ -11,12 +11,15 @@ quantization method's packed tensors and group-wise scales load per rank like pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
+
+if TYPE_CHECKING:
+    from sglang_core.layers.one_shot_all_reduce import OneShotAllReduce
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,16 @@ class TPGroup:
     """A tensor-parallel process group; ``group=None`` is the single-process group.
 
     ``expert_parallel``: MoE layers hold whole experts, ``E / size`` of them on each rank, instead
-    of ``1 / size`` of every expert (``--enable-ep-moe``; see ``layers.experts``)."""
+    of ``1 / size`` of every expert (``--enable-ep-moe``; see ``layers.experts``).
+
+    ``one_shot``: the one-shot all-reduce for small messages (``--enable-custom-all-reduce``, see
+    ``layers.one_shot_all_reduce``), None where NCCL or gloo reduces every message."""
 
     group: Any = None
     rank: int = 0
     size: int = 1
     expert_parallel: bool = False
+    one_shot: "OneShotAllReduce | None" = None
 
     @classmethod
     def from_process_group(cls, group: Any) -> "TPGroup":
@@ -38,12 +45,13 @@ class TPGroup:
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place. Every layer's reduction goes through here, so a
-        one-shot all-reduce for small messages that a CUDA graph can capture (a custom kernel over
-        peer-mapped buffers) replaces this one function; today it is the group's own all-reduce
-        (NCCL on CUDA, which graphs capture; gloo on the CPU)."""
+        """Sum ``x`` over the ranks, in place. Every layer's reduction goes through here: a message
+        the one-shot all-reduce takes (small, on CUDA) goes there, any other to the group's own
+        all-reduce (NCCL on CUDA; gloo on the CPU). CUDA graphs capture both."""
         if self.size == 1:
             return x
+        if self.one_shot is not None and self.one_shot.takes(x):
+            return self.one_shot(x)
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.group)

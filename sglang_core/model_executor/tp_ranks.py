@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from sglang_core.config import EngineSettings
+from sglang_core.layers.one_shot_all_reduce import with_one_shot
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.runner import ModelRunner, StepInput, pick_device
 from sglang_core.model_executor.step_channel import StepChannel
@@ -68,11 +69,12 @@ def _joined_key(rank: int) -> str:
     return f"joined/{rank}"
 
 
-def join_group(store: dist.Store, rank: int, size: int, device: torch.device) -> TPGroup:
-    """Join the group of ``size`` ranks that meet at ``store``; the device picks the backend."""
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size,
-                            timeout=NO_TIMEOUT)
-    return TPGroup.from_process_group(dist.group.WORLD)
+def join_group(store: dist.Store, settings: EngineSettings, rank: int, device: torch.device) -> TPGroup:
+    """Join the group of ``tp_size`` ranks that meet at ``store``; the device picks the backend. With
+    ``enable_custom_all_reduce`` the ranks also set up the one-shot all-reduce (a collective)."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=settings.tp_size, timeout=NO_TIMEOUT)
+    return with_one_shot(TPGroup.from_process_group(dist.group.WORLD), device, settings)
 
 
 class TPRanks:
@@ -97,7 +99,7 @@ class TPRanks:
         self.failure: str | None = None
         try:
             self._wait_joined(store, size)
-            self.tp = join_group(store, 0, size, self.device)
+            self.tp = join_group(store, settings, 0, self.device)
         except BaseException:
             self._kill()
             raise
@@ -222,7 +224,7 @@ def rank_main(settings_json: str, plugin_names: list[str] | None, host: str, por
     store = dist.TCPStore(host, port, settings.tp_size, is_master=False,
                           timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
     store.set(_joined_key(rank), "1")
-    tp = join_group(store, rank, settings.tp_size, device)
+    tp = join_group(store, settings, rank, device)
     plugins = PluginManager(plugin_names)
     source = resolve_model_source(settings.model_path, settings.load_format, plugins.registry("weight_formats"))
     runner = ModelRunner(settings, source, plugins, tp)

@@ -11,15 +11,21 @@ quantization method's packed tensors and group-wise scales load per rank like pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from sglang_core.layers.quant import QuantMethod, UnquantizedMethod, weight_param
 
-if TYPE_CHECKING:
-    from sglang_core.layers.one_shot_all_reduce import OneShotAllReduce
+
+class SmallMessageAllReduce(Protocol):
+    """An all-reduce for the messages it ``takes`` (``layers.one_shot_all_reduce``): sums ``x``
+    over the ranks in place and returns it."""
+
+    def takes(self, x: torch.Tensor) -> bool: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     expert_parallel: bool = False
-    one_shot: "OneShotAllReduce | None" = None
+    one_shot: SmallMessageAllReduce | None = None
 
     @classmethod
     def from_process_group(cls, group: Any) -> "TPGroup":

@@ -51,7 +51,7 @@ def as_decode_rows(step: StepInput) -> StepInput:
     same logits for every token, so ``logit_index`` still picks the step's rows."""
     rows, seq_lens, fill_lens = decode_rows(step.req_pool_indices, step.prefix_lens, step.seq_lens, step.fill_lens)
     return replace(step, mode=ForwardMode.DECODE, req_pool_indices=rows, seq_lens=seq_lens,
-                               prefix_lens=[n - 1 for n in seq_lens], fill_lens=fill_lens, shared_prefixes=())
+                   prefix_lens=[n - 1 for n in seq_lens], fill_lens=fill_lens, shared_prefixes=())
 
 
 def pick_device(name: str) -> torch.device:

@@ -178,7 +178,7 @@ class ModelRunner:
     def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
-        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self._decode_rows(),
+        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self._max_decode_rows(),
                              self.settings.enable_cascade_decode, self.kv_dtype)
         if name != "auto":
             entry = registry.get(name)
@@ -224,10 +224,10 @@ class ModelRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, self._decode_rows()),
-                                   self.device, primitives)
+            return CudaGraphRunner(decode, self._make_batch, self.attn_backend,
+                                   min(s.cuda_graph_max_bs, self._max_decode_rows()), self.device, primitives)
 
-    def _decode_rows(self) -> int:
+    def _max_decode_rows(self) -> int:
         """The most rows a decode batch may have: the running requests, or with graphs the tokens of
         an extend step replayed as decode rows (``as_decode_rows``)."""
         s = self.settings

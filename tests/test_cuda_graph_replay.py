@@ -5,8 +5,9 @@ capture returned, so what the graphs read and keep is what they would on a GPU.
 
 The engines capture batch sizes 1, 2, 4 and 8; their requests stop at different lengths, so the
 decode batch shrinks through 3 (a padded graph), and every prefill chunk (8 tokens) replays as
-decode rows (``--extend-graph-max-tokens``). Greedy tokens and logprobs must be the reference
-model's (float32, recomputed from scratch each step), with the overlapped schedule and without."""
+decode rows (``--extend-graph-max-tokens``), also with a running request's decode riding along
+(``--max-step-tokens``). Greedy tokens and logprobs must be the reference model's (float32,
+recomputed from scratch each step), with the overlapped schedule and without."""
 
 from __future__ import annotations
 
@@ -134,3 +135,30 @@ def test_overlapped_graphs_give_the_reference_tokens(served, replayed_rows):
     for prompt, result, (tokens, _) in zip(prompts, results, references["overlapped"]):
         assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
     engine.check_memory()
+
+
+def test_decodes_riding_along_a_chunk_replay_as_rows_with_it(tmp_path, monkeypatch):
+    """--max-step-tokens (the rows policies of benchmarks/itl_sweep.py): every step carrying prefill
+    holds the running requests' decodes first, so the replayed rows mix a decode row with a prefill
+    chunk's rows. The first prompt is decoding before the others are prefilled: its tokens and
+    everyone's must still be the reference's."""
+    from sglang_core.model_executor import runner as runner_module
+
+    model, prompts = _build("llama", tmp_path)
+    replayed = []
+    as_decode_rows = runner_module.as_decode_rows
+    monkeypatch.setattr(runner_module, "as_decode_rows", lambda step: replayed.append(step) or as_decode_rows(step))
+    with emulated_graphs():
+        engine = Engine(str(tmp_path), device="cpu", attention_backend=BACKEND, chunked_prefill_size=CHUNK,
+                        cuda_graph_max_bs=2 * CHUNK, extend_graph_max_tokens=2 * CHUNK, max_step_tokens=CHUNK + 4,
+                        **CASES["llama"].engine)
+    with engine:
+        results = _generate(engine, prompts, return_logprob=True)
+        engine.check_memory()
+    extend_lens = [[end - start for start, end in zip(step.prefix_lens, step.seq_lens)] for step in replayed]
+    assert any(1 in lens and max(lens) > 1 for lens in extend_lens), extend_lens  # a decode beside a chunk
+    for prompt, result, n in zip(prompts, results, NEW_TOKENS):
+        tokens, logprobs = _reference_greedy(model, prompt, n)
+        assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
+        got = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"

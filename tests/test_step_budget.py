@@ -68,9 +68,10 @@ def test_the_budget_follows_the_target_within_cap_and_floor():
     # Its fixed cost 0.05 - B is past the target: no size meets it, and a step below the knee,
     # (0.05 - B) / B = 408.6 tokens, would spend most of its time on the fixed cost.
     assert budget.tokens() == 408, "a target below a step's fixed cost: the line's knee"
-    for tokens in range(COST_WINDOW):
-        budget.record(tokens + 1, 0.05 * B + B * tokens)
+    for tokens in range(COST_WINDOW):  # a fixed cost of 10 B: its knee, 10 tokens, is below the floor
+        budget.record(tokens + 1, 11 * B + B * tokens)
     budget.target_s = 0.001 * B
+    assert budget.costs.knee() == 10
     assert budget.tokens() == MIN_STEP_TOKENS, "a knee below the floor: the floor"
 
 

@@ -51,7 +51,7 @@ def as_decode_rows(step: StepInput) -> StepInput:
     same logits for every token, so ``logit_index`` still picks the step's rows."""
     rows, seq_lens, fill_lens = decode_rows(step.req_pool_indices, step.prefix_lens, step.seq_lens, step.fill_lens)
     return replace(step, mode=ForwardMode.DECODE, req_pool_indices=rows, seq_lens=seq_lens,
-                               prefix_lens=[n - 1 for n in seq_lens], fill_lens=fill_lens, shared_prefixes=())
+                   prefix_lens=[n - 1 for n in seq_lens], fill_lens=fill_lens, shared_prefixes=())
 
 
 def pick_device(name: str) -> torch.device:
@@ -178,7 +178,7 @@ class ModelRunner:
     def _build_attention_backend(self, plugins: PluginManager) -> AttentionBackend:
         registry = plugins.registry("attention_backends")
         name = self.settings.attention_backend
-        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self._decode_rows(),
+        spec = AttentionSpec(self.layer_specs, self.dtype, self.device, self._max_decode_rows(),
                              self.settings.enable_cascade_decode, self.kv_dtype)
         if name != "auto":
             entry = registry.get(name)
@@ -224,10 +224,10 @@ class ModelRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
-            return CudaGraphRunner(decode, self._make_batch, self.attn_backend, min(s.cuda_graph_max_bs, self._decode_rows()),
-                                   self.device, primitives)
+            return CudaGraphRunner(decode, self._make_batch, self.attn_backend,
+                                   min(s.cuda_graph_max_bs, self._max_decode_rows()), self.device, primitives)
 
-    def _decode_rows(self) -> int:
+    def _max_decode_rows(self) -> int:
         """The most rows a decode batch may have: the running requests, or with graphs the tokens of
         an extend step replayed as decode rows (``as_decode_rows``)."""
         s = self.settings

@@ -35,9 +35,12 @@ from .kv_indices import gather_kv_indices
 # What FlashInfer's kernels are built for.
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16)
-# FlashInfer's recommended float work space: the split-KV partials of the largest batch fit.
-WORKSPACE_BYTES = 128 << 20  # per WORKSPACE_ROWS rows of the largest decode batch
+# FlashInfer's recommended float work space, enough for WORKSPACE_ROWS decode rows of a layer of
+# WORKSPACE_WIDTH query values a token (32 heads x 128). Its split-KV partials grow with both: a
+# 512-row batch of that layer asked 160 MiB at start-up (H100, 2026-12-07).
+WORKSPACE_BYTES = 128 << 20
 WORKSPACE_ROWS = 256
+WORKSPACE_WIDTH = 32 * 128
 # Query heads per KV head from which the tensor-core (prefill) kernel beats the CUDA-core decode
 # kernel: the group's rows fill an MMA tile.
 TENSOR_CORE_MIN_GROUP = 4
@@ -77,9 +80,9 @@ class FlashInferBackend(AttentionBackend):
             raise ImportError("the flashinfer attention backend needs FlashInfer: "
                               "pip install 'sglang-core[flashinfer]'") from exc
         self._fi = flashinfer
-        # Split-KV scratch grows with the rows of a decode batch: 128 MiB held 256 rows, not 512.
-        rows = -(-spec.max_batch_size // WORKSPACE_ROWS)
-        self._workspace = torch.zeros(WORKSPACE_BYTES * max(1, rows), dtype=torch.uint8, device=spec.device)
+        width = max(layer.num_heads * max(layer.head_dim, layer.v_head_dim) for layer in spec.distinct())
+        scale = max(1.0, spec.max_batch_size / WORKSPACE_ROWS * width / WORKSPACE_WIDTH)
+        self._workspace = torch.zeros(int(WORKSPACE_BYTES * scale), dtype=torch.uint8, device=spec.device)
         # Fixed decode buffers (CUDA graphs keep their addresses); slices serve every batch size.
         self._decode_indptr = torch.zeros(spec.max_batch_size + 1, dtype=torch.int32, device=spec.device)
         self._decode_last_page_len = torch.ones(spec.max_batch_size, dtype=torch.int32, device=spec.device)

@@ -68,6 +68,9 @@ def test_the_budget_follows_the_target_within_cap_and_floor():
     # Its fixed cost 0.05 - B is past the target: no size meets it, and a step below the knee,
     # (0.05 - B) / B = 408.6 tokens, would spend most of its time on the fixed cost.
     assert budget.tokens() == 408, "a target below a step's fixed cost: the line's knee"
+    for _ in range(COST_WINDOW):  # then every step is held at the knee: one size fixes no line
+        budget.record(408, 0.05 + B * 407)
+    assert budget.tokens() == 408, "steps of one size keep the last knee (not the origin line's 0)"
     for tokens in range(COST_WINDOW):  # a fixed cost of 10 B: its knee, 10 tokens, is below the floor
         budget.record(tokens + 1, 11 * B + B * tokens)
     budget.target_s = 0.001 * B

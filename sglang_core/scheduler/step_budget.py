@@ -35,6 +35,7 @@ class StepCostModel:
 
     def __init__(self, window: int = COST_WINDOW):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._knee = 0  # the last knee a sloped line gave (``knee``)
 
     def record(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
@@ -50,11 +51,16 @@ class StepCostModel:
         sizes = [x for x, _ in self.samples]
         mean_x = sum(sizes) / n
         mean_y = sum(y for _, y in self.samples) / n
-        if max(sizes) - min(sizes) < MIN_SIZE_SPREAD * mean_x:
+        if not self._sloped():
             return 0.0, mean_y / mean_x
         sxx = sum((x - mean_x) ** 2 for x in sizes)
         b = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / sxx
         return mean_y - b * mean_x, b
+
+    def _sloped(self) -> bool:
+        """Whether the steps' sizes spread enough to fix a slope (MIN_SIZE_SPREAD)."""
+        sizes = [x for x, _ in self.samples]
+        return max(sizes) - min(sizes) >= MIN_SIZE_SPREAD * sum(sizes) / len(sizes)
 
     def tokens_within(self, seconds: float) -> int | None:
         """The most tokens a step may hold to take ``seconds`` by the fitted line; None without a
@@ -71,9 +77,12 @@ class StepCostModel:
         the stall little and prefill throughput a lot (an eager pass of Llama-8B on an H100 costs
         ~17 ms of launches at any size: budgets of 32 tokens admitted 1.9 of 8 requests a second)."""
         line = self.fit()
-        if line is None or line[0] <= 0 or line[1] <= 0:
+        if line is None:
             return 0
-        return int(line[0] / line[1])
+        # Steps held at the knee are all of one size and fix no line: the last knee stands.
+        if self._sloped():
+            self._knee = int(line[0] / line[1]) if line[0] > 0 and line[1] > 0 else 0
+        return self._knee
 
 
 class StepBudget:

@@ -12,6 +12,12 @@ CPU, tiny model (a minute or two)::
 
     python benchmarks/dp_router.py --model-path <tiny model folder> --dp 2
 
+The router's own cost per request, no engines (``--routing-overhead``): each policy's decision
+and bookkeeping (``Router.routed``) timed per request over the same load, the cache-aware tree
+filling as it goes; median and p99 microseconds::
+
+    python benchmarks/dp_router.py --routing-overhead --dp 8 --groups 64 --per-group 32 --prefix-len 1024
+
 GPU (one GPU per replica: ``--dp`` GPUs)::
 
     python benchmarks/dp_router.py --model-path meta-llama/Llama-3.1-8B-Instruct --dp 8 --groups 64 \\
@@ -27,8 +33,10 @@ import random
 import sys
 import time
 
+from sglang_core.plugins import PluginManager
 from sglang_core.router.data_parallel import DataParallelEngine
 from sglang_core.router.options import RouterOptions
+from sglang_core.router.router import Router
 
 from shared_prefix_prefill import shared_prefix_prompts  # this folder's: run the script from anywhere
 
@@ -73,6 +81,24 @@ def run_policy(policy: str, args: argparse.Namespace) -> dict:
     }
 
 
+def routing_overhead(policy: str, args: argparse.Namespace) -> dict:
+    """Per-request time of ``Router.routed`` (choose a replica, count the request in and out)."""
+    options = RouterOptions(router_policy=policy, router_balance_abs=args.balance_abs,
+                            router_balance_rel=args.balance_rel)
+    router = Router(args.dp, options, PluginManager())
+    prompts = shared_prefix_prompts(random.Random(args.seed), 128256, args.groups, args.per_group,
+                                    args.prefix_len, args.question_len)
+    times = []
+    for ids in prompts:
+        start = time.perf_counter()
+        with router.routed(ids):
+            pass
+        times.append((time.perf_counter() - start) * 1e6)
+    times.sort()
+    return {"policy": policy, "dp": args.dp, "requests": len(prompts), "prompt_tokens": len(prompts[0]),
+            "us_median": round(times[len(times) // 2], 1), "us_p99": round(times[int(len(times) * 0.99)], 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
@@ -89,9 +115,12 @@ def main() -> int:
     parser.add_argument("--balance-abs", type=int, default=RouterOptions.model_fields["router_balance_abs"].default)
     parser.add_argument("--balance-rel", type=float, default=RouterOptions.model_fields["router_balance_rel"].default)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--routing-overhead", action="store_true",
+                        help="time only the router's decision per request (no engines)")
     args = parser.parse_args()
+    run = routing_overhead if args.routing_overhead else run_policy
     for policy in args.policies.split(","):
-        print(json.dumps(run_policy(policy.strip(), args)), flush=True)
+        print(json.dumps(run(policy.strip(), args)), flush=True)
     return 0
 
 

@@ -212,3 +212,20 @@ def test_each_replica_gets_its_own_gpus(monkeypatch):
     assert replica_devices(3, 1, "cuda") == [{"cuda_visible_devices": d} for d in ("3", "5", "6")]
     with pytest.raises(ValueError, match="dp_size: 2 replicas of tp_size 2 need 4 GPUs; 3 visible"):
         replica_devices(2, 2, "cuda")
+
+
+def test_routing_overhead_benchmark_runs():
+    """benchmarks/dp_router.py --routing-overhead (the router's own cost, no engines) reports every
+    policy, and the cache-aware one saw the whole load."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "dp_router.py"
+    out = subprocess.run([sys.executable, str(script), "--routing-overhead", "--dp", "2", "--groups", "2",
+                          "--per-group", "3", "--prefix-len", "8", "--question-len", "2"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["policy"] for r in rows] == ["round_robin", "shortest_queue", "cache_aware"]
+    assert all(r["requests"] == 6 and r["prompt_tokens"] == 10 and 0 < r["us_median"] <= r["us_p99"] for r in rows)

@@ -259,7 +259,7 @@ class ModelRunner:
             rows = as_decode_rows(step)
             logits = graphs.replay(rows.input_ids, rows.positions, rows.out_cache_loc, rows.req_pool_indices,
                                    rows.seq_lens, rows.fill_lens)
-            return logits[torch.tensor(step.logit_index, dtype=torch.int64).to(dev, non_blocking=True)]
+            return logits[torch.tensor(step.logit_index, dtype=torch.int64, device=dev)]
         batch = self._make_batch(
             mode=step.mode,
             input_ids=torch.as_tensor(step.input_ids, dtype=torch.int64, device=dev),

@@ -3,7 +3,7 @@ the same run (issue 18): a folder is made from the config, a placeholder tokeniz
 ``<t{image_token_index}>`` is the image token, and a processor of CLIP's defaults at the tower's
 image size.
 
-    python benchmarks/gpu_llava.py --config ../shared/bench-configs/llava-1.5-7b
+    python benchmarks/gpu_llava.py --config benchmarks/configs/llava-1.5-7b
     python benchmarks/gpu_llava.py --config path/to/tiny-llava-config --device cpu --dtype float32 \\
         --requests 8 --hf-batches 1,4 --encoder-batches 1,4      # a smoke run on the CPU
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("../shared/bench-configs/llava-1.5-7b"))
+    parser.add_argument("--config", type=Path, default=Path("benchmarks/configs/llava-1.5-7b"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--requests", type=int, default=256)

@@ -11,6 +11,7 @@ are, so the saved folder looks like one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,10 +70,15 @@ def dbrx(**config: Any) -> tuple[Any, Any]:
     """DBRX's config and its transformers reference. DBRX states its rope base as
     ``attn_config.rope_theta``, which transformers 5 does not read (it takes the top-level
     ``rope_parameters``, default 10000): the reference gets the same base through
-    ``rope_parameters``, the saved config keeps it in ``attn_config`` only, as released checkpoints do."""
+    ``rope_parameters``, the saved config keeps it in ``attn_config`` only, as released checkpoints do.
+    A null ``clip_qkv`` (no clamp) makes transformers' clamp fail: the reference clamps to +-inf."""
     cfg = transformers.DbrxConfig(**config)
     rope = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}
-    return cfg, transformers.DbrxForCausalLM(transformers.DbrxConfig(**config, rope_parameters=rope))
+    attn = dict(config["attn_config"])
+    if attn.get("clip_qkv") is None:
+        attn["clip_qkv"] = math.inf
+    reference = transformers.DbrxConfig(**{**config, "attn_config": attn}, rope_parameters=rope)
+    return cfg, transformers.DbrxForCausalLM(reference)
 
 
 # DBRX names its sizes as GPT-2-style configs do; its attention and MoE options are nested dicts.
@@ -334,10 +340,10 @@ CASES: dict[str, ContractCase] = {
     "dbrx": custom_case(dbrx, **DBRX_TINY, attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500_000},
                         ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 4,
                                     "moe_jitter_eps": 0.01, "moe_normalize_expert_weights": 1.0}),
-    # Top-3 of 6 divided by their 2-norm, one KV head, the released clip_qkv (which does not bind
-    # here; transformers cannot run a null one), another gated activation.
+    # Top-3 of 6 divided by their 2-norm, one KV head, no clip_qkv (null: no clamp), another gated
+    # activation.
     "dbrx-2-norm-mqa-gelu": custom_case(dbrx, **DBRX_TINY,
-                                        attn_config={"kv_n_heads": 1, "clip_qkv": 8, "rope_theta": 10_000},
+                                        attn_config={"kv_n_heads": 1, "clip_qkv": None, "rope_theta": 10_000},
                                         ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 3,
                                                     "moe_normalize_expert_weights": 2.0,
                                                     "ffn_act_fn": {"name": "gelu"}}),

@@ -277,12 +277,13 @@ CASES: dict[str, ContractCase] = {
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=2.0,
                topk_method="greedy", mlp_bias=True)),
-    # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3.
+    # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3;
+    # n_shared_experts 0 (transformers keeps a zero-wide shared MLP, its checkpoint tensors empty).
     "deepseek-v2-moe-grouped": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
         **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=48, kv_lora_rank=32,
                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3,
-               moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.5,
+               moe_intermediate_size=32, n_shared_experts=0, routed_scaling_factor=1.5,
                topk_method="group_limited_greedy", n_group=4, topk_group=2)),
     # DeepSeek-V3's routing: sigmoid scores, e_score_correction_bias for the choice, the best 2 of 4
     # groups by their two best experts, renormalised and scaled; one shared expert.
@@ -317,10 +318,11 @@ CASES: dict[str, ContractCase] = {
                          **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                 shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1])),
     # decoder_sparse_step 2 (layer 1 sparse, layers 0 and 2 dense), renormalised top-4, no q/k/v
-    # biases, layers 0 and 2 sliding (use_sliding_window below max_window_layers), a tied head.
+    # biases, layers 0 and 2 sliding (use_sliding_window below max_window_layers), a tied head; a
+    # zero-wide shared expert (its checkpoint tensors empty, its gate's weight not).
     "qwen2-moe-step-window": hf_case(_t("Qwen2MoeConfig"), _t("Qwen2MoeForCausalLM"), window=8,
                                      **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
-                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                            moe_intermediate_size=32, shared_expert_intermediate_size=0,
                                             decoder_sparse_step=2, norm_topk_prob=True, qkv_bias=False,
                                             use_sliding_window=True, sliding_window=8, max_window_layers=3,
                                             tie_word_embeddings=True)),

@@ -293,10 +293,22 @@ CASES: dict[str, ContractCase] = {
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5,
                n_group=4, topk_group=2, norm_topk_prob=True)),
+    # V3's routing without groups (n_group 1) or renormalisation, top-1 of 6 unscaled; no q LoRA, every
+    # layer sparse, rotate-half rotary.
+    "deepseek-v3-moe-ungrouped": hf_case(
+        _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=1,
+               moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+               norm_topk_prob=False, rope_interleave=False)),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
     # expert gets tokens in a prefill and most get none in a decode step.
     "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
                        **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6)),
+    # The best one of 5 experts (renormalised: weight 1), no GQA.
+    "mixtral-top1": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
+                            **tiny(num_local_experts=5, num_experts_per_tok=1, intermediate_size=48,
+                                   num_key_value_heads=4)),
     # A window on every layer, 3 of 6 experts, another gated activation, head_dim not hidden / heads, tied.
     "mixtral-window-gelu-tied": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"), window=8,
                                         **tiny(num_local_experts=6, num_experts_per_tok=3, intermediate_size=48,

@@ -26,10 +26,12 @@ from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeFo
 from test_model_contract import _build
 
 MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralForCausalLM,
+             "mixtral-top1": MixtralForCausalLM,
              "qwen2-moe": Qwen2MoeForCausalLM, "qwen2-moe-step-window": Qwen2MoeForCausalLM,
              "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
              "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
-             "deepseek-v3-moe": DeepseekV3ForCausalLM, "grok1": Grok1ModelForCausalLM,
+             "deepseek-v3-moe": DeepseekV3ForCausalLM, "deepseek-v3-moe-ungrouped": DeepseekV3ForCausalLM,
+             "grok1": Grok1ModelForCausalLM,
              "grok1-defaults": Grok1ModelForCausalLM, "dbrx": DbrxForCausalLM,
              "dbrx-2-norm-mqa-gelu": DbrxForCausalLM, "dbrx-unnormalized": DbrxForCausalLM,
              "granitemoe": GraniteMoeForCausalLM, "granitemoe-bias-untied": GraniteMoeForCausalLM,

@@ -27,6 +27,8 @@ from sglang_core.model_executor.model_api import ModelContext
 
 def is_sparse(config, layer_id: int) -> bool:
     """Whether layer ``layer_id``'s MLP is the MoE block (transformers' rule for both models)."""
+    if config.decoder_sparse_step < 1:
+        raise ValueError(f"decoder_sparse_step: {config.decoder_sparse_step} is not a positive layer interval")
     return (layer_id not in config.mlp_only_layers and config.num_experts > 0
             and (layer_id + 1) % config.decoder_sparse_step == 0)
 

@@ -11,6 +11,7 @@ are, so the saved folder looks like one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,10 +70,15 @@ def dbrx(**config: Any) -> tuple[Any, Any]:
     """DBRX's config and its transformers reference. DBRX states its rope base as
     ``attn_config.rope_theta``, which transformers 5 does not read (it takes the top-level
     ``rope_parameters``, default 10000): the reference gets the same base through
-    ``rope_parameters``, the saved config keeps it in ``attn_config`` only, as released checkpoints do."""
+    ``rope_parameters``, the saved config keeps it in ``attn_config`` only, as released checkpoints do.
+    A null ``clip_qkv`` (no clamp) makes transformers' clamp fail: the reference clamps to +-inf."""
     cfg = transformers.DbrxConfig(**config)
     rope = {"rope_type": "default", "rope_theta": cfg.attn_config.rope_theta}
-    return cfg, transformers.DbrxForCausalLM(transformers.DbrxConfig(**config, rope_parameters=rope))
+    attn = dict(config["attn_config"])
+    if attn.get("clip_qkv") is None:
+        attn["clip_qkv"] = math.inf
+    reference = transformers.DbrxConfig(**{**config, "attn_config": attn}, rope_parameters=rope)
+    return cfg, transformers.DbrxForCausalLM(reference)
 
 
 # DBRX names its sizes as GPT-2-style configs do; its attention and MoE options are nested dicts.
@@ -271,12 +277,13 @@ CASES: dict[str, ContractCase] = {
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=2.0,
                topk_method="greedy", mlp_bias=True)),
-    # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3.
+    # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3;
+    # n_shared_experts 0 (transformers keeps a zero-wide shared MLP, its checkpoint tensors empty).
     "deepseek-v2-moe-grouped": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
         **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=48, kv_lora_rank=32,
                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3,
-               moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.5,
+               moe_intermediate_size=32, n_shared_experts=0, routed_scaling_factor=1.5,
                topk_method="group_limited_greedy", n_group=4, topk_group=2)),
     # DeepSeek-V3's routing: sigmoid scores, e_score_correction_bias for the choice, the best 2 of 4
     # groups by their two best experts, renormalised and scaled; one shared expert.
@@ -286,10 +293,22 @@ CASES: dict[str, ContractCase] = {
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5,
                n_group=4, topk_group=2, norm_topk_prob=True)),
+    # V3's routing without groups (n_group 1) or renormalisation, top-1 of 6 unscaled; no q LoRA, every
+    # layer sparse, rotate-half rotary.
+    "deepseek-v3-moe-ungrouped": hf_case(
+        _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
+        **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=1,
+               moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+               norm_topk_prob=False, rope_interleave=False)),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
     # expert gets tokens in a prefill and most get none in a decode step.
     "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
                        **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6)),
+    # The best one of 5 experts (renormalised: weight 1), no GQA.
+    "mixtral-top1": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
+                            **tiny(num_local_experts=5, num_experts_per_tok=1, intermediate_size=48,
+                                   num_key_value_heads=4)),
     # A window on every layer, 3 of 6 experts, another gated activation, head_dim not hidden / heads, tied.
     "mixtral-window-gelu-tied": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"), window=8,
                                         **tiny(num_local_experts=6, num_experts_per_tok=3, intermediate_size=48,
@@ -311,10 +330,11 @@ CASES: dict[str, ContractCase] = {
                          **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                 shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1])),
     # decoder_sparse_step 2 (layer 1 sparse, layers 0 and 2 dense), renormalised top-4, no q/k/v
-    # biases, layers 0 and 2 sliding (use_sliding_window below max_window_layers), a tied head.
+    # biases, layers 0 and 2 sliding (use_sliding_window below max_window_layers), a tied head; a
+    # zero-wide shared expert (its checkpoint tensors empty, its gate's weight not).
     "qwen2-moe-step-window": hf_case(_t("Qwen2MoeConfig"), _t("Qwen2MoeForCausalLM"), window=8,
                                      **tiny(num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
-                                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                            moe_intermediate_size=32, shared_expert_intermediate_size=0,
                                             decoder_sparse_step=2, norm_topk_prob=True, qkv_bias=False,
                                             use_sliding_window=True, sliding_window=8, max_window_layers=3,
                                             tie_word_embeddings=True)),
@@ -334,10 +354,10 @@ CASES: dict[str, ContractCase] = {
     "dbrx": custom_case(dbrx, **DBRX_TINY, attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500_000},
                         ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 4,
                                     "moe_jitter_eps": 0.01, "moe_normalize_expert_weights": 1.0}),
-    # Top-3 of 6 divided by their 2-norm, one KV head, the released clip_qkv (which does not bind
-    # here; transformers cannot run a null one), another gated activation.
+    # Top-3 of 6 divided by their 2-norm, one KV head, no clip_qkv (null: no clamp), another gated
+    # activation.
     "dbrx-2-norm-mqa-gelu": custom_case(dbrx, **DBRX_TINY,
-                                        attn_config={"kv_n_heads": 1, "clip_qkv": 8, "rope_theta": 10_000},
+                                        attn_config={"kv_n_heads": 1, "clip_qkv": None, "rope_theta": 10_000},
                                         ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 3,
                                                     "moe_normalize_expert_weights": 2.0,
                                                     "ffn_act_fn": {"name": "gelu"}}),

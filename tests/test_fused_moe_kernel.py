@@ -2,8 +2,8 @@
 
 On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py), so
 shapes are tiny and tiles 16 wide: hidden and intermediate sizes that are not multiples of a
-tile, several K tiles, blocks of several experts, experts that no token picks, pairs of another
-rank's experts (expert parallelism). With a GPU the
+tile, several K tiles, blocks of several experts, experts that no token picks, top-k weights and
+ids given as strided views, pairs of another rank's experts (expert parallelism). With a GPU the
 same tests run the compiled kernels on CUDA tensors, and one more at a real model's shapes.
 """
 
@@ -53,6 +53,7 @@ class Case:
     unused_experts: tuple[int, ...] = ()  # no token picks these
     hidden: int = 40  # two full K tiles of 16 and a partial one
     inter: int = 24  # one full N tile of 16 and a partial one
+    strided_routing: bool = False  # top-k weights and ids as every other column of wider tensors
 
 
 def routed(case: Case, seed: int) -> tuple[torch.Tensor, ...]:
@@ -66,9 +67,12 @@ def routed(case: Case, seed: int) -> tuple[torch.Tensor, ...]:
     topk_ids = torch.stack([used[torch.randperm(len(used), generator=gen)[:case.top_k]]
                             for _ in range(case.tokens)])
     topk_weights = torch.rand(case.tokens, case.top_k, generator=gen) + 0.1
+    topk_weights, topk_ids = topk_weights.to(DEVICE), topk_ids.to(torch.int32).to(DEVICE)
+    if case.strided_routing:  # flattening them gives strided views; the gaps hold other values
+        topk_weights = torch.stack([topk_weights, topk_weights + 1], dim=2).flatten(1)[:, ::2]
+        topk_ids = torch.stack([topk_ids, (topk_ids + 1) % case.experts], dim=2).flatten(1)[:, ::2]
     cast = dict(dtype=case.dtype, device=DEVICE)
-    return (hidden.to(**cast), w13.to(**cast), w2.to(**cast), topk_weights.to(DEVICE),
-            topk_ids.to(torch.int32).to(DEVICE))
+    return hidden.to(**cast), w13.to(**cast), w2.to(**cast), topk_weights, topk_ids
 
 
 CASES = [
@@ -78,10 +82,13 @@ CASES = [
     Case(experts=8, top_k=2, tokens=1, dtype=torch.bfloat16),
     Case(experts=3, top_k=3, tokens=5, dtype=torch.float16, activation="gelu"),
     Case(experts=8, top_k=2, tokens=17, dtype=torch.bfloat16, unused_experts=(3,)),
+    Case(experts=5, top_k=2, tokens=1, dtype=torch.float32, hidden=20, inter=7, strided_routing=True),
+    Case(experts=5, top_k=3, tokens=3, dtype=torch.float32, hidden=33, inter=13, strided_routing=True),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"E{c.experts}k{c.top_k}T{c.tokens}-{c.dtype}-{c.activation}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"E{c.experts}k{c.top_k}T{c.tokens}-{c.dtype}-{c.activation}"
+                         + ("-strided" * c.strided_routing))
 def test_fused_moe_matches_float64_experts(case: Case) -> None:
     hidden, w13, w2, topk_weights, topk_ids = routed(case, seed=case.experts * 100 + case.tokens)
     got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation=case.activation, config=SMALL_TILES)

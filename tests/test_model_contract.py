@@ -47,7 +47,8 @@ def _save(folder, config, model) -> None:
     state = {}
     seen = set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # a tied head: real checkpoints store the table once
+        # A tied head: real checkpoints store the table once (empty tensors all share address 0).
+        if tensor.numel() and tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor.contiguous()

@@ -26,10 +26,12 @@ from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM, Qwen3MoeFo
 from test_model_contract import _build
 
 MOE_CASES = {"mixtral": MixtralForCausalLM, "mixtral-window-gelu-tied": MixtralForCausalLM,
+             "mixtral-top1": MixtralForCausalLM,
              "qwen2-moe": Qwen2MoeForCausalLM, "qwen2-moe-step-window": Qwen2MoeForCausalLM,
              "qwen3-moe": Qwen3MoeForCausalLM, "qwen3-moe-bias-window-step": Qwen3MoeForCausalLM,
              "deepseek-v2-moe": DeepseekV2ForCausalLM, "deepseek-v2-moe-grouped": DeepseekV2ForCausalLM,
-             "deepseek-v3-moe": DeepseekV3ForCausalLM, "grok1": Grok1ModelForCausalLM,
+             "deepseek-v3-moe": DeepseekV3ForCausalLM, "deepseek-v3-moe-ungrouped": DeepseekV3ForCausalLM,
+             "grok1": Grok1ModelForCausalLM,
              "grok1-defaults": Grok1ModelForCausalLM, "dbrx": DbrxForCausalLM,
              "dbrx-2-norm-mqa-gelu": DbrxForCausalLM, "dbrx-unnormalized": DbrxForCausalLM,
              "granitemoe": GraniteMoeForCausalLM, "granitemoe-bias-untied": GraniteMoeForCausalLM,
@@ -133,13 +135,18 @@ def test_expert_parallel_ranks_hold_their_experts_of_every_plugin(name: str) -> 
             assert torch.equal(experts.w2_weight, whole_experts[module_name].w2_weight[own]), module_name
 
 
-@pytest.mark.parametrize("layer_types, field", [(["sliding_attention", "full_attention"], "sliding_window"),
-                                                (["chunked_attention", "full_attention"], "layer_types")])
-def test_qwen2_moe_refuses_layers_it_cannot_serve(layer_types: list[str], field: str) -> None:
+@pytest.mark.parametrize("overrides, field", [
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding_window"),
+    ({"layer_types": ["chunked_attention", "full_attention"]}, "layer_types"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step")])
+def test_qwen2_moe_refuses_layers_it_cannot_serve(overrides: dict[str, Any], field: str) -> None:
     """A sliding layer without a window (None: the engine's Attention would refuse 0, not None), a
-    layer kind Qwen2-MoE has no attention for: ValueErrors naming the field."""
+    layer kind Qwen2-MoE has no attention for, no interval between sparse layers: ValueErrors
+    naming the field."""
     config = CASES["qwen2-moe"].make()[0]
-    config.num_hidden_layers, config.layer_types, config.sliding_window = 2, layer_types, None
+    config.num_hidden_layers, config.sliding_window = 2, None
+    for key, value in overrides.items():
+        setattr(config, key, value)
     with pytest.raises(ValueError, match=field):
         Qwen2MoeForCausalLM(config, ModelContext())
 

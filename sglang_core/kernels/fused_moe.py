@@ -361,11 +361,13 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     w2_args, w2_format = _weight_args(w2, block_k)
     pairs = tokens * top_k
     pair_per_block = tokens == 1
+    # The kernels index the flat ids and weights as dense vectors; reshape may return a strided view.
+    flat_weights = topk_weights.reshape(-1).float().contiguous()
     if pair_per_block:
         # One token's pairs each make a block of their own, its expert read straight from the ids:
         # no sort, two launches instead of the align step's ~18 in a batch-1 decode step. (Its
         # experts are distinct when they come from a top-k, so no weight is read twice.)
-        sorted_pairs = block_expert = topk_ids.reshape(-1)
+        sorted_pairs = block_expert = topk_ids.reshape(-1).contiguous()
     else:
         sorted_pairs, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_blocks = block_expert.numel()
@@ -385,6 +387,6 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     out = torch.empty(pairs, hidden_size, dtype=torch.float32, device=hidden.device)
     (w, s, z), w2_rest = w2_args[:3], w2_args[3:]
     _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
-        act, w, s, z, sorted_pairs, block_expert, topk_weights.reshape(-1).float(), out, pairs, num_blocks,
+        act, w, s, z, sorted_pairs, block_expert, flat_weights, out, pairs, num_blocks,
         hidden_size, inter, act.stride(0), out.stride(0), *w2_rest, **w2_format, **tiles)
     return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)

@@ -56,9 +56,9 @@ class Routing:
             raise ValueError(f"scoring_func: {self.scoring!r} is not one of {', '.join(SCORINGS)}")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"topk_method: group score {self.group_score!r} is not one of {', '.join(GROUP_SCORES)}")
-        if self.num_groups < 1 or num_experts % self.num_groups:
+        if not isinstance(self.num_groups, int) or self.num_groups < 1 or num_experts % self.num_groups:
             raise ValueError(f"n_group: {self.num_groups} does not divide the {num_experts} experts")
-        if not 0 < self.topk_groups <= self.num_groups:
+        if not isinstance(self.topk_groups, int) or not 0 < self.topk_groups <= self.num_groups:
             raise ValueError(f"topk_group: {self.topk_groups} is not in 1..{self.num_groups} (n_group)")
         per_group = num_experts // self.num_groups
         if self.top_k > self.topk_groups * per_group:

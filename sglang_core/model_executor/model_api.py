@@ -106,7 +106,8 @@ def load_by_name(params: dict[str, torch.nn.Parameter], weights: Iterable[tuple[
     (``"q_proj" -> ("qkv_proj", "q")``); a checkpoint tensor already fused under the parameter's
     own name (``qkv_proj``) loads with shard id ``None``. ``experts`` routes MoE expert tensors
     (see ``ExpertMapping``) with shard id ``(expert_id, part)``. Returns the names of parameters
-    that were loaded; an unknown checkpoint name is an error unless it contains one of ``ignore``.
+    that were loaded; an unknown checkpoint name is an error unless it contains one of ``ignore`` or
+    its tensor is empty.
     """
     compiled = [(re.compile(m.pattern), m) for m in experts]
     loaded: set[str] = set()
@@ -126,6 +127,8 @@ def load_by_name(params: dict[str, torch.nn.Parameter], weights: Iterable[tuple[
                     target, shard_id = name.replace(f".{fragment}.", f".{fused}."), shard
                     break
         if target not in params:
+            if tensor.numel() == 0:  # of a zero-wide module (a shared expert of width 0), which is not built
+                continue
             raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
         param = params[target]
         if expert_rule is not None:

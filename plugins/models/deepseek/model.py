@@ -68,6 +68,7 @@ class DeepseekV2ForCausalLM(DecoderLM):
             return GatedMLP(ctx, prefix, config.hidden_size, config.intermediate_size, config.hidden_act,
                             self.dense_mlp_bias(config))
         shared = None
+        # n_shared_experts 0: none (transformers keeps a zero-wide MLP; its empty tensors are not loaded).
         if getattr(config, "n_shared_experts", None):
             shared = GatedMLP(ctx, f"{prefix}.shared_expert", config.hidden_size,
                               config.moe_intermediate_size * config.n_shared_experts, config.hidden_act,

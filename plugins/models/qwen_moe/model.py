@@ -27,6 +27,8 @@ from sglang_core.model_executor.model_api import ModelContext
 
 def is_sparse(config, layer_id: int) -> bool:
     """Whether layer ``layer_id``'s MLP is the MoE block (transformers' rule for both models)."""
+    if config.decoder_sparse_step < 1:
+        raise ValueError(f"decoder_sparse_step: {config.decoder_sparse_step} is not a positive layer interval")
     return (layer_id not in config.mlp_only_layers and config.num_experts > 0
             and (layer_id + 1) % config.decoder_sparse_step == 0)
 
@@ -63,7 +65,14 @@ class QwenMoeLM(DecoderLM):
 
 
 class Qwen2MoeForCausalLM(QwenMoeLM):
-    """Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: sparse blocks with a gated shared expert."""
+    """Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: sparse blocks with a gated shared expert; none when
+    ``shared_expert_intermediate_size`` is 0 (transformers' zero-wide one adds 0), its gate's
+    checkpoint weight then skipped."""
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__(config, ctx)
+        if not config.shared_expert_intermediate_size:
+            self.ignored_weights = (*self.ignored_weights, ".mlp.shared_expert_gate.")
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
@@ -71,7 +80,9 @@ class Qwen2MoeForCausalLM(QwenMoeLM):
                    "sliding_window": sliding_window_of(config, layer_id), **overrides}
         return super().make_attention(config, ctx, layer_id, rotary, **options)
 
-    def make_shared_expert(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
+    def make_shared_expert(self, config, ctx: ModelContext, layer_id: int) -> nn.Module | None:
+        if not config.shared_expert_intermediate_size:
+            return None
         return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp.shared_expert", config.hidden_size,
                         config.shared_expert_intermediate_size, config.hidden_act)
 

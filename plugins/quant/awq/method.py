@@ -21,6 +21,7 @@ import torch
 
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.dummy import fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
 from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, require_bool,
@@ -28,6 +29,8 @@ from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_valu
 
 BITS = 4
 PACK = 32 // BITS
+# The std of q - z for random codes and zero points, as the core's dummy init leaves them.
+DUMMY_CODE_STD = uniform_code_std(BITS, random_zero_point=True)
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
@@ -94,6 +97,9 @@ class AWQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=0, output_dim=1)}
 
+    def init_dummy_weights(self, layer, generator) -> None:
+        fill_positive_scales(layer.scales, DUMMY_CODE_STD, generator)
+
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
         zeros = unpack_awq(qzeros).float()
@@ -126,6 +132,10 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
                                     "w2": (intermediate_size, hidden_size)}.items():
             for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        for stem in ("w13", "w2"):
+            fill_positive_scales(getattr(layer, f"{stem}_scales"), DUMMY_CODE_STD, generator)
 
     def fused_weight(self, layer, stem: str) -> QuantizedExperts:
         # Gate's words never run into up's: the loader packs each part's outputs by whole words.

@@ -31,6 +31,7 @@ import torch
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.dummy import fill_group_index, fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.int_weight import IntWeight
 from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
                                           packed_linear, rank_groups, require_bool, unpack_ints)
@@ -100,6 +101,16 @@ class GPTQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
 
+    def init_dummy_weights(self, layer, generator) -> None:
+        self.init_dummy_tensors(layer.scales, layer.g_idx, generator)
+
+    def init_dummy_tensors(self, scales: torch.Tensor, g_idx: torch.Tensor, generator: torch.Generator) -> None:
+        """Positive ``scales`` ``[..., G, out]`` for the core's random codes and zero points, and a
+        valid ``g_idx`` ``[..., in]``: in order, or shuffled with desc_act."""
+        fill_positive_scales(scales, uniform_code_std(self.bits, random_zero_point=True), generator)
+        fill_group_index(g_idx, scales.shape[-2], None if self.group_size == -1 else self.group_size, self.desc_act,
+                         generator)
+
     def process_weights_after_loading(self, layer) -> None:
         self.check_g_idx(layer.g_idx, self.prefix)
 
@@ -167,6 +178,10 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             g_idx = weight_param(torch.zeros(num_experts, parts, inputs, dtype=torch.int32),
                                  functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        for stem in ("w13", "w2"):
+            self.method.init_dummy_tensors(getattr(layer, f"{stem}_scales"), getattr(layer, f"{stem}_g_idx"), generator)
 
     def process_weights_after_loading(self, layer) -> None:
         for stem in ("w13", "w2"):

@@ -153,6 +153,7 @@ def compressed_tensors_config(weights: str, activations: dict | None, ignore: li
 
 STATIC = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
 DYNAMIC = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 def shared_input(name: str) -> str:
@@ -161,10 +162,11 @@ def shared_input(name: str) -> str:
     return f"{layer}.{SHARED_INPUT.get(leaf, leaf)}"
 
 
-def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None) -> None:
-    """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``), per
-    token and ``group``-wide slice of features, or by its static scale, the largest among the parts
-    of a fused layer."""
+def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None,
+                    keep_float: tuple[str, ...] = ()) -> None:
+    """Hooks quantizing each quantized linear's input (not those of ``keep_float``) to e4m3 and back:
+    per token (``None``), per token and ``group``-wide slice of features, or by its static scale, the
+    largest among the parts of a fused layer."""
     static = None
     if input_scales is not None:
         static = {name: max(s for n, s in input_scales.items() if shared_input(n) == shared_input(name))
@@ -179,7 +181,7 @@ def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | N
         groups = x if group is None else x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
         return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).reshape(x.shape)
 
-    for name in input_scales or linear_names(model):
+    for name in [n for n in input_scales or linear_names(model) if n not in keep_float]:
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: (round_trip(name, args[0]),))
 
 
@@ -273,15 +275,31 @@ def test_online_quantization_of_a_float_checkpoint(tmp_path):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL, quantization="fp8")
 
 
-def test_ignored_modules_stay_unquantized(tmp_path):
-    """Modules the ignore list names (by name, or by a ``re:`` pattern) are float in the
-    checkpoint and load as plain linear layers; lm_head likewise."""
+FUSED_QKV = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+IGNORE_CASES = {
+    # compressed-tensors' ignore: names and re: patterns.
+    "compressed-tensors": (compressed_tensors_config("channel", None, ["lm_head", *FUSED_QKV,
+                                                                       r"re:.*layers\.1\.mlp\.down_proj$"]),
+                           "channel", (*FUSED_QKV, "model.layers.1.mlp.down_proj")),
+    # transformers' FineGrainedFP8 modules_to_not_convert: a module path covers the modules under it,
+    # an entry may be a suffix, and a router's "mlp.gate" must not take gate_proj with it.
+    "fine-grained-fp8": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
+                          "modules_to_not_convert": ["lm_head", "model.layers.0.self_attn", "layers.1.mlp.down_proj",
+                                                     "model.layers.1.mlp.gate"]},
+                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj")),
+}
+
+
+@pytest.mark.parametrize("case", IGNORE_CASES)
+def test_ignored_modules_stay_unquantized(tmp_path, case):
+    """Modules the ignore list names are float in the checkpoint and load as plain linear layers;
+    lm_head likewise."""
     model = tiny_llama()
-    fused = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
-    ignore = ["lm_head", *fused, r"re:.*layers\.1\.mlp\.down_proj$"]
-    pack(model, tmp_path, compressed_tensors_config("channel", None, ignore), "channel",
-         keep_float=(*fused, "model.layers.1.mlp.down_proj"))
-    assert_matches(model, tmp_path, atol=1e-4)
+    config, weights, keep_float = IGNORE_CASES[case]
+    pack(model, tmp_path, config, weights, keep_float=keep_float)
+    if weights == "block":
+        quantize_inputs(model, None, group=16, keep_float=keep_float)
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL if weights == "block" else 1e-4)
 
 
 def test_partly_ignored_fused_layer_is_an_error(tmp_path):
@@ -304,7 +322,6 @@ def _broken(path: str, value) -> dict:
 
 
 # As DeepSeek-V3 and Qwen3-FP8 ship it.
-BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 @pytest.mark.parametrize("config, field", [
@@ -323,6 +340,8 @@ BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dyna
     ({**BLOCK_CONFIG, "weight_block_size": [128, True]}, "weight_block_size"),
     ({**BLOCK_CONFIG, "activation_scheme": "static"}, "activation_scheme"),
     ({**BLOCK_CONFIG, "fmt": "e5m2"}, "fmt"),
+    ({**BLOCK_CONFIG, "modules_to_not_convert": "lm_head"}, "modules_to_not_convert"),
+    ({**BLOCK_CONFIG, "ignored_layers": ["model.layers.(0"]}, "ignored_layers"),
 ])
 def test_bad_config_names_the_field(config, field):
     """compressed-tensors configs are read by their plugin, which hands float groups to fp8's."""

@@ -7,7 +7,9 @@ Formats read:
   [1]; ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1])
   or dynamic per-token.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
-  dynamic (per-token), ``ignored_layers``.
+  dynamic (per-token), ``ignored_layers``. transformers' ``FineGrainedFP8Config`` writes the
+  modules it keeps float as ``modules_to_not_convert`` (reading ``ignored_layers`` as the same
+  list), matched by its rule (``skips_module``); either list is read, for either layout.
 - Block-wise (DeepSeek-V3, Qwen3-FP8: ``quant_method: "fp8"`` with ``weight_block_size`` [rows,
   cols]): ``weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], one scale per weight block;
   activations dynamic, one scale per token and ``cols``-wide group of input features.
@@ -17,6 +19,7 @@ Formats read:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,14 +30,35 @@ from sglang_plugins.quant.fused import all_parts_match, name_matches
 class Fp8Scheme:
     weights: Literal["tensor", "channel", "block", "online"]  # online: a float checkpoint quantized at load
     activations: Literal["none", "static", "dynamic"]
-    ignore: tuple[str, ...] = ()  # AutoFP8's ignored_layers
+    ignore: tuple[str, ...] = ()  # ignored_layers and modules_to_not_convert
     block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
 
     def ignores(self, prefix: str) -> bool:
         """Whether the linear layer at ``prefix`` stays unquantized: all the checkpoint modules it
         stands for are ignored (only some of them is an error)."""
-        return all_parts_match(prefix, lambda name: any(name_matches(e, name) for e in self.ignore),
-                               "ignored_layers")
+        return all_parts_match(prefix, lambda name: any(skips_module(e, name) for e in self.ignore),
+                               "ignored_layers / modules_to_not_convert")
+
+
+def skips_module(entry: str, name: str) -> bool:
+    """Whether an ignore list's ``entry`` names the module ``name``: as a name or ``re:`` pattern
+    (``name_matches``), or by transformers' rule for ``modules_to_not_convert``: a regex matching
+    from the start up to a module boundary (``layers.1`` covers ``layers.1.mlp``, not ``layers.11``;
+    ``mlp.gate`` not ``mlp.gate_proj``), or a suffix of the name."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return name_matches(entry, name) or re.match(rf"(?:{entry}){boundary}", name) is not None or name.endswith(entry)
+
+
+def _module_list(config: dict[str, Any], field: str) -> tuple[str, ...]:
+    entries = config.get(field) or []
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"quantization_config {field}: expected a list of module names, got {entries!r}")
+    for entry in entries:
+        try:
+            re.compile(entry.removeprefix("re:"))
+        except re.error as exc:
+            raise ValueError(f"quantization_config {field}: {entry!r} is not a valid pattern ({exc})") from exc
+    return tuple(entries)
 
 
 def parse_scheme(config: dict[str, Any]) -> Fp8Scheme:
@@ -51,7 +75,7 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
         raise ValueError(f"quantization_config activation_scheme {activations!r}: expected 'static' or 'dynamic'")
     if config.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"quantization_config fmt {config.get('fmt')!r}: expected 'e4m3'")
-    ignore = tuple(config.get("ignored_layers") or ())
+    ignore = _module_list(config, "ignored_layers") + _module_list(config, "modules_to_not_convert")
     block = config.get("weight_block_size")
     if block is None:
         return Fp8Scheme("tensor", activations, ignore)

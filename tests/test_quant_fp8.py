@@ -107,13 +107,14 @@ def calibrate(model) -> dict[str, float]:
 
 
 def pack(model, folder, quantization_config: dict, weights: str, input_scales: dict[str, float] | None = None,
-         keep_float: tuple[str, ...] = (), scalar_scales: bool = False) -> None:
+         keep_float: tuple[str, ...] = (), scalar_scales: bool = False, kv_scales: str | None = None) -> None:
     """Write ``model`` as an FP8 checkpoint and leave the dequantized weights in ``model``.
 
     ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes),
     "channel" ([out, 1]) or "block" (``weight_scale_inv`` per the config's ``weight_block_size``).
     Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
-    as they are.
+    as they are. ``kv_scales``: KV-cache scales written as llm-compressor does ("attention":
+    ``self_attn.k_scale`` [1]) or AutoFP8 ("projections": ``k_proj.output_scale`` []).
     """
     state = {name: t.clone() for name, t in model.state_dict().items()}
     with torch.no_grad():
@@ -133,6 +134,10 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
             if input_scales is not None:
                 s = torch.tensor([input_scales[name]])
                 state[f"{name}.input_scale"] = s.reshape(()) if scalar_scales else s
+        for layer in range(model.config.num_hidden_layers) if kv_scales else ():
+            for kv in "kv":
+                name = (f"self_attn.{kv}_scale" if kv_scales == "attention" else f"self_attn.{kv}_proj.output_scale")
+                state[f"model.layers.{layer}.{name}"] = torch.tensor([0.01] if kv_scales == "attention" else 0.01)
     model.config.quantization_config = quantization_config
     model.config.save_pretrained(folder)
     del model.config.quantization_config
@@ -230,11 +235,16 @@ def fp8_config(activations: str, ignored: list[str]) -> dict:
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "fp8"])
 def test_static_activations(tmp_path, layout):
+    """Static input scales; the checkpoints also carry KV-cache scales (``kv_cache_scheme``), which
+    load and go unused: the KV cache keeps the model's dtype."""
     model = tiny_llama()
     scales = calibrate(model)
-    config = (compressed_tensors_config("tensor", STATIC, ["lm_head"]) if layout == "compressed-tensors"
-              else fp8_config("static", ["lm_head"]))
-    pack(model, tmp_path, config, "tensor", input_scales=scales, scalar_scales=layout == "fp8")
+    if layout == "compressed-tensors":
+        config = {**compressed_tensors_config("tensor", STATIC, ["lm_head"]), "kv_cache_scheme": dict(STATIC)}
+    else:
+        config = {**fp8_config("static", ["lm_head"]), "kv_cache_scheme": "static"}
+    pack(model, tmp_path, config, "tensor", input_scales=scales, scalar_scales=layout == "fp8",
+         kv_scales="attention" if layout == "compressed-tensors" else "projections")
     quantize_inputs(model, scales)
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
@@ -333,7 +343,8 @@ def _broken(path: str, value) -> dict:
     (_broken("config_groups.group_0.weights.strategy", "group"), "weights strategy"),
     (_broken("config_groups.group_0.weights.symmetric", False), "weights symmetric"),
     (_broken("config_groups.group_0.input_activations.strategy", "token"), "input_activations strategy"),
-    (_broken("kv_cache_scheme", dict(STATIC)), "kv_cache_scheme"),
+    (_broken("kv_cache_scheme", "static"), "kv_cache_scheme"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "kv_cache_scheme": "dynamic"}, "kv_cache_scheme"),
     ({"quant_method": "fp8", "activation_scheme": "per-tensor"}, "activation_scheme"),
     ({**BLOCK_CONFIG, "weight_block_size": [128]}, "weight_block_size"),
     ({**BLOCK_CONFIG, "weight_block_size": [128, 0]}, "weight_block_size"),

@@ -4,7 +4,8 @@ config group each linear layer follows.
 The config: ``config_groups`` ({name: {``targets``, ``weights``, ``input_activations``,
 ``output_activations``, optionally its own ``format``}}), ``format`` (how the weights are stored:
 ``float-quantized``, ``int-quantized``, ``pack-quantized``; ``mixed-precision`` when each group
-names its own), ``ignore``, ``kv_cache_scheme``, ``sparsity_config``, ``transform_config``.
+names its own), ``ignore``, ``kv_cache_scheme`` (KV-cache scales stored: read by no one, see
+``quant.kv_scales``), ``sparsity_config``, ``transform_config``.
 
 A module follows a group as compressed-tensors applies a config to a model: some group's target
 matches it and no ``ignore`` entry does. A target is a module name, a ``re:`` pattern (matched
@@ -61,9 +62,11 @@ def layer_scheme(config: dict[str, Any], prefix: str) -> GroupScheme | None:
 
 
 def _groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    for field in ("kv_cache_scheme", "transform_config"):
-        if config.get(field):
-            raise ValueError(f"quantization_config {field}: not supported")
+    if config.get("transform_config"):
+        raise ValueError("quantization_config transform_config: not supported")
+    kv_cache = config.get("kv_cache_scheme")
+    if kv_cache is not None and not isinstance(kv_cache, dict):
+        raise ValueError(f"quantization_config kv_cache_scheme: expected quantization arguments, got {kv_cache!r}")
     sparsity = config.get("sparsity_config") or {}
     if sparsity.get("format", "dense") != "dense":
         raise ValueError(f"quantization_config sparsity_config format {sparsity.get('format')!r}: only 'dense'")

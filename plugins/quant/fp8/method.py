@@ -25,6 +25,7 @@ from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, rou
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme, parse_scheme
 from sglang_plugins.quant.fused import load_part_scalar
+from sglang_plugins.quant.kv_scales import is_kv_cache_scale
 
 
 def _frozen(data: torch.Tensor) -> nn.Parameter:
@@ -42,6 +43,11 @@ class Fp8LinearMethod(QuantMethod):
     def for_layer(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
         method = cls(quant_config, prefix)
         return None if method.scheme.ignores(prefix) else method
+
+    @classmethod
+    def unused_checkpoint_tensor(cls, quant_config: dict[str, Any], name: str) -> bool:
+        """A KV-cache scale of a checkpoint whose ``kv_cache_scheme`` says it stores them."""
+        return parse_scheme(quant_config).kv_cache_scales and is_kv_cache_scale(name)
 
     @classmethod
     def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> Fp8ExpertsMethod | None:

@@ -7,7 +7,7 @@ Formats read:
   [1]; ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1])
   or dynamic per-token.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
-  dynamic (per-token), ``ignored_layers``. transformers' ``FineGrainedFP8Config`` writes the
+  dynamic (per-token), ``ignored_layers``, ``kv_cache_scheme: "static"`` with KV-cache scales. transformers' ``FineGrainedFP8Config`` writes the
   modules it keeps float as ``modules_to_not_convert`` (reading ``ignored_layers`` as the same
   list), matched by its rule (``skips_module``); either list is read, for either layout.
 - Block-wise (DeepSeek-V3, Qwen3-FP8: ``quant_method: "fp8"`` with ``weight_block_size`` [rows,
@@ -32,6 +32,7 @@ class Fp8Scheme:
     activations: Literal["none", "static", "dynamic"]
     ignore: tuple[str, ...] = ()  # ignored_layers and modules_to_not_convert
     block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
+    kv_cache_scales: bool = False  # the checkpoint stores KV-cache scales (unused: see quant.kv_scales)
 
     def ignores(self, prefix: str) -> bool:
         """Whether the linear layer at ``prefix`` stays unquantized: all the checkpoint modules it
@@ -76,16 +77,19 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
     if config.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"quantization_config fmt {config.get('fmt')!r}: expected 'e4m3'")
     ignore = _module_list(config, "ignored_layers") + _module_list(config, "modules_to_not_convert")
+    kv_cache = config.get("kv_cache_scheme")
+    if kv_cache not in (None, "static"):
+        raise ValueError(f"quantization_config kv_cache_scheme {kv_cache!r}: expected 'static' (AutoFP8) or none")
     block = config.get("weight_block_size")
     if block is None:
-        return Fp8Scheme("tensor", activations, ignore)
+        return Fp8Scheme("tensor", activations, ignore, kv_cache_scales=kv_cache is not None)
     if (not isinstance(block, (list, tuple)) or len(block) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
         raise ValueError(f"quantization_config weight_block_size {block!r}: expected two positive integers")
     if activations != "dynamic":
         raise ValueError(f"quantization_config activation_scheme {activations!r}: block-wise weights "
                          "(weight_block_size) need 'dynamic'")
-    return Fp8Scheme("block", activations, ignore, (block[0], block[1]))
+    return Fp8Scheme("block", activations, ignore, (block[0], block[1]), kv_cache is not None)
 
 
 def compressed_tensors_scheme(weights: Any, input_activations: Any) -> Fp8Scheme:

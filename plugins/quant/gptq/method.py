@@ -7,7 +7,8 @@ input, ``qzeros`` int32 ``[G, out/p]`` packed along the output, ``scales`` ``[G,
 int32 ``[in]`` (the group of each input feature; with ``desc_act`` a shuffled assignment). The
 weight is ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``, where a checkpoint of
 ``checkpoint_format: gptq`` (the original one) stores every zero point less one, so ``z`` is the
-stored value + 1; ``gptq_v2`` stores it as it is. ``sym`` needs no special case: a symmetric
+stored value + 1; ``gptq_v2`` stores it as it is (transformers' GPTQConfig names the field ``format``). Words are
+int32 (GPTQModel's ``pack_dtype``). ``sym`` needs no special case: a symmetric
 checkpoint stores the middle value as every zero point.
 
 Under tensor parallelism a row-parallel layer's rank holds a slice of the input features. Without
@@ -48,10 +49,16 @@ class GPTQMethod(QuantMethod):
         group = config_value(quant_config, "group_size", -1)
         if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
             raise ValueError(f"quantization_config.group_size must be a positive integer or -1, not {group!r}")
-        checkpoint_format = config_value(quant_config, "checkpoint_format", "gptq")
+        # GPTQModel (and transformers before v5) name the format checkpoint_format; transformers'
+        # GPTQConfig writes format, reading checkpoint_format over it where both are present.
+        field = "checkpoint_format" if config_value(quant_config, "checkpoint_format") else "format"
+        checkpoint_format = str(config_value(quant_config, field, "gptq")).lower()
         if checkpoint_format not in FORMAT_ZERO_OFFSET:
-            raise ValueError(f"quantization_config.checkpoint_format must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
+            raise ValueError(f"quantization_config.{field} must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
                              f"not {checkpoint_format!r}")
+        pack_dtype = config_value(quant_config, "pack_dtype", "int32")
+        if pack_dtype != "int32":
+            raise ValueError(f"quantization_config.pack_dtype {pack_dtype!r} is not supported; only int32 words are")
         if require_bool(quant_config, "is_marlin_format", False):
             raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all

@@ -319,6 +319,7 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (AWQMethod, AWQ_OK, {"group_size": 0}, "group_size"),
     (AWQMethod, AWQ_OK, {"zero_point": False}, "zero_point"),
     (AWQMethod, AWQ_OK, {"version": "gemv"}, "version"),
+    (AWQMethod, {**AWQ_OK, "version": None}, {"format": "gemv_fast"}, "format"),
     (AWQMethod, AWQ_OK, {"modules_to_not_convert": "lm_head"}, "modules_to_not_convert"),
     (GPTQMethod, GPTQ_OK, {"bits": 3}, "bits"),
     (GPTQMethod, GPTQ_OK, {"group_size": -2}, "group_size"),

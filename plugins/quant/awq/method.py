@@ -51,9 +51,12 @@ class AWQMethod(QuantMethod):
             raise ValueError(f"quantization_config.group_size must be a positive integer for AWQ, not {group!r}")
         if not require_bool(quant_config, "zero_point", True):
             raise ValueError("quantization_config.zero_point false (symmetric AWQ) is not supported")
-        version = str(config_value(quant_config, "version", "gemm")).lower()
-        if version != "gemm":
-            raise ValueError(f"quantization_config.version {version!r} is not supported; only 'gemm' packing is")
+        # AutoAWQ names the packing version; transformers' AwqConfig writes it as format too, reading
+        # version over format where both are present.
+        field = "version" if config_value(quant_config, "version") else "format"
+        packing = str(config_value(quant_config, field, "gemm")).lower()
+        if packing != "gemm":
+            raise ValueError(f"quantization_config.{field} {packing!r} is not supported; only 'gemm' packing is")
         skipped = config_value(quant_config, "modules_to_not_convert", None) or []
         if not isinstance(skipped, (list, tuple)):
             raise ValueError(f"quantization_config.modules_to_not_convert must be a list, not {skipped!r}")

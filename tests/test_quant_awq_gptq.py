@@ -160,6 +160,8 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", v
     model = model_cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed)
     skipped = fmt.get("modules_to_not_convert") or []
+    # GPTQ (optimum's rule): only modules whose path ends with a modules_in_block_to_quantize name.
+    block_modules = sum(fmt.get("modules_in_block_to_quantize") or [], [])
     tensors = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -171,7 +173,8 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", v
             for proj in PROJECTIONS:
                 name = f"model.layers.{layer_id}.{proj}"
                 linear = layer.get_submodule(proj)
-                if any(module in name for module in skipped):
+                if any(module in name for module in skipped) or (block_modules and
+                                                                  not name.endswith(tuple(block_modules))):
                     continue
                 out, inputs = linear.weight.shape
                 reads_hidden = proj not in ("self_attn.o_proj", "mlp.down_proj")
@@ -233,12 +236,16 @@ GPTQ_CASES = [
     # transformers' GPTQConfig names the format "format".
     ({"bits": 4, "group_size": 32, "sym": False, "desc_act": False, "format": "gptq_v2"}, {}),
     ({"bits": 8, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq"}, ODD_WIDTHS),
+    # Only q/k/v and down_proj packed (a fused layer's parts listed apart); o_proj, gate/up float.
+    ({"bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq",
+      "modules_in_block_to_quantize": [["self_attn.k_proj", "self_attn.v_proj"], ["self_attn.q_proj"],
+                                       ["mlp.down_proj"]]}, {}),
 ]
 
 
-@pytest.mark.parametrize("case, widths", GPTQ_CASES, ids=["4bit-sym-g32", "4bit-asym-actorder", "4bit-asym-channel",
-                                                          "8bit-sym-actorder", "8bit-asym-v2-g128", "4bit-asym-v2-format",
-                                                          "8bit-asym-actorder-odd-widths"])
+@pytest.mark.parametrize("case, widths", GPTQ_CASES, ids=[
+    "4bit-sym-g32", "4bit-asym-actorder", "4bit-asym-channel", "8bit-sym-actorder", "8bit-asym-v2-g128",
+    "4bit-asym-v2-format", "8bit-asym-actorder-odd-widths", "some-modules"])
 def test_gptq_checkpoint_matches_hf(tmp_path, case, widths):
     fmt = {"quant_method": "gptq", **case}
     hf = quantized_model(tmp_path, fmt, seed=2, **widths)
@@ -326,6 +333,7 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (GPTQMethod, GPTQ_OK, {"checkpoint_format": "marlin"}, "checkpoint_format"),
     (GPTQMethod, {**GPTQ_OK, "checkpoint_format": None}, {"format": "marlin"}, "format"),
     (GPTQMethod, GPTQ_OK, {"pack_dtype": "int16"}, "pack_dtype"),
+    (GPTQMethod, GPTQ_OK, {"modules_in_block_to_quantize": ["self_attn.q_proj"]}, "modules_in_block_to_quantize"),
     (GPTQMethod, GPTQ_OK, {"desc_act": "yes"}, "desc_act"),
     (GPTQMethod, GPTQ_OK, {"sym": "no"}, "sym"),
     (GPTQMethod, GPTQ_OK, {"lm_head": "yes"}, "lm_head"),

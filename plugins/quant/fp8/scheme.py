@@ -7,9 +7,10 @@ Formats read:
   [1]; ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1])
   or dynamic per-token.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
-  dynamic (per-token), ``ignored_layers``, ``kv_cache_scheme: "static"`` with KV-cache scales. transformers' ``FineGrainedFP8Config`` writes the
-  modules it keeps float as ``modules_to_not_convert`` (reading ``ignored_layers`` as the same
-  list), matched by its rule (``skips_module``); either list is read, for either layout.
+  dynamic (per-token), ``ignored_layers``, ``kv_cache_scheme: "static"`` with KV-cache scales.
+  transformers' ``FineGrainedFP8Config`` writes the modules it keeps float as
+  ``modules_to_not_convert`` (reading ``ignored_layers`` as the same list), matched by its rule
+  (``skips_module``); either list is read, for either layout.
 - Block-wise (DeepSeek-V3, Qwen3-FP8: ``quant_method: "fp8"`` with ``weight_block_size`` [rows,
   cols]): ``weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], one scale per weight block;
   activations dynamic, one scale per token and ``cols``-wide group of input features.

@@ -7,9 +7,10 @@ input, ``qzeros`` int32 ``[G, out/p]`` packed along the output, ``scales`` ``[G,
 int32 ``[in]`` (the group of each input feature; with ``desc_act`` a shuffled assignment). The
 weight is ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``, where a checkpoint of
 ``checkpoint_format: gptq`` (the original one) stores every zero point less one, so ``z`` is the
-stored value + 1; ``gptq_v2`` stores it as it is (transformers' GPTQConfig names the field ``format``). Words are
-int32 (GPTQModel's ``pack_dtype``). ``sym`` needs no special case: a symmetric
-checkpoint stores the middle value as every zero point.
+stored value + 1; ``gptq_v2`` stores it as it is (transformers' GPTQConfig names the field
+``format``). Words are int32 (GPTQModel's ``pack_dtype``). ``sym`` needs no special case: a
+symmetric checkpoint stores the middle value as every zero point. With
+``modules_in_block_to_quantize`` only the listed modules are packed, the rest float.
 
 Under tensor parallelism a row-parallel layer's rank holds a slice of the input features. Without
 ``desc_act`` its groups are a slice too; with ``desc_act`` the slice's features may belong to any
@@ -33,6 +34,7 @@ from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.dummy import fill_group_index, fill_positive_scales, uniform_code_std
+from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
 from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
                                           packed_linear, rank_groups, require_bool, unpack_ints)
@@ -63,12 +65,25 @@ class GPTQMethod(QuantMethod):
             raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
         self.quantized_head = require_bool(quant_config, "lm_head", False)
+        self.block_modules = _block_modules(config_value(quant_config, "modules_in_block_to_quantize"))
         if config_value(quant_config, "dynamic", None):
             raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
         self.prefix = prefix
+
+    @classmethod
+    def for_layer(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
+        """None (left in float) for a layer ``modules_in_block_to_quantize`` leaves out: with that
+        list, a module is quantized when its path ends with one of the names (optimum's rule), all
+        the modules a fused layer stands for alike."""
+        method = cls(quant_config, prefix)
+        if method.block_modules is None:
+            return method
+        quantized = all_parts_match(prefix, lambda module: module.endswith(method.block_modules),
+                                    "modules_in_block_to_quantize")
+        return method if quantized else None
 
     @classmethod
     def for_embedding(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
@@ -78,8 +93,12 @@ class GPTQMethod(QuantMethod):
         return method if prefix == "lm_head" and method.quantized_head else None
 
     @classmethod
-    def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod:
-        return GPTQExpertsMethod(cls(quant_config, prefix))
+    def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod | None:
+        """None (float experts) when ``modules_in_block_to_quantize`` names no expert's module."""
+        method = cls(quant_config, prefix)
+        if method.block_modules is not None and not any("experts" in name.split(".") for name in method.block_modules):
+            return None
+        return GPTQExpertsMethod(method)
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
         ranks = layer.tp.size if isinstance(layer, RowParallelLinear) else 1
@@ -216,3 +235,14 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                                  scales.narrow(1, part * out, out), g_idx[part])
                           for part in range(parts)])
 
+
+def _block_modules(lists: Any) -> tuple[str, ...] | None:
+    """``modules_in_block_to_quantize`` (lists of module names within a block, quantized one list
+    after another) as one tuple of names, or None (every linear layer quantized)."""
+    if lists is None:
+        return None
+    if not isinstance(lists, list) or not all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                              for names in lists):
+        raise ValueError(f"quantization_config.modules_in_block_to_quantize must be a list of lists of module names, "
+                         f"not {lists!r}")
+    return tuple(name for names in lists for name in names)

@@ -78,6 +78,12 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
     if config.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"quantization_config fmt {config.get('fmt')!r}: expected 'e4m3'")
     ignore = _module_list(config, "ignored_layers") + _module_list(config, "modules_to_not_convert")
+    # transformers' FineGrainedFP8Config: FP8 embedding tables, DeepSeek-V4's FP4-packed experts.
+    if config.get("modules_to_convert"):
+        raise ValueError(f"quantization_config modules_to_convert {config['modules_to_convert']!r}: quantized "
+                         "embedding tables are not supported")
+    if config.get("expert_dtype", "fp8") != "fp8":
+        raise ValueError(f"quantization_config expert_dtype {config['expert_dtype']!r}: only 'fp8' experts are supported")
     kv_cache = config.get("kv_cache_scheme")
     if kv_cache not in (None, "static"):
         raise ValueError(f"quantization_config kv_cache_scheme {kv_cache!r}: expected 'static' (AutoFP8) or none")

@@ -183,8 +183,11 @@ def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | N
         return torch.tensor(static[name])
 
     def round_trip(name: str, x: torch.Tensor) -> torch.Tensor:
-        groups = x if group is None else x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-        return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).reshape(x.shape)
+        if group is None:
+            return to_e4m3(x, s := scale_of(name, x)).float() * s
+        # A partial last group is scaled by its own features: zero padding leaves its largest magnitude.
+        groups = torch.nn.functional.pad(x, (0, -x.shape[-1] % group)).unflatten(-1, (-1, group))
+        return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).flatten(-2)[..., :x.shape[-1]]
 
     for name in [n for n in input_scales or linear_names(model) if n not in keep_float]:
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: (round_trip(name, args[0]),))
@@ -260,10 +263,11 @@ def test_dynamic_activations(tmp_path, layout):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
 
-@pytest.mark.parametrize("block", [(16, 16), (32, 16)])
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 24)])
 def test_block_wise_weights(tmp_path, block):
     """Block-wise weights (``weight_scale_inv`` per block; fused q/k/v and gate/up each keep their
-    parts' blocks) with activations quantized per token and 16-wide group."""
+    parts' blocks) with activations quantized per token and group of the block's width; 24 columns
+    leave every weight a partial last block and every input a partial last group."""
     model = tiny_llama()
     pack(model, tmp_path, {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, "block")
     quantize_inputs(model, None, group=block[1])

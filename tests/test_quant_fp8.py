@@ -123,9 +123,9 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
                 continue
             w = model.get_submodule(name).weight
             if weights == "block":
-                block = tuple(quantization_config["weight_block_size"])
-                q, state[f"{name}.weight_scale_inv"] = fp8_block_weight(w, block)
-                w.copy_(block_dequantized(q, state[f"{name}.weight_scale_inv"], block))
+                block, scale_name = block_layout(quantization_config)
+                q, state[f"{name}.{scale_name}"] = fp8_block_weight(w, block)
+                w.copy_(block_dequantized(q, state[f"{name}.{scale_name}"], block))
             else:
                 q, scale = fp8_weight(w, weights)
                 w.copy_(q.float() * scale)
@@ -143,6 +143,15 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
     del model.config.quantization_config
     save_file({n: t.contiguous() for n, t in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     byte_level_tokenizer().save_pretrained(folder)
+
+
+def block_layout(quantization_config: dict) -> tuple[tuple[int, int], str]:
+    """A block-wise config's block shape and the name of its scales: compressed-tensors' strategy
+    block (``block_structure``, ``weight_scale``) or DeepSeek-V3's (``weight_block_size``,
+    ``weight_scale_inv``)."""
+    if quantization_config["quant_method"] == "compressed-tensors":
+        return tuple(quantization_config["config_groups"]["group_0"]["weights"]["block_structure"]), "weight_scale"
+    return tuple(quantization_config["weight_block_size"]), "weight_scale_inv"
 
 
 def compressed_tensors_config(weights: str, activations: dict | None, ignore: list[str]) -> dict:
@@ -263,13 +272,24 @@ def test_dynamic_activations(tmp_path, layout):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
 
-@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 24)])
-def test_block_wise_weights(tmp_path, block):
-    """Block-wise weights (``weight_scale_inv`` per block; fused q/k/v and gate/up each keep their
-    parts' blocks) with activations quantized per token and group of the block's width; 24 columns
-    leave every weight a partial last block and every input a partial last group."""
+def compressed_tensors_block_config(block: tuple[int, int]) -> dict:
+    """llm-compressor's FP8_BLOCK scheme on ``block``: block-wise weights, activations per token and
+    group of the block's columns."""
+    config = compressed_tensors_config("block", {**DYNAMIC, "strategy": "group", "group_size": block[1]}, ["lm_head"])
+    config["config_groups"]["group_0"]["weights"]["block_structure"] = list(block)
+    return config
+
+
+@pytest.mark.parametrize("layout, block", [("fp8", (16, 16)), ("fp8", (32, 16)), ("fp8", (16, 24)),
+                                           ("compressed-tensors", (16, 24))])
+def test_block_wise_weights(tmp_path, layout, block):
+    """Block-wise weights (one scale per block; fused q/k/v and gate/up each keep their parts'
+    blocks) with activations quantized per token and group of the block's width; 24 columns leave
+    every weight a partial last block and every input a partial last group."""
     model = tiny_llama()
-    pack(model, tmp_path, {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, "block")
+    config = (compressed_tensors_block_config(block) if layout == "compressed-tensors" else
+              {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]})
+    pack(model, tmp_path, config, "block")
     quantize_inputs(model, None, group=block[1])
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
@@ -345,6 +365,10 @@ def _broken(path: str, value) -> dict:
     (_broken("config_groups.group_0.weights.type", "int"), "format 'float-quantized' does not store weights type"),
     (_broken("config_groups.group_0.weights.num_bits", 4), "weights type"),
     (_broken("config_groups.group_0.weights.strategy", "group"), "weights strategy"),
+    (_broken("config_groups.group_0.weights.strategy", "block"), "weights block_structure"),
+    ({**compressed_tensors_block_config((16, 16)), "config_groups": {"group_0": {
+        **compressed_tensors_block_config((16, 16))["config_groups"]["group_0"], "input_activations": DYNAMIC}}},
+     "input_activations strategy 'token'"),
     (_broken("config_groups.group_0.weights.symmetric", False), "weights symmetric"),
     (_broken("config_groups.group_0.input_activations.strategy", "token"), "input_activations strategy"),
     (_broken("kv_cache_scheme", "static"), "kv_cache_scheme"),
@@ -371,7 +395,7 @@ def test_bad_config_names_the_field(config, field):
 
 def test_bad_config_fails_the_engine(tmp_path):
     model = tiny_llama()
-    pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "block"), "tensor")
+    pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "group"), "tensor")
     with pytest.raises(ValueError, match="quantization_config weights strategy"):
         Engine(str(tmp_path))
 

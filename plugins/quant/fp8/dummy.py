@@ -25,16 +25,15 @@ CODE_STD = FP8_MAX / 4
 
 def init_dummy_fp8(layer: nn.Module, stems: tuple[str, ...], scheme: Fp8Scheme, generator: torch.Generator) -> None:
     """Valid random e4m3 weights with positive scales in ``layer``'s ``<stem>weight`` and its scales
-    (``<stem>weight_scale`` or, block-wise, ``<stem>weight_scale_inv``; ``<stem>input_scale`` for
-    static activations), for each stem (``""`` for a linear layer; ``"w13_"``, ``"w2_"`` for experts).
+    (``<stem>weight_scale`` or, block-wise, ``<stem>weight_scale_inv`` or as the scheme names them;
+    ``<stem>input_scale`` for static activations), for each stem (``""`` for a linear layer; ``"w13_"``, ``"w2_"`` for experts).
     Weights of a float checkpoint quantized at load (``online``) keep the core's float noise."""
     if scheme.weights == "online":
         return
-    scale_name = "weight_scale_inv" if scheme.weights == "block" else "weight_scale"
     for stem in stems:
         weight = getattr(layer, f"{stem}weight")
         codes = torch.empty(weight.shape, device=weight.device).normal_(0.0, CODE_STD, generator=generator)
         weight.data.copy_(codes.clamp_(-FP8_MAX, FP8_MAX))
-        fill_positive_scales(getattr(layer, f"{stem}{scale_name}"), CODE_STD, generator)
+        fill_positive_scales(getattr(layer, f"{stem}{scheme.weight_scale_name}"), CODE_STD, generator)
         if scheme.activations == "static":
             getattr(layer, f"{stem}input_scale").data.fill_(INPUT_RANGE / FP8_MAX)

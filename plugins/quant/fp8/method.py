@@ -65,7 +65,8 @@ class Fp8LinearMethod(QuantMethod):
         elif weights == "tensor":
             layer.weight_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
         elif weights == "block":
-            create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader)
+            create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader,
+                               self.scheme.weight_scale_name)
         if self.scheme.activations == "static":
             layer.input_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
 
@@ -74,7 +75,7 @@ class Fp8LinearMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static
-        ``input_scale`` one scalar; block-wise weights keep their ``weight_scale_inv``."""
+        ``input_scale`` one scalar; block-wise weights keep their block scales."""
         if self.scheme.weights == "block":
             return
         if self.scheme.weights == "online":
@@ -98,11 +99,12 @@ class Fp8LinearMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.scheme.weights == "block":
+            scale = getattr(layer, self.scheme.weight_scale_name)
             if _block_kernels_fit(x, self.scheme.block):
                 from sglang_plugins.quant.fp8.block_gemm import block_fp8_linear
 
-                return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
-            weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
+                return block_fp8_linear(x, layer.weight, scale, self.scheme.block, bias)
+            weight = dequantize_weight(layer.weight, scale, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
         if _gemv_fits(layer, x):
             from sglang_plugins.quant.fp8.gemv import fp8_gemv

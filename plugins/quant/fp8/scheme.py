@@ -5,7 +5,8 @@ Formats read:
   reads the config (groups, targets, ignore) and hands each float group's quantization arguments to
   ``compressed_tensors_scheme``: ``weights`` 8-bit ``float`` (strategy ``tensor``: ``weight_scale``
   [1]; ``channel``: [out, 1]), ``input_activations`` none, static per-tensor (``input_scale`` [1])
-  or dynamic per-token.
+  or dynamic per-token; or strategy ``block`` (``block_structure`` [rows, cols]: ``weight_scale``
+  laid out as block-wise checkpoints' ``weight_scale_inv``) with dynamic activations per group.
 - AutoFP8 (``quant_method: "fp8"``): per-tensor weight scales, ``activation_scheme`` static or
   dynamic (per-token), ``ignored_layers``, ``kv_cache_scheme: "static"`` with KV-cache scales.
   transformers' ``FineGrainedFP8Config`` writes the modules it keeps float as
@@ -34,6 +35,12 @@ class Fp8Scheme:
     ignore: tuple[str, ...] = ()  # ignored_layers and modules_to_not_convert
     block: tuple[int, int] | None = None  # weights "block": (output rows, input columns) per scale
     kv_cache_scales: bool = False  # the checkpoint stores KV-cache scales (unused: see quant.kv_scales)
+    block_scale_name: str = "weight_scale_inv"  # what the checkpoint calls block-wise scales
+
+    @property
+    def weight_scale_name(self) -> str:
+        """The parameter (and checkpoint tensor) holding the weight's scales."""
+        return self.block_scale_name if self.weights == "block" else "weight_scale"
 
     def ignores(self, prefix: str) -> bool:
         """Whether the linear layer at ``prefix`` stays unquantized: all the checkpoint modules it
@@ -87,26 +94,40 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
     kv_cache = config.get("kv_cache_scheme")
     if kv_cache not in (None, "static"):
         raise ValueError(f"quantization_config kv_cache_scheme {kv_cache!r}: expected 'static' (AutoFP8) or none")
-    block = config.get("weight_block_size")
-    if block is None:
+    if config.get("weight_block_size") is None:
         return Fp8Scheme("tensor", activations, ignore, kv_cache_scales=kv_cache is not None)
-    if (not isinstance(block, (list, tuple)) or len(block) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
-        raise ValueError(f"quantization_config weight_block_size {block!r}: expected two positive integers")
+    block = _block_shape(config["weight_block_size"], "weight_block_size")
     if activations != "dynamic":
         raise ValueError(f"quantization_config activation_scheme {activations!r}: block-wise weights "
                          "(weight_block_size) need 'dynamic'")
-    return Fp8Scheme("block", activations, ignore, (block[0], block[1]), kv_cache is not None)
+    return Fp8Scheme("block", activations, ignore, block, kv_cache is not None)
+
+
+def _block_shape(block: Any, field: str) -> tuple[int, int]:
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
+        raise ValueError(f"quantization_config {field} {block!r}: expected two positive integers")
+    return block[0], block[1]
 
 
 def compressed_tensors_scheme(weights: Any, input_activations: Any) -> Fp8Scheme:
     """The scheme of one compressed-tensors config group whose weights are float: its ``weights``
-    and ``input_activations`` quantization arguments (the latter None for weight-only)."""
+    and ``input_activations`` quantization arguments (the latter None for weight-only). Strategy
+    ``block`` (llm-compressor's FP8_BLOCK) stores ``weight_scale`` per ``block_structure`` block, its
+    activations quantized dynamically per token and group of the block's columns."""
     weights = _float8("weights", weights)
-    if weights.get("strategy") not in ("tensor", "channel") or weights.get("dynamic"):
+    if weights.get("strategy") not in ("tensor", "channel", "block") or weights.get("dynamic"):
         raise ValueError(f"quantization_config weights strategy {weights.get('strategy')!r} (dynamic="
-                         f"{weights.get('dynamic')!r}): expected static 'tensor' or 'channel'")
-    return Fp8Scheme(weights["strategy"], _activations(input_activations))
+                         f"{weights.get('dynamic')!r}): expected static 'tensor', 'channel' or 'block'")
+    if weights["strategy"] != "block":
+        return Fp8Scheme(weights["strategy"], _activations(input_activations))
+    block = _block_shape(weights.get("block_structure"), "weights block_structure")
+    args = _float8("input_activations", input_activations)
+    if (args.get("strategy"), bool(args.get("dynamic")), args.get("group_size")) != ("group", True, block[1]):
+        raise ValueError(f"quantization_config input_activations strategy {args.get('strategy')!r} with dynamic="
+                         f"{args.get('dynamic')!r}, group_size {args.get('group_size')!r}: block-wise weights need "
+                         f"dynamic 'group' of the block's {block[1]} columns")
+    return Fp8Scheme("block", "dynamic", block=block, block_scale_name="weight_scale")
 
 
 def _activations(args: dict[str, Any] | None) -> Literal["none", "static", "dynamic"]:

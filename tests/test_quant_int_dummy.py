@@ -9,19 +9,18 @@ format (linear layers and MoE experts) generates finite log-probabilities.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from sglang_core.engine import Engine
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import MergedColumnParallelLinear
 from sglang_core.weights.loader import init_dummy_weights
 from sglang_plugins.quant.awq.method import AWQMethod
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
+from test_fp8_dummy import serve_dummy_weights
 
 AWQ_SLOT_FEATURE = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order: slot i of a word holds feature AWQ_SLOT_FEATURE[i]
 INPUTS, PARTS = 128, [64, 32]  # a fused layer of two parts
@@ -129,17 +128,7 @@ def tiny_config(architecture: str, quantization_config: dict) -> dict:
 def test_tiny_engine_serves_dummy_integer_weights(tmp_path: Path, architecture: str, name: str):
     """Finite log-probabilities (prompt, output, top 5) from dummy weights; Mixtral's experts (each
     expert's gate, up and down) hold positive scales."""
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config(architecture, CASES[name])))
-    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 4}
-    with Engine(str(tmp_path), load_format="dummy") as engine:
-        results = engine.generate(input_ids=[[5, 17, 200, 42], list(range(30, 60))], sampling_params=greedy,
-                                  return_logprob=True, logprob_start_len=0, top_logprobs_num=5)
-        model = engine.core.core.runner.model
-    for result in results:
-        meta = result["meta_info"]
-        logprobs = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
-        logprobs += [lp for top in meta["output_top_logprobs"] for lp, _, _ in top]
-        assert bool(torch.isfinite(torch.tensor(logprobs)).all()), logprobs
+    model = serve_dummy_weights(tmp_path, tiny_config(architecture, CASES[name]))
     experts = [m for m in model.modules() if isinstance(m, ExpertWeights)]
     assert len(experts) == (2 if architecture == "mixtral" else 0)
     for module in experts:

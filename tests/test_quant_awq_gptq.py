@@ -217,10 +217,11 @@ AWQ_CASES = [
     ({"group_size": 64, "modules_to_not_convert": ["layers.1.mlp", "self_attn.q_proj", "self_attn.k_proj",
                                                    "self_attn.v_proj", "layers.0.mlp.gate_proj", "0.mlp.up_proj"]}, {}),
     ({"group_size": 128}, {}),
+    ({"group_size": -1}, {}),  # one group of all input features
 ]
 
 
-@pytest.mark.parametrize("case, widths", AWQ_CASES, ids=["g32-odd-widths", "g64-not-convert", "g128"])
+@pytest.mark.parametrize("case, widths", AWQ_CASES, ids=["g32-odd-widths", "g64-not-convert", "g128", "channel"])
 def test_awq_checkpoint_matches_hf(tmp_path, case, widths):
     fmt = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm", **case}
     hf = quantized_model(tmp_path, fmt, seed=1, **widths)
@@ -275,6 +276,7 @@ def test_quantized_projections_with_biases_match_hf(tmp_path, fmt):
 
 TP_CASES = [
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True}, "awq"),
+    ({"quant_method": "awq", "bits": 4, "group_size": -1, "zero_point": True}, "awq-channel"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False,
       "checkpoint_format": "gptq"}, "gptq-4bit"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True,

@@ -107,18 +107,19 @@ def calibrate(model) -> dict[str, float]:
 
 
 def pack(model, folder, quantization_config: dict, weights: str, input_scales: dict[str, float] | None = None,
-         keep_float: tuple[str, ...] = (), scalar_scales: bool = False, kv_scales: str | None = None) -> None:
+         keep_float: tuple[str, ...] = (), scalar_scales: bool = False, kv_scales: str | None = None,
+         quantized_head: bool = False) -> None:
     """Write ``model`` as an FP8 checkpoint and leave the dequantized weights in ``model``.
 
     ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes),
     "channel" ([out, 1]) or "block" (``weight_scale_inv`` per the config's ``weight_block_size``).
-    Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
+    Modules in ``keep_float`` (and lm_head unless ``quantized_head``, embeddings, norms) are written
     as they are. ``kv_scales``: KV-cache scales written as llm-compressor does ("attention":
     ``self_attn.k_scale`` [1]) or AutoFP8 ("projections": ``k_proj.output_scale`` []).
     """
     state = {name: t.clone() for name, t in model.state_dict().items()}
     with torch.no_grad():
-        for name in linear_names(model):
+        for name in linear_names(model) + (["lm_head"] if quantized_head else []):
             if name in keep_float:
                 continue
             w = model.get_submodule(name).weight
@@ -177,8 +178,9 @@ def shared_input(name: str) -> str:
 
 
 def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None,
-                    keep_float: tuple[str, ...] = ()) -> None:
-    """Hooks quantizing each quantized linear's input (not those of ``keep_float``) to e4m3 and back:
+                    keep_float: tuple[str, ...] = (), quantized_head: bool = False) -> None:
+    """Hooks quantizing each quantized linear's input (not those of ``keep_float``; lm_head's with
+    ``quantized_head``) to e4m3 and back:
     per token (``None``), per token and ``group``-wide slice of features, or by its static scale, the
     largest among the parts of a fused layer."""
     static = None
@@ -198,7 +200,8 @@ def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | N
         groups = torch.nn.functional.pad(x, (0, -x.shape[-1] % group)).unflatten(-1, (-1, group))
         return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).flatten(-2)[..., :x.shape[-1]]
 
-    for name in [n for n in input_scales or linear_names(model) if n not in keep_float]:
+    names = input_scales or linear_names(model) + (["lm_head"] if quantized_head else [])
+    for name in [n for n in names if n not in keep_float]:
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: (round_trip(name, args[0]),))
 
 
@@ -314,25 +317,30 @@ IGNORE_CASES = {
     # compressed-tensors' ignore: names and re: patterns.
     "compressed-tensors": (compressed_tensors_config("channel", None, ["lm_head", *FUSED_QKV,
                                                                        r"re:.*layers\.1\.mlp\.down_proj$"]),
-                           "channel", (*FUSED_QKV, "model.layers.1.mlp.down_proj")),
+                           "channel", (*FUSED_QKV, "model.layers.1.mlp.down_proj"), False),
     # transformers' FineGrainedFP8 modules_to_not_convert: a module path covers the modules under it,
     # an entry may be a suffix, and a router's "mlp.gate" must not take gate_proj with it.
     "fine-grained-fp8": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
                           "modules_to_not_convert": ["lm_head", "model.layers.0.self_attn", "layers.1.mlp.down_proj",
                                                      "model.layers.1.mlp.gate"]},
-                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj")),
+                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"), False),
+    # A list that leaves lm_head out quantizes it (transformers adds its default skips only without one);
+    # its 259 vocabulary rows end in a partial block.
+    "fine-grained-fp8-head": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
+                               "modules_to_not_convert": ["model.layers.1.mlp.down_proj"]},
+                              "block", ("model.layers.1.mlp.down_proj",), True),
 }
 
 
 @pytest.mark.parametrize("case", IGNORE_CASES)
 def test_ignored_modules_stay_unquantized(tmp_path, case):
     """Modules the ignore list names are float in the checkpoint and load as plain linear layers;
-    lm_head likewise."""
+    lm_head likewise where a list names it."""
     model = tiny_llama()
-    config, weights, keep_float = IGNORE_CASES[case]
-    pack(model, tmp_path, config, weights, keep_float=keep_float)
+    config, weights, keep_float, quantized_head = IGNORE_CASES[case]
+    pack(model, tmp_path, config, weights, keep_float=keep_float, quantized_head=quantized_head)
     if weights == "block":
-        quantize_inputs(model, None, group=16, keep_float=keep_float)
+        quantize_inputs(model, None, group=16, keep_float=keep_float, quantized_head=quantized_head)
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL if weights == "block" else 1e-4)
 
 

@@ -45,6 +45,17 @@ class Fp8LinearMethod(QuantMethod):
         return None if method.scheme.ignores(prefix) else method
 
     @classmethod
+    def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
+        """An untied LM head is a linear layer to AutoFP8 and transformers: an ignore list that leaves it
+        out quantizes it; without any list it stays float (transformers' default skips). Input
+        embedding tables stay float (``modules_to_convert`` is refused)."""
+        method = cls(quant_config, prefix)
+        listed = any(quant_config.get(field) is not None for field in ("ignored_layers", "modules_to_not_convert"))
+        if prefix != "lm_head" or method.scheme.weights == "online" or not listed or method.scheme.ignores(prefix):
+            return None
+        return method
+
+    @classmethod
     def unused_checkpoint_tensor(cls, quant_config: dict[str, Any], name: str) -> bool:
         """A KV-cache scale of a checkpoint whose ``kv_cache_scheme`` says it stores them."""
         return parse_scheme(quant_config).kv_cache_scales and is_kv_cache_scale(name)

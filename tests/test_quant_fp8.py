@@ -323,7 +323,8 @@ IGNORE_CASES = {
     "fine-grained-fp8": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
                           "modules_to_not_convert": ["lm_head", "model.layers.0.self_attn", "layers.1.mlp.down_proj",
                                                      "model.layers.1.mlp.gate"]},
-                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"), False),
+                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"),
+                         False),
     # A list that leaves lm_head out quantizes it (transformers adds its default skips only without one);
     # its 259 vocabulary rows end in a partial block.
     "fine-grained-fp8-head": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],

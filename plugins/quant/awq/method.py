@@ -49,7 +49,8 @@ class AWQMethod(QuantMethod):
             raise ValueError(f"quantization_config.bits must be {BITS} for AWQ, not {bits!r}")
         group = config_value(quant_config, "group_size", config_value(quant_config, "q_group_size"))
         if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
-            raise ValueError(f"quantization_config.group_size must be a positive integer or -1 for AWQ, not {group!r}")
+            raise ValueError(f"quantization_config.group_size must be a positive integer or -1 for AWQ, "
+                             f"not {group!r}")
         if not require_bool(quant_config, "zero_point", True):
             raise ValueError("quantization_config.zero_point false (symmetric AWQ) is not supported")
         # AutoAWQ names the packing version; transformers' AwqConfig writes it as format too, reading
@@ -107,7 +108,8 @@ class AWQMethod(QuantMethod):
         """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
         group = qweight.shape[0] // scales.shape[0]
         zeros = unpack_awq(qzeros).float()
-        w = (unpack_awq(qweight).float() - zeros.repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+        w = (unpack_awq(qweight).float() - zeros.repeat_interleave(group, 0)) \
+            * scales.float().repeat_interleave(group, 0)
         return w.t().to(scales.dtype)
 
     def dequantized_weight(self, layer) -> torch.Tensor:

@@ -26,8 +26,9 @@ CODE_STD = FP8_MAX / 4
 def init_dummy_fp8(layer: nn.Module, stems: tuple[str, ...], scheme: Fp8Scheme, generator: torch.Generator) -> None:
     """Valid random e4m3 weights with positive scales in ``layer``'s ``<stem>weight`` and its scales
     (``<stem>weight_scale`` or, block-wise, ``<stem>weight_scale_inv`` or as the scheme names them;
-    ``<stem>input_scale`` for static activations), for each stem (``""`` for a linear layer; ``"w13_"``, ``"w2_"`` for experts).
-    Weights of a float checkpoint quantized at load (``online``) keep the core's float noise."""
+    ``<stem>input_scale`` for static activations), for each stem (``""`` for a linear layer;
+    ``"w13_"``, ``"w2_"`` for experts). Weights of a float checkpoint quantized at load (``online``)
+    keep the core's float noise."""
     if scheme.weights == "online":
         return
     for stem in stems:

@@ -90,7 +90,8 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
         raise ValueError(f"quantization_config modules_to_convert {config['modules_to_convert']!r}: quantized "
                          "embedding tables are not supported")
     if config.get("expert_dtype", "fp8") != "fp8":
-        raise ValueError(f"quantization_config expert_dtype {config['expert_dtype']!r}: only 'fp8' experts are supported")
+        raise ValueError(f"quantization_config expert_dtype {config['expert_dtype']!r}: only 'fp8' experts are "
+                         "supported")
     kv_cache = config.get("kv_cache_scheme")
     if kv_cache not in (None, "static"):
         raise ValueError(f"quantization_config kv_cache_scheme {kv_cache!r}: expected 'static' (AutoFP8) or none")

@@ -3,8 +3,8 @@ config group each linear layer follows.
 
 The config: ``config_groups`` ({name: {``targets``, ``weights``, ``input_activations``,
 ``output_activations``, optionally its own ``format``}}), ``format`` (how the weights are stored:
-``float-quantized``, ``int-quantized``, ``pack-quantized``; ``mixed-precision`` when each group
-names its own), ``ignore``, ``kv_cache_scheme`` (KV-cache scales stored: read by no one, see
+``float-quantized``, ``int-quantized``, ``pack-quantized``, ``naive-quantized`` (the first two's
+general name); ``mixed-precision`` when each group names its own), ``ignore``, ``kv_cache_scheme`` (KV-cache scales stored: read by no one, see
 ``quant.kv_scales``), ``sparsity_config``, ``transform_config``.
 
 A module follows a group as compressed-tensors applies a config to a model: some group's target
@@ -23,6 +23,9 @@ from typing import Any
 from sglang_plugins.quant.fused import all_parts_match, checkpoint_modules, name_matches
 
 FORMATS = ("float-quantized", "int-quantized", "pack-quantized")
+# What compressed-tensors' "naive-quantized" stores: each weight in its type's own dtype (int8,
+# float8_e4m3fn), as the two formats it is the general name of do.
+NAIVE_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 LINEAR_CLASS = "Linear"
 
 
@@ -49,13 +52,15 @@ def layer_scheme(config: dict[str, Any], prefix: str) -> GroupScheme | None:
     if owner is None:
         return None
     group = groups[owner]
-    fmt = group.get("format") or config.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization_config format {fmt!r} (config group {owner!r}): expected one of {FORMATS}")
     weights = group.get("weights")
     if not isinstance(weights, dict):
         raise ValueError(f"quantization_config config_groups {owner} weights: expected quantization arguments, "
                          f"got {weights!r}")
+    fmt = group.get("format") or config.get("format")
+    if fmt == "naive-quantized":
+        fmt = NAIVE_FORMATS.get(weights.get("type"), fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization_config format {fmt!r} (config group {owner!r}): expected one of {FORMATS}")
     if group.get("output_activations"):
         raise ValueError(f"quantization_config config_groups {owner} output_activations: not supported")
     return GroupScheme(fmt, weights, group.get("input_activations"))

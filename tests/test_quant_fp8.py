@@ -392,6 +392,7 @@ def _broken(path: str, value) -> dict:
     ({**BLOCK_CONFIG, "ignored_layers": ["model.layers.(0"]}, "ignored_layers"),
     ({**BLOCK_CONFIG, "modules_to_convert": ["embed_tokens"]}, "modules_to_convert"),
     ({**BLOCK_CONFIG, "expert_dtype": "fp4"}, "expert_dtype"),
+    ({**BLOCK_CONFIG, "scale_fmt": "e4m3"}, "scale_fmt"),
 ])
 def test_bad_config_names_the_field(config, field):
     """compressed-tensors configs are read by their plugin, which hands float groups to fp8's."""

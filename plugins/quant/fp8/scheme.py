@@ -89,6 +89,9 @@ def _auto_fp8(config: dict[str, Any]) -> Fp8Scheme:
     if config.get("modules_to_convert"):
         raise ValueError(f"quantization_config modules_to_convert {config['modules_to_convert']!r}: quantized "
                          "embedding tables are not supported")
+    # ue8m0 scales are powers of two stored as float8_e8m0fnu, which load into float32 exactly.
+    if config.get("scale_fmt", "float") not in ("float", "ue8m0"):
+        raise ValueError(f"quantization_config scale_fmt {config['scale_fmt']!r}: expected 'float' or 'ue8m0'")
     if config.get("expert_dtype", "fp8") != "fp8":
         raise ValueError(f"quantization_config expert_dtype {config['expert_dtype']!r}: only 'fp8' experts are "
                          "supported")

@@ -20,6 +20,7 @@ import torch
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "stablelm": "stablelm", "starcoder2": "starcoder2"}
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
+Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
 
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|eot|>"]

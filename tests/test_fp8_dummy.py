@@ -120,14 +120,12 @@ def fp8_modules(model: torch.nn.Module) -> dict[str, list[tuple]]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: str):
-    """The benchmark config's quantization_config on a tiny shape: finite log-probabilities (prompt,
-    output, top 5), every linear layer (and Mixtral's experts) in the config's FP8 layout with
-    plausible dequantized weights."""
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config(name)))
+def serve_dummy_weights(folder: Path, config: dict) -> torch.nn.Module:
+    """An engine on ``config`` (written to ``folder``) with dummy weights: its log-probabilities of two
+    prompts (prompt, output, top 5) are finite; returns its model."""
+    (folder / "config.json").write_text(json.dumps(config))
     greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 4}
-    with Engine(str(tmp_path), load_format="dummy") as engine:
+    with Engine(str(folder), load_format="dummy") as engine:
         results = engine.generate(input_ids=[[5, 17, 200, 42], list(range(30, 60))], sampling_params=greedy,
                                   return_logprob=True, logprob_start_len=0, top_logprobs_num=5)
         model = engine.core.core.runner.model
@@ -136,6 +134,15 @@ def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: st
         logprobs = [lp for lp, _, _ in meta["input_token_logprobs"][1:] + meta["output_token_logprobs"]]
         logprobs += [lp for top in meta["output_top_logprobs"] for lp, _, _ in top]
         assert bool(torch.isfinite(torch.tensor(logprobs)).all()), logprobs
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tiny_benchmark_config_serves_dummy_fp8_weights(tmp_path: Path, name: str):
+    """The benchmark config's quantization_config on a tiny shape: finite log-probabilities (prompt,
+    output, top 5), every linear layer (and Mixtral's experts) in the config's FP8 layout with
+    plausible dequantized weights."""
+    model = serve_dummy_weights(tmp_path, tiny_config(name))
     expected = LAYOUTS[name]
     # Per layer: qkv, o (and gate_up, down, or each expert's w13 and w2).
     per_layer = {"linear": 2 if "experts" in expected else 4, "experts": 2 * TINY[name].get("num_local_experts", 0)}

@@ -137,6 +137,7 @@ CASES = [
     Case("gptq8", experts=8, top_k=2, tokens=1, hidden=64, inter=32, group=32, dtype=torch.bfloat16),
     Case("awq", experts=8, top_k=2, tokens=5, hidden=64, inter=32, group=32, tiles=WIDE_TILES),
     Case("awq", experts=3, top_k=1, tokens=5, hidden=256, inter=128, group=128, tiles=WIDE_TILES),
+    Case("awq", experts=3, top_k=2, tokens=17, hidden=64, inter=32, group=-1, tiles=WIDE_TILES),
 ]
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig,
                           LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig, Starcoder2Config)
 
-from gguf_writer import F16, F32, Q8_0, VOCAB_SIZE, write_gguf
+from gguf_writer import F16, F32, Q4_0, Q4_1, Q8_0, VOCAB_SIZE, write_gguf
 from sglang_core.engine import Engine
 from sglang_core.weights.gguf_architectures import ARCHITECTURES
 from sglang_core.weights.gguf_convert import write_gguf_folder
@@ -33,7 +33,8 @@ LONGROPE = {"rope_type": "longrope", "long_factor": [1.0, 1.5, 2.5, 4.0], "short
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                "sliding_attention": {"rope_type": "default", "rope_theta": 20_000.0}}
 
-# id -> (config, storage type of the matrices). Together the cases set every config field each
+# id -> (config, storage type of the matrices: 4-bit blocks too, kept so by the gguf_quantized load,
+# Phi-3's fused q/k/v and gate/up among them). Together the cases set every config field each
 # architecture's GGUF carries: biases, tied and untied heads, head sizes apart from hidden/heads,
 # windows and which layers use them, soft-caps, rope scaling (yarn, linear, LongRoPE), partial rotary,
 # norm offsets and epsilons, parallel residuals, per-head q/k norms.
@@ -47,7 +48,7 @@ CASES = {
     "qwen3-bias": (Qwen3Config(**SMALL, head_dim=128, attention_bias=True, rms_norm_eps=1e-5), F32),
     # Phi-3 pads with <|endoftext|> (transformers' GGUF loader would take 32000 from the class otherwise).
     "phi3-window": (Phi3Config(**{**SMALL, "pad_token_id": 2}, sliding_window=8, original_max_position_embeddings=128,
-                               rope_theta=20_000.0), F32),
+                               rope_theta=20_000.0), Q4_1),
     "phi3-longrope": (Phi3Config(**{**SMALL, "max_position_embeddings": 64, "pad_token_id": 2},
                                  original_max_position_embeddings=16, partial_rotary_factor=0.5, rope_scaling=LONGROPE,
                                  tie_word_embeddings=True), F32),
@@ -58,7 +59,7 @@ CASES = {
                                 tie_word_embeddings=False), F32),
     "gemma3-global": (Gemma3TextConfig(**SMALL, head_dim=32, query_pre_attn_scalar=32, sliding_window_pattern=1,
                                        rms_norm_eps=1e-5), F32),
-    "stablelm-2": (StableLmConfig(**SMALL, use_qkv_bias=True, layer_norm_eps=1e-6), F32),
+    "stablelm-2": (StableLmConfig(**SMALL, use_qkv_bias=True, layer_norm_eps=1e-6), Q4_0),
     "stablelm-2-12b": (StableLmConfig(**SMALL, use_parallel_residual=True, qk_layernorm=True, partial_rotary_factor=0.5,
                                       tie_word_embeddings=True), F32),
     "starcoder2": (Starcoder2Config(**SMALL, norm_epsilon=1e-6, rope_theta=100_000.0), F16),
@@ -112,9 +113,12 @@ def assert_stored_close(got: torch.Tensor, want: torch.Tensor, qtype: gguf.GGMLQ
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)  # F32; Gemma's +1 -1 rounds once
     elif qtype == F16:
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7, msg=name)
-    else:  # Q8_0: steps of absmax/127 per 32 values (half a step, plus a little for the fp16 scale)
+    elif qtype == Q8_0:  # steps of absmax/127 per 32 values (half a step, plus a little for the fp16 scale)
         bound = want.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127 * 0.6
         assert ((got - want).reshape(-1, 32).abs() <= bound).all(), name
+    else:  # 4-bit blocks (along each row): what the gguf package's own quantization gives back
+        stored = gguf.quants.dequantize(gguf.quants.quantize(want.numpy(), qtype), qtype)
+        torch.testing.assert_close(got, torch.from_numpy(stored).reshape(want.shape), rtol=0, atol=1e-6, msg=name)
 
 
 def test_transformers_reads_the_written_gguf(case):

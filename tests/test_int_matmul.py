@@ -95,6 +95,7 @@ CASES = [
     ("gptq-8bit-sym-actorder-g16", gptq(8, 16, sym=True, desc_act=True), 48, 24, 17, 1),
     ("awq-g32", awq(32), 64, 40, 19, 1),
     ("awq-g16", awq(16), 64, 24, 3, 4),
+    ("awq-channel", awq(-1), 64, 40, 17, 2),
     ("ct-w4-sym-g16", int_args(4, "group", group_size=16), 64, 40, 5, 2),
     ("ct-w4-asym-actorder", int_args(4, "group", symmetric=False, group_size=32, actorder="group"), 64, 40, 19, 1),
     ("ct-w8-sym-channel", int_args(8, "channel"), 48, 40, 1, 1),

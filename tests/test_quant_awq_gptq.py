@@ -97,6 +97,12 @@ def test_packers_agree_with_elementwise_unpacking():
 
 # ---- quantized projections: integers, their packed tensors, and the float weight they stand for ----
 
+def gptq_format(fmt: dict) -> str:
+    """A GPTQ config's format: ``checkpoint_format`` (GPTQModel, older transformers), else ``format``
+    (transformers' GPTQConfig), else the original "gptq"."""
+    return fmt.get("checkpoint_format") or fmt.get("format") or "gptq"
+
+
 class Quantized:
     """One projection, ``[in, out]`` integers drawn at random; ``weight`` is the float ``[out, in]``
     weight the format's dequantisation gives, ``tensors`` the checkpoint's packed tensors."""
@@ -109,7 +115,7 @@ class Quantized:
         if fmt.get("sym", False):
             self.zeros = torch.full((groups, outputs), 1 << (bits - 1))
         else:  # the original GPTQ format stores zero - 1, which must not go below 0
-            low = 1 if fmt.get("checkpoint_format") == "gptq" else 0
+            low = 1 if gptq_format(fmt) == "gptq" else 0
             self.zeros = torch.randint(low, top + 1, (groups, outputs), generator=gen)
         # Powers-of-two fractions, exact in float16, sized so that weights are about 0.1.
         self.scales = (torch.randint(1, 8, (groups, outputs), generator=gen) / (2 ** (bits + 4))).half()
@@ -119,7 +125,7 @@ class Quantized:
         if fmt["quant_method"] == "awq":
             self.tensors = {"qweight": awq_pack(self.values), "qzeros": awq_pack(self.zeros), "scales": self.scales}
         else:
-            stored_zeros = self.zeros - (1 if fmt["checkpoint_format"] == "gptq" else 0)
+            stored_zeros = self.zeros - (1 if gptq_format(fmt) == "gptq" else 0)
             self.tensors = {"qweight": gptq_pack(self.values, bits, 0), "qzeros": gptq_pack(stored_zeros, bits, 1),
                             "scales": self.scales, "g_idx": g_idx.to(torch.int32)}
 
@@ -136,7 +142,8 @@ def group_index(fmt: dict, inputs: int, gen: torch.Generator) -> torch.Tensor:
     return g_idx
 
 
-def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", vocab_size: int = 259):
+def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", vocab_size: int = 259,
+                    hidden_size: int = 128, intermediate_size: int = 256):
     """A tiny Llama (or, ``family="qwen2"``, a Qwen2: biases on q/k/v) saved as a quantized
     checkpoint in ``folder``; returns the HF float32 model that holds the dequantised weights
     (modules matching ``modules_to_not_convert`` stay float; the LM head is packed with GPTQ's
@@ -144,7 +151,8 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", v
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
-    config = config_cls(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = config_cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
     config.architectures = [model_cls.__name__]
@@ -152,6 +160,8 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", v
     model = model_cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed)
     skipped = fmt.get("modules_to_not_convert") or []
+    # GPTQ (optimum's rule): only modules whose path ends with a modules_in_block_to_quantize name.
+    block_modules = sum(fmt.get("modules_in_block_to_quantize") or [], [])
     tensors = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -163,7 +173,8 @@ def quantized_model(folder: Path, fmt: dict, seed: int, family: str = "llama", v
             for proj in PROJECTIONS:
                 name = f"model.layers.{layer_id}.{proj}"
                 linear = layer.get_submodule(proj)
-                if any(module in name for module in skipped):
+                if any(module in name for module in skipped) or (block_modules and
+                                                                  not name.endswith(tuple(block_modules))):
                     continue
                 out, inputs = linear.weight.shape
                 reads_hidden = proj not in ("self_attn.o_proj", "mlp.down_proj")
@@ -197,37 +208,48 @@ def assert_engine_matches_hf(folder: Path, hf) -> None:
             assert out["output_ids"] == exp
 
 
+# Widths that are not multiples of 128 (hidden 160, intermediate 96): the formats need only whole groups and words.
+ODD_WIDTHS = {"hidden_size": 160, "intermediate_size": 96}
 AWQ_CASES = [
-    {"group_size": 32},
+    ({"group_size": 32}, ODD_WIDTHS),
     # AutoAWQ's rule, substrings of the checkpoint's module paths: whole layers, and each part of
     # a fused q/k/v and gate/up (whose fused names, qkv_proj and gate_up_proj, contain none of them).
-    {"group_size": 64, "modules_to_not_convert": ["layers.1.mlp", "self_attn.q_proj", "self_attn.k_proj",
-                                                  "self_attn.v_proj", "layers.0.mlp.gate_proj", "0.mlp.up_proj"]},
-    {"group_size": 128},
+    ({"group_size": 64, "modules_to_not_convert": ["layers.1.mlp", "self_attn.q_proj", "self_attn.k_proj",
+                                                   "self_attn.v_proj", "layers.0.mlp.gate_proj", "0.mlp.up_proj"]}, {}),
+    ({"group_size": 128}, {}),
+    ({"group_size": -1}, {}),  # one group of all input features
 ]
 
 
-@pytest.mark.parametrize("case", AWQ_CASES, ids=["g32", "g64-not-convert", "g128"])
-def test_awq_checkpoint_matches_hf(tmp_path, case):
+@pytest.mark.parametrize("case, widths", AWQ_CASES, ids=["g32-odd-widths", "g64-not-convert", "g128", "channel"])
+def test_awq_checkpoint_matches_hf(tmp_path, case, widths):
     fmt = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm", **case}
-    hf = quantized_model(tmp_path, fmt, seed=1)
+    hf = quantized_model(tmp_path, fmt, seed=1, **widths)
     assert_engine_matches_hf(tmp_path, hf)
 
 
 GPTQ_CASES = [
-    {"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq"},
-    {"bits": 4, "group_size": 64, "sym": False, "desc_act": True, "checkpoint_format": "gptq"},
-    {"bits": 4, "group_size": -1, "sym": False, "desc_act": False, "checkpoint_format": "gptq"},
-    {"bits": 8, "group_size": 32, "sym": True, "desc_act": True, "checkpoint_format": "gptq"},
-    {"bits": 8, "group_size": 128, "sym": False, "desc_act": False, "checkpoint_format": "gptq_v2"},
+    ({"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq"}, {}),
+    ({"bits": 4, "group_size": 64, "sym": False, "desc_act": True, "checkpoint_format": "gptq"}, {}),
+    ({"bits": 4, "group_size": -1, "sym": False, "desc_act": False, "checkpoint_format": "gptq"}, {}),
+    ({"bits": 8, "group_size": 32, "sym": True, "desc_act": True, "checkpoint_format": "gptq"}, {}),
+    ({"bits": 8, "group_size": 128, "sym": False, "desc_act": False, "checkpoint_format": "gptq_v2"}, {}),
+    # transformers' GPTQConfig names the format "format".
+    ({"bits": 4, "group_size": 32, "sym": False, "desc_act": False, "format": "gptq_v2"}, {}),
+    ({"bits": 8, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq"}, ODD_WIDTHS),
+    # Only q/k/v and down_proj packed (a fused layer's parts listed apart); o_proj, gate/up float.
+    ({"bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq",
+      "modules_in_block_to_quantize": [["self_attn.k_proj", "self_attn.v_proj"], ["self_attn.q_proj"],
+                                       ["mlp.down_proj"]]}, {}),
 ]
 
 
-@pytest.mark.parametrize("case", GPTQ_CASES, ids=["4bit-sym-g32", "4bit-asym-actorder", "4bit-asym-channel",
-                                                  "8bit-sym-actorder", "8bit-asym-v2-g128"])
-def test_gptq_checkpoint_matches_hf(tmp_path, case):
+@pytest.mark.parametrize("case, widths", GPTQ_CASES, ids=[
+    "4bit-sym-g32", "4bit-asym-actorder", "4bit-asym-channel", "8bit-sym-actorder", "8bit-asym-v2-g128",
+    "4bit-asym-v2-format", "8bit-asym-actorder-odd-widths", "some-modules"])
+def test_gptq_checkpoint_matches_hf(tmp_path, case, widths):
     fmt = {"quant_method": "gptq", **case}
-    hf = quantized_model(tmp_path, fmt, seed=2)
+    hf = quantized_model(tmp_path, fmt, seed=2, **widths)
     assert_engine_matches_hf(tmp_path, hf)
 
 
@@ -235,12 +257,12 @@ def test_gptq_quantized_lm_head_matches_hf(tmp_path):
     """GPTQModel's ``lm_head: true``: the LM head packed like the linear layers (act-order, its own
     g_idx), over a vocabulary of whole packed words (264 rows; ids past the tokenizer's 259 are
     padding rows the model may still score)."""
-    fmt = {"quant_method": "gptq", **GPTQ_CASES[1], "lm_head": True}
+    fmt = {"quant_method": "gptq", **GPTQ_CASES[1][0], "lm_head": True}
     hf = quantized_model(tmp_path, fmt, seed=3, vocab_size=264)
     assert_engine_matches_hf(tmp_path, hf)
 
 
-@pytest.mark.parametrize("fmt", [{**GPTQ_CASES[1], "quant_method": "gptq"},
+@pytest.mark.parametrize("fmt", [{**GPTQ_CASES[1][0], "quant_method": "gptq"},
                                  {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}],
                          ids=["gptq", "awq"])
 def test_quantized_projections_with_biases_match_hf(tmp_path, fmt):
@@ -254,6 +276,7 @@ def test_quantized_projections_with_biases_match_hf(tmp_path, fmt):
 
 TP_CASES = [
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True}, "awq"),
+    ({"quant_method": "awq", "bits": 4, "group_size": -1, "zero_point": True}, "awq-channel"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False,
       "checkpoint_format": "gptq"}, "gptq-4bit"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True,
@@ -305,10 +328,14 @@ GPTQ_OK = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "d
     (AWQMethod, AWQ_OK, {"group_size": 0}, "group_size"),
     (AWQMethod, AWQ_OK, {"zero_point": False}, "zero_point"),
     (AWQMethod, AWQ_OK, {"version": "gemv"}, "version"),
+    (AWQMethod, {**AWQ_OK, "version": None}, {"format": "gemv_fast"}, "format"),
     (AWQMethod, AWQ_OK, {"modules_to_not_convert": "lm_head"}, "modules_to_not_convert"),
     (GPTQMethod, GPTQ_OK, {"bits": 3}, "bits"),
     (GPTQMethod, GPTQ_OK, {"group_size": -2}, "group_size"),
     (GPTQMethod, GPTQ_OK, {"checkpoint_format": "marlin"}, "checkpoint_format"),
+    (GPTQMethod, {**GPTQ_OK, "checkpoint_format": None}, {"format": "marlin"}, "format"),
+    (GPTQMethod, GPTQ_OK, {"pack_dtype": "int16"}, "pack_dtype"),
+    (GPTQMethod, GPTQ_OK, {"modules_in_block_to_quantize": ["self_attn.q_proj"]}, "modules_in_block_to_quantize"),
     (GPTQMethod, GPTQ_OK, {"desc_act": "yes"}, "desc_act"),
     (GPTQMethod, GPTQ_OK, {"sym": "no"}, "sym"),
     (GPTQMethod, GPTQ_OK, {"lm_head": "yes"}, "lm_head"),

@@ -235,18 +235,19 @@ def static_qparams(lo: float, hi: float, symmetric: bool) -> tuple[torch.Tensor,
     return scale, torch.round(-128 - lo / scale).clamp(-128, 127).to(torch.int8)
 
 
+# (weight strategy, input activations, format: "naive-quantized" is int-quantized's general name)
 W8A8_CASES = {
-    "dynamic-sym-channel": ("channel", int_args(8, "token", dynamic=True)),
-    "dynamic-asym-channel": ("channel", int_args(8, "token", symmetric=False, dynamic=True)),
-    "static-asym-tensor": ("tensor", int_args(8, "tensor", symmetric=False)),
-    "static-sym-channel": ("channel", int_args(8, "tensor")),
-    "weight-only-tensor": ("tensor", None),
+    "dynamic-sym-channel": ("channel", int_args(8, "token", dynamic=True), "int-quantized"),
+    "dynamic-asym-channel": ("channel", int_args(8, "token", symmetric=False, dynamic=True), "int-quantized"),
+    "static-asym-tensor": ("tensor", int_args(8, "tensor", symmetric=False), "int-quantized"),
+    "static-sym-channel": ("channel", int_args(8, "tensor"), "naive-quantized"),
+    "weight-only-tensor": ("tensor", None, "int-quantized"),
 }
 
 
 @pytest.mark.parametrize("case", W8A8_CASES)
 def test_int_quantized_matches_reference(tmp_path, case):
-    strategy, activations = W8A8_CASES[case]
+    strategy, activations, fmt = W8A8_CASES[case]
     model = tiny_llama()
     ranges = calibrate_ranges(model) if activations is not None and not activations["dynamic"] else {}
     tensors: dict[str, torch.Tensor] = {}
@@ -270,7 +271,7 @@ def test_int_quantized_matches_reference(tmp_path, case):
         linear.register_forward_pre_hook(
             lambda _m, args, qparams=qparams: (int8_round_trip(args[0], *qparams(args[0])),))
     config = ct_config({"group_0": {"targets": ["Linear"], "weights": int_args(8, strategy),
-                                    "input_activations": activations}}, "int-quantized", ["lm_head"])
+                                    "input_activations": activations}}, fmt, ["lm_head"])
     save_checkpoint(model, tmp_path, config, tensors)
     assert_matches(model, tmp_path, atol=W8A8_ATOL)
 

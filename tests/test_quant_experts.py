@@ -36,8 +36,8 @@ from test_quant_awq_gptq import Quantized, group_index
 from test_quant_compressed_tensors import (ct_config, int8_round_trip, int_args, pack_quantized,
                                            quantize_symmetric_int8, token_qparams)
 from test_quant_compressed_tensors import input_groups as ct_input_groups
-from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_config, fp8_block_weight, \
-    fp8_weight, to_e4m3
+from test_quant_fp8 import BLOCK_CONFIG, E4M3_MAX, block_dequantized, compressed_tensors_block_config, \
+    compressed_tensors_config, fp8_block_weight, fp8_weight, to_e4m3
 
 NEW_TOKENS = 8
 GPTQ_ACT_ORDER = {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False, "desc_act": True,
@@ -139,10 +139,11 @@ def fp8_quantizer(strategy: str) -> Quantizer:
     return quantize
 
 
-def block_quantizer(block: tuple[int, int]) -> Quantizer:
+def block_quantizer(block: tuple[int, int], scale_name: str = "weight_scale_inv") -> Quantizer:
+    """Block-wise FP8 weights, their scales named as DeepSeek-V3 (or compressed-tensors) names them."""
     def quantize(_name, w):
         q, scale_inv = fp8_block_weight(w, block)
-        return {"weight": q, "weight_scale_inv": scale_inv}, block_dequantized(q, scale_inv, block)
+        return {"weight": q, scale_name: scale_inv}, block_dequantized(q, scale_inv, block)
 
     return quantize
 
@@ -239,14 +240,21 @@ def test_fp8_per_tensor_static_experts(tmp_path):
     assert_served_like(model, prompts, tmp_path)
 
 
-def test_fp8_block_wise_deepseek_v3(tmp_path):
+@pytest.mark.parametrize("layout", ["deepseek", "compressed-tensors"])
+def test_fp8_block_wise_deepseek_v3(tmp_path, layout):
     """DeepSeek-V3's layout: ``weight_scale_inv`` per 16 x 16 block of every linear layer and
-    expert, activations rounded per token and 16-wide group. kv_a_proj_with_mqa has 40 rows (2.5
-    blocks: its scale has 3 rows, the last covering 8), as the released 576-row one has 4.5 blocks
-    of 128. kv_b_proj stays float (the MLA plugin absorbs its plain weight)."""
+    expert, activations rounded per token and 16-wide group; or llm-compressor's FP8_BLOCK, the same
+    blocks as ``weight_scale``. kv_a_proj_with_mqa has 40 rows (2.5 blocks: its scale has 3 rows, the
+    last covering 8), as the released 576-row one has 4.5 blocks of 128. kv_b_proj stays float (the
+    MLA plugin absorbs its plain weight)."""
     block = (16, 16)
-    config = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head", "re:.*kv_b_proj$"]}
-    model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, block_quantizer(block),
+    ignore = ["lm_head", "re:.*kv_b_proj$"]
+    if layout == "compressed-tensors":
+        config, scale_name = {**compressed_tensors_block_config(block), "ignore": ignore}, "weight_scale"
+    else:
+        config, scale_name = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ignore}, \
+            "weight_scale_inv"
+    model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, block_quantizer(block, scale_name),
                                          keep_float=("kv_b_proj",))
     assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape[0] % block[0]
     for name, module in model.named_modules():

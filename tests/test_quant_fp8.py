@@ -107,24 +107,26 @@ def calibrate(model) -> dict[str, float]:
 
 
 def pack(model, folder, quantization_config: dict, weights: str, input_scales: dict[str, float] | None = None,
-         keep_float: tuple[str, ...] = (), scalar_scales: bool = False) -> None:
+         keep_float: tuple[str, ...] = (), scalar_scales: bool = False, kv_scales: str | None = None,
+         quantized_head: bool = False) -> None:
     """Write ``model`` as an FP8 checkpoint and leave the dequantized weights in ``model``.
 
     ``weights``: "tensor" (``weight_scale`` [1], or [] with ``scalar_scales`` as AutoFP8 writes),
     "channel" ([out, 1]) or "block" (``weight_scale_inv`` per the config's ``weight_block_size``).
-    Modules in ``keep_float`` (and lm_head, embeddings, norms) are written
-    as they are.
+    Modules in ``keep_float`` (and lm_head unless ``quantized_head``, embeddings, norms) are written
+    as they are. ``kv_scales``: KV-cache scales written as llm-compressor does ("attention":
+    ``self_attn.k_scale`` [1]) or AutoFP8 ("projections": ``k_proj.output_scale`` []).
     """
     state = {name: t.clone() for name, t in model.state_dict().items()}
     with torch.no_grad():
-        for name in linear_names(model):
+        for name in linear_names(model) + (["lm_head"] if quantized_head else []):
             if name in keep_float:
                 continue
             w = model.get_submodule(name).weight
             if weights == "block":
-                block = tuple(quantization_config["weight_block_size"])
-                q, state[f"{name}.weight_scale_inv"] = fp8_block_weight(w, block)
-                w.copy_(block_dequantized(q, state[f"{name}.weight_scale_inv"], block))
+                block, scale_name = block_layout(quantization_config)
+                q, state[f"{name}.{scale_name}"] = fp8_block_weight(w, block)
+                w.copy_(block_dequantized(q, state[f"{name}.{scale_name}"], block))
             else:
                 q, scale = fp8_weight(w, weights)
                 w.copy_(q.float() * scale)
@@ -133,11 +135,24 @@ def pack(model, folder, quantization_config: dict, weights: str, input_scales: d
             if input_scales is not None:
                 s = torch.tensor([input_scales[name]])
                 state[f"{name}.input_scale"] = s.reshape(()) if scalar_scales else s
+        for layer in range(model.config.num_hidden_layers) if kv_scales else ():
+            for kv in "kv":
+                name = (f"self_attn.{kv}_scale" if kv_scales == "attention" else f"self_attn.{kv}_proj.output_scale")
+                state[f"model.layers.{layer}.{name}"] = torch.tensor([0.01] if kv_scales == "attention" else 0.01)
     model.config.quantization_config = quantization_config
     model.config.save_pretrained(folder)
     del model.config.quantization_config
     save_file({n: t.contiguous() for n, t in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     byte_level_tokenizer().save_pretrained(folder)
+
+
+def block_layout(quantization_config: dict) -> tuple[tuple[int, int], str]:
+    """A block-wise config's block shape and the name of its scales: compressed-tensors' strategy
+    block (``block_structure``, ``weight_scale``) or DeepSeek-V3's (``weight_block_size``,
+    ``weight_scale_inv``)."""
+    if quantization_config["quant_method"] == "compressed-tensors":
+        return tuple(quantization_config["config_groups"]["group_0"]["weights"]["block_structure"]), "weight_scale"
+    return tuple(quantization_config["weight_block_size"]), "weight_scale_inv"
 
 
 def compressed_tensors_config(weights: str, activations: dict | None, ignore: list[str]) -> dict:
@@ -153,6 +168,7 @@ def compressed_tensors_config(weights: str, activations: dict | None, ignore: li
 
 STATIC = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
 DYNAMIC = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 def shared_input(name: str) -> str:
@@ -161,10 +177,12 @@ def shared_input(name: str) -> str:
     return f"{layer}.{SHARED_INPUT.get(leaf, leaf)}"
 
 
-def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None) -> None:
-    """Hooks quantizing each quantized linear's input to e4m3 and back: per token (``None``), per
-    token and ``group``-wide slice of features, or by its static scale, the largest among the parts
-    of a fused layer."""
+def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | None = None,
+                    keep_float: tuple[str, ...] = (), quantized_head: bool = False) -> None:
+    """Hooks quantizing each quantized linear's input (not those of ``keep_float``; lm_head's with
+    ``quantized_head``) to e4m3 and back:
+    per token (``None``), per token and ``group``-wide slice of features, or by its static scale, the
+    largest among the parts of a fused layer."""
     static = None
     if input_scales is not None:
         static = {name: max(s for n, s in input_scales.items() if shared_input(n) == shared_input(name))
@@ -176,10 +194,14 @@ def quantize_inputs(model, input_scales: dict[str, float] | None, group: int | N
         return torch.tensor(static[name])
 
     def round_trip(name: str, x: torch.Tensor) -> torch.Tensor:
-        groups = x if group is None else x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-        return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).reshape(x.shape)
+        if group is None:
+            return to_e4m3(x, s := scale_of(name, x)).float() * s
+        # A partial last group is scaled by its own features: zero padding leaves its largest magnitude.
+        groups = torch.nn.functional.pad(x, (0, -x.shape[-1] % group)).unflatten(-1, (-1, group))
+        return (to_e4m3(groups, s := scale_of(name, groups)).float() * s).flatten(-2)[..., :x.shape[-1]]
 
-    for name in input_scales or linear_names(model):
+    names = input_scales or linear_names(model) + (["lm_head"] if quantized_head else [])
+    for name in [n for n in names if n not in keep_float]:
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: (round_trip(name, args[0]),))
 
 
@@ -228,11 +250,16 @@ def fp8_config(activations: str, ignored: list[str]) -> dict:
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "fp8"])
 def test_static_activations(tmp_path, layout):
+    """Static input scales; the checkpoints also carry KV-cache scales (``kv_cache_scheme``), which
+    load and go unused: the KV cache keeps the model's dtype."""
     model = tiny_llama()
     scales = calibrate(model)
-    config = (compressed_tensors_config("tensor", STATIC, ["lm_head"]) if layout == "compressed-tensors"
-              else fp8_config("static", ["lm_head"]))
-    pack(model, tmp_path, config, "tensor", input_scales=scales, scalar_scales=layout == "fp8")
+    if layout == "compressed-tensors":
+        config = {**compressed_tensors_config("tensor", STATIC, ["lm_head"]), "kv_cache_scheme": dict(STATIC)}
+    else:
+        config = {**fp8_config("static", ["lm_head"]), "kv_cache_scheme": "static"}
+    pack(model, tmp_path, config, "tensor", input_scales=scales, scalar_scales=layout == "fp8",
+         kv_scales="attention" if layout == "compressed-tensors" else "projections")
     quantize_inputs(model, scales)
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
@@ -248,12 +275,24 @@ def test_dynamic_activations(tmp_path, layout):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
 
-@pytest.mark.parametrize("block", [(16, 16), (32, 16)])
-def test_block_wise_weights(tmp_path, block):
-    """Block-wise weights (``weight_scale_inv`` per block; fused q/k/v and gate/up each keep their
-    parts' blocks) with activations quantized per token and 16-wide group."""
+def compressed_tensors_block_config(block: tuple[int, int]) -> dict:
+    """llm-compressor's FP8_BLOCK scheme on ``block``: block-wise weights, activations per token and
+    group of the block's columns."""
+    config = compressed_tensors_config("block", {**DYNAMIC, "strategy": "group", "group_size": block[1]}, ["lm_head"])
+    config["config_groups"]["group_0"]["weights"]["block_structure"] = list(block)
+    return config
+
+
+@pytest.mark.parametrize("layout, block", [("fp8", (16, 16)), ("fp8", (32, 16)), ("fp8", (16, 24)),
+                                           ("compressed-tensors", (16, 24))])
+def test_block_wise_weights(tmp_path, layout, block):
+    """Block-wise weights (one scale per block; fused q/k/v and gate/up each keep their parts'
+    blocks) with activations quantized per token and group of the block's width; 24 columns leave
+    every weight a partial last block and every input a partial last group."""
     model = tiny_llama()
-    pack(model, tmp_path, {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, "block")
+    config = (compressed_tensors_block_config(block) if layout == "compressed-tensors" else
+              {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]})
+    pack(model, tmp_path, config, "block")
     quantize_inputs(model, None, group=block[1])
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL)
 
@@ -273,15 +312,37 @@ def test_online_quantization_of_a_float_checkpoint(tmp_path):
     assert_matches(model, tmp_path, atol=ACTIVATION_ATOL, quantization="fp8")
 
 
-def test_ignored_modules_stay_unquantized(tmp_path):
-    """Modules the ignore list names (by name, or by a ``re:`` pattern) are float in the
-    checkpoint and load as plain linear layers; lm_head likewise."""
+FUSED_QKV = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+IGNORE_CASES = {
+    # compressed-tensors' ignore: names and re: patterns.
+    "compressed-tensors": (compressed_tensors_config("channel", None, ["lm_head", *FUSED_QKV,
+                                                                       r"re:.*layers\.1\.mlp\.down_proj$"]),
+                           "channel", (*FUSED_QKV, "model.layers.1.mlp.down_proj"), False),
+    # transformers' FineGrainedFP8 modules_to_not_convert: a module path covers the modules under it,
+    # an entry may be a suffix, and a router's "mlp.gate" must not take gate_proj with it.
+    "fine-grained-fp8": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
+                          "modules_to_not_convert": ["lm_head", "model.layers.0.self_attn", "layers.1.mlp.down_proj",
+                                                     "model.layers.1.mlp.gate"]},
+                         "block", (*FUSED_QKV, "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"),
+                         False),
+    # A list that leaves lm_head out quantizes it (transformers adds its default skips only without one);
+    # its 259 vocabulary rows end in a partial block.
+    "fine-grained-fp8-head": ({**BLOCK_CONFIG, "weight_block_size": [16, 16],
+                               "modules_to_not_convert": ["model.layers.1.mlp.down_proj"]},
+                              "block", ("model.layers.1.mlp.down_proj",), True),
+}
+
+
+@pytest.mark.parametrize("case", IGNORE_CASES)
+def test_ignored_modules_stay_unquantized(tmp_path, case):
+    """Modules the ignore list names are float in the checkpoint and load as plain linear layers;
+    lm_head likewise where a list names it."""
     model = tiny_llama()
-    fused = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
-    ignore = ["lm_head", *fused, r"re:.*layers\.1\.mlp\.down_proj$"]
-    pack(model, tmp_path, compressed_tensors_config("channel", None, ignore), "channel",
-         keep_float=(*fused, "model.layers.1.mlp.down_proj"))
-    assert_matches(model, tmp_path, atol=1e-4)
+    config, weights, keep_float, quantized_head = IGNORE_CASES[case]
+    pack(model, tmp_path, config, weights, keep_float=keep_float, quantized_head=quantized_head)
+    if weights == "block":
+        quantize_inputs(model, None, group=16, keep_float=keep_float, quantized_head=quantized_head)
+    assert_matches(model, tmp_path, atol=ACTIVATION_ATOL if weights == "block" else 1e-4)
 
 
 def test_partly_ignored_fused_layer_is_an_error(tmp_path):
@@ -304,7 +365,6 @@ def _broken(path: str, value) -> dict:
 
 
 # As DeepSeek-V3 and Qwen3-FP8 ship it.
-BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 @pytest.mark.parametrize("config, field", [
@@ -314,15 +374,25 @@ BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dyna
     (_broken("config_groups.group_0.weights.type", "int"), "format 'float-quantized' does not store weights type"),
     (_broken("config_groups.group_0.weights.num_bits", 4), "weights type"),
     (_broken("config_groups.group_0.weights.strategy", "group"), "weights strategy"),
+    (_broken("config_groups.group_0.weights.strategy", "block"), "weights block_structure"),
+    ({**compressed_tensors_block_config((16, 16)), "config_groups": {"group_0": {
+        **compressed_tensors_block_config((16, 16))["config_groups"]["group_0"], "input_activations": DYNAMIC}}},
+     "input_activations strategy 'token'"),
     (_broken("config_groups.group_0.weights.symmetric", False), "weights symmetric"),
     (_broken("config_groups.group_0.input_activations.strategy", "token"), "input_activations strategy"),
-    (_broken("kv_cache_scheme", dict(STATIC)), "kv_cache_scheme"),
+    (_broken("kv_cache_scheme", "static"), "kv_cache_scheme"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "kv_cache_scheme": "dynamic"}, "kv_cache_scheme"),
     ({"quant_method": "fp8", "activation_scheme": "per-tensor"}, "activation_scheme"),
     ({**BLOCK_CONFIG, "weight_block_size": [128]}, "weight_block_size"),
     ({**BLOCK_CONFIG, "weight_block_size": [128, 0]}, "weight_block_size"),
     ({**BLOCK_CONFIG, "weight_block_size": [128, True]}, "weight_block_size"),
     ({**BLOCK_CONFIG, "activation_scheme": "static"}, "activation_scheme"),
     ({**BLOCK_CONFIG, "fmt": "e5m2"}, "fmt"),
+    ({**BLOCK_CONFIG, "modules_to_not_convert": "lm_head"}, "modules_to_not_convert"),
+    ({**BLOCK_CONFIG, "ignored_layers": ["model.layers.(0"]}, "ignored_layers"),
+    ({**BLOCK_CONFIG, "modules_to_convert": ["embed_tokens"]}, "modules_to_convert"),
+    ({**BLOCK_CONFIG, "expert_dtype": "fp4"}, "expert_dtype"),
+    ({**BLOCK_CONFIG, "scale_fmt": "e4m3"}, "scale_fmt"),
 ])
 def test_bad_config_names_the_field(config, field):
     """compressed-tensors configs are read by their plugin, which hands float groups to fp8's."""
@@ -335,7 +405,7 @@ def test_bad_config_names_the_field(config, field):
 
 def test_bad_config_fails_the_engine(tmp_path):
     model = tiny_llama()
-    pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "block"), "tensor")
+    pack(model, tmp_path, _broken("config_groups.group_0.weights.strategy", "group"), "tensor")
     with pytest.raises(ValueError, match="quantization_config weights strategy"):
         Engine(str(tmp_path))
 

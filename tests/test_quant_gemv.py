@@ -127,6 +127,7 @@ INT_CASES = [
     ("awq-g32", awq(32), 96, 40, 2),
     ("awq-g64", awq(64), 64, 56, 1),
     ("awq-g128", awq(128), 256, 24, 3),  # four K steps a group, shares of three steps
+    ("awq-channel", awq(-1), 96, 40, 2),  # one group of all input features
     ("ct-w4-sym-g32", int_args(4, "group", group_size=32), 64, 40, 2),  # [out, in] words, no zero points
     ("ct-w4-asym-channel", int_args(4, "channel", symmetric=False), 72, 40, 2),  # [out / 8, 1] zero points
 ]

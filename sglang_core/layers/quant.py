@@ -67,6 +67,13 @@ class QuantMethod(abc.ABC):
         projection and ``embed`` as the lookup."""
         return None
 
+    @classmethod
+    def unused_checkpoint_tensor(cls, quant_config: dict, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` is one the scheme stores but the engine does not
+        read, so the loader drops it (an FP8 KV cache's calibrated scales, where the cache keeps its
+        own dtype); default: False."""
+        return False
+
     @abc.abstractmethod
     def create_weights(
         self,

@@ -112,15 +112,16 @@ class ModelRunner:
         cls = models.get(arch).load()
         self.architecture = arch
         tp = replace(self.tp, expert_parallel=self.settings.expert_parallel)  # MoE layers read it
+        factories = self._quant_method_factories(plugins)
+        unused_tensor = factories.pop("unused_tensor", lambda name: False)
         ctx = ModelContext(dtype=self.dtype, tp=tp, max_position=self.context_len,
-                           model_class_for=functools.partial(_model_class, models),
-                           **self._quant_method_factories(plugins))
+                           model_class_for=functools.partial(_model_class, models), **factories)
         with torch.device(self.device):
             model = cls(self.config, ctx)
         if source.load_format == "dummy":
             init_dummy_weights(model, self.settings.random_seed)
         else:
-            model.load_weights(source.read_weights())
+            model.load_weights((name, tensor) for name, tensor in source.read_weights() if not unused_tensor(name))
         for module in model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:
@@ -131,7 +132,8 @@ class ModelRunner:
         """``ModelContext``'s choosers of each linear layer's, each MoE layer's experts' and each
         vocabulary table's method, by ``--quantization`` if given, else the checkpoint's
         ``quantization_config`` (none of either: the context's defaults, all unquantized); a
-        checkpoint without a config hands the method ``{"quant_method": name}``."""
+        checkpoint without a config hands the method ``{"quant_method": name}``. Also
+        ``unused_tensor``, which checkpoint tensors the loader drops (not the context's)."""
         quant = getattr(self.config, "quantization_config", None)
         if not quant and not self.settings.quantization:
             return {}
@@ -145,7 +147,8 @@ class ModelRunner:
             raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
         return {"quant_method_for": functools.partial(cls.for_layer, quant),
                 "experts_method_for": functools.partial(cls.for_experts, quant),
-                "embedding_method_for": functools.partial(cls.for_embedding, quant)}
+                "embedding_method_for": functools.partial(cls.for_embedding, quant),
+                "unused_tensor": functools.partial(cls.unused_checkpoint_tensor, quant)}
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

@@ -2,7 +2,8 @@
 features.
 
 Tensors of a linear layer with ``in`` input and ``out`` output features, group size ``g``:
-``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[in/g, out/8]``, ``scales`` ``[in/g, out]``.
+``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[in/g, out/8]``, ``scales`` ``[in/g, out]``
+(group size -1: one group of all input features, as AutoAWQ packs it).
 An int32 packs 8 neighbouring output features, but not in order: its 4-bit slots (bits 4i..4i+3,
 i = 0..7) hold features 0, 2, 4, 6, 1, 3, 5, 7 of the 8. The weight is ``W[k, n] = (q[k, n] -
 z[k // g, n]) * s[k // g, n]``.
@@ -21,13 +22,16 @@ import torch
 
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.dummy import fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, require_bool,
-                                          unpack_ints)
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, packed_linear, rank_groups,
+                                          require_bool, unpack_ints)
 
 BITS = 4
 PACK = 32 // BITS
+# The std of q - z for random codes and zero points, as the core's dummy init leaves them.
+DUMMY_CODE_STD = uniform_code_std(BITS, random_zero_point=True)
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
@@ -44,17 +48,21 @@ class AWQMethod(QuantMethod):
         if bits != BITS:
             raise ValueError(f"quantization_config.bits must be {BITS} for AWQ, not {bits!r}")
         group = config_value(quant_config, "group_size", config_value(quant_config, "q_group_size"))
-        if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
-            raise ValueError(f"quantization_config.group_size must be a positive integer for AWQ, not {group!r}")
+        if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
+            raise ValueError(f"quantization_config.group_size must be a positive integer or -1 for AWQ, "
+                             f"not {group!r}")
         if not require_bool(quant_config, "zero_point", True):
             raise ValueError("quantization_config.zero_point false (symmetric AWQ) is not supported")
-        version = str(config_value(quant_config, "version", "gemm")).lower()
-        if version != "gemm":
-            raise ValueError(f"quantization_config.version {version!r} is not supported; only 'gemm' packing is")
+        # AutoAWQ names the packing version; transformers' AwqConfig writes it as format too, reading
+        # version over format where both are present.
+        field = "version" if config_value(quant_config, "version") else "format"
+        packing = str(config_value(quant_config, field, "gemm")).lower()
+        if packing != "gemm":
+            raise ValueError(f"quantization_config.{field} {packing!r} is not supported; only 'gemm' packing is")
         skipped = config_value(quant_config, "modules_to_not_convert", None) or []
         if not isinstance(skipped, (list, tuple)):
             raise ValueError(f"quantization_config.modules_to_not_convert must be a list, not {skipped!r}")
-        self.group_size = group
+        self.group_size = None if group == -1 else group  # None: one group of all input features
         self.modules_to_not_convert = tuple(skipped)
 
     @classmethod
@@ -80,25 +88,28 @@ class AWQMethod(QuantMethod):
                       experts: int | None = None) -> dict[str, torch.nn.Parameter]:
         """``qweight``, ``qzeros`` and ``scales`` of a weight of ``input_size`` inputs and ``out``
         outputs; with ``experts``, stacked ``[experts, ...]`` (the metadata is one expert's)."""
-        if input_size % self.group_size:
-            raise ValueError(f"quantization_config.group_size {self.group_size} does not divide the layer's "
-                             f"{input_size} input features")
+        # Groups split with the input features across row-parallel ranks; one group of all is whole on each.
+        groups, groups_split = rank_groups(input_size, 1, self.group_size, False, "quantization_config.group_size")
         if out % PACK:
             raise ValueError(f"AWQ packs {PACK} output features to an int32; {out} is not a multiple")
-        lead, groups = () if experts is None else (experts,), input_size // self.group_size
-        packed = {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "packed_factor": PACK}
+        lead, group_dim = () if experts is None else (experts,), 0 if groups_split else None
+        packed = {"output_dim": 1, "packed_dim": 1, "packed_factor": PACK}
         return {"qweight": weight_param(torch.zeros(*lead, input_size, out // PACK, dtype=torch.int32), weight_loader,
-                                        **packed),
+                                        input_dim=0, **packed),
                 "qzeros": weight_param(torch.zeros(*lead, groups, out // PACK, dtype=torch.int32), weight_loader,
-                                       **packed),
+                                       input_dim=group_dim, **packed),
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
-                                       input_dim=0, output_dim=1)}
+                                       input_dim=group_dim, output_dim=1)}
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        fill_positive_scales(layer.scales, DUMMY_CODE_STD, generator)
 
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
+        group = qweight.shape[0] // scales.shape[0]
         zeros = unpack_awq(qzeros).float()
-        w = (unpack_awq(qweight).float() - zeros.repeat_interleave(self.group_size, 0)) \
-            * scales.float().repeat_interleave(self.group_size, 0)
+        w = (unpack_awq(qweight).float() - zeros.repeat_interleave(group, 0)) \
+            * scales.float().repeat_interleave(group, 0)
         return w.t().to(scales.dtype)
 
     def dequantized_weight(self, layer) -> torch.Tensor:
@@ -126,6 +137,10 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
                                     "w2": (intermediate_size, hidden_size)}.items():
             for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        for stem in ("w13", "w2"):
+            fill_positive_scales(getattr(layer, f"{stem}_scales"), DUMMY_CODE_STD, generator)
 
     def fused_weight(self, layer, stem: str) -> QuantizedExperts:
         # Gate's words never run into up's: the loader packs each part's outputs by whole words.

@@ -3,8 +3,9 @@ config group each linear layer follows.
 
 The config: ``config_groups`` ({name: {``targets``, ``weights``, ``input_activations``,
 ``output_activations``, optionally its own ``format``}}), ``format`` (how the weights are stored:
-``float-quantized``, ``int-quantized``, ``pack-quantized``; ``mixed-precision`` when each group
-names its own), ``ignore``, ``kv_cache_scheme``, ``sparsity_config``, ``transform_config``.
+``float-quantized``, ``int-quantized``, ``pack-quantized``, ``naive-quantized`` (the first two's
+general name); ``mixed-precision`` when each group names its own), ``ignore``, ``kv_cache_scheme`` (KV-cache scales stored: read by no one, see
+``quant.kv_scales``), ``sparsity_config``, ``transform_config``.
 
 A module follows a group as compressed-tensors applies a config to a model: some group's target
 matches it and no ``ignore`` entry does. A target is a module name, a ``re:`` pattern (matched
@@ -22,6 +23,9 @@ from typing import Any
 from sglang_plugins.quant.fused import all_parts_match, checkpoint_modules, name_matches
 
 FORMATS = ("float-quantized", "int-quantized", "pack-quantized")
+# What compressed-tensors' "naive-quantized" stores: each weight in its type's own dtype (int8,
+# float8_e4m3fn), as the two formats it is the general name of do.
+NAIVE_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 LINEAR_CLASS = "Linear"
 
 
@@ -48,22 +52,26 @@ def layer_scheme(config: dict[str, Any], prefix: str) -> GroupScheme | None:
     if owner is None:
         return None
     group = groups[owner]
-    fmt = group.get("format") or config.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization_config format {fmt!r} (config group {owner!r}): expected one of {FORMATS}")
     weights = group.get("weights")
     if not isinstance(weights, dict):
         raise ValueError(f"quantization_config config_groups {owner} weights: expected quantization arguments, "
                          f"got {weights!r}")
+    fmt = group.get("format") or config.get("format")
+    if fmt == "naive-quantized":
+        fmt = NAIVE_FORMATS.get(weights.get("type"), fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization_config format {fmt!r} (config group {owner!r}): expected one of {FORMATS}")
     if group.get("output_activations"):
         raise ValueError(f"quantization_config config_groups {owner} output_activations: not supported")
     return GroupScheme(fmt, weights, group.get("input_activations"))
 
 
 def _groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    for field in ("kv_cache_scheme", "transform_config"):
-        if config.get(field):
-            raise ValueError(f"quantization_config {field}: not supported")
+    if config.get("transform_config"):
+        raise ValueError("quantization_config transform_config: not supported")
+    kv_cache = config.get("kv_cache_scheme")
+    if kv_cache is not None and not isinstance(kv_cache, dict):
+        raise ValueError(f"quantization_config kv_cache_scheme: expected quantization arguments, got {kv_cache!r}")
     sparsity = config.get("sparsity_config") or {}
     if sparsity.get("format", "dense") != "dense":
         raise ValueError(f"quantization_config sparsity_config format {sparsity.get('format')!r}: only 'dense'")

@@ -31,6 +31,7 @@ from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.moe import KernelExpertsMethod
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
+from sglang_plugins.quant.dummy import INPUT_RANGE, fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.fused import load_part_scalar
 
 QMIN, QMAX = -128, 127
@@ -38,6 +39,8 @@ QMIN, QMAX = -128, 127
 MIN_SCALE = torch.finfo(torch.float32).eps
 # int8 values to an int32 word, as the fused MoE kernel reads 8-bit weights.
 WORD_BYTES = 4
+# The std of random int8 codes, as the core's dummy init leaves them.
+DUMMY_CODE_STD = uniform_code_std(8, random_zero_point=False)
 # CUDA's int8 matmul wants more than 16 rows and both other sides multiples of 8.
 CUDA_MIN_ROWS, CUDA_MULTIPLE = 17, 8
 
@@ -79,6 +82,15 @@ class Int8Method(QuantMethod):
             layer.input_scale = weight_param(torch.ones(parts), load_part_scalar)
             if not self.symmetric_input:
                 layer.input_zero_point = weight_param(torch.zeros(parts), load_part_scalar)
+
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Random int8 codes (the core's) with positive weight scales; static input scales that let
+        normalized activations through, zero points 0."""
+        fill_positive_scales(layer.weight_scale, DUMMY_CODE_STD, generator)
+        if self.activations == "static":
+            layer.input_scale.data.fill_(INPUT_RANGE / QMAX)
+            if not self.symmetric_input:
+                layer.input_zero_point.data.zero_()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """``weight_scale`` becomes one float32 per output row; a static input scale (and zero
@@ -194,6 +206,10 @@ class Int8ExpertsMethod(KernelExpertsMethod):
                                                           weight_loader, output_dim=0, input_dim=1))
             setattr(layer, f"{stem}_weight_scale", weight_param(torch.ones(num_experts, rows, 1), weight_loader,
                                                                 output_dim=0))
+
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        for stem in ("w13", "w2"):
+            fill_positive_scales(getattr(layer, f"{stem}_weight_scale"), DUMMY_CODE_STD, generator)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Scales become ``[E, rows]`` float32; asymmetric inputs need each weight row's sum; each

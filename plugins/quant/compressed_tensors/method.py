@@ -23,6 +23,7 @@ from sglang_plugins.quant.compressed_tensors.packed import PackedIntExpertsMetho
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.fp8.scheme import compressed_tensors_scheme
+from sglang_plugins.quant.kv_scales import is_kv_cache_scale
 
 
 class CompressedTensorsMethod(QuantMethod):
@@ -41,6 +42,11 @@ class CompressedTensorsMethod(QuantMethod):
         if scheme.format == "pack-quantized" and kind == "int":
             return PackedIntMethod(scheme.weights, scheme.input_activations, prefix)
         raise ValueError(f"quantization_config format {scheme.format!r} does not store weights type {kind!r}")
+
+    @classmethod
+    def unused_checkpoint_tensor(cls, quant_config: dict[str, Any], name: str) -> bool:
+        """A KV-cache scale of a checkpoint whose ``kv_cache_scheme`` says it stores them."""
+        return quant_config.get("kv_cache_scheme") is not None and is_kv_cache_scale(name)
 
     @classmethod
     def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> QuantMethod | None:

@@ -38,6 +38,7 @@ from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.compressed_tensors.config import int_args
+from sglang_plugins.quant.dummy import fill_group_index, fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.int_weight import IntWeight
 from sglang_plugins.quant.packing import (DequantizingExpertsMethod, load_expert_part_vector, packed_linear,
                                           rank_groups, unpack_ints)
@@ -108,6 +109,16 @@ class PackedIntMethod(QuantMethod):
                 input_dim=group_dim, packed_dim=0, packed_factor=self.pack)
         return params
 
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        self.init_dummy_tensors(layer.weight_scale, getattr(layer, "weight_g_idx", None), generator)
+
+    def init_dummy_tensors(self, scale: torch.Tensor, g_idx: torch.Tensor | None, generator: torch.Generator) -> None:
+        """Positive ``scale`` ``[..., out, G]`` for the core's random codes (and zero points), and in
+        activation order a valid shuffled ``g_idx`` ``[..., in]``."""
+        fill_positive_scales(scale, uniform_code_std(self.bits, random_zero_point=not self.symmetric), generator)
+        if g_idx is not None:
+            fill_group_index(g_idx, scale.shape[-1], self.group_size, self.act_order, generator)
+
     def input_groups(self, inputs: int, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The group (column of ``weight_scale``) of each of a weight's ``inputs`` input features (this
         rank's): by ``g_idx`` in activation order, else by position."""
@@ -170,6 +181,11 @@ class PackedIntExpertsMethod(DequantizingExpertsMethod):
                                                       vector_loader, input_dim=0)
             for name, param in params.items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
+        for stem in ("w13", "w2"):
+            self.method.init_dummy_tensors(getattr(layer, f"{stem}_weight_scale"),
+                                           getattr(layer, f"{stem}_weight_g_idx", None), generator)
 
     def fused_weight(self, layer: nn.Module, stem: str) -> QuantizedExperts | None:
         method = self.method

@@ -20,8 +20,9 @@ from sglang_plugins.quant.fp8.e4m3 import round_trip, token_scale
 
 
 def create_block_scale(layer: nn.Module, prefix: str, block: tuple[int, int], input_size: int,
-                       output_sizes: list[int], weight_loader: Callable[..., None]) -> None:
-    """``layer.weight_scale_inv`` [ceil(out/rows), ceil(in/cols)], sharded with the weight.
+                       output_sizes: list[int], weight_loader: Callable[..., None], name: str) -> None:
+    """``layer.<name>`` (``weight_scale_inv`` as DeepSeek-V3 names it) [ceil(out/rows), ceil(in/cols)],
+    sharded with the weight.
 
     As DeepSeek-V3 ships them, a weight's last row and column blocks may be partial (its 576-row
     ``kv_a_proj_with_mqa``: 4.5 blocks of 128). A block may not be cut, though: a fused layer's
@@ -38,8 +39,8 @@ def create_block_scale(layer: nn.Module, prefix: str, block: tuple[int, int], in
         raise ValueError(f"quantization_config weight_block_size {list(block)}: {prefix} has output parts of "
                          f"{output_sizes} rows (per rank), not multiples of the block's {rows} rows")
     scale = torch.ones(-(-sum(output_sizes) // rows), -(-input_size // cols))
-    layer.weight_scale_inv = weight_param(scale, weight_loader, output_dim=0, input_dim=1, packed_dim=0,
-                                          packed_factor=rows)
+    setattr(layer, name, weight_param(scale, weight_loader, output_dim=0, input_dim=1, packed_dim=0,
+                                      packed_factor=rows))
 
 
 def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -16,28 +16,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglang_plugins.quant.dummy import INPUT_RANGE, fill_positive_scales
 from sglang_plugins.quant.fp8.e4m3 import FP8_MAX
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 
-STD = 0.02  # the core's float dummy noise (sglang_core.weights.loader.init_dummy_weights)
 CODE_STD = FP8_MAX / 4
-INPUT_RANGE = 8.0
 
 
 def init_dummy_fp8(layer: nn.Module, stems: tuple[str, ...], scheme: Fp8Scheme, generator: torch.Generator) -> None:
     """Valid random e4m3 weights with positive scales in ``layer``'s ``<stem>weight`` and its scales
-    (``<stem>weight_scale`` or, block-wise, ``<stem>weight_scale_inv``; ``<stem>input_scale`` for
-    static activations), for each stem (``""`` for a linear layer; ``"w13_"``, ``"w2_"`` for experts).
-    Weights of a float checkpoint quantized at load (``online``) keep the core's float noise."""
+    (``<stem>weight_scale`` or, block-wise, ``<stem>weight_scale_inv`` or as the scheme names them;
+    ``<stem>input_scale`` for static activations), for each stem (``""`` for a linear layer;
+    ``"w13_"``, ``"w2_"`` for experts). Weights of a float checkpoint quantized at load (``online``)
+    keep the core's float noise."""
     if scheme.weights == "online":
         return
-    scale_name = "weight_scale_inv" if scheme.weights == "block" else "weight_scale"
     for stem in stems:
         weight = getattr(layer, f"{stem}weight")
         codes = torch.empty(weight.shape, device=weight.device).normal_(0.0, CODE_STD, generator=generator)
         weight.data.copy_(codes.clamp_(-FP8_MAX, FP8_MAX))
-        scale = getattr(layer, f"{stem}{scale_name}")
-        factors = torch.empty(scale.shape, device=scale.device).uniform_(0.5, 1.5, generator=generator)
-        scale.data.copy_(factors * (STD / CODE_STD))
+        fill_positive_scales(getattr(layer, f"{stem}{scheme.weight_scale_name}"), CODE_STD, generator)
         if scheme.activations == "static":
             getattr(layer, f"{stem}input_scale").data.fill_(INPUT_RANGE / FP8_MAX)

@@ -66,7 +66,7 @@ class Fp8ExpertsMethod(KernelExpertsMethod):
                                                           weight_loader, output_dim=0, input_dim=1))
             parts = 2 if stem == "w13" else 1
             if weights != "online":  # online weights get their scales when quantized after loading
-                name = f"{stem}_weight_scale_inv" if weights == "block" else f"{stem}_weight_scale"
+                name = f"{stem}_{self.scheme.weight_scale_name}"
                 setattr(layer, name, self._weight_scale(num_experts, rows, inputs, parts, weight_loader))
             if self.scheme.activations == "static":
                 setattr(layer, f"{stem}_input_scale", weight_param(torch.ones(num_experts, parts), _load_part_scale))
@@ -99,7 +99,7 @@ class Fp8ExpertsMethod(KernelExpertsMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves e4m3 weights with one float32 scale per expert and output row (``[E, rows]``) and
-        static input scales one per expert; block-wise weights keep their ``weight_scale_inv``."""
+        static input scales one per expert; block-wise weights keep their block scales."""
         weights = self.scheme.weights
         for stem in ("w13", "w2"):
             if weights == "block":
@@ -121,7 +121,7 @@ class Fp8ExpertsMethod(KernelExpertsMethod):
     def _dequantized(self, layer: nn.Module, stem: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         weight = getattr(layer, f"{stem}_weight")[expert]
         if self.scheme.weights == "block":
-            return dequantize_weight(weight, getattr(layer, f"{stem}_weight_scale_inv")[expert],
+            return dequantize_weight(weight, getattr(layer, f"{stem}_{self.scheme.weight_scale_name}")[expert],
                                      self.scheme.block).to(dtype)
         return (weight.float() * getattr(layer, f"{stem}_weight_scale")[expert][:, None]).to(dtype)
 
@@ -138,8 +138,8 @@ class Fp8ExpertsMethod(KernelExpertsMethod):
         weight = getattr(layer, f"{stem}_weight")
         if self.scheme.weights == "block":
             rows, cols = self.scheme.block
-            return QuantizedExperts(weight, getattr(layer, f"{stem}_weight_scale_inv"), "fp8", scale_rows=rows,
-                                    scale_cols=cols)
+            return QuantizedExperts(weight, getattr(layer, f"{stem}_{self.scheme.weight_scale_name}"), "fp8",
+                                    scale_rows=rows, scale_cols=cols)
         return QuantizedExperts(weight, getattr(layer, f"{stem}_weight_scale").unsqueeze(-1), "fp8")
 
     def expert_product(self, layer: nn.Module, stem: str, expert: int, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, rou
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme, parse_scheme
 from sglang_plugins.quant.fused import load_part_scalar
+from sglang_plugins.quant.kv_scales import is_kv_cache_scale
 
 
 def _frozen(data: torch.Tensor) -> nn.Parameter:
@@ -44,6 +45,22 @@ class Fp8LinearMethod(QuantMethod):
         return None if method.scheme.ignores(prefix) else method
 
     @classmethod
+    def for_embedding(cls, quant_config: dict[str, Any], prefix: str) -> Fp8LinearMethod | None:
+        """An untied LM head is a linear layer to AutoFP8 and transformers: an ignore list that leaves it
+        out quantizes it; without any list it stays float (transformers' default skips). Input
+        embedding tables stay float (``modules_to_convert`` is refused)."""
+        method = cls(quant_config, prefix)
+        listed = any(quant_config.get(field) is not None for field in ("ignored_layers", "modules_to_not_convert"))
+        if prefix != "lm_head" or method.scheme.weights == "online" or not listed or method.scheme.ignores(prefix):
+            return None
+        return method
+
+    @classmethod
+    def unused_checkpoint_tensor(cls, quant_config: dict[str, Any], name: str) -> bool:
+        """A KV-cache scale of a checkpoint whose ``kv_cache_scheme`` says it stores them."""
+        return parse_scheme(quant_config).kv_cache_scales and is_kv_cache_scale(name)
+
+    @classmethod
     def for_experts(cls, quant_config: dict[str, Any], prefix: str) -> Fp8ExpertsMethod | None:
         scheme = parse_scheme(quant_config)
         return None if scheme.ignores(prefix) else Fp8ExpertsMethod(scheme, prefix)
@@ -59,7 +76,8 @@ class Fp8LinearMethod(QuantMethod):
         elif weights == "tensor":
             layer.weight_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
         elif weights == "block":
-            create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader)
+            create_block_scale(layer, self.prefix, self.scheme.block, input_size, output_sizes, weight_loader,
+                               self.scheme.weight_scale_name)
         if self.scheme.activations == "static":
             layer.input_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
 
@@ -68,7 +86,7 @@ class Fp8LinearMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Leaves ``weight`` in e4m3 with ``weight_scale`` one float32 per output row, and a static
-        ``input_scale`` one scalar; block-wise weights keep their ``weight_scale_inv``."""
+        ``input_scale`` one scalar; block-wise weights keep their block scales."""
         if self.scheme.weights == "block":
             return
         if self.scheme.weights == "online":
@@ -92,11 +110,12 @@ class Fp8LinearMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.scheme.weights == "block":
+            scale = getattr(layer, self.scheme.weight_scale_name)
             if _block_kernels_fit(x, self.scheme.block):
                 from sglang_plugins.quant.fp8.block_gemm import block_fp8_linear
 
-                return block_fp8_linear(x, layer.weight, layer.weight_scale_inv, self.scheme.block, bias)
-            weight = dequantize_weight(layer.weight, layer.weight_scale_inv, self.scheme.block).to(x.dtype)
+                return block_fp8_linear(x, layer.weight, scale, self.scheme.block, bias)
+            weight = dequantize_weight(layer.weight, scale, self.scheme.block).to(x.dtype)
             return linear(quantize_dequantize_groups(x, self.scheme.block[1]), weight, bias)
         if _gemv_fits(layer, x):
             from sglang_plugins.quant.fp8.gemv import fp8_gemv

@@ -7,8 +7,10 @@ input, ``qzeros`` int32 ``[G, out/p]`` packed along the output, ``scales`` ``[G,
 int32 ``[in]`` (the group of each input feature; with ``desc_act`` a shuffled assignment). The
 weight is ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``, where a checkpoint of
 ``checkpoint_format: gptq`` (the original one) stores every zero point less one, so ``z`` is the
-stored value + 1; ``gptq_v2`` stores it as it is. ``sym`` needs no special case: a symmetric
-checkpoint stores the middle value as every zero point.
+stored value + 1; ``gptq_v2`` stores it as it is (transformers' GPTQConfig names the field
+``format``). Words are int32 (GPTQModel's ``pack_dtype``). ``sym`` needs no special case: a
+symmetric checkpoint stores the middle value as every zero point. With
+``modules_in_block_to_quantize`` only the listed modules are packed, the rest float.
 
 Under tensor parallelism a row-parallel layer's rank holds a slice of the input features. Without
 ``desc_act`` its groups are a slice too; with ``desc_act`` the slice's features may belong to any
@@ -31,6 +33,8 @@ import torch
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.parallel import RowParallelLinear
 from sglang_core.layers.quant import QuantMethod, weight_param
+from sglang_plugins.quant.dummy import fill_group_index, fill_positive_scales, uniform_code_std
+from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
 from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
                                           packed_linear, rank_groups, require_bool, unpack_ints)
@@ -47,20 +51,39 @@ class GPTQMethod(QuantMethod):
         group = config_value(quant_config, "group_size", -1)
         if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
             raise ValueError(f"quantization_config.group_size must be a positive integer or -1, not {group!r}")
-        checkpoint_format = config_value(quant_config, "checkpoint_format", "gptq")
+        # GPTQModel (and transformers before v5) name the format checkpoint_format; transformers'
+        # GPTQConfig writes format, reading checkpoint_format over it where both are present.
+        field = "checkpoint_format" if config_value(quant_config, "checkpoint_format") else "format"
+        checkpoint_format = str(config_value(quant_config, field, "gptq")).lower()
         if checkpoint_format not in FORMAT_ZERO_OFFSET:
-            raise ValueError(f"quantization_config.checkpoint_format must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
+            raise ValueError(f"quantization_config.{field} must be one of {sorted(FORMAT_ZERO_OFFSET)}, "
                              f"not {checkpoint_format!r}")
+        pack_dtype = config_value(quant_config, "pack_dtype", "int32")
+        if pack_dtype != "int32":
+            raise ValueError(f"quantization_config.pack_dtype {pack_dtype!r} is not supported; only int32 words are")
         if require_bool(quant_config, "is_marlin_format", False):
             raise ValueError("quantization_config.is_marlin_format true (Marlin's repacked layout) is not supported")
         require_bool(quant_config, "sym", True)  # validated only: the stored zero points say it all
         self.quantized_head = require_bool(quant_config, "lm_head", False)
+        self.block_modules = _block_modules(config_value(quant_config, "modules_in_block_to_quantize"))
         if config_value(quant_config, "dynamic", None):
             raise ValueError("quantization_config.dynamic (GPTQModel's per-module overrides) is not supported")
         self.desc_act = require_bool(quant_config, "desc_act", False)
         self.bits, self.pack, self.group_size = bits, 32 // bits, group
         self.zero_offset = FORMAT_ZERO_OFFSET[checkpoint_format]
         self.prefix = prefix
+
+    @classmethod
+    def for_layer(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
+        """None (left in float) for a layer ``modules_in_block_to_quantize`` leaves out: with that
+        list, a module is quantized when its path ends with one of the names (optimum's rule), all
+        the modules a fused layer stands for alike."""
+        method = cls(quant_config, prefix)
+        if method.block_modules is None:
+            return method
+        quantized = all_parts_match(prefix, lambda module: module.endswith(method.block_modules),
+                                    "modules_in_block_to_quantize")
+        return method if quantized else None
 
     @classmethod
     def for_embedding(cls, quant_config: Any, prefix: str) -> GPTQMethod | None:
@@ -70,8 +93,12 @@ class GPTQMethod(QuantMethod):
         return method if prefix == "lm_head" and method.quantized_head else None
 
     @classmethod
-    def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod:
-        return GPTQExpertsMethod(cls(quant_config, prefix))
+    def for_experts(cls, quant_config: Any, prefix: str) -> GPTQExpertsMethod | None:
+        """None (float experts) when ``modules_in_block_to_quantize`` names no expert's module."""
+        method = cls(quant_config, prefix)
+        if method.block_modules is not None and not any("experts" in name.split(".") for name in method.block_modules):
+            return None
+        return GPTQExpertsMethod(method)
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype, weight_loader) -> None:
         ranks = layer.tp.size if isinstance(layer, RowParallelLinear) else 1
@@ -99,6 +126,16 @@ class GPTQMethod(QuantMethod):
                                        input_dim=group_dim, output_dim=1, packed_dim=1, packed_factor=self.pack),
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
+
+    def init_dummy_weights(self, layer, generator) -> None:
+        self.init_dummy_tensors(layer.scales, layer.g_idx, generator)
+
+    def init_dummy_tensors(self, scales: torch.Tensor, g_idx: torch.Tensor, generator: torch.Generator) -> None:
+        """Positive ``scales`` ``[..., G, out]`` for the core's random codes and zero points, and a
+        valid ``g_idx`` ``[..., in]``: in order, or shuffled with desc_act."""
+        fill_positive_scales(scales, uniform_code_std(self.bits, random_zero_point=True), generator)
+        fill_group_index(g_idx, scales.shape[-2], None if self.group_size == -1 else self.group_size, self.desc_act,
+                         generator)
 
     def process_weights_after_loading(self, layer) -> None:
         self.check_g_idx(layer.g_idx, self.prefix)
@@ -168,6 +205,10 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                  functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
 
+    def init_dummy_weights(self, layer, generator) -> None:
+        for stem in ("w13", "w2"):
+            self.method.init_dummy_tensors(getattr(layer, f"{stem}_scales"), getattr(layer, f"{stem}_g_idx"), generator)
+
     def process_weights_after_loading(self, layer) -> None:
         for stem in ("w13", "w2"):
             for expert, parts in enumerate(getattr(layer, f"{stem}_g_idx")):
@@ -194,3 +235,14 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                                  scales.narrow(1, part * out, out), g_idx[part])
                           for part in range(parts)])
 
+
+def _block_modules(lists: Any) -> tuple[str, ...] | None:
+    """``modules_in_block_to_quantize`` (lists of module names within a block, quantized one list
+    after another) as one tuple of names, or None (every linear layer quantized)."""
+    if lists is None:
+        return None
+    if not isinstance(lists, list) or not all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                              for names in lists):
+        raise ValueError(f"quantization_config.modules_in_block_to_quantize must be a list of lists of module names, "
+                         f"not {lists!r}")
+    return tuple(name for names in lists for name in names)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,9 +22,14 @@ import psutil
 import pytest
 import transformers
 
-from model_contract import tiny
+from model_contract import BIGCODE_TINY, tiny
 from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine
+from sglang_core.layers.parallel import TPGroup
+from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.models.gpt_bigcode.model import GPTBigCodeForCausalLM
+from sglang_plugins.models.llama.model import LlamaForCausalLM
+from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM
 from test_model_contract import _build, _reference_greedy
 
 NEW_TOKENS = 8
@@ -84,6 +90,19 @@ def test_heads_not_divisible_by_ranks_is_refused(tmp_path):
     with pytest.raises(ValueError, match="num_attention_heads"):
         Engine(str(tmp_path), device="cpu", load_format="dummy", tp_size=2)
     assert not _left_running(tmp_path)
+
+
+@pytest.mark.parametrize("config, model_cls, layer", [
+    (transformers.LlamaConfig(**tiny(intermediate_size=30)), LlamaForCausalLM, "model.layers.0.mlp"),
+    (transformers.GPTBigCodeConfig(**BIGCODE_TINY, n_inner=30), GPTBigCodeForCausalLM, "model.layers.0.mlp"),
+    (transformers.Qwen2MoeConfig(**tiny(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=30)),
+     Qwen2MoeForCausalLM, "model.layers.0.mlp.shared_expert"),
+], ids=["llama", "gpt-bigcode-n_inner", "qwen2-moe-shared-expert"])
+def test_an_mlp_width_not_divisible_by_ranks_names_the_field_and_layer(config, model_cls, layer: str) -> None:
+    """An MLP 30 wide over 4 ranks, whatever the config calls its width: a ValueError naming the
+    field and the layer, as the model is built (before any rank loads a weight)."""
+    with pytest.raises(ValueError, match=rf"intermediate_size: 30 \({re.escape(layer)}\) is not divisible by tp_size=4"):
+        model_cls(config, ModelContext(tp=TPGroup(rank=1, size=4)))
 
 
 def _left_running(folder) -> list[psutil.Process]:

@@ -122,12 +122,21 @@ def rms_qk_norms(config, ctx: ModelContext) -> dict[str, RMSNorm]:
             "k_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype)}
 
 
+def check_intermediate_split(ctx: ModelContext, prefix: str, intermediate_size: int) -> None:
+    """An MLP's hidden width must split evenly over the ranks: else a ValueError naming the field
+    and the layer (a shared expert's width is another field's multiple)."""
+    if intermediate_size % ctx.tp.size:
+        raise ValueError(f"intermediate_size: {intermediate_size} ({prefix}) is not divisible by "
+                         f"tp_size={ctx.tp.size}")
+
+
 class GatedMLP(nn.Module):
     """``down_proj(act(gate) * up)`` with gate and up as one fused projection (``gate_up_proj``)."""
 
     def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
                  hidden_act: str = "silu", bias: bool = False):
         super().__init__()
+        check_intermediate_split(ctx, prefix, intermediate_size)
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, ctx.tp, ctx.dtype,
                                                        ctx.quant_method_for(f"{prefix}.gate_up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,
@@ -144,6 +153,7 @@ class MLP(nn.Module):
     def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
                  hidden_act: str = "gelu", bias: bool = True):
         super().__init__()
+        check_intermediate_split(ctx, prefix, intermediate_size)
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, ctx.tp, ctx.dtype,
                                             ctx.quant_method_for(f"{prefix}.up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,

@@ -27,6 +27,7 @@ from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_core.server.settings import ServerSettings
 from sglang_plugins.models.gpt_bigcode.model import GPTBigCodeForCausalLM
 from sglang_plugins.models.llama.model import LlamaForCausalLM
 from sglang_plugins.models.qwen_moe.model import Qwen2MoeForCausalLM
@@ -154,10 +155,12 @@ def test_two_nodes_on_loopback_then_rank_zero_dying(yi_folder):
     ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1:99999"}, "dist_init_addr"),
     ({"tp_size": 2, "ep_size": 4}, "ep_size"),
     ({"tp_size": 2, "enable_ep_moe": True, "ep_size": 1}, "ep_size"),
+    ({"tp_size": 2, "dp_size": 2, "dist_init_addr": "127.0.0.1:29500"}, "dp_size"),
+    ({"tp_size": 2, "dp_size": 2, "nnodes": 2, "dist_init_addr": "127.0.0.1:29500"}, "dp_size"),
 ])
 def test_node_settings_refused(settings: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        EngineSettings(**settings)
+        ServerSettings(**settings)  # the engine's settings and the server's own
 
 
 def test_ep_size_or_enable_ep_moe_turns_expert_parallelism_on() -> None:

@@ -3,10 +3,11 @@ greedy tokens and logprobs equal transformers' float32 reference and the one-ran
 KV heads split across ranks, q/k/v biases, soft-caps, q/k norms over every head (OLMo 2),
 multi-head latent attention and MoE experts split by their intermediate size (DeepSeek-V2's MoE
 case: both), and Mixtral's and DeepSeek-V2's experts split by expert parallelism
-(``enable_ep_moe``: half the experts whole on each rank; equal to the one-rank engine's, so to DeepSeek-V2's two ranks without it); each step's
-batch reaches the other rank as tensors (``StepChannel``, checked field by field), which keep the
-other rank's ``req_to_token`` equal to rank 0's with decode payloads of the batch's size. One KV head
-replicated on both ranks, and ranks dying: tests/test_tensor_parallel_ranks.py."""
+(``enable_ep_moe``: half the experts whole on each rank; equal to the one-rank engine's, so to
+DeepSeek-V2's two ranks without it); each step's batch reaches the other rank as tensors
+(``StepChannel``, checked field by field), which keep the other rank's ``req_to_token`` equal to
+rank 0's with decode payloads of the batch's size. One KV head replicated on both ranks, and
+ranks dying: tests/test_tensor_parallel_ranks.py."""
 
 from __future__ import annotations
 

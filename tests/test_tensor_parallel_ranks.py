@@ -102,7 +102,8 @@ def test_heads_not_divisible_by_ranks_is_refused(tmp_path):
 def test_an_mlp_width_not_divisible_by_ranks_names_the_field_and_layer(config, model_cls, layer: str) -> None:
     """An MLP 30 wide over 4 ranks, whatever the config calls its width: a ValueError naming the
     field and the layer, as the model is built (before any rank loads a weight)."""
-    with pytest.raises(ValueError, match=rf"intermediate_size: 30 \({re.escape(layer)}\) is not divisible by tp_size=4"):
+    message = rf"intermediate_size: 30 \({re.escape(layer)}\) is not divisible by tp_size=4"
+    with pytest.raises(ValueError, match=message):
         model_cls(config, ModelContext(tp=TPGroup(rank=1, size=4)))
 
 

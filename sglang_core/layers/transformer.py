@@ -61,8 +61,9 @@ class SelfAttention(nn.Module):
 
     ``q_norm`` / ``k_norm``: applied to each head (``[tokens, heads, head_dim]``, Qwen3, Gemma 3)
     or, with ``qk_norm_per_head=False``, to the whole projection (``[tokens, heads * head_dim]``,
-    OLMo 2; a ``SplitHeadsRMSNorm`` under tensor parallelism). ``rotary`` None: no rotary (learned absolute positions). ``scaling`` defaults to
-    ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
+    OLMo 2; a ``SplitHeadsRMSNorm`` under tensor parallelism). ``rotary`` None: no rotary (learned
+    absolute positions). ``scaling`` defaults to ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v
+    projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
     """
 
     def __init__(self, ctx: ModelContext, prefix: str, layer_id: int, hidden_size: int, shape: HeadShape,

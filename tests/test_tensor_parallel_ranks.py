@@ -27,6 +27,7 @@ from sglang_core.config import EngineSettings
 from sglang_core.engine import Engine
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_core.model_executor.tp_launch import engine_settings_json, group_settings
 from sglang_core.server.settings import ServerSettings
 from sglang_plugins.models.gpt_bigcode.model import GPTBigCodeForCausalLM
 from sglang_plugins.models.llama.model import LlamaForCausalLM
@@ -146,6 +147,43 @@ def test_two_nodes_on_loopback_then_rank_zero_dying(yi_folder):
         if node1.poll() is None:
             node1.kill()
     assert not _left_running(folder)
+
+
+def test_a_node_started_with_another_layout_is_refused_by_name(yi_folder):
+    """Node 1 started with --tp 4 while node 0 runs two ranks: its rank reads node 0's settings
+    from the store and refuses them; node 0's engine fails at once with that reason, node 1 exits
+    with an error, nothing is left running."""
+    _, folder = yi_folder
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    node1 = subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
+                              "--device", "cpu", "--tp", "4", "--nnodes", "2", "--node-rank", "1",
+                              "--dist-init-addr", address])
+    try:
+        with pytest.raises(RuntimeError, match="tp_size: node 1 was started with tp_size=4, node 0 with tp_size=2"):
+            Engine(str(folder), device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address)
+        assert node1.wait(timeout=20) != 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert not _left_running(folder)
+
+
+def test_another_nodes_ranks_build_from_node_zeros_settings():
+    """What another node's ranks build from: node 0's settings (the model and step every rank must
+    share), its own machine's paths, GPUs and name for node 0."""
+    leader = EngineSettings(model_path="/node0/model", dtype="bfloat16", context_length=100, tp_size=4, nnodes=2,
+                            dist_init_addr="10.0.0.1:5000", kv_cache_dtype="fp8_e5m2")
+    own = EngineSettings(model_path="/node1/model", tp_size=4, nnodes=2, node_rank=1, dist_init_addr="node0:5000",
+                         cuda_visible_devices="2,3")
+    agreed = group_settings(engine_settings_json(leader), own)
+    assert (agreed.dtype, agreed.context_length, agreed.kv_cache_dtype) == ("bfloat16", 100, "fp8_e5m2")
+    assert (agreed.model_path, agreed.node_rank, agreed.dist_init_addr, agreed.cuda_visible_devices) == (
+        "/node1/model", 1, "node0:5000", "2,3")
+    with pytest.raises(ValueError, match="nnodes: node 1 was started with nnodes=4, node 0 with nnodes=2"):
+        group_settings(engine_settings_json(leader),
+                       EngineSettings(tp_size=4, nnodes=4, node_rank=1, dist_init_addr="node0:5000"))
 
 
 @pytest.mark.parametrize("settings, field", [

@@ -116,18 +116,23 @@ def _left_running(folder) -> list[psutil.Process]:
     return alive
 
 
+def _start_node1(folder, tp_size: int, address_flag: str) -> tuple[str, subprocess.Popen]:
+    """A free loopback address, and node 1 of two started there by the documented command."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    return address, subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
+                                      "--device", "cpu", "--tp", str(tp_size), "--nnodes", "2", "--node-rank", "1",
+                                      address_flag, address])
+
+
 def test_two_nodes_on_loopback_then_rank_zero_dying(yi_folder):
     """Two "nodes" meeting at one loopback address: node 1, started by the documented command,
     runs rank 1 only; node 0's engine (rank 0 in an engine process, the server's layout) serves
     the reference's tokens. When that engine process is killed, the engine notices and node 1's
     rank and node 1 itself exit."""
     model, folder = yi_folder
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    node1 = subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
-                              "--device", "cpu", "--tp", "2", "--nnodes", "2", "--node-rank", "1",
-                              "--nccl-init", address])
+    address, node1 = _start_node1(folder, tp_size=2, address_flag="--nccl-init")
     try:
         engine = Engine(str(folder), device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address,
                         engine_in_subprocess=True)
@@ -154,12 +159,7 @@ def test_a_node_started_with_another_layout_is_refused_by_name(yi_folder):
     from the store and refuses them; node 0's engine fails at once with that reason, node 1 exits
     with an error, nothing is left running."""
     _, folder = yi_folder
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    node1 = subprocess.Popen([sys.executable, "-m", "sglang_core.cli", "serve", "--model-path", str(folder),
-                              "--device", "cpu", "--tp", "4", "--nnodes", "2", "--node-rank", "1",
-                              "--dist-init-addr", address])
+    address, node1 = _start_node1(folder, tp_size=4, address_flag="--dist-init-addr")
     try:
         with pytest.raises(RuntimeError, match="tp_size: node 1 was started with tp_size=4, node 0 with tp_size=2"):
             Engine(str(folder), device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address)

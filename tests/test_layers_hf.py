@@ -12,6 +12,8 @@ random Phi-3 and GPT-J models run end to end (our fused kernel included, in Trit
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from unittest import mock
 
@@ -34,7 +36,7 @@ from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerH
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul, act_fn, gated_act_fn
-from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm, RMSNorm
+from sglang_core.layers.norm import HeadwiseLayerNorm, LayerNorm, RMSNorm, SplitHeadsRMSNorm
 from sglang_core.layers.parallel import QKVParallelLinear, TPGroup
 from sglang_core.layers.rotary import (
     LongRopeRotaryEmbedding,
@@ -163,6 +165,61 @@ def test_headwise_layer_norm_holds_the_heads_its_rank_projects(heads: int, kv_he
                 by_head.weight.weight_loader(by_head.weight, torch.full((dim,), float(h)), h)
             assert whole.weight[:, 0].tolist() == projected.tolist(), (shard, rank)
             assert torch.equal(by_head.weight, whole.weight), (shard, rank)
+
+
+class ThreadRanks:
+    """``size`` tensor-parallel ranks as threads of this process: ``all_reduce`` sums every rank's
+    tensor (a barrier on each side), as a process group would."""
+
+    def __init__(self, size: int):
+        self.barrier, self.parts = threading.Barrier(size), [None] * size
+
+    def group(self, rank: int) -> TPGroup:
+        ranks = self
+
+        class ThreadGroup(TPGroup):
+            def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+                ranks.parts[self.rank] = x.clone()
+                ranks.barrier.wait()
+                total = sum(ranks.parts)
+                ranks.barrier.wait()
+                return x.copy_(total)
+
+        return ThreadGroup(rank=rank, size=len(self.parts))
+
+    def run(self, work) -> list:
+        """``work(tp)`` on every rank at once; each rank's result."""
+        with ThreadPoolExecutor(len(self.parts)) as pool:
+            return list(pool.map(lambda rank: work(self.group(rank)), range(len(self.parts))))
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp_size", [(4, 2, 2), (4, 2, 4)], ids=["split", "kv-replicated"])
+def test_split_heads_rms_norm_matches_olmo2_on_every_rank(heads: int, kv_heads: int, tp_size: int) -> None:
+    """OLMo 2's q/k RMSNorm over every head of the projection: each rank's norm of the heads its
+    q/k projection computes (kv heads replicated when ranks outnumber them) equals those heads of
+    transformers' norm over the whole projection."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(4)
+    dim, eps = 8, 1e-2
+    for total in (heads, kv_heads):
+        reference = Olmo2RMSNorm(total * dim, eps)
+        with torch.no_grad():
+            reference.weight.add_(torch.randn(total * dim) * 0.3)
+        x = torch.randn(5, total * dim) * 2 + 0.5
+
+        def rank_output(tp: TPGroup) -> tuple[torch.Tensor, torch.Tensor]:
+            qkv = QKVParallelLinear(1, dim, heads, total, tp=tp)  # ``total`` as the kv heads: its k split
+            rows = torch.arange(total * dim).float().unsqueeze(1)
+            qkv.weight_loader(qkv.weight, rows, "k")
+            columns = qkv.weight.data[:, 0].split(qkv.output_sizes)[1].long()  # the k features this rank has
+            norm = SplitHeadsRMSNorm(total, dim, eps, tp=tp)
+            norm.weight.weight_loader(norm.weight, reference.weight.data)
+            with torch.no_grad():
+                return norm(x[:, columns]), reference(x)[:, columns]
+
+        for got, expected in ThreadRanks(tp_size).run(rank_output):
+            torch.testing.assert_close(got, expected, **FLOAT32)
 
 
 # --- Activations -----------------------------------------------------------------------------

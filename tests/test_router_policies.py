@@ -1,12 +1,17 @@
 """The data-parallel router's pieces without any engine: the approximate radix tree checked
-against a plain-Python model of what it must remember, and the routing policies' promises."""
+against a plain-Python model of what it must remember, the routing policies' promises, and the
+standalone router's handling of workers that are down or die mid-response."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 
+import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
+from prometheus_client import generate_latest
 
 from sglang_core.plugins import PluginManager
 from sglang_core.router.options import RouterOptions
@@ -229,3 +234,78 @@ def test_routing_overhead_benchmark_runs():
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["policy"] for r in rows] == ["round_robin", "shortest_queue", "cache_aware"]
     assert all(r["requests"] == 6 and r["prompt_tokens"] == 10 and 0 < r["us_median"] <= r["us_p99"] for r in rows)
+
+
+WORKER_UP, WORKER_DOWN = "http://up.test", "http://down.test"
+
+
+def worker_transport(events_before_death: int | None) -> httpx.MockTransport:
+    """Two workers as the router's HTTP client meets them: ``WORKER_DOWN`` refuses connections;
+    ``WORKER_UP`` answers /health, and a /generate (or /v1/messages) stream of numbered events whose
+    connection is cut after ``events_before_death`` of them (None: it ends normally) - what httpx
+    raises when a worker process is killed mid-response."""
+    async def events():
+        for i in range(events_before_death if events_before_death is not None else 3):
+            yield f'data: {{"text": "{i}"}}\n\n'.encode()
+        if events_before_death is not None:
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        yield b"data: [DONE]\n\n"
+
+    async def whole():  # a streamed body, as the router reads every worker's (raw bytes, not pre-read)
+        yield b'{"text": "whole"}'
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "down.test":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=whole())
+
+    return httpx.MockTransport(handle)
+
+
+async def _through_router(events_before_death: int | None, *requests: tuple[str, dict]) -> tuple[list, object]:
+    """The standalone router's app over ``worker_transport``'s workers (round robin, the down one
+    listed first): each request's (status, body text), and the worker pool."""
+    from sglang_core.router.standalone import StandaloneRouterSettings, build_router_app
+
+    app = build_router_app(StandaloneRouterSettings(workers=[WORKER_DOWN, WORKER_UP], router_policy="round_robin",
+                                                    plugins=["llama"]))
+    pool = app.state.pool
+    pool.client = httpx.AsyncClient(transport=worker_transport(events_before_death))
+    answers = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.test") as client:
+        for path, body in requests:
+            reply = await client.post(path, json=body)
+            answers.append((reply.status_code, reply.text))
+    return answers, pool
+
+
+def test_standalone_router_skips_a_worker_down_at_start_and_reports_it():
+    """No health check has run yet: round robin picks the down worker first; the router finds no
+    connection, takes it out of routing and serves the request on the other worker."""
+    answers, pool = asyncio.run(_through_router(None, ("/generate", {"text": "a"}), ("/generate", {"text": "b"})))
+    assert answers == [(200, '{"text": "whole"}')] * 2
+    assert pool.router.live == [False, True]
+    metrics = generate_latest(pool.metrics.registry).decode()
+    assert f'sglang_router_worker_up{{worker="{WORKER_DOWN}"}} 0.0' in metrics
+    assert f'sglang_router_worker_errors_total{{worker="{WORKER_DOWN}"}} 1.0' in metrics
+
+
+@pytest.mark.parametrize("path, ending", [
+    ("/generate", 'data: {"error": {"message": "worker http://up.test failed mid-response'),
+    ("/v1/messages", 'event: error\ndata: {"type": "error", "error": {"type": "api_error", "message": "worker '
+                     'http://up.test failed mid-response'),
+])
+def test_standalone_router_ends_a_stream_whose_worker_died_with_an_error_event(path, ending):
+    """The worker's events so far, then an error event in the route's API's shape (and [DONE]
+    outside Anthropic's API); the worker leaves routing, so the next request finds no worker."""
+    answers, pool = asyncio.run(_through_router(2, (path, {"text": "a", "stream": True}), (path, {"text": "b"})))
+    (status, text), (status_after, text_after) = answers
+    assert status == 200 and text.startswith('data: {"text": "0"}\n\ndata: {"text": "1"}\n\n'), text
+    events = text.split("\n\n")
+    assert ending in text and (events[-2] == "data: [DONE]") == (path == "/generate"), events[-3:]
+    assert pool.router.live == [False, False]
+    assert status_after == 503 and "no replica is running" in text_after

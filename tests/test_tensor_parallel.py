@@ -1,12 +1,13 @@
 """Tensor parallelism on the CPU (gloo, two ranks in two processes): the model-contract cases'
 greedy tokens and logprobs equal transformers' float32 reference and the one-rank engine's, for
-KV heads split across ranks, q/k/v biases, soft-caps, multi-head latent attention and MoE
-experts split by their intermediate size (DeepSeek-V2's MoE case: both), and Mixtral's and
-DeepSeek-V2's experts split by expert parallelism (``enable_ep_moe``: half the experts whole on
-each rank; equal to the one-rank engine's, so to DeepSeek-V2's two ranks without it); each step's
-batch reaches the other rank as tensors (``StepChannel``, checked field by field), which keep the
-other rank's ``req_to_token`` equal to rank 0's with decode payloads of the batch's size. One KV head
-replicated on both ranks, and ranks dying: tests/test_tensor_parallel_ranks.py."""
+KV heads split across ranks, q/k/v biases, soft-caps, q/k norms over every head (OLMo 2),
+multi-head latent attention and MoE experts split by their intermediate size (DeepSeek-V2's MoE
+case: both), and Mixtral's and DeepSeek-V2's experts split by expert parallelism
+(``enable_ep_moe``: half the experts whole on each rank; equal to the one-rank engine's, so to
+DeepSeek-V2's two ranks without it); each step's batch reaches the other rank as tensors
+(``StepChannel``, checked field by field), which keep the other rank's ``req_to_token`` equal to
+rank 0's with decode payloads of the batch's size. One KV head replicated on both ranks, and
+ranks dying: tests/test_tensor_parallel_ranks.py."""
 
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
 # llama: 2 KV heads split (one KV head replicated: tests/test_tensor_parallel_ranks.py); qwen2:
 # q/k/v biases; gemma2: attention and final soft-caps, windows; deepseek-v2-moe: multi-head latent
 # attention (heads split, the latent replicated), then routed experts whose intermediate size is
-# split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP).
+# split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP);
+# olmo2: q/k RMSNorms over every head, their statistics all-reduced over the ranks' heads.
 # "+ep": expert parallelism (4 of 8 experts whole on each rank; DeepSeek's shared experts stay
 # tensor-parallel). Each two-rank engine costs a rank's start (seconds): the one-rank engine is the
 # baseline of every case.
-TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "mixtral+ep", "deepseek-v2-moe+ep"]
+TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "olmo2-bias-gqa-tied", "mixtral+ep", "deepseek-v2-moe+ep"]
 
 
 def _generate(engine: Engine, prompts: list[list[int]]) -> list[dict]:

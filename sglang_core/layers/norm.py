@@ -1,5 +1,5 @@
-"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it, and a
-LayerNorm per attention head (q/k norms)."""
+"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it, a
+LayerNorm per attention head and an RMSNorm over heads split across ranks (q/k norms)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,38 @@ class LayerNorm(nn.Module):
             residual = x
         out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return out if residual is None else (out, residual)
+
+
+class SplitHeadsRMSNorm(RMSNorm):
+    """RMSNorm over every attention head of a projection at once (OLMo 2's q/k norms: one
+    ``[heads * head_dim]`` vector), its weight split across ranks as ``QKVParallelLinear`` splits
+    the heads (each head replicated on ``tp.size / total_heads`` ranks when there are fewer heads
+    than ranks). Input ``[tokens, local heads * head_dim]``; the mean square adds up every rank's
+    heads (one all-reduce), counting a replicated head once."""
+
+    def __init__(self, total_heads: int, head_dim: int, eps: float = 1e-6,
+                 params_dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE):
+        if total_heads % tp.size and tp.size % total_heads:
+            raise ValueError(f"num_heads={total_heads} and tp_size={tp.size}: neither divides the other")
+        heads = max(1, total_heads // tp.size)
+        super().__init__(heads * head_dim, eps, params_dtype)
+        self.tp, self.total_size = tp, total_heads * head_dim
+        self.replicas = max(1, tp.size // total_heads)
+        self.first = tp.rank // self.replicas * heads * head_dim
+        self.weight.weight_loader = self._load_rank_piece  # type: ignore[attr-defined]
+
+    def _load_rank_piece(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if loaded.shape != (self.total_size,):
+            raise ValueError(f"norm weight of shape {tuple(loaded.shape)} is not [{self.total_size}]")
+        copy_checked(param.data, loaded[self.first:self.first + param.shape[0]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        xf = x.float()
+        square_sum = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True))
+        xf = xf * torch.rsqrt(square_sum / (self.replicas * self.total_size) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 def norm_add_norm(first: nn.Module, second: nn.Module, x: torch.Tensor,

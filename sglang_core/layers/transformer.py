@@ -25,7 +25,7 @@ from torch import nn
 from sglang_core.layers.activation import act_fn, gated_act_fn
 from sglang_core.layers.attention import Attention
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm, norm_add_norm
+from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm, SplitHeadsRMSNorm, norm_add_norm
 from sglang_core.layers.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -61,8 +61,9 @@ class SelfAttention(nn.Module):
 
     ``q_norm`` / ``k_norm``: applied to each head (``[tokens, heads, head_dim]``, Qwen3, Gemma 3)
     or, with ``qk_norm_per_head=False``, to the whole projection (``[tokens, heads * head_dim]``,
-    OLMo 2). ``rotary`` None: no rotary (learned absolute positions). ``scaling`` defaults to
-    ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
+    OLMo 2; a ``SplitHeadsRMSNorm`` under tensor parallelism). ``rotary`` None: no rotary (learned
+    absolute positions). ``scaling`` defaults to ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v
+    projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
     """
 
     def __init__(self, ctx: ModelContext, prefix: str, layer_id: int, hidden_size: int, shape: HeadShape,
@@ -78,9 +79,11 @@ class SelfAttention(nn.Module):
         heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(shape.num_heads * d, hidden_size, o_bias, ctx.tp, ctx.dtype,
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
-        if not qk_norm_per_head and ctx.tp.size > 1:
-            # The norm's statistics run over every head, which would need a reduction across ranks.
-            raise ValueError("tensor parallelism: a q/k norm over the whole projection is not split across ranks")
+        if not qk_norm_per_head and ctx.tp.size > 1 and not all(
+                isinstance(norm, SplitHeadsRMSNorm) for norm in (q_norm, k_norm)):
+            # The norm's statistics run over every head: only a norm that reduces across ranks splits.
+            raise ValueError("tensor parallelism: a q/k norm over the whole projection splits across ranks only "
+                             "as a SplitHeadsRMSNorm")
         self.q_norm, self.k_norm, self.qk_norm_per_head = q_norm, k_norm, qk_norm_per_head
         self.sizes = [heads * d, kv_heads * d, kv_heads * d]
         self.head_dim = d
@@ -120,12 +123,21 @@ def rms_qk_norms(config, ctx: ModelContext) -> dict[str, RMSNorm]:
             "k_norm": RMSNorm(head_dim, config.rms_norm_eps, ctx.dtype)}
 
 
+def check_intermediate_split(ctx: ModelContext, prefix: str, intermediate_size: int) -> None:
+    """An MLP's hidden width must split evenly over the ranks: else a ValueError naming the field
+    and the layer (a shared expert's width is another field's multiple)."""
+    if intermediate_size % ctx.tp.size:
+        raise ValueError(f"intermediate_size: {intermediate_size} ({prefix}) is not divisible by "
+                         f"tp_size={ctx.tp.size}")
+
+
 class GatedMLP(nn.Module):
     """``down_proj(act(gate) * up)`` with gate and up as one fused projection (``gate_up_proj``)."""
 
     def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
                  hidden_act: str = "silu", bias: bool = False):
         super().__init__()
+        check_intermediate_split(ctx, prefix, intermediate_size)
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, ctx.tp, ctx.dtype,
                                                        ctx.quant_method_for(f"{prefix}.gate_up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,
@@ -142,6 +154,7 @@ class MLP(nn.Module):
     def __init__(self, ctx: ModelContext, prefix: str, hidden_size: int, intermediate_size: int,
                  hidden_act: str = "gelu", bias: bool = True):
         super().__init__()
+        check_intermediate_split(ctx, prefix, intermediate_size)
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, bias, ctx.tp, ctx.dtype,
                                             ctx.quant_method_for(f"{prefix}.up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.tp, ctx.dtype,

@@ -19,6 +19,9 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 600
 WATCH_INTERVAL_S = 0.5
 FAILED_KEY = "failed"  # another node's failure to start, for rank 0 to report
+SETTINGS_KEY = "settings"  # node 0's engine settings, which every rank builds from
+# What may differ between machines: where each keeps the model, which GPUs, how it names node 0.
+MACHINE_LOCAL = ("model_path", "tokenizer_path", "cuda_visible_devices", "node_rank", "dist_init_addr")
 RANK_MODULE = "sglang_core.model_executor.tp_ranks"
 
 
@@ -34,12 +37,28 @@ def meeting_point(settings: EngineSettings) -> tuple[str, int]:
     return host, int(port)
 
 
+def engine_settings_json(settings: EngineSettings) -> str:
+    """The engine's settings only (a server's API key stays out of the ranks' command lines)."""
+    return settings.model_dump_json(include=set(EngineSettings.model_fields))
+
+
+def group_settings(leader_json: str, own: EngineSettings) -> EngineSettings:
+    """The settings another node's ranks build from: node 0's (that node's command may give fewer
+    flags, and every rank must build the same model and step), with this machine's own
+    ``MACHINE_LOCAL`` fields. A node whose ranks were laid out otherwise: a ValueError naming the field."""
+    leader = EngineSettings.model_validate_json(leader_json)
+    for field in ("tp_size", "nnodes"):
+        if getattr(own, field) != getattr(leader, field):
+            raise ValueError(f"{field}: node {own.node_rank} was started with {field}={getattr(own, field)}, "
+                             f"node 0 with {field}={getattr(leader, field)}")
+    return leader.model_copy(update={field: getattr(own, field) for field in MACHINE_LOCAL})
+
+
 def start_ranks(settings: EngineSettings, plugin_names: list[str] | None, host: str, port: int,
                 ranks: range) -> list[subprocess.Popen]:
     """One fresh interpreter per rank, each running ``tp_ranks.rank_main`` and watching this process.
     ``plugin_names`` None: every installed plugin."""
-    # The engine's settings only (a server's API key stays out of the ranks' command lines).
-    args = [settings.model_dump_json(include=set(EngineSettings.model_fields)), plugin_names, host, port, os.getpid()]
+    args = [engine_settings_json(settings), plugin_names, host, port, os.getpid()]
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # idle OpenMP workers sleep (see core_client)
     return [subprocess.Popen([sys.executable, "-m", RANK_MODULE, json.dumps([*args, rank])], env=env)
             for rank in ranks]
@@ -71,7 +90,8 @@ def run_node(settings: EngineSettings) -> int:
     if failed:
         rank, code = failed[0]
         try:  # rank 0 may still be waiting for this node's ranks to start: tell it why they won't
-            store.set(FAILED_KEY, f"tensor-parallel rank {rank} (node {settings.node_rank}) exited (code {code})")
+            if not store.check([FAILED_KEY]):  # unless a rank said why itself
+                store.set(FAILED_KEY, f"tensor-parallel rank {rank} (node {settings.node_rank}) exited (code {code})")
         except RuntimeError:  # rank 0 is gone
             pass
         return 1

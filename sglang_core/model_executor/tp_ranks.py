@@ -16,6 +16,8 @@ graphs).
 Several nodes (``nnodes``): node 0 runs rank 0 and its ranks 1..k-1 (k = tp_size / nnodes), and
 its store listens at ``dist_init_addr``; on node n, ``sglang-core serve --node-rank n`` runs only
 ``tp_launch.run_node``, which starts ranks n*k..n*k+k-1 against that address. The group spans them all.
+Those ranks build from node 0's settings (published in the store), with their machine's own model
+path: another node's command needs only the flags that place it.
 
 Failure: rank 0 checks that every rank lives before each step; a rank that died there, or during
 a step (gloo raises when a peer's connection closes), stops the group and fails every request,
@@ -47,8 +49,11 @@ from sglang_core.model_executor.runner import ModelRunner, StepInput, pick_devic
 from sglang_core.model_executor.step_channel import StepChannel
 from sglang_core.model_executor.tp_launch import (
     FAILED_KEY,
+    SETTINGS_KEY,
     START_TIMEOUT_S,
     WATCH_INTERVAL_S,
+    engine_settings_json,
+    group_settings,
     meeting_point,
     ranks_per_node,
     start_ranks,
@@ -94,6 +99,7 @@ class TPRanks:
                              "CUDA devices visible")
         host, port = meeting_point(settings)
         store = dist.TCPStore(host, port, size, is_master=True, wait_for_workers=False)
+        store.set(SETTINGS_KEY, engine_settings_json(settings))  # what the other nodes' ranks build from
         # This node's ranks; the other nodes' are started there (``tp_launch.run_node``).
         self.processes = start_ranks(settings, plugin_names, host, store.port, range(1, local))
         self.failure: str | None = None
@@ -223,6 +229,12 @@ def rank_main(settings_json: str, plugin_names: list[str] | None, host: str, por
         torch.cuda.set_device(rank % ranks_per_node(settings))
     store = dist.TCPStore(host, port, settings.tp_size, is_master=False,
                           timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+    if settings.node_rank != 0:
+        try:
+            settings = group_settings(store.get(SETTINGS_KEY).decode(), settings)
+        except ValueError as exc:  # for rank 0 to raise, before any rank joins the group
+            store.set(FAILED_KEY, str(exc))
+            raise
     store.set(_joined_key(rank), "1")
     tp = join_group(store, settings, rank, device)
     plugins = PluginManager(plugin_names)

@@ -12,6 +12,11 @@ prompt's text, characters in place of tokens (token ids when a request gives ``i
 and ``/flush_cache`` go to every worker; ``/abort_request`` goes to the worker that has the
 request id; ``/metrics`` gives the router's own counts, labelled by worker. Any other route is
 forwarded to the first live worker (``/v1/models``, ``/get_model_info``, ``/tokenize``, ...).
+
+A worker that fails a request is taken out of routing until its ``/health`` answers again. One
+that cannot be connected to never got the request, which goes to the next live worker; one that
+dies mid-stream ends the client's stream with an error event naming it, in the route's API's
+shape, never a hang or a stream cut short without a word.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from starlette.responses import Response, StreamingResponse
 from sglang_core.plugins import PluginManager
 from sglang_core.router.options import RouterOptions
 from sglang_core.router.router import NoReplica, Router
-from sglang_core.server.errors import error_response
+from sglang_core.server.errors import error_body, error_response
 
 logger = logging.getLogger("sglang_core.router")
 
@@ -92,12 +97,27 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+class WorkerUnreachable(Exception):
+    """No connection to the worker could be made: the request was never sent."""
+
+
+def stream_error(path: str, message: str) -> bytes:
+    """The server-sent events ending a stream with an error, as the worker's API ends its own
+    (Anthropic's ``error`` event on /v1/messages; elsewhere an error payload, then ``[DONE]``).
+    They start with a blank line, which ends any event the worker had only half sent."""
+    if path == "/v1/messages":
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"\n\nevent: error\ndata: {json.dumps(payload)}\n\n".encode()
+    return f"\n\ndata: {json.dumps(error_body(502, message))}\n\ndata: [DONE]\n\n".encode()
+
+
 class RouterMetrics:
     def __init__(self, workers: list[str]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.routed = Counter("sglang_router_requests", "requests routed to each worker", ["worker"], registry=r)
-        self.failed = Counter("sglang_router_worker_errors", "requests a worker could not be reached for",
+        self.failed = Counter("sglang_router_worker_errors", "requests that failed at a worker (unreachable, or "
+                              "gone mid-response)",
                               ["worker"], registry=r)
         self.in_flight = Gauge("sglang_router_requests_in_flight", "requests in flight on each worker",
                                ["worker"], registry=r)
@@ -145,7 +165,8 @@ class WorkerPool:
 
     async def forward(self, request: Request, index: int, body: bytes, release: Any = None) -> Response:
         """Send ``request`` to worker ``index`` and stream its answer back; ``release`` (an
-        ExitStack) is closed when the response has been passed on or has failed."""
+        ExitStack) is closed when the response has been passed on or has failed. A worker that
+        cannot be connected to (the request never left) raises ``WorkerUnreachable``, marked dead."""
         url = self.urls[index]
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROPPED_HEADERS]
         upstream = self.client.build_request(request.method, f"{url}{request.url.path}", params=request.query_params,
@@ -155,16 +176,23 @@ class WorkerPool:
             reply = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             release.close()
-            self.metrics.failed.labels(url).inc()
-            self.set_live(index, False)
-            return error_response(502, f"worker {url} could not be reached: {exc}")
+            self.worker_failed(index, exc)
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise WorkerUnreachable(url) from exc
+            return error_response(502, f"worker {url} failed before answering: {exc}")
         self.metrics.routed.labels(url).inc()
         self.metrics.in_flight.labels(url).inc()
+        streamed = reply.headers.get("content-type", "").startswith("text/event-stream")
 
         async def passed_on():
             try:
                 async for data in reply.aiter_raw():
                     yield data
+            except httpx.HTTPError as exc:  # the worker died (or stalled) after its 200 went out
+                self.worker_failed(index, exc)
+                if not streamed:
+                    raise  # a cut JSON body: the client's connection is dropped, never a truncated 200
+                yield stream_error(request.url.path, f"worker {url} failed mid-response: {exc}")
             finally:
                 await reply.aclose()  # the client left early: the worker sees it and aborts
                 self.metrics.in_flight.labels(url).dec()
@@ -173,6 +201,37 @@ class WorkerPool:
         kept = {k: v for k, v in reply.headers.items() if k.lower() not in _DROPPED_HEADERS}
         kept["x-sglang-worker"] = url
         return StreamingResponse(passed_on(), status_code=reply.status_code, headers=kept)
+
+    def worker_failed(self, index: int, exc: Exception) -> None:
+        """A request to worker ``index`` failed: count it, and take the worker out of routing until
+        its /health answers again."""
+        logger.error("request to worker %s failed: %r", self.urls[index], exc)
+        self.metrics.failed.labels(self.urls[index]).inc()
+        self.set_live(index, False)
+
+    async def routed_forward(self, request: Request, body: bytes, key: Any, rid: Any = None) -> Response:
+        """Forward to the worker the router picks for ``key`` (``None``: the first live worker); a
+        worker found unreachable is skipped for the next live one, at most once each."""
+        for _ in self.urls:
+            stack = contextlib.ExitStack()
+            try:
+                if key is None:
+                    live = [i for i, up in enumerate(self.router.live) if up]
+                    if not live:
+                        raise NoReplica("no worker is running")
+                    index = live[0]
+                else:
+                    index = stack.enter_context(self.router.routed(key))
+            except NoReplica as exc:
+                return error_response(503, str(exc))
+            if isinstance(rid, str):
+                self.owners[rid] = index
+                stack.callback(self.owners.pop, rid, None)
+            try:
+                return await self.forward(request, index, body, stack)
+            except WorkerUnreachable:
+                continue
+        return error_response(503, "no worker could be reached")
 
     async def each_worker(self, method: str, path: str, **kwargs: Any) -> list[httpx.Response | None]:
         """The same request to every worker (None where one could not be reached)."""
@@ -207,16 +266,8 @@ def build_router_app(settings: StandaloneRouterSettings) -> FastAPI:
             parsed = json.loads(body)
         except ValueError:
             parsed = None  # the worker answers it with its own 400
-        stack = contextlib.ExitStack()
-        try:
-            index = stack.enter_context(pool.router.routed(routing_key(request.url.path, parsed)))
-        except NoReplica as exc:
-            return error_response(503, str(exc))
         rid = parsed.get("rid") if isinstance(parsed, dict) else None
-        if isinstance(rid, str):
-            pool.owners[rid] = index
-            stack.callback(pool.owners.pop, rid, None)
-        return await pool.forward(request, index, body, stack)
+        return await pool.routed_forward(request, body, routing_key(request.url.path, parsed), rid)
 
     for path in GENERATING_ROUTES:
         app.add_api_route(path, generating, methods=["POST"])
@@ -265,10 +316,7 @@ def build_router_app(settings: StandaloneRouterSettings) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def elsewhere(request: Request) -> Response:
-        live = [i for i, up in enumerate(pool.router.live) if up]
-        if not live:
-            return error_response(503, "no worker is running")
-        return await pool.forward(request, live[0], await request.body())
+        return await pool.routed_forward(request, await request.body(), None)
 
     return app
 

@@ -11,7 +11,7 @@ ErrorShape = Callable[[int, str, "str | None"], dict]
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-         503: "service_unavailable", 500: "server_error"}
+         502: "server_error", 503: "service_unavailable", 500: "server_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

@@ -40,6 +40,15 @@ class ServerSettings(EngineSettings, RouterOptions):
         return value
 
     @model_validator(mode="after")
+    def _replicas_meet_apart(self) -> "ServerSettings":
+        # Each replica's ranks meet at a free loopback port of their own; one address would be
+        # taken by the first replica (the next fails to listen) and serves one replica's nodes.
+        if self.dp_size > 1 and self.dist_init_addr is not None:
+            raise ValueError("dp_size: replicas cannot share one --dist-init-addr (multi-node tensor parallelism "
+                             "serves one replica); leave it out with --dp-size")
+        return self
+
+    @model_validator(mode="after")
     def _read_api_key_file(self) -> "ServerSettings":
         if self.api_key_file is None:
             return self

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.norm import SplitHeadsRMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import DecoderLM
 from sglang_core.model_executor.forward_batch import ForwardBatch
@@ -45,9 +45,10 @@ class Olmo2ForCausalLM(DecoderLM):
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
         shape = HeadShape.from_config(config)
+        eps = config.rms_norm_eps
         options = {"sliding_window": None, "qk_norm_per_head": False,
-                   "q_norm": RMSNorm(shape.num_heads * shape.head_dim, config.rms_norm_eps, ctx.dtype),
-                   "k_norm": RMSNorm(shape.num_kv_heads * shape.head_dim, config.rms_norm_eps, ctx.dtype), **overrides}
+                   "q_norm": SplitHeadsRMSNorm(shape.num_heads, shape.head_dim, eps, ctx.dtype, ctx.tp),
+                   "k_norm": SplitHeadsRMSNorm(shape.num_kv_heads, shape.head_dim, eps, ctx.dtype, ctx.tp), **overrides}
         return super().make_attention(config, ctx, layer_id, rotary, **options)
 
     def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:

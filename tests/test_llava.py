@@ -42,9 +42,10 @@ def data_url(name: str) -> str:
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrides):
+def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, text_options: dict | None = None, **overrides):
     """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor;
-    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS)."""
+    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS);
+    ``text_options``: the Llama config's, ``overrides``: the LLaVA config's."""
     import transformers
     from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -55,7 +56,7 @@ def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrid
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0)
+                       eos_token_id=2, pad_token_id=0, **(text_options or {}))
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                  patch_size=8)
     vision = SiglipVisionConfig(**sizes) if siglip else CLIPVisionConfig(**sizes, projection_dim=32)
@@ -212,14 +213,23 @@ def test_retracted_requests_with_images_stay_exact(llava):
         _check(result, expected[name])
 
 
-@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
-def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
-    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (every
-    position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)."""
+CONFIG_VARIANTS = {  # id -> save_tiny_llava's arguments
+    # vision_feature_layer as a list (hidden states concatenated) and the "full" strategy (every
+    # position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)
+    "clip-layers-full": dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    "siglip-layers-full": dict(siglip=True, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    # the head tied by the outer config alone (the checkpoint holds no lm_head)...
+    "next-tied-outer": dict(next_=True, tie_word_embeddings=True),
+    # ...and only the text config's tie, which LLaVA-NeXT's config does not copy up: not tied
+    "next-tied-text-only": dict(next_=True, text_options={"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_variants_match_hf(tmp_path, variant: str):
     from sglang_core.engine import Engine
 
-    folder = save_tiny_llava(tmp_path, siglip=siglip, vision_feature_layer=[-3, -1],
-                             vision_feature_select_strategy="full")
+    folder = save_tiny_llava(tmp_path, **CONFIG_VARIANTS[variant])
     text, images = PROMPTS["two"]
     expected = hf_reference(folder, text, images)
     with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:

@@ -48,6 +48,11 @@ class MediaInputs:
         self._lock = threading.Lock()  # requests are built on several threads (async_generate)
 
     @property
+    def takes_media(self) -> bool:
+        """Whether the model has an input processor (takes images, and maybe videos)."""
+        return self._target is not None
+
+    @property
     def image_token(self) -> str | None:
         return self._get().image_token if self._target is not None else None
 

@@ -319,6 +319,86 @@ def test_openai_chat_image_url_parts_match_hf(llava, server):
     assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
 
 
+# Checkpoints' own chat templates read Hugging Face's content parts: llava-hf's writes a message's
+# images first, then its texts (and nothing for string content); a Qwen2-VL-like one writes the
+# parts in order and string content as it is.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+PARTS_IN_ORDER_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<image>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_checkpoint_template_reading_content_parts_matches_hf(llava, tmp_path):
+    """A template that reads content parts gets them (images as ``{"type": "image"}``) on OpenAI
+    and Anthropic chat: transformers' prompt from the same parts, its tokens and logprobs."""
+    import anthropic
+    import openai
+    from server_util import app_in_thread
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+    from transformers import AutoProcessor
+
+    folder, _ = llava
+    (tmp_path / "template.jinja").write_text(LLAVA_HF_TEMPLATE)
+    _, images = PROMPTS["two"]
+    texts = ["Compare", "with", "please."]
+    parts = [{"type": "text", "text": texts[0]}, {"type": "image"}, {"type": "text", "text": texts[1]},
+             {"type": "image"}, {"type": "text", "text": texts[2]}]
+    prompt = AutoProcessor.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": parts}], chat_template=LLAVA_HF_TEMPLATE, add_generation_prompt=True)
+    tokens, logprobs = hf_reference(folder, prompt, images)
+    urls = iter(data_url(name) for name in images)
+    openai_parts = [{"type": "image_url", "image_url": {"url": next(urls)}} if p["type"] == "image" else p
+                    for p in parts]
+    anthropic_parts = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": data_url(name).partition(",")[2]}} for name in images]
+    anthropic_parts = [anthropic_parts.pop(0) if p["type"] == "image" else p for p in parts]
+    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", max_total_tokens=512,
+                                   chat_template=str(tmp_path / "template.jinja"), engine_in_subprocess=False))
+    with app_in_thread(app) as url:
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": openai_parts}], max_tokens=MAX_NEW, temperature=0,
+            logprobs=True, extra_body={"ignore_eos": True})
+        message = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+            model="m", max_tokens=MAX_NEW, messages=[{"role": "user", "content": anthropic_parts}],
+            extra_body={"ignore_eos": True, "temperature": 0})
+    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(logprobs, abs=1e-4)
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    assert message.content[0].text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("template", [PARTS_IN_ORDER_TEMPLATE, LLAVA_HF_TEMPLATE], ids=["in-order", "llava-hf"])
+def test_chat_messages_with_images_render_as_transformers_renders_their_parts(llava, template: str):
+    """The frontends' messages (pieces joined by newlines, each image as its token) rendered by a
+    template that reads parts: transformers' prompt of the parts themselves (text pieces that
+    begin or end with newlines keep them); by one that reads strings (chatml): the string."""
+    from transformers import AutoTokenizer
+
+    from sglang_core.server.chat_templates import resolve_chat_template
+    from sglang_core.server.generation import chat_prompt_ids
+    from sglang_plugins.frontends.media_messages import media_chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(llava[0])
+    pieces = ["Look\n", IMAGE_TOKEN, IMAGE_TOKEN, "\nat both.", IMAGE_TOKEN]
+    joined = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\n".join(pieces)}]
+    parts = [{"type": "image"} if p == IMAGE_TOKEN else {"type": "text", "text": p} for p in pieces]
+    hf_messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                   {"role": "user", "content": parts}]
+    expected = tokenizer.apply_chat_template(hf_messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    assert media_chat_prompt_ids(tokenizer, joined, template, {"image": IMAGE_TOKEN}, {"image": 3}) == \
+        tokenizer(expected, add_special_tokens=False)["input_ids"]
+    chatml = resolve_chat_template("chatml")
+    assert media_chat_prompt_ids(tokenizer, joined, chatml, {"image": IMAGE_TOKEN}, {"image": 3}) == \
+        chat_prompt_ids(tokenizer, joined, chatml)
+
+
 def test_native_generate_image_data_matches_hf(llava, server):
     import httpx
 

@@ -374,10 +374,11 @@ def test_checkpoint_template_reading_content_parts_matches_hf(llava, tmp_path):
 
 
 @pytest.mark.parametrize("template", [PARTS_IN_ORDER_TEMPLATE, LLAVA_HF_TEMPLATE], ids=["in-order", "llava-hf"])
-def test_chat_messages_with_images_render_as_transformers_renders_their_parts(llava, template: str):
-    """The frontends' messages (pieces joined by newlines, each image as its token) rendered by a
-    template that reads parts: transformers' prompt of the parts themselves (text pieces that
-    begin or end with newlines keep them); by one that reads strings (chatml): the string."""
+def test_chat_messages_render_as_transformers_renders_their_parts(llava, template: str):
+    """The frontends' messages (pieces joined by newlines, each image as its token), with images
+    or text only, rendered by a template that reads parts: transformers' prompt of the parts
+    themselves (text pieces that begin or end with newlines keep them); by one that reads
+    strings (chatml): the strings."""
     from transformers import AutoTokenizer
 
     from sglang_core.server.chat_templates import resolve_chat_template
@@ -385,18 +386,18 @@ def test_chat_messages_with_images_render_as_transformers_renders_their_parts(ll
     from sglang_plugins.frontends.media_messages import media_chat_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(llava[0])
-    pieces = ["Look\n", IMAGE_TOKEN, IMAGE_TOKEN, "\nat both.", IMAGE_TOKEN]
-    joined = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\n".join(pieces)}]
-    parts = [{"type": "image"} if p == IMAGE_TOKEN else {"type": "text", "text": p} for p in pieces]
-    hf_messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                   {"role": "user", "content": parts}]
-    expected = tokenizer.apply_chat_template(hf_messages, chat_template=template, add_generation_prompt=True,
-                                             tokenize=False)
-    assert media_chat_prompt_ids(tokenizer, joined, template, {"image": IMAGE_TOKEN}, {"image": 3}) == \
-        tokenizer(expected, add_special_tokens=False)["input_ids"]
     chatml = resolve_chat_template("chatml")
-    assert media_chat_prompt_ids(tokenizer, joined, chatml, {"image": IMAGE_TOKEN}, {"image": 3}) == \
-        chat_prompt_ids(tokenizer, joined, chatml)
+    for pieces in (["Look\n", IMAGE_TOKEN, IMAGE_TOKEN, "\nat both.", IMAGE_TOKEN], ["Only text."]):
+        joined = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\n".join(pieces)}]
+        parts = [{"type": "image"} if p == IMAGE_TOKEN else {"type": "text", "text": p} for p in pieces]
+        hf_messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                       {"role": "user", "content": parts}]
+        expected = tokenizer.apply_chat_template(hf_messages, chat_template=template, add_generation_prompt=True,
+                                                 tokenize=False)
+        assert media_chat_prompt_ids(tokenizer, joined, template, [IMAGE_TOKEN]) == \
+            tokenizer(expected, add_special_tokens=False)["input_ids"]
+        assert media_chat_prompt_ids(tokenizer, joined, chatml, [IMAGE_TOKEN]) == \
+            chat_prompt_ids(tokenizer, joined, chatml)
 
 
 def test_native_generate_image_data_matches_hf(llava, server):

@@ -107,9 +107,8 @@ def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> t
     messages, prefill, images = req.chat(ctx.engine.image_token)
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    ids = media_chat_prompt_ids(ctx.engine.tokenizer, messages, template, {"image": ctx.engine.image_token},
-                                {"image": len(images)}, prefill=prefill, tools=tools,
-                                chat_template_kwargs=req.template_variables())
+    ids = media_chat_prompt_ids(ctx.engine.tokenizer, messages, template, [ctx.engine.image_token], prefill=prefill,
+                                tools=tools, chat_template_kwargs=req.template_variables())
     return ids, images
 
 

@@ -113,10 +113,7 @@ def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_c
         images += urls
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    videos = sum(isinstance(item, dict) for item in images)  # a video is {"video": URL}, an image its URL
-    ids = media_chat_prompt_ids(tokenizer, messages, template, {"image": ctx.engine.image_token,
-                                                                "video": ctx.engine.video_token},
-                                {"image": len(images) - videos, "video": videos},
+    ids = media_chat_prompt_ids(tokenizer, messages, template, [ctx.engine.image_token, ctx.engine.video_token],
                                 add_generation_prompt=req.add_generation_prompt, tools=tools,
                                 chat_template_kwargs=req.chat_template_kwargs)
     max_field, max_tokens = req.max_tokens_field

@@ -239,6 +239,22 @@ def test_config_variants_match_hf(tmp_path, variant: str):
 
 
 
+@pytest.mark.parametrize("siglip, strategy", [(False, "full"), (True, "default")], ids=["clip-full", "siglip-default"])
+def test_next_select_strategy_that_breaks_the_tile_map_is_refused(tmp_path, siglip: bool, strategy: str):
+    """LLaVA-NeXT lays each tile's features out as a square map: CLIP's CLS kept ("full") or a
+    SigLIP patch dropped ("default") leaves no square (transformers fails on it too)."""
+    from transformers import AutoConfig
+
+    from sglang_core.model_executor.model_api import ModelContext
+    from sglang_plugins.models.llama.model import LlamaForCausalLM
+    from sglang_plugins.models.llava.next import LlavaNextForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(save_tiny_llava(tmp_path, next_=True, siglip=siglip))
+    config.vision_feature_select_strategy = strategy
+    with pytest.raises(ValueError, match="^vision_feature_select_strategy: .* leaves (17|15) positions"):
+        LlavaNextForConditionalGeneration(config, ModelContext(model_class_for=lambda arch: LlamaForCausalLM))
+
+
 def test_image_requests_cross_to_the_engine_process_intact():
     """A request's preprocessed images travel as msgpack (no pickle) and come back bit for bit."""
     import msgspec

@@ -14,6 +14,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,6 +208,9 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     import httpx
 
     chunks, size = [], 0
+    # httpx's timeout bounds each wait for bytes, not the whole: a server sending a byte now and
+    # then would hold the fetch for ever. The body must come in within the limit too.
+    deadline = time.monotonic() + limits.fetch_timeout_s
     try:
         # No redirects: a redirect could lead to an address the check above never saw; no proxy
         # from the environment, which would connect where it likes.
@@ -218,6 +222,8 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
                 if response.status_code != 200:
                     raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
                 for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s")
                     size += len(chunk)
                     if size > limits.max_bytes:
                         raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -104,11 +106,18 @@ def _image_server(png: bytes):
                 self.send_header("Location", "/cat.png")
                 self.end_headers()
                 return
-            body = png if self.path == "/cat.png" else png * 200
+            body = png if self.path in ("/cat.png", "/slow.png") else png * 200
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.path != "/slow.png":
+                self.wfile.write(body)
+                return
+            with contextlib.suppress(ConnectionError):  # the client gives up before the end
+                for byte in body:  # a byte at a time, each well within the timeout
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.02)
 
         def log_message(self, *args):
             pass
@@ -134,3 +143,7 @@ def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_
             load_image(f"{url}/moved.png", limits)
         with pytest.raises(ValueError, match="larger than"):
             load_image(f"{url}/big.png", limits)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="took longer than 0.3 s"):
+            load_image(f"{url}/slow.png", dataclasses.replace(limits, fetch_timeout_s=0.3))
+        assert time.monotonic() - started < 1.5

@@ -25,7 +25,8 @@ def _image(name: str):
     from PIL import Image
 
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    size = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40)}[name]
+    sizes = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40), "speck": (9, 7), "strip": (190, 40)}
+    size = sizes[name]
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
     if name == "red":
         pixels[..., 0] = 230
@@ -281,12 +282,14 @@ def test_llava_next_anyres_images_of_different_sizes_match_hf(tmp_path_factory, 
     folder = tmp_path_factory.getbasetemp() / "tiny_llava_next"
     if not folder.exists():
         save_tiny_llava(folder, next_=True)
-    names = ["one", "two"]
+    # Besides: an image smaller than a tile and one of sides far apart (most of its grid padding).
+    cases = {**PROMPTS, "odd": (f"{IMAGE_TOKEN} or {IMAGE_TOKEN}?", ["speck", "strip"])}
+    names = ["one", "two", "odd"]
     with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=1024) as engine:
-        results = _generate(engine, names)
+        results = _generate(engine, names, cases)
         engine.check_memory()
     for result, name in zip(results, names):
-        _check(result, hf_reference(folder, *PROMPTS[name]))
+        _check(result, hf_reference(folder, *cases[name]))
 
 
 # ---- the HTTP APIs ----------------------------------------------------------------------------

@@ -438,6 +438,10 @@ def test_native_generate_image_data_matches_hf(llava, server):
         response = httpx.post(server + "/generate", json={**body, "image_data": bad}, timeout=60)
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == "image_data.0" and why in error["message"], error
+    # More images than image tokens: refused before any is read (this URL would be refused when read).
+    response = httpx.post(server + "/generate", json={**body, "image_data": ["http://127.0.0.1/a.png"] * 2},
+                          timeout=60)
+    assert response.status_code == 400 and "2 image(s) given" in response.json()["error"]["message"], response.text
     # The image token with no image: refused, as transformers refuses it (not run on the token's own embedding).
     response = httpx.post(server + "/generate", json={**body, "image_data": None}, timeout=60)
     assert response.status_code == 400 and "0 image(s) given" in response.json()["error"]["message"], response.text

@@ -26,15 +26,15 @@ def media_chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], templa
     """``chat_prompt_ids`` for a model whose media are written as ``tokens`` (its image token,
     its video token; None for a kind it does not take) in ``messages``' text."""
     kinds = {token: kind for kind, token in zip(("image", "video"), tokens) if token}
-    if kinds and reads_content_parts(tokenizer, template or tokenizer.chat_template):
+    if kinds and reads_content_parts(tokenizer, template):
         messages = [with_content_parts(message, kinds) for message in messages]
     return chat_prompt_ids(tokenizer, messages, template, **kwargs)
 
 
 @functools.lru_cache(maxsize=8)
 def reads_content_parts(tokenizer: Any, template: str | None) -> bool:
-    """Whether ``template`` writes a text part's text (a template reading strings writes the part
-    itself, as Python prints a dict, or fails)."""
+    """Whether ``template`` (None: the tokenizer's own) writes a text part's text (a template
+    reading strings writes the part itself, as Python prints a dict, or fails)."""
     probe = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
     try:
         text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)

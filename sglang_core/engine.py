@@ -388,8 +388,9 @@ class Engine:
             params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
             params.validate(self.info.vocab_size)
             media, start, positions = [], logprob_start_len, None
-            if images[i]:
+            if images[i] or self._media.takes_media:  # an image token without its image is refused too
                 ids, media = self._media.expand(ids, images[i])
+            if media:
                 positions = self._media.positions(ids, media)
                 # The start counts the prompt as given: past an image, its placeholders count too.
                 start = expanded_position(start, media) if start >= 0 else start

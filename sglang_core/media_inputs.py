@@ -14,7 +14,7 @@ from sglang_core.config import EngineSettings
 from sglang_core.engine_core import ModelInfo
 from sglang_core.media_loading import MediaLimits, load_image, load_video
 from sglang_core.messages import MediaItem, MediaPositions
-from sglang_core.multimodal import InputProcessor, expand_prompt, pack_tensor
+from sglang_core.multimodal import InputProcessor, expand_prompt, media_slots, pack_tensor
 from sglang_core.plugins import PluginManager, resolve_target
 from sglang_core.weights.loader import load_config
 
@@ -48,6 +48,11 @@ class MediaInputs:
         self._lock = threading.Lock()  # requests are built on several threads (async_generate)
 
     @property
+    def takes_media(self) -> bool:
+        """Whether the model has an input processor (takes images, and maybe videos)."""
+        return self._target is not None
+
+    @property
     def image_token(self) -> str | None:
         return self._get().image_token if self._target is not None else None
 
@@ -60,6 +65,9 @@ class MediaInputs:
         image and video tokens."""
         if self._target is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
+        # The counts checked before any is loaded: each may be a fetch.
+        media_slots(self._get(), ids, [s for s in sources if not isinstance(s, dict)],
+                    [s for s in sources if isinstance(s, dict)])
         images, videos = [], []
         for i, source in enumerate(sources):
             if isinstance(source, dict):

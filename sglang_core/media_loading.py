@@ -1,6 +1,8 @@
 """Reading a request's images safely: data URLs and base64 always; files only under an allowed
 folder; http(s) URLs only when switched on, only from public addresses (resolved once, checked, and
-that address connected to), without redirects, within byte and time limits. Decoded with Pillow after a pixel-count check (decompression bombs). Videos
+that address connected to), without redirects, within byte and time limits. Decoded with Pillow, in
+the common web formats only, after a check of the pixel count (decompression bombs) and of the
+aspect ratio (a processor that resizes the short side blows a thin image up). Videos
 come from the same sources, or as a list of frames (each an image); a video file is decoded with
 PyAV (the ``video`` extra) after a frame-size check, its frames sampled evenly, within a frame limit.
 Every refusal is a ``ValueError`` naming the field (HTTP 400)."""
@@ -12,6 +14,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +24,12 @@ if TYPE_CHECKING:
     from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
+# Pillow's decoders for those: none of its rarer ones (a larger attack surface; EPS runs Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+# Networks whose IPv6 addresses reach an IPv4 address held in their last 32 bits (NAT64; the
+# deprecated IPv4-compatible form).
+IPV4_IN_IPV6 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class MediaLimits:
     fetch_timeout_s: float = 10.0
     video_frames: int = 8  # frames sampled from a video file
     max_video_frames: int = 32  # the most a video may have (given as frames) or a request may ask to sample
+    # The longest side over the shortest: Qwen2-VL's processors refuse more; CLIP's, resizing the
+    # short side to 336, would make a 1x100000 image 3.4 billion pixels.
+    max_aspect_ratio: float = 200.0
 
 
 class VideoFrames(list):
@@ -50,16 +61,25 @@ def load_image(source: str | bytes, limits: MediaLimits, field: str = "image_dat
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > limits.max_pixels:
-            raise ValueError(f"{field}: the image has {image.width}x{image.height} pixels, more than the limit "
-                             f"of {limits.max_pixels}")
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        check_size(image.width, image.height, limits.max_pixels, limits.max_aspect_ratio, field, "image")
         image.load()
     except ValueError:
         raise
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ValueError(f"{field}: cannot decode the image: not one of the formats {', '.join(IMAGE_FORMATS)}") from None
+    except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{field}: cannot decode the image: {exc}") from None
     return image
+
+
+def check_size(width: int, height: int, max_pixels: int, max_aspect_ratio: float, field: str, what: str) -> None:
+    """Refuse an image or a video frame over the pixel limit or the aspect ratio limit."""
+    if width * height > max_pixels:
+        raise ValueError(f"{field}: the {what} has {width}x{height} pixels, more than the limit of {max_pixels}")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ValueError(f"{field}: the {what} is {width}x{height} pixels, its sides more than "
+                         f"{max_aspect_ratio:g} times apart")
 
 
 def load_video(source: str | bytes | list, limits: MediaLimits, field: str = "video",
@@ -76,11 +96,13 @@ def load_video(source: str | bytes | list, limits: MediaLimits, field: str = "vi
     wanted = limits.video_frames if num_frames is None else num_frames
     if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= limits.max_video_frames:
         raise ValueError(f"{field}: num_frames must be an int from 1 to {limits.max_video_frames}, got {wanted!r}")
-    return decode_video(read_source(source, limits, field), wanted, limits.max_pixels, field)
+    return decode_video(read_source(source, limits, field), wanted, limits.max_pixels, field, limits.max_aspect_ratio)
 
 
-def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video") -> VideoFrames:
-    """``num_frames`` frames sampled evenly from a video file's bytes (each within ``max_pixels``)."""
+def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "video",
+                 max_aspect_ratio: float = MediaLimits.max_aspect_ratio) -> VideoFrames:
+    """``num_frames`` frames sampled evenly from a video file's bytes (each within ``max_pixels``
+    and ``max_aspect_ratio``)."""
     try:
         import av
     except ImportError:
@@ -91,10 +113,8 @@ def decode_video(data: bytes, num_frames: int, max_pixels: int, field: str = "vi
             if not container.streams.video:
                 raise ValueError(f"{field}: the file has no video stream")
             stream = container.streams.video[0]
-            pixels = stream.codec_context.width * stream.codec_context.height
-            if pixels > max_pixels:
-                raise ValueError(f"{field}: the video's frames have {stream.codec_context.width}x"
-                                 f"{stream.codec_context.height} pixels, more than the limit of {max_pixels}")
+            check_size(stream.codec_context.width, stream.codec_context.height, max_pixels, max_aspect_ratio, field,
+                       "video's frames")
             # The packets give the frame count without decoding (the header's count may be absent).
             total = sum(1 for packet in container.demux(stream) if packet.size)
             rate = stream.average_rate
@@ -134,7 +154,7 @@ def read_source(source: str | bytes, limits: MediaLimits, field: str) -> bytes:
         if not comma or not header.endswith(";base64"):
             raise ValueError(f"{field}: a data URL must be 'data:<type>;base64,<data>'")
         return _base64(payload, limits, field)
-    if source.startswith(("http://", "https://")):
+    if source[:8].lower().startswith(("http://", "https://")):  # URL schemes are case-insensitive
         return _fetch(source, limits, field)
     if source.startswith("file://") or source.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES):
         return _read_file(source.removeprefix("file://"), limits, field)
@@ -188,6 +208,9 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     import httpx
 
     chunks, size = [], 0
+    # httpx's timeout bounds each wait for bytes, not the whole: a server sending a byte now and
+    # then would hold the fetch for ever. The body must come in within the limit too.
+    deadline = time.monotonic() + limits.fetch_timeout_s
     try:
         # No redirects: a redirect could lead to an address the check above never saw; no proxy
         # from the environment, which would connect where it likes.
@@ -199,6 +222,8 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
                 if response.status_code != 200:
                     raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
                 for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s")
                     size += len(chunk)
                     if size > limits.max_bytes:
                         raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
@@ -218,6 +243,16 @@ def _public_address(host: str, field: str) -> str:
     except OSError:
         raise ValueError(f"{field}: cannot resolve the URL's host") from None
     for address in addresses:
-        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+        if not _is_public(ipaddress.ip_address(address.split("%")[0])):
             raise ValueError(f"{field}: the URL's host resolves to a non-public address")
     return addresses[0]
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global unicast, and so is any IPv4 address an IPv6 one carries to (mapped, 6to4, Teredo, NAT64)."""
+    reached = [address]
+    if address.version == 6:
+        reached += [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a is not None]
+        if any(address in network for network in IPV4_IN_IPV6):
+            reached.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(a.is_global and not a.is_multicast for a in reached)

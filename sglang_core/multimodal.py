@@ -89,9 +89,7 @@ def expand_prompt(processor: InputProcessor, ids: list[int], images: list[Image.
     """``ids`` with each image (video) token repeated to its image's (video's) placeholder count,
     and the items, in prompt order. The prompt must hold the image token exactly once per image
     and the video token once per video (each a list of frames)."""
-    slots = _slots(ids, processor.image_token_id, images, processor.image_token, "image", field)
-    if videos or processor.video_token_id is not None:
-        slots += _slots(ids, processor.video_token_id, videos, processor.video_token, "video", field)
+    slots = media_slots(processor, ids, images, videos, field)
     out: list[int] = []
     items: list[MediaItem] = []
     start = 0
@@ -103,6 +101,16 @@ def expand_prompt(processor: InputProcessor, ids: list[int], images: list[Image.
         out += [ids[slot]] * length
         start = slot + 1
     return out + ids[start:], items
+
+
+def media_slots(processor: InputProcessor, ids: list[int], images: Sequence[Any], videos: Sequence[Any] = (),
+                field: str = "image_data") -> list[tuple[int, tuple[str, Any]]]:
+    """Each image's and video's place in ``ids`` (its token's index), paired with it; a
+    ``ValueError`` naming ``field`` unless the prompt holds each token once per item of its kind."""
+    slots = _slots(ids, processor.image_token_id, images, processor.image_token, "image", field)
+    if videos or processor.video_token_id is not None:
+        slots += _slots(ids, processor.video_token_id, videos, processor.video_token, "video", field)
+    return slots
 
 
 def _slots(ids: list[int], token_id: int | None, media: Sequence[Any], token: str | None, kind: str,

@@ -25,7 +25,8 @@ def _image(name: str):
     from PIL import Image
 
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    size = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40)}[name]
+    sizes = {"red": (40, 40), "noise": (48, 36), "tall": (30, 60), "other": (40, 40), "speck": (9, 7), "strip": (190, 40)}
+    size = sizes[name]
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
     if name == "red":
         pixels[..., 0] = 230
@@ -42,9 +43,10 @@ def data_url(name: str) -> str:
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrides):
+def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, text_options: dict | None = None, **overrides):
     """A tiny LLaVA (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) with its processor;
-    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS)."""
+    ``next_``: LLaVA-NeXT, on anyres tiles of ``PINPOINTS``; ``siglip``: a SigLIP tower (no CLS);
+    ``text_options``: the Llama config's, ``overrides``: the LLaVA config's."""
     import transformers
     from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -55,7 +57,7 @@ def save_tiny_llava(folder, next_: bool = False, siglip: bool = False, **overrid
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0)
+                       eos_token_id=2, pad_token_id=0, **(text_options or {}))
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                  patch_size=8)
     vision = SiglipVisionConfig(**sizes) if siglip else CLIPVisionConfig(**sizes, projection_dim=32)
@@ -212,14 +214,23 @@ def test_retracted_requests_with_images_stay_exact(llava):
         _check(result, expected[name])
 
 
-@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
-def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
-    """``vision_feature_layer`` as a list (hidden states concatenated) and the "full" strategy (every
-    position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)."""
+CONFIG_VARIANTS = {  # id -> save_tiny_llava's arguments
+    # vision_feature_layer as a list (hidden states concatenated) and the "full" strategy (every
+    # position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)
+    "clip-layers-full": dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    "siglip-layers-full": dict(siglip=True, vision_feature_layer=[-3, -1], vision_feature_select_strategy="full"),
+    # the head tied by the outer config alone (the checkpoint holds no lm_head)...
+    "next-tied-outer": dict(next_=True, tie_word_embeddings=True),
+    # ...and only the text config's tie, which LLaVA-NeXT's config does not copy up: not tied
+    "next-tied-text-only": dict(next_=True, text_options={"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_variants_match_hf(tmp_path, variant: str):
     from sglang_core.engine import Engine
 
-    folder = save_tiny_llava(tmp_path, siglip=siglip, vision_feature_layer=[-3, -1],
-                             vision_feature_select_strategy="full")
+    folder = save_tiny_llava(tmp_path, **CONFIG_VARIANTS[variant])
     text, images = PROMPTS["two"]
     expected = hf_reference(folder, text, images)
     with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
@@ -227,6 +238,22 @@ def test_feature_layers_list_and_full_strategy(tmp_path, siglip: bool):
         engine.check_memory()
     _check(result, expected)
 
+
+
+@pytest.mark.parametrize("siglip, strategy", [(False, "full"), (True, "default")], ids=["clip-full", "siglip-default"])
+def test_next_select_strategy_that_breaks_the_tile_map_is_refused(tmp_path, siglip: bool, strategy: str):
+    """LLaVA-NeXT lays each tile's features out as a square map: CLIP's CLS kept ("full") or a
+    SigLIP patch dropped ("default") leaves no square (transformers fails on it too)."""
+    from transformers import AutoConfig
+
+    from sglang_core.model_executor.model_api import ModelContext
+    from sglang_plugins.models.llama.model import LlamaForCausalLM
+    from sglang_plugins.models.llava.next import LlavaNextForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(save_tiny_llava(tmp_path, next_=True, siglip=siglip))
+    config.vision_feature_select_strategy = strategy
+    with pytest.raises(ValueError, match="^vision_feature_select_strategy: .* leaves (17|15) positions"):
+        LlavaNextForConditionalGeneration(config, ModelContext(model_class_for=lambda arch: LlamaForCausalLM))
 
 
 def test_image_requests_cross_to_the_engine_process_intact():
@@ -255,12 +282,14 @@ def test_llava_next_anyres_images_of_different_sizes_match_hf(tmp_path_factory, 
     folder = tmp_path_factory.getbasetemp() / "tiny_llava_next"
     if not folder.exists():
         save_tiny_llava(folder, next_=True)
-    names = ["one", "two"]
+    # Besides: an image smaller than a tile and one of sides far apart (most of its grid padding).
+    cases = {**PROMPTS, "odd": (f"{IMAGE_TOKEN} or {IMAGE_TOKEN}?", ["speck", "strip"])}
+    names = ["one", "two", "odd"]
     with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=chunk, max_total_tokens=1024) as engine:
-        results = _generate(engine, names)
+        results = _generate(engine, names, cases)
         engine.check_memory()
     for result, name in zip(results, names):
-        _check(result, hf_reference(folder, *PROMPTS[name]))
+        _check(result, hf_reference(folder, *cases[name]))
 
 
 # ---- the HTTP APIs ----------------------------------------------------------------------------
@@ -309,6 +338,87 @@ def test_openai_chat_image_url_parts_match_hf(llava, server):
     assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
 
 
+# Checkpoints' own chat templates read Hugging Face's content parts: llava-hf's writes a message's
+# images first, then its texts (and nothing for string content); a Qwen2-VL-like one writes the
+# parts in order and string content as it is.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+PARTS_IN_ORDER_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<image>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_checkpoint_template_reading_content_parts_matches_hf(llava, tmp_path):
+    """A template that reads content parts gets them (images as ``{"type": "image"}``) on OpenAI
+    and Anthropic chat: transformers' prompt from the same parts, its tokens and logprobs."""
+    import anthropic
+    import openai
+    from server_util import app_in_thread
+    from sglang_core.server.app import build_app
+    from sglang_core.server.settings import ServerSettings
+    from transformers import AutoProcessor
+
+    folder, _ = llava
+    (tmp_path / "template.jinja").write_text(LLAVA_HF_TEMPLATE)
+    _, images = PROMPTS["two"]
+    texts = ["Compare", "with", "please."]
+    parts = [{"type": "text", "text": texts[0]}, {"type": "image"}, {"type": "text", "text": texts[1]},
+             {"type": "image"}, {"type": "text", "text": texts[2]}]
+    prompt = AutoProcessor.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": parts}], chat_template=LLAVA_HF_TEMPLATE, add_generation_prompt=True)
+    tokens, logprobs = hf_reference(folder, prompt, images)
+    urls = iter(data_url(name) for name in images)
+    openai_parts = [{"type": "image_url", "image_url": {"url": next(urls)}} if p["type"] == "image" else p
+                    for p in parts]
+    anthropic_parts = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": data_url(name).partition(",")[2]}} for name in images]
+    anthropic_parts = [anthropic_parts.pop(0) if p["type"] == "image" else p for p in parts]
+    app = build_app(ServerSettings(model_path=str(folder), device="cpu", dtype="float32", max_total_tokens=512,
+                                   chat_template=str(tmp_path / "template.jinja"), engine_in_subprocess=False))
+    with app_in_thread(app) as url:
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": openai_parts}], max_tokens=MAX_NEW, temperature=0,
+            logprobs=True, extra_body={"ignore_eos": True})
+        message = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+            model="m", max_tokens=MAX_NEW, messages=[{"role": "user", "content": anthropic_parts}],
+            extra_body={"ignore_eos": True, "temperature": 0})
+    assert [t.logprob for t in reply.choices[0].logprobs.content] == pytest.approx(logprobs, abs=1e-4)
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    assert message.content[0].text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("template", [PARTS_IN_ORDER_TEMPLATE, LLAVA_HF_TEMPLATE], ids=["in-order", "llava-hf"])
+def test_chat_messages_render_as_transformers_renders_their_parts(llava, template: str):
+    """The frontends' messages (pieces joined by newlines, each image as its token), with images
+    or text only, rendered by a template that reads parts: transformers' prompt of the parts
+    themselves (text pieces that begin or end with newlines keep them); by one that reads
+    strings (chatml): the strings."""
+    from transformers import AutoTokenizer
+
+    from sglang_core.server.chat_templates import resolve_chat_template
+    from sglang_core.server.generation import chat_prompt_ids
+    from sglang_plugins.frontends.media_messages import media_chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(llava[0])
+    chatml = resolve_chat_template("chatml")
+    for pieces in (["Look\n", IMAGE_TOKEN, IMAGE_TOKEN, "\nat both.", IMAGE_TOKEN], ["Only text."]):
+        joined = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\n".join(pieces)}]
+        parts = [{"type": "image"} if p == IMAGE_TOKEN else {"type": "text", "text": p} for p in pieces]
+        hf_messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                       {"role": "user", "content": parts}]
+        expected = tokenizer.apply_chat_template(hf_messages, chat_template=template, add_generation_prompt=True,
+                                                 tokenize=False)
+        assert media_chat_prompt_ids(tokenizer, joined, template, [IMAGE_TOKEN]) == \
+            tokenizer(expected, add_special_tokens=False)["input_ids"]
+        assert media_chat_prompt_ids(tokenizer, joined, chatml, [IMAGE_TOKEN]) == \
+            chat_prompt_ids(tokenizer, joined, chatml)
+
+
 def test_native_generate_image_data_matches_hf(llava, server):
     import httpx
 
@@ -328,6 +438,13 @@ def test_native_generate_image_data_matches_hf(llava, server):
         response = httpx.post(server + "/generate", json={**body, "image_data": bad}, timeout=60)
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == "image_data.0" and why in error["message"], error
+    # More images than image tokens: refused before any is read (this URL would be refused when read).
+    response = httpx.post(server + "/generate", json={**body, "image_data": ["http://127.0.0.1/a.png"] * 2},
+                          timeout=60)
+    assert response.status_code == 400 and "2 image(s) given" in response.json()["error"]["message"], response.text
+    # The image token with no image: refused, as transformers refuses it (not run on the token's own embedding).
+    response = httpx.post(server + "/generate", json={**body, "image_data": None}, timeout=60)
+    assert response.status_code == 400 and "0 image(s) given" in response.json()["error"]["message"], response.text
 
 
 def test_anthropic_image_blocks_match_hf(llava, server):

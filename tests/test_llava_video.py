@@ -222,6 +222,7 @@ def test_video_files_are_sampled_evenly_and_every_limit_is_refused(tmp_path):
         (dict(source=clip, num_frames=5), "num_frames must be an int from 1 to 4"),
         (dict(source=clip, num_frames=0), "num_frames must be an int from 1 to 4"),
         (dict(source=video_file(2, 64, 48)), "64x48 pixels, more than the limit of 2000"),
+        (dict(source=video_file(1, 1000, 2)), "1000x2 pixels, its sides more than 200 times apart"),
         (dict(source=[frame_urls("clip", 1)[0], big_frame]), "image_data.1.1: the image has 60x40 pixels"),
         (dict(source=b"x" * 100_001), "larger than 100000 bytes"),
         (dict(source=b"not a video at all"), "cannot decode the video"),

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -16,11 +18,11 @@ from sglang_core import media_loading
 from sglang_core.media_loading import MediaLimits, load_image
 
 
-def _png(width: int = 8, height: int = 6) -> bytes:
+def _png(width: int = 8, height: int = 6, image_format: str = "PNG") -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format=image_format)
     return buffer.getvalue()
 
 
@@ -44,6 +46,13 @@ def test_data_urls_base64_and_bytes_decode():
     (b"x" * 100_001, "larger than 100000 bytes"),
     ("A" * 140_000, "larger than 100000 bytes"),
     (_png(200, 100), "more than the limit of 10000"),
+    # a thin image: CLIP's processor would resize its short side up, the long one with it
+    (_png(2010, 4), "2010x4 pixels, its sides more than 200 times apart"),
+    (_png(4, 2010), "4x2010 pixels, its sides more than 200 times apart"),
+    # formats beyond the common web ones are not decoded (EPS would run Ghostscript)
+    (_png(image_format="EPS"), "not one of the formats PNG, JPEG, GIF, WEBP, BMP"),
+    (_png(image_format="TIFF"), "not one of the formats"),
+    ("HTTP://example.com/cat.png", "not fetched"),  # a URL whatever the case of its scheme
     (123, "expected a URL"),
 ])
 def test_refusals_name_the_field(source, why):
@@ -69,7 +78,10 @@ def test_files_only_under_the_allowed_folder(tmp_path):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]", "192.168.0.1",
-                                  "0.0.0.0"])
+                                  "0.0.0.0", "2130706433", "[::ffff:10.1.2.3]",
+                                  # IPv6 addresses that reach a private IPv4 one: NAT64, 6to4, IPv4-compatible
+                                  "[64:ff9b::a9fe:a9fe]", "[64:ff9b:1::a01:203]", "[2002:a01:203::1]", "[::127.0.0.1]",
+                                  "224.0.0.1"])
 def test_urls_to_non_public_addresses_are_refused(host):
     limits = MediaLimits(100_000, 10_000, allow_urls=True)
     with pytest.raises(ValueError, match="non-public address"):
@@ -94,11 +106,18 @@ def _image_server(png: bytes):
                 self.send_header("Location", "/cat.png")
                 self.end_headers()
                 return
-            body = png if self.path == "/cat.png" else png * 200
+            body = png if self.path in ("/cat.png", "/slow.png") else png * 200
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.path != "/slow.png":
+                self.wfile.write(body)
+                return
+            with contextlib.suppress(ConnectionError):  # the client gives up before the end
+                for byte in body:  # a byte at a time, each well within the timeout
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.02)
 
         def log_message(self, *args):
             pass
@@ -124,3 +143,7 @@ def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_
             load_image(f"{url}/moved.png", limits)
         with pytest.raises(ValueError, match="larger than"):
             load_image(f"{url}/big.png", limits)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="took longer than 0.3 s"):
+            load_image(f"{url}/slow.png", dataclasses.replace(limits, fetch_timeout_s=0.3))
+        assert time.monotonic() - started < 1.5

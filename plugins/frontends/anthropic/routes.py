@@ -23,7 +23,7 @@ from sglang_core.server.bodies import parse_body
 from sglang_core.server.chat_templates import resolve_chat_template
 from sglang_core.server.context import ServerContext
 from sglang_core.server.generation import (
-    RequestAborted, chat_prompt_ids, check_prompt, finish_reason, validated_params,
+    RequestAborted, check_prompt, finish_reason, validated_params,
 )
 from sglang_core.server.openapi import ApiDocs
 
@@ -33,6 +33,7 @@ from sglang_plugins.frontends.anthropic.protocol import Conversation, MessagesRe
 from sglang_plugins.frontends.anthropic.responses import (
     EXAMPLES, AnthropicError, CountTokensResponse, MessageResponse, MessageStreamEvent,
 )
+from sglang_plugins.frontends.media_messages import media_chat_prompt_ids
 from sglang_plugins.frontends.tool_calling import MessageParser, MessagePiece, ToolCalling
 
 logger = logging.getLogger("sglang_core.server.anthropic")
@@ -106,8 +107,8 @@ def prompt_ids(ctx: ServerContext, req: Conversation, template: str | None) -> t
     messages, prefill, images = req.chat(ctx.engine.image_token)
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    ids = chat_prompt_ids(ctx.engine.tokenizer, messages, template, prefill=prefill, tools=tools,
-                          chat_template_kwargs=req.template_variables())
+    ids = media_chat_prompt_ids(ctx.engine.tokenizer, messages, template, [ctx.engine.image_token], prefill=prefill,
+                                tools=tools, chat_template_kwargs=req.template_variables())
     return ids, images
 
 

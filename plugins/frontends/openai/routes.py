@@ -25,8 +25,9 @@ from sglang_core.server.context import ServerContext
 from sglang_core.server.errors import error_body, param_of
 from sglang_core.server.bodies import parse_body
 from sglang_core.server.openapi import ApiDocs
-from sglang_core.server.generation import RequestAborted, chat_prompt_ids, check_prompt
+from sglang_core.server.generation import RequestAborted, check_prompt
 
+from sglang_plugins.frontends.media_messages import media_chat_prompt_ids
 from sglang_plugins.frontends.openai.generation import Choice, merged, sampling_params, usage
 from sglang_plugins.frontends.openai.protocol import ChatRequest, CompletionRequest, SamplingRequest
 from sglang_plugins.frontends.openai.responses import (
@@ -112,8 +113,9 @@ def chat_plan(ctx: ServerContext, req: ChatRequest, template: str | None, tool_c
         images += urls
     use = req.tool_use()
     tools = [f.for_template() for f in use.functions] if use is not None else None
-    ids = chat_prompt_ids(tokenizer, messages, template, req.add_generation_prompt, tools=tools,
-                          chat_template_kwargs=req.chat_template_kwargs)
+    ids = media_chat_prompt_ids(tokenizer, messages, template, [ctx.engine.image_token, ctx.engine.video_token],
+                                add_generation_prompt=req.add_generation_prompt, tools=tools,
+                                chat_template_kwargs=req.chat_template_kwargs)
     max_field, max_tokens = req.max_tokens_field
     max_new = check_prompt(ids, info, "messages", max_tokens, max_field)
     plan = Plan([], [], req.n)

@@ -63,6 +63,9 @@ class LlavaForConditionalGeneration(nn.Module):
         self.multi_modal_projector = MultiModalProjector(
             config.vision_config.hidden_size * len(self.feature_layers), config.text_config.hidden_size,
             config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True), ctx.dtype)
+        # transformers ties the head to the embeddings by the outer config's tie_word_embeddings
+        # (LLaVA's config copies a text config's True up, LLaVA-NeXT's does not), never by text_config's.
+        config.text_config.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.language_model = ctx.model_class_for(language_architecture(config.text_config))(config.text_config, ctx)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -24,6 +24,12 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         self.pinpoints = [tuple(p) for p in pinpoints]
         self.tile = config.vision_config.image_size
         self.side = config.vision_config.image_size // config.vision_config.patch_size  # positions per tile side
+        # The tiles' features are laid out as square maps: the strategy must leave exactly the patches
+        # (CLIP's CLS kept under "full", or a SigLIP patch dropped under "default", breaks it, in transformers too).
+        positions = self.vision_tower.embeddings.num_positions - int(self.drop_cls)
+        if positions != self.side**2:
+            raise ValueError(f"vision_feature_select_strategy: {config.vision_feature_select_strategy!r} leaves "
+                             f"{positions} positions of the tower's a tile, the tile's map has {self.side}x{self.side}")
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size, dtype=ctx.dtype))
 
     def embed_media(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ earlier run's, so a second run against the same server is not served from its pr
 report gives the seed and the prompt tokens the server took from its cache.
 
 The report: throughput, the mean, p50, p90 and p99 of TTFT, ITL (the gaps between a stream's
-chunks), TPOT ((E2E - TTFT) / (output tokens - 1)), E2E and, on the native backend, each streamed
+chunks that carry output: an OpenAI stream's finish and usage chunks carry none), TPOT ((E2E - TTFT) / (output tokens - 1)), E2E and, on the native backend, each streamed
 chunk's delivery lag (its arrival minus the engine's ``meta_info.produced_at``, a wall-clock
 time: the server must run on this host), and, with ``--slo-ttft-ms`` and/or
 ``--slo-tpot-ms``, goodput: the requests per second that met every target given.
@@ -28,7 +28,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import httpx
 from tqdm import tqdm
@@ -123,15 +123,31 @@ async def _sse(client: httpx.AsyncClient, url: str, body: dict, headers: dict):
                 yield json.loads(line[6:])
 
 
+class ChunkCounts(NamedTuple):
+    """What one streamed chunk tells: whether it carries output, and (each None if it does not
+    say) the tokens generated so far, the prompt tokens taken from the cache and the server's
+    production time of the chunk's latest token."""
+
+    output: bool
+    generated: int | None
+    cached: int | None
+    produced_at: float | None
+
+
 async def send_native(client, base_url, req: BenchRequest, headers, ignore_eos: bool = True) -> RequestResult:
     body = {"input_ids": req.input_ids, "stream": True,
             "sampling_params": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "temperature": 0}}
     return await _timed(_sse(client, f"{base_url}/generate", body, headers), req, counts=_native_counts)
 
 
-def _native_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
+def _native_counts(chunk: dict) -> ChunkCounts:
+    if "error" in chunk:
+        raise RuntimeError(f"error in the stream: {chunk['error']}")
     meta = chunk["meta_info"]
-    return meta["completion_tokens"], meta["cached_tokens"], meta.get("produced_at")
+    reason = meta.get("finish_reason") or {}
+    if reason.get("type") == "abort":  # the server gave up on it: not a completed request
+        raise RuntimeError(f"aborted: {reason.get('message', '')}")
+    return ChunkCounts(True, meta["completion_tokens"], meta["cached_tokens"], meta.get("produced_at"))
 
 
 async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
@@ -143,31 +159,39 @@ async def send_openai(client, base_url, req: BenchRequest, headers, model: str,
     return await _timed(_sse(client, f"{base_url}/v1/completions", body, headers), req, counts=_openai_counts)
 
 
-def _openai_counts(chunk: dict) -> tuple[int | None, int | None, float | None]:
+def _openai_counts(chunk: dict) -> ChunkCounts:
+    if "error" in chunk:  # an error after the 200 went out
+        raise RuntimeError(f"error in the stream: {chunk['error']}")
     usage = chunk.get("usage") or {}
-    return usage.get("completion_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens"), None
+    return ChunkCounts(any(choice.get("text") for choice in chunk.get("choices") or ()), usage.get("completion_tokens"),
+                       (usage.get("prompt_tokens_details") or {}).get("cached_tokens"), None)
 
 
-async def _timed(chunks, req: BenchRequest, counts) -> RequestResult:
-    """Time one streamed request; ``counts(chunk)`` gives (generated, cached prompt) tokens so far
-    and the server's production time of the chunk's latest token, each or None."""
+async def _timed(chunks, req: BenchRequest, counts: Callable[[dict], ChunkCounts]) -> RequestResult:
+    """Time one streamed request: its first output and the gaps between outputs (chunks without
+    output time nothing); ``counts`` reads a chunk, raising for one that reports a failure."""
     result = RequestResult(ok=False, input_len=len(req.input_ids))
     start = last = time.perf_counter()
+    outputs = 0
     try:
         async for chunk in chunks:
             now, arrived = time.perf_counter(), time.time()
-            if result.ttft == 0.0:
-                result.ttft = now - start
-            else:
-                result.itl.append(now - last)
-            last = now
-            generated, cached, produced_at = counts(chunk)
-            if produced_at:  # 0: an ending the engine did not produce (its process died)
-                result.delivery_lag.append(arrived - produced_at)
-            if generated is not None:
-                result.output_len = generated
-            if cached is not None:
-                result.cached_tokens = cached
+            seen = counts(chunk)
+            if seen.output:
+                if outputs == 0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+                outputs += 1
+            if seen.produced_at:  # 0: an ending the engine did not produce (its process died)
+                result.delivery_lag.append(arrived - seen.produced_at)
+            if seen.generated is not None:
+                result.output_len = seen.generated
+            if seen.cached is not None:
+                result.cached_tokens = seen.cached
+        if outputs == 0:
+            raise RuntimeError("the stream ended without output")
         result.e2e = time.perf_counter() - start
         result.ok = True
     except Exception as exc:  # one failed request is reported, not fatal

@@ -13,8 +13,8 @@ import time
 import numpy
 import pytest
 
-from sglang_core.bench_serving import (CLIENT_LIMITS, BenchRequest, RequestResult, _native_counts, _timed, percentile,
-                                      request_rates, summarize, workload)
+from sglang_core.bench_serving import (CLIENT_LIMITS, BenchRequest, RequestResult, _native_counts, _openai_counts,
+                                      _timed, percentile, request_rates, send_native, send_openai, summarize, workload)
 from sglang_core.cli import build_parser, main
 from sglang_core.server.settings import ServerSettings
 from sglang_core.tokenizer import load_tokenizer
@@ -187,3 +187,77 @@ def test_delivery_lag_is_arrival_minus_the_engines_production_time():
     assert result.ok and result.output_len == 2
     assert [round(lag) for lag in result.delivery_lag] == [100, 200]
     assert summarize([result], 1.0)["delivery_lag"]["p90_ms"] == pytest.approx(190_000, abs=100)  # rank 0.9
+
+
+def _replayed(chunks: list[dict], counts) -> RequestResult:
+    """``_timed`` over ``chunks``, streamed 5 ms apart."""
+
+    async def stream():
+        for chunk in chunks:
+            await asyncio.sleep(0.005)
+            yield chunk
+
+    return asyncio.run(_timed(stream(), BenchRequest(prompt="", input_ids=[1, 2], output_len=3), counts))
+
+
+def test_only_chunks_with_output_are_timed():
+    """An OpenAI stream ends with a chunk holding only the finish reason and, with usage asked
+    for, one holding only the usage: neither is a token's arrival, so the three tokens in two
+    chunks make one gap, not three."""
+    result = _replayed([{"choices": [{"text": "a"}]}, {"choices": [{"text": "bc"}]},
+                        {"choices": [{"text": "", "finish_reason": "length"}]},
+                        {"choices": [], "usage": {"completion_tokens": 3}}], _openai_counts)
+    assert result.ok and result.output_len == 3 and len(result.itl) == 1
+
+
+ABORT = {"type": "abort", "message": "the KV cache cannot hold this request"}
+
+
+@pytest.mark.parametrize("chunks, counts, error", [
+    ([{"choices": [{"text": "a"}]}, {"error": {"message": "the request was aborted"}}], _openai_counts, "aborted"),
+    ([{"meta_info": {"completion_tokens": 1, "cached_tokens": 0, "finish_reason": ABORT}}], _native_counts, "KV cache"),
+    ([{"choices": [], "usage": {"completion_tokens": 0}}], _openai_counts, "without output"),
+], ids=["openai-error-in-stream", "native-abort", "no-output"])
+def test_a_stream_that_reports_a_failure_is_a_failed_request(chunks, counts, error):
+    """The status was 200, but the stream says the request failed (or gave nothing): it must not
+    count as completed, let alone meet a latency target."""
+    result = _replayed(chunks, counts)
+    assert not result.ok and error in result.error
+    assert summarize([result], 1.0, slo_ttft_ms=1e9)["goodput"] == 0
+
+
+@pytest.mark.parametrize("backend", ["openai", "native"])
+def test_a_streams_gaps_are_between_its_outputs(server, tiny_llama, backend, monkeypatch):
+    """The server's own streams, each chunk seen as it passes: one gap per chunk carrying output
+    after the first. The native stream sends each token in a chunk of its own; the OpenAI
+    stream text, then a chunk with only the finish reason and one with only the usage."""
+    import httpx
+
+    from sglang_core import bench_serving
+
+    seen: list[dict] = []
+    sse = bench_serving._sse
+
+    async def recorded(*args):
+        async for chunk in sse(*args):
+            seen.append(chunk)
+            yield chunk
+
+    monkeypatch.setattr(bench_serving, "_sse", recorded)
+    ids = list(range(40, 52))
+    request = BenchRequest(load_tokenizer(str(tiny_llama)).decode(ids), ids, 6)
+
+    async def send() -> RequestResult:
+        async with httpx.AsyncClient(timeout=None) as client:
+            if backend == "native":
+                return await send_native(client, server.url, request, {})
+            return await send_openai(client, server.url, request, {}, "tiny")
+
+    result = asyncio.run(send())
+    assert result.ok and result.output_len == 6
+    if backend == "native":
+        assert len(seen) == 6 and len(result.itl) == 5
+    else:
+        with_text = [chunk for chunk in seen if chunk["choices"] and chunk["choices"][0]["text"]]
+        assert seen[-1]["choices"] == [] and seen[-2]["choices"][0]["finish_reason"] == "length"
+        assert len(result.itl) == len(with_text) - 1

@@ -214,6 +214,25 @@ class Workload:
     requests: list[BenchRequest]
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """A ValueError naming the first option out of its range (the draws' own errors name none)."""
+    rules = [("num-prompts", args.num_prompts >= 1, ">= 1"),
+             ("max-concurrency", args.max_concurrency is None or args.max_concurrency >= 1, ">= 1"),
+             ("slo-ttft-ms", args.slo_ttft_ms is None or args.slo_ttft_ms > 0, "> 0"),
+             ("slo-tpot-ms", args.slo_tpot_ms is None or args.slo_tpot_ms > 0, "> 0")]
+    if args.dataset == "random":
+        rules += [("random-input-len", args.random_input_len >= 1, ">= 1"),
+                  ("random-output-len", args.random_output_len >= 1, ">= 1"),
+                  ("random-range-ratio", 0 <= args.random_range_ratio <= 1, "between 0 and 1")]
+    elif args.dataset == "shared-prefix":
+        rules += [("sp-groups", args.sp_groups >= 1, ">= 1"), ("sp-prompts-per-group", args.sp_prompts_per_group >= 1, ">= 1"),
+                  ("sp-system-len", args.sp_system_len >= 0, ">= 0"), ("sp-question-len", args.sp_question_len >= 1, ">= 1"),
+                  ("sp-output-len", args.sp_output_len >= 1, ">= 1")]
+    for option, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"{option}: must be {allowed}, got {getattr(args, option.replace('-', '_'))}")
+
+
 def workload(args: argparse.Namespace, tokenizer) -> Workload:
     """The run's prompts: from ``--seed``, or from a fresh seed, so that no two runs send the same ones."""
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
@@ -401,6 +420,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         from sglang_core.weights.default_model import default_model_path
 
         args.tokenizer = str(default_model_path())
+    check_options(args)
     tokenizer = load_tokenizer(args.tokenizer)
     rates = request_rates(args.request_rates) if args.request_rates else [args.request_rate]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -14,7 +14,8 @@ import numpy
 import pytest
 
 from sglang_core.bench_serving import (CLIENT_LIMITS, BenchRequest, RequestResult, _native_counts, _openai_counts,
-                                      _timed, percentile, request_rates, send_native, send_openai, summarize, workload)
+                                      _timed, check_options, percentile, request_rates, send_native, send_openai,
+                                      summarize, workload)
 from sglang_core.cli import build_parser, main
 from sglang_core.server.settings import ServerSettings
 from sglang_core.tokenizer import load_tokenizer
@@ -156,6 +157,19 @@ def test_request_rates_are_checked():
     for bad in ("1,fast", "0,8", ""):
         with pytest.raises(ValueError, match="request-rates"):
             request_rates(bad)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--random-range-ratio", "1.5"), ("--random-input-len", "0"), ("--random-output-len", "0"),
+    ("--dataset", "shared-prefix", "--sp-question-len", "0"), ("--dataset", "shared-prefix", "--sp-output-len", "0"),
+    ("--slo-tpot-ms", "-5"), ("--slo-ttft-ms", "0"), ("--max-concurrency", "0"),
+])
+def test_options_out_of_range_name_themselves(flags):
+    """Each of these once failed deep in a draw (``empty range for randrange()``) or ran with a
+    target nothing could meet."""
+    with pytest.raises(ValueError, match=f"^{flags[-2][2:]}: must be"):
+        check_options(args(*flags))
+    check_options(args(*flags[:-2]))  # the dataset alone, with the defaults, is fine
 
 
 def test_a_sweep_runs_each_rate_with_its_own_prompts(server, tiny_llama, tmp_path):

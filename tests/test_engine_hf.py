@@ -54,8 +54,11 @@ def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **setti
     {"schedule_policy": "fcfs"},
     {"enable_mixed_chunk": True, "chunked_prefill_size": 8},
     {"max_step_tokens": 12},
+    {"max_step_tokens": 3},
     {"target_step_ms": 0.001, "max_step_tokens": 40},
-], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed", "step-budget", "step-target"])
+    {"target_step_ratio": 1.5, "max_step_tokens": 40},
+], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed", "step-budget", "step-budget-tiny",
+        "step-target", "step-ratio"])
 def test_tiny_llama_matches_hf(tiny_llama, settings):
     prompts = _prompts(1, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
     max_new = [20, 7, 33, 12, 25, 16]

@@ -170,6 +170,28 @@ def test_every_step_stays_within_the_budget_and_every_request_finishes(tiny_llam
     check_all_memory_back(core)
 
 
+def test_an_abort_mid_chunk_gives_back_every_slot(tiny_llama):
+    """A prompt aborted part-way through its chunks under the budget, while others decode and a
+    prompt sharing its prefix waits: its slots, cached or not, all come back, and the others
+    finish their full length."""
+    core, _ = make_core(tiny_llama, max_step_tokens=6)
+    rng = random.Random(6)
+    lengths = {"early0": 20, "early1": 20, "sharer": 5}
+    for rid in ("early0", "early1"):
+        add(core, rid, prompt(rng, 4), lengths[rid])
+    core.step()
+    long_prompt = prompt(rng, 60)
+    add(core, "aborted", long_prompt, 9)
+    add(core, "sharer", long_prompt[:40] + prompt(rng, 5), lengths["sharer"])
+    while core.scheduler.chunked is None or core.scheduler.chunked.kv_len < 12:
+        core.step()
+    assert core.scheduler.chunked.rid == "aborted"
+    core.abort("aborted")
+    outputs = run_to_the_end(core)
+    assert {rid: n for rid, n in outputs.items() if rid != "aborted"} == lengths
+    check_all_memory_back(core)
+
+
 def make_costed_core(model, monkeypatch, **settings) -> tuple[EngineCore, list[tuple[ForwardMode, int]]]:
     """``make_core`` on a fake clock (the scheduler's ``time.perf_counter``) that each forward
     pass advances by A + B * its tokens."""

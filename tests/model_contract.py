@@ -89,6 +89,14 @@ CASES: dict[str, ContractCase] = {
     "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0)),
     "llama-tied-bias": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                                **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    # ReluLLaMA / ProSparse-Llama: a ReLU-gated MLP (no fused gated kernel); YaRN with every
+    # option set (beta_fast/beta_slow, an attention_factor, truncate off as gpt-oss has it) and an
+    # original length that puts the ramp mid-head, where each option shows in the tokens.
+    "llama-relu-yarn": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
+                               **tiny(hidden_act="relu",
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                                       "original_max_position_embeddings": 4096, "beta_fast": 16,
+                                                       "beta_slow": 2, "attention_factor": 1.5, "truncate": False})),
     # Mistral NeMo: head_dim (32) is not hidden_size / heads (16).
     "mistral-nemo": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), **tiny(head_dim=32, sliding_window=None)),
     "mistral-window": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), window=8, **tiny(sliding_window=8)),

@@ -39,11 +39,16 @@ def check_causal(config) -> None:
 
 
 def check_layer_types(config) -> None:
-    """``layer_types``: one of ``LAYER_TYPES`` per layer (the config fills it in from older fields)."""
+    """``layer_types``: one of ``LAYER_TYPES`` per layer (the config fills it in from older fields),
+    and a ``sliding_window`` for the sliding ones."""
     kinds = list(config.layer_types)
     if len(kinds) != config.num_hidden_layers or any(kind not in LAYER_TYPES for kind in kinds):
         raise ValueError(f"layer_types: need one of {LAYER_TYPES} for each of the {config.num_hidden_layers} layers, "
                          f"got {kinds}")
+    if "sliding_attention" in kinds and config.sliding_window is None:
+        # transformers cannot build a sliding layer's mask without a window either.
+        raise ValueError(f"sliding_window: layer {kinds.index('sliding_attention')} is a sliding_attention layer but "
+                         "the config has no sliding_window")
 
 
 class GemmaForCausalLM(DecoderLM):

@@ -87,8 +87,9 @@ def _t(name: str):
 
 CASES: dict[str, ContractCase] = {
     "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0)),
+    # Also a sliding_window that transformers' Llama ignores (llamafied Qwen checkpoints carry one).
     "llama-tied-bias": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
-                               **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+                               **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, sliding_window=8)),
     # ReluLLaMA / ProSparse-Llama: a ReLU-gated MLP (no fused gated kernel); YaRN with every
     # option set (beta_fast/beta_slow, an attention_factor, truncate off as gpt-oss has it) and an
     # original length that puts the ramp mid-head, where each option shows in the tokens.
@@ -104,9 +105,10 @@ CASES: dict[str, ContractCase] = {
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
     # Gemma: (1 + w) norms (an eps large enough to matter), sqrt(hidden) embeddings, tied head;
-    # head_dim (32) is not hidden / heads (16), as in Gemma 7B; legacy hidden_act "gelu" means tanh.
+    # head_dim (32) is not hidden / heads (16), as in Gemma 7B; legacy hidden_act "gelu" means tanh;
+    # a sliding_window that Gemma 1 ignores.
     "gemma": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
-                     **tiny(head_dim=32, hidden_act="gelu", rms_norm_eps=0.05, rope_theta=50000.0)),
+                     **tiny(head_dim=32, hidden_act="gelu", rms_norm_eps=0.05, rope_theta=50000.0, sliding_window=8)),
     # Gemma 2B's one KV head; an untied head, biases and another activation, which the config allows.
     "gemma-mqa-untied-bias": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
                                      **tiny(num_key_value_heads=1, tie_word_embeddings=False, attention_bias=True,

@@ -64,6 +64,12 @@ class GemmaForCausalLM(DecoderLM):
         """A ``1 + w`` RMSNorm over ``size`` features (default ``hidden_size``)."""
         return RMSNorm(size or config.hidden_size, config.rms_norm_eps, ctx.dtype, weight_offset=1.0)
 
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
+                       **overrides) -> nn.Module:
+        """Gemma 1 attends over the whole sequence (transformers' Gemma reads no ``sliding_window``);
+        Gemma 2 and 3 pass each layer's window."""
+        return super().make_attention(config, ctx, layer_id, rotary, **{"sliding_window": None, **overrides})
+
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
                         getattr(config, self.activation_field))

@@ -100,7 +100,9 @@ CASES: dict[str, ContractCase] = {
                                                        "beta_slow": 2, "attention_factor": 1.5, "truncate": False})),
     # Mistral NeMo: head_dim (32) is not hidden_size / heads (16).
     "mistral-nemo": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), **tiny(head_dim=32, sliding_window=None)),
-    "mistral-window": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), window=8, **tiny(sliding_window=8)),
+    # A window on every layer; attention_bias and mlp_bias that transformers' Mistral ignores.
+    "mistral-window": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), window=8,
+                              **tiny(sliding_window=8, attention_bias=True, mlp_bias=True)),
     # Yi: a Llama checkpoint with a large rope base and many KV-sharing heads.
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
@@ -186,8 +188,10 @@ CASES: dict[str, ContractCase] = {
     "phi-qk-norm-tied": hf_case(_t("PhiConfig"), _t("PhiForCausalLM"),
                                 **tiny(qk_layernorm=True, tie_word_embeddings=True, num_key_value_heads=None,
                                        partial_rotary_factor=0.75, hidden_act="relu")),
-    # Phi-3-mini-4k: fused qkv / gate_up checkpoint tensors, a sliding window.
-    "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, **tiny(sliding_window=8)),
+    # Phi-3-mini-4k: fused qkv / gate_up checkpoint tensors, a sliding window; attention_bias and
+    # mlp_bias that transformers' Phi-3 ignores.
+    "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8,
+                           **tiny(sliding_window=8, attention_bias=True, mlp_bias=True)),
     # Phi-3 128k / Phi-4-mini: LongRoPE. transformers takes short_factor for a sequence of up to
     # original_max_position_embeddings tokens, long_factor past it (for every position, the
     # cache recomputed on crossing); the engine picks per token (tests/test_longrope.py). Here the
@@ -212,9 +216,11 @@ CASES: dict[str, ContractCase] = {
                                **{**BIGCODE_TINY, "multi_query": False, "scale_attn_weights": False,
                                   "tie_word_embeddings": False, "n_inner": 96, "activation_function": "relu",
                                   "layer_norm_epsilon": 1e-2}),
-    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off.
+    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off;
+    # an mlp_bias that transformers' Qwen2 ignores.
     "qwen2": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
-                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05)),
+                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05,
+                            mlp_bias=True)),
     # With use_sliding_window, layers from max_window_layers on slide (here layer 1, not layer 0).
     "qwen2-window-tied": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"), window=8,
                                  **tiny(use_sliding_window=True, sliding_window=8, max_window_layers=1,
@@ -236,9 +242,10 @@ CASES: dict[str, ContractCase] = {
     "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
                                         **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="silu",
                                                sliding_window=None)),
-    # OLMo 2 as released: one KV head per query head, untied head, no biases.
+    # OLMo 2 as released: one KV head per query head, untied head, no biases (an mlp_bias that
+    # transformers' OLMo 2 ignores).
     "olmo2": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
-                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0)),
+                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0, mlp_bias=True)),
     "olmo2-bias-gqa-tied": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
                                    **tiny(attention_bias=True, tie_word_embeddings=True)),
     # DeepSeek-V2 with dense layers only (first_k_dense_replace = layers): MLA with a q LoRA, head

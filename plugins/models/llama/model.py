@@ -22,4 +22,8 @@ class LlamaForCausalLM(DecoderLM):
 
 
 class MistralForCausalLM(DecoderLM):
-    """``MistralForCausalLM``: ``sliding_window`` on every layer (None: full attention), as the core reads it."""
+    """``MistralForCausalLM``: ``sliding_window`` on every layer (None: full attention), as the core
+    reads it; no biases (transformers' Mistral reads no ``attention_bias`` or ``mlp_bias``)."""
+
+    attention_bias_field = None
+    mlp_bias_field = None

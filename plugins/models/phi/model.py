@@ -66,4 +66,8 @@ class PhiForCausalLM(DecoderLM):
 
 class Phi3ForCausalLM(DecoderLM):
     """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring),
-    LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``)."""
+    LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``); it has no
+    biases (transformers' Phi-3 reads no ``attention_bias`` or ``mlp_bias``)."""
+
+    attention_bias_field = None
+    mlp_bias_field = None

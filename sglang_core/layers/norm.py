@@ -1,5 +1,5 @@
-"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it, and a
-LayerNorm per attention head (q/k norms)."""
+"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it, a
+LayerNorm per attention head and an RMSNorm over a projection split across ranks (q/k norms)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,36 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * xf.to(dtype)
         return out if residual is None else (out, residual)
+
+
+class ProjectionRMSNorm(RMSNorm):
+    """RMSNorm over a whole q or k projection, every head together (OLMo 2's q/k norms), on a rank
+    that holds some of the heads: ``QKVParallelLinear``'s split (``total_heads`` over ``tp.size``
+    ranks, or each head on ``tp.size / total_heads`` consecutive ranks). The weight is this rank's
+    heads' part; the mean square sums over ranks, which counts a replicated head once per rank
+    holding it, as often as every other head, so it is the mean over every head. One rank: RMSNorm."""
+
+    def __init__(self, total_heads: int, head_dim: int, eps: float = 1e-6, params_dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE):
+        if total_heads % tp.size and tp.size % total_heads:
+            raise ValueError(f"num_heads={total_heads} and tp_size={tp.size}: neither divides the other")
+        heads = max(1, total_heads // tp.size)
+        super().__init__(heads * head_dim, eps, params_dtype)
+        self.tp, self.total_size = tp, total_heads * head_dim
+        self.first = tp.rank // max(1, tp.size // total_heads) * heads * head_dim
+        self.weight.weight_loader = self._load_heads  # type: ignore[attr-defined]
+
+    def _load_heads(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if tuple(loaded.shape) != (self.total_size,):
+            raise ValueError(f"projection norm weight of shape {tuple(loaded.shape)}, expected ({self.total_size},)")
+        copy_checked(param.data, loaded[self.first:self.first + param.shape[0]])
+
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        xf = x.float()
+        mean_square = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True)) / (x.shape[-1] * self.tp.size)
+        return self.weight * (xf * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
 
 
 class LayerNorm(nn.Module):

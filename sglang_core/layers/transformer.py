@@ -25,7 +25,7 @@ from torch import nn
 from sglang_core.layers.activation import act_fn, gated_act_fn
 from sglang_core.layers.attention import Attention
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import HeadwiseLayerNorm, RMSNorm, norm_add_norm
+from sglang_core.layers.norm import HeadwiseLayerNorm, ProjectionRMSNorm, RMSNorm, norm_add_norm
 from sglang_core.layers.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -61,8 +61,9 @@ class SelfAttention(nn.Module):
 
     ``q_norm`` / ``k_norm``: applied to each head (``[tokens, heads, head_dim]``, Qwen3, Gemma 3)
     or, with ``qk_norm_per_head=False``, to the whole projection (``[tokens, heads * head_dim]``,
-    OLMo 2). ``rotary`` None: no rotary (learned absolute positions). ``scaling`` defaults to
-    ``head_dim ** -0.5``. ``clip_qkv``: the q/k/v projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
+    OLMo 2; across tensor-parallel ranks a ``ProjectionRMSNorm``). ``rotary`` None: no rotary
+    (learned absolute positions). ``scaling`` defaults to ``head_dim ** -0.5``. ``clip_qkv``: the
+    q/k/v projection is clamped to ``[-clip_qkv, clip_qkv]`` (DBRX).
     """
 
     def __init__(self, ctx: ModelContext, prefix: str, layer_id: int, hidden_size: int, shape: HeadShape,
@@ -78,9 +79,9 @@ class SelfAttention(nn.Module):
         heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(shape.num_heads * d, hidden_size, o_bias, ctx.tp, ctx.dtype,
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
-        if not qk_norm_per_head and ctx.tp.size > 1:
-            # The norm's statistics run over every head, which would need a reduction across ranks.
-            raise ValueError("tensor parallelism: a q/k norm over the whole projection is not split across ranks")
+        if not qk_norm_per_head and ctx.tp.size > 1 and not isinstance(q_norm, ProjectionRMSNorm):
+            # The norm's statistics run over every head, on all ranks: ProjectionRMSNorm reduces them.
+            raise ValueError("tensor parallelism: a q/k norm over the whole projection must be a ProjectionRMSNorm")
         self.q_norm, self.k_norm, self.qk_norm_per_head = q_norm, k_norm, qk_norm_per_head
         self.sizes = [heads * d, kv_heads * d, kv_heads * d]
         self.head_dim = d

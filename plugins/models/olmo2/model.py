@@ -5,7 +5,8 @@
   the final norm is as Llama's.
 * q and k are RMS-normalised over the whole projection (all heads together: ``q_norm`` has
   ``num_attention_heads * head_dim`` weights, ``k_norm`` ``num_key_value_heads * head_dim``)
-  before the rotary; eps ``rms_norm_eps`` everywhere.
+  before the rotary; eps ``rms_norm_eps`` everywhere. Under tensor parallelism each rank holds its
+  heads' part of the norm and the statistics are summed over ranks (``ProjectionRMSNorm``).
 * ``attention_bias``: biases on q/k/v/o or none; the MLP has none; no sliding window.
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.norm import ProjectionRMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import DecoderLM
 from sglang_core.model_executor.forward_batch import ForwardBatch
@@ -48,8 +49,9 @@ class Olmo2ForCausalLM(DecoderLM):
                        **overrides) -> nn.Module:
         shape = HeadShape.from_config(config)
         options = {"sliding_window": None, "qk_norm_per_head": False,
-                   "q_norm": RMSNorm(shape.num_heads * shape.head_dim, config.rms_norm_eps, ctx.dtype),
-                   "k_norm": RMSNorm(shape.num_kv_heads * shape.head_dim, config.rms_norm_eps, ctx.dtype), **overrides}
+                   **{name: ProjectionRMSNorm(heads, shape.head_dim, config.rms_norm_eps, ctx.dtype, ctx.tp)
+                      for name, heads in (("q_norm", shape.num_heads), ("k_norm", shape.num_kv_heads))},
+                   **overrides}
         return super().make_attention(config, ctx, layer_id, rotary, **options)
 
     def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:

@@ -304,9 +304,11 @@ CASES: dict[str, ContractCase] = {
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5,
                n_group=4, topk_group=2, norm_topk_prob=True)),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
-    # expert gets tokens in a prefill and most get none in a decode step.
+    # expert gets tokens in a prefill and most get none in a decode step. An attention_bias that
+    # transformers' Mixtral ignores.
     "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
-                       **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6)),
+                       **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6,
+                              attention_bias=True)),
     # A window on every layer, 3 of 6 experts, another gated activation, head_dim not hidden / heads, tied.
     "mixtral-window-gelu-tied": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"), window=8,
                                         **tiny(num_local_experts=6, num_experts_per_tok=3, intermediate_size=48,
@@ -364,11 +366,12 @@ CASES: dict[str, ContractCase] = {
                                      attn_config={"kv_n_heads": 4, "clip_qkv": 1.0, "rope_theta": 50_000},
                                      ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 1,
                                                  "moe_normalize_expert_weights": None}),
-    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts.
+    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts; a
+    # sliding_window that transformers' Granite MoE ignores.
     "granitemoe": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
                           **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
                                  embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
-                                 logits_scaling=6.0, tie_word_embeddings=True)),
+                                 logits_scaling=6.0, tie_word_embeddings=True, sliding_window=8)),
     # Attention biases, an untied head, top-3 of 6, multipliers unlike the released ones.
     "granitemoe-bias-untied": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
                                       **tiny(intermediate_size=32, num_local_experts=6, num_experts_per_tok=3,

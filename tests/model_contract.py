@@ -158,16 +158,18 @@ CASES: dict[str, ContractCase] = {
                                        partial_rotary_factor=0.25)),
     # GLM-4-0414: the same with sandwich norms after attention and after the MLP.
     "glm4": hf_case(_t("Glm4Config"), _t("Glm4ForCausalLM"), **tiny(head_dim=32)),
-    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head.
+    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head;
+    # an mlp_bias, which modeling_internlm2.py does not read.
     "internlm2": custom_case(internlm2, **tiny(bias=False, rms_norm_eps=1e-5, rope_theta=1_000_000,
                                                rope_scaling={"type": "dynamic", "factor": 2.0},
-                                               tie_word_embeddings=False)),
+                                               tie_word_embeddings=False, mlp_bias=True)),
     # bias and rms_norm_eps left to InternLM2Config's defaults (True, 1e-6); one KV head; tied head.
     "internlm2-mqa-tied": custom_case(internlm2, **tiny(num_key_value_heads=1, tie_word_embeddings=True,
                                                         rope_scaling={"type": "linear", "factor": 2.0})),
-    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied).
+    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied); an
+    # mlp_bias, which modeling_minicpm.py does not read.
     "minicpm": custom_case(minicpm, **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, rms_norm_eps=1e-5,
-                                           rope_scaling=None)),
+                                           rope_scaling=None, mlp_bias=True)),
     "minicpm-untied-bias": custom_case(minicpm, **tiny(scale_emb=6, dim_model_base=32, scale_depth=2.0,
                                                        tie_word_embeddings=False, attention_bias=True,
                                                        rope_scaling={"type": "linear", "factor": 2.0})),

@@ -86,7 +86,8 @@ def _t(name: str):
 
 
 CASES: dict[str, ContractCase] = {
-    "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0)),
+    # A partial_rotary_factor that transformers' Llama ignores (it turns whole heads).
+    "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0, partial_rotary_factor=0.5)),
     # Also a sliding_window that transformers' Llama ignores (llamafied Qwen checkpoints carry one).
     "llama-tied-bias": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                                **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, sliding_window=8)),
@@ -141,8 +142,10 @@ CASES: dict[str, ContractCase] = {
     "stablelm-qk-norm-parallel": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
                                          **tiny(qk_layernorm=True, use_parallel_residual=True,
                                                 partial_rotary_factor=0.5, tie_word_embeddings=True)),
-    # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary.
-    "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"), **tiny(logit_scale=0.25, rope_theta=80000.0)),
+    # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary
+    # over whole heads (whatever partial_rotary_factor says: transformers ignores it).
+    "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
+                      **tiny(logit_scale=0.25, rope_theta=80000.0, partial_rotary_factor=0.5)),
     # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o, its logit_scale; here also an untied head.
     "cohere-qk-norm-bias": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
                                    **tiny(use_qk_norm=True, attention_bias=True, tie_word_embeddings=False,

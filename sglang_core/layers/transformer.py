@@ -285,7 +285,9 @@ class DecoderLM(nn.Module):
     ``attention_bias_field`` / ``mlp_bias_field``: the config fields that put biases on the
     attention projections (all four) and on the MLP, for a family whose transformers class reads
     them; None where it has no such switch, so a stray field in config.json is ignored as
-    transformers ignores it (Mistral's ``attention_bias``, Qwen2's ``mlp_bias``).
+    transformers ignores it (Mistral's ``attention_bias``, Qwen2's ``mlp_bias``). ``partial_rotary``:
+    the family turns only part of each head as ``partial_rotary_factor`` says (Phi, StableLM); off,
+    whole heads whatever the config says, as transformers' Llama, Qwen, Gemma, ... do.
 
     ``config_defaults``: the values the architecture's own config class gives fields that
     config.json omits. A custom-code checkpoint's config loads as a plain ``PretrainedConfig`` (its
@@ -301,6 +303,7 @@ class DecoderLM(nn.Module):
     config_defaults: dict[str, Any] = {}
     attention_bias_field: str | None = "attention_bias"
     mlp_bias_field: str | None = "mlp_bias"
+    partial_rotary = False
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
@@ -324,7 +327,8 @@ class DecoderLM(nn.Module):
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
         """One cos/sin table shared by all layers (per layer it would cost GBs at 128k positions)."""
-        return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position)
+        return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position,
+                                partial_rotary=self.partial_rotary)
 
     def make_lm_head(self, config, ctx: ModelContext, bias: bool = False) -> VocabParallelEmbedding:
         """The output projection: the embedding table itself when tied. A ``bias`` (Phi-2) is the

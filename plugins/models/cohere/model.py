@@ -37,7 +37,7 @@ class CommandR(DecoderLM):
 
     def make_rotary(self, config, ctx):
         return rope_from_config(config, HeadShape.from_config(config).head_dim, interleaved=True,
-                                max_position=ctx.max_position)
+                                max_position=ctx.max_position, partial_rotary=False)
 
     def make_norm(self, config, ctx):
         return LayerNorm(config.hidden_size, config.layer_norm_eps, bias=False, params_dtype=ctx.dtype)

@@ -100,7 +100,8 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     def make_rotary(self, config, ctx: ModelContext) -> dict[str, RotaryEmbedding]:
         """One table per layer type (``rope_parameters[layer_type]``), shared by its layers."""
         head_dim = HeadShape.from_config(config).head_dim
-        return {kind: rope_from_config(config, head_dim, max_position=ctx.max_position, layer_type=kind)
+        return {kind: rope_from_config(config, head_dim, max_position=ctx.max_position, layer_type=kind,
+                                       partial_rotary=False)
                 for kind in sorted(set(config.layer_types))}
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: dict[str, RotaryEmbedding],

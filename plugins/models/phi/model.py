@@ -28,6 +28,7 @@ from sglang_core.model_executor.model_api import ModelContext
 
 
 class PhiForCausalLM(DecoderLM):
+    partial_rotary = True
     stacked_params = {part: QKV_GATE_UP[part] for part in ("q_proj", "k_proj", "v_proj")}
     checkpoint_renames = (
         (r"\.self_attn\.dense\.", ".self_attn.o_proj."),
@@ -71,3 +72,4 @@ class Phi3ForCausalLM(DecoderLM):
 
     attention_bias_field = None
     mlp_bias_field = None
+    partial_rotary = True

@@ -135,6 +135,15 @@ CASES: dict[str, ContractCase] = {
                       **tiny(head_dim=32, sliding_window=8, sliding_window_pattern=2, rope_theta=1_000_000.0,
                              rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
                              query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=1.0)),
+    # Gemma 3 in transformers 5's spelling: rope parameters per layer type (YaRN on the global layer,
+    # the local layer's own base), the sliding layer first, one KV head.
+    "gemma3-rope-per-layer-type": hf_case(
+        _t("Gemma3TextConfig"), _t("Gemma3ForCausalLM"), window=8,
+        **tiny(head_dim=16, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=16,
+               final_logit_softcapping=2.0, layer_types=["sliding_attention", "full_attention"],
+               rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                   "original_max_position_embeddings": 32},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     # StableLM 2 1.6B: q/k/v biases, rotary on a quarter of each head, sequential residual.
     "stablelm-qkv-bias": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
                                  **tiny(use_qkv_bias=True, partial_rotary_factor=0.25, layer_norm_eps=1e-4)),
@@ -213,6 +222,13 @@ CASES: dict[str, ContractCase] = {
         **tiny(original_max_position_embeddings=2,
                rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                              "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]})),
+    # Phi-3.5-mini's arrangement: LongRoPE (short factors: context and sequences within the original
+    # length) on half of each head, with a sliding window.
+    "phi3-longrope-window-partial": hf_case(
+        _t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, engine={"context_length": 128},
+        **tiny(sliding_window=8, original_max_position_embeddings=128, partial_rotary_factor=0.5,
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6],
+                             "long_factor": [1.5, 3.0, 6.0, 12.0]})),
     # StarCoder 1: multi-query attention, learned positions, a tied head, tanh GELU.
     "gpt-bigcode-mqa": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"), **BIGCODE_TINY),
     # Multi-head GPTBigCode: per-head fused c_attn rows, no 1/sqrt(d) scale, an untied head, n_inner,
@@ -230,6 +246,11 @@ CASES: dict[str, ContractCase] = {
     "qwen2-window-tied": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"), window=8,
                                  **tiny(use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                         tie_word_embeddings=True)),
+    # Qwen2.5's long-context spelling: rope_scaling {"type": "yarn"} beside rope_theta; one KV head.
+    "qwen2-mqa-yarn": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
+                              **tiny(num_key_value_heads=1, rope_theta=1e6,
+                                     rope_scaling={"type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 32})),
     # Qwen 3: per-head q/k norms, head_dim (32) not hidden_size / heads, YaRN as its long-context configs.
     "qwen3": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"),
                      **tiny(head_dim=32, rms_norm_eps=0.05,

@@ -92,19 +92,32 @@ def _t(name: str):
 
 
 CASES: dict[str, ContractCase] = {
-    "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0)),
+    # A partial_rotary_factor that transformers' Llama ignores (it turns whole heads).
+    "llama": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"), **tiny(rope_theta=50000.0, partial_rotary_factor=0.5)),
+    # Also a sliding_window that transformers' Llama ignores (llamafied Qwen checkpoints carry one).
     "llama-tied-bias": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
-                               **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+                               **tiny(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, sliding_window=8)),
+    # ReluLLaMA / ProSparse-Llama: a ReLU-gated MLP (no fused gated kernel); YaRN with every
+    # option set (beta_fast/beta_slow, an attention_factor, truncate off as gpt-oss has it) and an
+    # original length that puts the ramp mid-head, where each option shows in the tokens.
+    "llama-relu-yarn": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
+                               **tiny(hidden_act="relu",
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                                       "original_max_position_embeddings": 4096, "beta_fast": 16,
+                                                       "beta_slow": 2, "attention_factor": 1.5, "truncate": False})),
     # Mistral NeMo: head_dim (32) is not hidden_size / heads (16).
     "mistral-nemo": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), **tiny(head_dim=32, sliding_window=None)),
-    "mistral-window": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), window=8, **tiny(sliding_window=8)),
+    # A window on every layer; attention_bias and mlp_bias that transformers' Mistral ignores.
+    "mistral-window": hf_case(_t("MistralConfig"), _t("MistralForCausalLM"), window=8,
+                              **tiny(sliding_window=8, attention_bias=True, mlp_bias=True)),
     # Yi: a Llama checkpoint with a large rope base and many KV-sharing heads.
     "yi": hf_case(_t("LlamaConfig"), _t("LlamaForCausalLM"),
                   **tiny(num_attention_heads=8, num_key_value_heads=1, rope_theta=5_000_000.0)),
     # Gemma: (1 + w) norms (an eps large enough to matter), sqrt(hidden) embeddings, tied head;
-    # head_dim (32) is not hidden / heads (16), as in Gemma 7B; legacy hidden_act "gelu" means tanh.
+    # head_dim (32) is not hidden / heads (16), as in Gemma 7B; legacy hidden_act "gelu" means tanh;
+    # a sliding_window that Gemma 1 ignores.
     "gemma": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
-                     **tiny(head_dim=32, hidden_act="gelu", rms_norm_eps=0.05, rope_theta=50000.0)),
+                     **tiny(head_dim=32, hidden_act="gelu", rms_norm_eps=0.05, rope_theta=50000.0, sliding_window=8)),
     # Gemma 2B's one KV head; an untied head, biases and another activation, which the config allows.
     "gemma-mqa-untied-bias": hf_case(_t("GemmaConfig"), _t("GemmaForCausalLM"),
                                      **tiny(num_key_value_heads=1, tie_word_embeddings=False, attention_bias=True,
@@ -128,6 +141,15 @@ CASES: dict[str, ContractCase] = {
                       **tiny(head_dim=32, sliding_window=8, sliding_window_pattern=2, rope_theta=1_000_000.0,
                              rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
                              query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=1.0)),
+    # Gemma 3 in transformers 5's spelling: rope parameters per layer type (YaRN on the global layer,
+    # the local layer's own base), the sliding layer first, one KV head.
+    "gemma3-rope-per-layer-type": hf_case(
+        _t("Gemma3TextConfig"), _t("Gemma3ForCausalLM"), window=8,
+        **tiny(head_dim=16, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=16,
+               final_logit_softcapping=2.0, layer_types=["sliding_attention", "full_attention"],
+               rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                   "original_max_position_embeddings": 32},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     # StableLM 2 1.6B: q/k/v biases, rotary on a quarter of each head, sequential residual.
     "stablelm-qkv-bias": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
                                  **tiny(use_qkv_bias=True, partial_rotary_factor=0.25, layer_norm_eps=1e-4)),
@@ -135,8 +157,10 @@ CASES: dict[str, ContractCase] = {
     "stablelm-qk-norm-parallel": hf_case(_t("StableLmConfig"), _t("StableLmForCausalLM"),
                                          **tiny(qk_layernorm=True, use_parallel_residual=True,
                                                 partial_rotary_factor=0.5, tie_word_embeddings=True)),
-    # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary.
-    "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"), **tiny(logit_scale=0.25, rope_theta=80000.0)),
+    # Command-R: tied head, logits times logit_scale (seen by the logprob check), interleaved rotary
+    # over whole heads (whatever partial_rotary_factor says: transformers ignores it).
+    "cohere": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
+                      **tiny(logit_scale=0.25, rope_theta=80000.0, partial_rotary_factor=0.5)),
     # Command-R+: per-head q/k LayerNorm, biases on q/k/v/o, its logit_scale; here also an untied head.
     "cohere-qk-norm-bias": hf_case(_t("CohereConfig"), _t("CohereForCausalLM"),
                                    **tiny(use_qk_norm=True, attention_bias=True, tie_word_embeddings=False,
@@ -152,16 +176,18 @@ CASES: dict[str, ContractCase] = {
                                        partial_rotary_factor=0.25)),
     # GLM-4-0414: the same with sandwich norms after attention and after the MLP.
     "glm4": hf_case(_t("Glm4Config"), _t("Glm4ForCausalLM"), **tiny(head_dim=32)),
-    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head.
+    # InternLM2 as internlm2-chat-7b: no bias, NTK rope; the grouped wqkv holds 2 query heads per KV head;
+    # an mlp_bias, which modeling_internlm2.py does not read.
     "internlm2": custom_case(internlm2, **tiny(bias=False, rms_norm_eps=1e-5, rope_theta=1_000_000,
                                                rope_scaling={"type": "dynamic", "factor": 2.0},
-                                               tie_word_embeddings=False)),
+                                               tie_word_embeddings=False, mlp_bias=True)),
     # bias and rms_norm_eps left to InternLM2Config's defaults (True, 1e-6); one KV head; tied head.
     "internlm2-mqa-tied": custom_case(internlm2, **tiny(num_key_value_heads=1, tie_word_embeddings=True,
                                                         rope_scaling={"type": "linear", "factor": 2.0})),
-    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied).
+    # MiniCPM 2: its config.json leaves tie_word_embeddings to MiniCPMConfig's default (tied); an
+    # mlp_bias, which modeling_minicpm.py does not read.
     "minicpm": custom_case(minicpm, **tiny(scale_emb=12, dim_model_base=16, scale_depth=0.4, rms_norm_eps=1e-5,
-                                           rope_scaling=None)),
+                                           rope_scaling=None, mlp_bias=True)),
     "minicpm-untied-bias": custom_case(minicpm, **tiny(scale_emb=6, dim_model_base=32, scale_depth=2.0,
                                                        tie_word_embeddings=False, attention_bias=True,
                                                        rope_scaling={"type": "linear", "factor": 2.0})),
@@ -182,8 +208,10 @@ CASES: dict[str, ContractCase] = {
     "phi-qk-norm-tied": hf_case(_t("PhiConfig"), _t("PhiForCausalLM"),
                                 **tiny(qk_layernorm=True, tie_word_embeddings=True, num_key_value_heads=None,
                                        partial_rotary_factor=0.75, hidden_act="relu")),
-    # Phi-3-mini-4k: fused qkv / gate_up checkpoint tensors, a sliding window.
-    "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, **tiny(sliding_window=8)),
+    # Phi-3-mini-4k: fused qkv / gate_up checkpoint tensors, a sliding window; attention_bias and
+    # mlp_bias that transformers' Phi-3 ignores.
+    "phi3-window": hf_case(_t("Phi3Config"), _t("Phi3ForCausalLM"), window=8,
+                           **tiny(sliding_window=8, attention_bias=True, mlp_bias=True)),
     # Phi-3 128k / Phi-4-mini: LongRoPE. transformers takes short_factor for a sequence of up to
     # original_max_position_embeddings tokens, long_factor past it (for every position, the
     # cache recomputed on crossing); the engine picks per token (tests/test_longrope.py). Here the
@@ -200,6 +228,13 @@ CASES: dict[str, ContractCase] = {
         **tiny(original_max_position_embeddings=2,
                rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                              "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]})),
+    # Phi-3.5-mini's arrangement: LongRoPE (short factors: context and sequences within the original
+    # length) on half of each head, with a sliding window.
+    "phi3-longrope-window-partial": hf_case(
+        _t("Phi3Config"), _t("Phi3ForCausalLM"), window=8, engine={"context_length": 128},
+        **tiny(sliding_window=8, original_max_position_embeddings=128, partial_rotary_factor=0.5,
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6],
+                             "long_factor": [1.5, 3.0, 6.0, 12.0]})),
     # StarCoder 1: multi-query attention, learned positions, a tied head, tanh GELU.
     "gpt-bigcode-mqa": hf_case(_t("GPTBigCodeConfig"), _t("GPTBigCodeForCausalLM"), **BIGCODE_TINY),
     # Multi-head GPTBigCode: per-head fused c_attn rows, no 1/sqrt(d) scale, an untied head, n_inner,
@@ -208,13 +243,20 @@ CASES: dict[str, ContractCase] = {
                                **{**BIGCODE_TINY, "multi_query": False, "scale_attn_weights": False,
                                   "tie_word_embeddings": False, "n_inner": 96, "activation_function": "relu",
                                   "layer_norm_epsilon": 1e-2}),
-    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off.
+    # Qwen 2 / 2.5 as released: q/k/v biases, a sliding_window that use_sliding_window=False turns off;
+    # an mlp_bias that transformers' Qwen2 ignores.
     "qwen2": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
-                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05)),
+                     **tiny(use_sliding_window=False, sliding_window=8, max_window_layers=0, rms_norm_eps=0.05,
+                            mlp_bias=True)),
     # With use_sliding_window, layers from max_window_layers on slide (here layer 1, not layer 0).
     "qwen2-window-tied": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"), window=8,
                                  **tiny(use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                         tie_word_embeddings=True)),
+    # Qwen2.5's long-context spelling: rope_scaling {"type": "yarn"} beside rope_theta; one KV head.
+    "qwen2-mqa-yarn": hf_case(_t("Qwen2Config"), _t("Qwen2ForCausalLM"),
+                              **tiny(num_key_value_heads=1, rope_theta=1e6,
+                                     rope_scaling={"type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 32})),
     # Qwen 3: per-head q/k norms, head_dim (32) not hidden_size / heads, YaRN as its long-context configs.
     "qwen3": hf_case(_t("Qwen3Config"), _t("Qwen3ForCausalLM"),
                      **tiny(head_dim=32, rms_norm_eps=0.05,
@@ -232,9 +274,10 @@ CASES: dict[str, ContractCase] = {
     "starcoder2-nobias-untied": hf_case(_t("Starcoder2Config"), _t("Starcoder2ForCausalLM"),
                                         **tiny(use_bias=False, tie_word_embeddings=False, hidden_act="silu",
                                                sliding_window=None)),
-    # OLMo 2 as released: one KV head per query head, untied head, no biases.
+    # OLMo 2 as released: one KV head per query head, untied head, no biases (an mlp_bias that
+    # transformers' OLMo 2 ignores).
     "olmo2": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
-                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0)),
+                     **tiny(num_key_value_heads=None, rms_norm_eps=0.05, rope_theta=500_000.0, mlp_bias=True)),
     "olmo2-bias-gqa-tied": hf_case(_t("Olmo2Config"), _t("Olmo2ForCausalLM"),
                                    **tiny(attention_bias=True, tie_word_embeddings=True)),
     # DeepSeek-V2 with dense layers only (first_k_dense_replace = layers): MLA with a q LoRA, head
@@ -302,9 +345,11 @@ CASES: dict[str, ContractCase] = {
                moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
                norm_topk_prob=False, rope_interleave=False)),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
-    # expert gets tokens in a prefill and most get none in a decode step.
+    # expert gets tokens in a prefill and most get none in a decode step. An attention_bias that
+    # transformers' Mixtral ignores.
     "mixtral": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
-                       **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6)),
+                       **tiny(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e6,
+                               attention_bias=True)),
     # The best one of 5 experts (renormalised: weight 1), no GQA.
     "mixtral-top1": hf_case(_t("MixtralConfig"), _t("MixtralForCausalLM"),
                             **tiny(num_local_experts=5, num_experts_per_tok=1, intermediate_size=48,
@@ -367,11 +412,12 @@ CASES: dict[str, ContractCase] = {
                                      attn_config={"kv_n_heads": 4, "clip_qkv": 1.0, "rope_theta": 50_000},
                                      ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 6, "moe_top_k": 1,
                                                  "moe_normalize_expert_weights": None}),
-    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts.
+    # Granite 3.0 1B-A400M's arrangement: its four multipliers, a tied head, top-2 of 8 experts; a
+    # sliding_window that transformers' Granite MoE ignores.
     "granitemoe": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
                           **tiny(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
                                  embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
-                                 logits_scaling=6.0, tie_word_embeddings=True)),
+                                 logits_scaling=6.0, tie_word_embeddings=True, sliding_window=8)),
     # Attention biases, an untied head, top-3 of 6, multipliers unlike the released ones.
     "granitemoe-bias-untied": hf_case(_t("GraniteMoeConfig"), _t("GraniteMoeForCausalLM"),
                                       **tiny(intermediate_size=32, num_local_experts=6, num_experts_per_tok=3,

@@ -42,3 +42,13 @@ def test_layer_types_gemma_lacks_are_refused_by_field_name(model_cls) -> None:
     config = config_cls(**{**SMALL, "num_hidden_layers": 2}, layer_types=["sliding_attention", "chunked_attention"])
     with pytest.raises(ValueError, match="layer_types"):
         model_cls(config, ModelContext())
+
+
+@pytest.mark.parametrize("model_cls", [Gemma2ForCausalLM, Gemma3ForCausalLM])
+def test_sliding_layer_without_a_window_is_refused(model_cls) -> None:
+    # The configs fill layer_types with sliding layers whatever sliding_window is; transformers then
+    # fails building their mask.
+    config_cls = transformers.Gemma2Config if model_cls is Gemma2ForCausalLM else transformers.Gemma3TextConfig
+    config = config_cls(**{**SMALL, "num_hidden_layers": 2}, sliding_window=None)
+    with pytest.raises(ValueError, match="^sliding_window: layer 0 is a sliding_attention layer"):
+        model_cls(config, ModelContext())

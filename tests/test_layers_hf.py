@@ -277,8 +277,8 @@ def test_phi2_mlp_with_act_fn_matches_hf() -> None:
 def test_unknown_activations_are_refused_by_field_name() -> None:
     with pytest.raises(ValueError, match="^hidden_act: 'mish'"):
         act_fn("mish")
-    with pytest.raises(ValueError, match="^hidden_act: 'relu'"):
-        gated_act_fn("relu")
+    with pytest.raises(ValueError, match="^hidden_act: 'mish'"):
+        gated_act_fn("mish")
     with pytest.raises(ValueError, match="^approximate: "):
         GeluAndMul("erf")
 

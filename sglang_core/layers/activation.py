@@ -40,6 +40,19 @@ class GeluAndMul(nn.Module):
         return F.gelu(gate, approximate=self.approximate) * up
 
 
+class ActAndMul(nn.Module):
+    """``act(gate) * up`` for a fused ``[gate | up]`` projection output, with any elementwise
+    ``act`` (a ReLU-gated Llama, ...): the activations without a fused gated kernel."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 class QuickGelu(nn.Module):
     """``x * sigmoid(1.702 x)`` (CLIP's and some early GPTs' GELU approximation)."""
 
@@ -81,12 +94,12 @@ def act_fn(hidden_act: str) -> nn.Module:
 
 def gated_act_fn(hidden_act: str) -> nn.Module:
     """The gated layer ``act(gate) * up`` over a fused ``[gate | up]`` projection for a config's
-    ``hidden_act`` (Llama-style MLPs): ``SiluAndMul`` or ``GeluAndMul``, fused on CUDA."""
+    ``hidden_act`` (Llama-style MLPs): ``SiluAndMul`` or ``GeluAndMul``, fused on CUDA; any other
+    activation ``act_fn`` knows as ``ActAndMul``."""
     if hidden_act in ("silu", "swish"):
         return SiluAndMul()
     if hidden_act in ("gelu", "gelu_python"):
         return GeluAndMul("none")
     if hidden_act in _TANH_GELU_NAMES:
         return GeluAndMul("tanh")
-    raise ValueError(f"hidden_act: {hidden_act!r} has no gated layer (supported: silu, swish, gelu, gelu_python, "
-                     f"{', '.join(_TANH_GELU_NAMES)})")
+    return ActAndMul(act_fn(hidden_act))

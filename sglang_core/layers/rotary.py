@@ -340,15 +340,18 @@ def yarn_softmax_scale(params: dict[str, Any], scale: float) -> float:
 
 
 def rope_from_config(config, head_dim: int, *, interleaved: bool = False, max_position: int | None = None,
-                     layer_type: str | None = None) -> RotaryEmbedding:
+                     layer_type: str | None = None, partial_rotary: bool = True) -> RotaryEmbedding:
     """The rotary embedding a Hugging Face config describes (see ``rope_parameters``).
 
     ``head_dim``: the dims per head the rotation applies to (a part of them with
-    ``partial_rotary_factor``, or GPT-J's ``rotary_dim``); ``interleaved``: GPT-J's layout, which
-    configs do not state; ``max_position``: the longest sequence served (default
+    ``partial_rotary_factor``, or GPT-J's ``rotary_dim``, unless ``partial_rotary`` is off: for a
+    family whose transformers class turns whole heads whatever those fields say); ``interleaved``:
+    GPT-J's layout, which configs do not state; ``max_position``: the longest sequence served (default
     ``max_position_embeddings``), which decides the length-dependent scalings (module docstring)."""
     params = rope_parameters(config, layer_type)
-    rotary_dim = getattr(config, "rotary_dim", None) or int(head_dim * params["partial_rotary_factor"])
+    rotary_dim = head_dim
+    if partial_rotary:
+        rotary_dim = getattr(config, "rotary_dim", None) or int(head_dim * params["partial_rotary_factor"])
     scaling = params if params["rope_type"] != "default" else None
     max_position = max_position or config.max_position_embeddings
     # LongRoPE serving only sequences within the original length needs the short table alone.

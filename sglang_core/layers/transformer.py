@@ -294,6 +294,13 @@ class DecoderLM(nn.Module):
     for a checkpoint's own layout of experts stored all at once, DBRX's flattened ``w1`` / ``v1`` / ``w2``;
     these too turn on the stacked names).
 
+    ``attention_bias_field`` / ``mlp_bias_field``: the config fields that put biases on the
+    attention projections (all four) and on the MLP, for a family whose transformers class reads
+    them; None where it has no such switch, so a stray field in config.json is ignored as
+    transformers ignores it (Mistral's ``attention_bias``, Qwen2's ``mlp_bias``). ``partial_rotary``:
+    the family turns only part of each head as ``partial_rotary_factor`` says (Phi, StableLM); off,
+    whole heads whatever the config says, as transformers' Llama, Qwen, Gemma, ... do.
+
     ``config_defaults``: the values the architecture's own config class gives fields that
     config.json omits. A custom-code checkpoint's config loads as a plain ``PretrainedConfig`` (its
     configuration_*.py never runs), whose defaults are not the family's (InternLM2's ``bias`` is
@@ -306,6 +313,9 @@ class DecoderLM(nn.Module):
     expert_parts: dict[str, str] = {}
     expert_layouts: Sequence[ExpertMapping] = ()
     config_defaults: dict[str, Any] = {}
+    attention_bias_field: str | None = "attention_bias"
+    mlp_bias_field: str | None = "mlp_bias"
+    partial_rotary = False
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
@@ -329,7 +339,8 @@ class DecoderLM(nn.Module):
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
         """One cos/sin table shared by all layers (per layer it would cost GBs at 128k positions)."""
-        return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position)
+        return rope_from_config(config, HeadShape.from_config(config).head_dim, max_position=ctx.max_position,
+                                partial_rotary=self.partial_rotary)
 
     def make_lm_head(self, config, ctx: ModelContext, bias: bool = False) -> VocabParallelEmbedding:
         """The output projection: the embedding table itself when tied. A ``bias`` (Phi-2) is the
@@ -351,7 +362,7 @@ class DecoderLM(nn.Module):
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides: Any) -> nn.Module:
-        bias = getattr(config, "attention_bias", False)
+        bias = config_flag(config, self.attention_bias_field)
         options = {"qkv_bias": bias, "o_bias": bias, "sliding_window": getattr(config, "sliding_window", None),
                    **overrides}
         return SelfAttention(ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, config.hidden_size,
@@ -359,7 +370,7 @@ class DecoderLM(nn.Module):
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
-                        getattr(config, "hidden_act", "silu"), getattr(config, "mlp_bias", False))
+                        getattr(config, "hidden_act", "silu"), config_flag(config, self.mlp_bias_field))
 
     def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
         return DecoderLayer(self.make_attention(config, ctx, layer_id, rotary), self.make_mlp(config, ctx, layer_id),
@@ -397,6 +408,11 @@ class DecoderLM(nn.Module):
         missing = {n for n in params if n not in loaded and n not in shared}
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def config_flag(config, field: str | None) -> bool:
+    """``config.<field>`` as a bool: False when the config lacks it or ``field`` is None (no such switch)."""
+    return bool(field and getattr(config, field, False))
 
 
 def layer_prefix(layer_id: int) -> str:

@@ -11,8 +11,8 @@ before rotary, with a scale per head (``q_norm.weight`` is ``[heads, head_dim]``
 
 ``Cohere2ForCausalLM`` interleaves sliding-window and full layers (``layer_types``): a
 ``sliding_attention`` layer attends over the last ``sliding_window`` tokens with rotary, a
-``full_attention`` layer over every token with no position encoding at all (as transformers applies
-rotary only where the layer has a window, a null ``sliding_window`` leaves every layer without it).
+``full_attention`` layer over every token with no position encoding at all. A sliding layer needs a
+``sliding_window`` (transformers cannot build its mask without one).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CommandR(DecoderLM):
 
     def make_rotary(self, config, ctx):
         return rope_from_config(config, HeadShape.from_config(config).head_dim, interleaved=True,
-                                max_position=ctx.max_position)
+                                max_position=ctx.max_position, partial_rotary=False)
 
     def make_norm(self, config, ctx):
         return LayerNorm(config.hidden_size, config.layer_norm_eps, bias=False, params_dtype=ctx.dtype)
@@ -65,5 +65,8 @@ class Cohere2ForCausalLM(CommandR):
         if kind not in LAYER_TYPES:
             raise ValueError(f"layer_types: layer {layer_id} is {kind!r}, expected one of {', '.join(LAYER_TYPES)}")
         window = config.sliding_window if kind == "sliding_attention" else None
+        if kind == "sliding_attention" and window is None:
+            raise ValueError(f"sliding_window: layer {layer_id} is a sliding_attention layer but the config has no "
+                             "sliding_window")
         return super().make_attention(config, ctx, layer_id, rotary if window is not None else None,
                                       **{"sliding_window": window, **overrides})

@@ -39,11 +39,16 @@ def check_causal(config) -> None:
 
 
 def check_layer_types(config) -> None:
-    """``layer_types``: one of ``LAYER_TYPES`` per layer (the config fills it in from older fields)."""
+    """``layer_types``: one of ``LAYER_TYPES`` per layer (the config fills it in from older fields),
+    and a ``sliding_window`` for the sliding ones."""
     kinds = list(config.layer_types)
     if len(kinds) != config.num_hidden_layers or any(kind not in LAYER_TYPES for kind in kinds):
         raise ValueError(f"layer_types: need one of {LAYER_TYPES} for each of the {config.num_hidden_layers} layers, "
                          f"got {kinds}")
+    if "sliding_attention" in kinds and config.sliding_window is None:
+        # transformers cannot build a sliding layer's mask without a window either.
+        raise ValueError(f"sliding_window: layer {kinds.index('sliding_attention')} is a sliding_attention layer but "
+                         "the config has no sliding_window")
 
 
 class GemmaForCausalLM(DecoderLM):
@@ -58,6 +63,12 @@ class GemmaForCausalLM(DecoderLM):
     def make_norm(self, config, ctx: ModelContext, size: int | None = None) -> nn.Module:
         """A ``1 + w`` RMSNorm over ``size`` features (default ``hidden_size``)."""
         return RMSNorm(size or config.hidden_size, config.rms_norm_eps, ctx.dtype, weight_offset=1.0)
+
+    def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
+                       **overrides) -> nn.Module:
+        """Gemma 1 attends over the whole sequence (transformers' Gemma reads no ``sliding_window``);
+        Gemma 2 and 3 pass each layer's window."""
+        return super().make_attention(config, ctx, layer_id, rotary, **{"sliding_window": None, **overrides})
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         return GatedMLP(ctx, f"{layer_prefix(layer_id)}.mlp", config.hidden_size, config.intermediate_size,
@@ -89,7 +100,8 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     def make_rotary(self, config, ctx: ModelContext) -> dict[str, RotaryEmbedding]:
         """One table per layer type (``rope_parameters[layer_type]``), shared by its layers."""
         head_dim = HeadShape.from_config(config).head_dim
-        return {kind: rope_from_config(config, head_dim, max_position=ctx.max_position, layer_type=kind)
+        return {kind: rope_from_config(config, head_dim, max_position=ctx.max_position, layer_type=kind,
+                                       partial_rotary=False)
                 for kind in sorted(set(config.layer_types))}
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: dict[str, RotaryEmbedding],

@@ -48,8 +48,9 @@ class GraniteMoeForCausalLM(DecoderLM):
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
-        return super().make_attention(config, ctx, layer_id, rotary, scaling=float(config.attention_multiplier),
-                                      **overrides)
+        # Full attention on every layer: transformers' Granite MoE reads no sliding_window.
+        options = {"scaling": float(config.attention_multiplier), "sliding_window": None, **overrides}
+        return super().make_attention(config, ctx, layer_id, rotary, **options)
 
     def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
         layer = super().make_layer(config, ctx, layer_id, rotary)

@@ -27,6 +27,7 @@ class InternLM2ForCausalLM(DecoderLM):
     # InternLM2Config's defaults (configuration_internlm2.py) that differ from the core's, for
     # fields a config.json may omit.
     config_defaults = {"bias": True, "rms_norm_eps": 1e-6}
+    mlp_bias_field = None  # modeling_internlm2.py's MLP has no bias
     checkpoint_renames = (
         (r"^model\.tok_embeddings\.", "model.embed_tokens."),
         (r"\.attention\.wqkv\.", ".self_attn.qkv_proj."),

@@ -8,4 +8,4 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 @hookimpl
 def register_models(register):
     for arch in ARCHITECTURES:
-        register(arch, "sglang_plugins.models.llama.model:LlamaForCausalLM")
+        register(arch, f"sglang_plugins.models.llama.model:{arch}")

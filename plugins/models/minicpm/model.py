@@ -28,6 +28,7 @@ class MiniCPMForCausalLM(DecoderLM):
     # a config.json may omit.
     config_defaults = {"tie_word_embeddings": True, "rms_norm_eps": 1e-6, "scale_emb": 1, "dim_model_base": 1,
                        "scale_depth": 1}
+    mlp_bias_field = None  # modeling_minicpm.py's MLP has no bias
 
     def __init__(self, config, ctx: ModelContext):
         _check_supported(config)

@@ -19,6 +19,7 @@ from sglang_core.model_executor.model_api import ModelContext
 class MixtralForCausalLM(DecoderLM):
     checkpoint_renames = ((r"\.block_sparse_moe\.", ".mlp."),)
     expert_parts = {"w1": "gate", "w3": "up", "w2": "down"}
+    attention_bias_field = None  # transformers' Mixtral reads no attention_bias: never biased
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         routing = Routing(config.num_experts_per_tok, renormalize=True)

@@ -42,6 +42,8 @@ class PostNormDecoderLayer(nn.Module):
 
 
 class Olmo2ForCausalLM(DecoderLM):
+    mlp_bias_field = None  # transformers' OLMo 2 MLP has no bias, whatever config.json says
+
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
         shape = HeadShape.from_config(config)

@@ -28,6 +28,7 @@ from sglang_core.model_executor.model_api import ModelContext
 
 
 class PhiForCausalLM(DecoderLM):
+    partial_rotary = True
     stacked_params = {part: QKV_GATE_UP[part] for part in ("q_proj", "k_proj", "v_proj")}
     checkpoint_renames = (
         (r"\.self_attn\.dense\.", ".self_attn.o_proj."),
@@ -66,4 +67,9 @@ class PhiForCausalLM(DecoderLM):
 
 class Phi3ForCausalLM(DecoderLM):
     """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring),
-    LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``)."""
+    LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``); it has no
+    biases (transformers' Phi-3 reads no ``attention_bias`` or ``mlp_bias``)."""
+
+    attention_bias_field = None
+    mlp_bias_field = None
+    partial_rotary = True

@@ -36,7 +36,10 @@ def layer_window(config, layer_id: int) -> int | None:
 
 
 class Qwen2ForCausalLM(DecoderLM):
-    """Qwen 1.5, 2 and 2.5: q/k/v biases, no o_proj bias, per-layer sliding windows."""
+    """Qwen 1.5, 2 and 2.5: q/k/v biases, no o_proj bias, per-layer sliding windows; no MLP bias
+    (nor in Qwen 3: transformers reads no ``mlp_bias`` for either)."""
+
+    mlp_bias_field = None
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:

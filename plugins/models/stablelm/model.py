@@ -25,6 +25,8 @@ from sglang_core.model_executor.model_api import ModelContext
 
 
 class StableLmForCausalLM(DecoderLM):
+    partial_rotary = True
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__(config, ctx)
         if config.qk_layernorm:

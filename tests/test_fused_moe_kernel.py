@@ -17,6 +17,8 @@ import torch
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
+from sglang_core.layers import moe as moe_layer  # noqa: E402
+from sglang_core.layers.moe_router import Routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -84,6 +86,9 @@ CASES = [
     Case(experts=8, top_k=2, tokens=17, dtype=torch.bfloat16, unused_experts=(3,)),
     Case(experts=5, top_k=2, tokens=1, dtype=torch.float32, hidden=20, inter=7, strided_routing=True),
     Case(experts=5, top_k=3, tokens=3, dtype=torch.float32, hidden=33, inter=13, strided_routing=True),
+    # Grok-1's erf GELU at decode (one token: the unsorted path) and a tanh-GELU config's batch.
+    Case(experts=8, top_k=2, tokens=1, dtype=torch.bfloat16, activation="gelu"),
+    Case(experts=4, top_k=2, tokens=9, dtype=torch.bfloat16, activation="gelu_tanh", unused_experts=(2,)),
 ]
 
 
@@ -195,6 +200,33 @@ def test_fused_moe_refuses_bad_arguments() -> None:
         moe.fused_moe(hidden, w13.half(), w2, topk_weights, topk_ids)
     with pytest.raises(ValueError, match="topk_weights"):
         moe.fused_moe(hidden, w13, w2, topk_weights[:2], topk_ids)
+
+
+@pytest.mark.parametrize("hidden_act, activation, tokens", [
+    ("gelu", "gelu", 1), ("gelu_pytorch_tanh", "gelu_tanh", 6), ("gelu_new", "gelu_tanh", 1), ("silu", "silu", 6)])
+def test_moe_layer_runs_every_kernel_activation_fused(hidden_act: str, activation: str, tokens: int,
+                                                      monkeypatch) -> None:
+    """Where the kernel is available (made so on CPU: the interpreter runs it), an MoE layer hands
+    it its experts for every gate activation the kernel computes, the GELU variant the config's
+    ``hidden_act`` means (erf or tanh); the sum is the float64 experts' of that variant."""
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    activations = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args: activations.append(args[5]) or fused(*args))
+    hidden_size, experts, inter = 40, 6, 24
+    block = moe_layer.MoE(hidden_size, experts, inter, Routing(2), hidden_act)
+    gen = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        block.gate.weight.copy_(torch.randn(experts, hidden_size, generator=gen))
+        # Gate values of a few units, where erf and tanh GELU differ most.
+        block.experts.w13_weight.copy_(torch.randn(experts, 2 * inter, hidden_size, generator=gen) * 0.4)
+        block.experts.w2_weight.copy_(torch.randn(experts, hidden_size, inter, generator=gen) / inter ** 0.5)
+        x = torch.randn(tokens, hidden_size, generator=gen)
+        topk_weights, topk_ids = block.gate(x)
+        got = block(x)
+    assert activations == [activation]
+    expected = reference(x, block.experts.w13_weight, block.experts.w2_weight, topk_weights, topk_ids, activation)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -48,6 +48,17 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
 
 
+def test_rms_norm_of_leading_columns() -> None:
+    """The first columns of a wider projection normed in place of a copy (MLA's latent, the first
+    ``kv_lora_rank`` of ``kv_a_proj_with_mqa``'s outputs): rows read by their stride."""
+    torch.manual_seed(3)
+    norm = RMSNorm(64, 1e-6).to(DEVICE)
+    norm.weight.data = torch.randn(64, device=DEVICE)
+    projected = torch.randn(5, 80, device=DEVICE) * 3
+    got = fused.rms_norm(projected[:, :64], norm.weight, norm.eps)
+    torch.testing.assert_close(got, torch_path(norm, projected[:, :64].contiguous()), **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [64, 96])
 def test_rms_norm_with_pre_norm(dtype: torch.dtype, hidden: int) -> None:

@@ -5,8 +5,8 @@ expert. ``align_by_expert`` sorts the pairs by expert and pads each expert's run
 of ``BLOCK_M``, so that every block of ``BLOCK_M`` sorted pairs belongs to one expert. The first
 kernel multiplies each block's hidden rows by its expert's gate and up rows (one tile of ``N``
 each) and applies the activation in its epilogue; the second multiplies those by the expert's
-down weight and scales each row by its routing weight. Each pair's row is then summed over its
-``k`` choices in float32 and rounded once. No atomics: each pair has its own output row.
+down weight and scales each row by its routing weight. A third sums each token's rows over its
+``k`` choices in float32 and rounds once. No atomics: each pair has its own output row.
 
 Expert parallelism: a pair whose id is ``-1`` (another rank holds its expert) is sorted into
 blocks of expert ``-1`` after the experts' runs; the first kernel skips them and the second
@@ -251,6 +251,19 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _sum_pairs_kernel(Pairs, Result, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """``Result[t] = sum_j Pairs[t * TOP_K + j]`` in float32, rounded once to Result's dtype."""
+    pdl_enter(USE_PDL)
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(Pairs + (token * TOP_K + j) * hidden + cols, mask=ok, other=0.0)
+    tl.store(Result + token * hidden + cols, acc.to(Result.dtype.element_ty), mask=ok)
+
+
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
     """Tiles for a shape no tuned file covers: blocks about as tall as an expert's share of the
     pairs (small batches waste little on padding), 64-wide tiles otherwise."""
@@ -389,4 +402,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
         act, w, s, z, sorted_pairs, block_expert, flat_weights, out, pairs, num_blocks,
         hidden_size, inter, act.stride(0), out.stride(0), *w2_rest, **w2_format, **tiles)
-    return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)
+    # Each token's k rows summed and rounded in one launch (a sum and a cast would be two).
+    result = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    sum_block = 1024
+    _sum_pairs_kernel[(tokens, triton.cdiv(hidden_size, sum_block))](out, result, hidden_size, TOP_K=top_k,
+                                                                     BLOCK=sum_block, **launch_options(hidden))
+    return result

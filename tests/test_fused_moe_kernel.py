@@ -19,6 +19,8 @@ pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
 from sglang_core.layers import moe as moe_layer  # noqa: E402
 from sglang_core.layers.moe_router import Routing  # noqa: E402
+from sglang_core.layers.parallel import TPGroup  # noqa: E402
+from test_moe_layer import HIDDEN, TOKENS, load_block, our_block, qwen2_moe_block  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -212,7 +214,7 @@ def test_moe_layer_runs_every_kernel_activation_fused(hidden_act: str, activatio
     monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
     activations = []
     fused = moe.fused_moe
-    monkeypatch.setattr(moe, "fused_moe", lambda *args: activations.append(args[5]) or fused(*args))
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: activations.append(args[5]) or fused(*args, **kwargs))
     hidden_size, experts, inter = 40, 6, 24
     block = moe_layer.MoE(hidden_size, experts, inter, Routing(2), hidden_act)
     gen = torch.Generator().manual_seed(tokens)
@@ -227,6 +229,35 @@ def test_moe_layer_runs_every_kernel_activation_fused(hidden_act: str, activatio
     assert activations == [activation]
     expected = reference(x, block.experts.w13_weight, block.experts.w2_weight, topk_weights, topk_ids, activation)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# float16, not bfloat16: Triton's interpreter truncates float32 to bfloat16 where a GPU rounds to nearest.
+@pytest.mark.parametrize("tokens, dtype", [(1, torch.float16), (6, torch.float32)])
+def test_an_addend_in_the_last_launch_equals_adding_after(tokens: int, dtype: torch.dtype) -> None:
+    """A shared expert's output added in the sum's launch rounds as a separate add of the result."""
+    hidden, w13, w2, topk_weights, topk_ids = routed(Case(experts=4, top_k=2, tokens=tokens, dtype=dtype), seed=2)
+    addend = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3)).to(dtype=dtype, device=DEVICE)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES, addend=addend)
+    assert torch.equal(got, moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES) + addend)
+    with pytest.raises(ValueError, match="addend"):
+        moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, addend=addend[:, :-1])
+
+
+def test_moe_layer_adds_its_shared_expert_in_the_kernel(monkeypatch) -> None:
+    """On one rank, a block with a (gated) shared expert hands its output to the kernel's last
+    launch; the block still computes Qwen2-MoE's sparse block."""
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    addends = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: addends.append(kwargs["addend"])
+                        or fused(*args, **kwargs))
+    block, config = qwen2_moe_block(seed=3)
+    ours = our_block(config, TPGroup())
+    load_block(ours, block)
+    x = torch.randn(TOKENS, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), block(x[None])[0], atol=1e-5, rtol=1e-5)
+    assert len(addends) == 1 and addends[0] is not None
 
 
 @pytest.mark.gpu

@@ -20,7 +20,9 @@ input), computes only the pairs of its experts (the others' ids are ``NOT_LOCAL`
 expert computation here and the fused kernel skip) and the same one all-reduce sums the ranks'
 parts. The shared expert stays tensor-parallel: every token goes through it, so split by its
 intermediate size each rank does ``1 / tp`` of its work (replicated, every rank would do all of
-it), and its reduction is the dense MLP's.
+it), and its reduction is the dense MLP's. On one rank (nothing reduced in between) with float
+experts, the shared expert runs first and ``run_experts`` adds its output in the fused kernel's
+last launch (``addend``), one launch fewer per layer than adding it after.
 """
 
 from __future__ import annotations
@@ -112,14 +114,16 @@ def fused_moe_activation(hidden: torch.Tensor, act: nn.Module) -> str | None:
 
 
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """The routed experts' weighted sum: the fused kernel where it applies, else the reference."""
+                topk_ids: torch.Tensor, act: nn.Module, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' weighted sum (plus ``addend``, in the kernel's last launch): the fused
+    kernel where it applies, else the reference."""
     activation = fused_moe_activation(hidden, act)
     if activation is not None:
         from sglang_core.kernels.fused_moe import fused_moe
 
-        return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
-    return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+        return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, addend=addend)
+    out = experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+    return out if addend is None else out + addend
 
 
 class KernelExpertsMethod(ExpertsQuantMethod):
@@ -182,15 +186,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         topk_ids = self.experts.local_ids(topk_ids)
-        method = self.experts.quant_method
-        if method is not None:
-            out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)
-        else:
-            out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act)
-        out = self.tp.all_reduce(out)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        method = self.experts.quant_method
+        # On one rank (no all-reduce between) float experts add the shared output in their last launch.
+        add_inside = shared is not None and method is None and self.tp.size == 1
+        if method is not None:
+            out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)
+        else:
+            out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act,
+                              shared if add_inside else None)
+        out = self.tp.all_reduce(out)
+        return out + shared if shared is not None and not add_inside else out

@@ -6,6 +6,8 @@ the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -23,8 +25,6 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 def torch_path(module: torch.nn.Module, *args):
     """The layer's PyTorch code (what runs on CPU), whatever device the tensors are on."""
-    from unittest import mock
-
     with mock.patch(f"{type(module).__module__}.use_fused", return_value=False):
         return module(*args)
 
@@ -46,6 +46,17 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
         got = fused.rms_norm(x, norm.weight, norm.eps, residual)
         torch.testing.assert_close(residual, expected_residual, **TOLERANCE[dtype])
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+
+
+def test_rms_norm_of_leading_columns() -> None:
+    """The first columns of a wider projection normed in place of a copy (MLA's latent, the first
+    ``kv_lora_rank`` of ``kv_a_proj_with_mqa``'s outputs): rows read by their stride."""
+    torch.manual_seed(3)
+    norm = RMSNorm(64, 1e-6).to(DEVICE)
+    norm.weight.data = torch.randn(64, device=DEVICE)
+    projected = torch.randn(5, 80, device=DEVICE) * 3
+    got = fused.rms_norm(projected[:, :64], norm.weight, norm.eps)
+    torch.testing.assert_close(got, torch_path(norm, projected[:, :64].contiguous()), **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -144,33 +155,33 @@ def test_rotary_interleaved(dtype: torch.dtype, head_dim: int, rotary_dim: int |
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
     positions = torch.tensor([0, 1, 511, 512, 1500, 2047], device=DEVICE)
     expected_q, expected_k = torch_path(rope, positions, q.clone(), k.clone())
-    from unittest import mock
-
     with mock.patch("sglang_core.layers.rotary.use_fused", return_value=True):
         got_q, got_k = rope(positions, q, k)
     torch.testing.assert_close(got_q, expected_q, **TOLERANCE[dtype])
     torch.testing.assert_close(got_k, expected_k, **TOLERANCE[dtype])
 
 
-def test_rotary_of_fused_qkv_views_in_one_launch() -> None:
-    """q and k sliced from one QKV output are rotated as one tensor (one launch), same result."""
-    from sglang_core.layers.rotary import _adjacent_heads
-
-    rope = RotaryEmbedding(64, 512, 10000.0).to(DEVICE)
-    tokens, heads, kv_heads = 5, 4, 2
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * 64, device=DEVICE)
-    q, k, v = qkv.split([heads * 64, kv_heads * 64, kv_heads * 64], dim=-1)
-    q, k = q.view(tokens, heads, 64), k.view(tokens, kv_heads, 64)
-    assert _adjacent_heads(k, q) is None  # k does not precede q
-    both = _adjacent_heads(q, k)
-    assert both is not None and both.shape == (tokens, heads + kv_heads, 64)
+def test_rotary_of_q_and_k_from_separate_tensors_in_one_launch(monkeypatch) -> None:
+    """MLA's layout: q's rotary part a slice of each head of the query projection, k's one head a
+    slice of another tensor (so are Qwen3's normed heads). The layer rotates both in one launch,
+    as the PyTorch path does, and leaves the columns around them alone."""
+    rope = RotaryEmbedding(16, 512, 10000.0, interleaved=True).to(DEVICE)
+    tokens, heads, nope, rank = 5, 4, 24, 32
+    queries = torch.randn(tokens, heads, nope + 16, device=DEVICE)
+    latents = torch.randn(tokens, rank + 16, device=DEVICE)
+    q_pe, k_pe = queries[..., nope:], latents[:, rank:].view(tokens, 1, 16)
     positions = torch.tensor([3, 0, 511, 7, 100], device=DEVICE)
-    expected_q, expected_k = torch_path(rope, positions, q.clone(), k.clone())
-    v_before = v.clone()
-    fused.rotary_inplace(both, positions, rope.cos_cache[:, :32], rope.sin_cache[:, :32], 64)
-    torch.testing.assert_close(q, expected_q, **TOLERANCE[torch.float32])
-    torch.testing.assert_close(k, expected_k, **TOLERANCE[torch.float32])
-    assert torch.equal(v, v_before)
+    expected_q, expected_k = torch_path(rope, positions, q_pe.clone(), k_pe.clone())
+    untouched = queries[..., :nope].clone(), latents[:, :rank].clone()
+    launches = []
+    kernel = fused.rotary_inplace
+    monkeypatch.setattr(fused, "rotary_inplace", lambda *args, **kwargs: launches.append(1) or kernel(*args, **kwargs))
+    with mock.patch("sglang_core.layers.rotary.use_fused", return_value=True):
+        rope(positions, q_pe, k_pe)
+    assert len(launches) == 1
+    torch.testing.assert_close(q_pe, expected_q, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(k_pe, expected_k, **TOLERANCE[torch.float32])
+    assert torch.equal(queries[..., :nope], untouched[0]) and torch.equal(latents[:, :rank], untouched[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,6 +17,10 @@ import torch
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
+from sglang_core.layers import moe as moe_layer  # noqa: E402
+from sglang_core.layers.moe_router import Routing  # noqa: E402
+from sglang_core.layers.parallel import TPGroup  # noqa: E402
+from test_moe_layer import HIDDEN, TOKENS, load_block, our_block, qwen2_moe_block  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -84,6 +88,9 @@ CASES = [
     Case(experts=8, top_k=2, tokens=17, dtype=torch.bfloat16, unused_experts=(3,)),
     Case(experts=5, top_k=2, tokens=1, dtype=torch.float32, hidden=20, inter=7, strided_routing=True),
     Case(experts=5, top_k=3, tokens=3, dtype=torch.float32, hidden=33, inter=13, strided_routing=True),
+    # Grok-1's erf GELU at decode (one token: the unsorted path) and a tanh-GELU config's batch.
+    Case(experts=8, top_k=2, tokens=1, dtype=torch.bfloat16, activation="gelu"),
+    Case(experts=4, top_k=2, tokens=9, dtype=torch.bfloat16, activation="gelu_tanh", unused_experts=(2,)),
 ]
 
 
@@ -195,6 +202,62 @@ def test_fused_moe_refuses_bad_arguments() -> None:
         moe.fused_moe(hidden, w13.half(), w2, topk_weights, topk_ids)
     with pytest.raises(ValueError, match="topk_weights"):
         moe.fused_moe(hidden, w13, w2, topk_weights[:2], topk_ids)
+
+
+@pytest.mark.parametrize("hidden_act, activation, tokens", [
+    ("gelu", "gelu", 1), ("gelu_pytorch_tanh", "gelu_tanh", 6), ("gelu_new", "gelu_tanh", 1), ("silu", "silu", 6)])
+def test_moe_layer_runs_every_kernel_activation_fused(hidden_act: str, activation: str, tokens: int,
+                                                      monkeypatch) -> None:
+    """Where the kernel is available (made so on CPU: the interpreter runs it), an MoE layer hands
+    it its experts for every gate activation the kernel computes, the GELU variant the config's
+    ``hidden_act`` means (erf or tanh); the sum is the float64 experts' of that variant."""
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    activations = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: activations.append(args[5]) or fused(*args, **kwargs))
+    hidden_size, experts, inter = 40, 6, 24
+    block = moe_layer.MoE(hidden_size, experts, inter, Routing(2), hidden_act)
+    gen = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        block.gate.weight.copy_(torch.randn(experts, hidden_size, generator=gen))
+        # Gate values of a few units, where erf and tanh GELU differ most.
+        block.experts.w13_weight.copy_(torch.randn(experts, 2 * inter, hidden_size, generator=gen) * 0.4)
+        block.experts.w2_weight.copy_(torch.randn(experts, hidden_size, inter, generator=gen) / inter ** 0.5)
+        x = torch.randn(tokens, hidden_size, generator=gen)
+        topk_weights, topk_ids = block.gate(x)
+        got = block(x)
+    assert activations == [activation]
+    expected = reference(x, block.experts.w13_weight, block.experts.w2_weight, topk_weights, topk_ids, activation)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# float16, not bfloat16: Triton's interpreter truncates float32 to bfloat16 where a GPU rounds to nearest.
+@pytest.mark.parametrize("tokens, dtype", [(1, torch.float16), (6, torch.float32)])
+def test_an_addend_in_the_last_launch_equals_adding_after(tokens: int, dtype: torch.dtype) -> None:
+    """A shared expert's output added in the sum's launch rounds as a separate add of the result."""
+    hidden, w13, w2, topk_weights, topk_ids = routed(Case(experts=4, top_k=2, tokens=tokens, dtype=dtype), seed=2)
+    addend = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3)).to(dtype=dtype, device=DEVICE)
+    got = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES, addend=addend)
+    assert torch.equal(got, moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, config=SMALL_TILES) + addend)
+    with pytest.raises(ValueError, match="addend"):
+        moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, addend=addend[:, :-1])
+
+
+def test_moe_layer_adds_its_shared_expert_in_the_kernel(monkeypatch) -> None:
+    """On one rank, a block with a (gated) shared expert hands its output to the kernel's last
+    launch; the block still computes Qwen2-MoE's sparse block."""
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    addends = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: addends.append(kwargs["addend"])
+                        or fused(*args, **kwargs))
+    block, config = qwen2_moe_block(seed=3)
+    ours = our_block(config, TPGroup())
+    load_block(ours, block)
+    x = torch.randn(TOKENS, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), block(x[None])[0], atol=1e-5, rtol=1e-5)
+    assert len(addends) == 1 and addends[0] is not None
 
 
 @pytest.mark.gpu

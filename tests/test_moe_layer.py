@@ -15,7 +15,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from sglang_core.layers.activation import gated_act_fn
 from sglang_core.layers.experts import NOT_LOCAL
-from sglang_core.layers.moe import MoE, experts_dense, experts_reference, run_experts
+from sglang_core.layers.moe import MoE, experts_dense, experts_reference
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.layers.transformer import QKV_GATE_UP, GatedMLP
@@ -180,14 +180,15 @@ def test_experts_skip_pairs_of_another_ranks_experts(experts) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_non_silu_experts_capture_in_a_cuda_graph() -> None:
-    """Experts without the fused kernel (a GELU gate) inside a CUDA graph, as decode runs them."""
+def test_reference_experts_capture_in_a_cuda_graph() -> None:
+    """The reference experts (what runs where the fused kernel cannot: act-order quantized experts,
+    a gate activation outside the kernel's) inside a CUDA graph, as decode runs them."""
     hidden, w13, w2, weights, ids = routed_problem("cuda")
     act = gated_act_fn("gelu_pytorch_tanh")
-    run_experts(hidden, w13, w2, weights, ids, act)  # warm-up outside the capture
+    experts_reference(hidden, w13, w2, weights, ids, act)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run_experts(hidden, w13, w2, weights, ids, act)
+        out = experts_reference(hidden, w13, w2, weights, ids, act)
     graph.replay()
     expected = experts_float64(*(t.cpu() for t in (hidden, w13, w2, weights, ids)), "gelu_pytorch_tanh")
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)

@@ -171,12 +171,8 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
-    token = tl.program_id(0)
-    pos = tl.load(Positions + token)
+def _rotate_heads(X, token, pos, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     half = tl.arange(0, BLOCK_HALF)
     ok = (heads[:, None] < num_heads) & (half[None, :] < HALF)
@@ -198,22 +194,43 @@ def _rope_kernel(X, Positions, Cos, Sin, stride_xt, stride_xh, stride_c, num_hea
     tl.store(second, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
 
 
+@triton.jit
+def _rope_kernel(X, Y, Positions, Cos, Sin, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, x_heads, y_heads,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """One token's heads of ``X`` (program 0 along axis 1) or of ``Y`` (program 1)."""
+    pdl_enter(USE_PDL)
+    token = tl.program_id(0)
+    pos = tl.load(Positions + token)
+    if tl.program_id(1) == 0:
+        _rotate_heads(X, token, pos, Cos, Sin, stride_xt, stride_xh, stride_c, x_heads, HALF, BLOCK_H, BLOCK_HALF,
+                      INTERLEAVED)
+    else:
+        _rotate_heads(Y, token, pos, Cos, Sin, stride_yt, stride_yh, stride_c, y_heads, HALF, BLOCK_H, BLOCK_HALF,
+                      INTERLEAVED)
+
+
 @opaque_to_compiler
 def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   rotary_dim: int, interleaved: bool = False) -> None:
+                   rotary_dim: int, interleaved: bool = False, other: torch.Tensor | None = None) -> None:
     """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place,
-    in the "rotate half" layout or, with ``interleaved``, GPT-J's pairs of neighbours.
+    in the "rotate half" layout or, with ``interleaved``, GPT-J's pairs of neighbours; ``other``
+    (the same tokens' keys: [T, kv_heads, any head_dim], anywhere in memory) in the same launch.
     ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32, one column per frequency."""
     tokens, heads, _ = x.shape
     if tokens == 0:
         return
-    if x.stride(2) != 1:
-        raise ValueError("rotary_inplace: the head dimension must be contiguous")
+    for name, tensor in (("x", x), ("other", other)):
+        if tensor is not None and tensor.stride(2) != 1:
+            raise ValueError(f"rotary_inplace: {name}'s head dimension must be contiguous")
+    if other is not None and other.shape[0] != tokens:
+        raise ValueError(f"rotary_inplace: other has {other.shape[0]} tokens, x {tokens}")
+    y = x if other is None else other
     half = rotary_dim // 2
-    _rope_kernel[(tokens,)](x, positions, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
-                            HALF=half, BLOCK_H=triton.next_power_of_2(heads),
-                            BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved, num_warps=4,
-                            **launch_options(x))
+    _rope_kernel[(tokens, 1 if other is None else 2)](
+        x, y, positions, cos, sin, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), heads,
+        y.shape[1], HALF=half, BLOCK_H=triton.next_power_of_2(max(heads, y.shape[1])),
+        BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved, num_warps=4, **launch_options(x))
 
 
 @triton.jit

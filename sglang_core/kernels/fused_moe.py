@@ -5,8 +5,8 @@ expert. ``align_by_expert`` sorts the pairs by expert and pads each expert's run
 of ``BLOCK_M``, so that every block of ``BLOCK_M`` sorted pairs belongs to one expert. The first
 kernel multiplies each block's hidden rows by its expert's gate and up rows (one tile of ``N``
 each) and applies the activation in its epilogue; the second multiplies those by the expert's
-down weight and scales each row by its routing weight. Each pair's row is then summed over its
-``k`` choices in float32 and rounded once. No atomics: each pair has its own output row.
+down weight and scales each row by its routing weight. A third sums each token's rows over its
+``k`` choices in float32 and rounds once. No atomics: each pair has its own output row.
 
 Expert parallelism: a pair whose id is ``-1`` (another rank holds its expert) is sorted into
 blocks of expert ``-1`` after the experts' runs; the first kernel skips them and the second
@@ -251,6 +251,25 @@ def _down_kernel(Act, W2, S2, Z2, SortedPairs, BlockExpert, TopkWeights, Out, nu
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _sum_pairs_kernel(Pairs, Addend, Result, hidden, stride_add, TOP_K: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                      BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """``Result[t] = sum_j Pairs[t * TOP_K + j]`` in float32, rounded once to Result's dtype; plus
+    ``Addend[t]`` after that rounding, as a separate add of two tensors of that dtype rounds."""
+    pdl_enter(USE_PDL)
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(Pairs + (token * TOP_K + j) * hidden + cols, mask=ok, other=0.0)
+    result = acc.to(Result.dtype.element_ty)
+    if HAS_ADDEND:
+        addend = tl.load(Addend + token * stride_add + cols, mask=ok, other=0.0)
+        result = (result.to(tl.float32) + addend.to(tl.float32)).to(Result.dtype.element_ty)
+    tl.store(Result + token * hidden + cols, result, mask=ok)
+
+
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
     """Tiles for a shape no tuned file covers: blocks about as tall as an expert's share of the
     pairs (small batches waste little on padding), 64-wide tiles otherwise."""
@@ -331,7 +350,7 @@ def _check_weights(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts,
 @opaque_to_compiler
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
 
     hidden [T, H]; w13 [E, 2I, H] (each expert's gate rows, then its up rows); w2 [E, H, I]; either
@@ -339,7 +358,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     hidden's dtype; topk_weights [T, k] float32; topk_ids [T, k] (ints in [0, E), or -1 for a pair
     another rank computes under expert parallelism, which adds nothing here); activation
     "silu", "gelu" or "gelu_tanh". Result [T, H] in hidden's dtype; sums in float32. ``config``
-    overrides the tile sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose."""
+    overrides the tile sizes (fields ``CONFIG_FIELDS``) that ``launch_config`` would choose.
+    ``addend`` [T, H] in hidden's dtype (a shared expert's output) is added to the rounded result
+    in the last launch, equal to adding it after the call."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
     _check_weights(hidden, w13, w2)
@@ -350,6 +371,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != tokens:
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
                          f"must both be [{tokens}, k]")
+    if addend is not None and (addend.shape != hidden.shape or addend.dtype != hidden.dtype
+                               or addend.stride(1) != 1):
+        raise ValueError(f"addend: {tuple(addend.shape)} {addend.dtype} must be hidden's shape and dtype, "
+                         "with contiguous rows")
     if tokens == 0:
         return torch.zeros_like(hidden)
     config = dict(config or launch_config(tokens, top_k, num_experts, inter, hidden.dtype,
@@ -389,4 +414,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | QuantizedExperts, w2: to
     _down_kernel[(num_blocks * triton.cdiv(hidden_size, block_n),)](
         act, w, s, z, sorted_pairs, block_expert, flat_weights, out, pairs, num_blocks,
         hidden_size, inter, act.stride(0), out.stride(0), *w2_rest, **w2_format, **tiles)
-    return out.view(tokens, top_k, hidden_size).sum(1).to(hidden.dtype)
+    # Each token's k rows summed and rounded in one launch (a sum and a cast would be two).
+    result = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    sum_block = 1024
+    _sum_pairs_kernel[(tokens, triton.cdiv(hidden_size, sum_block))](
+        out, result if addend is None else addend, result, hidden_size,
+        hidden_size if addend is None else addend.stride(0), TOP_K=top_k, HAS_ADDEND=addend is not None,
+        BLOCK=sum_block, **launch_options(hidden))
+    return result

@@ -12,6 +12,9 @@ from sglang_core.kernels import use_fused
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for a fused ``[gate | up]`` projection output."""
 
+    # The activation's name as the kernels spell it (``kernels.fused``, ``kernels.fused_moe``).
+    kernel_name = "silu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(x):
             from sglang_core.kernels.fused import silu_and_mul
@@ -30,6 +33,8 @@ class GeluAndMul(nn.Module):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate: must be 'none' or 'tanh', not {approximate!r}")
         self.approximate = approximate
+        # The activation's name as the kernels spell it (``kernels.fused``, ``kernels.fused_moe``).
+        self.kernel_name = "gelu_tanh" if approximate == "tanh" else "gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(x):

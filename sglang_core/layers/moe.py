@@ -1,12 +1,13 @@
 """A mixture-of-experts block: router, stacked routed experts, optional (gated) shared expert.
 
-``run_experts`` is the one seam the experts are computed through: on CUDA with a SiLU gate it is
-the fused Triton kernel (``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both
-take ``(hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and
-return ``[T, H]``, summing the weighted expert outputs in float32. Another activation on CUDA
-runs the reference, which while a CUDA graph is being captured runs every expert on every token
-(``every_expert``: grouping tokens by expert reads each expert's count on the host). A quantized
-MoE layer computes through its ``ExpertsQuantMethod`` instead: where ``fused_moe_applies``, the
+``run_experts`` is the one seam the experts are computed through: on CUDA with a gate activation
+the kernel supports (its ``ACTIVATIONS``: SiLU, erf and tanh GELU) it is the fused Triton kernel
+(``kernels.fused_moe.fused_moe``), elsewhere ``experts_reference``; both take ``(hidden [T, H],
+w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k])`` and return ``[T, H]``,
+summing the weighted expert outputs in float32. Another activation on CUDA runs the reference,
+which while a CUDA graph is being captured runs every expert on every token (``every_expert``:
+grouping tokens by expert reads each expert's count on the host). A quantized MoE layer
+computes through its ``ExpertsQuantMethod`` instead: where ``fused_moe_activation`` names one, the
 fused kernel on its quantized tensors (``kernels.moe_weight.QuantizedExperts``), else
 ``experts_by_expert``, the same per-expert loop over any expert computation (dequantize, then
 multiply).
@@ -19,7 +20,9 @@ input), computes only the pairs of its experts (the others' ids are ``NOT_LOCAL`
 expert computation here and the fused kernel skip) and the same one all-reduce sums the ranks'
 parts. The shared expert stays tensor-parallel: every token goes through it, so split by its
 intermediate size each rank does ``1 / tp`` of its work (replicated, every rank would do all of
-it), and its reduction is the dense MLP's.
+it), and its reduction is the dense MLP's. On one rank (nothing reduced in between) with float
+experts, the shared expert runs first and ``run_experts`` adds its output in the fused kernel's
+last launch (``addend``), one launch fewer per layer than adding it after.
 """
 
 from __future__ import annotations
@@ -98,20 +101,29 @@ def experts_dense(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     return every_expert(hidden, w13.shape[0], _gated_mlp(w13, w2, act), topk_weights, topk_ids)
 
 
-def fused_moe_applies(hidden: torch.Tensor, act: nn.Module) -> bool:
-    """Whether the fused MoE kernel computes experts on ``hidden`` with ``act``: CUDA with Triton and
-    a SiLU gate. Quantized experts' methods ask too, before handing the kernel their packed tensors."""
-    return use_fused(hidden) and isinstance(act, SiluAndMul)
+def fused_moe_activation(hidden: torch.Tensor, act: nn.Module) -> str | None:
+    """The fused MoE kernel's name for ``act`` where the kernel computes experts on ``hidden`` with
+    it (CUDA with Triton, and ``act``'s ``kernel_name`` among the kernel's ``ACTIVATIONS``), else
+    None. Quantized experts' methods ask too, before handing the kernel their packed tensors."""
+    name = getattr(act, "kernel_name", None)
+    if name is None or not use_fused(hidden):
+        return None
+    from sglang_core.kernels.fused_moe import ACTIVATIONS  # imports Triton: only where it runs
+
+    return name if name in ACTIVATIONS else None
 
 
 def run_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """The routed experts' weighted sum: the fused kernel where it applies, else the reference."""
-    if fused_moe_applies(hidden, act):
+                topk_ids: torch.Tensor, act: nn.Module, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' weighted sum (plus ``addend``, in the kernel's last launch): the fused
+    kernel where it applies, else the reference."""
+    activation = fused_moe_activation(hidden, act)
+    if activation is not None:
         from sglang_core.kernels.fused_moe import fused_moe
 
-        return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
-    return experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+        return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, addend=addend)
+    out = experts_reference(hidden, w13, w2, topk_weights, topk_ids, act)
+    return out if addend is None else out + addend
 
 
 class KernelExpertsMethod(ExpertsQuantMethod):
@@ -131,12 +143,13 @@ class KernelExpertsMethod(ExpertsQuantMethod):
 
     def apply(self, layer: nn.Module, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               act: nn.Module) -> torch.Tensor:
-        if fused_moe_applies(hidden, act):
+        activation = fused_moe_activation(hidden, act)
+        if activation is not None:
             w13, w2 = self.fused_weight(layer, "w13"), self.fused_weight(layer, "w2")
             if w13 is not None and w2 is not None:
-                from sglang_core.kernels.fused_moe import fused_moe  # imports Triton: only where it runs
+                from sglang_core.kernels.fused_moe import fused_moe
 
-                return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+                return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
 
         def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
             return self.expert_product(layer, "w2", expert, act(self.expert_product(layer, "w13", expert, x)))
@@ -173,15 +186,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         topk_ids = self.experts.local_ids(topk_ids)
-        method = self.experts.quant_method
-        if method is not None:
-            out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)
-        else:
-            out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act)
-        out = self.tp.all_reduce(out)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        method = self.experts.quant_method
+        # On one rank (no all-reduce between) float experts add the shared output in their last launch.
+        add_inside = shared is not None and method is None and self.tp.size == 1
+        if method is not None:
+            out = method.apply(self.experts, x, topk_weights, topk_ids, self.act)
+        else:
+            out = run_experts(x, self.experts.w13_weight, self.experts.w2_weight, topk_weights, topk_ids, self.act,
+                              shared if add_inside else None)
+        out = self.tp.all_reduce(out)
+        return out + shared if shared is not None and not add_inside else out

@@ -11,7 +11,8 @@ The scoring families the released MoE models use:
   a learned ``e_score_correction_bias``, groups scored by the sum of their two best biased
   scores; the weights are the unbiased scores of the chosen experts.
 
-Every family then multiplies the weights by ``routed_scaling_factor``. Routing runs in float32.
+Every family then multiplies the weights by ``routed_scaling_factor``. Routing runs in float32;
+on CUDA the softmax families without groups or bias run as one kernel (``kernels.moe_topk``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sglang_core.kernels import use_fused
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -117,4 +120,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.to(self.weight.dtype), self.weight)
-        return select_experts(logits, self.routing, self.e_score_correction_bias)
+        routing = self.routing
+        if use_fused(logits) and one_kernel_routing(routing):
+            from sglang_core.kernels.moe_topk import softmax_topk
+
+            return softmax_topk(logits, routing.top_k, routing.renormalize, routing.scaling_factor)
+        return select_experts(logits, routing, self.e_score_correction_bias)
+
+
+def one_kernel_routing(routing: Routing) -> bool:
+    """Whether ``kernels.moe_topk.softmax_topk`` computes ``routing`` (one launch instead of up to
+    six): softmax scores, no groups, no correction bias, renormalised by the sum if at all."""
+    return (routing.scoring == "softmax" and routing.num_groups == 1 and not routing.correction_bias
+            and routing.renormalize_p == 1)

@@ -187,9 +187,7 @@ class RotaryEmbedding(nn.Module):
             else:  # per-token rows from a subclass's cos_sin (M-RoPE)
                 cos, sin = self.cos_sin(positions)
                 rows = torch.arange(q.shape[0], device=q.device)
-            both = _adjacent_heads(q, k)
-            for x in [both] if both is not None else [q, k]:
-                rotary_inplace(x, rows, cos, sin, self.rotary_dim, self.interleaved)
+            rotary_inplace(q, rows, cos, sin, self.rotary_dim, self.interleaved, other=k)  # one launch
             return q, k
         cos, sin = self.cos_sin(positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -290,16 +288,6 @@ def _cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, max_position
     """cos and sin [max_position, len(inv_freq)] of each position's angles, times the attention factor."""
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
-
-
-def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """q and k as one [T, heads + kv_heads, head_dim] view when k's heads follow q's in memory
-    (views of one fused QKV projection), so one kernel launch rotates both; else None."""
-    tokens, heads, dim = q.shape
-    same_layout = q.stride() == k.stride() and q.stride(1) == dim and k.shape[2] == dim and k.shape[0] == tokens
-    if same_layout and k.data_ptr() == q.data_ptr() + heads * dim * q.element_size():
-        return q.as_strided((tokens, heads + k.shape[1], dim), q.stride())
-    return None
 
 
 def rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:

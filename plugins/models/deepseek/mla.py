@@ -122,7 +122,7 @@ class MultiHeadLatentAttention(nn.Module):
         n = x.shape[0]
         q_nope, q_pe = self._queries(x).view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent.contiguous())
+        latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernel reads rows by stride
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
         cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps
         attend = self._expanded if self._expands(batch) else self._absorbed

@@ -181,10 +181,10 @@ class Int8ExpertsMethod(KernelExpertsMethod):
     ``[E, 2I, H]``, ``w2_weight_scale`` ``[E, H, 1]``, ... Activations as the group says: dynamic
     per token (W8A8, symmetric or not) or none (W8A16); a static input scale per expert is not
     supported. CPU (and wherever the fused MoE kernel does not apply): each expert that got tokens
-    multiplies in integers as the linear layers do. Where ``fused_moe_applies`` (CUDA): the fused
-    MoE kernel, weight-only as for FP8 experts (the activations stay 16-bit); it reads 8-bit
-    values offset by 128, four to an int32, so after loading each int8 weight is kept so, the
-    integer path viewing the same bytes back as int8."""
+    multiplies in integers as the linear layers do. Where ``fused_moe_activation`` names the gate's
+    activation (CUDA): the fused MoE kernel, weight-only as for FP8 experts (the activations stay
+    16-bit); it reads 8-bit values offset by 128, four to an int32, so after loading each int8
+    weight is kept so, the integer path viewing the same bytes back as int8."""
 
     def __init__(self, method: Int8Method):
         if method.weight_strategy != "channel":

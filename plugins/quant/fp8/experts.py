@@ -7,12 +7,12 @@ activations. As in the linear method, per-tensor scales stay one per part (gate 
 each keep theirs) and become one per output row after loading; a static input scale is the
 largest of the expert's gate and up scales for its gate_up input (one input, quantized once).
 
-On CUDA (``fused_moe_applies``) the fused MoE kernel computes the experts, dequantizing each
-e4m3 weight tile in registers to the activations' dtype: weight-only FP8, the activations are not
-rounded to e4m3 (see ``kernels/fused_moe.py`` for why). CPU path: each expert that got tokens is
-dequantized and computed in float, its inputs rounded to e4m3 as an FP8 grouped GEMM would (per
-token, per token and block-wide group, or by the static scale); experts no token chose are not
-touched.
+On CUDA (where ``fused_moe_activation`` names the gate's activation) the fused MoE kernel computes
+the experts, dequantizing each e4m3 weight tile in registers to the activations' dtype: weight-only
+FP8, the activations are not rounded to e4m3 (see ``kernels/fused_moe.py`` for why). CPU path: each
+expert that got tokens is dequantized and computed in float, its inputs rounded to e4m3 as an FP8
+grouped GEMM would (per token, per token and block-wide group, or by the static scale); experts no
+token chose are not touched.
 """
 
 from __future__ import annotations

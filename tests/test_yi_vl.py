@@ -54,9 +54,11 @@ def save_tiny_yi_vl(folder):
 
     tokenizer = byte_level_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    # Yi-VL's config.json holds the Llama fields flat, as transformers 4 wrote them (rope_theta, torch_dtype).
+    text_fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    text = LlamaConfig(**text_fields, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0})
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 1,
@@ -72,7 +74,8 @@ def save_tiny_yi_vl(folder):
                 p.normal_(0, 0.1)
     save_file({yi_vl_name(n): t.clone().contiguous() for n, t in model.state_dict().items()},
               str(folder / "model.safetensors"), metadata={"format": "pt"})
-    flat = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+    flat = {**text_fields, "rope_theta": 5000000.0, "torch_dtype": "bfloat16", "use_mm_proj": True,
+            "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "image_grid_pinpoints": None,
             "mm_projector_type": "mlp2x_gelu_Norm", "mm_hidden_size": 32, "mm_vision_select_layer": -2,
             "mm_vision_select_feature": "patch", "mm_vision_tower": f"./{VISION_FOLDER}", "image_aspect_ratio": "pad",
             "mm_use_im_start_end": False, "mm_use_im_patch_token": False}

@@ -91,10 +91,9 @@ class NormProjector(nn.Module):
 class YiVLForCausalLM(LlavaForConditionalGeneration):
     """LLaVA with Yi-VL's projector and tensor names."""
 
-    def __init__(self, config, ctx: ModelContext):
-        super().__init__(config, ctx)
-        self.multi_modal_projector = NormProjector(
-            config.vision_config.hidden_size * len(self.feature_layers), config.text_config.hidden_size, ctx.dtype)
+    def build_projector(self, config, ctx: ModelContext) -> nn.Module:
+        return NormProjector(config.vision_config.hidden_size * len(self.feature_layers),
+                             config.text_config.hidden_size, ctx.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def renamed():

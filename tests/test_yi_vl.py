@@ -19,9 +19,11 @@ from test_llava import MAX_NEW, _check, _image, data_url
 IMAGE_TOKEN = "<image_placeholder>"
 VISION_FOLDER = "vit/clip-vit-tiny-yi-vl"
 PROMPTS = {  # name -> (prompt text, image names); none of the images is square, so each is padded
-    "one": (f"{IMAGE_TOKEN}\nWhat is in the picture?", ["tall"]),
-    "two": (f"Compare {IMAGE_TOKEN} with {IMAGE_TOKEN}, please.", ["noise", "speck"]),
+    "one": ("{image}\nWhat is in the picture?", ["tall"]),
+    "two": ("Compare {image} with {image}, please.", ["noise", "speck"]),
 }
+# Where the tokenizer holds Yi-VL's placeholder as one token it marks an image; else its unknown token does.
+VARIANTS = {"placeholder": IMAGE_TOKEN, "unk": "<unk>"}
 # Yi-VL's checkpoint names for transformers 5's LLaVA modules.
 YI_VL_NAMES = (("model.language_model.", "model."), ("model.vision_tower.", "model.vision_tower.vision_tower."),
                ("model.multi_modal_projector.", "model.mm_projector."))
@@ -45,15 +47,17 @@ def padded_square(image, mean: list[float]):
     return Image.fromarray(canvas)
 
 
-def save_tiny_yi_vl(folder):
+def save_tiny_yi_vl(folder, image_token: str):
     """A tiny Yi-VL checkpoint (CLIP tower of 4x4 patches of 8 pixels, Llama of 2 layers) and the
-    transformers model it was made from, with its image processor and tokenizer."""
+    transformers model it was made from, with its image processor and tokenizer (holding ``image_token``)."""
     from safetensors.torch import save_file
+    from torch import nn
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = byte_level_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if image_token == IMAGE_TOKEN:
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     # Yi-VL's config.json holds the Llama fields flat, as transformers 4 wrote them (rope_theta, torch_dtype).
     text_fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -61,13 +65,14 @@ def save_tiny_yi_vl(folder):
     text = LlamaConfig(**text_fields, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0})
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 1,
+    config = LlavaConfig(text_config=text, vision_config=vision,
+                         image_token_index=tokenizer.convert_tokens_to_ids(image_token),
                          vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).float().eval()
     # Yi-VL's mlp2x_gelu_Norm projector (its Sequential's indices are the checkpoint's names).
-    model.model.multi_modal_projector = torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    model.model.multi_modal_projector = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64),
+                                                      nn.LayerNorm(64))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:  # the language model's and tower's norms stay at one; the projector's are random
@@ -99,22 +104,28 @@ def yi_vl_reference(model, processor, tokenizer, prompt: str, images: list[str])
 
 @pytest.fixture(scope="module")
 def yi_vl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_yi_vl")
-    model, processor, tokenizer = save_tiny_yi_vl(folder)
-    return folder, {name: yi_vl_reference(model, processor, tokenizer, text, images)
-                    for name, (text, images) in PROMPTS.items()}
+    """Each variant's checkpoint folder and the reference's result for each prompt."""
+    checkpoints = {}
+    for variant, token in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(f"tiny_yi_vl_{variant}")
+        model, processor, tokenizer = save_tiny_yi_vl(folder, token)
+        checkpoints[variant] = folder, {
+            name: yi_vl_reference(model, processor, tokenizer, text.format(image=token), images)
+            for name, (text, images) in PROMPTS.items()}
+    return checkpoints
 
 
-def test_yi_vl_checkpoint_matches_reference(yi_vl):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_yi_vl_checkpoint_matches_reference(yi_vl, variant: str):
     """Both prompts in one batch, chunked so an image spans several prefill steps."""
     from sglang_core.engine import Engine
 
-    folder, expected = yi_vl
+    folder, expected = yi_vl[variant]
     names = list(PROMPTS)
     with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=7, max_total_tokens=512) as engine:
-        assert engine.image_token == IMAGE_TOKEN
-        results = engine.generate([PROMPTS[n][0] for n in names], {"max_new_tokens": MAX_NEW, "temperature": 0,
-                                                                    "ignore_eos": True},
+        assert engine.image_token == VARIANTS[variant]
+        prompts = [PROMPTS[n][0].format(image=engine.image_token) for n in names]
+        results = engine.generate(prompts, {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
                                   image_data=[[data_url(i) for i in PROMPTS[n][1]] for n in names], return_logprob=True)
         engine.check_memory()
     for result, name in zip(results, names):
@@ -129,7 +140,7 @@ def test_config_fields_not_served_are_refused(yi_vl, tmp_path, field: str, value
 
     from sglang_plugins.models.llava.yi_vl import yi_vl_config
 
-    folder, _ = yi_vl
+    folder, _ = yi_vl["placeholder"]
     copy = shutil.copytree(folder, tmp_path / "copy")
     raw = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**raw, field: value}))

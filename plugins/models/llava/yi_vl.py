@@ -52,7 +52,8 @@ def yi_vl_config(config, model_folder: Path):
 
     raw = json.loads((model_folder / "config.json").read_text())
     if raw.get("mm_projector_type") != PROJECTOR_TYPE:
-        raise ValueError(f"mm_projector_type: only Yi-VL's {PROJECTOR_TYPE!r} is served, got {raw.get('mm_projector_type')!r}")
+        raise ValueError(f"mm_projector_type: only Yi-VL's {PROJECTOR_TYPE!r} is served, "
+                         f"got {raw.get('mm_projector_type')!r}")
     feature = raw.get("mm_vision_select_feature", "patch")
     if feature not in SELECT_FEATURES:
         raise ValueError(f"mm_vision_select_feature: expected one of {tuple(SELECT_FEATURES)}, got {feature!r}")
@@ -117,11 +118,20 @@ def pad_to_square(image, colour: tuple[int, ...]):
     return square
 
 
+def single_token(tokenizer, text: str | None) -> tuple[str, int] | None:
+    """``(text, its id)`` where the tokenizer encodes ``text`` as exactly one token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return (text, ids[0]) if len(ids) == 1 else None
+
+
 class YiVLInputProcessor(InputProcessor):
     """Pixels by the CLIP image processor in the tower's folder (after the pad to a square); one
-    placeholder per position the tower's selected features keep."""
+    placeholder per position the tower's selected features keep.
 
-    image_token = IMAGE_TOKEN
+    Yi-VL's own code splices an image in where its prompt said ``<image_placeholder>`` (an id
+    outside the vocabulary), so any token stands for an image as well as another: that text where
+    the tokenizer holds it as one token, else the tokenizer's unknown token (text falls back to
+    bytes in Yi's tokenizer, never to it)."""
 
     def __init__(self, model_folder: Path, config: Any):
         from transformers import AutoTokenizer
@@ -129,11 +139,11 @@ class YiVLInputProcessor(InputProcessor):
 
         self.processor = CLIPImageProcessorPil.from_pretrained(config.vision_tower_folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True)
-        ids = tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"image_token: the tokenizer splits {IMAGE_TOKEN!r} into {len(ids)} tokens; "
-                             "it must hold it as one (special) token")
-        self.image_token_id = ids[0]
+        self.image_token, self.image_token_id = single_token(tokenizer, IMAGE_TOKEN) or single_token(
+            tokenizer, tokenizer.unk_token) or (None, None)
+        if self.image_token is None:
+            raise ValueError(f"image_token: the tokenizer holds neither {IMAGE_TOKEN!r} nor an unknown token "
+                             "as one token")
         self.pad = config.image_aspect_ratio == "pad"
         self.patch = config.vision_config.patch_size
         self.cls = int(config.vision_feature_select_strategy == "full")

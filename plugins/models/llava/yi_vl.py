@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,10 @@ from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.multimodal import InputProcessor
 
 from sglang_plugins.models.llava.model import LlavaForConditionalGeneration
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import PretrainedConfig
 
 IMAGE_TOKEN = "<image_placeholder>"  # what Yi-VL's prompts hold for an image
 PROJECTOR_TYPE = "mlp2x_gelu_Norm"
@@ -45,7 +49,7 @@ def vision_folder(model_folder: Path, raw: dict[str, Any]) -> Path:
     return folder
 
 
-def yi_vl_config(config, model_folder: Path):
+def yi_vl_config(config: PretrainedConfig, model_folder: Path) -> PretrainedConfig:
     """Yi-VL's flat config.json as the ``LlavaConfig`` the LLaVA model takes (registered as the
     architecture's ``config_adapter``); the Yi-VL fields the request side needs ride along."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -105,7 +109,7 @@ class YiVLForCausalLM(LlavaForConditionalGeneration):
         super().load_weights(renamed())
 
 
-def pad_to_square(image, colour: tuple[int, ...]):
+def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
     """The image centred on a square of ``colour``, its side the longer of the image's."""
     from PIL import Image
 

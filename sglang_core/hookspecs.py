@@ -35,6 +35,10 @@ def register_models(register: Register) -> None:
     A model that takes images registers with ``input_processor="pkg.mod:Processor"`` (a
     ``sglang_core.multimodal.InputProcessor``, run on the request side) and provides
     ``embed_media(inputs) -> list of [placeholders, hidden] tensors``.
+
+    A checkpoint whose config.json is laid out otherwise than the class expects registers with
+    ``config_adapter="pkg.mod:adapt"``: ``adapt(config, model_folder) -> config``, applied wherever
+    the core loads the model's config (``weights.loader.load_model_config``).
     """
 
 

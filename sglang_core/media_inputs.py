@@ -16,7 +16,7 @@ from sglang_core.media_loading import MediaLimits, load_image, load_video
 from sglang_core.messages import MediaItem, MediaPositions
 from sglang_core.multimodal import InputProcessor, expand_prompt, media_slots, pack_tensor
 from sglang_core.plugins import PluginManager, resolve_target
-from sglang_core.weights.loader import load_config
+from sglang_core.weights.loader import load_model_config
 
 
 def images_per_prompt(image_data: Any, count: int, single: bool, field: str = "image_data") -> list[list[Any]]:
@@ -37,6 +37,7 @@ class MediaInputs:
         models = plugins.registry("models")
         entry = models.get(info.architecture) if info.architecture in models else None
         self._target = entry.metadata.get("input_processor") if entry is not None else None
+        self._models = models
         self._folder = Path(info.model_folder)
         self._architecture = info.architecture
         local = settings.allowed_local_media_path
@@ -97,5 +98,6 @@ class MediaInputs:
     def _get(self) -> InputProcessor:
         with self._lock:
             if self._processor is None:
-                self._processor = resolve_target(self._target)(self._folder, load_config(self._folder))
+                config = load_model_config(self._folder, self._models)
+                self._processor = resolve_target(self._target)(self._folder, config)
             return self._processor

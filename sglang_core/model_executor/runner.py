@@ -19,7 +19,7 @@ from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.multimodal import unpack_tensor
 from sglang_core.plugins import PluginError, PluginManager
-from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_config
+from sglang_core.weights.loader import ModelSource, init_dummy_weights, language_config, load_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ModelRunner:
         self.settings = settings
         self.tp = tp
         self.device = pick_device(settings.device)
-        self.config = load_config(source.folder)
+        self.config = load_model_config(source.folder, plugins.registry("models"))
         self.text_config = language_config(self.config)  # a vision-language config's text_config
         self.dtype = pick_dtype(settings.dtype, self.config, self.device)
         if settings.tp_size != tp.size:

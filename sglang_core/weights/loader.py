@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from sglang_core.plugins import Registration, Registry
+from sglang_core.plugins import Registration, Registry, resolve_target
 from sglang_core.weights.format import WeightFormat
 
 if TYPE_CHECKING:
@@ -113,6 +113,15 @@ def load_config(folder: Path) -> PretrainedConfig:
         return _plain_config(raw)
     except Exception as exc:
         raise ValueError(f"cannot read the model config in {folder}: {exc}") from exc
+
+
+def load_model_config(folder: Path, models: Registry) -> PretrainedConfig:
+    """``load_config``, then rewritten by the ``config_adapter`` its architecture's plugin registered
+    (a checkpoint whose config.json is not laid out as the class it loads through expects)."""
+    config = load_config(folder)
+    arch = next((a for a in getattr(config, "architectures", None) or [] if a in models), None)
+    adapter = models.get(arch).metadata.get("config_adapter") if arch is not None else None
+    return resolve_target(adapter)(config, Path(folder)) if adapter else config
 
 
 def _plain_config(raw: dict[str, Any]) -> PretrainedConfig:

@@ -60,13 +60,17 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"vision_feature_layer: expected an int or a list of ints, got {layer!r}")
         self.drop_cls = config.vision_feature_select_strategy == "default"
         self.vision_tower = AutoModel.from_config(config.vision_config).to(ctx.dtype)
-        self.multi_modal_projector = MultiModalProjector(
-            config.vision_config.hidden_size * len(self.feature_layers), config.text_config.hidden_size,
-            config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True), ctx.dtype)
+        self.multi_modal_projector = self.build_projector(config, ctx)
         # transformers ties the head to the embeddings by the outer config's tie_word_embeddings
         # (LLaVA's config copies a text config's True up, LLaVA-NeXT's does not), never by text_config's.
         config.text_config.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.language_model = ctx.model_class_for(language_architecture(config.text_config))(config.text_config, ctx)
+
+    def build_projector(self, config, ctx: ModelContext) -> nn.Module:
+        """The projector from the selected vision features into the language model's width."""
+        return MultiModalProjector(
+            config.vision_config.hidden_size * len(self.feature_layers), config.text_config.hidden_size,
+            config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True), ctx.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.language_model(input_ids, positions, batch)

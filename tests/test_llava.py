@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Callable
 
 import pytest
 import torch
@@ -217,25 +218,26 @@ def test_retracted_requests_with_images_stay_exact(llava):
 FAILURE_CASES = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"]), "bad": (PROMPTS["one"][0], ["tall"])}
 
 
-def _plant_encoder_failure(monkeypatch, folder, image: str, error: Exception, scheduler) -> list[int]:
+def _plant_encoder_failure(monkeypatch, folder, image: str, error: Exception,
+                           at_failure: Callable[[], object] = lambda: None) -> list:
     """Make the LLaVA plugin's encoder raise ``error`` on any batch that holds ``image`` (found by
-    its processed pixels); returns a list that gets the number of running requests at each failure."""
+    its processed pixels); returns a list that gets ``at_failure()`` at each failure."""
     from transformers import AutoProcessor
 
     from sglang_plugins.models.llava.model import LlavaForConditionalGeneration
 
     pixels = AutoProcessor.from_pretrained(folder).image_processor(_image(image), return_tensors="pt")["pixel_values"]
     encode = LlavaForConditionalGeneration.embed_media
-    running_at_failure: list[int] = []
+    seen_at_failure: list = []
 
     def failing(model, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         if any(torch.equal(item["pixel_values"].cpu(), pixels) for item in inputs):
-            running_at_failure.append(len(scheduler.running))
+            seen_at_failure.append(at_failure())
             raise error
         return encode(model, inputs)
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "embed_media", failing)
-    return running_at_failure
+    return seen_at_failure
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +258,9 @@ def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_
 
     folder, expected = llava
     engine = failure_engine
+    scheduler = engine.core.core.scheduler
     running = _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"),
-                                     engine.core.core.scheduler)
+                                     lambda: len(scheduler.running))
     # Prefilled in one step: the three images are one batch, which fails; each is then encoded alone.
     one, bad, other = _generate(engine, ["one", "bad", "other"], FAILURE_CASES)
     _check(one, expected["one"])
@@ -286,7 +289,7 @@ def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_
     decoding = threading.Thread(target=lambda: long_result.extend(_generate(engine, ["one"], FAILURE_CASES, 40)))
     deadline = time.monotonic() + 30
     decoding.start()
-    while not engine.core.core.scheduler.running and decoding.is_alive():
+    while not scheduler.running and decoding.is_alive():
         time.sleep(0.001)
     alone = _generate(engine, ["bad"], FAILURE_CASES)[0]
     decoding.join()
@@ -301,7 +304,7 @@ def test_running_out_of_memory_in_the_encoder_still_ends_every_request(llava, fa
     requests (no 400), gives back their KV, and the engine serves the next requests."""
     folder, expected = llava
     engine = failure_engine
-    _plant_encoder_failure(monkeypatch, folder, "tall", torch.OutOfMemoryError("planted"), engine.core.core.scheduler)
+    _plant_encoder_failure(monkeypatch, folder, "tall", torch.OutOfMemoryError("planted"))
     for result in _generate(engine, ["one", "bad"], FAILURE_CASES):
         reason = result["meta_info"]["finish_reason"]
         assert reason["type"] == "abort" and "status_code" not in reason
@@ -434,6 +437,24 @@ def test_openai_chat_image_url_parts_match_hf(llava, server):
         client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
+
+
+def test_openai_chat_image_the_encoder_fails_on_is_a_400_and_serving_goes_on(llava, server, monkeypatch):
+    import httpx
+    import openai
+
+    folder, expected = llava
+    _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"))
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url("tall")}}]}])
+    assert "could not encode this request's media: ValueError: planted: the tower broke" in err.value.body["message"]
+    text, images = PROMPTS["one"]
+    body = {"text": text, "image_data": data_url(images[0]), "return_logprob": True,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
 
 
 # Checkpoints' own chat templates read Hugging Face's content parts: llava-hf's writes a message's

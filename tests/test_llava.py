@@ -299,6 +299,24 @@ def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_
     engine.check_memory()
 
 
+def test_an_image_failing_part_way_through_a_chunked_prompt_ends_its_request_only(llava, monkeypatch):
+    """Chunks of 5: the prompt of two images has its text and first image prefilled when its
+    second image fails; it ends holding no slot, and a request beside it gives transformers' tokens."""
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=5, max_total_tokens=512) as engine:
+        scheduler = engine.core.core.scheduler
+        # The KV the failing request holds when its second image fails: past its first image's 16 tokens.
+        held = _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"),
+                                      lambda: scheduler.chunked.kv_len)
+        two, one = _generate(engine, ["two", "one"])
+        assert held and held[0] > 16
+        assert two["meta_info"]["finish_reason"]["status_code"] == 400 and two["output_ids"] == []
+        _check(one, expected["one"])
+        engine.check_memory()
+
+
 def test_running_out_of_memory_in_the_encoder_still_ends_every_request(llava, failure_engine, monkeypatch):
     """Out of memory is no request's fault: as any internal step error, it ends the step's
     requests (no 400), gives back their KV, and the engine serves the next requests."""

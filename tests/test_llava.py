@@ -1,12 +1,13 @@
 """LLaVA 1.5 against transformers' ``LlavaForConditionalGeneration`` (float32, CPU) on a tiny random
 checkpoint saved with its processor: greedy tokens and logprobs for prompts of one and two images,
 batched and chunked across an image, on one rank and on two tensor-parallel ranks; the prefix cache shares an image's tokens with the same image
-only; every KV slot comes back."""
+only; an image the encoder fails on ends its own request only; every KV slot comes back."""
 
 from __future__ import annotations
 
 import base64
 import io
+from typing import Callable
 
 import pytest
 import torch
@@ -214,6 +215,124 @@ def test_retracted_requests_with_images_stay_exact(llava):
         _check(result, expected[name])
 
 
+FAILURE_CASES = {"one": PROMPTS["one"], "other": (PROMPTS["one"][0], ["other"]), "bad": (PROMPTS["one"][0], ["tall"])}
+
+
+def _plant_encoder_failure(monkeypatch, folder, image: str, error: Exception,
+                           at_failure: Callable[[], object] = lambda: None) -> list:
+    """Make the LLaVA plugin's encoder raise ``error`` on any batch that holds ``image`` (found by
+    its processed pixels); returns a list that gets ``at_failure()`` at each failure."""
+    from transformers import AutoProcessor
+
+    from sglang_plugins.models.llava.model import LlavaForConditionalGeneration
+
+    pixels = AutoProcessor.from_pretrained(folder).image_processor(_image(image), return_tensors="pt")["pixel_values"]
+    encode = LlavaForConditionalGeneration.embed_media
+    seen_at_failure: list = []
+
+    def failing(model, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        if any(torch.equal(item["pixel_values"].cpu(), pixels) for item in inputs):
+            seen_at_failure.append(at_failure())
+            raise error
+        return encode(model, inputs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "embed_media", failing)
+    return seen_at_failure
+
+
+@pytest.fixture(scope="module")
+def failure_engine(llava):
+    from sglang_core.engine import Engine
+
+    folder, _ = llava
+    with Engine(str(folder), device="cpu", dtype="float32", max_total_tokens=512) as engine:
+        yield engine
+
+
+def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_engine, monkeypatch):
+    """One request's image breaks the encoder: that request ends with a 400 naming the error and
+    holds no KV slot; the requests encoded in the same batch and one already decoding give
+    transformers' tokens, and the engine goes on serving."""
+    import threading
+    import time
+
+    folder, expected = llava
+    engine = failure_engine
+    scheduler = engine.core.core.scheduler
+    running = _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"),
+                                     lambda: len(scheduler.running))
+    # Prefilled in one step: the three images are one batch, which fails; each is then encoded alone.
+    one, bad, other = _generate(engine, ["one", "bad", "other"], FAILURE_CASES)
+    _check(one, expected["one"])
+    _check(other, expected["other"])
+    reason = bad["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 400
+    assert "ValueError: planted: the tower broke" in reason["message"]
+    assert bad["output_ids"] == []
+    engine.check_memory()
+
+    # A request decoding while another's image fails keeps decoding. Its first decode step waits
+    # for the failing request to reach the engine's inbox, so the image fails while it runs.
+    from sglang_core.scheduler.batch_runner import BatchRunner
+
+    inbox, decode, arrived = engine.core._inbox, BatchRunner.decode, threading.Event()
+
+    def decode_once_the_failing_request_arrives(runner, reqs, input_ids):
+        while not arrived.is_set() and inbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        arrived.set()
+        return decode(runner, reqs, input_ids)
+
+    monkeypatch.setattr(BatchRunner, "decode", decode_once_the_failing_request_arrives)
+    long_expected = hf_reference(folder, *PROMPTS["one"], max_new=40)
+    long_result: list[dict] = []
+    decoding = threading.Thread(target=lambda: long_result.extend(_generate(engine, ["one"], FAILURE_CASES, 40)))
+    deadline = time.monotonic() + 30
+    decoding.start()
+    while not scheduler.running and decoding.is_alive():
+        time.sleep(0.001)
+    alone = _generate(engine, ["bad"], FAILURE_CASES)[0]
+    decoding.join()
+    assert alone["meta_info"]["finish_reason"]["status_code"] == 400
+    assert running[-1] == 1, "the failing image should have met a running request"
+    _check(long_result[0], long_expected)
+    engine.check_memory()
+
+
+def test_an_image_failing_part_way_through_a_chunked_prompt_ends_its_request_only(llava, monkeypatch):
+    """Chunks of 5: the prompt of two images has its text and first image prefilled when its
+    second image fails; it ends holding no slot, and a request beside it gives transformers' tokens."""
+    from sglang_core.engine import Engine
+
+    folder, expected = llava
+    with Engine(str(folder), device="cpu", dtype="float32", chunked_prefill_size=5, max_total_tokens=512) as engine:
+        scheduler = engine.core.core.scheduler
+        # The KV the failing request holds when its second image fails: past its first image's 16 tokens.
+        held = _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"),
+                                      lambda: scheduler.chunked.kv_len)
+        two, one = _generate(engine, ["two", "one"])
+        assert held and held[0] > 16
+        assert two["meta_info"]["finish_reason"]["status_code"] == 400 and two["output_ids"] == []
+        _check(one, expected["one"])
+        engine.check_memory()
+
+
+def test_running_out_of_memory_in_the_encoder_still_ends_every_request(llava, failure_engine, monkeypatch):
+    """Out of memory is no request's fault: as any internal step error, it ends the step's
+    requests (no 400), gives back their KV, and the engine serves the next requests."""
+    folder, expected = llava
+    engine = failure_engine
+    _plant_encoder_failure(monkeypatch, folder, "tall", torch.OutOfMemoryError("planted"))
+    for result in _generate(engine, ["one", "bad"], FAILURE_CASES):
+        reason = result["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "status_code" not in reason
+        assert reason["message"] == "internal error: OutOfMemoryError: planted"
+    engine.check_memory()
+    monkeypatch.undo()
+    _check(_generate(engine, ["other"], FAILURE_CASES)[0], expected["other"])
+    engine.check_memory()
+
+
 CONFIG_VARIANTS = {  # id -> save_tiny_llava's arguments
     # vision_feature_layer as a list (hidden states concatenated) and the "full" strategy (every
     # position kept: 17 placeholders per image with CLIP's CLS, 16 with SigLIP, which has none)
@@ -336,6 +455,24 @@ def test_openai_chat_image_url_parts_match_hf(llava, server):
         client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert err.value.body["type"] == "invalid_request_error" and "cannot decode the image" in err.value.body["message"]
+
+
+def test_openai_chat_image_the_encoder_fails_on_is_a_400_and_serving_goes_on(llava, server, monkeypatch):
+    import httpx
+    import openai
+
+    folder, expected = llava
+    _plant_encoder_failure(monkeypatch, folder, "tall", ValueError("planted: the tower broke"))
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url("tall")}}]}])
+    assert "could not encode this request's media: ValueError: planted: the tower broke" in err.value.body["message"]
+    text, images = PROMPTS["one"]
+    body = {"text": text, "image_data": data_url(images[0]), "return_logprob": True,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+    meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
+    assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
 
 
 # Checkpoints' own chat templates read Hugging Face's content parts: llava-hf's writes a message's

@@ -6,7 +6,8 @@ and ``load_weights(weights)`` (an iterable of ``(hf_name, tensor)``). A model th
 implements ``embed_media(inputs) -> embeddings``: for each image's encoder inputs (a dict of
 tensors on the model's device, as its ``InputProcessor`` made them) one ``[placeholders, hidden]``
 tensor, computed as one batch; the runner splices them over the placeholders through
-``ForwardBatch.input_embeds``.
+``ForwardBatch.input_embeds``. An image it raises on (any error but running out of memory) ends
+only the requests whose images raise it when encoded alone.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ It moves no request between queues: a request that a token ends goes to the sche
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,13 +21,15 @@ from sglang_core.request import Req
 from sglang_core.sampling.logits_processor import SamplingBatch
 from sglang_core.sampling.sampler import SampleResult, Sampler, token_logprobs
 from sglang_core.sampling.stop import StopChecker
-from sglang_core.scheduler.media_embeds import step_input_embeds
+from sglang_core.scheduler.media_embeds import encode_step_media, step_input_embeds
 from sglang_core.scheduler.media_positions import step_positions
 from sglang_core.scheduler.request_memory import RequestMemory
 
 # Cascade decode groups requests sharing at least this many cached tokens: below it, reading the
 # prefix per request costs less than the extra kernel.
 CASCADE_MIN_SHARED = 32
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Chunk:
 
 class BatchRunner:
     def __init__(self, runner: ModelRunner, settings: EngineSettings, sampler: Sampler, tokenizer,
-                 eos_token_ids: set[int], memory: RequestMemory, finish: Callable[[Req, dict], None]):
+                 eos_token_ids: set[int], memory: RequestMemory, finish: Callable[..., None]):
         self.runner = runner
         self.settings = settings
         self.sampler = sampler
@@ -62,7 +65,13 @@ class BatchRunner:
     def run_extend(self, chunks: list[Chunk], running: set[int]) -> tuple[list[Req], list[Req]]:
         """Extend each request by its chunk; sample a token for each whose prompt is now all in.
         ``running``: ids of the requests already running (jump-forward and mixed steps extend
-        them too). Returns the requests sampled and those wholly prefilled that sample nothing."""
+        them too). Returns the requests sampled (and those ended by their images failing to encode)
+        and those wholly prefilled that sample nothing."""
+        failed = self._encode_media(chunks) if any(c.req.media for c in chunks) else []
+        ended = set(map(id, failed))
+        chunks = [c for c in chunks if id(c.req) not in ended]
+        if not chunks:
+            return failed, []
         input_ids: list[int] = []
         logit_index: list[int] = []
         prompt_rows: list[tuple[Req, int, int]] = []  # (req, first logit row, row count)
@@ -84,7 +93,7 @@ class BatchRunner:
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
         spans = [(c.req, c.start, c.end) for c in chunks]
-        embeds = step_input_embeds(spans, self._encode) if any(c.req.media for c in chunks) else None
+        embeds = step_input_embeds(spans) if any(c.req.media for c in chunks) else None
         if any(c.req.position_table is not None for c in chunks):
             positions: list[int] | torch.Tensor = step_positions(spans)
         else:
@@ -97,7 +106,19 @@ class BatchRunner:
             self._record_prompt_logprobs(req, logits[row : row + count])
         if finals:
             self.append_sampled(finals, logits[final_rows])
-        return finals, prefilled
+        return failed + finals, prefilled
+
+    def _encode_media(self, chunks: list[Chunk]) -> list[Req]:
+        """Encode the step's new images; end each request whose images fail (its slots were
+        never written: none is cached) and return those."""
+        failed = encode_step_media([(c.req, c.start, c.end) for c in chunks], self._encode)
+        for req, exc in failed:
+            logger.warning("request %s: the model could not encode its media", req.rid, exc_info=exc)
+            # status_code 400: the request's own images failed (encoded alone, if a batch failed).
+            self._finish(req, {"type": "abort", "status_code": 400,
+                               "message": f"the model could not encode this request's media: {type(exc).__name__}: {exc}"},
+                         cache=False)
+        return [req for req, _ in failed]
 
     def _encode(self, items: list[MediaItem]) -> list[torch.Tensor]:
         self.images_encoded += len(items)

@@ -200,12 +200,18 @@ def test_an_abort_mid_chunk_gives_back_every_slot(tiny_llama):
 FORCED_REGEX = "[a-z]{3}" + re.escape("-forced-by-the-grammar-forty-characters-") + "[0-9]{2}"
 
 
-def run_with_jumps(model, **settings) -> tuple[dict[str, Req], list[tuple[ForwardMode, int]], int, EngineCore]:
+def run_with_jumps(model, overlap: bool = False, shrink_to: int | None = None,
+                   **settings) -> tuple[dict[str, Req], list[tuple[ForwardMode, int]], int, EngineCore]:
     """Two unconstrained requests decode while two constrained ones arrive whose grammar forces
-    a 40-token run. Steps until idle. Returns the requests by rid, the forward passes, the
-    stalls (a running unconstrained request getting no token from a step) and the core."""
+    a 40-token run. ``overlap``: decodes are launched ahead (CUDA graphs do so on a GPU).
+    ``shrink_to``: once all four run, the budget drops to this, below the decodes (as a time
+    target's can), so jumps wait for decode steps. Steps until idle. Returns the requests by rid,
+    the forward passes, the stalls (a step running an extend that gives a running unconstrained
+    request no token) and the core."""
     core, steps = make_core(model, **settings)
     sched = core.scheduler
+    if overlap:
+        sched.overlap_max_bs = 64
     rng = random.Random(23)
     for i in range(2):
         add(core, f"plain{i}", prompt(rng, 4), 40)
@@ -219,21 +225,26 @@ def run_with_jumps(model, **settings) -> tuple[dict[str, Req], list[tuple[Forwar
     for _ in range(500):
         if not core.has_work():
             break
+        if shrink_to is not None and len(sched.running) == 4:
+            sched.step_budget.cap = shrink_to
         before = {r.rid: len(r.output_ids) for r in sched.running if r.rid.startswith("plain")}
+        passes = len(steps)
         core.step()
-        stalls += sum(len(reqs[rid].output_ids) == count for rid, count in before.items())
+        if any(mode is ForwardMode.EXTEND for mode, _ in steps[passes:]):
+            stalls += sum(len(reqs[rid].output_ids) == count for rid, count in before.items())
     assert not core.has_work()
     return reqs, steps, stalls, core
 
 
-@pytest.mark.parametrize("budget", [8, 4], ids=["room-for-chunks", "decodes-leave-two"])
-def test_jump_forward_tokens_count_against_the_budget(tiny_llama, budget: int):
+@pytest.mark.parametrize("budget, overlap, shrink_to", [(8, False, None), (4, False, None), (8, True, 2)],
+                         ids=["room-for-chunks", "decodes-leave-two", "decodes-fill-a-shrunk-budget-overlapped"])
+def test_jump_forward_tokens_count_against_the_budget(tiny_llama, budget: int, overlap: bool, shrink_to: int | None):
     """A grammar's forced run is extended in chunks that fit the budget beside the decodes, not
-    in one step past it; the outputs are token for token those of the run without a budget, and
-    every KV slot comes back. The decodes get a token from every step, as they do not without
-    a budget (a jump's step carries no decode)."""
+    in one step past it, or waits while decodes fill the budget; the outputs are token for token
+    those of the run without a budget, and every KV slot comes back. The decodes get a token from
+    every step that extends, as they do not without a budget (a jump's step carries no decode)."""
     unbounded, unbounded_steps, unbounded_stalls, _ = run_with_jumps(tiny_llama)
-    bounded, steps, stalls, core = run_with_jumps(tiny_llama, max_step_tokens=budget)
+    bounded, steps, stalls, core = run_with_jumps(tiny_llama, overlap, shrink_to, max_step_tokens=budget)
     assert max(tokens for _, tokens in unbounded_steps) > 40, "without a budget a jump runs in one step"
     assert unbounded_stalls > 0
     assert max(tokens for _, tokens in steps) <= budget

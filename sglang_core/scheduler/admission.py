@@ -109,9 +109,9 @@ class Admission:
         chunks = []
         left = math.inf if budget is None else budget
         for req in reqs:
-            n = int(min(req.fill_len - req.kv_len, left))
-            if n <= 0:
+            if left <= 0:
                 break
+            n = int(min(req.fill_len - req.kv_len, left))
             if self.memory.grow(req, n):
                 chunks.append(Chunk(req, req.kv_len - n, req.kv_len))
                 left -= n

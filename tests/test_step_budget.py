@@ -10,15 +10,18 @@ checked against lines computed by hand. Token-exactness against HF: tests/test_e
 from __future__ import annotations
 
 import random
+import re
 import types
 
 import pytest
+from transformers import AutoTokenizer
 
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import EngineCore
 from sglang_core.messages import GenerateRequest
 from sglang_core.model_executor.forward_batch import ForwardMode
 from sglang_core.plugins import PluginManager
+from sglang_core.request import Req
 from sglang_core.scheduler import scheduler as scheduler_module
 from sglang_core.scheduler.step_budget import COST_WINDOW, MIN_STEP_TOKENS, StepBudget, StepCostModel
 
@@ -189,6 +192,69 @@ def test_an_abort_mid_chunk_gives_back_every_slot(tiny_llama):
     core.abort("aborted")
     outputs = run_to_the_end(core)
     assert {rid: n for rid, n in outputs.items() if rid != "aborted"} == lengths
+    check_all_memory_back(core)
+
+
+# Three sampled letters, 40 characters the grammar forces (one jump-forward of 40 byte tokens),
+# two sampled digits.
+FORCED_REGEX = "[a-z]{3}" + re.escape("-forced-by-the-grammar-forty-characters-") + "[0-9]{2}"
+
+
+def run_with_jumps(model, overlap: bool = False, shrink_to: int | None = None,
+                   **settings) -> tuple[dict[str, Req], list[tuple[ForwardMode, int]], int, EngineCore]:
+    """Two unconstrained requests decode while two constrained ones arrive whose grammar forces
+    a 40-token run. ``overlap``: decodes are launched ahead (CUDA graphs do so on a GPU).
+    ``shrink_to``: once all four run, the budget drops to this, below the decodes (as a time
+    target's can), so jumps wait for decode steps. Steps until idle. Returns the requests by rid,
+    the forward passes, the stalls (a step running an extend that gives a running unconstrained
+    request no token) and the core."""
+    core, steps = make_core(model, **settings)
+    sched = core.scheduler
+    if overlap:
+        sched.overlap_max_bs = 64
+    rng = random.Random(23)
+    for i in range(2):
+        add(core, f"plain{i}", prompt(rng, 4), 40)
+    while len(sched.running) < 2:
+        core.step()
+    for i in range(2):
+        core.add(GenerateRequest(rid=f"forced{i}", input_ids=prompt(rng, 10), sampling_params={
+            "temperature": 0.0, "max_new_tokens": 60, "regex": FORCED_REGEX}))
+    reqs = {r.rid: r for r in sched.running + sched.waiting}
+    stalls = 0
+    for _ in range(500):
+        if not core.has_work():
+            break
+        if shrink_to is not None and len(sched.running) == 4:
+            sched.step_budget.cap = shrink_to
+        before = {r.rid: len(r.output_ids) for r in sched.running if r.rid.startswith("plain")}
+        passes = len(steps)
+        core.step()
+        if any(mode is ForwardMode.EXTEND for mode, _ in steps[passes:]):
+            stalls += sum(len(reqs[rid].output_ids) == count for rid, count in before.items())
+    assert not core.has_work()
+    return reqs, steps, stalls, core
+
+
+@pytest.mark.parametrize("budget, overlap, shrink_to", [(8, False, None), (4, False, None), (8, True, 2)],
+                         ids=["room-for-chunks", "decodes-leave-two", "decodes-fill-a-shrunk-budget-overlapped"])
+def test_jump_forward_tokens_count_against_the_budget(tiny_llama, budget: int, overlap: bool, shrink_to: int | None):
+    """A grammar's forced run is extended in chunks that fit the budget beside the decodes, not
+    in one step past it, or waits while decodes fill the budget; the outputs are token for token
+    those of the run without a budget, and every KV slot comes back. The decodes get a token from
+    every step that extends, as they do not without a budget (a jump's step carries no decode)."""
+    unbounded, unbounded_steps, unbounded_stalls, _ = run_with_jumps(tiny_llama)
+    bounded, steps, stalls, core = run_with_jumps(tiny_llama, overlap, shrink_to, max_step_tokens=budget)
+    assert max(tokens for _, tokens in unbounded_steps) > 40, "without a budget a jump runs in one step"
+    assert unbounded_stalls > 0
+    assert max(tokens for _, tokens in steps) <= budget
+    assert stalls == 0, "decodes come first"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    for rid, req in bounded.items():
+        assert req.output_ids == unbounded[rid].output_ids, rid
+        if rid.startswith("forced"):
+            assert req.forced_tokens >= 40, "the grammar's literal was appended by jump-forward"
+            assert re.fullmatch(FORCED_REGEX, tokenizer.decode(req.output_ids)), rid
     check_all_memory_back(core)
 
 

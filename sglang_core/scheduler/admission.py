@@ -100,15 +100,21 @@ class Admission:
                 chunked = req
         return chunks, chunked
 
-    def grow_running(self, reqs: list[Req]) -> list[Chunk]:
+    def grow_running(self, reqs: list[Req], budget: int | None = None) -> list[Chunk]:
         """Chunks of the running requests' tokens not yet in the KV (jump-forward gave several,
         a mixed step's decode one), for those whose memory can grow now; the rest wait, and
-        decode steps free memory."""
+        decode steps free memory. ``budget``: the most tokens in all; a request's tokens past it
+        wait for a later step, as a chunked prompt's do (they are in its output already, and it
+        samples only once all are in the KV)."""
         chunks = []
+        left = math.inf if budget is None else budget
         for req in reqs:
-            n = req.fill_len - req.kv_len
+            if left <= 0:
+                break
+            n = int(min(req.fill_len - req.kv_len, left))
             if self.memory.grow(req, n):
                 chunks.append(Chunk(req, req.kv_len - n, req.kv_len))
+                left -= n
         return chunks
 
     def riding_decodes(self, running: list[Req]) -> list[Chunk]:

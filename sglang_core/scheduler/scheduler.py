@@ -161,7 +161,7 @@ class Scheduler:
             nothing_to_admit = (not self.waiting or self._admission_blocked) and not self.chunked
             return self._decoded(self.overlap.advance(self.running, nothing_to_admit))
         jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
-        if jumped and (chunks := self.admission.grow_running(jumped)):
+        if jumped and self.step_budget is None and (chunks := self.admission.grow_running(jumped)):
             return self._run_extend(chunks)
         if self.step_budget is None:
             chunks, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked)
@@ -172,7 +172,8 @@ class Scheduler:
         elif (chunks := self._schedule_budgeted()):
             return self._run_budgeted(chunks)
         self._admission_blocked = bool(self.waiting)
-        if self.running and self.overlap.can_launch_ahead(self.running):
+        # A jump-forward the budget left part-way has no next input token to decode from.
+        if self.running and not jumped and self.overlap.can_launch_ahead(self.running):
             self.overlap.start(self.running)
             return []
         if self.running:
@@ -195,14 +196,21 @@ class Scheduler:
         return finals + prefilled
 
     def _schedule_budgeted(self) -> list[Chunk]:
-        """A step under the token budget: every running decode, then prefill in what is left.
-        Decodes that fill the budget get a plain decode step; prefill waits for one to finish."""
-        decodes = sum(1 for r in self.running if r.fill_len - r.kv_len == 1)
-        room = self.step_budget.tokens() - decodes
+        """A step under the token budget: every running decode, then jump-forward tokens, then
+        prefill in what is left. Decodes that fill the budget get a plain decode step; the rest
+        waits for one to finish."""
+        decoding = [r for r in self.running if r.fill_len - r.kv_len == 1]
+        jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
+        room = self.step_budget.tokens() - len(decoding)
         if room <= 0:
             return []
-        chunks, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked, room)
-        return chunks + self.admission.riding_decodes(self.running) if chunks else []
+        chunks = self.admission.grow_running(jumped, room)
+        room -= sum(c.end - c.start for c in chunks)
+        if room > 0:
+            prefill, self.chunked = self.admission.schedule_extend(self.waiting, self.running, self.chunked, room)
+            chunks += prefill
+        # ``decoding`` is taken before the jumps grow: one split to a last token decodes next step.
+        return chunks + self.admission.riding_decodes(decoding) if chunks else []
 
     def _run_budgeted(self, chunks: list[Chunk]) -> list[Req]:
         """Run a budgeted step; with a latency target, time it for the budget's cost model."""

@@ -105,7 +105,9 @@ def test_router_routes_in_one_kernel_as_transformers(family: str, monkeypatch) -
     monkeypatch.setattr(moe_topk, "softmax_topk", lambda *args: calls.append(args) or kernel(*args))
     routing, theirs = ONE_KERNEL_ROUTERS[family]
     torch.manual_seed(len(family))
-    assert_same_routing(Router(HIDDEN, EXPERTS, routing), theirs(), torch.randn(TOKENS, HIDDEN))
+    # On a GPU the kernel is compiled: everything on the device it launches on.
+    assert_same_routing(Router(HIDDEN, EXPERTS, routing).to(DEVICE), theirs().to(DEVICE),
+                        torch.randn(TOKENS, HIDDEN).to(DEVICE))
     assert len(calls) == 1
 
 

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from sglang_core.choices import check_select_args, choice_spans, pick_choice
 from sglang_core.config import EngineSettings

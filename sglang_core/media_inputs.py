@@ -66,6 +66,9 @@ class MediaInputs:
         image and video tokens."""
         if self._target is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
+        videos_at = [i for i, source in enumerate(sources) if isinstance(source, dict)]
+        if videos_at and self._get().video_token is None:
+            raise ValueError(f"image_data.{videos_at[0]}: the model ({self._architecture}) takes no videos")
         # The counts checked before any is loaded: each may be a fetch.
         media_slots(self._get(), ids, [s for s in sources if not isinstance(s, dict)],
                     [s for s in sources if isinstance(s, dict)])
@@ -80,8 +83,6 @@ class MediaInputs:
     def _video(self, entry: dict, field: str) -> list[Any]:
         if "video" not in entry or not set(entry) <= {"video", "num_frames"}:
             raise ValueError(f"{field}: a video is {{\"video\": source or list of frames, \"num_frames\": n}}")
-        if self._get().video_token is None:
-            raise ValueError(f"{field}: the model ({self._architecture}) takes no videos")
         return load_video(entry["video"], self.limits, field, entry.get("num_frames"))
 
     def positions(self, ids: list[int], media: list[MediaItem]) -> MediaPositions | None:

@@ -282,10 +282,12 @@ CASES: dict[str, ContractCase] = {
                                    **tiny(attention_bias=True, tie_word_embeddings=True)),
     # DeepSeek-V2 with dense layers only (first_k_dense_replace = layers): MLA with a q LoRA, head
     # widths all different (non-rotary 16, rotary 8, value 12) over a 32-wide latent, interleaved
-    # rotary; an rms_norm_eps that the latent norms (fixed 1e-6 in transformers) must not read.
+    # rotary; an rms_norm_eps that the latent norms (fixed 1e-6 in transformers) must not read, and
+    # a partial_rotary_factor transformers' DeepSeek ignores (it turns all qk_rope_head_dim dims).
     "deepseek-v2": hf_case(_t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
                            **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=48, kv_lora_rank=32,
-                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rms_norm_eps=0.05)),
+                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rms_norm_eps=0.05,
+                                  partial_rotary_factor=0.5)),
     # V2-Lite's one q_proj (no q LoRA), biases on q_a/kv_a/o and the MLP, a tied head, and YaRN
     # with DeepSeek's mscale / mscale_all_dim (rotary and softmax scale both corrected).
     "deepseek-v2-lite-yarn": hf_case(

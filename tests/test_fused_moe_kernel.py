@@ -19,8 +19,7 @@ pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
 from sglang_core.layers import moe as moe_layer  # noqa: E402
 from sglang_core.layers.moe_router import Routing  # noqa: E402
-from sglang_core.layers.parallel import TPGroup  # noqa: E402
-from test_moe_layer import HIDDEN, TOKENS, load_block, our_block, qwen2_moe_block  # noqa: E402
+from test_moe_layer import check_block_matches_qwen2_moe  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -251,12 +250,7 @@ def test_moe_layer_adds_its_shared_expert_in_the_kernel(monkeypatch) -> None:
     fused = moe.fused_moe
     monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: addends.append(kwargs["addend"])
                         or fused(*args, **kwargs))
-    block, config = qwen2_moe_block(seed=3)
-    ours = our_block(config, TPGroup())
-    load_block(ours, block)
-    x = torch.randn(TOKENS, HIDDEN)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), block(x[None])[0], atol=1e-5, rtol=1e-5)
+    check_block_matches_qwen2_moe(seed=3)
     assert len(addends) == 1 and addends[0] is not None
 
 

@@ -570,8 +570,9 @@ def test_native_generate_image_data_matches_hf(llava, server):
     meta = httpx.post(server + "/generate", json=body, timeout=60).json()["meta_info"]
     assert [tid for _, tid, _ in meta["output_token_logprobs"]] == expected["one"][0]
     assert meta["cached_tokens"] >= 16
+    # A video for a model that takes none is refused as such (not as a prompt short of image tokens).
     for bad, why in [("/etc/passwd.png", "not allowed"), ("http://127.0.0.1/x.png", "not fetched"),
-                     ("%%%", "valid base64")]:
+                     ("%%%", "valid base64"), ({"video": [data_url(images[0])]}, "takes no videos")]:
         response = httpx.post(server + "/generate", json={**body, "image_data": bad}, timeout=60)
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == "image_data.0" and why in error["message"], error

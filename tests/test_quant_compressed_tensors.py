@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import save_file
 
 from reference import byte_level_tokenizer
-from sglang_core.engine import Engine
 from sglang_core.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                         TPGroup)
 from sglang_plugins.quant.compressed_tensors.config import layer_scheme

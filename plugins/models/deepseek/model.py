@@ -47,8 +47,9 @@ class DeepseekV2ForCausalLM(DecoderLM):
     checkpoint_renames = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding:
+        # All qk_rope_head_dim dims turn, whatever partial_rotary_factor says (transformers ignores it).
         return rope_from_config(config, config.qk_rope_head_dim, interleaved=self.rope_interleaved(config),
-                                max_position=ctx.max_position)
+                                max_position=ctx.max_position, partial_rotary=False)
 
     def rope_interleaved(self, config) -> bool:
         """Whether rotary turns interleaved pairs (V2 always does) rather than halves."""

@@ -122,7 +122,7 @@ def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
     return square
 
 
-def single_token(tokenizer, text: str | None) -> tuple[str, int] | None:
+def single_token(tokenizer: Any, text: str | None) -> tuple[str, int] | None:
     """``(text, its id)`` where the tokenizer encodes ``text`` as exactly one token."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     return (text, ids[0]) if len(ids) == 1 else None
@@ -152,7 +152,7 @@ class YiVLInputProcessor(InputProcessor):
         self.patch = config.vision_config.patch_size
         self.cls = int(config.vision_feature_select_strategy == "full")
 
-    def process_image(self, image) -> tuple[dict[str, torch.Tensor], int]:
+    def process_image(self, image: Image.Image) -> tuple[dict[str, torch.Tensor], int]:
         image = image.convert("RGB")
         if self.pad:
             image = pad_to_square(image, tuple(int(m * 255) for m in self.processor.image_mean))

@@ -101,7 +101,7 @@ class AWQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
 
-    def init_dummy_weights(self, layer, generator) -> None:
+    def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         fill_positive_scales(layer.scales, DUMMY_CODE_STD, generator)
 
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
             for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
                 setattr(layer, f"{stem}_{name}", param)
 
-    def init_dummy_weights(self, layer, generator) -> None:
+    def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):
             fill_positive_scales(getattr(layer, f"{stem}_scales"), DUMMY_CODE_STD, generator)
 

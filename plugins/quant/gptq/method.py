@@ -127,7 +127,7 @@ class GPTQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
 
-    def init_dummy_weights(self, layer, generator) -> None:
+    def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         self.init_dummy_tensors(layer.scales, layer.g_idx, generator)
 
     def init_dummy_tensors(self, scales: torch.Tensor, g_idx: torch.Tensor, generator: torch.Generator) -> None:
@@ -205,7 +205,7 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
                                  functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
 
-    def init_dummy_weights(self, layer, generator) -> None:
+    def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):
             self.method.init_dummy_tensors(getattr(layer, f"{stem}_scales"), getattr(layer, f"{stem}_g_idx"), generator)
 

@@ -89,7 +89,10 @@ KERNELS: dict[str, Kernel] = {
         "sglang_core.kernels.fused:_rms_norm_kernel",
         {**BF16_NORM, "pre_eps": "fp32", "eps": "fp32"},
         [dict(c, BLOCK=block, num_warps=warps) for block, warps in ((4096, 8), (512, 2), (128, 1))
-         for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], **PDL)]),
+         for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], **PDL)]
+        # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
+        + [dict(HAS_RESIDUAL=r, HAS_PRE=False, BLOCK=512, num_warps=2, USE_PDL=True, Weight="*fp32", Out="*fp32")
+           for r in (False, True)]),
     # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV, any group size incl. -1.
     "int_gemv_awq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel",
@@ -140,7 +143,9 @@ def compile_launch(kernel: Kernel, launch: dict[str, Any]) -> None:
     types = {**kernel.types, **overrides}
     signature = {p.name: "constexpr" if p.name in constants else types.get(p.name, "i32") for p in fn.params}
     source = ASTSource(fn, signature=signature, constexprs={k: launch[k] for k in constants})
-    options = {**kernel.options, **{k: launch[k] for k in LAUNCH_OPTIONS if k in launch}}
+    # launch_options passes launch_pdl beside USE_PDL; the launcher reads it from the compiled metadata.
+    options = {"launch_pdl": bool(launch.get("USE_PDL")), **kernel.options,
+               **{k: launch[k] for k in LAUNCH_OPTIONS if k in launch}}
     triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 

@@ -16,7 +16,9 @@ update them when a launch site changes.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import inspect
 import itertools
 import os
 import sys
@@ -124,24 +126,47 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def parameters(path: str) -> dict[str, bool]:
+    """The parameters of the kernel at ``path`` in order, each True where it is a ``tl.constexpr``
+    (read from the Python function, so it works under the interpreter too)."""
+    module, name = path.split(":")
+    jitted = getattr(importlib.import_module(module), name)
+    function = jitted.fn  # JITFunction and InterpretedFunction both wrap it
+    return {p.name: "constexpr" in str(p.annotation) for p in inspect.signature(function).parameters.values()}
+
+
+def launch_problems(kernel: Kernel, launch: dict[str, Any]) -> list[str]:
+    """What makes ``launch`` not a launch of ``kernel``: a constexpr without a value, a name that is
+    neither a parameter nor a launch option, a non-constexpr given a value other than a type or 1."""
+    params = parameters(kernel.path)
+    problems = [f"no value for constexpr {name}" for name, constexpr in params.items()
+                if constexpr and name not in launch]
+    for name, value in launch.items():
+        if name not in params and name not in LAUNCH_OPTIONS:
+            problems.append(f"{name} is neither a parameter nor a launch option")
+        elif name in params and not params[name] and not isinstance(value, str) and value != 1:
+            problems.append(f"{name}={value!r}: a non-constexpr takes a type or the constant 1")
+    return problems
+
+
 def compile_launch(kernel: Kernel, launch: dict[str, Any]) -> None:
     """Compile one launch for sm_90; raises what the compiler raises."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    problems = launch_problems(kernel, launch)
+    if problems:
+        raise ValueError(f"{kernel.path}: {'; '.join(problems)}")
     module, name = kernel.path.split(":")
     fn = getattr(importlib.import_module(module), name)
-    constexprs = {p.name for p in fn.params if p.is_constexpr}
-    missing = constexprs - set(launch)
-    if missing:
-        raise ValueError(f"{kernel.path}: the launch gives no value for constexpr {sorted(missing)}")
-    # A launch may give an argument another type (a second dtype) or, as an int, the value 1 that the
-    # JIT compiles in as a constant (a stride or count of 1); the rest are constexprs or options.
-    overrides = {k: v for k, v in launch.items() if k not in constexprs and k not in LAUNCH_OPTIONS}
-    constants = {k for k, v in overrides.items() if isinstance(v, int)} | constexprs
-    types = {**kernel.types, **overrides}
-    signature = {p.name: "constexpr" if p.name in constants else types.get(p.name, "i32") for p in fn.params}
+    # A launch may give an argument another type (a second dtype) or the value 1, which the JIT
+    # compiles in as a constant (a stride or count of 1); the rest are constexprs or options.
+    params = parameters(kernel.path)
+    constants = {k for k in launch if k in params and (params[k] or not isinstance(launch[k], str))}
+    types = {**kernel.types, **{k: v for k, v in launch.items() if k in params and k not in constants}}
+    signature = {p: "constexpr" if p in constants else types.get(p, "i32") for p in params}
     source = ASTSource(fn, signature=signature, constexprs={k: launch[k] for k in constants})
     # launch_options passes launch_pdl beside USE_PDL; the launcher reads it from the compiled metadata.
     options = {"launch_pdl": bool(launch.get("USE_PDL")), **kernel.options,

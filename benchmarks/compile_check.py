@@ -134,13 +134,17 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+def jitted(path: str) -> Any:
+    """The ``@triton.jit`` object at ``module:function``."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @functools.lru_cache(maxsize=None)
 def parameters(path: str) -> dict[str, bool]:
     """The parameters of the kernel at ``path`` in order, each True where it is a ``tl.constexpr``
     (read from the Python function, so it works under the interpreter too)."""
-    module, name = path.split(":")
-    jitted = getattr(importlib.import_module(module), name)
-    function = jitted.fn  # JITFunction and InterpretedFunction both wrap it
+    function = jitted(path).fn  # JITFunction and InterpretedFunction both wrap it
     return {p.name: "constexpr" in str(p.annotation) for p in inspect.signature(function).parameters.values()}
 
 
@@ -167,8 +171,6 @@ def compile_launch(kernel: Kernel, launch: dict[str, Any]) -> None:
     problems = launch_problems(kernel, launch)
     if problems:
         raise ValueError(f"{kernel.path}: {'; '.join(problems)}")
-    module, name = kernel.path.split(":")
-    fn = getattr(importlib.import_module(module), name)
     # A launch may give an argument another type (a second dtype) or the value 1, which the JIT
     # compiles in as a constant (a stride or count of 1); the rest are constexprs or options.
     params = parameters(kernel.path)
@@ -178,7 +180,7 @@ def compile_launch(kernel: Kernel, launch: dict[str, Any]) -> None:
     # Pointers 16-byte aligned, as the JIT specializes torch's allocations (vectorized accesses).
     aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
                if isinstance(ty, str) and ty.startswith("*")}
-    source = ASTSource(fn, signature=signature, constexprs={k: launch[k] for k in constants}, attrs=aligned)
+    source = ASTSource(jitted(kernel.path), signature=signature, constexprs={k: launch[k] for k in constants}, attrs=aligned)
     # launch_options passes launch_pdl beside USE_PDL; the launcher reads it from the compiled metadata.
     options = {"launch_pdl": bool(launch.get("USE_PDL")), **kernel.options,
                **{k: launch[k] for k in LAUNCH_OPTIONS if k in launch}}
@@ -219,7 +221,6 @@ def check(folder: str, names: list[str]) -> int:
                 print(f"FAIL  {name} {describe(launch)}: {failure(exc)}", flush=True)
     print(f"Triton {triton.__version__}, sm_90: {failures} launch(es) failed to compile")
     return 1 if failures else 0
-
 
 
 def main() -> int:

@@ -180,7 +180,8 @@ def compile_launch(kernel: Kernel, launch: dict[str, Any]) -> None:
     # Pointers 16-byte aligned, as the JIT specializes torch's allocations (vectorized accesses).
     aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
                if isinstance(ty, str) and ty.startswith("*")}
-    source = ASTSource(jitted(kernel.path), signature=signature, constexprs={k: launch[k] for k in constants}, attrs=aligned)
+    source = ASTSource(jitted(kernel.path), signature=signature, constexprs={k: launch[k] for k in constants},
+                       attrs=aligned)
     # launch_options passes launch_pdl beside USE_PDL; the launcher reads it from the compiled metadata.
     options = {"launch_pdl": bool(launch.get("USE_PDL")), **kernel.options,
                **{k: launch[k] for k in LAUNCH_OPTIONS if k in launch}}

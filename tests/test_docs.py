@@ -50,3 +50,13 @@ def test_readme_lists_every_architecture_the_built_in_plugins_serve():
     listed = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", readme, re.MULTILINE))
     assert ("LlamaForCausalLM", "llama") in served
     assert listed == served, f"README only: {sorted(listed - served)}; served only: {sorted(served - listed)}"
+
+
+def test_testing_md_has_a_row_for_every_test_file():
+    """Each ``tests/test_*.py`` is named in the first column of a row of docs/testing.md's table."""
+    table = (ROOT / "docs" / "testing.md").read_text().split("## What each file proves", 1)[1]
+    first_columns = [line.split(" | ", 1)[0] for line in table.splitlines() if line.startswith("| `")]
+    named = {name for column in first_columns for name in re.findall(r"`(test_\w+\.py)`", column)}
+    files = {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    assert "test_docs.py" in named
+    assert files <= named, f"docs/testing.md has no row for: {sorted(files - named)}"

@@ -1,7 +1,8 @@
 """The layers the model families need, each against its Hugging Face counterpart: LayerNorm (whole
-and per attention head), Gemma's (1 + w) RMSNorm, the activations by ``hidden_act`` name, and rotary embedding (layouts,
-partial rotary, every rope scaling, both config spellings, the M-RoPE extension point), computed by
-transformers' own code.
+and per attention head), Gemma's (1 + w) RMSNorm, OLMo 2's RMSNorms (rounded once, after the
+weight), the activations by ``hidden_act`` name, and rotary embedding (layouts, partial rotary,
+every rope scaling, both config spellings, the M-RoPE extension point), computed by transformers'
+own code.
 
 The rope tables are checked twice: the frequencies against
 ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` built from real config classes, and the
@@ -276,7 +277,8 @@ def test_olmo2_norms_round_as_transformers(dtype: torch.dtype) -> None:
 def test_split_heads_rms_norm_scaled_in_float32_matches_olmo2_in_bfloat16(heads: int, kv_heads: int,
                                                                           tp_size: int) -> None:
     """OLMo 2's q/k norms under tensor parallelism round as transformers' do: each rank's heads are
-    bit-exact against transformers' bfloat16 norm over the whole projection."""
+    bit-exact against transformers' bfloat16 norm over the whole projection (which heads a rank
+    holds is the float32 test's above)."""
     torch.manual_seed(5)
     dim, eps = 8, 1e-5
     for total in (heads, kv_heads):
@@ -290,9 +292,9 @@ def test_split_heads_rms_norm_scaled_in_float32_matches_olmo2_in_bfloat16(heads:
         def rank_output(tp: TPGroup) -> tuple[torch.Tensor, torch.Tensor]:
             norm = SplitHeadsRMSNorm(total, dim, eps, torch.bfloat16, tp, scale_in_float32=True)
             norm.weight.weight_loader(norm.weight, weight)
-            first = norm.first
+            columns = slice(norm.first, norm.first + norm.weight.shape[0])
             with torch.no_grad():
-                return norm(x[:, first:first + norm.weight.shape[0]]), expected[:, first:first + norm.weight.shape[0]]
+                return norm(x[:, columns]), expected[:, columns]
 
         for got, want in ThreadRanks(tp_size).run(rank_output):
             assert torch.equal(got, want)

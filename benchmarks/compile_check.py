@@ -92,10 +92,10 @@ KERNELS: dict[str, Kernel] = {
         "sglang_core.kernels.fused:_rms_norm_kernel",
         {**BF16_NORM, "pre_eps": "fp32", "eps": "fp32"},
         [dict(c, BLOCK=block, num_warps=warps) for block, warps in ((4096, 8), (512, 2), (128, 1))
-         for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], **PDL)]
+         for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], SCALE_IN_FP32=[False, True], **PDL)]
         # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
-        + [dict(HAS_RESIDUAL=r, HAS_PRE=False, BLOCK=512, num_warps=2, USE_PDL=True, Weight="*fp32", Out="*fp32")
-           for r in (False, True)]),
+        + [dict(HAS_RESIDUAL=r, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
+                Weight="*fp32", Out="*fp32") for r in (False, True)]),
     # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV, any group size incl. -1.
     "int_gemv_awq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul
-from sglang_core.layers.norm import LayerNorm, RMSNorm
+from sglang_core.layers.norm import LayerNorm, RMSNorm, norm_add_norm
 from sglang_core.layers.rotary import RotaryEmbedding
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
@@ -77,6 +77,24 @@ def test_rms_norm_with_pre_norm(dtype: torch.dtype, hidden: int) -> None:
     tolerance = TOLERANCE[dtype] if dtype == torch.float32 else dict(atol=1 / 32, rtol=1.6e-2)
     torch.testing.assert_close(residual, expected_residual, **tolerance)
     torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("with_pre_norm", [False, True])
+def test_rms_norm_scaled_in_float32(with_pre_norm: bool) -> None:
+    """``scale_in_float32`` (OLMo 2's order: the weight multiplies in float32, one rounding), alone
+    and as a pre-norm: bit-exact against the PyTorch path in float16, on rows of eighths whose squares
+    add up exactly in any order (not bfloat16: the interpreter truncates float32 to it)."""
+    torch.manual_seed(9)
+    first, second = (RMSNorm(96, eps, torch.float16, scale_in_float32=True).to(DEVICE) for eps in (1e-6, 1e-5))
+    for norm in (first, second):
+        norm.weight.data = (torch.randn(96, device=DEVICE) * 0.5 + 1).half()
+    x, residual = ((torch.randint(-24, 25, (7, 96), device=DEVICE) / 8).half() for _ in range(2))
+
+    def outputs(fused: bool) -> tuple[torch.Tensor, ...]:
+        with mock.patch("sglang_core.layers.norm.use_fused", return_value=fused):
+            return norm_add_norm(first, second, x, residual.clone()) if with_pre_norm else (second(x),)
+
+    assert all(torch.equal(got, expected) for got, expected in zip(outputs(True), outputs(False), strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,7 +1,8 @@
 """The layers the model families need, each against its Hugging Face counterpart: LayerNorm (whole
-and per attention head), Gemma's (1 + w) RMSNorm, the activations by ``hidden_act`` name, and rotary embedding (layouts,
-partial rotary, every rope scaling, both config spellings, the M-RoPE extension point), computed by
-transformers' own code.
+and per attention head), Gemma's (1 + w) RMSNorm, OLMo 2's RMSNorms (rounded once, after the
+weight), the activations by ``hidden_act`` name, and rotary embedding (layouts, partial rotary,
+every rope scaling, both config spellings, the M-RoPE extension point), computed by transformers'
+own code.
 
 The rope tables are checked twice: the frequencies against
 ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` built from real config classes, and the
@@ -220,6 +221,83 @@ def test_split_heads_rms_norm_matches_olmo2_on_every_rank(heads: int, kv_heads: 
 
         for got, expected in ThreadRanks(tp_size).run(rank_output):
             torch.testing.assert_close(got, expected, **FLOAT32)
+
+
+def exactly_summed(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of eighths in [-3, 3]: their squares add up exactly in float32 in any order, so a
+    norm's statistics equal transformers' however the sum is split (across ranks, in a kernel) and
+    only the rounding of the output can differ."""
+    return (torch.randint(-24, 25, (rows, width)) / 8).to(dtype)
+
+
+def olmo2_reference(weight: torch.Tensor, eps: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' OLMo 2 RMSNorm in ``weight``'s dtype with ``weight``, and Llama's, which rounds
+    the normalised input before the weight multiplies it."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    olmo2, llama = Olmo2RMSNorm(weight.shape[0], eps), LlamaRMSNorm(weight.shape[0], eps)
+    for norm in (olmo2, llama):
+        norm.weight.data.copy_(weight)
+    return olmo2.to(weight.dtype), llama.to(weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_olmo2_norms_round_as_transformers(dtype: torch.dtype) -> None:
+    """Every norm OLMo 2 builds (per layer, q/k, final) multiplies by its weight in float32 and
+    rounds once, as transformers' Olmo2RMSNorm: bit-exact in bfloat16 and float16, on inputs where
+    Llama's rounding order gives another result; the fused kernel too, in float16 (Triton's
+    interpreter truncates float32 to bfloat16 where the GPU rounds to nearest)."""
+    from transformers import Olmo2Config
+
+    from sglang_core.model_executor.model_api import ModelContext
+    from sglang_plugins.models.olmo2.model import Olmo2ForCausalLM
+
+    torch.manual_seed(7)
+    config = Olmo2Config(**TINY, rms_norm_eps=1e-5)
+    model = Olmo2ForCausalLM(config, ModelContext(dtype=dtype))
+    layer = model.model.layers[0]
+    norms = {"post_attention_layernorm": layer.post_attention_layernorm,
+             "post_feedforward_layernorm": layer.post_feedforward_layernorm,
+             "q_norm": layer.self_attn.q_norm, "k_norm": layer.self_attn.k_norm, "norm": model.model.norm}
+    for name, norm in norms.items():
+        weight = (torch.randn(norm.weight.shape[0]) * 0.5 + 1).to(dtype)
+        norm.weight.data.copy_(weight)
+        olmo2, llama = olmo2_reference(weight, config.rms_norm_eps)
+        x = exactly_summed(6, weight.shape[0], dtype)
+        with torch.no_grad():
+            expected = olmo2(x)
+            assert not torch.equal(llama(x), expected), name  # the input tells the two orders apart
+            assert torch.equal(norm(x), expected), name
+            if dtype == torch.float16:
+                assert torch.equal(fused_path(norm, x), expected), name
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp_size", [(4, 2, 2), (4, 2, 4)], ids=["split", "kv-replicated"])
+def test_split_heads_rms_norm_scaled_in_float32_matches_olmo2_in_bfloat16(heads: int, kv_heads: int,
+                                                                          tp_size: int) -> None:
+    """OLMo 2's q/k norms under tensor parallelism round as transformers' do: each rank's heads are
+    bit-exact against transformers' bfloat16 norm over the whole projection (which heads a rank
+    holds is the float32 test's above)."""
+    torch.manual_seed(5)
+    dim, eps = 8, 1e-5
+    for total in (heads, kv_heads):
+        weight = (torch.randn(total * dim) * 0.5 + 1).bfloat16()
+        olmo2, llama = olmo2_reference(weight, eps)
+        x = exactly_summed(6, total * dim, torch.bfloat16)
+        with torch.no_grad():
+            expected = olmo2(x)
+            assert not torch.equal(llama(x), expected)
+
+        def rank_output(tp: TPGroup) -> tuple[torch.Tensor, torch.Tensor]:
+            norm = SplitHeadsRMSNorm(total, dim, eps, torch.bfloat16, tp, scale_in_float32=True)
+            norm.weight.weight_loader(norm.weight, weight)
+            columns = slice(norm.first, norm.first + norm.weight.shape[0])
+            with torch.no_grad():
+                return norm(x[:, columns]), expected[:, columns]
+
+        for got, want in ThreadRanks(tp_size).run(rank_output):
+            assert torch.equal(got, want)
 
 
 # --- Activations -----------------------------------------------------------------------------

@@ -19,17 +19,20 @@ from sglang_core.kernels.pdl import launch_options, pdl_enter
 
 
 @triton.jit
-def _rms_scaled(xf, Weight, cols, ok, hidden, eps, dtype):
+def _rms_scaled(xf, Weight, cols, ok, hidden, eps, dtype, SCALE_IN_FP32: tl.constexpr):
     """``weight * (x / rms(x))`` in float32, rounded as the PyTorch path rounds: the normalised row
-    to ``dtype`` first, then the product."""
+    to ``dtype`` first, then the product; ``SCALE_IN_FP32``: the product of the float32 row (the
+    caller rounds it once)."""
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
-    normed = (xf * rstd).to(dtype)
-    return normed.to(tl.float32) * tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = xf * rstd
+    if not SCALE_IN_FP32:
+        normed = normed.to(dtype).to(tl.float32)
+    return normed * tl.load(Weight + cols, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS_RESIDUAL: tl.constexpr,
-                HAS_PRE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                HAS_PRE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr, SCALE_IN_FP32: tl.constexpr):
     """A norm kernel's start: its row, columns and input, ``x`` or with a residual
     ``residual += x`` (stored) and that sum. ``HAS_PRE``: ``x`` is first RMS-normalised with
     ``PreWeight`` (a sublayer's output norm before the residual add, as Gemma 2's)."""
@@ -39,8 +42,8 @@ def _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS
     ok = cols < hidden
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_PRE:
-        x = _rms_scaled(x.to(tl.float32), PreWeight, cols, ok, hidden, pre_eps, X.dtype.element_ty).to(
-            X.dtype.element_ty)
+        x = _rms_scaled(x.to(tl.float32), PreWeight, cols, ok, hidden, pre_eps, X.dtype.element_ty,
+                        SCALE_IN_FP32).to(X.dtype.element_ty)
     if HAS_RESIDUAL:
         residual = tl.load(Residual + row * stride_r + cols, mask=ok, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(X.dtype.element_ty)  # as torch rounds x + r
@@ -50,28 +53,31 @@ def _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS
 
 @triton.jit
 def _rms_norm_kernel(X, Residual, PreWeight, Weight, Out, stride_x, stride_r, stride_o, hidden, pre_eps, eps,
-                     HAS_RESIDUAL: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_PRE: tl.constexpr, SCALE_IN_FP32: tl.constexpr,
+                     BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row, cols, ok, x = _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS_RESIDUAL,
-                                   HAS_PRE, BLOCK, USE_PDL)
-    out = _rms_scaled(x.to(tl.float32), Weight, cols, ok, hidden, eps, X.dtype.element_ty)
+                                   HAS_PRE, BLOCK, USE_PDL, SCALE_IN_FP32)
+    out = _rms_scaled(x.to(tl.float32), Weight, cols, ok, hidden, eps, X.dtype.element_ty, SCALE_IN_FP32)
     tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=ok)
 
 
 @opaque_to_compiler
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             pre_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+             pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False) -> torch.Tensor:
     """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that.
     ``pre_norm`` (a weight and its eps): ``x`` is RMS-normalised with it before all that, so two
-    norms around a residual add are one launch."""
+    norms around a residual add are one launch. ``scale_in_float32``: both norms round as
+    ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out_dtype = x.dtype if scale_in_float32 else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
     pre_weight, pre_eps = pre_norm if pre_norm is not None else (weight, 0.0)
     hidden = x2.shape[1]
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(x2.shape[0],)](x2, res2, pre_weight, weight, out, x2.stride(0), res2.stride(0), out.stride(0),
                                      hidden, pre_eps, eps, HAS_RESIDUAL=residual is not None,
-                                     HAS_PRE=pre_norm is not None, BLOCK=block,
+                                     HAS_PRE=pre_norm is not None, SCALE_IN_FP32=scale_in_float32, BLOCK=block,
                                      num_warps=min(max(block // 256, 1), 8), **launch_options(x))
     return out.view(x.shape)
 
@@ -81,7 +87,7 @@ def _layer_norm_kernel(X, Residual, Weight, Bias, Out, stride_x, stride_r, strid
                        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                        USE_PDL: tl.constexpr):
     row, cols, ok, x = _norm_input(X, Residual, Weight, stride_x, stride_r, hidden, eps, HAS_RESIDUAL, False, BLOCK,
-                                   USE_PDL)
+                                   USE_PDL, False)
     xf = x.to(tl.float32)
     mean = tl.sum(xf, 0) / hidden
     centred = tl.where(ok, xf - mean, 0.0)

@@ -14,12 +14,17 @@ from sglang_core.layers.parallel import SINGLE, TPGroup, copy_checked
 class RMSNorm(nn.Module):
     """``weight * x / rms(x)``. ``weight_offset``: the checkpoint stores ``weight - offset``
     (Gemma's ``(1 + w)`` scale: offset 1); it is added once as the weight loads, so the forward
-    pass and its fused kernel stay those of a plain RMSNorm."""
+    pass and its fused kernel stay those of a plain RMSNorm.
+
+    ``scale_in_float32``: the weight multiplies the float32 normalised row and the product rounds
+    once to the input dtype (OLMo 2's order); by default the normalised row rounds to the input
+    dtype first and the weight multiplies that (Llama's). In float32 the two are the same."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype = torch.float32,
-                 weight_offset: float = 0.0):
+                 weight_offset: float = 0.0, scale_in_float32: bool = False):
         super().__init__()
         self.eps = eps
+        self.scale_in_float32 = scale_in_float32
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
         self.weight_offset = weight_offset
         if weight_offset:
@@ -37,17 +42,21 @@ class RMSNorm(nn.Module):
         if use_fused(x):
             from sglang_core.kernels.fused import rms_norm
 
-            out = rms_norm(x, self.weight, self.eps, residual)
+            out = rms_norm(x, self.weight, self.eps, residual, scale_in_float32=self.scale_in_float32)
             return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
-        # Normalise in float32 as the reference implementations do, then scale in the input dtype.
+        # Normalise in float32 as the reference implementations do.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
+        out = self._scale(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
         return out if residual is None else (out, residual)
+
+    def _scale(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight times the float32 ``normed``, rounded to ``dtype`` in this norm's order."""
+        if self.scale_in_float32:
+            return (self.weight * normed).to(dtype)
+        return self.weight * normed.to(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -88,11 +97,11 @@ class SplitHeadsRMSNorm(RMSNorm):
     heads (one all-reduce), counting a replicated head once."""
 
     def __init__(self, total_heads: int, head_dim: int, eps: float = 1e-6,
-                 params_dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE):
+                 params_dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE, scale_in_float32: bool = False):
         if total_heads % tp.size and tp.size % total_heads:
             raise ValueError(f"num_heads={total_heads} and tp_size={tp.size}: neither divides the other")
         heads = max(1, total_heads // tp.size)
-        super().__init__(heads * head_dim, eps, params_dtype)
+        super().__init__(heads * head_dim, eps, params_dtype, scale_in_float32=scale_in_float32)
         self.tp, self.total_size = tp, total_heads * head_dim
         self.replicas = max(1, tp.size // total_heads)
         self.first = tp.rank // self.replicas * heads * head_dim
@@ -108,19 +117,20 @@ class SplitHeadsRMSNorm(RMSNorm):
             return super().forward(x)
         xf = x.float()
         square_sum = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True))
-        xf = xf * torch.rsqrt(square_sum / (self.replicas * self.total_size) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self._scale(xf * torch.rsqrt(square_sum / (self.replicas * self.total_size) + self.eps), x.dtype)
 
 
 def norm_add_norm(first: nn.Module, second: nn.Module, x: torch.Tensor,
                   residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(second(first(x) + residual), first(x) + residual)``: a sublayer's output norm, the
     residual add and the next norm (Gemma 2's post-attention and pre-feed-forward norms). Two
-    RMSNorms on CUDA are one fused launch; any other pair runs as the two modules."""
-    if type(first) is RMSNorm and type(second) is RMSNorm and use_fused(x):
+    RMSNorms that round alike on CUDA are one fused launch; any other pair runs as the two modules."""
+    if (type(first) is RMSNorm and type(second) is RMSNorm and first.scale_in_float32 == second.scale_in_float32
+            and use_fused(x)):
         from sglang_core.kernels.fused import rms_norm
 
-        return rms_norm(x, second.weight, second.eps, residual, pre_norm=(first.weight, first.eps)), residual
+        return rms_norm(x, second.weight, second.eps, residual, pre_norm=(first.weight, first.eps),
+                        scale_in_float32=second.scale_in_float32), residual
     return second(first(x), residual)
 
 

@@ -7,6 +7,8 @@
   ``num_attention_heads * head_dim`` weights, ``k_norm`` ``num_key_value_heads * head_dim``)
   before the rotary; eps ``rms_norm_eps`` everywhere.
 * ``attention_bias``: biases on q/k/v/o or none; the MLP has none; no sliding window.
+* Every norm (the two per layer, q/k and the final one) multiplies by its weight in float32 and
+  rounds once, not Llama's rounding of the normalised input first (``scale_in_float32``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from sglang_core.layers.attention_spec import HeadShape
-from sglang_core.layers.norm import SplitHeadsRMSNorm
+from sglang_core.layers.norm import RMSNorm, SplitHeadsRMSNorm
 from sglang_core.layers.rotary import RotaryEmbedding
 from sglang_core.layers.transformer import DecoderLM
 from sglang_core.model_executor.forward_batch import ForwardBatch
@@ -48,10 +50,16 @@ class Olmo2ForCausalLM(DecoderLM):
                        **overrides) -> nn.Module:
         shape = HeadShape.from_config(config)
         eps = config.rms_norm_eps
+
+        def qk_norm(heads: int) -> SplitHeadsRMSNorm:
+            return SplitHeadsRMSNorm(heads, shape.head_dim, eps, ctx.dtype, ctx.tp, scale_in_float32=True)
+
         options = {"sliding_window": None, "qk_norm_per_head": False,
-                   "q_norm": SplitHeadsRMSNorm(shape.num_heads, shape.head_dim, eps, ctx.dtype, ctx.tp),
-                   "k_norm": SplitHeadsRMSNorm(shape.num_kv_heads, shape.head_dim, eps, ctx.dtype, ctx.tp), **overrides}
+                   "q_norm": qk_norm(shape.num_heads), "k_norm": qk_norm(shape.num_kv_heads), **overrides}
         return super().make_attention(config, ctx, layer_id, rotary, **options)
+
+    def make_norm(self, config, ctx: ModelContext) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, scale_in_float32=True)
 
     def make_layer(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None) -> nn.Module:
         return PostNormDecoderLayer(self.make_attention(config, ctx, layer_id, rotary),

@@ -83,7 +83,7 @@ class MultiHeadLatentAttention(nn.Module):
     ``q_lora_rank`` is set), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``,
     named as the checkpoints name them. ``attention_bias`` puts biases on ``q_a_proj``,
     ``kv_a_proj_with_mqa`` and ``o_proj`` only. Heads are split across tensor-parallel ranks; the
-    ``_a`` projections are replicated."""
+    ``_a`` projections are replicated. ``ctx.disable_mla``: every head's K/V cached instead of the latent."""
 
     def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding):
         super().__init__()
@@ -124,8 +124,8 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             self.attn = Attention(layer_id, self.num_heads, 1, self.kv_lora_rank + self.rope_dim, scale,
                                   v_head_dim=self.kv_lora_rank, kv_layout=KVLayout.LATENT)
-        # The expanded heads, over keys and values derived from the cache (not cached themselves).
-        self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
+            # The expanded heads, over keys and values derived from the cache (not cached themselves).
+            self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:

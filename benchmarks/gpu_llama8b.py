@@ -20,7 +20,8 @@ Runs (``--runs``):
   each on and off (off: cuBLAS for every matmul; plain launches).
 - ``batch64``: static batch 64, input 512, output 256, decode ms/step; ``batch64_pdl`` with
   programmatic dependent launch off and on.
-- ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored;
+- ``offline``: 500 random prompts, input uniform in [1, 4096], output in [1, 2048], EOS ignored
+  (the row records the KV pool's size in tokens);
   ``offline_mixed`` the same with ``--enable-mixed-chunk`` (decodes ride along with prefill steps),
   ``offline_fp8kv`` with ``--kv-cache-dtype fp8_e4m3`` (half the bytes per cached token).
 - ``decode1_compile``: ``decode1`` with graphs, ``--enable-torch-compile`` off and on.
@@ -39,7 +40,9 @@ Runs (``--runs``):
   ``shared_prefix_cascade`` the radix-cache run with ``--enable-cascade-decode``.
 Each figure is end to end through the engine (scheduler, sampling, detokenization included).
 ``--engine KEY=VALUE`` (repeatable) adds an engine setting to every run, for experiments:
-``--runs decode1 --engine enable_torch_compile=true``; rows record it.
+``--runs decode1 --engine enable_torch_compile=true``, or DeepSeek's MLA served from per-head K/V,
+``--config benchmarks/configs/deepseek-v2-lite --runs offline --engine disable_mla=true``; rows
+record it, and the table's variant column shows it.
 Results go to ``--out`` as JSON lines; a markdown table is printed at the end.
 """
 
@@ -130,7 +133,8 @@ def run_batch64(backend: str) -> list[dict]:
 def run_offline(backend: str, **variant) -> list[dict]:
     def measure(e: Engine) -> dict:
         prompts, output_lens = offline_workload(e.info.vocab_size, 500, (1, 4096), (1, 2048), seed=0)
-        return measure_offline(e, prompts, output_lens)
+        # the pool's tokens beside the figure: what a KV layout (--kv-cache-dtype, --disable-mla) buys
+        return {**measure_offline(e, prompts, output_lens), "kv_pool_tokens": e.memory_report()["kv_pool_size"]}
 
     return [{"run": "offline", "backend": backend, **variant,
              **with_engine(backend, measure, max_running_requests=256, **variant)}]
@@ -390,8 +394,10 @@ def main() -> int:
     print("\n| run | backend | variant | input | prefill s | decode ms/step | output tok/s | total s |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk",
-                                                     "cascade", "kv_cache_dtype", "torch_compile") if k in r)
+        named = [f"{k}={r[k]}" for k in ("cuda_graph", "gemv", "pdl", "radix_cache", "enable_mixed_chunk", "cascade",
+                                          "kv_cache_dtype", "torch_compile") if k in r]
+        extra = [f"{k.removeprefix('engine.')}={v}" for k, v in r.items() if k.startswith("engine.")]  # --engine
+        variant = ", ".join(named + extra)
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "-"
         prefill = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
         print(f"| {r['run']} | {r.get('backend', '-')} | {variant} | {r.get('input_len', '-')} | {prefill} | {step} "

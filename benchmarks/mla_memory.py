@@ -1,11 +1,12 @@
 """Tokens the KV pool holds with Multi-head Latent Attention's layout (one latent of
-``kv_lora_rank + qk_rope_head_dim`` values per token and layer) against a per-head K/V layout of
-the same model (every head's key of ``qk_nope_head_dim + qk_rope_head_dim`` and value of
-``v_head_dim``, as transformers' cache keeps them).
+``kv_lora_rank + qk_rope_head_dim`` values per token and layer) against the per-head K/V layout
+the same model serves with ``--disable-mla`` (every head's key of ``qk_nope_head_dim +
+qk_rope_head_dim`` and value of ``v_head_dim``, as transformers caches them).
 
-The model plugin is built on the meta device (no weights in memory), its attention layers' specs
-are read as the runner reads them, and the pool's own sizing (``TokenKVPool.bytes_per_token``)
-prices both layouts, so the figure is what the engine would allocate in ``--budget-gb``.
+The model plugin is built both ways on the meta device (no weights in memory), each build's
+attention layers' specs are read as the runner reads them, and the pool's own sizing
+(``TokenKVPool.bytes_per_token``) prices them, so each figure is what the engine would allocate
+in ``--budget-gb`` served that way.
 
     python benchmarks/mla_memory.py --config benchmarks/configs/deepseek-v2-lite --budget-gb 80
 """
@@ -13,7 +14,6 @@ prices both layouts, so the figure is what the engine would allocate in ``--budg
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,11 +27,11 @@ from sglang_core.plugins import PluginManager
 from sglang_core.weights.loader import load_config
 
 
-def per_head_spec(spec: AttentionLayerSpec, config) -> AttentionLayerSpec:
-    """The layer's K/V as transformers caches them: every head's rotary+non-rotary key and value."""
-    return dataclasses.replace(spec, num_kv_heads=spec.num_heads, kv_layout=KVLayout.SEPARATE,
-                               head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
-                               v_head_dim=config.v_head_dim)
+def layer_specs(cls: type, config, dtype: torch.dtype, disable_mla: bool) -> list[AttentionLayerSpec]:
+    """The attention layers' specs of the model built on the meta device, with or without ``--disable-mla``."""
+    with torch.device("meta"):
+        model = cls(config, ModelContext(dtype=dtype, disable_mla=disable_mla))
+    return [m.spec for m in model.modules() if isinstance(m, Attention)]
 
 
 def main() -> int:
@@ -42,19 +42,15 @@ def main() -> int:
     args = parser.parse_args()
     config = load_config(Path(args.config))
     dtype = getattr(torch, args.dtype)
-    models = PluginManager(None).registry("models")
-    cls = models.get(config.architectures[0]).load()
-    with torch.device("meta"):
-        model = cls(config, ModelContext(dtype=dtype))
-    latent = [m.spec for m in model.modules() if isinstance(m, Attention)]
+    cls = PluginManager(None).registry("models").get(config.architectures[0]).load()
+    latent, per_head = (layer_specs(cls, config, dtype, disable_mla) for disable_mla in (False, True))
     if not any(spec.kv_layout is KVLayout.LATENT for spec in latent):
         raise SystemExit(f"{args.config}: no attention layer of this model keeps latents")
-    per_head = [per_head_spec(spec, config) if spec.kv_layout is KVLayout.LATENT else spec for spec in latent]
     budget = args.budget_gb * 2**30
     print(f"{Path(args.config).name}: {len(latent)} layers, {args.dtype}, budget {args.budget_gb:g} GiB")
-    for name, specs in (("latent (MLA)", latent), ("per-head K/V", per_head)):
+    for name, specs in (("latent (MLA)", latent), ("per-head K/V (--disable-mla)", per_head)):
         per_token = TokenKVPool.bytes_per_token(specs, dtype)
-        print(f"  {name:13s} {specs[0].kv_values_per_token:6d} values/token/layer, {per_token / 1024:8.1f} KiB/token, "
+        print(f"  {name:28s} {specs[0].kv_values_per_token:6d} values/token/layer, {per_token / 1024:8.1f} KiB/token, "
               f"{int(budget // per_token):>12,d} tokens")
     ratio = TokenKVPool.bytes_per_token(per_head, dtype) / TokenKVPool.bytes_per_token(latent, dtype)
     print(f"  the latent layout holds {ratio:.2f}x the tokens")

@@ -58,6 +58,7 @@ class EngineSettings(CliSettings):
     context_length: int | None = Field(None, gt=0, description="max tokens per request (default: the model's)")
     random_seed: int = Field(0, description="seed for dummy weights and unseeded sampling")
     quantization: str | None = Field(None, description="quantization method name (a quant plugin's, e.g. fp8): overrides the checkpoint's quantization_config quant_method, or quantizes a 16/32-bit checkpoint at load")
+    disable_mla: bool = Field(False, description="models with multi-head latent attention (DeepSeek-V2/V3) cache every head's key and value instead of one latent per token and decode without weight absorption (about 9x the KV memory per token for DeepSeek-V2); other models ignore it")
 
     # Memory
     mem_fraction_static: float = Field(0.85, gt=0, lt=1, description="CUDA: fraction of GPU memory for weights + KV pool")

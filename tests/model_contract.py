@@ -346,6 +346,18 @@ CASES: dict[str, ContractCase] = {
                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=1,
                moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
                norm_topk_prob=False, rope_interleave=False)),
+    # --disable-mla: the per-head K/V cache (every head's key and value expanded from the latent
+    # when written, attention without absorption) on V2-Lite's attention (no q LoRA, biases, YaRN
+    # with mscale_all_dim) and MoE (a dense first layer, greedy top-2 of 8 beside shared experts).
+    "deepseek-v2-lite-moe-per-head": hf_case(
+        _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"), engine={"disable_mla": True},
+        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None,
+               kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20, attention_bias=True,
+               mlp_bias=True, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               n_shared_experts=2, routed_scaling_factor=2.0, topk_method="greedy",
+               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                "mscale": 1.0, "mscale_all_dim": 0.8})),
     # Mixtral 8x7B's routing: 8 experts, the best 2 renormalised. With the suite's prompts every
     # expert gets tokens in a prefill and most get none in a decode step. An attention_bias that
     # transformers' Mixtral ignores.

@@ -1,6 +1,7 @@
 """DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
-cases): the KV pool keeps one latent per token and layer, multi-token-prediction layers in a
-checkpoint are skipped, and a routing method transformers does not have is refused."""
+cases): the KV pool keeps one latent per token and layer (with ``disable_mla`` every head's key
+and value instead), multi-token-prediction layers in a checkpoint are skipped, and a routing
+method transformers does not have is refused."""
 
 from __future__ import annotations
 
@@ -20,15 +21,28 @@ from test_model_contract import CHUNK, NEW_TOKENS, _build, _reference_greedy
 KV_BUDGET_GB = 1e-3
 
 
-@pytest.mark.parametrize("dtype, element_size", [("float32", 4), ("bfloat16", 2)])
-def test_kv_pool_holds_one_latent_per_token_and_layer(tmp_path, dtype: str, element_size: int) -> None:
-    """A token costs num_layers * (kv_lora_rank + qk_rope_head_dim) elements: no per-head keys or values."""
+def _values_per_token_and_layer(config: dict, disable_mla: bool) -> int:
+    """One latent (``kv_lora_rank + qk_rope_head_dim``), or with ``disable_mla`` every head's key
+    (``qk_nope_head_dim + qk_rope_head_dim``) and value (``v_head_dim``)."""
+    if disable_mla:
+        return config["num_attention_heads"] * (config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+                                                + config["v_head_dim"])
+    return config["kv_lora_rank"] + config["qk_rope_head_dim"]
+
+
+@pytest.mark.parametrize("dtype, element_size, disable_mla", [("float32", 4, False), ("bfloat16", 2, False),
+                                                              ("bfloat16", 2, True)])
+def test_kv_pool_holds_one_latent_or_every_heads_kv(tmp_path, dtype: str, element_size: int,
+                                                    disable_mla: bool) -> None:
+    """A token costs num_layers * (kv_lora_rank + qk_rope_head_dim) elements, no per-head keys or
+    values; with disable_mla, num_layers * heads * (key + value width) and no latent."""
     _build("deepseek-v2", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    latent = config["kv_lora_rank"] + config["qk_rope_head_dim"]
-    with Engine(str(tmp_path), device="cpu", dtype=dtype, kv_cache_memory_gb=KV_BUDGET_GB) as engine:
+    values = _values_per_token_and_layer(config, disable_mla)
+    with Engine(str(tmp_path), device="cpu", dtype=dtype, kv_cache_memory_gb=KV_BUDGET_GB,
+                disable_mla=disable_mla) as engine:
         size = engine.memory_report()["kv_pool_size"]
-    assert size == int(KV_BUDGET_GB * 2**30) // (config["num_hidden_layers"] * latent * element_size)
+    assert size == int(KV_BUDGET_GB * 2**30) // (config["num_hidden_layers"] * values * element_size)
 
 
 def _mtp_layer_tensors(config: dict) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@ absorbed (queries into latent space, attention over the pool's latents) and expa
 back from the pool, expanded per head, plain attention over them). Both must give the same
 outputs and leave the same latents in the pool, over cached prefixes and prefill chunks, on every
 backend that runs both; the DeepSeek contract cases stay token-exact against transformers with
-either forced; and the rule that picks one must follow the multiply-add counts it claims."""
+either forced; and the rule that picks one must follow the multiply-add counts it claims. A layer
+caching every head's key and value instead (``--disable-mla``) must give the absorbed layer's
+outputs, extend and decode, on both backends."""
 
 from __future__ import annotations
 
@@ -44,13 +46,15 @@ def _backend(name: str) -> type:
     return TorchNativeBackend
 
 
-def _layer(shape: tuple, seed: int) -> mla.MultiHeadLatentAttention:
+def _layer(shape: tuple, seed: int, disable_mla: bool = False) -> mla.MultiHeadLatentAttention:
+    """A layer of random weights (the same for a seed, whichever way it caches)."""
     q_lora, rank, nope, rope, v, heads = shape
     config = transformers.DeepseekV2Config(
         hidden_size=HIDDEN, num_attention_heads=heads, q_lora_rank=q_lora, kv_lora_rank=rank, qk_nope_head_dim=nope,
         qk_rope_head_dim=rope, v_head_dim=v, attention_bias=True, max_position_embeddings=128)
     rotary = rope_from_config(config, rope, interleaved=True)
-    layer = mla.MultiHeadLatentAttention(config, ModelContext(), "model.layers.0.self_attn", 0, rotary)
+    layer = mla.MultiHeadLatentAttention(config, ModelContext(disable_mla=disable_mla), "model.layers.0.self_attn", 0,
+                                         rotary)
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -58,9 +62,10 @@ def _layer(shape: tuple, seed: int) -> mla.MultiHeadLatentAttention:
     return layer
 
 
-def _batch(step: list[tuple[int, int]], req_to_token: torch.Tensor, next_slot: int) -> ForwardBatch:
-    """An extend batch of ``step``'s (prefix, new tokens) requests, request r in table row r, its
-    new tokens in fresh slots from ``next_slot`` on."""
+def _batch(step: list[tuple[int, int]], req_to_token: torch.Tensor, next_slot: int,
+           mode: ForwardMode = ForwardMode.EXTEND) -> ForwardBatch:
+    """A batch of ``step``'s (prefix, new tokens) requests, request r in table row r, its new
+    tokens in fresh slots from ``next_slot`` on."""
     prefix_lens = [p for p, _ in step]
     seq_lens = [p + n for p, n in step]
     new_slots = []
@@ -69,7 +74,7 @@ def _batch(step: list[tuple[int, int]], req_to_token: torch.Tensor, next_slot: i
         new_slots.append(req_to_token[row, p:p + n])
         next_slot += n
     return ForwardBatch(
-        mode=ForwardMode.EXTEND, input_ids=torch.zeros(sum(n for _, n in step), dtype=torch.int64),
+        mode=mode, input_ids=torch.zeros(sum(n for _, n in step), dtype=torch.int64),
         positions=torch.cat([torch.arange(p, p + n) for p, n in step]), out_cache_loc=torch.cat(new_slots),
         req_pool_indices=torch.arange(len(step)), seq_lens=torch.tensor(seq_lens),
         prefix_lens=torch.tensor(prefix_lens), seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens,
@@ -81,9 +86,8 @@ def _batch(step: list[tuple[int, int]], req_to_token: torch.Tensor, next_slot: i
 def test_absorbed_and_expanded_agree(backend: str, shape: tuple, monkeypatch) -> None:
     """float32: each step's output both ways, and the pool each way leaves behind, match."""
     layer = _layer(shape, seed=len(backend))
-    pool = TokenKVPool(200, [layer.attn.spec], torch.float32, "cpu")
-    layer.attn.backend = _backend(backend)(AttentionSpec((layer.attn.spec,), torch.float32, torch.device("cpu")),
-                                           pool)
+    _bind(layer, backend)
+    pool = layer.attn.backend.kv_pool
     given_kv_calls = []  # the expanded way must really attend over given K/V, the absorbed way not
     attend_given = layer.attn.backend.forward_extend_given_kv
     monkeypatch.setattr(layer.attn.backend, "forward_extend_given_kv",
@@ -104,6 +108,43 @@ def test_absorbed_and_expanded_agree(backend: str, shape: tuple, monkeypatch) ->
         torch.testing.assert_close(outputs["expanded"], outputs["absorbed"], atol=2e-5, rtol=2e-5)
         assert torch.equal(pools["expanded"], pools["absorbed"])
     assert given_kv_calls == ["expanded"] * len(STEPS)
+
+
+def _bind(layer: mla.MultiHeadLatentAttention, backend: str) -> None:
+    """Give the layer a backend over a pool of its own."""
+    pool = TokenKVPool(200, [layer.attn.spec], torch.float32, "cpu")
+    layer.attn.backend = _backend(backend)(AttentionSpec((layer.attn.spec,), torch.float32, torch.device("cpu")),
+                                           pool)
+
+
+# A decode step after STEPS: one token for each request over what the steps stored.
+DECODE_STEP = [(40, 1), (37, 1), (10, 1), (1, 1)]
+
+
+# Triton (interpreted: seconds) for one shape; the per-head path differs from the absorbed one
+# after the queries, which is all the q LoRA changes.
+@pytest.mark.parametrize(("backend", "shape"), [("torch_native", SHAPES[0]), ("torch_native", SHAPES[1]),
+                                                ("triton", SHAPES[1])], ids=["torch_native-q_lora",
+                                                                             "torch_native-no_q_lora", "triton-no_q_lora"])
+def test_per_head_cache_agrees_with_absorbed(backend: str, shape: tuple, monkeypatch) -> None:
+    """float32, the same weights: a layer caching every head's key and value (``--disable-mla``)
+    gives the absorbed layer's outputs over the extend steps and a decode step after them."""
+    latent, per_head = _layer(shape, seed=7), _layer(shape, seed=7, disable_mla=True)
+    assert (per_head.attn.spec.num_kv_heads, per_head.attn.spec.v_head_dim) == (shape[-1], shape[-2])
+    for layer in (latent, per_head):
+        _bind(layer, backend)
+    monkeypatch.setattr(mla, "EXTEND_PATH", "absorbed")
+    req_to_token = torch.zeros(4, 64, dtype=torch.int64)
+    next_slot = 1
+    for step, mode in [(step, ForwardMode.EXTEND) for step in STEPS] + [(DECODE_STEP, ForwardMode.DECODE)]:
+        batch = _batch(step, req_to_token, next_slot, mode)
+        next_slot += sum(n for _, n in step)
+        x = torch.randn(batch.positions.shape[0], HIDDEN)
+        outputs = []
+        for layer in (latent, per_head):
+            layer.attn.backend.plan(batch)
+            outputs.append(layer(batch.positions, x, batch))
+        torch.testing.assert_close(outputs[1], outputs[0], atol=2e-5, rtol=2e-5)
 
 
 def test_an_unknown_extend_path_is_refused(monkeypatch) -> None:

@@ -37,10 +37,12 @@ GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
 # attention (heads split, the latent replicated), then routed experts whose intermediate size is
 # split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP);
 # olmo2: q/k RMSNorms over every head, their statistics all-reduced over the ranks' heads.
+# deepseek-v2-lite-moe-per-head: the same with --disable-mla, every head's K/V cached, on its rank.
 # "+ep": expert parallelism (4 of 8 experts whole on each rank; DeepSeek's shared experts stay
 # tensor-parallel). Each two-rank engine costs a rank's start (seconds): the one-rank engine is the
 # baseline of every case.
-TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "olmo2-bias-gqa-tied", "mixtral+ep", "deepseek-v2-moe+ep"]
+TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "deepseek-v2-lite-moe-per-head", "olmo2-bias-gqa-tied",
+            "mixtral+ep", "deepseek-v2-moe+ep"]
 
 
 def _generate(engine: Engine, prompts: list[list[int]]) -> list[dict]:
@@ -73,6 +75,8 @@ def served(request, tmp_path_factory):
 def test_tokens_and_logprobs_match_reference_and_one_rank(served):
     model, engine, prompts, expected = served
     ep = engine.core.core.runner.settings.enable_ep_moe
+    heads = model.config.num_attention_heads
+    assert all(spec.num_heads == heads // 2 for spec in engine.core.core.runner.layer_specs)
     for experts in (m for m in engine.core.core.runner.model.modules() if isinstance(m, ExpertWeights)):
         assert experts.num_experts == (experts.total_experts // 2 if ep else experts.total_experts)
     results = _generate(engine, prompts)

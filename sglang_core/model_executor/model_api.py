@@ -37,6 +37,9 @@ class ModelContext:
     # The longest sequence the engine serves (its context length): what length-dependent rope
     # scalings are built for (``rope_from_config(..., max_position=ctx.max_position)``).
     max_position: int | None = None
+    # ``--disable-mla``: a model with multi-head latent attention declares ordinary per-head K/V
+    # layers instead of a latent cache; models without it ignore this.
+    disable_mla: bool = False
     # An architecture name ("LlamaForCausalLM") -> the model class a plugin registered for it, so
     # a model can build another as its part (a vision-language model's language model).
     model_class_for: Callable[[str], type] = field(default=lambda arch: _no_registry(arch))

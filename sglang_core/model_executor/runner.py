@@ -115,6 +115,7 @@ class ModelRunner:
         factories = self._quant_method_factories(plugins)
         unused_tensor = factories.pop("unused_tensor", lambda name: False)
         ctx = ModelContext(dtype=self.dtype, tp=tp, max_position=self.context_len,
+                           disable_mla=self.settings.disable_mla,
                            model_class_for=functools.partial(_model_class, models), **factories)
         with torch.device(self.device):
             model = cls(self.config, ctx)

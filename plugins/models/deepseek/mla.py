@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3), served from one cached latent per token.
+"""Multi-head Latent Attention (DeepSeek-V2/V3), served from one cached latent per token, or from
+per-head keys and values with ``--disable-mla``.
 
 Per token, ``kv_a_proj_with_mqa`` gives a latent ``c`` (``kv_lora_rank`` values, RMS-normed by
 ``kv_a_layernorm``) and one rotary key ``k_pe`` (``qk_rope_head_dim`` values) shared by all
@@ -21,6 +22,14 @@ qk_rope_head_dim`` values per token and layer), and attention runs one of two ex
 
 ``expanding_is_cheaper`` picks the way per extend batch by counting multiply-adds; the pool, the
 prefix cache and chunked prefill see latents only either way. ``EXTEND_PATH`` can force one way.
+
+With ``--disable-mla`` (``ModelContext.disable_mla``, SGLang's flag) the layer is served as
+ordinary multi-head attention instead: each new token's latent is expanded once, when it is
+written, into every head's key ``[W_UK c, k_pe]`` (``qk_nope_head_dim + qk_rope_head_dim``
+values) and value ``W_UV c`` (``v_head_dim``), the pool keeps those (``KVLayout.SEPARATE``,
+``heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)`` values per token and layer: 5120
+against the latent's 576 for DeepSeek-V2-Lite), and decode and extend attend over them as any
+model's layers do, with nothing absorbed. It costs memory and saves ``kv_b_proj`` work per read.
 
 The softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, the width of the
 un-absorbed head, times YaRN's ``mscale_all_dim`` correction squared when the rope sets it.
@@ -74,7 +83,7 @@ class MultiHeadLatentAttention(nn.Module):
     ``q_lora_rank`` is set), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``,
     named as the checkpoints name them. ``attention_bias`` puts biases on ``q_a_proj``,
     ``kv_a_proj_with_mqa`` and ``o_proj`` only. Heads are split across tensor-parallel ranks; the
-    ``_a`` projections are replicated."""
+    ``_a`` projections are replicated. ``ctx.disable_mla``: every head's K/V cached instead of the latent."""
 
     def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding):
         super().__init__()
@@ -108,10 +117,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_heads = ctx.tp.split(heads, "num_attention_heads")
         self.rotary = rotary
         scale = yarn_softmax_scale(rope_parameters(config), qk_head_dim**-0.5)
-        self.attn = Attention(layer_id, self.num_heads, 1, self.kv_lora_rank + self.rope_dim, scale,
-                              v_head_dim=self.kv_lora_rank, kv_layout=KVLayout.LATENT)
-        # The expanded heads, over keys and values derived from the cache (not cached themselves).
-        self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
+        self.caches_per_head = ctx.disable_mla
+        if self.caches_per_head:
+            self.attn = Attention(layer_id, self.num_heads, self.num_heads, qk_head_dim, scale,
+                                  v_head_dim=self.v_head_dim)
+        else:
+            self.attn = Attention(layer_id, self.num_heads, 1, self.kv_lora_rank + self.rope_dim, scale,
+                                  v_head_dim=self.kv_lora_rank, kv_layout=KVLayout.LATENT)
+            # The expanded heads, over keys and values derived from the cache (not cached themselves).
+            self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -124,9 +138,21 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernel reads rows by stride
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
+        if self.caches_per_head:
+            keys, values = self._expand(latent, k_pe.reshape(n, self.rope_dim))
+            query = torch.cat([q_nope, q_pe], dim=-1).reshape(n, -1)
+            return self.o_proj(self.attn(query, keys.reshape(n, -1), values.reshape(n, -1), batch))
         cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps
         attend = self._expanded if self._expands(batch) else self._absorbed
         return self.o_proj(attend(q_nope, q_pe, cached, batch).reshape(n, -1))
+
+    def _expand(self, latents: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[W_UK c, k_pe]`` [S, heads, nope + rope] and values ``W_UV c`` [S, heads, v]
+        of S tokens' latents [S, rank] and rotary keys [S, rope]."""
+        tokens, heads = latents.shape[0], self.num_heads
+        k_nope, values = self.kv_b_proj(latents).view(tokens, heads, -1).split([self.nope_dim, self.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, k_pe.unsqueeze(1).expand(tokens, heads, self.rope_dim)], dim=-1)
+        return keys, values
 
     def _expands(self, batch: ForwardBatch) -> bool:
         if EXTEND_PATH not in EXTEND_PATHS:
@@ -154,9 +180,6 @@ class MultiHeadLatentAttention(nn.Module):
         """The new latents stored, every sequence's latents read back and expanded per head,
         plain attention over those: [n, heads, v]."""
         stored, _ = self.attn.store_and_read_kv(cached, None, batch)  # [S, 1, rank + rope]
-        tokens, heads = stored.shape[0], self.num_heads
-        latents, k_pe = stored.view(tokens, -1).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_nope, values = self.kv_b_proj(latents).view(tokens, heads, -1).split([self.nope_dim, self.v_head_dim], dim=-1)
-        keys = torch.cat([k_nope, k_pe.unsqueeze(1).expand(tokens, heads, self.rope_dim)], dim=-1)
+        keys, values = self._expand(*stored.view(stored.shape[0], -1).split([self.kv_lora_rank, self.rope_dim], dim=-1))
         query = torch.cat([q_nope, q_pe], dim=-1).reshape(q_nope.shape[0], -1)
         return self.attn.extend_given_kv(query, keys, values, self.expanded, batch)

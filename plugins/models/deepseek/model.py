@@ -1,8 +1,9 @@
 """DeepSeek-V2 (``DeepseekV2ForCausalLM``) and DeepSeek-V3 (``DeepseekV3ForCausalLM``).
 
-Llama's pre-norm arrangement with Multi-head Latent Attention (``mla.py``) in every layer, and
-rotary on the ``qk_rope_head_dim`` part of q and k only. V2 rotates interleaved pairs; V3 too
-unless ``rope_interleave`` is false (then "rotate half").
+Llama's pre-norm arrangement with Multi-head Latent Attention (``mla.py``; its K/V cached per
+head with ``--disable-mla``) in every layer, and rotary on the ``qk_rope_head_dim`` part of q and
+k only. V2 rotates interleaved pairs; V3 too unless ``rope_interleave`` is false (then "rotate
+half").
 
 MoE: layers from ``first_k_dense_replace`` on are MoE layers when ``n_routed_experts`` is set: the
 core's ``MoE`` with ``n_routed_experts`` experts of ``moe_intermediate_size``, a float32 router

@@ -112,7 +112,7 @@ class EngineSettings(CliSettings):
     allowed_local_media_path: str | None = Field(None, description="folder whose image files requests may name by path (default: none)")
     media_max_bytes: int = Field(20 * 2**20, gt=0, description="largest image a request may send or have fetched, in bytes")
     media_max_pixels: int = Field(32 * 2**20, gt=0, description="largest image in pixels (width x height), checked before decoding")
-    media_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL")
+    media_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit for fetching one image URL, DNS answer to last byte")
     media_video_frames: int = Field(8, gt=0, description="frames sampled evenly from a video file (a request may ask for another number up to --media-max-video-frames)")
     media_max_video_frames: int = Field(32, gt=0, description="most frames of one video, sent as frames or sampled from a file")
 

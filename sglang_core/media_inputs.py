@@ -1,10 +1,9 @@
 """The request side's images and videos: which belong to which prompt, and the model plugin's
-input processor (built on first use) that turns them into ``MediaItem``s. In ``image_data`` a
+input processor (built at start-up) that turns them into ``MediaItem``s. In ``image_data`` a
 video is ``{"video": source or list of frames, "num_frames": n (optional)}``."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +35,45 @@ class MediaInputs:
     def __init__(self, plugins: PluginManager, info: ModelInfo, settings: EngineSettings):
         models = plugins.registry("models")
         entry = models.get(info.architecture) if info.architecture in models else None
-        self._target = entry.metadata.get("input_processor") if entry is not None else None
-        self._models = models
-        self._folder = Path(info.model_folder)
+        target = entry.metadata.get("input_processor") if entry is not None else None
         self._architecture = info.architecture
         local = settings.allowed_local_media_path
         self.limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels,
                                   Path(local) if local else None, settings.allow_media_urls,
                                   settings.media_fetch_timeout_s, settings.media_video_frames,
                                   settings.media_max_video_frames)
+        # Loaded now, as vLLM and SGLang load a vision-language model's processor: every text-only
+        # request and chat rendering asks for it, on the server's event loop, which a load there
+        # (the HF processor and its tokenizer, from disk) would block; and a broken one fails the start.
         self._processor: InputProcessor | None = None
-        self._lock = threading.Lock()  # requests are built on several threads (async_generate)
+        if target is not None:
+            folder = Path(info.model_folder)
+            self._processor = resolve_target(target)(folder, load_model_config(folder, models))
 
     @property
     def takes_media(self) -> bool:
         """Whether the model has an input processor (takes images, and maybe videos)."""
-        return self._target is not None
+        return self._processor is not None
 
     @property
     def image_token(self) -> str | None:
-        return self._get().image_token if self._target is not None else None
+        return self._processor.image_token if self._processor is not None else None
 
     @property
     def video_token(self) -> str | None:
-        return self._get().video_token if self._target is not None else None
+        return self._processor.video_token if self._processor is not None else None
 
     def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
         """Load each image and video (``image_data.<i>`` names it in errors) and expand the prompt's
         image and video tokens."""
-        if self._target is None:
+        processor = self._processor
+        if processor is None:
             raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
         videos_at = [i for i, source in enumerate(sources) if isinstance(source, dict)]
-        if videos_at and self._get().video_token is None:
+        if videos_at and processor.video_token is None:
             raise ValueError(f"image_data.{videos_at[0]}: the model ({self._architecture}) takes no videos")
         # The counts checked before any is loaded: each may be a fetch.
-        media_slots(self._get(), ids, [s for s in sources if not isinstance(s, dict)],
+        media_slots(processor, ids, [s for s in sources if not isinstance(s, dict)],
                     [s for s in sources if isinstance(s, dict)])
         images, videos = [], []
         for i, source in enumerate(sources):
@@ -78,7 +81,7 @@ class MediaInputs:
                 videos.append(self._video(source, f"image_data.{i}"))
             else:
                 images.append(load_image(source, self.limits, f"image_data.{i}"))
-        return expand_prompt(self._get(), ids, images, videos=videos)
+        return expand_prompt(processor, ids, images, videos=videos)
 
     def _video(self, entry: dict, field: str) -> list[Any]:
         if "video" not in entry or not set(entry) <= {"video", "num_frames"}:
@@ -87,7 +90,7 @@ class MediaInputs:
 
     def positions(self, ids: list[int], media: list[MediaItem]) -> MediaPositions | None:
         """The expanded prompt's positions if the model derives them from its media."""
-        found = self._get().media_positions(ids, media)
+        found = self._processor.media_positions(ids, media)
         if found is None:
             return None
         table, delta = found
@@ -95,10 +98,3 @@ class MediaInputs:
             raise ValueError(f"the model's media positions have shape {tuple(table.shape)}, "
                              f"expected [components, {len(ids)}]")
         return MediaPositions(pack_tensor(table.to(torch.int64)), delta)
-
-    def _get(self) -> InputProcessor:
-        with self._lock:
-            if self._processor is None:
-                config = load_model_config(self._folder, self._models)
-                self._processor = resolve_target(self._target)(self._folder, config)
-            return self._processor

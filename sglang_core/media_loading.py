@@ -1,9 +1,9 @@
 """Reading a request's images safely: data URLs and base64 always; files only under an allowed
 folder; http(s) URLs only when switched on, only from public addresses (resolved once, checked, and
-that address connected to), without redirects, within byte and time limits. Decoded with Pillow, in
-the common web formats only, after a check of the pixel count (decompression bombs) and of the
-aspect ratio (a processor that resizes the short side blows a thin image up). Videos
-come from the same sources, or as a list of frames (each an image); a video file is decoded with
+that address connected to), without redirects, within a byte limit and one deadline for the whole
+fetch. Decoded with Pillow, in the common web formats only, after a check of the pixel count
+(decompression bombs) and of the aspect ratio (a processor that resizes the short side blows a thin
+image up). Videos come from the same sources, or as a list of frames (each an image); a video file is decoded with
 PyAV (the ``video`` extra) after a frame-size check, its frames sampled evenly, within a frame limit.
 Every refusal is a ``ValueError`` naming the field (HTTP 400)."""
 
@@ -14,6 +14,8 @@ import binascii
 import io
 import ipaddress
 import socket
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,53 +201,66 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
         raise ValueError(f"{field}: the URL has no host")
     if parts.username is not None:
         raise ValueError(f"{field}: the URL must not carry credentials")
-    address = _public_address(parts.hostname, field)
-    # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
-    # the certificate is still checked against the host): another DNS answer cannot move the fetch.
-    netloc = f"[{address}]" if ":" in address else address
-    pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
-                         parts.query, ""))
-    import httpx
+    import httpcore
 
-    chunks, size = [], 0
-    # httpx's timeout bounds each wait for bytes, not the whole: a server sending a byte now and
-    # then would hold the fetch for ever. The body must come in within the limit too.
+    from sglang_core.deadline_network import DeadlineBackend
+
+    # One deadline for the whole fetch, DNS answer, connection, headers and body: a timeout per
+    # wait would let a server that sends a byte now and then hold the fetch for ever.
     deadline = time.monotonic() + limits.fetch_timeout_s
+    chunks, size = [], 0
     try:
-        # No redirects: a redirect could lead to an address the check above never saw; no proxy
-        # from the environment, which would connect where it likes.
-        with httpx.Client(timeout=limits.fetch_timeout_s, follow_redirects=False, trust_env=False) as client:
-            request = client.build_request("GET", pinned, headers={"Host": parts.netloc},
-                                           extensions={"sni_hostname": parts.hostname})
-            response = client.send(request, stream=True)
-            try:
-                if response.status_code != 200:
-                    raise ValueError(f"{field}: fetching the URL gave HTTP {response.status_code}")
-                for chunk in response.iter_bytes():
-                    if time.monotonic() > deadline:
-                        raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s")
-                    size += len(chunk)
-                    if size > limits.max_bytes:
-                        raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
-                    chunks.append(chunk)
-            finally:
-                response.close()
-    except httpx.HTTPError as exc:
+        address = _public_address(parts.hostname, field, deadline)
+        # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
+        # the certificate is still checked against the host): another DNS answer cannot move the fetch.
+        netloc = f"[{address}]" if ":" in address else address
+        pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
+                             parts.query, ""))
+        # httpcore rather than httpx: its network backend is where every wait meets the deadline.
+        # It follows no redirect (a redirect could lead to an address the check above never saw)
+        # and uses no proxy from the environment (which would connect where it likes).
+        with httpcore.ConnectionPool(ssl_context=ssl.create_default_context(),
+                                     network_backend=DeadlineBackend(deadline)) as pool, \
+                pool.stream("GET", pinned, headers={"Host": parts.netloc, "User-Agent": "sglang-core"},
+                            extensions={"sni_hostname": parts.hostname}) as response:
+            if response.status != 200:
+                raise ValueError(f"{field}: fetching the URL gave HTTP {response.status}")
+            for chunk in response.iter_stream():
+                size += len(chunk)
+                if size > limits.max_bytes:
+                    raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
+                chunks.append(chunk)
+    except (TimeoutError, httpcore.TimeoutException):
+        raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s") from None
+    except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
     return b"".join(chunks)
 
 
-def _public_address(host: str, field: str) -> str:
+def _public_address(host: str, field: str, deadline: float) -> str:
     """An address ``host`` resolves to, after checking that every one is public (none loopback,
-    private, link-local or reserved)."""
-    try:
-        addresses = [info[4][0] for info in socket.getaddrinfo(host, None)]
-    except OSError:
-        raise ValueError(f"{field}: cannot resolve the URL's host") from None
+    private, link-local or reserved); ``TimeoutError`` if the answer is not in by ``deadline``."""
+    answer: list = []
+    # The system resolver takes no timeout: it runs on a thread the fetch stops waiting for.
+    resolver = threading.Thread(target=_resolve, args=(host, answer), daemon=True)
+    resolver.start()
+    resolver.join(max(deadline - time.monotonic(), 0))
+    if not answer:
+        raise TimeoutError
+    if isinstance(answer[0], OSError):
+        raise ValueError(f"{field}: cannot resolve the URL's host")
+    addresses = [info[4][0] for info in answer[0]]
     for address in addresses:
         if not _is_public(ipaddress.ip_address(address.split("%")[0])):
             raise ValueError(f"{field}: the URL's host resolves to a non-public address")
     return addresses[0]
+
+
+def _resolve(host: str, answer: list) -> None:
+    try:
+        answer.append(socket.getaddrinfo(host, None))
+    except OSError as exc:
+        answer.append(exc)
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -65,6 +65,30 @@ def assert_plausible(weight: torch.Tensor, block: tuple[int, int] | None) -> Non
     assert bool((group_std > 0.006).all() & (group_std < 0.045).all()), group_std
 
 
+def init_dummy_weights_once(model: torch.nn.Module) -> None:
+    """``init_dummy_weights(model, seed=0)``, checking that it draws each parameter once: the core's
+    noise and a quantization method's own fill (its ``init_dummy_weights``) never both write one."""
+    def raw(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().reshape(-1).view(torch.uint8).clone()
+
+    created = {name: raw(p) for name, p in model.named_parameters()}
+    at_fill: dict[str, torch.Tensor] = {}
+    prefixes = {id(module): prefix for prefix, module in model.named_modules()}
+    methods = {id(m.quant_method): m.quant_method for m in model.modules() if getattr(m, "quant_method", None)}
+    for method in methods.values():
+        def fill_seen(layer, generator, fill=method.init_dummy_weights):
+            at_fill.update({f"{prefixes[id(layer)]}.{n}".lstrip("."): raw(p)
+                            for n, p in layer.named_parameters(recurse=False)})
+            fill(layer, generator)
+        method.init_dummy_weights = fill_seen
+    init_dummy_weights(model, seed=0)
+    assert at_fill, "no quantization method filled its layer"
+    for name, p in model.named_parameters():
+        if name in at_fill:
+            by_core, by_method = not torch.equal(at_fill[name], created[name]), not torch.equal(raw(p), at_fill[name])
+            assert not (by_core and by_method), f"{name} was drawn twice, by the core and by its method"
+
+
 def test_partial_blocks_get_positive_scales_and_the_layer_computes_with_them():
     """A fused layer whose last part and last input block are partial (DeepSeek-V3's 576-row
     ``kv_a_proj_with_mqa``): every block, edge ones included, scaled; the layer's forward is
@@ -73,7 +97,7 @@ def test_partial_blocks_get_positive_scales_and_the_layer_computes_with_them():
     method = Fp8LinearMethod({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block)},
                              "model.layers.0.mlp.gate_up_proj")
     layer = MergedColumnParallelLinear(200, [128, 72], quant_method=method)
-    init_dummy_weights(layer, seed=0)
+    init_dummy_weights_once(layer)
     method.process_weights_after_loading(layer)
     assert layer.weight.dtype == E4M3 and tuple(layer.weight_scale_inv.shape) == (2, 2)
     weight = dequantized(layer.weight, layer.weight_scale_inv, block)
@@ -88,7 +112,7 @@ def test_static_experts_get_codes_scales_and_input_scales():
     scaled, the input scales positive and letting normalized activations through."""
     method = Fp8LinearMethod.for_experts({"quant_method": "fp8", "activation_scheme": "static"}, "model.layers.0.mlp.experts")
     experts = ExpertWeights(3, 64, 96, quant_method=method)
-    init_dummy_weights(experts, seed=0)
+    init_dummy_weights_once(experts)
     method.process_weights_after_loading(experts)
     for stem in ("w13", "w2"):
         codes, scale = getattr(experts, f"{stem}_weight"), getattr(experts, f"{stem}_weight_scale")

@@ -249,6 +249,24 @@ def failure_engine(llava):
         yield engine
 
 
+def test_the_input_processor_loads_at_start_up_not_on_a_request(failure_engine, monkeypatch):
+    """As vLLM and SGLang do, the engine loads a vision-language model's HF processor when it starts
+    (the ``MediaInputs`` its constructor builds): a text-only request, or a chat rendering asking for
+    the image token, both served on the server's event loop, never waits for a load there."""
+    from sglang_core import media_inputs
+
+    engine = failure_engine
+    media = media_inputs.MediaInputs(engine.plugins, engine.info, engine.settings)
+
+    def load_again(target):
+        raise AssertionError("a request loaded the input processor")
+
+    monkeypatch.setattr(media_inputs, "resolve_target", load_again)
+    ids = engine.tokenizer.encode("What is in the picture?")
+    assert media.image_token == IMAGE_TOKEN and media.video_token is None
+    assert media.expand(ids, []) == (ids, [])
+
+
 def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_engine, monkeypatch):
     """One request's image breaks the encoder: that request ends with a 400 naming the error and
     holds no KV slot; the requests encoded in the same batch and one already decoding give

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -93,6 +94,15 @@ def test_urls_with_credentials_are_refused():
         load_image("http://user:pw@example.com/cat.png", MediaLimits(100_000, 10_000, allow_urls=True))
 
 
+def _drip(out, data: bytes) -> None:
+    """Send ``data`` a byte every 50 ms (each far within a timeout of a wait), until the client leaves."""
+    with contextlib.suppress(ConnectionError):
+        for byte in data:
+            out.write(bytes([byte]))
+            out.flush()
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _image_server(png: bytes):
     class Handler(BaseHTTPRequestHandler):
@@ -106,6 +116,10 @@ def _image_server(png: bytes):
                 self.send_header("Location", "/cat.png")
                 self.end_headers()
                 return
+            if self.path == "/slow-headers.png":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                _drip(self.wfile, b"X-Padding: " + b"a" * 60)  # the headers never end in time
+                return
             body = png if self.path in ("/cat.png", "/slow.png") else png * 200
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -113,11 +127,7 @@ def _image_server(png: bytes):
             if self.path != "/slow.png":
                 self.wfile.write(body)
                 return
-            with contextlib.suppress(ConnectionError):  # the client gives up before the end
-                for byte in body:  # a byte at a time, each well within the timeout
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(0.02)
+            _drip(self.wfile, body)
 
         def log_message(self, *args):
             pass
@@ -134,7 +144,7 @@ def _image_server(png: bytes):
 def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_the_byte_limit(monkeypatch):
     """A host no DNS knows, "resolved" (and passed) as the local server's address: the fetch goes
     to that address with the host in the Host header."""
-    monkeypatch.setattr(media_loading, "_public_address", lambda host, field: "127.0.0.1")
+    monkeypatch.setattr(media_loading, "_public_address", lambda host, field, deadline: "127.0.0.1")
     png = _png()
     limits = MediaLimits(max_bytes=len(png) * 10, max_pixels=10_000, allow_urls=True, fetch_timeout_s=5)
     with _image_server(png) as url:
@@ -143,7 +153,29 @@ def test_fetch_connects_to_the_checked_address_follows_no_redirect_and_stops_at_
             load_image(f"{url}/moved.png", limits)
         with pytest.raises(ValueError, match="larger than"):
             load_image(f"{url}/big.png", limits)
+
+
+@pytest.mark.parametrize("path", ["slow.png", "slow-headers.png"])
+def test_one_deadline_bounds_the_whole_fetch_headers_included(monkeypatch, path: str):
+    """A server that sends its body or its headers a byte at a time, each byte well within the
+    timeout, is given up on at the deadline."""
+    monkeypatch.setattr(media_loading, "_public_address", lambda host, field, deadline: "127.0.0.1")
+    limits = MediaLimits(max_bytes=100_000, max_pixels=10_000, allow_urls=True, fetch_timeout_s=0.3)
+    with _image_server(_png()) as url:
         started = time.monotonic()
         with pytest.raises(ValueError, match="took longer than 0.3 s"):
-            load_image(f"{url}/slow.png", dataclasses.replace(limits, fetch_timeout_s=0.3))
-        assert time.monotonic() - started < 1.5
+            load_image(f"{url}/{path}", limits)
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_slow_dns_answer_counts_against_the_deadline(monkeypatch):
+    """The system resolver has no timeout of its own: the fetch stops waiting for it at the deadline."""
+    def slow_getaddrinfo(host, port, *args, **kwargs):
+        time.sleep(1.0)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(media_loading.socket, "getaddrinfo", slow_getaddrinfo)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="took longer than 0.2 s"):
+        load_image("http://images.example/cat.png", MediaLimits(100_000, 10_000, allow_urls=True, fetch_timeout_s=0.2))
+    assert time.monotonic() - started < 0.8

@@ -16,11 +16,10 @@ import torch
 
 from sglang_core.layers.experts import ExpertWeights
 from sglang_core.layers.parallel import MergedColumnParallelLinear
-from sglang_core.weights.loader import init_dummy_weights
 from sglang_plugins.quant.awq.method import AWQMethod
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
-from test_fp8_dummy import serve_dummy_weights
+from test_fp8_dummy import init_dummy_weights_once, serve_dummy_weights
 
 AWQ_SLOT_FEATURE = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order: slot i of a word holds feature AWQ_SLOT_FEATURE[i]
 INPUTS, PARTS = 128, [64, 32]  # a fused layer of two parts
@@ -93,7 +92,7 @@ def dummy_layer(config: dict) -> torch.nn.Module:
     """A fused layer of ``config``'s format filled by the core's dummy init, then laid out as after loading."""
     method = METHODS[config["quant_method"]].for_layer(config, "model.layers.0.mlp.gate_up_proj")
     layer = MergedColumnParallelLinear(INPUTS, PARTS, quant_method=method)
-    init_dummy_weights(layer, seed=0)
+    init_dummy_weights_once(layer)
     method.process_weights_after_loading(layer)
     return layer
 
@@ -111,6 +110,15 @@ def test_dummy_layer_holds_plausible_weights_and_computes_with_them(name):
     x = torch.randn(3, INPUTS, generator=torch.Generator().manual_seed(1))
     got, want = layer(x), x @ weight.t()
     assert float((got - want).norm() / want.norm()) < (0.05 if config.get("format") == "int-quantized" else 1e-5)
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name != "w8a8-static-asym"])  # int8 experts: per channel
+def test_dummy_experts_draw_each_parameter_once(name):
+    """Experts' codes come from the core's noise, their scales (and group indices) from the
+    method's own fill, no parameter from both (``init_dummy_weights_once`` checks)."""
+    config = CASES[name]
+    method = METHODS[config["quant_method"]].for_experts(config, "model.layers.0.mlp.experts")
+    init_dummy_weights_once(ExpertWeights(2, INPUTS, 64, quant_method=method))
 
 
 def tiny_config(architecture: str, quantization_config: dict) -> dict:

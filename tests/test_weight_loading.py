@@ -428,22 +428,27 @@ def test_dummy_weights_fill_packed_and_float8_parameters() -> None:
 
 
 class PositiveScalesMethod(PackedInt4Method):
-    """A format whose scales the core's noise would make invalid (negative): it redraws them, and
-    records what its hook saw."""
+    """A format whose scales the core's noise would make invalid (negative): it draws them itself
+    (``own_dummy_params``), and records what its hook saw."""
+
+    def own_dummy_params(self, layer) -> set[str]:
+        return {"scales"}
 
     def init_dummy_weights(self, layer, generator) -> None:
-        self.scales_seen = layer.scales.clone()
+        self.seen = {name: p.clone() for name, p in layer.named_parameters(recurse=False)}
         layer.scales.uniform_(0.5, 1.0, generator=generator)
 
 
 def test_dummy_weights_end_with_each_quant_methods_own_fill() -> None:
     """``QuantMethod.init_dummy_weights`` runs on every quantized layer once the core's noise is in
-    (it sees the noise), and what it writes stays."""
+    (it sees the noise), and what it writes stays; the parameters it draws itself the core leaves
+    as the layer made them (zeros), so each is drawn once."""
     from sglang_core.weights.loader import init_dummy_weights
 
     model = torch.nn.Module()
     model.proj = ColumnParallelLinear(128, 16, tp=group(0, 1), quant_method=PositiveScalesMethod())
     init_dummy_weights(model, seed=0)
-    method = model.proj.quant_method
-    assert float(method.scales_seen.min()) < 0 < float(method.scales_seen.max())  # the core's noise came first
+    seen = model.proj.quant_method.seen
+    assert bool((seen["qweight"] != 0).any()) and bool((seen["qzeros"] != 0).any())  # the core's noise came first
+    assert bool((seen["scales"] == 0).all())  # but not into the method's own
     assert float(model.proj.scales.min()) >= 0.5 and bool((model.proj.qweight != 0).any())

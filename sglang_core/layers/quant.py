@@ -99,10 +99,17 @@ class QuantMethod(abc.ABC):
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         """``--load-format dummy``: make ``layer``'s parameters valid random weights of this format,
         drawing from ``generator`` (on the device of the layer's parameters). Called after the core
-        filled every parameter (floats: normal noise of std 0.02; integers: random bits) and before
-        ``process_weights_after_loading``; a method whose bytes hold floats that random bits can make
-        inf or NaN (GGUF's f16 scales), or whose parameters only fill through its loaders, overrides
-        it. Default: nothing (the core's noise suits the format)."""
+        filled every parameter but those ``own_dummy_params`` names (floats: normal noise of std
+        0.02; integers: random bits) and before ``process_weights_after_loading``; a method whose
+        bytes hold floats that random bits can make inf or NaN (GGUF's f16 scales), or whose
+        parameters only fill through its loaders, overrides it. Default: nothing (the core's noise
+        suits the format)."""
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        """The names of ``layer``'s parameters that ``init_dummy_weights`` draws whole: the core
+        leaves them as ``create_weights`` made them, so none is drawn twice (an 8B model's float8
+        weights are gigabytes of noise). Default: none."""
+        return set()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel (transpose, pre-shuffle, ...); default: nothing."""
@@ -139,6 +146,10 @@ class ExpertsQuantMethod(abc.ABC):
 
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         """As ``QuantMethod.init_dummy_weights``; default: nothing."""
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        """As ``QuantMethod.own_dummy_params``; default: none."""
+        return set()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repack loaded weights for the kernel; default: nothing."""

@@ -112,8 +112,7 @@ class ModelRunner:
         cls = models.get(arch).load()
         self.architecture = arch
         tp = replace(self.tp, expert_parallel=self.settings.expert_parallel)  # MoE layers read it
-        factories = self._quant_method_factories(plugins)
-        unused_tensor = factories.pop("unused_tensor", lambda name: False)
+        factories, unused_tensor = self._quant_method_factories(plugins)
         ctx = ModelContext(dtype=self.dtype, tp=tp, max_position=self.context_len,
                            disable_mla=self.settings.disable_mla,
                            model_class_for=functools.partial(_model_class, models), **factories)
@@ -129,15 +128,16 @@ class ModelRunner:
                 method.process_weights_after_loading(module)
         return model.eval()
 
-    def _quant_method_factories(self, plugins: PluginManager) -> dict[str, Callable[[str], Any]]:
+    def _quant_method_factories(
+            self, plugins: PluginManager) -> tuple[dict[str, Callable[[str], Any]], Callable[[str], bool]]:
         """``ModelContext``'s choosers of each linear layer's, each MoE layer's experts' and each
         vocabulary table's method, by ``--quantization`` if given, else the checkpoint's
         ``quantization_config`` (none of either: the context's defaults, all unquantized); a
-        checkpoint without a config hands the method ``{"quant_method": name}``. Also
-        ``unused_tensor``, which checkpoint tensors the loader drops (not the context's)."""
+        checkpoint without a config hands the method ``{"quant_method": name}``. And which
+        checkpoint tensors the loader drops, by name."""
         quant = getattr(self.config, "quantization_config", None)
         if not quant and not self.settings.quantization:
-            return {}
+            return {}, lambda name: False
         if quant and not isinstance(quant, dict):
             quant = quant.to_dict()
         name = self.settings.quantization or quant.get("quant_method")
@@ -146,10 +146,10 @@ class ModelRunner:
             cls = plugins.registry("quant_methods").get(str(name)).load()
         except PluginError as exc:
             raise ValueError(f"quantization {name!r} is provided by no loaded plugin: {exc}") from exc
-        return {"quant_method_for": functools.partial(cls.for_layer, quant),
-                "experts_method_for": functools.partial(cls.for_experts, quant),
-                "embedding_method_for": functools.partial(cls.for_embedding, quant),
-                "unused_tensor": functools.partial(cls.unused_checkpoint_tensor, quant)}
+        return ({"quant_method_for": functools.partial(cls.for_layer, quant),
+                 "experts_method_for": functools.partial(cls.for_experts, quant),
+                 "embedding_method_for": functools.partial(cls.for_embedding, quant)},
+                functools.partial(cls.unused_checkpoint_tensor, quant))
 
     def _init_pools(self) -> None:
         """Size the KV pool from what the model's attention layers declare (not from config fields)."""

@@ -67,7 +67,10 @@ class BatchRunner:
         ``running``: ids of the requests already running (jump-forward and mixed steps extend
         them too). Returns the requests sampled (and those ended by their images failing to encode)
         and those wholly prefilled that sample nothing."""
-        failed = self._encode_media(chunks) if any(c.req.media for c in chunks) else []
+        # Once, before failed requests drop out (their images must be tried); if every request with
+        # media failed, step_input_embeds finds no image left and gives None.
+        with_media = any(c.req.media for c in chunks)
+        failed = self._encode_media(chunks) if with_media else []
         ended = set(map(id, failed))
         chunks = [c for c in chunks if id(c.req) not in ended]
         if not chunks:
@@ -93,7 +96,7 @@ class BatchRunner:
                 final_rows.append(len(logit_index))
                 logit_index.append(offset + b - a - 1)
         spans = [(c.req, c.start, c.end) for c in chunks]
-        embeds = step_input_embeds(spans) if any(c.req.media for c in chunks) else None
+        embeds = step_input_embeds(spans) if with_media else None
         if any(c.req.position_table is not None for c in chunks):
             positions: list[int] | torch.Tensor = step_positions(spans)
         else:

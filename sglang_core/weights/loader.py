@@ -140,15 +140,21 @@ def language_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of the right shapes, for speed work: small normal noise, norms at one; then
-    each layer's quantization method makes its own parameters valid (``QuantMethod.init_dummy_weights``)."""
+    each layer's quantization method makes its own parameters valid (``QuantMethod.init_dummy_weights``),
+    drawing those it names (``QuantMethod.own_dummy_params``) alone: each parameter is drawn once."""
     generators: dict[torch.device, torch.Generator] = {}
 
     def generator(device: torch.device) -> torch.Generator:
         # Generate on the parameter's device: an 8B model's noise made on the host is slow to move.
         return generators.setdefault(device, torch.Generator(device=device).manual_seed(seed))
 
+    quantized = _layers_with_methods(model)
+    left_to_methods = {id(getattr(module, name)) for module, method in quantized
+                       for name in method.own_dummy_params(module)}
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if id(param) in left_to_methods:
+                continue
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.fill_(1.0)
                 continue
@@ -159,8 +165,12 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
                 param.copy_(torch.empty_like(param, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-        for module in model.modules():
-            method = getattr(module, "quant_method", None)
-            first = next(module.parameters(recurse=False), None)
-            if method is not None and first is not None:
-                method.init_dummy_weights(module, generator(first.device))
+        for module, method in quantized:
+            method.init_dummy_weights(module, generator(next(module.parameters(recurse=False)).device))
+
+
+def _layers_with_methods(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Each module with a quantization method and parameters of its own, and the method."""
+    return [(module, module.quant_method) for module in model.modules()
+            if getattr(module, "quant_method", None) is not None
+            and next(module.parameters(recurse=False), None) is not None]

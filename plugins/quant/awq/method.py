@@ -101,6 +101,9 @@ class AWQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
 
+    def own_dummy_params(self, layer: torch.nn.Module) -> set[str]:
+        return {"scales"}
+
     def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         fill_positive_scales(layer.scales, DUMMY_CODE_STD, generator)
 
@@ -137,6 +140,9 @@ class AWQExpertsMethod(DequantizingExpertsMethod):
                                     "w2": (intermediate_size, hidden_size)}.items():
             for name, param in self.method.packed_params(inputs, out, params_dtype, weight_loader, num_experts).items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def own_dummy_params(self, layer: torch.nn.Module) -> set[str]:
+        return {"w13_scales", "w2_scales"}
 
     def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):

@@ -83,6 +83,9 @@ class Int8Method(QuantMethod):
             if not self.symmetric_input:
                 layer.input_zero_point = weight_param(torch.zeros(parts), load_part_scalar)
 
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return {name for name in ("weight_scale", "input_scale", "input_zero_point") if hasattr(layer, name)}
+
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         """Random int8 codes (the core's) with positive weight scales; static input scales that let
         normalized activations through, zero points 0."""
@@ -206,6 +209,9 @@ class Int8ExpertsMethod(KernelExpertsMethod):
                                                           weight_loader, output_dim=0, input_dim=1))
             setattr(layer, f"{stem}_weight_scale", weight_param(torch.ones(num_experts, rows, 1), weight_loader,
                                                                 output_dim=0))
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return {"w13_weight_scale", "w2_weight_scale"}
 
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):

@@ -109,6 +109,9 @@ class PackedIntMethod(QuantMethod):
                 input_dim=group_dim, packed_dim=0, packed_factor=self.pack)
         return params
 
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return {name for name in ("weight_scale", "weight_g_idx") if hasattr(layer, name)}
+
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         self.init_dummy_tensors(layer.weight_scale, getattr(layer, "weight_g_idx", None), generator)
 
@@ -181,6 +184,10 @@ class PackedIntExpertsMethod(DequantizingExpertsMethod):
                                                       vector_loader, input_dim=0)
             for name, param in params.items():
                 setattr(layer, f"{stem}_{name}", param)
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return {f"{stem}_{name}" for stem in ("w13", "w2") for name in ("weight_scale", "weight_g_idx")
+                if hasattr(layer, f"{stem}_{name}")}
 
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):

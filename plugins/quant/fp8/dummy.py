@@ -1,8 +1,9 @@
 """Random FP8 weights for ``--load-format dummy`` (speed work on a config folder, no checkpoint).
 
-The core's dummy init fills an e4m3 weight with its float noise (std 0.02: a handful of e4m3's
-subnormal codes) and the float32 scales with the same noise, negative or near zero. Here, as a
-checkpoint's quantizer leaves them, the codes use e4m3's range: a scale group of a few thousand
+The core's dummy init would fill an e4m3 weight with its float noise (std 0.02: a handful of e4m3's
+subnormal codes) and the float32 scales with the same noise, negative or near zero, so it leaves
+them to this module (``fp8_dummy_params``). Here, as a checkpoint's quantizer leaves them, the codes
+use e4m3's range: a scale group of a few thousand
 normal values has its largest about four standard deviations out, mapped to 448, so the codes are
 normal with std ``CODE_STD`` = 448 / 4 (clamped to +-448: e4m3fn has no infinity, a cast past it
 is NaN). Each scale (per tensor part, output row or block) is ``STD / CODE_STD * U(0.5, 1.5)``, so
@@ -21,6 +22,14 @@ from sglang_plugins.quant.fp8.e4m3 import FP8_MAX
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 
 CODE_STD = FP8_MAX / 4
+
+
+def fp8_dummy_params(stems: tuple[str, ...], scheme: Fp8Scheme) -> set[str]:
+    """The parameters ``init_dummy_fp8`` draws for ``stems`` (``QuantMethod.own_dummy_params``)."""
+    if scheme.weights == "online":
+        return set()
+    names = {"weight", scheme.weight_scale_name} | ({"input_scale"} if scheme.activations == "static" else set())
+    return {stem + name for stem in stems for name in names}
 
 
 def init_dummy_fp8(layer: nn.Module, stems: tuple[str, ...], scheme: Fp8Scheme, generator: torch.Generator) -> None:

@@ -27,7 +27,7 @@ from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.moe import KernelExpertsMethod
 from sglang_core.layers.quant import weight_param
 from sglang_plugins.quant.fp8.block import dequantize_weight, quantize_dequantize_groups
-from sglang_plugins.quant.fp8.dummy import init_dummy_fp8
+from sglang_plugins.quant.fp8.dummy import fp8_dummy_params, init_dummy_fp8
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme
 
@@ -93,6 +93,9 @@ class Fp8ExpertsMethod(KernelExpertsMethod):
             raise ValueError(f"quantization_config weight_block_size {list(self.scheme.block)}: {self.prefix} has "
                              f"{intermediate_size} down input features per rank, not a multiple of the block's "
                              f"{cols} columns")
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return fp8_dummy_params(("w13_", "w2_"), self.scheme)
 
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         init_dummy_fp8(layer, ("w13_", "w2_"), self.scheme, generator)

@@ -20,7 +20,7 @@ from torch import nn
 from sglang_core.kernels import linear, use_fused
 from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.fp8.block import create_block_scale, dequantize_weight, quantize_dequantize_groups
-from sglang_plugins.quant.fp8.dummy import init_dummy_fp8
+from sglang_plugins.quant.fp8.dummy import fp8_dummy_params, init_dummy_fp8
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE, quantize, round_trip, token_scale
 from sglang_plugins.quant.fp8.experts import Fp8ExpertsMethod
 from sglang_plugins.quant.fp8.scheme import Fp8Scheme, parse_scheme
@@ -80,6 +80,9 @@ class Fp8LinearMethod(QuantMethod):
                                self.scheme.weight_scale_name)
         if self.scheme.activations == "static":
             layer.input_scale = weight_param(torch.ones(len(output_sizes)), load_part_scalar)
+
+    def own_dummy_params(self, layer: nn.Module) -> set[str]:
+        return fp8_dummy_params(("",), self.scheme)
 
     def init_dummy_weights(self, layer: nn.Module, generator: torch.Generator) -> None:
         init_dummy_fp8(layer, ("",), self.scheme, generator)

@@ -127,6 +127,9 @@ class GPTQMethod(QuantMethod):
                 "scales": weight_param(torch.zeros(*lead, groups, out, dtype=params_dtype), weight_loader,
                                        input_dim=group_dim, output_dim=1)}
 
+    def own_dummy_params(self, layer: torch.nn.Module) -> set[str]:
+        return {"scales", "g_idx"}
+
     def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         self.init_dummy_tensors(layer.scales, layer.g_idx, generator)
 
@@ -204,6 +207,9 @@ class GPTQExpertsMethod(DequantizingExpertsMethod):
             g_idx = weight_param(torch.zeros(num_experts, parts, inputs, dtype=torch.int32),
                                  functools.partial(load_expert_part_vector, layer.tp), input_dim=0)
             setattr(layer, f"{stem}_g_idx", g_idx)
+
+    def own_dummy_params(self, layer: torch.nn.Module) -> set[str]:
+        return {"w13_scales", "w13_g_idx", "w2_scales", "w2_g_idx"}
 
     def init_dummy_weights(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         for stem in ("w13", "w2"):

@@ -137,8 +137,9 @@ class _Node:
 class RadixCache(PrefixCache):
     """Radix tree prefix cache with reference-counted locks and LRU leaf eviction.
 
-    Handles are tree nodes; each namespace has its root (``roots``), made when first used. Every operation splits nodes where a key ends or diverges inside
-    them, so all tokens of one node always share one lock count and one access time.
+    Handles are tree nodes; each namespace has its root (``roots``), made when first used. Every
+    operation splits nodes where a key ends or diverges inside them, so all tokens of one node
+    always share one lock count and one access time.
     """
 
     def __init__(self, pool: _SlotPool):

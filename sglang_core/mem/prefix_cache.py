@@ -335,7 +335,8 @@ class RadixCache(PrefixCache):
     def check_integrity(self) -> None:
         """Recompute the size counters and structural invariants from the tree; raise
         AssertionError on any mismatch."""
-        assert all(root.lock_ref >= 1 and not root.key for root in self.roots.values()), "roots must stay locked and empty"
+        for root in self.roots.values():
+            assert root.lock_ref >= 1 and not root.key, "roots must stay locked and empty"
         evictable = protected = 0
         for node in self._nodes():
             parent = node.parent

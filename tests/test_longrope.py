@@ -84,18 +84,32 @@ def test_each_sequence_takes_the_factors_of_its_length(served):
     engine.check_memory()
 
 
-def test_overlapped_decode_chooses_alike(served):
-    """The overlapped schedule (CUDA graphs' on a GPU, switched on here as tests/test_overlap.py
-    does) launches a decode step before its input token is on the host: not one that crosses.
-    Tokens only: a request that wants logprobs is never overlapped."""
+# Other schedules, each with the statistic that shows it ran: the overlapped one (CUDA graphs' on
+# a GPU, switched on here as tests/test_overlap.py does) launches a decode step before its input
+# token is on the host, not one that crosses; mixed steps decode riding along prefill steps; a
+# step token budget with a KV pool too small for the batch retracts for memory too.
+SCHEDULES = {"overlapped": ({}, "overlapped_steps"),
+             "mixed": ({"enable_mixed_chunk": True}, "mixed_decode_tokens"),
+             "budget-small-pool": ({"max_step_tokens": 24, "max_total_tokens": 160}, "retractions")}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_other_schedules_choose_alike(served, schedule: str):
+    """Tokens only under the overlapped schedule: a request that wants logprobs is never overlapped."""
     model, _engine, prompts, folder = served
-    with Engine(str(folder), chunked_prefill_size=CHUNK) as engine:
-        engine.core.core.scheduler.overlap_max_bs = 64
-        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
-        assert engine.stats()["overlapped_steps"] > 0
+    settings, statistic = SCHEDULES[schedule]
+    overlapped = schedule == "overlapped"
+    with Engine(str(folder), chunked_prefill_size=CHUNK, **settings) as engine:
+        if overlapped:
+            engine.core.core.scheduler.overlap_max_bs = 64
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=not overlapped)
+        assert engine.stats()[statistic] > 0
         engine.check_memory()
-    for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == _hf_generate(model, prompt)[0], f"prompt of {len(prompt)} tokens"
+    if overlapped:
+        for prompt, result in zip(prompts, results):
+            assert result["output_ids"] == _hf_generate(model, prompt)[0], f"prompt of {len(prompt)} tokens"
+    else:
+        _assert_matches(model, prompts, results)
 
 
 @pytest.mark.parametrize("base", [4, 3], ids=["short-prefix-crossing", "long-prefix"])

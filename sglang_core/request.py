@@ -47,6 +47,9 @@ class Req:
     cache_handle: Any = None  # the prefix cache's lock handle for those tokens
     kv_len: int = 0  # tokens of fill_ids whose KV is in the request's row
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (reported)
+    # The length regime its KV is computed in (scheduler/length_regimes.py; 0 for a model without
+    # regimes): the prefix-cache namespace of its tokens.
+    kv_regime: int = 0
     times_retracted: int = 0
 
     # Logprobs gathered so far.

@@ -214,7 +214,7 @@ CASES: dict[str, ContractCase] = {
                            **tiny(sliding_window=8, attention_bias=True, mlp_bias=True)),
     # Phi-3 128k / Phi-4-mini: LongRoPE. transformers takes short_factor for a sequence of up to
     # original_max_position_embeddings tokens, long_factor past it (for every position, the
-    # cache recomputed on crossing); the engine picks per token (tests/test_longrope.py). Here the
+    # cache recomputed on crossing), and so does the engine (tests/test_longrope.py). Here the
     # context and every sequence stay within the original length: short factors, partial rotary,
     # a tied head.
     "phi3-longrope-short": hf_case(

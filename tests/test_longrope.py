@@ -1,25 +1,20 @@
-"""Phi-3's LongRoPE served past ``original_max_position_embeddings``: each token takes its
-factors by its sequence's length when it is processed (short within the original length, long
-beyond; a prompt by its whole length, also in chunks), not one set for the whole served context
-nor one per batch.
-
-The reference is transformers' own ``generate`` (float32, one prompt at a time) wherever it keeps
-its KV cache: for sequences that stay within the original length and prompts longer than it.
-For a sequence that crosses the original length while decoding, Phi-3's ``generate`` drops its
-cache at the crossing and recomputes every token with the long factors; the engine keeps the
-cached K turned by the short factors (``LongRopeRotaryEmbedding``), which is transformers'
-forward stepped with its cache kept: that is the reference for those, and for the prefix-cache
-caveat.
+"""Phi-3's LongRoPE served past ``original_max_position_embeddings``, token for token as
+transformers' ``generate`` (float32, one prompt at a time) serves it: short factors for a sequence
+within the original length, long factors past it, for every token of the sequence. A sequence
+that crosses the original length while decoding has its cache dropped by ``generate`` and every
+token turned again by the long factors: the engine prefills it again (its output kept), and its
+prefix cache keeps short- and long-factor tokens apart (``scheduler/length_regimes.py``), so
+what a request reuses never depends on which requests came before it. Prompts are prefilled in
+chunks and batched with others throughout.
 """
 
 from __future__ import annotations
 
-import inspect
 import random
 
 import pytest
 import torch
-from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM
 
 from model_contract import tiny
 from sglang_core.engine import Engine
@@ -29,9 +24,9 @@ ORIGINAL = 32
 NEW_TOKENS = 12
 CHUNK = 16
 GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
-# Prompts that generate keeps its cache for: within the original length to the end (21: the last
-# step's sequence is exactly the original length); just past it; past it in three prefill chunks.
-CACHED_LENGTHS = (10, 21, ORIGINAL + 1, 45)
+# Prompts that stay on one side: within the original length to the end (21: the last step's
+# sequence is exactly the original length); just past it; past it in three prefill chunks.
+ONE_SIDED_LENGTHS = (10, 21, ORIGINAL + 1, 45)
 # Prompts crossing it while decoding: at the 7th step; exactly the original (the first decode step).
 CROSSING_LENGTHS = (26, ORIGINAL)
 
@@ -43,16 +38,20 @@ def _config() -> Phi3Config:
                                            "long_factor": [2.0, 4.0, 7.0, 11.0, 18.0, 30.0]}))
 
 
+def _prompts(seed: int, lengths: tuple[int, ...], vocab_size: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("phi3-longrope-per-token")
+    folder = tmp_path_factory.mktemp("phi3-longrope")
     config = _config()
     model = Phi3ForCausalLM(config).float().eval()
     _randomize(model, seed=15)
     _save(folder, config, model)
     model.generation_config.eos_token_id = None  # as ignore_eos: always NEW_TOKENS tokens
-    rng = random.Random(15)
-    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(n)] for n in CACHED_LENGTHS + CROSSING_LENGTHS]
+    prompts = _prompts(15, ONE_SIDED_LENGTHS + CROSSING_LENGTHS, config.vocab_size)
     engine = Engine(str(folder), chunked_prefill_size=CHUNK)
     yield model, engine, prompts, folder
     engine.shutdown()
@@ -67,93 +66,87 @@ def _hf_generate(model, prompt: list[int]) -> tuple[list[int], list[float]]:
     return tokens, [torch.log_softmax(score[0].float(), -1)[t].item() for score, t in zip(out.scores, tokens)]
 
 
-def _hf_stepped(model, prompt: list[int], cached: int = 0) -> tuple[list[int], list[float]]:
-    """Greedy decoding by transformers' forward with one KV cache kept throughout (each pass picks
-    the factors by its own last position + 1): the prompt's first ``cached`` tokens in a pass of
-    their own (a cached prefix), the rest in one, then one token per pass."""
-    cache = DynamicCache(config=model.config)
-    # transformers 5.25 names the argument ``cache``; earlier versions ``past_key_values`` (and
-    # would swallow ``cache`` silently, running every pass without the cache).
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    tokens, logprobs = [], []
-    with torch.no_grad():
-        for piece in ([prompt[:cached]] if cached else []) + [prompt[cached:]]:
-            logits = model(torch.tensor([piece]), **{cache_arg: cache}, use_cache=True).logits
-        for _ in range(NEW_TOKENS):
-            last = logits[0, -1].float()
-            tokens.append(int(last.argmax()))
-            logprobs.append(torch.log_softmax(last, -1)[tokens[-1]].item())
-            logits = model(torch.tensor([tokens[-1:]]), **{cache_arg: cache}, use_cache=True).logits
-    return tokens, logprobs
+def _assert_matches(model, prompts: list[list[int]], results: list[dict]) -> None:
+    for prompt, result in zip(prompts, results):
+        tokens, logprobs = _hf_generate(model, prompt)
+        what = f"prompt of {len(prompt)} tokens"
+        assert result["output_ids"] == tokens, what
+        engine_logprobs = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
+        assert engine_logprobs == pytest.approx(logprobs, abs=1e-4), what
 
 
-def _engine_logprobs(result: dict) -> list[float]:
-    return [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
-
-
-def _assert_matches(result: dict, reference: tuple[list[int], list[float]], what: str) -> None:
-    tokens, logprobs = reference
-    assert result["output_ids"] == tokens, what
-    assert _engine_logprobs(result) == pytest.approx(logprobs, abs=1e-4), what
-
-
-def _reference(model, prompt: list[int]) -> tuple[list[int], list[float]]:
-    return _hf_stepped(model, prompt) if len(prompt) in CROSSING_LENGTHS else _hf_generate(model, prompt)
-
-
-def test_each_token_takes_the_factors_of_its_sequence_length(served):
-    """All prompts in one batch: short and long tokens share prefill and decode steps."""
+def test_each_sequence_takes_the_factors_of_its_length(served):
+    """All prompts in one batch: short and long tokens share prefill and decode steps, and the
+    crossing requests are prefilled again in the steps of the others."""
     model, engine, prompts, _folder = served
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
-    for prompt, result in zip(prompts, results):
-        _assert_matches(result, _reference(model, prompt), f"prompt of {len(prompt)} tokens")
+    _assert_matches(model, prompts, results)
     engine.check_memory()
 
 
-def test_overlapped_decode_chooses_alike(served):
-    """The overlapped schedule (CUDA graphs' on a GPU, switched on here as tests/test_overlap.py
-    does) launches a decode step before its input token is on the host. Tokens only: a request
-    that wants logprobs is never overlapped."""
+# Other schedules, each with the statistic that shows it ran: the overlapped one (CUDA graphs' on
+# a GPU, switched on here as tests/test_overlap.py does) launches a decode step before its input
+# token is on the host, not one that crosses; mixed steps decode riding along prefill steps; a
+# step token budget with a KV pool too small for the batch retracts for memory too.
+SCHEDULES = {"overlapped": ({}, "overlapped_steps"),
+             "mixed": ({"enable_mixed_chunk": True}, "mixed_decode_tokens"),
+             "budget-small-pool": ({"max_step_tokens": 24, "max_total_tokens": 160}, "retractions")}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_other_schedules_choose_alike(served, schedule: str):
+    """Tokens only under the overlapped schedule: a request that wants logprobs is never overlapped."""
     model, _engine, prompts, folder = served
-    with Engine(str(folder), chunked_prefill_size=CHUNK) as engine:
-        engine.core.core.scheduler.overlap_max_bs = 64
-        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
-        assert engine.stats()["overlapped_steps"] > 0
+    settings, statistic = SCHEDULES[schedule]
+    overlapped = schedule == "overlapped"
+    with Engine(str(folder), chunked_prefill_size=CHUNK, **settings) as engine:
+        if overlapped:
+            engine.core.core.scheduler.overlap_max_bs = 64
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=not overlapped)
+        assert engine.stats()[statistic] > 0
         engine.check_memory()
-    for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == _reference(model, prompt)[0], f"prompt of {len(prompt)} tokens"
+    if overlapped:
+        for prompt, result in zip(prompts, results):
+            assert result["output_ids"] == _hf_generate(model, prompt)[0], f"prompt of {len(prompt)} tokens"
+    else:
+        _assert_matches(model, prompts, results)
 
 
-@pytest.mark.parametrize("base", [0, 3], ids=["short-prefix", "long-prefix"])
-def test_cached_prefix_on_the_same_side_matches_generate(served, base: int):
-    """A prompt extending one served before, on the same side of the original length, reuses its
-    cached K (turned by the same factors) and matches ``generate`` from scratch."""
+@pytest.mark.parametrize("base", [4, 3], ids=["short-prefix-crossing", "long-prefix"])
+def test_cached_prefix_on_the_same_side_is_reused(served, base: int):
+    """A prompt extending one served before (its prompt and output, which the engine cached up to
+    the crossing or to the end) on the same side of the original length reuses its cached K; a
+    short one that then crosses is prefilled again without its short-factor K."""
     model, engine, prompts, _folder = served
-    engine.generate(input_ids=prompts[base], sampling_params=GREEDY)
-    prompt = prompts[base] + [5, 6, 7, 8]
+    first = engine.generate(input_ids=prompts[base], sampling_params=GREEDY)
+    prompt = prompts[base] + first["output_ids"][:4]
     result = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
-    assert result["meta_info"]["cached_tokens"] >= len(prompts[base]) - 1
-    _assert_matches(result, _hf_generate(model, prompt), "cached prefix")
+    assert result["meta_info"]["cached_tokens"] == len(prompt) - 1  # the last token is always computed
+    _assert_matches(model, [prompt], [result])
     engine.check_memory()
 
 
-def test_cached_short_prefix_of_a_long_prompt_keeps_its_short_factors(served):
-    """The prefix-cache caveat: a long prompt extending a cached short one reads the prefix's K as
-    the short prompt turned it, i.e. transformers' forward continuing from the prefix's own cache."""
-    model, engine, prompts, _folder = served
-    prefix = prompts[4]  # 26 tokens: short
-    engine.generate(input_ids=prefix, sampling_params={**GREEDY, "max_new_tokens": 1})
-    prompt = prefix + prompts[3][:20]  # 46 tokens: long
-    result = engine.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
-    cached = result["meta_info"]["cached_tokens"]
-    assert CHUNK <= cached <= len(prefix)
-    _assert_matches(result, _hf_stepped(model, prompt, cached), "short cached prefix, long prompt")
+@pytest.mark.parametrize("first", ["short", "long"])
+def test_cached_prefix_on_the_other_side_is_not_reused(served, first: str):
+    """A long prompt extending a short one served before, or short prompts cut from a long one
+    (one of them crossing later, when the long one's K is its to reuse), batched with others:
+    nothing of the other side is reused, and each matches ``generate`` from scratch."""
+    model, engine, _prompts_, _folder = served
+    short, long, other_short, other_long = _prompts(16 if first == "short" else 17, (26, 46, 18, 40),
+                                                    model.config.vocab_size)
+    long[:len(short)] = short
+    cached, reusing = ([short], [long]) if first == "short" else ([long], [long[:20], short])
+    engine.generate(input_ids=cached, sampling_params={**GREEDY, "max_new_tokens": 1})
+    batch = reusing + [other_short, other_long]
+    results = engine.generate(input_ids=batch, sampling_params=GREEDY, return_logprob=True)
+    assert [r["meta_info"]["cached_tokens"] for r in results[: len(reusing)]] == [0] * len(reusing)
+    _assert_matches(model, batch, results)
     engine.check_memory()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_cuda_graphs_choose_per_token(served):
+def test_gpu_cuda_graphs_choose_alike(served):
     """On a GPU in float32: the fused rotary kernel and captured decode graphs make the same choice."""
     model, _engine, prompts, folder = served
     with Engine(str(folder), device="cuda", dtype="float32", attention_backend="triton",
@@ -161,4 +154,4 @@ def test_gpu_cuda_graphs_choose_per_token(served):
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         engine.check_memory()
     for prompt, result in zip(prompts, results):
-        assert result["output_ids"] == _reference(model, prompt)[0], f"prompt of {len(prompt)} tokens"
+        assert result["output_ids"] == _hf_generate(model, prompt)[0], f"prompt of {len(prompt)} tokens"

@@ -76,6 +76,31 @@ def test_insert_copies_slots():
     assert cache.match_prefix([1, 2, 3])[0].tolist() == [10, 11, 12]
 
 
+def test_namespaces_keep_the_same_tokens_apart():
+    """The same key cached in two namespaces: each match reads its own namespace's slots (none
+    where only the other has it), locks protect one namespace's copy, and eviction goes least
+    recently used across namespaces."""
+    pool = make_pool(10)
+    cache = RadixCache(pool)
+    short, long = pool.alloc(3), pool.alloc(3)
+    assert cache.insert([1, 2, 3], short) == 0
+    assert cache.match_prefix([1, 2, 3], namespace=1)[0].numel() == 0
+    assert cache.insert([1, 2, 3], long, namespace=1) == 0  # takes its own slots: nothing was cached there
+    assert cache.match_prefix([1, 2, 3, 4])[0].tolist() == short.tolist()
+    slots, handle = cache.match_prefix([1, 2], namespace=1)
+    assert slots.tolist() == long[:2].tolist()
+    cache.lock(handle)
+    assert (cache.protected_size(), cache.evictable_size()) == (2, 4)
+    cache.match_prefix([1, 2, 3], namespace=1)  # namespace 0's [1, 2, 3] is now the least recently used
+    assert cache.evict(1) == 3
+    assert pool.free_slots()[-3:].tolist() == short.tolist()
+    assert cache.match_prefix([1, 2, 3])[0].numel() == 0
+    assert cache.evict(10) == 1  # namespace 1's locked [1, 2] stays
+    cache.unlock(handle)
+    cache.check_integrity()
+    assert sorted(cache.all_slots().tolist()) == sorted(long[:2].tolist())
+
+
 def test_evict_frees_least_recently_used_leaf_first():
     pool = make_pool(10)
     cache = RadixCache(pool)
@@ -182,8 +207,9 @@ def test_no_prefix_cache():
 
 
 class RefCache:
-    """The cache as a flat set of cached prefixes: each cached prefix (a tuple) maps to the
-    slot of its last token, its lock count and its last access tick. Prefix-closed."""
+    """The cache as a flat set of cached prefixes: each cached prefix, a tuple of its namespace
+    then its tokens, maps to the slot of its last token, its lock count and its last access
+    tick. Prefix-closed within each namespace."""
 
     def __init__(self) -> None:
         self.slot: dict[tuple[int, ...], int] = {}
@@ -191,46 +217,46 @@ class RefCache:
         self.time: dict[tuple[int, ...], int] = {}
         self.clock = 0
 
-    def cached_len(self, key: list[int]) -> int:
+    def cached_len(self, key: list[int], namespace: int) -> int:
         n = 0
-        while n < len(key) and tuple(key[: n + 1]) in self.slot:
+        while n < len(key) and (namespace, *key[: n + 1]) in self.slot:
             n += 1
         return n
 
-    def match(self, key: list[int]) -> list[int]:
+    def match(self, key: list[int], namespace: int) -> list[int]:
         self.clock += 1
-        prefixes = [tuple(key[:i]) for i in range(1, self.cached_len(key) + 1)]
+        prefixes = [(namespace, *key[:i]) for i in range(1, self.cached_len(key, namespace) + 1)]
         for p in prefixes:
             self.time[p] = self.clock
         return [self.slot[p] for p in prefixes]
 
-    def insert(self, key: list[int], slots: list[int]) -> int:
+    def insert(self, key: list[int], slots: list[int], namespace: int) -> int:
         self.clock += 1
-        already = self.cached_len(key)
+        already = self.cached_len(key, namespace)
         for i in range(len(key)):
-            p = tuple(key[: i + 1])
+            p = (namespace, *key[: i + 1])
             if p not in self.slot:
                 self.slot[p], self.locks[p] = slots[i], 0
             self.time[p] = self.clock
         return already
 
-    def lock(self, prefix: list[int], delta: int) -> None:
+    def lock(self, prefix: list[int], namespace: int, delta: int) -> None:
         for i in range(1, len(prefix) + 1):
-            self.locks[tuple(prefix[:i])] += delta
+            self.locks[(namespace, *prefix[:i])] += delta
 
     def remove(self, prefixes: set[tuple[int, ...]]) -> None:
         for p in prefixes:
             del self.slot[p], self.locks[p], self.time[p]
 
     def leaves(self) -> set[tuple[int, ...]]:
-        parents = {p[:-1] for p in self.slot}
+        parents = {p[:-1] for p in self.slot}  # a namespace's first tokens have (namespace,): no entry
         return {p for p in self.slot if p not in parents}
 
 
 def tree_contents(cache: RadixCache) -> dict[tuple[int, ...], tuple[int, int, int]]:
-    """Read the tree's structure only: cached prefix -> (slot, lock count, access time)."""
+    """Read the trees' structure only: (namespace, *cached prefix) -> (slot, lock count, access time)."""
     out: dict[tuple[int, ...], tuple[int, int, int]] = {}
-    stack = [(cache.root, ())]
+    stack = [(root, (namespace,)) for namespace, root in cache.roots.items()]
     while stack:
         node, prefix = stack.pop()
         for tok, slot in zip(node.key, node.value.tolist()):
@@ -243,6 +269,7 @@ def tree_contents(cache: RadixCache) -> dict[tuple[int, ...], tuple[int, int, in
 @dataclass
 class Request:
     key: list[int]
+    namespace: int
     prefix: torch.Tensor  # cache-owned slots, locked through handle
     handle: object
     own: torch.Tensor  # slots the request holds for key[len(prefix):]
@@ -250,6 +277,7 @@ class Request:
 
 tokens = st.integers(0, 3)  # a tiny alphabet so keys share prefixes often
 keys = st.lists(tokens, max_size=12)
+namespaces = st.integers(0, 1)  # the same keys land in both often
 
 
 class RadixCacheMachine(RuleBasedStateMachine):
@@ -263,15 +291,15 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
     # Helpers mirror every cache call on the reference, so their access clocks stay in step.
 
-    def _match(self, key: list[int]) -> tuple[torch.Tensor, object]:
-        slots, handle = self.cache.match_prefix(key)
+    def _match(self, key: list[int], namespace: int) -> tuple[torch.Tensor, object]:
+        slots, handle = self.cache.match_prefix(key, namespace)
         assert slots.dtype == torch.int64 and slots.dim() == 1
-        assert slots.tolist() == self.ref.match(key)
+        assert slots.tolist() == self.ref.match(key, namespace)
         return slots, handle
 
-    def _insert(self, key: list[int], slots: torch.Tensor) -> int:
-        n = self.cache.insert(key, slots)
-        assert n == self.ref.insert(key, slots.tolist())
+    def _insert(self, key: list[int], slots: torch.Tensor, namespace: int) -> int:
+        n = self.cache.insert(key, slots, namespace)
+        assert n == self.ref.insert(key, slots.tolist(), namespace)
         return n
 
     def _evict(self, num_tokens: int) -> None:
@@ -301,33 +329,33 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------
 
-    @rule(key=keys)
-    def match(self, key: list[int]) -> None:
-        self._match(key)
+    @rule(key=keys, namespace=namespaces)
+    def match(self, key: list[int], namespace: int) -> None:
+        self._match(key, namespace)
 
-    @rule(key=keys)
-    def insert_fresh(self, key: list[int]) -> None:
+    @rule(key=keys, namespace=namespaces)
+    def insert_fresh(self, key: list[int], namespace: int) -> None:
         slots = self._alloc(len(key))
         if slots is None:
             return
-        n = self._insert(key, slots)
+        n = self._insert(key, slots, namespace)
         self.pool.free(slots[:n])  # nothing was matched first, so all of these are duplicates
 
     @rule(num_tokens=st.integers(-1, 40))
     def evict(self, num_tokens: int) -> None:
         self._evict(num_tokens)
 
-    @rule(key=keys)
-    def start_request(self, key: list[int]) -> None:
-        prefix, handle = self._match(key)
+    @rule(key=keys, namespace=namespaces)
+    def start_request(self, key: list[int], namespace: int) -> None:
+        prefix, handle = self._match(key, namespace)
         self.cache.lock(handle)
-        self.ref.lock(key[: len(prefix)], +1)
+        self.ref.lock(key[: len(prefix)], namespace, +1)
         own = self._alloc(len(key) - len(prefix))
         if own is None:
             self.cache.unlock(handle)
-            self.ref.lock(key[: len(prefix)], -1)
+            self.ref.lock(key[: len(prefix)], namespace, -1)
             return
-        self.requests[self.next_rid] = Request(key, prefix, handle, own)
+        self.requests[self.next_rid] = Request(key, namespace, prefix, handle, own)
         self.next_rid += 1
 
     def _pick(self, data: st.DataObject) -> int:
@@ -348,13 +376,13 @@ class RadixCacheMachine(RuleBasedStateMachine):
         req = self.requests.pop(self._pick(data))
         p = len(req.prefix)
         if cache_it:
-            n = self._insert(req.key, torch.cat((req.prefix, req.own)))
+            n = self._insert(req.key, torch.cat((req.prefix, req.own)), req.namespace)
             assert n >= p, "a locked prefix shrank"
             self.pool.free(req.own[: n - p])
         else:  # aborted: nothing cached
             self.pool.free(req.own)
         self.cache.unlock(req.handle)
-        self.ref.lock(req.key[:p], -1)
+        self.ref.lock(req.key[:p], req.namespace, -1)
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
@@ -362,14 +390,14 @@ class RadixCacheMachine(RuleBasedStateMachine):
         """Cache a running request's tokens and move its lock onto them (chunked prefill)."""
         req = self.requests[self._pick(data)]
         p = len(req.prefix)
-        n = self._insert(req.key, torch.cat((req.prefix, req.own)))
+        n = self._insert(req.key, torch.cat((req.prefix, req.own)), req.namespace)
         self.pool.free(req.own[: n - p])
-        prefix, handle = self._match(req.key)
+        prefix, handle = self._match(req.key, req.namespace)
         assert len(prefix) == len(req.key)
         self.cache.lock(handle)
-        self.ref.lock(req.key, +1)
+        self.ref.lock(req.key, req.namespace, +1)
         self.cache.unlock(req.handle)
-        self.ref.lock(req.key[:p], -1)
+        self.ref.lock(req.key[:p], req.namespace, -1)
         req.prefix, req.handle, req.own = prefix, handle, req.own[:0]
 
     # -- invariants ----------------------------------------------------------------------
@@ -399,7 +427,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def locked_prefixes_stay_cached(self) -> None:
         for req in self.requests.values():
             p = len(req.prefix)
-            expected = [self.ref.slot.get(tuple(req.key[:i])) for i in range(1, p + 1)]
+            expected = [self.ref.slot.get((req.namespace, *req.key[:i])) for i in range(1, p + 1)]
             assert req.prefix.tolist() == expected
 
     @invariant()

@@ -8,7 +8,8 @@ rotary (only the first ``rotary_dim`` dims of a head turn). Scalings (``rope_typ
 
 Length-dependent scalings. Hugging Face recomputes the frequencies of ``dynamic`` (NTK) and
 ``longrope`` from the length of the sequence in each forward pass. ``longrope`` holds a table
-for each of its factor sets and chooses per token (``LongRopeRotaryEmbedding``) when the served
+for each of its factor sets and chooses per token (``LongRopeRotaryEmbedding``, which also says
+how a sequence crossing the original length is recomputed) when the served
 length (``rope_from_config(max_position=...)``, the context the server serves) exceeds
 ``original_max_position_embeddings``; within it, the short factors' table alone. ``dynamic``'s
 table is built once, for sequences up to ``max_position`` tokens, with the frequencies Hugging
@@ -210,25 +211,25 @@ class RotaryEmbedding(nn.Module):
 class LongRopeRotaryEmbedding(RotaryEmbedding):
     """LongRoPE with its factors chosen per token, as Hugging Face chooses them per forward pass
     (by its last position + 1): ``long_factor`` for a token whose sequence is longer than
-    ``original_max_position_embeddings`` when the token is processed, ``short_factor`` otherwise
-    (the attention factor scales both). A prompt's tokens go by the prompt's length, also when it
-    is prefilled in chunks (Hugging Face takes a prompt in one pass); a decoded token at position
-    ``p`` by ``p + 1``. Both tables are held, short rows then long rows.
+    ``original_max_position_embeddings`` (``original_max_position``) when the token is processed,
+    ``short_factor`` otherwise (the attention factor scales both). A prompt's tokens go by the
+    prompt's length, also when it is prefilled in chunks (Hugging Face takes a prompt in one pass);
+    a decoded token at position ``p`` by ``p + 1``; a request retracted and prefilled again by its
+    whole length, output included. Both tables are held, short rows then long rows.
 
     ``token_positions`` gives ``forward`` positions [2, T]: each token's position and the length
     its factors are chosen by (its request's ``ForwardBatch.fill_lens``), computed on the device,
     so a captured decode graph replays the choice.
 
-    K is cached as it was turned. So a request whose prompt is within the original length and
-    whose output crosses it keeps its early tokens' K turned by the short factors and turns the
-    later ones by the long factors, as Hugging Face's forward stepped with its KV cache does; Phi-3's
-    ``generate`` instead drops its cache at the crossing and recomputes every token with the long
-    factors, which the engine does not. Likewise the prefix cache: a request reusing cached tokens
-    reads them turned by the factors of the request that computed them (its prompt's length, or
-    its decoded tokens' positions). That is Hugging Face's own result when both requests are on the
-    same side of the original length; otherwise the reused part is not what Hugging Face would
-    recompute (a long prompt extending a cached short one keeps its prefix's short-factor K). A
-    request retracted and prefilled again goes by its whole length, output included."""
+    K is cached as it was turned, so what a sequence crossing the original length holds depends on
+    the model. Phi-3's ``generate`` drops its KV cache at the crossing and turns every token again
+    by the long factors: its plugin declares ``kv_recompute_length = original_max_position``, and
+    the scheduler prefills such a request again and keeps short- and long-factor tokens apart in
+    the prefix cache (``scheduler/length_regimes.py``), so every sequence's K is turned by the
+    factors of its current length, as ``generate``'s. A model that declares nothing keeps its early
+    tokens' short-factor K beside later long-factor ones, as Hugging Face's forward stepped with
+    one KV cache does (transformers' other classes reading a ``longrope`` config), and its prefix
+    cache reuses tokens whatever factors turned them."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any],
                  rotary_dim: int | None = None, interleaved: bool = False):

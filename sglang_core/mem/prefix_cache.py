@@ -6,6 +6,11 @@ it cannot be evicted while in use, and when done inserts its tokens so later req
 the same prefix skip recomputing them. Unlocked leaves are evicted least recently used
 first when the KV pool runs short.
 
+Each key lives in a namespace (default 0): keys of different namespaces never match, for
+tokens whose KV depends on more than the tokens before them. A model with length regimes keys
+its tokens by the regime that computed them (``scheduler/length_regimes.py``); each namespace is
+a tree of its own, and eviction is least recently used across all of them.
+
 ``NoPrefixCache`` is the same interface with caching switched off.
 
 Slot ownership, which the engine's leak check relies on: every slot of the KV pool is
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import heapq
-from typing import Any, Protocol
+from typing import Any, Hashable, Protocol
 
 import torch
 
@@ -33,9 +38,9 @@ class PrefixCache(abc.ABC):
     """What the scheduler needs from a prefix cache."""
 
     @abc.abstractmethod
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, Any]:
-        """The KV slots (int64, 1-D, on the pool's device) of the longest cached prefix of
-        ``key``, and a handle for that match to pass to ``lock``/``unlock``.
+    def match_prefix(self, key: list[int], namespace: Hashable = 0) -> tuple[torch.Tensor, Any]:
+        """The KV slots (int64, 1-D, on the pool's device) of the longest prefix of ``key``
+        cached in ``namespace``, and a handle for that match to pass to ``lock``/``unlock``.
 
         Counts as an access of the matched tokens for LRU eviction. The handle is only
         valid until the next eviction unless it is locked, so lock it straight away.
@@ -50,10 +55,10 @@ class PrefixCache(abc.ABC):
         """Undo one ``lock(handle)``; raises RuntimeError if ``handle`` is not locked."""
 
     @abc.abstractmethod
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
-        """Cache ``key``, whose KV lives in ``slots`` (one slot per token).
+    def insert(self, key: list[int], slots: torch.Tensor, namespace: Hashable = 0) -> int:
+        """Cache ``key`` in ``namespace``, its KV living in ``slots`` (one slot per token).
 
-        Returns ``n``, the number of leading tokens of ``key`` that were already cached.
+        Returns ``n``, the number of leading tokens of ``key`` already cached in ``namespace``.
         Ownership contract, for a caller that earlier matched ``p`` tokens of ``key``
         (so ``slots[:p]`` are the cache's own slots, and ``p <= n`` while it holds the lock):
 
@@ -132,8 +137,9 @@ class _Node:
 class RadixCache(PrefixCache):
     """Radix tree prefix cache with reference-counted locks and LRU leaf eviction.
 
-    Handles are tree nodes. Every operation splits nodes where a key ends or diverges inside
-    them, so all tokens of one node always share one lock count and one access time.
+    Handles are tree nodes; each namespace has its root (``roots``), made when first used. Every
+    operation splits nodes where a key ends or diverges inside them, so all tokens of one node
+    always share one lock count and one access time.
     """
 
     def __init__(self, pool: _SlotPool):
@@ -144,11 +150,17 @@ class RadixCache(PrefixCache):
         self.reset()
 
     def reset(self) -> None:
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        self.root = _Node([], empty, None, self._clock)
-        self.root.lock_ref = 1  # the root holds no tokens and is never evicted
+        self.roots: dict[Hashable, _Node] = {}
         self._evictable = 0
         self._protected = 0
+
+    def _root(self, namespace: Hashable) -> _Node:
+        root = self.roots.get(namespace)
+        if root is None:
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            root = self.roots[namespace] = _Node([], empty, None, self._clock)
+            root.lock_ref = 1  # a root holds no tokens and is never evicted
+        return root
 
     # -- queries -----------------------------------------------------------------------
 
@@ -166,17 +178,17 @@ class RadixCache(PrefixCache):
 
     # -- match / insert ----------------------------------------------------------------
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, Any]:
-        node, _, values = self._walk(key, self._tick())
+    def match_prefix(self, key: list[int], namespace: Hashable = 0) -> tuple[torch.Tensor, Any]:
+        node, _, values = self._walk(self._root(namespace), key, self._tick())
         if not values:
             return torch.empty(0, dtype=torch.int64, device=self.device), node
         return torch.cat(values), node
 
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
+    def insert(self, key: list[int], slots: torch.Tensor, namespace: Hashable = 0) -> int:
         if len(key) != slots.numel():
             raise ValueError(f"insert: {len(key)} tokens but {slots.numel()} slots")
         now = self._tick()
-        node, matched, _ = self._walk(key, now)
+        node, matched, _ = self._walk(self._root(namespace), key, now)
         if matched < len(key):
             value = slots[matched:].to(device=self.device, dtype=torch.int64, copy=True)
             leaf = _Node(list(key[matched:]), value, node, now)
@@ -190,7 +202,7 @@ class RadixCache(PrefixCache):
         for handle in handles:
             chain = []
             node = handle
-            while node is not None and node is not self.root:
+            while node is not None and node.parent is not None:
                 chain.append(node)
                 node = node.parent
             depth, path = 0, []
@@ -212,14 +224,14 @@ class RadixCache(PrefixCache):
         self._clock += 1
         return self._clock
 
-    def _walk(self, key: list[int], now: int) -> tuple[_Node, int, list[torch.Tensor]]:
-        """Follow ``key`` down from the root, splitting the last node if ``key`` ends or
+    def _walk(self, root: _Node, key: list[int], now: int) -> tuple[_Node, int, list[torch.Tensor]]:
+        """Follow ``key`` down from ``root``, splitting the last node if ``key`` ends or
         diverges inside it, stamping every node passed with ``now``.
 
         Returns the deepest node reached, the number of tokens matched, and the matched
         nodes' slot tensors in order.
         """
-        node = self.root
+        node = root
         node.last_access = now
         matched = 0
         values: list[torch.Tensor] = []
@@ -257,8 +269,8 @@ class RadixCache(PrefixCache):
     def lock(self, handle: Any) -> None:
         node: _Node = handle
         # A handle evicted before being locked is detached; locking it would corrupt counts.
-        assert node is self.root or node.parent.children.get(node.key[0]) is node, "stale handle"
-        while node is not self.root:
+        assert node.parent is None or node.parent.children.get(node.key[0]) is node, "stale handle"
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
@@ -269,9 +281,9 @@ class RadixCache(PrefixCache):
         node: _Node = handle
         # Ancestors' counts are >= the handle's, so checking the handle alone is enough,
         # and nothing is modified before the error.
-        if node is not self.root and node.lock_ref <= 0:
+        if node.parent is not None and node.lock_ref <= 0:
             raise RuntimeError("unlock of a prefix-cache node that is not locked")
-        while node is not self.root:
+        while node.parent is not None:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._protected -= len(node.key)
@@ -301,7 +313,7 @@ class RadixCache(PrefixCache):
             self._evictable -= len(node.key)
             # A parent's access time is never older than its children's, so pushing it now
             # keeps the pop order LRU.
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, seq, parent))
                 seq += 1
         if evicted:
@@ -311,9 +323,9 @@ class RadixCache(PrefixCache):
     # -- checks ------------------------------------------------------------------------
 
     def _nodes(self) -> list[_Node]:
-        """Every node except the root."""
+        """Every node except the roots."""
         out: list[_Node] = []
-        stack = list(self.root.children.values())
+        stack = [child for root in self.roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             out.append(node)
@@ -323,7 +335,8 @@ class RadixCache(PrefixCache):
     def check_integrity(self) -> None:
         """Recompute the size counters and structural invariants from the tree; raise
         AssertionError on any mismatch."""
-        assert self.root.lock_ref >= 1 and not self.root.key, "root must stay locked and empty"
+        for root in self.roots.values():
+            assert root.lock_ref >= 1 and not root.key, "roots must stay locked and empty"
         evictable = protected = 0
         for node in self._nodes():
             parent = node.parent
@@ -331,8 +344,8 @@ class RadixCache(PrefixCache):
             assert len(node.key) == node.value.numel(), "key and slots differ in length"
             assert parent is not None and parent.children.get(node.key[0]) is node, "bad parent link"
             assert node.lock_ref >= 0, "negative lock count"
-            assert parent is self.root or parent.lock_ref >= node.lock_ref, "child locked more than parent"
-            assert node.last_access <= parent.last_access or parent is self.root, "child newer than parent"
+            assert parent.parent is None or parent.lock_ref >= node.lock_ref, "child locked more than parent"
+            assert node.last_access <= parent.last_access or parent.parent is None, "child newer than parent"
             for first, child in node.children.items():
                 assert child.key[0] == first, "child stored under the wrong token"
             if node.lock_ref:
@@ -349,7 +362,7 @@ class NoPrefixCache(PrefixCache):
     def __init__(self, pool: _SlotPool):
         self.device = torch.device(pool.device)
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, Any]:
+    def match_prefix(self, key: list[int], namespace: Hashable = 0) -> tuple[torch.Tensor, Any]:
         return torch.empty(0, dtype=torch.int64, device=self.device), None
 
     def lock(self, handle: Any) -> None:
@@ -358,7 +371,7 @@ class NoPrefixCache(PrefixCache):
     def unlock(self, handle: Any) -> None:
         pass
 
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
+    def insert(self, key: list[int], slots: torch.Tensor, namespace: Hashable = 0) -> int:
         # Claiming everything is already cached makes the caller free all its slots.
         return len(key)
 

@@ -4,7 +4,9 @@ Waiting requests join an extend batch in policy order (``policy.order_waiting``)
 prefill token budget, request rows and KV memory last, keeping a decode reserve for every
 running request's remaining output; a prompt longer than the chunk size is prefilled one chunk
 per step. Running requests with tokens not yet in the KV (jump-forward, mixed steps) grow when
-memory allows. Before a decode step that memory cannot hold, the newest requests are retracted.
+memory allows. Before a decode step that memory cannot hold, the newest requests are retracted;
+so is a request whose next step takes it into another length regime (``length_regimes``), to be
+prefilled again in that regime. A request matches and caches its tokens in its regime's namespace.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from sglang_core.config import EngineSettings
 from sglang_core.request import Req
 from sglang_core.scheduler.batch_runner import Chunk
+from sglang_core.scheduler.length_regimes import LengthRegimes
 from sglang_core.scheduler.policy import order_waiting
 from sglang_core.scheduler.request_memory import RequestMemory
 
@@ -32,9 +35,10 @@ def _placeholder_slots(n: int) -> torch.Tensor:
 
 
 class Admission:
-    def __init__(self, settings: EngineSettings, memory: RequestMemory):
+    def __init__(self, settings: EngineSettings, memory: RequestMemory, regimes: LengthRegimes | None):
         self.settings = settings
         self.memory = memory
+        self.regimes = regimes
         self.chunk_size = settings.chunked_prefill_size if settings.chunked_prefill_size > 0 else None
         self.retractions = 0
         self.mixed_decode_tokens = 0  # decode tokens computed inside prefill steps (--enable-mixed-chunk)
@@ -53,7 +57,7 @@ class Admission:
         # them waits a step and reuses it from the cache instead of computing it again.
         in_batch = type(cache)(_HOST_POOL)  # no prefix cache: nothing to wait for
         if chunked is not None and waiting:  # with nobody waiting nobody can share it
-            in_batch.insert(chunked.key_ids, _placeholder_slots(chunked.fill_len))
+            in_batch.insert(chunked.key_ids, _placeholder_slots(chunked.fill_len), chunked.kv_regime)
         if chunked is not None:
             req = chunked
             n = int(min(req.fill_len - req.kv_len, budget))
@@ -65,16 +69,16 @@ class Admission:
                 chunked = None
         reserved = sum(self._decode_reserve(r) for r in running)
         queue = order_waiting([r for r in waiting if not r.awaiting_grammar], self.settings.schedule_policy,
-                              lambda r: len(cache.match_prefix(self._prefix_key(r))[0]),
+                              lambda r: len(cache.match_prefix(self._prefix_key(r), self._regime(r))[0]),
                               self.settings.schedule_aging_s)
         for req in queue:
             if budget <= 0 or len(running) + len(chunks) >= self.settings.max_running_requests:
                 break
             if self.memory.req_pool.available_size() == 0:
                 break
-            key = self._prefix_key(req)
-            prefix, handle = cache.match_prefix(key)
-            if len(in_batch.match_prefix(key)[0]) - len(prefix) >= IN_BATCH_SHARE_MIN:
+            key, regime = self._prefix_key(req), self._regime(req)
+            prefix, handle = cache.match_prefix(key, regime)
+            if len(in_batch.match_prefix(key, regime)[0]) - len(prefix) >= IN_BATCH_SHARE_MIN:
                 continue
             cache.lock(handle)
             extend = req.fill_len - len(prefix)
@@ -87,12 +91,12 @@ class Admission:
             if n == 0 or not fits or (partial and chunked is not None):
                 cache.unlock(handle)
                 break
-            self.memory.admit(req, prefix, handle)
+            self.memory.admit(req, prefix, handle, regime)
             if not self.memory.grow(req, n):
                 self.memory.release(req, cache=False)
                 break
             waiting.remove(req)
-            in_batch.insert(key, _placeholder_slots(len(key)))
+            in_batch.insert(key, _placeholder_slots(len(key)), regime)
             chunks.append(Chunk(req, req.kv_len - n, req.kv_len))
             budget -= n
             reserved += self._decode_reserve(req)
@@ -133,12 +137,29 @@ class Admission:
             victim = max(running, key=lambda r: r.arrival_time)
             if len(running) == 1:
                 return victim
-            running.remove(victim)
-            self.memory.release(victim, cache=False)
-            victim.times_retracted += 1
+            self._retract(victim, running, waiting, cache=False)
             self.retractions += 1
-            waiting.insert(0, victim)
         return None
+
+    def retract_to_recompute(self, running: list[Req], waiting: list[Req]) -> bool:
+        """Retract each running request whose next step takes it into another length regime
+        (only with ``regimes``): its KV goes into the prefix cache under its own regime, and it
+        goes to the front of ``waiting``, keeping its output, to be prefilled again in the new
+        regime (which matches none of the old one's tokens). Returns whether any was."""
+        crossing = self.regimes.crossing(running)
+        for req in crossing:
+            self._retract(req, running, waiting, cache=True)
+        return bool(crossing)
+
+    def _retract(self, req: Req, running: list[Req], waiting: list[Req], cache: bool) -> None:
+        running.remove(req)
+        self.memory.release(req, cache)
+        req.times_retracted += 1
+        waiting.insert(0, req)
+
+    def _regime(self, req: Req) -> int:
+        """The length regime a request admitted now computes its KV in: its whole length's."""
+        return 0 if self.regimes is None else self.regimes.of(req.fill_len)
 
     def _prefix_key(self, req: Req) -> list[int]:
         """Tokens that may come from the cache: never the last (its logits are needed), and none

@@ -35,11 +35,13 @@ class RequestMemory:
             self.cache.evict(short)
         return self.kv_pool.alloc(n)
 
-    def admit(self, req: Req, prefix: torch.Tensor, handle: Any) -> None:
-        """Give the request a row holding its cached ``prefix``, matched and locked as ``handle``."""
+    def admit(self, req: Req, prefix: torch.Tensor, handle: Any, regime: int = 0) -> None:
+        """Give the request a row holding its cached ``prefix``, matched in ``regime``'s namespace
+        and locked as ``handle``; its KV is computed in ``regime`` (``length_regimes``)."""
         row = self.req_pool.alloc()
         assert row is not None, "admission checked for a free request row"
         req.req_pool_idx = row
+        req.kv_regime = regime
         req.prefix_len = req.kv_len = len(prefix)
         req.cache_handle = handle
         self.req_pool.req_to_token[row, : len(prefix)] = prefix
@@ -80,8 +82,8 @@ class RequestMemory:
         row, n = req.req_pool_idx, req.kv_len
         slots = self.req_pool.req_to_token[row, :n].clone()
         key = req.key_ids[:n]
-        already = self.cache.insert(key, slots)
-        cached, handle = self.cache.match_prefix(key)
+        already = self.cache.insert(key, slots, req.kv_regime)
+        cached, handle = self.cache.match_prefix(key, req.kv_regime)
         self.cache.lock(handle)
         self.cache.unlock(req.cache_handle)
         # Tokens another request cached meanwhile: ours are duplicates; use the tree's. (Before
@@ -99,7 +101,7 @@ class RequestMemory:
         # An in-flight decode may hold a slot for a token not yet read back: freed, not cached.
         known = min(req.kv_len, req.fill_len)
         if cache and known > 0:
-            already = self.cache.insert(req.key_ids[:known], slots[:known])
+            already = self.cache.insert(req.key_ids[:known], slots[:known], req.kv_regime)
             self.kv_pool.free(slots[req.prefix_len : already])
             self.kv_pool.free(slots[known:])
         else:

@@ -24,6 +24,7 @@ from sglang_core.request import Req
 from sglang_core.sampling.sampler import Sampler
 from sglang_core.scheduler.admission import Admission
 from sglang_core.scheduler.batch_runner import BatchRunner, Chunk
+from sglang_core.scheduler.length_regimes import length_regimes
 from sglang_core.scheduler.overlap import OverlappedDecode
 from sglang_core.scheduler.request_memory import RequestMemory
 from sglang_core.scheduler.step_budget import StepBudget
@@ -36,7 +37,9 @@ class Scheduler:
         self.grammars = grammars
         self.memory = RequestMemory(runner.req_pool, runner.kv_pool, radix_cache=not settings.disable_radix_cache)
         self.batches = BatchRunner(runner, settings, sampler, tokenizer, eos_token_ids, self.memory, self._finish)
-        self.admission = Admission(settings, self.memory)
+        # A model whose KV depends on its sequence's length (LongRoPE), else None: no cost per step.
+        self.regimes = length_regimes(runner.model)
+        self.admission = Admission(settings, self.memory, self.regimes)
         # Decodes-first steps under a token budget (--max-step-tokens / --target-step-ms / -ratio), else None.
         budgeted = any(v is not None for v in (settings.max_step_tokens, settings.target_step_ms,
                                                 settings.target_step_ratio))
@@ -159,7 +162,11 @@ class Scheduler:
     def _step(self) -> list[Req]:
         if self.overlap.in_flight is not None:
             nothing_to_admit = (not self.waiting or self._admission_blocked) and not self.chunked
+            if self.regimes is not None and self.regimes.crossing(self.running):
+                nothing_to_admit = False  # it is retracted and prefilled again first
             return self._decoded(self.overlap.advance(self.running, nothing_to_admit))
+        if self.regimes is not None and self.admission.retract_to_recompute(self.running, self.waiting):
+            self._admission_blocked = False
         jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
         if jumped and self.step_budget is None and (chunks := self.admission.grow_running(jumped)):
             return self._run_extend(chunks)

@@ -41,7 +41,9 @@ class MiniCPMForCausalLM(DecoderLM):
         it: one cos/sin table for ``max_position_embeddings`` positions, so its ``long_factor``
         whenever that exceeds ``original_max_position_embeddings`` (whatever the length served),
         scaled by ``sqrt(1 + ln(max_position_embeddings / original) / ln(original))``. The runner
-        serves no more than ``max_position_embeddings`` tokens, so the table covers every position."""
+        serves no more than ``max_position_embeddings`` tokens, so the table covers every position.
+        Nothing changes when a sequence crosses the original length, so unlike Phi-3 the model
+        declares no ``kv_recompute_length``."""
         params = rope_parameters(config)
         kind = params["rope_type"]
         if kind not in ("default", "linear", "dynamic", "longrope"):

@@ -8,9 +8,10 @@ a bias of its own.
 
 ``Phi3ForCausalLM`` (Phi-3, Phi-3.5-mini, Phi-4-mini): Llama's arrangement with q/k/v and
 gate/up stored fused in the checkpoint (``qkv_proj``, ``gate_up_proj``: the fused parameters'
-own names, so they load as they are), LongRoPE scaling (its factors chosen per token, as
-transformers chooses them per forward pass: see ``LongRopeRotaryEmbedding``), partial rotary and
-a sliding window where the config sets them.
+own names, so they load as they are), LongRoPE scaling (short factors for a sequence within
+``original_max_position_embeddings``, long ones past it, as transformers' ``generate`` turns them:
+see ``LongRopeRotaryEmbedding`` and ``kv_recompute_length``), partial rotary and a sliding window
+where the config sets them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from sglang_core.layers.attention_spec import HeadShape
 from sglang_core.layers.norm import LayerNorm
 from sglang_core.layers.parallel import VocabParallelEmbedding
-from sglang_core.layers.rotary import RotaryEmbedding
+from sglang_core.layers.rotary import LongRopeRotaryEmbedding, RotaryEmbedding
 from sglang_core.layers.transformer import QKV_GATE_UP, MLP, DecoderLM, ParallelDecoderLayer, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
@@ -68,8 +69,20 @@ class PhiForCausalLM(DecoderLM):
 class Phi3ForCausalLM(DecoderLM):
     """Everything Phi-3 differs in from Llama is read by the core's defaults (module docstring),
     LongRoPE's per-token choice of factors included (``LongRopeRotaryEmbedding``); it has no
-    biases (transformers' Phi-3 reads no ``attention_bias`` or ``mlp_bias``)."""
+    biases (transformers' Phi-3 reads no ``attention_bias`` or ``mlp_bias``).
+
+    ``kv_recompute_length`` (``scheduler/length_regimes.py``): with LongRoPE served past the
+    original length, transformers' ``generate`` drops its KV cache when a sequence grows past that
+    length and turns every token again by the long factors; the engine prefills such a request
+    again, and keeps short- and long-factor tokens apart in its prefix cache."""
 
     attention_bias_field = None
     mlp_bias_field = None
     partial_rotary = True
+    kv_recompute_length: int | None = None
+
+    def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding | None:
+        rotary = super().make_rotary(config, ctx)
+        if isinstance(rotary, LongRopeRotaryEmbedding):
+            self.kv_recompute_length = rotary.original_max_position
+        return rotary

@@ -108,8 +108,9 @@ def test_rows_give_the_reference_tokens_and_logprobs(served_as_rows):
 @pytest.mark.parametrize("name", ROW_CASES)
 def test_gpu_graph_extends_match_reference(name: str, tmp_path) -> None:
     """On a GPU, float32 (the Triton backend: FlashInfer has no float32 kernels): prefill chunks
-    replay the captured decode graphs as rows (every extend step here is small enough) and give
-    the reference's greedy tokens."""
+    replay the decode graphs captured with row chunks (every extend step here is small enough: each
+    chunk attended by the extend kernel, the decodes beside it by the decode kernel) and give the
+    reference's greedy tokens."""
     model, prompts = _build(name, tmp_path)
     model = model.cuda()
     rows = []
@@ -122,6 +123,7 @@ def test_gpu_graph_extends_match_reference(name: str, tmp_path) -> None:
             results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                           "max_new_tokens": NEW_TOKENS})
             engine.check_memory()
+            assert engine.core.core.runner.cuda_graphs.chunk_graphs, "no graph was captured with row chunks"
     assert rows, "no extend step replayed the graphs"
     for prompt, result in zip(prompts, results):
         assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0], f"prompt of {len(prompt)} tokens"

@@ -79,8 +79,10 @@ def chunked_requests(prefix_lens: list[int], seq_lens: list[int], limit: int) ->
     """Which requests of an extend step a rows graph attends as a chunk: those with more than one
     new token, the first ``limit`` of them; the others' rows stay decode rows."""
     chunked = []
+    taken = 0
     for start, end in zip(prefix_lens, seq_lens, strict=True):
-        chunked.append(end - start > 1 and sum(chunked) < limit)
+        chunked.append(end - start > 1 and taken < limit)
+        taken += chunked[-1]
     return chunked
 
 

@@ -222,9 +222,10 @@ class ModelRunner:
             return None
         decode = self._decode_logits
         if s.enable_torch_compile:
-            # Only the captured decode step, one compiled graph per captured batch size (hence
-            # the cache limit); prefill shapes change every step and stay eager.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # Only the captured decode step, one compiled graph per captured batch size and one
+            # more per size captured with row chunks (hence the cache limit); prefill shapes
+            # change every step and stay eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
             return CudaGraphRunner(decode, self._make_batch, self.attn_backend,

@@ -108,8 +108,9 @@ def _rows_and_last_keys(batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor
     inside = (rows >= chunks.first_rows) & (rows < ends)  # [rows, chunks]
     chunk = inside.int().argmax(1)
     in_chunk = inside.any(1)
+    last_in_chunk = chunks.prefix_lens[chunk] + rows[:, 0] - chunks.first_rows[chunk]
     return (torch.where(in_chunk, chunks.req_pool_indices[chunk], batch.req_pool_indices),
-            torch.where(in_chunk, chunks.prefix_lens[chunk] + rows[:, 0] - chunks.first_rows[chunk], batch.seq_lens - 1))
+            torch.where(in_chunk, last_in_chunk, batch.seq_lens - 1))
 
 
 @hookimpl

@@ -7,8 +7,9 @@ The engines capture batch sizes 1, 2, 4 and 8; their requests stop at different 
 decode batch shrinks through 3 (a padded graph), and every prefill chunk (8 tokens) replays as
 decode rows (``--extend-graph-max-tokens``), also with a running request's decode riding along
 (``--max-step-tokens``); those rows replay the graphs captured with row chunks, each chunk's rows
-attended from its chunk's tables (graph_emulation.GraphSafeSdpa). Greedy tokens and logprobs must be the reference model's (float32,
-recomputed from scratch each step), with the overlapped schedule and without."""
+attended from its chunk's tables (graph_emulation.GraphSafeSdpa). Greedy tokens and logprobs must
+be the reference model's (float32, recomputed from scratch each step), with the overlapped
+schedule and without."""
 
 from __future__ import annotations
 

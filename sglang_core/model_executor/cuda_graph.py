@@ -198,8 +198,8 @@ class CudaGraphRunner:
             return False
         chunked = chunked_requests(prefix_lens, seq_lens, self.chunk_limit)
         # A chunk reads its keys once per block of rows, a decode row its own prefix.
-        reads = sum(-(-(end - start) // CHUNK_ROWS_PER_KEY_READ) * end if chunk else (end - start) * (start + end + 1) // 2
-                    for start, end, chunk in zip(prefix_lens, seq_lens, chunked))
+        reads = sum(-(-(end - start) // CHUNK_ROWS_PER_KEY_READ) * end if chunk
+                    else (end - start) * (start + end + 1) // 2 for start, end, chunk in zip(prefix_lens, seq_lens, chunked))
         return reads <= EXTEND_MAX_KEY_READS
 
     def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = (),

@@ -62,7 +62,38 @@ AWQ_EXPERT_LAUNCHES = [
     for c in grid(PRECISION=["tf32"], UPCAST=[False], FORMAT=["int"], BITS=[4], PACKED_DIM=[1], INTERLEAVED=[True],
                   HAS_ZEROS=[True], GROUP_PER_TILE=[False, True], BLOCK_N=[64], BLOCK_K=[64], GROUP_M=[8], **PDL)]
 
+# Triton attention (plugins/attention/triton/kernels.py) on Llama-3.1-8B's heads (32 over 8 KV
+# heads of 128, bf16 pool): a KV head's 4 query heads padded to 16 rows, the tuned key blocks.
+ATTENTION_DIMS = dict(HEAD_DIM_K=128, BLOCK_DK=128, BLOCK_DK_TAIL=0, HEAD_DIM_V=128, BLOCK_DV=128)
+ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "ReqToToken": "*i64", "ReqPoolIdx": "*i64",
+                   "SeqLens": "*i64", "scale": "fp32", "logit_cap": "fp32"}
+# Contiguous last dimensions: the JIT compiles their strides in as the constant 1.
+UNIT_STRIDES = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_r2n=1)
+
 KERNELS: dict[str, Kernel] = {
+    # Decode's split kernel: graph decode (splits by batch size), cascade's prefix splits, and the
+    # rows graphs' skipping of the rows a prefill chunk's extend kernel writes (SKIP_ROWS).
+    "decode_split": Kernel(
+        "sglang_plugins.attention.triton.kernels:_decode_split_kernel",
+        {**ATTENTION_TYPES, "KvStart": "*i64", "SkipRows": "*i64", "MidO": "*fp32", "MidLse": "*fp32"},
+        [dict(c, NUM_SPLITS=n, PREFIX_SPLITS=p, GROUP=4, HEAD_PAD=16, HEAD_TILES=1, BLOCK_N=128, num_stages=2,
+              PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_mod=1, stride_mls=1,
+              **({"KvStart": "*i32"} if p else {}))
+         for n, p in ((1, 0), (16, 0), (2, 4))
+         for c in grid(WINDOW=[0, 4096], SOFT_CAP=[False, True], SKIP_ROWS=[False, True], **PDL)]),
+    "decode_merge": Kernel(
+        "sglang_plugins.attention.triton.kernels:_decode_merge_kernel",
+        {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16", "SkipRows": "*i64"},
+        [dict(c, HEAD_DIM_V=128, BLOCK_DV=128, NUM_SPLITS=n, SPLITS_PAD=pad, stride_mod=1, stride_mls=1, stride_od=1)
+         for n, pad in ((1, 2), (16, 16), (6, 8)) for c in grid(SKIP_ROWS=[False, True], **PDL)],
+        {"num_warps": 2}),
+    # Extend: eager prefill and, inside the rows graphs, a step's prefill chunks (16-row query
+    # blocks up to 32 rows, else 64).
+    "extend": Kernel(
+        "sglang_plugins.attention.triton.kernels:_extend_kernel",
+        {**ATTENTION_TYPES, "Out": "*bf16", "PrefixLens": "*i64", "ExtendStart": "*i64"},
+        [dict(c, GROUP=4, BLOCK_N=64, num_stages=2, PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_od=1)
+         for c in grid(WINDOW=[0, 4096], SOFT_CAP=[False, True], BLOCK_M=[16, 64])]),
     # Router logits in float32 (Router's default weight) or bf16; (top_k, experts) of Mixtral,
     # Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite, GraniteMoE (1B and 3B).
     "moe_topk": Kernel(

@@ -8,6 +8,8 @@ cProfile of the host side. Llama-3.1-8B shape, dummy bf16 weights.
     python benchmarks/profile_decode.py --batch-sizes 1 --disable-cuda-graph   # host cost of an eager step
     python benchmarks/profile_decode.py --batch-sizes 256 --input-len 2176 --shared-prefix 2048 \
         --group-size 16 --kernels [--cascade]         # the shared-prefix run's decode steps
+    python benchmarks/profile_decode.py --batch-sizes 1 --input-len 1280 --rows-step 256 --kernels
+        # also an extend step of 256 tokens as decode-graph rows (--extend-graph-max-tokens 256)
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import torch
 from sglang_core.config import EngineSettings
 from sglang_core.engine_core import EngineCore
 from sglang_core.messages import GenerateRequest
+from sglang_core.model_executor.cuda_graph import decode_rows, row_chunks
 from sglang_core.plugins import PluginManager
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
 
 
-def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50) -> float:
+def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50, graph=None) -> float:
+    """GPU time of one replay of the batch's decode graph (or of ``graph``, inputs as they are)."""
     graphs = core.runner.cuda_graphs
-    graph = graphs.graphs[next(s for s in graphs.sizes if s >= bs)]
+    graph = graph or graphs.graphs[next(s for s in graphs.sizes if s >= bs)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -43,19 +47,44 @@ def gpu_replay_ms(core: EngineCore, bs: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
-def kernel_table(core: EngineCore, bs: int, replays: int = 5) -> None:
-    """GPU time per kernel over a few replays of the batch's decode graph (CUPTI reports the
-    kernels a graph launches one by one), or over a few eager steps without graphs."""
+def kernel_table(core: EngineCore, bs: int, replays: int = 5, graph=None) -> None:
+    """GPU time per kernel over a few replays of the batch's decode graph (or of ``graph``;
+    CUPTI reports the kernels a graph launches one by one), or over a few eager steps without graphs."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     graphs = core.runner.cuda_graphs
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(replays):
-            if graphs is not None:
+            if graph is not None:
+                graph.replay()
+            elif graphs is not None:
                 graphs.graphs[next(s for s in graphs.sizes if s >= bs)].replay()
             else:
                 core.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+
+
+@torch.inference_mode()  # the engine's buffers are inference tensors
+def rows_step(core: EngineCore, rows: int, kernels: bool) -> None:
+    """An extend step of ``rows`` new tokens of one prompt as decode-graph rows: the last ``rows``
+    tokens of a running request, replayed through the plain decode graph (each row reads its own
+    prefix) and through the graph captured with row chunks (the chunk attended by the extend
+    kernel, each key read once per block of rows), each timed alone and, with ``kernels``, per kernel."""
+    graphs = core.runner.cuda_graphs
+    req = core.scheduler.running[0]
+    start, end = req.kv_len - rows, req.kv_len
+    slots = core.runner.req_pool.req_to_token[req.req_pool_idx, start:end]
+    table_rows, lens, fills = decode_rows([req.req_pool_idx], [start], [end], [end])
+    size = next(s for s in graphs.sizes if s >= rows)
+    chunks = row_chunks([req.req_pool_idx], [start], [end], graphs.chunk_limit)
+    ways = [("plain decode rows", graphs.graphs, [])] + [("row chunks", graphs.chunk_graphs, chunks)] * bool(chunks)
+    for name, graph_set, step_chunks in ways:
+        graphs.replay([0] * rows, list(range(start, end)), slots, table_rows, lens, fills, chunks=step_chunks)
+        ms = gpu_replay_ms(core, rows, graph=graph_set[size])
+        print(f"\n== rows step: {rows} new tokens after {start} cached, graph of {size} rows with {name}: "
+              f"replay {ms:.3f} ms")
+        if kernels:
+            kernel_table(core, rows, graph=graph_set[size])
 
 
 def main() -> int:
@@ -77,10 +106,19 @@ def main() -> int:
                         help="experiment: override the Triton backend's TARGET_PROGRAMS")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra engine setting, e.g. quantization=fp8 (repeatable)")
+    parser.add_argument("--rows-step", type=int, default=0, metavar="N",
+                        help="also time an extend step of N tokens (the last N of the first running request, "
+                             "--input-len >= N) as decode-graph rows, with and without row chunks "
+                             "(sets --extend-graph-max-tokens N, --cuda-graph-max-bs at least N)")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.engine if "=" in item)
     if len(extra) != len(args.engine):
         parser.error(f"--engine {args.engine}: expected KEY=VALUE")
+    if args.rows_step:
+        if args.disable_cuda_graph or args.input_len < args.rows_step:
+            parser.error("--rows-step N replays graphs: needs CUDA graphs and --input-len >= N")
+        extra.setdefault("extend_graph_max_tokens", args.rows_step)
+        extra.setdefault("cuda_graph_max_bs", max(256, args.rows_step))
     if args.decode_programs:
         from sglang_plugins.attention.triton import backend
 
@@ -123,6 +161,8 @@ def main() -> int:
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
         if args.kernels:
             kernel_table(core, bs)
+        if args.rows_step:
+            rows_step(core, args.rows_step, args.kernels)
         for req in list(core.scheduler.running):
             core.abort(req.rid)
     return 0

@@ -66,9 +66,12 @@ class EmulatedGraphs(GraphPrimitives):
 
 class GraphSafeSdpa(TorchNativeBackend):
     """torch_native, but a decode row attends over its request's whole row of KV slots, the keys
-    past its length (or outside its window) masked from its device-side ``seq_lens``."""
+    past its length (or outside its window) masked from its device-side ``seq_lens``. A row of a
+    named chunk (``ForwardBatch.row_chunks``) takes its request row and length from its chunk's
+    tables instead, so the graphs' chunk tables decide its keys."""
 
     cuda_graph_decode = True
+    attends_row_chunks = True
 
     def plan(self, batch: ForwardBatch) -> None:
         if batch.mode is ForwardMode.EXTEND:  # decode plans nothing: a graph would freeze it
@@ -78,9 +81,10 @@ class GraphSafeSdpa(TorchNativeBackend):
                        batch: ForwardBatch) -> torch.Tensor:
         self.store_kv(k, v, layer, batch)
         spec = layer.spec
-        slots = batch.req_to_token[batch.req_pool_indices]  # [rows, context]
+        table_rows, last = _rows_and_last_keys(batch)
+        slots = batch.req_to_token[table_rows]  # [rows, context]
         key_pos = torch.arange(slots.shape[1], device=slots.device)
-        last = (batch.seq_lens - 1).unsqueeze(1)
+        last = last.unsqueeze(1)
         mask = key_pos <= last
         if spec.sliding_window is not None:
             mask &= key_pos > last - spec.sliding_window
@@ -92,6 +96,21 @@ class GraphSafeSdpa(TorchNativeBackend):
         kv_heads = spec.num_kv_heads
         queries = q.view(-1, kv_heads, spec.num_heads // kv_heads, spec.head_dim)
         return attend(queries, keys, values, spec, mask[:, None, None, :]).reshape(q.shape[0], -1)
+
+
+def _rows_and_last_keys(batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's request row and last key: a chunk's row i is its request's token prefix + i."""
+    if batch.row_chunks is None:
+        return batch.req_pool_indices, batch.seq_lens - 1
+    chunks = batch.row_chunks
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device).unsqueeze(1)
+    ends = chunks.first_rows + chunks.seq_lens - chunks.prefix_lens
+    inside = (rows >= chunks.first_rows) & (rows < ends)  # [rows, chunks]
+    chunk = inside.int().argmax(1)
+    in_chunk = inside.any(1)
+    last_in_chunk = chunks.prefix_lens[chunk] + rows[:, 0] - chunks.first_rows[chunk]
+    return (torch.where(in_chunk, chunks.req_pool_indices[chunk], batch.req_pool_indices),
+            torch.where(in_chunk, last_in_chunk, batch.seq_lens - 1))
 
 
 @hookimpl

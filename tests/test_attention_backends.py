@@ -20,6 +20,7 @@ import torch
 
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, AttentionSpec, KVLayout
 from sglang_core.mem.kv_pool import TokenKVPool
+from sglang_core.model_executor.cuda_graph import chunk_inputs, chunk_tables, decode_rows, row_chunks
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
 
@@ -103,21 +104,36 @@ def _batch(mode: ForwardMode, prefix_lens: list[int], seq_lens: list[int], req_t
         shared_prefixes=tuple((length, tuple(members)) for length, members in shared))
 
 
+def _rows_batch(prefix_lens: list[int], seq_lens: list[int], req_to_token: torch.Tensor, rows: list[int],
+                owns: list[torch.Tensor], chunk_limit: int) -> ForwardBatch:
+    """The extend batch of ``_batch`` as decode rows, one per new token (``decode_rows``), its first
+    ``chunk_limit`` multi-token requests named as row chunks (``row_chunks``), as a rows graph gets them."""
+    row_table, lens, _ = decode_rows(rows, prefix_lens, seq_lens, seq_lens)
+    chunks = row_chunks(rows, prefix_lens, seq_lens, chunk_limit)
+    return ForwardBatch(
+        mode=ForwardMode.DECODE, input_ids=torch.zeros(len(lens), dtype=torch.int64),
+        positions=torch.tensor(lens) - 1, out_cache_loc=torch.cat([own[p:] for own, p in zip(owns, prefix_lens)]),
+        req_pool_indices=torch.tensor(row_table), seq_lens=torch.tensor(lens), prefix_lens=torch.tensor(lens) - 1,
+        seq_lens_cpu=lens, prefix_lens_cpu=[n - 1 for n in lens], req_to_token=req_to_token,
+        row_chunks=chunk_tables(chunk_inputs(chunks, len(lens)).to(DEVICE), len(lens)))
+
+
 def run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
         shape: tuple[int, ...] | None = None, shared: tuple = (), kv_dtype: torch.dtype | None = None,
-        cap: float | None = None, layout: KVLayout = KVLayout.SEPARATE) -> None:
+        cap: float | None = None, layout: KVLayout = KVLayout.SEPARATE, chunk_limit: int | None = None) -> None:
     """``shape``: (heads, kv_heads, head_dim[, v_head_dim]). ``shared``: ``(length, batch rows)``
     groups whose first ``length`` KV slots are one copy (cascade decode); the first row of a group
     owns them. ``kv_dtype``: the pool's element type when narrower than the compute dtype (FP8).
     ``cap``: logit soft-cap. ``layout``: LATENT stores one vector per token, its first v_head_dim
-    values read as the value."""
+    values read as the value. ``chunk_limit``: the extend step runs as decode rows with that many
+    row chunks at most (``_rows_batch``)."""
     with torch.device(DEVICE):  # every tensor below, on the GPU when there is one
-        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared, kv_dtype, cap, layout)
+        _run(backend_name, prefix_lens, extend_lens, window, seed, shape, shared, kv_dtype, cap, layout, chunk_limit)
 
 
 def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], window: int | None, seed: int,
          shape: tuple[int, ...] | None, shared: tuple, kv_dtype: torch.dtype | None, cap: float | None,
-         layout: KVLayout) -> None:
+         layout: KVLayout, chunk_limit: int | None) -> None:
     case = BACKENDS[backend_name]
     HEADS, KV_HEADS, HEAD_DIM, *rest = shape or case.shapes[0]
     V_DIM = rest[0] if rest else HEAD_DIM
@@ -146,7 +162,10 @@ def _run(backend_name: str, prefix_lens: list[int], extend_lens: list[int], wind
     backend = backend_cls(AttentionSpec((layer.spec,), dtype, torch.device(DEVICE), cascade_decode=bool(shared),
                                         kv_dtype=kv_dtype), pool)
     layer.backend = backend
-    batch = _batch(mode, prefix_lens, seq_lens, req_to_token, rows, owns, shared)
+    if chunk_limit is None:
+        batch = _batch(mode, prefix_lens, seq_lens, req_to_token, rows, owns, shared)
+    else:
+        batch = _rows_batch(prefix_lens, seq_lens, req_to_token, rows, owns, chunk_limit)
     backend.plan(batch)
     # Queries large enough that a soft-cap changes the logits by much more than the tolerance.
     q = [torch.randn(e, HEADS, HEAD_DIM, dtype=dtype) * (4 if cap else 1) for e in extend_lens]
@@ -254,6 +273,29 @@ def test_cascade_decode_matches_reference(shape: tuple[int, int, int], window: i
     big = list(range(0, 34, 2))  # 17 rows sharing 120 slots
     small = [1, 7, 9]  # 3 rows sharing 64
     run("triton", prefix, [1] * size, window, seed=21, shape=shape, shared=((120, big), (64, small)))
+
+
+def test_rows_attend_their_chunks_as_extends() -> None:
+    """Triton's rows of an extend step (``ForwardBatch.row_chunks``): the named chunks through the
+    extend kernel (launch sized by all the rows, unused table entries), the other rows (decodes,
+    one-token prompts, a chunk past the limit) through the decode kernel, which skips the chunks'
+    rows (the extend kernel writes first: the decode kernel must leave them). Chunks with and
+    without cached prefixes, over one and several query blocks (16 rows a block up to 32 rows,
+    else 64), GQA, a window."""
+    run("triton", [0, 9, 30, 0, 17, 3], [12, 1, 66, 1, 5, 4], None, seed=61, chunk_limit=3)
+    run("triton", [0, 4, 2, 11], [9, 1, 16, 1], 5, seed=62, chunk_limit=8)
+
+
+@pytest.mark.parametrize("kind", ["soft_cap", "head_192_v_128", "latent"])
+def test_rows_chunks_of_each_layer_kind(kind: str) -> None:
+    """The rows' chunks with soft-capped logits, values narrower than keys, a latent layout."""
+    shape, cap, layout = LAYER_KINDS[kind]
+    run("triton", [0, 4, 2, 11], [9, 1, 16, 3], None, seed=64, shape=shape, cap=cap, layout=layout, chunk_limit=2)
+
+
+def test_rows_chunks_over_an_fp8_pool() -> None:
+    run("triton", [0, 12, 40, 3], [5, 30, 1, 9], 6, seed=63, shape=(8, 2, 64), kv_dtype=torch.float8_e4m3fn,
+        chunk_limit=8)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])

@@ -6,8 +6,10 @@ capture returned, so what the graphs read and keep is what they would on a GPU.
 The engines capture batch sizes 1, 2, 4 and 8; their requests stop at different lengths, so the
 decode batch shrinks through 3 (a padded graph), and every prefill chunk (8 tokens) replays as
 decode rows (``--extend-graph-max-tokens``), also with a running request's decode riding along
-(``--max-step-tokens``). Greedy tokens and logprobs must be the reference model's (float32,
-recomputed from scratch each step), with the overlapped schedule and without."""
+(``--max-step-tokens``); those rows replay the graphs captured with row chunks, each chunk's rows
+attended from its chunk's tables (graph_emulation.GraphSafeSdpa). Greedy tokens and logprobs must
+be the reference model's (float32, recomputed from scratch each step), with the overlapped
+schedule and without."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from graph_emulation import BACKEND, EmulatedGraphs, emulated_graphs
 from sglang_core.engine import Engine
-from sglang_core.model_executor.cuda_graph import CudaGraphRunner
+from sglang_core.model_executor.cuda_graph import CudaGraphRunner, chunk_tables
 from sglang_core.model_executor.forward_batch import ForwardBatch
 from test_model_contract import CASES, _build, _reference_greedy
 
@@ -88,17 +90,23 @@ def served(request, tmp_path_factory):
 
 @pytest.fixture
 def replayed_rows(served, monkeypatch):
-    """The rows of each graph replay of the served engine (this test's only)."""
-    graphs = served[0].core.core.runner.cuda_graphs
-    rows = []
+    """(rows, rows staged as a chunk's) of each graph replay of the served engine (this test's only)."""
+    return _record_replays(served[0], monkeypatch)
+
+
+def _record_replays(engine: Engine, monkeypatch) -> list[tuple[int, int]]:
+    graphs = engine.core.core.runner.cuda_graphs
+    replays = []
     replay = graphs.replay
 
-    def recorded(input_ids, *args) -> torch.Tensor:
-        rows.append(len(input_ids))
-        return replay(input_ids, *args)
+    def recorded(input_ids, *args, **kwargs) -> torch.Tensor:
+        out = replay(input_ids, *args, **kwargs)
+        staged = chunk_tables(graphs.chunk_inputs, len(input_ids)).in_chunk
+        replays.append((len(input_ids), int(staged.sum()) if kwargs.get("chunks") else 0))
+        return out
 
     monkeypatch.setattr(graphs, "replay", recorded)
-    return rows
+    return replays
 
 
 def _generate(engine: Engine, prompts: list[list[int]], return_logprob: bool) -> list[dict]:
@@ -106,9 +114,11 @@ def _generate(engine: Engine, prompts: list[list[int]], return_logprob: bool) ->
     return engine.generate(input_ids=prompts, sampling_params=params, return_logprob=return_logprob)
 
 
-def _check_replays(rows: list[int], requests: int) -> None:
+def _check_replays(replays: list[tuple[int, int]], requests: int) -> None:
+    rows = [n for n, _ in replays]
     assert 3 in rows  # a padded decode
     assert max(rows) > requests  # more rows than requests: prefill chunks ran as rows
+    assert max(in_chunks for _, in_chunks in replays) == CHUNK  # a chunk graph attended a whole chunk
 
 
 def test_graphs_give_the_reference_tokens_and_logprobs(served, replayed_rows):
@@ -152,9 +162,11 @@ def test_decodes_riding_along_a_chunk_replay_as_rows_with_it(tmp_path, monkeypat
         engine = Engine(str(tmp_path), device="cpu", attention_backend=BACKEND, chunked_prefill_size=CHUNK,
                         cuda_graph_max_bs=2 * CHUNK, extend_graph_max_tokens=2 * CHUNK, max_step_tokens=CHUNK + 4,
                         **CASES["llama"].engine)
+    replays = _record_replays(engine, monkeypatch)
     with engine:
         results = _generate(engine, prompts, return_logprob=True)
         engine.check_memory()
+    assert any(0 < in_chunks < rows for rows, in_chunks in replays), replays  # a chunk graph with a decode row
     extend_lens = [[end - start for start, end in zip(step.prefix_lens, step.seq_lens)] for step in replayed]
     assert any(1 in lens and max(lens) > 1 for lens in extend_lens), extend_lens  # a decode beside a chunk
     for prompt, result, n in zip(prompts, results, NEW_TOKENS):

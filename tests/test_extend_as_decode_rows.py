@@ -13,7 +13,8 @@ import torch
 
 from sglang_core.engine import Engine
 from sglang_core.model_executor import runner as runner_module
-from sglang_core.model_executor.cuda_graph import EXTEND_MAX_KEY_READS, CudaGraphRunner, decode_rows
+from sglang_core.model_executor.cuda_graph import (EXTEND_MAX_KEY_READS, MAX_ROW_CHUNKS, CudaGraphRunner, chunk_inputs,
+                                                   chunk_tables, decode_rows, row_chunks)
 from sglang_core.model_executor.forward_batch import ForwardMode
 from test_model_contract import CASES, CHUNK, NEW_TOKENS, _build, _reference_greedy, serve_case
 
@@ -30,11 +31,29 @@ def test_decode_rows_end_each_sequence_at_its_token():
 def test_only_small_extends_take_the_graphs():
     graphs = CudaGraphRunner.__new__(CudaGraphRunner)
     graphs.sizes = [1, 2, 4, 8, 16]
+    graphs.chunk_limit = 0  # no chunk graphs: every row reads its own prefix
     assert graphs.takes_extend([0, 10], [8, 18], max_tokens=16)
     assert not graphs.takes_extend([0, 10], [9, 18], max_tokens=16)  # 17 tokens: past the largest graph
     assert not graphs.takes_extend([0], [8], max_tokens=4)  # past the setting
     long_prefix = EXTEND_MAX_KEY_READS // 4
     assert not graphs.takes_extend([long_prefix], [long_prefix + 4], max_tokens=16)  # too many key reads
+    graphs.chunk_limit = 1  # a chunk reads its keys once per block of rows
+    assert graphs.takes_extend([long_prefix], [long_prefix + 4], max_tokens=16)
+    # a second chunk past the limit: its rows read their prefixes
+    assert not graphs.takes_extend([long_prefix, long_prefix], [long_prefix + 4, long_prefix + 4], max_tokens=16)
+
+
+def test_row_chunks_name_each_prefill_chunk_up_to_the_limit():
+    """(request row, sequence length, prefix length, first row) of each request with more than one
+    new token among the rows, in order, up to the limit; the staged tables as a graph reads them."""
+    chunks = row_chunks([4, 7, 2, 9, 5], [0, 5, 3, 0, 8], [3, 6, 7, 2, 9], limit=2)
+    assert chunks == [(4, 3, 0, 0), (2, 7, 3, 4)]  # 7 is a decode; 9 is past the limit
+    tables = chunk_tables(chunk_inputs(chunks, 12), 12)
+    assert tables.req_pool_indices.tolist() == [4, 2] + [0] * (MAX_ROW_CHUNKS - 2)
+    assert tables.seq_lens.tolist() == [3, 7] + [0] * (MAX_ROW_CHUNKS - 2)
+    assert tables.prefix_lens.tolist() == [0, 3] + [0] * (MAX_ROW_CHUNKS - 2)
+    assert tables.first_rows.tolist() == [0, 4] + [0] * (MAX_ROW_CHUNKS - 2)
+    assert tables.in_chunk.tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0]
 
 
 @pytest.fixture(scope="module", params=ROW_CASES)
@@ -89,8 +108,9 @@ def test_rows_give_the_reference_tokens_and_logprobs(served_as_rows):
 @pytest.mark.parametrize("name", ROW_CASES)
 def test_gpu_graph_extends_match_reference(name: str, tmp_path) -> None:
     """On a GPU, float32 (the Triton backend: FlashInfer has no float32 kernels): prefill chunks
-    replay the captured decode graphs as rows (every extend step here is small enough) and give
-    the reference's greedy tokens."""
+    replay the decode graphs captured with row chunks (every extend step here is small enough: each
+    chunk attended by the extend kernel, the decodes beside it by the decode kernel) and give the
+    reference's greedy tokens."""
     model, prompts = _build(name, tmp_path)
     model = model.cuda()
     rows = []
@@ -103,6 +123,7 @@ def test_gpu_graph_extends_match_reference(name: str, tmp_path) -> None:
             results = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                           "max_new_tokens": NEW_TOKENS})
             engine.check_memory()
+            assert engine.core.core.runner.cuda_graphs.chunk_graphs, "no graph was captured with row chunks"
     assert rows, "no extend step replayed the graphs"
     for prompt, result in zip(prompts, results):
         assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0], f"prompt of {len(prompt)} tokens"

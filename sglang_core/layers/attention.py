@@ -44,6 +44,10 @@ class AttentionBackend(abc.ABC):
     plan_before_replay: bool = False
     # True when ``forward_extend_given_kv`` runs (attention over K/V the layer gives, not the pool's).
     attends_given_kv: bool = False
+    # True when ``forward_decode`` honours ``batch.row_chunks`` (an extend step replayed as decode
+    # rows: each chunk's rows attended together, causally, over the request's prefix) reading the
+    # chunks only through their device tensors; the graph runner then captures graphs with them.
+    attends_row_chunks: bool = False
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         """Raise ``UnsupportedSpecError`` here for any layer kind (``spec.distinct()``) the

@@ -14,19 +14,25 @@ replays the same graphs: each new token is a decode row of its own whose sequenc
 token (``decode_rows``). Its K/V is written with the others' before any attention reads the pool,
 so the row attends exactly the causal prefix an extend kernel would, and the step costs about a
 decode step of that many rows instead of an eager pass's launches (on an H100, ~17 ms of
-launches for Llama-3.1-8B).
+launches for Llama-3.1-8B). A row on its own reads its whole prefix, though: a chunk of 256 rows
+of one prompt reads that prompt's keys ~256 times. So where the attention backend
+``attends_row_chunks``, each size up to the extend limit is captured a second time with the step's
+prefill chunks named (``ForwardBatch.row_chunks``, ``row_chunks``): the backend attends a chunk's
+rows together as an extend, each key read once per block of rows, the other rows as decode rows.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from sglang_core.layers.attention import AttentionBackend
-from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode, RowChunks
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,12 @@ class GraphInputs(NamedTuple):
 # decode kernel reads each row's prefix on its own; an extend kernel shares the reads of a chunk):
 # about a batch-256 decode at 4k tokens of context.
 EXTEND_MAX_KEY_READS = 1 << 20
+# Prefill chunks a step's rows graph attends as chunks (``ForwardBatch.row_chunks``): the chunk
+# tables' size, which sizes the extend kernel's fixed launch. A step's further chunks replay as
+# plain decode rows.
+MAX_ROW_CHUNKS = 8
+# A chunk's query rows per read of its keys (the extend kernel's query block, at most 64 rows).
+CHUNK_ROWS_PER_KEY_READ = 64
 
 
 def decode_rows(req_pool_indices: list[int], prefix_lens: list[int], seq_lens: list[int],
@@ -61,6 +73,44 @@ def decode_rows(req_pool_indices: list[int], prefix_lens: list[int], seq_lens: l
         lens += range(start + 1, end + 1)
         fills += [fill] * (end - start)
     return rows, lens, fills
+
+
+def chunked_requests(prefix_lens: list[int], seq_lens: list[int], limit: int) -> list[bool]:
+    """Which requests of an extend step a rows graph attends as a chunk: those with more than one
+    new token, the first ``limit`` of them; the others' rows stay decode rows."""
+    chunked = []
+    taken = 0
+    for start, end in zip(prefix_lens, seq_lens, strict=True):
+        chunked.append(end - start > 1 and taken < limit)
+        taken += chunked[-1]
+    return chunked
+
+
+def row_chunks(req_pool_indices: list[int], prefix_lens: list[int], seq_lens: list[int],
+               limit: int) -> list[tuple[int, int, int, int]]:
+    """The chunks (request row, sequence length, prefix length, first row) of an extend step's
+    rows in ``decode_rows``' order that a rows graph attends as chunks (``chunked_requests``)."""
+    firsts = itertools.accumulate((end - start for start, end in zip(prefix_lens, seq_lens)), initial=0)
+    return [(row, end, start, first) for row, start, end, first, chunk
+            in zip(req_pool_indices, prefix_lens, seq_lens, firsts, chunked_requests(prefix_lens, seq_lens, limit))
+            if chunk]
+
+
+def chunk_inputs(chunks: list[tuple[int, int, int, int]], rows: int, pin_memory: bool = False) -> torch.Tensor:
+    """``row_chunks``' chunks of a step of ``rows`` rows as the host tensor ``chunk_tables`` reads:
+    the tables of MAX_ROW_CHUNKS entries (unused ones zero), then each row's ``in_chunk``."""
+    host = torch.zeros(4 * MAX_ROW_CHUNKS + rows, dtype=torch.int64, device="cpu", pin_memory=pin_memory)
+    if chunks:
+        host[:4 * MAX_ROW_CHUNKS].view(4, MAX_ROW_CHUNKS)[:, :len(chunks)] = torch.tensor(chunks, dtype=torch.int64).T
+    in_chunk = host[4 * MAX_ROW_CHUNKS:]
+    for _row, end, start, first in chunks:
+        in_chunk[first:first + end - start] = 1
+    return host
+
+
+def chunk_tables(inputs: torch.Tensor, rows: int) -> RowChunks:
+    """The ``RowChunks`` of a batch of ``rows`` rows over inputs laid out as ``chunk_inputs``'s (views)."""
+    return RowChunks(*inputs[:4 * MAX_ROW_CHUNKS].view(4, MAX_ROW_CHUNKS), in_chunk=inputs[4 * MAX_ROW_CHUNKS:][:rows])
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -101,11 +151,13 @@ CUDA_GRAPHS = GraphPrimitives()
 
 
 class CudaGraphRunner:
-    """Captures ``forward(batch) -> logits`` for decode batches and replays it."""
+    """Captures ``forward(batch) -> logits`` for decode batches and replays it. With
+    ``chunk_max_bs`` and a backend that ``attends_row_chunks``, the sizes up to it are also
+    captured with row chunks, for extend steps replayed as rows."""
 
     def __init__(self, forward: Callable[[ForwardBatch], torch.Tensor], make_batch: Callable[..., ForwardBatch],
                  attn_backend: AttentionBackend, max_bs: int, device: torch.device,
-                 primitives: GraphPrimitives = CUDA_GRAPHS):
+                 primitives: GraphPrimitives = CUDA_GRAPHS, chunk_max_bs: int = 0):
         self.forward = forward
         self.primitives = primitives
         self.attn_backend = attn_backend
@@ -117,13 +169,22 @@ class CudaGraphRunner:
         self.buffers = GraphInputs(*self.inputs)
         self.buffers.seq_lens.fill_(1)
         self.buffers.fill_lens.fill_(1)
+        chunked = chunk_max_bs > 0 and attn_backend.attends_row_chunks
+        # The sizes an extend step of up to chunk_max_bs tokens may be padded to.
+        chunk_sizes = self.sizes[:bisect.bisect_left(self.sizes, chunk_max_bs) + 1] if chunked else []
+        self.chunk_limit = MAX_ROW_CHUNKS if chunked else 0
+        # The chunk graphs' chunk tables (``chunk_inputs``): one copy fills them; all zero, no chunk.
+        self.chunk_inputs = torch.zeros(4 * MAX_ROW_CHUNKS + n, dtype=torch.int64, device=device)
         self.make_batch = make_batch
         self.graphs: dict[int, Any] = {}
+        self.chunk_graphs: dict[int, Any] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = primitives.pool_handle()
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            self._capture(bs)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+            self._capture(bs, chunked=False)
+        for bs in reversed(chunk_sizes):
+            self._capture(bs, chunked=True)
+        logger.info("captured decode CUDA graphs for batch sizes %s, with row chunks for %s", self.sizes, chunk_sizes)
 
     @property
     def max_bs(self) -> int:
@@ -135,18 +196,24 @@ class CudaGraphRunner:
         tokens = sum(seq_lens) - sum(prefix_lens)
         if tokens > min(max_tokens, self.max_bs):
             return False
-        return sum((end - start) * (start + end + 1) // 2 for start, end in zip(prefix_lens, seq_lens)) <= EXTEND_MAX_KEY_READS
+        chunked = chunked_requests(prefix_lens, seq_lens, self.chunk_limit)
+        # A chunk reads its keys once per block of rows, a decode row its own prefix.
+        reads = sum(-(-(end - start) // CHUNK_ROWS_PER_KEY_READ) * end if chunk
+                    else (end - start) * (start + end + 1) // 2 for start, end, chunk in zip(prefix_lens, seq_lens, chunked))
+        return reads <= EXTEND_MAX_KEY_READS
 
-    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = ()) -> ForwardBatch:
+    def _batch(self, bs: int, seq_lens_cpu: list[int] | None = None, shared_prefixes: tuple = (),
+               chunked: bool = False) -> ForwardBatch:
         rows = GraphInputs(*(row[:bs] for row in self.buffers))
         seq_lens_cpu = seq_lens_cpu or [1] * bs
         # A decode step schedules one token per request: its length once in is seq_lens.
         return self.make_batch(mode=ForwardMode.DECODE, **rows._asdict(), prefix_lens=rows.seq_lens - 1,
                                seq_lens_cpu=seq_lens_cpu,
-                               prefix_lens_cpu=[n - 1 for n in seq_lens_cpu], shared_prefixes=shared_prefixes)
+                               prefix_lens_cpu=[n - 1 for n in seq_lens_cpu], shared_prefixes=shared_prefixes,
+                               row_chunks=chunk_tables(self.chunk_inputs, bs) if chunked else None)
 
-    def _capture(self, bs: int) -> None:
-        batch = self._batch(bs)
+    def _capture(self, bs: int, chunked: bool) -> None:
+        batch = self._batch(bs, chunked=chunked)
         self.attn_backend.plan(batch)
         with self.primitives.side_stream():
             for _ in range(2):  # compile kernels and settle allocations outside the capture
@@ -155,18 +222,19 @@ class CudaGraphRunner:
         if not self.outputs:  # the largest size, captured first: its logits are the one buffer
             self.outputs[bs] = self.primitives.capture(graph, self.pool, lambda: self.forward(batch))
         else:
-            # Every smaller graph writes its rows of that buffer: one copy of bs x vocab floats
+            # Every other graph writes its rows of that buffer: one copy of bs x vocab floats
             # instead of a buffer of its own (~5 GiB of logits for Llama-3.1-8B's 512-row graphs).
             # Safe because a step's logits are read before the next step replays any graph.
             shared = next(iter(self.outputs.values()))[:bs]
             self.outputs[bs] = self.primitives.capture(graph, self.pool, lambda: shared.copy_(self.forward(batch)))
-        self.graphs[bs] = graph
+        (self.chunk_graphs if chunked else self.graphs)[bs] = graph
 
     def replay(self, input_ids: list[int] | torch.Tensor, positions: list[int], out_cache_loc: torch.Tensor,
                req_pool_indices: list[int], seq_lens: list[int], fill_lens: list[int],
-               shared_prefixes: tuple = ()) -> torch.Tensor:
+               shared_prefixes: tuple = (), chunks: list[tuple[int, int, int, int]] = ()) -> torch.Tensor:
         """Logits [len(input_ids), vocab] of one decode step (``len(input_ids) <= max_bs``).
-        ``input_ids`` may already be on the device (an overlapped step's sampled ids)."""
+        ``input_ids`` may already be on the device (an overlapped step's sampled ids). ``chunks``:
+        an extend step's rows, its prefill chunks as ``row_chunks`` gives them."""
         bs = len(input_ids)
         size = next(s for s in self.sizes if s >= bs)
         # A fresh buffer per step (pinned on CUDA: the caching host allocator keeps it until its copy ran).
@@ -184,7 +252,14 @@ class CudaGraphRunner:
         if not on_host:
             self.buffers.input_ids[:bs].copy_(input_ids)
         self.buffers.out_cache_loc[:bs].copy_(out_cache_loc)
+        if chunks:
+            self._stage_chunks(size, chunks)
         if self.attn_backend.plan_before_replay:
-            self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs), shared_prefixes))
-        self.graphs[size].replay()
+            self.attn_backend.plan(self._batch(size, list(seq_lens) + [1] * (size - bs), shared_prefixes, bool(chunks)))
+        (self.chunk_graphs if chunks else self.graphs)[size].replay()
         return self.outputs[size][:bs]
+
+    def _stage_chunks(self, size: int, chunks: list[tuple[int, int, int, int]]) -> None:
+        """Write the chunk tables of a step of ``size`` rows (its padding rows: decode rows)."""
+        host = chunk_inputs(chunks, size, pin_memory=self.inputs.is_cuda)
+        self.chunk_inputs[:host.shape[0]].copy_(host, non_blocking=True)

@@ -16,6 +16,22 @@ class ForwardMode(enum.Enum):
 
 
 @dataclass
+class RowChunks:
+    """A decode batch that is an extend step replayed as one row per new token
+    (``cuda_graph.decode_rows``), its prefill chunks named again: chunk c is the rows
+    ``first_rows[c] .. first_rows[c] + seq_lens[c] - prefix_lens[c] - 1``, the new tokens of
+    request row ``req_pool_indices[c]``, so a backend may attend them as one extend (each key read
+    once per block of rows) instead of row by row. Fixed-size device tensors, rewritten before each
+    graph replay: entries past the step's chunks have seq_len = prefix_len = 0."""
+
+    req_pool_indices: torch.Tensor  # [chunks]
+    seq_lens: torch.Tensor  # [chunks] the request's length once the chunk is in
+    prefix_lens: torch.Tensor  # [chunks] its tokens cached before the chunk
+    first_rows: torch.Tensor  # [chunks] the batch row of the chunk's first token
+    in_chunk: torch.Tensor  # [rows] 1: a chunk's row (the backend attends it with its chunk), 0: a decode row
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T] new tokens of all requests, concatenated
@@ -39,6 +55,8 @@ class ForwardBatch:
     # of ``input_ids``. None: every token is embedded from its id.
     input_embed_rows: torch.Tensor | None = None
     input_embeds: torch.Tensor | None = None
+    # Decode of an extend step's rows whose backend ``attends_row_chunks``: its prefill chunks.
+    row_chunks: RowChunks | None = None
 
     @property
     def batch_size(self) -> int:

@@ -14,7 +14,7 @@ from sglang_core.layers.attention import AttentionBackend, AttentionSpec, Unsupp
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.mem.kv_pool import ReqToTokenPool, TokenKVPool
 from sglang_core.messages import MediaItem
-from sglang_core.model_executor.cuda_graph import CUDA_GRAPHS, CudaGraphRunner, GraphPrimitives, decode_rows
+from sglang_core.model_executor.cuda_graph import CUDA_GRAPHS, CudaGraphRunner, GraphPrimitives, decode_rows, row_chunks
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_core.multimodal import unpack_tensor
@@ -223,13 +223,15 @@ class ModelRunner:
             return None
         decode = self._decode_logits
         if s.enable_torch_compile:
-            # Only the captured decode step, one compiled graph per captured batch size (hence
-            # the cache limit); prefill shapes change every step and stay eager.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # Only the captured decode step, one compiled graph per captured batch size and one
+            # more per size captured with row chunks (hence the cache limit); prefill shapes
+            # change every step and stay eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
             decode = torch.compile(decode, dynamic=False)
         with torch.inference_mode():
             return CudaGraphRunner(decode, self._make_batch, self.attn_backend,
-                                   min(s.cuda_graph_max_bs, self._max_decode_rows()), self.device, primitives)
+                                   min(s.cuda_graph_max_bs, self._max_decode_rows()), self.device, primitives,
+                                   chunk_max_bs=min(s.extend_graph_max_tokens, s.cuda_graph_max_bs))
 
     def _max_decode_rows(self) -> int:
         """The most rows a decode batch may have: the running requests, or with graphs the tokens of
@@ -262,7 +264,9 @@ class ModelRunner:
         if graphs is not None and self._extend_in_graph(step):
             rows = as_decode_rows(step)
             logits = graphs.replay(rows.input_ids, rows.positions, rows.out_cache_loc, rows.req_pool_indices,
-                                   rows.seq_lens, rows.fill_lens)
+                                   rows.seq_lens, rows.fill_lens,
+                                   chunks=row_chunks(step.req_pool_indices, step.prefix_lens, step.seq_lens,
+                                                     graphs.chunk_limit))
             return logits[torch.tensor(step.logit_index, dtype=torch.int64, device=dev)]
         batch = self._make_batch(
             mode=step.mode,

@@ -1,6 +1,11 @@
 """Attention backend on our Triton kernels (``kernels.py``): the GPU fallback when FlashInfer is
 absent, and the backend whose decode is CUDA-graph safe (it reads only device tensors).
 
+An extend step replayed as decode rows (``ForwardBatch.row_chunks``) runs both kernels in its
+graph: the extend kernel over the step's prefill chunks (fixed tables, its launch sized for the
+graph's rows), the decode kernel over the other rows, skipping the chunks'. Every layer option
+either kernel honours (window, soft-cap, scale, V width, GQA, latent layout, FP8 pool) so holds there.
+
 Extend over given K/V runs the extend kernel unchanged: it finds keys through a request table, and
 a table whose row b reads ``first_b, first_b + 1, ...`` (request b's rows of the given K/V) makes
 the given tensors look like a pool."""
@@ -32,6 +37,7 @@ def decode_splits(batch_size: int, num_kv_heads: int) -> int:
 class TritonBackend(AttentionBackend):
     cuda_graph_decode = True
     attends_given_kv = True
+    attends_row_chunks = True
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         # Every layer kind runs: any head sizes, V narrower or wider than K, a latent layout (V is
@@ -109,9 +115,14 @@ class TritonBackend(AttentionBackend):
         q3, out, k_buffer, v_buffer = self._begin(q, k, v, layer, batch)
         spec = layer.spec
         shared = None if spec.sliding_window else self._shared  # a window may not reach the prefix
+        chunks = batch.row_chunks
+        if chunks is not None:  # no chunk is longer than the batch: its rows bound the launch
+            extend_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, chunks.req_pool_indices,
+                             chunks.seq_lens, chunks.prefix_lens, chunks.first_rows, q.shape[0], spec.scaling,
+                             spec.sliding_window or 0, logit_cap=spec.logit_cap or 0.0)
         decode_attention(q3, k_buffer, v_buffer, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                          spec.scaling, spec.sliding_window or 0, self.num_splits, *self._partials[self.num_splits],
-                         shared, logit_cap=spec.logit_cap or 0.0)
+                         shared, logit_cap=spec.logit_cap or 0.0, skip_rows=None if chunks is None else chunks.in_chunk)
         return out.view(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention,

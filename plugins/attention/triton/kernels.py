@@ -10,7 +10,10 @@ token, in order), so a request's KV may sit anywhere in the pool: no paging, no 
   depends only on the batch size: a CUDA graph replays it for any lengths. Optionally (cascade)
   a third kernel reads a prefix shared by several requests once for all of them.
 - ``extend_attention``: the new tokens of each request over its cached prefix and themselves
-  (causal), flash-attention style, tiles of queries against tiles of keys.
+  (causal), flash-attention style, tiles of queries against tiles of keys. Its launch too depends
+  only on shapes and a bound on the new tokens, so the decode graphs capture it for the prefill
+  chunks of an extend step replayed as decode rows (``ForwardBatch.row_chunks``), the decode
+  kernel skipping those rows.
 
 What both support:
 
@@ -130,7 +133,7 @@ def _attend_keys(q, q_tail, K, V, ReqToToken, table_row, start, end, kv_head, sc
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, KvStart, MidO, MidLse,
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, KvStart, SkipRows, MidO, MidLse,
     scale, logit_cap,
     stride_qb, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_r2t, stride_r2n, stride_mob, stride_moh, stride_mos, stride_mod, stride_mlb, stride_mlh, stride_mls,
@@ -138,10 +141,13 @@ def _decode_split_kernel(
     HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK_TAIL: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SKIP_ROWS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
+    if SKIP_ROWS:  # a row another kernel attends (a prefill chunk's, ``row_chunks``)
+        if tl.load(SkipRows + b) != 0:
+            return
     kv_head = tl.program_id(1) // HEAD_TILES  # a KV head's query heads, HEAD_PAD per program
     tile = tl.program_id(1) % HEAD_TILES
     split = tl.program_id(2)
@@ -218,14 +224,17 @@ def _shared_prefix_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    MidO, MidLse, Out,
+    MidO, MidLse, Out, SkipRows,
     stride_mob, stride_moh, stride_mos, stride_mod, stride_mlb, stride_mlh, stride_mls,
     stride_ob, stride_oh, stride_od,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    SKIP_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
+    if SKIP_ROWS:
+        if tl.load(SkipRows + b) != 0:
+            return
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
@@ -389,12 +398,15 @@ class SharedPrefixes:
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, window: int, num_splits: int, mid_o: torch.Tensor,
-                     mid_lse: torch.Tensor, shared: SharedPrefixes | None = None, logit_cap: float = 0.0) -> None:
+                     mid_lse: torch.Tensor, shared: SharedPrefixes | None = None, logit_cap: float = 0.0,
+                     skip_rows: torch.Tensor | None = None) -> None:
     """q: [B, heads, Dk]; k_buffer: [slots, kv_heads, Dk]; v_buffer: [slots, kv_heads, Dv] (may be a
     view of k_buffer); out: [B, heads, Dv]; mid_o: [>=B, heads, splits, Dv] float32, mid_lse:
     [>=B, heads, splits] float32, with splits = num_splits, plus SHARED_SPLITS with ``shared``
     (cascade: each group's shared prefix is read once for all its members by one kernel, the rest
-    per request, then all merged). ``logit_cap`` > 0 soft-caps the scaled logits."""
+    per request, then all merged). ``logit_cap`` > 0 soft-caps the scaled logits. ``skip_rows``
+    ([B], nonzero: skip): rows whose output another kernel writes, left untouched (their
+    programs exit at once)."""
     batch, heads = q.shape[0], q.shape[1]
     kv_heads = k_buffer.shape[1]
     group = heads // kv_heads
@@ -407,11 +419,13 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                *mid_o.stride(), *mid_lse.stride())
     head_pad, head_tiles = _head_tiles(group, 1, dims, ACC_ELEMENTS)
     launch = dict(DECODE_LAUNCH, BLOCK_N=_scaled_to_width(DECODE_LAUNCH["BLOCK_N"], dims))
+    skips = skip_rows if skip_rows is not None else seq_lens  # not read without SKIP_ROWS
     _decode_split_kernel[(batch, kv_heads * head_tiles, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
-        shared.kv_start if shared is not None else seq_lens, mid_o, mid_lse, scale, logit_cap, *strides,
+        shared.kv_start if shared is not None else seq_lens, skips, mid_o, mid_lse, scale, logit_cap, *strides,
         WINDOW=window, GROUP=group, HEAD_PAD=head_pad, HEAD_TILES=head_tiles,
-        NUM_SPLITS=num_splits, PREFIX_SPLITS=prefix_splits, **common, **launch, **launch_options(q),
+        NUM_SPLITS=num_splits, PREFIX_SPLITS=prefix_splits, SKIP_ROWS=skip_rows is not None, **common, **launch,
+        **launch_options(q),
     )
     if shared is not None:
         head_pad, head_tiles = _head_tiles(group, SHARED_MEMBERS, dims, SHARED_ACC_ELEMENTS)
@@ -424,9 +438,9 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         )
     splits = num_splits + prefix_splits
     _decode_merge_kernel[(batch, heads)](
-        mid_o, mid_lse, out, *mid_o.stride(), *mid_lse.stride(), *out.stride(),
+        mid_o, mid_lse, out, skips, *mid_o.stride(), *mid_lse.stride(), *out.stride(),
         HEAD_DIM_V=dims["HEAD_DIM_V"], BLOCK_DV=dims["BLOCK_DV"], NUM_SPLITS=splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), SKIP_ROWS=skip_rows is not None,
         num_warps=max(2, dims["BLOCK_DV"] // 64), **launch_options(q),  # 2 warps up to Dv 128, as tuned
     )
 
@@ -438,7 +452,10 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     """q: [T, heads, Dk] and out: [T, heads, Dv], the new tokens of all requests, request b's from
     ``extend_start[b]``; k_buffer: [slots, kv_heads, Dk]; v_buffer: [slots, kv_heads, Dv] (may be a
     view of k_buffer). The new tokens' K/V must already be in the pool. ``logit_cap`` > 0
-    soft-caps the scaled logits."""
+    soft-caps the scaled logits. The launch depends only on the shapes and ``max_extend_len`` (a
+    bound on any request's new tokens): blocks past a request's new tokens exit at once, and a
+    request whose seq_len is its prefix_len does nothing, so a CUDA graph captured with a bound
+    replays for any lengths and requests within it (``row_chunks``)."""
     heads = q.shape[1]
     group = heads // k_buffer.shape[1]
     dims = _head_dims(q, k_buffer, v_buffer, out)

@@ -315,13 +315,14 @@ CASES: dict[str, ContractCase] = {
                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
                mlp_bias=True)),
     # DeepSeek-V2-Lite's MoE: a dense first layer, then 8 routed experts (softmax, greedy top-2,
-    # not renormalised, scaled) beside 2 shared experts as one MLP with mlp_bias.
+    # not renormalised, scaled) beside 2 shared experts, no mlp_bias as released: the shared MLP is
+    # held as 2 experts stacked after the routed ones (with mlp_bias it stays an MLP: test_moe_plugins).
     "deepseek-v2-moe": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
         **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None,
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=2.0,
-               topk_method="greedy", mlp_bias=True)),
+               topk_method="greedy", mlp_bias=False)),
     # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3;
     # n_shared_experts 0 (transformers keeps a zero-wide shared MLP, its checkpoint tensors empty).
     "deepseek-v2-moe-grouped": hf_case(

@@ -1,6 +1,7 @@
 """DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
 cases): the KV pool keeps one latent per token and layer, multi-token-prediction layers in a
-checkpoint are skipped, and a routing method transformers does not have is refused."""
+checkpoint are skipped, a routing method transformers does not have is refused, and the input's
+two projections merge exactly where both are replicated."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from model_contract import CASES
 from sglang_core.engine import Engine
+from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from test_model_contract import CHUNK, NEW_TOKENS, _build, _reference_greedy
@@ -66,3 +68,30 @@ def test_unknown_routing_method_is_refused() -> None:
                  n_routed_experts=4, moe_intermediate_size=16, topk_method="noaux_tc")
     with pytest.raises(ValueError, match="topk_method"):
         DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**sizes), ModelContext())
+
+
+@pytest.mark.parametrize("name, tp, merged", [
+    ("deepseek-v2", 2, True),  # q_a_proj: replicated like kv_a_proj_with_mqa, at any tp
+    ("deepseek-v3-rotate-half", 1, True),  # ... biased alike
+    ("deepseek-v2-moe", 1, True),  # q_proj on one rank
+    ("deepseek-v2-moe", 2, False),  # q_proj split by heads over ranks
+    ("deepseek-v2-lite-yarn", 1, False)])  # kv_a_proj_with_mqa has a bias, q_proj none
+def test_input_projections_merge_where_both_are_replicated(name: str, tp: int, merged: bool) -> None:
+    """Merged, a layer holds one ``fused_qkv_a_proj`` whose shards are the checkpoint's query and
+    latent projections (loaded from transformers' state dict), and not the two."""
+    config, reference = CASES[name].make()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_()
+    ours = (DeepseekV2ForCausalLM if "v2" in name else DeepseekV3ForCausalLM)(
+        config, ModelContext(tp=TPGroup(rank=0, size=tp)))
+    ours.load_weights(reference.state_dict().items())
+    attention, theirs = ours.model.layers[0].self_attn, reference.model.layers[0].self_attn
+    query = "q_proj" if config.q_lora_rank is None else "q_a_proj"
+    assert attention.merged_input == merged
+    assert hasattr(attention, "fused_qkv_a_proj") == merged
+    assert hasattr(attention, "kv_a_proj_with_mqa") != merged and hasattr(attention, query) != merged
+    if merged:
+        expected = torch.cat([getattr(theirs, query).weight, theirs.kv_a_proj_with_mqa.weight])
+        assert torch.equal(attention.fused_qkv_a_proj.weight, expected)

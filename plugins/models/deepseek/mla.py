@@ -22,6 +22,11 @@ qk_rope_head_dim`` values per token and layer), and attention runs one of two ex
 ``expanding_is_cheaper`` picks the way per extend batch by counting multiply-adds; the pool, the
 prefix cache and chunked prefill see latents only either way. ``EXTEND_PATH`` can force one way.
 
+The projections of the layer's input, ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa``,
+run as one matmul (``fused_qkv_a_proj``, one GEMV launch at batch 1) where both are replicated
+(``q_a_proj`` always is; ``q_proj`` only on one rank, since ranks split it by heads), biased
+alike and unquantized (``merges_input_projections``).
+
 The softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, the width of the
 un-absorbed head, times YaRN's ``mscale_all_dim`` correction squared when the rope sets it.
 """
@@ -33,7 +38,7 @@ from torch import nn
 
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
 from sglang_core.layers.norm import RMSNorm
-from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear
+from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
@@ -69,14 +74,26 @@ def expanding_is_cheaper(prefix_lens: list[int], extend_lens: list[int], kv_lora
     return expansion < pairs * (2 * kv_lora_rank - qk_nope_head_dim - v_head_dim)
 
 
+def merges_input_projections(config, ctx: ModelContext, prefix: str) -> bool:
+    """Whether the attention at ``prefix`` computes its query (or query LoRA) and latent
+    projections of the input as one matmul (see the module docstring)."""
+    query = "q_proj" if config.q_lora_rank is None else "q_a_proj"
+    if query == "q_proj" and (ctx.tp.size > 1 or getattr(config, "attention_bias", False)):
+        return False  # q_proj is split by heads over ranks, and has no bias where kv_a has one
+    return all(ctx.quant_method_for(f"{prefix}.{name}") is None for name in (query, "kv_a_proj_with_mqa"))
+
+
 class MultiHeadLatentAttention(nn.Module):
     """One layer's MLA: ``q_proj`` (or ``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj`` when
     ``q_lora_rank`` is set), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``,
     named as the checkpoints name them. ``attention_bias`` puts biases on ``q_a_proj``,
     ``kv_a_proj_with_mqa`` and ``o_proj`` only. Heads are split across tensor-parallel ranks; the
-    ``_a`` projections are replicated."""
+    ``_a`` projections are replicated. ``merged_input``: the input's projections as one,
+    ``fused_qkv_a_proj`` (shard 0 the query's, 1 ``kv_a_proj_with_mqa``), where
+    ``merges_input_projections`` allows."""
 
-    def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding,
+                 merged_input: bool = False):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -85,18 +102,28 @@ class MultiHeadLatentAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         qk_head_dim = self.nope_dim + self.rope_dim
 
-        if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, heads * qk_head_dim, False, ctx.tp, ctx.dtype,
+        latent_width = self.kv_lora_rank + self.rope_dim
+        query_width = heads * qk_head_dim if self.q_lora_rank is None else self.q_lora_rank
+        if merged_input and not merges_input_projections(config, ctx, prefix):
+            raise ValueError(f"{prefix}: its input projections cannot be merged (see merges_input_projections)")
+        self.merged_input = merged_input
+        if merged_input:
+            self.fused_qkv_a_proj = MergedColumnParallelLinear(hidden, [query_width, latent_width], bias,
+                                                               params_dtype=ctx.dtype)
+        elif self.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden, query_width, False, ctx.tp, ctx.dtype,
                                                ctx.quant_method_for(f"{prefix}.q_proj"))
         else:
-            self.q_a_proj = ColumnParallelLinear(hidden, self.q_lora_rank, bias, params_dtype=ctx.dtype,
+            self.q_a_proj = ColumnParallelLinear(hidden, query_width, bias, params_dtype=ctx.dtype,
                                                  quant_method=ctx.quant_method_for(f"{prefix}.q_a_proj"))
+        if not merged_input:
+            self.kv_a_proj_with_mqa = ColumnParallelLinear(
+                hidden, latent_width, bias, params_dtype=ctx.dtype,
+                quant_method=ctx.quant_method_for(f"{prefix}.kv_a_proj_with_mqa"))
+        if self.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, ctx.dtype)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_head_dim, False, ctx.tp, ctx.dtype,
                                                  ctx.quant_method_for(f"{prefix}.q_b_proj"))
-        self.kv_a_proj_with_mqa = ColumnParallelLinear(
-            hidden, self.kv_lora_rank + self.rope_dim, bias, params_dtype=ctx.dtype,
-            quant_method=ctx.quant_method_for(f"{prefix}.kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, ctx.dtype)
         if ctx.quant_method_for(f"{prefix}.kv_b_proj") is not None:
             # Absorption multiplies by kv_b_proj's weight matrix itself, so it must be a plain one.
@@ -113,15 +140,22 @@ class MultiHeadLatentAttention(nn.Module):
         # The expanded heads, over keys and values derived from the cache (not cached themselves).
         self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [n, heads * (nope + rope)], ``kv_a_proj_with_mqa``'s output [n, rank + rope])."""
+        if self.merged_input:
+            query, latent = self.fused_qkv_a_proj(x).split(self.fused_qkv_a_proj.output_sizes, dim=-1)
+        else:
+            query = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+            latent = self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            query = self.q_b_proj(self.q_a_layernorm(query))
+        return query, latent
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         n = x.shape[0]
-        q_nope, q_pe = self._queries(x).view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        query, latent = self._projections(x)
+        q_nope, q_pe = query.view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernel reads rows by stride
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
         cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps

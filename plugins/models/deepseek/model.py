@@ -16,6 +16,9 @@ experts' fused launches compute it too; else it is a ``GatedMLP`` beside them. V
 V2 reads no ``norm_topk_prob``); V3 by sigmoid with ``e_score_correction_bias`` for the choice
 only, groups scored by their two best, renormalised when ``norm_topk_prob``.
 
+Where every layer allows it (``mla.merges_input_projections``), the checkpoints' ``q_proj`` (or
+``q_a_proj``) and ``kv_a_proj_with_mqa`` load as the two shards of each layer's ``fused_qkv_a_proj``.
+
 Multi-token-prediction layers (``num_nextn_predict_layers``) follow the ``num_hidden_layers``
 decoder layers in the checkpoint (``model.layers.<n>.`` and beyond); they are not served and their
 weights are skipped.
@@ -35,7 +38,7 @@ from sglang_core.layers.rotary import RotaryEmbedding, rope_from_config
 from sglang_core.layers.transformer import DecoderLM, GatedMLP, layer_prefix
 from sglang_core.model_executor.model_api import ModelContext
 
-from sglang_plugins.models.deepseek.mla import MultiHeadLatentAttention
+from sglang_plugins.models.deepseek.mla import MultiHeadLatentAttention, merges_input_projections
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 _SHARED_EXPERTS = re.compile(r"^(?P<mlp>model\.layers\.(?P<layer>\d+)\.mlp)\.shared_experts\.(?P<proj>\w+)\.weight$")
@@ -49,6 +52,16 @@ class DeepseekV2ForCausalLM(DecoderLM):
     stacked_params = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     expert_parts = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
     checkpoint_renames = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
+    # Where the input projections are merged (every layer's): the checkpoint's two, as its shards.
+    merged_input_params = {"q_proj": ("fused_qkv_a_proj", 0), "q_a_proj": ("fused_qkv_a_proj", 0),
+                           "kv_a_proj_with_mqa": ("fused_qkv_a_proj", 1)}
+
+    def __init__(self, config, ctx: ModelContext):
+        self._merged_input = all(merges_input_projections(config, ctx, f"{layer_prefix(i)}.self_attn")
+                                 for i in range(config.num_hidden_layers))
+        super().__init__(config, ctx)
+        if self._merged_input:
+            self.stacked_params = {**self.stacked_params, **self.merged_input_params}
 
     def make_rotary(self, config, ctx: ModelContext) -> RotaryEmbedding:
         # All qk_rope_head_dim dims turn, whatever partial_rotary_factor says (transformers ignores it).
@@ -64,7 +77,8 @@ class DeepseekV2ForCausalLM(DecoderLM):
 
     def make_attention(self, config, ctx: ModelContext, layer_id: int, rotary: RotaryEmbedding | None,
                        **overrides) -> nn.Module:
-        return MultiHeadLatentAttention(config, ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, rotary)
+        return MultiHeadLatentAttention(config, ctx, f"{layer_prefix(layer_id)}.self_attn", layer_id, rotary,
+                                        self._merged_input)
 
     def make_mlp(self, config, ctx: ModelContext, layer_id: int) -> nn.Module:
         prefix = f"{layer_prefix(layer_id)}.mlp"

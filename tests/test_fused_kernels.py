@@ -236,6 +236,22 @@ def test_gemv(dtype: torch.dtype, n: int, k: int, with_bias: bool) -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(64, 2048), (6, 40)])  # DeepSeek-V2-Lite's router; a ragged one
+def test_gemv_of_a_16_bit_row_and_a_float32_weight(dtype: torch.dtype, n: int, k: int) -> None:
+    """A float32 router over 16-bit activations: the row read as it is, the result in float32
+    as ``F.linear(x.float(), weight)`` (only the float32 sum's order differs)."""
+    from sglang_core.kernels import gemv
+
+    torch.manual_seed(k)
+    weight = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    assert gemv.fits(x, weight)
+    got = gemv.gemv(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (1, n)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-4, rtol=1e-5)
+
+
 def test_gemv_declines_what_it_does_not_serve() -> None:
     from sglang_core.kernels import gemv
 
@@ -243,5 +259,6 @@ def test_gemv_declines_what_it_does_not_serve() -> None:
     assert not gemv.fits(torch.randn(2, 64, dtype=torch.bfloat16, device=DEVICE), weight)
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight.float())
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), weight)
+    assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight)  # float32 row: cuBLAS
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.bfloat16, device=DEVICE), weight.T.contiguous().T)
     assert not gemv.fits(torch.randn(0, 64, dtype=torch.bfloat16, device=DEVICE), weight)

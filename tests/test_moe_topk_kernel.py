@@ -154,3 +154,27 @@ def test_router_appends_stacked_shared_experts(family: str, fused: bool, monkeyp
     expected_ids, expected_weights = by_expert(their_weights.cpu(), their_ids.cpu())
     assert torch.equal(got_ids, expected_ids)
     torch.testing.assert_close(got_weights, expected_weights.float(), atol=1e-6, rtol=1e-6)
+
+
+def test_float32_router_reads_a_16_bit_row_in_one_gemv(monkeypatch) -> None:
+    """Where kernels run (made so here), a float32 router's logits of one bfloat16 row come from
+    the GEMV kernel reading the row as it is, routing as transformers' float32 DeepSeek-V2 router."""
+    from sglang_core.kernels import gemv
+
+    monkeypatch.setattr(moe_router, "use_fused", lambda x: True)
+    calls = []
+    kernel = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(args) or kernel(*args))
+    routing, theirs = ONE_KERNEL_ROUTERS["deepseek-v2-greedy"]
+    x = torch.randn(1, HIDDEN).bfloat16()
+    ours, theirs = Router(HIDDEN, EXPERTS, routing).to(DEVICE), theirs().to(DEVICE)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn_like(theirs.weight))
+        ours.weight.copy_(theirs.weight)
+        weights, ids = ours(x.to(DEVICE))
+        _, their_weights, their_ids = theirs(x.float().to(DEVICE))
+    assert len(calls) == 1 and calls[0][0].dtype == torch.bfloat16 and calls[0][1].dtype == torch.float32
+    got_ids, got_weights = by_expert(weights.cpu(), ids.cpu())
+    expected_ids, expected_weights = by_expert(their_weights.cpu(), their_ids.cpu())
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_weights, expected_weights.float(), atol=1e-6, rtol=1e-6)

@@ -125,7 +125,7 @@ class Router(nn.Module):
                                         if routing.correction_bias else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        logits = self._logits(x)
         routing = self.routing
         if use_fused(logits) and one_kernel_routing(routing):
             from sglang_core.kernels.moe_topk import softmax_topk
@@ -134,6 +134,16 @@ class Router(nn.Module):
                                 self.shared_experts)
         weights, ids = select_experts(logits, routing, self.e_score_correction_bias)
         return append_shared_experts(weights, ids, self.weight.shape[0], self.shared_experts)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times the weight in the weight's dtype; one row on CUDA in the GEMV kernel, which
+        reads a 16-bit ``x`` against a float32 weight as it is (no launch to cast it)."""
+        if use_fused(x):
+            from sglang_core.kernels import gemv
+
+            if gemv.fits(x, self.weight):
+                return gemv.gemv(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight)
 
 
 def append_shared_experts(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,

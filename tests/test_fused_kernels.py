@@ -79,6 +79,24 @@ def test_rms_norm_with_pre_norm(dtype: torch.dtype, hidden: int) -> None:
     torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_rms_norm_writes_over_its_input_in_a_wider_row(fused_path: bool) -> None:
+    """``out=x`` where ``x`` is the first 512 columns of 576-wide rows (MLA's latent before its
+    rotary key): the normed latent replaces it, the other columns stay, as a separate norm gives."""
+    torch.manual_seed(5)
+    norm = RMSNorm(512, 1e-6, torch.float32).to(DEVICE)
+    norm.weight.data = torch.randn(512, device=DEVICE)
+    rows = torch.randn(3, 576, device=DEVICE) * 2
+    expected = torch.cat([torch_path(norm, rows[:, :512].clone()), rows[:, 512:]], dim=1)
+    latent = rows[:, :512]
+    with mock.patch("sglang_core.layers.norm.use_fused", return_value=fused_path):
+        got = norm(latent, out=latent)
+    assert got.data_ptr() == rows.data_ptr()
+    torch.testing.assert_close(rows, expected, **TOLERANCE[torch.float32])
+    with pytest.raises(ValueError, match="out"):
+        fused.rms_norm(latent, norm.weight, norm.eps, out=rows[:, :511])
+
+
 @pytest.mark.parametrize("with_pre_norm", [False, True])
 def test_rms_norm_scaled_in_float32(with_pre_norm: bool) -> None:
     """``scale_in_float32`` (OLMo 2's order: the weight multiplies in float32, one rounding), alone

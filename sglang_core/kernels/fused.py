@@ -63,14 +63,23 @@ def _rms_norm_kernel(X, Residual, PreWeight, Weight, Out, stride_x, stride_r, st
 
 @opaque_to_compiler
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False) -> torch.Tensor:
+             pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that.
     ``pre_norm`` (a weight and its eps): ``x`` is RMS-normalised with it before all that, so two
     norms around a residual add are one launch. ``scale_in_float32``: both norms round as
-    ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype."""
+    ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype. ``out``: where the
+    result is written (x's shape and the result's dtype, rows at any stride; ``x`` itself too: each
+    row is read whole before it is written), returned."""
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = x.dtype if scale_in_float32 else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: {tuple(out.shape)} {out.dtype} must be x's shape {tuple(x.shape)} in {out_dtype}, "
+                         "with contiguous rows")
+    result = out
+    out = out.view(x2.shape)
     res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
     pre_weight, pre_eps = pre_norm if pre_norm is not None else (weight, 0.0)
     hidden = x2.shape[1]
@@ -79,7 +88,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                      hidden, pre_eps, eps, HAS_RESIDUAL=residual is not None,
                                      HAS_PRE=pre_norm is not None, SCALE_IN_FP32=scale_in_float32, BLOCK=block,
                                      num_warps=min(max(block // 256, 1), 8), **launch_options(x))
-    return out.view(x.shape)
+    return result
 
 
 @triton.jit

@@ -155,10 +155,15 @@ class MultiHeadLatentAttention(nn.Module):
         n = x.shape[0]
         query, latent = self._projections(x)
         q_nope, q_pe = query.view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernel reads rows by stride
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
-        cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps
+        # What the pool keeps, [normed latent, rotated k_pe], written over the projection's output
+        # (views at its row stride): the norm writes in place, the rotary turns k_pe in place on CUDA.
+        cached = latent
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        self.kv_a_layernorm(latent, out=latent)
+        k_pe = k_pe.view(n, 1, self.rope_dim)
+        q_pe, k_rotated = self.rotary(positions, q_pe, k_pe)
+        if k_rotated is not k_pe:  # rotated out of place (off CUDA)
+            k_pe.copy_(k_rotated)
         attend = self._expanded if self._expands(batch) else self._absorbed
         return self.o_proj(attend(q_nope, q_pe, cached, batch).reshape(n, -1))
 

@@ -280,3 +280,26 @@ def test_gemv_declines_what_it_does_not_serve() -> None:
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight)  # float32 row: cuBLAS
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.bfloat16, device=DEVICE), weight.T.contiguous().T)
     assert not gemv.fits(torch.randn(0, 64, dtype=torch.bfloat16, device=DEVICE), weight)
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_rotary_writes_q_into_another_tensor(fused_path: bool) -> None:
+    """``q_out``: MLA's attention query assembled in place. The rotated q_pe lands in the last 16
+    values of each head of a wider query (its other values untouched), q_pe itself stays as it
+    was, and k turns in place (or, off CUDA, comes back rotated) as without ``q_out``."""
+    rope = RotaryEmbedding(16, 512, 10000.0, interleaved=True).to(DEVICE)
+    tokens, heads, nope, rank = 5, 4, 24, 32
+    q_pe = torch.randn(tokens, heads, nope + 16, device=DEVICE)[..., nope:]
+    k_pe = torch.randn(tokens, rank + 16, device=DEVICE)[:, rank:].view(tokens, 1, 16)
+    query = torch.randn(tokens, heads, rank + 16, device=DEVICE)
+    positions = torch.tensor([3, 0, 511, 7, 100], device=DEVICE)
+    expected_q, expected_k = torch_path(rope, positions, q_pe.clone(), k_pe.clone())
+    before_q, before_query = q_pe.clone(), query[..., :rank].clone()
+    with mock.patch("sglang_core.layers.rotary.use_fused", return_value=fused_path):
+        got_q, got_k = rope(positions, q_pe, k_pe, q_out=query[..., rank:])
+    assert got_q.data_ptr() == query[..., rank:].data_ptr()
+    torch.testing.assert_close(query[..., rank:], expected_q, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got_k, expected_k, **TOLERANCE[torch.float32])
+    assert torch.equal(q_pe, before_q) and torch.equal(query[..., :rank], before_query)
+    with pytest.raises(ValueError, match="q_out"):
+        rope(positions, q_pe, k_pe, q_out=query[..., rank + 1:])

@@ -161,11 +161,16 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         self.kv_a_layernorm(latent, out=latent)
         k_pe = k_pe.view(n, 1, self.rope_dim)
-        q_pe, k_rotated = self.rotary(positions, q_pe, k_pe)
-        if k_rotated is not k_pe:  # rotated out of place (off CUDA)
+        expands = self._expands(batch)
+        # Absorbed, the attention query [W_UK^T q_nope, rotated q_pe] is assembled in place: the
+        # rotary writes the last rope_dim values of each head, the bmm in _absorbed the others.
+        query = None if expands else q_nope.new_empty(n, self.num_heads, self.kv_lora_rank + self.rope_dim)
+        q_pe, k_rotated = self.rotary(positions, q_pe, k_pe, None if expands else query[..., self.kv_lora_rank:])
+        if k_rotated is not k_pe:  # rotated out of place (off CUDA): the cached row takes it
             k_pe.copy_(k_rotated)
-        attend = self._expanded if self._expands(batch) else self._absorbed
-        return self.o_proj(attend(q_nope, q_pe, cached, batch).reshape(n, -1))
+        if expands:
+            return self.o_proj(self._expanded(q_nope, q_pe, cached, batch).reshape(n, -1))
+        return self.o_proj(self._absorbed(q_nope, query, cached, batch).reshape(n, -1))
 
     def _expands(self, batch: ForwardBatch) -> bool:
         if EXTEND_PATH not in EXTEND_PATHS:
@@ -177,15 +182,15 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attn.attends_given_kv and expanding_is_cheaper(
             batch.prefix_lens_cpu, batch.extend_lens_cpu, self.kv_lora_rank, self.nope_dim, self.v_head_dim)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+    def _absorbed(self, q_nope: torch.Tensor, query: torch.Tensor, cached: torch.Tensor,
                   batch: ForwardBatch) -> torch.Tensor:
-        """Queries into latent space, attention over the pool's latents, values out: [n, heads, v]."""
+        """Queries into latent space (``query`` [n, heads, rank + rope] holds their rotated part,
+        the rest is written here), attention over the pool's latents, values out: [n, heads, v]."""
         n, heads, rank = q_nope.shape[0], self.num_heads, self.kv_lora_rank
         # kv_b_proj's rows, per head: nope_dim rows of W_UK, then v_head_dim rows of W_UV.
         w_uk, w_uv = self.kv_b_proj.weight.view(heads, -1, rank).split([self.nope_dim, self.v_head_dim], dim=1)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, heads, rank]
-        query = torch.cat([q_latent, q_pe], dim=-1).reshape(n, -1)
-        out_latent = self.attn(query, cached, None, batch).view(n, heads, rank)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=query[..., :rank].transpose(0, 1))
+        out_latent = self.attn(query.view(n, -1), cached, None, batch).view(n, heads, rank)
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,

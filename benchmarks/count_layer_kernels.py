@@ -34,7 +34,7 @@ from sglang_plugins.attention.triton.backend import TritonBackend  # noqa: E402
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM  # noqa: E402
 
 # Ops that launch nothing: allocations and metadata.
-NO_LAUNCH = ("promote_types", "empty", "empty_like", "empty_strided", "lift_fresh", "detach", "alias", "_unsafe_view")
+NO_LAUNCH = ("promote_types", "empty", "new_empty", "empty_like", "empty_strided", "lift_fresh", "detach", "alias", "_unsafe_view")
 CONTEXT = 8  # tokens already cached; the step decodes the next one
 
 

@@ -1,11 +1,14 @@
 """DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
 cases): the KV pool keeps one latent per token and layer, multi-token-prediction layers in a
-checkpoint are skipped, a routing method transformers does not have is refused, and the input's
-two projections merge exactly where both are replicated."""
+checkpoint are skipped, a routing method transformers does not have is refused, the input's two
+projections merge exactly where both are replicated, and an MoE layer's batch-1 decode launches
+none of the kernels the fusions removed (benchmarks/count_layer_kernels.py counts them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +98,20 @@ def test_input_projections_merge_where_both_are_replicated(name: str, tp: int, m
     if merged:
         expected = torch.cat([getattr(theirs, query).weight, theirs.kv_a_proj_with_mqa.weight])
         assert torch.equal(attention.fused_qkv_a_proj.weight, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts in Triton's interpreter, which is off where there is a GPU")
+def test_moe_layer_decode_launches_none_of_the_fused_away_kernels() -> None:
+    """A DeepSeek-V2-Lite-shaped MoE layer's batch-1 decode with the fused paths on: the input's
+    projections, o_proj and the float32 router each one GEMV (no cast before the router), no
+    ``cat`` (the cached row and the attention query are written in place), and the shared experts
+    inside the one fused MoE call (no SiLU-and-mul or GEMV of their own)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "count_layer_kernels.py"
+    spec = importlib.util.spec_from_file_location("count_layer_kernels", script)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+    kernels = counter.moe_layer_decode_kernels()
+    assert kernels.count("triton._gemv_kernel") == 3
+    assert kernels.count("triton._gate_up_kernel") == kernels.count("triton._down_kernel") == 1
+    for removed in ("aten.cat", "aten._to_copy", "aten.mm", "triton._act_and_mul_kernel"):
+        assert removed not in kernels

@@ -95,20 +95,30 @@ KERNELS: dict[str, Kernel] = {
         [dict(c, GROUP=4, BLOCK_N=64, num_stages=2, PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_od=1)
          for c in grid(WINDOW=[0, 4096], SOFT_CAP=[False, True], BLOCK_M=[16, 64])]),
     # Router logits in float32 (Router's default weight) or bf16; (top_k, experts) of Mixtral,
-    # Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite, GraniteMoE (1B and 3B).
+    # Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite (with its 2 shared experts stacked, and without),
+    # GraniteMoE (1B and 3B).
     "moe_topk": Kernel(
         "sglang_core.kernels.moe_topk:_softmax_topk_kernel",
         {"Logits": "*fp32", "Weights": "*fp32", "Ids": "*i64", "scaling": "fp32"},
-        [dict(c, TOP_K=k, BLOCK_E=e) for k, e in ((2, 8), (4, 64), (8, 128), (6, 64), (8, 32), (8, 64))
+        [dict(c, TOP_K=k, BLOCK_E=e, SHARED=0) for k, e in ((2, 8), (4, 64), (8, 128), (6, 64), (8, 32), (8, 64))
          for c in grid(RENORMALIZE=[False, True], **PDL)]
-        + [dict(TOP_K=8, BLOCK_E=128, RENORMALIZE=True, USE_PDL=True, Logits="*bf16")],
+        + [dict(TOP_K=6, BLOCK_E=64, SHARED=2, RENORMALIZE=False, USE_PDL=True)]
+        + [dict(TOP_K=8, BLOCK_E=128, SHARED=0, RENORMALIZE=True, USE_PDL=True, Logits="*bf16")],
         {"num_warps": 1}),
+    # One-row GEMV at GEMV_LAUNCH's tiles: 16-bit weights (bias or not), and a float32 router weight
+    # against a bf16 row (float32 result).
+    "gemv": Kernel(
+        "sglang_core.kernels.gemv:_gemv_kernel",
+        {"X": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16"},
+        [dict(HAS_BIAS=b, BLOCK_N=4, BLOCK_K=1024, USE_PDL=True) for b in (False, True)]
+        + [dict(HAS_BIAS=False, BLOCK_N=4, BLOCK_K=1024, USE_PDL=True, W="*fp32", Bias="*fp32", Y="*fp32")],
+        {"num_warps": 4, "num_stages": 1}),
     # q and k in one launch (_rotate_heads twice): half widths of head dims 128, 64 (MLA's rope: its
     # k_pe has one head, a constant to the JIT), 256 (Gemma), partial rotary 32 of 80 (Phi, StableLM)
-    # and 80 (HALF 40, padded block).
+    # and 80 (HALF 40, padded block). q rotated into XOut (itself, or MLA's attention query).
     "rotary": Kernel(
         "sglang_core.kernels.fused:_rope_kernel",
-        {"X": "*bf16", "Y": "*bf16", "Positions": "*i64", "Cos": "*fp32", "Sin": "*fp32"},
+        {"X": "*bf16", "XOut": "*bf16", "Y": "*bf16", "Positions": "*i64", "Cos": "*fp32", "Sin": "*fp32"},
         [dict(c, HALF=h, BLOCK_HALF=b, BLOCK_H=bh) for h, b, bh in ((64, 64, 32), (32, 32, 128), (128, 128, 16),
                                                                        (16, 16, 32), (40, 64, 64))
          for c in grid(INTERLEAVED=[False, True], **PDL)]

@@ -292,7 +292,8 @@ CASES: dict[str, ContractCase] = {
     # with DeepSeek's mscale / mscale_all_dim (rotary and softmax scale both corrected).
     "deepseek-v2-lite-yarn": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
-        **tiny(num_key_value_heads=None, first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=32,
+        q_lora_rank=None,  # not in tiny(): it drops None overrides, and the config's default is 1536
+        **tiny(num_key_value_heads=None, first_k_dense_replace=2, kv_lora_rank=32,
                qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20, attention_bias=True, mlp_bias=True,
                tie_word_embeddings=True,
                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
@@ -315,13 +316,15 @@ CASES: dict[str, ContractCase] = {
                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12, rope_interleave=False, attention_bias=True,
                mlp_bias=True)),
     # DeepSeek-V2-Lite's MoE: a dense first layer, then 8 routed experts (softmax, greedy top-2,
-    # not renormalised, scaled) beside 2 shared experts as one MLP with mlp_bias.
+    # not renormalised, scaled) beside 2 shared experts, no mlp_bias as released: the shared MLP is
+    # held as 2 experts stacked after the routed ones (with mlp_bias it stays an MLP: test_moe_plugins).
     "deepseek-v2-moe": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"),
-        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None,
+        q_lora_rank=None,  # not in tiny(): it drops None overrides, and the config's default is 1536
+        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1,
                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=2.0,
-               topk_method="greedy", mlp_bias=True)),
+               topk_method="greedy", mlp_bias=False)),
     # DeepSeek-V2's group-limited greedy routing: the best 2 of 4 groups by their best expert, top-3;
     # n_shared_experts 0 (transformers keeps a zero-wide shared MLP, its checkpoint tensors empty).
     "deepseek-v2-moe-grouped": hf_case(
@@ -342,8 +345,9 @@ CASES: dict[str, ContractCase] = {
     # layer sparse, rotate-half rotary.
     "deepseek-v3-moe-ungrouped": hf_case(
         _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
-        **tiny(num_key_value_heads=None, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=32,
-               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=1,
+        q_lora_rank=None,  # not in tiny(): it drops None overrides, and the config's default is 1536
+        **tiny(num_key_value_heads=None, first_k_dense_replace=0, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=6, num_experts_per_tok=1,
                moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
                norm_topk_prob=False, rope_interleave=False)),
     # --disable-mla: the per-head K/V cache (every head's key and value expanded from the latent
@@ -351,7 +355,8 @@ CASES: dict[str, ContractCase] = {
     # with mscale_all_dim) and MoE (a dense first layer, greedy top-2 of 8 beside shared experts).
     "deepseek-v2-lite-moe-per-head": hf_case(
         _t("DeepseekV2Config"), _t("DeepseekV2ForCausalLM"), engine={"disable_mla": True},
-        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None,
+        q_lora_rank=None,  # not in tiny(): it drops None overrides, and the config's default is 1536
+        **tiny(num_key_value_heads=None, num_hidden_layers=3, first_k_dense_replace=1,
                kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20, attention_bias=True,
                mlp_bias=True, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                n_shared_experts=2, routed_scaling_factor=2.0, topk_method="greedy",

@@ -1,11 +1,15 @@
 """DeepSeek-V2/V3 beyond the contract suite's token checks (tests/model_contract.py has their
 cases): the KV pool keeps one latent per token and layer (with ``disable_mla`` every head's key
-and value instead), multi-token-prediction layers in a checkpoint are skipped, and a routing
-method transformers does not have is refused."""
+and value instead), multi-token-prediction layers in a checkpoint are skipped, a routing method
+transformers does not have is refused, the input's two projections merge exactly where both are
+replicated, and an MoE layer's batch-1 decode launches none of the kernels the fusions removed
+(benchmarks/count_layer_kernels.py counts them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from safetensors.torch import save_file
 
 from model_contract import CASES
 from sglang_core.engine import Engine
+from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from test_model_contract import CHUNK, NEW_TOKENS, _build, _reference_greedy
@@ -80,3 +85,47 @@ def test_unknown_routing_method_is_refused() -> None:
                  n_routed_experts=4, moe_intermediate_size=16, topk_method="noaux_tc")
     with pytest.raises(ValueError, match="topk_method"):
         DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**sizes), ModelContext())
+
+
+@pytest.mark.parametrize("name, tp, merged", [
+    ("deepseek-v2", 2, True),  # q_a_proj: replicated like kv_a_proj_with_mqa, at any tp
+    ("deepseek-v3-rotate-half", 1, True),  # ... biased alike
+    ("deepseek-v2-moe", 1, True),  # q_proj on one rank
+    ("deepseek-v2-moe", 2, False),  # q_proj split by heads over ranks
+    ("deepseek-v2-lite-yarn", 1, False)])  # kv_a_proj_with_mqa has a bias, q_proj none
+def test_input_projections_merge_where_both_are_replicated(name: str, tp: int, merged: bool) -> None:
+    """Merged, a layer holds one ``fused_qkv_a_proj`` whose shards are the checkpoint's query and
+    latent projections (loaded from transformers' state dict), and not the two."""
+    config, reference = CASES[name].make()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_()
+    ours = (DeepseekV2ForCausalLM if "v2" in name else DeepseekV3ForCausalLM)(
+        config, ModelContext(tp=TPGroup(rank=0, size=tp)))
+    ours.load_weights(reference.state_dict().items())
+    attention, theirs = ours.model.layers[0].self_attn, reference.model.layers[0].self_attn
+    query = "q_proj" if config.q_lora_rank is None else "q_a_proj"
+    assert attention.merged_input == merged
+    assert hasattr(attention, "fused_qkv_a_proj") == merged
+    assert hasattr(attention, "kv_a_proj_with_mqa") != merged and hasattr(attention, query) != merged
+    if merged:
+        expected = torch.cat([getattr(theirs, query).weight, theirs.kv_a_proj_with_mqa.weight])
+        assert torch.equal(attention.fused_qkv_a_proj.weight, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts in Triton's interpreter, which is off where there is a GPU")
+def test_moe_layer_decode_launches_none_of_the_fused_away_kernels() -> None:
+    """A DeepSeek-V2-Lite-shaped MoE layer's batch-1 decode with the fused paths on: the input's
+    projections, o_proj and the float32 router each one GEMV (no cast before the router), no
+    ``cat`` (the cached row and the attention query are written in place), and the shared experts
+    inside the one fused MoE call (no SiLU-and-mul or GEMV of their own)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "count_layer_kernels.py"
+    spec = importlib.util.spec_from_file_location("count_layer_kernels", script)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+    kernels = counter.moe_layer_decode_kernels()
+    assert kernels.count("triton._gemv_kernel") == 3
+    assert kernels.count("triton._gate_up_kernel") == kernels.count("triton._down_kernel") == 1
+    for removed in ("aten.cat", "aten._to_copy", "aten.mm", "triton._act_and_mul_kernel"):
+        assert removed not in kernels

@@ -79,6 +79,24 @@ def test_rms_norm_with_pre_norm(dtype: torch.dtype, hidden: int) -> None:
     torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_rms_norm_writes_over_its_input_in_a_wider_row(fused_path: bool) -> None:
+    """``out=x`` where ``x`` is the first 512 columns of 576-wide rows (MLA's latent before its
+    rotary key): the normed latent replaces it, the other columns stay, as a separate norm gives."""
+    torch.manual_seed(5)
+    norm = RMSNorm(512, 1e-6, torch.float32).to(DEVICE)
+    norm.weight.data = torch.randn(512, device=DEVICE)
+    rows = torch.randn(3, 576, device=DEVICE) * 2
+    expected = torch.cat([torch_path(norm, rows[:, :512].clone()), rows[:, 512:]], dim=1)
+    latent = rows[:, :512]
+    with mock.patch("sglang_core.layers.norm.use_fused", return_value=fused_path):
+        got = norm(latent, out=latent)
+    assert got.data_ptr() == rows.data_ptr()
+    torch.testing.assert_close(rows, expected, **TOLERANCE[torch.float32])
+    with pytest.raises(ValueError, match="out"):
+        fused.rms_norm(latent, norm.weight, norm.eps, out=rows[:, :511])
+
+
 @pytest.mark.parametrize("with_pre_norm", [False, True])
 def test_rms_norm_scaled_in_float32(with_pre_norm: bool) -> None:
     """``scale_in_float32`` (OLMo 2's order: the weight multiplies in float32, one rounding), alone
@@ -236,6 +254,22 @@ def test_gemv(dtype: torch.dtype, n: int, k: int, with_bias: bool) -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(64, 2048), (6, 40)])  # DeepSeek-V2-Lite's router; a ragged one
+def test_gemv_of_a_16_bit_row_and_a_float32_weight(dtype: torch.dtype, n: int, k: int) -> None:
+    """A float32 router over 16-bit activations: the row read as it is, the result in float32
+    as ``F.linear(x.float(), weight)`` (only the float32 sum's order differs)."""
+    from sglang_core.kernels import gemv
+
+    torch.manual_seed(k)
+    weight = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    assert gemv.fits(x, weight)
+    got = gemv.gemv(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (1, n)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-4, rtol=1e-5)
+
+
 def test_gemv_declines_what_it_does_not_serve() -> None:
     from sglang_core.kernels import gemv
 
@@ -243,5 +277,29 @@ def test_gemv_declines_what_it_does_not_serve() -> None:
     assert not gemv.fits(torch.randn(2, 64, dtype=torch.bfloat16, device=DEVICE), weight)
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight.float())
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.float16, device=DEVICE), weight)
+    assert not gemv.fits(torch.randn(1, 64, dtype=torch.float32, device=DEVICE), weight)  # float32 row: cuBLAS
     assert not gemv.fits(torch.randn(1, 64, dtype=torch.bfloat16, device=DEVICE), weight.T.contiguous().T)
     assert not gemv.fits(torch.randn(0, 64, dtype=torch.bfloat16, device=DEVICE), weight)
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_rotary_writes_q_into_another_tensor(fused_path: bool) -> None:
+    """``q_out``: MLA's attention query assembled in place. The rotated q_pe lands in the last 16
+    values of each head of a wider query (its other values untouched), q_pe itself stays as it
+    was, and k turns in place (or, off CUDA, comes back rotated) as without ``q_out``."""
+    rope = RotaryEmbedding(16, 512, 10000.0, interleaved=True).to(DEVICE)
+    tokens, heads, nope, rank = 5, 4, 24, 32
+    q_pe = torch.randn(tokens, heads, nope + 16, device=DEVICE)[..., nope:]
+    k_pe = torch.randn(tokens, rank + 16, device=DEVICE)[:, rank:].view(tokens, 1, 16)
+    query = torch.randn(tokens, heads, rank + 16, device=DEVICE)
+    positions = torch.tensor([3, 0, 511, 7, 100], device=DEVICE)
+    expected_q, expected_k = torch_path(rope, positions, q_pe.clone(), k_pe.clone())
+    before_q, before_query = q_pe.clone(), query[..., :rank].clone()
+    with mock.patch("sglang_core.layers.rotary.use_fused", return_value=fused_path):
+        got_q, got_k = rope(positions, q_pe, k_pe, q_out=query[..., rank:])
+    assert got_q.data_ptr() == query[..., rank:].data_ptr()
+    torch.testing.assert_close(query[..., rank:], expected_q, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got_k, expected_k, **TOLERANCE[torch.float32])
+    assert torch.equal(q_pe, before_q) and torch.equal(query[..., :rank], before_query)
+    with pytest.raises(ValueError, match="q_out"):
+        rope(positions, q_pe, k_pe, q_out=query[..., rank + 1:])

@@ -19,7 +19,9 @@ pytest.importorskip("triton")  # in the test extra; absent only outside CI
 from sglang_core.kernels import fused_moe as moe  # noqa: E402
 from sglang_core.layers import moe as moe_layer  # noqa: E402
 from sglang_core.layers.moe_router import Routing  # noqa: E402
-from test_moe_layer import check_block_matches_qwen2_moe  # noqa: E402
+from sglang_core.layers import moe_router  # noqa: E402
+from sglang_core.layers.parallel import TPGroup  # noqa: E402
+from test_moe_layer import check_block_matches_qwen2_moe, deepseek_v2_block, stacked_block  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
@@ -252,6 +254,27 @@ def test_moe_layer_adds_its_shared_expert_in_the_kernel(monkeypatch) -> None:
                         or fused(*args, **kwargs))
     check_block_matches_qwen2_moe(seed=3)
     assert len(addends) == 1 and addends[0] is not None
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_stacked_shared_experts_run_in_the_routed_experts_launches(tokens: int, monkeypatch) -> None:
+    """DeepSeek's shared MLP stacked as experts 8 and 9: the router's kernel appends them to every
+    token's choice and one fused MoE call computes them with the routed pairs (the one-pair-per-block
+    path at one token, sorted blocks at five), giving transformers' block output."""
+    monkeypatch.setattr(moe_layer, "use_fused", lambda x: True)
+    monkeypatch.setattr(moe_router, "use_fused", lambda x: True)
+    calls = []
+    fused = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: calls.append(args[4]) or fused(*args, **kwargs))
+    block = deepseek_v2_block(seed=6)
+    ours = stacked_block(block, TPGroup()).to(DEVICE)
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = ours(x.to(DEVICE))
+        expected = block(x[None])[0]
+    assert len(calls) == 1 and calls[0].shape == (tokens, 4)
+    assert torch.equal(calls[0][:, 2:].cpu(), torch.tensor([[8, 9]] * tokens))
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

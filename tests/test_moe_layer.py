@@ -8,18 +8,18 @@ import pytest
 import torch
 import transformers
 from transformers.models.dbrx.modeling_dbrx import DbrxFFN
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe, DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock, Qwen2MoeTopKRouter
 
 from sglang_core.layers.activation import gated_act_fn
 from sglang_core.layers.experts import NOT_LOCAL
-from sglang_core.layers.moe import MoE, experts_dense, experts_reference
+from sglang_core.layers.moe import MoE, experts_dense, experts_reference, shared_expert_pieces
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.layers.transformer import QKV_GATE_UP, GatedMLP
-from sglang_core.model_executor.model_api import STACKED_EXPERTS, ModelContext, load_by_name
+from sglang_core.model_executor.model_api import STACKED_EXPERTS, ModelContext, expert_mappings, load_by_name
 
 HIDDEN, EXPERTS, TOKENS = 32, 8, 40
 
@@ -259,6 +259,71 @@ def test_ranks_sum_to_the_whole_block(tp: int, expert_parallel: bool) -> None:
             total += ours(x)
     with torch.no_grad():
         torch.testing.assert_close(total, block(x[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def deepseek_v2_block(seed: int) -> DeepseekV2Moe:
+    """transformers' DeepSeek-V2 MoE block (no biases): greedy top-2 of 8 scaled, 2 shared experts."""
+    config = transformers.DeepseekV2Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, num_experts_per_tok=2,
+                                           moe_intermediate_size=16, n_shared_experts=2, routed_scaling_factor=2.0,
+                                           topk_method="greedy", mlp_bias=False)
+    torch.manual_seed(seed)
+    block = DeepseekV2Moe(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
+def stacked_block(block: DeepseekV2Moe, tp: TPGroup) -> MoE:
+    """Ours with the shared MLP stacked as experts 8 and 9, loaded from ``block``'s tensors (the
+    shared ones cut by ``shared_expert_pieces``, named as those experts')."""
+    ours = MoE(HIDDEN, EXPERTS, 16, Routing(2, scaling_factor=2.0), "silu", tp, stacked_shared_experts=2)
+    weights = []
+    for name, tensor in block.state_dict().items():
+        if name.startswith("shared_experts."):
+            proj = name.split(".")[1]
+            weights += [(f"mlp.experts.{EXPERTS + j}.{proj}.weight", piece)
+                        for j, piece in enumerate(shared_expert_pieces(tensor, proj, 2))]
+        else:
+            weights.append((f"mlp.{name}", tensor))
+    params = {f"mlp.{name}": p for name, p in ours.named_parameters()}
+    parts = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    assert load_by_name(params, weights, QKV_GATE_UP, experts=[*expert_mappings(parts), *STACKED_EXPERTS]) == set(params)
+    return ours
+
+
+@pytest.mark.parametrize("tokens", [1, TOKENS])
+def test_stacked_shared_experts_match_deepseek_v2_block(tokens: int) -> None:
+    """Shared experts stacked after the routed ones compute transformers' block (routed experts plus
+    the shared MLP), and hold its weights once: no more parameters than transformers'."""
+    block = deepseek_v2_block(seed=4)
+    ours = stacked_block(block, TPGroup())
+    assert ours.shared_expert is None and ours.experts.w13_weight.shape[0] == EXPERTS + 2
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in block.parameters())
+    x = torch.randn(tokens, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), block(x[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_ranks_sum_to_the_whole_block_with_stacked_shared_experts() -> None:
+    """Tensor parallelism splits the stacked shared experts' width as the routed experts'."""
+    block = deepseek_v2_block(seed=5)
+    x = torch.randn(TOKENS, HIDDEN)
+    total = torch.zeros(TOKENS, HIDDEN)
+    for rank in range(2):
+        ours = stacked_block(block, SumOutside(rank=rank, size=2))
+        assert ours.experts.w2_weight.shape == (EXPERTS + 2, HIDDEN, 8)
+        with torch.no_grad():
+            total += ours(x)
+    with torch.no_grad():
+        torch.testing.assert_close(total, block(x[None])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"shared_expert_gate": True}, {"tp": TPGroup(rank=0, size=2, expert_parallel=True)}])
+def test_stacked_shared_experts_refuse_a_shared_module_or_expert_parallelism(options: dict) -> None:
+    shared = GatedMLP(ModelContext(), "mlp.shared_expert", HIDDEN, 32) if "shared_expert_gate" in options else None
+    with pytest.raises(ValueError, match="stacked_shared_experts"):
+        MoE(HIDDEN, EXPERTS, 16, Routing(2), stacked_shared_experts=2, shared_expert=shared, **options)
 
 
 def test_shared_expert_gate_without_a_shared_expert_is_an_error() -> None:

@@ -129,10 +129,33 @@ def test_expert_parallel_ranks_hold_their_experts_of_every_plugin(name: str) -> 
         layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, ExpertWeights)]
         assert layers
         for module_name, experts in layers:
-            half = whole_experts[module_name].num_experts // 2
+            half = experts.num_experts  # the whole model may hold stacked shared experts after them
             own = slice(rank * half, (rank + 1) * half)
             assert torch.equal(experts.w13_weight, whole_experts[module_name].w13_weight[own]), module_name
             assert torch.equal(experts.w2_weight, whole_experts[module_name].w2_weight[own]), module_name
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_deepseek_shared_mlp_is_stacked_unless_it_has_biases(mlp_bias: bool) -> None:
+    """DeepSeek-V2's shared MLP joins the routed experts' stack where it has no biases (held once:
+    as many parameters as transformers'); with ``mlp_bias`` it stays an MLP of its own. Either way
+    the loaded MoE block computes transformers' block."""
+    config, reference = CASES["deepseek-v2-moe"].make()
+    config.mlp_bias = mlp_bias
+    reference = type(reference)(config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.3)
+    ours = DeepseekV2ForCausalLM(config, ModelContext())
+    ours.load_weights(reference.state_dict().items())
+    block, theirs = ours.model.layers[1].mlp, reference.model.layers[1].mlp
+    assert block.stacked_shared_experts == (0 if mlp_bias else 2)
+    assert (block.shared_expert is not None) == mlp_bias
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    x = torch.randn(5, config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), theirs(x[None])[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, field", [

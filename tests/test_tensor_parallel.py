@@ -35,11 +35,12 @@ GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
 # llama: 2 KV heads split (one KV head replicated: tests/test_tensor_parallel_ranks.py); qwen2:
 # q/k/v biases; gemma2: attention and final soft-caps, windows; deepseek-v2-moe: multi-head latent
 # attention (heads split, the latent replicated), then routed experts whose intermediate size is
-# split (as Mixtral's would be: the same ExpertWeights) beside shared experts (a GatedMLP);
+# split (as Mixtral's would be: the same ExpertWeights), the shared experts stacked after them
+# and split alike;
 # olmo2: q/k RMSNorms over every head, their statistics all-reduced over the ranks' heads.
 # deepseek-v2-lite-moe-per-head: the same with --disable-mla, every head's K/V cached, on its rank.
-# "+ep": expert parallelism (4 of 8 experts whole on each rank; DeepSeek's shared experts stay
-# tensor-parallel). Each two-rank engine costs a rank's start (seconds): the one-rank engine is the
+# "+ep": expert parallelism (4 of 8 experts whole on each rank; DeepSeek's shared experts are a
+# tensor-parallel MLP instead). Each two-rank engine costs a rank's start (seconds): the one-rank engine is the
 # baseline of every case.
 TP_CASES = ["llama", "qwen2", "gemma2", "deepseek-v2-moe", "deepseek-v2-lite-moe-per-head", "olmo2-bias-gqa-tied",
             "mixtral+ep", "deepseek-v2-moe+ep"]
@@ -78,7 +79,9 @@ def test_tokens_and_logprobs_match_reference_and_one_rank(served):
     heads = model.config.num_attention_heads
     assert all(spec.num_heads == heads // 2 for spec in engine.core.core.runner.layer_specs)
     for experts in (m for m in engine.core.core.runner.model.modules() if isinstance(m, ExpertWeights)):
-        assert experts.num_experts == (experts.total_experts // 2 if ep else experts.total_experts)
+        routed = experts.num_experts - experts.shared_experts
+        assert routed == (experts.total_experts // 2 if ep else experts.total_experts)
+        assert experts.shared_experts == (0 if ep or "DeepseekV2" not in type(model).__name__ else 2)
     results = _generate(engine, prompts)
     for prompt, result, single in zip(prompts, results, expected):
         tokens, _ = _reference_greedy(model, prompt, NEW_TOKENS)

@@ -63,14 +63,23 @@ def _rms_norm_kernel(X, Residual, PreWeight, Weight, Out, stride_x, stride_r, st
 
 @opaque_to_compiler
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False) -> torch.Tensor:
+             pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that.
     ``pre_norm`` (a weight and its eps): ``x`` is RMS-normalised with it before all that, so two
     norms around a residual add are one launch. ``scale_in_float32``: both norms round as
-    ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype."""
+    ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype. ``out``: where the
+    result is written (x's shape and the result's dtype, rows at any stride; ``x`` itself too: each
+    row is read whole before it is written), returned."""
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = x.dtype if scale_in_float32 else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: {tuple(out.shape)} {out.dtype} must be x's shape {tuple(x.shape)} in {out_dtype}, "
+                         "with contiguous rows")
+    result = out
+    out = out.view(x2.shape)
     res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
     pre_weight, pre_eps = pre_norm if pre_norm is not None else (weight, 0.0)
     hidden = x2.shape[1]
@@ -79,7 +88,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                      hidden, pre_eps, eps, HAS_RESIDUAL=residual is not None,
                                      HAS_PRE=pre_norm is not None, SCALE_IN_FP32=scale_in_float32, BLOCK=block,
                                      num_warps=min(max(block // 256, 1), 8), **launch_options(x))
-    return out.view(x.shape)
+    return result
 
 
 @triton.jit
@@ -177,66 +186,78 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(X, token, pos, Cos, Sin, stride_xt, stride_xh, stride_c, num_heads, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _pair_offsets(token, heads, half, stride_t, stride_h, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Offsets of each frequency's pair: (i, i + HALF) in the "rotate half" (GPT-NeoX) layout,
+    (2i, 2i + 1) in the interleaved (GPT-J) one."""
+    if INTERLEAVED:
+        first = token * stride_t + heads[:, None] * stride_h + 2 * half[None, :]
+        return first, first + 1
+    first = token * stride_t + heads[:, None] * stride_h + half[None, :]
+    return first, first + HALF
+
+
+@triton.jit
+def _rotate_heads(X, Out, token, pos, Cos, Sin, stride_xt, stride_xh, stride_ot, stride_oh, stride_c, num_heads,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     half = tl.arange(0, BLOCK_HALF)
     ok = (heads[:, None] < num_heads) & (half[None, :] < HALF)
     cos = tl.load(Cos + pos * stride_c + half, mask=half < HALF, other=0.0)
     sin = tl.load(Sin + pos * stride_c + half, mask=half < HALF, other=0.0)
-    # Frequency i turns the pair (x1, x2) = (i, i + HALF) in the "rotate half" (GPT-NeoX) layout,
-    # (2i, 2i + 1) in the interleaved (GPT-J) one.
-    if INTERLEAVED:
-        first = X + token * stride_xt + heads[:, None] * stride_xh + 2 * half[None, :]
-        second = first + 1
-    else:
-        first = X + token * stride_xt + heads[:, None] * stride_xh + half[None, :]
-        second = first + HALF
-    x1 = tl.load(first, mask=ok, other=0.0)
-    x2 = tl.load(second, mask=ok, other=0.0)
+    first, second = _pair_offsets(token, heads, half, stride_xt, stride_xh, HALF, INTERLEAVED)
+    x1 = tl.load(X + first, mask=ok, other=0.0)
+    x2 = tl.load(X + second, mask=ok, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-    tl.store(first, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=ok)
-    tl.store(second, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
+    first, second = _pair_offsets(token, heads, half, stride_ot, stride_oh, HALF, INTERLEAVED)
+    tl.store(Out + first, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=ok)
+    tl.store(Out + second, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=ok)
 
 
 @triton.jit
-def _rope_kernel(X, Y, Positions, Cos, Sin, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, x_heads, y_heads,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """One token's heads of ``X`` (program 0 along axis 1) or of ``Y`` (program 1)."""
+def _rope_kernel(X, XOut, Y, Positions, Cos, Sin, stride_xt, stride_xh, stride_ot, stride_oh, stride_yt, stride_yh,
+                 stride_c, x_heads, y_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, USE_PDL: tl.constexpr):
+    """One token's heads of ``X`` into ``XOut`` (program 0 along axis 1) or of ``Y`` in place (program 1)."""
     pdl_enter(USE_PDL)
     token = tl.program_id(0)
     pos = tl.load(Positions + token)
     if tl.program_id(1) == 0:
-        _rotate_heads(X, token, pos, Cos, Sin, stride_xt, stride_xh, stride_c, x_heads, HALF, BLOCK_H, BLOCK_HALF,
-                      INTERLEAVED)
+        _rotate_heads(X, XOut, token, pos, Cos, Sin, stride_xt, stride_xh, stride_ot, stride_oh, stride_c, x_heads,
+                      HALF, BLOCK_H, BLOCK_HALF, INTERLEAVED)
     else:
-        _rotate_heads(Y, token, pos, Cos, Sin, stride_yt, stride_yh, stride_c, y_heads, HALF, BLOCK_H, BLOCK_HALF,
-                      INTERLEAVED)
+        _rotate_heads(Y, Y, token, pos, Cos, Sin, stride_yt, stride_yh, stride_yt, stride_yh, stride_c, y_heads,
+                      HALF, BLOCK_H, BLOCK_HALF, INTERLEAVED)
 
 
 @opaque_to_compiler
 def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   rotary_dim: int, interleaved: bool = False, other: torch.Tensor | None = None) -> None:
+                   rotary_dim: int, interleaved: bool = False, other: torch.Tensor | None = None,
+                   x_out: torch.Tensor | None = None) -> None:
     """Rotate the first ``rotary_dim`` dims of every head of ``x`` [T, heads, head_dim] in place,
     in the "rotate half" layout or, with ``interleaved``, GPT-J's pairs of neighbours; ``other``
     (the same tokens' keys: [T, kv_heads, any head_dim], anywhere in memory) in the same launch.
-    ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32, one column per frequency."""
+    ``cos``/``sin``: [max_position, >= rotary_dim // 2] float32, one column per frequency.
+    ``x_out`` (x's shape, anywhere in memory): takes x's rotated dims instead of ``x``, which is
+    left as it was (its other dims are not copied)."""
     tokens, heads, _ = x.shape
     if tokens == 0:
         return
-    for name, tensor in (("x", x), ("other", other)):
+    for name, tensor in (("x", x), ("other", other), ("x_out", x_out)):
         if tensor is not None and tensor.stride(2) != 1:
             raise ValueError(f"rotary_inplace: {name}'s head dimension must be contiguous")
     if other is not None and other.shape[0] != tokens:
         raise ValueError(f"rotary_inplace: other has {other.shape[0]} tokens, x {tokens}")
+    if x_out is not None and x_out.shape != x.shape:
+        raise ValueError(f"rotary_inplace: x_out's shape {tuple(x_out.shape)} is not x's {tuple(x.shape)}")
     y = x if other is None else other
+    out = x if x_out is None else x_out
     half = rotary_dim // 2
     _rope_kernel[(tokens, 1 if other is None else 2)](
-        x, y, positions, cos, sin, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), heads,
-        y.shape[1], HALF=half, BLOCK_H=triton.next_power_of_2(max(heads, y.shape[1])),
-        BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved, num_warps=4, **launch_options(x))
+        x, out, y, positions, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1), y.stride(0),
+        y.stride(1), cos.stride(0), heads, y.shape[1], HALF=half,
+        BLOCK_H=triton.next_power_of_2(max(heads, y.shape[1])), BLOCK_HALF=triton.next_power_of_2(half),
+        INTERLEAVED=interleaved, num_warps=4, **launch_options(x))
 
 
 @triton.jit

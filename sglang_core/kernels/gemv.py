@@ -7,6 +7,9 @@ the next tile in flight while one is multiplied. Float32 accumulation, rounded o
 output dtype. On an H100 at Llama-3.1-8B shapes it streams 2.4-3.1 TB/s where cuBLAS's kernels
 reach 2.1-2.9, and with programmatic dependent launch its first tile is read while the previous
 kernel finishes (benchmarks/tune_gemv.py, docs/gpu.md). At two rows cuBLAS was faster.
+
+A float32 weight against a 16-bit row (a router kept in float32, as DeepSeek's) reads the row as
+it is: the result is ``F.linear(x.float(), weight)`` in float32, without a launch to cast ``x``.
 """
 
 from __future__ import annotations
@@ -46,19 +49,20 @@ def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``gemv`` serves this product: one 16-bit row against a 16-bit weight of the same
-    dtype with contiguous K (larger batches are matmuls, where cuBLAS is the right tool)."""
-    return (ENABLED and x.dim() >= 1 and x.numel() == x.shape[-1] > 0 and x.dtype == weight.dtype
+    """Whether ``gemv`` serves this product: one 16-bit row against a weight of the same dtype or
+    float32 with contiguous K (larger batches are matmuls, where cuBLAS is the right tool)."""
+    return (ENABLED and x.dim() >= 1 and x.numel() == x.shape[-1] > 0 and weight.dtype in (x.dtype, torch.float32)
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.stride(1) == 1
             and x.shape[-1] == weight.shape[1])
 
 
 @opaque_to_compiler
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a one-row ``x`` (see ``fits``)."""
+    """``F.linear(x, weight, bias)`` for a one-row ``x`` (see ``fits``), in float32 where the
+    weight is."""
     n, k = weight.shape
     x1 = x.reshape(k).contiguous()
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     launch = dict(GEMV_LAUNCH)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     _gemv_kernel[(triton.cdiv(n, block_n),)](

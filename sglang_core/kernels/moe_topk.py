@@ -8,6 +8,10 @@ them; among equal ones the lowest expert id) and writes their weights (divided b
 renormalised, then scaled) and ids. It covers softmax scoring without expert groups, correction
 bias or a p-norm other than 1 (Mixtral, Qwen2/3-MoE, DeepSeek-V2's ``greedy``, GraniteMoE);
 the router (``layers.moe_router.Router``) keeps the PyTorch path for the rest and off CUDA.
+
+``shared``: a block whose shared experts are stacked after its routed ones (``layers.moe``) gets
+their ids ``E .. E + shared - 1`` with weight 1 written after the top-k in the same launch, so
+the fused MoE kernel computes them as pairs of every token.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def _first_largest(values, experts, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _softmax_topk_kernel(Logits, Weights, Ids, stride_l, num_experts, scaling, TOP_K: tl.constexpr,
-                         RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+                         SHARED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     row = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
@@ -51,27 +56,33 @@ def _softmax_topk_kernel(Logits, Weights, Ids, stride_l, num_experts, scaling, T
         weight = tl.max(left, 0)
         if RENORMALIZE:
             weight = weight / total
-        tl.store(Weights + row * TOP_K + j, weight * scaling)
-        tl.store(Ids + row * TOP_K + j, best.to(tl.int64))
+        tl.store(Weights + row * (TOP_K + SHARED) + j, weight * scaling)
+        tl.store(Ids + row * (TOP_K + SHARED) + j, best.to(tl.int64))
         left = tl.where(experts == best, -1.0, left)
+    for j in tl.static_range(SHARED):
+        tl.store(Weights + row * (TOP_K + SHARED) + TOP_K + j, 1.0)
+        tl.store(Ids + row * (TOP_K + SHARED) + TOP_K + j, (num_experts + j).to(tl.int64))
 
 
 @opaque_to_compiler
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = False,
-                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, top_k] float32, ids [T, top_k] int64)``: each row of ``logits`` [T, E]
-    softmaxed in float32, its ``top_k`` largest probabilities (largest first), divided by their
-    sum when ``renormalize``, times ``scaling``."""
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool = False, scaling: float = 1.0,
+                 shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, top_k + shared] float32, ids [T, top_k + shared] int64)``: each row of
+    ``logits`` [T, E] softmaxed in float32, its ``top_k`` largest probabilities (largest first),
+    divided by their sum when ``renormalize``, times ``scaling``; then ids ``E .. E + shared - 1``
+    with weight 1 (shared experts stacked after the routed ones)."""
     tokens, num_experts = logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k: {top_k} is not in 1..{num_experts} (the number of experts)")
-    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    if shared < 0:
+        raise ValueError(f"shared: {shared} shared experts is negative")
+    weights = torch.empty(tokens, top_k + shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(tokens, top_k + shared, dtype=torch.int64, device=logits.device)
     if tokens == 0:
         return weights, ids
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     _softmax_topk_kernel[(tokens,)](logits, weights, ids, logits.stride(0), num_experts, float(scaling),
-                                    TOP_K=top_k, RENORMALIZE=renormalize,
+                                    TOP_K=top_k, SHARED=shared, RENORMALIZE=renormalize,
                                     BLOCK_E=triton.next_power_of_2(num_experts), num_warps=1,
                                     **launch_options(logits))
     return weights, ids

@@ -52,12 +52,18 @@ class ExpertWeights(nn.Module):
     the dims of one expert's slice, so a quantization method (``quant_method``, an
     ``ExpertsQuantMethod``) creates packed stacked tensors (``w13_qweight``, ...) in their place
     with ``self.weight_loader`` and they load the same way.
+
+    ``shared_experts``: that many more experts stacked after the routed ones (``layers.moe``'s
+    stacked shared experts, not with expert parallelism), loaded one by one; a checkpoint tensor of
+    every expert holds the routed ones.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup = SINGLE,
-                 params_dtype: torch.dtype = torch.float32, quant_method: ExpertsQuantMethod | None = None):
+                 params_dtype: torch.dtype = torch.float32, quant_method: ExpertsQuantMethod | None = None,
+                 shared_experts: int = 0):
         super().__init__()
         self.total_experts, self.first_expert = num_experts, 0
+        self.shared_experts = shared_experts
         if tp.expert_parallel:
             if num_experts % tp.size:
                 raise ValueError(f"enable_ep_moe: {num_experts} experts do not split evenly over ep_size={tp.size} ranks")
@@ -65,7 +71,8 @@ class ExpertWeights(nn.Module):
             self.first_expert = tp.rank * num_experts
             tp = SINGLE
         self.tp = tp
-        self.num_experts = num_experts
+        self.num_experts = num_experts + shared_experts
+        num_experts = self.num_experts
         self.intermediate_size = tp.split(intermediate_size, "moe_intermediate_size")  # this rank's
         size = self.intermediate_size
         self.quant_method = quant_method
@@ -85,7 +92,7 @@ class ExpertWeights(nn.Module):
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The router's expert ids as indices into this rank's stacked experts, ``NOT_LOCAL`` where
         another rank holds the expert; the ids themselves when this rank holds every expert."""
-        if self.num_experts == self.total_experts:
+        if self.num_experts - self.shared_experts == self.total_experts:
             return topk_ids
         local = topk_ids - self.first_expert
         return torch.where((local >= 0) & (local < self.num_experts), local, NOT_LOCAL)
@@ -111,8 +118,9 @@ class ExpertWeights(nn.Module):
         ``loaded`` holds every expert, stacked ``[num_experts, ...]``."""
         expert, part = _parse_shard_id(shard_id)
         if expert is None:
-            if loaded.shape[0] != self.num_experts:
-                raise ValueError(f"experts tensor of shape {tuple(loaded.shape)} does not stack {self.num_experts} experts")
+            routed = self.num_experts - self.shared_experts
+            if loaded.shape[0] != routed:
+                raise ValueError(f"experts tensor of shape {tuple(loaded.shape)} does not stack {routed} experts")
             for index, piece in enumerate(loaded):
                 self.weight_loader(param, piece, (index, part))
             return

@@ -23,6 +23,15 @@ intermediate size each rank does ``1 / tp`` of its work (replicated, every rank 
 it), and its reduction is the dense MLP's. On one rank (nothing reduced in between) with float
 experts, the shared expert runs first and ``run_experts`` adds its output in the fused kernel's
 last launch (``addend``), one launch fewer per layer than adding it after.
+
+Stacked shared experts (``stacked_shared_experts``: ungated, unbiased shared experts of the
+routed experts' width, DeepSeek's): they are held as experts ``E ..`` after the ``E`` routed ones
+in the same stacked weights (loaded from the shared MLP's tensors cut by ``shared_expert_pieces``;
+stored once), the router appends their ids with weight 1, and one experts computation sums them
+with the routed pairs in float32: at batch 1 on CUDA, the fused kernel's launches do the shared
+MLP's three. Tensor parallelism splits them as the routed experts; under expert parallelism
+(ranks hold whole routed experts) or with quantized experts a block keeps a ``shared_expert``
+module instead (``can_stack_shared_experts``).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from torch import nn
 from sglang_core.kernels import use_fused
 from sglang_core.kernels.moe_weight import QuantizedExperts
 from sglang_core.layers.activation import SiluAndMul, gated_act_fn
-from sglang_core.layers.experts import NOT_LOCAL, ExpertWeights
+from sglang_core.layers.experts import EXPERT_PARTS, NOT_LOCAL, ExpertWeights
 from sglang_core.layers.moe_router import Router, Routing
 from sglang_core.layers.parallel import SINGLE, TPGroup
 from sglang_core.layers.quant import ExpertsQuantMethod
@@ -157,6 +166,21 @@ class KernelExpertsMethod(ExpertsQuantMethod):
         return experts_by_expert(hidden, layer.num_experts, expert_mlp, topk_weights, topk_ids)
 
 
+def can_stack_shared_experts(tp: TPGroup, quant_method: ExpertsQuantMethod | None) -> bool:
+    """Whether a block's shared experts may be stacked after its routed ones (where they are also
+    ungated and unbiased, which the plugin knows): float experts, no expert parallelism."""
+    return quant_method is None and not tp.expert_parallel
+
+
+def shared_expert_pieces(tensor: torch.Tensor, part: str, count: int) -> tuple[torch.Tensor, ...]:
+    """A checkpoint tensor of a shared MLP that is ``count`` experts wide, cut into each expert's:
+    gate and up rows, down columns (a gated MLP's sum over its intermediate width splits)."""
+    role = EXPERT_PARTS.get(part)
+    if role not in ("gate", "up", "down"):
+        raise ValueError(f"shared expert part {part!r}: only gate, up and down projections stack")
+    return tensor.chunk(count, dim=1 if role == "down" else 0)
+
+
 class MoE(nn.Module):
     """``routed(x) + shared(x)``: the router (``gate``) picks ``routing.top_k`` of ``num_experts``
     gated MLPs (``experts``, each ``down(act(gate) * up)`` of width ``intermediate_size``) per token.
@@ -166,18 +190,26 @@ class MoE(nn.Module):
 
     ``shared_expert``: a module every token also goes through (a ``GatedMLP``), weighted, when
     ``shared_expert_gate``, by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE's scalar gate per token).
+    ``stacked_shared_experts``: instead, that many shared experts of ``intermediate_size`` held after
+    the routed ones (see the module docstring; ``can_stack_shared_experts`` says where).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, routing: Routing,
                  hidden_act: str = "silu", tp: TPGroup = SINGLE, params_dtype: torch.dtype = torch.float32, *,
                  shared_expert: nn.Module | None = None, shared_expert_gate: bool = False,
-                 router_dtype: torch.dtype | None = None, quant_method: ExpertsQuantMethod | None = None):
+                 router_dtype: torch.dtype | None = None, quant_method: ExpertsQuantMethod | None = None,
+                 stacked_shared_experts: int = 0):
         super().__init__()
         if shared_expert_gate and shared_expert is None:
             raise ValueError("shared_expert_gate: there is no shared expert to gate")
+        if stacked_shared_experts and (shared_expert is not None or not can_stack_shared_experts(tp, quant_method)):
+            raise ValueError("stacked_shared_experts: only without a shared_expert module, quantized experts or "
+                             "expert parallelism")
         self.tp = tp
-        self.gate = Router(hidden_size, num_experts, routing, router_dtype or params_dtype)
-        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size, tp, params_dtype, quant_method)
+        self.stacked_shared_experts = stacked_shared_experts
+        self.gate = Router(hidden_size, num_experts, routing, router_dtype or params_dtype, stacked_shared_experts)
+        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size, tp, params_dtype, quant_method,
+                                     stacked_shared_experts)
         self.act = gated_act_fn(hidden_act)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False, dtype=params_dtype).requires_grad_(False)

@@ -13,6 +13,10 @@ The scoring families the released MoE models use:
 
 Every family then multiplies the weights by ``routed_scaling_factor``. Routing runs in float32;
 on CUDA the softmax families without groups or bias run as one kernel (``kernels.moe_topk``).
+
+A block that stacks its shared experts after its ``E`` routed ones (``layers.moe.MoE``'s
+``stacked_shared_experts``) has its router append their ids ``E ..`` with weight 1 to every
+token's choice, so the experts' one computation covers them.
 """
 
 from __future__ import annotations
@@ -105,27 +109,53 @@ def _keep_best_groups(choice: torch.Tensor, routing: Routing) -> torch.Tensor:
 class Router(nn.Module):
     """The router ("gate") of an MoE block: ``weight`` [E, hidden] (replicated on every
     tensor-parallel rank), and ``e_score_correction_bias`` [E] when the routing has one.
+    ``shared_experts``: that many ids appended with weight 1 (``append_shared_experts``).
 
     The logits are computed in ``params_dtype`` (Mixtral's and Qwen's routers run in the model
     dtype; DeepSeek's keep a float32 weight) and routed in float32."""
 
     def __init__(self, hidden_size: int, num_experts: int, routing: Routing,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, shared_experts: int = 0):
         super().__init__()
         routing.check(num_experts)
         self.routing = routing
+        self.shared_experts = shared_experts
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=params_dtype), requires_grad=False)
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts), requires_grad=False)
                                         if routing.correction_bias else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        logits = self._logits(x)
         routing = self.routing
         if use_fused(logits) and one_kernel_routing(routing):
             from sglang_core.kernels.moe_topk import softmax_topk
 
-            return softmax_topk(logits, routing.top_k, routing.renormalize, routing.scaling_factor)
-        return select_experts(logits, routing, self.e_score_correction_bias)
+            return softmax_topk(logits, routing.top_k, routing.renormalize, routing.scaling_factor,
+                                self.shared_experts)
+        weights, ids = select_experts(logits, routing, self.e_score_correction_bias)
+        return append_shared_experts(weights, ids, self.weight.shape[0], self.shared_experts)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times the weight in the weight's dtype; one row on CUDA in the GEMV kernel, which
+        reads a 16-bit ``x`` against a float32 weight as it is (no launch to cast it)."""
+        if use_fused(x):
+            from sglang_core.kernels import gemv
+
+            if gemv.fits(x, self.weight):
+                return gemv.gemv(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+def append_shared_experts(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                          shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``(weights, ids)`` followed by ids ``num_experts .. num_experts + shared - 1``
+    with weight 1: shared experts stacked after the routed ones."""
+    if not shared:
+        return weights, ids
+    tokens = ids.shape[0]
+    shared_ids = torch.arange(num_experts, num_experts + shared, device=ids.device).expand(tokens, shared)
+    return (torch.cat([weights, weights.new_ones(tokens, shared)], dim=1),
+            torch.cat([ids, shared_ids.to(ids.dtype)], dim=1))
 
 
 def one_kernel_routing(routing: Routing) -> bool:

@@ -35,22 +35,26 @@ class RMSNorm(nn.Module):
         copy_checked(param.data, (loaded.float() + self.weight_offset).to(param.dtype))
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
-        On CUDA the fused kernel writes ``x + residual`` into ``residual`` and returns it."""
+        On CUDA the fused kernel writes ``x + residual`` into ``residual`` and returns it.
+        ``out``: the tensor the norm is written into and returned as (``x`` itself may be it: a
+        row laid out where a later step reads it, with no copy launched on CUDA)."""
         if use_fused(x):
             from sglang_core.kernels.fused import rms_norm
 
-            out = rms_norm(x, self.weight, self.eps, residual, scale_in_float32=self.scale_in_float32)
-            return out if residual is None else (out, residual)
+            normed = rms_norm(x, self.weight, self.eps, residual, scale_in_float32=self.scale_in_float32, out=out)
+            return normed if residual is None else (normed, residual)
         if residual is not None:
             x = x + residual
             residual = x
         # Normalise in float32 as the reference implementations do.
         xf = x.float()
-        out = self._scale(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
-        return out if residual is None else (out, residual)
+        normed = self._scale(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
+        if out is not None:
+            normed = out.copy_(normed)
+        return normed if residual is None else (normed, residual)
 
     def _scale(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The weight times the float32 ``normed``, rounded to ``dtype`` in this norm's order."""

@@ -178,9 +178,14 @@ class RotaryEmbedding(nn.Module):
         point for other position schemes (M-RoPE's [3, T]): override it in a subclass."""
         return self.cos_cache[positions], self.sin_cache[positions]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On CUDA, rotated in place."""
-        if use_fused(q) and q.stride(2) == 1 and k.stride(2) == 1:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On CUDA, rotated in place.
+        ``q_out`` (q's shape, where whole heads turn): takes the rotated q, and is returned for it
+        (on CUDA written by the same launch: a query assembled in place)."""
+        if q_out is not None and (q_out.shape != q.shape or q.shape[-1] != self.rotary_dim):
+            raise ValueError(f"q_out: {tuple(q_out.shape)} must be q's shape {tuple(q.shape)}, whole heads turning")
+        if use_fused(q) and q.stride(2) == 1 and k.stride(2) == 1 and (q_out is None or q_out.stride(2) == 1):
             from sglang_core.kernels.fused import rotary_inplace
 
             if positions.dim() == 1:
@@ -188,11 +193,12 @@ class RotaryEmbedding(nn.Module):
             else:  # per-token rows from a subclass's cos_sin (M-RoPE)
                 cos, sin = self.cos_sin(positions)
                 rows = torch.arange(q.shape[0], device=q.device)
-            rotary_inplace(q, rows, cos, sin, self.rotary_dim, self.interleaved, other=k)  # one launch
-            return q, k
+            rotary_inplace(q, rows, cos, sin, self.rotary_dim, self.interleaved, other=k, x_out=q_out)  # one launch
+            return (q if q_out is None else q_out), k
         cos, sin = self.cos_sin(positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        rotated = self._rotate(q, cos, sin)
+        return (rotated if q_out is None else q_out.copy_(rotated)), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
@@ -248,10 +254,11 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
             lengths = torch.repeat_interleave(lengths, batch.seq_lens - batch.prefix_lens, output_size=len(positions))
         return torch.stack((positions, lengths))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() != 2:  # plain positions would silently take the short factors
             raise ValueError("LongRoPE rotates by positions [2, T] from token_positions (position, sequence length)")
-        return super().forward(positions, q, k)
+        return super().forward(positions, q, k, q_out)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [2, T] from ``token_positions``."""

@@ -31,6 +31,11 @@ values) and value ``W_UV c`` (``v_head_dim``), the pool keeps those (``KVLayout.
 against the latent's 576 for DeepSeek-V2-Lite), and decode and extend attend over them as any
 model's layers do, with nothing absorbed. It costs memory and saves ``kv_b_proj`` work per read.
 
+The projections of the layer's input, ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa``,
+run as one matmul (``fused_qkv_a_proj``, one GEMV launch at batch 1) where both are replicated
+(``q_a_proj`` always is; ``q_proj`` only on one rank, since ranks split it by heads), biased
+alike and unquantized (``merges_input_projections``).
+
 The softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, the width of the
 un-absorbed head, times YaRN's ``mscale_all_dim`` correction squared when the rope sets it.
 """
@@ -42,7 +47,7 @@ from torch import nn
 
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
 from sglang_core.layers.norm import RMSNorm
-from sglang_core.layers.parallel import ColumnParallelLinear, RowParallelLinear
+from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
@@ -78,14 +83,26 @@ def expanding_is_cheaper(prefix_lens: list[int], extend_lens: list[int], kv_lora
     return expansion < pairs * (2 * kv_lora_rank - qk_nope_head_dim - v_head_dim)
 
 
+def merges_input_projections(config, ctx: ModelContext, prefix: str) -> bool:
+    """Whether the attention at ``prefix`` computes its query (or query LoRA) and latent
+    projections of the input as one matmul (see the module docstring)."""
+    query = "q_proj" if config.q_lora_rank is None else "q_a_proj"
+    if query == "q_proj" and (ctx.tp.size > 1 or getattr(config, "attention_bias", False)):
+        return False  # q_proj is split by heads over ranks, and has no bias where kv_a has one
+    return all(ctx.quant_method_for(f"{prefix}.{name}") is None for name in (query, "kv_a_proj_with_mqa"))
+
+
 class MultiHeadLatentAttention(nn.Module):
     """One layer's MLA: ``q_proj`` (or ``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj`` when
     ``q_lora_rank`` is set), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``,
     named as the checkpoints name them. ``attention_bias`` puts biases on ``q_a_proj``,
     ``kv_a_proj_with_mqa`` and ``o_proj`` only. Heads are split across tensor-parallel ranks; the
-    ``_a`` projections are replicated. ``ctx.disable_mla``: every head's K/V cached instead of the latent."""
+    ``_a`` projections are replicated. ``merged_input``: the input's projections as one,
+    ``fused_qkv_a_proj`` (shard 0 the query's, 1 ``kv_a_proj_with_mqa``), where
+    ``merges_input_projections`` allows. ``ctx.disable_mla``: every head's K/V cached instead of the latent."""
 
-    def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, config, ctx: ModelContext, prefix: str, layer_id: int, rotary: RotaryEmbedding,
+                 merged_input: bool = False):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -94,18 +111,28 @@ class MultiHeadLatentAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         qk_head_dim = self.nope_dim + self.rope_dim
 
-        if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, heads * qk_head_dim, False, ctx.tp, ctx.dtype,
+        latent_width = self.kv_lora_rank + self.rope_dim
+        query_width = heads * qk_head_dim if self.q_lora_rank is None else self.q_lora_rank
+        if merged_input and not merges_input_projections(config, ctx, prefix):
+            raise ValueError(f"{prefix}: its input projections cannot be merged (see merges_input_projections)")
+        self.merged_input = merged_input
+        if merged_input:
+            self.fused_qkv_a_proj = MergedColumnParallelLinear(hidden, [query_width, latent_width], bias,
+                                                               params_dtype=ctx.dtype)
+        elif self.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden, query_width, False, ctx.tp, ctx.dtype,
                                                ctx.quant_method_for(f"{prefix}.q_proj"))
         else:
-            self.q_a_proj = ColumnParallelLinear(hidden, self.q_lora_rank, bias, params_dtype=ctx.dtype,
+            self.q_a_proj = ColumnParallelLinear(hidden, query_width, bias, params_dtype=ctx.dtype,
                                                  quant_method=ctx.quant_method_for(f"{prefix}.q_a_proj"))
+        if not merged_input:
+            self.kv_a_proj_with_mqa = ColumnParallelLinear(
+                hidden, latent_width, bias, params_dtype=ctx.dtype,
+                quant_method=ctx.quant_method_for(f"{prefix}.kv_a_proj_with_mqa"))
+        if self.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, ctx.dtype)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_head_dim, False, ctx.tp, ctx.dtype,
                                                  ctx.quant_method_for(f"{prefix}.q_b_proj"))
-        self.kv_a_proj_with_mqa = ColumnParallelLinear(
-            hidden, self.kv_lora_rank + self.rope_dim, bias, params_dtype=ctx.dtype,
-            quant_method=ctx.quant_method_for(f"{prefix}.kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, ctx.dtype)
         if ctx.quant_method_for(f"{prefix}.kv_b_proj") is not None:
             # Absorption multiplies by kv_b_proj's weight matrix itself, so it must be a plain one.
@@ -127,24 +154,42 @@ class MultiHeadLatentAttention(nn.Module):
             # The expanded heads, over keys and values derived from the cache (not cached themselves).
             self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [n, heads * (nope + rope)], ``kv_a_proj_with_mqa``'s output [n, rank + rope])."""
+        if self.merged_input:
+            query, latent = self.fused_qkv_a_proj(x).split(self.fused_qkv_a_proj.output_sizes, dim=-1)
+        else:
+            query = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+            latent = self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            query = self.q_b_proj(self.q_a_layernorm(query))
+        return query, latent
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         n = x.shape[0]
-        q_nope, q_pe = self._queries(x).view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernel reads rows by stride
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.reshape(n, 1, self.rope_dim))
+        query, latent = self._projections(x)
+        q_nope, q_pe = query.view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        # What the pool keeps, [normed latent, rotated k_pe], written over the projection's output
+        # (views at its row stride): the norm writes in place, the rotary turns k_pe in place on CUDA.
+        cached = latent
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        self.kv_a_layernorm(latent, out=latent)
+        k_pe = k_pe.view(n, 1, self.rope_dim)
         if self.caches_per_head:
+            q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
             keys, values = self._expand(latent, k_pe.reshape(n, self.rope_dim))
             query = torch.cat([q_nope, q_pe], dim=-1).reshape(n, -1)
             return self.o_proj(self.attn(query, keys.reshape(n, -1), values.reshape(n, -1), batch))
-        cached = torch.cat([latent, k_pe.reshape(n, self.rope_dim)], dim=-1)  # what the pool keeps
-        attend = self._expanded if self._expands(batch) else self._absorbed
-        return self.o_proj(attend(q_nope, q_pe, cached, batch).reshape(n, -1))
+        expands = self._expands(batch)
+        # Absorbed, the attention query [W_UK^T q_nope, rotated q_pe] is assembled in place: the
+        # rotary writes the last rope_dim values of each head, the bmm in _absorbed the others.
+        query = None if expands else q_nope.new_empty(n, self.num_heads, self.kv_lora_rank + self.rope_dim)
+        q_pe, k_rotated = self.rotary(positions, q_pe, k_pe, None if expands else query[..., self.kv_lora_rank:])
+        if k_rotated is not k_pe:  # rotated out of place (off CUDA): the cached row takes it
+            k_pe.copy_(k_rotated)
+        if expands:
+            return self.o_proj(self._expanded(q_nope, q_pe, cached, batch).reshape(n, -1))
+        return self.o_proj(self._absorbed(q_nope, query, cached, batch).reshape(n, -1))
 
     def _expand(self, latents: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys ``[W_UK c, k_pe]`` [S, heads, nope + rope] and values ``W_UV c`` [S, heads, v]
@@ -164,15 +209,15 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attn.attends_given_kv and expanding_is_cheaper(
             batch.prefix_lens_cpu, batch.extend_lens_cpu, self.kv_lora_rank, self.nope_dim, self.v_head_dim)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+    def _absorbed(self, q_nope: torch.Tensor, query: torch.Tensor, cached: torch.Tensor,
                   batch: ForwardBatch) -> torch.Tensor:
-        """Queries into latent space, attention over the pool's latents, values out: [n, heads, v]."""
+        """Queries into latent space (``query`` [n, heads, rank + rope] holds their rotated part,
+        the rest is written here), attention over the pool's latents, values out: [n, heads, v]."""
         n, heads, rank = q_nope.shape[0], self.num_heads, self.kv_lora_rank
         # kv_b_proj's rows, per head: nope_dim rows of W_UK, then v_head_dim rows of W_UV.
         w_uk, w_uv = self.kv_b_proj.weight.view(heads, -1, rank).split([self.nope_dim, self.v_head_dim], dim=1)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, heads, rank]
-        query = torch.cat([q_latent, q_pe], dim=-1).reshape(n, -1)
-        out_latent = self.attn(query, cached, None, batch).view(n, heads, rank)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=query[..., :rank].transpose(0, 1))
+        out_latent = self.attn(query.view(n, -1), cached, None, batch).view(n, heads, rank)
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,

@@ -96,6 +96,22 @@ KERNELS: dict[str, Kernel] = {
         # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
         + [dict(HAS_RESIDUAL=r, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
                 Weight="*fp32", Out="*fp32") for r in (False, True)]),
+    # The FP8 one-row GEMV: per-channel e4m3 weights, inputs rounded to e4m3 (dynamic or static) in
+    # every program or once before (X_ROUNDED: float32 rows from fp8_round_row), or weight-only.
+    "fp8_gemv": Kernel(
+        "sglang_plugins.quant.fp8.gemv:_fp8_gemv_kernel",
+        {"X": "*bf16", "W": "*i32", "WScale": "*fp32", "XScale": "*fp32", "Bias": "*bf16", "Y": "*bf16"},
+        grid(ACTIVATIONS=["dynamic", "static", "none"], X_ROUNDED=[False], CONVERT=[True], HAS_BIAS=[False, True],
+             BLOCK_N=[16], BLOCK_K=[512], **PDL)
+        + grid(ACTIVATIONS=["dynamic", "static"], X_ROUNDED=[True], CONVERT=[True], HAS_BIAS=[False], BLOCK_N=[16],
+               BLOCK_K=[512], X=["*fp32"], **PDL),
+        {"num_warps": 4, "num_stages": 1}),
+    # Its one-program rounding of the row (QUANTIZE_ONCE): hidden 4096 and 14336 (tiles up to 16384).
+    "fp8_round_row": Kernel(
+        "sglang_plugins.quant.fp8.gemv:_round_row_kernel",
+        {"X": "*bf16", "XRounded": "*fp32", "XScale": "*fp32"},
+        [dict(DYNAMIC=d, CONVERT=True, BLOCK_K=b, num_warps=w, **{k: v[0] for k, v in PDL.items()})
+         for d in (True, False) for b, w in ((4096, 4), (16384, 16))]),
     # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV, any group size incl. -1.
     "int_gemv_awq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel",

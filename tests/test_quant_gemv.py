@@ -46,10 +46,14 @@ def random_fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return codes, torch.rand(n, generator=gen) * 0.02 + 1e-3
 
 
-@pytest.mark.parametrize("activations,dtype,with_bias", [
-    ("dynamic", torch.float32, True), ("dynamic", torch.bfloat16, False), ("static", torch.float32, True),
-    ("none", torch.bfloat16, True)])
-def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None:
+@pytest.mark.parametrize("activations,dtype,with_bias,quantize_once", [
+    ("dynamic", torch.float32, True, False), ("dynamic", torch.bfloat16, False, False),
+    ("static", torch.float32, True, False), ("none", torch.bfloat16, True, False),
+    ("dynamic", torch.float32, False, True), ("static", torch.bfloat16, True, True)])
+def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool, quantize_once: bool, monkeypatch) -> None:
+    """Every program rounding the row itself, or (``quantize_once``) the one-program kernel before
+    the GEMV rounding it in tiles of 128 (K spans three, the last ragged)."""
+    monkeypatch.setattr(fp8_gemv_module, "ROW_TILE", 128)
     n, k = 37, 300  # neither a multiple of the 8 x 64 tile
     codes, scale = random_fp8_weight(n, k, seed=n + k)
     torch.manual_seed(0)
@@ -61,7 +65,7 @@ def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None
     assert fp8_gemv_module.fits(x, codes)
     got = fp8_gemv_module.fp8_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), activations,
                                    torch.tensor(static_scale, device=DEVICE), None if bias is None else bias.to(DEVICE),
-                                   config=FP8_TILES)
+                                   config=dict(FP8_TILES, QUANTIZE_ONCE=quantize_once))
     assert got.dtype == dtype and got.shape == (1, n)
     # float32: the order of float32 sums; bfloat16: one rounding of the result.
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
@@ -81,12 +85,23 @@ def test_fp8_gemv_default_tiles_and_zero_row() -> None:
     assert torch.equal(zeros.cpu(), torch.zeros(1, 1, 50, dtype=torch.bfloat16))
 
 
+def test_fp8_gemv_launch_settings_by_shape(monkeypatch) -> None:
+    """A shape listed in ``LAUNCH_TABLE`` takes its settings (missing fields from ``LAUNCH``), others
+    ``LAUNCH``; a field the kernel does not know is refused by name."""
+    monkeypatch.setattr(fp8_gemv_module, "LAUNCH_TABLE", {(50, 96): dict(BLOCK_N=2, QUANTIZE_ONCE=True)})
+    assert fp8_gemv_module.launch_settings(50, 96) == dict(fp8_gemv_module.LAUNCH, BLOCK_N=2, QUANTIZE_ONCE=True)
+    assert fp8_gemv_module.launch_settings(50, 128) == fp8_gemv_module.LAUNCH
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        fp8_gemv_module.launch_settings(50, 96, dict(SPLIT_K=2))
+
+
 def test_fp8_gemv_declines_what_it_does_not_serve() -> None:
     codes, _ = random_fp8_weight(16, 32, seed=2)
     assert not fp8_gemv_module.fits(torch.randn(2, 32), codes)
     assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.float())
     assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.T.contiguous().T)
     assert not fp8_gemv_module.fits(torch.randn(1, 16), codes)
+    assert not fp8_gemv_module.fits(torch.randn(1, 30), codes[:, :30])  # not whole int32 words
     with pytest.raises(ValueError, match="activations"):
         fp8_gemv_module.fp8_gemv(torch.randn(1, 32), codes, torch.ones(16), "token")
 

@@ -136,7 +136,7 @@ INT_TILES = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
 # the formats' unpacking rules there); outputs not a multiple of 16, inputs of 32 only where a group
 # needs it. GPTQ's zero points are stored minus one (v1) or as they are (v2).
 INT_CASES = [
-    ("gptq-4bit-asym-g16", gptq(4, 16, sym=False, desc_act=False), 96, 40, 2),  # two groups a K step
+    ("gptq-4bit-asym-g16", gptq(4, 16, sym=False, desc_act=False), 96, 40, 2),  # the K step shrunk to a group
     ("gptq-4bit-sym-g64", gptq(4, 64, sym=True, desc_act=False), 128, 24, 3),  # two K steps a group
     ("gptq-8bit-asym-v2-channel", gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"), 72, 40, 1),
     ("awq-g32", awq(32), 96, 40, 2),
@@ -163,11 +163,17 @@ def test_int_gemv_matches_float64_product(name, fmt, inputs, outputs, split):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_int_gemv_16bit_default_launch():
-    """bfloat16, the default launch (its tile wider than this layer) and the split it chooses."""
+@pytest.mark.parametrize("table", [False, True], ids=["default", "table"])
+def test_int_gemv_16bit_default_launch(table, monkeypatch):
+    """bfloat16, the default launch (its tile wider than this layer) or the table's entry for the
+    layout and shape, and the split it chooses."""
     layer, weight = random_layer(awq(32), 64, 40, seed=3)
+    packed = layer.quant_method.int_weight(layer)
+    if table:
+        monkeypatch.setattr(int_gemv, "LAUNCH_TABLE", {(1, 40, 64): dict(BLOCK_N=16, BLOCK_K=16)})
+        assert int_gemv.launch_settings(packed) == dict(int_gemv.LAUNCH[1], BLOCK_N=16, BLOCK_K=16)
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
-    got = int_gemv.int_gemv(x, layer.quant_method.int_weight(layer))
+    got = int_gemv.int_gemv(x, packed)
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 40)
     torch.testing.assert_close(got.double(), x.double() @ weight.to(DEVICE), rtol=1e-2, atol=1e-2)
 
@@ -199,9 +205,9 @@ def test_int_gemv_declines_what_it_does_not_serve():
     packed = layer.quant_method.int_weight(layer)
     assert not int_gemv.fits(torch.randn(2, 96), packed)
     assert not int_gemv.fits(torch.randn(1, 64), packed)
-    assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=48))  # 48 and 32 do not nest
-    with pytest.raises(ValueError, match="BLOCK_K 48"):
-        int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=48))
+    assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=24))  # 24 and 32 do not nest
+    with pytest.raises(ValueError, match="BLOCK_K 24"):
+        int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=24))
 
 
 def test_awq_model_decodes_through_int_gemv(tmp_path, monkeypatch):

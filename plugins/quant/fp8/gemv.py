@@ -37,6 +37,7 @@ import triton.language as tl
 
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter, pdl_launch_next, pdl_wait
+from sglang_plugins.quant import launch_table
 from sglang_plugins.quant.fp8.block_gemm import round_to_e4m3
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, MIN_SCALE
 
@@ -182,12 +183,8 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def launch_settings(n: int, k: int, config: dict | None = None) -> dict:
     """The launch settings for an ``[n, k]`` weight: ``config``, else ``LAUNCH_TABLE``'s entry for
-    the shape, else ``LAUNCH``; fields ``LAUNCH_FIELDS`` (a missing one taken from ``LAUNCH``)."""
-    chosen = config or LAUNCH_TABLE.get((n, k), LAUNCH)
-    unknown = set(chosen) - set(LAUNCH_FIELDS)
-    if unknown:
-        raise ValueError(f"fp8_gemv launch settings {sorted(unknown)}: expected fields of {LAUNCH_FIELDS}")
-    return {**LAUNCH, **chosen}
+    the shape, else ``LAUNCH`` (fields ``LAUNCH_FIELDS``)."""
+    return launch_table.launch_settings("fp8_gemv", LAUNCH, LAUNCH_TABLE, LAUNCH_FIELDS, (n, k), config)
 
 
 def _rounded_row(x1: torch.Tensor, activations: str, input_scale: torch.Tensor | None,

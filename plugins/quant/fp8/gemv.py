@@ -159,8 +159,8 @@ def _fp8_gemv_kernel(X, W, WScale, XScale, Bias, Y, N, K, stride_wn,
         x_even, x_odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))
         x0, x2 = tl.split(x_even)
         x1, x3 = tl.split(x_odd)
-        w_next = tl.load(w_ptrs + (k0 + BLOCK_K) // 4, mask=n_ok[:, None] & (((k0 + BLOCK_K) // 4 + ww) < K // 4)[None, :],
-                         other=0)
+        next_words = (k0 + BLOCK_K) // 4
+        w_next = tl.load(w_ptrs + next_words, mask=n_ok[:, None] & ((next_words + ww) < K // 4)[None, :], other=0)
         v0, v1, v2, v3 = _word_values(w, CONVERT)
         acc0 += v0 * x0[None, :]
         acc1 += v1 * x1[None, :]

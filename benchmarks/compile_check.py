@@ -119,14 +119,14 @@ KERNELS: dict[str, Kernel] = {
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel",
         INT_GEMV_TYPES,
         grid(BITS=[4], PACKED_K=[False], INTERLEAVED=[True], HAS_ZEROS=[True], HAS_BIAS=[False, True],
-             BLOCK_N=[4096, 1024], BLOCK_K=[4], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
+             EVEN_K=[True, False], BLOCK_N=[1024], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
         {"num_warps": 4, "num_stages": 1}),
     # GPTQ / compressed-tensors (packed along K, 4 or 8 bits; zero points or symmetric) one-row GEMV:
     # the layout whose early return 3.6 refused (docs/gpu.md).
     "int_gemv_gptq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel", INT_GEMV_TYPES,
         grid(BITS=[4, 8], PACKED_K=[True], INTERLEAVED=[False], HAS_ZEROS=[True, False], HAS_BIAS=[False],
-             BLOCK_N=[512], BLOCK_K=[16, 32], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
+             EVEN_K=[True, False], BLOCK_N=[512], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
         {"num_warps": 4, "num_stages": 1}),
     # AWQ matmul: GEMV_LAUNCH and GEMM_LAUNCH tiles, groups a K tile holds (g32) or spanning tiles (-1, g128).
     "int_matmul_awq": Kernel(

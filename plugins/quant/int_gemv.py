@@ -90,24 +90,17 @@ def _based_halves(words):
 
 @triton.jit
 def _slot_values(words, BITS: tl.constexpr):
-    """``[R, C]`` words -> ``[R, C, PACK]`` float32 values, each register holding one word's: entry
-    ``m`` is slot ``_slot_of(m)`` (the order ``tl.join`` nests them in), times ``_slot_factor``'s inverse."""
+    """``[R, C]`` words -> ``[R, C, PACK]`` float32 values in slot order, each register holding one
+    word's (joined in registers, not spread over threads), slot ``s`` times ``2^(BITS * (s % HALF))``.
+    A join appends an axis of two, so joining the slots ``s`` and ``s + PACK / 2`` first, then those
+    pairs, lays the slots out in order."""
     lo, hi = _based_halves(words)
     if BITS == 4:
-        values = tl.join(tl.join(tl.join(_slot(lo, 0, 4), _slot(lo, 1, 4)), tl.join(_slot(lo, 2, 4), _slot(lo, 3, 4))),
-                         tl.join(tl.join(_slot(hi, 4, 4), _slot(hi, 5, 4)), tl.join(_slot(hi, 6, 4), _slot(hi, 7, 4))))
+        values = tl.join(tl.join(tl.join(_slot(lo, 0, 4), _slot(hi, 4, 4)), tl.join(_slot(lo, 2, 4), _slot(hi, 6, 4))),
+                         tl.join(tl.join(_slot(lo, 1, 4), _slot(hi, 5, 4)), tl.join(_slot(lo, 3, 4), _slot(hi, 7, 4))))
     else:
-        values = tl.join(tl.join(_slot(lo, 0, 8), _slot(lo, 1, 8)), tl.join(_slot(hi, 2, 8), _slot(hi, 3, 8)))
+        values = tl.join(tl.join(_slot(lo, 0, 8), _slot(hi, 2, 8)), tl.join(_slot(lo, 1, 8), _slot(hi, 3, 8)))
     return tl.reshape(values, (words.shape[0], words.shape[1], 32 // BITS))
-
-
-@triton.jit
-def _slot_of(m, BITS: tl.constexpr):
-    """The slot at entry ``m`` of ``_slot_values``' last axis: the bits of ``m`` reversed."""
-    if BITS == 4:
-        return ((m & 1) << 2) | (m & 2) | (m >> 2)
-    else:
-        return ((m & 1) << 1) | (m >> 1)
 
 
 @triton.jit
@@ -121,20 +114,20 @@ def _slot_factor(slot, BITS: tl.constexpr):
 def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, zero_offset,
                      stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
                      BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Output features of column tile ``program_id(0)`` over K share ``program_id(1)``; a step
     (``BLOCK_K`` input features) lies within one group.
 
-    Entry ``t`` of the tile is word ``t / PACK`` of the tile's words and its slot ``t % PACK``
-    (words packing N: ``_slot_of(t % PACK)``); the slot's output feature within the word is the
-    slot, or with AWQ's interleave, features 0, 2, 4, 6, 1, 3, 5, 7 in slot order."""
+    Entry ``t`` of the tile is word ``t / PACK`` of the tile's words and its slot ``t % PACK``; the
+    slot's output feature within the word is the slot, or with AWQ's interleave, features 0, 2, 4,
+    6, 1, 3, 5, 7 in slot order. ``EVEN_K``: K is whole steps (inputs read unmasked)."""
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2
     WORDS_N: tl.constexpr = BLOCK_N // PACK
     tile = tl.program_id(0)
     t = tl.arange(0, BLOCK_N)
-    slot = t % PACK if PACKED_K else _slot_of(t % PACK, BITS)
+    slot = t % PACK
     feature = 2 * (slot % HALF) + slot // HALF if INTERLEAVED else slot
     word_of_t = tile * WORDS_N + t // PACK
     cols = tile * BLOCK_N + (t // PACK) * PACK + feature
@@ -149,11 +142,9 @@ def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, 
                         PACKED_K, BLOCK_K)
     pdl_wait(USE_PDL)
     # acc: word rows x word columns x slots (in _slot_values' order), multiply-added elementwise.
-    if PACKED_K:  # a word's slots are PACK consecutive inputs of its row: the input of entry m is
-        # row * PACK + _slot_of(m), times the inverse of that slot's placement
-        entry_slot = _slot_of(tl.arange(0, PACK), BITS)
-        x_index = tl.arange(0, BLOCK_K // PACK)[:, None] * PACK + entry_slot[None, :]
-        x_factor = _slot_factor(entry_slot, BITS)[None, :]
+    if PACKED_K:  # a word's slots are PACK consecutive inputs of its row, each times the inverse of its placement
+        x_index = tl.arange(0, BLOCK_K // PACK)[:, None] * PACK + tl.arange(0, PACK)[None, :]
+        x_factor = _slot_factor(tl.arange(0, PACK), BITS)[None, :]
         acc = tl.zeros([BLOCK_K // PACK, BLOCK_N, PACK], dtype=tl.float32)
     else:  # a word row is one input; its slots are output features, placement undone on the sums
         x_index = tl.arange(0, BLOCK_K)
@@ -167,7 +158,10 @@ def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, 
         for k0 in range(tl.maximum(group_start, k_begin), tl.minimum(group_start + group_size, k_end), BLOCK_K):
             next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk,
                                      stride_qn, BITS, PACKED_K, BLOCK_K)
-            x = tl.load(X + k0 + x_index, mask=(k0 + x_index) < k_end, other=0.0).to(tl.float32)
+            if EVEN_K:
+                x = tl.load(X + k0 + x_index).to(tl.float32)
+            else:
+                x = tl.load(X + k0 + x_index, mask=(k0 + x_index) < k_end, other=0.0).to(tl.float32)
             x_acc += x
             if PACKED_K:
                 acc += _slot_values(words, BITS) * (x * x_factor)[:, None, :]
@@ -274,6 +268,6 @@ def int_gemv(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = Non
         _arrival_counters(x.device), n, k, weight.group_size or k, weight.zero_offset,
         *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(),
         BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
-        HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
         BLOCK_N=block_n, BLOCK_K=step, SPLIT_K=split, **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

@@ -104,9 +104,9 @@ KERNELS: dict[str, Kernel] = {
         "sglang_plugins.quant.fp8.gemv:_fp8_gemv_kernel",
         {"X": "*bf16", "W": "*i32", "WScale": "*fp32", "XScale": "*fp32", "Bias": "*bf16", "Y": "*bf16"},
         grid(ACTIVATIONS=["dynamic", "static", "none"], X_ROUNDED=[False], CONVERT=[True], HAS_BIAS=[False, True],
-             BLOCK_N=[16], BLOCK_K=[512], **PDL)
+             BLOCK_N=[16], BLOCK_K=[512], SCALE_BLOCK=[4096], **PDL)
         + grid(ACTIVATIONS=["dynamic", "static"], X_ROUNDED=[True], CONVERT=[True], HAS_BIAS=[False], BLOCK_N=[16],
-               BLOCK_K=[512], X=["*fp32"], **PDL),
+               BLOCK_K=[512], SCALE_BLOCK=[4096], X=["*fp32"], **PDL),
         {"num_warps": 4, "num_stages": 1}),
     # Its one-program rounding of the row (QUANTIZE_ONCE): hidden 4096 and 14336 (tiles up to 16384).
     "fp8_round_row": Kernel(

@@ -55,6 +55,7 @@ LAUNCH = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1, QUANTIZE_ONCE=
 LAUNCH_TABLE: dict[tuple[int, int], dict] = {}
 ACTIVATIONS = ("none", "static", "dynamic")
 ROW_TILE = 16384  # the one-program rounding kernel holds this much of the row at once
+SCALE_TILE = 4096  # the GEMV's own pass for the dynamic scale reads the row in tiles of this much
 
 
 @triton.jit
@@ -130,8 +131,11 @@ def _round_row_kernel(X, XRounded, XScale, K, DYNAMIC: tl.constexpr, CONVERT: tl
 @triton.jit
 def _fp8_gemv_kernel(X, W, WScale, XScale, Bias, Y, N, K, stride_wn,
                      ACTIVATIONS: tl.constexpr, X_ROUNDED: tl.constexpr, CONVERT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """``X_ROUNDED``: ``X`` is already ``e4m3(x / scale)`` (``_round_row_kernel``) and ``XScale`` its scale."""
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """``X_ROUNDED``: ``X`` is already ``e4m3(x / scale)`` (``_round_row_kernel``) and ``XScale`` its
+    scale. ``SCALE_BLOCK``: the tile of the dynamic scale's pass over the row (a few tiles at most:
+    each is a round trip every program waits for before its first product)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
@@ -144,7 +148,7 @@ def _fp8_gemv_kernel(X, W, WScale, XScale, Bias, Y, N, K, stride_wn,
     if X_ROUNDED or ACTIVATIONS == "static":
         x_scale = tl.load(XScale).to(tl.float32)
     elif ACTIVATIONS == "dynamic":
-        x_scale = _row_scale(X, K, BLOCK_K)
+        x_scale = _row_scale(X, K, SCALE_BLOCK)
     else:
         x_scale = 1.0
     acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
@@ -224,5 +228,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
         x1, weight.view(torch.int32), weight_scale, x_scale, bias if bias is not None else weight_scale, y, n, k,
         weight.stride(0) // 4,
         ACTIVATIONS=activations, X_ROUNDED=x_rounded, CONVERT=not _INTERPRETED, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), **launch, **launch_options(x))
+        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+        SCALE_BLOCK=min(SCALE_TILE, triton.next_power_of_2(k)), **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

@@ -12,7 +12,7 @@ checked first against the float product of the format's dequantized weight (FP8:
 rounded to e4m3 as torch rounds it).
 
     python benchmarks/tune_quant_gemv.py                      # defaults only, every format
-    python benchmarks/tune_quant_gemv.py --sweep              # + each format's sweep (~4 min)
+    python benchmarks/tune_quant_gemv.py --sweep              # + each format's sweep (~3-4 min)
     python benchmarks/tune_quant_gemv.py --formats fp8 --sweep
 """
 
@@ -42,13 +42,16 @@ from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
 # FP8: rows a program, K tile, warps, and where the row is rounded to e4m3 (QUANTIZE_ONCE: one
 # kernel before the GEMV, one more launch; else in every program).
 FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, QUANTIZE_ONCE=once)
-             for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (False, True))]
+             for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512), (4, 8), (False, True))]
 # Packed integers, by the axis words pack (``IntWeight.packed_dim``): output features a tile (wide
-# along the contiguous axis), input features a step (at most the benchmark's 128-feature groups).
+# along the contiguous axis), input features a step (at most the benchmark's 128-feature groups),
+# warps; at most 128 accumulators a thread (more spill, compiled for sm_90).
 INT_SWEEPS = {1: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # AWQ
-                  for bn, bk, w in itertools.product((512, 1024, 2048), (8, 16, 32), (4, 8))],
+                  for bn, bk, w in ((512, 8, 4), (512, 16, 4), (512, 32, 4), (1024, 8, 4), (1024, 16, 4),
+                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))],
               0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # GPTQ
-                  for bn, bk, w in itertools.product((256, 512, 1024), (16, 32), (4, 8))]}
+                  for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
+                                    (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]}
 FORMATS = ("fp8", "awq", "gptq-4bit")
 # A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
 SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)

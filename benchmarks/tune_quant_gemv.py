@@ -45,13 +45,16 @@ FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, QUANTIZE_ON
              for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512), (4, 8), (False, True))]
 # Packed integers, by the axis words pack (``IntWeight.packed_dim``): output features a tile (wide
 # along the contiguous axis), input features a step (at most the benchmark's 128-feature groups),
-# warps; at most 128 accumulators a thread (more spill, compiled for sm_90).
+# warps; at most 128 accumulators a thread (more spill, compiled for sm_90). Two fixed K splits
+# besides the automatic one (shares enough to fill the device, whose last arrival sums them all).
 INT_SWEEPS = {1: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # AWQ
                   for bn, bk, w in ((512, 8, 4), (512, 16, 4), (512, 32, 4), (1024, 8, 4), (1024, 16, 4),
-                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))],
+                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))]
+                 + [dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)],
               0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # GPTQ
                   for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
-                                    (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]}
+                                    (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]
+                 + [dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)]}
 FORMATS = ("fp8", "awq", "gptq-4bit")
 # A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
 SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)

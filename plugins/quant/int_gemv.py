@@ -50,7 +50,7 @@ LAUNCH_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")  # 
 # (packed_dim, N, K) -> settings for that layout and shape, as the sweep prints them; others take ``LAUNCH``.
 LAUNCH_TABLE: dict[tuple[int, int, int], dict] = {}
 MAX_COLUMN_TILES = 1 << 14  # arrival counters a device holds; wider layers run without splitting K
-_TWO_23 = tl.constexpr(8388608.0)  # 2^23: a float32 whose mantissa's low 23 bits count ones
+_TWO_23 = tl.constexpr(8388608.0)  # 2^23: floats of its exponent step by 1, so the mantissa holds an integer
 
 _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 

@@ -108,6 +108,7 @@ def _word_values(words, CONVERT: tl.constexpr):
 
 @triton.jit
 def _byte_value(words, BYTE: tl.constexpr):
+    """Byte ``BYTE`` of each word read as e4m3, as float32 (Triton's conversion)."""
     return ((words >> (8 * BYTE)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 

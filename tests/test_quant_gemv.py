@@ -163,17 +163,25 @@ def test_int_gemv_matches_float64_product(name, fmt, inputs, outputs, split):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("table", [False, True], ids=["default", "table"])
-def test_int_gemv_16bit_default_launch(table, monkeypatch):
+@pytest.mark.parametrize("table,programs,grid", [(False, 1, (1, 1)), (True, 1, (3, 1)), (False, 8, (1, 2))],
+                         ids=["default", "table", "auto-split"])
+def test_int_gemv_16bit_default_launch(table, programs, grid, monkeypatch):
     """bfloat16, the default launch (its tile wider than this layer) or the table's entry for the
-    layout and shape, and the split it chooses."""
+    layout and shape, and the split it chooses: with a device that wants 8 programs, K is split in
+    its two whole groups (two shares, the second arriving one summing both)."""
     layer, weight = random_layer(awq(32), 64, 40, seed=3)
     packed = layer.quant_method.int_weight(layer)
+    monkeypatch.setattr(int_gemv, "programs_to_fill", lambda device: programs)
+    launches = []
+    kernel = int_gemv._int_gemv_kernel
+    monkeypatch.setattr(int_gemv, "_int_gemv_kernel", mock.MagicMock(
+        __getitem__=lambda self, grid: launches.append(grid) or kernel[grid]))
     if table:
         monkeypatch.setattr(int_gemv, "LAUNCH_TABLE", {(1, 40, 64): dict(BLOCK_N=16, BLOCK_K=16)})
         assert int_gemv.launch_settings(packed) == dict(int_gemv.LAUNCH[1], BLOCK_N=16, BLOCK_K=16)
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     got = int_gemv.int_gemv(x, packed)
+    assert launches == [grid]  # column tiles (40 outputs in tiles of 16 from the table), K shares
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 40)
     torch.testing.assert_close(got.double(), x.double() @ weight.to(DEVICE), rtol=1e-2, atol=1e-2)
 

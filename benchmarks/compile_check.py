@@ -53,6 +53,8 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")
 PDL = {"USE_PDL": [True]}  # launch_options on sm_90: programmatic dependent launch on
 BF16_NORM = {name: "*bf16" for name in ("X", "Residual", "PreWeight", "Weight", "Out")}
 INT_WEIGHTS = {"Q": "*i32", "S": "*bf16", "Z": "*i32"}
+# The JIT compiles a stride of 1 in as a constant: AWQ's and GPTQ's words, scales and zero points run along N.
+CONTIGUOUS_N = {"stride_qn": [1], "stride_sn": [1], "stride_zn": [1]}
 INT_GEMV_TYPES = {"X": "*bf16", **INT_WEIGHTS, "Bias": "*bf16", "Y": "*bf16", "Partials": "*fp32", "Counters": "*i32"}
 AWQ_EXPERT_STRIDES = {f"stride_{t}": ("i32", "i32", "i32") for t in "wsz"}  # [E, rows, cols] each
 AWQ_EXPERT_LAUNCHES = [
@@ -137,19 +139,35 @@ KERNELS: dict[str, Kernel] = {
         # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
         + [dict(HAS_RESIDUAL=r, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
                 Weight="*fp32", Out="*fp32") for r in (False, True)]),
-    # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV, any group size incl. -1.
+    # The FP8 one-row GEMV: per-channel e4m3 weights, inputs rounded to e4m3 (dynamic or static) in
+    # every program or once before (X_ROUNDED: float32 rows from fp8_round_row), or weight-only.
+    "fp8_gemv": Kernel(
+        "sglang_plugins.quant.fp8.gemv:_fp8_gemv_kernel",
+        {"X": "*bf16", "W": "*i32", "WScale": "*fp32", "XScale": "*fp32", "Bias": "*bf16", "Y": "*bf16"},
+        grid(ACTIVATIONS=["dynamic", "static", "none"], X_ROUNDED=[False], CONVERT=[True], HAS_BIAS=[False, True],
+             BLOCK_N=[16], BLOCK_K=[512], SCALE_BLOCK=[4096], **PDL)
+        + grid(ACTIVATIONS=["dynamic", "static"], X_ROUNDED=[True], CONVERT=[True], HAS_BIAS=[False], BLOCK_N=[16],
+               BLOCK_K=[512], SCALE_BLOCK=[4096], X=["*fp32"], **PDL),
+        {"num_warps": 4, "num_stages": 1}),
+    # Its one-program rounding of the row (QUANTIZE_ONCE): hidden 4096 and 14336 (tiles up to 16384).
+    "fp8_round_row": Kernel(
+        "sglang_plugins.quant.fp8.gemv:_round_row_kernel",
+        {"X": "*bf16", "XRounded": "*fp32", "XScale": "*fp32"},
+        [dict(DYNAMIC=d, CONVERT=True, BLOCK_K=b, num_warps=w, **{k: v[0] for k, v in PDL.items()})
+         for d in (True, False) for b, w in ((4096, 4), (16384, 16))]),
+    # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV (a group is whole K steps).
     "int_gemv_awq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel",
         INT_GEMV_TYPES,
         grid(BITS=[4], PACKED_K=[False], INTERLEAVED=[True], HAS_ZEROS=[True], HAS_BIAS=[False, True],
-             GROUP_K=[32, 64], BLOCK_N=[128], BLOCK_K=[64], SPLIT_K=[1, 4], **PDL),
+             EVEN_K=[True, False], BLOCK_N=[1024], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
         {"num_warps": 4, "num_stages": 1}),
     # GPTQ / compressed-tensors (packed along K, 4 or 8 bits; zero points or symmetric) one-row GEMV:
     # the layout whose early return 3.6 refused (docs/gpu.md).
     "int_gemv_gptq": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel", INT_GEMV_TYPES,
         grid(BITS=[4, 8], PACKED_K=[True], INTERLEAVED=[False], HAS_ZEROS=[True, False], HAS_BIAS=[False],
-             GROUP_K=[64], BLOCK_N=[128], BLOCK_K=[64], SPLIT_K=[1, 4], **PDL),
+             EVEN_K=[True, False], BLOCK_N=[512], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
         {"num_warps": 4, "num_stages": 1}),
     # AWQ matmul: GEMV_LAUNCH and GEMM_LAUNCH tiles, groups a K tile holds (g32) or spanning tiles (-1, g128).
     "int_matmul_awq": Kernel(

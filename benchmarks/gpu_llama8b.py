@@ -307,11 +307,8 @@ def weight_bytes(config) -> tuple[float, float]:
     return step_bytes, all_bytes
 
 
-def run_floor(backend: str) -> list[dict]:
-    """Weight bytes read per batch-1 decode step over the device copy bandwidth measured now."""
-    from transformers import AutoConfig
-
-    weight_bytes_read, all_bytes = weight_bytes(AutoConfig.from_pretrained(str(CONFIG)))
+def copy_bandwidth() -> float:
+    """The device's memory bandwidth as a 2 GiB copy measures it: bytes read + written per second."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -322,8 +319,15 @@ def run_floor(backend: str) -> list[dict]:
         dst.copy_(src)
     end.record()
     torch.cuda.synchronize()
-    bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
-    del src, dst
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)
+
+
+def run_floor(backend: str) -> list[dict]:
+    """Weight bytes read per batch-1 decode step over the device copy bandwidth measured now."""
+    from transformers import AutoConfig
+
+    weight_bytes_read, all_bytes = weight_bytes(AutoConfig.from_pretrained(str(CONFIG)))
+    bandwidth = copy_bandwidth()
     release()
     return [{"run": "floor", "weight_bytes": weight_bytes_read, "all_weight_bytes": all_bytes,
              "copy_bytes_per_s": bandwidth, "decode_ms_per_step": weight_bytes_read / bandwidth * 1000,

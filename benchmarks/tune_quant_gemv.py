@@ -2,7 +2,9 @@
 ``plugins/quant/int_gemv.py``) against the paths they replace at batch 1 (FP8: the per-token
 scale, quantize and ``torch._scaled_mm`` kernels; packed integers: ``int_matmul``) and against the
 bf16 GEMV, at Llama-3.1-8B's linear shapes (unless ``--config``), over a sweep of their launch
-settings; print each product's weight-read rate and the decode step's linear-layer total.
+settings; print each product's weight-read rate beside the copy bandwidth measured in the same run,
+the decode step's linear-layer total, and the ``LAUNCH_TABLE`` entries (each shape's best setting)
+to paste into the kernel's module.
 
 Timing as in tune_gemv.py: several copies of each weight (more bytes than the L2 holds) are
 multiplied in turn inside one CUDA graph, programmatic dependent launch off. Every setting is
@@ -10,7 +12,7 @@ checked first against the float product of the format's dequantized weight (FP8:
 rounded to e4m3 as torch rounds it).
 
     python benchmarks/tune_quant_gemv.py                      # defaults only, every format
-    python benchmarks/tune_quant_gemv.py --sweep              # + the best of each format's sweep (~3 min)
+    python benchmarks/tune_quant_gemv.py --sweep              # + each format's sweep (~3-4 min)
     python benchmarks/tune_quant_gemv.py --formats fp8 --sweep
 """
 
@@ -34,13 +36,25 @@ from sglang_plugins.quant import int_gemv, int_matmul
 from sglang_plugins.quant.fp8 import gemv as fp8_gemv
 from sglang_plugins.quant.fp8.e4m3 import FP8, FP8_MAX, quantize, token_scale
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
+from gpu_llama8b import copy_bandwidth
 from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
 
-FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-             for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
-# BLOCK_K up to the 128-feature groups the benchmark's formats have (int_gemv needs them to nest).
-INT_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
-             for bn, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8))]
+# FP8: rows a program, K tile, warps, and where the row is rounded to e4m3 (QUANTIZE_ONCE: one
+# kernel before the GEMV, one more launch; else in every program).
+FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, QUANTIZE_ONCE=once)
+             for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512), (4, 8), (False, True))]
+# Packed integers, by the axis words pack (``IntWeight.packed_dim``): output features a tile (wide
+# along the contiguous axis), input features a step (at most the benchmark's 128-feature groups),
+# warps; at most 128 accumulators a thread (more spill, compiled for sm_90). Two fixed K splits
+# besides the automatic one (shares enough to fill the device, whose last arrival sums them all).
+INT_SWEEPS = {1: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # AWQ
+                  for bn, bk, w in ((512, 8, 4), (512, 16, 4), (512, 32, 4), (1024, 8, 4), (1024, 16, 4),
+                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))]
+                 + [dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)],
+              0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # GPTQ
+                  for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
+                                    (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]
+                 + [dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)]}
 FORMATS = ("fp8", "awq", "gptq-4bit")
 # A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
 SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)
@@ -87,6 +101,12 @@ def int_check(fmt: str):
     return check
 
 
+def rate(nbytes: int, microseconds: float, bandwidth: float) -> str:
+    """The weight-read rate of a product and its share of the copy bandwidth."""
+    achieved = nbytes / microseconds * 1e6
+    return f"{achieved / 1e9:5.0f} GB/s ({achieved / bandwidth:4.0%})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -107,11 +127,15 @@ def main() -> int:
         bf16[name] = time_per_product(bf16_gemv.gemv, stack, xs[name])
         del stack
     print(f"bf16 GEMV: linear layers {step_ms(bf16):.3f} ms a step")
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (bytes read + written a second)")
     for fmt in args.formats:
         make, check = ((fp8_layers, fp8_check) if fmt == "fp8"
                        else (lambda n, k, fmt=fmt: [random_int_layer(INT_FORMATS[fmt](), n, k)], int_check(fmt)))
-        grid = [None] + ((FP8_SWEEP if fmt == "fp8" else INT_SWEEP) if args.sweep else [])  # None: the module's
-        old, new, nbytes = {}, {}, {}
+        layout = None if fmt == "fp8" else INT_FORMATS[fmt]().int_weight(make(64, 256)[0]).packed_dim
+        sweep = FP8_SWEEP if fmt == "fp8" else INT_SWEEPS[layout]
+        grid = [None] + (sweep if args.sweep else [])  # None: the module's settings for the shape
+        old, new, nbytes, table = {}, {}, {}, {}
         for name, n, k, _ in products:
             layers = make(n, k)
             nbytes[name] = read_bytes(layers[0])
@@ -129,21 +153,27 @@ def main() -> int:
             check(old_path, layers[0], x)
             old[name] = time_per_product(old_path, layers, x)
             default, best = new[name][0], min(new[name], key=lambda pair: pair[0])
-            gb = nbytes[name] / 1e9
-            print(f"{fmt:9s} {name:8s} {n:6d}x{k:5d} ({gb * 1e3:6.1f} MB): bf16 GEMV {bf16[name]:6.1f} us | "
-                  f"old path {old[name]:6.1f} us {gb / old[name] * 1e3:4.2f} TB/s | GEMV {default[0]:6.1f} us "
-                  f"{gb / default[0] * 1e3:4.2f} TB/s | best {best[0]:6.1f} us {gb / best[0] * 1e3:4.2f} TB/s "
-                  f"{best[1] or 'default'}",
+            table[(n, k) if fmt == "fp8" else (layout, n, k)] = best[1]
+            print(f"{fmt:9s} {name:8s} {n:6d}x{k:5d} ({nbytes[name] / 1e6:6.1f} MB): bf16 GEMV {bf16[name]:6.1f} us | "
+                  f"old path {old[name]:6.1f} us {rate(nbytes[name], old[name], bandwidth)} | "
+                  f"GEMV {default[0]:6.1f} us {rate(nbytes[name], default[0], bandwidth)} | "
+                  f"best {best[0]:6.1f} us {rate(nbytes[name], best[0], bandwidth)} {best[1] or 'default'}",
                   flush=True)
             del layers
         print(f"{fmt}: linear layers a step: old path {step_ms(old):.3f} ms, GEMV default "
-              f"{step_ms({name: runs[0][0] for name, runs in new.items()}):.3f} ms, bf16 GEMV {step_ms(bf16):.3f} ms")
-        if args.sweep:  # one setting for every shape: the one with the smallest step total
+              f"{step_ms({name: runs[0][0] for name, runs in new.items()}):.3f} ms, best per shape "
+              f"{step_ms({name: min(runs, key=lambda r: r[0])[0] for name, runs in new.items()}):.3f} ms, "
+              f"floor {sum(nbytes[name] * uses for name, _, _, uses in products) / bandwidth * 1e3:.3f} ms, "
+              f"bf16 GEMV {step_ms(bf16):.3f} ms")
+        if args.sweep:
             common = [launch for launch in grid[1:] if all(any(l == launch for _, l in new[name]) for name in new)]
             totals = [(step_ms({name: next(t for t, l in new[name] if l == launch) for name in new}), launch)
                       for launch in common]
             for total, launch in sorted(totals, key=lambda pair: pair[0])[:5]:
-                print(f"    step total {total:.3f} ms with {launch}")
+                print(f"    one setting for every shape: step total {total:.3f} ms with {launch}")
+            module = "plugins/quant/fp8/gemv.py" if fmt == "fp8" else "plugins/quant/int_gemv.py"
+            entries = {key: launch for key, launch in table.items() if launch is not None}
+            print(f"    {fmt}: LAUNCH_TABLE entries for {module} (None: the module's settings were best): {entries}")
     return 0
 
 

@@ -46,10 +46,14 @@ def random_fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return codes, torch.rand(n, generator=gen) * 0.02 + 1e-3
 
 
-@pytest.mark.parametrize("activations,dtype,with_bias", [
-    ("dynamic", torch.float32, True), ("dynamic", torch.bfloat16, False), ("static", torch.float32, True),
-    ("none", torch.bfloat16, True)])
-def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None:
+@pytest.mark.parametrize("activations,dtype,with_bias,quantize_once", [
+    ("dynamic", torch.float32, True, False), ("dynamic", torch.bfloat16, False, False),
+    ("static", torch.float32, True, False), ("none", torch.bfloat16, True, False),
+    ("dynamic", torch.float32, False, True), ("static", torch.bfloat16, True, True)])
+def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool, quantize_once: bool, monkeypatch) -> None:
+    """Every program rounding the row itself, or (``quantize_once``) the one-program kernel before
+    the GEMV rounding it in tiles of 128 (K spans three, the last ragged)."""
+    monkeypatch.setattr(fp8_gemv_module, "ROW_TILE", 128)
     n, k = 37, 300  # neither a multiple of the 8 x 64 tile
     codes, scale = random_fp8_weight(n, k, seed=n + k)
     torch.manual_seed(0)
@@ -61,7 +65,7 @@ def test_fp8_gemv(activations: str, dtype: torch.dtype, with_bias: bool) -> None
     assert fp8_gemv_module.fits(x, codes)
     got = fp8_gemv_module.fp8_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), activations,
                                    torch.tensor(static_scale, device=DEVICE), None if bias is None else bias.to(DEVICE),
-                                   config=FP8_TILES)
+                                   config=dict(FP8_TILES, QUANTIZE_ONCE=quantize_once))
     assert got.dtype == dtype and got.shape == (1, n)
     # float32: the order of float32 sums; bfloat16: one rounding of the result.
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
@@ -81,12 +85,23 @@ def test_fp8_gemv_default_tiles_and_zero_row() -> None:
     assert torch.equal(zeros.cpu(), torch.zeros(1, 1, 50, dtype=torch.bfloat16))
 
 
+def test_fp8_gemv_launch_settings_by_shape(monkeypatch) -> None:
+    """A shape listed in ``LAUNCH_TABLE`` takes its settings (missing fields from ``LAUNCH``), others
+    ``LAUNCH``; a field the kernel does not know is refused by name."""
+    monkeypatch.setattr(fp8_gemv_module, "LAUNCH_TABLE", {(50, 96): dict(BLOCK_N=2, QUANTIZE_ONCE=True)})
+    assert fp8_gemv_module.launch_settings(50, 96) == dict(fp8_gemv_module.LAUNCH, BLOCK_N=2, QUANTIZE_ONCE=True)
+    assert fp8_gemv_module.launch_settings(50, 128) == fp8_gemv_module.LAUNCH
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        fp8_gemv_module.launch_settings(50, 96, dict(SPLIT_K=2))
+
+
 def test_fp8_gemv_declines_what_it_does_not_serve() -> None:
     codes, _ = random_fp8_weight(16, 32, seed=2)
     assert not fp8_gemv_module.fits(torch.randn(2, 32), codes)
     assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.float())
     assert not fp8_gemv_module.fits(torch.randn(1, 32), codes.T.contiguous().T)
     assert not fp8_gemv_module.fits(torch.randn(1, 16), codes)
+    assert not fp8_gemv_module.fits(torch.randn(1, 30), codes[:, :30])  # not whole int32 words
     with pytest.raises(ValueError, match="activations"):
         fp8_gemv_module.fp8_gemv(torch.randn(1, 32), codes, torch.ones(16), "token")
 
@@ -121,7 +136,7 @@ INT_TILES = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
 # the formats' unpacking rules there); outputs not a multiple of 16, inputs of 32 only where a group
 # needs it. GPTQ's zero points are stored minus one (v1) or as they are (v2).
 INT_CASES = [
-    ("gptq-4bit-asym-g16", gptq(4, 16, sym=False, desc_act=False), 96, 40, 2),  # two groups a K step
+    ("gptq-4bit-asym-g16", gptq(4, 16, sym=False, desc_act=False), 96, 40, 2),  # the K step shrunk to a group
     ("gptq-4bit-sym-g64", gptq(4, 64, sym=True, desc_act=False), 128, 24, 3),  # two K steps a group
     ("gptq-8bit-asym-v2-channel", gptq(8, -1, sym=False, desc_act=False, checkpoint_format="gptq_v2"), 72, 40, 1),
     ("awq-g32", awq(32), 96, 40, 2),
@@ -148,11 +163,25 @@ def test_int_gemv_matches_float64_product(name, fmt, inputs, outputs, split):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_int_gemv_16bit_default_launch():
-    """bfloat16, the default launch (its tile wider than this layer) and the split it chooses."""
+@pytest.mark.parametrize("table,programs,grid", [(False, 1, (1, 1)), (True, 1, (3, 1)), (False, 8, (1, 2))],
+                         ids=["default", "table", "auto-split"])
+def test_int_gemv_16bit_default_launch(table, programs, grid, monkeypatch):
+    """bfloat16, the default launch (its tile wider than this layer) or the table's entry for the
+    layout and shape, and the split it chooses: with a device that wants 8 programs, K is split in
+    its two whole groups (two shares, the second arriving one summing both)."""
     layer, weight = random_layer(awq(32), 64, 40, seed=3)
+    packed = layer.quant_method.int_weight(layer)
+    monkeypatch.setattr(int_gemv, "programs_to_fill", lambda device: programs)
+    launches = []
+    kernel = int_gemv._int_gemv_kernel
+    monkeypatch.setattr(int_gemv, "_int_gemv_kernel", mock.MagicMock(
+        __getitem__=lambda self, grid: launches.append(grid) or kernel[grid]))
+    if table:
+        monkeypatch.setattr(int_gemv, "LAUNCH_TABLE", {(1, 40, 64): dict(BLOCK_N=16, BLOCK_K=16)})
+        assert int_gemv.launch_settings(packed) == dict(int_gemv.LAUNCH[1], BLOCK_N=16, BLOCK_K=16)
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
-    got = int_gemv.int_gemv(x, layer.quant_method.int_weight(layer))
+    got = int_gemv.int_gemv(x, packed)
+    assert launches == [grid]  # column tiles (40 outputs in tiles of 16 from the table), K shares
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 40)
     torch.testing.assert_close(got.double(), x.double() @ weight.to(DEVICE), rtol=1e-2, atol=1e-2)
 
@@ -184,9 +213,9 @@ def test_int_gemv_declines_what_it_does_not_serve():
     packed = layer.quant_method.int_weight(layer)
     assert not int_gemv.fits(torch.randn(2, 96), packed)
     assert not int_gemv.fits(torch.randn(1, 64), packed)
-    assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=48))  # 48 and 32 do not nest
-    with pytest.raises(ValueError, match="BLOCK_K 48"):
-        int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=48))
+    assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=24))  # 24 and 32 do not nest
+    with pytest.raises(ValueError, match="BLOCK_K 24"):
+        int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=24))
 
 
 def test_awq_model_decodes_through_int_gemv(tmp_path, monkeypatch):

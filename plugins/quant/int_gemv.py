@@ -4,14 +4,24 @@ activation order: the weight is read once at its packed size and dequantised in 
 
 ``int_matmul`` serves one row too, but through ``tl.dot`` tiles 16 rows tall, and its split K
 writes float32 partial sums that a separate kernel adds. Here a program owns ``BLOCK_N`` output
-features and one of ``SPLIT_K`` shares of K; it multiplies elementwise in float32 and applies each
-group's scale and zero point once per group, not once per weight:
-``sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)`` over a group's ``k``. Split shares
-meet in the kernel: each writes its partial sums, and the last share of a column tile to arrive
-(a per-tile arrival counter) adds them in share order, adds the bias and writes the output, then
-resets the counter for the next launch. One kernel a linear, launched in the
+features and one of ``SPLIT_K`` shares of K, walked in ``BLOCK_K`` steps that never straddle a
+group. At batch 1 the product must be bound by reading the weight, and at two values a byte an
+H100 can issue only about four instructions a value at its memory bandwidth, so the loop does per
+value three: one and-or that places the value's bits in the mantissa of 2^23 (``_slot_values``:
+no shift per value and no integer-to-float conversion), one subtraction of 2^23 (exact), one
+multiply-add into a float32 accumulator as large as the step, with no sum across threads in the
+loop. A value in the upper half-word is read after one shift of its word; a value ``b`` bits up its
+half-word comes out times ``2^b``, which is undone on ``x`` (words packing K) or on the group's
+scale (words packing N), both exact powers of two. When a group's steps are done the accumulator
+is summed over K once and the group's scale and zero point applied once per output feature:
+``sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)``.
+
+Split shares meet in the kernel: each writes its partial sums, and the last share of a column tile
+to arrive (a per-tile arrival counter) adds them in share order, adds the bias and writes the
+output, then resets the counter for the next launch. One kernel a linear, launched in the
 programmatic-dependent-launch chain, its first weight tile read before waiting for the previous
-kernel (no kernel of a step writes weights).
+kernel (no kernel of a step writes weights). ``LAUNCH_TABLE`` holds the settings
+``benchmarks/tune_quant_gemv.py --sweep`` measured best per shape.
 
 The counters are one zeroed buffer per device, made on first use (the eager warm-up runs before
 CUDA graphs are captured); it is shared by the layers, whose one-row products run one after
@@ -26,15 +36,21 @@ import triton.language as tl
 
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_launch_next, pdl_wait
-from sglang_plugins.quant.int_matmul import programs_to_fill, unpack_first, unpack_last
+from sglang_plugins.quant import launch_table
+from sglang_plugins.quant.int_matmul import programs_to_fill
 from sglang_plugins.quant.int_weight import IntWeight
 
 ENABLED = True  # benchmarks switch it off to measure ``int_matmul`` beside it
-# Untuned guesses until measured (benchmarks/bench_int_matmul.py --gemv sweeps them): 128 output
-# features a tile (512 contiguous bytes a row of GPTQ words), 64 input features a step.
-LAUNCH = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1)
+# Untimed until benchmarks/tune_quant_gemv.py --sweep runs on the GPU; by the axis words pack (the
+# weight's ``packed_dim``). Tiles wide enough along N (the contiguous axis) that a thread's loads are
+# 8-16 bytes, 64-128 values a thread a step, no spills compiled for sm_90.
+LAUNCH = {1: dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1),  # words along N: AWQ
+          0: dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)}  # along K: GPTQ, compressed-tensors
 LAUNCH_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")  # SPLIT_K optional: chosen by size
+# (packed_dim, N, K) -> settings for that layout and shape, as the sweep prints them; others take ``LAUNCH``.
+LAUNCH_TABLE: dict[tuple[int, int, int], dict] = {}
 MAX_COLUMN_TILES = 1 << 14  # arrival counters a device holds; wider layers run without splitting K
+_TWO_23 = tl.constexpr(8388608.0)  # 2^23: floats of its exponent step by 1, so the mantissa holds an integer
 
 _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
@@ -57,93 +73,167 @@ def _load_words(Q, k0, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, s
 
 
 @triton.jit
+def _slot(based, SLOT: tl.constexpr, BITS: tl.constexpr):
+    """Value ``SLOT`` of each word, times ``2^(BITS * (SLOT % HALF))``, as float32 (exact):
+    ``based`` is the word's half (``_based_halves``) with 2^23's exponent bits set, and the mask
+    keeps those and the value's field, so the float is ``2^23 + value * 2^(...)``."""
+    HALF: tl.constexpr = 16 // BITS
+    field: tl.constexpr = ((1 << BITS) - 1) << (BITS * (SLOT % HALF))
+    return (based & (-0x800000 | field)).to(tl.float32, bitcast=True) - _TWO_23
+
+
+@triton.jit
+def _based_halves(words):
+    """Each word's low and high 16 bits, each with 2^23's exponent bits set above them."""
+    return (words & 0xFFFF) | 0x4B000000, ((words >> 16) & 0xFFFF) | 0x4B000000
+
+
+@triton.jit
+def _slot_values(words, BITS: tl.constexpr):
+    """``[R, C]`` words -> ``[R, C, PACK]`` float32 values in slot order, each register holding one
+    word's (joined in registers, not spread over threads), slot ``s`` times ``2^(BITS * (s % HALF))``.
+    A join appends an axis of two, so joining the slots ``s`` and ``s + PACK / 2`` first, then those
+    pairs, lays the slots out in order."""
+    lo, hi = _based_halves(words)
+    if BITS == 4:
+        values = tl.join(tl.join(tl.join(_slot(lo, 0, 4), _slot(hi, 4, 4)), tl.join(_slot(lo, 2, 4), _slot(hi, 6, 4))),
+                         tl.join(tl.join(_slot(lo, 1, 4), _slot(hi, 5, 4)), tl.join(_slot(lo, 3, 4), _slot(hi, 7, 4))))
+    else:
+        values = tl.join(tl.join(_slot(lo, 0, 8), _slot(hi, 2, 8)), tl.join(_slot(lo, 1, 8), _slot(hi, 3, 8)))
+    return tl.reshape(values, (words.shape[0], words.shape[1], 32 // BITS))
+
+
+@triton.jit
+def _slot_factor(slot, BITS: tl.constexpr):
+    """``2^-(BITS * (slot % HALF))``: undoes ``_slot``'s placement (built from its bits: exact)."""
+    HALF: tl.constexpr = 16 // BITS
+    return ((127 - BITS * (slot % HALF)) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, zero_offset,
                      stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
                      BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_K: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """Output features of column tile ``program_id(0)`` over K share ``program_id(1)``.
+    """Output features of column tile ``program_id(0)`` over K share ``program_id(1)``; a step
+    (``BLOCK_K`` input features) lies within one group.
 
-    Columns are numbered as ``int_matmul``'s kernel numbers them (AWQ's slot order inside a
-    word). ``GROUP_K``: features of one group within a ``BLOCK_K`` step (the step, or the group
-    where several fit in a step)."""
+    Entry ``t`` of the tile is word ``t / PACK`` of the tile's words and its slot ``t % PACK``; the
+    slot's output feature within the word is the slot, or with AWQ's interleave, features 0, 2, 4,
+    6, 1, 3, 5, 7 in slot order. ``EVEN_K``: K is whole steps (inputs read unmasked)."""
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_K
+    WORDS_N: tl.constexpr = BLOCK_N // PACK
     tile = tl.program_id(0)
-    position = tl.arange(0, BLOCK_N)
-    if INTERLEAVED:
-        # AWQ: slots 0..p/2-1 hold the word's even features, the rest its odd ones.
-        position = (position // PACK) * PACK + 2 * (position % HALF) + (position % PACK) // HALF
-    cols = tile * BLOCK_N + position
-    word_cols = tile * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
+    t = tl.arange(0, BLOCK_N)
+    slot = t % PACK
+    feature = 2 * (slot % HALF) + slot // HALF if INTERLEAVED else slot
+    word_of_t = tile * WORDS_N + t // PACK
+    cols = tile * BLOCK_N + (t // PACK) * PACK + feature
+    word_cols = tile * WORDS_N + tl.arange(0, WORDS_N)
     col_ok, word_col_ok = cols < N, word_cols < N // PACK
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = tl.program_id(1) * k_share
     k_end = tl.minimum(k_begin + k_share, K)
-    kk = tl.arange(0, BLOCK_K)
-    group_starts = tl.arange(0, GROUPS) * GROUP_K
     pdl_launch_next(USE_PDL)
     # Words, not their unpacked codes, are held across a step: a quarter (8 bits) or an eighth of the registers.
     words = _load_words(Q, k_begin, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn, BITS,
                         PACKED_K, BLOCK_K)
     pdl_wait(USE_PDL)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk,
-                                 stride_qn, BITS, PACKED_K, BLOCK_K)
-        q = unpack_first(words, BITS) if PACKED_K else unpack_last(words, BITS)
-        x = tl.load(X + k0 + kk, mask=(k0 + kk) < k_end, other=0.0).to(tl.float32)
-        group = (k0 + group_starts) // group_size
-        group_ok = ((k0 + group_starts) < k_end)[:, None]
-        scale = tl.load(S + group[:, None] * stride_sg + cols[None, :] * stride_sn, mask=group_ok & col_ok[None, :],
-                        other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero_words = tl.load(Z + group[:, None] * stride_zg + word_cols[None, :] * stride_zn,
-                                 mask=group_ok & word_col_ok[None, :], other=0)
-            zero = (unpack_last(zero_words, BITS) + zero_offset).to(tl.float32)
+    # acc: word rows x word columns x slots (in _slot_values' order), multiply-added elementwise.
+    if PACKED_K:  # a word's slots are PACK consecutive inputs of its row, each times the inverse of its placement
+        x_index = tl.arange(0, BLOCK_K // PACK)[:, None] * PACK + tl.arange(0, PACK)[None, :]
+        x_factor = _slot_factor(tl.arange(0, PACK), BITS)[None, :]
+        acc = tl.zeros([BLOCK_K // PACK, BLOCK_N, PACK], dtype=tl.float32)
+    else:  # a word row is one input; its slots are output features, placement undone on the sums
+        x_index = tl.arange(0, BLOCK_K)
+        x_factor = 1.0
+        acc = tl.zeros([BLOCK_K, WORDS_N, PACK], dtype=tl.float32)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # The share's groups (its first and last may be partial), each's steps, then its scale once.
+    for group_start in range(k_begin - k_begin % group_size, k_end, group_size):
+        acc = tl.zeros_like(acc)
+        x_acc = tl.zeros(x_index.shape, dtype=tl.float32)
+        for k0 in range(tl.maximum(group_start, k_begin), tl.minimum(group_start + group_size, k_end), BLOCK_K):
+            next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk,
+                                     stride_qn, BITS, PACKED_K, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(X + k0 + x_index).to(tl.float32)
+            else:
+                x = tl.load(X + k0 + x_index, mask=(k0 + x_index) < k_end, other=0.0).to(tl.float32)
+            x_acc += x
+            if PACKED_K:
+                acc += _slot_values(words, BITS) * (x * x_factor)[:, None, :]
+            else:
+                acc += _slot_values(words, BITS) * x[:, None, None]
+            words = next_words
+        group = group_start // group_size
+        if PACKED_K:
+            sums = tl.sum(tl.sum(acc, axis=2), axis=0)
         else:
-            zero = tl.full([GROUPS, BLOCK_N], zero_offset, tl.float32)
-        products = tl.sum(tl.reshape(x[:, None] * q.to(tl.float32), (GROUPS, GROUP_K, BLOCK_N)), axis=1)
-        x_sums = tl.sum(tl.reshape(x, (GROUPS, GROUP_K)), axis=1)
-        acc += tl.sum(scale * (products - zero * x_sums[:, None]), axis=0)
-        words = next_words
+            sums = tl.reshape(tl.sum(acc, axis=0), (BLOCK_N,)) * _slot_factor(slot, BITS)
+        scale = tl.load(S + group * stride_sg + cols * stride_sn, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero_words = tl.load(Z + group * stride_zg + word_of_t * stride_zn, mask=col_ok, other=0)
+            zero = (((zero_words >> (BITS * slot)) & ((1 << BITS) - 1)) + zero_offset).to(tl.float32)
+        else:
+            zero = zero_offset
+        out += scale * (sums - zero * tl.sum(tl.reshape(x_acc, (BLOCK_K,)), axis=0))
     if SPLIT_K > 1:
-        tl.store(Partials + tl.program_id(1) * N + cols, acc, mask=col_ok, cache_modifier=".wt")
+        tl.store(Partials + tl.program_id(1) * N + cols, out, mask=col_ok, cache_modifier=".wt")
         tl.debug_barrier()  # every thread's partial sums are written before the arrival is counted
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            out = tl.zeros([BLOCK_N], dtype=tl.float32)
             for share in range(SPLIT_K):  # in share order: the sum does not depend on arrival order
-                acc += tl.load(Partials + share * N + cols, mask=col_ok, other=0.0, cache_modifier=".cv")
+                out += tl.load(Partials + share * N + cols, mask=col_ok, other=0.0, cache_modifier=".cv")
             if HAS_BIAS:
-                acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(Y + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
+                out += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(Y + cols, out.to(Y.dtype.element_ty), mask=col_ok)
             tl.store(Counters + tile, 0)
     else:
         if HAS_BIAS:
-            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(Y + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
+            out += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(Y + cols, out.to(Y.dtype.element_ty), mask=col_ok)
 
 
-def _group_k(weight: IntWeight, block_k: int) -> int | None:
-    """Features of one group within a ``block_k`` step, or None where groups and steps do not nest
-    (or features have an activation order, ``g_idx``)."""
+def launch_settings(weight: IntWeight, config: dict | None = None) -> dict:
+    """The launch settings for ``weight``: ``config``, else ``LAUNCH_TABLE``'s entry for its layout
+    and shape, else its layout's ``LAUNCH`` (fields ``LAUNCH_FIELDS``)."""
+    k, n = weight.shape
+    return launch_table.launch_settings("int_gemv", LAUNCH[weight.packed_dim], LAUNCH_TABLE, LAUNCH_FIELDS,
+                                        (weight.packed_dim, n, k), config)
+
+
+def _split(weight: IntWeight, step: int, tiles: int, device: torch.device) -> int:
+    """K shares for ``tiles`` column tiles to fill the device, each share whole groups where the
+    groups are enough (a share's partial groups cost their scales twice)."""
+    k = weight.shape[0]
+    wanted = max(1, triton.cdiv(programs_to_fill(device), tiles))
+    groups = triton.cdiv(k, weight.group_size or k)
+    if groups >= 2:
+        return triton.cdiv(groups, triton.cdiv(groups, wanted))
+    return min(triton.cdiv(k, step), wanted)
+
+
+def _step_k(weight: IntWeight, block_k: int) -> int | None:
+    """The K step: ``block_k``, or the group where it is smaller; None where a group is not a whole
+    number of steps, a step not a whole number of words, or features have an activation order (``g_idx``)."""
     k = weight.shape[0]
     group = weight.group_size or k
-    if weight.g_idx is not None or block_k % (32 // weight.bits):
+    step = block_k if group >= k else min(block_k, group)
+    if weight.g_idx is not None or step % (32 // weight.bits) or (group < k and group % step):
         return None
-    if group >= k or group % block_k == 0:
-        return block_k
-    return group if block_k % group == 0 else None
+    return step
 
 
 def fits(x: torch.Tensor, weight: IntWeight, config: dict | None = None) -> bool:
     """Whether ``int_gemv`` serves this product: one row of a float dtype, groups without an
-    activation order that nest with the K step of ``config`` (default ``LAUNCH``)."""
-    block_k = (config or LAUNCH)["BLOCK_K"]
+    activation order that nest with the K step of the launch settings (``launch_settings``)."""
+    block_k = launch_settings(weight, config)["BLOCK_K"]
     return (ENABLED and x.numel() == x.shape[-1] == weight.shape[0] > 0 and x.is_floating_point()
-            and _group_k(weight, block_k) is not None)
+            and _step_k(weight, block_k) is not None)
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
@@ -158,17 +248,16 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 def int_gemv(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = None,
              config: dict | None = None) -> torch.Tensor:
     """``F.linear(x, dequantized weight, bias)`` for a one-row ``x`` (see ``fits``) in ``x``'s
-    dtype; ``config`` overrides ``LAUNCH`` (fields ``LAUNCH_FIELDS``; without ``SPLIT_K``, K is split
-    until the column tiles fill the device)."""
+    dtype; ``config`` overrides the shape's launch settings (``launch_settings``; without
+    ``SPLIT_K``, K is split until the column tiles fill the device, ``_split``)."""
     k, n = weight.shape
-    launch = dict(config or LAUNCH)
+    launch = launch_settings(weight, config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
-    group_k = _group_k(weight, block_k)
-    if x.numel() != k or group_k is None:
+    step = _step_k(weight, block_k)
+    if x.numel() != k or step is None:
         raise ValueError(f"int_gemv takes one row of {k} features and groups that nest with BLOCK_K {block_k}")
     tiles = triton.cdiv(n, block_n)
-    split = launch.pop("SPLIT_K", None) or min(triton.cdiv(k, block_k),
-                                               max(1, triton.cdiv(programs_to_fill(x.device), tiles)))
+    split = launch.pop("SPLIT_K", None) or _split(weight, step, tiles, x.device)
     split = split if tiles <= MAX_COLUMN_TILES else 1
     x1 = x.reshape(k).contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -179,6 +268,6 @@ def int_gemv(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = Non
         _arrival_counters(x.device), n, k, weight.group_size or k, weight.zero_offset,
         *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(),
         BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
-        HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, GROUP_K=group_k,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, **launch, **launch_options(x))
+        HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
+        BLOCK_N=block_n, BLOCK_K=step, SPLIT_K=split, **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

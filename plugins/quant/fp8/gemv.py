@@ -52,7 +52,13 @@ LAUNCH_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "QUANTIZE_ONCE
 # element of x serves 16 weights), 512-byte row tiles (64 weights a thread a step, four 16-byte loads).
 LAUNCH = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1, QUANTIZE_ONCE=False)
 # (N, K) -> settings for that shape, as the sweep prints them; other shapes take ``LAUNCH``.
-LAUNCH_TABLE: dict[tuple[int, int], dict] = {}
+# Measured 2026-12-07 on an H100 (benchmarks/tune_quant_gemv.py --sweep; docs/benchmarks.md): Llama-3.1-8B's shapes.
+LAUNCH_TABLE: dict[tuple[int, int], dict] = {
+    (6144, 4096): {'BLOCK_N': 16, 'BLOCK_K': 512, 'num_warps': 4, 'num_stages': 1, 'QUANTIZE_ONCE': False},
+    (4096, 4096): {'BLOCK_N': 8, 'BLOCK_K': 512, 'num_warps': 8, 'num_stages': 1, 'QUANTIZE_ONCE': False},
+    (28672, 4096): {'BLOCK_N': 8, 'BLOCK_K': 512, 'num_warps': 4, 'num_stages': 1, 'QUANTIZE_ONCE': True},
+    (4096, 14336): {'BLOCK_N': 8, 'BLOCK_K': 512, 'num_warps': 4, 'num_stages': 1, 'QUANTIZE_ONCE': True},
+}
 ACTIVATIONS = ("none", "static", "dynamic")
 ROW_TILE = 16384  # the one-program rounding kernel holds this much of the row at once
 SCALE_TILE = 4096  # the GEMV's own pass for the dynamic scale reads the row in tiles of this much

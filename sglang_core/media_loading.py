@@ -17,12 +17,14 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
+    import httpcore
     from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
@@ -208,7 +210,6 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     # One deadline for the whole fetch, DNS answer, connection, headers and body: a timeout per
     # wait would let a server that sends a byte now and then hold the fetch for ever.
     deadline = time.monotonic() + limits.fetch_timeout_s
-    chunks, size = [], 0
     try:
         address = _public_address(parts.hostname, field, deadline)
         # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
@@ -221,19 +222,52 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
         # and uses no proxy from the environment (which would connect where it likes).
         with httpcore.ConnectionPool(ssl_context=ssl.create_default_context(),
                                      network_backend=DeadlineBackend(deadline)) as pool, \
-                pool.stream("GET", pinned, headers={"Host": parts.netloc, "User-Agent": "sglang-core"},
+                pool.stream("GET", pinned, headers={"Host": parts.netloc, "User-Agent": "sglang-core",
+                                                    "Accept-Encoding": "identity"},
                             extensions={"sni_hostname": parts.hostname}) as response:
             if response.status != 200:
                 raise ValueError(f"{field}: fetching the URL gave HTTP {response.status}")
-            for chunk in response.iter_stream():
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
-                chunks.append(chunk)
+            return _read_body(response, limits.max_bytes, field)
     except (TimeoutError, httpcore.TimeoutException):
         raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s") from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
+        # httpcore wraps the ssl module's error (in its arguments; its pool drops the __cause__).
+        for cause in (*exc.args, exc.__context__):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise ValueError(f"{field}: the server's TLS certificate is not valid for {parts.hostname!r}: "
+                                 f"{cause.verify_message}") from None
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
+
+
+def _read_body(response: httpcore.Response, max_bytes: int, field: str) -> bytes:
+    """An httpcore response's body, at most ``max_bytes`` both as sent and as decoded: refused from
+    its Content-Length, or as soon as more comes. A server may gzip it though not asked to (a request
+    without Accept-Encoding allows any coding; one naming identity alone is not always heeded):
+    inflated only up to the limit, so a gzip bomb costs no more than a plain body."""
+    too_large = ValueError(f"{field}: the file is larger than {max_bytes} bytes")
+    # h11 has checked the Content-Length: digits, one value.
+    if any(name.lower() == b"content-length" and int(value) > max_bytes for name, value in response.headers):
+        raise too_large
+    codings = [coding.strip().lower() for name, value in response.headers if name.lower() == b"content-encoding"
+               for coding in value.decode("latin-1").split(",")]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if codings not in ([], ["gzip"], ["x-gzip"]):
+        raise ValueError(f"{field}: the body comes encoded as {', '.join(map(repr, codings))}, which is not decoded")
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if codings else None
+    chunks, sent, kept = [], 0, 0
+    try:
+        for chunk in response.iter_stream():
+            sent += len(chunk)
+            if inflater is not None:  # at most one byte past the limit: enough to know it is passed
+                chunk = inflater.decompress(chunk, max_bytes - kept + 1)
+            kept += len(chunk)
+            if sent > max_bytes or kept > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except zlib.error as exc:
+        raise ValueError(f"{field}: cannot decode the gzip body: {exc}") from None
+    if inflater is not None and not inflater.eof:
+        raise ValueError(f"{field}: the gzip body ends early")
     return b"".join(chunks)
 
 

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
     import httpcore
@@ -203,6 +203,13 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
         raise ValueError(f"{field}: the URL has no host")
     if parts.username is not None:
         raise ValueError(f"{field}: the URL must not carry credentials")
+    try:  # httpcore takes ASCII alone: an internationalized host in its IDNA form
+        host, port = parts.hostname.encode("idna").decode("ascii"), parts.port
+    except ValueError as exc:  # UnicodeError included
+        raise ValueError(f"{field}: the URL's host or port is not valid: {exc}") from None
+    # The path's and query's other characters percent-encoded (those already so kept as they are).
+    target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@~") + (
+        "?" + quote(parts.query, safe="/?%!$&'()*+,;=:@~") if parts.query else "")
     import httpcore
 
     from sglang_core.deadline_network import DeadlineBackend
@@ -211,20 +218,18 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     # wait would let a server that sends a byte now and then hold the fetch for ever.
     deadline = time.monotonic() + limits.fetch_timeout_s
     try:
-        address = _public_address(parts.hostname, field, deadline)
+        address = _public_address(host, field, deadline)
         # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
         # the certificate is still checked against the host): another DNS answer cannot move the fetch.
-        netloc = f"[{address}]" if ":" in address else address
-        pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
-                             parts.query, ""))
+        pinned = f"{parts.scheme}://{_netloc(address, port)}{target}"
         # httpcore rather than httpx: its network backend is where every wait meets the deadline.
         # It follows no redirect (a redirect could lead to an address the check above never saw)
         # and uses no proxy from the environment (which would connect where it likes).
         with httpcore.ConnectionPool(ssl_context=ssl.create_default_context(),
                                      network_backend=DeadlineBackend(deadline)) as pool, \
-                pool.stream("GET", pinned, headers={"Host": parts.netloc, "User-Agent": "sglang-core",
+                pool.stream("GET", pinned, headers={"Host": _netloc(host, port), "User-Agent": "sglang-core",
                                                     "Accept-Encoding": "identity"},
-                            extensions={"sni_hostname": parts.hostname}) as response:
+                            extensions={"sni_hostname": host}) as response:
             if response.status != 200:
                 raise ValueError(f"{field}: fetching the URL gave HTTP {response.status}")
             return _read_body(response, limits.max_bytes, field)
@@ -234,9 +239,15 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
         # httpcore wraps the ssl module's error (in its arguments; its pool drops the __cause__).
         for cause in (*exc.args, exc.__context__):
             if isinstance(cause, ssl.SSLCertVerificationError):
-                raise ValueError(f"{field}: the server's TLS certificate is not valid for {parts.hostname!r}: "
+                raise ValueError(f"{field}: the server's TLS certificate is not valid for {host!r}: "
                                  f"{cause.verify_message}") from None
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
+
+
+def _netloc(host: str, port: int | None) -> str:
+    """``host[:port]`` as a URL or a Host header writes it: an IPv6 address in brackets."""
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
 
 
 def _read_body(response: httpcore.Response, max_bytes: int, field: str) -> bytes:

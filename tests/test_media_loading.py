@@ -93,6 +93,12 @@ def test_urls_to_non_public_addresses_are_refused(host):
         load_image(f"http://{host}/cat.png", limits)
 
 
+@pytest.mark.parametrize("netloc", ["images.example:99999", "images.example:port", "images..example"])
+def test_urls_with_bad_hosts_or_ports_are_refused(netloc: str):
+    with pytest.raises(ValueError, match="^image_data: the URL's host or port is not valid"):
+        load_image(f"http://{netloc}/cat.png", MediaLimits(100_000, 10_000, allow_urls=True))
+
+
 def test_urls_with_credentials_are_refused():
     with pytest.raises(ValueError, match="must not carry credentials"):
         load_image("http://user:pw@example.com/cat.png", MediaLimits(100_000, 10_000, allow_urls=True))
@@ -186,11 +192,13 @@ def test_a_slow_dns_answer_counts_against_the_deadline(monkeypatch):
 
 
 HTTPS_HOST = "images.example.test"
+IDN_HOST, IDN_HOST_ASCII = "bücher.example.test", "xn--bcher-kva.example.test"
 
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
-    """A CA, and a certificate it signs for ``HTTPS_HOST`` (its name in the subject alternative names), as PEM files."""
+    """A CA, and a certificate it signs for ``HTTPS_HOST`` and ``IDN_HOST`` (their names in the subject
+    alternative names), as PEM files."""
     import datetime
 
     from cryptography import x509
@@ -223,7 +231,7 @@ def tls_files(tmp_path_factory):
         (x509.BasicConstraints(ca=False, path_length=None), True),
         (x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage), True),
         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        (x509.SubjectAlternativeName([x509.DNSName(HTTPS_HOST)]), False)])
+        (x509.SubjectAlternativeName([x509.DNSName(HTTPS_HOST), x509.DNSName(IDN_HOST_ASCII)]), False)])
     (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (folder / "host.pem").write_bytes(host.public_bytes(serialization.Encoding.PEM) + host_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -233,41 +241,43 @@ def tls_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def https_server(tls_files):
     """An HTTPS server for ``HTTPS_HOST``'s certificate on 127.0.0.1, recording each request's TLS
-    server name (SNI) and Host header in ``.seen``; its paths send an image plainly, gzipped, chunked,
+    server name (SNI), Host and Accept-Encoding headers and path in ``.seen``; its paths send an image plainly, gzipped, chunked,
     or too much of it."""
     import gzip
     from http.server import ThreadingHTTPServer
 
     png = _png()
     bomb = gzip.compress(bytes(20_000_000))  # 20 MB of zeros in 20 kB
-    seen: list[tuple[str | None, str, str]] = []
+    seen: list[tuple[str | None, str, str, str]] = []
     tls_names: dict[int, str | None] = {}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
-            seen.append((tls_names.get(id(self.connection)), self.headers["Host"], self.headers["Accept-Encoding"]))
+            seen.append((tls_names.get(id(self.connection)), self.headers["Host"], self.headers["Accept-Encoding"],
+                         self.path))
+            path = self.path.partition("?")[0]
             gzipped = ("Content-Encoding", "gzip")
-            if self.path == "/cat.png":
+            if path == "/cat.png":
                 self._send(png)
-            elif self.path == "/gzip.png":
+            elif path == "/gzip.png":
                 self._send(gzip.compress(png), gzipped)
-            elif self.path == "/gzip-cut.png":
+            elif path == "/gzip-cut.png":
                 self._send(gzip.compress(png)[:-20], gzipped)
-            elif self.path == "/gzip-bomb.png":
+            elif path == "/gzip-bomb.png":
                 self._send(bomb, gzipped)
-            elif self.path == "/brotli.png":
+            elif path == "/brotli.png":
                 self._send(png, ("Content-Encoding", "br"))
-            elif self.path == "/huge-length.png":  # says 1 GB, sends a little, then waits
+            elif path == "/huge-length.png":  # says 1 GB, sends a little, then waits
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + png)
                 self.wfile.flush()
                 time.sleep(1.5)
-            elif self.path == "/chunked.png":
+            elif path == "/chunked.png":
                 self._send_chunked(png[start:start + 100] for start in range(0, len(png), 100))
-            elif self.path == "/endless.png":  # until the client leaves
+            elif path == "/endless.png":  # until the client leaves
                 self._send_chunked(itertools.repeat(bytes(1000)))
-            elif self.path == "/gzip-endless.png":  # a gzip header, then empty deflate blocks (a sync flush's): no byte of content
+            elif path == "/gzip-endless.png":  # a gzip header, then empty deflate blocks (a sync flush's): no byte of content
                 self._send_chunked(itertools.chain([gzip.compress(b"")[:10]], itertools.repeat(b"\0\0\0\xff\xff" * 200)),
                                    gzipped)
             self.close_connection = True
@@ -318,14 +328,18 @@ def _https_limits(fetch_timeout_s: float = 3.0) -> MediaLimits:
     return MediaLimits(max_bytes=100_000, max_pixels=10_000, allow_urls=True, fetch_timeout_s=fetch_timeout_s)
 
 
-def test_https_fetch_names_the_host_in_sni_and_the_host_header(https_server, trusting_the_test_ca):
-    """Connected to the checked address, the fetch still names the URL's host: in TLS's server name
-    (so the certificate is checked against it) and in the Host header, port included; it asks for
-    the body as it is (no gzip)."""
+@pytest.mark.parametrize("host, ascii_host", [(HTTPS_HOST, HTTPS_HOST), (IDN_HOST, IDN_HOST_ASCII)])
+def test_https_fetch_names_the_host_in_sni_and_the_host_header(https_server, trusting_the_test_ca, host: str,
+                                                               ascii_host: str):
+    """Connected to the checked address, the fetch still names the URL's host (an internationalized
+    one in its IDNA form): in TLS's server name (so the certificate is checked against it) and in
+    the Host header, port included; it asks for the body as it is (no gzip); the query's other
+    characters percent-encoded."""
     port = https_server.server_address[1]
     https_server.seen.clear()
-    assert load_image(f"https://{HTTPS_HOST}:{port}/cat.png", _https_limits()).size == (8, 6)
-    assert https_server.seen == [(HTTPS_HOST, f"{HTTPS_HOST}:{port}", "identity")]
+    assert load_image(f"https://{host}:{port}/cat.png?name=kätzchen 1&x=%C3%A4", _https_limits()).size == (8, 6)
+    assert https_server.seen == [(ascii_host, f"{ascii_host}:{port}", "identity",
+                                  "/cat.png?name=k%C3%A4tzchen%201&x=%C3%A4")]
 
 
 def test_https_certificates_not_valid_for_the_host_are_refused(https_server, trusting_the_test_ca, monkeypatch):

@@ -241,6 +241,8 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise ValueError(f"{field}: the server's TLS certificate is not valid for {host!r}: "
                                  f"{cause.verify_message}") from None
+            if isinstance(cause, ssl.SSLError):
+                raise ValueError(f"{field}: the TLS handshake with the server failed: {cause.reason}") from None
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
 
 

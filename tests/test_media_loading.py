@@ -143,7 +143,7 @@ def _image_server(png: bytes):
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)  # polls shutdown every 50 ms
     thread.start()
     try:
         yield f"http://images.example:{server.server_address[1]}"
@@ -351,6 +351,13 @@ def test_https_certificates_not_valid_for_the_host_are_refused(https_server, tru
     with pytest.raises(ValueError, match="^image_data.1: the server's TLS certificate is not valid for "
                                          f"'{HTTPS_HOST}': unable to get local issuer certificate"):
         load_image(f"https://{HTTPS_HOST}:{port}/cat.png", _https_limits(), "image_data.1")
+
+
+def test_https_to_a_server_without_tls_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(media_loading, "_public_address", lambda host, field, deadline: "127.0.0.1")
+    with _image_server(_png()) as url, pytest.raises(
+            ValueError, match="^image_data: the TLS handshake with the server failed: WRONG_VERSION_NUMBER"):
+        load_image(url.replace("http:", "https:") + "/cat.png", _https_limits())
 
 
 def test_a_stalled_tls_handshake_ends_at_the_deadline(trusting_the_test_ca):

@@ -241,8 +241,8 @@ def tls_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def https_server(tls_files):
     """An HTTPS server for ``HTTPS_HOST``'s certificate on 127.0.0.1, recording each request's TLS
-    server name (SNI), Host and Accept-Encoding headers and path in ``.seen``; its paths send an image plainly, gzipped, chunked,
-    or too much of it."""
+    server name (SNI), Host and Accept-Encoding headers and path in ``.seen``; its paths send an
+    image plainly, gzipped, chunked, or too much of it."""
     import gzip
     from http.server import ThreadingHTTPServer
 
@@ -277,7 +277,7 @@ def https_server(tls_files):
                 self._send_chunked(png[start:start + 100] for start in range(0, len(png), 100))
             elif path == "/endless.png":  # until the client leaves
                 self._send_chunked(itertools.repeat(bytes(1000)))
-            elif path == "/gzip-endless.png":  # a gzip header, then empty deflate blocks (a sync flush's): no byte of content
+            elif path == "/gzip-endless.png":  # a gzip header, then empty deflate blocks (a sync flush's) for ever
                 self._send_chunked(itertools.chain([gzip.compress(b"")[:10]], itertools.repeat(b"\0\0\0\xff\xff" * 200)),
                                    gzipped)
             self.close_connection = True

@@ -17,12 +17,14 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
+    import httpcore
     from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
@@ -201,6 +203,13 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
         raise ValueError(f"{field}: the URL has no host")
     if parts.username is not None:
         raise ValueError(f"{field}: the URL must not carry credentials")
+    try:  # httpcore takes ASCII alone: an internationalized host in its IDNA form
+        host, port = parts.hostname.encode("idna").decode("ascii"), parts.port
+    except ValueError as exc:  # UnicodeError included
+        raise ValueError(f"{field}: the URL's host or port is not valid: {exc}") from None
+    # The path's and query's other characters percent-encoded (those already so kept as they are).
+    target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@~") + (
+        "?" + quote(parts.query, safe="/?%!$&'()*+,;=:@~") if parts.query else "")
     import httpcore
 
     from sglang_core.deadline_network import DeadlineBackend
@@ -208,32 +217,70 @@ def _fetch(url: str, limits: MediaLimits, field: str) -> bytes:
     # One deadline for the whole fetch, DNS answer, connection, headers and body: a timeout per
     # wait would let a server that sends a byte now and then hold the fetch for ever.
     deadline = time.monotonic() + limits.fetch_timeout_s
-    chunks, size = [], 0
     try:
-        address = _public_address(parts.hostname, field, deadline)
+        address = _public_address(host, field, deadline)
         # Connect to the address just checked, naming the host in the Host header (and TLS's SNI, so
         # the certificate is still checked against the host): another DNS answer cannot move the fetch.
-        netloc = f"[{address}]" if ":" in address else address
-        pinned = urlunsplit((parts.scheme, f"{netloc}:{parts.port}" if parts.port else netloc, parts.path or "/",
-                             parts.query, ""))
+        pinned = f"{parts.scheme}://{_netloc(address, port)}{target}"
         # httpcore rather than httpx: its network backend is where every wait meets the deadline.
         # It follows no redirect (a redirect could lead to an address the check above never saw)
         # and uses no proxy from the environment (which would connect where it likes).
         with httpcore.ConnectionPool(ssl_context=ssl.create_default_context(),
                                      network_backend=DeadlineBackend(deadline)) as pool, \
-                pool.stream("GET", pinned, headers={"Host": parts.netloc, "User-Agent": "sglang-core"},
-                            extensions={"sni_hostname": parts.hostname}) as response:
+                pool.stream("GET", pinned, headers={"Host": _netloc(host, port), "User-Agent": "sglang-core",
+                                                    "Accept-Encoding": "identity"},
+                            extensions={"sni_hostname": host}) as response:
             if response.status != 200:
                 raise ValueError(f"{field}: fetching the URL gave HTTP {response.status}")
-            for chunk in response.iter_stream():
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise ValueError(f"{field}: the file is larger than {limits.max_bytes} bytes")
-                chunks.append(chunk)
+            return _read_body(response, limits.max_bytes, field)
     except (TimeoutError, httpcore.TimeoutException):
         raise ValueError(f"{field}: fetching the URL took longer than {limits.fetch_timeout_s:g} s") from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
+        # httpcore wraps the ssl module's error (in its arguments; its pool drops the __cause__).
+        for cause in (*exc.args, exc.__context__):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise ValueError(f"{field}: the server's TLS certificate is not valid for {host!r}: "
+                                 f"{cause.verify_message}") from None
+            if isinstance(cause, ssl.SSLError):
+                raise ValueError(f"{field}: the TLS handshake with the server failed: {cause.reason}") from None
         raise ValueError(f"{field}: fetching the URL failed: {type(exc).__name__}") from None
+
+
+def _netloc(host: str, port: int | None) -> str:
+    """``host[:port]`` as a URL or a Host header writes it: an IPv6 address in brackets."""
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
+
+
+def _read_body(response: httpcore.Response, max_bytes: int, field: str) -> bytes:
+    """An httpcore response's body, at most ``max_bytes`` both as sent and as decoded: refused from
+    its Content-Length, or as soon as more comes. A server may gzip it though not asked to (a request
+    without Accept-Encoding allows any coding; one naming identity alone is not always heeded):
+    inflated only up to the limit, so a gzip bomb costs no more than a plain body."""
+    too_large = ValueError(f"{field}: the file is larger than {max_bytes} bytes")
+    # h11 has checked the Content-Length: digits, one value.
+    if any(name.lower() == b"content-length" and int(value) > max_bytes for name, value in response.headers):
+        raise too_large
+    codings = [coding.strip().lower() for name, value in response.headers if name.lower() == b"content-encoding"
+               for coding in value.decode("latin-1").split(",")]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if codings not in ([], ["gzip"], ["x-gzip"]):
+        raise ValueError(f"{field}: the body comes encoded as {', '.join(map(repr, codings))}, which is not decoded")
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if codings else None
+    chunks, sent, kept = [], 0, 0
+    try:
+        for chunk in response.iter_stream():
+            sent += len(chunk)
+            if inflater is not None:  # at most one byte past the limit: enough to know it is passed
+                chunk = inflater.decompress(chunk, max_bytes - kept + 1)
+            kept += len(chunk)
+            if sent > max_bytes or kept > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except zlib.error as exc:
+        raise ValueError(f"{field}: cannot decode the gzip body: {exc}") from None
+    if inflater is not None and not inflater.eof:
+        raise ValueError(f"{field}: the gzip body ends early")
     return b"".join(chunks)
 
 

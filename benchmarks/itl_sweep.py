@@ -26,6 +26,12 @@ knee), `--max-step-tokens 256` starved prefill at saturation (half the throughpu
 `--target-step-ms 12 --max-step-tokens 512` missed its target (p99 ITL 21 ms at 8 req/s).
 A policy whose server fails to start is reported as skipped, with its log kept.
 
+Workloads (`--workload`, for checking a policy on a shape it was not tuned on): `issue` (the
+above), `chat` (prompts 64-128 tokens, outputs 256-512: decode-bound, prefill steps small) and
+`wide` (prompts 204-2048 tokens, outputs 51-512, `--random-range-ratio 0.1`: long and short
+prompts and answers mixed, so a step meets prompts of many chunks). `--input-len`,
+`--output-len` and `--range-ratio` override the workload's.
+
 Writes to `--out` three files (the device tool returns at most 8 a call): `itl_sweep.jsonl`
 (bench-serving's JSON line per run, with `policy`, appended as each run ends), `itl_sweep.md` (a
 table per policy, then the issue's checks side by side) and `details.tar.gz` (each run's result
@@ -50,6 +56,8 @@ from serving_cpu import stop, wait_healthy
 from sglang_core.bench_serving import markdown_table
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b"
+# name: (input length, output length, range ratio): lengths uniform in [len * ratio, len].
+WORKLOADS = {"issue": (1024, 256, 0.5), "chat": (128, 512, 0.5), "wide": (2048, 512, 0.1)}
 POLICIES = {"default": "", "rows256": "--extend-graph-max-tokens 256 --max-step-tokens 256",
             "rows512": "--extend-graph-max-tokens 512 --max-step-tokens 512 --cuda-graph-max-bs 512"}
 # The tiny model of --dry-run (its tokenizer is the engine's placeholder for a bare config folder).
@@ -73,12 +81,12 @@ def tokenizer_folder(config: Path) -> str:
 
 
 def bench(args: argparse.Namespace, url: str, tokenizer: str, rate: float, num: int, seed: int,
-          result_file: Path | None, input_len: int, output_len: int) -> int:
+          result_file: Path | None, output_len: int) -> int:
     """One bench-serving run; returns its exit status (1: some request failed, reported in the row)."""
     command = [sys.executable, "-m", "sglang_core.cli", "bench-serving", "--base-url", url, "--backend", "native",
                "--tokenizer", tokenizer, "--dataset", "random", "--num-prompts", str(num),
-               "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-               "--random-range-ratio", "0.5", "--request-rate", str(rate), "--seed", str(seed),
+               "--random-input-len", str(args.input_len), "--random-output-len", str(output_len),
+               "--random-range-ratio", str(args.range_ratio), "--request-rate", str(rate), "--seed", str(seed),
                "--warmup-requests", "1", "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
     if result_file is not None:
         command += ["--result-file", str(result_file)]
@@ -99,7 +107,7 @@ def run_policy(args: argparse.Namespace, name: str, flags: str, config: Path, to
     try:
         wait_healthy(f"{url}/health", server, args.server_timeout_s)
         print(f"   healthy after {time.monotonic() - start:.0f} s of the run", flush=True)
-        bench(args, url, tokenizer, float("inf"), args.warmup_requests, args.seed - 1, None, args.input_len, 16)
+        bench(args, url, tokenizer, float("inf"), args.warmup_requests, args.seed - 1, None, 16)
         for i, rate in enumerate(args.rates):
             num = requests_at(rate, args)
             arrivals = 0 if math.isinf(rate) else num / rate
@@ -108,7 +116,7 @@ def run_policy(args: argparse.Namespace, name: str, flags: str, config: Path, to
                 print(f"   rate {rate:g}: skipped, past --deadline-s", flush=True)
                 continue
             result_file = out / "details" / f"run-{name}-{rate:g}.jsonl"
-            status = bench(args, url, tokenizer, rate, num, args.seed + i, result_file, args.input_len, args.output_len)
+            status = bench(args, url, tokenizer, rate, num, args.seed + i, result_file, args.output_len)
             if not result_file.exists():
                 rows.append({"policy": name, "request_rate": rate, "skipped": f"bench-serving exited with {status}"})
                 print(f"   rate {rate:g}: bench-serving exited with {status}, no result", flush=True)
@@ -170,8 +178,13 @@ def main() -> int:
     parser.add_argument("--rates", default="1,8,16,32,inf")
     parser.add_argument("--max-requests", type=int, default=300)
     parser.add_argument("--window-s", type=float, default=15.0, help="at most the requests arriving in this time")
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--workload", choices=WORKLOADS, default="issue",
+                        help="prompt and output lengths: " + "; ".join(
+                            f"{name}: {i}/{o} ratio {r}" for name, (i, o, r) in WORKLOADS.items()))
+    parser.add_argument("--input-len", type=int, default=None, help="longest prompt (default: the workload's)")
+    parser.add_argument("--output-len", type=int, default=None, help="longest output (default: the workload's)")
+    parser.add_argument("--range-ratio", type=float, default=None,
+                        help="lengths uniform in [len * ratio, len] (default: the workload's)")
     parser.add_argument("--warmup-requests", type=int, default=32)
     parser.add_argument("--slo-ttft-ms", type=float, default=200.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=20.0)
@@ -180,9 +193,12 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=570.0, help="skip runs that would end after this")
     parser.add_argument("--server-timeout-s", type=float, default=300.0)
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU check of the script: a tiny config, 5 requests per rate, input 32, output 8")
+                        help="CPU check of the script: a tiny config, 5 requests per rate, lengths 1/32 of the workload's")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
+    for field, preset in zip(("input_len", "output_len", "range_ratio"), WORKLOADS[args.workload]):
+        if getattr(args, field) is None:
+            setattr(args, field, preset)
     policies = dict(p.split("=", 1) for p in args.policy) if args.policy else POLICIES
     out = Path(args.out)
     (out / "details").mkdir(parents=True, exist_ok=True)
@@ -193,7 +209,8 @@ def main() -> int:
         config = Path(tempfile.mkdtemp(prefix="itl-sweep-tiny-"))
         (config / "config.json").write_text(json.dumps(TINY_CONFIG))
         args.server_flags = ["--device", "cpu", "--context-length", "256"]
-        args.max_requests, args.input_len, args.output_len, args.warmup_requests = 5, 32, 8, 2
+        args.max_requests, args.warmup_requests = 5, 2
+        args.input_len, args.output_len = max(2, args.input_len // 32), max(2, args.output_len // 32)
     tokenizer = tokenizer_folder(config)
     start = time.monotonic()
     rows: list[dict] = []
@@ -207,7 +224,8 @@ def main() -> int:
         except RuntimeError as exc:  # a server that does not start: the other policies still run
             rows += [{"policy": name, "request_rate": rate, "skipped": f"server failed: {exc}"} for rate in args.rates]
             print(f"== {name}: {exc} (its log is in details.tar.gz)", flush=True)
-    sections = [f"{len(policies)} policies on {config.name}, {time.monotonic() - start:.0f} s; requests per rate: "
+    sections = [f"{len(policies)} policies on {config.name}, workload {args.workload} (input {args.input_len}, output "
+                f"{args.output_len}, range ratio {args.range_ratio:g}), {time.monotonic() - start:.0f} s; requests per rate: "
                 + ", ".join(f"{r:g}: {requests_at(r, args)}" for r in args.rates)]
     for name, flags in policies.items():
         measured = [r for r in rows if r["policy"] == name and "skipped" not in r]

@@ -24,6 +24,10 @@ eager steps can hold the stall near 2.5 decode steps: `--target-step-ratio 2.3` 
 32 tokens and admitted 1.9 of 8 requests a second (since then budgets stop at the cost line's
 knee), `--max-step-tokens 256` starved prefill at saturation (half the throughput), and
 `--target-step-ms 12 --max-step-tokens 512` missed its target (p99 ITL 21 ms at 8 req/s).
+Since the row-chunk graphs (14:51-15:07, docs/benchmarks.md) rows256 meets the ITL bar but
+holds ~48 decodes at saturation against the default's ~108 (0.65x throughput): hence
+`--max-queue-prefill-ms` (the budget grows while the queue cannot be prefilled in time) in
+`benchmarks/plans/policy-sweep.txt`'s rows384q200 (docs/gpu.md, issue 23).
 A policy whose server fails to start is reported as skipped, with its log kept.
 
 Workloads (`--workloads`, comma-separated, for checking a policy on a shape it was not tuned

@@ -81,6 +81,7 @@ class EngineSettings(CliSettings):
     max_step_tokens: int | None = Field(None, gt=0, description="most tokens in a step that carries prefill: the running requests' decodes ride along first (as with --enable-mixed-chunk) and prefill chunks fill the rest, so a prompt stalls decoding for one bounded step at a time; unset: prefill steps are bounded by --chunked-prefill-size alone")
     target_step_ms: float | None = Field(None, gt=0, description="size the token budget of steps that carry prefill so their time stays near this, from a line time = a + b * tokens fitted to recent such steps (at most --max-step-tokens, else --chunked-prefill-size); implies the decodes-first steps of --max-step-tokens")
     target_step_ratio: float | None = Field(None, gt=1, description="as --target-step-ms, with the target this many times the running batch's plain decode step (the median of the last ones measured), so a step carrying prefill stalls the decodes by a bounded factor at any load")
+    max_queue_prefill_ms: float | None = Field(None, gt=0, description="with a step token budget: when the waiting prompts would take longer than this to prefill in steps of the budget (by the fitted step-cost line), the budget grows to the size that prefills them in this time, at most the running decodes plus --chunked-prefill-size: bounded steps while the queue is short, an unbounded schedule's throughput under saturation")
 
     # Plugins and kernels
     plugins: list[str] | None = Field(None, description="plugins to load, comma-separated (default: all installed)")
@@ -133,6 +134,9 @@ class EngineSettings(CliSettings):
         if fields and self.chunked_prefill_size <= 0:
             raise ValueError(f"{fields[0]}: a step token budget splits prompts into chunks; it needs "
                              f"chunked_prefill_size > 0 (got {self.chunked_prefill_size})")
+        if self.max_queue_prefill_ms is not None and not fields:
+            raise ValueError("max_queue_prefill_ms: it grows a step token budget; give one (max_step_tokens, "
+                             "target_step_ms or target_step_ratio)")
         if self.target_step_ms is not None and self.target_step_ratio is not None:
             raise ValueError("target_step_ratio: give a step time target either in ms (target_step_ms) or as a "
                              "ratio to a decode step, not both")

@@ -57,8 +57,9 @@ def _check_against_hf(model_folder, prompts, max_new, gap: float = 0.02, **setti
     {"max_step_tokens": 3},
     {"target_step_ms": 0.001, "max_step_tokens": 40},
     {"target_step_ratio": 1.5, "max_step_tokens": 40},
+    {"max_queue_prefill_ms": 0.001, "max_step_tokens": 12, "chunked_prefill_size": 24},
 ], ids=["default", "chunked", "chunked-nocache", "fcfs", "mixed", "step-budget", "step-budget-tiny",
-        "step-target", "step-ratio"])
+        "step-target", "step-ratio", "step-queue"])
 def test_tiny_llama_matches_hf(tiny_llama, settings):
     prompts = _prompts(1, [5, 37, 12, 64, 3, 21], 259, shared_prefix=9)
     max_new = [20, 7, 33, 12, 25, 16]
@@ -67,7 +68,8 @@ def test_tiny_llama_matches_hf(tiny_llama, settings):
     # finish alone), so that case sends all at once: 196 prompt tokens in chunks of 8 while the
     # first finished ones decode, whatever the speed.
     # A step token budget (fixed, or from a target far below any step's time: the floor of
-    # MIN_STEP_TOKENS) chunks the prompts itself and makes every prefill step a mixed one.
+    # MIN_STEP_TOKENS) chunks the prompts itself and makes every prefill step a mixed one; a
+    # queue target far below any step's time grows steps past the budget to the chunk size.
     mixed = settings.get("enable_mixed_chunk") or settings.get("max_step_tokens")
     gap = 0.0 if mixed else 0.02
     engine = _check_against_hf(tiny_llama, prompts, max_new, gap=gap, **settings)

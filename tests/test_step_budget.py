@@ -88,6 +88,31 @@ def test_a_fixed_budget_records_nothing():
     assert budget.tokens() == 64 and not budget.costs.samples
 
 
+def test_a_long_queue_grows_the_budget_to_prefill_it_within_the_queue_target():
+    """Steps cost A + B * tokens, A = 16 B; the queue target T = 256 B. A budget B prefills Q
+    queued tokens beside d decodes in Q / (B - d) steps of (16 + B) B each: by hand the least
+    B with Q (16 + B) <= 256 (B - d)."""
+    settings = EngineSettings(model_path="unused", max_step_tokens=64, chunked_prefill_size=512,
+                              max_queue_prefill_ms=1000 * 256 * B)
+    budget = StepBudget(settings)
+    assert budget.tokens(4, 10_000) == 64, "no step measured yet: nothing to grow by"
+    for tokens in (16, 64):
+        budget.record(tokens, A + B * tokens)
+    assert budget.tokens(4, 0) == 64, "an empty queue: the cap"
+    assert budget.tokens(4, 128) == 64, "128 tokens need 24 (3072 / 128): the cap already does"
+    assert budget.tokens(4, 200) == 76, "(200 * 16 + 256 * 4) / (256 - 200) = 75.4"
+    assert budget.tokens(100, 200) == 515, "(200 * 16 + 256 * 100) / 56 = 514.3"
+    assert budget.tokens(4, 256) == 516, "no budget clears 256 tokens in time: decodes + the chunk size"
+    assert budget.tokens(200, 200) == 712, "(3200 + 51200) / 56 = 971.4, past decodes + the chunk size"
+    budget.cap = 1024
+    assert budget.tokens(4, 300) == 1024, "a cap past decodes + the chunk size is never lowered"
+
+
+def test_the_queue_target_needs_a_step_budget():
+    with pytest.raises(ValueError, match="max_queue_prefill_ms"):
+        EngineSettings(model_path="unused", max_queue_prefill_ms=100)
+
+
 @pytest.mark.parametrize("field", ["max_step_tokens", "target_step_ms", "target_step_ratio"])
 def test_a_step_budget_needs_chunked_prefill(field):
     with pytest.raises(ValueError, match=field):
@@ -333,4 +358,37 @@ def test_a_ratio_target_follows_the_running_batchs_decode_step(tiny_llama, monke
     assert bounded > 0, "the ratio target bound some step below the cap"
     measured = sorted(core.scheduler.step_budget.decode_times)
     assert measured == pytest.approx(sorted(gaps[-32:])), "each measured gap is exactly one decode step"
+    check_all_memory_back(core)
+
+
+@pytest.mark.parametrize("queue_ms, grows", [(1000 * 400 * B, True), (1e6, False)], ids=["tight", "loose"])
+def test_a_queue_target_grows_steps_only_while_the_queue_is_long(tiny_llama, monkeypatch, queue_ms, grows):
+    """Ten prompts (~500 tokens) arrive at once under a 16-token budget, steps costing A + B *
+    tokens on a fake clock. With a queue target of 400 B (A = 16 B) no budget prefills the whole
+    queue in time, so steps grow to the decodes plus the 48-token chunk size, past the cap;
+    once the queue is short they are bounded again: a prompt arriving alone into an idle queue
+    is chunked at the cap. With a loose target no step passes the cap. Every request finishes its
+    full length and every slot comes back."""
+    cap, chunk = 16, 48
+    core, steps = make_costed_core(tiny_llama, monkeypatch, max_step_tokens=cap, chunked_prefill_size=chunk,
+                                   max_queue_prefill_ms=queue_ms)
+    rng = random.Random(5)
+    lengths = {f"r{i}": rng.randint(4, 12) for i in range(10)}
+    for rid, n in lengths.items():
+        add(core, rid, prompt(rng, rng.randint(30, 70)), n)
+    while len(core.scheduler.running) < 2:
+        core.step()
+    add(core, "late", prompt(rng, 4), 40)  # a decode that outlives the queue
+    outputs = run_to_the_end(core)
+    extends = [tokens for mode, tokens in steps if mode is ForwardMode.EXTEND]
+    assert extends[0] == cap, "no step measured yet: the cap"
+    assert max(extends) <= 11 + chunk, "at most every request decoding plus one chunk"
+    assert (max(extends) > cap) is grows
+    lengths |= {"late": 40}
+    assert outputs == lengths
+    passes = len(steps)
+    add(core, "alone", prompt(rng, 40), 3)
+    assert run_to_the_end(core) == {"alone": 3}
+    assert [tokens for mode, tokens in steps[passes:] if mode is ForwardMode.EXTEND][:1] == [cap], \
+        "40 tokens alone need (40 * 16) / (400 - 40) = 1.8 tokens a step: the cap stands"
     check_all_memory_back(core)

@@ -208,7 +208,9 @@ class Scheduler:
         waits for one to finish."""
         decoding = [r for r in self.running if r.fill_len - r.kv_len == 1]
         jumped = [r for r in self.running if r.fill_len - r.kv_len > 1]
-        room = self.step_budget.tokens() - len(decoding)
+        queued = sum(r.fill_len - r.kv_len for r in self.waiting) + (
+            self.chunked.fill_len - self.chunked.kv_len if self.chunked else 0)
+        room = self.step_budget.tokens(len(decoding), queued) - len(decoding)
         if room <= 0:
             return []
         chunks = self.admission.grow_running(jumped, room)

@@ -7,10 +7,17 @@ line, time = a + b * tokens, over the recent steps that carried prefill, solved 
 that take the target. The target is fixed (``--target-step-ms``) or a multiple of the running
 batch's plain decode step (``--target-step-ratio``): the stall a prefill step adds to every
 stream then stays a bounded factor of its usual inter-token gap, small batch or large.
+
+Under saturation bounded steps cost throughput and buy nothing: requests wait in the queue far
+past any TTFT target anyway. With ``--max-queue-prefill-ms`` the budget grows when the queue's
+prompts would take longer than that to prefill in steps of the budget (by the same fitted line),
+to the size that clears them in that time, at most the decodes plus ``--chunked-prefill-size``:
+steps are bounded while the queue is short and as large as an unbounded schedule's when it is not.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
@@ -92,6 +99,8 @@ class StepBudget:
         self.cap = settings.max_step_tokens or settings.chunked_prefill_size
         self.target_s = settings.target_step_ms / 1000 if settings.target_step_ms is not None else None
         self.target_ratio = settings.target_step_ratio
+        self.queue_s = settings.max_queue_prefill_ms / 1000 if settings.max_queue_prefill_ms is not None else None
+        self.chunk_cap = settings.chunked_prefill_size
         self.costs = StepCostModel()
         self.decode_times: deque[float] = deque(maxlen=DECODE_WINDOW)
         self._last_decode_end: float | None = None
@@ -99,7 +108,7 @@ class StepBudget:
     @property
     def timed(self) -> bool:
         """Whether steps are timed: the budget follows a time target."""
-        return self.target_s is not None or self.target_ratio is not None
+        return any(v is not None for v in (self.target_s, self.target_ratio, self.queue_s))
 
     def target(self) -> float | None:
         """The time a step carrying prefill should take; None before anything fixes one."""
@@ -107,12 +116,33 @@ class StepBudget:
             return self.target_s
         return self.target_ratio * statistics.median(self.decode_times) if self.decode_times else None
 
-    def tokens(self) -> int:
+    def tokens(self, decodes: int = 0, queued: int = 0) -> int:
+        """The budget of the next step, which carries ``decodes`` running decodes while ``queued``
+        prompt tokens wait to be prefilled (``--max-queue-prefill-ms`` grows it by them)."""
+        bounded = self._bounded()
+        if self.queue_s is None or queued == 0:
+            return bounded
+        return max(bounded, min(decodes + self.chunk_cap, self._clearing(decodes, queued)))
+
+    def _bounded(self) -> int:
         target = self.target()
         fitted = self.costs.tokens_within(target) if target is not None else None
         if fitted is None:
             return self.cap
         return min(self.cap, max(MIN_STEP_TOKENS, self.costs.knee(), fitted))
+
+    def _clearing(self, decodes: int, queued: int) -> float:
+        """The smallest budget B whose steps prefill ``queued`` tokens within the queue target T:
+        queued / (B - decodes) steps of a + b * B seconds each, so B >= (queued a + T decodes) /
+        (T - queued b); no line yet: 0 (nothing known to grow by); no such B: unbounded."""
+        line = self.costs.fit()
+        if line is None:
+            return 0
+        a, b = line
+        room = self.queue_s - queued * b
+        if room <= 0:
+            return math.inf
+        return math.ceil((queued * a + self.queue_s * decodes) / room)
 
     def record(self, tokens: int, seconds: float) -> None:
         """A step carrying prefill took ``seconds`` for ``tokens`` (decodes included)."""

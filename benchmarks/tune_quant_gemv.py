@@ -4,7 +4,8 @@ scale, quantize and ``torch._scaled_mm`` kernels; packed integers: ``int_matmul`
 bf16 GEMV, at Llama-3.1-8B's linear shapes (unless ``--config``), over a sweep of their launch
 settings; print each product's weight-read rate beside the copy bandwidth measured in the same run,
 the decode step's linear-layer total, and the ``LAUNCH_TABLE`` entries (each shape's best setting)
-to paste into the kernel's module.
+to paste into the kernel's module (AWQ's and GPTQ int4's share their keys: one layout after loading,
+the same kernel; the two should time alike).
 
 Timing as in tune_gemv.py: several copies of each weight (more bytes than the L2 holds) are
 multiplied in turn inside one CUDA graph, programmatic dependent launch off. Every setting is
@@ -43,15 +44,12 @@ from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
 # kernel before the GEMV, one more launch; else in every program).
 FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, QUANTIZE_ONCE=once)
              for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512), (4, 8), (False, True))]
-# Packed integers, by the axis words pack (``IntWeight.packed_dim``): output features a tile (wide
-# along the contiguous axis), input features a step (at most the benchmark's 128-feature groups),
-# warps; at most 128 accumulators a thread (more spill, compiled for sm_90). Two fixed K splits
-# besides the automatic one (shares enough to fill the device, whose last arrival sums them all).
-INT_SWEEPS = {1: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # AWQ
-                  for bn, bk, w in ((512, 8, 4), (512, 16, 4), (512, 32, 4), (1024, 8, 4), (1024, 16, 4),
-                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))]
-                 + [dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)],
-              0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # GPTQ
+# Packed integers, by the axis words pack (``IntWeight.packed_dim``; every format packs along K as the
+# methods leave it after loading, AWQ repacked so): output features a tile (wide along the contiguous
+# axis), input features a step (at most the benchmark's 128-feature groups), warps; at most 128
+# accumulators a thread (more spill, compiled for sm_90). Two fixed K splits besides the automatic one
+# (shares enough to fill the device, whose last arrival sums them all).
+INT_SWEEPS = {0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
                   for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
                                     (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]
                  + [dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)]}

@@ -49,16 +49,12 @@ LAUNCH = {1: dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1),  # words
 LAUNCH_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")  # SPLIT_K optional: chosen by size
 # (packed_dim, N, K) -> settings for that layout and shape, as the sweep prints them; others take ``LAUNCH``.
 # Measured 2026-12-07 on an H100 (benchmarks/tune_quant_gemv.py --sweep; docs/benchmarks.md): Llama-3.1-8B's
-# shapes, GPTQ (packed along K, 0) and AWQ (packed along N, 1).
+# shapes, GPTQ (packed along K, 0). AWQ layers are repacked along K at load (awq/method.py) and take these.
 LAUNCH_TABLE: dict[tuple[int, int, int], dict] = {
     (0, 6144, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
     (0, 4096, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
     (0, 28672, 4096): {'BLOCK_N': 1024, 'BLOCK_K': 16, 'num_warps': 4, 'num_stages': 1},
     (0, 4096, 14336): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 6144, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 4096, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 28672, 4096): {'BLOCK_N': 2048, 'BLOCK_K': 8, 'num_warps': 4, 'num_stages': 1},
-    (1, 4096, 14336): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
 }
 MAX_COLUMN_TILES = 1 << 14  # arrival counters a device holds; wider layers run without splitting K
 _TWO_23 = tl.constexpr(8388608.0)  # 2^23: floats of its exponent step by 1, so the mantissa holds an integer

@@ -162,8 +162,7 @@ KERNELS: dict[str, Kernel] = {
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel", INT_GEMV_TYPES,
         [dict(c, BLOCK_N=n, BLOCK_K=k)
          for n, k in ((512, 16), (512, 32), (1024, 16))
-         for c in grid(BITS=[4, 8], PACKED_K=[True], INTERLEAVED=[False], HAS_ZEROS=[True, False],
-                       HAS_BIAS=[False, True], EVEN_K=[True, False], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL)],
+         for c in grid(BITS=[4, 8], HAS_ZEROS=[True, False], HAS_BIAS=[False, True], EVEN_K=[True, False], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL)],
         {"num_warps": 4, "num_stages": 1}),
     # 4-bit matmul with zero points, packed along K (AWQ as repacked at load, GPTQ): GEMV_LAUNCH and
     # GEMM_LAUNCH tiles, groups a K tile holds (g32) or spanning tiles (-1, g128).

@@ -172,7 +172,7 @@ KERNELS: dict[str, Kernel] = {
         [dict(c, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=8, num_stages=3,
               Y="*bf16" if c["SPLIT_K"] == 1 else "*fp32")  # split K: float32 partial sums
          for m, n, k in ((16, 64, 128), (64, 128, 64))
-         for c in grid(BITS=[4], PACKED_K=[True], INTERLEAVED=[False], HAS_ZEROS=[True], HAS_G_IDX=[False],
+         for c in grid(BITS=[4], HAS_ZEROS=[True], HAS_G_IDX=[False],
                        GROUP_PER_TILE=[False, True], PRECISION=["tf32"], UPCAST=[False], SPLIT_K=[1, 4], **PDL)]),
     # AWQ experts (group -1 reads one group of all K: GROUP_PER_TILE) through the fused MoE kernels:
     # default_config's tiles; one token's pairs as blocks (its int64 ids) or sorted blocks (int32).

@@ -19,7 +19,6 @@ from sglang_core.layers.parallel import ColumnParallelLinear  # noqa: E402
 from sglang_plugins.quant import int_gemv, int_matmul, packing  # noqa: E402
 from sglang_plugins.quant.fp8 import gemv as fp8_gemv_module  # noqa: E402
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod  # noqa: E402
-from sglang_plugins.quant.int_weight import IntWeight  # noqa: E402
 from test_int_matmul import awq, gptq, random_layer  # noqa: E402
 from test_quant_compressed_tensors import int_args  # noqa: E402
 
@@ -215,8 +214,6 @@ def test_int_gemv_declines_what_it_does_not_serve():
     assert not int_gemv.fits(torch.randn(2, 96), packed)
     assert not int_gemv.fits(torch.randn(1, 64), packed)
     assert not int_gemv.fits(torch.randn(1, 96), packed, dict(INT_TILES, BLOCK_K=24))  # 24 and 32 do not nest
-    along_n = IntWeight(torch.zeros(96, 5, dtype=torch.int32), torch.ones(3, 40), 4, packed_dim=1, group_size=32)
-    assert not int_gemv.fits(torch.randn(1, 96), along_n)  # words packing output features (AWQ's, unrepacked)
     with pytest.raises(ValueError, match="BLOCK_K 24"):
         int_gemv.int_gemv(torch.randn(1, 96), packed, config=dict(INT_TILES, BLOCK_K=24))
 

@@ -1,7 +1,6 @@
-"""``y = x W^T (+ b)`` for one row ``x`` (batch-1 decode) and a packed 4- or 8-bit weight whose
-words pack input features (``IntWeight`` of ``packed_dim`` 0: GPTQ, compressed-tensors
-``pack-quantized``, AWQ as repacked at load) grouped along K without activation order: the weight
-is read once at its packed size and dequantised in registers.
+"""``y = x W^T (+ b)`` for one row ``x`` (batch-1 decode) and a packed 4- or 8-bit weight
+(``IntWeight``: GPTQ, compressed-tensors ``pack-quantized``, AWQ as repacked at load) grouped along
+K without activation order: the weight is read once at its packed size and dequantised in registers.
 
 ``int_matmul`` serves one row too, but through ``tl.dot`` tiles 16 rows tall, and its split K
 writes float32 partial sums that a separate kernel adds. Here a program owns ``BLOCK_N`` output
@@ -194,21 +193,19 @@ def _split(weight: IntWeight, step: int, tiles: int, device: torch.device) -> in
 
 
 def _step_k(weight: IntWeight, block_k: int) -> int | None:
-    """The K step: ``block_k``, or the group where it is smaller; None where words do not pack input
-    features, a group is not a whole number of steps, a step not a whole number of words, or
-    features have an activation order (``g_idx``)."""
+    """The K step: ``block_k``, or the group where it is smaller; None where a group is not a whole
+    number of steps, a step not a whole number of words, or features have an activation order (``g_idx``)."""
     k = weight.shape[0]
     group = weight.group_size or k
     step = block_k if group >= k else min(block_k, group)
-    if weight.packed_dim != 0 or weight.g_idx is not None or step % (32 // weight.bits) or (group < k and group % step):
+    if weight.g_idx is not None or step % (32 // weight.bits) or (group < k and group % step):
         return None
     return step
 
 
 def fits(x: torch.Tensor, weight: IntWeight, config: dict | None = None) -> bool:
-    """Whether ``int_gemv`` serves this product: one row of a float dtype, words packing input
-    features, groups without an activation order that nest with the K step of the launch settings
-    (``launch_settings``)."""
+    """Whether ``int_gemv`` serves this product: one row of a float dtype, groups without an
+    activation order that nest with the K step of the launch settings (``launch_settings``)."""
     block_k = launch_settings(weight, config)["BLOCK_K"]
     return (ENABLED and x.numel() == x.shape[-1] == weight.shape[0] > 0 and x.is_floating_point()
             and _step_k(weight, block_k) is not None)
@@ -233,8 +230,7 @@ def int_gemv(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = Non
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     step = _step_k(weight, block_k)
     if x.numel() != k or step is None:
-        raise ValueError(f"int_gemv takes one row of {k} features, words packing them and groups that nest with "
-                         f"BLOCK_K {block_k}")
+        raise ValueError(f"int_gemv takes one row of {k} features and groups that nest with BLOCK_K {block_k}")
     tiles = triton.cdiv(n, block_n)
     split = launch.pop("SPLIT_K", None) or _split(weight, step, tiles, x.device)
     split = split if tiles <= MAX_COLUMN_TILES else 1

@@ -149,8 +149,7 @@ class AWQMethod(QuantMethod):
 
     def int_weight(self, layer) -> IntWeight:
         """The (repacked) layer's tensors as the integer kernels read them."""
-        return IntWeight(layer.qweight, layer.scales, BITS, packed_dim=0, zeros=layer.qzeros,
-                         group_size=self.group_size)
+        return IntWeight(layer.qweight, layer.scales, BITS, zeros=layer.qzeros, group_size=self.group_size)
 
     def apply(self, layer, x, bias):
         return packed_linear(self, layer, x, bias)

@@ -174,7 +174,7 @@ class GPTQMethod(QuantMethod):
 
     def int_weight(self, layer) -> IntWeight:
         """The layer's packed tensors as the integer matmul kernel reads them."""
-        return IntWeight(layer.qweight, layer.scales, self.bits, packed_dim=0, zeros=layer.qzeros,
+        return IntWeight(layer.qweight, layer.scales, self.bits, zeros=layer.qzeros,
                          zero_offset=self.zero_offset, group_size=None if self.group_size == -1 else self.group_size,
                          g_idx=layer.g_idx if self.desc_act else None)
 

@@ -61,7 +61,8 @@ def random_words(*shape: int) -> torch.Tensor:
 
 
 def random_layer(method, n: int, k: int) -> SimpleNamespace:
-    """Random packed tensors of an ``n x k`` weight with the attributes ``method`` reads."""
+    """Random packed tensors of an ``n x k`` weight with the attributes ``method`` reads, as loading
+    leaves them (AWQ's repacked along K)."""
     groups, scales = k // GROUP, lambda *shape: torch.rand(*shape, device="cuda", dtype=torch.bfloat16) * 0.01
     if isinstance(method, PackedIntMethod):
         return SimpleNamespace(weight_packed=random_words(n, k // method.pack), weight_scale=scales(n, groups))
@@ -69,6 +70,7 @@ def random_layer(method, n: int, k: int) -> SimpleNamespace:
     layer = SimpleNamespace(qzeros=random_words(groups, n // pack), scales=scales(groups, n))
     if isinstance(method, AWQMethod):
         layer.qweight = random_words(k, n // 8)
+        method.process_weights_after_loading(layer)
     else:
         layer.qweight = random_words(k // method.pack, n)
         layer.g_idx = (torch.randperm(k, device="cuda") // GROUP if method.desc_act

@@ -155,28 +155,24 @@ KERNELS: dict[str, Kernel] = {
         {"X": "*bf16", "XRounded": "*fp32", "XScale": "*fp32"},
         [dict(DYNAMIC=d, CONVERT=True, BLOCK_K=b, num_warps=w, **{k: v[0] for k, v in PDL.items()})
          for d in (True, False) for b, w in ((4096, 4), (16384, 16))]),
-    # AWQ (4-bit, packed along N, interleaved, zero points) one-row GEMV (a group is whole K steps).
-    "int_gemv_awq": Kernel(
-        "sglang_plugins.quant.int_gemv:_int_gemv_kernel",
-        INT_GEMV_TYPES,
-        grid(BITS=[4], PACKED_K=[False], INTERLEAVED=[True], HAS_ZEROS=[True], HAS_BIAS=[False, True],
-             EVEN_K=[True, False], BLOCK_N=[1024], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
-        {"num_warps": 4, "num_stages": 1}),
-    # GPTQ / compressed-tensors (packed along K, 4 or 8 bits; zero points or symmetric) one-row GEMV:
-    # the layout whose early return 3.6 refused (docs/gpu.md).
-    "int_gemv_gptq": Kernel(
+    # Packed along K (4 or 8 bits; zero points or symmetric) one-row GEMV: GPTQ, compressed-tensors and AWQ
+    # (repacked so at load), at the default tiles and LAUNCH_TABLE's; the layout whose early return 3.6
+    # refused (docs/gpu.md).
+    "int_gemv": Kernel(
         "sglang_plugins.quant.int_gemv:_int_gemv_kernel", INT_GEMV_TYPES,
-        grid(BITS=[4, 8], PACKED_K=[True], INTERLEAVED=[False], HAS_ZEROS=[True, False], HAS_BIAS=[False],
-             EVEN_K=[True, False], BLOCK_N=[512], BLOCK_K=[16], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL),
+        [dict(c, BLOCK_N=n, BLOCK_K=k)
+         for n, k in ((512, 16), (512, 32), (1024, 16))
+         for c in grid(BITS=[4, 8], HAS_ZEROS=[True, False], HAS_BIAS=[False, True], EVEN_K=[True, False], SPLIT_K=[1, 4], **CONTIGUOUS_N, **PDL)],
         {"num_warps": 4, "num_stages": 1}),
-    # AWQ matmul: GEMV_LAUNCH and GEMM_LAUNCH tiles, groups a K tile holds (g32) or spanning tiles (-1, g128).
-    "int_matmul_awq": Kernel(
+    # 4-bit matmul with zero points, packed along K (AWQ as repacked at load, GPTQ): GEMV_LAUNCH and
+    # GEMM_LAUNCH tiles, groups a K tile holds (g32) or spanning tiles (-1, g128).
+    "int_matmul_int4": Kernel(
         "sglang_plugins.quant.int_matmul:_int_matmul_kernel",
         {"X": "*bf16", **INT_WEIGHTS, "GIdx": "*i32"},
         [dict(c, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=8, num_stages=3,
               Y="*bf16" if c["SPLIT_K"] == 1 else "*fp32")  # split K: float32 partial sums
          for m, n, k in ((16, 64, 128), (64, 128, 64))
-         for c in grid(BITS=[4], PACKED_K=[False], INTERLEAVED=[True], HAS_ZEROS=[True], HAS_G_IDX=[False],
+         for c in grid(BITS=[4], HAS_ZEROS=[True], HAS_G_IDX=[False],
                        GROUP_PER_TILE=[False, True], PRECISION=["tf32"], UPCAST=[False], SPLIT_K=[1, 4], **PDL)]),
     # AWQ experts (group -1 reads one group of all K: GROUP_PER_TILE) through the fused MoE kernels:
     # default_config's tiles; one token's pairs as blocks (its int64 ids) or sorted blocks (int32).

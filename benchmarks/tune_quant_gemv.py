@@ -4,7 +4,8 @@ scale, quantize and ``torch._scaled_mm`` kernels; packed integers: ``int_matmul`
 bf16 GEMV, at Llama-3.1-8B's linear shapes (unless ``--config``), over a sweep of their launch
 settings; print each product's weight-read rate beside the copy bandwidth measured in the same run,
 the decode step's linear-layer total, and the ``LAUNCH_TABLE`` entries (each shape's best setting)
-to paste into the kernel's module.
+to paste into the kernel's module (AWQ's and GPTQ int4's share their keys: one layout after loading,
+the same kernel; the two should time alike).
 
 Timing as in tune_gemv.py: several copies of each weight (more bytes than the L2 holds) are
 multiplied in turn inside one CUDA graph, programmatic dependent launch off. Every setting is
@@ -43,18 +44,15 @@ from tune_gemv import CONFIG, L2_BEATING_BYTES, shapes, time_per_product
 # kernel before the GEMV, one more launch; else in every program).
 FP8_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1, QUANTIZE_ONCE=once)
              for bn, bk, w, once in itertools.product((8, 16, 32), (256, 512), (4, 8), (False, True))]
-# Packed integers, by the axis words pack (``IntWeight.packed_dim``): output features a tile (wide
-# along the contiguous axis), input features a step (at most the benchmark's 128-feature groups),
-# warps; at most 128 accumulators a thread (more spill, compiled for sm_90). Two fixed K splits
-# besides the automatic one (shares enough to fill the device, whose last arrival sums them all).
-INT_SWEEPS = {1: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # AWQ
-                  for bn, bk, w in ((512, 8, 4), (512, 16, 4), (512, 32, 4), (1024, 8, 4), (1024, 16, 4),
-                                    (2048, 8, 4), (1024, 16, 8), (1024, 32, 8), (2048, 8, 8), (2048, 16, 8))]
-                 + [dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)],
-              0: [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)  # GPTQ
-                  for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
-                                    (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]
-                 + [dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)]}
+# Packed integers (words along K, as every format's layer holds them after loading, AWQ's repacked):
+# output features a tile (wide along the contiguous axis), input features a step (at most the
+# benchmark's 128-feature groups), warps; at most 128 accumulators a thread (more spill, compiled for
+# sm_90). Two fixed K splits besides the automatic one (shares enough to fill the device, whose last
+# arrival sums them all).
+INT_SWEEP = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+              for bn, bk, w in ((256, 16, 4), (256, 32, 4), (512, 16, 4), (512, 32, 4), (1024, 16, 4),
+                                (1024, 16, 8), (1024, 32, 8), (2048, 16, 8))]
+             + [dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT_K=split) for split in (8, 16)])
 FORMATS = ("fp8", "awq", "gptq-4bit")
 # A setting that does not compile, fit, nest with the groups or give the right numbers is reported and skipped.
 SETTING_FAILURES = (triton.runtime.errors.OutOfResources, triton.CompilationError, AssertionError, ValueError)
@@ -132,8 +130,7 @@ def main() -> int:
     for fmt in args.formats:
         make, check = ((fp8_layers, fp8_check) if fmt == "fp8"
                        else (lambda n, k, fmt=fmt: [random_int_layer(INT_FORMATS[fmt](), n, k)], int_check(fmt)))
-        layout = None if fmt == "fp8" else INT_FORMATS[fmt]().int_weight(make(64, 256)[0]).packed_dim
-        sweep = FP8_SWEEP if fmt == "fp8" else INT_SWEEPS[layout]
+        sweep = FP8_SWEEP if fmt == "fp8" else INT_SWEEP
         grid = [None] + (sweep if args.sweep else [])  # None: the module's settings for the shape
         old, new, nbytes, table = {}, {}, {}, {}
         for name, n, k, _ in products:
@@ -153,7 +150,7 @@ def main() -> int:
             check(old_path, layers[0], x)
             old[name] = time_per_product(old_path, layers, x)
             default, best = new[name][0], min(new[name], key=lambda pair: pair[0])
-            table[(n, k) if fmt == "fp8" else (layout, n, k)] = best[1]
+            table[(n, k)] = best[1]
             print(f"{fmt:9s} {name:8s} {n:6d}x{k:5d} ({nbytes[name] / 1e6:6.1f} MB): bf16 GEMV {bf16[name]:6.1f} us | "
                   f"old path {old[name]:6.1f} us {rate(nbytes[name], old[name], bandwidth)} | "
                   f"GEMV {default[0]:6.1f} us {rate(nbytes[name], default[0], bandwidth)} | "

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from reference import byte_level_tokenizer, hf_greedy
 from sglang_core.engine import Engine
 from sglang_core.layers.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup
+from sglang_plugins.quant.awq import method as awq_method
 from sglang_plugins.quant.awq.method import AWQMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
 
@@ -93,6 +94,31 @@ def test_packers_agree_with_elementwise_unpacking():
         values = torch.randint(0, 1 << bits, (8, 8), generator=gen)
         packed = gptq_pack(values, bits, dim)
         assert all(reference_gptq_value(packed, bits, (r, c), dim) == values[r, c] for r in range(8) for c in range(8))
+
+
+def test_awq_layer_is_repacked_into_gptq_words_after_loading(monkeypatch):
+    """After loading, an AWQ layer holds its values in GPTQ's published layout (words along the inputs;
+    zero points in output order, stored as they are: no v1 offset), in the bytes it loaded, repacked a
+    few input features at a time (here 64: a last run of 32), and dequantises to the float64 weight
+    of the AWQ checkpoint."""
+    monkeypatch.setattr(awq_method, "REPACK_ROWS", 64)
+    fmt = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    inputs, outputs = 96, 24
+    quant = Quantized(fmt, inputs, outputs, torch.Generator().manual_seed(5), torch.arange(inputs) // 32)
+    layer = ColumnParallelLinear(inputs, outputs, quant_method=AWQMethod(fmt, "model.layers.0.mlp.up_proj"))
+    for name, tensor in quant.tensors.items():
+        getattr(layer, name).weight_loader(getattr(layer, name), tensor)
+    loaded_bytes = {name: p.numel() * p.element_size() for name, p in layer.named_parameters()}
+    layer.quant_method.process_weights_after_loading(layer)
+    assert {name: p.numel() * p.element_size() for name, p in layer.named_parameters()} == loaded_bytes
+    assert layer.qweight.shape == (inputs // 8, outputs) and layer.qzeros.shape == (inputs // 32, outputs // 8)
+    assert all(reference_gptq_value(layer.qweight, 4, (k, n), 0) == quant.values[k, n]
+               for k in range(inputs) for n in range(outputs))
+    assert all(reference_gptq_value(layer.qzeros, 4, (g, n), 1) == quant.zeros[g, n]
+               for g in range(inputs // 32) for n in range(outputs))
+    groups = torch.arange(inputs) // 32
+    expected = (quant.values - quant.zeros[groups]).double() * quant.scales.double()[groups]
+    assert torch.equal(layer.quant_method.dequantized_weight(layer).double(), expected.t())  # exact in float16
 
 
 # ---- quantized projections: integers, their packed tensors, and the float weight they stand for ----

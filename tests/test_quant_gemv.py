@@ -177,8 +177,8 @@ def test_int_gemv_16bit_default_launch(table, programs, grid, monkeypatch):
     monkeypatch.setattr(int_gemv, "_int_gemv_kernel", mock.MagicMock(
         __getitem__=lambda self, grid: launches.append(grid) or kernel[grid]))
     if table:
-        monkeypatch.setattr(int_gemv, "LAUNCH_TABLE", {(1, 40, 64): dict(BLOCK_N=16, BLOCK_K=16)})
-        assert int_gemv.launch_settings(packed) == dict(int_gemv.LAUNCH[1], BLOCK_N=16, BLOCK_K=16)
+        monkeypatch.setattr(int_gemv, "LAUNCH_TABLE", {(40, 64): dict(BLOCK_N=16, BLOCK_K=16)})
+        assert int_gemv.launch_settings(packed) == dict(int_gemv.LAUNCH, BLOCK_N=16, BLOCK_K=16)
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     got = int_gemv.int_gemv(x, packed)
     assert launches == [grid]  # column tiles (40 outputs in tiles of 16 from the table), K shares

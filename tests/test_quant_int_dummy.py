@@ -21,7 +21,6 @@ from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMeth
 from sglang_plugins.quant.gptq.method import GPTQMethod
 from test_fp8_dummy import init_dummy_weights_once, serve_dummy_weights
 
-AWQ_SLOT_FEATURE = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order: slot i of a word holds feature AWQ_SLOT_FEATURE[i]
 INPUTS, PARTS = 128, [64, 32]  # a fused layer of two parts
 
 
@@ -68,15 +67,13 @@ def groups_of(g_idx: torch.Tensor | None, inputs: int, group_size: int) -> torch
 def dequantized(layer: torch.nn.Module, config: dict) -> torch.Tensor:
     """The ``[out, in]`` float weight a linear layer's raw parameters stand for, by the format's
     published layout (``config``: its quantization_config)."""
-    if config["quant_method"] == "awq":
-        order = torch.tensor(AWQ_SLOT_FEATURE).argsort()  # feature f sits in slot order[f]
-        q, z = (unpack(t, 4, 1).unflatten(1, (-1, 8))[..., order].flatten(1) for t in (layer.qweight, layer.qzeros))
-        g = groups_of(None, q.shape[0], config["group_size"])
-        return ((q - z[g]) * layer.scales.float()[g]).t()
-    if config["quant_method"] == "gptq":  # input features packed along dim 0; zero points stored less one in v1
-        bits, v1 = config["bits"], config.get("checkpoint_format", "gptq") == "gptq"
+    if config["quant_method"] in ("awq", "gptq"):
+        # Input features packed along dim 0 (AWQ's words repacked so after loading); zero points in output
+        # order, stored less one in GPTQ v1, as they are in gptq_v2 and AWQ.
+        bits = config["bits"]
+        v1 = config["quant_method"] == "gptq" and config.get("checkpoint_format", "gptq") == "gptq"
         q, z = unpack(layer.qweight, bits, 0), unpack(layer.qzeros, bits, 1) + int(v1)
-        g = groups_of(layer.g_idx if config["desc_act"] else None, q.shape[0], config["group_size"])
+        g = groups_of(layer.g_idx if config.get("desc_act") else None, q.shape[0], config["group_size"])
         return ((q - z[g]) * layer.scales.float()[g]).t()
     weights = config["config_groups"]["group_0"]["weights"]
     if config["format"] == "pack-quantized":  # stored as the signed value + 2^(bits-1), zero points alike

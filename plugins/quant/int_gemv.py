@@ -1,6 +1,6 @@
 """``y = x W^T (+ b)`` for one row ``x`` (batch-1 decode) and a packed 4- or 8-bit weight
-(``IntWeight``: GPTQ, AWQ, compressed-tensors ``pack-quantized``) grouped along K without
-activation order: the weight is read once at its packed size and dequantised in registers.
+(``IntWeight``: GPTQ, compressed-tensors ``pack-quantized``, AWQ as repacked at load) grouped along
+K without activation order: the weight is read once at its packed size and dequantised in registers.
 
 ``int_matmul`` serves one row too, but through ``tl.dot`` tiles 16 rows tall, and its split K
 writes float32 partial sums that a separate kernel adds. Here a program owns ``BLOCK_N`` output
@@ -11,8 +11,9 @@ value three: one and-or that places the value's bits in the mantissa of 2^23 (``
 no shift per value and no integer-to-float conversion), one subtraction of 2^23 (exact), one
 multiply-add into a float32 accumulator as large as the step, with no sum across threads in the
 loop. A value in the upper half-word is read after one shift of its word; a value ``b`` bits up its
-half-word comes out times ``2^b``, which is undone on ``x`` (words packing K) or on the group's
-scale (words packing N), both exact powers of two. When a group's steps are done the accumulator
+half-word comes out times ``2^b``, which is undone on its input feature of ``x`` (an exact power of
+two). (Words packing output features, AWQ's, cost the loop partial sums moved between warps: AWQ
+layers are repacked, awq/method.py.) When a group's steps are done the accumulator
 is summed over K once and the group's scale and zero point applied once per output feature:
 ``sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)``.
 
@@ -41,24 +42,18 @@ from sglang_plugins.quant.int_matmul import programs_to_fill
 from sglang_plugins.quant.int_weight import IntWeight
 
 ENABLED = True  # benchmarks switch it off to measure ``int_matmul`` beside it
-# Untimed until benchmarks/tune_quant_gemv.py --sweep runs on the GPU; by the axis words pack (the
-# weight's ``packed_dim``). Tiles wide enough along N (the contiguous axis) that a thread's loads are
+# Shapes the table lacks. Tiles wide enough along N (the contiguous axis) that a thread's loads are
 # 8-16 bytes, 64-128 values a thread a step, no spills compiled for sm_90.
-LAUNCH = {1: dict(BLOCK_N=1024, BLOCK_K=16, num_warps=4, num_stages=1),  # words along N: AWQ
-          0: dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)}  # along K: GPTQ, compressed-tensors
+LAUNCH = dict(BLOCK_N=512, BLOCK_K=16, num_warps=4, num_stages=1)
 LAUNCH_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")  # SPLIT_K optional: chosen by size
-# (packed_dim, N, K) -> settings for that layout and shape, as the sweep prints them; others take ``LAUNCH``.
-# Measured 2026-12-07 on an H100 (benchmarks/tune_quant_gemv.py --sweep; docs/benchmarks.md): Llama-3.1-8B's
-# shapes, GPTQ (packed along K, 0) and AWQ (packed along N, 1).
-LAUNCH_TABLE: dict[tuple[int, int, int], dict] = {
-    (0, 6144, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (0, 4096, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (0, 28672, 4096): {'BLOCK_N': 1024, 'BLOCK_K': 16, 'num_warps': 4, 'num_stages': 1},
-    (0, 4096, 14336): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 6144, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 4096, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
-    (1, 28672, 4096): {'BLOCK_N': 2048, 'BLOCK_K': 8, 'num_warps': 4, 'num_stages': 1},
-    (1, 4096, 14336): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
+# (N, K) -> settings for that shape, as the sweep prints them; others take ``LAUNCH``. Measured 2026-12-07 on
+# an H100 (benchmarks/tune_quant_gemv.py --sweep; docs/benchmarks.md): Llama-3.1-8B's shapes, GPTQ int4. The
+# AWQ entries of that sweep (its words along N) are gone with that layout: AWQ layers, repacked, take these.
+LAUNCH_TABLE: dict[tuple[int, int], dict] = {
+    (6144, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
+    (4096, 4096): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
+    (28672, 4096): {'BLOCK_N': 1024, 'BLOCK_K': 16, 'num_warps': 4, 'num_stages': 1},
+    (4096, 14336): {'BLOCK_N': 512, 'BLOCK_K': 32, 'num_warps': 4, 'num_stages': 1},
 }
 MAX_COLUMN_TILES = 1 << 14  # arrival counters a device holds; wider layers run without splitting K
 _TWO_23 = tl.constexpr(8388608.0)  # 2^23: floats of its exponent step by 1, so the mantissa holds an integer
@@ -67,20 +62,12 @@ _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 @triton.jit
-def _load_words(Q, k0, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn,
-                BITS: tl.constexpr, PACKED_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_words(Q, k0, k_end, cols, col_ok, stride_qk, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The packed words of input features ``k0...`` (zero from ``k_end`` on) for the tile's columns."""
     PACK: tl.constexpr = 32 // BITS
-    # Both returns inside the constexpr if/else: compiled Triton generates only the branch taken,
-    # but checks every return it generates for one shape (an early return failed to compile).
-    if PACKED_K:
-        word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        return tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
-                       mask=(word_rows < k_end // PACK)[:, None] & col_ok[None, :], other=0)
-    else:
-        k = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
-                       mask=(k < k_end)[:, None] & word_col_ok[None, :], other=0)
+    word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    return tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                   mask=(word_rows < k_end // PACK)[:, None] & col_ok[None, :], other=0)
 
 
 @triton.jit
@@ -124,70 +111,48 @@ def _slot_factor(slot, BITS: tl.constexpr):
 @triton.jit
 def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, zero_offset,
                      stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-                     BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Output features of column tile ``program_id(0)`` over K share ``program_id(1)``; a step
-    (``BLOCK_K`` input features) lies within one group.
-
-    Entry ``t`` of the tile is word ``t / PACK`` of the tile's words and its slot ``t % PACK``; the
-    slot's output feature within the word is the slot, or with AWQ's interleave, features 0, 2, 4,
-    6, 1, 3, 5, 7 in slot order. ``EVEN_K``: K is whole steps (inputs read unmasked)."""
+    (``BLOCK_K`` input features) lies within one group. A word holds ``PACK`` consecutive input
+    features of one output feature; zero points pack ``PACK`` output features to a word.
+    ``EVEN_K``: K is whole steps (inputs read unmasked)."""
     PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2
-    WORDS_N: tl.constexpr = BLOCK_N // PACK
     tile = tl.program_id(0)
-    t = tl.arange(0, BLOCK_N)
-    slot = t % PACK
-    feature = 2 * (slot % HALF) + slot // HALF if INTERLEAVED else slot
-    word_of_t = tile * WORDS_N + t // PACK
-    cols = tile * BLOCK_N + (t // PACK) * PACK + feature
-    word_cols = tile * WORDS_N + tl.arange(0, WORDS_N)
-    col_ok, word_col_ok = cols < N, word_cols < N // PACK
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = tl.program_id(1) * k_share
     k_end = tl.minimum(k_begin + k_share, K)
     pdl_launch_next(USE_PDL)
     # Words, not their unpacked codes, are held across a step: a quarter (8 bits) or an eighth of the registers.
-    words = _load_words(Q, k_begin, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk, stride_qn, BITS,
-                        PACKED_K, BLOCK_K)
+    words = _load_words(Q, k_begin, k_end, cols, col_ok, stride_qk, stride_qn, BITS, BLOCK_K)
     pdl_wait(USE_PDL)
-    # acc: word rows x word columns x slots (in _slot_values' order), multiply-added elementwise.
-    if PACKED_K:  # a word's slots are PACK consecutive inputs of its row, each times the inverse of its placement
-        x_index = tl.arange(0, BLOCK_K // PACK)[:, None] * PACK + tl.arange(0, PACK)[None, :]
-        x_factor = _slot_factor(tl.arange(0, PACK), BITS)[None, :]
-        acc = tl.zeros([BLOCK_K // PACK, BLOCK_N, PACK], dtype=tl.float32)
-    else:  # a word row is one input; its slots are output features, placement undone on the sums
-        x_index = tl.arange(0, BLOCK_K)
-        x_factor = 1.0
-        acc = tl.zeros([BLOCK_K, WORDS_N, PACK], dtype=tl.float32)
+    # acc: word rows x columns x slots (in _slot_values' order), multiply-added elementwise; a word's
+    # slots are PACK consecutive inputs of its row, each x times the inverse of the slot's placement.
+    x_index = tl.arange(0, BLOCK_K // PACK)[:, None] * PACK + tl.arange(0, PACK)[None, :]
+    x_factor = _slot_factor(tl.arange(0, PACK), BITS)[None, :]
+    acc = tl.zeros([BLOCK_K // PACK, BLOCK_N, PACK], dtype=tl.float32)
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     # The share's groups (its first and last may be partial), each's steps, then its scale once.
     for group_start in range(k_begin - k_begin % group_size, k_end, group_size):
         acc = tl.zeros_like(acc)
         x_acc = tl.zeros(x_index.shape, dtype=tl.float32)
         for k0 in range(tl.maximum(group_start, k_begin), tl.minimum(group_start + group_size, k_end), BLOCK_K):
-            next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, word_cols, col_ok, word_col_ok, stride_qk,
-                                     stride_qn, BITS, PACKED_K, BLOCK_K)
+            next_words = _load_words(Q, k0 + BLOCK_K, k_end, cols, col_ok, stride_qk, stride_qn, BITS, BLOCK_K)
             if EVEN_K:
                 x = tl.load(X + k0 + x_index).to(tl.float32)
             else:
                 x = tl.load(X + k0 + x_index, mask=(k0 + x_index) < k_end, other=0.0).to(tl.float32)
             x_acc += x
-            if PACKED_K:
-                acc += _slot_values(words, BITS) * (x * x_factor)[:, None, :]
-            else:
-                acc += _slot_values(words, BITS) * x[:, None, None]
+            acc += _slot_values(words, BITS) * (x * x_factor)[:, None, :]
             words = next_words
         group = group_start // group_size
-        if PACKED_K:
-            sums = tl.sum(tl.sum(acc, axis=2), axis=0)
-        else:
-            sums = tl.reshape(tl.sum(acc, axis=0), (BLOCK_N,)) * _slot_factor(slot, BITS)
+        sums = tl.sum(tl.sum(acc, axis=2), axis=0)
         scale = tl.load(S + group * stride_sg + cols * stride_sn, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            zero_words = tl.load(Z + group * stride_zg + word_of_t * stride_zn, mask=col_ok, other=0)
-            zero = (((zero_words >> (BITS * slot)) & ((1 << BITS) - 1)) + zero_offset).to(tl.float32)
+            zero_words = tl.load(Z + group * stride_zg + (cols // PACK) * stride_zn, mask=col_ok, other=0)
+            zero = (((zero_words >> (BITS * (cols % PACK))) & ((1 << BITS) - 1)) + zero_offset).to(tl.float32)
         else:
             zero = zero_offset
         out += scale * (sums - zero * tl.sum(tl.reshape(x_acc, (BLOCK_K,)), axis=0))
@@ -210,11 +175,10 @@ def _int_gemv_kernel(X, Q, S, Z, Bias, Y, Partials, Counters, N, K, group_size, 
 
 
 def launch_settings(weight: IntWeight, config: dict | None = None) -> dict:
-    """The launch settings for ``weight``: ``config``, else ``LAUNCH_TABLE``'s entry for its layout
-    and shape, else its layout's ``LAUNCH`` (fields ``LAUNCH_FIELDS``)."""
+    """The launch settings for ``weight``: ``config``, else ``LAUNCH_TABLE``'s entry for its shape,
+    else ``LAUNCH`` (fields ``LAUNCH_FIELDS``)."""
     k, n = weight.shape
-    return launch_table.launch_settings("int_gemv", LAUNCH[weight.packed_dim], LAUNCH_TABLE, LAUNCH_FIELDS,
-                                        (weight.packed_dim, n, k), config)
+    return launch_table.launch_settings("int_gemv", LAUNCH, LAUNCH_TABLE, LAUNCH_FIELDS, (n, k), config)
 
 
 def _split(weight: IntWeight, step: int, tiles: int, device: torch.device) -> int:
@@ -278,7 +242,6 @@ def int_gemv(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = Non
         x1, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, y, partials,
         _arrival_counters(x.device), n, k, weight.group_size or k, weight.zero_offset,
         *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(),
-        BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
-        HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
+        BITS=weight.bits, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
         BLOCK_N=block_n, BLOCK_K=step, SPLIT_K=split, **launch, **launch_options(x))
     return y.view(*x.shape[:-1], n)

@@ -3,13 +3,12 @@ point) per group of input features, dequantised tile by tile in registers: the w
 memory at its packed size, never written out in float.
 
 The three packed-integer formats (GPTQ, AWQ, compressed-tensors ``pack-quantized``) differ only
-in facts an ``IntWeight`` (int_weight.py) states: which axis the ``32 / bits`` values of an int32 run
-along, AWQ's interleaved order of those values, whether zero points are stored (and an offset
+in facts an ``IntWeight`` (int_weight.py) states: whether zero points are stored (and an offset
 added to them, or the constant zero point of a symmetric scheme), the group size, and an
-activation-order ``g_idx`` giving each input feature's group. Slot ``i`` of a word (bits
-``bits * i`` up) holds value ``i`` of the word's run, except in AWQ's order, where the 8 slots of
-a word packed along the outputs (weight and zero points alike) hold its features 0, 2, 4, 6, 1,
-3, 5, 7.
+activation-order ``g_idx`` giving each input feature's group (AWQ's words, which run along the
+outputs in an interleaved order, are repacked along the inputs at load). Slot ``i`` of a word
+(bits ``bits * i`` up) holds value ``i`` of the word's run: of input features in the weight, of
+output features in the zero points.
 
 One kernel, two launch shapes. Up to ``GEMV_ROWS`` rows (decode) a program holds all the rows and
 streams its columns' packed weight along K; larger batches launch a tiled GEMM. Where a layer has
@@ -64,26 +63,19 @@ def unpack_first(words, BITS: tl.constexpr):
 def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
                        stride_xm, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
                        stride_ys, stride_ym,
-                       BITS: tl.constexpr, PACKED_K: tl.constexpr, INTERLEAVED: tl.constexpr,
-                       HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+                       BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                       GROUP_PER_TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """``Y[split] = X[:, ks] @ dequant(W)[ks, :]`` over this program's share ``ks`` of the K tiles,
     for one tile of rows and columns.
 
-    Each packed word is loaded once and unpacked into its ``p`` values in registers. Values unpacked
-    along the outputs come in slot order, so the tile's columns are numbered in that order: with
-    AWQ's interleave, tile position ``8w + s`` is output feature ``8w + (0, 2, 4, 6, 1, 3, 5, 7)[s]``,
-    and scales, zero points and outputs are addressed by those features. ``GROUP_PER_TILE``: no
-    ``g_idx`` and groups a multiple of ``BLOCK_K``, so one row of scales and zero points serves the tile."""
+    Each packed word is loaded once and unpacked into its ``p`` values in registers.
+    ``GROUP_PER_TILE``: no ``g_idx`` and groups a multiple of ``BLOCK_K``, so one row of scales and
+    zero points serves the tile."""
     PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x features passes 2^31
-    position = tl.arange(0, BLOCK_N)
-    if INTERLEAVED:
-        # AWQ: slots 0..p/2-1 hold the word's even features, the rest its odd ones.
-        position = (position // PACK) * PACK + 2 * (position % HALF) + (position % PACK) // HALF
-    cols = tl.program_id(1) * BLOCK_N + position
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     word_cols = tl.program_id(1) * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
     row_ok, col_ok, word_col_ok = rows < M, cols < N, word_cols < N // PACK
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -96,15 +88,10 @@ def _int_matmul_kernel(X, Q, S, Z, GIdx, Y, M, N, K, group_size, zero_offset,
         k = k0 + kk
         k_ok = k < K
         x = tl.load(X + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if PACKED_K:
-            word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            words = tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
-                            mask=(word_rows < K // PACK)[:, None] & col_ok[None, :], other=0)
-            q = unpack_first(words, BITS)
-        else:
-            words = tl.load(Q + k[:, None] * stride_qk + word_cols[None, :] * stride_qn,
-                            mask=k_ok[:, None] & word_col_ok[None, :], other=0)
-            q = unpack_last(words, BITS)
+        word_rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        words = tl.load(Q + word_rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                        mask=(word_rows < K // PACK)[:, None] & col_ok[None, :], other=0)
+        q = unpack_first(words, BITS)
         # The input features whose groups this tile needs: all, or the first (one group for all).
         group_k = k0 + tl.arange(0, 1) if GROUP_PER_TILE else k
         if HAS_G_IDX:
@@ -162,8 +149,7 @@ def int_matmul(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None = N
             x2, weight.qweight, weight.scales, zeros, weight.g_idx if weight.g_idx is not None else weight.qweight,
             y, m, n, k, weight.group_size or k, weight.zero_offset,
             x2.stride(0), *weight.qweight.stride(), *weight.scales.stride(), *zeros.stride(), y.stride(0), y.stride(1),
-            BITS=weight.bits, PACKED_K=weight.packed_dim == 0, INTERLEAVED=weight.interleaved,
-            HAS_ZEROS=weight.zeros is not None, HAS_G_IDX=weight.g_idx is not None,
+            BITS=weight.bits, HAS_ZEROS=weight.zeros is not None, HAS_G_IDX=weight.g_idx is not None,
             GROUP_PER_TILE=weight.g_idx is None and (weight.group_size or k) % block_k == 0,
             # float32 products exactly (no TF32), as the float32 PyTorch path computes them.
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

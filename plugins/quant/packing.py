@@ -42,6 +42,29 @@ def unpack_ints(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.reshape(*w.shape[:-1], w.shape[-1] * per_word).movedim(-1, dim)
 
 
+def pack_ints(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """``unpack_ints``' inverse: unsigned ``bits``-wide integers, ``32 // bits`` consecutive ones
+    along ``dim`` (which shrinks by that) to each int32, lowest bits first."""
+    per_word = 32 // bits
+    v = values.movedim(dim, -1).to(torch.int64)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per_word, per_word)
+    words = (v << torch.arange(0, 32, bits, device=values.device)).sum(-1)  # disjoint bits: the sum is the or
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the top bit set: a negative int32
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def dequantize_packed_along_k(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
+                              zero_offset: int, groups: torch.Tensor) -> torch.Tensor:
+    """A weight packed along the inputs (GPTQ's layout: ``qweight`` ``[in/p, out]``, ``qzeros``
+    ``[G, out/p]`` in output order, ``scales`` ``[G, out]``) as ``[out, in]`` floats of the scales'
+    dtype: ``W[k, n] = (q[k, n] - z) * s[groups[k], n]``, the zero point ``z`` being group
+    ``groups[k]``'s stored value plus ``zero_offset`` (``groups``: each input feature's group)."""
+    zeros = unpack_ints(qzeros, bits, dim=1).float() + zero_offset
+    values = unpack_ints(qweight, bits, dim=0).float()
+    w = (values - zeros[groups]) * scales.float()[groups]
+    return w.t().to(scales.dtype)
+
+
 def packed_linear(method: Any, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A packed method's forward: on CUDA (with Triton) a kernel on the packed tensors that
     ``method.int_weight(layer)`` describes, ``int_gemv``'s for one row where it serves the layout,

@@ -151,7 +151,7 @@ class PackedIntMethod(QuantMethod):
         """The layer's packed tensors as the integer matmul kernel reads them: ``[out, in]`` tensors as
         transposed views."""
         zeros = None if self.symmetric else layer.weight_zero_point.t()
-        return IntWeight(layer.weight_packed.t(), layer.weight_scale.t(), self.bits, packed_dim=0, zeros=zeros,
+        return IntWeight(layer.weight_packed.t(), layer.weight_scale.t(), self.bits, zeros=zeros,
                          zero_offset=self.zero_offset, group_size=self.group_size,
                          g_idx=layer.weight_g_idx if self.act_order else None)
 

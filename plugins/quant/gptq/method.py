@@ -36,8 +36,8 @@ from sglang_core.layers.quant import QuantMethod, weight_param
 from sglang_plugins.quant.dummy import fill_group_index, fill_positive_scales, uniform_code_std
 from sglang_plugins.quant.fused import all_parts_match
 from sglang_plugins.quant.int_weight import IntWeight
-from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, load_expert_part_vector,
-                                          packed_linear, rank_groups, require_bool, unpack_ints)
+from sglang_plugins.quant.packing import (DequantizingExpertsMethod, config_value, dequantize_packed_along_k,
+                                          load_expert_part_vector, packed_linear, rank_groups, require_bool)
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -166,11 +166,7 @@ class GPTQMethod(QuantMethod):
     def dequantize(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                    g_idx: torch.Tensor) -> torch.Tensor:
         """One weight's packed tensors as ``[out, in]`` floats of the scales' dtype."""
-        groups = self.input_groups(g_idx)
-        zeros = unpack_ints(qzeros, self.bits, dim=1).float() + self.zero_offset
-        values = unpack_ints(qweight, self.bits, dim=0).float()
-        w = (values - zeros[groups]) * scales.float()[groups]
-        return w.t().to(scales.dtype)
+        return dequantize_packed_along_k(qweight, qzeros, scales, self.bits, self.zero_offset, self.input_groups(g_idx))
 
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The layer's weight as ``[out, in]`` floats of the scales' dtype."""
@@ -178,7 +174,7 @@ class GPTQMethod(QuantMethod):
 
     def int_weight(self, layer) -> IntWeight:
         """The layer's packed tensors as the integer matmul kernel reads them."""
-        return IntWeight(layer.qweight, layer.scales, self.bits, packed_dim=0, zeros=layer.qzeros,
+        return IntWeight(layer.qweight, layer.scales, self.bits, zeros=layer.qzeros,
                          zero_offset=self.zero_offset, group_size=None if self.group_size == -1 else self.group_size,
                          g_idx=layer.g_idx if self.desc_act else None)
 

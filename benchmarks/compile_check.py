@@ -131,14 +131,18 @@ KERNELS: dict[str, Kernel] = {
         {"Pairs": "*fp32", "Addend": "*bf16", "Result": "*bf16"},
         grid(TOP_K=[1, 2, 4, 6, 8], HAS_ADDEND=[False, True], BLOCK=[1024], **PDL)),
     # Rows read by stride (MLA's latent is a view); hidden 4096, 512 (kv_lora_rank), 128 (q/k norm).
+    # MLA's latent norm also writes the cached row (and k_pe, 64 wide, after it) into its pool slot.
     "rms_norm": Kernel(
         "sglang_core.kernels.fused:_rms_norm_kernel",
-        {**BF16_NORM, "pre_eps": "fp32", "eps": "fp32"},
-        [dict(c, BLOCK=block, num_warps=warps) for block, warps in ((4096, 8), (512, 2), (128, 1))
+        {**BF16_NORM, "RowsOut": "*bf16", "Rows": "*i64", "Tail": "*bf16", "pre_eps": "fp32", "eps": "fp32"},
+        [dict(c, BLOCK=block, num_warps=warps, HAS_ROWS_OUT=False, BLOCK_TAIL=1)
+         for block, warps in ((4096, 8), (512, 2), (128, 1))
          for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], SCALE_IN_FP32=[False, True], **PDL)]
         # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
         + [dict(HAS_RESIDUAL=r, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
-                Weight="*fp32", Out="*fp32") for r in (False, True)]),
+                HAS_ROWS_OUT=False, BLOCK_TAIL=1, Weight="*fp32", Out="*fp32") for r in (False, True)]
+        + [dict(HAS_RESIDUAL=False, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
+                HAS_ROWS_OUT=True, BLOCK_TAIL=64)]),
     # The FP8 one-row GEMV: per-channel e4m3 weights, inputs rounded to e4m3 (dynamic or static) in
     # every program or once before (X_ROUNDED: float32 rows from fp8_round_row), or weight-only.
     "fp8_gemv": Kernel(

@@ -117,6 +117,25 @@ def _bind(layer: mla.MultiHeadLatentAttention, backend: str) -> None:
                                            pool)
 
 
+def test_the_layer_stores_latents_itself_only_where_the_backend_would_store_them_alike() -> None:
+    """``Attention.new_kv_rows``: the pool's latent rows and the batch's slots where the backend
+    takes stored latents (Triton) and the pool keeps the compute dtype; None for a converting (FP8)
+    pool or a backend storing its own way, and such a backend refuses ``k=None``."""
+    layer = _layer(SHAPES[1], seed=0)
+    batch = _batch([(0, 3)], torch.zeros(1, 8, dtype=torch.int64), 1)
+    _bind(layer, "triton")
+    buffer, slots = layer.attn.new_kv_rows(batch, torch.float32)
+    assert buffer.data_ptr() == layer.attn.backend.kv_pool.k_buffer(0).data_ptr() and slots is batch.out_cache_loc
+    assert buffer.shape == (201, layer.attn.spec.head_dim)
+    fp8 = TokenKVPool(200, [layer.attn.spec], torch.float8_e4m3fn, "cpu")
+    layer.attn.backend = type(layer.attn.backend)(layer.attn.backend.spec, fp8)
+    assert layer.attn.new_kv_rows(batch, torch.float32) is None
+    _bind(layer, "torch_native")
+    assert layer.attn.new_kv_rows(batch, torch.float32) is None
+    with pytest.raises(ValueError, match="k:"):
+        layer.attn(torch.zeros(3, layer.attn.spec.num_heads * layer.attn.spec.head_dim), None, None, batch)
+
+
 # A decode step after STEPS: one token for each request over what the steps stored.
 DECODE_STEP = [(40, 1), (37, 1), (10, 1), (1, 1)]
 

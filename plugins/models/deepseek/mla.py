@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.norm import RMSNorm, RowsOut
 from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -167,15 +167,14 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         n = x.shape[0]
-        query, latent = self._projections(x)
+        query, cached = self._projections(x)
         q_nope, q_pe = query.view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         # What the pool keeps, [normed latent, rotated k_pe], written over the projection's output
         # (views at its row stride): the norm writes in place, the rotary turns k_pe in place on CUDA.
-        cached = latent
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        self.kv_a_layernorm(latent, out=latent)
         k_pe = k_pe.view(n, 1, self.rope_dim)
         if self.caches_per_head:
+            self.kv_a_layernorm(latent, out=latent)
             q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
             keys, values = self._expand(latent, k_pe.reshape(n, self.rope_dim))
             query = torch.cat([q_nope, q_pe], dim=-1).reshape(n, -1)
@@ -187,9 +186,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe, k_rotated = self.rotary(positions, q_pe, k_pe, None if expands else query[..., self.kv_lora_rank:])
         if k_rotated is not k_pe:  # rotated out of place (off CUDA): the cached row takes it
             k_pe.copy_(k_rotated)
+        # Absorbed, where the backend lets the layer store the new latents, the norm's launch also
+        # writes the whole cached row, the rotated k_pe (turned above) after the latent, into its
+        # pool slot, and the attention stores nothing.
+        slots = None if expands else self.attn.new_kv_rows(batch, cached.dtype)
+        self.kv_a_layernorm(latent, out=latent, rows_out=None if slots is None else RowsOut(*slots, k_pe.view(n, -1)))
         if expands:
             return self.o_proj(self._expanded(q_nope, q_pe, cached, batch).reshape(n, -1))
-        return self.o_proj(self._absorbed(q_nope, query, cached, batch).reshape(n, -1))
+        return self.o_proj(self._absorbed(q_nope, query, cached if slots is None else None, batch).reshape(n, -1))
 
     def _expand(self, latents: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys ``[W_UK c, k_pe]`` [S, heads, nope + rope] and values ``W_UV c`` [S, heads, v]
@@ -209,10 +213,11 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attn.attends_given_kv and expanding_is_cheaper(
             batch.prefix_lens_cpu, batch.extend_lens_cpu, self.kv_lora_rank, self.nope_dim, self.v_head_dim)
 
-    def _absorbed(self, q_nope: torch.Tensor, query: torch.Tensor, cached: torch.Tensor,
+    def _absorbed(self, q_nope: torch.Tensor, query: torch.Tensor, cached: torch.Tensor | None,
                   batch: ForwardBatch) -> torch.Tensor:
         """Queries into latent space (``query`` [n, heads, rank + rope] holds their rotated part,
-        the rest is written here), attention over the pool's latents, values out: [n, heads, v]."""
+        the rest is written here), attention over the pool's latents (``cached``: the new rows the
+        backend stores; None: already stored), values out: [n, heads, v]."""
         n, heads, rank = q_nope.shape[0], self.num_heads, self.kv_lora_rank
         # kv_b_proj's rows, per head: nope_dim rows of W_UK, then v_head_dim rows of W_UV.
         w_uk, w_uv = self.kv_b_proj.weight.view(heads, -1, rank).split([self.nope_dim, self.v_head_dim], dim=1)

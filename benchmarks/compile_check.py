@@ -73,13 +73,13 @@ ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "ReqToToken": "*i64
 UNIT_STRIDES = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_r2n=1)
 
 KERNELS: dict[str, Kernel] = {
-    # Decode's split kernel: graph decode (splits by batch size), cascade's prefix splits, and the
-    # rows graphs' skipping of the rows a prefill chunk's extend kernel writes (SKIP_ROWS).
+    # Decode's split kernel: graph decode (splits by batch size; one split writes the output), cascade's
+    # prefix splits, and the rows graphs' skipping of the rows a prefill chunk's extend kernel writes (SKIP_ROWS).
     "decode_split": Kernel(
         "sglang_plugins.attention.triton.kernels:_decode_split_kernel",
-        {**ATTENTION_TYPES, "KvStart": "*i64", "SkipRows": "*i64", "MidO": "*fp32", "MidLse": "*fp32"},
+        {**ATTENTION_TYPES, "KvStart": "*i64", "SkipRows": "*i64", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
         [dict(c, NUM_SPLITS=n, PREFIX_SPLITS=p, GROUP=4, HEAD_PAD=16, HEAD_TILES=1, BLOCK_N=128, num_stages=2,
-              PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_mod=1, stride_mls=1,
+              PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_mod=1, stride_mls=1, stride_od=1,
               **({"KvStart": "*i32"} if p else {}))
          for n, p in ((1, 0), (16, 0), (2, 4))
          for c in grid(WINDOW=[0, 4096], SOFT_CAP=[False, True], SKIP_ROWS=[False, True], **PDL)]),

@@ -125,6 +125,14 @@ KERNELS: dict[str, Kernel] = {
                                                                        (16, 16, 32), (40, 64, 64))
          for c in grid(INTERLEAVED=[False, True], **PDL)]
         + [dict(HALF=32, BLOCK_HALF=32, BLOCK_H=128, INTERLEAVED=i, USE_PDL=True, y_heads=1) for i in (False, True)]),
+    # MLA's absorbed decode query and both rotaries in one launch: DeepSeek-V2-Lite's 16 heads and
+    # V3's 128 (W_UK 128 x 512 per head, rope 64), V2's interleaved pairs and V3's halves.
+    "absorbed_query": Kernel(
+        "sglang_plugins.models.deepseek.absorbed_query:_absorbed_query_kernel",
+        {"QNope": "*bf16", "WUK": "*bf16", "Query": "*bf16", "QPe": "*bf16", "KPe": "*bf16", "Positions": "*i64",
+         "Cos": "*fp32", "Sin": "*fp32"},
+        [dict(c, NOPE=128, BLOCK_D=128, BLOCK_R=64, TILES=8, HALF=32, BLOCK_HALF=32)
+         for c in grid(BLOCK_H=[16, 128], INTERLEAVED=[True, False], **PDL)]),
     # fused_moe's last launch: each token's k rows summed, with and without the shared expert's addend.
     "sum_pairs": Kernel(
         "sglang_core.kernels.fused_moe:_sum_pairs_kernel",

@@ -97,12 +97,13 @@ def logging_triton(log: LaunchLog) -> Iterator[None]:
         InterpretedFunction.run = run
 
 
-def moe_layer_decode(fused: bool = True,
-                     backend: type[AttentionBackend] = TritonBackend) -> tuple[list[str], torch.Tensor]:
-    """The kernels of layer 1 (an MoE layer) in one batch-1 decode step, and the row of the pool
-    the step cached (its new latent). ``fused=False``: the layers' PyTorch paths, as on the CPU."""
+def moe_layer_decode(fused: bool = True, backend: type[AttentionBackend] = TritonBackend,
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The kernels of layer 1 (an MoE layer) in one batch-1 decode step, the row of the pool the
+    step cached (its new latent) and its attention's output. ``fused=False``: the layers' PyTorch
+    paths, as on the CPU. (The interpreter's bfloat16 ``tl.dot`` is not CUDA's: compare outputs in
+    float32.)"""
     config = lite_like_config()
-    dtype = torch.bfloat16
     model = DeepseekV2ForCausalLM(config, ModelContext(dtype=dtype))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -123,15 +124,17 @@ def moe_layer_decode(fused: bool = True,
     x = torch.randn(1, config.hidden_size).to(dtype)
     residual = torch.randn(1, config.hidden_size).to(dtype)
     log = LaunchLog()
+    attended = []
+    layer.self_attn.register_forward_hook(lambda module, args, output: attended.append(output))
     with fused_paths_forced() if fused else contextlib.nullcontext(), torch.no_grad():
         attn.backend.plan(batch)  # outside the graph: once per step, not per layer
         with logging_triton(log), log:
             layer(batch.positions, x, residual, batch)
-    return log.kernels, pool.k_buffer(1)[CONTEXT + 1].clone()
+    return log.kernels, pool.k_buffer(1)[CONTEXT + 1].clone(), attended[0].clone()
 
 
 def main() -> None:
-    kernels, _ = moe_layer_decode()
+    kernels, _, _ = moe_layer_decode()
     for i, kernel in enumerate(kernels, 1):
         print(f"{i:3d}  {kernel}")
     print(f"{len(kernels)} kernels per MoE layer")

@@ -73,13 +73,13 @@ ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "ReqToToken": "*i64
 UNIT_STRIDES = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_r2n=1)
 
 KERNELS: dict[str, Kernel] = {
-    # Decode's split kernel: graph decode (splits by batch size), cascade's prefix splits, and the
-    # rows graphs' skipping of the rows a prefill chunk's extend kernel writes (SKIP_ROWS).
+    # Decode's split kernel: graph decode (splits by batch size; one split writes the output), cascade's
+    # prefix splits, and the rows graphs' skipping of the rows a prefill chunk's extend kernel writes (SKIP_ROWS).
     "decode_split": Kernel(
         "sglang_plugins.attention.triton.kernels:_decode_split_kernel",
-        {**ATTENTION_TYPES, "KvStart": "*i64", "SkipRows": "*i64", "MidO": "*fp32", "MidLse": "*fp32"},
+        {**ATTENTION_TYPES, "KvStart": "*i64", "SkipRows": "*i64", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
         [dict(c, NUM_SPLITS=n, PREFIX_SPLITS=p, GROUP=4, HEAD_PAD=16, HEAD_TILES=1, BLOCK_N=128, num_stages=2,
-              PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_mod=1, stride_mls=1,
+              PRECISION="tf32", **ATTENTION_DIMS, **UNIT_STRIDES, stride_mod=1, stride_mls=1, stride_od=1,
               **({"KvStart": "*i32"} if p else {}))
          for n, p in ((1, 0), (16, 0), (2, 4))
          for c in grid(WINDOW=[0, 4096], SOFT_CAP=[False, True], SKIP_ROWS=[False, True], **PDL)]),
@@ -125,20 +125,32 @@ KERNELS: dict[str, Kernel] = {
                                                                        (16, 16, 32), (40, 64, 64))
          for c in grid(INTERLEAVED=[False, True], **PDL)]
         + [dict(HALF=32, BLOCK_HALF=32, BLOCK_H=128, INTERLEAVED=i, USE_PDL=True, y_heads=1) for i in (False, True)]),
+    # MLA's absorbed decode query and both rotaries in one launch: DeepSeek-V2-Lite's 16 heads and
+    # V3's 128 (W_UK 128 x 512 per head, rope 64), V2's interleaved pairs and V3's halves.
+    "absorbed_query": Kernel(
+        "sglang_plugins.models.deepseek.absorbed_query:_absorbed_query_kernel",
+        {"QNope": "*bf16", "WUK": "*bf16", "Query": "*bf16", "QPe": "*bf16", "KPe": "*bf16", "Positions": "*i64",
+         "Cos": "*fp32", "Sin": "*fp32"},
+        [dict(c, NOPE=128, BLOCK_D=128, BLOCK_R=64, TILES=8, HALF=32, BLOCK_HALF=32)
+         for c in grid(BLOCK_H=[16, 128], INTERLEAVED=[True, False], **PDL)]),
     # fused_moe's last launch: each token's k rows summed, with and without the shared expert's addend.
     "sum_pairs": Kernel(
         "sglang_core.kernels.fused_moe:_sum_pairs_kernel",
         {"Pairs": "*fp32", "Addend": "*bf16", "Result": "*bf16"},
         grid(TOP_K=[1, 2, 4, 6, 8], HAS_ADDEND=[False, True], BLOCK=[1024], **PDL)),
     # Rows read by stride (MLA's latent is a view); hidden 4096, 512 (kv_lora_rank), 128 (q/k norm).
+    # MLA's latent norm also writes the cached row (and k_pe, 64 wide, after it) into its pool slot.
     "rms_norm": Kernel(
         "sglang_core.kernels.fused:_rms_norm_kernel",
-        {**BF16_NORM, "pre_eps": "fp32", "eps": "fp32"},
-        [dict(c, BLOCK=block, num_warps=warps) for block, warps in ((4096, 8), (512, 2), (128, 1))
+        {**BF16_NORM, "RowsOut": "*bf16", "Rows": "*i64", "Tail": "*bf16", "pre_eps": "fp32", "eps": "fp32"},
+        [dict(c, BLOCK=block, num_warps=warps, HAS_ROWS_OUT=False, BLOCK_TAIL=1)
+         for block, warps in ((4096, 8), (512, 2), (128, 1))
          for c in grid(HAS_RESIDUAL=[False, True], HAS_PRE=[False, True], SCALE_IN_FP32=[False, True], **PDL)]
         # A float32 weight (RMSNorm's default params_dtype) promotes the output to float32.
         + [dict(HAS_RESIDUAL=r, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
-                Weight="*fp32", Out="*fp32") for r in (False, True)]),
+                HAS_ROWS_OUT=False, BLOCK_TAIL=1, Weight="*fp32", Out="*fp32") for r in (False, True)]
+        + [dict(HAS_RESIDUAL=False, HAS_PRE=False, SCALE_IN_FP32=False, BLOCK=512, num_warps=2, USE_PDL=True,
+                HAS_ROWS_OUT=True, BLOCK_TAIL=64)]),
     # The FP8 one-row GEMV: per-channel e4m3 weights, inputs rounded to e4m3 (dynamic or static) in
     # every program or once before (X_ROUNDED: float32 rows from fp8_round_row), or weight-only.
     "fp8_gemv": Kernel(

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import sglang_core.kernels  # noqa: E402
+from sglang_core.layers.attention import AttentionBackend  # noqa: E402
 from sglang_core.layers.attention_spec import AttentionSpec  # noqa: E402
 from sglang_core.mem.kv_pool import TokenKVPool  # noqa: E402
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
@@ -96,10 +97,13 @@ def logging_triton(log: LaunchLog) -> Iterator[None]:
         InterpretedFunction.run = run
 
 
-def moe_layer_decode_kernels() -> list[str]:
-    """The kernels of layer 1 (an MoE layer) in one batch-1 decode step."""
+def moe_layer_decode(fused: bool = True, backend: type[AttentionBackend] = TritonBackend,
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The kernels of layer 1 (an MoE layer) in one batch-1 decode step, the row of the pool the
+    step cached (its new latent) and its attention's output. ``fused=False``: the layers' PyTorch
+    paths, as on the CPU. (The interpreter's bfloat16 ``tl.dot`` is not CUDA's: compare outputs in
+    float32.)"""
     config = lite_like_config()
-    dtype = torch.bfloat16
     model = DeepseekV2ForCausalLM(config, ModelContext(dtype=dtype))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -109,7 +113,7 @@ def moe_layer_decode_kernels() -> list[str]:
     attn = layer.self_attn.attn
     pool = TokenKVPool(64, [a.self_attn.attn.spec for a in model.model.layers], dtype, "cpu")
     specs = tuple(a.self_attn.attn.spec for a in model.model.layers)
-    attn.backend = TritonBackend(AttentionSpec(specs, dtype, torch.device("cpu")), pool)
+    attn.backend = backend(AttentionSpec(specs, dtype, torch.device("cpu")), pool)
     req_to_token = torch.zeros(1, 32, dtype=torch.int64)
     req_to_token[0, :CONTEXT + 1] = torch.arange(1, CONTEXT + 2)
     batch = ForwardBatch(
@@ -120,15 +124,17 @@ def moe_layer_decode_kernels() -> list[str]:
     x = torch.randn(1, config.hidden_size).to(dtype)
     residual = torch.randn(1, config.hidden_size).to(dtype)
     log = LaunchLog()
-    with fused_paths_forced(), torch.no_grad():
+    attended = []
+    layer.self_attn.register_forward_hook(lambda module, args, output: attended.append(output))
+    with fused_paths_forced() if fused else contextlib.nullcontext(), torch.no_grad():
         attn.backend.plan(batch)  # outside the graph: once per step, not per layer
         with logging_triton(log), log:
             layer(batch.positions, x, residual, batch)
-    return log.kernels
+    return log.kernels, pool.k_buffer(1)[CONTEXT + 1].clone(), attended[0].clone()
 
 
 def main() -> None:
-    kernels = moe_layer_decode_kernels()
+    kernels, _, _ = moe_layer_decode()
     for i, kernel in enumerate(kernels, 1):
         print(f"{i:3d}  {kernel}")
     print(f"{len(kernels)} kernels per MoE layer")

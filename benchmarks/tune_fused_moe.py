@@ -6,6 +6,12 @@ Every config is checked against the experts computed with torch matmuls before i
 batch's line also times the untuned default and a loop of per-expert torch matmuls (the baseline).
 
     python benchmarks/tune_fused_moe.py --experts 128 --intermediate 768 --hidden 2048 --top-k 8   # Qwen3-30B-A3B
+
+``--stacked-shared N``: N shared experts held after the routed ones and picked by every token with
+weight 1, as ``MoE(stacked_shared_experts=N)`` launches them (DeepSeek-V2: 2, of the routed
+experts' intermediate size); the file is then the one for ``experts + N`` experts, ``top_k + N``
+pairs a token, the shape that layer looks up. Batch sizes already in the file and not tuned by
+this run are kept (``--batches`` can split the tuning over calls).
 """
 
 from __future__ import annotations
@@ -44,16 +50,25 @@ def torch_experts(hidden, w13, w2, topk_weights, topk_ids, dtype=torch.float32) 
     return out
 
 
+def routing(tokens: int, experts: int, top_k: int, stacked_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and ids [tokens, top_k + stacked_shared]: distinct random routed experts per token,
+    then the shared ones (ids ``experts..``), weight 1, as the router appends them."""
+    weights, ids = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1)
+    shared_ids = torch.arange(experts, experts + stacked_shared, device="cuda").expand(tokens, -1)
+    return (torch.cat([weights, torch.ones(tokens, stacked_shared, device="cuda")], dim=1),
+            torch.cat([ids, shared_ids], dim=1))
+
+
 def tune(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    experts, pairs = args.experts + args.stacked_shared, args.top_k + args.stacked_shared
     hidden = torch.randn(tokens, args.hidden, dtype=dtype, device="cuda")
-    w13 = torch.randn(args.experts, 2 * args.intermediate, args.hidden, dtype=dtype, device="cuda") * 0.02
-    w2 = torch.randn(args.experts, args.hidden, args.intermediate, dtype=dtype, device="cuda") * 0.02
-    scores = torch.rand(tokens, args.experts, device="cuda")
-    topk_weights, topk_ids = scores.topk(args.top_k, dim=-1)  # distinct random experts per token
+    w13 = torch.randn(experts, 2 * args.intermediate, args.hidden, dtype=dtype, device="cuda") * 0.02
+    w2 = torch.randn(experts, args.hidden, args.intermediate, dtype=dtype, device="cuda") * 0.02
+    topk_weights, topk_ids = routing(tokens, args.experts, args.top_k, args.stacked_shared)
     inputs = (hidden, w13, w2, topk_weights, topk_ids)
     want = torch_experts(*inputs)
     best, best_us = None, float("inf")
-    for config in candidates(tokens, args.top_k, args.experts):
+    for config in candidates(tokens, pairs, experts):
         try:
             got = moe.fused_moe(*inputs, config=config).float()
             torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
@@ -65,7 +80,7 @@ def tune(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
             best, best_us = config, us
     if best is None:
         raise SystemExit(f"batch {tokens}: no config ran correctly")
-    default = moe.default_config(tokens, args.top_k, args.experts)
+    default = moe.default_config(tokens, pairs, experts)
     default_us = triton.testing.do_bench(lambda: moe.fused_moe(*inputs, config=default)) * 1000
     loop_us = triton.testing.do_bench(lambda: torch_experts(*inputs, dtype=dtype)) * 1000
     print(f"batch {tokens:5d}: {best_us:8.1f} us with {best} (untuned: {default_us:8.1f} us; "
@@ -75,19 +90,26 @@ def tune(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, required=True)
+    parser.add_argument("--experts", type=int, required=True, help="routed experts")
     parser.add_argument("--intermediate", type=int, required=True, help="one expert's intermediate size on a rank")
     parser.add_argument("--hidden", type=int, required=True)
-    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--top-k", type=int, required=True, help="routed experts a token picks")
+    parser.add_argument("--stacked-shared", type=int, default=0,
+                        help="shared experts stacked after the routed ones, picked by every token")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = moe.device_name(torch.device("cuda"))
     print(device, "torch", torch.__version__, "triton", triton.__version__)
-    path = moe.CONFIG_DIR / moe.config_file_name(args.experts, args.intermediate, dtype, device)
+    if args.stacked_shared < 0:
+        parser.error("--stacked-shared: a count of experts, 0 or more")
+    path = moe.CONFIG_DIR / moe.config_file_name(args.experts + args.stacked_shared, args.intermediate, dtype, device)
     pdl.ENABLED = False  # each timed call stands alone
     table = {str(tokens): tune(tokens, args, dtype) for tokens in args.batches}
+    # Batch sizes tuned by an earlier run (a call too short for all of them) stay.
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    table = {batch: table.get(batch, earlier.get(batch)) for batch in sorted({*earlier, *table}, key=int)}
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(table, indent=1) + "\n")
     print("wrote", path)

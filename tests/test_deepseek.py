@@ -20,6 +20,7 @@ from model_contract import CASES
 from sglang_core.engine import Engine
 from sglang_core.layers.parallel import TPGroup
 from sglang_core.model_executor.model_api import ModelContext
+from sglang_plugins.attention.torch_native.backend import TorchNativeBackend
 from sglang_plugins.models.deepseek.model import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from test_model_contract import CHUNK, NEW_TOKENS, _build, _reference_greedy
 
@@ -118,14 +119,28 @@ def test_input_projections_merge_where_both_are_replicated(name: str, tp: int, m
 def test_moe_layer_decode_launches_none_of_the_fused_away_kernels() -> None:
     """A DeepSeek-V2-Lite-shaped MoE layer's batch-1 decode with the fused paths on: the input's
     projections, o_proj and the float32 router each one GEMV (no cast before the router), no
-    ``cat`` (the cached row and the attention query are written in place), and the shared experts
-    inside the one fused MoE call (no SiLU-and-mul or GEMV of their own)."""
+    ``cat`` (the cached row and the attention query are written in place), the shared experts
+    inside the one fused MoE call (no SiLU-and-mul or GEMV of their own), no store into the KV
+    pool of its own (the latent norm's launch writes the cached row into its slot), and the
+    absorbed query's ``bmm`` and both rotaries one launch: 14 kernels."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "count_layer_kernels.py"
     spec = importlib.util.spec_from_file_location("count_layer_kernels", script)
     counter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(counter)
-    kernels = counter.moe_layer_decode_kernels()
-    assert kernels.count("triton._gemv_kernel") == 3
+    kernels, _, _ = counter.moe_layer_decode()
+    assert len(kernels) == 14
+    assert kernels.count("triton._gemv_kernel") == 3 and kernels.count("aten.bmm") == 1
     assert kernels.count("triton._gate_up_kernel") == kernels.count("triton._down_kernel") == 1
-    for removed in ("aten.cat", "aten._to_copy", "aten.mm", "triton._act_and_mul_kernel"):
+    for removed in ("aten.cat", "aten._to_copy", "aten.mm", "triton._act_and_mul_kernel", "aten.index_put_",
+                    "triton._store_kv_kernel", "triton._rope_kernel"):
         assert removed not in kernels
+    # The fused launches' results (float32: the interpreter's bfloat16 dot is not CUDA's): the
+    # cached row the latent norm stored, and the attention's output over the query the one
+    # absorbed-query launch built, as the PyTorch paths storing through the pool (the torch-native
+    # backend's store) give them.
+    _, cached_row, attended = counter.moe_layer_decode(dtype=torch.float32)
+    _, stored_by_the_pool, expected = counter.moe_layer_decode(fused=False, backend=TorchNativeBackend,
+                                                               dtype=torch.float32)
+    assert stored_by_the_pool.abs().sum() > 0 and expected.abs().sum() > 0
+    torch.testing.assert_close(cached_row, stored_by_the_pool, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attended, expected, atol=1e-6, rtol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul
-from sglang_core.layers.norm import LayerNorm, RMSNorm, norm_add_norm
+from sglang_core.layers.norm import LayerNorm, RMSNorm, RowsOut, norm_add_norm
 from sglang_core.layers.rotary import RotaryEmbedding
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI
@@ -95,6 +95,31 @@ def test_rms_norm_writes_over_its_input_in_a_wider_row(fused_path: bool) -> None
     torch.testing.assert_close(rows, expected, **TOLERANCE[torch.float32])
     with pytest.raises(ValueError, match="out"):
         fused.rms_norm(latent, norm.weight, norm.eps, out=rows[:, :511])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_rms_norm_also_writes_indexed_rows_with_a_tail(dtype: torch.dtype, fused_path: bool) -> None:
+    """``rows_out`` (MLA's latent norm storing the cached row ``[normed latent, k_pe]`` into its
+    pool slot): each result row and its tail land in the indexed buffer row, every other buffer row
+    stays, and the result itself is the plain norm's."""
+    torch.manual_seed(11)
+    norm = RMSNorm(48, 1e-6, dtype).to(DEVICE)
+    norm.weight.data = torch.randn(48, dtype=dtype, device=DEVICE)
+    projected = torch.randn(3, 56, dtype=dtype, device=DEVICE) * 2
+    latent, tail = projected.split([48, 8], dim=1)
+    pool = torch.randn(10, 1, 56, dtype=dtype, device=DEVICE)
+    slots = torch.tensor([7, 2, 5], device=DEVICE)
+    expected_norm = torch_path(norm, latent.clone())
+    expected_pool = pool.clone()
+    expected_pool[slots, 0] = torch.cat([expected_norm, tail], dim=1)
+    with mock.patch("sglang_core.layers.norm.use_fused", return_value=fused_path):
+        got = norm(latent, out=latent, rows_out=RowsOut(pool[:, 0], slots, tail))
+    torch.testing.assert_close(got, expected_norm, **TOLERANCE[dtype])
+    torch.testing.assert_close(pool, expected_pool, **TOLERANCE[dtype])
+    assert torch.equal(pool[slots, 0], torch.cat([got, tail], dim=1))  # the same rounding both places
+    with pytest.raises(ValueError, match="rows_out"):
+        fused.rms_norm(latent, norm.weight, norm.eps, rows_out=RowsOut(pool[:, 0].half(), slots, tail.half()))
 
 
 @pytest.mark.parametrize("with_pre_norm", [False, True])

@@ -10,6 +10,7 @@ outputs, extend and decode, on both backends."""
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -115,6 +116,58 @@ def _bind(layer: mla.MultiHeadLatentAttention, backend: str) -> None:
     pool = TokenKVPool(200, [layer.attn.spec], torch.float32, "cpu")
     layer.attn.backend = _backend(backend)(AttentionSpec((layer.attn.spec,), torch.float32, torch.device("cpu")),
                                            pool)
+
+
+def test_the_layer_stores_latents_itself_only_where_the_backend_would_store_them_alike() -> None:
+    """``Attention.new_kv_rows``: the pool's latent rows and the batch's slots where the backend
+    takes stored latents (Triton) and the pool keeps the compute dtype; None for a converting (FP8)
+    pool or a backend storing its own way, and such a backend refuses ``k=None``."""
+    layer = _layer(SHAPES[1], seed=0)
+    batch = _batch([(0, 3)], torch.zeros(1, 8, dtype=torch.int64), 1)
+    _bind(layer, "triton")
+    buffer, slots = layer.attn.new_kv_rows(batch, torch.float32)
+    assert buffer.data_ptr() == layer.attn.backend.kv_pool.k_buffer(0).data_ptr() and slots is batch.out_cache_loc
+    assert buffer.shape == (201, layer.attn.spec.head_dim)
+    fp8 = TokenKVPool(200, [layer.attn.spec], torch.float8_e4m3fn, "cpu")
+    layer.attn.backend = type(layer.attn.backend)(layer.attn.backend.spec, fp8)
+    assert layer.attn.new_kv_rows(batch, torch.float32) is None
+    _bind(layer, "torch_native")
+    assert layer.attn.new_kv_rows(batch, torch.float32) is None
+    with pytest.raises(ValueError, match="k:"):
+        layer.attn(torch.zeros(3, layer.attn.spec.num_heads * layer.attn.spec.head_dim), None, None, batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("nope", "rank", "rope", "interleaved"), [(16, 96, 8, True), (8, 32, 16, False)])
+def test_the_absorbed_query_kernel_is_the_rotary_and_the_bmm(dtype: torch.dtype, nope: int, rank: int, rope: int,
+                                                          interleaved: bool) -> None:
+    """``absorbed_query`` (compiled on CUDA, else in Triton's interpreter) against the layer's
+    PyTorch path: per head ``q_nope @ W_UK`` into the query's first ``rank`` values (96: two column
+    tiles, the second ragged), the rotated q_pe after them, k_pe rotated in place; rows at strides
+    as the layer passes them (views of the projections' outputs and of kv_b_proj's weight)."""
+    pytest.importorskip("triton")
+    from sglang_plugins.models.deepseek.absorbed_query import absorbed_query
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(nope)
+    heads, tokens, v = 3, 4, 12
+    config = transformers.DeepseekV2Config(qk_rope_head_dim=rope, max_position_embeddings=64)
+    rotary = rope_from_config(config, rope, interleaved=interleaved).to(device)
+    projected = torch.randn(tokens, heads * (nope + rope) + 5).to(device, dtype)  # a wider row: strided views
+    q_nope, q_pe = projected[:, :heads * (nope + rope)].view(tokens, heads, -1).split([nope, rope], dim=-1)
+    latent_rows = torch.randn(tokens, rank + rope).to(device, dtype)
+    k_pe = latent_rows[:, rank:].view(tokens, 1, rope)
+    w_uk, _ = (torch.randn(heads * (nope + v), rank) * 0.3).to(device, dtype).view(heads, -1, rank).split([nope, v],
+                                                                                                      dim=1)
+    positions = torch.tensor([0, 5, 17, 63], device=device)
+    with mock.patch("sglang_core.layers.rotary.use_fused", return_value=False):
+        expected_q_pe, expected_k_pe = rotary(positions, q_pe.clone(), k_pe.clone())
+    expected = torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), expected_q_pe], dim=-1)
+    query = torch.full((tokens, heads, rank + rope), float("nan"), dtype=dtype, device=device)
+    absorbed_query(q_nope, w_uk, q_pe, k_pe, query, positions, rotary.cos_cache, rotary.sin_cache, interleaved)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(query, expected, **tolerance)
+    torch.testing.assert_close(k_pe, expected_k_pe, **tolerance)
 
 
 # A decode step after STEPS: one token for each request over what the steps stored.

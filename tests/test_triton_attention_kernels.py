@@ -181,6 +181,14 @@ def test_decode(name: str) -> None:
     run_decode(CASES[name], [3, 61, 190], num_splits=3, seed=len(name))
 
 
+@pytest.mark.parametrize("name", ["d96-mqa-window-cap", "latent-dk576-dv512-16-heads"])
+def test_decode_in_one_split_is_one_launch(name: str, monkeypatch) -> None:
+    """One split (large batches): the split kernel writes the output itself and no merge runs (a
+    merge launch would fail here); the outputs start as NaN, so every one must be written."""
+    monkeypatch.setattr(kernels, "_decode_merge_kernel", None)
+    run_decode(CASES[name], [3, 61, 190], num_splits=1, seed=len(name))
+
+
 @pytest.mark.parametrize("name", ["d80-gqa2-cap", "dk192-dv128", "latent-dk576-dv512-16-heads"])
 def test_extend_with_cached_prefix(name: str) -> None:
     run_extend(CASES[name], [0, 21, 45], [17, 40, 2], seed=len(name))

@@ -14,8 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from typing import TYPE_CHECKING
+
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
+
+if TYPE_CHECKING:
+    from sglang_core.layers.norm import RowsOut
 
 
 @triton.jit
@@ -52,25 +57,35 @@ def _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS
 
 
 @triton.jit
-def _rms_norm_kernel(X, Residual, PreWeight, Weight, Out, stride_x, stride_r, stride_o, hidden, pre_eps, eps,
-                     HAS_RESIDUAL: tl.constexpr, HAS_PRE: tl.constexpr, SCALE_IN_FP32: tl.constexpr,
-                     BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _rms_norm_kernel(X, Residual, PreWeight, Weight, Out, RowsOut, Rows, Tail, stride_x, stride_r, stride_o,
+                     stride_ro, stride_t, hidden, tail_width, pre_eps, eps, HAS_RESIDUAL: tl.constexpr,
+                     HAS_PRE: tl.constexpr, SCALE_IN_FP32: tl.constexpr, HAS_ROWS_OUT: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_TAIL: tl.constexpr, USE_PDL: tl.constexpr):
     row, cols, ok, x = _norm_input(X, Residual, PreWeight, stride_x, stride_r, hidden, pre_eps, HAS_RESIDUAL,
                                    HAS_PRE, BLOCK, USE_PDL, SCALE_IN_FP32)
     out = _rms_scaled(x.to(tl.float32), Weight, cols, ok, hidden, eps, X.dtype.element_ty, SCALE_IN_FP32)
-    tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=ok)
+    out = out.to(Out.dtype.element_ty)
+    tl.store(Out + row * stride_o + cols, out, mask=ok)
+    if HAS_ROWS_OUT:  # the row again, then its tail, at its own row of another buffer (a KV pool slot)
+        dest = RowsOut + tl.load(Rows + row).to(tl.int64) * stride_ro
+        tl.store(dest + cols, out, mask=ok)
+        tail_cols = tl.arange(0, BLOCK_TAIL)
+        tail_ok = tail_cols < tail_width
+        tail = tl.load(Tail + row * stride_t + tail_cols, mask=tail_ok, other=0.0)
+        tl.store(dest + hidden + tail_cols, tail, mask=tail_ok)
 
 
 @opaque_to_compiler
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              pre_norm: tuple[torch.Tensor, float] | None = None, scale_in_float32: bool = False,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, rows_out: RowsOut | None = None) -> torch.Tensor:
     """``weight * norm(x)``; with ``residual``, first ``residual += x`` (in place) and normalise that.
     ``pre_norm`` (a weight and its eps): ``x`` is RMS-normalised with it before all that, so two
     norms around a residual add are one launch. ``scale_in_float32``: both norms round as
     ``RMSNorm(scale_in_float32=True)``, once after the weight, to ``x``'s dtype. ``out``: where the
     result is written (x's shape and the result's dtype, rows at any stride; ``x`` itself too: each
-    row is read whole before it is written), returned."""
+    row is read whole before it is written), returned. ``rows_out``: result row i is also written,
+    followed by the tail's row i, into row ``rows[i]`` of the buffer (see ``RowsOut``)."""
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = x.dtype if scale_in_float32 else torch.promote_types(weight.dtype, x.dtype)
     if out is None:
@@ -83,10 +98,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
     pre_weight, pre_eps = pre_norm if pre_norm is not None else (weight, 0.0)
     hidden = x2.shape[1]
+    if rows_out is not None:
+        rows_out.check(x2.shape[0], hidden, out_dtype)
+        buffer, rows, tail = rows_out.buffer, rows_out.rows, rows_out.tail
+    else:
+        buffer, rows, tail = out, out, out  # unread
     block = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(x2.shape[0],)](x2, res2, pre_weight, weight, out, x2.stride(0), res2.stride(0), out.stride(0),
-                                     hidden, pre_eps, eps, HAS_RESIDUAL=residual is not None,
-                                     HAS_PRE=pre_norm is not None, SCALE_IN_FP32=scale_in_float32, BLOCK=block,
+    _rms_norm_kernel[(x2.shape[0],)](x2, res2, pre_weight, weight, out, buffer, rows, tail, x2.stride(0),
+                                     res2.stride(0), out.stride(0), buffer.stride(0), tail.stride(0), hidden,
+                                     tail.shape[-1] if rows_out is not None else 0, pre_eps, eps,
+                                     HAS_RESIDUAL=residual is not None, HAS_PRE=pre_norm is not None,
+                                     SCALE_IN_FP32=scale_in_float32, HAS_ROWS_OUT=rows_out is not None, BLOCK=block,
+                                     BLOCK_TAIL=triton.next_power_of_2(tail.shape[-1]) if rows_out is not None else 1,
                                      num_warps=min(max(block // 256, 1), 8), **launch_options(x))
     return result
 

@@ -48,6 +48,10 @@ class AttentionBackend(abc.ABC):
     # rows: each chunk's rows attended together, causally, over the request's prefix) reading the
     # chunks only through their device tensors; the graph runner then captures graphs with them.
     attends_row_chunks: bool = False
+    # True when ``forward`` takes ``k=None`` (a latent layout's, so no V either) to mean the layer
+    # wrote the step's new K into the pool itself, where and as ``store_kv`` would have
+    # (``Attention.new_kv_rows``); the backend then stores nothing before attending.
+    takes_stored_kv: bool = False
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         """Raise ``UnsupportedSpecError`` here for any layer kind (``spec.distinct()``) the
@@ -121,11 +125,28 @@ class Attention(nn.Module):
                                        sliding_window, logit_cap, kv_layout)
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                batch: ForwardBatch) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError(f"attention layer {self.layer_id} has no backend: the model runner binds one "
                                "after building the KV pool")
+        if k is None and not self.backend.takes_stored_kv:
+            raise ValueError(f"k: the {type(self.backend).__name__} attention backend stores the new K itself; "
+                             "pass it (new_kv_rows said None)")
         return _run_backend(q, k, v, self, batch)
+
+    def new_kv_rows(self, batch: ForwardBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where this step's new latents go, ``(k_buffer [slots, head_dim], batch.out_cache_loc)``,
+        for a layer that writes them there itself (in the same launch as it computes them) and then
+        calls ``forward`` with ``k=None``; None where the layer must pass them instead: a layout
+        with separate V, a backend that stores its own way (``takes_stored_kv`` unset), or a pool
+        in another dtype than ``dtype`` (FP8: its store converts)."""
+        pool = self.backend.kv_pool
+        if (self.spec.kv_layout is not KVLayout.LATENT or not self.backend.takes_stored_kv
+                or pool.dtype != dtype):
+            return None
+        k_buffer = pool.k_buffer(self.layer_id)
+        return k_buffer.view(k_buffer.shape[0], -1), batch.out_cache_loc
 
     def store_and_read_kv(self, k: torch.Tensor, v: torch.Tensor | None,
                           batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

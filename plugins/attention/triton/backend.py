@@ -38,6 +38,7 @@ class TritonBackend(AttentionBackend):
     cuda_graph_decode = True
     attends_given_kv = True
     attends_row_chunks = True
+    takes_stored_kv = True
 
     def __init__(self, spec: AttentionSpec, kv_pool: TokenKVPool):
         # Every layer kind runs: any head sizes, V narrower or wider than K, a latent layout (V is
@@ -102,10 +103,12 @@ class TritonBackend(AttentionBackend):
             dst.copy_(src, non_blocking=True)
 
     def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, layer: Attention, batch: ForwardBatch):
-        """Write the new K/V into the pool; return q as [T, heads, dim], the output, K and V buffers."""
+        """Write the new K/V into the pool (unless the layer did: k None); return q as [T, heads, dim],
+        the output, K and V buffers."""
         spec = layer.spec
         n = q.shape[0]
-        self.store_kv(k, v, layer, batch)
+        if k is not None:
+            self.store_kv(k, v, layer, batch)
         out = torch.empty((n, spec.num_heads, spec.v_head_dim), dtype=q.dtype, device=q.device)
         return (q.view(n, spec.num_heads, spec.head_dim), out, self.kv_pool.k_buffer(layer.layer_id),
                 self.kv_pool.v_buffer(layer.layer_id))

@@ -133,16 +133,20 @@ def _attend_keys(q, q_tail, K, V, ReqToToken, table_row, start, end, kv_head, sc
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, KvStart, SkipRows, MidO, MidLse,
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, KvStart, SkipRows, MidO, MidLse, Out,
     scale, logit_cap,
     stride_qb, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_r2t, stride_r2n, stride_mob, stride_moh, stride_mos, stride_mod, stride_mlb, stride_mlh, stride_mls,
+    stride_ob, stride_oh, stride_od,
     WINDOW: tl.constexpr, GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_TILES: tl.constexpr,
     HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK_TAIL: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr,
     SKIP_ROWS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """One split's partial output and log-sum-exp of each query head, for the merge; with one split
+    and no cascade (``NUM_SPLITS == 1``, ``PREFIX_SPLITS == 0``) the partial is the output, written
+    to ``Out`` in its dtype (what the merge of one split gives: weight 1), and no merge follows."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     if SKIP_ROWS:  # a row another kernel attends (a prefill chunk's, ``row_chunks``)
@@ -175,10 +179,14 @@ def _decode_split_kernel(
                             stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_r2t, stride_r2n,
                             HEAD_PAD, HEAD_DIM_K, BLOCK_DK, BLOCK_DK_TAIL, HEAD_DIM_V, BLOCK_DV, BLOCK_N,
                             SOFT_CAP, PRECISION)
-    ptrs, mask = _tile(MidO, b * stride_mob + heads * stride_moh + split * stride_mos, head_ok, stride_mod,
-                       0, BLOCK_DV, HEAD_DIM_V)
-    tl.store(ptrs, out, mask=mask)
-    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split * stride_mls, lse, mask=head_ok)
+    if NUM_SPLITS == 1 and PREFIX_SPLITS == 0:
+        ptrs, mask = _tile(Out, b * stride_ob + heads * stride_oh, head_ok, stride_od, 0, BLOCK_DV, HEAD_DIM_V)
+        tl.store(ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    else:
+        ptrs, mask = _tile(MidO, b * stride_mob + heads * stride_moh + split * stride_mos, head_ok, stride_mod,
+                           0, BLOCK_DV, HEAD_DIM_V)
+        tl.store(ptrs, out, mask=mask)
+        tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split * stride_mls, lse, mask=head_ok)
 
 
 @triton.jit
@@ -406,7 +414,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     (cascade: each group's shared prefix is read once for all its members by one kernel, the rest
     per request, then all merged). ``logit_cap`` > 0 soft-caps the scaled logits. ``skip_rows``
     ([B], nonzero: skip): rows whose output another kernel writes, left untouched (their
-    programs exit at once)."""
+    programs exit at once). One split without cascade is one launch: no merge."""
     batch, heads = q.shape[0], q.shape[1]
     kv_heads = k_buffer.shape[1]
     group = heads // kv_heads
@@ -422,8 +430,8 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     skips = skip_rows if skip_rows is not None else seq_lens  # not read without SKIP_ROWS
     _decode_split_kernel[(batch, kv_heads * head_tiles, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
-        shared.kv_start if shared is not None else seq_lens, skips, mid_o, mid_lse, scale, logit_cap, *strides,
-        WINDOW=window, GROUP=group, HEAD_PAD=head_pad, HEAD_TILES=head_tiles,
+        shared.kv_start if shared is not None else seq_lens, skips, mid_o, mid_lse, out, scale, logit_cap, *strides,
+        *out.stride(), WINDOW=window, GROUP=group, HEAD_PAD=head_pad, HEAD_TILES=head_tiles,
         NUM_SPLITS=num_splits, PREFIX_SPLITS=prefix_splits, SKIP_ROWS=skip_rows is not None, **common, **launch,
         **launch_options(q),
     )
@@ -437,6 +445,8 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
             SPLIT_BASE=num_splits, PREFIX_SPLITS=prefix_splits, **common, **launch,
         )
     splits = num_splits + prefix_splits
+    if splits == 1:  # the split kernel wrote the output
+        return
     _decode_merge_kernel[(batch, heads)](
         mid_o, mid_lse, out, skips, *mid_o.stride(), *mid_lse.stride(), *out.stride(),
         HEAD_DIM_V=dims["HEAD_DIM_V"], BLOCK_DV=dims["BLOCK_DV"], NUM_SPLITS=splits,

@@ -45,8 +45,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglang_core.kernels import use_fused
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
-from sglang_core.layers.norm import RMSNorm
+from sglang_core.layers.norm import RMSNorm, RowsOut
 from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -58,6 +59,9 @@ LATENT_NORM_EPS = 1e-6
 # "expanded" (tests serve both ways). Decode is absorbed in every case.
 EXTEND_PATH = "cost"
 EXTEND_PATHS = ("cost", "absorbed", "expanded")
+# Tokens up to which the absorbed query is one launch (absorbed_query.py, which reads each head's
+# W_UK once per token: from L2 after the first) rather than the rotary and one bmm (reads it once).
+ABSORBED_QUERY_MAX_TOKENS = 8
 
 
 def expanding_is_cheaper(prefix_lens: list[int], extend_lens: list[int], kv_lora_rank: int, qk_nope_head_dim: int,
@@ -167,29 +171,44 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         n = x.shape[0]
-        query, latent = self._projections(x)
+        query, cached = self._projections(x)
         q_nope, q_pe = query.view(n, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         # What the pool keeps, [normed latent, rotated k_pe], written over the projection's output
         # (views at its row stride): the norm writes in place, the rotary turns k_pe in place on CUDA.
-        cached = latent
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        self.kv_a_layernorm(latent, out=latent)
         k_pe = k_pe.view(n, 1, self.rope_dim)
         if self.caches_per_head:
+            self.kv_a_layernorm(latent, out=latent)
             q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
             keys, values = self._expand(latent, k_pe.reshape(n, self.rope_dim))
             query = torch.cat([q_nope, q_pe], dim=-1).reshape(n, -1)
             return self.o_proj(self.attn(query, keys.reshape(n, -1), values.reshape(n, -1), batch))
         expands = self._expands(batch)
         # Absorbed, the attention query [W_UK^T q_nope, rotated q_pe] is assembled in place: the
-        # rotary writes the last rope_dim values of each head, the bmm in _absorbed the others.
+        # rotary writes the last rope_dim values of each head, the bmm the others; on CUDA one
+        # launch does both and k_pe's rotary (absorbed_query.py).
         query = None if expands else q_nope.new_empty(n, self.num_heads, self.kv_lora_rank + self.rope_dim)
-        q_pe, k_rotated = self.rotary(positions, q_pe, k_pe, None if expands else query[..., self.kv_lora_rank:])
-        if k_rotated is not k_pe:  # rotated out of place (off CUDA): the cached row takes it
-            k_pe.copy_(k_rotated)
+        w_uk, w_uv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank).split(
+            [self.nope_dim, self.v_head_dim], dim=1)  # per head: nope_dim rows of W_UK, then v_head_dim of W_UV
+        if query is not None and use_fused(query) and positions.dim() == 1 and n <= ABSORBED_QUERY_MAX_TOKENS:
+            from .absorbed_query import absorbed_query
+
+            absorbed_query(q_nope, w_uk, q_pe, k_pe, query, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                           self.rotary.interleaved)
+        else:
+            q_pe, k_rotated = self.rotary(positions, q_pe, k_pe, None if expands else query[..., self.kv_lora_rank:])
+            if k_rotated is not k_pe:  # rotated out of place (off CUDA): the cached row takes it
+                k_pe.copy_(k_rotated)
+            if query is not None:
+                torch.bmm(q_nope.transpose(0, 1), w_uk, out=query[..., :self.kv_lora_rank].transpose(0, 1))
+        # Absorbed, where the backend lets the layer store the new latents, the norm's launch also
+        # writes the whole cached row, the rotated k_pe (turned above) after the latent, into its
+        # pool slot, and the attention stores nothing.
+        slots = None if expands else self.attn.new_kv_rows(batch, cached.dtype)
+        self.kv_a_layernorm(latent, out=latent, rows_out=None if slots is None else RowsOut(*slots, k_pe.view(n, -1)))
         if expands:
             return self.o_proj(self._expanded(q_nope, q_pe, cached, batch).reshape(n, -1))
-        return self.o_proj(self._absorbed(q_nope, query, cached, batch).reshape(n, -1))
+        return self.o_proj(self._absorbed(query, w_uv, cached if slots is None else None, batch).reshape(n, -1))
 
     def _expand(self, latents: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys ``[W_UK c, k_pe]`` [S, heads, nope + rope] and values ``W_UV c`` [S, heads, v]
@@ -209,14 +228,12 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attn.attends_given_kv and expanding_is_cheaper(
             batch.prefix_lens_cpu, batch.extend_lens_cpu, self.kv_lora_rank, self.nope_dim, self.v_head_dim)
 
-    def _absorbed(self, q_nope: torch.Tensor, query: torch.Tensor, cached: torch.Tensor,
+    def _absorbed(self, query: torch.Tensor, w_uv: torch.Tensor, cached: torch.Tensor | None,
                   batch: ForwardBatch) -> torch.Tensor:
-        """Queries into latent space (``query`` [n, heads, rank + rope] holds their rotated part,
-        the rest is written here), attention over the pool's latents, values out: [n, heads, v]."""
-        n, heads, rank = q_nope.shape[0], self.num_heads, self.kv_lora_rank
-        # kv_b_proj's rows, per head: nope_dim rows of W_UK, then v_head_dim rows of W_UV.
-        w_uk, w_uv = self.kv_b_proj.weight.view(heads, -1, rank).split([self.nope_dim, self.v_head_dim], dim=1)
-        torch.bmm(q_nope.transpose(0, 1), w_uk, out=query[..., :rank].transpose(0, 1))
+        """Attention of the queries in latent space (``query`` [n, heads, rank + rope]) over the
+        pool's latents (``cached``: the new rows the backend stores; None: already stored), values
+        out through ``w_uv`` [heads, v, rank]: [n, heads, v]."""
+        n, heads, rank = query.shape[0], self.num_heads, self.kv_lora_rank
         out_latent = self.attn(query.view(n, -1), cached, None, batch).view(n, heads, rank)
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from transformers import Phi3Config, Phi3ForCausalLM
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 from model_contract import tiny
 from sglang_core.engine import Engine
@@ -29,6 +29,8 @@ GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
 ONE_SIDED_LENGTHS = (10, 21, ORIGINAL + 1, 45)
 # Prompts crossing it while decoding: at the 7th step; exactly the original (the first decode step).
 CROSSING_LENGTHS = (26, ORIGINAL)
+# Prompt logprobs from this position on, and the likeliest tokens of each step.
+LOGPROB_START, TOP_LOGPROBS = 5, 3
 
 
 def _config() -> Phi3Config:
@@ -57,30 +59,146 @@ def served(tmp_path_factory):
     engine.shutdown()
 
 
-def _hf_generate(model, prompt: list[int]) -> tuple[list[int], list[float]]:
-    """transformers' greedy ``generate`` and each token's logprob."""
+def _hf_generate(model, prompt: list[int], max_new_tokens: int = NEW_TOKENS,
+                 **generate_kwargs) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy ``generate``: its tokens and each step's logprobs over the vocabulary."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    return tokens, [torch.log_softmax(score[0].float(), -1)[t].item() for score, t in zip(out.scores, tokens)]
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **generate_kwargs)
+    return out.sequences[0, len(prompt):].tolist(), [torch.log_softmax(score[0].float(), -1) for score in out.scores]
 
 
-def _assert_matches(model, prompts: list[list[int]], results: list[dict]) -> None:
+def _assert_matches(model, prompts: list[list[int]], results: list[dict], top: int = 0) -> None:
+    """Tokens and their logprobs as ``generate``'s, and with ``top`` the ids of each step's
+    ``top`` likeliest tokens."""
     for prompt, result in zip(prompts, results):
-        tokens, logprobs = _hf_generate(model, prompt)
+        tokens, steps = _hf_generate(model, prompt)
         what = f"prompt of {len(prompt)} tokens"
         assert result["output_ids"] == tokens, what
         engine_logprobs = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
-        assert engine_logprobs == pytest.approx(logprobs, abs=1e-4), what
+        assert engine_logprobs == pytest.approx([step[t].item() for step, t in zip(steps, tokens)], abs=1e-4), what
+        if top:
+            engine_top = [{token for _logprob, token, _text in step}
+                          for step in result["meta_info"]["output_top_logprobs"]]
+            assert engine_top == [set(step.topk(top).indices.tolist()) for step in steps], what
+
+
+def _assert_prompt_logprobs(model, prompt: list[int], result: dict, start: int) -> None:
+    """The prompt's logprobs from position ``start`` (each token's given those before it) as one
+    forward pass over the prompt gives them: once each, none added by a prefill again."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    expected = [logprobs[i - 1, prompt[i]].item() for i in range(start, len(prompt))]
+    engine_logprobs = [logprob for logprob, _token, _text in result["meta_info"]["input_token_logprobs"]]
+    assert engine_logprobs == pytest.approx(expected, abs=1e-4), f"prompt of {len(prompt)} tokens"
 
 
 def test_each_sequence_takes_the_factors_of_its_length(served):
     """All prompts in one batch: short and long tokens share prefill and decode steps, and the
     crossing requests are prefilled again in the steps of the others."""
     model, engine, prompts, _folder = served
+    results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True,
+                              logprob_start_len=LOGPROB_START, top_logprobs_num=TOP_LOGPROBS)
+    _assert_matches(model, prompts, results, TOP_LOGPROBS)
+    for prompt, result in zip(prompts, results):
+        _assert_prompt_logprobs(model, prompt, result, LOGPROB_START)
+    engine.check_memory()
+
+
+CROSSER = 26  # the crossing prompt (CROSSING_LENGTHS): its 7th token is sampled from the original length
+
+
+def _crosser(prompts: list[list[int]]) -> list[int]:
+    return next(p for p in prompts if len(p) == CROSSER)
+
+
+@pytest.mark.parametrize("end", ["max-new-tokens-at-boundary", "max-new-tokens-past", "stop-token-at-boundary",
+                                 "stop-token-past"])
+def test_output_ending_at_the_crossing(served, end: str):
+    """Two samples of a prompt whose output ends on the last token sampled within the original
+    length, or on the first one past it (prefilled again for it)."""
+    model, engine, prompts, _folder = served
+    prompt = _crosser(prompts)
+    last = ORIGINAL - CROSSER + (1 if end.endswith("at-boundary") else 2)  # output tokens
+    if end.startswith("stop-token"):
+        stop = _hf_generate(model, prompt)[0][last - 1]
+        params, expected = {"stop_token_ids": [stop]}, _hf_generate(model, prompt, eos_token_id=stop)[0]
+    else:
+        params, expected = {"max_new_tokens": last}, _hf_generate(model, prompt, last)[0]
+    results = engine.generate(input_ids=[prompt], sampling_params={**GREEDY, "ignore_eos": False, "n": 2, **params})
+    assert [r["output_ids"] for r in results] == [expected] * 2
+    engine.check_memory()
+
+
+def test_stream_sends_each_token_once(served):
+    """The crossing's prefill again sends nothing: the stream's chunks add up to the output."""
+    model, engine, prompts, _folder = served
+    prompt = _crosser(prompts)
+    chunks = list(engine.generate(input_ids=prompt, sampling_params=GREEDY, stream=True))
+    result = engine.generate(input_ids=prompt, sampling_params=GREEDY)
+    assert result["output_ids"] == _hf_generate(model, prompt)[0]
+    assert "".join(chunk["text"] for chunk in chunks) == result["text"]
+    assert [len(chunk["output_ids"]) for chunk in chunks] == list(range(1, NEW_TOKENS + 1))
+    assert chunks[-1]["output_ids"] == result["output_ids"]
+    engine.check_memory()
+
+
+@pytest.mark.parametrize("length", [20, CROSSER], ids=["forced-text-crossing", "free-text-crossing"])
+def test_constrained_output_crossing(served, length: int):
+    """A regex's grammar state outlives the prefill again (no token fed to it twice): as
+    ``generate`` masked to the regex's letters, where the text the regex forces (jump-forward)
+    or a free letter takes the sequence past the original length."""
+    model, engine, _prompts_, folder = served
+    prompt = _prompts(length, (length,), model.config.vocab_size)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    letters = tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz"))
+    pattern = [letters] * 10 + [[tokenizer.convert_tokens_to_ids(c)] for c in "xyzw"] + [letters] * 5
+
+    def allowed(_batch: int, ids: torch.Tensor) -> list[int]:
+        return pattern[len(ids) - length]
+
+    expected = _hf_generate(model, prompt, len(pattern), prefix_allowed_tokens_fn=allowed)[0]
+    result = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 30,
+                                                                "regex": "[a-z]{10}xyzw[a-z]{5}"})
+    assert result["output_ids"] == expected
+    engine.check_memory()
+
+
+@pytest.mark.parametrize("when", ["at-crossing", "retracted"])
+def test_abort_at_the_crossing(served, monkeypatch, when: str):
+    """A request aborted in the step it would cross in, or once retracted to be prefilled again,
+    gives back every KV slot; the others in its batch go on as ``generate``."""
+    model, engine, prompts, _folder = served
+    core = engine.core.core
+    scheduler, victim = core.scheduler, _crosser(prompts)
+    retract, step, aborted = scheduler.admission.retract_to_recompute, core.step, []
+
+    def retract_then_abort(running, waiting):
+        targets = [r.rid for r in scheduler.regimes.crossing(running) if r.origin_input_ids == victim]
+        if when == "at-crossing":
+            abort(targets)
+        retracted = retract(running, waiting)
+        if when == "retracted":
+            abort(targets)
+        return retracted
+
+    def abort(rids: list[str]) -> None:
+        for rid in rids:
+            aborted.extend(core.abort(rid))
+
+    def step_then_aborts():
+        """The step's outputs and those of the aborts made inside it, delivered together."""
+        outputs = step() + aborted
+        aborted.clear()
+        return outputs
+
+    monkeypatch.setattr(scheduler.admission, "retract_to_recompute", retract_then_abort)
+    monkeypatch.setattr(core, "step", step_then_aborts)
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
-    _assert_matches(model, prompts, results)
+    victim_index = prompts.index(victim)
+    assert results[victim_index]["meta_info"]["finish_reason"]["type"] == "abort"
+    others = [i for i in range(len(prompts)) if i != victim_index]
+    _assert_matches(model, [prompts[i] for i in others], [results[i] for i in others])
     engine.check_memory()
 
 
@@ -90,7 +208,11 @@ def test_each_sequence_takes_the_factors_of_its_length(served):
 # step token budget with a KV pool too small for the batch retracts for memory too.
 SCHEDULES = {"overlapped": ({}, "overlapped_steps"),
              "mixed": ({"enable_mixed_chunk": True}, "mixed_decode_tokens"),
-             "budget-small-pool": ({"max_step_tokens": 24, "max_total_tokens": 160}, "retractions")}
+             "budget-small-pool": ({"max_step_tokens": 24, "max_total_tokens": 160}, "retractions"),
+             # Two tensor-parallel ranks (gloo) whose pool is too small for the batch: both ranks
+             # follow rank 0's retractions, for the crossing and for memory.
+             "tp2-small-pool": ({"tp_size": 2, "max_total_tokens": 160}, "retractions"),
+             "no-radix-cache": ({"disable_radix_cache": True, "enable_mixed_chunk": True}, "mixed_decode_tokens")}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

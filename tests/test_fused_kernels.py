@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sglang_core.layers.activation import GeluAndMul, SiluAndMul
-from sglang_core.layers.norm import LayerNorm, RMSNorm, RowsOut, norm_add_norm
+from sglang_core.kernels.rows_out import RowsOut
+from sglang_core.layers.norm import LayerNorm, RMSNorm, norm_add_norm
 from sglang_core.layers.rotary import RotaryEmbedding
 
 pytest.importorskip("triton")  # in the test extra; absent only outside CI

@@ -14,13 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from typing import TYPE_CHECKING
-
 from sglang_core.kernels.opaque import opaque_to_compiler
 from sglang_core.kernels.pdl import launch_options, pdl_enter
-
-if TYPE_CHECKING:
-    from sglang_core.layers.norm import RowsOut
+from sglang_core.kernels.rows_out import RowsOut
 
 
 @triton.jit

@@ -47,7 +47,8 @@ from torch import nn
 
 from sglang_core.kernels import use_fused
 from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
-from sglang_core.layers.norm import RMSNorm, RowsOut
+from sglang_core.kernels.rows_out import RowsOut
+from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode

@@ -80,12 +80,22 @@ def test_multi_token_prediction_weights_are_skipped(tmp_path) -> None:
     assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
 
 
-def test_unknown_routing_method_is_refused() -> None:
+# Options of DeepSeek's own model code that transformers does not read, set as no released config
+# sets them: V2's routing is softmax by "greedy" or "group_limited_greedy", V3's sigmoid by
+# "noaux_tc"; DeepSeek's code makes only every moe_layer_freq-th layer sparse.
+@pytest.mark.parametrize("version, option", [
+    ("V2", {"topk_method": "noaux_tc"}), ("V2", {"scoring_func": "sigmoid"}), ("V3", {"scoring_func": "softmax"}),
+    ("V3", {"topk_method": "greedy"}), ("V3", {"moe_layer_freq": 2})])
+def test_unread_routing_options_are_refused(version: str, option: dict) -> None:
     sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, q_lora_rank=16,
                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
-                 n_routed_experts=4, moe_intermediate_size=16, topk_method="noaux_tc")
-    with pytest.raises(ValueError, match="topk_method"):
-        DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**sizes), ModelContext())
+                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=0, n_group=1,
+                 topk_group=1)
+    config_cls, model_cls = ((transformers.DeepseekV2Config, DeepseekV2ForCausalLM) if version == "V2" else
+                             (transformers.DeepseekV3Config, DeepseekV3ForCausalLM))
+    model_cls(config_cls(**sizes), ModelContext())  # the released values (or none) are served
+    with pytest.raises(ValueError, match=next(iter(option))):
+        model_cls(config_cls(**sizes, **option), ModelContext())
 
 
 @pytest.mark.parametrize("name, tp, merged", [

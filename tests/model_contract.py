@@ -342,13 +342,13 @@ CASES: dict[str, ContractCase] = {
                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5,
                n_group=4, topk_group=2, norm_topk_prob=True)),
     # V3's routing without groups (n_group 1) or renormalisation, top-1 of 6 unscaled; no q LoRA, every
-    # layer sparse, rotate-half rotary.
+    # layer sparse, rotate-half rotary; 3 shared experts (stacked: the shared MLP cut in three).
     "deepseek-v3-moe-ungrouped": hf_case(
         _t("DeepseekV3Config"), _t("DeepseekV3ForCausalLM"),
         q_lora_rank=None,  # not in tiny(): it drops None overrides, and the config's default is 1536
         **tiny(num_key_value_heads=None, first_k_dense_replace=0, kv_lora_rank=32,
                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=6, num_experts_per_tok=1,
-               moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+               moe_intermediate_size=16, n_shared_experts=3, routed_scaling_factor=1.0, n_group=1, topk_group=1,
                norm_topk_prob=False, rope_interleave=False)),
     # --disable-mla: the per-head K/V cache (every head's key and value expanded from the latent
     # when written, attention without absorption) on V2-Lite's attention (no q LoRA, biases, YaRN

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -51,6 +52,59 @@ def test_kv_pool_holds_one_latent_or_every_heads_kv(tmp_path, dtype: str, elemen
     assert size == int(KV_BUDGET_GB * 2**30) // (config["num_hidden_layers"] * values * element_size)
 
 
+def _rounded_to(fp8: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.to(fp8).to(x.dtype)
+
+
+def _round_what_the_pool_keeps(model, per_head: bool, fp8: torch.dtype, monkeypatch) -> None:
+    """transformers' DeepSeek with what our pool stores rounded to ``fp8``: the rotated k_pe, and
+    the normed latent (``kv_a_layernorm``'s output) or, caching per head, every head's key and
+    value (``kv_b_proj``'s output)."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    stored = _rounded_to(fp8)
+    for module, name in [(modeling_deepseek_v2, "apply_rotary_emb"), (modeling_deepseek_v3, "apply_rotary_pos_emb"),
+                         (modeling_deepseek_v3, "apply_rotary_pos_emb_interleave")]:
+        rotary = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda q, k, *args, rotary=rotary, **kwargs: (
+            lambda q_out, k_out: (q_out, stored(k_out)))(*rotary(q, k, *args, **kwargs)))
+    for layer in model.model.layers:
+        cached = layer.self_attn.kv_b_proj if per_head else layer.self_attn.kv_a_layernorm
+        cached.register_forward_hook(lambda _module, _args, out: stored(out))
+
+
+@pytest.mark.parametrize("name, kv_cache_dtype", [("deepseek-v3-moe", "fp8_e4m3"),
+                                                  ("deepseek-v2-lite-moe-per-head", "fp8_e5m2")])
+def test_fp8_kv_cache_matches_reference_with_the_same_rounding(tmp_path, name: str, kv_cache_dtype: str,
+                                                               monkeypatch) -> None:
+    """--kv-cache-dtype fp8_*: the latent pool (or with --disable-mla every head's K/V) in 8 bits
+    (the latent norm's launch does not store rows into such a pool: TokenKVPool.store converts):
+    transformers float32 rounding what the pool keeps the same way is the reference, greedy tokens
+    and logprobs to 1e-4, over prefill chunks and a cached prefix; plain transformers differs by
+    far more, so the rounding is really there."""
+    fp8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
+    model, prompts = _build(name, tmp_path)
+    prompts = prompts + [prompts[3] + [5, 6, 7]]  # its prefix cached by the request before it
+    plain = [_reference_greedy(model, prompt, NEW_TOKENS)[1] for prompt in prompts]
+    _round_what_the_pool_keeps(model, bool(CASES[name].engine.get("disable_mla")), fp8, monkeypatch)
+    with Engine(str(tmp_path), device="cpu", chunked_prefill_size=CHUNK, kv_cache_dtype=kv_cache_dtype,
+                **CASES[name].engine) as engine:
+        params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS}
+        results = engine.generate(input_ids=prompts[:-1], sampling_params=params, return_logprob=True)
+        results.append(engine.generate(input_ids=prompts[-1], sampling_params=params, return_logprob=True))
+        engine.check_memory()
+    assert results[-1]["meta_info"]["cached_tokens"] >= CHUNK
+    gaps = []
+    for prompt, result, plain_logprobs in zip(prompts, results, plain):
+        tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
+        assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
+        got = [logprob for logprob, _token, _text in result["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"
+        gaps += [abs(a - b) for a, b in zip(plain_logprobs, logprobs)]
+    assert max(gaps) > 1e-2  # the 8-bit rounding moves the logprobs well beyond the tolerance
+
+
 def _mtp_layer_tensors(config: dict) -> dict[str, torch.Tensor]:
     """Tensors of a DeepSeek-V3 multi-token-prediction layer, numbered after the decoder's layers."""
     p = f"model.layers.{config['num_hidden_layers']}."
@@ -80,12 +134,22 @@ def test_multi_token_prediction_weights_are_skipped(tmp_path) -> None:
     assert result["output_ids"] == _reference_greedy(model, prompt, NEW_TOKENS)[0]
 
 
-def test_unknown_routing_method_is_refused() -> None:
+# Options of DeepSeek's own model code that transformers does not read, set as no released config
+# sets them: V2's routing is softmax by "greedy" or "group_limited_greedy", V3's sigmoid by
+# "noaux_tc"; DeepSeek's code makes only every moe_layer_freq-th layer sparse.
+@pytest.mark.parametrize("version, option", [
+    ("V2", {"topk_method": "noaux_tc"}), ("V2", {"scoring_func": "sigmoid"}), ("V3", {"scoring_func": "softmax"}),
+    ("V3", {"topk_method": "greedy"}), ("V3", {"moe_layer_freq": 2})])
+def test_unread_routing_options_are_refused(version: str, option: dict) -> None:
     sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, q_lora_rank=16,
                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
-                 n_routed_experts=4, moe_intermediate_size=16, topk_method="noaux_tc")
-    with pytest.raises(ValueError, match="topk_method"):
-        DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**sizes), ModelContext())
+                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=0, n_group=1,
+                 topk_group=1)
+    config_cls, model_cls = ((transformers.DeepseekV2Config, DeepseekV2ForCausalLM) if version == "V2" else
+                             (transformers.DeepseekV3Config, DeepseekV3ForCausalLM))
+    model_cls(config_cls(**sizes), ModelContext())  # the released values (or none) are served
+    with pytest.raises(ValueError, match=next(iter(option))):
+        model_cls(config_cls(**sizes, **option), ModelContext())
 
 
 @pytest.mark.parametrize("name, tp, merged", [

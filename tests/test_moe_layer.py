@@ -121,7 +121,8 @@ def test_correction_bias_changes_the_choice_not_the_weights() -> None:
 
 
 @pytest.mark.parametrize("routing, field", [
-    (Routing(9), "num_experts_per_tok"), (Routing(2, scoring="tanh"), "scoring_func"),
+    (Routing(9), "num_experts_per_tok"), (Routing(None), "num_experts_per_tok"),
+    (Routing(2, scoring="tanh"), "scoring_func"),
     (Routing(2, num_groups=3), "n_group"), (Routing(2, num_groups=4, topk_groups=5), "topk_group"),
     (Routing(2, num_groups=None), "n_group"), (Routing(2, num_groups=4, topk_groups=None), "topk_group"),
     (Routing(5, num_groups=4, topk_groups=2), "num_experts_per_tok"),

@@ -38,6 +38,7 @@ class Case:
 CASES = [
     Case(experts=64, top_k=6, tokens=1, shared=2),  # DeepSeek-V2-Lite decode, its 2 shared experts stacked
     Case(experts=6, top_k=2, tokens=3, scaling=2.0, shared=1),
+    Case(experts=5, top_k=5, tokens=3, scaling=0.7, shared=3),  # every routed expert, then 3 shared ones
     Case(experts=8, top_k=2, tokens=5, renormalize=True, dtype=torch.bfloat16),  # Mixtral
     Case(experts=60, top_k=4, tokens=3),  # Qwen1.5-MoE: not a power of two
     Case(experts=6, top_k=6, tokens=2, renormalize=True, scaling=2.5),

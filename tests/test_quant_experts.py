@@ -245,17 +245,18 @@ def test_fp8_block_wise_deepseek_v3(tmp_path, layout):
     """DeepSeek-V3's layout: ``weight_scale_inv`` per 16 x 16 block of every linear layer and
     expert, activations rounded per token and 16-wide group; or llm-compressor's FP8_BLOCK, the same
     blocks as ``weight_scale``. kv_a_proj_with_mqa has 40 rows (2.5 blocks: its scale has 3 rows, the
-    last covering 8), as the released 576-row one has 4.5 blocks of 128. kv_b_proj stays float (the
-    MLA plugin absorbs its plain weight)."""
+    last covering 8), as the released 576-row one has 4.5 blocks of 128. kv_b_proj quantized as
+    released in DeepSeek's layout: the MLA plugin absorbs the float matrix it stands for, its
+    inputs not rounded (as DeepSeek's inference code dequantizes it); float in the other."""
     block = (16, 16)
-    ignore = ["lm_head", "re:.*kv_b_proj$"]
     if layout == "compressed-tensors":
+        ignore = ["lm_head", "re:.*kv_b_proj$"]
         config, scale_name = {**compressed_tensors_block_config(block), "ignore": ignore}, "weight_scale"
     else:
-        config, scale_name = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ignore}, \
+        config, scale_name = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, \
             "weight_scale_inv"
     model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, block_quantizer(block, scale_name),
-                                         keep_float=("kv_b_proj",))
+                                         keep_float=("kv_b_proj",) if layout == "compressed-tensors" else ())
     assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape[0] % block[0]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") and "kv_b_proj" not in name:

@@ -55,7 +55,7 @@ class Routing:
 
     def check(self, num_experts: int) -> None:
         """ValueErrors naming the config field a bad value came from."""
-        if not 0 < self.top_k <= num_experts:
+        if not isinstance(self.top_k, int) or not 0 < self.top_k <= num_experts:  # None: a config without it
             raise ValueError(f"num_experts_per_tok: {self.top_k} is not in 1..{num_experts} (the number of experts)")
         if not self.renormalize_p > 0:
             raise ValueError(f"moe_normalize_expert_weights: {self.renormalize_p} is not a positive p of a p-norm")

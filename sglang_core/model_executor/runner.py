@@ -126,6 +126,10 @@ class ModelRunner:
             method = getattr(module, "quant_method", None)
             if method is not None:
                 method.process_weights_after_loading(module)
+        for module in list(model.modules()):  # a module's own last step, on the processed weights
+            finish = getattr(module, "finish_loading", None)
+            if finish is not None:
+                finish()
         return model.eval()
 
     def _quant_method_factories(

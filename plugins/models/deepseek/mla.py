@@ -36,6 +36,10 @@ run as one matmul (``fused_qkv_a_proj``, one GEMV launch at batch 1) where both 
 (``q_a_proj`` always is; ``q_proj`` only on one rank, since ranks split it by heads), biased
 alike and unquantized (``merges_input_projections``).
 
+A quantized ``kv_b_proj`` (DeepSeek-V3's FP8 release quantizes it) loads as the checkpoint has it
+and is then replaced by the float matrix it stands for (``finish_loading``), as DeepSeek's own
+inference code dequantizes it: absorption needs the matrix, and its inputs are never rounded.
+
 The softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, the width of the
 un-absorbed head, times YaRN's ``mscale_all_dim`` correction squared when the rope sets it.
 """
@@ -139,11 +143,12 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_head_dim, False, ctx.tp, ctx.dtype,
                                                  ctx.quant_method_for(f"{prefix}.q_b_proj"))
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, ctx.dtype)
-        if ctx.quant_method_for(f"{prefix}.kv_b_proj") is not None:
-            # Absorption multiplies by kv_b_proj's weight matrix itself, so it must be a plain one.
-            raise ValueError("quantization_config: kv_b_proj of multi-head latent attention must be unquantized")
+        # Absorption multiplies by kv_b_proj's weight matrix itself: a quantized one (DeepSeek-V3's
+        # FP8 release) loads as quantized, then becomes the float matrix it stands for (finish_loading).
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim), False,
-                                              ctx.tp, ctx.dtype)
+                                              ctx.tp, ctx.dtype, ctx.quant_method_for(f"{prefix}.kv_b_proj"))
+        self._kv_b_quantized = ctx.quant_method_for(f"{prefix}.kv_b_proj") is not None
+        self._tp, self._dtype = ctx.tp, ctx.dtype
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias, ctx.tp, ctx.dtype,
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
         self.num_heads = ctx.tp.split(heads, "num_attention_heads")
@@ -158,6 +163,22 @@ class MultiHeadLatentAttention(nn.Module):
                                   v_head_dim=self.kv_lora_rank, kv_layout=KVLayout.LATENT)
             # The expanded heads, over keys and values derived from the cache (not cached themselves).
             self.expanded = AttentionLayerSpec(self.num_heads, self.num_heads, qk_head_dim, self.v_head_dim, scale)
+
+    def finish_loading(self) -> None:
+        """A quantized ``kv_b_proj`` replaced by a plain one holding the matrix it computes, read as
+        its product with the identity (one-hot rows round exactly under any activation scheme), as
+        DeepSeek's own inference code dequantizes it for absorption; its inputs are not rounded."""
+        if not self._kv_b_quantized:
+            return
+        quantized = self.kv_b_proj
+        weight = next(quantized.parameters())
+        with torch.no_grad():
+            matrix = quantized(torch.eye(self.kv_lora_rank, dtype=self._dtype, device=weight.device)).t()
+            plain = ColumnParallelLinear(self.kv_lora_rank, matrix.shape[0] * self._tp.size, False, self._tp,
+                                         self._dtype).to(weight.device)
+            plain.weight.copy_(matrix)
+        self.kv_b_proj = plain
+        self._kv_b_quantized = False
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries [n, heads * (nope + rope)], ``kv_a_proj_with_mqa``'s output [n, rank + rope])."""

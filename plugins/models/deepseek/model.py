@@ -15,7 +15,9 @@ stacked after the routed ones (its checkpoint tensors cut into theirs at load ti
 experts' fused launches compute it too; else it is a ``GatedMLP`` beside them. V2 routes by softmax, ``topk_method`` ``greedy`` or ``group_limited_greedy``
 (best ``topk_group`` of ``n_group`` groups by their best expert), never renormalised (transformers'
 V2 reads no ``norm_topk_prob``); V3 by sigmoid with ``e_score_correction_bias`` for the choice
-only, groups scored by their two best, renormalised when ``norm_topk_prob``.
+only, groups scored by their two best, renormalised when ``norm_topk_prob``. Options of DeepSeek's
+own code that transformers does not read are refused unless set as released (``scoring_func``
+softmax for V2, sigmoid for V3; V3's ``topk_method`` ``noaux_tc``; ``moe_layer_freq`` 1).
 
 Where every layer allows it (``mla.merges_input_projections``), the checkpoints' ``q_proj`` (or
 ``q_a_proj``) and ``kv_a_proj_with_mqa`` load as the two shards of each layer's ``fused_qkv_a_proj``.
@@ -42,6 +44,16 @@ from sglang_core.model_executor.model_api import ModelContext
 from sglang_plugins.models.deepseek.mla import MultiHeadLatentAttention, merges_input_projections
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def refuse_other_than(config, field: str, served: object) -> None:
+    """A ValueError naming ``field`` where the config sets it to anything but ``served``: options of
+    DeepSeek's own model code that transformers (the reference) and this plugin do not read."""
+    value = getattr(config, field, served)
+    if value != served:
+        raise ValueError(f"{field}: only {served!r} is served (DeepSeek's released configs), not {value!r}")
+
+
 _SHARED_EXPERTS = re.compile(r"^(?P<mlp>model\.layers\.(?P<layer>\d+)\.mlp)\.shared_experts\.(?P<proj>\w+)\.weight$")
 
 
@@ -87,6 +99,8 @@ class DeepseekV2ForCausalLM(DecoderLM):
         if experts is None or layer_id < (getattr(config, "first_k_dense_replace", None) or 0):
             return GatedMLP(ctx, prefix, config.hidden_size, config.intermediate_size, config.hidden_act,
                             self.dense_mlp_bias(config))
+        # DeepSeek's code makes every moe_layer_freq-th layer sparse; transformers, every layer.
+        refuse_other_than(config, "moe_layer_freq", 1)
         shared, stacked = None, 0
         experts_method = ctx.experts_method_for(f"{prefix}.experts")
         # n_shared_experts 0: none (transformers keeps a zero-wide MLP; its empty tensors are not loaded).
@@ -110,6 +124,7 @@ class DeepseekV2ForCausalLM(DecoderLM):
 
     def routing(self, config) -> Routing:
         """V2: softmax scores, ``greedy`` or ``group_limited_greedy`` top-k, not renormalised."""
+        refuse_other_than(config, "scoring_func", "softmax")
         method = getattr(config, "topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
             raise ValueError(f"topk_method: DeepSeek-V2 routes by 'greedy' or 'group_limited_greedy', not {method!r}")
@@ -154,6 +169,8 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
 
     def routing(self, config) -> Routing:
         """V3 ("noaux_tc"): sigmoid scores, the correction bias and grouping for the choice only."""
+        refuse_other_than(config, "scoring_func", "sigmoid")
+        refuse_other_than(config, "topk_method", "noaux_tc")
         return Routing(config.num_experts_per_tok, "sigmoid", renormalize=bool(config.norm_topk_prob),
                        num_groups=config.n_group or 1, topk_groups=config.topk_group or 1, group_score="top2_sum",
                        correction_bias=True, scaling_factor=config.routed_scaling_factor)

@@ -14,6 +14,7 @@ experts module's forward replaced by a per-token loop) to e4m3 and back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zlib
@@ -31,6 +32,7 @@ from sglang_core.layers.parallel import TPGroup
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.fp8.method import Fp8LinearMethod
 from sglang_plugins.quant.gptq.method import GPTQMethod
+from model_contract import CASES
 from test_model_contract import _build, _reference_greedy
 from test_quant_awq_gptq import Quantized, group_index
 from test_quant_compressed_tensors import (ct_config, int8_round_trip, int_args, pack_quantized,
@@ -241,7 +243,7 @@ def test_fp8_per_tensor_static_experts(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["deepseek", "compressed-tensors"])
-def test_fp8_block_wise_deepseek_v3(tmp_path, layout):
+def test_fp8_block_wise_deepseek_v3(tmp_path, layout, case="deepseek-v3-moe", **settings):
     """DeepSeek-V3's layout: ``weight_scale_inv`` per 16 x 16 block of every linear layer and
     expert, activations rounded per token and 16-wide group; or llm-compressor's FP8_BLOCK, the same
     blocks as ``weight_scale``. kv_a_proj_with_mqa has 40 rows (2.5 blocks: its scale has 3 rows, the
@@ -255,7 +257,7 @@ def test_fp8_block_wise_deepseek_v3(tmp_path, layout):
     else:
         config, scale_name = {**BLOCK_CONFIG, "weight_block_size": list(block), "ignored_layers": ["lm_head"]}, \
             "weight_scale_inv"
-    model, prompts = quantize_checkpoint("deepseek-v3-moe", tmp_path, config, block_quantizer(block, scale_name),
+    model, prompts = quantize_checkpoint(case, tmp_path, config, block_quantizer(block, scale_name),
                                          keep_float=("kv_b_proj",) if layout == "compressed-tensors" else ())
     assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape[0] % block[0]
     for name, module in model.named_modules():
@@ -264,7 +266,23 @@ def test_fp8_block_wise_deepseek_v3(tmp_path, layout):
         if hasattr(module, "gate_up_proj"):
             rounded = lambda _e, x: e4m3_round_trip(x, group=block[1])  # noqa: E731
             round_expert_inputs(module, rounded, rounded)
-    assert_served_like(model, prompts, tmp_path)
+    assert_served_like(model, prompts, tmp_path, **settings)
+
+
+def test_fp8_block_wise_deepseek_v3_on_two_gloo_ranks(tmp_path, monkeypatch):
+    """The same DeepSeek layout over two gloo ranks, v_head_dim 16 so that no rank's slice cuts a
+    block (as none does in the released 128-head model): each rank dequantizes only its heads' rows
+    of kv_b_proj before absorbing them, and every other projection and expert its slice's blocks."""
+    base = CASES["deepseek-v3-moe"]
+
+    def make():
+        config, model = base.make()
+        config.v_head_dim = 16
+        return config, type(model)(config)
+
+    monkeypatch.setitem(CASES, "deepseek-v3-moe-v16", dataclasses.replace(base, make=make))
+    monkeypatch.setitem(EXPERT_NAMES, "deepseek-v3-moe-v16", EXPERT_NAMES["deepseek-v3-moe"])
+    test_fp8_block_wise_deepseek_v3(tmp_path, "deepseek", case="deepseek-v3-moe-v16", tp_size=2, device="cpu")
 
 
 def test_gptq_experts_qwen2_moe(tmp_path):

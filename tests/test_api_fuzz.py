@@ -11,7 +11,7 @@ import pytest
 
 from api_fuzz import GENERATED_TOKENS, fuzz, operations, wait_until_memory_whole
 
-CASES = 1000
+CASES = 700
 
 
 def test_fuzzed_requests_get_documented_answers_and_leave_memory_whole(lang_server):

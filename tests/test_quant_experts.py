@@ -120,8 +120,10 @@ def round_expert_inputs(experts: torch.nn.Module, w13_input: Callable, w2_input:
     experts.forward = forward
 
 
-def assert_served_like(model, prompts: list[list[int]], folder: Path, **settings) -> None:
-    """Greedy tokens and their logprobs equal the reference's (engine ``settings``: tp_size, ...)."""
+def assert_served_like(model, prompts: list[list[int]], folder: Path, logprob_atol: float = 1e-4,
+                       **settings) -> None:
+    """Greedy tokens equal the reference's and their logprobs within ``logprob_atol`` (engine
+    ``settings``: tp_size, ...)."""
     with Engine(str(folder), **settings) as engine:
         results = engine.generate(input_ids=prompts, return_logprob=True, sampling_params={
             "temperature": 0, "ignore_eos": True, "max_new_tokens": NEW_TOKENS})
@@ -129,7 +131,7 @@ def assert_served_like(model, prompts: list[list[int]], folder: Path, **settings
         tokens, logprobs = _reference_greedy(model, prompt, NEW_TOKENS)
         assert result["output_ids"] == tokens, f"prompt of {len(prompt)} tokens"
         got = [lp for lp, _token, _text in result["meta_info"]["output_token_logprobs"]]
-        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt of {len(prompt)} tokens"
+        assert got == pytest.approx(logprobs, abs=logprob_atol), f"prompt of {len(prompt)} tokens"
 
 
 def fp8_quantizer(strategy: str) -> Quantizer:
@@ -242,6 +244,14 @@ def test_fp8_per_tensor_static_experts(tmp_path):
     assert_served_like(model, prompts, tmp_path)
 
 
+# Every linear input rounded to e4m3 per 16-wide group: the engine's absorbed MLA sums in another
+# order than transformers' expanded heads, and a value within ~1e-7 of a rounding boundary lands on
+# the other e4m3 neighbour: 6.6e-3 measured on one Xeon for the v_head_dim-16 case (1e-4 on
+# another). Without the rounding the greedy tokens themselves differ, so the tokens, exact, are
+# what proves the rounding; the logprobs bound the damage of such flips.
+BLOCK_ROUNDED_ATOL = 2e-2
+
+
 @pytest.mark.parametrize("layout", ["deepseek", "compressed-tensors"])
 def test_fp8_block_wise_deepseek_v3(tmp_path, layout, case="deepseek-v3-moe", **settings):
     """DeepSeek-V3's layout: ``weight_scale_inv`` per 16 x 16 block of every linear layer and
@@ -266,7 +276,7 @@ def test_fp8_block_wise_deepseek_v3(tmp_path, layout, case="deepseek-v3-moe", **
         if hasattr(module, "gate_up_proj"):
             rounded = lambda _e, x: e4m3_round_trip(x, group=block[1])  # noqa: E731
             round_expert_inputs(module, rounded, rounded)
-    assert_served_like(model, prompts, tmp_path, **settings)
+    assert_served_like(model, prompts, tmp_path, logprob_atol=BLOCK_ROUNDED_ATOL, **settings)
 
 
 def test_fp8_block_wise_deepseek_v3_on_two_gloo_ranks(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ from sglang_core.layers.attention import Attention, AttentionLayerSpec, KVLayout
 from sglang_core.kernels.rows_out import RowsOut
 from sglang_core.layers.norm import RMSNorm
 from sglang_core.layers.parallel import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from sglang_core.layers.quant import UnquantizedMethod
 from sglang_core.layers.rotary import RotaryEmbedding, rope_parameters, yarn_softmax_scale
 from sglang_core.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang_core.model_executor.model_api import ModelContext
@@ -147,8 +148,6 @@ class MultiHeadLatentAttention(nn.Module):
         # FP8 release) loads as quantized, then becomes the float matrix it stands for (finish_loading).
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim), False,
                                               ctx.tp, ctx.dtype, ctx.quant_method_for(f"{prefix}.kv_b_proj"))
-        self._kv_b_quantized = ctx.quant_method_for(f"{prefix}.kv_b_proj") is not None
-        self._tp, self._dtype = ctx.tp, ctx.dtype
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias, ctx.tp, ctx.dtype,
                                         ctx.quant_method_for(f"{prefix}.o_proj"))
         self.num_heads = ctx.tp.split(heads, "num_attention_heads")
@@ -168,17 +167,16 @@ class MultiHeadLatentAttention(nn.Module):
         """A quantized ``kv_b_proj`` replaced by a plain one holding the matrix it computes, read as
         its product with the identity (one-hot rows round exactly under any activation scheme), as
         DeepSeek's own inference code dequantizes it for absorption; its inputs are not rounded."""
-        if not self._kv_b_quantized:
-            return
         quantized = self.kv_b_proj
-        weight = next(quantized.parameters())
+        if isinstance(quantized.quant_method, UnquantizedMethod):
+            return
+        device, dtype = next(quantized.parameters()).device, self.kv_a_layernorm.weight.dtype  # the activations' dtype
         with torch.no_grad():
-            matrix = quantized(torch.eye(self.kv_lora_rank, dtype=self._dtype, device=weight.device)).t()
-            plain = ColumnParallelLinear(self.kv_lora_rank, matrix.shape[0] * self._tp.size, False, self._tp,
-                                         self._dtype).to(weight.device)
+            matrix = quantized(torch.eye(self.kv_lora_rank, dtype=dtype, device=device)).t()
+            plain = ColumnParallelLinear(self.kv_lora_rank, matrix.shape[0] * quantized.tp.size, False, quantized.tp,
+                                         dtype).to(device)
             plain.weight.copy_(matrix)
         self.kv_b_proj = plain
-        self._kv_b_quantized = False
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries [n, heads * (nope + rope)], ``kv_a_proj_with_mqa``'s output [n, rank + rope])."""

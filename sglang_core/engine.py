@@ -359,6 +359,7 @@ class Engine:
             return
         self.plugins.hook.on_engine_shutdown(engine=self)
         self._stopped = True
+        self._media.close()
         self.core.shutdown()
 
     def __enter__(self) -> "Engine":
@@ -382,14 +383,17 @@ class Engine:
         _check_int("top_logprobs_num", top_logprobs_num, 0)
         if rid is not None:
             check_rid(rid)
+        parsed = [raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw) for raw in params_list]
+        for params in parsed:
+            params.validate(self.info.vocab_size)
+        # After the cheap checks: loading images takes milliseconds each. A prompt with an image
+        # token but no image is refused here too.
+        fields = ["image_data"] if single_input else [f"image_data.{i}" for i in range(len(id_lists))]
+        expanded = self._media.expand_all(id_lists, images, fields)
         requests: list[GenerateRequest] = []
         batch_rid = rid or uuid.uuid4().hex
-        for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
-            params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw)
-            params.validate(self.info.vocab_size)
-            media, start, positions = [], logprob_start_len, None
-            if images[i] or self._media.takes_media:  # an image token without its image is refused too
-                ids, media = self._media.expand(ids, images[i])
+        for i, (params, (ids, media)) in enumerate(zip(parsed, expanded)):
+            start, positions = logprob_start_len, None
             if media:
                 positions = self._media.positions(ids, media)
                 # The start counts the prompt as given: past an image, its placeholders count too.

@@ -4,6 +4,8 @@ video is ``{"video": source or list of frames, "num_frames": n (optional)}``."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,12 @@ def images_per_prompt(image_data: Any, count: int, single: bool, field: str = "i
     return [[] if item is None else item if isinstance(item, list) else [item] for item in image_data]
 
 
+# Threads that load and preprocess one batch's images: decoding (PIL), resizing and normalizing
+# (PIL, numpy, torch) and the content hash (hashlib) release the GIL for most of their time, so a
+# batch's images take about 1/threads of the serial time (each ~10 ms on a server core).
+MEDIA_THREADS = min(8, os.cpu_count() or 1)
+
+
 class MediaInputs:
     def __init__(self, plugins: PluginManager, info: ModelInfo, settings: EngineSettings):
         models = plugins.registry("models")
@@ -46,6 +54,7 @@ class MediaInputs:
         # request and chat rendering asks for it, on the server's event loop, which a load there
         # (the HF processor and its tokenizer, from disk) would block; and a broken one fails the start.
         self._processor: InputProcessor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # started by the first batch with media
         if target is not None:
             folder = Path(info.model_folder)
             self._processor = resolve_target(target)(folder, load_model_config(folder, models))
@@ -63,25 +72,54 @@ class MediaInputs:
     def video_token(self) -> str | None:
         return self._processor.video_token if self._processor is not None else None
 
-    def expand(self, ids: list[int], sources: list[Any]) -> tuple[list[int], list[MediaItem]]:
-        """Load each image and video (``image_data.<i>`` names it in errors) and expand the prompt's
+    def expand(self, ids: list[int], sources: list[Any], field: str = "image_data") -> tuple[list[int], list[MediaItem]]:
+        """Load each image and video (``<field>.<i>`` names it in errors) and expand the prompt's
         image and video tokens."""
         processor = self._processor
         if processor is None:
-            raise ValueError(f"image_data: the model ({self._architecture}) takes no images")
+            raise ValueError(f"{field}: the model ({self._architecture}) takes no images")
         videos_at = [i for i, source in enumerate(sources) if isinstance(source, dict)]
         if videos_at and processor.video_token is None:
-            raise ValueError(f"image_data.{videos_at[0]}: the model ({self._architecture}) takes no videos")
+            raise ValueError(f"{field}.{videos_at[0]}: the model ({self._architecture}) takes no videos")
         # The counts checked before any is loaded: each may be a fetch.
         media_slots(processor, ids, [s for s in sources if not isinstance(s, dict)],
-                    [s for s in sources if isinstance(s, dict)])
+                    [s for s in sources if isinstance(s, dict)], field)
         images, videos = [], []
         for i, source in enumerate(sources):
             if isinstance(source, dict):
-                videos.append(self._video(source, f"image_data.{i}"))
+                videos.append(self._video(source, f"{field}.{i}"))
             else:
-                images.append(load_image(source, self.limits, f"image_data.{i}"))
-        return expand_prompt(processor, ids, images, videos=videos)
+                images.append(load_image(source, self.limits, f"{field}.{i}"))
+        return expand_prompt(processor, ids, images, field, videos)
+
+    def expand_all(self, id_lists: list[list[int]], sources: list[list[Any]],
+                   fields: list[str]) -> list[tuple[list[int], list[MediaItem]]]:
+        """``expand`` of each prompt with its media, ``fields`` naming each in errors (a prompt
+        without media unchanged, unless the model takes media and checks its tokens); prompts with
+        media load on threads. The first prompt in order that fails raises its error."""
+        loading = [i for i, found in enumerate(sources) if found]
+        futures = {}
+        if len(loading) > 1 and MEDIA_THREADS > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="media")
+            futures = {i: self._pool.submit(self.expand, id_lists[i], sources[i], fields[i]) for i in loading}
+        results = []
+        try:
+            for i, ids in enumerate(id_lists):
+                if i in futures:
+                    results.append(futures[i].result())
+                elif sources[i] or self.takes_media:
+                    results.append(self.expand(ids, sources[i], fields[i]))
+                else:
+                    results.append((ids, []))
+        finally:
+            for future in futures.values():
+                future.cancel()  # after a failure: the batch is refused, the rest need not load
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _video(self, entry: dict, field: str) -> list[Any]:
         if "video" not in entry or not set(entry) <= {"video", "num_frames"}:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from typing import Callable
 
 import pytest
@@ -314,6 +315,39 @@ def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_
     assert alone["meta_info"]["finish_reason"]["status_code"] == 400
     assert running[-1] == 1, "the failing image should have met a running request"
     _check(long_result[0], long_expected)
+    engine.check_memory()
+
+
+def test_a_batch_with_an_unreadable_image_is_refused_naming_its_prompt(llava, failure_engine, monkeypatch):
+    """A batch's images load on several threads: the first prompt in order whose image cannot be
+    read names the error (``image_data.<prompt>.<image>``), even when a later prompt's fails first;
+    nothing of the batch is submitted, and the next batch gives transformers' tokens."""
+    from sglang_core import media_inputs
+
+    _, expected = llava
+    engine = failure_engine
+    monkeypatch.setattr(media_inputs, "MEDIA_THREADS", 4)
+    load, later_failed = media_inputs.load_image, threading.Event()
+
+    def load_image(source, limits, field):
+        if field == "image_data.1.0":  # the earlier bad image is read only once the later one failed
+            later_failed.wait(timeout=10)
+        try:
+            return load(source, limits, field)
+        except ValueError:
+            later_failed.set()
+            raise
+
+    monkeypatch.setattr(media_inputs, "load_image", load_image)
+    good, bad = data_url("red"), "data:image/png;base64," + base64.b64encode(b"not a png").decode()
+    text, before = PROMPTS["one"][0], engine.stats()
+    with pytest.raises(ValueError, match=r"^image_data\.1\.0: cannot decode the image"):
+        engine.generate([text] * 4, {"max_new_tokens": 2}, image_data=[[good], [bad], [good], [bad]])
+    assert later_failed.is_set()
+    assert engine.stats() == before  # nothing of the batch reached the engine core
+    one, two = _generate(engine, ["one", "two"])
+    _check(one, expected["one"])
+    _check(two, expected["two"])
     engine.check_memory()
 
 

@@ -120,6 +120,7 @@ class MediaInputs:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _video(self, entry: dict, field: str) -> list[Any]:
         if "video" not in entry or not set(entry) <= {"video", "num_frames"}:

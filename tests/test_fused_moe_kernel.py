@@ -224,7 +224,8 @@ def test_moe_layer_runs_every_kernel_activation_fused(hidden_act: str, activatio
         # Gate values of a few units, where erf and tanh GELU differ most.
         block.experts.w13_weight.copy_(torch.randn(experts, 2 * inter, hidden_size, generator=gen) * 0.4)
         block.experts.w2_weight.copy_(torch.randn(experts, hidden_size, inter, generator=gen) / inter ** 0.5)
-        x = torch.randn(tokens, hidden_size, generator=gen)
+        block.to(DEVICE)
+        x = torch.randn(tokens, hidden_size, generator=gen).to(DEVICE)
         topk_weights, topk_ids = block.gate(x)
         got = block(x)
     assert activations == [activation]
@@ -252,7 +253,7 @@ def test_moe_layer_adds_its_shared_expert_in_the_kernel(monkeypatch) -> None:
     fused = moe.fused_moe
     monkeypatch.setattr(moe, "fused_moe", lambda *args, **kwargs: addends.append(kwargs["addend"])
                         or fused(*args, **kwargs))
-    check_block_matches_qwen2_moe(seed=3)
+    check_block_matches_qwen2_moe(seed=3, device=DEVICE)
     assert len(addends) == 1 and addends[0] is not None
 
 

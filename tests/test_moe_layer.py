@@ -219,14 +219,15 @@ def load_block(ours: MoE, theirs: torch.nn.Module) -> None:
     assert load_by_name(params, weights, QKV_GATE_UP, experts=STACKED_EXPERTS) == set(params)
 
 
-def check_block_matches_qwen2_moe(seed: int) -> None:
-    """Our one-rank block, loaded from transformers' Qwen2-MoE sparse block, computes what it does."""
+def check_block_matches_qwen2_moe(seed: int, device: str = "cpu") -> None:
+    """Our one-rank block, loaded from transformers' Qwen2-MoE sparse block, computes what it does
+    (ours on ``device``, the reference on the CPU)."""
     block, config = qwen2_moe_block(seed=seed)
     ours = our_block(config, TPGroup())
     load_block(ours, block)
     x = torch.randn(TOKENS, HIDDEN)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), block(x[None])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.to(device)(x.to(device)).cpu(), block(x[None])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_moe_block_with_gated_shared_expert_matches_qwen2_moe() -> None:

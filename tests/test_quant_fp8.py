@@ -25,6 +25,7 @@ from sglang_core.layers.parallel import TPGroup
 from sglang_plugins.quant.compressed_tensors.method import CompressedTensorsMethod
 from sglang_plugins.quant.fp8.scheme import parse_scheme
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels' tests: compiled on a GPU, interpreted here
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 PROMPTS = [[5, 17, 99, 42, 7], [200, 3, 3, 150, 77, 12, 64, 31, 9, 250, 18]]
@@ -471,7 +472,7 @@ def test_one_row_goes_through_the_fp8_gemv(weights, monkeypatch):
     kernel = gemv.fp8_gemv
     monkeypatch.setattr(gemv, "fp8_gemv", lambda *args: calls.append(1) or kernel(*args))
     method = fp8_method.Fp8LinearMethod(Fp8Scheme(weights, "dynamic"), "model.layers.0.mlp.gate_up_proj")
-    layer = MergedColumnParallelLinear(64, [24, 40], quant_method=method)
+    layer = MergedColumnParallelLinear(64, [24, 40], quant_method=method).to(DEVICE)
     torch.manual_seed(0)
     dequantized = []
     for part, rows in enumerate((24, 40)):
@@ -481,7 +482,7 @@ def test_one_row_goes_through_the_fp8_gemv(weights, monkeypatch):
         layer.weight_scale.weight_loader(layer.weight_scale, scale, part)
     method.process_weights_after_loading(layer)
     x = torch.randn(1, 64).bfloat16()
-    got = layer(x)
+    got = layer(x.to(DEVICE)).cpu()
     assert calls and got.dtype == torch.bfloat16
     x_scale = x.float().abs().amax() / E4M3_MAX
     rounded = to_e4m3(x.float(), x_scale).double() * x_scale.double()

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 class InputProcessor(abc.ABC):
-    """A model's preprocessing of images, on the request side (never the scheduler's thread)."""
+    """A model's preprocessing of images, on the request side (never the scheduler's thread).
+    Its ``process_*`` methods are called from several threads at once: no shared mutable state."""
 
     image_token: str  # the placeholder text that stands for one image in a prompt
     image_token_id: int

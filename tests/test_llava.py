@@ -318,6 +318,26 @@ def test_an_image_the_encoder_fails_on_ends_its_own_request_only(llava, failure_
     engine.check_memory()
 
 
+def test_the_input_processor_serves_many_threads_at_once(failure_engine):
+    """A batch's images and concurrent requests run the processor on several threads: the HF
+    processor (its tokenizer included: some transformers releases raised "Already borrowed" from
+    a fast tokenizer shared by threads) gives every thread what one call alone gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sglang_core import media_inputs
+
+    engine = failure_engine
+    processor = media_inputs.MediaInputs(engine.plugins, engine.info, engine.settings)._processor
+    images = [_image(name) for name in ("red", "noise", "tall", "other")]
+    alone = [processor.process_image(image) for image in images]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: processor.process_image(images[i % 4]), range(800)))
+    for i, (tensors, count) in enumerate(results):
+        expected, expected_count = alone[i % 4]
+        assert count == expected_count and tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[k], expected[k]) for k in tensors)
+
+
 def test_a_batch_with_an_unreadable_image_is_refused_naming_its_prompt(llava, failure_engine, monkeypatch):
     """A batch's images load on several threads: the first prompt in order whose image cannot be
     read names the error (``image_data.<prompt>.<image>``), even when a later prompt's fails first;

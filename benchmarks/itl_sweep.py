@@ -39,7 +39,8 @@ about half of a policy's time); each workload has its own prompts. `--input-len`
 `--output-len` and `--range-ratio` override every workload's.
 
 Writes to `--out` three files (the device tool returns at most 8 a call): `itl_sweep.jsonl`
-(bench-serving's JSON line per run, with `policy` and `workload`, appended as each run ends),
+(bench-serving's JSON line per run, with `policy`, `workload` and the server's KV pool size in tokens,
+appended as each run ends),
 `itl_sweep.md` (per workload, a table per policy, then the issue's checks side by side) and `details.tar.gz` (each run's result
 file and each server's log).
 """
@@ -55,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from serving_cpu import stop, wait_healthy
@@ -71,6 +73,11 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vo
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 1024, "eos_token_id": 2, "bos_token_id": 1}
 BENCH_SLACK_S = 25  # a run's time beyond its arrivals: process start, prompts, the last requests' decode
+
+
+def server_call(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def requests_at(rate: float, args: argparse.Namespace) -> int:
@@ -144,13 +151,15 @@ def run_policy(args: argparse.Namespace, name: str, flags: str, config: Path, to
                 rows.append(key | {"skipped": f"bench-serving exited with {status}"})
                 print(f"   {workload} rate {rate:g}: bench-serving exited with {status}, no result", flush=True)
                 continue
-            row = key | {"flags": flags, **json.loads(result_file.read_text().splitlines()[-1])}
+            # A saturated run is bounded by the KV pool, which a policy's larger graphs may shrink.
+            row = key | {"flags": flags, **json.loads(result_file.read_text().splitlines()[-1]),
+                         "kv_pool_tokens": server_call(f"{url}/get_server_info")["max_total_tokens"]}
             rows.append(row)
             with open(out / "itl_sweep.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             itl = row["itl"]
             print(f"   {workload} rate {rate:g}: {row['completed']} done, ITL p50 {itl['median_ms']:.1f} ms p99 "
-                  f"{itl['p99_ms']:.1f} ms, {row['output_throughput']:.0f} out tok/s "
+                  f"{itl['p99_ms']:.1f} ms, {row['output_throughput']:.0f} out tok/s, KV pool {row['kv_pool_tokens']} "
                   f"({time.monotonic() - start:.0f} s of the run)", flush=True)
     finally:
         stop(server)

@@ -73,6 +73,7 @@ def data_url(image) -> str:
 
 
 def question(vocab: int, seed: int) -> str:
+    # Ids below vocab - 100: a config's image token sits at the top of its vocabulary.
     gen = torch.Generator().manual_seed(seed)
     return "".join(f"<t{int(t)}>" for t in torch.randint(3, min(vocab - 100, 30000), (QUESTION,), generator=gen))
 
